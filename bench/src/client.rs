@@ -1,0 +1,415 @@
+//! The load generator's side: QUIC client endpoints, raw-frame sessions (docs/protocol.md, not
+//! the SDK, so that the client costs the same against the data plane and the baselines), the
+//! closed request loop, and push readers.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::BytesMut;
+use gatesvr_proto::client::{
+    ClientAck, ClientRequest, Envelope, ErrorCode, StartRequest, StartResponse, envelope::Body,
+};
+use gatesvr_proto::frame::{self, FrameDecoder};
+use parking_lot::Mutex;
+use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption};
+
+use crate::util::{Lat, now_ns, token};
+
+/// Counts TLS 1.3 tickets the client offered (resumption attempts).
+#[derive(Debug)]
+pub struct CountingStore {
+    inner: ClientSessionMemoryCache,
+    pub offered: AtomicU64,
+}
+
+impl CountingStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: ClientSessionMemoryCache::new(64),
+            offered: AtomicU64::new(0),
+        })
+    }
+}
+
+impl ClientSessionStore for CountingStore {
+    fn set_kx_hint(
+        &self,
+        server_name: rustls::pki_types::ServerName<'static>,
+        group: rustls::NamedGroup,
+    ) {
+        self.inner.set_kx_hint(server_name, group)
+    }
+    fn kx_hint(
+        &self,
+        server_name: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(server_name)
+    }
+    fn set_tls12_session(
+        &self,
+        server_name: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(server_name, value)
+    }
+    fn tls12_session(
+        &self,
+        server_name: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(server_name)
+    }
+    fn remove_tls12_session(&self, server_name: &rustls::pki_types::ServerName<'static>) {
+        self.inner.remove_tls12_session(server_name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        server_name: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.inner.insert_tls13_ticket(server_name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        server_name: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        let t = self.inner.take_tls13_ticket(server_name);
+        if t.is_some() {
+            self.offered.fetch_add(1, Ordering::Relaxed);
+        }
+        t
+    }
+}
+
+/// A quinn client config trusting `ca`, ALPN gatesvr/1, the SDK's transport settings.
+/// `store`: None = resumption disabled (every handshake is a full one).
+pub fn client_config(ca: &Path, store: Option<Arc<CountingStore>>) -> Result<quinn::ClientConfig> {
+    let mut tls = gatesvr_common::tls::client_config(ca).context("client TLS")?;
+    tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
+    tls.resumption = match store {
+        Some(s) => Resumption::store(s),
+        None => Resumption::disabled(),
+    };
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(0u8.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .keep_alive_interval(Some(Duration::from_secs(10)));
+    quic.transport_config(Arc::new(transport));
+    Ok(quic)
+}
+
+/// A few client UDP sockets shared by many connections (one socket per connection would run
+/// into file-descriptor limits at 50k sessions).
+pub struct Net {
+    endpoints: Vec<quinn::Endpoint>,
+    next: AtomicUsize,
+    pub config: quinn::ClientConfig,
+}
+
+impl Net {
+    pub fn new(ca: &Path, sockets: usize) -> Result<Self> {
+        let config = client_config(ca, None)?;
+        let mut endpoints = Vec::new();
+        for _ in 0..sockets.max(1) {
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            ep.set_default_client_config(config.clone());
+            endpoints.push(ep);
+        }
+        Ok(Self {
+            endpoints,
+            next: AtomicUsize::new(0),
+            config,
+        })
+    }
+
+    pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection> {
+        self.connect_with(addr, &self.config).await
+    }
+
+    pub async fn connect_with(
+        &self,
+        addr: SocketAddr,
+        config: &quinn::ClientConfig,
+    ) -> Result<quinn::Connection> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        Ok(self.endpoints[i]
+            .connect_with(config.clone(), addr, "localhost")?
+            .await?)
+    }
+}
+
+/// One stream-carrying connection with a frame decoder.
+pub struct Conn {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub decoder: FrameDecoder,
+    /// Next request seq on this connection (sessions keep numbering across rounds).
+    pub next_seq: u64,
+}
+
+impl Conn {
+    pub async fn open(conn: quinn::Connection, prefix: &[u8]) -> Result<Self> {
+        let (mut send, recv) = conn.open_bi().await?;
+        if !prefix.is_empty() {
+            send.write_all(prefix).await?;
+        }
+        Ok(Self {
+            conn,
+            send,
+            recv,
+            decoder: FrameDecoder::new(frame::DEFAULT_MAX_FRAME_SIZE),
+            next_seq: 1,
+        })
+    }
+
+    pub async fn next_frame(&mut self) -> Result<Envelope> {
+        loop {
+            if let Some(f) = self.decoder.next_frame()? {
+                return Ok(f);
+            }
+            match self.recv.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => self.decoder.extend(&chunk.bytes),
+                None => bail!("stream ended"),
+            }
+        }
+    }
+
+    pub async fn send_body(&mut self, body: Body) -> Result<()> {
+        let mut buf = BytesMut::new();
+        frame::encode(&Envelope { body: Some(body) }, &mut buf);
+        self.send.write_all(&buf).await?;
+        Ok(())
+    }
+}
+
+/// Connects and starts a new session for `openid` on a data-plane node.
+pub async fn dp_session(
+    net: &Net,
+    addr: SocketAddr,
+    openid: &str,
+) -> Result<(Conn, StartResponse)> {
+    let conn = net.connect(addr).await?;
+    dp_start(conn, openid).await
+}
+
+pub async fn dp_start(conn: quinn::Connection, openid: &str) -> Result<(Conn, StartResponse)> {
+    let mut c = Conn::open(conn, &[]).await?;
+    c.send_body(Body::Start(StartRequest {
+        openid: openid.into(),
+        auth_token: token(openid),
+        client_version: "gate-bench".into(),
+        ..Default::default()
+    }))
+    .await?;
+    match c.next_frame().await?.body {
+        Some(Body::StartOk(ok)) => Ok((c, ok)),
+        other => bail!("expected StartResponse, got {other:?}"),
+    }
+}
+
+/// How replies carry the request's seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// ClientResponse (data plane, relay).
+    Response,
+    /// The request echoed back (bare quinn echo).
+    Echo,
+}
+
+/// Result of one closed-loop window.
+#[derive(Debug, Default)]
+pub struct LoopResult {
+    pub lat: Lat,
+    pub completed: u64,
+    /// Every reply, warm-up and drain included (CPU per request divides by this).
+    pub all: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+}
+
+/// Closed loop on one stream: `inflight` requests outstanding; each reply sends the next.
+/// Replies during `warmup` are not recorded. After the window, stops sending and drains, so
+/// the connection can serve the next round.
+pub async fn closed_loop(
+    c: &mut Conn,
+    inflight: usize,
+    payload: &[u8],
+    warmup: Duration,
+    window: Duration,
+    reply: Reply,
+) -> Result<LoopResult> {
+    const RING: usize = 1 << 14;
+    let mut sent_at = vec![0u64; RING];
+    let mut buf = BytesMut::new();
+    let mut out = LoopResult::default();
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + window;
+    let mut outstanding = 0usize;
+    let enc = |seq: u64, buf: &mut BytesMut| {
+        frame::encode(
+            &Envelope {
+                body: Some(Body::Request(ClientRequest {
+                    msg_id: 1,
+                    seq_id: seq,
+                    payload: payload.to_vec(),
+                    ..Default::default()
+                })),
+            },
+            buf,
+        )
+    };
+    for _ in 0..inflight {
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        sent_at[seq as usize % RING] = now_ns();
+        enc(seq, &mut buf);
+        outstanding += 1;
+    }
+    c.send.write_all(&buf).await?;
+    while outstanding > 0 {
+        let chunk = c
+            .recv
+            .read_chunk(256 * 1024, true)
+            .await?
+            .context("stream ended during the loop")?;
+        c.decoder.extend(&chunk.bytes);
+        buf.clear();
+        let now = Instant::now();
+        let t = now_ns();
+        while let Some(f) = c.decoder.next_frame()? {
+            let seq = match f.body {
+                Some(Body::Response(r)) if reply == Reply::Response => {
+                    if r.code != ErrorCode::Ok as i32 {
+                        out.errors += 1;
+                    }
+                    r.seq_id
+                }
+                Some(Body::Request(r)) if reply == Reply::Echo => r.seq_id,
+                other => bail!("unexpected frame in the loop: {other:?}"),
+            };
+            outstanding -= 1;
+            out.all += 1;
+            if now >= measure_from && now < end {
+                out.lat
+                    .0
+                    .push(t.saturating_sub(sent_at[seq as usize % RING]));
+                out.completed += 1;
+            }
+            if now < end {
+                let seq = c.next_seq;
+                c.next_seq += 1;
+                sent_at[seq as usize % RING] = now_ns();
+                enc(seq, &mut buf);
+                outstanding += 1;
+            }
+        }
+        if !buf.is_empty() {
+            c.send.write_all(&buf).await?;
+        }
+    }
+    out.elapsed = window;
+    Ok(out)
+}
+
+/// Counters shared by every push reader.
+#[derive(Debug, Default)]
+pub struct PushStats {
+    pub delivered: AtomicU64,
+    pub gaps: AtomicU64,
+    pub dups: AtomicU64,
+    pub redeliveries: AtomicU64,
+    pub last_delivery_ns: AtomicU64,
+    pub lat: Mutex<Lat>,
+}
+
+impl PushStats {
+    /// Takes the latencies and zeroes the delivery count (between rounds).
+    pub fn reset(&self) -> (u64, Lat) {
+        let d = self.delivered.swap(0, Ordering::Relaxed);
+        let lat = std::mem::take(&mut *self.lat.lock());
+        (d, lat)
+    }
+}
+
+/// Reads pushes on a session (or a bare 'P' stream), checks seq order, records latency from the
+/// timestamp in the first 8 bytes of `data`, and (sessions) acks cumulatively after each chunk.
+pub async fn push_reader(
+    mut c: Conn,
+    stats: Arc<PushStats>,
+    ack: bool,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Conn> {
+    let mut last = 0u64;
+    let mut stop = stop;
+    let mut buf = BytesMut::new();
+    loop {
+        let chunk = tokio::select! {
+            chunk = c.recv.read_chunk(256 * 1024, true) => chunk,
+            _ = stop.changed() => return Ok(c),
+        };
+        let Some(chunk) = chunk? else {
+            return Ok(c);
+        };
+        c.decoder.extend(&chunk.bytes);
+        let t = now_ns();
+        let mut lats = Vec::new();
+        let mut delivered = 0;
+        while let Some(f) = c.decoder.next_frame()? {
+            let Some(Body::Push(p)) = f.body else {
+                continue;
+            };
+            if p.redelivery {
+                stats.redeliveries.fetch_add(1, Ordering::Relaxed);
+            }
+            if p.seq_id <= last {
+                stats.dups.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if p.seq_id > last + 1 {
+                stats.gaps.fetch_add(p.seq_id - last - 1, Ordering::Relaxed);
+            }
+            last = p.seq_id;
+            delivered += 1;
+            if p.data.len() >= 8 {
+                let sent = u64::from_le_bytes(p.data[..8].try_into().expect("8 bytes"));
+                lats.push(t.saturating_sub(sent));
+            }
+        }
+        if delivered > 0 {
+            stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+            stats.last_delivery_ns.fetch_max(t, Ordering::Relaxed);
+            stats.lat.lock().0.extend(lats);
+            if ack {
+                buf.clear();
+                frame::encode(
+                    &Envelope {
+                        body: Some(Body::Ack(ClientAck { acked_seq_id: last })),
+                    },
+                    &mut buf,
+                );
+                c.send.write_all(&buf).await?;
+            }
+        }
+    }
+}
+
+/// Runs `f` on up to `concurrency` items at a time; returns the results in any order.
+pub async fn bounded<T, F, Fut>(items: Vec<T>, concurrency: usize, f: F) -> Vec<Fut::Output>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future,
+{
+    use futures::StreamExt;
+    futures::stream::iter(items.into_iter().map(f))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await
+}

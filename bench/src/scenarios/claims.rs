@@ -1,0 +1,518 @@
+//! claims: session-ownership claims committed by a 3-node control plane (openraft + sled, every
+//! log append flushed), from `clients` concurrent ClaimSessions callers; claims/s and commit
+//! latency. Baselines on the same disk: a batched write + fdatasync loop (one batch per
+//! `clients` records), and, when the `etcd` binary is installed (Debian `etcd-server`), a
+//! 3-member etcd on this machine with the same number of clients (puts over its JSON gateway).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use gatesvr_controlplane::config::AuthMode;
+use gatesvr_controlplane::{Cmd, ControlPlane, ControlPlaneConfig, Member};
+use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
+use gatesvr_proto::control::{Claim, ClaimSessionsRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Opts;
+use crate::report::{Check, Cmp, Report, Round};
+use crate::util::{Lat, ServerProc, progress};
+
+pub const DP_NODE: &str = "dp-bench";
+
+/// An in-process control-plane cluster (run by `gate-bench serve controlplane`).
+pub struct Cluster {
+    nodes: Vec<ControlPlane>,
+    leader: u64,
+}
+
+fn config(dir: &Path, id: u64) -> ControlPlaneConfig {
+    let mut cfg = ControlPlaneConfig {
+        node_id: id,
+        data_dir: dir.join(format!("cp-{id}")),
+        grpc_addr: "127.0.0.1:0".parse().expect("literal"),
+        admin_addr: "127.0.0.1:0".parse().expect("literal"),
+        ..ControlPlaneConfig::default()
+    }
+    .fast_timings();
+    cfg.tls.insecure = true;
+    cfg.admin.auth = AuthMode::Tokens;
+    cfg.admin.admin_token = Some("bench-admin".into());
+    cfg.leases.max_ttl = Duration::from_secs(24 * 3600);
+    cfg
+}
+
+async fn wait_leader(nodes: &[ControlPlane]) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen: Vec<Option<u64>> = nodes
+            .iter()
+            .map(|n| n.node().leader().map(|(id, _)| id))
+            .collect();
+        if let Some(Some(l)) = seen.first()
+            && seen.iter().all(|s| *s == Some(*l))
+            && nodes
+                .iter()
+                .any(|n| n.node().id() == *l && n.node().is_leader())
+        {
+            return Ok(*l);
+        }
+        if Instant::now() > deadline {
+            bail!("no leader elected");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn start_cluster(dir: &Path, n: u64) -> Result<Cluster> {
+    let mut cfg = config(dir, 1);
+    cfg.cluster.bootstrap = true;
+    let mut nodes = vec![ControlPlane::start(cfg).await?];
+    wait_leader(&nodes).await?;
+    for id in 2..=n {
+        let cp = ControlPlane::start(config(dir, id)).await?;
+        let member = Member {
+            grpc_addr: cp.grpc_addr().to_string(),
+            admin_addr: cp.admin_addr().to_string(),
+        };
+        nodes.push(cp);
+        let first = nodes[0].node().clone();
+        first.add_learner(id, member).await?;
+        first.promote(id).await?;
+    }
+    let leader = wait_leader(&nodes).await?;
+    let lnode = nodes
+        .iter()
+        .find(|n| n.node().id() == leader)
+        .context("leader")?;
+    lnode
+        .node()
+        .write(vec![Cmd::RegisterNode {
+            node_id: DP_NODE.into(),
+            quic_addr: "127.0.0.1:1".into(),
+            grpc_addr: "127.0.0.1:1".into(),
+            lease_ttl_ms: 24 * 3600 * 1000,
+        }])
+        .await?;
+    Ok(Cluster { nodes, leader })
+}
+
+impl Cluster {
+    pub fn info(&self) -> serde_json::Value {
+        let leader = self.nodes.iter().find(|n| n.node().id() == self.leader);
+        serde_json::json!({
+            "grpc": leader.map(|n| n.grpc_addr().to_string()),
+            "leader": self.leader,
+            "nodes": self.nodes.iter().map(|n| n.grpc_addr().to_string()).collect::<Vec<_>>(),
+        })
+    }
+    pub async fn shutdown(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// `clients` callers, each ClaimSessions with `per_call` claims in a closed loop.
+async fn claim_load(
+    o: &Opts,
+    addr: SocketAddr,
+    clients: usize,
+    per_call: usize,
+    round: usize,
+) -> Result<(f64, Lat, u64)> {
+    let channel = crate::servers::upstream_channel(&addr.to_string())?;
+    let start = Instant::now();
+    let measure_from = start + o.warmup;
+    let end = measure_from + o.window;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mut client = ControlPlaneClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut n, mut errors, mut i) = (Lat::default(), 0u64, 0u64, 0u64);
+            while Instant::now() < end {
+                let claims = (0..per_call)
+                    .map(|k| {
+                        let id = format!("u-{round}-{c}-{i}-{k}");
+                        Claim {
+                            session_id: format!("s-{id}"),
+                            openid: id,
+                            seen_epoch: 0,
+                        }
+                    })
+                    .collect();
+                i += 1;
+                let t0 = Instant::now();
+                let r = client
+                    .claim_sessions(ClaimSessionsRequest {
+                        node_id: DP_NODE.into(),
+                        claims,
+                    })
+                    .await;
+                let t1 = Instant::now();
+                match r {
+                    Ok(resp) => {
+                        let bad = resp
+                            .into_inner()
+                            .results
+                            .iter()
+                            .filter(|r| !r.error.is_empty())
+                            .count();
+                        errors += bad as u64;
+                        if t0 >= measure_from && t1 < end {
+                            n += (per_call - bad) as u64;
+                            lat.0.push((t1 - t0).as_nanos() as u64);
+                        }
+                    }
+                    Err(_) => errors += per_call as u64,
+                }
+            }
+            (lat, n, errors)
+        }));
+    }
+    let (mut lat, mut n, mut errors) = (Lat::default(), 0, 0);
+    for t in tasks {
+        let (l, a, e) = t.await?;
+        lat.merge(l);
+        n += a;
+        errors += e;
+    }
+    Ok((n as f64 / o.window.as_secs_f64(), lat, errors))
+}
+
+/// Batched write + fdatasync: one batch of `batch` 64-byte records per sync.
+fn fsync_loop(path: &Path, batch: usize, warmup: Duration, window: Duration) -> Result<(f64, Lat)> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let record = [b'c'; 64];
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + window;
+    let (mut n, mut lat) = (0u64, Lat::default());
+    let mut buf = Vec::with_capacity(batch * 64);
+    while Instant::now() < end {
+        buf.clear();
+        for _ in 0..batch {
+            buf.extend_from_slice(&record);
+        }
+        let t0 = Instant::now();
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        let t1 = Instant::now();
+        if t0 >= measure_from && t1 < end {
+            n += batch as u64;
+            lat.0.push((t1 - t0).as_nanos() as u64);
+        }
+    }
+    Ok((n as f64 / window.as_secs_f64(), lat))
+}
+
+struct Etcd {
+    procs: Vec<ServerProcLike>,
+    client_addrs: Vec<SocketAddr>,
+}
+
+/// An etcd member (a plain child process; killed on drop).
+struct ServerProcLike(std::process::Child);
+
+impl Drop for ServerProcLike {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn find_etcd() -> Option<PathBuf> {
+    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+async fn start_etcd(o: &Opts, bin: &Path, dir: &Path) -> Result<Etcd> {
+    let mut peers = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        peers.push(free_port()?);
+        clients.push(free_port()?);
+    }
+    let cluster: Vec<String> = (0..3)
+        .map(|i| format!("e{i}=http://127.0.0.1:{}", peers[i]))
+        .collect();
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        let mut cmd = match o.server_cpu() {
+            Some(cpu) => {
+                let mut c = std::process::Command::new("taskset");
+                c.arg("-c").arg(cpu.to_string()).arg(bin);
+                c
+            }
+            None => std::process::Command::new(bin),
+        };
+        cmd.arg("--name")
+            .arg(format!("e{i}"))
+            .arg("--data-dir")
+            .arg(dir.join(format!("etcd-{i}")))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", peers[i]))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", peers[i]))
+            .arg("--listen-client-urls")
+            .arg(format!("http://127.0.0.1:{}", clients[i]))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://127.0.0.1:{}", clients[i]))
+            .arg("--initial-cluster")
+            .arg(cluster.join(","))
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .arg("--log-level")
+            .arg("error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        procs.push(ServerProcLike(cmd.spawn().context("starting etcd")?));
+    }
+    let client_addrs: Vec<SocketAddr> = clients
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let etcd = Etcd {
+        procs,
+        client_addrs,
+    };
+    // Ready when a put succeeds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = HttpConn::connect(etcd.client_addrs[0]).await
+            && c.put("ready", "1").await.is_ok()
+        {
+            return Ok(etcd);
+        }
+        if Instant::now() > deadline {
+            bail!("etcd did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Keep-alive HTTP/1.1 to etcd's JSON gateway.
+struct HttpConn {
+    s: tokio::net::TcpStream,
+    addr: SocketAddr,
+    buf: Vec<u8>,
+}
+
+impl HttpConn {
+    async fn connect(addr: SocketAddr) -> Result<Self> {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            s,
+            addr,
+            buf: Vec::new(),
+        })
+    }
+
+    async fn put(&mut self, key: &str, value: &str) -> Result<()> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = format!(
+            "{{\"key\":\"{}\",\"value\":\"{}\"}}",
+            b64.encode(key),
+            b64.encode(value)
+        );
+        let req = format!(
+            "POST /v3/kv/put HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        self.s.write_all(req.as_bytes()).await?;
+        // Read one response (headers + Content-Length body).
+        loop {
+            if let Some(pos) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..pos]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_string())
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if self.buf.len() >= pos + 4 + len {
+                    self.buf.drain(..pos + 4 + len);
+                    if !head.starts_with("HTTP/1.1 200") {
+                        bail!("etcd put: {}", head.lines().next().unwrap_or(""));
+                    }
+                    return Ok(());
+                }
+            }
+            let mut tmp = [0u8; 4096];
+            let n = self.s.read(&mut tmp).await?;
+            if n == 0 {
+                bail!("etcd closed the connection");
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+}
+
+async fn etcd_load(o: &Opts, etcd: &Etcd, clients: usize, round: usize) -> Result<(f64, Lat)> {
+    let start = Instant::now();
+    let measure_from = start + o.warmup;
+    let end = measure_from + o.window;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let addr = etcd.client_addrs[c % etcd.client_addrs.len()];
+        tasks.push(tokio::spawn(async move {
+            let mut conn = HttpConn::connect(addr).await?;
+            let (mut lat, mut n, mut i) = (Lat::default(), 0u64, 0u64);
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                conn.put(&format!("owner/u-{round}-{c}-{i}"), "dp-bench")
+                    .await?;
+                let t1 = Instant::now();
+                i += 1;
+                if t0 >= measure_from && t1 < end {
+                    n += 1;
+                    lat.0.push((t1 - t0).as_nanos() as u64);
+                }
+            }
+            anyhow::Ok((lat, n))
+        }));
+    }
+    let (mut lat, mut n) = (Lat::default(), 0);
+    for t in tasks {
+        let (l, a) = t.await??;
+        lat.merge(l);
+        n += a;
+    }
+    Ok((n as f64 / o.window.as_secs_f64(), lat))
+}
+
+pub async fn run(o: &Opts) -> Result<Report> {
+    let mut rep = Report::new("claims");
+    let clients = if o.tiny { 4 } else { 64 };
+    let per_call = 1;
+    rep.param("clients", clients);
+    rep.param("claims_per_call", per_call);
+    rep.param("control_plane_nodes", 3);
+    rep.param("rounds", o.rounds);
+    rep.param("window_s", o.window.as_secs_f64());
+    let dir = o.rundir()?;
+    rep.param("disk_dir", dir.path().display().to_string());
+    progress("claims: starting a 3-node control plane");
+    let cp = ServerProc::spawn(
+        "controlplane",
+        &[
+            "controlplane".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+            "--nodes".into(),
+            "3".into(),
+        ],
+        o.server_cpu(),
+    )?;
+    let leader = cp.addr("grpc")?;
+    let etcd = match find_etcd() {
+        Some(bin) if !o.tiny => match start_etcd(o, &bin, &dir.path()).await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                rep.notes.push(format!("etcd baseline skipped: {e:#}"));
+                None
+            }
+        },
+        Some(_) => None,
+        None => {
+            rep.notes
+                .push("etcd baseline skipped: no etcd binary (apt-get install etcd-server)".into());
+            None
+        }
+    };
+    let fsync_path = Arc::new(dir.path().join("fsync-baseline.log"));
+    for r in 0..o.rounds {
+        progress(format!("claims round {}/{}", r + 1, o.rounds));
+        let mut round = Round::new();
+        let (path, warmup, window) = (fsync_path.clone(), o.warmup, o.window);
+        let (fr, mut fl) = tokio::task::spawn_blocking(move || {
+            fsync_loop(&path, clients * per_call, warmup, window)
+        })
+        .await??;
+        round.insert("fsync_records_per_s".into(), fr);
+        round.insert("fsync_batch_p99_us".into(), fl.pct_us(99.0));
+        round.insert("fsync_batch_p50_us".into(), fl.pct_us(50.0));
+        if let Some(etcd) = &etcd {
+            let (er, mut el) = etcd_load(o, etcd, clients, r).await?;
+            round.insert("etcd_puts_per_s".into(), er);
+            round.insert("etcd_put_p50_us".into(), el.pct_us(50.0));
+            round.insert("etcd_put_p99_us".into(), el.pct_us(99.0));
+        }
+        let (cr, mut cl, errors) = claim_load(o, leader, clients, per_call, r).await?;
+        round.insert("claims_per_s".into(), cr);
+        round.insert("claim_p50_us".into(), cl.pct_us(50.0));
+        round.insert("claim_p99_us".into(), cl.pct_us(99.0));
+        round.insert("claim_errors".into(), errors as f64);
+        rep.rounds.push(round);
+    }
+    drop(etcd.map(|e| e.procs));
+    rep.median_all();
+    let fields = rep.fields.clone();
+    let f = |k: &str| fields[k];
+    rep.checks.push(Check::absolute(
+        "claims/s (3 nodes, durable)",
+        f("claims_per_s"),
+        Cmp::AtLeast,
+        20000.0,
+        "/s",
+    ));
+    rep.checks.push(Check::absolute(
+        "p99 commit latency",
+        f("claim_p99_us") / 1000.0,
+        Cmp::AtMost,
+        10.0,
+        "ms",
+    ));
+    rep.checks.push(Check::absolute(
+        "claim errors",
+        f("claim_errors"),
+        Cmp::AtMost,
+        0.0,
+        "",
+    ));
+    let mut vs = |name: &str, a: f64, b: f64| {
+        let mut c = Check::ratio(name, a, b, Cmp::AtLeast, 0.0);
+        c.goal = "(report)".into();
+        c.met = true;
+        rep.checks.push(c);
+    };
+    vs(
+        "claims/s vs write+fdatasync records/s",
+        f("claims_per_s"),
+        f("fsync_records_per_s"),
+    );
+    if rep.fields.contains_key("etcd_puts_per_s") {
+        vs(
+            "claims/s vs etcd puts/s",
+            f("claims_per_s"),
+            f("etcd_puts_per_s"),
+        );
+        vs(
+            "claim p99 vs etcd put p99",
+            f("claim_p99_us"),
+            f("etcd_put_p99_us"),
+        );
+    }
+    drop(cp);
+    Ok(rep)
+}

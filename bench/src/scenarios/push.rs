@@ -1,0 +1,286 @@
+//! push: an upstream (this process, over GatewayService.PushToClient) pushes to N sessions that
+//! ack cumulatively; deliveries/s, push latency (RPC start to arrival at the client), gaps and
+//! duplicates (must be 0). Baseline: a bare quinn server writing the same frames one-way on N
+//! connections to the same client.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::BufMut;
+use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
+use gatesvr_proto::upstream::{PushBatchRequest, PushToClientRequest, TargetType};
+
+use super::Opts;
+use crate::client::{Conn, Net, PushStats, dp_session, push_reader};
+use crate::report::{Check, Cmp, Report, Round};
+use crate::util::{now_ns, progress};
+
+pub type Readers = Vec<tokio::task::JoinHandle<Result<Conn>>>;
+
+/// Connects `n` sessions and starts a push reader on each.
+pub async fn sessions_with_readers(
+    net: &Arc<Net>,
+    addr: std::net::SocketAddr,
+    prefix: &str,
+    n: usize,
+    stats: &Arc<PushStats>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(Vec<String>, Readers)> {
+    let openids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let conns = crate::client::bounded(openids.clone(), 64, |id| {
+        let net = net.clone();
+        async move { dp_session(&net, addr, &id).await }
+    })
+    .await;
+    let mut readers = Vec::new();
+    for c in conns {
+        let (c, _) = c?;
+        readers.push(tokio::spawn(push_reader(
+            c,
+            stats.clone(),
+            true,
+            stop.clone(),
+        )));
+    }
+    Ok((openids, readers))
+}
+
+pub fn push_data(size: usize) -> Vec<u8> {
+    let mut data = Vec::with_capacity(size.max(8));
+    data.put_u64_le(now_ns());
+    data.resize(size.max(8), 0);
+    data
+}
+
+/// Waits until `stats.delivered` reaches `target` or `patience` passes.
+pub async fn await_deliveries(stats: &PushStats, target: u64, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    while stats.delivered.load(Ordering::Relaxed) < target {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+pub async fn run(o: &Opts) -> Result<Report> {
+    let mut rep = Report::new("push");
+    let n = o.fanout;
+    let callers = if o.tiny { 4 } else { 64 };
+    rep.param("sessions", n);
+    rep.param("concurrent_push_rpcs", callers);
+    rep.param("payload_bytes", o.payload);
+    rep.param("rounds", o.rounds);
+    rep.param("window_s", o.window.as_secs_f64());
+    let dir = o.rundir()?;
+    let (dp, _) = o.start_dataplane(&dir, false)?;
+    let bare = o.start_bare(&dir)?;
+    let net = Arc::new(Net::new(&dir.ca(), 4)?);
+    let stats = Arc::new(PushStats::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    progress(format!("push: connecting {n} sessions"));
+    let (openids, readers) =
+        sessions_with_readers(&net, dp.addr("quic")?, "push", n, &stats, &stop_rx).await?;
+    let openids = Arc::new(openids);
+    let channel = crate::servers::upstream_channel(&dp.addr("grpc")?.to_string())?;
+    for r in 0..o.rounds {
+        progress(format!("push round {}/{}", r + 1, o.rounds));
+        let mut round = Round::new();
+
+        // A: bare quinn one-way streams on n connections.
+        let bstats = Arc::new(PushStats::default());
+        let (bstop_tx, bstop_rx) = tokio::sync::watch::channel(false);
+        let mut bconns = Vec::new();
+        let bare_addr = bare.addr("quic")?;
+        let opened = crate::client::bounded((0..n).collect(), 64, |_| {
+            let net = net.clone();
+            async move { net.connect(bare_addr).await }
+        })
+        .await;
+        for c in opened {
+            bconns.push(c?);
+        }
+        let mut breaders = Vec::new();
+        let t0 = Instant::now();
+        for conn in &bconns {
+            let mut cmd = vec![b'P'];
+            cmd.extend_from_slice(&u64::MAX.to_le_bytes());
+            cmd.extend_from_slice(&(o.payload as u32).to_le_bytes());
+            let c = Conn::open(conn.clone(), &cmd).await?;
+            breaders.push(tokio::spawn(push_reader(
+                c,
+                bstats.clone(),
+                false,
+                bstop_rx.clone(),
+            )));
+        }
+        tokio::time::sleep(o.window).await;
+        let _ = bstop_tx.send(true);
+        let elapsed = t0.elapsed();
+        for b in breaders {
+            let _ = b.await;
+        }
+        for c in &bconns {
+            c.close(0u32.into(), b"done");
+        }
+        let (bdel, _) = bstats.reset();
+        round.insert(
+            "bare_msgs_per_s".into(),
+            bdel as f64 / elapsed.as_secs_f64(),
+        );
+        round.insert(
+            "bare_gaps".into(),
+            bstats.gaps.load(Ordering::Relaxed) as f64,
+        );
+        round.insert(
+            "bare_dups".into(),
+            bstats.dups.load(Ordering::Relaxed) as f64,
+        );
+
+        // B: pushes through the data plane.
+        let _ = stats.reset();
+        let start = Instant::now();
+        let end = start + o.window;
+        let start_ns = now_ns();
+        let mut tasks = Vec::new();
+        for t in 0..callers {
+            let mut client = GatewayServiceClient::new(channel.clone());
+            let openids = openids.clone();
+            let size = o.payload;
+            let batch = o.push_batch;
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u64, 0u64);
+                let mut i = t;
+                while Instant::now() < end {
+                    if batch > 1 {
+                        let mut pushes = Vec::with_capacity(batch);
+                        for _ in 0..batch {
+                            pushes.push(PushToClientRequest {
+                                target_type: TargetType::Openid as i32,
+                                target_id: openids[i % openids.len()].clone(),
+                                msg_type: "bench".into(),
+                                data: push_data(size),
+                                ..Default::default()
+                            });
+                            i += callers;
+                        }
+                        match client.push_batch(PushBatchRequest { pushes }).await {
+                            Ok(r) => {
+                                for result in r.into_inner().results {
+                                    if result.code == 0 {
+                                        ok += 1;
+                                    } else {
+                                        refused += 1;
+                                    }
+                                }
+                            }
+                            Err(_) => refused += batch as u64,
+                        }
+                        continue;
+                    }
+                    let target = openids[i % openids.len()].clone();
+                    i += callers;
+                    let res = client
+                        .push_to_client(PushToClientRequest {
+                            target_type: TargetType::Openid as i32,
+                            target_id: target,
+                            msg_type: "bench".into(),
+                            data: push_data(size),
+                            ..Default::default()
+                        })
+                        .await;
+                    match res {
+                        Ok(_) => ok += 1,
+                        Err(_) => refused += 1,
+                    }
+                }
+                (ok, refused)
+            }));
+        }
+        let (mut ok, mut refused) = (0u64, 0u64);
+        for t in tasks {
+            let (a, b) = t.await?;
+            ok += a;
+            refused += b;
+        }
+        let complete = await_deliveries(&stats, ok, Duration::from_secs(30)).await;
+        let last = stats.last_delivery_ns.load(Ordering::Relaxed);
+        let (delivered, mut lat) = stats.reset();
+        let secs = (last.saturating_sub(start_ns)) as f64 / 1e9;
+        round.insert("dp_pushes_accepted".into(), ok as f64);
+        round.insert("dp_pushes_refused".into(), refused as f64);
+        round.insert("dp_deliveries".into(), delivered as f64);
+        round.insert(
+            "dp_undelivered".into(),
+            if complete {
+                0.0
+            } else {
+                (ok - delivered.min(ok)) as f64
+            },
+        );
+        round.insert(
+            "dp_deliveries_per_s".into(),
+            delivered as f64 / secs.max(1e-9),
+        );
+        round.insert("dp_push_p50_us".into(), lat.pct_us(50.0));
+        round.insert("dp_push_p99_us".into(), lat.pct_us(99.0));
+        round.insert("dp_gaps".into(), stats.gaps.load(Ordering::Relaxed) as f64);
+        round.insert("dp_dups".into(), stats.dups.load(Ordering::Relaxed) as f64);
+        rep.rounds.push(round);
+    }
+    let _ = stop_tx.send(true);
+    for r in readers {
+        let _ = r.await;
+    }
+    rep.median_all();
+    let f = rep.fields.clone();
+    let f = |k: &str| f[k];
+    rep.checks.push(Check::ratio(
+        "deliveries/s vs bare quinn one-way",
+        f("dp_deliveries_per_s"),
+        f("bare_msgs_per_s"),
+        Cmp::AtLeast,
+        0.7,
+    ));
+    let gaps = stats.gaps.load(Ordering::Relaxed) as f64;
+    let dups = stats.dups.load(Ordering::Relaxed) as f64;
+    rep.field("dp_gaps_total", gaps);
+    rep.field("dp_dups_total", dups);
+    rep.field(
+        "dp_redeliveries_total",
+        stats.redeliveries.load(Ordering::Relaxed) as f64,
+    );
+    rep.checks.push(Check::absolute(
+        "gaps (all rounds)",
+        gaps,
+        Cmp::AtMost,
+        0.0,
+        "",
+    ));
+    rep.checks.push(Check::absolute(
+        "duplicates (all rounds)",
+        dups,
+        Cmp::AtMost,
+        0.0,
+        "",
+    ));
+    rep.checks.push(Check::absolute(
+        "undelivered (median round)",
+        f("dp_undelivered"),
+        Cmp::AtMost,
+        0.0,
+        "",
+    ));
+    rep.checks.push(Check::absolute(
+        "p99 push latency (report)",
+        f("dp_push_p99_us"),
+        Cmp::AtLeast,
+        0.0,
+        "us",
+    ));
+    rep.notes.push("push latency: from just before the PushToClient call to the client reading the frame; deliveries/s over [first call, last delivery]".into());
+    Ok(rep)
+}

@@ -1,0 +1,368 @@
+//! `gate-bench serve <mode>`: the processes under test and the baselines, each in its own
+//! process so that its CPU time and RSS can be read from /proc. Each prints one JSON line with
+//! its addresses on stdout, then serves until its stdin closes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::{BufMut, BytesMut};
+use gatesvr_dataplane::{DataPlane, DataPlaneConfig, Routing};
+use gatesvr_proto::client::{ClientResponse, Envelope, ErrorCode, ServerPush, envelope::Body};
+use gatesvr_proto::frame::{self, FrameDecoder};
+use gatesvr_proto::upstream::upstream_service_client::UpstreamServiceClient;
+use gatesvr_proto::upstream::upstream_service_server::{UpstreamService, UpstreamServiceServer};
+use gatesvr_proto::upstream::{
+    GetStatusRequest, ProcessRequestRequest, ProcessRequestResponse, UpstreamStatus,
+};
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+/// Which server to run.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Serve {
+    /// A data-plane node (the system under test), config generated from `--dir`.
+    Dataplane {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Upstream address for every zone; without it the node echoes (Routing::Echo).
+        #[arg(long)]
+        upstream: Option<String>,
+    },
+    /// Bare quinn server with the data plane's transport settings and certificate: echo
+    /// streams ('E') and one-way message streams ('P').
+    Bare {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Trivial UpstreamService: answers every request with its payload.
+    UpstreamEcho,
+    /// Minimal quinn -> tonic relay: frames in, ProcessRequest out, no session logic.
+    Relay {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        upstream: String,
+    },
+    /// A control plane of `--nodes` raft nodes (sled, durable) in one process.
+    Controlplane {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+    },
+}
+
+/// Generated data-plane config (what `gate-bench` runs against): loopback, ephemeral ports,
+/// HMAC tokens, no rate limit in the way of the load, long heartbeat timeout (idle sessions
+/// stay idle: no client heartbeats are needed to keep them).
+pub fn dataplane_config(dir: &Path, upstream: Option<&str>) -> DataPlaneConfig {
+    let mut cfg = DataPlaneConfig {
+        node_id: "dp-bench".into(),
+        ..DataPlaneConfig::default()
+    };
+    let s = &mut cfg.server;
+    s.quic_addr = "127.0.0.1:0".into();
+    s.http_addr = "127.0.0.1:0".into();
+    s.grpc_addr = "127.0.0.1:0".into();
+    s.metrics_addr = "127.0.0.1:0".into();
+    s.cert_file = dir.join("certs").join("server.crt");
+    s.key_file = dir.join("certs").join("server.key");
+    s.heartbeat_timeout = Duration::from_secs(3600);
+    cfg.auth.secret_file = Some(dir.join("secret"));
+    cfg.overload_protection.max_qps = 100_000_000;
+    cfg.overload_protection.max_connections = 1_000_000;
+    cfg.overload_protection.max_upstream_concurrent = 100_000;
+    if let Some(addr) = upstream {
+        cfg.zones.upstreams = (0..cfg.zones.count)
+            .map(|i| gatesvr_dataplane::config::StaticZone {
+                zone: gatesvr_proto::zone::zone_id(i),
+                addrs: vec![addr.to_string()],
+            })
+            .collect();
+    }
+    cfg
+}
+
+fn announce(v: serde_json::Value) {
+    println!("{v}");
+}
+
+/// Returns when stdin closes (the parent exited or dropped us).
+async fn parent_gone() {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+pub async fn run(mode: Serve) -> Result<()> {
+    gatesvr_common::tls::install_crypto_provider();
+    match mode {
+        Serve::Dataplane { dir, upstream } => {
+            let routing = if upstream.is_some() {
+                Routing::Upstreams
+            } else {
+                Routing::Echo
+            };
+            let dp = DataPlane::start(dataplane_config(&dir, upstream.as_deref()), routing)
+                .await
+                .map_err(|e| anyhow::anyhow!("data plane: {e}"))?;
+            announce(serde_json::json!({
+                "quic": dp.quic_addr().to_string(),
+                "grpc": dp.grpc_addr().to_string(),
+                "http": dp.http_addr().to_string(),
+            }));
+            parent_gone().await;
+            dp.shutdown().await;
+        }
+        Serve::Bare { dir } => {
+            let cfg = dataplane_config(&dir, None);
+            let endpoint = gatesvr_dataplane::quic::bind(&cfg.server)
+                .map_err(|e| anyhow::anyhow!("bare quic: {e}"))?;
+            announce(serde_json::json!({"quic": endpoint.local_addr()?.to_string()}));
+            tokio::spawn(bare_accept(endpoint));
+            parent_gone().await;
+        }
+        Serve::UpstreamEcho => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let (health, health_service) = tonic_health::server::health_reporter();
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+            health
+                .set_serving::<UpstreamServiceServer<EchoUpstream>>()
+                .await;
+            let server = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(UpstreamServiceServer::new(EchoUpstream))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+            announce(serde_json::json!({"grpc": addr.to_string()}));
+            tokio::select! {
+                r = server => r?,
+                () = parent_gone() => {}
+            }
+        }
+        Serve::Relay { dir, upstream } => {
+            let cfg = dataplane_config(&dir, None);
+            let endpoint = gatesvr_dataplane::quic::bind(&cfg.server)
+                .map_err(|e| anyhow::anyhow!("relay quic: {e}"))?;
+            let channel = upstream_channel(&upstream)?;
+            announce(serde_json::json!({"quic": endpoint.local_addr()?.to_string()}));
+            tokio::spawn(relay_accept(endpoint, channel));
+            parent_gone().await;
+        }
+        Serve::Controlplane { dir, nodes } => {
+            let cluster = crate::scenarios::claims::start_cluster(&dir, nodes).await?;
+            announce(cluster.info());
+            parent_gone().await;
+            cluster.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+pub fn upstream_channel(addr: &str) -> Result<Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy(),
+    )
+}
+
+/// The trivial upstream: echo.
+pub struct EchoUpstream;
+
+#[tonic::async_trait]
+impl UpstreamService for EchoUpstream {
+    async fn process_request(
+        &self,
+        request: tonic::Request<ProcessRequestRequest>,
+    ) -> Result<tonic::Response<ProcessRequestResponse>, tonic::Status> {
+        let req = request.into_inner();
+        Ok(tonic::Response::new(ProcessRequestResponse {
+            app_code: 0,
+            payload: req.payload,
+            message: String::new(),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _request: tonic::Request<GetStatusRequest>,
+    ) -> Result<tonic::Response<UpstreamStatus>, tonic::Status> {
+        Ok(tonic::Response::new(UpstreamStatus {
+            service_name: "gate-bench-echo".into(),
+            zone: String::new(),
+            healthy: true,
+            requests_total: 0,
+            inflight: 0,
+        }))
+    }
+}
+
+async fn bare_accept(endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.accept() else { return };
+            let Ok(conn) = conn.await else { return };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(bare_stream(send, recv));
+            }
+        });
+    }
+}
+
+/// 'E': echo every byte back. 'P' + count (u64 LE) + size (u32 LE): write `count` Push frames
+/// with seq 1.. and `size` bytes of data, as fast as flow control allows.
+async fn bare_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut kind = [0u8; 1];
+    if recv.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    match kind[0] {
+        b'E' => {
+            while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
+                if send.write_all(&chunk.bytes).await.is_err() {
+                    return;
+                }
+            }
+        }
+        b'P' => {
+            let mut hdr = [0u8; 12];
+            if recv.read_exact(&mut hdr).await.is_err() {
+                return;
+            }
+            let count = u64::from_le_bytes(hdr[..8].try_into().expect("8 bytes"));
+            let size = u32::from_le_bytes(hdr[8..].try_into().expect("4 bytes")) as usize;
+            let mut buf = BytesMut::new();
+            let mut seq = 1u64;
+            while seq <= count {
+                buf.clear();
+                // Batches of up to 64 frames per write, as the data plane's writer drains its
+                // queue into one write.
+                for _ in 0..64 {
+                    if seq > count {
+                        break;
+                    }
+                    let mut data = Vec::with_capacity(size.max(8));
+                    data.put_u64_le(crate::util::now_ns());
+                    data.resize(size.max(8), 0);
+                    let push = Envelope {
+                        body: Some(Body::Push(ServerPush {
+                            seq_id: seq,
+                            msg_type: "bench".into(),
+                            data: data.into(),
+                            ..Default::default()
+                        })),
+                    };
+                    frame::encode(&push, &mut buf);
+                    seq += 1;
+                }
+                if send.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+            let _ = send.finish();
+            // Keep the stream until the client has read everything.
+            let _ = recv.read_chunk(1, true).await;
+        }
+        _ => {}
+    }
+}
+
+async fn relay_accept(endpoint: quinn::Endpoint, channel: Channel) {
+    while let Some(incoming) = endpoint.accept().await {
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.accept() else { return };
+            let Ok(conn) = conn.await else { return };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(relay_stream(send, recv, channel.clone()));
+            }
+        });
+    }
+}
+
+/// Reads Request frames, calls ProcessRequest for each concurrently, writes Response frames.
+async fn relay_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, channel: Channel) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ClientResponse>();
+    let writer = tokio::spawn(async move {
+        let mut buf = BytesMut::new();
+        while let Some(first) = rx.recv().await {
+            buf.clear();
+            let mut next = Some(first);
+            while let Some(resp) = next {
+                frame::encode(
+                    &Envelope {
+                        body: Some(Body::Response(resp)),
+                    },
+                    &mut buf,
+                );
+                next = rx.try_recv().ok();
+            }
+            if send.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut decoder = FrameDecoder::new(frame::DEFAULT_MAX_FRAME_SIZE);
+    'read: while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
+        decoder.extend(&chunk.bytes);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(Envelope {
+                    body: Some(Body::Request(req)),
+                })) => {
+                    let mut client = UpstreamServiceClient::new(channel.clone());
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let call = client
+                            .process_request(ProcessRequestRequest {
+                                msg_id: req.msg_id,
+                                seq_id: req.seq_id,
+                                payload: req.payload,
+                                ..Default::default()
+                            })
+                            .await;
+                        let mut resp = ClientResponse {
+                            msg_id: req.msg_id,
+                            seq_id: req.seq_id,
+                            ..Default::default()
+                        };
+                        match call {
+                            Ok(ok) => {
+                                let ok = ok.into_inner();
+                                resp.payload = ok.payload;
+                                resp.app_code = ok.app_code;
+                            }
+                            Err(e) => {
+                                resp.code = ErrorCode::UpstreamUnavailable as i32;
+                                resp.message = e.message().to_string();
+                            }
+                        }
+                        let _ = tx.send(resp);
+                    });
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => break 'read,
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Connects a tonic client to an upstream address (used by baselines in the bench process).
+pub fn upstream_client(addr: SocketAddr) -> Result<UpstreamServiceClient<Channel>> {
+    Ok(UpstreamServiceClient::new(
+        upstream_channel(&addr.to_string()).context("upstream channel")?,
+    ))
+}

@@ -1,0 +1,254 @@
+//! Measurement plumbing: latency summaries, medians over rounds, /proc readings, CPU pinning and
+//! the child processes that hold the system under test.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Latencies of one measurement window, in nanoseconds.
+#[derive(Debug, Default, Clone)]
+pub struct Lat(pub Vec<u64>);
+
+impl Lat {
+    pub fn merge(&mut self, other: Lat) {
+        self.0.extend(other.0);
+    }
+
+    /// Percentile `p` (0..=100) in microseconds; 0 without samples.
+    pub fn pct_us(&mut self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        self.0.sort_unstable();
+        let rank = ((p / 100.0) * (self.0.len() - 1) as f64).round() as usize;
+        self.0[rank.min(self.0.len() - 1)] as f64 / 1000.0
+    }
+}
+
+/// Median of the rounds' values (the statistic every ratio uses).
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Monotonic nanoseconds since the first call (timestamps carried inside pushes).
+pub fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Clock ticks per second of /proc/PID/stat.
+pub fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// utime + stime of a process, in microseconds.
+pub fn cpu_us(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime field 15.
+    let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    Ok((utime + stime) / clk_tck() * 1e6)
+}
+
+/// VmRSS of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .context("no VmRSS line")
+}
+
+/// How processes are placed on CPUs: the process under test alone on one core, the load
+/// generator (and helpers) on another, when the machine has two or more and taskset exists.
+#[derive(Debug, Clone)]
+pub struct Pinning {
+    pub enabled: bool,
+    pub server_cpu: usize,
+    pub client_cpu: usize,
+}
+
+impl Pinning {
+    pub fn detect(allow: bool) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let taskset = Command::new("taskset")
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        Self {
+            enabled: allow && cpus >= 2 && taskset,
+            server_cpu: 1,
+            client_cpu: 0,
+        }
+    }
+
+    /// Pins every thread of this process (call before starting the runtime).
+    pub fn pin_self(&self) {
+        if !self.enabled {
+            return;
+        }
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", &self.client_cpu.to_string()])
+            .arg(std::process::id().to_string())
+            .stdout(Stdio::null())
+            .status();
+    }
+
+    pub fn describe(&self) -> String {
+        if self.enabled {
+            format!(
+                "server on cpu {}, client and helpers on cpu {}",
+                self.server_cpu, self.client_cpu
+            )
+        } else {
+            "not pinned".into()
+        }
+    }
+}
+
+/// A server mode of gate-bench in its own process (so its CPU and RSS can be read). Killed on
+/// drop; it also exits when its stdin closes (if gate-bench dies).
+pub struct ServerProc {
+    pub child: Child,
+    pub info: Value,
+    pub name: String,
+}
+
+impl ServerProc {
+    /// Spawns `gate-bench serve <args>` on `cpu` (if pinning) and waits for its JSON line.
+    pub fn spawn(name: &str, args: &[String], cpu: Option<usize>) -> Result<Self> {
+        let exe = std::env::current_exe().context("own executable")?;
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpu.to_string()).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.arg("serve")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning server {name}"))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the server's address line")?;
+        if line.trim().is_empty() {
+            let _ = child.kill();
+            bail!("server {name} exited before printing its addresses");
+        }
+        let info: Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("server {name} printed {line:?}"))?;
+        Ok(Self {
+            child,
+            info,
+            name: name.into(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn addr(&self, key: &str) -> Result<std::net::SocketAddr> {
+        self.info[key]
+            .as_str()
+            .with_context(|| format!("server {} has no {key}", self.name))?
+            .parse()
+            .with_context(|| format!("server {} {key}", self.name))
+    }
+
+    pub fn cpu_us(&self) -> Result<f64> {
+        cpu_us(self.pid())
+    }
+
+    pub fn rss(&self) -> Result<u64> {
+        rss_bytes(self.pid())
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Certificates, the HMAC secret and scratch space for one run. Lives under `base` (a real
+/// disk: fsync figures on tmpfs would mean nothing).
+pub struct RunDir {
+    pub dir: tempfile::TempDir,
+}
+
+pub const SECRET: &[u8] = b"gate-bench-secret-0123456789";
+
+impl RunDir {
+    pub fn new(base: &Path) -> Result<Self> {
+        std::fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("gate-bench-")
+            .tempdir_in(base)?;
+        gatesvr_common::tls::install_crypto_provider();
+        gatesvr_common::certs::generate(&dir.path().join("certs"), &[])
+            .map_err(|e| anyhow::anyhow!("dev certs: {e}"))?;
+        std::fs::write(dir.path().join("secret"), SECRET)?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("certs").join("ca.crt")
+    }
+}
+
+pub fn token(openid: &str) -> String {
+    gatesvr_common::token::issue(SECRET, openid, Duration::from_secs(24 * 3600))
+}
+
+/// Progress on stderr (never on stdout, which may carry JSON).
+pub fn progress(msg: impl AsRef<str>) {
+    eprintln!("[gate-bench] {}", msg.as_ref());
+}

@@ -1,0 +1,548 @@
+//! The replicated state and its transition function.
+//!
+//! [`State::apply`] is a pure function of the state, the entry's leader timestamp and a
+//! command: no clock, no I/O, no randomness. Every replica applying the same log reaches the
+//! same state, which is what makes leases judged "from the log" and fencing epochs safe.
+//!
+//! Each change bumps [`State::version`] once and reports a [`Touched`] key; the store writes
+//! the touched keys to sled and the watch hub turns them into `WatchEvent`s carrying that
+//! version, so a watcher can resume from any version it has seen (on any replica).
+
+pub mod cmd;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use cmd::{Cmd, CmdError, CmdResult};
+
+/// How many failover decisions the state keeps (older ones are dropped deterministically).
+pub const FAILOVER_HISTORY: usize = 256;
+
+/// An upstream registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamRec {
+    pub instance_id: String,
+    pub zone: String,
+    pub address: String,
+    pub service_name: String,
+    pub registered_at_ms: i64,
+    /// 0 for a static registration that never expires.
+    pub lease_expires_at_ms: i64,
+    /// 0 for a static registration.
+    pub lease_ttl_ms: u32,
+}
+
+/// A data-plane node's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Active,
+    Draining,
+    Dead,
+}
+
+/// A data-plane node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRec {
+    pub node_id: String,
+    pub quic_addr: String,
+    pub grpc_addr: String,
+    pub status: NodeStatus,
+    pub lease_expires_at_ms: i64,
+    pub lease_ttl_ms: u32,
+    /// An operator asked it to drain; reported back on its next heartbeat.
+    pub drain_requested: bool,
+    /// Sessions it reported on its last heartbeat.
+    pub sessions: u64,
+}
+
+/// Who owns a session. `epoch` is the fencing token: it increases on every change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRec {
+    pub session_id: String,
+    pub owner_node: String,
+    pub epoch: u64,
+    pub changed_at_ms: i64,
+}
+
+/// A failover decision: a node was declared dead, and where its sessions went since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRec {
+    pub seq: u64,
+    pub failed_node: String,
+    pub decided_at_ms: i64,
+    /// Sessions it owned when it was declared dead.
+    pub sessions: u64,
+    /// Claimant node -> sessions claimed away from the failed node since.
+    pub moved_to: BTreeMap<String, u64>,
+}
+
+/// A key whose value changed; `notify` is false for lease renewals, which are persisted but
+/// not pushed to watchers (they would drown the stream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Touched {
+    pub key: Key,
+    /// The state version this change produced, if watchers should hear about it.
+    pub version: Option<u64>,
+}
+
+/// The addressable records of the state (also the sled key space of the state machine).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Upstream(String),
+    Node(String),
+    Owner(String),
+    Failover(u64),
+}
+
+/// The whole replicated state (also the snapshot format, as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Bumped once per notified change; watchers resume from it.
+    pub version: u64,
+    /// Last epoch handed out; epochs are global so an openid released and claimed again
+    /// never reuses an old epoch.
+    pub last_epoch: u64,
+    /// Last failover sequence number.
+    pub last_failover: u64,
+    pub upstreams: BTreeMap<String, UpstreamRec>,
+    pub nodes: BTreeMap<String, NodeRec>,
+    pub owners: BTreeMap<String, OwnerRec>,
+    pub failovers: BTreeMap<u64, FailoverRec>,
+}
+
+impl State {
+    /// Applies one command at the leader's time `now_ms`, recording touched keys in `touched`.
+    pub fn apply(&mut self, now_ms: i64, cmd: &Cmd, touched: &mut Vec<Touched>) -> CmdResult {
+        let mut cx = Cx {
+            st: self,
+            touched,
+            now_ms,
+        };
+        match cmd {
+            Cmd::RegisterUpstream {
+                instance_id,
+                zone,
+                address,
+                service_name,
+                lease_ttl_ms,
+            } => cx.register_upstream(instance_id, zone, address, service_name, *lease_ttl_ms),
+            Cmd::HeartbeatUpstream { instance_id } => cx.heartbeat_upstream(instance_id),
+            Cmd::DeregisterUpstream { instance_id } => cx.deregister_upstream(instance_id),
+            Cmd::RegisterNode {
+                node_id,
+                quic_addr,
+                grpc_addr,
+                lease_ttl_ms,
+            } => cx.register_node(node_id, quic_addr, grpc_addr, *lease_ttl_ms),
+            Cmd::HeartbeatNode {
+                node_id,
+                draining,
+                sessions,
+            } => cx.heartbeat_node(node_id, *draining, *sessions),
+            Cmd::DrainNode { node_id } => cx.drain_node(node_id),
+            Cmd::ExpireLeases => cx.expire_leases(),
+            Cmd::Claim {
+                node_id,
+                openid,
+                session_id,
+            } => cx.claim(node_id, openid, session_id),
+            Cmd::Release {
+                node_id,
+                openid,
+                epoch,
+            } => cx.release(node_id, openid, *epoch),
+            Cmd::Transfer {
+                openid,
+                expected_epoch,
+                to_node,
+            } => cx.transfer(openid, *expected_epoch, to_node),
+        }
+    }
+
+    /// Whether any lease has ended by `now_ms` (the leader's lease task asks this).
+    pub fn has_expired_leases(&self, now_ms: i64) -> bool {
+        self.nodes
+            .values()
+            .any(|n| n.status != NodeStatus::Dead && n.lease_expires_at_ms < now_ms)
+            || self
+                .upstreams
+                .values()
+                .any(|u| u.lease_expires_at_ms != 0 && u.lease_expires_at_ms < now_ms)
+    }
+
+    /// The upstream registered at (zone, address), if any.
+    fn upstream_at(&self, zone: &str, address: &str) -> Option<&UpstreamRec> {
+        self.upstreams
+            .values()
+            .find(|u| u.zone == zone && u.address == address)
+    }
+}
+
+/// One command's application context.
+struct Cx<'a> {
+    st: &'a mut State,
+    touched: &'a mut Vec<Touched>,
+    now_ms: i64,
+}
+
+fn not_found(what: impl Into<String>) -> CmdResult {
+    CmdResult::Err(CmdError::NotFound { what: what.into() })
+}
+
+fn lease_end(now_ms: i64, ttl_ms: u32) -> i64 {
+    now_ms.saturating_add(i64::from(ttl_ms))
+}
+
+impl Cx<'_> {
+    fn touch(&mut self, key: Key, notify: bool) {
+        let version = notify.then(|| {
+            self.st.version += 1;
+            self.st.version
+        });
+        self.touched.push(Touched { key, version });
+    }
+
+    fn register_upstream(
+        &mut self,
+        instance_id: &str,
+        zone: &str,
+        address: &str,
+        service_name: &str,
+        lease_ttl_ms: Option<u32>,
+    ) -> CmdResult {
+        let now = self.now_ms;
+        let lease = |ttl: Option<u32>| ttl.map_or(0, |t| lease_end(now, t));
+        if let Some(existing) = self.st.upstream_at(zone, address) {
+            if existing.service_name != service_name {
+                return CmdResult::Err(CmdError::Conflict {
+                    message: format!(
+                        "{address} in zone {zone} is already registered for service `{}` ({})",
+                        existing.service_name, existing.instance_id
+                    ),
+                });
+            }
+            let id = existing.instance_id.clone();
+            let rec = self.st.upstreams.get_mut(&id).map(|u| {
+                u.lease_expires_at_ms = lease(lease_ttl_ms);
+                u.lease_ttl_ms = lease_ttl_ms.unwrap_or(0);
+                u.clone()
+            });
+            self.touch(Key::Upstream(id), false);
+            return match rec {
+                Some(upstream) => CmdResult::Upstream {
+                    upstream,
+                    created: false,
+                },
+                None => not_found("upstream"),
+            };
+        }
+        if instance_id.is_empty() || self.st.upstreams.contains_key(instance_id) {
+            return CmdResult::Err(CmdError::Invalid {
+                message: format!("instance id `{instance_id}` is empty or taken"),
+            });
+        }
+        let rec = UpstreamRec {
+            instance_id: instance_id.to_string(),
+            zone: zone.to_string(),
+            address: address.to_string(),
+            service_name: service_name.to_string(),
+            registered_at_ms: now,
+            lease_expires_at_ms: lease(lease_ttl_ms),
+            lease_ttl_ms: lease_ttl_ms.unwrap_or(0),
+        };
+        self.st
+            .upstreams
+            .insert(instance_id.to_string(), rec.clone());
+        self.touch(Key::Upstream(instance_id.to_string()), true);
+        CmdResult::Upstream {
+            upstream: rec,
+            created: true,
+        }
+    }
+
+    fn heartbeat_upstream(&mut self, instance_id: &str) -> CmdResult {
+        let now = self.now_ms;
+        let Some(u) = self.st.upstreams.get_mut(instance_id) else {
+            return not_found(format!("upstream {instance_id}"));
+        };
+        if u.lease_ttl_ms != 0 {
+            u.lease_expires_at_ms = lease_end(now, u.lease_ttl_ms);
+        }
+        let expires = u.lease_expires_at_ms;
+        self.touch(Key::Upstream(instance_id.to_string()), false);
+        CmdResult::Lease {
+            lease_expires_at_ms: expires,
+            drain_requested: false,
+        }
+    }
+
+    fn deregister_upstream(&mut self, instance_id: &str) -> CmdResult {
+        if self.st.upstreams.remove(instance_id).is_none() {
+            return not_found(format!("upstream {instance_id}"));
+        }
+        self.touch(Key::Upstream(instance_id.to_string()), true);
+        CmdResult::Ok
+    }
+
+    fn register_node(
+        &mut self,
+        node_id: &str,
+        quic_addr: &str,
+        grpc_addr: &str,
+        lease_ttl_ms: u32,
+    ) -> CmdResult {
+        let rec = NodeRec {
+            node_id: node_id.to_string(),
+            quic_addr: quic_addr.to_string(),
+            grpc_addr: grpc_addr.to_string(),
+            status: NodeStatus::Active,
+            lease_expires_at_ms: lease_end(self.now_ms, lease_ttl_ms),
+            lease_ttl_ms,
+            drain_requested: false,
+            sessions: 0,
+        };
+        let changed = self.st.nodes.get(node_id).is_none_or(|old| {
+            old.status != rec.status
+                || old.quic_addr != rec.quic_addr
+                || old.grpc_addr != rec.grpc_addr
+                || old.drain_requested
+        });
+        self.st.nodes.insert(node_id.to_string(), rec.clone());
+        self.touch(Key::Node(node_id.to_string()), changed);
+        CmdResult::Lease {
+            lease_expires_at_ms: rec.lease_expires_at_ms,
+            drain_requested: false,
+        }
+    }
+
+    fn heartbeat_node(&mut self, node_id: &str, draining: bool, sessions: u64) -> CmdResult {
+        let now = self.now_ms;
+        let Some(n) = self.st.nodes.get_mut(node_id) else {
+            return CmdResult::Err(CmdError::NodeNotActive {
+                node_id: node_id.to_string(),
+                reason: "unknown node".into(),
+            });
+        };
+        if n.status == NodeStatus::Dead {
+            return CmdResult::Err(CmdError::NodeNotActive {
+                node_id: node_id.to_string(),
+                reason: "declared dead after its lease expired".into(),
+            });
+        }
+        let changed = draining && n.status == NodeStatus::Active;
+        if changed {
+            n.status = NodeStatus::Draining;
+        }
+        n.lease_expires_at_ms = lease_end(now, n.lease_ttl_ms);
+        n.sessions = sessions;
+        let result = CmdResult::Lease {
+            lease_expires_at_ms: n.lease_expires_at_ms,
+            drain_requested: n.drain_requested,
+        };
+        self.touch(Key::Node(node_id.to_string()), changed);
+        result
+    }
+
+    fn drain_node(&mut self, node_id: &str) -> CmdResult {
+        let Some(n) = self.st.nodes.get_mut(node_id) else {
+            return not_found(format!("node {node_id}"));
+        };
+        if n.status == NodeStatus::Dead {
+            return CmdResult::Err(CmdError::NodeNotActive {
+                node_id: node_id.to_string(),
+                reason: "already dead".into(),
+            });
+        }
+        let changed = !n.drain_requested || n.status != NodeStatus::Draining;
+        n.drain_requested = true;
+        n.status = NodeStatus::Draining;
+        self.touch(Key::Node(node_id.to_string()), changed);
+        CmdResult::Ok
+    }
+
+    fn expire_leases(&mut self) -> CmdResult {
+        let now = self.now_ms;
+        let dead_nodes: Vec<String> = self
+            .st
+            .nodes
+            .values()
+            .filter(|n| n.status != NodeStatus::Dead && n.lease_expires_at_ms < now)
+            .map(|n| n.node_id.clone())
+            .collect();
+        for id in &dead_nodes {
+            if let Some(n) = self.st.nodes.get_mut(id) {
+                n.status = NodeStatus::Dead;
+            }
+            self.touch(Key::Node(id.clone()), true);
+            let sessions = self
+                .st
+                .owners
+                .values()
+                .filter(|o| &o.owner_node == id)
+                .count() as u64;
+            self.st.last_failover += 1;
+            let seq = self.st.last_failover;
+            self.st.failovers.insert(
+                seq,
+                FailoverRec {
+                    seq,
+                    failed_node: id.clone(),
+                    decided_at_ms: now,
+                    sessions,
+                    moved_to: BTreeMap::new(),
+                },
+            );
+            self.touch(Key::Failover(seq), true);
+            while self.st.failovers.len() > FAILOVER_HISTORY {
+                if let Some((&oldest, _)) = self.st.failovers.iter().next() {
+                    self.st.failovers.remove(&oldest);
+                    self.touch(Key::Failover(oldest), false);
+                }
+            }
+        }
+        let dead_upstreams: Vec<String> = self
+            .st
+            .upstreams
+            .values()
+            .filter(|u| u.lease_expires_at_ms != 0 && u.lease_expires_at_ms < now)
+            .map(|u| u.instance_id.clone())
+            .collect();
+        for id in &dead_upstreams {
+            self.st.upstreams.remove(id);
+            self.touch(Key::Upstream(id.clone()), true);
+        }
+        CmdResult::Expired {
+            nodes: dead_nodes,
+            upstreams: dead_upstreams,
+        }
+    }
+
+    /// `Ok(())` if `node_id` may own sessions at this entry's time.
+    fn check_owner_node(&self, node_id: &str) -> Result<(), CmdError> {
+        let inactive = |reason: &str| CmdError::NodeNotActive {
+            node_id: node_id.to_string(),
+            reason: reason.into(),
+        };
+        match self.st.nodes.get(node_id) {
+            None => Err(inactive("unknown node")),
+            Some(n) if n.status == NodeStatus::Dead => Err(inactive("declared dead")),
+            Some(n) if n.lease_expires_at_ms < self.now_ms => Err(inactive("lease expired")),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn set_owner(&mut self, openid: &str, session_id: &str, node_id: &str) -> OwnerRec {
+        self.st.last_epoch += 1;
+        let rec = OwnerRec {
+            session_id: session_id.to_string(),
+            owner_node: node_id.to_string(),
+            epoch: self.st.last_epoch,
+            changed_at_ms: self.now_ms,
+        };
+        self.st.owners.insert(openid.to_string(), rec.clone());
+        self.touch(Key::Owner(openid.to_string()), true);
+        rec
+    }
+
+    /// Counts a session moving off a dead node in that node's latest failover decision.
+    fn record_move(&mut self, from: &str, to: &str) {
+        let from_dead = self
+            .st
+            .nodes
+            .get(from)
+            .is_some_and(|n| n.status == NodeStatus::Dead);
+        if !from_dead {
+            return;
+        }
+        let seq = self
+            .st
+            .failovers
+            .values()
+            .rev()
+            .find(|f| f.failed_node == from)
+            .map(|f| f.seq);
+        if let Some(seq) = seq {
+            if let Some(f) = self.st.failovers.get_mut(&seq) {
+                *f.moved_to.entry(to.to_string()).or_default() += 1;
+            }
+            self.touch(Key::Failover(seq), false);
+        }
+    }
+
+    fn claim(&mut self, node_id: &str, openid: &str, session_id: &str) -> CmdResult {
+        if openid.is_empty() {
+            return CmdResult::Err(CmdError::Invalid {
+                message: "empty openid".into(),
+            });
+        }
+        if let Err(e) = self.check_owner_node(node_id) {
+            return CmdResult::Err(e);
+        }
+        let previous = self.st.owners.get(openid).cloned();
+        if let Some(p) = &previous {
+            if p.owner_node == node_id && p.session_id == session_id {
+                // A retried claim: same answer, same epoch.
+                return CmdResult::Owned {
+                    openid: openid.to_string(),
+                    owner: p.clone(),
+                    previous_owner: None,
+                    previous_epoch: p.epoch,
+                };
+            }
+            if p.owner_node != node_id {
+                self.record_move(&p.owner_node.clone(), node_id);
+            }
+        }
+        let owner = self.set_owner(openid, session_id, node_id);
+        CmdResult::Owned {
+            openid: openid.to_string(),
+            owner,
+            previous_owner: previous.as_ref().map(|p| p.owner_node.clone()),
+            previous_epoch: previous.map_or(0, |p| p.epoch),
+        }
+    }
+
+    fn fenced(openid: &str, rec: Option<&OwnerRec>) -> CmdError {
+        CmdError::Fenced {
+            openid: openid.to_string(),
+            current_epoch: rec.map_or(0, |r| r.epoch),
+            owner: rec.map_or_else(String::new, |r| r.owner_node.clone()),
+        }
+    }
+
+    fn release(&mut self, node_id: &str, openid: &str, epoch: u64) -> CmdResult {
+        let current = self.st.owners.get(openid);
+        if current.is_some_and(|r| r.owner_node == node_id && r.epoch == epoch) {
+            self.st.owners.remove(openid);
+            self.touch(Key::Owner(openid.to_string()), true);
+            CmdResult::Released { released: true }
+        } else {
+            CmdResult::Released { released: false }
+        }
+    }
+
+    fn transfer(&mut self, openid: &str, expected_epoch: u64, to_node: &str) -> CmdResult {
+        let Some(current) = self.st.owners.get(openid).cloned() else {
+            return not_found(format!("session of {openid}"));
+        };
+        if current.epoch != expected_epoch {
+            return CmdResult::Err(Self::fenced(openid, Some(&current)));
+        }
+        if let Err(e) = self.check_owner_node(to_node) {
+            return CmdResult::Err(e);
+        }
+        self.record_move(&current.owner_node, to_node);
+        let owner = self.set_owner(openid, &current.session_id, to_node);
+        CmdResult::Owned {
+            openid: openid.to_string(),
+            owner,
+            previous_owner: Some(current.owner_node),
+            previous_epoch: current.epoch,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

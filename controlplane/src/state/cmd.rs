@@ -1,0 +1,136 @@
+//! The typed commands replicated through the raft log, and their results.
+//!
+//! These are persisted (in log entries) and replicated between versions during a rolling
+//! upgrade: add variants and `#[serde(default)]` fields only; never rename or remove one.
+//! `state::tests::golden_*` pins the encoding.
+
+use serde::{Deserialize, Serialize};
+
+use super::{OwnerRec, UpstreamRec};
+
+/// One state change. Proposed by any node, stamped with the leader's clock, applied in log order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "cmd")]
+pub enum Cmd {
+    /// Register an upstream. Idempotent on (zone, address, service): re-registering renews the
+    /// lease and keeps the first instance id.
+    RegisterUpstream {
+        /// Chosen by the proposer; used only if this creates a registration.
+        instance_id: String,
+        zone: String,
+        address: String,
+        service_name: String,
+        /// `None`: a static registration (operator-made) that never expires.
+        lease_ttl_ms: Option<u32>,
+    },
+    /// Renew an upstream's lease.
+    HeartbeatUpstream { instance_id: String },
+    /// Remove an upstream registration.
+    DeregisterUpstream { instance_id: String },
+    /// Register (or re-register after death) a data-plane node; it becomes active.
+    RegisterNode {
+        node_id: String,
+        quic_addr: String,
+        grpc_addr: String,
+        lease_ttl_ms: u32,
+    },
+    /// Renew a data-plane node's lease; `draining` moves it to draining (sticky).
+    HeartbeatNode {
+        node_id: String,
+        draining: bool,
+        sessions: u64,
+    },
+    /// An operator asks a node to drain.
+    DrainNode { node_id: String },
+    /// Expire every node and upstream whose lease ended before the entry's `now_ms`.
+    /// Proposed by the leader's lease task; a no-op if heartbeats arrived in between.
+    ExpireLeases,
+    /// `node_id` takes ownership of `openid`'s session.
+    Claim {
+        node_id: String,
+        openid: String,
+        session_id: String,
+    },
+    /// `node_id` gives up `openid` if it still owns it at `epoch`.
+    Release {
+        node_id: String,
+        openid: String,
+        epoch: u64,
+    },
+    /// Move `openid` to `to_node` if its epoch is still `expected_epoch`.
+    Transfer {
+        openid: String,
+        expected_epoch: u64,
+        to_node: String,
+    },
+}
+
+/// Why a command was refused by the state machine. Deterministic: every replica refuses alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case", tag = "error")]
+pub enum CmdError {
+    /// The named upstream, node or session does not exist.
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// The request conflicts with an existing registration.
+    #[error("conflict: {message}")]
+    Conflict { message: String },
+    /// The caller acted on an old epoch (fencing); the record has moved on.
+    #[error("fenced: {openid} is at epoch {current_epoch} owned by {owner}")]
+    Fenced {
+        openid: String,
+        current_epoch: u64,
+        owner: String,
+    },
+    /// The data-plane node is unknown, dead or its lease has lapsed: register again.
+    #[error("node {node_id} is not active ({reason}); register again")]
+    NodeNotActive { node_id: String, reason: String },
+    /// A malformed command (caught here only if a proposer skipped validation).
+    #[error("invalid: {message}")]
+    Invalid { message: String },
+}
+
+/// The outcome of one [`Cmd`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum CmdResult {
+    /// Done; nothing to report.
+    Ok,
+    /// An upstream registration (new or renewed).
+    Upstream {
+        upstream: UpstreamRec,
+        created: bool,
+    },
+    /// A renewed lease.
+    Lease {
+        lease_expires_at_ms: i64,
+        drain_requested: bool,
+    },
+    /// A claim or transfer succeeded.
+    Owned {
+        openid: String,
+        owner: OwnerRec,
+        /// The owner before, if it changed.
+        previous_owner: Option<String>,
+        previous_epoch: u64,
+    },
+    /// A release: `true` if removed, `false` if fenced (stale epoch / other owner / gone).
+    Released { released: bool },
+    /// What `ExpireLeases` expired.
+    Expired {
+        nodes: Vec<String>,
+        upstreams: Vec<String>,
+    },
+    /// Refused.
+    Err(CmdError),
+}
+
+impl CmdResult {
+    /// The error, if this result is one.
+    pub fn err(&self) -> Option<&CmdError> {
+        match self {
+            CmdResult::Err(e) => Some(e),
+            _ => None,
+        }
+    }
+}

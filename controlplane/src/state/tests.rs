@@ -1,0 +1,251 @@
+use super::*;
+
+fn apply(st: &mut State, now: i64, cmd: Cmd) -> (CmdResult, Vec<Touched>) {
+    let mut touched = Vec::new();
+    let r = st.apply(now, &cmd, &mut touched);
+    (r, touched)
+}
+
+fn register(st: &mut State, now: i64, node: &str) {
+    let (r, _) = apply(
+        st,
+        now,
+        Cmd::RegisterNode {
+            node_id: node.into(),
+            quic_addr: "127.0.0.1:1".into(),
+            grpc_addr: "127.0.0.1:2".into(),
+            lease_ttl_ms: 1000,
+        },
+    );
+    assert!(matches!(r, CmdResult::Lease { .. }), "{r:?}");
+}
+
+fn claim(node: &str, openid: &str, session: &str) -> Cmd {
+    Cmd::Claim {
+        node_id: node.into(),
+        openid: openid.into(),
+        session_id: session.into(),
+    }
+}
+
+fn owned_epoch(r: &CmdResult) -> u64 {
+    match r {
+        CmdResult::Owned { owner, .. } => owner.epoch,
+        other => panic!("expected Owned, got {other:?}"),
+    }
+}
+
+#[test]
+fn epochs_increase_on_every_owner_change_and_retries_are_idempotent() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    register(&mut st, 0, "b");
+    let e1 = owned_epoch(&apply(&mut st, 1, claim("a", "alice", "s1")).0);
+    let again = owned_epoch(&apply(&mut st, 2, claim("a", "alice", "s1")).0);
+    assert_eq!(e1, again, "a retried claim keeps its epoch");
+    let (r, _) = apply(&mut st, 3, claim("b", "alice", "s2"));
+    let e2 = owned_epoch(&r);
+    assert!(e2 > e1);
+    assert!(
+        matches!(r, CmdResult::Owned { previous_owner: Some(ref p), previous_epoch, .. } if p == "a" && previous_epoch == e1)
+    );
+    // The old owner acting on its old epoch is fenced.
+    let (r, _) = apply(
+        &mut st,
+        4,
+        Cmd::Release {
+            node_id: "a".into(),
+            openid: "alice".into(),
+            epoch: e1,
+        },
+    );
+    assert_eq!(r, CmdResult::Released { released: false });
+    let (r, _) = apply(
+        &mut st,
+        5,
+        Cmd::Transfer {
+            openid: "alice".into(),
+            expected_epoch: e1,
+            to_node: "a".into(),
+        },
+    );
+    assert!(
+        matches!(r, CmdResult::Err(CmdError::Fenced { current_epoch, .. }) if current_epoch == e2)
+    );
+    // Released and claimed again: the epoch never goes back.
+    let (r, _) = apply(
+        &mut st,
+        6,
+        Cmd::Release {
+            node_id: "b".into(),
+            openid: "alice".into(),
+            epoch: e2,
+        },
+    );
+    assert_eq!(r, CmdResult::Released { released: true });
+    let e3 = owned_epoch(&apply(&mut st, 7, claim("a", "alice", "s3")).0);
+    assert!(e3 > e2);
+}
+
+#[test]
+fn claims_need_a_live_node() {
+    let mut st = State::default();
+    let (r, _) = apply(&mut st, 0, claim("ghost", "alice", "s"));
+    assert!(matches!(r, CmdResult::Err(CmdError::NodeNotActive { .. })));
+    register(&mut st, 0, "a");
+    // Lease (1000 ms) has lapsed by t=1001 even before the expiry task runs.
+    let (r, _) = apply(&mut st, 1001, claim("a", "alice", "s"));
+    assert!(matches!(r, CmdResult::Err(CmdError::NodeNotActive { .. })));
+}
+
+#[test]
+fn expiry_is_judged_from_entry_time_and_records_failover() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    register(&mut st, 0, "b");
+    apply(&mut st, 10, claim("a", "u1", "s"));
+    apply(&mut st, 10, claim("a", "u2", "s"));
+    // b heartbeats at 900: lease now ends at 1900.
+    apply(
+        &mut st,
+        900,
+        Cmd::HeartbeatNode {
+            node_id: "b".into(),
+            draining: false,
+            sessions: 0,
+        },
+    );
+    assert!(!st.has_expired_leases(1000));
+    let (r, _) = apply(&mut st, 1001, Cmd::ExpireLeases);
+    assert_eq!(
+        r,
+        CmdResult::Expired {
+            nodes: vec!["a".into()],
+            upstreams: vec![]
+        }
+    );
+    assert_eq!(st.nodes["a"].status, NodeStatus::Dead);
+    assert_eq!(st.nodes["b"].status, NodeStatus::Active);
+    let f = st.failovers.values().next().cloned().unwrap();
+    assert_eq!((f.failed_node.as_str(), f.sessions), ("a", 2));
+    apply(&mut st, 1002, claim("b", "u1", "s9"));
+    assert_eq!(st.failovers[&f.seq].moved_to.get("b"), Some(&1));
+    // The dead node's heartbeat is refused: it must register again.
+    let (r, _) = apply(
+        &mut st,
+        1003,
+        Cmd::HeartbeatNode {
+            node_id: "a".into(),
+            draining: false,
+            sessions: 0,
+        },
+    );
+    assert!(matches!(r, CmdResult::Err(CmdError::NodeNotActive { .. })));
+}
+
+#[test]
+fn upstream_registration_is_idempotent_and_conflicts_are_refused() {
+    let mut st = State::default();
+    let reg = |id: &str, service: &str| Cmd::RegisterUpstream {
+        instance_id: id.into(),
+        zone: "001".into(),
+        address: "10.0.0.5:9001".into(),
+        service_name: service.into(),
+        lease_ttl_ms: Some(1000),
+    };
+    let (r, t) = apply(&mut st, 0, reg("i1", "game"));
+    assert!(matches!(r, CmdResult::Upstream { created: true, .. }));
+    assert_eq!(t[0].version, Some(1));
+    let (r, t) = apply(&mut st, 500, reg("i2", "game"));
+    assert!(
+        matches!(r, CmdResult::Upstream { created: false, ref upstream } if upstream.instance_id == "i1" && upstream.lease_expires_at_ms == 1500)
+    );
+    assert_eq!(t[0].version, None, "a renewal is not pushed to watchers");
+    let (r, _) = apply(&mut st, 600, reg("i3", "chat"));
+    assert!(matches!(r, CmdResult::Err(CmdError::Conflict { .. })));
+    let (r, _) = apply(&mut st, 1501, Cmd::ExpireLeases);
+    assert!(
+        matches!(r, CmdResult::Expired { ref upstreams, .. } if upstreams == &["i1".to_string()])
+    );
+    assert!(st.upstreams.is_empty());
+}
+
+/// Log entries written by this version must decode forever (rolling upgrades replay them).
+/// These bytes must never be updated; add a new golden test for a new format instead.
+#[test]
+fn golden_cmd_v1() {
+    let cases: &[(&str, Cmd)] = &[
+        (
+            r#"{"cmd":"claim","node_id":"n1","openid":"alice","session_id":"s1"}"#,
+            claim("n1", "alice", "s1"),
+        ),
+        (r#"{"cmd":"expire_leases"}"#, Cmd::ExpireLeases),
+        (
+            r#"{"cmd":"register_upstream","instance_id":"i","zone":"001","address":"10.0.0.5:9001","service_name":"game","lease_ttl_ms":null}"#,
+            Cmd::RegisterUpstream {
+                instance_id: "i".into(),
+                zone: "001".into(),
+                address: "10.0.0.5:9001".into(),
+                service_name: "game".into(),
+                lease_ttl_ms: None,
+            },
+        ),
+        (
+            r#"{"cmd":"release","node_id":"n1","openid":"alice","epoch":7}"#,
+            Cmd::Release {
+                node_id: "n1".into(),
+                openid: "alice".into(),
+                epoch: 7,
+            },
+        ),
+    ];
+    for (json, cmd) in cases {
+        let decoded: Cmd = serde_json::from_str(json).unwrap();
+        assert_eq!(&decoded, cmd);
+        assert_eq!(&serde_json::to_string(cmd).unwrap(), json);
+    }
+}
+
+#[test]
+fn replicas_applying_the_same_log_agree() {
+    let log: Vec<(i64, Cmd)> = vec![
+        (
+            0,
+            Cmd::RegisterNode {
+                node_id: "a".into(),
+                quic_addr: "q".into(),
+                grpc_addr: "g".into(),
+                lease_ttl_ms: 100,
+            },
+        ),
+        (1, claim("a", "x", "1")),
+        (2, claim("a", "y", "1")),
+        (500, Cmd::ExpireLeases),
+    ];
+    let run = || {
+        let mut st = State::default();
+        let mut t = Vec::new();
+        for (now, c) in &log {
+            st.apply(*now, c, &mut t);
+        }
+        st
+    };
+    assert_eq!(run(), run());
+}
+
+/// Snapshot payloads (format 1) carry the whole `State` as JSON; a snapshot written by this
+/// version must install on later ones. These bytes must never be updated.
+#[test]
+fn golden_state_v1() {
+    let json = r#"{"version":3,"last_epoch":2,"last_failover":1,
+        "upstreams":{"up-1":{"instance_id":"up-1","zone":"001","address":"10.0.0.5:9001","service_name":"game","registered_at_ms":5,"lease_expires_at_ms":0,"lease_ttl_ms":0}},
+        "nodes":{"dp-1":{"node_id":"dp-1","quic_addr":"q:1","grpc_addr":"g:1","status":"dead","lease_expires_at_ms":9,"lease_ttl_ms":4,"drain_requested":false,"sessions":1}},
+        "owners":{"alice":{"session_id":"s","owner_node":"dp-1","epoch":2,"changed_at_ms":7}},
+        "failovers":{"1":{"seq":1,"failed_node":"dp-1","decided_at_ms":10,"sessions":1,"moved_to":{"dp-2":1}}}}"#;
+    let st: State = serde_json::from_str(json).unwrap();
+    assert_eq!(st.version, 3);
+    assert_eq!(st.nodes["dp-1"].status, NodeStatus::Dead);
+    assert_eq!(st.owners["alice"].epoch, 2);
+    assert_eq!(st.failovers[&1].moved_to["dp-2"], 1);
+    assert_eq!(st.upstreams["up-1"].lease_expires_at_ms, 0);
+}

@@ -1,0 +1,74 @@
+//! Durable raft storage in sled: the log store and the state machine share one database.
+//!
+//! See [`keyspace`] for the tree layout. Durability rules (PITFALLS §3, §4):
+//! - log appends, truncations, purges and votes are flushed (`flush_async`) before they are
+//!   acknowledged to openraft; `LogFlushed` fires only after the flush;
+//! - the state machine writes each applied batch atomically (one `Batch` on one tree) without
+//!   a flush: after a crash it may be behind the committed log, and openraft re-applies the
+//!   missing entries on start (`last_applied` is stored in the same batch, so nothing is
+//!   applied twice);
+//! - snapshots are flushed before `install_snapshot` returns.
+
+// openraft's traits fix the error type (`StorageError`, ~224 bytes); helpers return it too.
+#![allow(clippy::result_large_err)]
+
+pub mod keyspace;
+pub mod log;
+pub mod sm;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use log::LogStore;
+pub use sm::{SmHandle, StateMachineStore};
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// sled could not open the database (permissions, corruption, another process holds it).
+    #[error("cannot open sled database at {path}: {source}")]
+    Sled {
+        path: String,
+        #[source]
+        source: sled::Error,
+    },
+    /// A stored record does not decode (corruption or a newer format).
+    #[error("cannot decode stored {what}: {message}")]
+    Decode { what: String, message: String },
+}
+
+/// Opens (creating if needed) the node's raft database under `dir`.
+///
+/// `cache_capacity` bounds sled's page cache (sled's default is 1 GiB).
+pub fn open(
+    dir: &Path,
+    cache_capacity: u64,
+    watch_ring: usize,
+) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let path = dir.join("raft.sled");
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(cache_capacity)
+        .open()
+        .map_err(|source| OpenError::Sled {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let tree = |name: &str| {
+        db.open_tree(name).map_err(|source| OpenError::Sled {
+            path: format!("{}#{name}", path.display()),
+            source,
+        })
+    };
+    let log = tree("log")?;
+    let meta = tree("meta")?;
+    let sm = tree("sm")?;
+    let snapshot = tree("snapshot")?;
+    let db = Arc::new(db);
+    let log_store = LogStore::new(db.clone(), log, meta);
+    let sm_store = StateMachineStore::open(db, sm, snapshot, watch_ring)?;
+    Ok((log_store, sm_store))
+}
+
+#[cfg(test)]
+mod tests;

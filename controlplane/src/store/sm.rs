@@ -1,0 +1,405 @@
+//! The state machine store (openraft `RaftStateMachine`): [`State`] in memory, written through
+//! to sled tree `sm`, with snapshots in tree `snapshot`.
+
+use std::collections::BTreeSet;
+use std::io::Cursor;
+use std::sync::Arc;
+
+use gatesvr_proto::control::{WatchEvent, watch_event};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use parking_lot::{RwLock, RwLockReadGuard};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::OpenError;
+use super::keyspace::{
+    CURRENT_SNAPSHOT, Failovers, KeySpace, Nodes, Owners, SM_META, Upstreams, sm_key,
+};
+use crate::convert;
+use crate::state::{Key, State, Touched};
+use crate::types::{
+    Entry, LogId, Response, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+use crate::watch::{Hub, HubMsg};
+
+/// Format version of snapshot payloads (`SnapshotPayload::format`).
+const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Counters and raft bookkeeping, written in the same batch as the records they describe.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SmMeta {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    version: u64,
+    last_epoch: u64,
+    last_failover: u64,
+}
+
+/// What a snapshot carries (JSON). Raft metadata travels in `SnapshotMeta` beside it.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotPayload {
+    format: u32,
+    state: State,
+}
+
+/// In-memory view, guarded by one lock so readers see applied state and watch history agree.
+#[derive(Debug)]
+pub struct SmInner {
+    pub state: State,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    hub: Hub,
+}
+
+#[derive(Debug)]
+struct Shared {
+    db: Arc<sled::Db>,
+    sm: sled::Tree,
+    snapshot: sled::Tree,
+    inner: RwLock<SmInner>,
+}
+
+/// Read access to the applied state for the APIs (never blocks raft for long: reads are
+/// in-memory).
+#[derive(Debug, Clone)]
+pub struct SmHandle(Arc<Shared>);
+
+impl SmHandle {
+    /// The applied state, locked for reading. Do not hold it across an `.await`.
+    pub fn read(&self) -> RwLockReadGuard<'_, SmInner> {
+        self.0.inner.read()
+    }
+
+    /// Index of the last applied log entry (0 if none).
+    pub fn applied_index(&self) -> u64 {
+        self.read().last_applied.map_or(0, |l| l.index)
+    }
+
+    /// Starts a watch: the events to send first (deltas after `from_version` if still in the
+    /// ring, else one snapshot event) and a receiver for everything after them.
+    pub fn watch_from(&self, from_version: u64) -> (Vec<WatchEvent>, broadcast::Receiver<HubMsg>) {
+        let inner = self.read();
+        let rx = inner.hub.subscribe();
+        let first = match inner.hub.since(from_version, inner.state.version) {
+            Some(events) => events,
+            None => vec![snapshot_event(&inner.state)],
+        };
+        (first, rx)
+    }
+
+    /// The current state as one snapshot event.
+    pub fn snapshot_event(&self) -> WatchEvent {
+        snapshot_event(&self.read().state)
+    }
+}
+
+fn snapshot_event(st: &State) -> WatchEvent {
+    WatchEvent {
+        version: st.version,
+        event: Some(watch_event::Event::Snapshot(convert::snapshot(st))),
+    }
+}
+
+/// The openraft state machine.
+#[derive(Debug)]
+pub struct StateMachineStore(Arc<Shared>);
+
+/// Builds snapshots from a consistent copy of the state.
+#[derive(Debug)]
+pub struct SnapshotBuilder(Arc<Shared>);
+
+fn decode_err(what: &str, e: impl std::fmt::Display) -> OpenError {
+    OpenError::Decode {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// (key suffix, value) pairs of one key space.
+type Records<V> = Vec<(Vec<u8>, V)>;
+
+fn load_space<K: KeySpace>(tree: &sled::Tree) -> Result<Records<K::Value>, OpenError> {
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(K::PREFIX) {
+        let (k, v) = item.map_err(|e| decode_err(K::NAME, e))?;
+        let value = serde_json::from_slice(&v).map_err(|e| decode_err(K::NAME, e))?;
+        out.push((k[K::PREFIX.len()..].to_vec(), value));
+    }
+    Ok(out)
+}
+
+fn utf8(bytes: Vec<u8>) -> Result<String, OpenError> {
+    String::from_utf8(bytes).map_err(|e| decode_err("key", e))
+}
+
+impl StateMachineStore {
+    pub(super) fn open(
+        db: Arc<sled::Db>,
+        sm: sled::Tree,
+        snapshot: sled::Tree,
+        watch_ring: usize,
+    ) -> Result<Self, OpenError> {
+        let meta: SmMeta = match sm.get(SM_META).map_err(|e| decode_err("sm meta", e))? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| decode_err("sm meta", e))?,
+            None => SmMeta::default(),
+        };
+        let mut state = State {
+            version: meta.version,
+            last_epoch: meta.last_epoch,
+            last_failover: meta.last_failover,
+            ..State::default()
+        };
+        for (k, v) in load_space::<Upstreams>(&sm)? {
+            state.upstreams.insert(utf8(k)?, v);
+        }
+        for (k, v) in load_space::<Nodes>(&sm)? {
+            state.nodes.insert(utf8(k)?, v);
+        }
+        for (k, v) in load_space::<Owners>(&sm)? {
+            state.owners.insert(utf8(k)?, v);
+        }
+        for (_, v) in load_space::<Failovers>(&sm)? {
+            state.failovers.insert(v.seq, v);
+        }
+        let inner = SmInner {
+            state,
+            last_applied: meta.last_applied,
+            membership: meta.last_membership,
+            hub: Hub::new(watch_ring),
+        };
+        Ok(Self(Arc::new(Shared {
+            db,
+            sm,
+            snapshot,
+            inner: RwLock::new(inner),
+        })))
+    }
+
+    /// A read handle for the APIs.
+    pub fn handle(&self) -> SmHandle {
+        SmHandle(self.0.clone())
+    }
+}
+
+fn sm_write_err(e: impl Into<openraft::AnyError>) -> StorageError {
+    StorageIOError::write_state_machine(e).into()
+}
+
+fn meta_of(inner: &SmInner) -> SmMeta {
+    SmMeta {
+        last_applied: inner.last_applied,
+        last_membership: inner.membership.clone(),
+        version: inner.state.version,
+        last_epoch: inner.state.last_epoch,
+        last_failover: inner.state.last_failover,
+    }
+}
+
+/// Writes `key`'s current value (or its absence) into `batch`.
+fn stage(batch: &mut sled::Batch, st: &State, key: &Key) -> Result<(), StorageError> {
+    let value = match key {
+        Key::Upstream(id) => st.upstreams.get(id).map(serde_json::to_vec),
+        Key::Node(id) => st.nodes.get(id).map(serde_json::to_vec),
+        Key::Owner(id) => st.owners.get(id).map(serde_json::to_vec),
+        Key::Failover(seq) => st.failovers.get(seq).map(serde_json::to_vec),
+    };
+    match value {
+        Some(bytes) => batch.insert(sm_key(key), bytes.map_err(|e| sm_write_err(&e))?),
+        None => batch.remove(sm_key(key)),
+    }
+    Ok(())
+}
+
+fn stage_meta(batch: &mut sled::Batch, inner: &SmInner) -> Result<(), StorageError> {
+    let bytes = serde_json::to_vec(&meta_of(inner)).map_err(|e| sm_write_err(&e))?;
+    batch.insert(SM_META, bytes);
+    Ok(())
+}
+
+impl Shared {
+    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        let meta_bytes = serde_json::to_vec(meta)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let mut batch = sled::Batch::default();
+        batch.insert([CURRENT_SNAPSHOT, b".meta"].concat(), meta_bytes);
+        batch.insert([CURRENT_SNAPSHOT, b".data"].concat(), data);
+        self.snapshot
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        Ok(())
+    }
+
+    fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+        let read = |suffix: &[u8]| {
+            self.snapshot
+                .get([CURRENT_SNAPSHOT, suffix].concat())
+                .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))
+        };
+        let (Some(meta), Some(data)) = (read(b".meta")?, read(b".data")?) else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta =
+            serde_json::from_slice(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(Some((meta, data.to_vec())))
+    }
+
+    async fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush_async().await.map_err(|e| sm_write_err(&e))?;
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (state, last_applied, membership) = {
+            let inner = self.0.inner.read();
+            (
+                inner.state.clone(),
+                inner.last_applied,
+                inner.membership.clone(),
+            )
+        };
+        let payload = SnapshotPayload {
+            format: SNAPSHOT_FORMAT,
+            state,
+        };
+        let data =
+            serde_json::to_vec(&payload).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        // Unique even for two snapshots at the same log id.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{nanos}", l.leader_id, l.index),
+            None => format!("none-{nanos}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        self.0.save_snapshot(&meta, &data)?;
+        self.0.flush().await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let inner = self.0.inner.read();
+        Ok((inner.last_applied, inner.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut guard = self.0.inner.write();
+        let inner = &mut *guard;
+        let mut responses = Vec::new();
+        let mut touched: Vec<Touched> = Vec::new();
+        let mut events = Vec::new();
+        for entry in entries {
+            inner.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response::default()),
+                EntryPayload::Membership(m) => {
+                    inner.membership = StoredMembership::new(Some(entry.log_id), m);
+                    responses.push(Response::default());
+                }
+                EntryPayload::Normal(req) => {
+                    let mut results = Vec::with_capacity(req.cmds.len());
+                    for cmd in &req.cmds {
+                        let from = touched.len();
+                        results.push(inner.state.apply(req.now_ms, cmd, &mut touched));
+                        // Events show the value right after this command.
+                        for t in &touched[from..] {
+                            if let Some(v) = t.version {
+                                events.push(convert::event(&inner.state, &t.key, v));
+                            }
+                        }
+                    }
+                    responses.push(Response { results });
+                }
+            }
+        }
+        let keys: BTreeSet<&Key> = touched.iter().map(|t| &t.key).collect();
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            stage(&mut batch, &inner.state, key)?;
+        }
+        stage_meta(&mut batch, inner)?;
+        // One atomic batch: records and last_applied move together. Not flushed (see module
+        // docs of `store`): a crash only loses applies that openraft re-applies at start.
+        self.0.sm.apply_batch(batch).map_err(|e| sm_write_err(&e))?;
+        inner.hub.publish(events);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder(self.0.clone())
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let payload: SnapshotPayload = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        if payload.format != SNAPSHOT_FORMAT {
+            let e = std::io::Error::other(format!(
+                "snapshot format {} is not supported (expected {SNAPSHOT_FORMAT})",
+                payload.format
+            ));
+            return Err(StorageIOError::read_snapshot(Some(meta.signature()), &e).into());
+        }
+        {
+            let mut guard = self.0.inner.write();
+            let inner = &mut *guard;
+            let mut batch = sled::Batch::default();
+            for key in self.0.sm.iter().keys() {
+                batch.remove(key.map_err(|e| sm_write_err(&e))?);
+            }
+            inner.state = payload.state;
+            inner.last_applied = meta.last_log_id;
+            inner.membership = meta.last_membership.clone();
+            let st = &inner.state;
+            let keys = st
+                .upstreams
+                .keys()
+                .map(|k| Key::Upstream(k.clone()))
+                .chain(st.nodes.keys().map(|k| Key::Node(k.clone())))
+                .chain(st.owners.keys().map(|k| Key::Owner(k.clone())))
+                .chain(st.failovers.keys().map(|k| Key::Failover(*k)));
+            for key in keys {
+                stage(&mut batch, st, &key)?;
+            }
+            stage_meta(&mut batch, inner)?;
+            self.0.sm.apply_batch(batch).map_err(|e| sm_write_err(&e))?;
+            inner.hub.reset();
+        }
+        self.0.save_snapshot(meta, &data)?;
+        self.0.flush().await?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.0.load_snapshot()?.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}

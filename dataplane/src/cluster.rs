@@ -1,0 +1,674 @@
+//! The data plane's side of the control plane: membership (register +
+//! heartbeat lease), the watched view of upstreams, nodes and session owners,
+//! ownership claims, and the on-disk copy of the view that keeps a node
+//! serving through a control-plane outage (static stability).
+//!
+//! ```text
+//!  control plane ──Watch (snapshot, then deltas by version)──> View ──> UpstreamRouter
+//!        ▲                                                       └──> state_file (atomic rewrite)
+//!        ├── RegisterNode / HeartbeatNode (lease; drain_requested)
+//!        └── ClaimSessions (on Start: new epoch, previous owner)
+//! ```
+//!
+//! Without `control_plane.endpoints` the node is standalone: static zones,
+//! local ownership only.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use gatesvr_common::tls::TlsFiles;
+use gatesvr_proto::control::{
+    self, Claim, ClaimSessionsRequest, DataPlaneNode, HeartbeatNodeRequest, NodeState,
+    RegisterNodeRequest, SessionOwner, WatchEvent, WatchRequest,
+    control_plane_client::ControlPlaneClient, watch_event::Event as WatchBody,
+};
+use parking_lot::{Mutex, RwLock};
+use prost::Message;
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::upstream::UpstreamRouter;
+
+/// `control_plane:` how this node reaches the control plane.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneClientConfig {
+    /// Control-plane gRPC endpoints (`host:port`). Empty: a standalone node
+    /// (static zones, no cluster-wide ownership). Default empty.
+    pub endpoints: Vec<String>,
+    /// Plaintext gRPC (logs a warning). Default false: mTLS with `tls`.
+    pub insecure: bool,
+    /// Client certificate, key and CA for mTLS to the control plane.
+    pub tls: Option<TlsFiles>,
+    /// Name checked on the control plane's certificate. Default `localhost`.
+    pub server_name: String,
+    /// Requested membership lease; the control plane may clamp it. Default 3s.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Deadline of one control-plane call. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
+    /// Where the last view learned from the control plane is kept, so a node
+    /// restarted during an outage still routes. Default none.
+    pub state_file: Option<PathBuf>,
+    /// A state file older than this is not used. Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub max_state_age: Duration,
+    /// QUIC address clients are sent to (GoAway targets). Default: the bound address.
+    pub advertise_quic_addr: Option<String>,
+    /// gRPC address other nodes and upstreams reach this node on. Default: the bound address.
+    pub advertise_grpc_addr: Option<String>,
+}
+
+impl Default for ControlPlaneClientConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            insecure: false,
+            tls: None,
+            server_name: "localhost".into(),
+            lease_ttl: Duration::from_secs(3),
+            rpc_timeout: Duration::from_secs(2),
+            state_file: None,
+            max_state_age: Duration::from_secs(24 * 3600),
+            advertise_quic_addr: None,
+            advertise_grpc_addr: None,
+        }
+    }
+}
+
+impl ControlPlaneClientConfig {
+    pub fn enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    pub fn validate(&self) -> Result<(), gatesvr_common::config::ConfigError> {
+        use gatesvr_common::config::ConfigError;
+        for e in &self.endpoints {
+            if e.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(ConfigError::key(
+                    "control_plane.endpoints",
+                    format!("`{e}` is not host:port"),
+                ));
+            }
+        }
+        if self.enabled() && !self.insecure {
+            let tls = self.tls.as_ref().ok_or_else(|| {
+                ConfigError::key(
+                    "control_plane.tls",
+                    "required (or set control_plane.insecure: true, plaintext)",
+                )
+            })?;
+            tls.validate("control_plane.tls")?;
+            if tls.ca_file.is_none() {
+                return Err(ConfigError::key(
+                    "control_plane.tls.ca_file",
+                    "required for mTLS",
+                ));
+            }
+        }
+        if self.lease_ttl < Duration::from_millis(500) {
+            return Err(ConfigError::key(
+                "control_plane.lease_ttl",
+                "must be at least 500ms",
+            ));
+        }
+        if self.rpc_timeout.is_zero() {
+            return Err(ConfigError::key(
+                "control_plane.rpc_timeout",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What this node knows of the cluster, at `version`.
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    pub version: u64,
+    pub upstreams: HashMap<String, control::Upstream>,
+    pub nodes: HashMap<String, DataPlaneNode>,
+    pub owners: HashMap<String, SessionOwner>,
+}
+
+impl View {
+    fn apply(&mut self, event: WatchEvent) {
+        self.version = event.version;
+        match event.event {
+            Some(WatchBody::Snapshot(s)) => {
+                self.upstreams = s
+                    .upstreams
+                    .into_iter()
+                    .map(|u| (u.instance_id.clone(), u))
+                    .collect();
+                self.nodes = s
+                    .nodes
+                    .into_iter()
+                    .map(|n| (n.node_id.clone(), n))
+                    .collect();
+                self.owners = s
+                    .owners
+                    .into_iter()
+                    .map(|o| (o.openid.clone(), o))
+                    .collect();
+            }
+            Some(WatchBody::UpstreamPut(u)) => {
+                self.upstreams.insert(u.instance_id.clone(), u);
+            }
+            Some(WatchBody::UpstreamRemoved(id)) => {
+                self.upstreams.remove(&id);
+            }
+            Some(WatchBody::NodePut(n)) => {
+                self.nodes.insert(n.node_id.clone(), n);
+            }
+            Some(WatchBody::NodeRemoved(id)) => {
+                self.nodes.remove(&id);
+            }
+            Some(WatchBody::OwnerPut(o)) => {
+                self.owners.insert(o.openid.clone(), o);
+            }
+            Some(WatchBody::OwnerRemoved(openid)) => {
+                self.owners.remove(&openid);
+            }
+            Some(WatchBody::Failover(_)) | None => {}
+        }
+    }
+
+    /// The view as one snapshot event (for the state file).
+    fn to_event(&self) -> WatchEvent {
+        WatchEvent {
+            version: self.version,
+            event: Some(WatchBody::Snapshot(control::Snapshot {
+                upstreams: self.upstreams.values().cloned().collect(),
+                nodes: self.nodes.values().cloned().collect(),
+                owners: self.owners.values().cloned().collect(),
+                failovers: Vec::new(),
+            })),
+        }
+    }
+
+    /// A node that can take sessions: known and not dead.
+    pub fn live_node(&self, node_id: &str) -> Option<&DataPlaneNode> {
+        self.nodes
+            .get(node_id)
+            .filter(|n| n.state != NodeState::Dead as i32)
+    }
+}
+
+/// The outcome of a successful claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub epoch: u64,
+    /// The owner before this claim, if another node.
+    pub previous_owner: Option<String>,
+}
+
+/// Why a claim did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// The control plane could not be reached in time: serve provisionally.
+    #[error("control plane unreachable: {0}")]
+    Unreachable(String),
+    /// The control plane refused the claim (e.g. this node is not active).
+    #[error("claim refused: {0}")]
+    Refused(String),
+}
+
+/// Callback for a session of ours now owned elsewhere.
+type OwnerMoved = Box<dyn Fn(&SessionOwner) + Send + Sync>;
+
+/// Membership, the watched view and claims.
+pub struct Cluster {
+    cfg: ControlPlaneClientConfig,
+    node_id: String,
+    quic_addr: String,
+    grpc_addr: String,
+    channels: Vec<Channel>,
+    /// Index of the endpoint currently used.
+    current: AtomicUsize,
+    view: RwLock<View>,
+    connected: AtomicBool,
+    /// The view came from the state file and the control plane was not reached since.
+    stale: AtomicBool,
+    draining: AtomicBool,
+    /// Wakes the node when an operator asked it to drain.
+    pub drain_requested: Notify,
+    router: Option<Arc<UpstreamRouter>>,
+    /// Called with owners that moved to another node (the registry fences them).
+    on_owner_moved: Mutex<Option<OwnerMoved>>,
+    sessions: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn new(
+        cfg: ControlPlaneClientConfig,
+        node_id: String,
+        quic_addr: String,
+        grpc_addr: String,
+        router: Option<Arc<UpstreamRouter>>,
+    ) -> Result<Self, String> {
+        let tls = if cfg.insecure {
+            tracing::warn!("control_plane.insecure: talking to the control plane in PLAINTEXT");
+            None
+        } else {
+            let files = cfg.tls.as_ref().ok_or("control_plane.tls is required")?;
+            Some(
+                gatesvr_common::tls::tonic_client_tls(files, &cfg.server_name)
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        let mut channels = Vec::new();
+        for endpoint in &cfg.endpoints {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut ep = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
+                .map_err(|e| format!("control_plane.endpoints `{endpoint}`: {e}"))?
+                .connect_timeout(cfg.rpc_timeout)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_while_idle(true);
+            if let Some(tls) = &tls {
+                ep = ep.tls_config(tls.clone()).map_err(|e| e.to_string())?;
+            }
+            channels.push(ep.connect_lazy());
+        }
+        let cluster = Self {
+            cfg,
+            node_id,
+            quic_addr,
+            grpc_addr,
+            channels,
+            current: AtomicUsize::new(0),
+            view: RwLock::new(View::default()),
+            connected: AtomicBool::new(false),
+            stale: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            drain_requested: Notify::new(),
+            router,
+            on_owner_moved: Mutex::new(None),
+            sessions: AtomicUsize::new(0),
+        };
+        cluster.load_state_file();
+        Ok(cluster)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Deadline of one control-plane call.
+    pub fn rpc_timeout(&self) -> Duration {
+        self.cfg.rpc_timeout
+    }
+
+    pub fn view(&self) -> parking_lot::RwLockReadGuard<'_, View> {
+        self.view.read()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Serving from a state file, not yet confirmed by the control plane.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_session_count(&self, n: usize) {
+        self.sessions.store(n, Ordering::Relaxed);
+    }
+
+    /// Registers the callback run when the watch shows a session of ours
+    /// owned by another node at a newer epoch.
+    pub fn on_owner_moved(&self, f: impl Fn(&SessionOwner) + Send + Sync + 'static) {
+        *self.on_owner_moved.lock() = Some(Box::new(f));
+    }
+
+    fn client(&self) -> ControlPlaneClient<Channel> {
+        let i = self.current.load(Ordering::Relaxed) % self.channels.len().max(1);
+        ControlPlaneClient::new(self.channels[i].clone())
+    }
+
+    /// Moves to the next endpoint after a failure.
+    fn rotate(&self) {
+        self.current.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.cfg.rpc_timeout);
+        r
+    }
+
+    /// Claims `openid`'s session for this node: a new epoch.
+    pub async fn claim(&self, openid: &str, session_id: &str) -> Result<Claimed, ClaimError> {
+        let req = self.request(ClaimSessionsRequest {
+            node_id: self.node_id.clone(),
+            claims: vec![Claim {
+                openid: openid.to_string(),
+                session_id: session_id.to_string(),
+                seen_epoch: 0,
+            }],
+        });
+        let mut client = self.client();
+        let response =
+            match tokio::time::timeout(self.cfg.rpc_timeout, client.claim_sessions(req)).await {
+                Err(_) => {
+                    self.rotate();
+                    return Err(ClaimError::Unreachable("timed out".into()));
+                }
+                Ok(Err(status)) => {
+                    return Err(match status.code() {
+                        tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled => {
+                            self.rotate();
+                            ClaimError::Unreachable(status.message().to_string())
+                        }
+                        _ => ClaimError::Refused(status.message().to_string()),
+                    });
+                }
+                Ok(Ok(r)) => r.into_inner(),
+            };
+        let result = response
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClaimError::Refused("empty claim answer".into()))?;
+        if !result.error.is_empty() {
+            return Err(ClaimError::Refused(result.error));
+        }
+        let owner = result
+            .owner
+            .ok_or_else(|| ClaimError::Refused("claim answer without owner".into()))?;
+        // Record it at once: pushes arriving before the watch delta route right.
+        {
+            let mut view = self.view.write();
+            let newer = view
+                .owners
+                .get(openid)
+                .is_none_or(|o| o.epoch < owner.epoch);
+            if newer {
+                view.owners.insert(openid.to_string(), owner.clone());
+            }
+        }
+        let previous = (!result.previous_owner.is_empty() && result.previous_owner != self.node_id)
+            .then_some(result.previous_owner);
+        Ok(Claimed {
+            epoch: owner.epoch,
+            previous_owner: previous,
+        })
+    }
+
+    /// Moves `openid`'s ownership to `to_node` if it is still at `epoch`
+    /// (drain). Returns the new epoch.
+    pub async fn transfer(
+        &self,
+        openid: &str,
+        epoch: u64,
+        to_node: &str,
+    ) -> Result<u64, ClaimError> {
+        let req = self.request(control::TransferSessionRequest {
+            openid: openid.to_string(),
+            expected_epoch: epoch,
+            to_node: to_node.to_string(),
+        });
+        let mut client = self.client();
+        match tokio::time::timeout(self.cfg.rpc_timeout, client.transfer_session(req)).await {
+            Err(_) => {
+                self.rotate();
+                Err(ClaimError::Unreachable("timed out".into()))
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                self.rotate();
+                Err(ClaimError::Unreachable(status.message().to_string()))
+            }
+            Ok(Err(status)) => Err(ClaimError::Refused(status.message().to_string())),
+            Ok(Ok(r)) => {
+                let owner = r
+                    .into_inner()
+                    .owner
+                    .ok_or_else(|| ClaimError::Refused("transfer answer without owner".into()))?;
+                let epoch = owner.epoch;
+                self.view.write().owners.insert(openid.to_string(), owner);
+                Ok(epoch)
+            }
+        }
+    }
+
+    /// Active nodes other than this one (drain successors).
+    pub fn successors(&self) -> Vec<DataPlaneNode> {
+        let mut nodes: Vec<DataPlaneNode> = self
+            .view
+            .read()
+            .nodes
+            .values()
+            .filter(|n| n.node_id != self.node_id && n.state == NodeState::Active as i32)
+            .cloned()
+            .collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        nodes
+    }
+
+    /// Runs membership and watch loops until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let membership = tokio::spawn(self.clone().membership_loop(stop.clone()));
+        let watch = tokio::spawn(self.clone().watch_loop(stop.clone()));
+        stop.cancelled().await;
+        membership.abort();
+        watch.abort();
+    }
+
+    async fn membership_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut registered = false;
+        let mut interval = self.cfg.lease_ttl / 3;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let ok = if registered {
+                let req = self.request(HeartbeatNodeRequest {
+                    node_id: self.node_id.clone(),
+                    draining: self.draining.load(Ordering::Relaxed),
+                    sessions: self.sessions.load(Ordering::Relaxed) as u64,
+                });
+                match self.client().heartbeat_node(req).await {
+                    Ok(r) => {
+                        if r.into_inner().drain_requested && !self.draining.load(Ordering::Relaxed)
+                        {
+                            tracing::info!("control plane asked this node to drain");
+                            self.drain_requested.notify_one();
+                        }
+                        true
+                    }
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        registered = false;
+                        false
+                    }
+                    Err(s) => {
+                        tracing::debug!(error = %s, "heartbeat failed");
+                        false
+                    }
+                }
+            } else {
+                let req = self.request(RegisterNodeRequest {
+                    node: Some(DataPlaneNode {
+                        node_id: self.node_id.clone(),
+                        quic_addr: self.quic_addr.clone(),
+                        grpc_addr: self.grpc_addr.clone(),
+                        state: NodeState::Active as i32,
+                        lease_expires_at_ms: 0,
+                    }),
+                    lease_ttl_ms: self.cfg.lease_ttl.as_millis() as u32,
+                });
+                match self.client().register_node(req).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        registered = true;
+                        interval =
+                            Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(100)));
+                        tracing::info!(node = %self.node_id, lease_ms = r.lease_ttl_ms, "registered with the control plane");
+                        true
+                    }
+                    Err(s) => {
+                        tracing::debug!(error = %s, "registration failed");
+                        false
+                    }
+                }
+            };
+            self.connected.store(ok, Ordering::Relaxed);
+            let wait = if ok {
+                backoff = Duration::from_millis(100);
+                interval
+            } else {
+                self.rotate();
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn watch_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let from = self.view.read().version;
+            let req = WatchRequest {
+                from_version: from,
+                node_id: self.node_id.clone(),
+            };
+            match self.client().watch(req).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    backoff = Duration::from_millis(100);
+                    loop {
+                        let next = tokio::select! {
+                            next = stream.message() => next,
+                            () = stop.cancelled() => return,
+                        };
+                        match next {
+                            Ok(Some(event)) => {
+                                self.stale.store(false, Ordering::Relaxed);
+                                self.apply(event);
+                            }
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                }
+                Err(status) => tracing::debug!(error = %status, "watch failed"),
+            }
+            self.rotate();
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn apply(&self, event: WatchEvent) {
+        let touches_upstreams = matches!(
+            event.event,
+            Some(
+                WatchBody::Snapshot(_) | WatchBody::UpstreamPut(_) | WatchBody::UpstreamRemoved(_)
+            )
+        );
+        let moved = match &event.event {
+            Some(WatchBody::OwnerPut(o)) if o.owner_node != self.node_id => Some(o.clone()),
+            _ => None,
+        };
+        {
+            let mut view = self.view.write();
+            if event.version <= view.version && !matches!(event.event, Some(WatchBody::Snapshot(_)))
+            {
+                return;
+            }
+            view.apply(event);
+        }
+        if let Some(owner) = moved
+            && let Some(f) = self.on_owner_moved.lock().as_ref()
+        {
+            f(&owner);
+        }
+        if touches_upstreams {
+            self.update_router();
+        }
+        self.persist();
+    }
+
+    fn update_router(&self) {
+        if let Some(router) = &self.router {
+            let zones = crate::upstream::instances_by_zone(self.view.read().upstreams.values());
+            for (zone, instances) in zones {
+                router.set_zone_instances(&zone, instances);
+            }
+            // Zones whose last upstream left get an empty list.
+            let view = self.view.read();
+            for zone in router.zones() {
+                if !view.upstreams.values().any(|u| u.zone == zone) {
+                    router.set_zone_instances(&zone, Vec::new());
+                }
+            }
+        }
+    }
+
+    /// Rewrites the state file atomically (write to a temp file, rename).
+    fn persist(&self) {
+        let Some(path) = &self.cfg.state_file else {
+            return;
+        };
+        let bytes = self.view.read().to_event().encode_to_vec();
+        let tmp = path.with_extension("tmp");
+        let result = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the cluster state file");
+        }
+    }
+
+    fn load_state_file(&self) {
+        let Some(path) = &self.cfg.state_file else {
+            return;
+        };
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .unwrap_or_default();
+        if age > self.cfg.max_state_age {
+            tracing::warn!(path = %path.display(), ?age, "cluster state file too old; not used");
+            return;
+        }
+        match std::fs::read(path).map(|b| WatchEvent::decode(b.as_slice())) {
+            Ok(Ok(event)) => {
+                self.view.write().apply(event);
+                self.stale.store(true, Ordering::Relaxed);
+                self.update_router();
+                tracing::info!(path = %path.display(), version = self.view.read().version, "serving from the saved cluster state until the control plane answers");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(path = %path.display(), error = %e, "cluster state file unreadable; ignored")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cluster state file unreadable; ignored")
+            }
+        }
+    }
+}

@@ -1,0 +1,577 @@
+//! Data-plane configuration: the Go gateway's keys where they apply
+//! (`server.*`, `overload_protection.*`), plus `auth`, `zones`, `log`.
+//!
+//! Loaded by [`gatesvr_common::config::load`] (YAML, then `GATESVR_*`
+//! environment), validated once. Every field has a documented default so an
+//! empty file is a working single-node config (apart from certificates).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gatesvr_common::config::{ConfigError, Validate, require_file, require_socket_addr};
+use gatesvr_common::logging::LogConfig;
+use serde::Deserialize;
+
+use crate::session::{QueuePolicy, SessionConfig};
+
+/// Environment names kept from the Go gateway, mapped to our keys.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("GATESVR_QUIC_ADDR", "server.quic_addr"),
+    ("GATESVR_HTTP_ADDR", "server.http_addr"),
+    ("GATESVR_GRPC_ADDR", "server.grpc_addr"),
+    ("GATESVR_METRICS_ADDR", "server.metrics_addr"),
+    ("GATESVR_NODE_ID", "node_id"),
+];
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// Stable id of this node, reported to clients and the control plane.
+    /// Default: `dp-` + the host name.
+    pub node_id: String,
+    pub server: ServerConfig,
+    pub overload_protection: OverloadConfig,
+    pub auth: AuthConfig,
+    pub zones: ZonesConfig,
+    /// Upstream channels, health checks and outlier ejection. Its deadline
+    /// and concurrency cap come from `overload_protection`.
+    pub upstream: crate::upstream::UpstreamConfig,
+    /// The control plane; without endpoints the node is standalone.
+    pub control_plane: crate::cluster::ControlPlaneClientConfig,
+    pub log: LogConfig,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        Self {
+            node_id: format!("dp-{host}"),
+            server: ServerConfig::default(),
+            overload_protection: OverloadConfig::default(),
+            auth: AuthConfig::default(),
+            zones: ZonesConfig::default(),
+            upstream: crate::upstream::UpstreamConfig::default(),
+            control_plane: crate::cluster::ControlPlaneClientConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// `server:` listeners, certificate and per-session protocol settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// QUIC (UDP) listener for clients. Default `127.0.0.1:8453`.
+    pub quic_addr: String,
+    /// HTTP: /health, /ready, /stats. Default `127.0.0.1:8080`.
+    pub http_addr: String,
+    /// gRPC GatewayService for upstreams. Default `127.0.0.1:8092`.
+    pub grpc_addr: String,
+    /// Prometheus /metrics. Default `127.0.0.1:9090`.
+    pub metrics_addr: String,
+    /// TLS certificate chain (PEM) presented to clients.
+    pub cert_file: PathBuf,
+    /// Private key (PEM) of `cert_file`.
+    pub key_file: PathBuf,
+    /// A disconnected session keeps its queue this long. Default 5m.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Unacked pushes are retransmitted after this. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Retransmit rounds before the connection is closed with ACK_TIMEOUT. Default 3.
+    pub max_retries: u32,
+    /// Interval clients are told to heartbeat at. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A connection silent for this long is closed (HEARTBEAT_TIMEOUT). Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// The Start frame must arrive within this after the handshake. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// QUIC idle timeout (the lower of both peers' applies). Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive sent by the server, below every idle timeout. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// Largest frame accepted or sent, in bytes. Default 1 MiB.
+    pub max_frame_size: usize,
+    /// Pushes kept per session until acked. Default 1024.
+    pub max_queue: usize,
+    /// `reject` (default) or `drop_oldest` at `max_queue`.
+    pub queue_policy: QueuePolicy,
+    /// Request dedupe window per session. Default 128.
+    pub request_window: u64,
+    /// Requests executing at once per session. Default 64.
+    pub max_inflight: usize,
+    /// A drain gives up waiting for clients after this. Default 30s (keep
+    /// Kubernetes' terminationGracePeriodSeconds above it).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Sessions moved per second during a drain. Default 200.
+    pub drain_rate: u32,
+    /// mTLS on `grpc_addr` (GatewayService and the Peer service): this
+    /// node's certificate and key, and the CA that signs its clients (other
+    /// data-plane nodes, which present their own server certificate, and
+    /// upstreams). Unset: plaintext, for a private network only (warns).
+    pub grpc_tls: Option<gatesvr_common::tls::TlsFiles>,
+    /// Lets upstreams without a client certificate push with
+    /// `authorization: Bearer <token>` (the file's trimmed contents).
+    /// Requires `grpc_tls`. Default none.
+    pub push_token_file: Option<PathBuf>,
+    /// Name checked on other nodes' certificates. Default `localhost`.
+    pub grpc_server_name: String,
+    /// A drain's GoAway names the successor's QUIC address. Set false when
+    /// clients reach nodes only through a load balancer (the session then
+    /// follows the client to whichever node it lands on). Default true.
+    pub drain_redirect: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let session = SessionConfig::default();
+        Self {
+            quic_addr: "127.0.0.1:8453".into(),
+            http_addr: "127.0.0.1:8080".into(),
+            grpc_addr: "127.0.0.1:8092".into(),
+            metrics_addr: "127.0.0.1:9090".into(),
+            cert_file: PathBuf::from("certs/dev/server.crt"),
+            key_file: PathBuf::from("certs/dev/server.key"),
+            session_timeout: session.session_timeout,
+            ack_timeout: session.ack_timeout,
+            max_retries: session.max_retries,
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Duration::from_secs(10),
+            max_frame_size: gatesvr_proto::frame::DEFAULT_MAX_FRAME_SIZE,
+            max_queue: session.max_queue,
+            queue_policy: session.queue_policy,
+            request_window: session.request_window,
+            max_inflight: session.max_inflight,
+            drain_timeout: Duration::from_secs(30),
+            drain_rate: 200,
+            drain_redirect: true,
+            grpc_tls: None,
+            push_token_file: None,
+            grpc_server_name: "localhost".into(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            ack_timeout: self.ack_timeout,
+            max_retries: self.max_retries,
+            max_queue: self.max_queue,
+            queue_policy: self.queue_policy,
+            session_timeout: self.session_timeout,
+            request_window: self.request_window,
+            max_inflight: self.max_inflight,
+        }
+    }
+}
+
+/// `overload_protection:` limits that shed load with an explicit error.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverloadConfig {
+    /// Master switch. Default true.
+    pub enabled: bool,
+    /// Concurrent client connections; beyond it new handshakes are refused
+    /// before any TLS work. Default 100000.
+    pub max_connections: usize,
+    /// Client requests per `qps_window_seconds` window for the node. Default 50000.
+    pub max_qps: u64,
+    /// Window of `max_qps`, seconds. Default 1.
+    pub qps_window_seconds: u64,
+    /// Upstream calls in flight for the node. Default 1000.
+    pub max_upstream_concurrent: usize,
+    /// Deadline of one upstream call. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+}
+
+impl Default for OverloadConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_connections: 100_000,
+            max_qps: 50_000,
+            qps_window_seconds: 1,
+            max_upstream_concurrent: 1000,
+            upstream_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// HMAC-signed tokens (`gatectl token issue`), the default.
+    #[default]
+    Hmac,
+    /// JWT signed with HS256, RS256 or ES256.
+    Jwt,
+    /// No authentication. Only `gatesvr dev` may use it.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum JwtAlgorithm {
+    #[default]
+    HS256,
+    RS256,
+    ES256,
+}
+
+/// `auth:` how clients' `auth_token` is verified.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// HMAC secret (hmac mode) or HS256 secret (jwt mode), raw bytes of the file
+    /// with surrounding whitespace trimmed.
+    pub secret_file: Option<PathBuf>,
+    /// JWT algorithm. Default HS256.
+    pub jwt_algorithm: JwtAlgorithm,
+    /// PEM public key for RS256 / ES256.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub jwt_audience: Option<String>,
+    /// Claim holding the openid. Default `sub`.
+    pub openid_claim: String,
+    /// Refuse a token whose openid differs from StartRequest.openid. Default true.
+    pub check_openid: bool,
+    /// Allowed clock difference when checking expiry. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// Set only by `gatesvr dev`; `mode: none` is refused without it.
+    #[serde(skip)]
+    pub allow_none: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Hmac,
+            secret_file: None,
+            jwt_algorithm: JwtAlgorithm::HS256,
+            jwt_public_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            openid_claim: "sub".into(),
+            check_openid: true,
+            clock_skew: Duration::from_secs(30),
+            allow_none: false,
+        }
+    }
+}
+
+/// `zones:` how many zones exist and, until the control plane provides them,
+/// which upstream instances serve each.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZonesConfig {
+    /// Number of zones; ids are "001".."NNN". Default 6.
+    pub count: u32,
+    /// Static upstreams: `[{zone: "001", addrs: ["10.0.0.5:9001"]}]`.
+    pub upstreams: Vec<StaticZone>,
+}
+
+impl Default for ZonesConfig {
+    fn default() -> Self {
+        Self {
+            count: gatesvr_proto::zone::DEFAULT_ZONE_COUNT,
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticZone {
+    pub zone: String,
+    pub addrs: Vec<String>,
+}
+
+impl DataPlaneConfig {
+    /// The router's settings, with the seed's `overload_protection` keys applied.
+    pub fn upstream_config(&self) -> crate::upstream::UpstreamConfig {
+        let mut cfg = self.upstream.clone();
+        cfg.upstream_timeout = self.overload_protection.upstream_timeout;
+        cfg.max_upstream_concurrent = self.overload_protection.max_upstream_concurrent;
+        cfg
+    }
+}
+
+impl Validate for DataPlaneConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id.is_empty() {
+            return Err(ConfigError::key("node_id", "must not be empty"));
+        }
+        let s = &self.server;
+        require_socket_addr("server.quic_addr", &s.quic_addr)?;
+        require_socket_addr("server.http_addr", &s.http_addr)?;
+        require_socket_addr("server.grpc_addr", &s.grpc_addr)?;
+        require_socket_addr("server.metrics_addr", &s.metrics_addr)?;
+        require_file("server.cert_file", &s.cert_file)?;
+        require_file("server.key_file", &s.key_file)?;
+        let positive = [
+            ("server.session_timeout", s.session_timeout),
+            ("server.ack_timeout", s.ack_timeout),
+            ("server.heartbeat_interval", s.heartbeat_interval),
+            ("server.heartbeat_timeout", s.heartbeat_timeout),
+            ("server.start_timeout", s.start_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            ("server.keep_alive_interval", s.keep_alive_interval),
+            ("server.drain_timeout", s.drain_timeout),
+            (
+                "overload_protection.upstream_timeout",
+                self.overload_protection.upstream_timeout,
+            ),
+        ];
+        for (key, d) in positive {
+            if d.is_zero() {
+                return Err(ConfigError::key(key, "must be greater than zero"));
+            }
+        }
+        if let Some(tls) = &s.grpc_tls {
+            tls.validate("server.grpc_tls")?;
+            if tls.ca_file.is_none() {
+                return Err(ConfigError::key(
+                    "server.grpc_tls.ca_file",
+                    "required: it verifies the certificates of peers and upstreams",
+                ));
+            }
+        }
+        if let Some(file) = &s.push_token_file {
+            if s.grpc_tls.is_none() {
+                return Err(ConfigError::key(
+                    "server.push_token_file",
+                    "needs server.grpc_tls (a bearer token over plaintext would be readable)",
+                ));
+            }
+            require_file("server.push_token_file", file)?;
+        }
+        if s.drain_rate == 0 {
+            return Err(ConfigError::key("server.drain_rate", "must be at least 1"));
+        }
+        if s.heartbeat_timeout <= s.heartbeat_interval {
+            return Err(ConfigError::key(
+                "server.heartbeat_timeout",
+                "must be longer than server.heartbeat_interval",
+            ));
+        }
+        if s.keep_alive_interval >= s.idle_timeout {
+            return Err(ConfigError::key(
+                "server.keep_alive_interval",
+                "must be shorter than server.idle_timeout",
+            ));
+        }
+        if !(1024..=16 << 20).contains(&s.max_frame_size) {
+            return Err(ConfigError::key(
+                "server.max_frame_size",
+                "must be between 1024 and 16777216 bytes",
+            ));
+        }
+        s.session_config()
+            .validate()
+            .map_err(|e| ConfigError::key("server", e.to_string()))?;
+        let o = &self.overload_protection;
+        if o.qps_window_seconds == 0 {
+            return Err(ConfigError::key(
+                "overload_protection.qps_window_seconds",
+                "must be at least 1",
+            ));
+        }
+        for (key, v) in [
+            (
+                "overload_protection.max_connections",
+                o.max_connections as u64,
+            ),
+            ("overload_protection.max_qps", o.max_qps),
+            (
+                "overload_protection.max_upstream_concurrent",
+                o.max_upstream_concurrent as u64,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::key(key, "must be at least 1"));
+            }
+        }
+        let a = &self.auth;
+        match a.mode {
+            AuthMode::None if !a.allow_none => {
+                return Err(ConfigError::key(
+                    "auth.mode",
+                    "`none` disables authentication and is only allowed by `gatesvr dev`",
+                ));
+            }
+            AuthMode::None => {}
+            AuthMode::Hmac => {
+                let file = a.secret_file.as_ref().ok_or_else(|| {
+                    ConfigError::key("auth.secret_file", "required when auth.mode is hmac")
+                })?;
+                require_file("auth.secret_file", file)?;
+            }
+            AuthMode::Jwt => match a.jwt_algorithm {
+                JwtAlgorithm::HS256 => {
+                    let file = a.secret_file.as_ref().ok_or_else(|| {
+                        ConfigError::key("auth.secret_file", "required for jwt HS256")
+                    })?;
+                    require_file("auth.secret_file", file)?;
+                }
+                JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                    let file = a.jwt_public_key_file.as_ref().ok_or_else(|| {
+                        ConfigError::key("auth.jwt_public_key_file", "required for jwt RS256/ES256")
+                    })?;
+                    require_file("auth.jwt_public_key_file", file)?;
+                }
+            },
+        }
+        if a.openid_claim.is_empty() {
+            return Err(ConfigError::key("auth.openid_claim", "must not be empty"));
+        }
+        if !(1..=999).contains(&self.zones.count) {
+            return Err(ConfigError::key("zones.count", "must be between 1 and 999"));
+        }
+        for (i, z) in self.zones.upstreams.iter().enumerate() {
+            let key = format!("zones.upstreams[{i}]");
+            if gatesvr_proto::zone::parse_zone_id(&z.zone, self.zones.count).is_none() {
+                return Err(ConfigError::key(
+                    format!("{key}.zone"),
+                    format!(
+                        "unknown zone `{}` (zones are 001..{:03})",
+                        z.zone, self.zones.count
+                    ),
+                ));
+            }
+            for addr in &z.addrs {
+                require_socket_addr(&format!("{key}.addrs"), addr)?;
+            }
+        }
+        // One key per setting: these two live in the seed's overload_protection section.
+        let defaults = crate::upstream::UpstreamConfig::default();
+        if self.upstream.upstream_timeout != defaults.upstream_timeout {
+            return Err(ConfigError::key(
+                "upstream.upstream_timeout",
+                "set overload_protection.upstream_timeout instead",
+            ));
+        }
+        if self.upstream.max_upstream_concurrent != defaults.max_upstream_concurrent {
+            return Err(ConfigError::key(
+                "upstream.max_upstream_concurrent",
+                "set overload_protection.max_upstream_concurrent instead",
+            ));
+        }
+        self.upstream_config().validate()?;
+        self.control_plane.validate()?;
+        if self.control_plane.enabled() && !self.zones.upstreams.is_empty() {
+            return Err(ConfigError::key(
+                "zones.upstreams",
+                "static upstreams conflict with control_plane.endpoints: upstreams register with the control plane",
+            ));
+        }
+        self.log.validate()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_certs(extra: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.pem"), "x").unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+        let yaml = format!(
+            "server:\n  cert_file: {d}/c.pem\n  key_file: {d}/c.pem\nauth:\n  secret_file: {d}/secret\n{extra}",
+            d = dir.path().display()
+        );
+        (dir, yaml)
+    }
+
+    fn load(yaml: &str) -> Result<DataPlaneConfig, ConfigError> {
+        gatesvr_common::config::load_str(yaml, ENV_ALIASES)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let (_d, yaml) = with_certs("");
+        let cfg = load(&yaml).unwrap();
+        assert_eq!(cfg.server.quic_addr, "127.0.0.1:8453");
+        assert_eq!(cfg.zones.count, 6);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("server:\n  quic_adr: x\n", "quic_adr"),
+            (
+                "overload_protection:\n  max_qps: 0\n",
+                "overload_protection.max_qps",
+            ),
+            (
+                "zones:\n  upstreams: [{zone: '007', addrs: []}]\n",
+                "zones.upstreams[0].zone",
+            ),
+            (
+                "zones:\n  upstreams: [{zone: '001', addrs: ['nope']}]\n",
+                "zones.upstreams[0].addrs",
+            ),
+            ("auth:\n  mode: none\n", "auth.mode"),
+            (
+                "upstream:\n  upstream_timeout: 5s\n",
+                "overload_protection.upstream_timeout",
+            ),
+        ];
+        for (extra, key) in cases {
+            // Merge the case into the base YAML by appending a second document
+            // section: later keys override earlier ones.
+            let (_d, base) = with_certs("");
+            let yaml = merge(&base, extra);
+            let err = load(&yaml).unwrap_err();
+            assert!(err.to_string().contains(key), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let (_d, base) = with_certs("");
+        let yaml = base.replace("server:\n", "server:\n  ack_timeout: soon\n");
+        let err = load(&yaml).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.ack_timeout"), "{err}");
+    }
+
+    #[test]
+    fn missing_cert_names_the_path() {
+        let err = load("server:\n  cert_file: /nope/server.crt\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.cert_file"), "{err}");
+        assert!(err.to_string().contains("/nope/server.crt"));
+    }
+
+    /// Inserts `extra`'s sections into `base` (both are `section:\n  k: v` YAML).
+    fn merge(base: &str, extra: &str) -> String {
+        let mut out = base.to_string();
+        let mut section = String::new();
+        for line in extra.lines() {
+            if !line.starts_with(' ') {
+                section = line.to_string();
+                if !out.contains(&format!("{section}\n")) {
+                    out.push_str(&format!("{section}\n"));
+                }
+            } else {
+                out = out.replacen(&format!("{section}\n"), &format!("{section}\n{line}\n"), 1);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,593 @@
+//! One client connection: the thin I/O shell around a [`Session`].
+//!
+//! The client opens one bidirectional stream and sends Start. After that a
+//! reader task decodes frames and feeds the session; a writer task sends
+//! control frames (responses, heartbeat answers) and whatever the session
+//! yields from `poll_transmit`, woken by the entry's `Notify`.
+//!
+//! ```text
+//!  recv stream ─> FrameDecoder ─> handle_frame ─┬─> Session (ack, dedupe)
+//!                                               ├─> handler task ─> complete_request ─┐
+//!                                               └─> control channel ──────────────────┴─> writer ─> send stream
+//!  Session::poll_transmit (pushes) ─────────────────────────────────────────────────────> writer
+//! ```
+//!
+//! Fatal errors are sent as an `Error` frame, the stream is finished, and the
+//! connection is closed with the same code as the QUIC application error code.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use gatesvr_proto::client::{
+    ClientRequest, ClientResponse, Envelope, ErrorCode, HeartbeatResponse, StartRequest,
+    StartResponse, envelope::Body,
+};
+use gatesvr_proto::frame::{self, FrameDecoder};
+use tokio::sync::mpsc;
+
+use crate::node::Node;
+use crate::registry::{Attachment, SessionEntry};
+use crate::session::RequestDisposition;
+
+/// Longest openid accepted, bytes.
+pub const MAX_OPENID_LEN: usize = 128;
+
+/// Frames waiting for the writer besides pushes; bounds per-connection memory.
+const CONTROL_QUEUE: usize = 64;
+
+/// Time allowed for the Error frame to reach the client before closing.
+const ERROR_FLUSH: Duration = Duration::from_secs(1);
+
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn env(body: Body) -> Envelope {
+    Envelope { body: Some(body) }
+}
+
+/// A connection-ending error.
+struct Fatal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Fatal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+async fn write_frame(
+    send: &mut quinn::SendStream,
+    frame: &Envelope,
+) -> Result<(), quinn::WriteError> {
+    let mut buf = BytesMut::new();
+    frame::encode(frame, &mut buf);
+    send.write_all(&buf).await
+}
+
+/// Sends `Error{fatal}`, waits briefly for it to be delivered, closes.
+async fn fail(
+    node: &Node,
+    conn: &quinn::Connection,
+    send: Option<&mut quinn::SendStream>,
+    fatal: Fatal,
+) {
+    node.metrics
+        .connections_closed
+        .with_label_values(&[&crate::metrics::code_label(fatal.code)])
+        .inc();
+    if let Some(send) = send {
+        let frame = env(Body::Error(gatesvr_proto::client::Error {
+            code: fatal.code as i32,
+            message: fatal.message.clone(),
+            retry_after_ms: 0,
+            fatal: true,
+        }));
+        if write_frame(send, &frame).await.is_ok() && send.finish().is_ok() {
+            let _ = tokio::time::timeout(ERROR_FLUSH, send.stopped()).await;
+        }
+    }
+    conn.close(
+        quinn::VarInt::from_u32(fatal.code as u32),
+        fatal.message.as_bytes(),
+    );
+}
+
+/// Serves one accepted connection until it ends.
+pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
+    let start_timeout = node.config.server.start_timeout;
+    let stream = tokio::time::timeout(start_timeout, conn.accept_bi()).await;
+    let (mut send, mut recv) = match stream {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(_)) => return, // closed before opening a stream
+        Err(_) => {
+            node.metrics
+                .connections_rejected
+                .with_label_values(&["start_timeout"])
+                .inc();
+            fail(
+                &node,
+                &conn,
+                None,
+                Fatal::new(ErrorCode::StartTimeout, "no stream opened in time"),
+            )
+            .await;
+            return;
+        }
+    };
+    let mut decoder = FrameDecoder::new(node.config.server.max_frame_size);
+
+    // --- Start ---
+    let start = match tokio::time::timeout(start_timeout, read_frame(&mut recv, &mut decoder)).await
+    {
+        Err(_) => Err(Fatal::new(
+            ErrorCode::StartTimeout,
+            "no Start frame in time",
+        )),
+        Ok(Err(fatal)) => Err(fatal),
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(Envelope {
+            body: Some(Body::Start(start)),
+        }))) => Ok(start),
+        Ok(Ok(Some(_))) => Err(Fatal::new(
+            ErrorCode::ProtocolViolation,
+            "the first frame must be Start",
+        )),
+    };
+    let start = match start.and_then(|s| authenticate(&node, s)) {
+        Ok(s) => s,
+        Err(fatal) => {
+            node.metrics
+                .connections_rejected
+                .with_label_values(&[&crate::metrics::code_label(fatal.code)])
+                .inc();
+            fail(&node, &conn, Some(&mut send), fatal).await;
+            return;
+        }
+    };
+
+    if node.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        let fatal = Fatal::new(
+            ErrorCode::Draining,
+            "node is draining: connect to another node",
+        );
+        fail(&node, &conn, Some(&mut send), fatal).await;
+        return;
+    }
+    let new_id = crate::registry::new_session_id();
+    let epoch = match claim_ownership(&node, &start, &new_id).await {
+        Ok(epoch) => epoch,
+        Err(fatal) => {
+            fail(&node, &conn, Some(&mut send), fatal).await;
+            return;
+        }
+    };
+
+    let conn_id = node.registry.next_conn_id();
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let started = node.registry.start(
+        &start.openid,
+        &start.session_id,
+        start.last_acked_seq_id,
+        Attachment {
+            conn_id,
+            connection: conn.clone(),
+            control: control_tx,
+        },
+        new_id.clone(),
+    );
+    let entry = started.entry;
+    let outcome = started.outcome;
+    if let Some(epoch) = epoch {
+        entry.state.lock().set_epoch(epoch);
+        // The resume failed and a fresh session (new id) replaced the claimed
+        // one: record the id in the control plane too.
+        if entry.identity.session_id != claimed_id(&start, &new_id)
+            && let Some(cluster) = &node.cluster
+            && let Ok(c) = cluster
+                .claim(&start.openid, &entry.identity.session_id)
+                .await
+        {
+            entry.state.lock().set_epoch(c.epoch);
+        }
+    }
+    let server = &node.config.server;
+    let response = env(Body::StartOk(StartResponse {
+        session_id: entry.identity.session_id.clone(),
+        node_id: node.config.node_id.clone(),
+        zone: entry.identity.zone.clone(),
+        heartbeat_interval_ms: server.heartbeat_interval.as_millis() as u32,
+        next_seq_id: outcome.next_seq_id,
+        resumed: outcome.status == gatesvr_proto::client::ResumeStatus::Resumed,
+        resume_status: outcome.status as i32,
+        first_available_seq_id: outcome.first_available_seq_id,
+        server_time_ms: unix_ms(),
+        max_frame_size: server.max_frame_size as u32,
+        request_window: server.request_window as u32,
+        session_timeout_ms: server.session_timeout.as_millis() as u32,
+    }));
+    if write_frame(&mut send, &response).await.is_err() {
+        node.registry.detach(&entry, conn_id);
+        return;
+    }
+    node.metrics.active_connections.inc();
+    tracing::debug!(openid = %start.openid, session = %entry.identity.session_id, status = ?outcome.status, "session started");
+
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel();
+    let mut writer = tokio::spawn(write_loop(
+        node.clone(),
+        entry.clone(),
+        conn.clone(),
+        send,
+        control_rx,
+        finish_rx,
+    ));
+    let result = read_loop(&node, &entry, &mut recv, &mut decoder).await;
+    match result {
+        Ok(()) => {}
+        Err(fatal) => {
+            node.metrics
+                .protocol_errors
+                .with_label_values(&[&crate::metrics::code_label(fatal.code)])
+                .inc();
+            // The writer owns the stream: queue the Error frame, then ask it
+            // to finish the stream so the frame is delivered before the close.
+            entry
+                .send_control(env(Body::Error(gatesvr_proto::client::Error {
+                    code: fatal.code as i32,
+                    message: fatal.message.clone(),
+                    retry_after_ms: 0,
+                    fatal: true,
+                })))
+                .await;
+            let _ = finish_tx.send(());
+            let _ = tokio::time::timeout(ERROR_FLUSH * 2, &mut writer).await;
+            fail(&node, &conn, None, fatal).await;
+        }
+    }
+    writer.abort();
+    node.registry.detach(&entry, conn_id);
+    node.metrics.active_connections.dec();
+}
+
+/// The session id a Start claims: the one it resumes, else the fresh one.
+fn claimed_id<'a>(start: &'a StartRequest, new_id: &'a str) -> &'a str {
+    if start.session_id.is_empty() {
+        new_id
+    } else {
+        &start.session_id
+    }
+}
+
+/// Claims the session in the control plane (a new epoch) and, if another
+/// live node held it, takes its state over. `Ok(None)`: standalone node, or
+/// the control plane is unreachable and the session runs provisionally.
+async fn claim_ownership(
+    node: &Arc<Node>,
+    start: &StartRequest,
+    new_id: &str,
+) -> Result<Option<u64>, Fatal> {
+    let Some(cluster) = &node.cluster else {
+        return Ok(None);
+    };
+    let openid = &start.openid;
+    // A leader election takes a moment: retry an unreachable control plane
+    // briefly before falling back to a provisional session.
+    let give_up = tokio::time::Instant::now() + cluster.rpc_timeout() * 2;
+    let mut result = cluster.claim(openid, claimed_id(start, new_id)).await;
+    while matches!(result, Err(crate::cluster::ClaimError::Unreachable(_)))
+        && tokio::time::Instant::now() < give_up
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        result = cluster.claim(openid, claimed_id(start, new_id)).await;
+    }
+    match result {
+        Ok(claimed) => {
+            if let Some(previous) = &claimed.previous_owner {
+                // Pushes for this openid arriving meanwhile wait for the state.
+                node.registry.begin_incoming(openid);
+                crate::peer::take_over(node, previous, openid, &start.session_id, claimed.epoch)
+                    .await;
+                node.registry.end_incoming(openid);
+            }
+            node.provisional.lock().remove(openid);
+            Ok(Some(claimed.epoch))
+        }
+        Err(crate::cluster::ClaimError::Unreachable(why)) => {
+            // Static stability: serve now, claim when the control plane is back.
+            tracing::debug!(openid = %openid, reason = %why, "control plane unreachable: provisional session");
+            node.metrics
+                .provisional_sessions
+                .with_label_values(&["started"])
+                .inc();
+            node.provisional.lock().insert(openid.clone());
+            // A resume still gets its state from the owner we last knew of
+            // (epoch 0: no claim to show; reconciled by the later claim).
+            let last_owner = cluster
+                .view()
+                .owners
+                .get(openid)
+                .map(|o| o.owner_node.clone())
+                .filter(|o| o != &node.config.node_id);
+            if let Some(previous) = last_owner.filter(|_| !start.session_id.is_empty())
+                && node.registry.get(openid).is_none()
+            {
+                node.registry.begin_incoming(openid);
+                crate::peer::take_over(node, &previous, openid, &start.session_id, 0).await;
+                node.registry.end_incoming(openid);
+            }
+            Ok(None)
+        }
+        Err(crate::cluster::ClaimError::Refused(why)) => Err(Fatal::new(
+            ErrorCode::Draining,
+            format!("this node may not take sessions now ({why}): connect to another node"),
+        )),
+    }
+}
+
+/// Reads until one whole frame is decoded. `Ok(None)`: the stream ended.
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<Envelope>, Fatal> {
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => return Ok(Some(frame)),
+            Ok(None) => {}
+            Err(e) => return Err(Fatal::new(e.code(), e.to_string())),
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => decoder.extend(&chunk.bytes),
+            Ok(None) | Err(_) => return Ok(None),
+        }
+    }
+}
+
+fn authenticate(node: &Node, start: StartRequest) -> Result<StartRequest, Fatal> {
+    if start.openid.is_empty() || start.openid.len() > MAX_OPENID_LEN {
+        return Err(Fatal::new(
+            ErrorCode::ProtocolViolation,
+            format!("openid must be 1..={MAX_OPENID_LEN} bytes"),
+        ));
+    }
+    if let Err(e) = node.verifier.verify(&start.openid, &start.auth_token) {
+        node.metrics
+            .auth_failures
+            .with_label_values(&[e.reason()])
+            .inc();
+        return Err(Fatal::new(e.code(), e.to_string()));
+    }
+    Ok(start)
+}
+
+async fn read_loop(
+    node: &Arc<Node>,
+    entry: &Arc<SessionEntry>,
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<(), Fatal> {
+    let silence = node.config.server.heartbeat_timeout;
+    loop {
+        let frame = match tokio::time::timeout(silence, read_frame(recv, decoder)).await {
+            Err(_) => {
+                return Err(Fatal::new(
+                    ErrorCode::HeartbeatTimeout,
+                    "no frame within heartbeat_timeout",
+                ));
+            }
+            Ok(result) => result?,
+        };
+        let Some(frame) = frame else {
+            return Ok(());
+        };
+        let Some(body) = frame.body else {
+            return Err(Fatal::new(ErrorCode::BadFrame, "envelope has no body"));
+        };
+        match body {
+            Body::Heartbeat(hb) => {
+                entry
+                    .send_control(env(Body::HeartbeatOk(HeartbeatResponse {
+                        client_timestamp: hb.client_timestamp,
+                        server_timestamp: unix_ms(),
+                    })))
+                    .await;
+            }
+            Body::Ack(ack) => {
+                let result = entry.state.lock().on_ack(Instant::now(), ack.acked_seq_id);
+                if let Err(e) = result {
+                    return Err(Fatal::new(ErrorCode::ProtocolViolation, e.to_string()));
+                }
+            }
+            Body::Request(request) => handle_request(node, entry, request).await?,
+            Body::Stop(stop) => {
+                tracing::debug!(openid = %entry.identity.openid, reason = %stop.reason, "client stopped its session");
+                node.registry.remove(entry, "stopped");
+                entry.close_connection(ErrorCode::SessionClosed, "session stopped");
+                return Ok(());
+            }
+            Body::Start(_) => {
+                return Err(Fatal::new(ErrorCode::ProtocolViolation, "Start sent twice"));
+            }
+            _ => {
+                return Err(Fatal::new(
+                    ErrorCode::ProtocolViolation,
+                    "server-only frame sent by the client",
+                ));
+            }
+        }
+    }
+}
+
+fn error_response(
+    request: &ClientRequest,
+    zone: &str,
+    code: ErrorCode,
+    message: String,
+    retry_after_ms: u32,
+) -> ClientResponse {
+    ClientResponse {
+        msg_id: request.msg_id,
+        seq_id: request.seq_id,
+        code: code as i32,
+        payload: Default::default(),
+        message,
+        zone: zone.to_string(),
+        app_code: 0,
+        retry_after_ms,
+    }
+}
+
+async fn handle_request(
+    node: &Arc<Node>,
+    entry: &Arc<SessionEntry>,
+    request: ClientRequest,
+) -> Result<(), Fatal> {
+    let zone = entry.identity.zone.clone();
+    if !request.openid.is_empty() && request.openid != entry.identity.openid {
+        return Err(Fatal::new(
+            ErrorCode::OpenidMismatch,
+            "request openid differs from the session's",
+        ));
+    }
+    let reply = |response: ClientResponse| env(Body::Response(response));
+    let disposition = entry.state.lock().begin_request(request.seq_id);
+    match disposition {
+        RequestDisposition::Execute => {}
+        RequestDisposition::Cached(response) => {
+            entry.send_control(reply(response)).await;
+            return Ok(());
+        }
+        // The first attempt's answer goes to the attached connection when ready.
+        RequestDisposition::InFlight => return Ok(()),
+        RequestDisposition::OutOfWindow { lowest, highest } => {
+            node.count_request(&zone, ErrorCode::SeqOutOfWindow);
+            let msg = format!(
+                "seq_id {} outside the window {lowest}..={highest}",
+                request.seq_id
+            );
+            entry
+                .send_control(reply(error_response(
+                    &request,
+                    &zone,
+                    ErrorCode::SeqOutOfWindow,
+                    msg,
+                    0,
+                )))
+                .await;
+            return Ok(());
+        }
+        RequestDisposition::TooManyInflight { .. } => {
+            node.count_request(&zone, ErrorCode::TooManyInflight);
+            let msg = "too many requests in flight on this session".to_string();
+            entry
+                .send_control(reply(error_response(
+                    &request,
+                    &zone,
+                    ErrorCode::TooManyInflight,
+                    msg,
+                    0,
+                )))
+                .await;
+            return Ok(());
+        }
+    }
+    // Admission: node-wide request rate.
+    if let Err(retry_after) = node.admit_request() {
+        node.count_request(&zone, ErrorCode::Overloaded);
+        let ms = retry_after.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let response = error_response(
+            &request,
+            &zone,
+            ErrorCode::Overloaded,
+            format!("overloaded, retry after {ms} ms"),
+            ms,
+        );
+        // Store it so a retry of this seq gets the same answer, not a second execution.
+        node.registry.complete_request(entry, response).await;
+        return Ok(());
+    }
+    let node = node.clone();
+    let entry = entry.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let response = node
+            .handler
+            .handle(&node.config.node_id, &entry.identity, &request)
+            .await;
+        let code = ErrorCode::try_from(response.code).unwrap_or(ErrorCode::Internal);
+        node.count_request(&entry.identity.zone, code);
+        node.metrics
+            .request_duration
+            .with_label_values(&[&entry.identity.zone])
+            .observe(started.elapsed().as_secs_f64());
+        node.registry.complete_request(&entry, response).await;
+    });
+    Ok(())
+}
+
+async fn write_loop(
+    node: Arc<Node>,
+    entry: Arc<SessionEntry>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut control: mpsc::Receiver<Envelope>,
+    mut finish: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut buf = BytesMut::new();
+    loop {
+        tokio::select! {
+            biased;
+            frame = control.recv() => match frame {
+                Some(frame) => frame::encode(&frame, &mut buf),
+                None => return,
+            },
+            _ = &mut finish => {
+                if send.finish().is_ok() {
+                    let _ = tokio::time::timeout(ERROR_FLUSH, send.stopped()).await;
+                }
+                return;
+            }
+            () = entry.wake.notified() => {}
+            _ = conn.closed() => return,
+        }
+        // Batch whatever else is ready into one write.
+        while let Ok(frame) = control.try_recv() {
+            frame::encode(&frame, &mut buf);
+        }
+        let mut pushes = 0u64;
+        {
+            let mut state = entry.state.lock();
+            let now = Instant::now();
+            while buf.len() < 64 * 1024 {
+                let Some(push) = state.poll_transmit(now) else {
+                    break;
+                };
+                pushes += 1;
+                frame::encode(&env(Body::Push(push)), &mut buf);
+            }
+        }
+        if pushes > 0 {
+            node.metrics
+                .pushes
+                .with_label_values(&["sent"])
+                .inc_by(pushes);
+            // More may be waiting: come back without waiting for a wake-up.
+            entry.wake.notify_one();
+        }
+        if !buf.is_empty() {
+            if send.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Graceful drain (rolling upgrade, `gatectl nodes drain`, SIGTERM,
+//! `POST /drain`).
+//!
+//! 1. Stop taking sessions: new handshakes are refused before TLS work, a
+//!    Start on an open connection gets DRAINING, and heartbeats tell the
+//!    control plane. Readiness stays true on purpose: on Kubernetes a
+//!    terminating pod already gets no new flows, and failing readiness would
+//!    delete the UDP conntrack entries of the clients still being moved
+//!    (shared PITFALLS §6).
+//! 2. For each session, paced at `server.drain_rate` per second: wait for its
+//!    in-flight requests (so none is left with an unknown outcome), stage its
+//!    state on a successor (`Peer.Stage`), then move its ownership there in
+//!    the control plane (`TransferSession` at the current epoch: from then on
+//!    every node forwards its pushes there, where the state already is), then
+//!    send the client a GoAway naming the successor, with a reconnect delay
+//!    spread over the drain so the successors are not hit by a thundering
+//!    herd. Pushes arriving here meanwhile wait for the staging and follow it.
+//! 3. Without a successor (standalone node, or no other active node) the
+//!    client still gets a GoAway without a target and resumes wherever the
+//!    load balancer sends it; the session stays here to be handed over.
+//! 4. Done when no session is left or at `server.drain_timeout`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use gatesvr_proto::client::{Envelope, GoAway, envelope::Body};
+use gatesvr_proto::peer::StageRequest;
+
+use crate::node::Node;
+use crate::registry::SessionEntry;
+
+/// What a drain did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct DrainReport {
+    pub sessions_at_start: usize,
+    /// Staged on a successor and told to reconnect there.
+    pub staged: usize,
+    /// Told to reconnect anywhere (no successor, or staging failed).
+    pub told_to_reconnect: usize,
+    /// Still here at the end.
+    pub remaining: usize,
+    pub timed_out: bool,
+}
+
+fn goaway(target: &str, delay: Duration, session_id: &str) -> Envelope {
+    Envelope {
+        body: Some(Body::GoAway(GoAway {
+            reason: "node draining".into(),
+            reconnect_delay_ms: delay.as_millis().min(u128::from(u32::MAX)) as u32,
+            target_addr: target.to_string(),
+            resume_token: session_id.to_string(),
+        })),
+    }
+}
+
+/// Drains `node`; returns once it is empty or the deadline passed.
+pub async fn drain(node: Arc<Node>) -> DrainReport {
+    node.draining.store(true, Ordering::Relaxed);
+    if let Some(cluster) = &node.cluster {
+        cluster.set_draining();
+    }
+    let server = &node.config.server;
+    let deadline = Instant::now() + server.drain_timeout;
+    let sessions = node.registry.all();
+    let mut report = DrainReport {
+        sessions_at_start: sessions.len(),
+        ..Default::default()
+    };
+    tracing::info!(sessions = sessions.len(), "draining");
+    // Spread reconnects over (at most) half the drain window.
+    let spread = Duration::from_secs_f64(sessions.len() as f64 / server.drain_rate.max(1) as f64)
+        .min(server.drain_timeout / 2);
+    let pace = Duration::from_secs_f64(1.0 / server.drain_rate.max(1) as f64);
+
+    let mut pending: std::collections::VecDeque<Arc<SessionEntry>> = sessions.into();
+    let mut turn = 0usize;
+    while let Some(entry) = pending.pop_front() {
+        if Instant::now() >= deadline {
+            report.timed_out = true;
+            break;
+        }
+        if entry.state.lock().stats().requests_in_flight > 0 && Instant::now() + pace < deadline {
+            // Let its requests finish first; come back to it.
+            pending.push_back(entry);
+            tokio::time::sleep(pace).await;
+            continue;
+        }
+        let delay = spread.mul_f64(rand::random::<f64>());
+        if move_session(&node, &entry, turn, delay).await {
+            report.staged += 1;
+        } else {
+            report.told_to_reconnect += 1;
+        }
+        turn += 1;
+        tokio::time::sleep(pace).await;
+    }
+    // Wait for the clients to go.
+    while !node.registry.is_empty() && Instant::now() < deadline {
+        let connected = node.registry.connected();
+        if connected == 0 && node.cluster.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    report.remaining = node.registry.len();
+    report.timed_out |= Instant::now() >= deadline;
+    tracing::info!(?report, "drain finished");
+    report
+}
+
+/// Stages one session on a successor and sends its client there. Returns
+/// false if it could only tell the client to reconnect anywhere.
+async fn move_session(
+    node: &Node,
+    entry: &Arc<SessionEntry>,
+    turn: usize,
+    delay: Duration,
+) -> bool {
+    let openid = entry.identity.openid.clone();
+    let session_id = entry.identity.session_id.clone();
+    if let Some(cluster) = &node.cluster {
+        let successors = cluster.successors();
+        if !successors.is_empty() {
+            let successor = &successors[turn % successors.len()];
+            let epoch = entry.state.lock().epoch();
+            // Pushes for this openid that arrive while it is between here and
+            // the successor wait for the staging (then follow it there).
+            node.registry.begin_incoming(&openid);
+            let moved = move_to(node, entry, cluster, successor, epoch, delay).await;
+            node.registry.end_incoming(&openid);
+            if let Some(staged) = moved {
+                return staged;
+            }
+        }
+    }
+    entry.send_control(goaway("", delay, &session_id)).await;
+    false
+}
+
+/// Stages one session on `successor`, moves its ownership there, then sends
+/// the GoAway. `Some(staged)` once the session left this node; `None` if it
+/// stays here.
+///
+/// Staging comes before the ownership transfer: once the control plane names
+/// the successor, every node forwards pushes there, so the state must already
+/// be there.
+async fn move_to(
+    node: &Node,
+    entry: &Arc<SessionEntry>,
+    cluster: &crate::cluster::Cluster,
+    successor: &gatesvr_proto::control::DataPlaneNode,
+    epoch: u64,
+    delay: Duration,
+) -> Option<bool> {
+    let openid = &entry.identity.openid;
+    // Epoch 0: this node is the owner handing its own session out (no fencing check).
+    let state = node
+        .registry
+        .hand_over(openid, 0, &successor.node_id, false)
+        .ok()
+        .flatten()?;
+    if !stage(node, &successor.grpc_addr, state.clone(), epoch).await {
+        // Keep serving it here; the client still gets a GoAway (no target).
+        tracing::warn!(openid = %openid, successor = %successor.node_id, "staging failed; keeping the session");
+        if let Err(e) = node.registry.install(state, epoch) {
+            tracing::error!(openid = %openid, error = %e, "could not take the session back");
+        }
+        return None;
+    }
+    match cluster.transfer(openid, epoch, &successor.node_id).await {
+        Ok(new_epoch) => {
+            tracing::debug!(openid = %openid, epoch = new_epoch, "ownership transferred")
+        }
+        // The successor holds the state either way; the client's claim there
+        // settles ownership when it resumes.
+        Err(e) => {
+            tracing::info!(openid = %openid, error = %e, "transfer not committed; the resume will claim it")
+        }
+    }
+    // Behind a load balancer clients may not reach node addresses: then the
+    // GoAway names no target and the session follows the client by handover.
+    let target = if node.config.server.drain_redirect {
+        successor.quic_addr.as_str()
+    } else {
+        ""
+    };
+    entry
+        .send_control(goaway(target, delay, &entry.identity.session_id))
+        .await;
+    close_later(entry.clone(), delay);
+    Some(true)
+}
+
+/// Closes the connection if the client has not left on its own after the
+/// GoAway (it should close right away and reconnect after `delay`).
+fn close_later(entry: Arc<SessionEntry>, delay: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay + Duration::from_secs(5)).await;
+        entry.close_connection(
+            gatesvr_proto::client::ErrorCode::Draining,
+            "node draining: reconnect to the GoAway target",
+        );
+    });
+}
+
+async fn stage(
+    node: &Node,
+    addr: &str,
+    state: gatesvr_proto::session::SessionState,
+    epoch: u64,
+) -> bool {
+    let Ok(mut client) = node.peers.peer(addr) else {
+        return false;
+    };
+    let mut request = tonic::Request::new(StageRequest {
+        state: Some(state),
+        epoch,
+        from_node: node.config.node_id.clone(),
+    });
+    request.set_timeout(crate::peer::PEER_TIMEOUT);
+    matches!(
+        tokio::time::timeout(crate::peer::PEER_TIMEOUT, client.stage(request)).await,
+        Ok(Ok(_))
+    )
+}

@@ -1,0 +1,170 @@
+//! HTTP endpoints on `server.http_addr`: `/health` (liveness), `/ready`
+//! (readiness), `/stats` (sessions), `/performance` (rates and latency
+//! quantiles), `/debug/pprof/profile?seconds=N` (CPU flamegraph, SVG); and
+//! `/metrics` on `server.metrics_addr`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::node::Node;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub node: Arc<Node>,
+    /// True once every listener is bound.
+    pub ready: Arc<AtomicBool>,
+    /// Notified by `POST /drain`.
+    pub drain: Arc<tokio::sync::Notify>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/stats", get(stats))
+        .route("/performance", get(performance))
+        .route("/drain", axum::routing::post(drain))
+        .route("/debug/pprof/profile", get(profile))
+        .with_state(state)
+}
+
+pub fn metrics_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(node): State<Arc<Node>>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    node.metrics.render(),
+                )
+            }),
+        )
+        .with_state(node)
+}
+
+/// Ready once listening and, for a cluster member, once routing is known
+/// (from the control plane or a saved state file). Stays ready while
+/// draining (see [`crate::drain`]).
+async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+    let routing_known = state
+        .node
+        .cluster
+        .as_ref()
+        .is_none_or(|c| c.is_connected() || c.is_stale() || c.view().version > 0);
+    if state.ready.load(Ordering::Relaxed) && routing_known {
+        let draining = state.node.draining.load(Ordering::Relaxed);
+        (
+            StatusCode::OK,
+            if draining {
+                "ready (draining)\n"
+            } else {
+                "ready\n"
+            },
+        )
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Starts a drain (the process that owns the node runs it and exits when
+/// done); answers 202 at once. Used by Kubernetes' preStop hook.
+async fn drain(State(state): State<HttpState>) -> impl IntoResponse {
+    let already = state.node.draining.load(Ordering::Relaxed);
+    state.drain.notify_one();
+    let body = if already {
+        "already draining\n"
+    } else {
+        "drain started\n"
+    };
+    (StatusCode::ACCEPTED, body)
+}
+
+async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
+    let registry = &state.node.registry;
+    let mut queued = 0u64;
+    for entry in registry.all() {
+        queued += entry.state.lock().stats().unacked;
+    }
+    let cluster = state.node.cluster.as_ref().map(|c| {
+        serde_json::json!({
+            "control_plane_connected": c.is_connected(),
+            "serving_from_saved_state": c.is_stale(),
+            "view_version": c.view().version,
+        })
+    });
+    Json(serde_json::json!({
+        "node_id": state.node.config.node_id,
+        "draining": state.node.draining.load(Ordering::Relaxed),
+        "cluster": cluster,
+        "sessions": registry.len(),
+        "connected_sessions": registry.connected(),
+        "sessions_per_zone": registry.per_zone(),
+        "queued_pushes": queued,
+    }))
+}
+
+async fn performance(State(state): State<HttpState>) -> impl IntoResponse {
+    Json(state.node.sampler.report(&state.node.metrics))
+}
+
+#[derive(serde::Deserialize)]
+struct ProfileQuery {
+    seconds: Option<u64>,
+}
+
+/// One CPU profile at a time: the profiler is process-wide.
+static PROFILING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Samples every thread at 99 Hz for `seconds` (default 10, at most 60) and
+/// answers an SVG flamegraph.
+async fn profile(
+    axum::extract::Query(q): axum::extract::Query<ProfileQuery>,
+) -> axum::response::Response {
+    let seconds = q.seconds.unwrap_or(10).clamp(1, 60);
+    let Ok(_one) = PROFILING.try_lock() else {
+        return (StatusCode::CONFLICT, "a profile is already being taken\n").into_response();
+    };
+    let guard = match pprof::ProfilerGuardBuilder::default()
+        .frequency(99)
+        .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+        .build()
+    {
+        Ok(g) => g,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("profiler: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    let report = match guard.report().build() {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("profiler: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    let mut svg = Vec::new();
+    if let Err(e) = report.flamegraph(&mut svg) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("flamegraph: {e}\n"),
+        )
+            .into_response();
+    }
+    ([(axum::http::header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()
+}

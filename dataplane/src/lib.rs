@@ -1,0 +1,468 @@
+//! GateSvr data plane: terminates clients' QUIC connections, runs their
+//! sessions, forwards requests to the zone's upstream, and accepts pushes from
+//! upstreams.
+//!
+//! It does not decide ownership or membership: that is the control plane's job,
+//! reached only over gRPC (`gatesvr.control.v1`). A node keeps serving what it
+//! has when the control plane is away.
+//!
+//! # Layout
+//! - [`session`]: the sans-IO session state machine (seq numbers, unacked
+//!   queue, retransmit, resume, request dedupe, export/import). No I/O.
+//! - [`registry`]: the node's sessions and the timer sweep.
+//! - [`connection`]: one client connection, the I/O shell around a session.
+//! - [`quic`]: endpoint, transport settings, the accept loop (admission).
+//! - [`gateway`]: `GatewayService` for upstreams (push, broadcast).
+//! - [`upstream`]: zone -> upstream instances, picking and forwarding.
+//! - [`auth`], [`config`], [`metrics`], [`http`].
+//!
+//! ```text
+//!  client ──QUIC──> quic::accept_loop ──> connection::serve ──> Session (registry)
+//!                                              │  request            ▲ push
+//!                                              ▼                     │
+//!                                      handler / upstream ──gRPC──> upstream ──gRPC──> gateway (GatewayService)
+//! ```
+
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod connection;
+pub mod drain;
+pub mod gateway;
+pub mod grpc_auth;
+pub mod handler;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod peer;
+pub mod perf;
+pub mod quic;
+pub mod registry;
+pub mod replica;
+pub mod session;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::DataPlaneConfig;
+pub use handler::{Handler, Routing};
+pub use node::Node;
+
+/// Why a node could not start. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running data-plane node.
+pub struct DataPlane {
+    node: Arc<Node>,
+    endpoint: quinn::Endpoint,
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    drain_signal: Arc<tokio::sync::Notify>,
+}
+
+async fn bind_tcp(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// A router over every configured zone, with the static instances from
+/// `zones.upstreams` (a zone without instances answers UPSTREAM_UNAVAILABLE).
+fn static_router(
+    config: &DataPlaneConfig,
+    metrics: &metrics::Metrics,
+) -> Result<upstream::UpstreamRouter, StartError> {
+    let router = upstream::UpstreamRouter::new(config.upstream_config(), &metrics.registry)
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    for index in 0..config.zones.count {
+        let zone = gatesvr_proto::zone::zone_id(index);
+        let addrs: Vec<String> = config
+            .zones
+            .upstreams
+            .iter()
+            .filter(|z| z.zone == zone)
+            .flat_map(|z| z.addrs.iter().cloned())
+            .collect();
+        let instances =
+            upstream::static_instances(&addrs).map_err(|e| StartError::Config(e.to_string()))?;
+        router.set_zone_instances(&zone, instances);
+    }
+    Ok(router)
+}
+
+/// How long a session moved away in the control plane may stay here before
+/// it is fenced (longer than a handover takes).
+const FENCE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// TLS for `server.grpc_addr`: (server config, client config for peers, push token).
+#[allow(clippy::type_complexity)]
+fn internal_tls(
+    config: &DataPlaneConfig,
+) -> Result<
+    (
+        Option<tonic::transport::ServerTlsConfig>,
+        Option<tonic::transport::ClientTlsConfig>,
+        Option<Arc<str>>,
+    ),
+    StartError,
+> {
+    let s = &config.server;
+    let Some(files) = &s.grpc_tls else {
+        tracing::warn!(
+            "server.grpc_tls unset: GatewayService and the Peer service on {} are PLAINTEXT; keep that port on a private network",
+            s.grpc_addr
+        );
+        return Ok((None, None, None));
+    };
+    let err =
+        |e: gatesvr_common::tls::TlsError| StartError::Config(format!("server.grpc_tls: {e}"));
+    let token = match &s.push_token_file {
+        Some(path) => {
+            let raw = std::fs::read(path)
+                .map_err(|e| StartError::Config(format!("server.push_token_file: {e}")))?;
+            Some(Arc::from(
+                String::from_utf8_lossy(raw.trim_ascii()).as_ref(),
+            ))
+        }
+        None => None,
+    };
+    let server = gatesvr_common::tls::tonic_server_tls(files)
+        .map_err(err)?
+        .client_auth_optional(token.is_some());
+    let client = gatesvr_common::tls::tonic_client_tls(files, &s.grpc_server_name).map_err(err)?;
+    Ok((Some(server), Some(client), token))
+}
+
+/// Once a second: report the session count, refresh the cluster gauges, and
+/// claim sessions that started while the control plane was unreachable.
+async fn cluster_upkeep(node: Arc<Node>, stop: CancellationToken) {
+    let Some(cluster) = node.cluster.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        cluster.set_session_count(node.registry.len());
+        node.metrics
+            .control_plane_connected
+            .set(i64::from(cluster.is_connected()));
+        node.metrics
+            .cluster_state_stale
+            .set(i64::from(cluster.is_stale()));
+        if !cluster.is_connected() {
+            continue;
+        }
+        let pending: Vec<String> = node.provisional.lock().iter().cloned().collect();
+        for openid in pending {
+            let Some(entry) = node.registry.get(&openid) else {
+                node.provisional.lock().remove(&openid);
+                continue;
+            };
+            match cluster.claim(&openid, &entry.identity.session_id).await {
+                Ok(claimed) => {
+                    entry.state.lock().set_epoch(claimed.epoch);
+                    node.provisional.lock().remove(&openid);
+                    node.metrics
+                        .provisional_sessions
+                        .with_label_values(&["claimed"])
+                        .inc();
+                }
+                Err(e) => {
+                    tracing::debug!(openid = %openid, error = %e, "provisional claim failed; will retry")
+                }
+            }
+        }
+    }
+}
+
+impl DataPlane {
+    /// Binds every listener and starts serving. Addresses with port 0 get an
+    /// ephemeral port; the accessors return what was bound.
+    pub async fn start(config: DataPlaneConfig, routing: Routing) -> Result<Self, StartError> {
+        gatesvr_common::tls::install_crypto_provider();
+        let verifier = auth::Verifier::from_config(&config.auth).map_err(StartError::Config)?;
+        let metrics = metrics::Metrics::new();
+        let handler = match routing {
+            Routing::Echo => Handler::Echo,
+            Routing::Upstreams => Handler::Upstream(Arc::new(static_router(&config, &metrics)?)),
+        };
+        let router = match &handler {
+            Handler::Upstream(r) => Some(r.clone()),
+            Handler::Echo => None,
+        };
+        let endpoint = quic::bind(&config.server).map_err(StartError::Config)?;
+        let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            what: "QUIC",
+            addr: config.server.quic_addr.clone(),
+            source,
+        })?;
+        let http = bind_tcp("HTTP", &config.server.http_addr).await?;
+        let grpc = bind_tcp("gRPC", &config.server.grpc_addr).await?;
+        let metrics_listener = bind_tcp("metrics", &config.server.metrics_addr).await?;
+        let local = |l: &TcpListener, what| {
+            l.local_addr().map_err(|source| StartError::Bind {
+                what,
+                addr: String::new(),
+                source,
+            })
+        };
+        let (http_addr, grpc_addr, metrics_addr) = (
+            local(&http, "HTTP")?,
+            local(&grpc, "gRPC")?,
+            local(&metrics_listener, "metrics")?,
+        );
+
+        let cluster = if config.control_plane.enabled() {
+            let cp = &config.control_plane;
+            let cluster = cluster::Cluster::new(
+                cp.clone(),
+                config.node_id.clone(),
+                cp.advertise_quic_addr
+                    .clone()
+                    .unwrap_or_else(|| quic_addr.to_string()),
+                cp.advertise_grpc_addr
+                    .clone()
+                    .unwrap_or_else(|| grpc_addr.to_string()),
+                router,
+            )
+            .map_err(StartError::Config)?;
+            Some(Arc::new(cluster))
+        } else {
+            None
+        };
+
+        let (grpc_tls, peer_tls, push_token) = internal_tls(&config)?;
+        let node = Arc::new(Node::new(
+            config,
+            verifier,
+            handler,
+            metrics,
+            cluster,
+            peer::Peers::new(peer_tls),
+        ));
+        let cancel = CancellationToken::new();
+        let draining = node.draining.clone();
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+
+        if let Some(cluster) = &node.cluster {
+            let weak = Arc::downgrade(&node);
+            // A session of ours now owned elsewhere: its new owner normally
+            // fetches it within moments (Peer.Handover); fence whatever is
+            // still here after a grace period (new owner could not reach us).
+            cluster.on_owner_moved(move |owner| {
+                let weak = weak.clone();
+                let owner = owner.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(FENCE_GRACE).await;
+                    if let Some(node) = weak.upgrade() {
+                        node.registry.fence(&owner);
+                    }
+                });
+            });
+            tasks.push(tokio::spawn(cluster.clone().run(cancel.clone())));
+            tasks.push(tokio::spawn(cluster_upkeep(node.clone(), cancel.clone())));
+            tasks.push(tokio::spawn(replica::run(node.clone(), cancel.clone())));
+        }
+
+        if let Handler::Upstream(router) = &node.handler {
+            let router = router.clone();
+            let stop = cancel.clone();
+            tasks.push(tokio::spawn(async move {
+                router.run_health_checks(stop.cancelled_owned()).await;
+            }));
+        }
+        tasks.push(tokio::spawn(quic::accept_loop(
+            node.clone(),
+            endpoint.clone(),
+            draining,
+        )));
+
+        let sweeper = node.clone();
+        let stop = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweeper.registry.sweep_interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sample = tokio::time::interval(std::time::Duration::from_secs(1));
+            sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sweeper.registry.sweep(),
+                    _ = sample.tick() => sweeper.sampler.sample(&sweeper.metrics),
+                    () = stop.cancelled() => return,
+                }
+            }
+        }));
+
+        let drain_signal = Arc::new(tokio::sync::Notify::new());
+        let http_router = http::router(http::HttpState {
+            node: node.clone(),
+            ready: ready.clone(),
+            drain: drain_signal.clone(),
+        });
+        let stop = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve =
+                axum::serve(http, http_router).with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+        let stop = cancel.clone();
+        let metrics_router = http::metrics_router(node.clone());
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(metrics_listener, metrics_router)
+                .with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        }));
+
+        let gateway = gatesvr_proto::upstream::gateway_service_server::GatewayServiceServer::new(
+            gateway::Gateway { node: node.clone() },
+        );
+        let stop = cancel.clone();
+        let peer_node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            let peer = gatesvr_proto::peer::peer_server::PeerServer::new(peer::PeerService {
+                node: peer_node,
+            });
+            let mut server = tonic::transport::Server::builder();
+            if let Some(tls) = grpc_tls {
+                server = match server.tls_config(tls) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "gRPC TLS configuration rejected");
+                        return;
+                    }
+                };
+            }
+            let gate = grpc_auth::Gate { token: push_token };
+            let result = server
+                .add_service(tonic::service::interceptor::InterceptedService::new(
+                    gateway,
+                    gate.clone().for_gateway(),
+                ))
+                .add_service(tonic::service::interceptor::InterceptedService::new(
+                    peer,
+                    gate.for_peers(),
+                ))
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!(
+            node_id = %node.config.node_id,
+            quic = %quic_addr, http = %http_addr, grpc = %grpc_addr, metrics = %metrics_addr,
+            "data plane serving"
+        );
+        Ok(Self {
+            node,
+            endpoint,
+            quic_addr,
+            http_addr,
+            grpc_addr,
+            metrics_addr,
+            cancel,
+            tasks,
+            drain_signal,
+        })
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Drains the node (see [`drain`]): sessions move to other nodes, clients
+    /// get a GoAway. Call [`DataPlane::shutdown`] afterwards.
+    pub async fn drain(&self) -> drain::DrainReport {
+        drain::drain(self.node.clone()).await
+    }
+
+    /// Resolves when an operator asks for a drain (`POST /drain` or the
+    /// control plane's drain request).
+    pub async fn drain_requested(&self) {
+        let http = self.drain_signal.notified();
+        match &self.node.cluster {
+            Some(cluster) => tokio::select! {
+                () = http => {}
+                () = cluster.drain_requested.notified() => {}
+            },
+            None => http.await,
+        }
+    }
+
+    /// Test-only stand-in for `kill -9`: stops every task at once without a
+    /// drain, a handover or a goodbye to the control plane (its lease simply
+    /// expires). The gRPC services answer UNAVAILABLE from now on, so peers
+    /// holding a channel see what they would see of a dead process; client
+    /// connections are closed. Nothing is exported: whatever only this node
+    /// held is lost, as in a real crash.
+    pub fn crash(self) {
+        self.node
+            .crashed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.cancel.cancel();
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node crashed");
+    }
+
+    /// Closes every connection (code 0) and stops all listeners.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"server shutting down");
+        let _ = tokio::time::timeout(quic::CLOSE_GRACE, self.endpoint.wait_idle()).await;
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Prometheus metrics of the data plane, one registry per node.
+//!
+//! Names follow Prometheus conventions (base units, `_total` counters). The Go
+//! gateway's names map as: `gatesvr_active_connections` (same),
+//! `gatesvr_total_requests` -> `gatesvr_requests_total`,
+//! `gatesvr_request_duration` -> `gatesvr_request_duration_seconds`,
+//! `gatesvr_upstream_requests` -> `gatesvr_upstream_requests_total` (owned by
+//! the upstream router), `gatesvr_message_queue_size` (same).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Request latency buckets, seconds: 0.5 ms .. 10 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Open QUIC connections that completed Start.
+    pub active_connections: IntGauge,
+    /// Sessions held by this node, connected or not.
+    pub sessions: IntGauge,
+    /// Pushes queued on this node's sessions and not yet acked.
+    pub message_queue_size: IntGauge,
+    /// Client requests by zone and outcome (`ok` or an error code name).
+    pub requests: IntCounterVec,
+    /// End-to-end request latency seen by the gateway, by zone.
+    pub request_duration: HistogramVec,
+    /// Pushes by outcome: queued, rejected_queue_full, no_session, delivered, redelivered.
+    pub pushes: IntCounterVec,
+    /// Connections refused or closed early, by reason.
+    pub connections_rejected: IntCounterVec,
+    /// Failed Starts by reason: invalid, expired, openid_mismatch.
+    pub auth_failures: IntCounterVec,
+    /// Frames the client got wrong, by error code.
+    pub protocol_errors: IntCounterVec,
+    /// Sessions ended, by reason: stopped, expired, replaced.
+    pub sessions_closed: IntCounterVec,
+    /// Connections closed by the server, by error code.
+    pub connections_closed: IntCounterVec,
+    /// Resumes by status (resumed, trimmed, session_expired, seq_ahead, new).
+    pub resumes: IntCounterVec,
+    /// Pushes discarded without delivery, by reason (expired, stopped, trimmed).
+    pub pushes_lost: IntCounterVec,
+    /// Time from push acceptance to client ack.
+    pub push_ack_latency: Histogram,
+    /// Sessions fetched from their previous owner, by outcome.
+    pub handovers: IntCounterVec,
+    /// Pushes forwarded to the owning node, by outcome.
+    pub pushes_forwarded: IntCounterVec,
+    /// Sessions started without a control-plane claim (control plane unreachable).
+    pub provisional_sessions: IntCounterVec,
+    /// 1 while the control plane answers.
+    pub control_plane_connected: IntGauge,
+    /// 1 while routing from a saved state file the control plane has not confirmed.
+    pub cluster_state_stale: IntGauge,
+    /// Durable PushToClient calls by outcome: replicated, no_standby, replication_failed.
+    pub durable_pushes: IntCounterVec,
+    /// Durable pushes redelivered in sessions rebuilt from a replica.
+    pub durable_pushes_recovered: IntCounter,
+    /// Takeovers after the previous owner was gone, by outcome: recovered, no_replica.
+    pub sessions_recovered: IntCounterVec,
+    /// Sessions of other nodes this node holds a replica of (as a standby).
+    pub replica_sessions: IntGauge,
+    /// Durable pushes held in those replicas.
+    pub replica_pushes: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    /// Creates and registers every metric. Names are static, so failures here
+    /// are programming errors, caught by the tests.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gatesvr_request_duration_seconds",
+                "Client request latency through the gateway",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["zone"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(request_duration.clone()))
+            .expect("metric registered once");
+        let push_ack_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "gatesvr_push_ack_latency_seconds",
+                "Time from push acceptance to the client's ack",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(push_ack_latency.clone()))
+            .expect("metric registered once");
+        Self {
+            active_connections: gauge(
+                &registry,
+                "gatesvr_active_connections",
+                "Client connections with a started session",
+            ),
+            sessions: gauge(&registry, "gatesvr_sessions", "Sessions held by this node"),
+            message_queue_size: gauge(
+                &registry,
+                "gatesvr_message_queue_size",
+                "Pushes queued and not yet acknowledged",
+            ),
+            requests: counter(
+                &registry,
+                "gatesvr_requests_total",
+                "Client requests by zone and outcome",
+                &["zone", "outcome"],
+            ),
+            request_duration,
+            pushes: counter(
+                &registry,
+                "gatesvr_pushes_total",
+                "Pushes by outcome",
+                &["outcome"],
+            ),
+            connections_rejected: counter(
+                &registry,
+                "gatesvr_connections_rejected_total",
+                "Connections refused before a session started, by reason",
+                &["reason"],
+            ),
+            auth_failures: counter(
+                &registry,
+                "gatesvr_auth_failures_total",
+                "Failed authentications by reason",
+                &["reason"],
+            ),
+            protocol_errors: counter(
+                &registry,
+                "gatesvr_protocol_errors_total",
+                "Client protocol errors by code",
+                &["code"],
+            ),
+            sessions_closed: counter(
+                &registry,
+                "gatesvr_sessions_closed_total",
+                "Sessions ended, by reason",
+                &["reason"],
+            ),
+            connections_closed: counter(
+                &registry,
+                "gatesvr_connections_closed_total",
+                "Connections closed by the server, by error code",
+                &["code"],
+            ),
+            resumes: counter(
+                &registry,
+                "gatesvr_session_starts_total",
+                "Session starts by resume status",
+                &["status"],
+            ),
+            pushes_lost: counter(
+                &registry,
+                "gatesvr_pushes_lost_total",
+                "Pushes discarded without being acknowledged, by reason",
+                &["reason"],
+            ),
+            push_ack_latency,
+            handovers: counter(
+                &registry,
+                "gatesvr_session_handovers_total",
+                "Sessions fetched from their previous owner, by outcome",
+                &["outcome"],
+            ),
+            pushes_forwarded: counter(
+                &registry,
+                "gatesvr_pushes_forwarded_total",
+                "Pushes forwarded to the node owning the session, by outcome",
+                &["outcome"],
+            ),
+            provisional_sessions: counter(
+                &registry,
+                "gatesvr_provisional_sessions_total",
+                "Session starts without a control-plane claim, by what followed",
+                &["outcome"],
+            ),
+            control_plane_connected: gauge(
+                &registry,
+                "gatesvr_control_plane_connected",
+                "1 while the control plane answers heartbeats",
+            ),
+            cluster_state_stale: gauge(
+                &registry,
+                "gatesvr_cluster_state_stale",
+                "1 while routing from a saved cluster state not yet confirmed by the control plane",
+            ),
+            durable_pushes: counter(
+                &registry,
+                "gatesvr_durable_pushes_total",
+                "Durable pushes by outcome (replicated to the standby, or refused)",
+                &["outcome"],
+            ),
+            durable_pushes_recovered: int_counter(
+                &registry,
+                "gatesvr_durable_pushes_recovered_total",
+                "Durable pushes redelivered from a replica after their owner crashed",
+            ),
+            sessions_recovered: counter(
+                &registry,
+                "gatesvr_sessions_recovered_total",
+                "Sessions whose owner was gone, by outcome (recovered from a replica, no_replica)",
+                &["outcome"],
+            ),
+            replica_sessions: gauge(
+                &registry,
+                "gatesvr_replica_sessions",
+                "Sessions of other nodes replicated here",
+            ),
+            replica_pushes: gauge(
+                &registry,
+                "gatesvr_replica_pushes",
+                "Durable pushes held here for other nodes",
+            ),
+            registry,
+        }
+    }
+
+    /// Text exposition of every metric.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Metric label for an error code: its protobuf name in lower case.
+pub fn code_label(code: gatesvr_proto::client::ErrorCode) -> String {
+    code.as_str_name().to_ascii_lowercase()
+}

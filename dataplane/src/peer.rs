@@ -1,0 +1,279 @@
+//! Data plane <-> data plane: session handover and push forwarding.
+//!
+//! ```text
+//!  new owner                         previous owner
+//!  claim (epoch e) ──> control plane
+//!  Peer.Handover(openid, e) ───────> fence local copy (epoch < e), export, forget
+//!  install(state, e) <────────────── SessionState
+//!
+//!  any node: PushToClient for a session owned elsewhere
+//!      ──> GatewayService.PushToClient on the owner (header x-gatesvr-forwarded)
+//!
+//!  owner: durable push ──Peer.Replicate──> standby (see `replica`)
+//!  new owner, previous owner gone ──Peer.FetchReplica──> live nodes
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatesvr_proto::peer::peer_server::Peer;
+use gatesvr_proto::peer::{
+    FetchReplicaRequest, FetchReplicaResponse, HandoverRequest, HandoverResponse, ReplicateRequest,
+    ReplicateResponse, StageRequest, StageResponse, peer_client::PeerClient,
+};
+use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+use crate::registry::HandoverError;
+
+/// Marks a push forwarded by another node: it is never forwarded again.
+pub const FORWARDED_HEADER: &str = "x-gatesvr-forwarded";
+
+/// Deadline of one call to another data-plane node.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Lazily connected channels to other nodes' gRPC ports, by address.
+pub struct Peers {
+    channels: Mutex<HashMap<String, Channel>>,
+    /// mTLS to other nodes (this node's certificate as client identity).
+    tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl Peers {
+    pub fn new(tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+        Self {
+            channels: Mutex::new(HashMap::new()),
+            tls,
+        }
+    }
+
+    pub fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        if let Some(c) = self.channels.lock().get(addr) {
+            return Ok(c.clone());
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| Status::internal(format!("peer address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Status::internal(format!("peer TLS: {e}")))?;
+        }
+        let channel = endpoint.connect_lazy();
+        self.channels
+            .lock()
+            .insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    pub fn gateway(&self, addr: &str) -> Result<GatewayServiceClient<Channel>, Status> {
+        Ok(GatewayServiceClient::new(self.channel(addr)?))
+    }
+
+    pub fn peer(&self, addr: &str) -> Result<PeerClient<Channel>, Status> {
+        Ok(PeerClient::new(self.channel(addr)?))
+    }
+}
+
+/// The `Peer` service of a node.
+pub struct PeerService {
+    pub node: Arc<Node>,
+}
+
+impl PeerService {
+    fn alive(&self) -> Result<(), Status> {
+        if self.node.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable("node crashed"));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn handover(
+        &self,
+        request: Request<HandoverRequest>,
+    ) -> Result<Response<HandoverResponse>, Status> {
+        self.alive()?;
+        let req = request.into_inner();
+        match self
+            .node
+            .registry
+            .hand_over(&req.openid, req.epoch, &req.new_owner, true)
+        {
+            Ok(Some(state)) => {
+                tracing::debug!(openid = %req.openid, to = %req.new_owner, epoch = req.epoch, "handed over session");
+                Ok(Response::new(HandoverResponse {
+                    found: true,
+                    state: Some(state),
+                }))
+            }
+            Ok(None) => Ok(Response::new(HandoverResponse {
+                found: false,
+                state: None,
+            })),
+            Err(e @ HandoverError::Fenced { .. }) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+        }
+    }
+
+    async fn stage(
+        &self,
+        request: Request<StageRequest>,
+    ) -> Result<Response<StageResponse>, Status> {
+        self.alive()?;
+        let req = request.into_inner();
+        let state = req
+            .state
+            .ok_or_else(|| Status::invalid_argument("state is required"))?;
+        let openid = state.openid.clone();
+        self.node
+            .registry
+            .install(state, req.epoch)
+            .map_err(|e| Status::invalid_argument(format!("cannot import session: {e}")))?;
+        tracing::debug!(openid = %openid, from = %req.from_node, epoch = req.epoch, "session staged here");
+        Ok(Response::new(StageResponse {}))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<ReplicateRequest>,
+    ) -> Result<Response<ReplicateResponse>, Status> {
+        self.alive()?;
+        let retained = self.node.replicas.apply(request.into_inner())?;
+        Ok(Response::new(ReplicateResponse { retained }))
+    }
+
+    async fn fetch_replica(
+        &self,
+        request: Request<FetchReplicaRequest>,
+    ) -> Result<Response<FetchReplicaResponse>, Status> {
+        self.alive()?;
+        let req = request.into_inner();
+        Ok(Response::new(
+            self.node.replicas.fetch(&req.openid, &req.session_id),
+        ))
+    }
+}
+
+/// What [`take_over`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeOver {
+    /// The previous owner's state was installed here.
+    Installed,
+    /// The previous owner answered but had no usable copy (or refused).
+    NotHandedOver,
+    /// The previous owner is dead or did not answer: its state may only
+    /// survive as a replica of its durable pushes.
+    OwnerGone,
+}
+
+/// Fetches `openid`'s state from `previous_owner` after claiming it at
+/// `epoch`, and installs it locally. If the previous owner is gone (crash)
+/// and the Start resumes a session under a claim, the live nodes' replicas of
+/// its durable pushes are fetched and stashed in the registry: the Start
+/// then attaches to a session rebuilt from them (RECOVERED; see `replica`).
+pub async fn take_over(
+    node: &Node,
+    previous_owner: &str,
+    openid: &str,
+    session_id: &str,
+    epoch: u64,
+) -> TakeOver {
+    let outcome = hand_over_from(node, previous_owner, openid, session_id, epoch).await;
+    if outcome == TakeOver::OwnerGone
+        && !session_id.is_empty()
+        && epoch != 0
+        && let Some(recovery) = crate::replica::fetch_recovery(node, openid, session_id).await
+    {
+        node.registry.stash_recovery(openid, recovery, epoch);
+    }
+    outcome
+}
+
+async fn hand_over_from(
+    node: &Node,
+    previous_owner: &str,
+    openid: &str,
+    session_id: &str,
+    epoch: u64,
+) -> TakeOver {
+    let Some(cluster) = &node.cluster else {
+        return TakeOver::NotHandedOver;
+    };
+    let addr = match cluster.view().live_node(previous_owner) {
+        Some(n) => n.grpc_addr.clone(),
+        None => {
+            tracing::info!(
+                openid,
+                previous_owner,
+                "previous owner is gone; its session state is lost"
+            );
+            return TakeOver::OwnerGone;
+        }
+    };
+    let Ok(mut client) = node.peers.peer(&addr) else {
+        return TakeOver::OwnerGone;
+    };
+    let mut request = Request::new(HandoverRequest {
+        openid: openid.to_string(),
+        session_id: session_id.to_string(),
+        epoch,
+        new_owner: node.config.node_id.clone(),
+    });
+    request.set_timeout(PEER_TIMEOUT);
+    match tokio::time::timeout(PEER_TIMEOUT, client.handover(request)).await {
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            match r.state.filter(|_| r.found) {
+                Some(state) => match node.registry.install(state, epoch) {
+                    Ok(_) => {
+                        node.metrics.handovers.with_label_values(&["taken"]).inc();
+                        TakeOver::Installed
+                    }
+                    Err(e) => {
+                        tracing::warn!(openid, error = %e, "handed-over state rejected");
+                        node.metrics.handovers.with_label_values(&["invalid"]).inc();
+                        TakeOver::NotHandedOver
+                    }
+                },
+                None => {
+                    node.metrics
+                        .handovers
+                        .with_label_values(&["not_found"])
+                        .inc();
+                    TakeOver::NotHandedOver
+                }
+            }
+        }
+        Ok(Err(status)) => {
+            tracing::info!(openid, previous_owner, error = %status, "handover refused");
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ) {
+                node.metrics
+                    .handovers
+                    .with_label_values(&["unreachable"])
+                    .inc();
+                TakeOver::OwnerGone
+            } else {
+                node.metrics.handovers.with_label_values(&["refused"]).inc();
+                TakeOver::NotHandedOver
+            }
+        }
+        Err(_) => {
+            tracing::info!(openid, previous_owner, "handover timed out");
+            node.metrics.handovers.with_label_values(&["timeout"]).inc();
+            TakeOver::OwnerGone
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! Durable pushes and crash failover.
+//!
+//! A durable push (`PushToClientRequest.durable`) is copied to the session
+//! owner's **standby** node before PushToClient answers OK. The standby is the
+//! next active node after the owner on the ring of sorted node ids in the
+//! watched view (deterministic, no extra control-plane state). It keeps a
+//! bounded per-session [`ReplicaStore`] entry: the durable pushes above the
+//! owner's ack point. The owner piggybacks its ack point on every copy and
+//! sends it on a timer ([`ACK_SYNC_INTERVAL`]), so replicas are trimmed; a
+//! replica not updated for `session_timeout` expires.
+//!
+//! ```text
+//!  upstream     owner (dp-1)                      standby (dp-2)
+//!  PushToClient(durable) ─> standby? none ─> FAILED_PRECONDITION (not queued)
+//!                          queue (seq n) ─ Peer.Replicate{push n, acked} ─> keep n (> acked)
+//!  <── OK(seq n) ───────── <──────────────────────── retained ───────────────
+//!                          every 1 s: Peer.Replicate{acked, next_seq} ───> trim
+//!  dp-1 killed; lease expires; control plane marks it dead
+//!  client ──Start(session s, last_acked a)──> dp-2: claim (previous owner dp-1 gone)
+//!                          peer::take_over: Peer.FetchReplica(s) to every live node
+//!                          (+ local copy), merged ─> Registry::stash_recovery
+//!                          Registry::start: durable pushes > max(a, replica acks)
+//!                          new session s' (seqs from 1, redelivery) ─> StartResponse RECOVERED
+//!                          then s''s queue is replicated to dp-2's own standby
+//! ```
+//!
+//! Recovery rebuilds a **new** session: the non-durable pushes that shared the
+//! old numbering are gone, so keeping the old seqs would leave silent holes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gatesvr_proto::client::ServerPush;
+use gatesvr_proto::control::{DataPlaneNode, NodeState};
+use gatesvr_proto::peer::{
+    FetchReplicaRequest, FetchReplicaResponse, ReplicateRequest, ReplicateResponse,
+};
+use gatesvr_proto::session::SessionState;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status};
+
+use crate::node::Node;
+use crate::peer::PEER_TIMEOUT;
+use crate::registry::SessionEntry;
+
+/// How often an owner sends its sessions' ack points to their standbys.
+pub const ACK_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One session's copy on a standby.
+struct Replica {
+    session_id: String,
+    zone: String,
+    epoch: u64,
+    acked: u64,
+    next_seq: u64,
+    pushes: BTreeMap<u64, ServerPush>,
+    updated: Instant,
+}
+
+/// Copies of other nodes' durable pushes held by this node (as a standby).
+pub struct ReplicaStore {
+    map: Mutex<HashMap<String, Replica>>,
+    ttl: Duration,
+    max_pushes: usize,
+}
+
+impl ReplicaStore {
+    /// `ttl`: the session timeout; `max_pushes`: the session queue bound.
+    pub fn new(ttl: Duration, max_pushes: usize) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            ttl,
+            max_pushes,
+        }
+    }
+
+    /// Applies an owner's copy or ack-point update. Returns the pushes held.
+    pub fn apply(&self, req: ReplicateRequest) -> Result<u64, Status> {
+        let mut map = self.map.lock();
+        if req.release {
+            if map
+                .get(&req.openid)
+                .is_some_and(|r| r.session_id == req.session_id)
+            {
+                map.remove(&req.openid);
+            }
+            return Ok(0);
+        }
+        let now = Instant::now();
+        let replica = map.entry(req.openid.clone()).or_insert_with(|| Replica {
+            session_id: req.session_id.clone(),
+            zone: req.zone.clone(),
+            epoch: req.epoch,
+            acked: 0,
+            next_seq: 1,
+            pushes: BTreeMap::new(),
+            updated: now,
+        });
+        if replica.session_id != req.session_id {
+            if req.epoch < replica.epoch {
+                return Err(Status::failed_precondition(format!(
+                    "replica holds session {} at epoch {}, newer than {}",
+                    replica.session_id, replica.epoch, req.epoch
+                )));
+            }
+            // A newer session of the openid: the old copy is obsolete.
+            *replica = Replica {
+                session_id: req.session_id.clone(),
+                zone: req.zone.clone(),
+                epoch: req.epoch,
+                acked: 0,
+                next_seq: 1,
+                pushes: BTreeMap::new(),
+                updated: now,
+            };
+        }
+        replica.epoch = replica.epoch.max(req.epoch);
+        replica.acked = replica.acked.max(req.acked_seq_id);
+        replica.next_seq = replica.next_seq.max(req.next_seq_id);
+        replica.updated = now;
+        let acked = replica.acked;
+        replica.pushes.retain(|seq, _| *seq > acked);
+        for push in req.pushes {
+            if push.seq_id > acked {
+                replica.next_seq = replica.next_seq.max(push.seq_id + 1);
+                replica.pushes.insert(push.seq_id, push);
+            }
+        }
+        if replica.pushes.len() > self.max_pushes {
+            // The owner's own queue bound makes this unreachable for an honest
+            // owner; refuse rather than grow without bound.
+            let excess: Vec<u64> = replica
+                .pushes
+                .keys()
+                .rev()
+                .take(replica.pushes.len() - self.max_pushes)
+                .copied()
+                .collect();
+            for seq in excess {
+                replica.pushes.remove(&seq);
+            }
+            return Err(Status::resource_exhausted("replica full"));
+        }
+        Ok(replica.pushes.len() as u64)
+    }
+
+    /// This node's copy of `openid`'s session `session_id`, if any.
+    pub fn fetch(&self, openid: &str, session_id: &str) -> FetchReplicaResponse {
+        let map = self.map.lock();
+        match map.get(openid).filter(|r| r.session_id == session_id) {
+            Some(r) => FetchReplicaResponse {
+                found: true,
+                session_id: r.session_id.clone(),
+                zone: r.zone.clone(),
+                epoch: r.epoch,
+                acked_seq_id: r.acked,
+                next_seq_id: r.next_seq,
+                pushes: r.pushes.values().cloned().collect(),
+            },
+            None => FetchReplicaResponse::default(),
+        }
+    }
+
+    /// Drops replicas not updated for the session timeout. Returns
+    /// (sessions, pushes) held afterwards.
+    pub fn sweep(&self) -> (usize, usize) {
+        let now = Instant::now();
+        let mut map = self.map.lock();
+        map.retain(|_, r| now.duration_since(r.updated) < self.ttl);
+        (map.len(), map.values().map(|r| r.pushes.len()).sum())
+    }
+}
+
+/// What an owner last told a standby about one session.
+struct Tracked {
+    session_id: String,
+    zone: String,
+    standby: String,
+    acked: u64,
+    next_seq: u64,
+}
+
+/// The owner side: which sessions have durable pushes on which standby.
+#[derive(Default)]
+pub struct Replicator {
+    tracked: Mutex<HashMap<String, Tracked>>,
+}
+
+/// The standby of `node`: the next active node after it on the ring of
+/// sorted node ids (None when it is alone or not in a cluster).
+pub fn standby_for(node: &Node) -> Option<DataPlaneNode> {
+    let cluster = node.cluster.as_ref()?;
+    let view = cluster.view();
+    let me = node.config.node_id.as_str();
+    let mut active: Vec<&DataPlaneNode> = view
+        .nodes
+        .values()
+        .filter(|n| n.node_id != me && n.state == NodeState::Active as i32)
+        .collect();
+    active.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    active
+        .iter()
+        .find(|n| n.node_id.as_str() > me)
+        .or_else(|| active.first())
+        .map(|n| (*n).clone())
+}
+
+async fn send(node: &Node, addr: &str, req: ReplicateRequest) -> Result<ReplicateResponse, Status> {
+    let mut client = node.peers.peer(addr)?;
+    let mut request = Request::new(req);
+    request.set_timeout(PEER_TIMEOUT);
+    match tokio::time::timeout(PEER_TIMEOUT, client.replicate(request)).await {
+        Err(_) => Err(Status::deadline_exceeded("standby did not answer in time")),
+        Ok(r) => r.map(|r| r.into_inner()),
+    }
+}
+
+/// Copies durable `pushes` of `entry`'s session to `standby` with the owner's
+/// current ack point. OK only once the standby holds them.
+pub async fn replicate(
+    node: &Node,
+    entry: &Arc<SessionEntry>,
+    standby: &DataPlaneNode,
+    pushes: Vec<ServerPush>,
+) -> Result<(), Status> {
+    let (epoch, stats) = {
+        let s = entry.state.lock();
+        (s.epoch(), s.stats())
+    };
+    let req = ReplicateRequest {
+        openid: entry.identity.openid.clone(),
+        session_id: entry.identity.session_id.clone(),
+        zone: entry.identity.zone.clone(),
+        epoch,
+        owner_node: node.config.node_id.clone(),
+        pushes,
+        acked_seq_id: stats.acked_seq_id,
+        next_seq_id: stats.next_seq_id,
+        release: false,
+    };
+    send(node, &standby.grpc_addr, req).await?;
+    let mut tracked = node.replicator.tracked.lock();
+    let t = tracked
+        .entry(entry.identity.openid.clone())
+        .or_insert_with(|| Tracked {
+            session_id: entry.identity.session_id.clone(),
+            zone: entry.identity.zone.clone(),
+            standby: standby.node_id.clone(),
+            acked: 0,
+            next_seq: 0,
+        });
+    if t.session_id != entry.identity.session_id || t.standby != standby.node_id {
+        t.session_id = entry.identity.session_id.clone();
+        t.zone = entry.identity.zone.clone();
+        t.standby = standby.node_id.clone();
+        t.acked = 0;
+        t.next_seq = 0;
+    }
+    t.acked = t.acked.max(stats.acked_seq_id);
+    t.next_seq = t.next_seq.max(stats.next_seq_id);
+    Ok(())
+}
+
+/// Sends changed ack points to standbys; releases replicas of sessions that
+/// ended here (not of sessions that moved: their new owner may need them).
+pub async fn sync_ack_points(node: &Node) {
+    let snapshot: Vec<(String, String, String, String, u64, u64)> = node
+        .replicator
+        .tracked
+        .lock()
+        .iter()
+        .map(|(o, t)| {
+            (
+                o.clone(),
+                t.session_id.clone(),
+                t.zone.clone(),
+                t.standby.clone(),
+                t.acked,
+                t.next_seq,
+            )
+        })
+        .collect();
+    for (openid, session_id, zone, standby, acked, next_seq) in snapshot {
+        let addr = node
+            .cluster
+            .as_ref()
+            .and_then(|c| c.view().live_node(&standby).map(|n| n.grpc_addr.clone()));
+        let entry = node
+            .registry
+            .get(&openid)
+            .filter(|e| e.identity.session_id == session_id);
+        let Some(addr) = addr else {
+            node.replicator.tracked.lock().remove(&openid);
+            continue;
+        };
+        let mut req = ReplicateRequest {
+            openid: openid.clone(),
+            session_id: session_id.clone(),
+            zone,
+            owner_node: node.config.node_id.clone(),
+            ..Default::default()
+        };
+        match entry {
+            Some(entry) => {
+                let (epoch, stats) = {
+                    let s = entry.state.lock();
+                    (s.epoch(), s.stats())
+                };
+                if stats.acked_seq_id <= acked && stats.next_seq_id <= next_seq {
+                    continue;
+                }
+                req.epoch = epoch;
+                req.acked_seq_id = stats.acked_seq_id;
+                req.next_seq_id = stats.next_seq_id;
+                if send(node, &addr, req).await.is_ok()
+                    && let Some(t) = node.replicator.tracked.lock().get_mut(&openid)
+                    && t.session_id == session_id
+                {
+                    t.acked = t.acked.max(stats.acked_seq_id);
+                    t.next_seq = t.next_seq.max(stats.next_seq_id);
+                }
+            }
+            None => {
+                let moved = node.registry.moved_to(&openid, false).is_some();
+                if !moved {
+                    req.release = true;
+                    let _ = send(node, &addr, req).await;
+                }
+                let mut tracked = node.replicator.tracked.lock();
+                if tracked
+                    .get(&openid)
+                    .is_some_and(|t| t.session_id == session_id)
+                {
+                    tracked.remove(&openid);
+                }
+            }
+        }
+    }
+}
+
+/// Timer task: ack-point sync and replica expiry.
+pub async fn run(node: Arc<Node>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(ACK_SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = node.registry.recovered_wake.notified() => {
+                replicate_recovered(&node).await;
+                continue;
+            }
+            () = stop.cancelled() => return,
+        }
+        replicate_recovered(&node).await;
+        sync_ack_points(&node).await;
+        let (sessions, pushes) = node.replicas.sweep();
+        node.metrics.replica_sessions.set(sessions as i64);
+        node.metrics.replica_pushes.set(pushes as i64);
+    }
+}
+
+/// What the live nodes' replicas hold of one session whose owner is gone.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// The old session id (the client resumes with it).
+    pub session_id: String,
+    pub zone: String,
+    /// Highest ack point any replica saw.
+    pub acked: u64,
+    /// Highest next seq any replica saw.
+    pub next_seq: u64,
+    /// Durable pushes above `acked`, by old seq.
+    pub pushes: BTreeMap<u64, ServerPush>,
+}
+
+impl Recovery {
+    /// The session to install for a client that acked `last_acked` (old
+    /// numbering): a NEW session `new_id` whose queue holds the durable pushes
+    /// after it, renumbered from 1 and marked as redeliveries. Also returns
+    /// how many non-durable pushes are known lost (seqs the replica saw
+    /// assigned, above the ack, not durable: a lower bound, since pushes after
+    /// the owner's last sync are unknown).
+    pub fn rebuild(self, openid: &str, new_id: String, last_acked: u64) -> (SessionState, u64) {
+        let acked = self.acked.max(last_acked);
+        let pushes: Vec<ServerPush> = self
+            .pushes
+            .into_iter()
+            .filter(|(seq, _)| *seq > acked)
+            .map(|(_, p)| p)
+            .collect();
+        let highest = self
+            .next_seq
+            .saturating_sub(1)
+            .max(pushes.last().map_or(0, |p| p.seq_id));
+        let lost = highest
+            .saturating_sub(acked)
+            .saturating_sub(pushes.len() as u64);
+        let n = pushes.len() as u64;
+        let renumbered = pushes
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut p)| {
+                p.seq_id = i as u64 + 1;
+                p.redelivery = true;
+                p
+            })
+            .collect();
+        let state = SessionState {
+            session_id: new_id,
+            openid: openid.to_string(),
+            zone: self.zone,
+            epoch: 0,
+            next_seq_id: n + 1,
+            acked_seq_id: 0,
+            trimmed_through_seq_id: 0,
+            highest_sent_seq_id: n,
+            pushes: renumbered,
+            ..Default::default()
+        };
+        (state, lost)
+    }
+}
+
+/// The previous owner of `openid` is gone: gathers the replicas of session
+/// `session_id` held by live nodes (and this one), merged. None when no node
+/// holds one (the Start then reports SESSION_EXPIRED as before).
+pub async fn fetch_recovery(node: &Node, openid: &str, session_id: &str) -> Option<Recovery> {
+    let cluster = node.cluster.as_ref()?;
+    let peers: Vec<String> = cluster
+        .view()
+        .nodes
+        .values()
+        .filter(|n| n.node_id != node.config.node_id && n.state != NodeState::Dead as i32)
+        .map(|n| n.grpc_addr.clone())
+        .collect();
+    let remote = futures::future::join_all(peers.iter().map(|addr| async move {
+        let mut client = node.peers.peer(addr).ok()?;
+        let mut request = Request::new(FetchReplicaRequest {
+            openid: openid.to_string(),
+            session_id: session_id.to_string(),
+        });
+        request.set_timeout(PEER_TIMEOUT);
+        match tokio::time::timeout(PEER_TIMEOUT, client.fetch_replica(request)).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        }
+    }))
+    .await;
+    let mut found: Vec<FetchReplicaResponse> = remote.into_iter().flatten().collect();
+    found.push(node.replicas.fetch(openid, session_id));
+    let found: Vec<FetchReplicaResponse> = found.into_iter().filter(|r| r.found).collect();
+    if found.is_empty() {
+        node.metrics
+            .sessions_recovered
+            .with_label_values(&["no_replica"])
+            .inc();
+        tracing::info!(
+            openid,
+            session_id,
+            "previous owner gone and no replica found"
+        );
+        return None;
+    }
+    // Union of every copy (an older standby may hold pushes from before a
+    // handover; the seqs are the same session's), above the highest ack.
+    let mut recovery = Recovery {
+        session_id: session_id.to_string(),
+        zone: found[0].zone.clone(),
+        ..Default::default()
+    };
+    for r in found {
+        recovery.acked = recovery.acked.max(r.acked_seq_id);
+        recovery.next_seq = recovery.next_seq.max(r.next_seq_id);
+        for p in r.pushes {
+            recovery.pushes.insert(p.seq_id, p);
+        }
+    }
+    let acked = recovery.acked;
+    recovery.pushes.retain(|seq, _| *seq > acked);
+    Some(recovery)
+}
+
+/// Copies the queue of sessions just rebuilt from a replica to this node's
+/// standby: the recovered pushes are durable again only once it holds them.
+pub async fn replicate_recovered(node: &Node) {
+    for openid in node.registry.take_recovered_to_replicate() {
+        let Some(entry) = node.registry.get(&openid) else {
+            continue;
+        };
+        let pushes = entry.state.lock().export().pushes;
+        if pushes.is_empty() {
+            continue;
+        }
+        match standby_for(node) {
+            Some(standby) => {
+                if let Err(e) = replicate(node, &entry, &standby, pushes).await {
+                    tracing::warn!(openid, error = %e, "re-replicating recovered pushes failed");
+                }
+            }
+            None => tracing::warn!(openid, "no standby to re-replicate recovered pushes"),
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! One user's session: the sans-IO state machine behind reliable pushes,
+//! resume and request dedupe.
+//!
+//! A [`Session`] belongs to one openid and outlives its connections. It owns
+//! no socket, task or clock: every method that depends on time takes `now`,
+//! and each call returns what the QUIC shell must do (send a push, close the
+//! connection with a code, free the session). The same inputs always give the
+//! same outputs, so every rule below is unit-tested without a network.
+//!
+//! ```text
+//!  from the shell      Session                             to the shell
+//!  upstream push ───> push() ──> [unacked queue] ──> poll_transmit() ──> ServerPush
+//!  ClientAck ───────> on_ack(): frees the queue up to the ack
+//!  timer ───────────> handle_timeout() ──> Retransmit (go-back-N) | AckTimeout | Expired
+//!                     poll_timeout() ────> next deadline
+//!  StartRequest ────> attach(last_acked) ──> ResumeOutcome (StartResponse fields)
+//!  connection gone ─> detach(): expiry armed
+//!  ClientRequest ───> begin_request() ──> Execute | Cached | InFlight | OutOfWindow
+//!  upstream answer ─> complete_request()                               | TooManyInflight
+//!  handover ────────> export() ──> SessionState ──> Session::import() on the new owner
+//! ```
+//!
+//! # The contract (docs/protocol.md "Sessions")
+//!
+//! ## Pushes
+//! - [`Session::push`] gives the push the next seq: seqs start at 1 and grow by
+//!   exactly 1. The queue keeps every push not yet acked, sent or not, up to
+//!   `max_queue`. At the bound, policy [`QueuePolicy::Reject`] (the default)
+//!   refuses the push with [`PushError::QueueFull`] and the shell disconnects
+//!   the connected client as `SLOW_CONSUMER`; policy [`QueuePolicy::DropOldest`]
+//!   drops the oldest unacked push, remembers the highest dropped seq
+//!   (`trimmed_through`), counts it, and accepts.
+//! - While a connection is attached, [`Session::poll_transmit`] yields the
+//!   queued pushes not yet sent on that connection, in seq order, and marks
+//!   them sent. `redelivery` is true when that seq was sent before, on any
+//!   connection (this node or, after a handover, another). Detached: `None`.
+//! - [`Session::on_ack`] takes the client's cumulative ack. An ack at or below
+//!   the current one is a duplicate or reordered ack: a no-op, counted as
+//!   stale. An ack above the highest seq ever sent is a protocol violation,
+//!   [`AckError::BeyondSent`], and changes nothing. Otherwise every push up to
+//!   the ack is freed and the retransmit state resets.
+//! - Retransmit: when the oldest push sent and unacked on this connection has
+//!   waited `ack_timeout` since it was (re)sent, everything sent and unacked
+//!   becomes unsent again (go-back-N), so `poll_transmit` yields it again in
+//!   order with `redelivery = true`, and the retry counter grows. Ack progress
+//!   resets the counter. When one more retransmit would exceed `max_retries`
+//!   the session instead reports [`SessionEvent::AckTimeout`]: it detaches
+//!   itself (keeping its queue for a resume) and the shell closes the
+//!   connection with `ACK_TIMEOUT`.
+//! - [`Session::poll_timeout`] is the earliest deadline: the retransmit while
+//!   attached, the expiry while detached. [`Session::handle_timeout`] acts on
+//!   a due deadline and returns at most one [`SessionEvent`].
+//!
+//! ## Attach, resume, expiry
+//! - [`Session::attach`] binds a connection with the client's cumulative
+//!   `last_acked` and answers a [`ResumeOutcome`]:
+//!   - the first attach of a session made by [`Session::new`] is `NEW`
+//!     (`last_acked` is ignored: the client asked for a new session);
+//!   - `last_acked` above the highest seq ever assigned is `SEQ_AHEAD`: the
+//!     session is left untouched and the shell creates a fresh one;
+//!   - if any seq after `last_acked` was dropped by `DropOldest`
+//!     (`trimmed_through > last_acked`) it is `TRIMMED`, and delivery
+//!     continues from the oldest retained push (`first_available_seq_id`);
+//!   - otherwise `RESUMED`: every push after `last_acked` is delivered again,
+//!     in order. `last_acked` counts as an ack (frees everything up to it). A
+//!     `last_acked` below the session's ack point is not a gap: the client
+//!     acked those pushes before, so delivery continues after the ack point.
+//!     A `last_acked` above the highest seq sent but not above the highest
+//!     assigned is taken as is (an exporter may have sent more than its
+//!     export recorded).
+//!   - an expired session answers `SESSION_EXPIRED` and stays expired.
+//!
+//!   On every successful attach all retained pushes become unsent on the new
+//!   connection and the retry counter resets. Attaching while another
+//!   connection is attached replaces it ([`ResumeOutcome::replaced`]: the
+//!   shell closes the old one with `SESSION_REPLACED`).
+//! - [`Session::detach`]: the connection is gone. The session sleeps, and
+//!   expires at `now + session_timeout` unless a connection attaches first:
+//!   then `handle_timeout` reports [`SessionEvent::Expired`] with the number of
+//!   pushes lost (never acked), and the shell frees the session.
+//!
+//! ## Requests: executed at most once
+//! [`Session::begin_request`] classifies every `ClientRequest` by seq_id; see
+//! [`RequestDisposition`]. Seq 0, seqs `<= highest_seen - request_window` and
+//! seqs `> highest_seen + request_window` are out of window. A new seq is
+//! recorded as executing (at most `max_inflight` at once), a retry of an
+//! executing one waits for it, a retry of a completed one replays the answer
+//! given to [`Session::complete_request`]. Answers are kept for the last
+//! `request_window` seqs only.
+//!
+//! ## Handover
+//! Another node takes a session over under a new ownership epoch:
+//! [`Session::export`] writes a `gatesvr.session.v1.SessionState`, and
+//! [`Session::import`] validates it (no holes, seqs in order, `acked <
+//! next`) and yields a detached session ready for `attach`. Instants never
+//! leave the process: the expiry re-arms at import, retransmits at the next
+//! send. Requests executing at export have an unknown outcome on the new
+//! node: a retry is never executed again but answered `UPSTREAM_ERROR`
+//! ("outcome unknown", see [`unknown_outcome`]), because the client can find
+//! out whether it took effect and the gateway cannot.
+//!
+//! # Layout
+//! - `session.rs`: [`Session`] and what its methods return;
+//! - [`config`]: [`SessionConfig`] and [`QueuePolicy`];
+//! - `queue`: seqs, the unacked queue, the send cursor, go-back-N;
+//! - `dedupe`: the request window;
+//! - `transfer`: export and import.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use gatesvr_proto::client::{ClientResponse, ResumeStatus, ServerPush};
+use gatesvr_proto::session::SessionCounters;
+
+pub mod config;
+mod dedupe;
+mod queue;
+mod transfer;
+
+pub use config::{ConfigError, QueuePolicy, SessionConfig};
+pub use dedupe::{Completion, RequestDisposition, unknown_outcome};
+pub use transfer::ImportError;
+
+use dedupe::RequestWindow;
+use queue::PushQueue;
+
+/// Who a session belongs to; fixed for its lifetime and carried by handovers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionIdentity {
+    /// Returned in `StartResponse.session_id`; the client resumes with it.
+    pub session_id: String,
+    /// The user.
+    pub openid: String,
+    /// The openid's zone, "001".."NNN".
+    pub zone: String,
+}
+
+/// A push from the upstream, before it has a seq.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PushMessage {
+    /// Application message type, opaque to the gateway.
+    pub msg_type: String,
+    /// Application text content, opaque to the gateway.
+    pub content: String,
+    /// Application payload, opaque to the gateway.
+    pub data: Bytes,
+    /// When the gateway accepted it, milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+/// Why [`Session::push`] refused a push. Nothing was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// `max_queue` pushes are unacked and the policy is `Reject`: the client
+    /// is too slow (downstream fault). The shell disconnects it as
+    /// `SLOW_CONSUMER`; the upstream may retry once the client resumed and
+    /// acked.
+    #[error("push queue full ({max_queue} unacked pushes)")]
+    QueueFull {
+        /// The configured bound.
+        max_queue: usize,
+    },
+    /// The session expired; no retry on this session can succeed.
+    #[error("session expired")]
+    Expired,
+}
+
+/// What a valid [`Session::on_ack`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// The ack point moved up to `acked_seq`, freeing `freed` pushes (fewer
+    /// than the seqs acked if some were trimmed before).
+    Advanced {
+        /// The new cumulative ack.
+        acked_seq: u64,
+        /// Pushes removed from the queue.
+        freed: u64,
+    },
+    /// A duplicate or reordered ack at or below the ack point: nothing changed.
+    Stale {
+        /// The unchanged cumulative ack.
+        acked_seq: u64,
+    },
+}
+
+/// A `ClientAck` the session refuses; its state is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// The client acked a seq never sent to it: a client bug (downstream
+    /// fault, retrying cannot help). The shell closes the connection with
+    /// `PROTOCOL_VIOLATION`.
+    #[error("ack of seq {acked} beyond the highest sent seq {highest_sent}")]
+    BeyondSent {
+        /// The acked seq.
+        acked: u64,
+        /// The highest seq ever sent.
+        highest_sent: u64,
+    },
+}
+
+/// The answer to [`Session::attach`], which fills the `StartResponse`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeOutcome {
+    /// `StartResponse.resume_status`. On `SeqAhead` and `SessionExpired` the
+    /// session did not attach: the shell creates a fresh session (whose own
+    /// first attach says `New`) and reports this status to the client.
+    pub status: ResumeStatus,
+    /// First seq that will be delivered on this connection, 0 if none is queued.
+    pub first_available_seq_id: u64,
+    /// The seq of the next new push.
+    pub next_seq_id: u64,
+    /// Another connection was attached and is now replaced: the shell closes
+    /// it with `SESSION_REPLACED`.
+    pub replaced: bool,
+}
+
+/// Something due at [`Session::poll_timeout`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The oldest sent push went unacked for `ack_timeout`: `count` pushes
+    /// from `from_seq` on are unsent again. The shell keeps calling
+    /// `poll_transmit` (informational; count it in metrics).
+    Retransmit {
+        /// First seq to be sent again.
+        from_seq: u64,
+        /// Pushes rewound.
+        count: u64,
+        /// Retransmit rounds since the last ack progress, 1..=max_retries.
+        attempt: u32,
+    },
+    /// `max_retries` retransmits went unacked. The session has detached
+    /// itself (and keeps its queue for a resume); the shell closes the
+    /// connection with `ACK_TIMEOUT` and must not call `detach`.
+    AckTimeout {
+        /// The push that was never acked.
+        oldest_unacked_seq: u64,
+        /// Retransmit rounds made.
+        retries: u32,
+    },
+    /// No connection attached within `session_timeout`. The session is dead:
+    /// the shell frees it and counts `lost_pushes` (never acked, now dropped).
+    Expired {
+        /// Pushes dropped unacked with the session.
+        lost_pushes: u64,
+    },
+}
+
+/// Gauges and counters for the shell's metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionStats {
+    /// Seq of the next new push.
+    pub next_seq_id: u64,
+    /// Cumulative ack point.
+    pub acked_seq_id: u64,
+    /// Retained pushes not yet sent on the current connection (all of them
+    /// while detached).
+    pub queued: u64,
+    /// Retained pushes, sent or not: what `max_queue` bounds.
+    pub unacked: u64,
+    /// Requests executing.
+    pub requests_in_flight: u64,
+    /// Answers kept for replay.
+    pub requests_cached: u64,
+    /// Pushes accepted.
+    pub pushes_total: u64,
+    /// Pushes sent with `redelivery = true`.
+    pub redelivered_total: u64,
+    /// Pushes dropped unacked by `DropOldest`.
+    pub trimmed_total: u64,
+    /// Pushes refused by `Reject`.
+    pub rejected_total: u64,
+    /// Go-back-N rounds.
+    pub retransmits_total: u64,
+    /// Duplicate or reordered acks.
+    pub stale_acks_total: u64,
+    /// Request retries answered from the window (cached, in flight, unknown).
+    pub duplicate_requests_total: u64,
+    /// Connections attached.
+    pub attaches_total: u64,
+}
+
+/// Whether a connection is bound to the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// A connection delivers pushes.
+    Attached,
+    /// No connection; expires at the deadline (`None`: too far to represent).
+    Detached { expires_at: Option<Instant> },
+    /// Expired; only waits to be freed.
+    Expired,
+}
+
+/// One openid's session. See the module docs for the contract.
+#[derive(Debug, Clone)]
+pub struct Session {
+    identity: SessionIdentity,
+    epoch: u64,
+    cfg: SessionConfig,
+    link: Link,
+    /// Made by `new` and never attached: its first attach is `NEW`.
+    fresh: bool,
+    queue: PushQueue,
+    requests: RequestWindow,
+    /// Lifetime counters, kept in their wire form since handovers carry them.
+    counters: SessionCounters,
+}
+
+impl Session {
+    /// A new, empty session, detached until its first [`attach`](Self::attach)
+    /// (which reports `NEW`); it expires `session_timeout` after `now` if none comes.
+    pub fn new(identity: SessionIdentity, cfg: SessionConfig, now: Instant) -> Self {
+        let link = Link::Detached {
+            expires_at: now.checked_add(cfg.session_timeout),
+        };
+        Self {
+            identity,
+            epoch: 0,
+            cfg,
+            link,
+            fresh: true,
+            queue: PushQueue::new(),
+            requests: RequestWindow::default(),
+            counters: SessionCounters::default(),
+        }
+    }
+
+    /// Who the session belongs to.
+    pub fn identity(&self) -> &SessionIdentity {
+        &self.identity
+    }
+
+    /// The ownership epoch under which this node holds the session.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Sets the ownership epoch (the shell does, on creation and takeover).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// The configuration the session runs with.
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    /// Whether a connection is attached.
+    pub fn is_attached(&self) -> bool {
+        self.link == Link::Attached
+    }
+
+    /// Whether the session expired (the shell should have freed it).
+    pub fn is_expired(&self) -> bool {
+        self.link == Link::Expired
+    }
+
+    /// Queues a push; returns its seq.
+    pub fn push(&mut self, _now: Instant, msg: PushMessage) -> Result<u64, PushError> {
+        if self.link == Link::Expired {
+            return Err(PushError::Expired);
+        }
+        match self
+            .queue
+            .push(msg, self.cfg.max_queue, self.cfg.queue_policy)
+        {
+            Ok((seq, dropped)) => {
+                self.counters.pushes_total += 1;
+                self.counters.trimmed_total += dropped;
+                Ok(seq)
+            }
+            Err(queue::Full) => {
+                self.counters.rejected_total += 1;
+                Err(PushError::QueueFull {
+                    max_queue: self.cfg.max_queue,
+                })
+            }
+        }
+    }
+
+    /// The next push to write on the attached connection, if any.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<ServerPush> {
+        if self.link != Link::Attached {
+            return None;
+        }
+        let push = self.queue.poll(now)?;
+        if push.redelivery {
+            self.counters.redelivered_total += 1;
+        }
+        Some(push)
+    }
+
+    /// Applies a cumulative `ClientAck`.
+    pub fn on_ack(&mut self, _now: Instant, acked_seq: u64) -> Result<AckOutcome, AckError> {
+        let outcome = self.queue.ack(acked_seq)?;
+        if let AckOutcome::Stale { .. } = outcome {
+            self.counters.stale_acks_total += 1;
+        }
+        Ok(outcome)
+    }
+
+    /// The earliest instant at which [`handle_timeout`](Self::handle_timeout)
+    /// has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.link {
+            Link::Attached => self.queue.retransmit_deadline(self.cfg.ack_timeout),
+            Link::Detached { expires_at } => expires_at,
+            Link::Expired => None,
+        }
+    }
+
+    /// Acts on the deadline if it is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<SessionEvent> {
+        if self.poll_timeout().is_none_or(|due| now < due) {
+            return None;
+        }
+        match self.link {
+            Link::Attached if self.queue.retries() >= self.cfg.max_retries => {
+                let event = SessionEvent::AckTimeout {
+                    oldest_unacked_seq: self.queue.front(),
+                    retries: self.queue.retries(),
+                };
+                self.detach(now);
+                Some(event)
+            }
+            Link::Attached => {
+                let (from_seq, count) = self.queue.go_back();
+                self.counters.retransmits_total += 1;
+                Some(SessionEvent::Retransmit {
+                    from_seq,
+                    count,
+                    attempt: self.queue.retries(),
+                })
+            }
+            Link::Detached { .. } => {
+                self.link = Link::Expired;
+                Some(SessionEvent::Expired {
+                    lost_pushes: self.queue.len() as u64,
+                })
+            }
+            Link::Expired => None,
+        }
+    }
+
+    /// Binds a (new) connection that reported `last_acked`; see the module
+    /// docs for each status.
+    pub fn attach(&mut self, _now: Instant, last_acked: u64) -> ResumeOutcome {
+        let refused = |status| ResumeOutcome {
+            status,
+            first_available_seq_id: 0,
+            next_seq_id: self.queue.next_seq(),
+            replaced: false,
+        };
+        let status = if self.link == Link::Expired {
+            return refused(ResumeStatus::SessionExpired);
+        } else if self.fresh {
+            ResumeStatus::New
+        } else if last_acked >= self.queue.next_seq() {
+            return refused(ResumeStatus::SeqAhead);
+        } else if self.queue.trimmed_through() > last_acked {
+            ResumeStatus::Trimmed
+        } else {
+            ResumeStatus::Resumed
+        };
+        if !self.fresh && last_acked > self.queue.acked() {
+            self.queue.free_through(last_acked);
+        }
+        self.fresh = false;
+        let replaced = self.link == Link::Attached;
+        self.link = Link::Attached;
+        self.queue.reset_connection();
+        self.counters.attaches_total += 1;
+        ResumeOutcome {
+            status,
+            first_available_seq_id: if self.queue.len() == 0 {
+                0
+            } else {
+                self.queue.front()
+            },
+            next_seq_id: self.queue.next_seq(),
+            replaced,
+        }
+    }
+
+    /// The connection is gone; the session waits `session_timeout` for a
+    /// resume. No-op unless attached.
+    pub fn detach(&mut self, now: Instant) {
+        if self.link == Link::Attached {
+            self.link = Link::Detached {
+                expires_at: now.checked_add(self.cfg.session_timeout),
+            };
+            self.queue.reset_connection();
+        }
+    }
+
+    /// Classifies a `ClientRequest` by its seq_id.
+    pub fn begin_request(&mut self, seq_id: u64) -> RequestDisposition {
+        let (disposition, duplicate) =
+            self.requests
+                .begin(seq_id, self.cfg.request_window, self.cfg.max_inflight);
+        if duplicate {
+            self.counters.duplicate_requests_total += 1;
+        }
+        disposition
+    }
+
+    /// Records the answer of a request [`begin_request`](Self::begin_request)
+    /// said to execute, for replay to its retries. The shell sends `response`
+    /// itself (to the original request and to every retry that got `InFlight`).
+    pub fn complete_request(&mut self, seq_id: u64, response: ClientResponse) -> Completion {
+        self.requests
+            .complete(seq_id, response, self.cfg.request_window)
+    }
+
+    /// Current gauges and counters.
+    pub fn stats(&self) -> SessionStats {
+        let c = &self.counters;
+        let unacked = self.queue.len() as u64;
+        let sent = if self.link == Link::Attached {
+            self.queue.in_flight() as u64
+        } else {
+            0
+        };
+        SessionStats {
+            next_seq_id: self.queue.next_seq(),
+            acked_seq_id: self.queue.acked(),
+            queued: unacked - sent,
+            unacked,
+            requests_in_flight: self.requests.in_flight() as u64,
+            requests_cached: self.requests.cached() as u64,
+            pushes_total: c.pushes_total,
+            redelivered_total: c.redelivered_total,
+            trimmed_total: c.trimmed_total,
+            rejected_total: c.rejected_total,
+            retransmits_total: c.retransmits_total,
+            stale_acks_total: c.stale_acks_total,
+            duplicate_requests_total: c.duplicate_requests_total,
+            attaches_total: c.attaches_total,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod proptests;

@@ -1,0 +1,258 @@
+//! The push side of a session: seq assignment, the unacked queue, the send
+//! cursor of the current connection and go-back-N bookkeeping.
+//!
+//! Seqs are contiguous. With `front = max(acked, trimmed_through) + 1`, the
+//! queue holds exactly the pushes `front..next_seq`; the first `send_next -
+//! front` of them were sent on the current connection (and carry their send
+//! time), the rest wait for [`PushQueue::poll`]. Sending always starts at
+//! `front` and moves up one by one, so a retained seq has been sent before (on
+//! any connection) exactly when it is `<= highest_sent`: one number replaces a
+//! per-push flag and survives a handover.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use gatesvr_proto::client::ServerPush;
+
+use super::{AckError, AckOutcome, PushMessage, QueuePolicy};
+
+/// One retained push.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// The push as it goes on the wire; `redelivery` is filled in at send time.
+    push: ServerPush,
+    /// When it was last sent on the current connection; `None` while unsent.
+    sent_at: Option<Instant>,
+}
+
+/// Why [`PushQueue::push`] refused a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Full;
+
+#[derive(Debug, Clone)]
+pub(super) struct PushQueue {
+    entries: VecDeque<Entry>,
+    /// Seq of the next accepted push; starts at 1.
+    next_seq: u64,
+    /// Highest cumulative ack (0 = none).
+    acked: u64,
+    /// Highest seq dropped unacked by `DropOldest` (0 = none).
+    trimmed_through: u64,
+    /// Highest seq ever sent, on any connection (0 = none).
+    highest_sent: u64,
+    /// Next seq to send on the current connection; always in `front..=next_seq`.
+    send_next: u64,
+    /// Go-back-N rounds since the last ack progress on this connection.
+    retries: u32,
+}
+
+impl PushQueue {
+    pub(super) fn new() -> Self {
+        Self {
+            entries: VecDeque::new(),
+            next_seq: 1,
+            acked: 0,
+            trimmed_through: 0,
+            highest_sent: 0,
+            send_next: 1,
+            retries: 0,
+        }
+    }
+
+    /// Rebuilds a queue from a validated handover (see `transfer.rs`); nothing
+    /// counts as sent on the (not yet existing) connection.
+    pub(super) fn restored(
+        next_seq: u64,
+        acked: u64,
+        trimmed_through: u64,
+        highest_sent: u64,
+        pushes: Vec<ServerPush>,
+    ) -> Self {
+        let entries = pushes
+            .into_iter()
+            .map(|mut push| {
+                push.redelivery = false;
+                Entry {
+                    push,
+                    sent_at: None,
+                }
+            })
+            .collect();
+        let mut q = Self {
+            entries,
+            next_seq,
+            acked,
+            trimmed_through,
+            highest_sent,
+            send_next: 0,
+            retries: 0,
+        };
+        q.send_next = q.front();
+        q
+    }
+
+    /// Lowest retained seq, or `next_seq` when nothing is retained.
+    pub(super) fn front(&self) -> u64 {
+        self.acked.max(self.trimmed_through) + 1
+    }
+
+    pub(super) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub(super) fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    pub(super) fn trimmed_through(&self) -> u64 {
+        self.trimmed_through
+    }
+
+    pub(super) fn highest_sent(&self) -> u64 {
+        self.highest_sent
+    }
+
+    pub(super) fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// Pushes retained until acked (what `max_queue` bounds).
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Pushes sent on the current connection and not yet acked.
+    pub(super) fn in_flight(&self) -> usize {
+        // send_next >= front, and the difference is at most len.
+        (self.send_next - self.front()) as usize
+    }
+
+    /// Accepts a push under `policy`; returns its seq and how many older
+    /// pushes were dropped to make room.
+    pub(super) fn push(
+        &mut self,
+        msg: PushMessage,
+        max_queue: usize,
+        policy: QueuePolicy,
+    ) -> Result<(u64, u64), Full> {
+        let mut dropped = 0;
+        if self.entries.len() >= max_queue {
+            if policy == QueuePolicy::Reject || self.entries.is_empty() {
+                return Err(Full);
+            }
+            // An imported queue may be over the bound; drop down to it.
+            while self.entries.len() >= max_queue {
+                let Some(old) = self.entries.pop_front() else {
+                    break;
+                };
+                self.trimmed_through = old.push.seq_id;
+                dropped += 1;
+            }
+            self.send_next = self.send_next.max(self.front());
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.push_back(Entry {
+            push: ServerPush {
+                seq_id: seq,
+                msg_type: msg.msg_type,
+                content: msg.content,
+                data: msg.data,
+                created_at_ms: msg.created_at_ms,
+                redelivery: false,
+            },
+            sent_at: None,
+        });
+        Ok((seq, dropped))
+    }
+
+    /// The next push not yet sent on this connection, marked sent at `now`.
+    pub(super) fn poll(&mut self, now: Instant) -> Option<ServerPush> {
+        let idx = usize::try_from(self.send_next - self.front()).ok()?;
+        let entry = self.entries.get_mut(idx)?;
+        let seq = entry.push.seq_id;
+        entry.sent_at = Some(now);
+        let mut push = entry.push.clone();
+        push.redelivery = seq <= self.highest_sent;
+        self.highest_sent = self.highest_sent.max(seq);
+        self.send_next = seq + 1;
+        Some(push)
+    }
+
+    /// Applies a cumulative ack.
+    pub(super) fn ack(&mut self, acked: u64) -> Result<AckOutcome, AckError> {
+        if acked <= self.acked {
+            return Ok(AckOutcome::Stale {
+                acked_seq: self.acked,
+            });
+        }
+        if acked > self.highest_sent {
+            return Err(AckError::BeyondSent {
+                acked,
+                highest_sent: self.highest_sent,
+            });
+        }
+        let freed = self.free_through(acked);
+        self.retries = 0;
+        Ok(AckOutcome::Advanced {
+            acked_seq: acked,
+            freed,
+        })
+    }
+
+    /// Frees every push `<= seq` and moves the ack point there. The caller
+    /// checked `acked < seq < next_seq`.
+    pub(super) fn free_through(&mut self, seq: u64) -> u64 {
+        let mut freed = 0;
+        while self.entries.front().is_some_and(|e| e.push.seq_id <= seq) {
+            self.entries.pop_front();
+            freed += 1;
+        }
+        self.acked = seq;
+        // A resuming client may report more than this node ever sent (state
+        // lost in a handover); keep `acked <= highest_sent`.
+        self.highest_sent = self.highest_sent.max(seq);
+        self.send_next = self.send_next.max(self.front());
+        freed
+    }
+
+    /// When the oldest push sent on this connection is due for a retransmit.
+    pub(super) fn retransmit_deadline(&self, ack_timeout: Duration) -> Option<Instant> {
+        // Only a sent entry has `sent_at`, and sent entries are a prefix.
+        self.entries.front()?.sent_at?.checked_add(ack_timeout)
+    }
+
+    /// Go-back-N: everything sent and unacked becomes unsent again. Returns
+    /// the first seq to resend and how many.
+    pub(super) fn go_back(&mut self) -> (u64, u64) {
+        let from = self.front();
+        let count = self.send_next - from;
+        self.rewind();
+        self.retries += 1;
+        (from, count)
+    }
+
+    /// A new connection (or none): nothing is sent on it yet, no retries.
+    pub(super) fn reset_connection(&mut self) {
+        self.rewind();
+        self.retries = 0;
+    }
+
+    fn rewind(&mut self) {
+        for e in self.entries.iter_mut() {
+            e.sent_at = None;
+        }
+        self.send_next = self.front();
+    }
+
+    /// Retained pushes in seq order, as exported (`redelivery` = sent before).
+    pub(super) fn export(&self) -> Vec<ServerPush> {
+        self.entries
+            .iter()
+            .map(|e| ServerPush {
+                redelivery: e.push.seq_id <= self.highest_sent,
+                ..e.push.clone()
+            })
+            .collect()
+    }
+}

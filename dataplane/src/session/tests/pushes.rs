@@ -1,0 +1,119 @@
+//! Seq assignment, the queue bound and its policies, `poll_transmit`.
+
+use super::*;
+
+#[test]
+fn push_assigns_seqs_from_one_by_one() {
+    let (mut s, t0) = attached(cfg(), 0);
+    for want in 1..=5 {
+        assert_eq!(s.push(t0, msg(want)), Ok(want));
+    }
+    assert_eq!(s.stats().next_seq_id, 6);
+    assert_eq!(s.stats().pushes_total, 5);
+}
+
+#[test]
+fn poll_transmit_yields_each_push_once_in_order_with_its_content() {
+    let (mut s, t0) = attached(cfg(), 0);
+    s.push(t0, msg(1)).unwrap();
+    s.push(t0, msg(2)).unwrap();
+    let p = s.poll_transmit(t0).unwrap();
+    assert_eq!(
+        (p.seq_id, p.msg_type.as_str(), p.content.as_str()),
+        (1, "chat", "m1")
+    );
+    assert_eq!(p.data, Bytes::from(vec![1u8; 3]));
+    assert_eq!(p.created_at_ms, 1_700_000_000_001);
+    assert!(!p.redelivery);
+    assert_eq!(drain(&mut s, t0), fresh(2..=2));
+    assert_eq!(drain(&mut s, t0), vec![]);
+    s.push(t0, msg(3)).unwrap();
+    assert_eq!(drain(&mut s, t0), fresh(3..=3));
+    assert_eq!(s.stats().queued, 0);
+    assert_eq!(s.stats().unacked, 3);
+}
+
+#[test]
+fn pushes_queue_while_detached_and_flow_on_attach() {
+    let t0 = Instant::now();
+    let mut s = Session::new(identity(), cfg(), t0);
+    s.push(t0, msg(1)).unwrap();
+    assert_eq!(s.poll_transmit(t0), None);
+    let out = s.attach(t0, 0);
+    assert_eq!(out.first_available_seq_id, 1);
+    assert_eq!(out.next_seq_id, 2);
+    assert_eq!(drain(&mut s, t0), fresh(1..=1));
+    s.detach(t0);
+    s.push(t0, msg(2)).unwrap();
+    assert_eq!(s.poll_transmit(t0), None);
+    assert_eq!(s.stats().queued, 2);
+}
+
+#[test]
+fn queue_full_rejects_by_default_without_using_a_seq() {
+    let (mut s, t0) = attached(cfg(), 8);
+    assert_eq!(
+        s.push(t0, msg(9)),
+        Err(PushError::QueueFull { max_queue: 8 })
+    );
+    assert_eq!(s.stats().rejected_total, 1);
+    // Sent or not, everything unacked counts: sending frees nothing.
+    drain(&mut s, t0);
+    assert!(s.push(t0, msg(9)).is_err());
+    s.on_ack(t0, 1).unwrap();
+    assert_eq!(s.push(t0, msg(9)), Ok(9));
+    assert_eq!(s.stats().unacked, 8);
+}
+
+#[test]
+fn drop_oldest_trims_unsent_pushes_and_counts_them() {
+    let cfg = SessionConfig {
+        max_queue: 3,
+        queue_policy: QueuePolicy::DropOldest,
+        ..cfg()
+    };
+    let (mut s, t0) = attached(cfg, 5);
+    let st = s.stats();
+    assert_eq!((st.unacked, st.trimmed_total, st.pushes_total), (3, 2, 5));
+    assert_eq!(s.export().trimmed_through_seq_id, 2);
+    assert_eq!(drain(&mut s, t0), fresh(3..=5));
+}
+
+#[test]
+fn drop_oldest_may_drop_sent_pushes_and_sending_continues_after_them() {
+    let cfg = SessionConfig {
+        max_queue: 3,
+        queue_policy: QueuePolicy::DropOldest,
+        ..cfg()
+    };
+    let (mut s, t0) = attached(cfg, 3);
+    assert_eq!(
+        drain(&mut s, t0),
+        fresh(1..=2)
+            .into_iter()
+            .chain([(3, false)])
+            .collect::<Vec<_>>()
+    );
+    s.push(t0, msg(4)).unwrap(); // drops sent seq 1
+    assert_eq!(drain(&mut s, t0), fresh(4..=4));
+    // The client acks what it got, including the dropped seq.
+    assert_eq!(
+        s.on_ack(t0, 2),
+        Ok(AckOutcome::Advanced {
+            acked_seq: 2,
+            freed: 1
+        })
+    );
+    assert_eq!(s.stats().unacked, 2);
+}
+
+#[test]
+fn push_to_an_expired_session_fails() {
+    let t0 = Instant::now();
+    let mut s = Session::new(identity(), cfg(), t0);
+    assert!(matches!(
+        s.handle_timeout(t0 + 60 * SECOND),
+        Some(SessionEvent::Expired { .. })
+    ));
+    assert_eq!(s.push(t0, msg(1)), Err(PushError::Expired));
+}

@@ -1,0 +1,416 @@
+//! Forwarding client requests to the upstream services of their zone.
+//!
+//! Each zone has a set of upstream instances (static `zones:` config now, the
+//! control plane's registry later). The router keeps one lazily connected tonic
+//! [`Channel`] per instance, picks an instance per request (least outstanding
+//! requests, power-of-two-choices, among available instances), calls
+//! `UpstreamService.ProcessRequest` under a deadline, and keeps each instance's
+//! health from active `grpc.health.v1` checks and from request outcomes
+//! (passive ejection).
+//!
+//! It does not retry: the client retries with the same `seq_id`, which the
+//! session dedupes, and by then a failing instance is on its way out of
+//! rotation. It does not decide zones either: callers pass the zone of the
+//! session's openid (`gatesvr_proto::zone`).
+//!
+//! ```text
+//!  session ──forward(req)──▶ UpstreamRouter
+//!                              │ 1. zone lookup            ─▶ UnknownZone
+//!                              │ 2. node-wide semaphore     ─▶ Overloaded (no waiting)
+//!                              │ 3. Balancer::pick (p2c)    ─▶ NoInstances
+//!                              │ 4. ProcessRequest, grpc-timeout + local timeout
+//!                              ▼
+//!                          Channel ──HTTP/2──▶ upstream instance
+//!                              │ 5. Balancer::finish(outcome): passive ejection
+//!  run_health_checks ──every health_check_interval──▶ Health/Check ─▶ Balancer::record_check
+//! ```
+//!
+//! # Layout
+//! - [`config`] — [`UpstreamConfig`], the `upstream:` config section.
+//! - [`instance`] — [`Instance`] (address + registry id), validation.
+//! - [`balancer`] — sans-IO selection and health bookkeeping for one zone.
+//! - [`error`] — [`ForwardError`], the gRPC status mapping, client error codes.
+//! - `health` — the active health-check loop.
+//! - `metrics` — Prometheus metrics.
+
+pub mod balancer;
+pub mod config;
+pub mod error;
+mod health;
+pub mod instance;
+mod metrics;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use gatesvr_common::config::Validate;
+use gatesvr_proto::upstream::upstream_service_client::UpstreamServiceClient;
+use gatesvr_proto::upstream::{ProcessRequestRequest, ProcessRequestResponse};
+use parking_lot::{Mutex, RwLock};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+pub use balancer::{InstanceState, InstanceStatus};
+pub use config::{OutlierDetectionConfig, UpstreamConfig};
+pub use error::ForwardError;
+pub use instance::{Instance, InvalidAddress, instances_by_zone, static_instances};
+
+use balancer::{Balancer, BalancerConfig, EndpointId, Outcome, Transition};
+use metrics::{Metrics, UNKNOWN_ZONE_LABEL};
+
+/// Metadata key carrying the request's trace id to the upstream.
+pub const TRACE_ID_METADATA: &str = "x-gatesvr-trace-id";
+
+/// One client request to forward.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardRequest {
+    /// The session's user.
+    pub openid: String,
+    /// The session.
+    pub session_id: String,
+    /// Zone of `openid`; picks the upstream.
+    pub zone: String,
+    /// This data-plane node's id.
+    pub node_id: String,
+    /// Application command id (opaque).
+    pub msg_id: u32,
+    /// The request's per-session sequence number.
+    pub seq_id: u64,
+    /// Application payload (opaque).
+    pub payload: Bytes,
+    /// Trace id, sent in the body and as `x-gatesvr-trace-id`.
+    pub trace_id: String,
+}
+
+/// Could not set up the router.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A configuration value cannot work.
+    #[error(transparent)]
+    Config(#[from] gatesvr_common::config::ConfigError),
+    /// Metrics could not be registered (already registered in this registry).
+    #[error("registering upstream metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Routes requests to upstream instances by zone. Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct UpstreamRouter {
+    cfg: UpstreamConfig,
+    zones: RwLock<HashMap<String, Arc<Zone>>>,
+    /// Node-wide cap on upstream calls in flight (`max_upstream_concurrent`).
+    /// Acquired without waiting: queueing behind a full upstream only turns an
+    /// overload into timeouts.
+    limit: Arc<Semaphore>,
+    metrics: Metrics,
+}
+
+#[derive(Debug)]
+struct Zone {
+    name: String,
+    /// Held only for bookkeeping, never across an await.
+    state: Mutex<ZoneState>,
+}
+
+#[derive(Debug)]
+struct ZoneState {
+    balancer: Balancer<Channel>,
+    rng: StdRng,
+}
+
+impl UpstreamRouter {
+    /// A router with no zones; add them with [`set_zone_instances`] or
+    /// [`replace_all`]. Registers its metrics in `registry`.
+    ///
+    /// [`set_zone_instances`]: Self::set_zone_instances
+    /// [`replace_all`]: Self::replace_all
+    pub fn new(cfg: UpstreamConfig, registry: &prometheus::Registry) -> Result<Self, SetupError> {
+        cfg.validate()?;
+        let metrics = Metrics::register(registry)?;
+        Ok(Self {
+            limit: Arc::new(Semaphore::new(cfg.max_upstream_concurrent)),
+            zones: RwLock::new(HashMap::new()),
+            metrics,
+            cfg,
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.cfg
+    }
+
+    /// Sets the instances of `zone`, creating the zone if needed. Instances
+    /// whose address is already known keep their channel, health and counters.
+    /// An empty list keeps the zone known (requests fail with `NoInstances`,
+    /// not `UnknownZone`).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (tonic spawns each new channel's worker).
+    pub fn set_zone_instances(&self, zone: &str, instances: Vec<Instance>) {
+        let existing = self.zones.read().get(zone).cloned();
+        let zone = match existing {
+            Some(zone) => zone,
+            None => self
+                .zones
+                .write()
+                .entry(zone.to_owned())
+                .or_insert_with(|| self.new_zone(zone))
+                .clone(),
+        };
+        let mut state = zone.state.lock();
+        state
+            .balancer
+            .set_instances(instances, |instance| self.channel(instance));
+        self.report_instances(&zone, &state, now());
+    }
+
+    /// Replaces the whole routing table: zones missing from `zones` are
+    /// removed (their channels close once in-flight requests finish), the
+    /// others are updated as by [`set_zone_instances`](Self::set_zone_instances).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn replace_all(&self, zones: HashMap<String, Vec<Instance>>) {
+        let removed: Vec<String> = {
+            let mut table = self.zones.write();
+            let removed = table
+                .keys()
+                .filter(|z| !zones.contains_key(*z))
+                .cloned()
+                .collect();
+            table.retain(|z, _| zones.contains_key(z));
+            removed
+        };
+        for zone in removed {
+            self.metrics.forget_zone(&zone);
+        }
+        for (zone, instances) in zones {
+            self.set_zone_instances(&zone, instances);
+        }
+    }
+
+    /// Known zones, sorted.
+    pub fn zones(&self) -> Vec<String> {
+        let mut zones: Vec<String> = self.zones.read().keys().cloned().collect();
+        zones.sort();
+        zones
+    }
+
+    /// The instances of `zone` and their state, or `None` for an unknown zone.
+    pub fn instances(&self, zone: &str) -> Option<Vec<InstanceStatus>> {
+        let zone = self.zones.read().get(zone).cloned()?;
+        let statuses = zone.state.lock().balancer.statuses(now());
+        Some(statuses)
+    }
+
+    /// Forwards one request to an instance of `req.zone` and returns its
+    /// answer. Bounded in time by `upstream_timeout` (plus connection setup
+    /// within `connect_timeout`); fails fast when the node is at
+    /// `max_upstream_concurrent`.
+    pub async fn forward(
+        &self,
+        req: ForwardRequest,
+    ) -> Result<ProcessRequestResponse, ForwardError> {
+        let zone = req.zone.clone();
+        let result = self.forward_inner(req).await;
+        let (zone, outcome) = match &result {
+            Ok(_) => (zone.as_str(), "ok"),
+            // Only known zones become label values.
+            Err(err @ ForwardError::UnknownZone { .. }) => (UNKNOWN_ZONE_LABEL, err.label()),
+            Err(err) => (zone.as_str(), err.label()),
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[zone, outcome])
+            .inc();
+        result
+    }
+
+    async fn forward_inner(
+        &self,
+        req: ForwardRequest,
+    ) -> Result<ProcessRequestResponse, ForwardError> {
+        let Some(zone) = self.zones.read().get(&req.zone).cloned() else {
+            return Err(ForwardError::UnknownZone { zone: req.zone });
+        };
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            let retry_after_ms =
+                u32::try_from(self.cfg.overload_retry_after.as_millis()).unwrap_or(u32::MAX);
+            return Err(ForwardError::Overloaded { retry_after_ms });
+        };
+        let _admitted = Admitted::new(permit, &self.metrics);
+
+        let picked = {
+            let mut state = zone.state.lock();
+            let ZoneState { balancer, rng } = &mut *state;
+            balancer.pick(now(), rng)
+        };
+        let Some(picked) = picked else {
+            return Err(ForwardError::NoInstances { zone: req.zone });
+        };
+        // Reports the outcome to the balancer when dropped, also if this future
+        // is dropped mid-call (then as Neutral).
+        let mut in_flight = InFlight {
+            router: self,
+            zone: &zone,
+            id: picked.id,
+            outcome: Outcome::Neutral,
+        };
+
+        let timeout = self.cfg.upstream_timeout;
+        let trace_id = MetadataValue::try_from(req.trace_id.as_str());
+        let mut request = tonic::Request::new(ProcessRequestRequest {
+            openid: req.openid,
+            session_id: req.session_id,
+            zone: req.zone,
+            node_id: req.node_id,
+            msg_id: req.msg_id,
+            seq_id: req.seq_id,
+            payload: Vec::from(req.payload),
+            trace_id: req.trace_id,
+        });
+        // Tells the upstream its deadline; the local timeout below enforces it.
+        request.set_timeout(timeout);
+        match trace_id {
+            Ok(value) => {
+                request.metadata_mut().insert(TRACE_ID_METADATA, value);
+            }
+            // Still in the body; a header cannot carry it.
+            Err(_) => {
+                tracing::debug!("trace id is not a valid header value; sent in the body only")
+            }
+        }
+
+        let started = tokio::time::Instant::now();
+        let mut client = UpstreamServiceClient::new(picked.value);
+        let result = tokio::time::timeout(timeout, client.process_request(request)).await;
+        self.metrics
+            .duration
+            .with_label_values(&[zone.name.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+
+        let (result, outcome) = match result {
+            Ok(Ok(response)) => (Ok(response.into_inner()), Outcome::Success),
+            Ok(Err(status)) => {
+                let (err, outcome) = ForwardError::from_status(picked.addr, status, timeout);
+                (Err(err), outcome)
+            }
+            Err(_elapsed) => (
+                Err(ForwardError::Timeout {
+                    addr: picked.addr,
+                    timeout,
+                }),
+                Outcome::Failure,
+            ),
+        };
+        in_flight.outcome = outcome;
+        result
+    }
+
+    /// Reports a finished request to its zone's balancer.
+    fn finish(&self, zone: &Zone, id: EndpointId, outcome: Outcome) {
+        let now = now();
+        let mut state = zone.state.lock();
+        if let Some(transition) = state.balancer.finish(id, outcome, now) {
+            log_transition(&zone.name, &transition);
+            self.report_instances(zone, &state, now);
+        }
+    }
+
+    fn new_zone(&self, name: &str) -> Arc<Zone> {
+        Arc::new(Zone {
+            name: name.to_owned(),
+            state: Mutex::new(ZoneState {
+                balancer: Balancer::new(BalancerConfig::from(&self.cfg)),
+                rng: StdRng::seed_from_u64(rand::random()),
+            }),
+        })
+    }
+
+    /// A lazily connected channel to `instance`: requests wait for the
+    /// connection (bounded by `connect_timeout`), and a broken connection is
+    /// re-established on the next request.
+    fn channel(&self, instance: &Instance) -> Channel {
+        instance
+            .endpoint()
+            .clone()
+            .connect_timeout(self.cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(self.cfg.keepalive_interval)
+            .keep_alive_timeout(self.cfg.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .connect_lazy()
+    }
+
+    /// Updates the zone's instance gauges.
+    fn report_instances(&self, zone: &Zone, state: &ZoneState, now: Instant) {
+        for s in InstanceState::ALL {
+            self.metrics
+                .set_instances(&zone.name, s, state.balancer.count(s, now));
+        }
+    }
+}
+
+/// Holds one `max_upstream_concurrent` permit and the in-flight gauge.
+struct Admitted<'a> {
+    _permit: OwnedSemaphorePermit,
+    metrics: &'a Metrics,
+}
+
+impl<'a> Admitted<'a> {
+    fn new(permit: OwnedSemaphorePermit, metrics: &'a Metrics) -> Self {
+        metrics.inflight.inc();
+        Self {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.metrics.inflight.dec();
+    }
+}
+
+/// One picked request; tells the balancer how it ended when dropped.
+struct InFlight<'a> {
+    router: &'a UpstreamRouter,
+    zone: &'a Zone,
+    id: EndpointId,
+    outcome: Outcome,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.router.finish(self.zone, self.id, self.outcome);
+    }
+}
+
+/// The clock the balancer is fed: Tokio's, so tests can pause it.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn log_transition(zone: &str, transition: &Transition) {
+    match transition {
+        Transition::MarkedUnhealthy { addr } => {
+            tracing::warn!(zone, %addr, "upstream instance failed health checks; taken out of rotation");
+        }
+        Transition::MarkedHealthy { addr } => {
+            tracing::info!(zone, %addr, "upstream instance passed health checks; back in rotation");
+        }
+        Transition::Ejected { addr, duration } => {
+            tracing::warn!(zone, %addr, ?duration, "upstream instance ejected after consecutive failures");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

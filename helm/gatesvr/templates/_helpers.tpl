@@ -1,0 +1,146 @@
+{{/* Chart name, truncated to the 63 characters DNS labels allow. */}}
+{{- define "gatesvr.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full release name; kept short so "<fullname>-controlplane-headless" and pod names fit. */}}
+{{- define "gatesvr.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 30 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 30 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 30 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "gatesvr.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Standard labels; call with (dict "ctx" $ "component" "controlplane"). */}}
+{{- define "gatesvr.labels" -}}
+helm.sh/chart: {{ include "gatesvr.chart" .ctx }}
+{{ include "gatesvr.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: gatesvr
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "gatesvr.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gatesvr.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+
+{{- define "gatesvr.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gatesvr.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "gatesvr.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Names of the control-plane objects. */}}
+{{- define "gatesvr.cp.name" -}}{{ include "gatesvr.fullname" . }}-controlplane{{- end }}
+{{- define "gatesvr.cp.headless" -}}{{ include "gatesvr.fullname" . }}-controlplane-headless{{- end }}
+{{- define "gatesvr.dp.name" -}}{{ include "gatesvr.fullname" . }}-dataplane{{- end }}
+
+{{/* Stable DNS name of control-plane pod N: call with (dict "ctx" $ "i" N). */}}
+{{- define "gatesvr.cp.podHost" -}}
+{{- printf "%s-%d.%s.%s.svc.%s" (include "gatesvr.cp.name" .ctx) (int .i) (include "gatesvr.cp.headless" .ctx) .ctx.Release.Namespace .ctx.Values.clusterDomain }}
+{{- end }}
+
+{{/* Raft node id of control-plane pod N: call with (dict "ctx" $ "i" N). */}}
+{{- define "gatesvr.cp.nodeId" -}}
+{{- $override := get .ctx.Values.controlplane.nodeIdOverrides (toString .i) }}
+{{- if $override }}{{ int64 $override }}{{ else }}{{ add (int64 .ctx.Values.controlplane.nodeIdBase) .i }}{{ end }}
+{{- end }}
+
+{{/* In-cluster admin API URL (ClusterIP Service). */}}
+{{- define "gatesvr.cp.adminUrl" -}}
+{{- printf "http://%s.%s.svc.%s:8095" (include "gatesvr.cp.name" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{/* Secret names. */}}
+{{- define "gatesvr.tlsSecret" -}}
+{{- if eq .Values.tls.mode "existingSecret" }}{{ required "tls.existingSecret is required when tls.mode is existingSecret" .Values.tls.existingSecret }}{{ else }}{{ include "gatesvr.fullname" . }}-tls{{ end }}
+{{- end }}
+{{- define "gatesvr.authSecret" -}}
+{{- default (printf "%s-auth" (include "gatesvr.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+{{- define "gatesvr.adminSecret" -}}
+{{- default (printf "%s-admin" (include "gatesvr.fullname" .)) .Values.controlplane.admin.existingSecret }}
+{{- end }}
+{{- define "gatesvr.quicKeysSecret" -}}
+{{- default (printf "%s-quic-keys" (include "gatesvr.fullname" .)) .Values.dataplane.sharedKeys.existingSecret }}
+{{- end }}
+
+{{/* DNS names a generated or cert-manager certificate covers. */}}
+{{- define "gatesvr.tlsDnsNames" -}}
+{{- $ns := .Release.Namespace }}
+{{- $d := .Values.clusterDomain }}
+{{- $names := list "localhost" (include "gatesvr.cp.name" .) (printf "%s.%s.svc" (include "gatesvr.cp.name" .) $ns) (printf "%s.%s.svc.%s" (include "gatesvr.cp.name" .) $ns $d) (printf "*.%s.%s.svc.%s" (include "gatesvr.cp.headless" .) $ns $d) (printf "*.%s.%s.svc" (include "gatesvr.cp.headless" .) $ns) (printf "%s-push.%s.svc" (include "gatesvr.fullname" .) $ns) (printf "%s-push.%s.svc.%s" (include "gatesvr.fullname" .) $ns $d) (printf "%s-quic.%s.svc.%s" (include "gatesvr.fullname" .) $ns $d) }}
+{{- concat $names .Values.tls.extraDnsNames | uniq | toJson }}
+{{- end }}
+
+{{/* Fails rendering on values that would give a broken cluster. */}}
+{{- define "gatesvr.validate" -}}
+{{- $n := int .Values.controlplane.replicas }}
+{{- if or (lt $n 1) (eq (mod $n 2) 0) }}
+{{- fail (printf "controlplane.replicas must be odd (1, 3, 5, 7): %d would add no fault tolerance over %d and can split votes evenly" $n (sub $n 1)) }}
+{{- end }}
+{{- if le (int .Values.dataplane.terminationGracePeriodSeconds) (int .Values.dataplane.drain.deadlineSeconds) }}
+{{- fail (printf "dataplane.terminationGracePeriodSeconds (%d) must exceed dataplane.drain.deadlineSeconds (%d): the preStop drain counts against the grace period" (int .Values.dataplane.terminationGracePeriodSeconds) (int .Values.dataplane.drain.deadlineSeconds)) }}
+{{- end }}
+{{- if and .Values.dataplane.controlPlane.enabled .Values.dataplane.staticUpstreams }}
+{{- fail "dataplane.staticUpstreams must be empty while dataplane.controlPlane.enabled: a data plane joined to the control plane routes to the upstreams registered there (registration.upstreams, gate-upstream --control-plane)" }}
+{{- end }}
+{{- if and (eq .Values.tls.mode "certManager") (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.issuerRef.name is required when tls.mode is certManager" }}
+{{- end }}
+{{- if and (eq .Values.auth.mode "jwt") (ne .Values.auth.jwt.algorithm "HS256") (not .Values.auth.existingSecret) }}
+{{- fail "auth.existingSecret (key jwt-public-key.pem) is required for auth.jwt.algorithm RS256/ES256" }}
+{{- end }}
+{{- end }}
+
+{{/* Restricted container security context plus the pod-level one, shared by all pods. */}}
+{{- define "gatesvr.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext }}
+{{- end }}
+{{- define "gatesvr.securityContext" -}}
+{{- toYaml .Values.securityContext }}
+{{- end }}
+
+{{/* Preferred or required anti-affinity across nodes: (dict "ctx" $ "component" "x" "mode" "soft"). */}}
+{{- define "gatesvr.antiAffinity" -}}
+{{- if eq .mode "hard" }}
+podAntiAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    - topologyKey: kubernetes.io/hostname
+      labelSelector:
+        matchLabels:
+          {{- include "gatesvr.selectorLabels" (dict "ctx" .ctx "component" .component) | nindent 10 }}
+{{- else if eq .mode "soft" }}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "gatesvr.selectorLabels" (dict "ctx" .ctx "component" .component) | nindent 12 }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,361 @@
+//! Sessions across data-plane nodes under control-plane ownership: takeover by
+//! reconnecting elsewhere, push routing to the owner, fencing, drain, and a
+//! control-plane outage. Each test states the invariants it checks and counts
+//! sent / delivered / duplicates / lost.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gatesvr_proto::client::ResumeStatus;
+use gatesvr_sdk::{Client, Event};
+use gatesvr_tests::cluster::{TestCluster, push};
+use gatesvr_tests::{PATIENCE, eventually};
+
+/// Delivered push contents, in arrival order, plus resume statuses seen.
+#[derive(Default, Debug)]
+struct Log {
+    delivered: Vec<u64>,
+    statuses: Vec<ResumeStatus>,
+    goaways: usize,
+}
+
+impl Log {
+    async fn collect_until(&mut self, client: &Client, total: usize) {
+        while self.delivered.len() < total {
+            let event = tokio::time::timeout(PATIENCE, client.next_event())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no event within the patience; delivered {} of {total}, missing {:?}, statuses {:?}",
+                        self.delivered.len(),
+                        (1..=total as u64).filter(|n| !self.delivered.contains(n)).collect::<Vec<_>>(),
+                        self.statuses
+                    )
+                })
+                .expect("client open");
+            match event {
+                Event::Push(p) => self.delivered.push(p.content.parse().unwrap()),
+                Event::Connected { status, .. } => self.statuses.push(status),
+                Event::ResumeFailed { status, .. } => panic!("resume failed: {status:?}"),
+                Event::GoAway { .. } => self.goaways += 1,
+                Event::Disconnected { .. } => {}
+            }
+        }
+    }
+
+    /// Invariant: every push exactly once, in order (no loss, no duplicate).
+    fn assert_exactly_once(&self, sent: u64) {
+        let expected: Vec<u64> = (1..=sent).collect();
+        assert_eq!(self.delivered.len() as u64, sent, "delivered count");
+        assert_eq!(self.delivered, expected, "in order, no gaps, no duplicates");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_by_reconnecting_elsewhere_loses_nothing() {
+    let cluster = TestCluster::start(3, |_| {}).await;
+    let client = Client::connect(cluster.client_config(0, "alice"))
+        .await
+        .unwrap();
+    let mut log = Log::default();
+    log.collect_until(&client, 0).await;
+    // Pushes enter at node 3; alice's session lives on node 1: routed to the owner.
+    let mut gw = cluster.gateway(2).await;
+    // Node 3 learns the owner from its watch a moment after the Start.
+    let dp3 = cluster.dps[2].node().cluster.clone().unwrap();
+    eventually("node 3 knows alice's owner", || {
+        dp3.view().owners.contains_key("alice")
+    })
+    .await;
+    for n in 1..=100 {
+        let r = gw
+            .push_to_client(push("alice", n))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.node_id, "dp-1", "queued by the owner");
+    }
+    log.collect_until(&client, 50).await;
+    // The load balancer sends the reconnect to node 2, while pushes continue.
+    client.reconnect_to(cluster.dps[1].quic_addr());
+    let pusher = tokio::spawn(async move {
+        for n in 101..=200 {
+            // During the handover a push may briefly find no owner; retry it
+            // (an upstream would), never count it twice.
+            loop {
+                match gw.push_to_client(push("alice", n)).await {
+                    Ok(_) => break,
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(s) => panic!("push {n}: {s}"),
+                }
+            }
+        }
+    });
+    log.collect_until(&client, 200).await;
+    pusher.await.unwrap();
+    log.assert_exactly_once(200);
+    assert!(
+        log.statuses.contains(&ResumeStatus::Resumed),
+        "{:?}",
+        log.statuses
+    );
+    // Single owner: node 2 holds the session, node 1 no longer does.
+    assert!(cluster.dps[1].node().registry.get("alice").is_some());
+    assert!(cluster.dps[0].node().registry.get("alice").is_none());
+    assert_eq!(client.node_id(), "dp-2");
+    // Requests keep their seq numbering across the move.
+    let r = client.request(1, "after move").await.unwrap();
+    assert_eq!(&r.payload[..], b"after move");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epoch_handover_is_fenced() {
+    let cluster = TestCluster::start(2, |_| {}).await;
+    let client = Client::connect(cluster.client_config(0, "bob"))
+        .await
+        .unwrap();
+    client.request(1, "hi").await.unwrap();
+    let epoch = cluster.dps[0]
+        .node()
+        .registry
+        .get("bob")
+        .unwrap()
+        .state
+        .lock()
+        .epoch();
+    assert!(epoch > 0, "claimed in the control plane");
+    // A node acting on an older (or equal) epoch is refused.
+    let mut peer = gatesvr_proto::peer::peer_client::PeerClient::connect(format!(
+        "http://{}",
+        cluster.dps[0].grpc_addr()
+    ))
+    .await
+    .unwrap();
+    let refused = peer
+        .handover(gatesvr_proto::peer::HandoverRequest {
+            openid: "bob".into(),
+            session_id: client.session_id(),
+            epoch,
+            new_owner: "dp-2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        cluster.dps[0].node().registry.get("bob").is_some(),
+        "still served by its owner"
+    );
+    client.request(1, "still fine").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_every_session_and_loses_nothing() {
+    let cluster = TestCluster::start(3, |_| {}).await;
+    let users = ["u1", "u2", "u3", "u4", "u5", "u6"];
+    let mut clients = BTreeMap::new();
+    for u in users {
+        clients.insert(
+            u,
+            Client::connect(cluster.client_config(0, u)).await.unwrap(),
+        );
+    }
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=20 {
+        for u in users {
+            gw.push_to_client(push(u, n)).await.unwrap();
+        }
+    }
+    let report = cluster.dps[0].drain().await;
+    assert_eq!(report.sessions_at_start, users.len());
+    assert_eq!(report.staged, users.len(), "{report:?}");
+    // Pushes sent to the draining node after the drain still reach the owners.
+    for n in 21..=40 {
+        for u in users {
+            let r = gw.push_to_client(push(u, n)).await.unwrap().into_inner();
+            assert_ne!(
+                r.node_id, "dp-1",
+                "queued by the successor, not the drained node"
+            );
+        }
+    }
+    for (u, client) in &clients {
+        let mut log = Log::default();
+        log.collect_until(client, 40).await;
+        log.assert_exactly_once(40);
+        assert_eq!(log.goaways, 1, "{u} told to move once");
+        assert_ne!(client.node_id(), "dp-1", "{u} moved off the drained node");
+    }
+    assert!(cluster.dps[0].node().registry.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_outage_keeps_serving_and_reconciles() {
+    let mut cluster = TestCluster::start(2, |_| {}).await;
+    let existing = Client::connect(cluster.client_config(0, "carol"))
+        .await
+        .unwrap();
+    existing.request(1, "before").await.unwrap();
+    cluster.stop_control_plane().await;
+    let c = cluster.dps[0].node().cluster.clone().unwrap();
+    eventually("the node notices the outage", || !c.is_connected()).await;
+
+    // Existing sessions keep working: requests and pushes.
+    existing.request(1, "during").await.unwrap();
+    let mut gw = cluster.gateway(0).await;
+    gw.push_to_client(push("carol", 1)).await.unwrap();
+    let mut log = Log::default();
+    log.collect_until(&existing, 1).await;
+    // New sessions start provisionally.
+    let newcomer = Client::connect(cluster.client_config(1, "dave"))
+        .await
+        .unwrap();
+    newcomer.request(1, "provisional").await.unwrap();
+    assert!(cluster.dps[1].node().provisional.lock().contains("dave"));
+
+    cluster.restart_control_plane().await;
+    let dp2 = cluster.dps[1].node().clone();
+    eventually("the provisional session is claimed", || {
+        dp2.provisional.lock().is_empty()
+    })
+    .await;
+    assert!(dp2.registry.get("dave").unwrap().state.lock().epoch() > 0);
+    newcomer.request(1, "after").await.unwrap();
+}
+
+/// Internal traffic over mTLS: handover and push forwarding between nodes
+/// present certificates; upstreams push with a client certificate or a
+/// bearer token; a caller with neither is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_grpc_runs_over_mtls_with_a_token_option_for_upstreams() {
+    use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("push-token");
+    std::fs::write(&token_file, "push-s3cret\n").unwrap();
+    let token_path = token_file.clone();
+    let cluster = TestCluster::start(2, move |c| {
+        let certs = c.server.cert_file.parent().unwrap().to_path_buf();
+        c.server.grpc_tls = Some(gatesvr_common::tls::TlsFiles::dev_server(&certs));
+        c.server.push_token_file = Some(token_path.clone());
+    })
+    .await;
+    let certs = cluster.dir.certs();
+    let addr = |i: usize| format!("https://{}", cluster.dps[i].grpc_addr());
+
+    // Takeover between the nodes (Peer.Handover over mTLS) loses nothing.
+    let client = Client::connect(cluster.client_config(0, "tls-user"))
+        .await
+        .unwrap();
+    let with_cert = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(certs.join("ca.crt")).unwrap(),
+        ))
+        .identity(tonic::transport::Identity::from_pem(
+            std::fs::read(certs.join("client.crt")).unwrap(),
+            std::fs::read(certs.join("client.key")).unwrap(),
+        ))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(addr(1))
+        .unwrap()
+        .tls_config(with_cert)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut gw = GatewayServiceClient::new(channel);
+    let dp2 = cluster.dps[1].node().cluster.clone().unwrap();
+    eventually("node 2 knows the owner", || {
+        dp2.view().owners.contains_key("tls-user")
+    })
+    .await;
+    for n in 1..=5 {
+        // Enters at node 2, forwarded to node 1 over mTLS.
+        gw.push_to_client(push("tls-user", n)).await.unwrap();
+    }
+    let mut log = Log::default();
+    log.collect_until(&client, 5).await;
+    client.reconnect_to(cluster.dps[1].quic_addr());
+    for n in 6..=10 {
+        loop {
+            match gw.push_to_client(push("tls-user", n)).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(s) => panic!("push {n}: {s}"),
+            }
+        }
+    }
+    log.collect_until(&client, 10).await;
+    log.assert_exactly_once(10);
+    assert_eq!(client.node_id(), "dp-2");
+
+    // An upstream without a certificate: the token works, nothing else does.
+    let ca_only = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(certs.join("ca.crt")).unwrap(),
+        ))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(addr(1))
+        .unwrap()
+        .tls_config(ca_only)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut anonymous = GatewayServiceClient::new(channel.clone());
+    let refused = anonymous
+        .push_to_client(push("tls-user", 11))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut with_token = tonic::Request::new(push("tls-user", 11));
+    with_token
+        .metadata_mut()
+        .insert("authorization", "Bearer push-s3cret".parse().unwrap());
+    GatewayServiceClient::new(channel.clone())
+        .push_to_client(with_token)
+        .await
+        .unwrap();
+    let mut wrong = tonic::Request::new(push("tls-user", 12));
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer guess".parse().unwrap());
+    assert_eq!(
+        GatewayServiceClient::new(channel.clone())
+            .push_to_client(wrong)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+    // The Peer service never takes a token: session state needs a certificate.
+    let mut peer = gatesvr_proto::peer::peer_client::PeerClient::new(channel);
+    let mut handover = tonic::Request::new(gatesvr_proto::peer::HandoverRequest {
+        openid: "tls-user".into(),
+        ..Default::default()
+    });
+    handover
+        .metadata_mut()
+        .insert("authorization", "Bearer push-s3cret".parse().unwrap());
+    assert_eq!(
+        peer.handover(handover).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    // Plaintext is refused outright.
+    let plain = Endpoint::from_shared(format!("http://{}", cluster.dps[1].grpc_addr()))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        assert!(
+            GatewayServiceClient::new(channel)
+                .push_to_client(push("tls-user", 13))
+                .await
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! `gate-upstream`: GateSvr's demo upstream service, and the example upstream
+//! teams start from.
+//!
+//! It serves `gatesvr.upstream.v1.UpstreamService` for one zone: each client
+//! request's payload is a small text command (`echo`, `whoami`, `join`,
+//! `leave`, `say`, `broadcast`; see [`commands`]); `say` and `broadcast` push
+//! to clients through the gateway's `GatewayService`. It also serves
+//! `grpc.health.v1` (NOT_SERVING until ready and while shutting down), which
+//! gateways use to take instances in and out of rotation, and, given a control
+//! plane, keeps itself registered there.
+//!
+//! It does not persist anything: rooms live in memory, per instance.
+//!
+//! ```text
+//!  client ─QUIC─▶ gateway ──ProcessRequest──▶ gate-upstream ──(say)──▶ gateway.PushToClient ─▶ members
+//!                    ▲        Health/Check ◀─┘      │
+//!                    │                              └─Register/Heartbeat──▶ control plane
+//!                    └──── Watch(upstreams) ◀──────────────────────────────────┘
+//! ```
+//!
+//! # Layout
+//! - [`run`] — the server as a library function; `src/bin/gate-upstream.rs` only
+//!   parses flags, binds and waits for Ctrl-C / SIGTERM.
+//! - [`config`] — flags.
+//! - [`commands`] — the request language (pure parsing) and `app_code`s.
+//! - [`service`] — the `UpstreamService` implementation.
+//! - [`rooms`] — chat-room membership.
+//! - [`registration`] — control-plane lease upkeep.
+
+#![forbid(unsafe_code)]
+
+pub mod commands;
+pub mod config;
+pub mod registration;
+pub mod rooms;
+pub mod service;
+
+use std::future::Future;
+
+use gatesvr_proto::upstream::upstream_service_server::UpstreamServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::ServingStatus;
+
+pub use config::Config;
+pub use service::DemoUpstream;
+
+/// Why the upstream could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--gateway` or `--control-plane` is not a usable `host:port`.
+    #[error("invalid {flag} address {addr:?}")]
+    InvalidAddress {
+        /// The flag.
+        flag: &'static str,
+        /// Its value.
+        addr: String,
+    },
+    /// The TLS files could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] gatesvr_common::tls::TlsError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener has no local address.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains: reports
+/// NOT_SERVING, deregisters, waits `drain_delay`, and finishes in-flight
+/// requests before returning.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let local_addr = listener.local_addr()?;
+    let gateway = channel(&cfg, "--gateway", &cfg.gateway)?;
+    let demo = DemoUpstream::new(
+        cfg.zone.clone(),
+        cfg.service_name.clone(),
+        gateway,
+        cfg.push_timeout,
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+
+    let mut server = Server::builder();
+    if let Some(tls) = cfg.tls() {
+        server = server.tls_config(gatesvr_common::tls::tonic_server_tls(&tls)?)?;
+    }
+    let stop = CancellationToken::new();
+    let serving = server
+        .add_service(health_service)
+        .add_service(UpstreamServiceServer::new(demo.clone()))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.clone().cancelled_owned());
+    let mut serving = tokio::spawn(serving);
+
+    // Ready: the listener is accepting and the handler needs nothing else.
+    set_health(&health, ServingStatus::Serving).await;
+    demo.set_serving(true);
+    tracing::info!(zone = %cfg.zone, addr = %local_addr, gateway = %cfg.gateway, "gate-upstream serving");
+
+    let registration_stop = CancellationToken::new();
+    let registration = match &cfg.control_plane {
+        Some(addr) => {
+            let registration = registration::Registration {
+                zone: cfg.zone.clone(),
+                address: cfg
+                    .advertise_addr
+                    .clone()
+                    .unwrap_or_else(|| local_addr.to_string()),
+                service_name: cfg.service_name.clone(),
+                lease_ttl: cfg.lease_ttl,
+            };
+            let channel = channel(&cfg, "--control-plane", addr)?;
+            Some(tokio::spawn(registration::run(
+                channel,
+                registration,
+                registration_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+
+    // Serve until asked to stop, or until the server fails on its own.
+    let early_exit = tokio::select! {
+        _ = shutdown => None,
+        result = &mut serving => Some(result),
+    };
+    if let Some(result) = early_exit {
+        registration_stop.cancel();
+        return flatten(result);
+    }
+
+    tracing::info!("shutting down: NOT_SERVING, deregistering, draining");
+    set_health(&health, ServingStatus::NotServing).await;
+    demo.set_serving(false);
+    registration_stop.cancel();
+    if let Some(task) = registration {
+        // Bounded by the deregistration call's own timeout.
+        let _ = task.await;
+    }
+    tokio::time::sleep(cfg.drain_delay).await;
+    stop.cancel();
+    flatten(serving.await)
+}
+
+/// Sets the overall ("") and the UpstreamService status together.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    use tonic::server::NamedService;
+    let service = <UpstreamServiceServer<DemoUpstream> as NamedService>::NAME;
+    health.set_service_status("", status).await;
+    health.set_service_status(service, status).await;
+}
+
+/// A lazily connected channel to `addr` (TLS when configured): the peer may
+/// start later, and connections are re-established on demand.
+fn channel(cfg: &Config, flag: &'static str, addr: &str) -> Result<Channel, Error> {
+    let invalid = || Error::InvalidAddress {
+        flag,
+        addr: addr.to_owned(),
+    };
+    let tls = if flag == "--control-plane" {
+        cfg.cp_tls()
+    } else {
+        cfg.tls()
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|_| invalid())?;
+    if endpoint.uri().port_u16().is_none() {
+        return Err(invalid());
+    }
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(gatesvr_common::tls::tonic_client_tls(
+            &tls,
+            &cfg.tls_server_name,
+        )?)?;
+    }
+    Ok(endpoint
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+fn flatten(
+    joined: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), Error> {
+    match joined {
+        Ok(result) => Ok(result?),
+        Err(join) => Err(Error::Io(std::io::Error::other(join))),
+    }
+}

@@ -1,0 +1,197 @@
+//! Keeping this instance in the control plane's registry: register with a
+//! lease, heartbeat it, re-register if the lease was lost, deregister on
+//! shutdown. Serving never waits for any of it: an unreachable control plane
+//! only means retries with backoff.
+//!
+//! ```text
+//!   ┌──────────┐ ok  ┌────────────┐ NOT_FOUND (lease lost)
+//!   │ register ├────▶│ heartbeat  ├───────────┐
+//!   └────▲─────┘     └─────┬──────┘           │
+//!        │ error: backoff  │ every interval   │
+//!        └─────────────────┴──────────────────┘
+//!   shutdown ──▶ deregister (best effort, bounded)
+//! ```
+
+use std::time::Duration;
+
+use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
+use gatesvr_proto::control::{
+    DeregisterUpstreamRequest, HeartbeatUpstreamRequest, RegisterUpstreamRequest,
+};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Deadline of one control-plane call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What to register.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Zone served.
+    pub zone: String,
+    /// Address gateways should dial.
+    pub address: String,
+    /// Reported service name.
+    pub service_name: String,
+    /// Requested lease.
+    pub lease_ttl: Duration,
+}
+
+/// Registers and heartbeats until `cancel` fires, then deregisters.
+pub async fn run(channel: Channel, registration: Registration, cancel: CancellationToken) {
+    let mut client = ControlPlaneClient::new(channel);
+    let mut backoff = Backoff::default();
+    // The instance id and heartbeat interval, once registered.
+    let mut registered: Option<(String, Duration)> = None;
+    loop {
+        let wait = match &registered {
+            None => {
+                // Shutdown does not wait for a registration attempt; a lease
+                // granted to an abandoned attempt simply expires.
+                let attempt = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    attempt = register(&mut client, &registration) => attempt,
+                };
+                match attempt {
+                    Ok((id, interval)) => {
+                        tracing::info!(instance_id = %id, zone = %registration.zone,
+                            address = %registration.address, "registered with the control plane");
+                        registered = Some((id, interval));
+                        backoff.reset();
+                        interval
+                    }
+                    Err(status) => {
+                        let wait = backoff.next();
+                        tracing::warn!(%status, retry_in = ?wait, "control plane registration failed");
+                        wait
+                    }
+                }
+            }
+            Some((id, interval)) => match heartbeat(&mut client, id).await {
+                Ok(()) => {
+                    backoff.reset();
+                    *interval
+                }
+                Err(status) if status.code() == Code::NotFound => {
+                    tracing::warn!(instance_id = %id, "lease lost; registering again");
+                    registered = None;
+                    Duration::ZERO
+                }
+                Err(status) => {
+                    // Keep the id: the lease may still be alive, and the next
+                    // heartbeat says whether it is.
+                    let wait = backoff.next();
+                    tracing::warn!(%status, retry_in = ?wait, "heartbeat failed");
+                    wait
+                }
+            },
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    if let Some((id, _)) = registered {
+        let request = DeregisterUpstreamRequest {
+            instance_id: id.clone(),
+        };
+        match bounded(client.deregister_upstream(with_timeout(request))).await {
+            Ok(_) => tracing::info!(instance_id = %id, "deregistered from the control plane"),
+            // The lease expires on its own.
+            Err(status) => tracing::warn!(instance_id = %id, %status, "deregistration failed"),
+        }
+    }
+}
+
+/// Registers; returns the instance id and how often to heartbeat.
+async fn register(
+    client: &mut ControlPlaneClient<Channel>,
+    registration: &Registration,
+) -> Result<(String, Duration), tonic::Status> {
+    let request = RegisterUpstreamRequest {
+        zone: registration.zone.clone(),
+        address: registration.address.clone(),
+        service_name: registration.service_name.clone(),
+        lease_ttl_ms: u32::try_from(registration.lease_ttl.as_millis()).unwrap_or(u32::MAX),
+    };
+    let response = bounded(client.register_upstream(with_timeout(request)))
+        .await?
+        .into_inner();
+    let granted = (response.heartbeat_interval_ms > 0)
+        .then(|| Duration::from_millis(response.heartbeat_interval_ms.into()))
+        .or_else(|| {
+            (response.lease_ttl_ms > 0)
+                .then(|| Duration::from_millis(response.lease_ttl_ms.into()) / 3)
+        });
+    Ok((
+        response.instance_id,
+        heartbeat_interval(registration, granted),
+    ))
+}
+
+async fn heartbeat(
+    client: &mut ControlPlaneClient<Channel>,
+    id: &str,
+) -> Result<(), tonic::Status> {
+    let request = HeartbeatUpstreamRequest {
+        instance_id: id.to_owned(),
+    };
+    bounded(client.heartbeat_upstream(with_timeout(request)))
+        .await
+        .map(|_| ())
+}
+
+/// The server's interval if it gave one, else a third of the requested lease
+/// (two heartbeats may be lost before the lease expires).
+fn heartbeat_interval(registration: &Registration, granted: Option<Duration>) -> Duration {
+    granted
+        .unwrap_or(registration.lease_ttl / 3)
+        .max(Duration::from_millis(100))
+}
+
+/// Enforces [`CALL_TIMEOUT`] locally: `grpc-timeout` only informs the server,
+/// and a connect to an unreachable address can take longer.
+async fn bounded<T>(
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(
+                "control plane call timed out",
+            ))
+        })
+}
+
+/// A request carrying [`CALL_TIMEOUT`] as its deadline.
+fn with_timeout<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(CALL_TIMEOUT);
+    request
+}
+
+/// Exponential backoff with ±20% jitter, so a fleet of upstreams restarted
+/// together does not retry in lockstep.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let base = MIN_BACKOFF
+            .saturating_mul(1 << self.failures.min(10))
+            .min(MAX_BACKOFF);
+        self.failures = self.failures.saturating_add(1);
+        base.mul_f64(rand::rng().random_range(0.8..1.2))
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
