@@ -127,6 +127,11 @@ pub struct ServerConfig {
     /// clients reach nodes only through a load balancer (the session then
     /// follows the client to whichever node it lands on). Default true.
     pub drain_redirect: bool,
+    /// Directory with the QUIC/TLS keys every node of the deployment shares
+    /// (files `stateless-reset-key`, `token-key`, `ticket-keys`; see
+    /// `quic_keys`): any node can then reset a dead node's connections at once
+    /// and resume its clients' TLS sessions. Unset: per-process random keys.
+    pub shared_keys_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -158,6 +163,7 @@ impl Default for ServerConfig {
             grpc_tls: None,
             push_token_file: None,
             grpc_server_name: "localhost".into(),
+            shared_keys_dir: None,
         }
     }
 }
@@ -360,6 +366,10 @@ impl Validate for DataPlaneConfig {
             }
             require_file("server.push_token_file", file)?;
         }
+        if let Some(dir) = &s.shared_keys_dir {
+            crate::quic_keys::SharedKeys::load(dir)
+                .map_err(|e| ConfigError::key("server.shared_keys_dir", e))?;
+        }
         if s.drain_rate == 0 {
             return Err(ConfigError::key("server.drain_rate", "must be at least 1"));
         }
@@ -549,6 +559,18 @@ mod tests {
         let yaml = base.replace("server:\n", "server:\n  ack_timeout: soon\n");
         let err = load(&yaml).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("server.ack_timeout"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_shared_keys_dir_names_the_key_and_the_file() {
+        let (d, base) = with_certs("");
+        let yaml = base.replace(
+            "server:\n",
+            &format!("server:\n  shared_keys_dir: {}/keys\n", d.path().display()),
+        );
+        let err = load(&yaml).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.shared_keys_dir"), "{err}");
+        assert!(err.to_string().contains("stateless-reset-key"), "{err}");
     }
 
     #[test]

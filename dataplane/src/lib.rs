@@ -37,6 +37,7 @@ pub mod node;
 pub mod peer;
 pub mod perf;
 pub mod quic;
+pub mod quic_keys;
 pub mod registry;
 pub mod replica;
 pub mod session;

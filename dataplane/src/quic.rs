@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicServerConfig;
+use quinn_proto::HashedConnectionIdGenerator;
 use tokio::sync::Semaphore;
 
 use crate::config::ServerConfig;
 use crate::node::Node;
+use crate::quic_keys::SharedKeys;
 
 /// Transport settings for client connections.
 ///
@@ -35,8 +37,29 @@ pub fn transport_config(server: &ServerConfig) -> quinn::TransportConfig {
     t
 }
 
+/// Reads `server.shared_keys_dir`, if set.
+pub fn shared_keys(server: &ServerConfig) -> Result<Option<SharedKeys>, String> {
+    server
+        .shared_keys_dir
+        .as_deref()
+        .map(|dir| SharedKeys::load(dir).map_err(|e| format!("server.shared_keys_dir: {e}")))
+        .transpose()
+}
+
 /// Builds the server endpoint config from the node's certificate.
+///
+/// TLS 1.3 session tickets are stateless (no per-process cache to outgrow);
+/// with shared keys any node decrypts them, and address-validation tokens
+/// are accepted by every node too.
 pub fn server_config(server: &ServerConfig) -> Result<quinn::ServerConfig, String> {
+    build_server_config(server, shared_keys(server)?.as_ref())
+}
+
+/// The TLS half of [`server_config`]: certificate, ALPN, session tickets.
+pub fn tls_config(
+    server: &ServerConfig,
+    keys: Option<&SharedKeys>,
+) -> Result<rustls::ServerConfig, String> {
     let files = gatesvr_common::tls::TlsFiles {
         cert_file: server.cert_file.clone(),
         key_file: server.key_file.clone(),
@@ -44,21 +67,59 @@ pub fn server_config(server: &ServerConfig) -> Result<quinn::ServerConfig, Strin
     };
     let mut tls = gatesvr_common::tls::server_config(&files).map_err(|e| e.to_string())?;
     tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    tls.ticketer = match keys {
+        Some(keys) => keys.ticketer(),
+        None => rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?,
+    };
+    Ok(tls)
+}
+
+fn build_server_config(
+    server: &ServerConfig,
+    keys: Option<&SharedKeys>,
+) -> Result<quinn::ServerConfig, String> {
+    let tls = tls_config(server, keys)?;
+    let crypto = Arc::new(QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?);
+    let mut config = match keys {
+        Some(keys) => quinn::ServerConfig::new(crypto, keys.token_key()),
+        None => quinn::ServerConfig::with_crypto(crypto),
+    };
     config.transport_config(Arc::new(transport_config(server)));
     Ok(config)
 }
 
 /// Binds the QUIC endpoint.
+///
+/// With shared keys, the stateless-reset key and the connection-ID generator
+/// come from them (PITFALLS §1: a node must recognise another node's CIDs to
+/// reset them), and resets are rate-limited less, because after a node dies
+/// every one of its clients deserves a prompt reset.
 pub fn bind(server: &ServerConfig) -> Result<quinn::Endpoint, String> {
     let addr: SocketAddr = server
         .quic_addr
         .parse()
         .map_err(|_| format!("server.quic_addr `{}` is not ip:port", server.quic_addr))?;
-    quinn::Endpoint::server(server_config(server)?, addr)
+    let keys = shared_keys(server)?;
+    let config = build_server_config(server, keys.as_ref())?;
+    let Some(keys) = keys else {
+        return quinn::Endpoint::server(config, addr)
+            .map_err(|e| format!("cannot bind QUIC on {addr}: {e}"));
+    };
+    let mut endpoint = quinn::EndpointConfig::new(keys.reset_key());
+    let cid_key = keys.cid_key();
+    endpoint
+        .cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)))
+        .min_reset_interval(SHARED_KEY_RESET_INTERVAL);
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|e| format!("cannot bind QUIC on {addr}: {e}"))?;
+    let runtime = quinn::default_runtime().ok_or("no async runtime for QUIC")?;
+    quinn::Endpoint::new(endpoint, Some(config), socket, runtime)
         .map_err(|e| format!("cannot bind QUIC on {addr}: {e}"))
 }
+
+/// Minimum interval between stateless resets with shared keys (quinn's
+/// default, 20 ms, answers only ~50 of a dead node's clients per second).
+const SHARED_KEY_RESET_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Accepts connections until the endpoint closes.
 ///
