@@ -9,6 +9,7 @@
 
 mod chart;
 mod client;
+mod peers;
 mod report;
 mod scenarios;
 mod servers;
@@ -100,6 +101,8 @@ enum Cmd {
     Failover,
     /// Every scenario in order, one report each.
     All,
+    /// GateSvr side by side with NATS, Mosquitto and etcd (docs/benchmarks.md "Peers").
+    Peers(peers::PeersArgs),
     /// Renders results (JSON lines or array from --json) as an SVG bar chart of ratios.
     Chart { input: PathBuf },
     /// Internal: a server process (data plane, baselines, control plane).
@@ -172,6 +175,11 @@ fn real_main(cli: Cli) -> Result<i32> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Cmd::Peers(args) = &cli.cmd {
+        let code = peers::main(&rt, &o, args, cli.json, &machine())?;
+        rt.shutdown_timeout(Duration::from_secs(2));
+        return Ok(code);
+    }
     let names: Vec<&str> = match cli.cmd {
         Cmd::Rtt => vec!["rtt"],
         Cmd::Throughput => vec!["throughput"],
@@ -187,7 +195,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             "broadcast",
             "claims",
         ],
-        Cmd::Failover | Cmd::Chart { .. } | Cmd::Serve { .. } => unreachable!("handled above"),
+        Cmd::Failover | Cmd::Chart { .. } | Cmd::Serve { .. } | Cmd::Peers(_) => {
+            unreachable!("handled above")
+        }
     };
     let mut failed = false;
     for name in names {

@@ -118,7 +118,7 @@ impl Cluster {
 }
 
 /// `clients` callers, each ClaimSessions with `per_call` claims in a closed loop.
-async fn claim_load(
+pub async fn claim_load(
     o: &Opts,
     addr: SocketAddr,
     clients: usize,
@@ -213,9 +213,9 @@ fn fsync_loop(path: &Path, batch: usize, warmup: Duration, window: Duration) -> 
     Ok((n as f64 / window.as_secs_f64(), lat))
 }
 
-struct Etcd {
+pub struct Etcd {
     procs: Vec<ServerProcLike>,
-    client_addrs: Vec<SocketAddr>,
+    pub client_addrs: Vec<SocketAddr>,
 }
 
 /// An etcd member (a plain child process; killed on drop).
@@ -241,7 +241,7 @@ fn find_etcd() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-async fn start_etcd(o: &Opts, bin: &Path, dir: &Path) -> Result<Etcd> {
+pub async fn start_etcd(o: &Opts, bin: &Path, dir: &Path) -> Result<Etcd> {
     let mut peers = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..3 {
