@@ -17,7 +17,7 @@
 //!  session ──forward(req)──▶ UpstreamRouter
 //!                              │ 1. zone lookup            ─▶ UnknownZone
 //!                              │ 2. node-wide semaphore     ─▶ Overloaded (no waiting)
-//!                              │ 3. Balancer::pick (p2c)    ─▶ NoInstances
+//!                              │ 3. Balancer::pick (p2c; all instances if none is available) ─▶ NoInstances
 //!                              │ 4. ProcessRequest, grpc-timeout + local timeout
 //!                              ▼
 //!                          Channel ──HTTP/2──▶ upstream instance
@@ -254,6 +254,12 @@ impl UpstreamRouter {
         let Some(picked) = picked else {
             return Err(ForwardError::NoInstances { zone: req.zone });
         };
+        if picked.panic {
+            self.metrics
+                .panic_routed
+                .with_label_values(&[&req.zone])
+                .inc();
+        }
         // Reports the outcome to the balancer when dropped, also if this future
         // is dropped mid-call (then as Neutral).
         let mut in_flight = InFlight {

@@ -122,6 +122,8 @@ pub struct Pick<T> {
     pub addr: Arc<str>,
     /// The caller's value for this instance.
     pub value: T,
+    /// No instance was available: chosen among all of them (panic routing).
+    pub panic: bool,
 }
 
 /// Snapshot of one instance.
@@ -246,11 +248,21 @@ impl<T: Clone> Balancer<T> {
     }
 
     /// Chooses an instance for one request and counts it as outstanding, or
-    /// `None` when no instance is available.
+    /// `None` when the zone has no instance at all.
+    ///
+    /// When every instance is unhealthy or ejected the zone is in *panic*
+    /// (Envoy's panic threshold): the request goes to any instance rather
+    /// than failing outright, because a whole zone failing its checks at once
+    /// is more often the checker's problem (a starved node, a slow check)
+    /// than every instance's. [`Pick::panic`] says so, for a metric.
     pub fn pick(&mut self, now: Instant, rng: &mut impl Rng) -> Option<Pick<T>> {
-        let available: Vec<usize> = (0..self.endpoints.len())
+        let mut available: Vec<usize> = (0..self.endpoints.len())
             .filter(|&i| self.endpoints[i].is_available(now))
             .collect();
+        let panic = available.is_empty();
+        if panic {
+            available = (0..self.endpoints.len()).collect();
+        }
         let chosen = match available.len() {
             0 => return None,
             1 => available[0],
@@ -275,6 +287,7 @@ impl<T: Clone> Balancer<T> {
             id: endpoint.id,
             addr: endpoint.addr.clone(),
             value: endpoint.value.clone(),
+            panic,
         })
     }
 

@@ -26,6 +26,9 @@ pub(crate) struct Metrics {
     pub instances: IntGaugeVec,
     /// `gatesvr_upstream_inflight`.
     pub inflight: IntGauge,
+    /// `gatesvr_upstream_panic_routed_total{zone}`: requests sent while no
+    /// instance of the zone was available (every one unhealthy or ejected).
+    pub panic_routed: IntCounterVec,
 }
 
 impl Metrics {
@@ -56,6 +59,14 @@ impl Metrics {
             "gatesvr_upstream_inflight",
             "Upstream requests in flight on this node.",
         )?;
+        let panic_routed = IntCounterVec::new(
+            Opts::new(
+                "gatesvr_upstream_panic_routed_total",
+                "Requests routed to any instance because none of the zone was available.",
+            ),
+            &["zone"],
+        )?;
+        registry.register(Box::new(panic_routed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(instances.clone()))?;
@@ -65,6 +76,7 @@ impl Metrics {
             duration,
             instances,
             inflight,
+            panic_routed,
         })
     }
 

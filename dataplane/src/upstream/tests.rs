@@ -341,7 +341,7 @@ async fn concurrency_cap_refuses_without_waiting() {
 #[tokio::test]
 async fn health_checks_take_instances_out_and_back() {
     let up = serve("up", Mode::Echo).await;
-    let (router, _registry) = router(test_config());
+    let (router, registry) = router(test_config());
     router.set_zone_instances("001", vec![up.instance()]);
 
     up.health
@@ -352,8 +352,17 @@ async fn health_checks_take_instances_out_and_back() {
         router.instances("001").unwrap()[0].state,
         InstanceState::Unhealthy
     );
-    let err = router.forward(request("001", "x")).await.unwrap_err();
-    assert!(matches!(err, ForwardError::NoInstances { .. }), "{err}");
+    // Its only instance failing checks puts the zone in panic: the request
+    // is still tried (Envoy's panic threshold) and counted.
+    let response = router.forward(request("001", "x")).await.unwrap();
+    assert_eq!(response.payload, b"up:x");
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(
+        text.contains("gatesvr_upstream_panic_routed_total{zone=\"001\"} 1"),
+        "{text}"
+    );
 
     up.health
         .set_service_status("", tonic_health::ServingStatus::Serving)

@@ -223,7 +223,7 @@ fn health_checks_take_instances_out_and_back() {
 }
 
 #[test]
-fn all_unhealthy_zone_has_no_pick() {
+fn all_unhealthy_zone_panics_to_every_instance() {
     let now = Instant::now();
     let mut b = zone(2);
     for (id, _, _) in b.targets() {
@@ -231,8 +231,27 @@ fn all_unhealthy_zone_has_no_pick() {
         b.record_check(id, false);
     }
     assert_eq!(b.count(InstanceState::Unhealthy, now), 2);
-    assert!(b.pick(now, &mut rng()).is_none());
-    assert!(zone(0).pick(now, &mut rng()).is_none());
+    let mut seen = [false; 2];
+    let mut rng = rng();
+    for _ in 0..50 {
+        let pick = b.pick(now, &mut rng).expect("panic routing picks");
+        assert!(pick.panic);
+        seen[pick.value] = true;
+        b.finish(pick.id, Outcome::Success, now);
+    }
+    assert_eq!(seen, [true, true], "spread over every instance");
+    // One healthy instance again: no panic, only it is picked.
+    b.record_check(b.targets()[1].0, true);
+    for _ in 0..20 {
+        let pick = b.pick(now, &mut rng).unwrap();
+        assert!(!pick.panic);
+        assert_eq!(pick.value, 1);
+        b.finish(pick.id, Outcome::Success, now);
+    }
+    assert!(
+        zone(0).pick(now, &mut rng).is_none(),
+        "an empty zone has none"
+    );
 }
 
 #[test]
