@@ -209,12 +209,7 @@ impl ProcessCluster {
 
         // Ready: every data plane answers /ready and routes every zone.
         for i in 0..3 {
-            let http = cluster.http(i);
-            wait_for("data plane ready", async || {
-                tokio::net::TcpStream::connect(http).await.is_ok()
-                    && http_get(http, "/ready").await.0 == 200
-            })
-            .await;
+            cluster.wait_dp_ready(i).await;
         }
         cluster
     }
@@ -237,6 +232,42 @@ impl ProcessCluster {
             .spawn()
             .expect("spawn data plane");
         dp.proc = Some(Proc(child));
+    }
+
+    /// Waits for /ready of data plane `i`; if it exits or never gets ready,
+    /// fails with the end of its log (the test directory is gone afterwards).
+    async fn wait_dp_ready(&mut self, i: usize) {
+        let http = self.http(i);
+        let log = self
+            .dir
+            .dir
+            .path()
+            .join(format!("{}.log", self.dps[i].name));
+        let tail = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+        let mut last = (0, String::new());
+        loop {
+            if let Some(status) = self.dps[i].proc.as_mut().unwrap().0.try_wait().unwrap() {
+                panic!("data plane {i} exited ({status}); its log:\n{}", tail());
+            }
+            if tokio::net::TcpStream::connect(http).await.is_ok() {
+                last = http_get(http, "/ready").await;
+                if last.0 == 200 {
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "data plane {i} never ready (last /ready: {last:?}); its log:\n{}",
+                    tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn quic(&self, i: usize) -> std::net::SocketAddr {
