@@ -87,6 +87,14 @@ pub fn router(state: AdminState, auth: auth::Auth) -> Router {
         .route("/v1/cluster/voters/{id}", post(promote))
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route("/v1/cluster/snapshot", post(trigger_snapshot))
+        .route("/v1/cluster/backup", post(export_backup))
+        .route(
+            "/v1/cluster/restore",
+            // A backup is far larger than any JSON request (the 2 MiB default).
+            post(import_backup).layer(axum::extract::DefaultBodyLimit::max(
+                crate::backup::MAX_PAYLOAD_BYTES + (1 << 20),
+            )),
+        )
         .route_layer(axum::middleware::from_fn_with_state(auth, auth::require));
     Router::new()
         .route("/healthz", get(healthz))
@@ -126,6 +134,7 @@ fn status_name(s: NodeStatus) -> &'static str {
         NodeStatus::Active => "active",
         NodeStatus::Draining => "draining",
         NodeStatus::Dead => "dead",
+        NodeStatus::Left => "left",
     }
 }
 
@@ -457,6 +466,89 @@ async fn trigger_snapshot(State(s): State<AdminState>) -> ApiResult<Done> {
     Ok(Json(Done { ok: true }))
 }
 
+#[utoipa::path(post, path = "/v1/cluster/backup",
+    responses((status = 200, description = "a backup file (docs/operations.md, `controlplane/src/backup.rs`)", content_type = "application/octet-stream"),
+        (status = 503, body = ApiError)), security(("bearer" = [])))]
+/// A consistent backup of the replicated state: after a linearizable barrier (it covers every
+/// write committed before the request), the state, its last applied log id and the membership
+/// are read together under the state machine's lock. Any node serves it.
+async fn export_backup(State(s): State<AdminState>) -> Result<Response, Error> {
+    s.node.linearizable_barrier().await?;
+    let leader = s.node.leader().map(|(id, _)| id);
+    let (state, source) = {
+        let inner = s.node.sm().read();
+        (
+            inner.state.clone(),
+            crate::backup::Source {
+                created_at_ms: crate::node::now_ms(),
+                served_by: s.node.id(),
+                leader,
+                last_applied: inner.last_applied,
+                membership: inner.membership.clone(),
+            },
+        )
+    };
+    let bytes = crate::backup::encode(source, &state).map_err(|e| Error::Raft(e.to_string()))?;
+    tracing::info!(
+        bytes = bytes.len(),
+        upstreams = state.upstreams.len(),
+        owners = state.owners.len(),
+        "backup exported"
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
+#[utoipa::path(post, path = "/v1/cluster/restore",
+    request_body(content = Vec<u8>, description = "a backup file", content_type = "application/octet-stream"),
+    responses((status = 200, body = RestoreReply), (status = 400, body = ApiError), (status = 503, body = ApiError)),
+    security(("bearer" = [])))]
+/// Restores a backup through one raft entry. Merges into the running state (records it
+/// already has win; nothing is deleted) and moves epochs past both. Meant for a freshly
+/// bootstrapped cluster after a disaster (docs/operations.md).
+async fn import_backup(
+    State(s): State<AdminState>,
+    body: axum::body::Bytes,
+) -> ApiResult<RestoreReply> {
+    let b = crate::backup::decode(&body).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let checksum = b.header.payload_sha256.clone();
+    let r = write_one(
+        &s.node,
+        Cmd::Restore {
+            state: Box::new(b.state),
+            checksum: checksum.clone(),
+        },
+    )
+    .await?;
+    match r {
+        CmdResult::Restored {
+            upstreams,
+            nodes,
+            owners,
+            failovers,
+            skipped,
+            last_epoch,
+        } => {
+            tracing::info!(upstreams, nodes, owners, failovers, skipped, last_epoch, %checksum, "backup restored");
+            Ok(Json(RestoreReply {
+                upstreams,
+                nodes,
+                owners,
+                failovers,
+                skipped,
+                last_epoch,
+                backup_last_applied_index: b.header.last_applied.map(|l| l.index),
+                backup_created_at_ms: b.header.created_at_ms,
+                checksum,
+            }))
+        }
+        other => Err(Error::Raft(format!("unexpected {other:?}"))),
+    }
+}
+
 struct BearerScheme;
 
 impl utoipa::Modify for BearerScheme {
@@ -475,7 +567,8 @@ impl utoipa::Modify for BearerScheme {
 #[openapi(
     info(title = "GateSvr control plane admin API", description = "Zones, upstreams, data-plane nodes, sessions and the raft cluster."),
     paths(healthz, readyz, list_zones, list_upstreams, register_upstream, deregister_upstream, list_nodes,
-        drain_node, get_session, cluster_status, add_learner, promote, remove_member, trigger_snapshot),
+        drain_node, get_session, cluster_status, add_learner, promote, remove_member, trigger_snapshot,
+        export_backup, import_backup),
     modifiers(&BearerScheme)
 )]
 pub struct AdminApiDoc;

@@ -20,6 +20,7 @@ pub fn node_state(s: NodeStatus) -> pb::NodeState {
         NodeStatus::Active => pb::NodeState::Active,
         NodeStatus::Draining => pb::NodeState::Draining,
         NodeStatus::Dead => pb::NodeState::Dead,
+        NodeStatus::Left => pb::NodeState::Left,
     }
 }
 

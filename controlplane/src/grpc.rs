@@ -176,6 +176,29 @@ impl ControlPlaneApi for ControlService {
         }
     }
 
+    async fn leave_node(
+        &self,
+        request: Request<pb::LeaveNodeRequest>,
+    ) -> Result<Response<pb::LeaveNodeResponse>, Status> {
+        let req = request.into_inner();
+        validate::ident("node_id", &req.node_id)?;
+        let node_id = req.node_id;
+        match self
+            .one(Cmd::LeaveNode {
+                node_id: node_id.clone(),
+            })
+            .await?
+        {
+            CmdResult::Left { orphaned } => {
+                tracing::info!(node = %node_id, orphaned, "data-plane node left");
+                Ok(Response::new(pb::LeaveNodeResponse {
+                    orphaned_sessions: orphaned,
+                }))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
     type WatchStream = WatchStream;
 
     async fn watch(

@@ -16,6 +16,7 @@
 //! - [`watch`]: recent deltas + broadcast behind the `Watch` stream.
 //! - [`grpc`]: `gatesvr.control.v1.ControlPlane` for data-plane nodes and upstreams.
 //! - [`admin`]: the operator HTTP API (axum) with its OpenAPI document.
+//! - [`backup`]: the backup file format (`gatectl snapshot export` / `import`).
 //! - [`config`]: [`ControlPlaneConfig`] with documented defaults.
 //!
 //! # Flow
@@ -47,6 +48,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backup;
 pub mod batcher;
 pub mod config;
 pub mod convert;

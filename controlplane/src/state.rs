@@ -19,6 +19,13 @@ pub use cmd::{Cmd, CmdError, CmdResult};
 /// How many failover decisions the state keeps (older ones are dropped deterministically).
 pub const FAILOVER_HISTORY: usize = 256;
 
+/// How far a restore moves `last_epoch` past the larger of the backup's and the running
+/// cluster's. Data-plane nodes that outlived the lost cluster may hold sessions at epochs
+/// handed out after the backup was taken; every epoch issued after the restore must be
+/// newer than those for fencing to stay right. 2^32 ownership changes between a backup and
+/// the disaster is far beyond anything real, and u64 epochs leave room for 2^32 restores.
+pub const RESTORE_EPOCH_GAP: u64 = 1 << 32;
+
 /// An upstream registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpstreamRec {
@@ -39,7 +46,17 @@ pub struct UpstreamRec {
 pub enum NodeStatus {
     Active,
     Draining,
+    /// Its lease expired (crash, partition).
     Dead,
+    /// It drained and said goodbye (`LeaveNode`).
+    Left,
+}
+
+impl NodeStatus {
+    /// Holds a lease that can expire (active or draining).
+    pub fn is_live(self) -> bool {
+        matches!(self, NodeStatus::Active | NodeStatus::Draining)
+    }
 }
 
 /// A data-plane node.
@@ -158,6 +175,8 @@ impl State {
                 expected_epoch,
                 to_node,
             } => cx.transfer(openid, *expected_epoch, to_node),
+            Cmd::LeaveNode { node_id } => cx.leave_node(node_id),
+            Cmd::Restore { state, .. } => cx.restore(state),
         }
     }
 
@@ -165,7 +184,7 @@ impl State {
     pub fn has_expired_leases(&self, now_ms: i64) -> bool {
         self.nodes
             .values()
-            .any(|n| n.status != NodeStatus::Dead && n.lease_expires_at_ms < now_ms)
+            .any(|n| n.status.is_live() && n.lease_expires_at_ms < now_ms)
             || self
                 .upstreams
                 .values()
@@ -325,10 +344,15 @@ impl Cx<'_> {
                 reason: "unknown node".into(),
             });
         };
-        if n.status == NodeStatus::Dead {
+        if !n.status.is_live() {
+            let reason = if n.status == NodeStatus::Left {
+                "it left the cluster"
+            } else {
+                "declared dead after its lease expired"
+            };
             return CmdResult::Err(CmdError::NodeNotActive {
                 node_id: node_id.to_string(),
-                reason: "declared dead after its lease expired".into(),
+                reason: reason.into(),
             });
         }
         let changed = draining && n.status == NodeStatus::Active;
@@ -349,10 +373,10 @@ impl Cx<'_> {
         let Some(n) = self.st.nodes.get_mut(node_id) else {
             return not_found(format!("node {node_id}"));
         };
-        if n.status == NodeStatus::Dead {
+        if !n.status.is_live() {
             return CmdResult::Err(CmdError::NodeNotActive {
                 node_id: node_id.to_string(),
-                reason: "already dead".into(),
+                reason: "already dead or left".into(),
             });
         }
         let changed = !n.drain_requested || n.status != NodeStatus::Draining;
@@ -368,7 +392,7 @@ impl Cx<'_> {
             .st
             .nodes
             .values()
-            .filter(|n| n.status != NodeStatus::Dead && n.lease_expires_at_ms < now)
+            .filter(|n| n.status.is_live() && n.lease_expires_at_ms < now)
             .map(|n| n.node_id.clone())
             .collect();
         for id in &dead_nodes {
@@ -376,31 +400,8 @@ impl Cx<'_> {
                 n.status = NodeStatus::Dead;
             }
             self.touch(Key::Node(id.clone()), true);
-            let sessions = self
-                .st
-                .owners
-                .values()
-                .filter(|o| &o.owner_node == id)
-                .count() as u64;
-            self.st.last_failover += 1;
-            let seq = self.st.last_failover;
-            self.st.failovers.insert(
-                seq,
-                FailoverRec {
-                    seq,
-                    failed_node: id.clone(),
-                    decided_at_ms: now,
-                    sessions,
-                    moved_to: BTreeMap::new(),
-                },
-            );
-            self.touch(Key::Failover(seq), true);
-            while self.st.failovers.len() > FAILOVER_HISTORY {
-                if let Some((&oldest, _)) = self.st.failovers.iter().next() {
-                    self.st.failovers.remove(&oldest);
-                    self.touch(Key::Failover(oldest), false);
-                }
-            }
+            let sessions = self.owned_by(id);
+            self.record_failover(id, sessions);
         }
         let dead_upstreams: Vec<String> = self
             .st
@@ -419,6 +420,134 @@ impl Cx<'_> {
         }
     }
 
+    /// How many sessions are recorded as `node_id`'s.
+    fn owned_by(&self, node_id: &str) -> u64 {
+        self.st
+            .owners
+            .values()
+            .filter(|o| o.owner_node == node_id)
+            .count() as u64
+    }
+
+    /// Records that `node_id` is gone with `sessions` still its own (bounded history).
+    fn record_failover(&mut self, node_id: &str, sessions: u64) {
+        self.st.last_failover += 1;
+        let seq = self.st.last_failover;
+        self.st.failovers.insert(
+            seq,
+            FailoverRec {
+                seq,
+                failed_node: node_id.to_string(),
+                decided_at_ms: self.now_ms,
+                sessions,
+                moved_to: BTreeMap::new(),
+            },
+        );
+        self.touch(Key::Failover(seq), true);
+        while self.st.failovers.len() > FAILOVER_HISTORY {
+            if let Some((&oldest, _)) = self.st.failovers.iter().next() {
+                self.st.failovers.remove(&oldest);
+                self.touch(Key::Failover(oldest), false);
+            }
+        }
+    }
+
+    fn leave_node(&mut self, node_id: &str) -> CmdResult {
+        let Some(n) = self.st.nodes.get_mut(node_id) else {
+            return not_found(format!("node {node_id}"));
+        };
+        if n.status == NodeStatus::Left {
+            // A retried leave: same answer.
+            let orphaned = self.owned_by(node_id);
+            return CmdResult::Left { orphaned };
+        }
+        let was_dead = n.status == NodeStatus::Dead;
+        n.status = NodeStatus::Left;
+        n.lease_expires_at_ms = self.now_ms;
+        n.drain_requested = false;
+        self.touch(Key::Node(node_id.to_string()), true);
+        let orphaned = self.owned_by(node_id);
+        // A dead node already has its failover decision.
+        if orphaned > 0 && !was_dead {
+            self.record_failover(node_id, orphaned);
+        }
+        CmdResult::Left { orphaned }
+    }
+
+    fn restore(&mut self, backup: &State) -> CmdResult {
+        let now = self.now_ms;
+        // Versions only move forward, so a watcher never sees one twice.
+        self.st.version = self.st.version.max(backup.version);
+        let mut skipped = 0;
+        let mut upstreams = 0;
+        for (id, u) in &backup.upstreams {
+            if self.st.upstreams.contains_key(id)
+                || self.st.upstream_at(&u.zone, &u.address).is_some()
+            {
+                skipped += 1;
+                continue;
+            }
+            let mut u = u.clone();
+            if u.lease_ttl_ms != 0 {
+                u.lease_expires_at_ms = lease_end(now, u.lease_ttl_ms);
+            }
+            self.st.upstreams.insert(id.clone(), u);
+            self.touch(Key::Upstream(id.clone()), true);
+            upstreams += 1;
+        }
+        let mut nodes = 0;
+        for (id, n) in &backup.nodes {
+            if self.st.nodes.contains_key(id) {
+                skipped += 1;
+                continue;
+            }
+            let mut n = n.clone();
+            // A node alive at the backup gets one lease to heartbeat the new cluster.
+            if n.status.is_live() {
+                n.lease_expires_at_ms = lease_end(now, n.lease_ttl_ms);
+            }
+            n.drain_requested = false;
+            self.st.nodes.insert(id.clone(), n);
+            self.touch(Key::Node(id.clone()), true);
+            nodes += 1;
+        }
+        let mut owners = 0;
+        for (openid, o) in &backup.owners {
+            if self.st.owners.contains_key(openid) {
+                skipped += 1;
+                continue;
+            }
+            self.st.owners.insert(openid.clone(), o.clone());
+            self.touch(Key::Owner(openid.clone()), true);
+            owners += 1;
+        }
+        // Failover history only into an empty one (sequence numbers would interleave).
+        let mut failovers = 0;
+        if self.st.failovers.is_empty() {
+            for (seq, f) in &backup.failovers {
+                self.st.failovers.insert(*seq, f.clone());
+                self.touch(Key::Failover(*seq), true);
+                failovers += 1;
+            }
+            self.st.last_failover = self.st.last_failover.max(backup.last_failover);
+        } else {
+            skipped += backup.failovers.len() as u64;
+        }
+        self.st.last_epoch = self
+            .st
+            .last_epoch
+            .max(backup.last_epoch)
+            .saturating_add(RESTORE_EPOCH_GAP);
+        CmdResult::Restored {
+            upstreams,
+            nodes,
+            owners,
+            failovers,
+            skipped,
+            last_epoch: self.st.last_epoch,
+        }
+    }
+
     /// `Ok(())` if `node_id` may own sessions at this entry's time.
     fn check_owner_node(&self, node_id: &str) -> Result<(), CmdError> {
         let inactive = |reason: &str| CmdError::NodeNotActive {
@@ -428,6 +557,7 @@ impl Cx<'_> {
         match self.st.nodes.get(node_id) {
             None => Err(inactive("unknown node")),
             Some(n) if n.status == NodeStatus::Dead => Err(inactive("declared dead")),
+            Some(n) if n.status == NodeStatus::Left => Err(inactive("left the cluster")),
             Some(n) if n.lease_expires_at_ms < self.now_ms => Err(inactive("lease expired")),
             Some(_) => Ok(()),
         }
@@ -448,11 +578,7 @@ impl Cx<'_> {
 
     /// Counts a session moving off a dead node in that node's latest failover decision.
     fn record_move(&mut self, from: &str, to: &str) {
-        let from_dead = self
-            .st
-            .nodes
-            .get(from)
-            .is_some_and(|n| n.status == NodeStatus::Dead);
+        let from_dead = self.st.nodes.get(from).is_some_and(|n| !n.status.is_live());
         if !from_dead {
             return;
         }

@@ -7,7 +7,8 @@
 //!  control plane ──Watch (snapshot, then deltas by version)──> View ──> UpstreamRouter
 //!        ▲                                                       └──> state_file (atomic rewrite)
 //!        ├── RegisterNode / HeartbeatNode (lease; drain_requested)
-//!        └── ClaimSessions (on Start: new epoch, previous owner)
+//!        ├── ClaimSessions (on Start: new epoch, previous owner)
+//!        └── LeaveNode (end of a drain: shown as left at once, not dead after the lease)
 //! ```
 //!
 //! Without `control_plane.endpoints` the node is standalone: static zones,
@@ -21,8 +22,8 @@ use std::time::Duration;
 
 use gatesvr_common::tls::TlsFiles;
 use gatesvr_proto::control::{
-    self, Claim, ClaimSessionsRequest, DataPlaneNode, HeartbeatNodeRequest, NodeState,
-    RegisterNodeRequest, SessionOwner, WatchEvent, WatchRequest,
+    self, Claim, ClaimSessionsRequest, DataPlaneNode, HeartbeatNodeRequest, LeaveNodeRequest,
+    NodeState, RegisterNodeRequest, SessionOwner, WatchEvent, WatchRequest,
     control_plane_client::ControlPlaneClient, watch_event::Event as WatchBody,
 };
 use parking_lot::{Mutex, RwLock};
@@ -196,11 +197,11 @@ impl View {
         }
     }
 
-    /// A node that can take sessions: known and not dead.
+    /// A node that can take sessions: known, neither dead nor left.
     pub fn live_node(&self, node_id: &str) -> Option<&DataPlaneNode> {
         self.nodes
             .get(node_id)
-            .filter(|n| n.state != NodeState::Dead as i32)
+            .filter(|n| n.state != NodeState::Dead as i32 && n.state != NodeState::Left as i32)
     }
 }
 
@@ -240,6 +241,8 @@ pub struct Cluster {
     /// The view came from the state file and the control plane was not reached since.
     stale: AtomicBool,
     draining: AtomicBool,
+    /// Said goodbye (`LeaveNode`): no more heartbeats or registrations.
+    left: AtomicBool,
     /// Wakes the node when an operator asked it to drain.
     pub drain_requested: Notify,
     router: Option<Arc<UpstreamRouter>>,
@@ -290,6 +293,7 @@ impl Cluster {
             connected: AtomicBool::new(false),
             stale: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            left: AtomicBool::new(false),
             drain_requested: Notify::new(),
             router,
             on_owner_moved: Mutex::new(None),
@@ -447,6 +451,37 @@ impl Cluster {
         }
     }
 
+    /// Leaves the cluster (the last step of a drain, just before the process exits): the
+    /// control plane shows this node as left at once instead of dead after its lease, and
+    /// the membership loop stops (it would otherwise register the node again). Returns how
+    /// many sessions the control plane still recorded as this node's (they are taken over
+    /// by whichever node their clients reach next). Tries each endpoint once.
+    pub async fn leave(&self) -> Result<u64, ClaimError> {
+        self.left.store(true, Ordering::SeqCst);
+        let mut last = ClaimError::Unreachable("no control-plane endpoint".into());
+        for _ in 0..self.channels.len().max(1) {
+            let req = self.request(LeaveNodeRequest {
+                node_id: self.node_id.clone(),
+            });
+            let mut client = self.client();
+            match tokio::time::timeout(self.cfg.rpc_timeout, client.leave_node(req)).await {
+                Ok(Ok(r)) => return Ok(r.into_inner().orphaned_sessions),
+                Ok(Err(status))
+                    if !matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) =>
+                {
+                    return Err(ClaimError::Refused(status.message().to_string()));
+                }
+                Ok(Err(status)) => last = ClaimError::Unreachable(status.message().to_string()),
+                Err(_) => last = ClaimError::Unreachable("timed out".into()),
+            }
+            self.rotate();
+        }
+        Err(last)
+    }
+
     /// Active nodes other than this one (drain successors).
     pub fn successors(&self) -> Vec<DataPlaneNode> {
         let mut nodes: Vec<DataPlaneNode> = self
@@ -475,7 +510,7 @@ impl Cluster {
         let mut interval = self.cfg.lease_ttl / 3;
         let mut backoff = Duration::from_millis(100);
         loop {
-            if stop.is_cancelled() {
+            if stop.is_cancelled() || self.left.load(Ordering::SeqCst) {
                 return;
             }
             let ok = if registered {
@@ -493,7 +528,15 @@ impl Cluster {
                         }
                         true
                     }
-                    Err(s) if s.code() == tonic::Code::NotFound => {
+                    // Unknown to the control plane, or declared dead after a lapse (e.g. a
+                    // long pause): register again ("register again" is what it says).
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                        ) =>
+                    {
+                        tracing::info!(error = %s, "membership lost; registering again");
                         registered = false;
                         false
                     }
@@ -502,6 +545,9 @@ impl Cluster {
                         false
                     }
                 }
+            } else if self.left.load(Ordering::SeqCst) {
+                // A heartbeat refused because we left must not register us again.
+                return;
             } else {
                 let req = self.request(RegisterNodeRequest {
                     node: Some(DataPlaneNode {

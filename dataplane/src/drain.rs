@@ -18,7 +18,11 @@
 //! 3. Without a successor (standalone node, or no other active node) the
 //!    client still gets a GoAway without a target and resumes wherever the
 //!    load balancer sends it; the session stays here to be handed over.
-//! 4. Done when no session is left or at `server.drain_timeout`.
+//! 4. Done when no session is left or at `server.drain_timeout`. Then the node
+//!    leaves the control plane (`LeaveNode`): `gatectl nodes list` shows it as
+//!    `left` at once rather than `dead` a lease later, and sessions still
+//!    recorded as its own are counted and taken over from a gone owner by
+//!    whichever node their clients reach. The process exits right after.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -41,6 +45,11 @@ pub struct DrainReport {
     /// Still here at the end.
     pub remaining: usize,
     pub timed_out: bool,
+    /// The control plane recorded the leave (false: standalone, or unreachable, in which
+    /// case the node shows as dead once its lease expires).
+    pub left: bool,
+    /// Sessions the control plane still recorded as this node's when it left.
+    pub orphaned: u64,
 }
 
 fn goaway(target: &str, delay: Duration, session_id: &str) -> Envelope {
@@ -105,6 +114,17 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
     }
     report.remaining = node.registry.len();
     report.timed_out |= Instant::now() >= deadline;
+    if let Some(cluster) = &node.cluster {
+        match cluster.leave().await {
+            Ok(orphaned) => {
+                report.left = true;
+                report.orphaned = orphaned;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not leave the control plane; this node will show as dead once its lease expires")
+            }
+        }
+    }
     tracing::info!(?report, "drain finished");
     report
 }

@@ -197,3 +197,21 @@ pub struct Health {
     pub node_id: u64,
     pub leader: Option<u64>,
 }
+
+/// What `POST /v1/cluster/restore` did. A restore merges: records the cluster already had are
+/// kept (counted in `skipped`), nothing is deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RestoreReply {
+    pub upstreams: u64,
+    pub nodes: u64,
+    pub owners: u64,
+    pub failovers: u64,
+    pub skipped: u64,
+    /// Every epoch handed out from now on exceeds this.
+    pub last_epoch: u64,
+    /// The raft index the backup covered on the cluster it came from.
+    pub backup_last_applied_index: Option<u64>,
+    pub backup_created_at_ms: i64,
+    /// `sha256:<hex>` of the restored payload.
+    pub checksum: String,
+}

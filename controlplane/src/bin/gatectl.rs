@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use gatesvr_controlplane::admin::model::*;
+use gatesvr_controlplane::backup;
 use http_body_util::{BodyExt, Full};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -23,6 +24,7 @@ Exit codes:
   5   unavailable: no leader / no quorum / not the leader (retry later)
   6   unauthorized or forbidden (token missing, wrong, or read-only)
   7   cannot reach the admin API
+  8   bad backup file (truncated, checksum mismatch, unsupported version, not a backup)
 ";
 
 #[derive(Debug, Parser)]
@@ -86,9 +88,27 @@ enum Command {
     /// The control-plane raft cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Backups of the replicated state (disaster recovery).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Client tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Write a consistent backup of the whole state (upstreams, nodes, session owners,
+    /// failovers) to FILE (written atomically; verified before it is kept).
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into the cluster behind --endpoint (meant for a fresh one): records
+    /// the cluster already has are kept, nothing is deleted, epochs jump past both.
+    Import { file: PathBuf },
+    /// Verify a backup file offline and print its header.
+    Inspect { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,21 +240,37 @@ impl Api {
     /// Sends a request; returns the JSON body of a 2xx answer, or a `Failure` with the exit
     /// code the API's error maps to.
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let bytes = self
+            .call_raw(method, path, "application/json", bytes::Bytes::from(body))
+            .await?;
+        Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// Like [`Api::call`] with any body; returns the raw body of a 2xx answer.
+    async fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: bytes::Bytes,
+    ) -> Result<bytes::Bytes, Failure> {
         let url = format!("{}{path}", self.base.trim_end_matches('/'));
         let mut req = http::Request::builder()
             .method(method)
             .uri(&url)
-            .header("content-type", "application/json");
+            .header("content-type", content_type);
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
         let req = req
-            .body(Full::new(bytes::Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|e| fail(2, format!("bad request for {url}: {e}")))?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+        // Backups of large clusters take a while to serve and to commit.
+        let t = Duration::from_secs(120);
+        let resp = tokio::time::timeout(t, self.client.request(req))
             .await
-            .map_err(|_| fail(7, format!("{url}: no answer within 30s")))?
+            .map_err(|_| fail(7, format!("{url}: no answer within {t:?}")))?
             .map_err(|e| fail(7, format!("cannot reach {url}: {e}")))?;
         let status = resp.status();
         let bytes = resp
@@ -243,10 +279,10 @@ impl Api {
             .await
             .map_err(|e| fail(7, format!("{url}: reading the answer: {e}")))?
             .to_bytes();
-        let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok(json);
+            return Ok(bytes);
         }
+        let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let err: Option<ApiError> = serde_json::from_value(json).ok();
         let (code_str, message, leader) = match err {
             Some(e) => (e.error, e.message, e.leader),
@@ -360,6 +396,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         println!("{}", gatesvr_common::token::issue(secret, openid, *ttl));
         return Ok(());
     }
+    if let Command::Snapshot(SnapshotCmd::Inspect { file }) = &cli.command {
+        let b = backup::decode(&read_backup(file)?)
+            .map_err(|e| fail(8, format!("{}: {e}", file.display())))?;
+        if cli.output == Output::Json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&b.header).unwrap_or_default()
+            );
+        } else {
+            println!("{}: a valid backup", file.display());
+            print_header(&b.header);
+        }
+        return Ok(());
+    }
     if !cli.endpoint.starts_with("http://") {
         return Err(fail(
             2,
@@ -391,7 +441,55 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let print_json =
         |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     match cli.command {
-        Command::Token(_) => {}
+        Command::Token(_) | Command::Snapshot(SnapshotCmd::Inspect { .. }) => {}
+        Command::Snapshot(SnapshotCmd::Export { out }) => {
+            let bytes = api
+                .call_raw(
+                    "POST",
+                    "/v1/cluster/backup",
+                    "application/json",
+                    bytes::Bytes::new(),
+                )
+                .await?;
+            // Never keep a file that would not restore.
+            let b = backup::decode(&bytes)
+                .map_err(|e| fail(1, format!("the server sent a bad backup: {e}")))?;
+            write_atomically(&out, &bytes)?;
+            if json {
+                print_json(&serde_json::to_value(&b.header).unwrap_or_default());
+            } else {
+                println!("wrote {} ({} bytes)", out.display(), bytes.len());
+                print_header(&b.header);
+            }
+        }
+        Command::Snapshot(SnapshotCmd::Import { file }) => {
+            let bytes = read_backup(&file)?;
+            let v = api
+                .call_raw(
+                    "POST",
+                    "/v1/cluster/restore",
+                    "application/octet-stream",
+                    bytes.into(),
+                )
+                .await?;
+            let v: Value = serde_json::from_slice(&v).unwrap_or(Value::Null);
+            if json {
+                print_json(&v);
+            } else {
+                let r: RestoreReply =
+                    serde_json::from_value(v).map_err(|e| fail(1, e.to_string()))?;
+                println!(
+                    "restored {}: {} upstreams, {} nodes, {} session owners, {} failovers added; {} already present (kept); epochs continue after {}",
+                    file.display(),
+                    r.upstreams,
+                    r.nodes,
+                    r.owners,
+                    r.failovers,
+                    r.skipped,
+                    r.last_epoch
+                );
+            }
+        }
         Command::Zones(ZonesCmd::List) => {
             let (v, r): (_, ZonesReply) = api.get(&format!("/v1/zones{}", api.query(&[]))).await?;
             if json {
@@ -642,6 +740,60 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Reads `file` and verifies it as a backup (exit code 8 if it is not a good one).
+fn read_backup(file: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    let bytes =
+        std::fs::read(file).map_err(|e| fail(2, format!("reading {}: {e}", file.display())))?;
+    backup::decode(&bytes).map_err(|e| fail(8, format!("{}: {e}", file.display())))?;
+    Ok(bytes)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), Failure> {
+    use std::io::Write;
+    let tmp = path.with_extension("partial");
+    let res = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        fail(1, format!("writing {}: {e}", path.display()))
+    })
+}
+
+fn print_header(h: &backup::Header) {
+    let voters: Vec<String> = h
+        .membership
+        .membership()
+        .voter_ids()
+        .map(|id| id.to_string())
+        .collect();
+    println!("format:       {} version {}", h.format, h.version);
+    println!(
+        "created:      {} by node {} (leader {})",
+        ms(h.created_at_ms),
+        h.served_by,
+        opt(h.leader)
+    );
+    println!(
+        "covers:       log {} (state version {})",
+        h.last_applied.map_or_else(|| "-".into(), |l| l.to_string()),
+        h.state_version
+    );
+    println!("membership:   voters [{}]", voters.join(", "));
+    println!(
+        "records:      {} upstreams, {} nodes, {} session owners, {} failovers",
+        h.counts.upstreams, h.counts.nodes, h.counts.owners, h.counts.failovers
+    );
+    println!(
+        "payload:      {} bytes, {}",
+        h.payload_bytes, h.payload_sha256
+    );
 }
 
 async fn membership(

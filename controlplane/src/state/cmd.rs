@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{OwnerRec, UpstreamRec};
+use super::{OwnerRec, State, UpstreamRec};
 
 /// One state change. Proposed by any node, stamped with the leader's clock, applied in log order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +63,22 @@ pub enum Cmd {
         expected_epoch: u64,
         to_node: String,
     },
+    /// A drained data-plane node leaves the cluster for good (the last call of its drain).
+    /// It becomes `left` at once instead of `dead` after its lease. Sessions still recorded
+    /// as its own stay pointed at it, so the next claimant takes them over from a gone owner
+    /// (replica recovery), and a failover decision counts them; it may own nothing more
+    /// until it registers again.
+    LeaveNode { node_id: String },
+    /// Restore a backup (`gatectl snapshot import`). Merges: records the running cluster
+    /// already has win (they are newer than any backup); everything else is taken from the
+    /// backup, leases re-stamped from this entry's time; epochs jump past both (see
+    /// [`crate::state::RESTORE_EPOCH_GAP`]). Never deletes anything.
+    Restore {
+        /// The backup's state (boxed: far larger than every other command).
+        state: Box<State>,
+        /// `sha256:<hex>` of the backup's payload, for the record.
+        checksum: String,
+    },
 }
 
 /// Why a command was refused by the state machine. Deterministic: every replica refuses alike.
@@ -116,6 +132,18 @@ pub enum CmdResult {
     },
     /// A release: `true` if removed, `false` if fenced (stale epoch / other owner / gone).
     Released { released: bool },
+    /// What a `Restore` added (records the running cluster already had are skipped).
+    Restored {
+        upstreams: u64,
+        nodes: u64,
+        owners: u64,
+        failovers: u64,
+        skipped: u64,
+        /// The epoch the next ownership change will exceed.
+        last_epoch: u64,
+    },
+    /// A node left; `orphaned` sessions were still recorded as its own.
+    Left { orphaned: u64 },
     /// What `ExpireLeases` expired.
     Expired {
         nodes: Vec<String>,

@@ -249,3 +249,177 @@ fn golden_state_v1() {
     assert_eq!(st.failovers[&1].moved_to["dp-2"], 1);
     assert_eq!(st.upstreams["up-1"].lease_expires_at_ms, 0);
 }
+
+#[test]
+fn a_node_that_leaves_is_left_at_once_and_owns_nothing_more() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    register(&mut st, 0, "b");
+    let e1 = owned_epoch(&apply(&mut st, 1, claim("a", "alice", "s1")).0);
+    let (r, touched) = apply(
+        &mut st,
+        2,
+        Cmd::LeaveNode {
+            node_id: "a".into(),
+        },
+    );
+    assert_eq!(r, CmdResult::Left { orphaned: 1 });
+    assert!(
+        touched
+            .iter()
+            .any(|t| t.key == Key::Node("a".into()) && t.version.is_some())
+    );
+    assert_eq!(st.nodes["a"].status, NodeStatus::Left);
+    // The orphaned session stays pointed at the left node (the next claimant takes it over
+    // from a gone owner), and the move is counted in the failover decision.
+    assert_eq!(st.failovers.values().last().map(|f| f.sessions), Some(1));
+    // Retried leave: same answer, no second decision.
+    let (r, _) = apply(
+        &mut st,
+        3,
+        Cmd::LeaveNode {
+            node_id: "a".into(),
+        },
+    );
+    assert_eq!(r, CmdResult::Left { orphaned: 1 });
+    assert_eq!(st.failovers.len(), 1);
+    // Fenced: it may neither heartbeat nor claim; its lease never "expires" into dead.
+    let (r, _) = apply(
+        &mut st,
+        4,
+        Cmd::HeartbeatNode {
+            node_id: "a".into(),
+            draining: true,
+            sessions: 0,
+        },
+    );
+    assert!(
+        matches!(r.err(), Some(CmdError::NodeNotActive { .. })),
+        "{r:?}"
+    );
+    assert!(apply(&mut st, 5, claim("a", "bob", "s2")).0.err().is_some());
+    assert!(!st.has_expired_leases(10_000_000) || st.nodes["b"].lease_expires_at_ms < 10_000_000);
+    apply(&mut st, 10_000_000, Cmd::ExpireLeases);
+    assert_eq!(st.nodes["a"].status, NodeStatus::Left);
+    // Another node takes the session over at a newer epoch, counted as moved.
+    register(&mut st, 10_000_001, "b");
+    let (r, _) = apply(&mut st, 10_000_002, claim("b", "alice", "s1"));
+    assert!(owned_epoch(&r) > e1);
+    assert_eq!(
+        st.failovers
+            .values()
+            .next()
+            .map(|f| f.moved_to.get("b").copied()),
+        Some(Some(1))
+    );
+    // Registering again makes it active.
+    register(&mut st, 10_000_003, "a");
+    assert_eq!(st.nodes["a"].status, NodeStatus::Active);
+}
+
+#[test]
+fn a_leave_with_no_sessions_left_records_no_failover() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    let (r, _) = apply(
+        &mut st,
+        1,
+        Cmd::LeaveNode {
+            node_id: "a".into(),
+        },
+    );
+    assert_eq!(r, CmdResult::Left { orphaned: 0 });
+    assert!(st.failovers.is_empty());
+    let (r, _) = apply(
+        &mut st,
+        1,
+        Cmd::LeaveNode {
+            node_id: "zz".into(),
+        },
+    );
+    assert!(matches!(r.err(), Some(CmdError::NotFound { .. })));
+}
+
+#[test]
+fn restore_merges_keeps_live_records_and_moves_epochs_past_both() {
+    // The backed-up cluster.
+    let mut old = State::default();
+    register(&mut old, 0, "a");
+    for (i, who) in ["alice", "bob"].iter().enumerate() {
+        apply(&mut old, 1, claim("a", who, &format!("s{i}")));
+    }
+    apply(
+        &mut old,
+        1,
+        Cmd::RegisterUpstream {
+            instance_id: "up-1".into(),
+            zone: "001".into(),
+            address: "10.0.0.5:9001".into(),
+            service_name: "game".into(),
+            lease_ttl_ms: Some(5_000),
+        },
+    );
+    // The fresh cluster already saw node b and a claim for bob.
+    let mut st = State::default();
+    register(&mut st, 100_000, "b");
+    let bob = owned_epoch(&apply(&mut st, 100_001, claim("b", "bob", "s9")).0);
+    let before_version = st.version.max(old.version);
+    let (r, touched) = apply(
+        &mut st,
+        100_002,
+        Cmd::Restore {
+            state: Box::new(old.clone()),
+            checksum: "sha256:x".into(),
+        },
+    );
+    let CmdResult::Restored {
+        upstreams,
+        nodes,
+        owners,
+        skipped,
+        last_epoch,
+        ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
+    assert_eq!((upstreams, nodes, owners, skipped), (1, 1, 1, 1));
+    assert_eq!(last_epoch, old.last_epoch.max(bob) + RESTORE_EPOCH_GAP);
+    assert!(st.version > before_version, "versions only move forward");
+    assert!(touched.iter().all(|t| t.version.is_some()));
+    // Live record kept; the backup's alice restored at her epoch.
+    assert_eq!(st.owners["bob"].owner_node, "b");
+    assert_eq!(st.owners["alice"], old.owners["alice"]);
+    // Leases re-stamped from the entry's time: nothing expires at once.
+    assert_eq!(st.upstreams["up-1"].lease_expires_at_ms, 100_002 + 5_000);
+    assert_eq!(st.nodes["a"].lease_expires_at_ms, 100_002 + 1_000);
+    assert!(!st.has_expired_leases(100_003));
+    // New epochs exceed anything handed out before.
+    let e = owned_epoch(&apply(&mut st, 100_004, claim("b", "carol", "s")).0);
+    assert!(e > last_epoch);
+}
+
+#[test]
+fn golden_cmd_leave_and_restore_v1() {
+    let json = r#"{"cmd":"leave_node","node_id":"dp-1"}"#;
+    let cmd = Cmd::LeaveNode {
+        node_id: "dp-1".into(),
+    };
+    assert_eq!(serde_json::from_str::<Cmd>(json).unwrap(), cmd);
+    assert_eq!(serde_json::to_string(&cmd).unwrap(), json);
+    let json = r#"{"cmd":"restore","state":{"version":1,"last_epoch":2,"last_failover":0,"upstreams":{},"nodes":{},"owners":{},"failovers":{}},"checksum":"sha256:ab"}"#;
+    let cmd = Cmd::Restore {
+        state: Box::new(State {
+            version: 1,
+            last_epoch: 2,
+            ..State::default()
+        }),
+        checksum: "sha256:ab".into(),
+    };
+    assert_eq!(serde_json::from_str::<Cmd>(json).unwrap(), cmd);
+    assert_eq!(serde_json::to_string(&cmd).unwrap(), json);
+    assert_eq!(
+        serde_json::to_string(&NodeStatus::Left).unwrap(),
+        r#""left""#
+    );
+}
