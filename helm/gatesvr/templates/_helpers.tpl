@@ -74,9 +74,32 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "http://%s.%s.svc.%s:8095" (include "gatesvr.cp.name" .) .Release.Namespace .Values.clusterDomain }}
 {{- end }}
 
-{{/* Secret names. */}}
+{{/* The certificate roles: control plane (raft peers + admin + data-plane API server),
+     data plane (QUIC, its client certificate towards the control plane), upstream (clients
+     of the control-plane and push APIs). */}}
+{{- define "gatesvr.tlsRoles" -}}["controlplane","dataplane","upstream"]{{- end }}
+
+{{/* Subject CN of a role's certificate when the chart issues it: (dict "ctx" $ "role" "x"). */}}
+{{- define "gatesvr.tlsCommonName" -}}{{ include "gatesvr.fullname" .ctx }}-{{ .role }}{{- end }}
+
+{{/* Secret holding a role's tls.crt, tls.key and ca.crt: (dict "ctx" $ "role" "x"). */}}
 {{- define "gatesvr.tlsSecret" -}}
-{{- if eq .Values.tls.mode "existingSecret" }}{{ required "tls.existingSecret is required when tls.mode is existingSecret" .Values.tls.existingSecret }}{{ else }}{{ include "gatesvr.fullname" . }}-tls{{ end }}
+{{- $v := .ctx.Values.tls }}
+{{- if eq $v.mode "existingSecret" }}
+{{- $s := get $v.existingSecrets .role | default $v.existingSecret }}
+{{- required (printf "tls.existingSecrets.%s (or tls.existingSecret for every role) is required when tls.mode is existingSecret" .role) $s }}
+{{- else }}
+{{- include "gatesvr.fullname" .ctx }}-{{ .role }}-tls
+{{- end }}
+{{- end }}
+
+{{/* Certificate names the control plane accepts on raft RPCs (tls.raft_peer_names), as JSON. */}}
+{{- define "gatesvr.raftPeerNames" -}}
+{{- if .Values.tls.raftPeerNames }}
+{{- toJson .Values.tls.raftPeerNames }}
+{{- else if ne .Values.tls.mode "existingSecret" }}
+{{- list (include "gatesvr.tlsCommonName" (dict "ctx" . "role" "controlplane")) | toJson }}
+{{- else }}[]{{ end }}
 {{- end }}
 {{- define "gatesvr.authSecret" -}}
 {{- default (printf "%s-auth" (include "gatesvr.fullname" .)) .Values.auth.existingSecret }}
@@ -88,12 +111,25 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-quic-keys" (include "gatesvr.fullname" .)) .Values.dataplane.sharedKeys.existingSecret }}
 {{- end }}
 
-{{/* DNS names a generated or cert-manager certificate covers. */}}
+{{/* DNS names a generated or cert-manager certificate of a role covers:
+     (dict "ctx" $ "role" "x"). Only the control-plane certificate carries control-plane
+     names, so tls.raft_peer_names can tell it from the others. */}}
 {{- define "gatesvr.tlsDnsNames" -}}
-{{- $ns := .Release.Namespace }}
-{{- $d := .Values.clusterDomain }}
-{{- $names := list "localhost" (include "gatesvr.cp.name" .) (printf "%s.%s.svc" (include "gatesvr.cp.name" .) $ns) (printf "%s.%s.svc.%s" (include "gatesvr.cp.name" .) $ns $d) (printf "*.%s.%s.svc.%s" (include "gatesvr.cp.headless" .) $ns $d) (printf "*.%s.%s.svc" (include "gatesvr.cp.headless" .) $ns) (printf "%s-push.%s.svc" (include "gatesvr.fullname" .) $ns) (printf "%s-push.%s.svc.%s" (include "gatesvr.fullname" .) $ns $d) (printf "%s-quic.%s.svc.%s" (include "gatesvr.fullname" .) $ns $d) }}
-{{- concat $names .Values.tls.extraDnsNames | uniq | toJson }}
+{{- $ns := .ctx.Release.Namespace }}
+{{- $d := .ctx.Values.clusterDomain }}
+{{- $full := include "gatesvr.fullname" .ctx }}
+{{- $names := list }}
+{{- if eq .role "controlplane" }}
+{{- $cp := include "gatesvr.cp.name" .ctx }}
+{{- $hl := include "gatesvr.cp.headless" .ctx }}
+{{- $names = list "localhost" $cp (printf "%s.%s.svc" $cp $ns) (printf "%s.%s.svc.%s" $cp $ns $d) (printf "*.%s.%s.svc.%s" $hl $ns $d) (printf "*.%s.%s.svc" $hl $ns) }}
+{{- else if eq .role "dataplane" }}
+{{- $names = list "localhost" (include "gatesvr.dp.name" .ctx) (printf "%s-push.%s.svc" $full $ns) (printf "%s-push.%s.svc.%s" $full $ns $d) (printf "%s-quic.%s.svc.%s" $full $ns $d) }}
+{{- $names = concat $names .ctx.Values.tls.extraDnsNames }}
+{{- else }}
+{{- $names = list (include "gatesvr.tlsCommonName" .) }}
+{{- end }}
+{{- $names | uniq | toJson }}
 {{- end }}
 
 {{/* Fails rendering on values that would give a broken cluster. */}}
