@@ -19,6 +19,12 @@ exists outside gate-bench, whose scenarios start their own servers). Used by
   request also pays the QUIC handshake and is reported apart).
 * Each `say` that answers pushed>0 must reach every listener exactly once: a listener that
   never gets it counts a lost push, one that gets it twice a duplicate.
+* A `say` the demo answers with "k of N pushes failed" (app code PUSH_FAILED) is a failed
+  request only if some listener missed it. If every listener got it, the refused pushes went
+  to room members that are not listeners: other requesters, whose gate-client may already
+  have exited or whose session is between nodes (NOT_FOUND). That is the upstream being told
+  a push did not land, not a failed client request: it is counted apart, as `gone` (says) and
+  `say_pushes_to_gone_members` (refused pushes) in the summary.
 
 The phase file (written by cluster.sh) holds a label such as `before` or `during`; every
 sample is tagged with the label current when it was taken. Output: DIR/summary.json and a
@@ -163,6 +169,15 @@ class Run:
             ok = t == "response" and ev.get("app_code", 0) == 0
             kind = "first" if first else "request"
             detail = None if ok else (ev.get("message") or ev.get("code") or ev.get("payload"))
+            if n == 1 and t == "response" and not ok:
+                # A say with refused pushes: judged in report() against what listeners got.
+                try:
+                    refused = int(json.loads(ev["payload"]).get("failed", 0))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    refused = 0
+                if refused > 0:
+                    kind = "say_partial"
+                    detail = {"say_id": say_id, "refused": refused, "message": detail}
             if n == 1:
                 # the say: remember what it pushed
                 pushed = 0
@@ -243,11 +258,17 @@ class Run:
                 phases.append(ph)
         out = {"listeners": len(listener_ids), "requesters": self.a.requesters,
                "rate_per_requester": self.a.rate, "batch": self.a.batch, "phases": {}}
+        def to_gone_members(r):
+            # Refused pushes only to members that are not listeners: every listener got it.
+            return r[1] == "say_partial" and all(
+                self.received.get(oid, {}).get(r[4]["say_id"], 0) > 0 for oid in listener_ids)
+
         for ph in phases:
             rq = [r for r in self.requests if r[0] == ph]
-            lat = [r[3] * 1000 for r in rq if r[1] == "request" and r[2]]
+            gone = [r for r in rq if to_gone_members(r)]
+            lat = [r[3] * 1000 for r in rq if (r[1] == "request" and r[2]) or to_gone_members(r)]
             first = [r[3] * 1000 for r in rq if r[1] == "first" and r[2]]
-            failed = [r for r in rq if not r[2]]
+            failed = [r for r in rq if not r[2] and not to_gone_members(r)]
             says = [s for s in self.says if s[0] == ph and s[3] and s[2] > 0]
             lost = dup = expected = 0
             for _, sid, pushed, _ in says:
@@ -266,7 +287,10 @@ class Run:
             out["phases"][ph] = {
                 "requests": len(rq),
                 "failed_requests": len(failed),
-                "failures": sorted({str(f[4])[:120] for f in failed})[:5],
+                "failures": sorted({str(f[4]["message"] if isinstance(f[4], dict) else f[4])[:120]
+                                    for f in failed})[:5],
+                "says_to_gone_members": len(gone),
+                "say_pushes_to_gone_members": sum(r[4]["refused"] for r in gone),
                 "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": max(lat) if lat else None,
                 "first_request_p99_ms": pct(first, 99),
                 "says_pushed": len(says), "pushes_expected": expected,
@@ -281,14 +305,15 @@ class Run:
         os.makedirs(self.a.out, exist_ok=True)
         with open(os.path.join(self.a.out, "summary.json"), "w") as f:
             json.dump(out, f, indent=2)
-        hdr = "%-8s %8s %7s %8s %8s %8s %6s %6s %5s %-28s %7s %7s" % (
-            "phase", "requests", "failed", "p50 ms", "p99 ms", "max ms", "pushes", "lost", "dup",
+        hdr = "%-8s %8s %7s %5s %8s %8s %8s %6s %6s %5s %-28s %7s %7s" % (
+            "phase", "requests", "failed", "gone", "p50 ms", "p99 ms", "max ms", "pushes", "lost", "dup",
             "listener (re)connects", "goaway", "resfail")
         print(hdr)
         for ph, s in out["phases"].items():
             fmt = lambda v: "-" if v is None else "%.1f" % v
-            print("%-8s %8d %7d %8s %8s %8s %6d %6d %5d %-28s %7d %7d" % (
-                ph, s["requests"], s["failed_requests"], fmt(s["p50_ms"]), fmt(s["p99_ms"]),
+            print("%-8s %8d %7d %5d %8s %8s %8s %6d %6d %5d %-28s %7d %7d" % (
+                ph, s["requests"], s["failed_requests"], s["says_to_gone_members"],
+                fmt(s["p50_ms"]), fmt(s["p99_ms"]),
                 fmt(s["max_ms"]), s["pushes_expected"], s["pushes_lost"], s["pushes_duplicated"],
                 ",".join(f"{k}={v}" for k, v in sorted(s["listener_connects"].items(), key=str)),
                 s["goaways"], s["resume_failed"]))
