@@ -151,7 +151,7 @@ fn idle_reads_rss_of_every_server() {
         assert!(field(&r, &format!("{sys}_rss_base_bytes")) > 0.0);
         field(&r, &format!("{sys}_rss_bytes_per_conn"));
     }
-    assert_eq!(r["checks"].as_array().expect("checks").len(), 4);
+    assert_eq!(r["checks"].as_array().expect("checks").len(), 2);
 }
 
 /// The one command: `scripts/bench-peers` (no install, this binary, tiny sizes) writes the

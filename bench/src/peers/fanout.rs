@@ -374,7 +374,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         let http = dp.addr("http")?;
         let sys = &mut systems[0];
         progress("peers fanout: profiling the data plane during bursts");
-        let secs = 5;
+        let secs = if o.tiny { 1 } else { 10 };
         let prof = super::pprof_svg(http, secs);
         let load = async {
             let end = tokio::time::Instant::now() + Duration::from_secs(secs + 1);

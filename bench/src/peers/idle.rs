@@ -24,8 +24,30 @@ use crate::util::progress;
 
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// (per-connection RSS growth in bytes, RSS before, handshakes/s while opening)
-type Measured = (f64, f64, f64);
+/// (per-connection RSS growth in bytes, RSS before, handshakes/s while opening, failed opens)
+type Measured = (f64, f64, f64, u64);
+
+/// Keeps the connections that opened; a few may time out on a loaded machine (counted, and
+/// RSS is divided by the ones held). More than 5% failing fails the run.
+fn held<T>(results: Vec<Result<T>>, n: usize) -> Result<(Vec<T>, u64)> {
+    let mut ok = Vec::with_capacity(n);
+    let mut failed = 0u64;
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(c) => ok.push(c),
+            Err(e) => {
+                failed += 1;
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if failed as usize * 20 > n {
+        let e = first_err.map(|e| format!("{e:#}")).unwrap_or_default();
+        bail!("{failed} of {n} connections failed (first: {e})");
+    }
+    Ok((ok, failed))
+}
 
 async fn gatesvr(o: &Opts, n: usize) -> Result<Measured> {
     let dir = o.rundir()?;
@@ -41,16 +63,13 @@ async fn gatesvr(o: &Opts, n: usize) -> Result<Measured> {
     })
     .await;
     let rate = n as f64 / t0.elapsed().as_secs_f64();
-    let mut held = Vec::with_capacity(n);
-    for c in conns {
-        held.push(c?.0);
-    }
+    let (held, failed) = held(conns, n)?;
     tokio::time::sleep(SETTLE).await;
     let after = dp.rss()? as f64;
-    for c in &held {
+    for (c, _) in &held {
         c.conn.close(0u32.into(), b"done");
     }
-    Ok(((after - before) / n as f64, before, rate))
+    Ok(((after - before) / held.len() as f64, before, rate, failed))
 }
 
 async fn nats(o: &Opts, args: &PeersArgs, n: usize) -> Result<Measured> {
@@ -70,15 +89,13 @@ async fn nats(o: &Opts, args: &PeersArgs, n: usize) -> Result<Measured> {
     })
     .await;
     let rate = n as f64 / t0.elapsed().as_secs_f64();
-    let mut held = Vec::with_capacity(n);
-    for c in conns {
-        held.push(c?);
-    }
+    let (held, failed) = held(conns, n)?;
     tokio::time::sleep(SETTLE).await;
     let after = server.rss()? as f64;
+    let count = held.len() as f64;
     drop(held);
     drop(server);
-    Ok(((after - before) / n as f64, before, rate))
+    Ok(((after - before) / count, before, rate, failed))
 }
 
 async fn mqtt(o: &Opts, args: &PeersArgs, n: usize) -> Result<Measured> {
@@ -146,7 +163,7 @@ async fn mqtt(o: &Opts, args: &PeersArgs, n: usize) -> Result<Measured> {
         let _ = t.await;
     }
     drop(server);
-    Ok(((after - before) / n as f64, before, rate))
+    Ok(((after - before) / n as f64, before, rate, 0))
 }
 
 pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
@@ -165,8 +182,9 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             r + 1,
             o.rounds
         ));
-        let (per, base, rate) = gatesvr(o, n).await?;
+        let (per, base, rate, failed) = gatesvr(o, n).await?;
         round.insert("gs_rss_bytes_per_conn".into(), per);
+        round.insert("gs_failed_opens".into(), failed as f64);
         round.insert("gs_rss_base_bytes".into(), base);
         round.insert("gs_open_per_s".into(), rate);
         progress(format!(
@@ -174,8 +192,9 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             r + 1,
             o.rounds
         ));
-        let (per, base, rate) = nats(o, args, n).await?;
+        let (per, base, rate, failed) = nats(o, args, n).await?;
         round.insert("nats_rss_bytes_per_conn".into(), per);
+        round.insert("nats_failed_opens".into(), failed as f64);
         round.insert("nats_rss_base_bytes".into(), base);
         round.insert("nats_open_per_s".into(), rate);
         progress(format!(
@@ -183,8 +202,9 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             r + 1,
             o.rounds
         ));
-        let (per, base, rate) = mqtt(o, args, n).await?;
+        let (per, base, rate, failed) = mqtt(o, args, n).await?;
         round.insert("mqtt_rss_bytes_per_conn".into(), per);
+        round.insert("mqtt_failed_opens".into(), failed as f64);
         round.insert("mqtt_rss_base_bytes".into(), base);
         round.insert("mqtt_open_per_s".into(), rate);
         rep.rounds.push(round);
@@ -204,18 +224,6 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         f("mqtt_rss_bytes_per_conn"),
         true,
     ));
-    rep.checks.push(super::vs(
-        "[NATS] connections opened/s (64 at a time)",
-        f("gs_open_per_s"),
-        f("nats_open_per_s"),
-        false,
-    ));
-    rep.checks.push(super::vs(
-        "[Mosquitto] connections opened/s (64 at a time)",
-        f("gs_open_per_s"),
-        f("mqtt_open_per_s"),
-        false,
-    ));
-    rep.notes.push("RSS = VmRSS of the server process (/proc/PID/status), growth per connection after a 2 s settle; a fresh server per round. Opened/s includes the session Start for GateSvr and CONNECT for the peers".into());
+    rep.notes.push("RSS = VmRSS of the server process (/proc/PID/status), growth per connection after a 2 s settle; a fresh server per round. *_open_per_s (fields only: the client side differs per protocol) includes the session Start for GateSvr and CONNECT for the peers".into());
     Ok(rep)
 }

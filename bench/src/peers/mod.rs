@@ -378,6 +378,13 @@ impl Helper {
     }
 }
 
+impl Helper {
+    /// The helper's process id (taskset execs it, so this is the helper itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Helper {
     fn drop(&mut self) {
         let _ = self.child.kill();

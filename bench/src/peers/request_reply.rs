@@ -22,7 +22,7 @@ use super::{Helper, PeersArgs, nats_connect, parent_gone, start_nats, version, v
 use crate::client::{Conn, Net, Reply, closed_loop, dp_session};
 use crate::report::{Report, Round};
 use crate::scenarios::{Opts, wait_upstream_ready};
-use crate::util::{Lat, progress};
+use crate::util::{Lat, cpu_us, progress};
 
 const SUBJECT: &str = "bench.echo";
 
@@ -53,7 +53,7 @@ async fn nats_loop(
     payload: &Bytes,
     warmup: Duration,
     window: Duration,
-) -> Result<(Lat, u64, u64)> {
+) -> Result<(Lat, u64, u64, u64)> {
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + window;
@@ -62,7 +62,7 @@ async fn nats_loop(
         let client = client.clone();
         let payload = payload.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut lat, mut n, mut errors) = (Lat::default(), 0u64, 0u64);
+            let (mut lat, mut n, mut errors, mut all) = (Lat::default(), 0u64, 0u64, 0u64);
             loop {
                 let t0 = Instant::now();
                 if t0 >= end {
@@ -70,6 +70,7 @@ async fn nats_loop(
                 }
                 match client.request(SUBJECT, payload.clone()).await {
                     Ok(m) if m.payload.len() == payload.len() => {
+                        all += 1;
                         let t1 = Instant::now();
                         if t0 >= measure_from && t1 < end {
                             lat.0.push((t1 - t0).as_nanos() as u64);
@@ -79,17 +80,18 @@ async fn nats_loop(
                     _ => errors += 1,
                 }
             }
-            (lat, n, errors)
+            (lat, n, errors, all)
         }));
     }
-    let (mut lat, mut n, mut errors) = (Lat::default(), 0, 0);
+    let (mut lat, mut n, mut errors, mut all) = (Lat::default(), 0, 0, 0);
     for t in tasks {
-        let (l, c, e) = t.await?;
+        let (l, c, e, a) = t.await?;
         lat.merge(l);
         n += c;
         errors += e;
+        all += a;
     }
-    Ok((lat, n, errors))
+    Ok((lat, n, errors, all))
 }
 
 fn record(round: &mut Round, prefix: &str, mut lat: Lat, n: u64, window: Duration) {
@@ -107,7 +109,7 @@ async fn gs_saturated(
     sessions: Vec<Conn>,
     payload: &[u8],
     o: &Opts,
-) -> Result<(Vec<Conn>, Lat, u64)> {
+) -> Result<(Vec<Conn>, Lat, u64, u64)> {
     let mut tasks = Vec::new();
     for mut c in sessions {
         let payload = payload.to_vec();
@@ -117,7 +119,7 @@ async fn gs_saturated(
             (c, r)
         }));
     }
-    let (mut back, mut lat, mut n) = (Vec::new(), Lat::default(), 0);
+    let (mut back, mut lat, mut n, mut all) = (Vec::new(), Lat::default(), 0, 0);
     for t in tasks {
         let (c, r) = t.await?;
         let r = r?;
@@ -125,26 +127,28 @@ async fn gs_saturated(
         back.push(c);
         lat.merge(r.lat);
         n += r.completed;
+        all += r.all;
     }
-    Ok((back, lat, n))
+    Ok((back, lat, n, all))
 }
 
 async fn nats_saturated(
     clients: &[async_nats::Client],
     payload: &Bytes,
     o: &Opts,
-) -> Result<(Lat, u64, u64)> {
+) -> Result<(Lat, u64, u64, u64)> {
     let runs = clients
         .iter()
         .map(|c| nats_loop(c, 64, payload, o.warmup, o.window));
-    let (mut lat, mut n, mut errors) = (Lat::default(), 0, 0);
+    let (mut lat, mut n, mut errors, mut all) = (Lat::default(), 0, 0, 0);
     for r in futures::future::join_all(runs).await {
-        let (l, c, e) = r?;
+        let (l, c, e, a) = r?;
         lat.merge(l);
         n += c;
         errors += e;
+        all += a;
     }
-    Ok((lat, n, errors))
+    Ok((lat, n, errors, all))
 }
 
 pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
@@ -164,7 +168,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
     let (nats, url) = start_nats(o, &dir.path(), args.peer_limit)?;
     let nats_bin = super::need_bin("nats-server", "nats-server")?;
     rep.param("nats_server", version(&nats_bin, &["--version"]));
-    let _responder = Helper::spawn(
+    let responder = Helper::spawn(
         &[
             "nats-responder".into(),
             "--url".into(),
@@ -175,7 +179,8 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         o.helper_cpu(),
     )
     .context("the NATS responder")?;
-    let (dp, _up) = o.start_dataplane(&dir, true)?;
+    let (dp, up) = o.start_dataplane(&dir, true)?;
+    let up = up.context("the data plane's upstream")?;
     let net = Net::new(&ca, 4)?;
     let (mut sess, _) = dp_session(&net, dp.addr("quic")?, "rr-user").await?;
     wait_upstream_ready(&mut sess).await?;
@@ -224,7 +229,8 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
                         o.window,
                     );
                 } else {
-                    let (l, n, e) = nats_loop(&client, k, &payload_b, o.warmup, o.window).await?;
+                    let (l, n, e, _) =
+                        nats_loop(&client, k, &payload_b, o.warmup, o.window).await?;
                     nats_errors += e;
                     record(&mut round, &format!("nats_k{k}"), l, n, o.window);
                 }
@@ -237,12 +243,16 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         ));
         for side in if gs_first { [0, 1] } else { [1, 0] } {
             if side == 0 {
-                let (back, l, n) =
+                let cpu = CpuPair::read(dp.pid(), up.pid())?;
+                let (back, l, n, all) =
                     gs_saturated(std::mem::take(&mut sat_sessions), &payload, o).await?;
+                cpu.record(&mut round, "gs_sat", all)?;
                 sat_sessions = back;
                 record(&mut round, "gs_sat", l, n, o.window);
             } else {
-                let (l, n, e) = nats_saturated(&sat_nats, &payload_b, o).await?;
+                let cpu = CpuPair::read(nats.pid, responder.pid())?;
+                let (l, n, e, all) = nats_saturated(&sat_nats, &payload_b, o).await?;
+                cpu.record(&mut round, "nats_sat", all)?;
                 nats_errors += e;
                 record(&mut round, "nats_sat", l, n, o.window);
             }
@@ -278,10 +288,48 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         f("nats_sat_req_per_s"),
         false,
     ));
+    rep.checks.push(vs(
+        "[NATS] server CPU us/request, saturated (data plane vs nats-server)",
+        f("gs_sat_server_cpu_us_per_req"),
+        f("nats_sat_server_cpu_us_per_req"),
+        true,
+    ));
+    rep.checks.push(vs(
+        "[NATS] middle-hop CPU us/request, saturated (upstream echo vs responder)",
+        f("gs_sat_hop_cpu_us_per_req"),
+        f("nats_sat_hop_cpu_us_per_req"),
+        true,
+    ));
+    rep.notes.push("CPU us/request: utime+stime (/proc/PID/stat) of the process over the saturated run (warm-up, window, drain) divided by every reply in it; independent of how much CPU other work on the machine left us".into());
     rep.notes.push("GateSvr: QUIC (TLS 1.3) client -> data plane -> plaintext gRPC upstream echo on loopback; NATS: TLS 1.3 client -> nats-server -> TLS 1.3 responder (NATS has one client port, so its responder leg pays TLS too)".into());
     rep.notes.push("placement: data plane and nats-server on the server CPU; upstream echo, NATS responder and load generator on the helper CPU".into());
     drop((nats, dp));
     Ok(rep)
+}
+
+/// CPU time of the server and of the middle hop before a run.
+struct CpuPair {
+    server: (u32, f64),
+    hop: (u32, f64),
+}
+
+impl CpuPair {
+    fn read(server: u32, hop: u32) -> Result<Self> {
+        Ok(Self {
+            server: (server, cpu_us(server)?),
+            hop: (hop, cpu_us(hop)?),
+        })
+    }
+
+    /// Records `{prefix}_server_cpu_us_per_req` and `{prefix}_hop_cpu_us_per_req`.
+    fn record(&self, round: &mut Round, prefix: &str, replies: u64) -> Result<()> {
+        let per = |(pid, before): (u32, f64)| -> Result<f64> {
+            Ok((cpu_us(pid)? - before) / replies.max(1) as f64)
+        };
+        round.insert(format!("{prefix}_server_cpu_us_per_req"), per(self.server)?);
+        round.insert(format!("{prefix}_hop_cpu_us_per_req"), per(self.hop)?);
+        Ok(())
+    }
 }
 
 /// Takes a data-plane CPU flamegraph (its /debug/pprof/profile) during a saturated window and
@@ -293,7 +341,8 @@ async fn profile_saturated(
     payload: &[u8],
     dir: &Path,
 ) -> Result<()> {
-    let secs = o.window.as_secs().max(1);
+    // Enough samples at 99 Hz even when the process gets little CPU on a shared machine.
+    let secs = if o.tiny { 1 } else { 10 };
     let mut o2 = o.clone();
     o2.window = Duration::from_secs(secs + 1);
     let http = dp.addr("http")?;
