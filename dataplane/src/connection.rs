@@ -1,15 +1,18 @@
 //! One client connection: the thin I/O shell around a [`Session`].
 //!
-//! The client opens one bidirectional stream and sends Start. After that a
-//! reader task decodes frames and feeds the session; a writer task sends
-//! control frames (responses, heartbeat answers) and whatever the session
-//! yields from `poll_transmit`, woken by the entry's `Notify`.
+//! The client opens one bidirectional stream and sends Start. After that ONE
+//! task serves the connection: it decodes frames and feeds the session,
+//! drives the requests it is executing (no task per request, no writer task),
+//! and writes responses, heartbeat answers, frames other tasks queued (drain
+//! GoAway, answers to requests begun on an earlier connection) and whatever
+//! the session yields from `poll_transmit`, woken by the entry's `Notify`.
+//! Every wake-up ends in at most one stream write.
 //!
 //! ```text
-//!  recv stream ─> FrameDecoder ─> handle_frame ─┬─> Session (ack, dedupe)
-//!                                               ├─> handler task ─> complete_request ─┐
-//!                                               └─> control channel ──────────────────┴─> writer ─> send stream
-//!  Session::poll_transmit (pushes) ─────────────────────────────────────────────────────> writer
+//!  recv stream ─> FrameDecoder ─> handle_frame ─┬─> Session (ack, dedupe) ─────────────────┐
+//!                                               └─> in-flight requests ─> complete ─────────┤
+//!  other tasks ─> control channel ──────────────────────────────────────────────────────────┤
+//!  Session::poll_transmit (pushes) ─────────────────────────────────────────────────────────┴─> one write
 //! ```
 //!
 //! Fatal errors are sent as an `Error` frame, the stream is finished, and the
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
+use futures::stream::{FuturesUnordered, StreamExt};
 use gatesvr_proto::client::{
     ClientRequest, ClientResponse, Envelope, ErrorCode, HeartbeatResponse, StartRequest,
     StartResponse, envelope::Body,
@@ -114,12 +118,12 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
                 .connections_rejected
                 .with_label_values(&["start_timeout"])
                 .inc();
-            fail(
+            Box::pin(fail(
                 &node,
                 &conn,
                 None,
                 Fatal::new(ErrorCode::StartTimeout, "no stream opened in time"),
-            )
+            ))
             .await;
             return;
         }
@@ -150,7 +154,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
                 .connections_rejected
                 .with_label_values(&[&crate::metrics::code_label(fatal.code)])
                 .inc();
-            fail(&node, &conn, Some(&mut send), fatal).await;
+            Box::pin(fail(&node, &conn, Some(&mut send), fatal)).await;
             return;
         }
     };
@@ -160,14 +164,16 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
             ErrorCode::Draining,
             "node is draining: connect to another node",
         );
-        fail(&node, &conn, Some(&mut send), fatal).await;
+        Box::pin(fail(&node, &conn, Some(&mut send), fatal)).await;
         return;
     }
     let new_id = crate::registry::new_session_id();
-    let epoch = match claim_ownership(&node, &start, &new_id).await {
+    // Boxed (here and for `fail`): a future is as large as its largest
+    // state, and every idle connection would carry these rare ones inline.
+    let epoch = match Box::pin(claim_ownership(&node, &start, &new_id)).await {
         Ok(epoch) => epoch,
         Err(fatal) => {
-            fail(&node, &conn, Some(&mut send), fatal).await;
+            Box::pin(fail(&node, &conn, Some(&mut send), fatal)).await;
             return;
         }
     };
@@ -193,9 +199,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
         // one: record the id in the control plane too.
         if entry.identity.session_id != claimed_id(&start, &new_id)
             && let Some(cluster) = &node.cluster
-            && let Ok(c) = cluster
-                .claim(&start.openid, &entry.identity.session_id)
-                .await
+            && let Ok(c) = Box::pin(cluster.claim(&start.openid, &entry.identity.session_id)).await
         {
             entry.state.lock().set_epoch(c.epoch);
         }
@@ -222,39 +226,23 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
     node.metrics.active_connections.inc();
     tracing::debug!(openid = %start.openid, session = %entry.identity.session_id, status = ?outcome.status, "session started");
 
-    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel();
-    let mut writer = tokio::spawn(write_loop(
-        node.clone(),
-        entry.clone(),
-        conn.clone(),
-        send,
+    let result = run(
+        &node,
+        &entry,
+        conn_id,
+        &mut send,
+        &mut recv,
+        &mut decoder,
         control_rx,
-        finish_rx,
-    ));
-    let result = read_loop(&node, &entry, &mut recv, &mut decoder).await;
-    match result {
-        Ok(()) => {}
-        Err(fatal) => {
-            node.metrics
-                .protocol_errors
-                .with_label_values(&[&crate::metrics::code_label(fatal.code)])
-                .inc();
-            // The writer owns the stream: queue the Error frame, then ask it
-            // to finish the stream so the frame is delivered before the close.
-            entry
-                .send_control(env(Body::Error(gatesvr_proto::client::Error {
-                    code: fatal.code as i32,
-                    message: fatal.message.clone(),
-                    retry_after_ms: 0,
-                    fatal: true,
-                })))
-                .await;
-            let _ = finish_tx.send(());
-            let _ = tokio::time::timeout(ERROR_FLUSH * 2, &mut writer).await;
-            fail(&node, &conn, None, fatal).await;
-        }
+    )
+    .await;
+    if let Err(fatal) = result {
+        node.metrics
+            .protocol_errors
+            .with_label_values(&[&crate::metrics::code_label(fatal.code)])
+            .inc();
+        Box::pin(fail(&node, &conn, Some(&mut send), fatal)).await;
     }
-    writer.abort();
     node.registry.detach(&entry, conn_id);
     node.metrics.active_connections.dec();
 }
@@ -369,62 +357,182 @@ fn authenticate(node: &Node, start: StartRequest) -> Result<StartRequest, Fatal>
     Ok(start)
 }
 
-async fn read_loop(
+/// A request being executed by the connection's task.
+type Executing = futures::future::BoxFuture<'static, ClientResponse>;
+
+/// Most bytes of pushes gathered into one stream write.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// What a frame asks of the connection's loop.
+enum Flow {
+    Continue,
+    /// The client stopped its session: end without an error.
+    Stop,
+}
+
+/// The connection's steady state, until the stream or connection ends or a
+/// fatal error. Requests still executing at the end finish in the
+/// background: their answers wait in the session for the client's retry.
+async fn run(
     node: &Arc<Node>,
     entry: &Arc<SessionEntry>,
+    conn_id: u64,
+    send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
+    mut control: mpsc::Receiver<bytes::Bytes>,
 ) -> Result<(), Fatal> {
     let silence = node.config.server.heartbeat_timeout;
-    loop {
-        let frame = match tokio::time::timeout(silence, read_frame(recv, decoder)).await {
-            Err(_) => {
-                return Err(Fatal::new(
+    let idle = tokio::time::sleep(silence);
+    tokio::pin!(idle);
+    let mut executing: FuturesUnordered<Executing> = FuturesUnordered::new();
+    let mut out = BytesMut::new();
+    let result = 'serve: loop {
+        tokio::select! {
+            biased;
+            Some(response) = executing.next(), if !executing.is_empty() => {
+                complete(entry, conn_id, response, &mut out);
+            }
+            frame = control.recv() => match frame {
+                Some(frame) => out.extend_from_slice(&frame),
+                // The registry let go of this connection (replaced).
+                None => break Ok(()),
+            },
+            () = entry.wake.notified() => {}
+            chunk = recv.read_chunk(64 * 1024, true) => match chunk {
+                Ok(Some(chunk)) => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + silence);
+                    decoder.extend(&chunk.bytes);
+                    loop {
+                        let frame = match decoder.next_frame() {
+                            Ok(Some(frame)) => frame,
+                            Ok(None) => break,
+                            Err(e) => break 'serve Err(Fatal::new(e.code(), e.to_string())),
+                        };
+                        match handle_frame(node, entry, frame, &mut out, &mut executing) {
+                            Ok(Flow::Continue) => {}
+                            Ok(Flow::Stop) => break 'serve Ok(()),
+                            Err(fatal) => break 'serve Err(fatal),
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => break Ok(()),
+            },
+            () = &mut idle => {
+                break Err(Fatal::new(
                     ErrorCode::HeartbeatTimeout,
                     "no frame within heartbeat_timeout",
                 ));
             }
-            Ok(result) => result?,
-        };
-        let Some(frame) = frame else {
-            return Ok(());
-        };
-        let Some(body) = frame.body else {
-            return Err(Fatal::new(ErrorCode::BadFrame, "envelope has no body"));
-        };
-        match body {
-            Body::Heartbeat(hb) => {
-                entry
-                    .send_control(env(Body::HeartbeatOk(HeartbeatResponse {
-                        client_timestamp: hb.client_timestamp,
-                        server_timestamp: unix_ms(),
-                    })))
-                    .await;
+        }
+        transmit(node, entry, &mut out);
+        if !out.is_empty() {
+            if send.write_all(&out).await.is_err() {
+                break Ok(());
             }
-            Body::Ack(ack) => {
-                let result = entry.state.lock().on_ack(Instant::now(), ack.acked_seq_id);
-                if let Err(e) = result {
-                    return Err(Fatal::new(ErrorCode::ProtocolViolation, e.to_string()));
-                }
-            }
-            Body::Request(request) => handle_request(node, entry, request).await?,
-            Body::Stop(stop) => {
-                tracing::debug!(openid = %entry.identity.openid, reason = %stop.reason, "client stopped its session");
-                node.registry.remove(entry, "stopped");
-                entry.close_connection(ErrorCode::SessionClosed, "session stopped");
-                return Ok(());
-            }
-            Body::Start(_) => {
-                return Err(Fatal::new(ErrorCode::ProtocolViolation, "Start sent twice"));
-            }
-            _ => {
-                return Err(Fatal::new(
-                    ErrorCode::ProtocolViolation,
-                    "server-only frame sent by the client",
-                ));
-            }
+            out.clear();
+        }
+    };
+    for request in executing {
+        let (node, entry) = (node.clone(), entry.clone());
+        tokio::spawn(async move {
+            let response = request.await;
+            node.registry.complete_request(&entry, response).await;
+        });
+    }
+    result
+}
+
+/// Moves pushes the session has ready into `out`, up to one write's worth;
+/// re-arms the wake-up if more are waiting.
+fn transmit(node: &Node, entry: &SessionEntry, out: &mut BytesMut) {
+    let mut pushes = 0u64;
+    {
+        let mut state = entry.state.lock();
+        let now = Instant::now();
+        while out.len() < WRITE_BATCH {
+            let Some(push) = state.poll_transmit(now) else {
+                break;
+            };
+            pushes += 1;
+            frame::encode(&env(Body::Push(push)), out);
         }
     }
+    if pushes > 0 {
+        node.metrics
+            .pushes
+            .with_label_values(&["sent"])
+            .inc_by(pushes);
+        // More may be waiting: come back without waiting for a wake-up.
+        entry.wake.notify_one();
+    }
+}
+
+/// Stores an executed request's answer in the session and sends it to the
+/// connection attached now: this one (into `out`), or a newer one.
+fn complete(entry: &Arc<SessionEntry>, conn_id: u64, response: ClientResponse, out: &mut BytesMut) {
+    entry
+        .state
+        .lock()
+        .complete_request(response.seq_id, response.clone());
+    let here = entry
+        .attached
+        .lock()
+        .as_ref()
+        .is_some_and(|a| a.conn_id == conn_id);
+    if here {
+        frame::encode(&env(Body::Response(response)), out);
+    } else {
+        // The client reconnected meanwhile; that connection's task writes it.
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            entry.send_control(env(Body::Response(response))).await;
+        });
+    }
+}
+
+fn handle_frame(
+    node: &Arc<Node>,
+    entry: &Arc<SessionEntry>,
+    frame: Envelope,
+    out: &mut BytesMut,
+    executing: &mut FuturesUnordered<Executing>,
+) -> Result<Flow, Fatal> {
+    let Some(body) = frame.body else {
+        return Err(Fatal::new(ErrorCode::BadFrame, "envelope has no body"));
+    };
+    match body {
+        Body::Heartbeat(hb) => {
+            let answer = HeartbeatResponse {
+                client_timestamp: hb.client_timestamp,
+                server_timestamp: unix_ms(),
+            };
+            frame::encode(&env(Body::HeartbeatOk(answer)), out);
+        }
+        Body::Ack(ack) => {
+            let result = entry.state.lock().on_ack(Instant::now(), ack.acked_seq_id);
+            if let Err(e) = result {
+                return Err(Fatal::new(ErrorCode::ProtocolViolation, e.to_string()));
+            }
+        }
+        Body::Request(request) => handle_request(node, entry, request, out, executing)?,
+        Body::Stop(stop) => {
+            tracing::debug!(openid = %entry.identity.openid, reason = %stop.reason, "client stopped its session");
+            node.registry.remove(entry, "stopped");
+            entry.close_connection(ErrorCode::SessionClosed, "session stopped");
+            return Ok(Flow::Stop);
+        }
+        Body::Start(_) => {
+            return Err(Fatal::new(ErrorCode::ProtocolViolation, "Start sent twice"));
+        }
+        _ => {
+            return Err(Fatal::new(
+                ErrorCode::ProtocolViolation,
+                "server-only frame sent by the client",
+            ));
+        }
+    }
+    Ok(Flow::Continue)
 }
 
 fn error_response(
@@ -446,78 +554,82 @@ fn error_response(
     }
 }
 
-async fn handle_request(
+/// Answers a request at once (cached answer, refusal) into `out`, or starts
+/// executing it.
+fn handle_request(
     node: &Arc<Node>,
     entry: &Arc<SessionEntry>,
     request: ClientRequest,
+    out: &mut BytesMut,
+    executing: &mut FuturesUnordered<Executing>,
 ) -> Result<(), Fatal> {
-    let zone = entry.identity.zone.clone();
+    let zone = &entry.identity.zone;
     if !request.openid.is_empty() && request.openid != entry.identity.openid {
         return Err(Fatal::new(
             ErrorCode::OpenidMismatch,
             "request openid differs from the session's",
         ));
     }
-    let reply = |response: ClientResponse| env(Body::Response(response));
+    let mut reply = |response: ClientResponse| frame::encode(&env(Body::Response(response)), out);
     let disposition = entry.state.lock().begin_request(request.seq_id);
     match disposition {
         RequestDisposition::Execute => {}
         RequestDisposition::Cached(response) => {
-            entry.send_control(reply(response)).await;
+            reply(response);
             return Ok(());
         }
         // The first attempt's answer goes to the attached connection when ready.
         RequestDisposition::InFlight => return Ok(()),
         RequestDisposition::OutOfWindow { lowest, highest } => {
-            node.count_request(&zone, ErrorCode::SeqOutOfWindow);
+            node.count_request(zone, ErrorCode::SeqOutOfWindow);
             let msg = format!(
                 "seq_id {} outside the window {lowest}..={highest}",
                 request.seq_id
             );
-            entry
-                .send_control(reply(error_response(
-                    &request,
-                    &zone,
-                    ErrorCode::SeqOutOfWindow,
-                    msg,
-                    0,
-                )))
-                .await;
+            reply(error_response(
+                &request,
+                zone,
+                ErrorCode::SeqOutOfWindow,
+                msg,
+                0,
+            ));
             return Ok(());
         }
         RequestDisposition::TooManyInflight { .. } => {
-            node.count_request(&zone, ErrorCode::TooManyInflight);
+            node.count_request(zone, ErrorCode::TooManyInflight);
             let msg = "too many requests in flight on this session".to_string();
-            entry
-                .send_control(reply(error_response(
-                    &request,
-                    &zone,
-                    ErrorCode::TooManyInflight,
-                    msg,
-                    0,
-                )))
-                .await;
+            reply(error_response(
+                &request,
+                zone,
+                ErrorCode::TooManyInflight,
+                msg,
+                0,
+            ));
             return Ok(());
         }
     }
     // Admission: node-wide request rate.
     if let Err(retry_after) = node.admit_request() {
-        node.count_request(&zone, ErrorCode::Overloaded);
+        node.count_request(zone, ErrorCode::Overloaded);
         let ms = retry_after.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
         let response = error_response(
             &request,
-            &zone,
+            zone,
             ErrorCode::Overloaded,
             format!("overloaded, retry after {ms} ms"),
             ms,
         );
-        // Store it so a retry of this seq gets the same answer, not a second execution.
-        node.registry.complete_request(entry, response).await;
+        // Stored, so a retry of this seq gets the same answer, not a second execution.
+        entry
+            .state
+            .lock()
+            .complete_request(response.seq_id, response.clone());
+        reply(response);
         return Ok(());
     }
     let node = node.clone();
     let entry = entry.clone();
-    tokio::spawn(async move {
+    executing.push(Box::pin(async move {
         let started = Instant::now();
         let response = node
             .handler
@@ -529,65 +641,7 @@ async fn handle_request(
             .request_duration
             .with_label_values(&[&entry.identity.zone])
             .observe(started.elapsed().as_secs_f64());
-        node.registry.complete_request(&entry, response).await;
-    });
+        response
+    }));
     Ok(())
-}
-
-async fn write_loop(
-    node: Arc<Node>,
-    entry: Arc<SessionEntry>,
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut control: mpsc::Receiver<Envelope>,
-    mut finish: tokio::sync::oneshot::Receiver<()>,
-) {
-    let mut buf = BytesMut::new();
-    loop {
-        tokio::select! {
-            biased;
-            frame = control.recv() => match frame {
-                Some(frame) => frame::encode(&frame, &mut buf),
-                None => return,
-            },
-            _ = &mut finish => {
-                if send.finish().is_ok() {
-                    let _ = tokio::time::timeout(ERROR_FLUSH, send.stopped()).await;
-                }
-                return;
-            }
-            () = entry.wake.notified() => {}
-            _ = conn.closed() => return,
-        }
-        // Batch whatever else is ready into one write.
-        while let Ok(frame) = control.try_recv() {
-            frame::encode(&frame, &mut buf);
-        }
-        let mut pushes = 0u64;
-        {
-            let mut state = entry.state.lock();
-            let now = Instant::now();
-            while buf.len() < 64 * 1024 {
-                let Some(push) = state.poll_transmit(now) else {
-                    break;
-                };
-                pushes += 1;
-                frame::encode(&env(Body::Push(push)), &mut buf);
-            }
-        }
-        if pushes > 0 {
-            node.metrics
-                .pushes
-                .with_label_values(&["sent"])
-                .inc_by(pushes);
-            // More may be waiting: come back without waiting for a wake-up.
-            entry.wake.notify_one();
-        }
-        if !buf.is_empty() {
-            if send.write_all(&buf).await.is_err() {
-                return;
-            }
-            buf.clear();
-        }
-    }
 }

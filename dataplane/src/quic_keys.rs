@@ -75,7 +75,7 @@ impl SharedKeys {
     }
 
     fn from_parts(reset: Vec<u8>, token: Vec<u8>, ticket_bytes: &[u8]) -> Result<Self, String> {
-        if ticket_bytes.len() % 32 != 0 {
+        if !ticket_bytes.len().is_multiple_of(32) {
             return Err(format!(
                 "{TICKET_KEYS_FILE} holds {} bytes, not a multiple of 32 (one or more 32-byte keys)",
                 ticket_bytes.len()

@@ -3,11 +3,11 @@
 //!
 //! Each session is a [`SessionEntry`]: the sans-IO [`Session`] behind a mutex,
 //! the connection currently attached to it (if any), and a [`Notify`] that
-//! wakes that connection's writer when there is something to send.
+//! wakes that connection's task when there is something to send.
 //!
 //! ```text
 //!  GatewayService.PushToClient ─┐
-//!  ClientAck / ClientRequest ───┼─> SessionEntry { Mutex<Session>, attached conn } ──wake──> writer
+//!  ClientAck / ClientRequest ───┼─> SessionEntry { Mutex<Session>, attached conn } ──wake──> connection task
 //!  sweep (timers) ──────────────┘
 //! ```
 
@@ -31,14 +31,16 @@ pub struct Attachment {
     /// Unique per connection on this node.
     pub conn_id: u64,
     pub connection: quinn::Connection,
-    /// Frames other than pushes (responses, heartbeats) for the writer.
-    pub control: mpsc::Sender<Envelope>,
+    /// Frames other than pushes (responses, heartbeats) for the writer,
+    /// already encoded: a channel block holds 32 slots, and an `Envelope` is
+    /// 136 bytes where `Bytes` is 32, on every idle connection.
+    pub control: mpsc::Sender<bytes::Bytes>,
 }
 
 pub struct SessionEntry {
     pub identity: SessionIdentity,
     pub state: Mutex<Session>,
-    /// Wakes the attached connection's writer.
+    /// Wakes the attached connection's task (pushes ready to send).
     pub wake: Notify,
     pub attached: Mutex<Option<Attachment>>,
     /// Set (under the `state` lock) once the session's state left this node:
@@ -54,9 +56,11 @@ impl SessionEntry {
     pub async fn send_control(&self, frame: Envelope) {
         let tx = self.attached.lock().as_ref().map(|a| a.control.clone());
         if let Some(tx) = tx {
+            let mut buf = bytes::BytesMut::new();
+            gatesvr_proto::frame::encode(&frame, &mut buf);
             // A closed channel means the connection just ended; the session
             // keeps the answer for the retry.
-            let _ = tx.send(frame).await;
+            let _ = tx.send(buf.freeze()).await;
         }
     }
 
