@@ -325,3 +325,43 @@ async fn observability_endpoints_and_metrics_scrape() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_request_in_flight_when_its_connection_dies_is_answered_on_the_retry_once() {
+    use gatesvr_proto::client::{ClientRequest, envelope::Body};
+    let (node, fake, _stop) = faulty_node(|_| {}).await;
+    let mut first = node.raw().await;
+    first.start("erin", &node.dir.token("erin"), "", 0).await;
+    let Some(Body::StartOk(started)) = first.recv().await else {
+        panic!("no StartOk");
+    };
+    let request = ClientRequest {
+        msg_id: 1,
+        seq_id: 1,
+        payload: b"sleep:300".to_vec(),
+        ..Default::default()
+    };
+    first.send(Body::Request(request.clone())).await;
+    // The upstream holds it; the client's connection dies meanwhile.
+    gatesvr_tests::eventually("the upstream got the request", || fake.executed() == 1).await;
+    first.conn.close(0u8.into(), b"network lost");
+
+    let mut second = node.raw().await;
+    second
+        .start("erin", &node.dir.token("erin"), &started.session_id, 0)
+        .await;
+    assert!(matches!(second.recv().await, Some(Body::StartOk(_))));
+    // The retry: answered with the first execution's result, which either
+    // was already waiting in the session or arrives when it completes.
+    second.send(Body::Request(request)).await;
+    let response = loop {
+        match second.recv().await {
+            Some(Body::Response(r)) => break r,
+            Some(_) => continue,
+            None => panic!("the stream ended without an answer"),
+        }
+    };
+    assert_eq!(response.seq_id, 1);
+    assert_eq!(response.payload, b"sleep:300");
+    assert_eq!(fake.executed(), 1, "executed once");
+}
