@@ -26,7 +26,7 @@ use crate::client::{Net, PushStats};
 use crate::report::{Check, Cmp, Report, Round};
 use crate::scenarios::Opts;
 use crate::scenarios::push::{await_deliveries, push_data, sessions_with_readers};
-use crate::util::{now_ns, progress};
+use crate::util::{cpu_us, now_ns, progress};
 
 const TOPIC: &str = "bench/fanout";
 const SUBJECT: &str = "bench.fanout";
@@ -121,6 +121,8 @@ struct System {
     publisher: Publisher,
     stats: Arc<PushStats>,
     seq: u64,
+    /// The server process (data plane, mosquitto, nats-server), for CPU per delivery.
+    pid: u32,
 }
 
 /// Measures one message and one burst on `sys`; records `{prefix}_*` into `round`.
@@ -155,6 +157,8 @@ async fn measure(
     tokio::time::sleep(Duration::from_millis(100)).await;
     sys.stats.reset();
     let target = (n * burst) as u64;
+    let me = std::process::id();
+    let (server_cpu0, client_cpu0) = (cpu_us(sys.pid)?, cpu_us(me)?);
     let t0 = now_ns();
     sys.publisher
         .publish(o.payload, burst, &mut sys.seq)
@@ -162,6 +166,16 @@ async fn measure(
     let complete = await_deliveries(&sys.stats, target, patience).await;
     let last = sys.stats.last_delivery_ns.load(Ordering::Relaxed);
     let (delivered, mut lat) = sys.stats.reset();
+    let per = |now: f64, before: f64| (now - before) / delivered.max(1) as f64;
+    round.insert(
+        format!("{p}_server_cpu_us_per_delivery"),
+        per(cpu_us(sys.pid)?, server_cpu0),
+    );
+    // The load generator: every subscriber's client stack, and the publisher.
+    round.insert(
+        format!("{p}_client_cpu_us_per_delivery"),
+        per(cpu_us(me)?, client_cpu0),
+    );
     let secs = last.saturating_sub(t0) as f64 / 1e9;
     round.insert(format!("{p}_burst_last_ms"), secs * 1e3);
     round.insert(
@@ -340,18 +354,21 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             publisher: Publisher::GateSvr(gs_client),
             stats: gs_stats.clone(),
             seq: 0,
+            pid: dp.pid(),
         },
         System {
             name: "mqtt",
             publisher: Publisher::Mqtt(mq_pub),
             stats: mq_stats.clone(),
             seq: 0,
+            pid: mosq.pid,
         },
         System {
             name: "nats",
             publisher: Publisher::Nats(nats_pub),
             stats: nats_stats.clone(),
             seq: 0,
+            pid: nats.pid,
         },
     ];
     // Warm-up: one message through each (connections, TLS sessions, first allocations).
@@ -436,6 +453,14 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             true,
         ));
     }
+    for (peer, key) in [("Mosquitto QoS 1", "mqtt"), ("NATS core, no acks", "nats")] {
+        rep.checks.push(vs(
+            &format!("[{peer}] server CPU us per delivery, burst"),
+            f("gs_server_cpu_us_per_delivery"),
+            f(&format!("{key}_server_cpu_us_per_delivery")),
+            true,
+        ));
+    }
     for sys in ["gs", "mqtt", "nats"] {
         let lost = f(&format!("{sys}_gaps_total"))
             + f(&format!("{sys}_dups_total"))
@@ -450,6 +475,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         ));
     }
     rep.notes.push("GateSvr: BroadcastToClients (up to 8 calls in flight), every session acks (ClientAck); Mosquitto: QoS 1 both ways (PUBACK from the broker to the publisher and from every subscriber), max_inflight_messages 20 per subscriber; NATS core: no acknowledgements at all".into());
+    rep.notes.push("server CPU us per delivery: utime+stime of the server process over a burst / deliveries; *_client_cpu_us_per_delivery (fields): the same for the load generator holding every subscriber".into());
     rep.notes.push("deliveries/s = messages x subscribers / (last delivery - first publish); every subscriber is its own TLS connection from the load generator (helper CPU)".into());
     drop((dp, nats, mosq));
     Ok(rep)

@@ -93,7 +93,12 @@ async fn nats(o: &Opts, args: &PeersArgs, n: usize) -> Result<Measured> {
     tokio::time::sleep(SETTLE).await;
     let after = server.rss()? as f64;
     let count = held.len() as f64;
-    drop(held);
+    // Close them now: a dropped async-nats client closes its socket only eventually, and the
+    // next system needs the file descriptors.
+    crate::client::bounded(held, 64, |c| async move {
+        let _ = c.drain().await;
+    })
+    .await;
     drop(server);
     Ok(((after - before) / count, before, rate, failed))
 }

@@ -311,6 +311,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
 struct CpuPair {
     server: (u32, f64),
     hop: (u32, f64),
+    client: (u32, f64),
 }
 
 impl CpuPair {
@@ -318,16 +319,19 @@ impl CpuPair {
         Ok(Self {
             server: (server, cpu_us(server)?),
             hop: (hop, cpu_us(hop)?),
+            client: (std::process::id(), cpu_us(std::process::id())?),
         })
     }
 
-    /// Records `{prefix}_server_cpu_us_per_req` and `{prefix}_hop_cpu_us_per_req`.
+    /// Records `{prefix}_{server,hop,client}_cpu_us_per_req`.
     fn record(&self, round: &mut Round, prefix: &str, replies: u64) -> Result<()> {
         let per = |(pid, before): (u32, f64)| -> Result<f64> {
             Ok((cpu_us(pid)? - before) / replies.max(1) as f64)
         };
         round.insert(format!("{prefix}_server_cpu_us_per_req"), per(self.server)?);
         round.insert(format!("{prefix}_hop_cpu_us_per_req"), per(self.hop)?);
+        // The load generator (this process): QUIC client vs NATS client.
+        round.insert(format!("{prefix}_client_cpu_us_per_req"), per(self.client)?);
         Ok(())
     }
 }
