@@ -231,6 +231,16 @@ impl ControlPlane {
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
 
+        // grpc.health.v1 (Kubernetes gRPC probes, load balancers): "" is
+        // SERVING while the process serves; the ControlPlane service only
+        // while this node knows a leader (it can answer claims and reads).
+        let (health, health_service) = tonic_health::server::health_reporter();
+        tasks.push(tokio::spawn(report_health(
+            health,
+            raft.clone(),
+            stop.clone(),
+        )));
+
         // gRPC: raft + data-plane API on one port.
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = server_tls {
@@ -252,7 +262,8 @@ impl ControlPlane {
                 node.clone(),
                 cfg.leases.clone(),
                 stop.clone(),
-            )));
+            )))
+            .add_service(health_service);
         let grpc_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
@@ -373,4 +384,36 @@ impl ControlPlane {
         }
         tracing::info!(node_id = id, "control plane stopped");
     }
+}
+
+/// Keeps `grpc.health.v1` in step with raft: the ControlPlane service is
+/// SERVING while a leader is known, everything NOT_SERVING once stopping.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    raft: types::Raft,
+    stop: CancellationToken,
+) {
+    use tonic::server::NamedService;
+    use tonic_health::ServingStatus;
+    const SERVICE: &str = <ControlPlaneServer<grpc::ControlService> as NamedService>::NAME;
+    let mut metrics = raft.metrics();
+    health.set_service_status("", ServingStatus::Serving).await;
+    loop {
+        let status = if metrics.borrow_and_update().current_leader.is_some() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status(SERVICE, status).await;
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { break },
+            () = stop.cancelled() => break,
+        }
+    }
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE, ServingStatus::NotServing)
+        .await;
 }

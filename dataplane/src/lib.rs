@@ -368,7 +368,18 @@ impl DataPlane {
                 };
             }
             let gate = grpc_auth::Gate { token: push_token };
+            // grpc.health.v1 for upstreams' load balancers and gRPC probes:
+            // SERVING until shutdown (a draining node still takes pushes and
+            // forwards them to the sessions' new owners).
+            let (health, health_service) = tonic_health::server::health_reporter();
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+            health
+                .set_serving::<gatesvr_proto::upstream::gateway_service_server::GatewayServiceServer<gateway::Gateway>>()
+                .await;
             let result = server
+                .add_service(health_service)
                 .add_service(tonic::service::interceptor::InterceptedService::new(
                     gateway,
                     gate.clone().for_gateway(),

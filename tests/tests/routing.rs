@@ -287,6 +287,27 @@ async fn observability_endpoints_and_metrics_scrape() {
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(stats["sessions"], 1);
     assert_eq!(stats["sessions_per_zone"][zone_of("ivy")], 1);
+    // grpc.health.v1 on the push API port, for upstreams' balancers and probes.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", node.dp.grpc_addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "gatesvr.upstream.v1.GatewayService"] {
+        let reply = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.into_inner().status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
     let (status, body) = http_get(node.dp.http_addr(), "/performance").await;
     assert_eq!(status, 200);
     let perf: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -740,3 +740,59 @@ async fn stale_leader_rejoins_and_its_uncommitted_write_is_discarded() {
     assert_eq!(state(leader), state(new_leader));
     c.shutdown().await;
 }
+
+/// Invariant: `grpc.health.v1` says "" SERVING while a node runs, and the ControlPlane service
+/// SERVING only while the node knows a leader (a lone follower of a lost quorum is NOT_SERVING).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_follows_leadership() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    const SERVICE: &str = "gatesvr.control.v1.ControlPlane";
+    async fn status(c: &Cluster, id: u64, service: &str) -> ServingStatus {
+        let (grpc, _) = c.addrs[&id];
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        let reply = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        reply.into_inner().status()
+    }
+
+    let mut c = Cluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    for id in 1..=3 {
+        assert_eq!(status(&c, id, "").await, ServingStatus::Serving);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while status(&c, id, SERVICE).await != ServingStatus::Serving {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {id} never SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Quorum lost: the remaining follower has no leader (it keeps calling elections).
+    for id in (1..=3).filter(|id| *id != follower) {
+        c.kill(id).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while status(&c, follower, SERVICE).await != ServingStatus::NotServing {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "follower still SERVING without a leader"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(&c, follower, "").await, ServingStatus::Serving);
+    c.shutdown().await;
+}
