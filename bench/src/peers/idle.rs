@@ -171,6 +171,24 @@ async fn mqtt(o: &Opts, args: &PeersArgs, n: usize) -> Result<Measured> {
     Ok(((after - before) / n as f64, before, rate, 0))
 }
 
+/// Descriptors open in this process (the load generator holds one per TCP connection).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Waits (up to 30 s) until the previous system's client sockets are closed: the open-file
+/// limit (20,000 on the reference machine, not raisable in its container) must hold the next
+/// system's connections.
+async fn settle_fds(baseline: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open_fds() > baseline + 256 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if open_fds() > baseline + 256 {
+        progress(format!("peers idle: {} descriptors still open", open_fds()));
+    }
+}
+
 pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
     let mut rep = Report::new("peers-idle");
     let n = if o.tiny { 20 } else { args.idle_conns.max(1) };
@@ -180,6 +198,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         "certificate",
         "ECDSA P-256 (gatesvr_common::certs), TLS 1.3 everywhere",
     );
+    let fds0 = open_fds();
     for r in 0..o.rounds {
         let mut round = Round::new();
         progress(format!(
@@ -192,16 +211,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         round.insert("gs_failed_opens".into(), failed as f64);
         round.insert("gs_rss_base_bytes".into(), base);
         round.insert("gs_open_per_s".into(), rate);
-        progress(format!(
-            "peers idle round {}/{}: {n} NATS connections",
-            r + 1,
-            o.rounds
-        ));
-        let (per, base, rate, failed) = nats(o, args, n).await?;
-        round.insert("nats_rss_bytes_per_conn".into(), per);
-        round.insert("nats_failed_opens".into(), failed as f64);
-        round.insert("nats_rss_base_bytes".into(), base);
-        round.insert("nats_open_per_s".into(), rate);
+        settle_fds(fds0).await;
         progress(format!(
             "peers idle round {}/{}: {n} MQTT connections",
             r + 1,
@@ -212,6 +222,18 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         round.insert("mqtt_failed_opens".into(), failed as f64);
         round.insert("mqtt_rss_base_bytes".into(), base);
         round.insert("mqtt_open_per_s".into(), rate);
+        settle_fds(fds0).await;
+        progress(format!(
+            "peers idle round {}/{}: {n} NATS connections",
+            r + 1,
+            o.rounds
+        ));
+        let (per, base, rate, failed) = nats(o, args, n).await?;
+        round.insert("nats_rss_bytes_per_conn".into(), per);
+        round.insert("nats_failed_opens".into(), failed as f64);
+        round.insert("nats_rss_base_bytes".into(), base);
+        round.insert("nats_open_per_s".into(), rate);
+        settle_fds(fds0).await;
         rep.rounds.push(round);
     }
     rep.median_all();

@@ -37,8 +37,9 @@ pub struct PeersArgs {
     #[command(subcommand)]
     pub which: Option<Which>,
     /// Idle client connections per system in `idle` (TCP peers need a port and a descriptor
-    /// each, so this stays well under the ephemeral port range).
-    #[arg(long, default_value_t = 10_000)]
+    /// each in the load generator: this stays under the ephemeral port range and leaves room
+    /// under a 20,000 open-file limit while the previous system's sockets close).
+    #[arg(long, default_value_t = 8_000)]
     pub idle_conns: usize,
     /// Messages per fan-out burst (each to every subscriber; `--fanout` subscribers).
     #[arg(long, default_value_t = 100)]
