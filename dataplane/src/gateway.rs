@@ -172,6 +172,54 @@ impl Gateway {
         }
     }
 
+    /// One push, `hops` gateway hops in (0: from an upstream, 1: forwarded
+    /// once by another node, 2+: serve here or refuse).
+    async fn push_one(
+        &self,
+        hops: u8,
+        req: PushToClientRequest,
+    ) -> Result<Response<PushToClientResponse>, Status> {
+        if self.node.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable("node crashed"));
+        }
+        if hops >= 2 {
+            // Second hop: serve locally or refuse, never forward a third time.
+            let entry = match TargetType::try_from(req.target_type) {
+                Ok(TargetType::Session) => self.node.registry.get_by_session(&req.target_id),
+                _ => self.node.registry.get(&req.target_id),
+            };
+            return match entry {
+                Some(entry) => self.push_here(&entry, req).await,
+                None => Err(Status::not_found(format!(
+                    "no session for {}",
+                    req.target_id
+                ))),
+            };
+        }
+        let forwarded = hops == 1;
+        if req.target_id.is_empty() {
+            return Err(Status::invalid_argument("target_id is empty"));
+        }
+        let registry = &self.node.registry;
+        let (entry, by_session) = match TargetType::try_from(req.target_type) {
+            Ok(TargetType::Openid) => (registry.get(&req.target_id), false),
+            Ok(TargetType::Session) => (registry.get_by_session(&req.target_id), true),
+            Err(_) => return Err(Status::invalid_argument("unknown target_type")),
+        };
+        match entry {
+            // The entry may have moved away between the lookup and the push.
+            Some(entry) if !entry.moved.load(std::sync::atomic::Ordering::SeqCst) => {
+                match self.push_here(&entry, req.clone()).await {
+                    Err(status) if status.code() == tonic::Code::Aborted => {
+                        self.push_elsewhere(req, by_session, forwarded).await
+                    }
+                    other => other,
+                }
+            }
+            _ => self.push_elsewhere(req, by_session, forwarded).await,
+        }
+    }
+
     fn push_local(
         &self,
         entry: &std::sync::Arc<crate::registry::SessionEntry>,
@@ -202,52 +250,8 @@ impl GatewayService for Gateway {
         &self,
         request: Request<PushToClientRequest>,
     ) -> Result<Response<PushToClientResponse>, Status> {
-        if self.node.crashed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Status::unavailable("node crashed"));
-        }
-        let hops = request
-            .metadata()
-            .get(crate::peer::FORWARDED_HEADER)
-            .map(|v| if v.as_bytes() == b"1" { 1 } else { 2 })
-            .unwrap_or(0);
-        if hops >= 2 {
-            // Second hop: serve locally or refuse, never forward a third time.
-            let req = request.into_inner();
-            let entry = match TargetType::try_from(req.target_type) {
-                Ok(TargetType::Session) => self.node.registry.get_by_session(&req.target_id),
-                _ => self.node.registry.get(&req.target_id),
-            };
-            return match entry {
-                Some(entry) => self.push_here(&entry, req).await,
-                None => Err(Status::not_found(format!(
-                    "no session for {}",
-                    req.target_id
-                ))),
-            };
-        }
-        let forwarded = hops == 1;
-        let req = request.into_inner();
-        if req.target_id.is_empty() {
-            return Err(Status::invalid_argument("target_id is empty"));
-        }
-        let registry = &self.node.registry;
-        let (entry, by_session) = match TargetType::try_from(req.target_type) {
-            Ok(TargetType::Openid) => (registry.get(&req.target_id), false),
-            Ok(TargetType::Session) => (registry.get_by_session(&req.target_id), true),
-            Err(_) => return Err(Status::invalid_argument("unknown target_type")),
-        };
-        match entry {
-            // The entry may have moved away between the lookup and the push.
-            Some(entry) if !entry.moved.load(std::sync::atomic::Ordering::SeqCst) => {
-                match self.push_here(&entry, req.clone()).await {
-                    Err(status) if status.code() == tonic::Code::Aborted => {
-                        self.push_elsewhere(req, by_session, forwarded).await
-                    }
-                    other => other,
-                }
-            }
-            _ => self.push_elsewhere(req, by_session, forwarded).await,
-        }
+        let hops = forwarded_hops(request.metadata());
+        self.push_one(hops, request.into_inner()).await
     }
 
     async fn push_batch(
@@ -255,7 +259,7 @@ impl GatewayService for Gateway {
         request: Request<PushBatchRequest>,
     ) -> Result<Response<PushBatchResponse>, Status> {
         const MAX_BATCH: usize = 1024;
-        let metadata = request.metadata().clone();
+        let hops = forwarded_hops(request.metadata());
         let batch = request.into_inner();
         if batch.pushes.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -266,9 +270,7 @@ impl GatewayService for Gateway {
         for push in batch.pushes {
             // The same path as PushToClient, one push at a time: order per
             // session is the order in the batch.
-            let mut one = Request::new(push);
-            *one.metadata_mut() = metadata.clone();
-            results.push(match self.push_to_client(one).await {
+            results.push(match self.push_one(hops, push).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     PushResult {
@@ -379,4 +381,12 @@ impl GatewayService for Gateway {
             sessions_per_zone: registry.per_zone().into_iter().collect(),
         }))
     }
+}
+
+/// How many gateway hops a push has made (`x-gatesvr-forwarded`).
+fn forwarded_hops(metadata: &tonic::metadata::MetadataMap) -> u8 {
+    metadata
+        .get(crate::peer::FORWARDED_HEADER)
+        .map(|v| if v.as_bytes() == b"1" { 1 } else { 2 })
+        .unwrap_or(0)
 }
