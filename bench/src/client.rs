@@ -110,6 +110,8 @@ pub struct Net {
     endpoints: Vec<quinn::Endpoint>,
     next: AtomicUsize,
     pub config: quinn::ClientConfig,
+    /// Name checked on the server certificate (`localhost` for the run's own dev certificates).
+    pub server_name: String,
 }
 
 impl Net {
@@ -117,7 +119,7 @@ impl Net {
         let config = client_config(ca, None)?;
         let mut endpoints = Vec::new();
         for _ in 0..sockets.max(1) {
-            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
             ep.set_default_client_config(config.clone());
             endpoints.push(ep);
         }
@@ -125,6 +127,7 @@ impl Net {
             endpoints,
             next: AtomicUsize::new(0),
             config,
+            server_name: "localhost".into(),
         })
     }
 
@@ -139,7 +142,7 @@ impl Net {
     ) -> Result<quinn::Connection> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
         Ok(self.endpoints[i]
-            .connect_with(config.clone(), addr, "localhost")?
+            .connect_with(config.clone(), addr, &self.server_name)?
             .await?)
     }
 }

@@ -13,6 +13,8 @@ mod peers;
 mod report;
 mod scenarios;
 mod servers;
+mod session;
+mod target;
 mod util;
 
 use std::path::PathBuf;
@@ -64,6 +66,12 @@ struct Cli {
     /// Do not pin processes to CPUs.
     #[arg(long, global = true)]
     no_pin: bool,
+    /// Clients' QUIC idle timeout in `failover` and `load`: how long a crashed node goes
+    /// unnoticed (keep-alives every third of it).
+    #[arg(long, global = true, default_value = "1s", value_parser = humantime_dur)]
+    detect: Duration,
+    #[command(flatten)]
+    target: target::TargetArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -97,8 +105,12 @@ enum Cmd {
     Sessions,
     /// Session-ownership claims committed by a 3-node control plane vs fdatasync (and etcd).
     Claims,
-    /// Reserved: needs the cluster work (exits 2).
+    /// kill -9 of a data plane holding N sessions under durable pushes (resume time, pushes
+    /// lost), then of the raft leader under request load (time to a new leader, failed requests).
     Failover,
+    /// Steady clients (requests + pushes) against given addresses for a duration: failed
+    /// requests, lost/duplicated pushes, resumed sessions, latency per phase.
+    Load(scenarios::load::LoadArgs),
     /// Every scenario in order, one report each.
     All,
     /// GateSvr side by side with NATS, Mosquitto and etcd (docs/benchmarks.md "Peers").
@@ -138,12 +150,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         print!("{}", chart::svg(&reports));
         return Ok(0);
     }
-    if matches!(cli.cmd, Cmd::Failover) {
-        eprintln!(
-            "gate-bench failover: not available yet: it needs the cluster work (session handover between data-plane nodes under ownership epochs, docs/architecture.md §6), which is not built"
-        );
-        return Ok(2);
-    }
+    let target = cli.target.target()?.map(std::sync::Arc::new);
     let pin = util::Pinning::detect(!cli.no_pin);
     pin.pin_self();
     let mut o = Opts {
@@ -157,6 +164,8 @@ fn real_main(cli: Cli) -> Result<i32> {
         sessions: cli.sessions,
         fanout: cli.fanout,
         push_batch: cli.push_batch.clamp(1, 1024),
+        detect: cli.detect.max(Duration::from_millis(30)),
+        target,
     };
     if o.tiny {
         o.rounds = o.rounds.min(3);
@@ -187,6 +196,8 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Broadcast => vec!["broadcast"],
         Cmd::Sessions => vec!["sessions"],
         Cmd::Claims => vec!["claims"],
+        Cmd::Failover => vec!["failover"],
+        Cmd::Load(_) => vec!["load"],
         Cmd::All => vec![
             "rtt",
             "push",
@@ -194,11 +205,29 @@ fn real_main(cli: Cli) -> Result<i32> {
             "throughput",
             "broadcast",
             "claims",
+            "failover",
         ],
-        Cmd::Failover | Cmd::Chart { .. } | Cmd::Serve { .. } | Cmd::Peers(_) => {
-            unreachable!("handled above")
-        }
+        Cmd::Chart { .. } | Cmd::Serve { .. } | Cmd::Peers(_) => unreachable!("handled above"),
     };
+    // Against given addresses only the client-side scenarios make sense.
+    let names: Vec<&str> = if o.target.is_some() && matches!(cli.cmd, Cmd::All) {
+        names
+            .into_iter()
+            .filter(|n| scenarios::remote::SUPPORTED.contains(n))
+            .collect()
+    } else {
+        names
+    };
+    if o.target.is_some()
+        && let Some(n) = names
+            .iter()
+            .find(|n| !scenarios::remote::SUPPORTED.contains(n))
+    {
+        anyhow::bail!(
+            "{n} starts its own processes and cannot run against given addresses (supported: {})",
+            scenarios::remote::SUPPORTED.join(", ")
+        );
+    }
     let mut failed = false;
     for name in names {
         let result: Result<Report> = rt.block_on(async {
@@ -209,6 +238,11 @@ fn real_main(cli: Cli) -> Result<i32> {
                 "broadcast" => scenarios::broadcast::run(&o).await,
                 "sessions" => scenarios::sessions::run(&o).await,
                 "claims" => scenarios::claims::run(&o).await,
+                "failover" => scenarios::failover::run(&o).await,
+                "load" => match &cli.cmd {
+                    Cmd::Load(args) => scenarios::load::run(&o, args).await,
+                    _ => unreachable!(),
+                },
                 _ => unreachable!(),
             }
         });

@@ -29,6 +29,37 @@ pub enum Serve {
         /// Upstream address for every zone; without it the node echoes (Routing::Echo).
         #[arg(long)]
         upstream: Option<String>,
+        /// Node id (default dp-bench).
+        #[arg(long)]
+        node_id: Option<String>,
+        /// Control-plane gRPC endpoints (comma-separated): a cluster member whose upstreams
+        /// come from the control plane's registry.
+        #[arg(long, value_delimiter = ',')]
+        control_plane: Vec<String>,
+        /// Membership lease requested from the control plane.
+        #[arg(long, default_value = "3s", value_parser = crate::humantime_dur)]
+        lease_ttl: Duration,
+    },
+    /// One control-plane node (raft on sled, durable) on the given addresses; node 1
+    /// bootstraps the cluster with every `--member`.
+    CpNode {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: u64,
+        /// Every member as `id=grpc_addr=admin_addr` (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        member: Vec<String>,
+    },
+    /// The demo upstream (gate-upstream) for every zone, registered with a control plane.
+    Upstreams {
+        #[arg(long)]
+        control_plane: String,
+        /// A data plane's GatewayService (used by the demo's chat pushes).
+        #[arg(long)]
+        gateway: String,
+        #[arg(long, default_value_t = 6)]
+        zones: u32,
     },
     /// Bare quinn server with the data plane's transport settings and certificate: echo
     /// streams ('E') and one-way message streams ('P').
@@ -104,13 +135,29 @@ async fn parent_gone() {
 pub async fn run(mode: Serve) -> Result<()> {
     gatesvr_common::tls::install_crypto_provider();
     match mode {
-        Serve::Dataplane { dir, upstream } => {
-            let routing = if upstream.is_some() {
+        Serve::Dataplane {
+            dir,
+            upstream,
+            node_id,
+            control_plane,
+            lease_ttl,
+        } => {
+            let routing = if upstream.is_some() || !control_plane.is_empty() {
                 Routing::Upstreams
             } else {
                 Routing::Echo
             };
-            let dp = DataPlane::start(dataplane_config(&dir, upstream.as_deref()), routing)
+            let mut cfg = dataplane_config(&dir, upstream.as_deref());
+            if let Some(id) = node_id {
+                cfg.control_plane.state_file = Some(dir.join(format!("{id}.state")));
+                cfg.node_id = id;
+            }
+            if !control_plane.is_empty() {
+                cfg.control_plane.endpoints = control_plane;
+                cfg.control_plane.insecure = true;
+                cfg.control_plane.lease_ttl = lease_ttl;
+            }
+            let dp = DataPlane::start(cfg, routing)
                 .await
                 .map_err(|e| anyhow::anyhow!("data plane: {e}"))?;
             announce(serde_json::json!({
@@ -157,6 +204,46 @@ pub async fn run(mode: Serve) -> Result<()> {
             announce(serde_json::json!({"quic": endpoint.local_addr()?.to_string()}));
             tokio::spawn(relay_accept(endpoint, channel));
             parent_gone().await;
+        }
+        Serve::CpNode { dir, id, member } => {
+            let cp = crate::scenarios::failover::start_cp_node(&dir, id, &member).await?;
+            announce(serde_json::json!({
+                "grpc": cp.grpc_addr().to_string(),
+                "admin": cp.admin_addr().to_string(),
+                "id": id,
+            }));
+            parent_gone().await;
+            cp.shutdown().await;
+        }
+        Serve::Upstreams {
+            control_plane,
+            gateway,
+            zones,
+        } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let mut tasks = Vec::new();
+            let mut addrs = Vec::new();
+            for z in 0..zones {
+                let zone = gatesvr_proto::zone::zone_id(z);
+                let mut cfg = gate_upstream::Config::new(zone.clone(), gateway.clone());
+                cfg.control_plane = Some(control_plane.clone());
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                cfg.addr = listener.local_addr()?;
+                addrs.push(cfg.addr.to_string());
+                let stop = stop.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = gate_upstream::run(cfg, listener, stop.cancelled_owned()).await
+                    {
+                        eprintln!("gate-bench upstream {zone}: {e}");
+                    }
+                }));
+            }
+            announce(serde_json::json!({ "grpc": addrs.first(), "zones": addrs }));
+            parent_gone().await;
+            stop.cancel();
+            for t in tasks {
+                let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+            }
         }
         Serve::Controlplane { dir, nodes } => {
             let cluster = crate::scenarios::claims::start_cluster(&dir, nodes).await?;

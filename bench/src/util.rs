@@ -244,8 +244,50 @@ impl RunDir {
     }
 }
 
+/// How clients get their auth token: the run's own HMAC secret (default), another secret (a
+/// given deployment's `auth.secret_file`), a command that prints one, or a fixed string
+/// (`gatesvr dev` runs with client auth off and accepts any token).
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    Secret(Vec<u8>),
+    /// Run with the openid as its last argument; its trimmed stdout is the token.
+    Command(String),
+    Fixed(String),
+}
+
+static TOKENS: OnceLock<TokenSource> = OnceLock::new();
+
+/// Sets the token source once, before any client connects (gate-bench against given addresses).
+pub fn set_token_source(source: TokenSource) {
+    let _ = TOKENS.set(source);
+}
+
 pub fn token(openid: &str) -> String {
-    gatesvr_common::token::issue(SECRET, openid, Duration::from_secs(24 * 3600))
+    match TOKENS.get() {
+        None => gatesvr_common::token::issue(SECRET, openid, Duration::from_secs(24 * 3600)),
+        Some(TokenSource::Secret(s)) => {
+            gatesvr_common::token::issue(s, openid, Duration::from_secs(24 * 3600))
+        }
+        Some(TokenSource::Fixed(t)) => t.clone(),
+        Some(TokenSource::Command(cmd)) => Command::new("sh")
+            .arg("-c")
+            .arg(format!("{cmd} \"$0\""))
+            .arg(openid)
+            .stderr(Stdio::inherit())
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// A port free on 127.0.0.1 right now (for processes that must know each other's addresses
+/// before they start, like raft members).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Progress on stderr (never on stdout, which may carry JSON).

@@ -4,11 +4,18 @@
 use std::process::Command;
 
 fn run(scenario: &str) -> serde_json::Value {
+    run_with(scenario, &[], &[])
+}
+
+/// `gate-bench --tiny ... <before> <scenario> <after>`; the report of `scenario`.
+fn run_with(scenario: &str, before: &[&str], after: &[&str]) -> serde_json::Value {
     let base = tempfile::tempdir().expect("temp dir");
     let out = Command::new(env!("CARGO_BIN_EXE_gate-bench"))
         .args(["--tiny", "--json", "--no-pin", "--rounds", "1", "--base"])
         .arg(base.path())
+        .args(before)
         .arg(scenario)
+        .args(after)
         .output()
         .expect("gate-bench runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -122,11 +129,97 @@ fn claims_commits_without_errors() {
 }
 
 #[test]
-fn failover_is_reserved() {
-    let out = Command::new(env!("CARGO_BIN_EXE_gate-bench"))
-        .arg("failover")
-        .output()
-        .expect("gate-bench runs");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not available yet"));
+fn failover_resumes_every_session_and_loses_no_durable_push() {
+    let r = run("failover");
+    has_fields(
+        &r,
+        &[
+            "resume_p50_ms",
+            "resume_p99_ms",
+            "resume_max_ms",
+            "detect_p99_ms",
+            "reconnect_p99_ms",
+            "durable_accepted",
+            "durable_refused",
+            "dups_redelivered",
+            "cp_new_leader_ms",
+            "cp_requests",
+            "cp_failed_requests",
+            "cp_new_session_failures",
+        ],
+    );
+    assert!(field(&r, "durable_accepted") > 0.0);
+    assert_eq!(field(&r, "durable_lost"), 0.0);
+    assert_eq!(field(&r, "dups_unflagged"), 0.0);
+    assert_eq!(field(&r, "gaps"), 0.0);
+    assert_eq!(field(&r, "sessions_not_resumed"), 0.0);
+    assert!(field(&r, "cp_requests") > 0.0);
+}
+
+#[test]
+fn load_runs_steady_clients_against_a_local_cluster() {
+    let r = run_with("load", &[], &["--duration", "3s"]);
+    has_fields(
+        &r,
+        &[
+            "requests",
+            "failed_requests",
+            "pushes_expected",
+            "pushes_lost",
+            "steady_req_p99_ms",
+            "reconnects_resumed",
+        ],
+    );
+    assert!(field(&r, "requests") > 0.0);
+    assert!(field(&r, "pushes_expected") > 0.0);
+    assert_eq!(field(&r, "pushes_lost"), 0.0);
+    assert_eq!(field(&r, "push_gaps"), 0.0);
+}
+
+/// A data plane started apart (as a deployment would be), then scenarios against its
+/// addresses with a token minted from its HMAC secret file.
+#[test]
+fn scenarios_run_against_given_addresses() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("temp dir");
+    gatesvr_common::tls::install_crypto_provider();
+    gatesvr_common::certs::generate(&dir.path().join("certs"), &[]).expect("dev certs");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a-deployment-secret-0123456789\n").expect("secret");
+    let mut dp = Command::new(env!("CARGO_BIN_EXE_gate-bench"))
+        .args(["serve", "dataplane", "--dir"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("data plane starts");
+    let mut line = String::new();
+    std::io::BufReader::new(dp.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address line");
+    let addrs: serde_json::Value = serde_json::from_str(&line).expect("JSON addresses");
+    let ca = dir.path().join("certs").join("ca.crt");
+    let target = [
+        "--target-quic",
+        addrs["quic"].as_str().expect("quic"),
+        "--target-push",
+        addrs["grpc"].as_str().expect("grpc"),
+        "--ca",
+        ca.to_str().expect("utf-8 path"),
+        "--token-secret-file",
+        secret.to_str().expect("utf-8 path"),
+    ];
+    let r = run_with("rtt", &target, &[]);
+    has_fields(&r, &["dp_k1_p50_us", "dp_k64_req_per_s"]);
+    assert_eq!(field(&r, "dp_k1_errors"), 0.0);
+    let r = run_with("push", &target, &[]);
+    assert!(field(&r, "dp_deliveries") > 0.0);
+    assert_eq!(field(&r, "dp_gaps_total"), 0.0);
+    assert_eq!(field(&r, "dp_dups_total"), 0.0);
+    let r = run_with("broadcast", &target, &[]);
+    assert_eq!(field(&r, "gaps_total"), 0.0);
+    let r = run_with("sessions", &target, &[]);
+    has_fields(&r, &["dp_full_per_s", "dp_resumed_per_s"]);
+    let _ = dp.kill();
+    let _ = dp.wait();
 }

@@ -16,6 +16,9 @@ use crate::report::{Check, Cmp, Report, Round};
 use crate::util::progress;
 
 pub async fn run(o: &Opts) -> Result<Report> {
+    if let Some(t) = &o.target {
+        return super::remote::broadcast(o, t).await;
+    }
     let mut rep = Report::new("broadcast");
     let n = if o.tiny {
         o.fanout

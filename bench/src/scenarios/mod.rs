@@ -4,7 +4,10 @@
 
 pub mod broadcast;
 pub mod claims;
+pub mod failover;
+pub mod load;
 pub mod push;
+pub mod remote;
 pub mod rtt;
 pub mod sessions;
 pub mod throughput;
@@ -34,6 +37,10 @@ pub struct Opts {
     pub fanout: usize,
     /// Pushes per call in `push` (1: PushToClient; more: PushBatch).
     pub push_batch: usize,
+    /// Clients' QUIC idle timeout (`failover`, `load`).
+    pub detect: Duration,
+    /// Run against a given deployment instead of processes started here.
+    pub target: Option<std::sync::Arc<crate::target::Target>>,
 }
 
 impl Opts {

@@ -67,6 +67,9 @@ pub async fn await_deliveries(stats: &PushStats, target: u64, patience: Duration
 }
 
 pub async fn run(o: &Opts) -> Result<Report> {
+    if let Some(t) = &o.target {
+        return super::remote::push(o, t).await;
+    }
     let mut rep = Report::new("push");
     let n = o.fanout;
     let callers = if o.tiny { 4 } else { 64 };

@@ -68,7 +68,7 @@ pub async fn tonic_loop(
     Ok((lat, n))
 }
 
-fn record(round: &mut Round, prefix: &str, mut lat: Lat, n: u64, window: Duration) {
+pub(crate) fn record(round: &mut Round, prefix: &str, mut lat: Lat, n: u64, window: Duration) {
     round.insert(format!("{prefix}_p50_us"), lat.pct_us(50.0));
     round.insert(format!("{prefix}_p99_us"), lat.pct_us(99.0));
     round.insert(format!("{prefix}_p999_us"), lat.pct_us(99.9));
@@ -79,6 +79,9 @@ fn record(round: &mut Round, prefix: &str, mut lat: Lat, n: u64, window: Duratio
 }
 
 pub async fn run(o: &Opts) -> Result<Report> {
+    if let Some(t) = &o.target {
+        return super::remote::rtt(o, t).await;
+    }
     let mut rep = Report::new("rtt");
     let dir = o.rundir()?;
     let (dp, up) = o.start_dataplane(&dir, true)?;

@@ -18,12 +18,12 @@ use crate::report::{Check, Cmp, Report, Round};
 use crate::util::{ServerProc, progress};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Target {
+pub(crate) enum Target {
     Bare,
     Dp,
 }
 
-async fn setup_once(
+pub(crate) async fn setup_once(
     net: &Net,
     cfg: &quinn::ClientConfig,
     addr: std::net::SocketAddr,
@@ -44,7 +44,7 @@ async fn setup_once(
 }
 
 /// `workers` loops of setup + close for the window; returns setups/s and tickets offered.
-async fn setup_rate(
+pub(crate) async fn setup_rate(
     o: &Opts,
     net: &Arc<Net>,
     ca: &std::path::Path,
@@ -133,11 +133,14 @@ async fn hold(
     ))
 }
 
-fn setup_workers(o: &Opts) -> usize {
+pub(crate) fn setup_workers(o: &Opts) -> usize {
     if o.tiny { 2 } else { 16 }
 }
 
 pub async fn run(o: &Opts) -> Result<Report> {
+    if let Some(t) = &o.target {
+        return super::remote::sessions(o, t).await;
+    }
     let mut rep = Report::new("sessions");
     let n = o.sessions;
     let workers = setup_workers(o);

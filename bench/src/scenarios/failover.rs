@@ -1,0 +1,868 @@
+//! failover, with real processes (each `gate-bench serve ...`): a 3-node control plane (one
+//! process per raft node, sled, durable, production raft timings), `DP_NODES` data-plane nodes
+//! that are cluster members (leases, watch, claims, durable-push standbys), and the demo
+//! upstream for every zone registered with the control plane.
+//!
+//! (a) Data-plane crash: N sessions on dp-1 receive durable pushes (PushToClient{durable},
+//!     entering through the other nodes, forwarded to the owner); `kill -9` dp-1. Each client
+//!     notices on its own (QUIC idle timeout `--detect`, keep-alives at a third of it) and
+//!     reconnects to another node (spread over the survivors, as a load balancer would), which
+//!     claims the session and rebuilds it from the standby's replica. Per session: time from
+//!     the kill until its Start is answered elsewhere; durable pushes lost (accepted by the
+//!     gateway, never delivered: must be 0), duplicates, gaps.
+//! (b) Control-plane leader crash: sessions send requests through the data plane (to the
+//!     upstream) in a steady loop and new sessions keep starting (each needs a claim, a raft
+//!     commit); `kill -9` the raft leader; time until a survivor is leader (polled on the admin
+//!     API), and the requests and new sessions that failed.
+//!
+//! Reference (no in-run baseline exists for a crash): the Go gateway this replaces declares its
+//! peer dead after a 6 s heartbeat timeout, before any takeover starts.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use gatesvr_controlplane::config::{AuthMode, MemberConfig};
+use gatesvr_controlplane::{ControlPlane, ControlPlaneConfig};
+use gatesvr_proto::client::ResumeStatus;
+use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
+use gatesvr_proto::upstream::{PushToClientRequest, TargetType};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Opts;
+use crate::client::Net;
+use crate::report::{Check, Cmp, Report};
+use crate::session::{Endpoints, Session, SessionConfig, quic_config};
+use crate::util::{Lat, ServerProc, free_port, now_ns, progress};
+
+pub const ADMIN_TOKEN: &str = "gate-bench-admin";
+const DP_NODES: usize = 3;
+/// The seed Go gateway's heartbeat timeout: its failover cannot start before this.
+const SEED_HEARTBEAT_TIMEOUT_MS: f64 = 6000.0;
+
+/// One control-plane node for `gate-bench serve cp-node`: production raft timings, plaintext
+/// gRPC on loopback, admin API with a bearer token. Node 1 bootstraps every member.
+pub async fn start_cp_node(dir: &Path, id: u64, members: &[String]) -> Result<ControlPlane> {
+    let members: Vec<MemberConfig> = members
+        .iter()
+        .map(|m| {
+            let mut it = m.split('=');
+            let (Some(mid), Some(grpc), Some(admin)) = (it.next(), it.next(), it.next()) else {
+                bail!("--member {m:?} is not id=grpc=admin");
+            };
+            Ok(MemberConfig {
+                id: mid.parse()?,
+                grpc_addr: grpc.into(),
+                admin_addr: admin.into(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let me = members
+        .iter()
+        .find(|m| m.id == id)
+        .context("--id is not among --member")?;
+    let mut cfg = ControlPlaneConfig {
+        node_id: id,
+        data_dir: dir.join(format!("cp-{id}")),
+        grpc_addr: me.grpc_addr.parse()?,
+        admin_addr: me.admin_addr.parse()?,
+        ..ControlPlaneConfig::default()
+    };
+    cfg.tls.insecure = true;
+    cfg.admin.auth = AuthMode::Tokens;
+    cfg.admin.admin_token = Some(ADMIN_TOKEN.into());
+    if id == 1 {
+        cfg.cluster.bootstrap = true;
+        cfg.cluster.members = members;
+    }
+    Ok(ControlPlane::start(cfg).await?)
+}
+
+/// GET on a control-plane admin API (bearer token), JSON body; None if it does not answer.
+async fn admin_get(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await.ok()?;
+        let text = String::from_utf8_lossy(&body);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return None;
+        }
+        serde_json::from_str(body).ok()
+    };
+    tokio::time::timeout(Duration::from_millis(500), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// (node id, term) of a node that says it is the leader, among `admins`.
+async fn leader_of(admins: &[(u64, SocketAddr)]) -> Option<(u64, u64)> {
+    for (id, addr) in admins {
+        if let Some(v) = admin_get(*addr, "/v1/cluster").await
+            && v["state"] == "leader"
+        {
+            return Some((*id, v["term"].as_u64().unwrap_or(0)));
+        }
+    }
+    None
+}
+
+pub(crate) struct Cluster {
+    /// (id, admin addr, grpc addr, process)
+    cps: Vec<(u64, SocketAddr, SocketAddr, Option<ServerProc>)>,
+    dps: Vec<Option<ServerProc>>,
+    pub dp_quic: Vec<SocketAddr>,
+    dp_grpc: Vec<SocketAddr>,
+    upstream_cp: u64,
+    _upstreams: ServerProc,
+}
+
+impl Cluster {
+    fn live_admins(&self) -> Vec<(u64, SocketAddr)> {
+        self.cps
+            .iter()
+            .filter(|c| c.3.is_some())
+            .map(|c| (c.0, c.1))
+            .collect()
+    }
+}
+
+async fn start_cluster(o: &Opts, dir: &Path) -> Result<Cluster> {
+    let mut cps = Vec::new();
+    for id in 1..=3u64 {
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        cps.push((id, admin, grpc, None));
+    }
+    let members: Vec<String> = cps
+        .iter()
+        .map(|(id, admin, grpc, _)| format!("{id}={grpc}={admin}"))
+        .collect();
+    for cp in &mut cps {
+        cp.3 = Some(ServerProc::spawn(
+            &format!("cp-{}", cp.0),
+            &[
+                "cp-node".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+                "--id".into(),
+                cp.0.to_string(),
+                "--member".into(),
+                members.join(","),
+            ],
+            o.helper_cpu(),
+        )?);
+    }
+    let admins: Vec<(u64, SocketAddr)> = cps.iter().map(|c| (c.0, c.1)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader = loop {
+        if let Some((l, _)) = leader_of(&admins).await {
+            break l;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no control-plane leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let cp_grpc: Vec<String> = cps.iter().map(|c| c.2.to_string()).collect();
+    let mut dps = Vec::new();
+    let (mut dp_quic, mut dp_grpc) = (Vec::new(), Vec::new());
+    for i in 1..=DP_NODES {
+        let p = ServerProc::spawn(
+            &format!("dp-{i}"),
+            &[
+                "dataplane".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+                "--node-id".into(),
+                format!("dp-{i}"),
+                "--control-plane".into(),
+                cp_grpc.join(","),
+            ],
+            o.server_cpu(),
+        )?;
+        dp_quic.push(p.addr("quic")?);
+        dp_grpc.push(p.addr("grpc")?);
+        dps.push(Some(p));
+    }
+    // The demo upstreams register with one control-plane node (they take one endpoint): not
+    // the current leader, so the leader kill in (b) does not also cut their lease renewals.
+    let upstream_cp = cps.iter().find(|c| c.0 != leader).map_or(1, |c| c.0);
+    let upstreams = ServerProc::spawn(
+        "upstreams",
+        &[
+            "upstreams".into(),
+            "--control-plane".into(),
+            cps[(upstream_cp - 1) as usize].2.to_string(),
+            "--gateway".into(),
+            dp_grpc[1].to_string(),
+        ],
+        o.helper_cpu(),
+    )?;
+    Ok(Cluster {
+        cps,
+        dps,
+        dp_quic,
+        dp_grpc,
+        upstream_cp,
+        _upstreams: upstreams,
+    })
+}
+
+/// The cluster of this scenario, ready to serve (for `load` without given addresses).
+pub(crate) async fn start_local(o: &Opts, dir: &Path) -> Result<Cluster> {
+    let c = start_cluster(o, dir).await?;
+    let ca = dir.join("certs").join("ca.crt");
+    let cfg = Arc::new(SessionConfig {
+        net: Arc::new(Net::new(&ca, 2)?),
+        quic: quic_config(&ca, o.detect)?,
+        endpoints: Endpoints::Fixed(Arc::new(c.dp_quic.clone())),
+        connect_timeout: (o.detect * 2).max(Duration::from_secs(5)),
+    });
+    wait_ready(&cfg, &c).await?;
+    Ok(c)
+}
+
+/// An openid in each zone (FNV-1a of the openid, as the gateway routes).
+fn openid_in_zone(prefix: &str, zone: u32) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| gatesvr_proto::zone::zone_index(id, 6) == zone)
+        .expect("some id hashes to every zone")
+}
+
+fn gateway(addr: SocketAddr) -> Result<GatewayServiceClient<tonic::transport::Channel>> {
+    Ok(GatewayServiceClient::new(crate::servers::upstream_channel(
+        &addr.to_string(),
+    )?))
+}
+
+/// Waits until every node routes requests of every zone to an upstream, and a durable push
+/// to a session on dp-1 is accepted (every node sees its standby).
+async fn wait_ready(cfg: &Arc<SessionConfig>, c: &Cluster) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, _) in c.dp_quic.iter().enumerate() {
+        for z in 0..6 {
+            let id = openid_in_zone(&format!("probe-{i}"), z);
+            let s = Session::spawn(
+                Arc::new(SessionConfig {
+                    net: cfg.net.clone(),
+                    quic: cfg.quic.clone(),
+                    endpoints: Endpoints::Fixed(Arc::new(vec![c.dp_quic[i]])),
+                    connect_timeout: cfg.connect_timeout,
+                }),
+                id,
+                0,
+                0,
+            );
+            loop {
+                if s.request(1, b"echo ready".to_vec(), Duration::from_secs(2))
+                    .await
+                    .is_ok_and(|r| r.app_code == 0)
+                {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "dp-{} never routed zone {z} to an upstream",
+                    i + 1
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if i == 0 && z == 0 {
+                let mut gw = gateway(c.dp_grpc[1])?;
+                loop {
+                    let r = gw
+                        .push_to_client(PushToClientRequest {
+                            target_type: TargetType::Openid as i32,
+                            target_id: s.openid.clone(),
+                            msg_type: "probe".into(),
+                            durable: true,
+                            ..Default::default()
+                        })
+                        .await;
+                    if r.is_ok() {
+                        break;
+                    }
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "durable pushes never accepted: {r:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            s.join().await;
+        }
+    }
+    Ok(())
+}
+
+/// Pushes accepted and refused per session (content = k, 1.. per session).
+#[derive(Default)]
+struct PushLedger {
+    accepted: Vec<Mutex<Vec<u64>>>,
+    next: Vec<AtomicU64>,
+    refused: AtomicU64,
+    rpc_lat: Mutex<Lat>,
+}
+
+/// Durable pushes at `rate`/s in all, round robin over sessions, through `gateways`.
+fn push_driver(
+    openids: Arc<Vec<String>>,
+    gateways: Vec<SocketAddr>,
+    rate: f64,
+    payload: usize,
+    ledger: Arc<PushLedger>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let clients = gateways
+        .iter()
+        .map(|a| gateway(*a))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(tokio::spawn(async move {
+        let sem = Arc::new(tokio::sync::Semaphore::new(512));
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut i = 0usize;
+        let mut tasks = Vec::new();
+        while !*stop.borrow() {
+            tick.tick().await;
+            let s = i % openids.len();
+            let mut gw = clients[i % clients.len()].clone();
+            i += 1;
+            let k = ledger.next[s].fetch_add(1, Ordering::Relaxed) + 1;
+            let mut req = tonic::Request::new(PushToClientRequest {
+                target_type: TargetType::Openid as i32,
+                target_id: openids[s].clone(),
+                msg_type: "bench".into(),
+                content: k.to_string(),
+                data: super::push::push_data(payload),
+                durable: true,
+            });
+            req.set_timeout(Duration::from_secs(2));
+            let ledger = ledger.clone();
+            let Ok(permit) = sem.clone().acquire_owned().await else {
+                break;
+            };
+            tasks.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                let r = tokio::time::timeout(Duration::from_secs(3), gw.push_to_client(req)).await;
+                match r {
+                    Ok(Ok(_)) => {
+                        ledger.accepted[s].lock().push(k);
+                        ledger.rpc_lat.lock().0.push(t0.elapsed().as_nanos() as u64);
+                    }
+                    _ => {
+                        ledger.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                drop(permit);
+            }));
+            tasks.retain(|t| !t.is_finished());
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }))
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn pct_ms(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[(((p / 100.0) * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
+}
+
+pub async fn run(o: &Opts) -> Result<Report> {
+    let mut rep = Report::new("failover");
+    let n = o.fanout;
+    // One durable push per session every 5 s (at least 100/s): load, not overload. At 1000/s
+    // (1 per session per second) the three data planes sharing one core saturate before the
+    // kill (docs/benchmarks.md).
+    let rate = (n as f64 / 5.0).max(100.0);
+    let warm = if o.tiny {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(2)
+    };
+    rep.param("sessions", n);
+    rep.param("dataplane_nodes", DP_NODES);
+    rep.param("controlplane_nodes", 3);
+    rep.param("durable_pushes_per_s", rate);
+    rep.param("client_idle_timeout_ms", o.detect.as_millis() as u64);
+    rep.param(
+        "raft_timings",
+        "defaults: heartbeat 250ms, election 1.5s..3s",
+    );
+    rep.param("dataplane_lease_ttl_s", 3);
+    let dir = o.rundir()?;
+    progress("failover: starting 3 control-plane nodes, 3 data planes, upstreams");
+    let mut c = start_cluster(o, &dir.path()).await?;
+    let net = Arc::new(Net::new(&dir.ca(), 8)?);
+    let cfg = Arc::new(SessionConfig {
+        net: net.clone(),
+        quic: quic_config(&dir.ca(), o.detect)?,
+        endpoints: Endpoints::Fixed(Arc::new(c.dp_quic.clone())),
+        connect_timeout: (o.detect * 2).max(Duration::from_secs(5)),
+    });
+    wait_ready(&cfg, &c).await?;
+
+    // ---- (a) kill -9 of the data plane holding every session ----
+    progress(format!("failover: {n} sessions on dp-1"));
+    let openids: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("fo-{i}")).collect());
+    let sessions: Vec<Session> = openids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Session::spawn(cfg.clone(), id.clone(), 0, i))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !sessions.iter().all(Session::started) {
+        anyhow::ensure!(Instant::now() < deadline, "sessions did not start on dp-1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ledger = Arc::new(PushLedger {
+        accepted: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+        next: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        ..Default::default()
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let driver = push_driver(
+        openids.clone(),
+        c.dp_grpc[1..].to_vec(),
+        rate,
+        o.payload,
+        ledger.clone(),
+        stop_rx,
+    )?;
+    tokio::time::sleep(warm).await;
+    progress("failover: kill -9 dp-1");
+    let victim = c.dp_quic[0];
+    let t_kill = now_ns();
+    drop(c.dps[0].take());
+    // Sessions connected to dp-1 at the kill (a session whose connection dropped earlier, on
+    // a loaded machine with a short idle timeout, may have moved already: counted apart).
+    let on_victim: Vec<bool> = sessions
+        .iter()
+        .map(|s| {
+            let r = s.rec.lock();
+            let last_start = r.starts.last().map_or(0, |st| st.t_ns);
+            r.starts.last().is_some_and(|st| st.addr == victim)
+                && !r.losses.iter().any(|l| *l > last_start)
+        })
+        .collect();
+    let resume_deadline = Instant::now() + Duration::from_secs(if o.tiny { 30 } else { 60 });
+    let resumed_after = |s: &Session| s.rec.lock().starts.iter().any(|st| st.t_ns > t_kill);
+    while !sessions
+        .iter()
+        .zip(&on_victim)
+        .all(|(s, v)| !v || resumed_after(s))
+        && Instant::now() < resume_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    progress("failover: sessions resumed; pushing on");
+    tokio::time::sleep(warm).await;
+    let _ = stop_tx.send(true);
+    let _ = driver.await;
+    // Settle: every accepted push delivered, or 10 s.
+    let settle = Instant::now() + Duration::from_secs(10);
+    loop {
+        let missing: usize = sessions
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let r = s.rec.lock();
+                ledger.accepted[i]
+                    .lock()
+                    .iter()
+                    .filter(|k| !r.seen.contains_key(k))
+                    .count()
+            })
+            .sum();
+        if missing == 0 || Instant::now() > settle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut resume, mut detect, mut reconnect) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut st_resumed, mut st_recovered, mut st_expired, mut st_other, mut not_resumed) =
+        (0, 0, 0, 0, 0);
+    let (mut accepted, mut lost, mut delivered_ok, mut unconfirmed) = (0u64, 0u64, 0u64, 0u64);
+    // Of `lost`: on sessions that came back EXPIRED, and on sessions that never came back.
+    let (mut lost_expired, mut lost_unresumed) = (0u64, 0u64);
+    let (mut gaps, mut seq_dups, mut redelivered, mut unflagged, mut trimmed) = (0, 0, 0, 0, 0);
+    let mut push_lat = Lat::default();
+    for (i, s) in sessions.iter().enumerate() {
+        let r = s.rec.lock();
+        let after_kill = r.starts.iter().find(|st| st.t_ns > t_kill);
+        match after_kill.filter(|_| on_victim[i]) {
+            Some(st) => {
+                resume.push(ms(st.t_ns - t_kill));
+                match st.status {
+                    ResumeStatus::Resumed => st_resumed += 1,
+                    ResumeStatus::Recovered => st_recovered += 1,
+                    ResumeStatus::SessionExpired => st_expired += 1,
+                    _ => st_other += 1,
+                }
+                if let Some(l) = r.losses.iter().find(|l| **l > t_kill) {
+                    detect.push(ms(l - t_kill));
+                    reconnect.push(ms(st.t_ns.saturating_sub(*l)));
+                }
+            }
+            None if on_victim[i] => not_resumed += 1,
+            None => {}
+        }
+        let acc = ledger.accepted[i].lock();
+        accepted += acc.len() as u64;
+        for k in acc.iter() {
+            if r.seen.contains_key(k) {
+                delivered_ok += 1;
+            } else {
+                lost += 1;
+                match after_kill.map(|st| st.status) {
+                    None => lost_unresumed += 1,
+                    Some(ResumeStatus::SessionExpired) => lost_expired += 1,
+                    _ => {}
+                }
+            }
+        }
+        unconfirmed += r.seen.keys().filter(|k| !acc.contains(k)).count() as u64;
+        gaps += r.gaps;
+        seq_dups += r.seq_dups;
+        redelivered += r.redelivered_dups;
+        unflagged += r.unflagged_dups;
+        trimmed += r.trimmed;
+        push_lat.0.extend(r.push_lat.iter().map(|(_, l)| *l));
+    }
+    // A percentile of nothing is left out rather than reported as NaN (null in JSON).
+    let f = |rep: &mut Report, k: &str, v: f64| {
+        if !v.is_nan() {
+            rep.field(k, v);
+        }
+    };
+    f(&mut rep, "resume_p50_ms", pct_ms(&resume, 50.0));
+    f(&mut rep, "resume_p99_ms", pct_ms(&resume, 99.0));
+    f(&mut rep, "resume_max_ms", pct_ms(&resume, 100.0));
+    f(&mut rep, "detect_p50_ms", pct_ms(&detect, 50.0));
+    f(&mut rep, "detect_p99_ms", pct_ms(&detect, 99.0));
+    f(&mut rep, "reconnect_p50_ms", pct_ms(&reconnect, 50.0));
+    f(&mut rep, "reconnect_p99_ms", pct_ms(&reconnect, 99.0));
+    f(
+        &mut rep,
+        "sessions_on_victim_at_kill",
+        on_victim.iter().filter(|v| **v).count() as f64,
+    );
+    f(
+        &mut rep,
+        "sessions_moved_before_kill",
+        on_victim.iter().filter(|v| !**v).count() as f64,
+    );
+    f(
+        &mut rep,
+        "reconnects_before_kill",
+        sessions
+            .iter()
+            .map(|s| {
+                s.rec
+                    .lock()
+                    .starts
+                    .iter()
+                    .filter(|st| st.t_ns < t_kill)
+                    .count() as f64
+                    - 1.0
+            })
+            .sum(),
+    );
+    f(&mut rep, "sessions_resumed", f64::from(st_resumed));
+    f(&mut rep, "sessions_recovered", f64::from(st_recovered));
+    f(&mut rep, "sessions_expired", f64::from(st_expired));
+    f(&mut rep, "sessions_other_status", f64::from(st_other));
+    f(&mut rep, "sessions_not_resumed", f64::from(not_resumed));
+    f(&mut rep, "durable_accepted", accepted as f64);
+    f(&mut rep, "durable_delivered", delivered_ok as f64);
+    f(&mut rep, "durable_lost", lost as f64);
+    f(&mut rep, "durable_lost_on_expired", lost_expired as f64);
+    f(&mut rep, "durable_lost_on_unresumed", lost_unresumed as f64);
+    f(
+        &mut rep,
+        "durable_refused",
+        ledger.refused.load(Ordering::Relaxed) as f64,
+    );
+    f(&mut rep, "delivered_not_confirmed", unconfirmed as f64);
+    f(&mut rep, "gaps", gaps as f64);
+    f(&mut rep, "seq_dups", seq_dups as f64);
+    f(&mut rep, "dups_redelivered", redelivered as f64);
+    f(&mut rep, "dups_unflagged", unflagged as f64);
+    f(&mut rep, "trimmed", trimmed as f64);
+    f(&mut rep, "push_p50_ms", push_lat.pct_us(50.0) / 1e3);
+    f(&mut rep, "push_p99_ms", push_lat.pct_us(99.0) / 1e3);
+    f(
+        &mut rep,
+        "durable_rpc_p99_ms",
+        ledger.rpc_lat.lock().pct_us(99.0) / 1e3,
+    );
+
+    // ---- (b) kill -9 of the control-plane leader under request load ----
+    let lb = leader_kill(o, &mut c, &cfg, &sessions).await?;
+    for (k, v) in lb {
+        f(&mut rep, &k, v);
+    }
+    for s in sessions {
+        s.join().await;
+    }
+
+    let fields = rep.fields.clone();
+    let g = |k: &str| fields.get(k).copied().unwrap_or(f64::NAN);
+    let p99 = g("resume_p99_ms");
+    rep.checks.push(Check {
+        baseline: Some(SEED_HEARTBEAT_TIMEOUT_MS),
+        ratio: Some(p99 / SEED_HEARTBEAT_TIMEOUT_MS),
+        ..Check::absolute(
+            "p99 resume after kill -9 (baseline: seed heartbeat timeout)",
+            p99,
+            Cmp::AtMost,
+            1500.0,
+            "ms",
+        )
+    });
+    for (name, k) in [
+        ("durable pushes lost", "durable_lost"),
+        ("duplicates without the redelivery flag", "dups_unflagged"),
+        ("gaps in push seqs", "gaps"),
+        ("sessions not resumed", "sessions_not_resumed"),
+        (
+            "failed requests across the leader kill",
+            "cp_failed_requests",
+        ),
+    ] {
+        rep.checks
+            .push(Check::absolute(name, g(k), Cmp::AtMost, 0.0, ""));
+    }
+    let mut report_only = |name: &str, v: f64, unit: &str| {
+        let mut ch = Check::absolute(name, v, Cmp::AtLeast, 0.0, unit);
+        ch.goal = "(report)".into();
+        ch.met = true;
+        rep.checks.push(ch);
+    };
+    report_only("time to a new raft leader", g("cp_new_leader_ms"), "ms");
+    report_only(
+        "new sessions failed across the leader kill",
+        g("cp_new_session_failures"),
+        "",
+    );
+    rep.notes.push(format!(
+        "resume = from the kill -9 until the session's Start is answered by another node; it includes detection by the client (QUIC idle timeout {} ms, keep-alive every {} ms: detect_*), then reconnect + claim + replica fetch (reconnect_*)",
+        o.detect.as_millis(),
+        (o.detect / 3).as_millis()
+    ));
+    rep.notes.push("baseline: the seed Go gateway's 6 s heartbeat timeout (failover cannot begin before it); there is no in-run baseline for a crash".into());
+    rep.notes.push("durable_lost = pushes the gateway accepted as durable (OK) that never reached the client; durable_refused = push RPCs refused or timed out (the owner was dead or the standby unreachable: an upstream retries those); dups_redelivered = pushes delivered again after the recovery, flagged redelivery (at-least-once: the ack of the first copy had not reached the replica)".into());
+    rep.notes.push("durable_lost_on_expired: on sessions whose takeover found no replica (SESSION_EXPIRED); durable_lost_on_unresumed: on sessions that had not come back when the run ended (undelivered, not provably lost)".into());
+    rep.notes.push(format!(
+        "the demo upstreams hold a lease through control-plane node {} (they take one endpoint); the data planes list all three",
+        c.upstream_cp
+    ));
+    drop(c);
+    Ok(rep)
+}
+
+/// A session started during (b): (spawn ns, start latency ns if it started, request ok).
+type NewSession = (u64, Option<u64>, bool);
+
+/// Part (b). Returns named fields.
+async fn leader_kill(
+    o: &Opts,
+    c: &mut Cluster,
+    cfg: &Arc<SessionConfig>,
+    sessions: &[Session],
+) -> Result<Vec<(String, f64)>> {
+    let steady = if o.tiny {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(3)
+    };
+    let requesters = sessions.len().clamp(1, 32);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // (send ns, latency ns, ok)
+    let samples: Arc<Mutex<Vec<(u64, u64, bool)>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    progress(format!(
+        "failover (b): {requesters} sessions sending requests, new sessions every 100 ms"
+    ));
+    let sessions_arc: Vec<_> = sessions.iter().take(requesters).collect();
+    let survivors: Vec<SocketAddr> = c
+        .dp_quic
+        .iter()
+        .zip(&c.dps)
+        .filter(|(_, p)| p.is_some())
+        .map(|(a, _)| *a)
+        .collect();
+    // New sessions: (spawn ns, start latency ns or none, request ok)
+    let churn: Arc<Mutex<Vec<NewSession>>> = Arc::default();
+    let churn_task = {
+        let churn = churn.clone();
+        let stop = stop_rx.clone();
+        let cfg = Arc::new(SessionConfig {
+            net: cfg.net.clone(),
+            quic: cfg.quic.clone(),
+            endpoints: Endpoints::Fixed(Arc::new(survivors.clone())),
+            connect_timeout: cfg.connect_timeout,
+        });
+        tokio::spawn(async move {
+            let mut j = 0usize;
+            let mut tasks = Vec::new();
+            while !*stop.borrow() {
+                let cfg = cfg.clone();
+                let churn = churn.clone();
+                tasks.push(tokio::spawn(async move {
+                    let t0 = now_ns();
+                    let s = Session::spawn(cfg, format!("churn-{j}"), j, j);
+                    let until = Instant::now() + Duration::from_secs(10);
+                    while !s.started() && Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    let started = s.rec.lock().starts.first().map(|st| st.t_ns - t0);
+                    let ok = started.is_some()
+                        && s.request(1, b"echo new".to_vec(), Duration::from_secs(5))
+                            .await
+                            .is_ok();
+                    churn.lock().push((t0, started, ok));
+                    s.join().await;
+                }));
+                j += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    };
+    let run = async {
+        let loops = sessions_arc.iter().enumerate().map(|(i, s)| {
+            let samples = samples.clone();
+            let failures = failures.clone();
+            let stop = stop_rx.clone();
+            async move {
+                let mut j = 0u64;
+                while !*stop.borrow() {
+                    let t0 = now_ns();
+                    let r = s
+                        .request(
+                            1,
+                            format!("echo r{i}-{j}").into_bytes(),
+                            Duration::from_secs(5),
+                        )
+                        .await;
+                    let ok = r.is_ok();
+                    if let Err(e) = r {
+                        failures.lock().push(format!("{}: {e}", s.openid));
+                    }
+                    samples.lock().push((t0, now_ns() - t0, ok));
+                    j += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        futures::future::join_all(loops).await;
+    };
+    let control = async {
+        tokio::time::sleep(steady).await;
+        let admins = c.live_admins();
+        let (old, old_term) = leader_of(&admins)
+            .await
+            .context("no leader before the kill")?;
+        progress(format!(
+            "failover (b): kill -9 control-plane leader cp-{old}"
+        ));
+        let t_kill = now_ns();
+        let idx = c.cps.iter().position(|x| x.0 == old).context("leader")?;
+        drop(c.cps[idx].3.take());
+        let admins = c.live_admins();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (new, term, t_new) = loop {
+            if let Some((id, term)) = leader_of(&admins).await
+                && term > old_term
+            {
+                break (id, term, now_ns());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no new leader within 30 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        progress(format!(
+            "failover (b): cp-{new} leads (term {term}) after {:.0} ms",
+            ms(t_new - t_kill)
+        ));
+        tokio::time::sleep(steady).await;
+        let _ = stop_tx.send(true);
+        anyhow::Ok((t_kill, t_new, old, new))
+    };
+    let (_, ctl) = tokio::join!(run, control);
+    let (t_kill, t_new, _old, _new) = match ctl {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = churn_task.await;
+            return Err(e);
+        }
+    };
+    let _ = churn_task.await;
+    // during: from the kill until a new leader is known; after: from then on.
+    let during_end = t_new;
+    let samples = samples.lock().clone();
+    let phase = |from: u64, to: u64| -> (Vec<f64>, usize, usize) {
+        let v: Vec<&(u64, u64, bool)> =
+            samples.iter().filter(|s| s.0 >= from && s.0 < to).collect();
+        let lat = v.iter().filter(|s| s.2).map(|s| ms(s.1)).collect();
+        (lat, v.len(), v.iter().filter(|s| !s.2).count())
+    };
+    let (before, nb, fb) = phase(0, t_kill);
+    let (during, nd, fd) = phase(t_kill, during_end);
+    let (after, na, fa) = phase(during_end, u64::MAX);
+    let churn = churn.lock().clone();
+    let churn_fail = churn.iter().filter(|c| !c.2).count();
+    let churn_during: Vec<f64> = churn
+        .iter()
+        .filter(|c| c.0 >= t_kill && c.0 < during_end)
+        .filter_map(|c| c.1.map(ms))
+        .collect();
+    let churn_before: Vec<f64> = churn
+        .iter()
+        .filter(|c| c.0 < t_kill)
+        .filter_map(|c| c.1.map(ms))
+        .collect();
+    for f in failures.lock().iter().take(5) {
+        progress(format!("failover (b): failed request: {f}"));
+    }
+    Ok(vec![
+        ("cp_new_leader_ms".into(), ms(t_new - t_kill)),
+        ("cp_requests".into(), (nb + nd + na) as f64),
+        ("cp_failed_requests".into(), (fb + fd + fa) as f64),
+        ("cp_failed_requests_during".into(), fd as f64),
+        ("cp_req_p99_before_ms".into(), pct_ms(&before, 99.0)),
+        ("cp_req_p99_during_ms".into(), pct_ms(&during, 99.0)),
+        ("cp_req_p99_after_ms".into(), pct_ms(&after, 99.0)),
+        ("cp_req_p50_during_ms".into(), pct_ms(&during, 50.0)),
+        ("cp_new_sessions".into(), churn.len() as f64),
+        ("cp_new_session_failures".into(), churn_fail as f64),
+        ("cp_start_p99_before_ms".into(), pct_ms(&churn_before, 99.0)),
+        ("cp_start_p99_during_ms".into(), pct_ms(&churn_during, 99.0)),
+        (
+            "cp_start_max_during_ms".into(),
+            pct_ms(&churn_during, 100.0),
+        ),
+    ])
+}
