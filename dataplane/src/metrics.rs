@@ -231,7 +231,7 @@ impl Metrics {
             sessions_recovered: counter(
                 &registry,
                 "gatesvr_sessions_recovered_total",
-                "Sessions whose owner was gone, by outcome (recovered from a replica, no_replica)",
+                "Sessions whose owner was gone, by outcome (recovered, no_replica; retried: a live node had not answered yet, asked again; incomplete: gave up waiting after 10 s)",
                 &["outcome"],
             ),
             replica_sessions: gauge(

@@ -192,11 +192,55 @@ pub async fn take_over(
     if outcome == TakeOver::OwnerGone
         && !session_id.is_empty()
         && epoch != 0
-        && let Some(recovery) = crate::replica::fetch_recovery(node, openid, session_id).await
+        && let Some(recovery) = recover(node, previous_owner, openid, session_id).await
     {
         node.registry.stash_recovery(openid, recovery, epoch);
     }
     outcome
+}
+
+/// How long a Start waits for every live node to answer for its replicas
+/// before settling for the copies it has. After a node dies, hundreds of its
+/// clients reconnect at once, and a standby busy with them may answer late:
+/// "no answer" must not be taken for "no copy", or confirmed durable pushes
+/// would be dropped.
+pub const RECOVERY_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Gathers the replicas of a crashed owner's session, asking again (with
+/// backoff) while some live node has not answered.
+async fn recover(
+    node: &Node,
+    gone: &str,
+    openid: &str,
+    session_id: &str,
+) -> Option<crate::replica::Recovery> {
+    let give_up = tokio::time::Instant::now() + RECOVERY_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let gathered = crate::replica::fetch_recovery(node, gone, openid, session_id).await;
+        if gathered.unanswered.is_empty() {
+            return gathered.recovery;
+        }
+        if tokio::time::Instant::now() + pause > give_up {
+            node.metrics
+                .sessions_recovered
+                .with_label_values(&["incomplete"])
+                .inc();
+            tracing::warn!(
+                openid,
+                session_id,
+                unanswered = ?gathered.unanswered,
+                "nodes did not answer for their replicas in time; recovering from the copies found"
+            );
+            return gathered.recovery;
+        }
+        node.metrics
+            .sessions_recovered
+            .with_label_values(&["retried"])
+            .inc();
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
 }
 
 async fn hand_over_from(

@@ -423,32 +423,72 @@ impl Recovery {
     }
 }
 
+/// What [`fetch_recovery`] gathered.
+pub struct Gathered {
+    /// The merged replicas; None when no node answered with one.
+    pub recovery: Option<Recovery>,
+    /// Live nodes that did not answer (overloaded, partitioned): a copy they
+    /// hold is missing from `recovery`.
+    pub unanswered: Vec<String>,
+}
+
 /// The previous owner of `openid` is gone: gathers the replicas of session
-/// `session_id` held by live nodes (and this one), merged. None when no node
-/// holds one (the Start then reports SESSION_EXPIRED as before).
-pub async fn fetch_recovery(node: &Node, openid: &str, session_id: &str) -> Option<Recovery> {
-    let cluster = node.cluster.as_ref()?;
-    let peers: Vec<String> = cluster
+/// `session_id` held by live nodes other than `gone` (and this one), merged.
+pub async fn fetch_recovery(node: &Node, gone: &str, openid: &str, session_id: &str) -> Gathered {
+    let Some(cluster) = node.cluster.as_ref() else {
+        return Gathered {
+            recovery: None,
+            unanswered: Vec::new(),
+        };
+    };
+    let peers: Vec<(String, String)> = cluster
         .view()
         .nodes
         .values()
-        .filter(|n| n.node_id != node.config.node_id && n.state != NodeState::Dead as i32)
-        .map(|n| n.grpc_addr.clone())
+        .filter(|n| {
+            n.node_id != node.config.node_id
+                && n.node_id != gone
+                && n.state != NodeState::Dead as i32
+        })
+        .map(|n| (n.node_id.clone(), n.grpc_addr.clone()))
         .collect();
-    let remote = futures::future::join_all(peers.iter().map(|addr| async move {
-        let mut client = node.peers.peer(addr).ok()?;
-        let mut request = Request::new(FetchReplicaRequest {
-            openid: openid.to_string(),
-            session_id: session_id.to_string(),
-        });
-        request.set_timeout(PEER_TIMEOUT);
-        match tokio::time::timeout(PEER_TIMEOUT, client.fetch_replica(request)).await {
-            Ok(Ok(r)) => Some(r.into_inner()),
-            _ => None,
-        }
+    let remote = futures::future::join_all(peers.iter().map(|(id, addr)| async move {
+        let answer = async {
+            let mut client = node.peers.peer(addr).ok()?;
+            let mut request = Request::new(FetchReplicaRequest {
+                openid: openid.to_string(),
+                session_id: session_id.to_string(),
+            });
+            request.set_timeout(PEER_TIMEOUT);
+            match tokio::time::timeout(PEER_TIMEOUT, client.fetch_replica(request)).await {
+                Ok(Ok(r)) => Some(r.into_inner()),
+                _ => None,
+            }
+        };
+        answer.await.ok_or_else(|| id.clone())
     }))
     .await;
-    let mut found: Vec<FetchReplicaResponse> = remote.into_iter().flatten().collect();
+    let mut unanswered = Vec::new();
+    let mut found = Vec::new();
+    for r in remote {
+        match r {
+            Ok(r) => found.push(r),
+            Err(id) => unanswered.push(id),
+        }
+    }
+    Gathered {
+        recovery: merge(node, openid, session_id, found),
+        unanswered,
+    }
+}
+
+/// Merges the copies found (this node's own included).
+fn merge(
+    node: &Node,
+    openid: &str,
+    session_id: &str,
+    mut found: Vec<FetchReplicaResponse>,
+) -> Option<Recovery> {
     found.push(node.replicas.fetch(openid, session_id));
     let found: Vec<FetchReplicaResponse> = found.into_iter().filter(|r| r.found).collect();
     if found.is_empty() {

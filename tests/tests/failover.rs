@@ -300,3 +300,80 @@ async fn durable_push_latency_figure() {
     }
     consumer.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_slow_to_answer_is_waited_for_not_taken_for_no_copy() {
+    // After a crash hundreds of clients reconnect at once and the standby may
+    // answer FetchReplica late: that must not read as "no replica" (which
+    // would drop durable pushes the upstream was told were safe).
+    let mut cluster = TestCluster::start(3, |_| {}).await;
+    let client = Client::connect(cluster.client_config(0, "carol"))
+        .await
+        .unwrap();
+    assert!(matches!(next(&client).await, Event::Connected { .. }));
+    let old_session = client.session_id();
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=3 {
+        gw.push_to_client(durable("carol", n)).await.unwrap();
+    }
+    // Which survivor holds the replica?
+    let standby = loop {
+        let holder = (1..3).find(|&i| {
+            let r = cluster.dps[i].node().replicas.fetch("carol", &old_session);
+            r.found && r.pushes.len() == 3
+        });
+        if let Some(i) = holder {
+            break i;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let standby_node = cluster.dps[standby].node().clone();
+    let new_owner = 3 - standby; // the other survivor (indices 1 and 2)
+
+    // The standby stops answering peers for a while (UNAVAILABLE), the owner dies.
+    standby_node
+        .crashed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let owner_view = cluster.dps[new_owner].node().cluster.clone().unwrap();
+    let new_owner_addr = cluster.dps[new_owner].quic_addr();
+    cluster.dps.remove(0).crash();
+    eventually("the control plane declared dp-1 dead", || {
+        owner_view
+            .view()
+            .nodes
+            .get("dp-1")
+            .is_none_or(|n| n.state == NodeState::Dead as i32)
+    })
+    .await;
+    let revive = standby_node.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        revive
+            .crashed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    });
+    client.reconnect_to(new_owner_addr);
+    // As in the test above: the application reads nothing until the
+    // reconnect is done (pushes it took now would be acked in the Start).
+    eventually("the client reconnected", || {
+        client.session_id() != old_session
+    })
+    .await;
+    let status = loop {
+        if let Event::ResumeFailed { status, .. } = next(&client).await {
+            break status;
+        }
+    };
+    assert_eq!(status, ResumeStatus::Recovered, "waited for the standby");
+    let mut delivered = Vec::new();
+    while delivered.len() < 3 {
+        match next(&client).await {
+            Event::Push(p) if p.redelivery => delivered.push(p.content),
+            Event::Push(_) | Event::Connected { .. } | Event::Disconnected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(delivered, ["1", "2", "3"]);
+    let m = &cluster.dps[new_owner - 1].node().metrics;
+    assert!(m.sessions_recovered.with_label_values(&["retried"]).get() >= 1);
+}
