@@ -304,10 +304,21 @@ impl PeerProc {
 impl Drop for PeerProc {
     fn drop(&mut self) {
         // SIGKILL to timeout would orphan the server: kill the server, then reap timeout.
-        let _ = Command::new("kill")
+        let killed = Command::new("kill")
             .args(["-KILL", &self.pid.to_string()])
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        if !killed {
+            // `kill` could not run (e.g. out of file descriptors): leave `timeout` alive, it
+            // ends the server at its limit; killing `timeout` now would orphan the server.
+            eprintln!(
+                "[gate-bench] could not stop {} (pid {}); `timeout` ends it at its limit",
+                self.log.display(),
+                self.pid
+            );
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
