@@ -289,11 +289,14 @@ fn quic_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig, Clie
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Setup(e.to_string()))?;
     let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+    let idle = quinn::IdleTimeout::try_from(config.liveness_timeout)
+        .map_err(|_| ClientError::Setup("liveness_timeout is too long".into()))?;
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(0u8.into())
         .max_concurrent_uni_streams(0u8.into())
-        .keep_alive_interval(Some(Duration::from_secs(10)));
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(config.liveness_timeout / 3));
     quic.transport_config(Arc::new(transport));
     Ok(quic)
 }
@@ -341,6 +344,8 @@ enum Ended {
         reason: String,
         delay: Option<Duration>,
         target: Option<SocketAddr>,
+        /// The gateway stopped answering: move on to the next address.
+        rotate: bool,
     },
     /// Do not reconnect.
     Terminal(ClientError),
@@ -556,6 +561,7 @@ async fn drive(
                 reason,
                 delay,
                 target,
+                rotate,
             } => {
                 // One Disconnected per outage, not one per failed attempt.
                 if failures == 0 {
@@ -567,6 +573,11 @@ async fn drive(
                 if !shared.config.reconnect {
                     finish(&shared, ClientError::Closed(reason));
                     return;
+                }
+                if rotate {
+                    let mut st = shared.state.lock();
+                    let current = st.addr.unwrap_or(shared.config.addr);
+                    st.addr = Some(shared.config.next_addr(current));
                 }
                 (delay, target)
             }
@@ -613,6 +624,7 @@ async fn drive(
                     reason: err.to_string(),
                     delay: None,
                     target: None,
+                    rotate: true,
                 };
             }
         }
@@ -667,7 +679,7 @@ async fn serve(
                         false
                     } else {
                         c.conn.close(quinn::VarInt::from_u32(0), b"simulated disconnect");
-                        return Ended::Reconnect { code: None, reason: "simulated disconnect".into(), delay: None, target: None };
+                        return Ended::Reconnect { code: None, reason: "simulated disconnect".into(), delay: None, target: None, rotate: false };
                     }
                 }
             }
@@ -686,6 +698,7 @@ async fn serve(
                                 reason: "gap in pushes".into(),
                                 delay: None,
                                 target: None,
+                                rotate: false,
                             };
                         }
                         None => {}
@@ -701,6 +714,7 @@ async fn serve(
                             reason: e.to_string(),
                             delay: None,
                             target: None,
+                            rotate: false,
                         };
                     }
                 }
@@ -713,6 +727,7 @@ async fn serve(
                     reason: "server asked to reconnect".into(),
                     delay: Some(delay),
                     target,
+                    rotate: false,
                 };
             }
         }
@@ -778,6 +793,7 @@ fn connection_ended(c: &Connection, goaway: Option<(Duration, Option<SocketAddr>
             reason,
             delay,
             target,
+            rotate: false,
         },
         None => Ended::Reconnect {
             code: None,
@@ -787,6 +803,12 @@ fn connection_ended(c: &Connection, goaway: Option<(Duration, Option<SocketAddr>
                 .map_or_else(|| "stream ended".into(), |r| r.to_string()),
             delay,
             target,
+            // The gateway went silent or forgot the connection (it died, or
+            // a replacement reset it): try the next address.
+            rotate: matches!(
+                c.conn.close_reason(),
+                Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)
+            ),
         },
     }
 }

@@ -60,6 +60,13 @@ pub struct ClientConfig {
     pub backoff: Backoff,
     /// Reconnect automatically after a connection is lost. Default true.
     pub reconnect: bool,
+    /// Other gateway addresses to try, in order, when the current one stops
+    /// answering (a node died; no load balancer in front). Default none.
+    pub fallback_addrs: Vec<SocketAddr>,
+    /// A silent gateway is declared lost after this (the QUIC idle timeout
+    /// the client asks for; keep-alives go out every third of it). Lower
+    /// means faster failover and more keep-alive packets. Default 15 s.
+    pub liveness_timeout: Duration,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -85,6 +92,8 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             backoff: Backoff::default(),
             reconnect: true,
+            fallback_addrs: Vec::new(),
+            liveness_timeout: Duration::from_secs(15),
         }
     }
 
@@ -117,11 +126,49 @@ impl ClientConfig {
         self.reconnect = reconnect;
         self
     }
+
+    pub fn with_fallback_addrs(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.fallback_addrs = addrs.into_iter().collect();
+        self
+    }
+
+    pub fn with_liveness_timeout(mut self, timeout: Duration) -> Self {
+        self.liveness_timeout = timeout;
+        self
+    }
+
+    /// The address to try after `current` stopped answering: the next of
+    /// `addr` and `fallback_addrs`, round robin (`current` itself if alone).
+    pub fn next_addr(&self, current: SocketAddr) -> SocketAddr {
+        let all: Vec<SocketAddr> = std::iter::once(self.addr)
+            .chain(self.fallback_addrs.iter().copied())
+            .collect();
+        match all.iter().position(|a| *a == current) {
+            Some(i) => all[(i + 1) % all.len()],
+            None => all[0],
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_addr_goes_round_the_fallbacks() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let alone = ClientConfig::new(a, "u", "t");
+        assert_eq!(alone.next_addr(a), a);
+        let cfg = alone.with_fallback_addrs([b, c]);
+        assert_eq!(cfg.next_addr(a), b);
+        assert_eq!(cfg.next_addr(b), c);
+        assert_eq!(cfg.next_addr(c), a);
+        // A GoAway target outside the list: start from the top.
+        let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(cfg.next_addr(other), a);
+    }
 
     #[test]
     fn backoff_grows_and_caps_with_jitter() {

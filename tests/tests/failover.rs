@@ -377,3 +377,28 @@ async fn a_standby_slow_to_answer_is_waited_for_not_taken_for_no_copy() {
     let m = &cluster.dps[new_owner - 1].node().metrics;
     assert!(m.sessions_recovered.with_label_values(&["retried"]).get() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_moves_on_to_a_fallback_address_when_its_node_dies() {
+    // No load balancer in front: the SDK itself notices the silent node
+    // (liveness timeout) and resumes on the next address it was given.
+    let mut cluster = TestCluster::start(2, |_| {}).await;
+    let config = cluster
+        .client_config(0, "dora")
+        .with_fallback_addrs([cluster.dps[1].quic_addr()])
+        .with_liveness_timeout(Duration::from_secs(1));
+    let client = Client::connect(config).await.unwrap();
+    assert!(matches!(next(&client).await, Event::Connected { .. }));
+    let mut gw = cluster.gateway(0).await;
+    gw.push_to_client(durable("dora", 1)).await.unwrap();
+    assert_eq!(next_push(&client).await.content, "1");
+    cluster.dps.remove(0).crash();
+    loop {
+        if let Event::Connected { node_id, .. } = next(&client).await {
+            assert_eq!(node_id, "dp-2");
+            break;
+        }
+    }
+    let r = client.request(1, "after failover").await.unwrap();
+    assert_eq!(&r.payload[..], b"after failover");
+}
