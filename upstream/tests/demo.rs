@@ -384,6 +384,13 @@ impl ControlPlane for FakeControlPlane {
     ) -> Result<Response<TransferSessionResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn leave_node(
+        &self,
+        _: Request<LeaveNodeRequest>,
+    ) -> Result<Response<LeaveNodeResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 #[tokio::test]
