@@ -138,8 +138,12 @@ impl ClientConfig {
     }
 
     /// The address to try after `current` stopped answering: the next of
-    /// `addr` and `fallback_addrs`, round robin (`current` itself if alone).
+    /// `addr` and `fallback_addrs`, round robin. Without fallbacks it is
+    /// `current` itself (which may be a GoAway target or a `reconnect_to`).
     pub fn next_addr(&self, current: SocketAddr) -> SocketAddr {
+        if self.fallback_addrs.is_empty() {
+            return current;
+        }
         let all: Vec<SocketAddr> = std::iter::once(self.addr)
             .chain(self.fallback_addrs.iter().copied())
             .collect();
@@ -161,6 +165,12 @@ mod tests {
         let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
         let alone = ClientConfig::new(a, "u", "t");
         assert_eq!(alone.next_addr(a), a);
+        let elsewhere: SocketAddr = "127.0.0.1:8".parse().unwrap();
+        assert_eq!(
+            alone.next_addr(elsewhere),
+            elsewhere,
+            "no fallbacks: keep the address it was sent to"
+        );
         let cfg = alone.with_fallback_addrs([b, c]);
         assert_eq!(cfg.next_addr(a), b);
         assert_eq!(cfg.next_addr(b), c);
