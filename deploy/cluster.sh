@@ -15,13 +15,14 @@
 #                                      [--before S] [--after S] [--min-ready S]
 #                                      replace the data planes one at a time as a Deployment with
 #                                      maxUnavailable 0 / maxSurge 1 and a preStop drain does,
-#                                      under client load (deploy/loadgen.py); prints the figures
+#                                      under client load (gate-bench load); prints the figures
 #   deploy/cluster.sh load [--duration S]  the same client load with no upgrade (a baseline)
 #
 # Environment: GATESVR_IMAGE (default gatesvr:dev), GATESVR_COMPOSE_PROJECT (default gatesvr),
-# GATESVR_UP_TIMEOUT seconds to wait in `up` (default 120), GATE_CLIENT (host gate-client
-# binary for the load; default target/release/gate-client), LOADGEN_ARGS (extra loadgen.py
-# arguments, e.g. "--listeners 48 --rate 2").
+# GATESVR_UP_TIMEOUT seconds to wait in `up` (default 120), GATE_BENCH (host gate-bench binary
+# for the load; default target/release/gate-bench), LOAD_ARGS (extra `gate-bench load`
+# arguments, e.g. "--listeners 48 --rate 2"), LOAD_DRIVER=loadgen to drive the load with
+# deploy/loadgen.py instead (GATE_CLIENT, LOADGEN_ARGS).
 # Exit codes: 0 ok, 1 failure (what failed is printed), 2 usage or not implemented.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -272,22 +273,41 @@ gate_client_bin() {
     echo "$bin"
 }
 
-start_load() { # start_load OUTDIR DURATION: loadgen in the background; sets load_pid
+gate_bench_bin() {
+    local bin="${GATE_BENCH:-${CARGO_TARGET_DIR:-$here/../target}/release/gate-bench}"
+    [[ -x "$bin" ]] || die "no gate-bench binary at $bin (cargo build --release -p gate-bench, or set GATE_BENCH; LOAD_DRIVER=loadgen uses deploy/loadgen.py instead)"
+    echo "$bin"
+}
+
+start_load() { # start_load OUTDIR DURATION: the client load in the background; sets load_pid
     local out="$1" duration="$2" bin
-    bin=$(gate_client_bin)
     mkdir -p "$out"
     docker cp "$(compose ps -q cp-1)":/certs/ca.crt "$here/.local/ca.crt" >/dev/null
     rm -f "$out/ready" "$out/stop"
-    # shellcheck disable=SC2086
-    python3 "$here/loadgen.py" --gate-client "$bin" --ca "$here/.local/ca.crt" \
-        --hmac-key "$secrets/hmac.key" --routable "$here/.local/routable" --out "$out" \
-        --phase-file "$here/.local/phase" --ready-file "$out/ready" --stop-file "$out/stop" \
-        --duration "$duration" ${LOADGEN_ARGS:-} > "$out/report.txt" 2> "$out/loadgen.log" &
+    if [[ "${LOAD_DRIVER:-gate-bench}" == loadgen ]]; then
+        bin=$(gate_client_bin)
+        # shellcheck disable=SC2086
+        python3 "$here/loadgen.py" --gate-client "$bin" --ca "$here/.local/ca.crt" \
+            --hmac-key "$secrets/hmac.key" --routable "$here/.local/routable" --out "$out" \
+            --phase-file "$here/.local/phase" --ready-file "$out/ready" --stop-file "$out/stop" \
+            --duration "$duration" ${LOADGEN_ARGS:-} > "$out/report.txt" 2> "$out/loadgen.log" &
+    else
+        # gate-bench load: listeners in one chat room of zone 001 (pushes go through the demo
+        # upstream: the data planes' gRPC port is not published), requesters on the routable
+        # nodes; a session whose node drains follows its GoAway and resumes.
+        bin=$(gate_bench_bin)
+        # shellcheck disable=SC2086
+        "$bin" --ca "$here/.local/ca.crt" --token-secret-file "$secrets/hmac.key" \
+            --target-quic-file "$here/.local/routable" \
+            load --duration "${duration}s" --phase-file "$here/.local/phase" \
+            --ready-file "$out/ready" --stop-file "$out/stop" --out "$out/summary.json" \
+            ${LOAD_ARGS:-} > "$out/report.txt" 2> "$out/loadgen.log" &
+    fi
     load_pid=$!
     local deadline=$((SECONDS + 60))
     until [[ -f "$out/ready" ]]; do
-        kill -0 "$load_pid" 2>/dev/null || { cat "$out/loadgen.log" >&2; die "loadgen exited"; }
-        (( SECONDS < deadline )) || die "loadgen: listeners did not connect within 60s"
+        kill -0 "$load_pid" 2>/dev/null || { cat "$out/loadgen.log" >&2; die "the load exited"; }
+        (( SECONDS < deadline )) || die "load: clients did not connect within 60s"
         sleep 1
     done
     cat "$out/loadgen.log"
@@ -340,7 +360,7 @@ cmd_rolling_upgrade() {
     write_routable
     echo before > "$here/.local/phase"
     if [[ $load == 1 ]]; then
-        echo "== client load (deploy/loadgen.py), ${before}s before the upgrade"
+        echo "== client load (${LOAD_DRIVER:-gate-bench}), ${before}s before the upgrade"
         start_load "$out" 3600
         sleep "$before"
     fi
