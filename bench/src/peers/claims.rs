@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use crate::report::{Check, Cmp, Report, Round};
 use crate::scenarios::Opts;
 use crate::scenarios::claims::{claim_load, start_etcd};
-use crate::util::{Lat, ServerProc, progress};
+use crate::util::{Lat, progress};
 
 /// The few etcd v3 messages used here, written by hand (field numbers from etcd's
 /// `api/etcdserverpb/rpc.proto`), so that no protoc or second codegen is needed.
@@ -185,17 +185,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let dir = o.rundir()?;
     rep.param("disk_dir", dir.path().display().to_string());
     progress("peers claims: a 3-node control plane and 3 etcd members");
-    let cp = ServerProc::spawn(
-        "controlplane",
-        &[
-            "controlplane".into(),
-            "--dir".into(),
-            dir.path().display().to_string(),
-            "--nodes".into(),
-            "3".into(),
-        ],
-        o.server_cpu(),
-    )?;
+    let cp = o.start_controlplane(&dir)?;
     let cp_leader = cp.addr("grpc")?;
     let etcd = start_etcd(o, &bin, &dir.path()).await?;
     let (etcd_leader, etcd_version) = leader(&etcd.client_addrs).await?;

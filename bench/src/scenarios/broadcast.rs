@@ -49,9 +49,36 @@ pub async fn run(o: &Opts) -> Result<Report> {
         .await?;
     await_deliveries(&stats, n as u64, Duration::from_secs(30)).await;
     stats.reset();
+    measure(o, &mut rep, &mut client, &stats, n, "broadcast", "sessions").await?;
+    let _ = stop_tx.send(true);
+    for r in readers {
+        let _ = r.await;
+    }
+    rep.checks.push(Check::absolute(
+        "time to last delivery (report)",
+        rep.fields["last_delivery_ms"],
+        Cmp::AtLeast,
+        0.0,
+        "ms",
+    ));
+    Ok(rep)
+}
+
+/// `o.rounds` broadcasts, each awaited on the `n` sessions counted by `stats`, into `rep`
+/// (median of rounds), with the gap, duplicate and missing-session checks.
+pub async fn measure(
+    o: &Opts,
+    rep: &mut Report,
+    client: &mut GatewayServiceClient<tonic::transport::Channel>,
+    stats: &PushStats,
+    n: usize,
+    label: &str,
+    whose: &str,
+) -> Result<()> {
     for r in 0..o.rounds {
-        progress(format!("broadcast round {}/{}", r + 1, o.rounds));
+        progress(format!("{label} round {}/{}", r + 1, o.rounds));
         let mut round = Round::new();
+        let _ = stats.reset();
         let t0 = Instant::now();
         let resp = client
             .broadcast_to_clients(BroadcastRequest {
@@ -62,7 +89,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
             .await?
             .into_inner();
         let rpc = t0.elapsed();
-        let complete = await_deliveries(&stats, n as u64, Duration::from_secs(60)).await;
+        let complete = await_deliveries(stats, n as u64, Duration::from_secs(60)).await;
         let (delivered, mut lat) = stats.reset();
         round.insert("queued".into(), f64::from(resp.queued));
         round.insert("rejected".into(), f64::from(resp.rejected));
@@ -74,10 +101,6 @@ pub async fn run(o: &Opts) -> Result<Report> {
         rep.rounds.push(round);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = stop_tx.send(true);
-    for r in readers {
-        let _ = r.await;
-    }
     rep.median_all();
     let gaps = stats.gaps.load(Ordering::Relaxed) as f64;
     let dups = stats.dups.load(Ordering::Relaxed) as f64;
@@ -87,20 +110,13 @@ pub async fn run(o: &Opts) -> Result<Report> {
         .push(Check::absolute("gaps", gaps, Cmp::AtMost, 0.0, ""));
     rep.checks
         .push(Check::absolute("duplicates", dups, Cmp::AtMost, 0.0, ""));
-    let lost = n as f64 - rep.fields["delivered"];
+    let missing = n as f64 - rep.fields["delivered"];
     rep.checks.push(Check::absolute(
-        "sessions missing the broadcast (median round)",
-        lost,
+        &format!("{whose} missing the broadcast (median round)"),
+        missing,
         Cmp::AtMost,
         0.0,
         "",
     ));
-    rep.checks.push(Check::absolute(
-        "time to last delivery (report)",
-        rep.fields["last_delivery_ms"],
-        Cmp::AtLeast,
-        0.0,
-        "ms",
-    ));
-    Ok(rep)
+    Ok(())
 }

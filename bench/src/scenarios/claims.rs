@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Opts;
 use crate::report::{Check, Cmp, Report, Round};
-use crate::util::{Lat, ServerProc, progress};
+use crate::util::{Lat, progress};
 
 pub const DP_NODE: &str = "dp-bench";
 
@@ -413,17 +413,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let dir = o.rundir()?;
     rep.param("disk_dir", dir.path().display().to_string());
     progress("claims: starting a 3-node control plane");
-    let cp = ServerProc::spawn(
-        "controlplane",
-        &[
-            "controlplane".into(),
-            "--dir".into(),
-            dir.path().display().to_string(),
-            "--nodes".into(),
-            "3".into(),
-        ],
-        o.server_cpu(),
-    )?;
+    let cp = o.start_controlplane(&dir)?;
     let leader = cp.addr("grpc")?;
     let etcd = match find_etcd() {
         Some(bin) if !o.tiny => match start_etcd(o, &bin, &dir.path()).await {

@@ -82,6 +82,21 @@ impl Opts {
         Ok((dp, up))
     }
 
+    /// A 3-node control plane (sled, durable) in one process on the server CPU.
+    pub fn start_controlplane(&self, dir: &RunDir) -> Result<ServerProc> {
+        ServerProc::spawn(
+            "controlplane",
+            &[
+                "controlplane".into(),
+                "--dir".into(),
+                dir.path().display().to_string(),
+                "--nodes".into(),
+                "3".into(),
+            ],
+            self.server_cpu(),
+        )
+    }
+
     pub fn start_bare(&self, dir: &RunDir) -> Result<ServerProc> {
         ServerProc::spawn(
             "bare",

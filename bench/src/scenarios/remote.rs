@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
-use gatesvr_proto::upstream::{BroadcastRequest, PushToClientRequest, TargetType};
+use gatesvr_proto::upstream::{PushToClientRequest, TargetType};
 
 use super::Opts;
 use super::push::{await_deliveries, push_data};
@@ -268,53 +268,20 @@ pub async fn broadcast(o: &Opts, t: &Target) -> Result<Report> {
     let (_, rs) = readers(&net, t, "gb-bc", n, &stats, &stop_rx).await?;
     let mut client =
         GatewayServiceClient::new(crate::servers::upstream_channel(&push_addr.to_string())?);
-    for r in 0..o.rounds {
-        progress(format!("broadcast (target) round {}/{}", r + 1, o.rounds));
-        let mut round = Round::new();
-        let _ = stats.reset();
-        let t0 = Instant::now();
-        let resp = client
-            .broadcast_to_clients(BroadcastRequest {
-                msg_type: "bench".into(),
-                data: push_data(o.payload),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let rpc = t0.elapsed();
-        let complete = await_deliveries(&stats, n as u64, Duration::from_secs(60)).await;
-        let (delivered, mut lat) = stats.reset();
-        round.insert("queued".into(), f64::from(resp.queued));
-        round.insert("rejected".into(), f64::from(resp.rejected));
-        round.insert("delivered".into(), delivered as f64);
-        round.insert("rpc_ms".into(), rpc.as_secs_f64() * 1e3);
-        round.insert("last_delivery_ms".into(), lat.pct_us(100.0) / 1e3);
-        round.insert("median_delivery_ms".into(), lat.pct_us(50.0) / 1e3);
-        round.insert("complete".into(), if complete { 1.0 } else { 0.0 });
-        rep.rounds.push(round);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::broadcast::measure(
+        o,
+        &mut rep,
+        &mut client,
+        &stats,
+        n,
+        "broadcast (target)",
+        "our sessions",
+    )
+    .await?;
     let _ = stop_tx.send(true);
     for r in rs {
         let _ = r.await;
     }
-    rep.median_all();
-    let gaps = stats.gaps.load(Ordering::Relaxed) as f64;
-    let dups = stats.dups.load(Ordering::Relaxed) as f64;
-    rep.field("gaps_total", gaps);
-    rep.field("dups_total", dups);
-    rep.checks
-        .push(Check::absolute("gaps", gaps, Cmp::AtMost, 0.0, ""));
-    rep.checks
-        .push(Check::absolute("duplicates", dups, Cmp::AtMost, 0.0, ""));
-    let missing = n as f64 - rep.fields["delivered"];
-    rep.checks.push(Check::absolute(
-        "our sessions missing the broadcast (median round)",
-        missing,
-        Cmp::AtMost,
-        0.0,
-        "",
-    ));
     let last = rep.fields["last_delivery_ms"];
     report_only(&mut rep, "time to last delivery", last, "ms");
     rep.notes.push("BroadcastToClients reaches every session of the deployment, not only ours: `queued` counts them all; delivery is checked on our sessions".into());
