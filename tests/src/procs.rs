@@ -64,3 +64,97 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
+
+/// Config of node `id` of a control-plane process cluster over mTLS (certificates from
+/// `gatesvr certs` in `certs`), admin API behind tokens. Node 1 bootstraps every one of `members`
+/// (id, gRPC port, admin port); `raft_extra` adds lines to the `raft:` section.
+pub fn controlplane_config(
+    id: u64,
+    data_dir: &Path,
+    members: &[(u64, u16, u16)],
+    certs: &Path,
+    raft_extra: &str,
+) -> String {
+    let (_, grpc, admin) = *members
+        .iter()
+        .find(|(m, _, _)| *m == id)
+        .expect("the node is one of the members");
+    let listed: String = members
+        .iter()
+        .map(|(m, g, a)| {
+            format!(
+                "    - {{ id: {m}, grpc_addr: \"127.0.0.1:{g}\", admin_addr: \"127.0.0.1:{a}\" }}\n"
+            )
+        })
+        .collect();
+    let bootstrap = if id == 1 {
+        format!("  bootstrap: true\n  members:\n{listed}")
+    } else {
+        "  bootstrap: false\n".to_string()
+    };
+    format!(
+        "node_id: {id}\n\
+         data_dir: {data}\n\
+         grpc_addr: 127.0.0.1:{grpc}\n\
+         admin_addr: 127.0.0.1:{admin}\n\
+         cluster:\n{bootstrap}\
+         tls:\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n  raft_peer_names: [gatesvr]\n\
+         raft:\n  heartbeat_interval: 100ms\n  election_timeout_min: 500ms\n  election_timeout_max: 1000ms\n  write_timeout: 3s\n{raft_extra}\
+         admin:\n  auth: tokens\n",
+        data = data_dir.display(),
+        c = certs.display(),
+    )
+}
+
+/// Starts `gatesvr controlplane --config config` with admin token `token`, stderr to `log`.
+pub fn spawn_controlplane(gatesvr: &Path, config: &Path, log: &Path, token: &str) -> Proc {
+    let log = std::fs::File::create(log).expect("log file");
+    let child = Command::new(gatesvr)
+        .args(["controlplane", "--config"])
+        .arg(config)
+        .env("GATESVR_ADMIN__ADMIN_TOKEN", token)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn gatesvr controlplane");
+    Proc(child)
+}
+
+/// Runs gatectl against `endpoint` with `token`; `Ok(stdout)` on exit 0, else
+/// `Err((exit code, stderr))`.
+pub fn gatectl(
+    endpoint: &str,
+    token: &str,
+    args: &[&str],
+) -> Result<String, (Option<i32>, String)> {
+    let out = Command::new(binary("gatesvr-controlplane", "gatectl"))
+        .args(["--endpoint", endpoint, "--token", token])
+        .args(args)
+        .env_remove("GATESVR_ADMIN_TOKEN")
+        .output()
+        .expect("run gatectl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+}
+
+/// Polls `f` (blocking) until it returns `Some`; panics naming `what` after 60 s.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -15,15 +15,16 @@
 //! with a bound; nothing is asserted about time.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gatesvr_common::tls::TlsFiles;
 use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
 use gatesvr_proto::control::{
     Claim, ClaimSessionsRequest, DataPlaneNode, NodeState, RegisterNodeRequest,
 };
-use gatesvr_tests::procs::{Proc, binary, free_port};
+use gatesvr_tests::procs::{
+    self, Proc, binary, controlplane_config, free_port, spawn_controlplane, wait_for,
+};
 use serde_json::Value;
 
 const TOKEN: &str = "backup-test-admin-token";
@@ -55,49 +56,17 @@ fn start_cluster(gatesvr: &Path, dir: &Path, certs: &Path, tag: &str) -> Cluster
             proc: None,
         })
         .collect();
-    let members: String = nodes
-        .iter()
-        .map(|n| {
-            format!(
-                "    - {{ id: {}, grpc_addr: \"127.0.0.1:{}\", admin_addr: \"127.0.0.1:{}\" }}\n",
-                n.id, n.grpc, n.admin
-            )
-        })
-        .collect();
+    let members: Vec<(u64, u16, u16)> = nodes.iter().map(|n| (n.id, n.grpc, n.admin)).collect();
     for n in &mut nodes {
-        let bootstrap = if n.id == 1 {
-            format!("  bootstrap: true\n  members:\n{members}")
-        } else {
-            "  bootstrap: false\n".to_string()
-        };
         let config = dir.join(format!("{tag}-{}.yaml", n.id));
-        let yaml = format!(
-            "node_id: {id}\n\
-             data_dir: {data}\n\
-             grpc_addr: 127.0.0.1:{grpc}\n\
-             admin_addr: 127.0.0.1:{admin}\n\
-             cluster:\n{bootstrap}\
-             tls:\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n  raft_peer_names: [gatesvr]\n\
-             raft:\n  heartbeat_interval: 100ms\n  election_timeout_min: 500ms\n  election_timeout_max: 1000ms\n  write_timeout: 3s\n\
-             admin:\n  auth: tokens\n",
-            id = n.id,
-            data = dir.join(format!("{tag}-data-{}", n.id)).display(),
-            grpc = n.grpc,
-            admin = n.admin,
-            c = certs.display(),
-        );
-        std::fs::write(&config, yaml).expect("write config");
-        let log = std::fs::File::create(dir.join(format!("{tag}-{}.log", n.id))).expect("log");
-        let child = Command::new(gatesvr)
-            .args(["controlplane", "--config"])
-            .arg(&config)
-            .env("GATESVR_ADMIN__ADMIN_TOKEN", TOKEN)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn gatesvr controlplane");
-        n.proc = Some(Proc(child));
+        let data = dir.join(format!("{tag}-data-{}", n.id));
+        std::fs::write(
+            &config,
+            controlplane_config(n.id, &data, &members, certs, ""),
+        )
+        .expect("write config");
+        let log = dir.join(format!("{tag}-{}.log", n.id));
+        n.proc = Some(spawn_controlplane(gatesvr, &config, &log, TOKEN));
     }
     let cluster = Cluster { nodes };
     wait_for("a leader all nodes agree on", || {
@@ -118,39 +87,14 @@ fn start_cluster(gatesvr: &Path, dir: &Path, certs: &Path, tag: &str) -> Cluster
     cluster
 }
 
-/// Runs gatectl; `Ok(stdout)` on exit 0, else `Err((exit code, stderr))`.
 fn gatectl(endpoint: &str, args: &[&str]) -> Result<String, (Option<i32>, String)> {
-    let out = Command::new(binary("gatesvr-controlplane", "gatectl"))
-        .args(["--endpoint", endpoint, "--token", TOKEN])
-        .args(args)
-        .env_remove("GATESVR_ADMIN_TOKEN")
-        .output()
-        .expect("run gatectl");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err((
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
-    }
+    procs::gatectl(endpoint, TOKEN, args)
 }
 
 fn gatectl_json(endpoint: &str, args: &[&str]) -> Result<Value, (Option<i32>, String)> {
     let mut all = vec!["--output", "json"];
     all.extend_from_slice(args);
     gatectl(endpoint, &all).map(|s| serde_json::from_str(&s).unwrap_or(Value::Null))
-}
-
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// (instance_id, zone, address) of every upstream, as `node` sees it.

@@ -9,14 +9,14 @@
 //! if missing. No assertion is about time: conditions are polled with a bound.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 const TOKEN: &str = "cluster-test-admin-token";
 
-use gatesvr_tests::procs::{Proc, binary, free_port};
+use gatesvr_tests::procs::{
+    self, Proc, binary, controlplane_config, free_port, spawn_controlplane, wait_for,
+};
 
 struct Node {
     id: u64,
@@ -34,87 +34,30 @@ impl Node {
 }
 
 fn write_config(dir: &Path, node: &Node, all: &[(u64, u16, u16)], certs: &Path) {
-    let members: String = all
-        .iter()
-        .map(|(id, g, a)| {
-            format!("    - {{ id: {id}, grpc_addr: \"127.0.0.1:{g}\", admin_addr: \"127.0.0.1:{a}\" }}\n")
-        })
-        .collect();
-    let bootstrap = if node.id == 1 {
-        format!("  bootstrap: true\n  members:\n{members}")
-    } else {
-        "  bootstrap: false\n".to_string()
-    };
-    let yaml = format!(
-        "node_id: {id}\n\
-         data_dir: {data}\n\
-         grpc_addr: 127.0.0.1:{grpc}\n\
-         admin_addr: 127.0.0.1:{admin}\n\
-         cluster:\n{bootstrap}\
-         tls:\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n  raft_peer_names: [gatesvr]\n\
-         raft:\n  heartbeat_interval: 100ms\n  election_timeout_min: 500ms\n  election_timeout_max: 1000ms\n  snapshot_every: 20\n  keep_after_snapshot: 0\n  write_timeout: 3s\n\
-         admin:\n  auth: tokens\n",
-        id = node.id,
-        data = dir.join(format!("data-{}", node.id)).display(),
-        grpc = node.grpc,
-        admin = node.admin,
-        c = certs.display(),
-    );
+    let data = dir.join(format!("data-{}", node.id));
+    let raft_extra = "  snapshot_every: 20\n  keep_after_snapshot: 0\n";
+    let yaml = controlplane_config(node.id, &data, all, certs, raft_extra);
     std::fs::write(&node.config, yaml).expect("write config");
 }
 
 fn start(gatesvr: &Path, node: &mut Node) {
-    let log = std::fs::File::create(&node.log).expect("log file");
-    let child = Command::new(gatesvr)
-        .args(["controlplane", "--config"])
-        .arg(&node.config)
-        .env("GATESVR_ADMIN__ADMIN_TOKEN", TOKEN)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn gatesvr controlplane");
-    node.proc = Some(Proc(child));
+    node.proc = Some(spawn_controlplane(gatesvr, &node.config, &node.log, TOKEN));
 }
 
 /// Runs gatectl with JSON output; `Ok(json)` on exit 0, else `Err(exit code, stderr)`.
-fn gatectl(gatectl: &Path, endpoint: &str, args: &[&str]) -> Result<Value, (Option<i32>, String)> {
-    let out = Command::new(gatectl)
-        .args(["--endpoint", endpoint, "--token", TOKEN, "--output", "json"])
-        .args(args)
-        .env_remove("GATESVR_ADMIN_TOKEN")
-        .output()
-        .expect("run gatectl");
-    if out.status.success() {
-        Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
-    } else {
-        Err((
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
-    }
+fn gatectl(endpoint: &str, args: &[&str]) -> Result<Value, (Option<i32>, String)> {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    procs::gatectl(endpoint, TOKEN, &all).map(|s| serde_json::from_str(&s).unwrap_or(Value::Null))
 }
 
-/// Polls `f` until it returns `Some`; panics naming `what` past a generous bound.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn leader_of(ctl: &Path, node: &Node) -> Option<u64> {
-    let st = gatectl(ctl, &node.endpoint(), &["cluster", "status"]).ok()?;
+fn leader_of(node: &Node) -> Option<u64> {
+    let st = gatectl(&node.endpoint(), &["cluster", "status"]).ok()?;
     st["leader"]["id"].as_u64()
 }
 
-fn upstream_count(ctl: &Path, node: &Node, consistency: &str) -> Option<usize> {
+fn upstream_count(node: &Node, consistency: &str) -> Option<usize> {
     let v = gatectl(
-        ctl,
         &node.endpoint(),
         &["--consistency", consistency, "upstreams", "list"],
     )
@@ -122,12 +65,11 @@ fn upstream_count(ctl: &Path, node: &Node, consistency: &str) -> Option<usize> {
     v["upstreams"].as_array().map(Vec::len)
 }
 
-fn register(ctl: &Path, node: &Node, i: usize) {
+fn register(node: &Node, i: usize) {
     let addr = format!("10.0.{}.{}:9001", i / 200, i % 200 + 1);
     let zone = format!("{:03}", i % 6 + 1);
     wait_for(&format!("registering upstream {i}"), || {
         gatectl(
-            ctl,
             &node.endpoint(),
             &[
                 "upstreams",
@@ -147,7 +89,6 @@ fn register(ctl: &Path, node: &Node, i: usize) {
 #[test]
 fn three_process_cluster_survives_leader_loss_and_rejoiner_catches_up_by_snapshot() {
     let gatesvr = binary("gatesvr", "gatesvr");
-    let ctl = binary("gatesvr-controlplane", "gatectl");
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
     gatesvr_common::certs::generate(&certs, &[]).expect("dev certs");
@@ -170,7 +111,7 @@ fn three_process_cluster_survives_leader_loss_and_rejoiner_catches_up_by_snapsho
 
     // One leader, agreed by all three.
     let leader = wait_for("a leader all nodes agree on", || {
-        let seen: Vec<Option<u64>> = nodes.iter().map(|n| leader_of(&ctl, n)).collect();
+        let seen: Vec<Option<u64>> = nodes.iter().map(leader_of).collect();
         match seen[0] {
             Some(l) if seen.iter().all(|s| *s == Some(l)) => Some(l),
             _ => None,
@@ -183,12 +124,9 @@ fn three_process_cluster_survives_leader_loss_and_rejoiner_catches_up_by_snapsho
         .position(|n| n.id != leader)
         .expect("a follower");
     for i in 0..10 {
-        register(&ctl, &nodes[follower], i);
+        register(&nodes[follower], i);
     }
-    assert_eq!(
-        upstream_count(&ctl, &nodes[follower], "linearizable"),
-        Some(10)
-    );
+    assert_eq!(upstream_count(&nodes[follower], "linearizable"), Some(10));
 
     // Kill the leader.
     let li = nodes
@@ -198,8 +136,8 @@ fn three_process_cluster_survives_leader_loss_and_rejoiner_catches_up_by_snapsho
     drop(nodes[li].proc.take());
     let survivors: Vec<usize> = (0..3).filter(|i| *i != li).collect();
     let new_leader = wait_for("a new leader among the survivors", || {
-        let l = leader_of(&ctl, &nodes[survivors[0]])?;
-        (l != leader && leader_of(&ctl, &nodes[survivors[1]]) == Some(l)).then_some(l)
+        let l = leader_of(&nodes[survivors[0]])?;
+        (l != leader && leader_of(&nodes[survivors[1]]) == Some(l)).then_some(l)
     });
     assert_ne!(new_leader, leader);
 
@@ -208,14 +146,14 @@ fn three_process_cluster_survives_leader_loss_and_rejoiner_catches_up_by_snapsho
     let writer = survivors[0];
     let mut total = 10;
     wait_for("the new leader to purge its log", || {
-        register(&ctl, &nodes[writer], total);
+        register(&nodes[writer], total);
         total += 1;
         let nl = nodes.iter().find(|n| n.id == new_leader)?;
-        let st = gatectl(&ctl, &nl.endpoint(), &["cluster", "status"]).ok()?;
+        let st = gatectl(&nl.endpoint(), &["cluster", "status"]).ok()?;
         (st["purged_index"].as_u64()? > 15 && total >= 40).then_some(())
     });
     assert_eq!(
-        upstream_count(&ctl, &nodes[writer], "linearizable"),
+        upstream_count(&nodes[writer], "linearizable"),
         Some(total),
         "nothing lost"
     );
@@ -224,13 +162,10 @@ fn three_process_cluster_survives_leader_loss_and_rejoiner_catches_up_by_snapsho
     start(&gatesvr, &mut nodes[li]);
     wait_for("the rejoined node to catch up", || {
         let n = &nodes[li];
-        let st = gatectl(&ctl, &n.endpoint(), &["cluster", "status"]).ok()?;
+        let st = gatectl(&n.endpoint(), &["cluster", "status"]).ok()?;
         let has_snapshot = st["committed_snapshot_index"].as_u64().is_some();
-        (has_snapshot && upstream_count(&ctl, n, "local")? == total).then_some(())
+        (has_snapshot && upstream_count(n, "local")? == total).then_some(())
     });
     // And it serves linearizable reads as a follower.
-    assert_eq!(
-        upstream_count(&ctl, &nodes[li], "linearizable"),
-        Some(total)
-    );
+    assert_eq!(upstream_count(&nodes[li], "linearizable"), Some(total));
 }
