@@ -106,7 +106,7 @@ async fn hold(
     server: &ServerProc,
     target: Target,
     n: usize,
-) -> Result<(Vec<Conn>, f64, f64)> {
+) -> Result<(Vec<Conn>, f64, f64, usize)> {
     let addr = server.addr("quic")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.rss()?;
@@ -120,17 +120,28 @@ async fn hold(
     .await;
     let rate = n as f64 / t0.elapsed().as_secs_f64();
     let mut conns = Vec::with_capacity(n);
+    let mut failed = Vec::new();
     for r in results {
-        conns.push(r?);
+        match r {
+            Ok(c) => conns.push(c),
+            Err(e) => failed.push(e),
+        }
+    }
+    // A loaded machine may time out a handful of the n handshakes: those are
+    // counted (and RSS divided by the connections actually held); more than
+    // 0.1% fails the scenario.
+    if failed.len() > (n / 1000).max(1) {
+        anyhow::bail!(
+            "{} of {n} connections failed to open (first: {:#})",
+            failed.len(),
+            failed.remove(0)
+        );
     }
     // Let the connections settle (handshake state dropped, first keep-alives).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = server.rss()?;
-    Ok((
-        conns,
-        (after.saturating_sub(before)) as f64 / n as f64,
-        rate,
-    ))
+    let per = (after.saturating_sub(before)) as f64 / conns.len().max(1) as f64;
+    Ok((conns, per, rate, failed.len()))
 }
 
 pub(crate) fn setup_workers(o: &Opts) -> usize {
@@ -156,12 +167,14 @@ pub async fn run(o: &Opts) -> Result<Report> {
 
     // (1) memory, fresh processes, bare first then the data plane.
     progress(format!("sessions: holding {n} idle bare quinn connections"));
-    let (held, bare_per, bare_open_rate) = hold(&net, &bare, Target::Bare, n).await?;
+    let (held, bare_per, bare_open_rate, bare_failed) = hold(&net, &bare, Target::Bare, n).await?;
+    rep.field("bare_failed_opens", bare_failed as f64);
     rep.field("bare_rss_base_bytes", bare.rss()? as f64);
     drop(held);
     progress(format!("sessions: holding {n} idle data-plane sessions"));
     let dp_base = dp.rss()? as f64;
-    let (held, dp_per, dp_open_rate) = hold(&net, &dp, Target::Dp, n).await?;
+    let (held, dp_per, dp_open_rate, dp_failed) = hold(&net, &dp, Target::Dp, n).await?;
+    rep.field("dp_failed_opens", dp_failed as f64);
     rep.field("dp_rss_base_bytes", dp_base);
     rep.field("dp_rss_bytes_per_session", dp_per);
     rep.field("bare_rss_bytes_per_connection", bare_per);
