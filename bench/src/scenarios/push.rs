@@ -144,92 +144,17 @@ pub async fn run(o: &Opts) -> Result<Report> {
         );
 
         // B: pushes through the data plane.
-        let _ = stats.reset();
-        let start = Instant::now();
-        let end = start + o.window;
-        let start_ns = now_ns();
-        let mut tasks = Vec::new();
-        for t in 0..callers {
-            let mut client = GatewayServiceClient::new(channel.clone());
-            let openids = openids.clone();
-            let size = o.payload;
-            let batch = o.push_batch;
-            tasks.push(tokio::spawn(async move {
-                let (mut ok, mut refused) = (0u64, 0u64);
-                let mut i = t;
-                while Instant::now() < end {
-                    if batch > 1 {
-                        let mut pushes = Vec::with_capacity(batch);
-                        for _ in 0..batch {
-                            pushes.push(PushToClientRequest {
-                                target_type: TargetType::Openid as i32,
-                                target_id: openids[i % openids.len()].clone(),
-                                msg_type: "bench".into(),
-                                data: push_data(size),
-                                ..Default::default()
-                            });
-                            i += callers;
-                        }
-                        match client.push_batch(PushBatchRequest { pushes }).await {
-                            Ok(r) => {
-                                for result in r.into_inner().results {
-                                    if result.code == 0 {
-                                        ok += 1;
-                                    } else {
-                                        refused += 1;
-                                    }
-                                }
-                            }
-                            Err(_) => refused += batch as u64,
-                        }
-                        continue;
-                    }
-                    let target = openids[i % openids.len()].clone();
-                    i += callers;
-                    let res = client
-                        .push_to_client(PushToClientRequest {
-                            target_type: TargetType::Openid as i32,
-                            target_id: target,
-                            msg_type: "bench".into(),
-                            data: push_data(size),
-                            ..Default::default()
-                        })
-                        .await;
-                    match res {
-                        Ok(_) => ok += 1,
-                        Err(_) => refused += 1,
-                    }
-                }
-                (ok, refused)
-            }));
-        }
-        let (mut ok, mut refused) = (0u64, 0u64);
-        for t in tasks {
-            let (a, b) = t.await?;
-            ok += a;
-            refused += b;
-        }
-        let complete = await_deliveries(&stats, ok, Duration::from_secs(30)).await;
-        let last = stats.last_delivery_ns.load(Ordering::Relaxed);
-        let (delivered, mut lat) = stats.reset();
-        let secs = (last.saturating_sub(start_ns)) as f64 / 1e9;
-        round.insert("dp_pushes_accepted".into(), ok as f64);
-        round.insert("dp_pushes_refused".into(), refused as f64);
-        round.insert("dp_deliveries".into(), delivered as f64);
-        round.insert(
-            "dp_undelivered".into(),
-            if complete {
-                0.0
-            } else {
-                (ok - delivered.min(ok)) as f64
-            },
-        );
-        round.insert(
-            "dp_deliveries_per_s".into(),
-            delivered as f64 / secs.max(1e-9),
-        );
-        round.insert("dp_push_p50_us".into(), lat.pct_us(50.0));
-        round.insert("dp_push_p99_us".into(), lat.pct_us(99.0));
+        push_window(
+            &channel,
+            &openids,
+            callers,
+            o.push_batch,
+            o.payload,
+            o.window,
+            &stats,
+            &mut round,
+        )
+        .await?;
         round.insert("dp_gaps".into(), stats.gaps.load(Ordering::Relaxed) as f64);
         round.insert("dp_dups".into(), stats.dups.load(Ordering::Relaxed) as f64);
         rep.rounds.push(round);
@@ -286,4 +211,106 @@ pub async fn run(o: &Opts) -> Result<Report> {
     ));
     rep.notes.push("push latency: from just before the PushToClient call to the client reading the frame; deliveries/s over [first call, last delivery]".into());
     Ok(rep)
+}
+
+/// One window of pushes through a data plane: `callers` concurrent callers push round robin over
+/// `openids` (PushBatch of `batch` when it is above 1) until `window` ends; then the deliveries
+/// are awaited and the `dp_*` figures of the window go into `round`.
+#[allow(clippy::too_many_arguments)]
+pub async fn push_window(
+    channel: &tonic::transport::Channel,
+    openids: &Arc<Vec<String>>,
+    callers: usize,
+    batch: usize,
+    payload: usize,
+    window: Duration,
+    stats: &PushStats,
+    round: &mut Round,
+) -> Result<()> {
+    let _ = stats.reset();
+    let start = Instant::now();
+    let end = start + window;
+    let start_ns = now_ns();
+    let mut tasks = Vec::new();
+    for t in 0..callers {
+        let mut client = GatewayServiceClient::new(channel.clone());
+        let openids = openids.clone();
+        let size = payload;
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u64, 0u64);
+            let mut i = t;
+            while Instant::now() < end {
+                if batch > 1 {
+                    let mut pushes = Vec::with_capacity(batch);
+                    for _ in 0..batch {
+                        pushes.push(PushToClientRequest {
+                            target_type: TargetType::Openid as i32,
+                            target_id: openids[i % openids.len()].clone(),
+                            msg_type: "bench".into(),
+                            data: push_data(size),
+                            ..Default::default()
+                        });
+                        i += callers;
+                    }
+                    match client.push_batch(PushBatchRequest { pushes }).await {
+                        Ok(r) => {
+                            for result in r.into_inner().results {
+                                if result.code == 0 {
+                                    ok += 1;
+                                } else {
+                                    refused += 1;
+                                }
+                            }
+                        }
+                        Err(_) => refused += batch as u64,
+                    }
+                    continue;
+                }
+                let target = openids[i % openids.len()].clone();
+                i += callers;
+                let res = client
+                    .push_to_client(PushToClientRequest {
+                        target_type: TargetType::Openid as i32,
+                        target_id: target,
+                        msg_type: "bench".into(),
+                        data: push_data(size),
+                        ..Default::default()
+                    })
+                    .await;
+                match res {
+                    Ok(_) => ok += 1,
+                    Err(_) => refused += 1,
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let (mut ok, mut refused) = (0u64, 0u64);
+    for t in tasks {
+        let (a, b) = t.await?;
+        ok += a;
+        refused += b;
+    }
+    let complete = await_deliveries(stats, ok, Duration::from_secs(30)).await;
+    let last = stats.last_delivery_ns.load(Ordering::Relaxed);
+    let (delivered, mut lat) = stats.reset();
+    let secs = (last.saturating_sub(start_ns)) as f64 / 1e9;
+    round.insert("dp_pushes_accepted".into(), ok as f64);
+    round.insert("dp_pushes_refused".into(), refused as f64);
+    round.insert("dp_deliveries".into(), delivered as f64);
+    round.insert(
+        "dp_undelivered".into(),
+        if complete {
+            0.0
+        } else {
+            (ok - delivered.min(ok)) as f64
+        },
+    );
+    round.insert(
+        "dp_deliveries_per_s".into(),
+        delivered as f64 / secs.max(1e-9),
+    );
+    round.insert("dp_push_p50_us".into(), lat.pct_us(50.0));
+    round.insert("dp_push_p99_us".into(), lat.pct_us(99.0));
+    Ok(())
 }

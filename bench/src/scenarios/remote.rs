@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
-use gatesvr_proto::upstream::{PushToClientRequest, TargetType};
 
 use super::Opts;
-use super::push::{await_deliveries, push_data};
 use crate::client::{Net, PushStats, Reply, closed_loop, dp_session, push_reader};
 use crate::report::{Check, Cmp, Report, Round};
 use crate::target::Target;
@@ -160,62 +158,10 @@ pub async fn push(o: &Opts, t: &Target) -> Result<Report> {
     for r in 0..o.rounds {
         progress(format!("push (target) round {}/{}", r + 1, o.rounds));
         let mut round = Round::new();
-        let _ = stats.reset();
-        let end = Instant::now() + o.window;
-        let start_ns = now_ns();
-        let mut tasks = Vec::new();
-        for c in 0..callers {
-            let mut client = GatewayServiceClient::new(channel.clone());
-            let openids = openids.clone();
-            let size = o.payload;
-            tasks.push(tokio::spawn(async move {
-                let (mut ok, mut refused, mut i) = (0u64, 0u64, c);
-                while Instant::now() < end {
-                    let res = client
-                        .push_to_client(PushToClientRequest {
-                            target_type: TargetType::Openid as i32,
-                            target_id: openids[i % openids.len()].clone(),
-                            msg_type: "bench".into(),
-                            data: push_data(size),
-                            ..Default::default()
-                        })
-                        .await;
-                    i += callers;
-                    match res {
-                        Ok(_) => ok += 1,
-                        Err(_) => refused += 1,
-                    }
-                }
-                (ok, refused)
-            }));
-        }
-        let (mut ok, mut refused) = (0u64, 0u64);
-        for task in tasks {
-            let (a, b) = task.await?;
-            ok += a;
-            refused += b;
-        }
-        let complete = await_deliveries(&stats, ok, Duration::from_secs(30)).await;
-        let last = stats.last_delivery_ns.load(Ordering::Relaxed);
-        let (delivered, mut lat) = stats.reset();
-        let secs = last.saturating_sub(start_ns) as f64 / 1e9;
-        round.insert("dp_pushes_accepted".into(), ok as f64);
-        round.insert("dp_pushes_refused".into(), refused as f64);
-        round.insert("dp_deliveries".into(), delivered as f64);
-        round.insert(
-            "dp_undelivered".into(),
-            if complete {
-                0.0
-            } else {
-                ok.saturating_sub(delivered) as f64
-            },
-        );
-        round.insert(
-            "dp_deliveries_per_s".into(),
-            delivered as f64 / secs.max(1e-9),
-        );
-        round.insert("dp_push_p50_us".into(), lat.pct_us(50.0));
-        round.insert("dp_push_p99_us".into(), lat.pct_us(99.0));
+        super::push::push_window(
+            &channel, &openids, callers, 1, o.payload, o.window, &stats, &mut round,
+        )
+        .await?;
         rep.rounds.push(round);
     }
     let _ = stop_tx.send(true);
