@@ -103,9 +103,21 @@ impl Cluster {
     }
 
     async fn launch(&mut self, id: NodeId, cfg: ControlPlaneConfig) {
-        let cp = ControlPlane::start(cfg)
-            .await
-            .unwrap_or_else(|e| panic!("starting node {id}: {e}"));
+        // sled releases its directory lock from its own background thread, a moment after the
+        // previous in-process instance of this node was shut down: retry that case briefly.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let cp = loop {
+            match ControlPlane::start(cfg.clone()).await {
+                Ok(cp) => break cp,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("starting node {id}: {e}"),
+            }
+        };
         self.addrs.insert(id, (cp.grpc_addr(), cp.admin_addr()));
         self.nodes.insert(id, cp);
     }
