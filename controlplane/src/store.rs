@@ -1,8 +1,10 @@
 //! Durable raft storage in sled: the log store and the state machine share one database.
 //!
 //! See [`keyspace`] for the tree layout. Durability rules (PITFALLS §3, §4):
-//! - log appends, truncations, purges and votes are flushed (`flush_async`) before they are
-//!   acknowledged to openraft; `LogFlushed` fires only after the flush;
+//! - log appends, truncations, purges and votes are on stable storage before they are
+//!   acknowledged to openraft: sled's `flush_async`, then `fdatasync` of sled's data file
+//!   (`flush_async` alone is only `sync_file_range` on Linux; see [`LogStore`]'s `flush`);
+//!   `LogFlushed` fires only after both;
 //! - the state machine writes each applied batch atomically (one `Batch` on one tree) without
 //!   a flush: after a crash it may be behind the committed log, and openraft re-applies the
 //!   missing entries on start (`last_applied` is stored in the same batch, so nothing is
@@ -32,9 +34,23 @@ pub enum OpenError {
         #[source]
         source: sled::Error,
     },
+    /// The data file or its directory could not be opened or synced.
+    #[error("cannot sync sled data file under {path}: {source}")]
+    Sync {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A stored record does not decode (corruption or a newer format).
     #[error("cannot decode stored {what}: {message}")]
     Decode { what: String, message: String },
+}
+
+/// Opens sled's data file for `fdatasync` and fsyncs the directory holding it.
+fn sync_data_dir(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::File::open(path.join("db"))?;
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(file)
 }
 
 /// Opens (creating if needed) the node's raft database under `dir`.
@@ -64,8 +80,14 @@ pub fn open(
     let meta = tree("meta")?;
     let sm = tree("sm")?;
     let snapshot = tree("snapshot")?;
+    // sled keeps everything in one file, `db`, which the log store fdatasyncs (see
+    // `LogStore::flush`). The directory is synced once so the file's own entry is durable.
+    let data_file = sync_data_dir(&path).map_err(|source| OpenError::Sync {
+        path: path.display().to_string(),
+        source,
+    })?;
     let db = Arc::new(db);
-    let log_store = LogStore::new(db.clone(), log, meta);
+    let log_store = LogStore::new(db.clone(), log, meta, data_file);
     let sm_store = StateMachineStore::open(db, sm, snapshot, watch_ring)?;
     Ok((log_store, sm_store))
 }
