@@ -27,6 +27,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod core;
 pub mod drain;
 pub mod gateway;
 pub mod grpc_auth;
