@@ -35,6 +35,18 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
     }
 }
 
+/// The next push a client receives (other events skipped), or None after [`PATIENCE`].
+pub async fn next_push(client: &gatesvr_sdk::Client) -> Option<gatesvr_sdk::Push> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match tokio::time::timeout_at(deadline, client.next_event()).await {
+            Ok(Some(gatesvr_sdk::Event::Push(p))) => return Some(p),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
 /// Certificates and an HMAC secret in a temporary directory.
 pub struct TestDir {
     pub dir: tempfile::TempDir,
