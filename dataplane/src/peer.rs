@@ -189,10 +189,10 @@ pub enum TakeOver {
     /// The previous owner is dead or left: its state may only survive as a
     /// replica of its durable pushes.
     OwnerGone,
-    /// The previous owner is live in the view but did not answer (asked
-    /// again, bounded): it may still hold the session, so no second copy is
-    /// rebuilt from replicas. The view fences its copy; the Start continues
-    /// without the state and says so (SESSION_EXPIRED).
+    /// The previous owner stayed live in the view without answering for
+    /// [`RECOVERY_PATIENCE`]: it may still hold the session, so no second
+    /// copy is rebuilt from replicas. The view fences its copy; the Start
+    /// continues without the state and says so (SESSION_EXPIRED).
     OwnerSilent,
 }
 
@@ -273,12 +273,18 @@ async fn hand_over_from(
     if node.cluster.is_none() || epoch == 0 {
         return TakeOver::NotHandedOver;
     }
-    let mut pause = Duration::from_millis(200);
-    for attempt in 0..3 {
-        if attempt > 0 {
+    // A live owner that does not answer may be busy, partitioned, or dead
+    // with its lease not yet expired: only the control plane's lease tells
+    // them apart. Ask again until it answers or the view says it is gone.
+    let give_up = tokio::time::Instant::now() + RECOVERY_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    let mut first = true;
+    while first || tokio::time::Instant::now() + pause <= give_up {
+        if !first {
             tokio::time::sleep(pause).await;
-            pause *= 2;
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
+        first = false;
         let addr = node
             .registry
             .members(|m| m.live(previous_owner).map(|n| n.grpc_addr.clone()));
@@ -330,23 +336,24 @@ async fn ask_handover(
     request.set_timeout(PEER_TIMEOUT);
     let answer = match tokio::time::timeout(PEER_TIMEOUT, client.handover(request)).await {
         Ok(Ok(r)) => r.into_inner(),
-        Ok(Err(status))
-            if !matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-            ) =>
-        {
-            tracing::info!(openid, previous_owner, error = %status, "handover refused");
-            node.metrics.handovers.with_label_values(&["refused"]).inc();
-            return (Reach::Answered, TakeOver::NotHandedOver);
-        }
         Ok(Err(status)) => {
+            let reach = match status.code() {
+                // Connection refused (nothing listens) or a node that stopped
+                // serving: its process is gone.
+                tonic::Code::Unavailable => Reach::Down,
+                tonic::Code::DeadlineExceeded | tonic::Code::Unknown => Reach::NoAnswer,
+                _ => {
+                    tracing::info!(openid, previous_owner, error = %status, "handover refused");
+                    node.metrics.handovers.with_label_values(&["refused"]).inc();
+                    return (Reach::Answered, TakeOver::NotHandedOver);
+                }
+            };
             tracing::info!(openid, previous_owner, error = %status, "handover unanswered");
             node.metrics
                 .handovers
                 .with_label_values(&["unreachable"])
                 .inc();
-            return (Reach::NoAnswer, TakeOver::NotHandedOver);
+            return (reach, TakeOver::NotHandedOver);
         }
         Err(_) => {
             tracing::info!(openid, previous_owner, "handover timed out");

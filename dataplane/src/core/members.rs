@@ -56,7 +56,11 @@ impl From<&DataPlaneNode> for Member {
 pub enum Reach {
     /// It answered (whatever the answer).
     Answered,
-    /// It did not answer in time, or the connection failed.
+    /// Nothing listens at its address (connection refused): its process is
+    /// gone, even if its lease has not expired yet.
+    Down,
+    /// It did not answer in time: busy, partitioned or dead, and it may still
+    /// be serving. Only its lease tells.
     NoAnswer,
 }
 
@@ -66,8 +70,9 @@ pub enum Reach {
 pub enum AfterHandover {
     /// The owner answered: use its answer.
     UseAnswer,
-    /// The owner is dead or left in the view: its state only survives as
-    /// replicas of its durable pushes; recover from those.
+    /// The owner is dead or left in the view, or nothing listens at its
+    /// address: its state only survives as replicas of its durable pushes;
+    /// recover from those.
     OwnerGone,
     /// The owner is live in the view but did not answer: it may still hold
     /// (and serve) the session. Never start a second copy from replicas; ask
@@ -160,6 +165,7 @@ impl Members {
     pub fn after_failed_handover(&self, owner: &str, reach: Reach) -> AfterHandover {
         match reach {
             Reach::Answered => AfterHandover::UseAnswer,
+            Reach::Down => AfterHandover::OwnerGone,
             Reach::NoAnswer if self.is_live(owner) => AfterHandover::OwnerSilent,
             Reach::NoAnswer => AfterHandover::OwnerGone,
         }

@@ -394,6 +394,10 @@ fn a_silent_live_owner_is_not_taken_for_gone() {
         AfterHandover::OwnerGone
     );
     assert_eq!(
+        m.after_failed_handover("dp-2", Reach::Down),
+        AfterHandover::OwnerGone
+    );
+    assert_eq!(
         m.after_failed_handover("dp-2", Reach::Answered),
         AfterHandover::UseAnswer
     );
