@@ -69,6 +69,15 @@ pub enum StartError {
     },
 }
 
+/// What [`DataPlane::serve_until`] does when its signal comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSignal {
+    /// Drain, then stop (SIGTERM of `gatesvr dataplane`: a rolling upgrade).
+    Drain,
+    /// Stop at once (Ctrl-C of `gatesvr dev`).
+    Stop,
+}
+
 /// A running data-plane node.
 pub struct DataPlane {
     node: Arc<Node>,
@@ -440,6 +449,41 @@ impl DataPlane {
     /// get a GoAway. Call [`DataPlane::shutdown`] afterwards.
     pub async fn drain(&self) -> drain::DrainReport {
         drain::drain(self.node.clone()).await
+    }
+
+    /// Serves until `signal` resolves or an operator asks for a drain
+    /// (`POST /drain`, `gatectl nodes drain`), then stops. A drain request
+    /// always drains first; `signal` drains or just stops as `on_signal`
+    /// says. Returns the drain's report if one ran.
+    ///
+    /// `gatesvr dataplane` and every node of `gatesvr dev` run through here,
+    /// so a drain request is never left unheard (issue 12, defect 6: `dev`
+    /// never listened, and its nodes logged "asked to drain" forever).
+    pub async fn serve_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+        on_signal: OnSignal,
+    ) -> Option<drain::DrainReport> {
+        let drain = tokio::select! {
+            () = signal => on_signal == OnSignal::Drain,
+            () = self.drain_requested() => {
+                tracing::info!(node = %self.node.config.node_id, "drain requested");
+                true
+            }
+        };
+        let report = if drain {
+            let report = self.drain().await;
+            tracing::info!(
+                staged = report.staged,
+                remaining = report.remaining,
+                "drained; stopping"
+            );
+            Some(report)
+        } else {
+            None
+        };
+        self.shutdown().await;
+        report
     }
 
     /// Resolves when an operator asks for a drain (`POST /drain` or the
