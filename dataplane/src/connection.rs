@@ -195,14 +195,16 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
     let entry = started.entry;
     let outcome = started.outcome;
     if let Some(epoch) = epoch {
-        entry.state.lock().set_epoch(epoch);
+        node.registry
+            .claimed(&entry, epoch, node.cluster.as_deref());
         // The resume failed and a fresh session (new id) replaced the claimed
         // one: record the id in the control plane too.
         if entry.identity.session_id != claimed_id(&start, &new_id)
             && let Some(cluster) = &node.cluster
             && let Ok(c) = Box::pin(cluster.claim(&start.openid, &entry.identity.session_id)).await
         {
-            entry.state.lock().set_epoch(c.epoch);
+            node.registry
+                .claimed(&entry, c.epoch, node.cluster.as_deref());
         }
     }
     let server = &node.config.server;

@@ -177,7 +177,7 @@ async fn move_to(
     if !stage(node, &successor.grpc_addr, state, epoch).await {
         // Keep serving it here; the client still gets a GoAway (no target).
         tracing::warn!(openid = %openid, successor = %successor.node_id, "staging failed; keeping the session");
-        node.registry.take_back(entry);
+        node.registry.take_back(entry, Some(cluster));
         return None;
     }
     let new_epoch = match cluster.transfer(openid, epoch, &successor.node_id).await {

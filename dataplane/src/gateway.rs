@@ -131,7 +131,12 @@ impl Gateway {
         } else {
             Some(req.target_id.clone())
         };
-        let view_owner = openid.as_deref().and_then(|o| self.view_owner(o));
+        // Pushes from an upstream are checked against the view; a push
+        // forwarded by another node followed that node's own table.
+        let view_owner = openid
+            .as_deref()
+            .and_then(|o| self.view_owner(o))
+            .filter(|_| hops == 0);
         let target = if by_session {
             Target::Session(&req.target_id)
         } else {

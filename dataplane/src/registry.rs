@@ -29,8 +29,8 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 
 use crate::core::{
-    Command, HandoverAsk, Holding, PushOutcome, RequestOutcome, SessionCell, Table, TableConfig,
-    Target,
+    Command, HandoverAsk, Holding, InstallError, PushOutcome, RequestOutcome, SessionCell, Table,
+    TableConfig, Target,
 };
 use crate::metrics::{Metrics, code_label};
 use crate::session::{
@@ -441,9 +441,19 @@ impl Registry {
             wake: Notify::new(),
             attached: Mutex::new(None),
         });
-        let commands = self
-            .with_table(|t| t.install(entry.clone(), epoch, holding, view_owner))
-            .map_err(|e| e.to_string())?;
+        let installed = self.with_table(|t| {
+            t.install(entry.clone(), epoch, holding, view_owner)
+                .map(|c| (c, entry.clone()))
+                .or_else(|e| match e {
+                    InstallError::AlreadyHere { .. } => t
+                        .local(&entry.identity.openid)
+                        .cloned()
+                        .map(|here| (Vec::new(), here))
+                        .ok_or(e),
+                    other => Err(other),
+                })
+        });
+        let (commands, entry) = installed.map_err(|e| e.to_string())?;
         self.carry_out(commands);
         self.settled.notify_waiters();
         Ok(entry)
@@ -516,9 +526,24 @@ impl Registry {
         self.settled.notify_waiters();
     }
 
-    /// Staging failed: `entry` is served here again.
-    pub fn take_back(&self, entry: &Arc<SessionEntry>) {
-        self.with_table(|t| t.take_back(entry.clone()));
+    /// Staging failed: `entry` is served here again, unless the view
+    /// (`cluster`) shows it owned elsewhere at a newer epoch by now.
+    pub fn take_back(&self, entry: &Arc<SessionEntry>, cluster: Option<&crate::cluster::Cluster>) {
+        let now = Instant::now();
+        let view_owner = cluster.and_then(|c| {
+            c.view()
+                .owners
+                .get(&entry.identity.openid)
+                .map(|o| (o.owner_node.clone(), o.epoch))
+        });
+        let commands = self.with_table(|t| {
+            t.take_back(
+                now,
+                entry.clone(),
+                view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+            )
+        });
+        self.carry_out(commands);
         self.settled.notify_waiters();
     }
 
@@ -528,6 +553,32 @@ impl Registry {
         let now = Instant::now();
         let commands = self
             .with_table(|t| t.owner_changed(now, &owner.openid, &owner.owner_node, owner.epoch));
+        self.carry_out(commands);
+    }
+
+    /// A Start attached `entry` under a claim at `epoch`; compared with the
+    /// owner the view shows now (`cluster`), which may be newer.
+    pub fn claimed(
+        &self,
+        entry: &Arc<SessionEntry>,
+        epoch: u64,
+        cluster: Option<&crate::cluster::Cluster>,
+    ) {
+        let now = Instant::now();
+        let view_owner = cluster.and_then(|c| {
+            c.view()
+                .owners
+                .get(&entry.identity.openid)
+                .map(|o| (o.owner_node.clone(), o.epoch))
+        });
+        let commands = self.with_table(|t| {
+            t.claimed(
+                now,
+                entry,
+                epoch,
+                view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+            )
+        });
         self.carry_out(commands);
     }
 

@@ -108,6 +108,11 @@ pub enum InstallError {
     /// the offered state is stale and would be a second live copy.
     #[error("state at epoch {offered} is older than the copy at epoch {held}")]
     Stale { held: u64, offered: u64 },
+    /// The same session at the same epoch is already staged here (a
+    /// duplicated Stage): installing it again would drop the pushes queued
+    /// since. The local copy stays; nothing to do.
+    #[error("session already here at epoch {epoch}")]
+    AlreadyHere { epoch: u64 },
 }
 
 /// Where a push went.
@@ -425,6 +430,17 @@ impl<H: SessionCell> Table<H> {
         view_owner: Option<(&str, u64)>,
     ) -> Result<Vec<Command<H>>, InstallError> {
         let openid = handle.identity().openid.clone();
+        // A second Stage of the same copy (a duplicated message): keep the
+        // one here. A handover answer is never a duplicate: it is the
+        // owner's state at our claim, newer than any staged copy.
+        if matches!(holding, Holding::Staged { .. })
+            && let Some(Slot::Local { handle: h, .. }) = self.slots.get(&openid)
+            && !h.same(&handle)
+            && h.identity().session_id == handle.identity().session_id
+            && h.with(|s| s.epoch()) == epoch
+        {
+            return Err(InstallError::AlreadyHere { epoch });
+        }
         let held = match self.slots.get(&openid) {
             Some(Slot::Local { handle: h, .. }) if !h.same(&handle) => h.with(|s| s.epoch()),
             Some(Slot::Moved { epoch: e, to, .. }) if to != self.me() => *e,
@@ -501,6 +517,7 @@ impl<H: SessionCell> Table<H> {
                     session_id: state.session_id.clone(),
                     until,
                     settled: true,
+                    staging: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, Some(handle))))
@@ -513,9 +530,39 @@ impl<H: SessionCell> Table<H> {
                     session_id: state.session_id.clone(),
                     until,
                     settled: false,
+                    staging: Some(handle.clone()),
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
+            }
+            // Claimed by another node while a drain stages it: the claimant
+            // gets the session (the staged copy never serves: the view will
+            // name the claimant, not the successor).
+            (
+                Some(Slot::Moved {
+                    staging: Some(handle),
+                    ..
+                }),
+                HandoverAsk::Peer { epoch, new_owner },
+            ) => {
+                let handle = handle.clone();
+                let (held, state) = handle.with(|s| (s.epoch(), s.export()));
+                if held >= *epoch {
+                    return Err(HandoverError::Fenced {
+                        held,
+                        asked: *epoch,
+                    });
+                }
+                let slot = Slot::Moved {
+                    to: new_owner.clone(),
+                    epoch: *epoch,
+                    session_id: state.session_id.clone(),
+                    until,
+                    settled: true,
+                    staging: None,
+                };
+                self.put(openid, slot);
+                Ok(Some((state, Some(handle))))
             }
             (
                 Some(Slot::Fenced {
@@ -538,6 +585,7 @@ impl<H: SessionCell> Table<H> {
                     session_id: state.session_id.clone(),
                     until,
                     settled: true,
+                    staging: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
@@ -548,18 +596,29 @@ impl<H: SessionCell> Table<H> {
 
     /// A drain's staging of `openid` failed: the exported session `handle`
     /// (unchanged since the export, since nothing reaches a moved session)
-    /// is served here again.
-    pub fn take_back(&mut self, handle: H) {
+    /// is served here again, unless the view (`view_owner`) moved on
+    /// meanwhile: then it is fenced at once, its state kept for the owner.
+    pub fn take_back(
+        &mut self,
+        now: Instant,
+        handle: H,
+        view_owner: Option<(&str, u64)>,
+    ) -> Vec<Command<H>> {
         let openid = handle.identity().openid.clone();
-        if matches!(self.slots.get(&openid), Some(Slot::Moved { session_id, .. }) if *session_id == handle.identity().session_id)
+        if !matches!(self.slots.get(&openid), Some(Slot::Moved { staging: Some(h), .. }) if h.same(&handle))
         {
-            self.put(
-                &openid,
-                Slot::Local {
-                    handle,
-                    holding: Holding::Owned,
-                },
-            );
+            return Vec::new();
+        }
+        self.put(
+            &openid,
+            Slot::Local {
+                handle,
+                holding: Holding::Owned,
+            },
+        );
+        match view_owner {
+            Some((owner, epoch)) => self.owner_changed(now, &openid, owner, epoch),
+            None => Vec::new(),
         }
     }
 
@@ -567,9 +626,17 @@ impl<H: SessionCell> Table<H> {
     /// epoch its ownership moved there at (the old one if the transfer did
     /// not commit: the client's claim there settles it). Pushes now follow it.
     pub fn staged(&mut self, openid: &str, new_epoch: u64) {
-        if let Some(Slot::Moved { epoch, settled, .. }) = self.slots.get_mut(openid) {
+        if let Some(Slot::Moved {
+            epoch,
+            settled,
+            staging,
+            ..
+        }) = self.slots.get_mut(openid)
+            && staging.is_some()
+        {
             *epoch = (*epoch).max(new_epoch);
             *settled = true;
+            *staging = None;
         }
     }
 
@@ -642,6 +709,30 @@ impl<H: SessionCell> Table<H> {
         out
     }
 
+    /// A Start finished attaching `handle` under a claim at `epoch` (which
+    /// may have taken a while: a handover, a recovery). The view may have
+    /// moved on meanwhile: compared with `view_owner` at once, so a session
+    /// claimed away during the Start is fenced, not served at an old epoch.
+    pub fn claimed(
+        &mut self,
+        now: Instant,
+        handle: &H,
+        epoch: u64,
+        view_owner: Option<(&str, u64)>,
+    ) -> Vec<Command<H>> {
+        if !self.is_current(handle) {
+            return Vec::new();
+        }
+        handle.with(|s| s.set_epoch(epoch));
+        match view_owner {
+            Some((owner, e)) => {
+                let openid = handle.identity().openid.clone();
+                self.owner_changed(now, &openid, owner, e)
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// A whole view (a watch snapshot, a resync): every local session is
     /// compared with `owner_of` its openid, as [`Table::owner_changed`] does.
     pub fn reconcile(
@@ -655,6 +746,9 @@ impl<H: SessionCell> Table<H> {
             .filter(|(_, s)| matches!(s, Slot::Local { .. }))
             .map(|(o, _)| o.clone())
             .collect();
+        // In a stable order: the commands come out the same every run.
+        let mut locals = locals;
+        locals.sort_unstable();
         let mut out = Vec::new();
         for openid in locals {
             if let Some((owner, epoch)) = owner_of(&openid) {
@@ -668,7 +762,9 @@ impl<H: SessionCell> Table<H> {
 
     /// A push for `target`. `view_owner` is the owner the view shows for the
     /// openid (if any): a local copy older than it is fenced first, so a
-    /// stale owner never answers OK.
+    /// stale owner never answers OK. The shell passes it for pushes from an
+    /// upstream, not for pushes another node forwarded here (that node
+    /// followed its own slot; a staged copy takes them).
     pub fn push(
         &mut self,
         now: Instant,
@@ -683,7 +779,17 @@ impl<H: SessionCell> Table<H> {
         if let Some((owner, epoch)) = view_owner {
             out = self.owner_changed(now, &openid, owner, epoch);
         }
+        let me = self.me().to_string();
         let outcome = match self.slots.get(&openid) {
+            // A staged copy serves once the view names this node: until then
+            // the drainer may still take it back (its staging timed out), so
+            // a push straight from an upstream goes to the view's owner.
+            Some(Slot::Local {
+                holding: Holding::Staged { .. },
+                ..
+            }) if view_owner.is_some_and(|(o, _)| o != me) => PushOutcome::Forward {
+                to: view_owner.map(|(o, _)| o.to_string()).unwrap_or_default(),
+            },
             Some(Slot::Local { handle, .. }) => {
                 let handle = handle.clone();
                 if let Target::Session(sid) = target

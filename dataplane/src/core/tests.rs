@@ -352,7 +352,7 @@ fn a_drain_stage_holds_pushes_until_settled_and_can_be_taken_back() {
     .unwrap();
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
     assert!(matches!(o, PushOutcome::Wait));
-    t.take_back(c.clone());
+    t.take_back(now, c.clone(), None);
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
     assert_eq!(queued(&o), Some(1));
     t.hand_over(
@@ -401,4 +401,104 @@ fn a_silent_live_owner_is_not_taken_for_gone() {
         m.after_failed_handover("dp-2", Reach::Answered),
         AfterHandover::UseAnswer
     );
+}
+
+#[test]
+fn a_duplicated_install_of_the_same_copy_keeps_the_pushes_queued_since() {
+    let now = Instant::now();
+    let mut t = table();
+    let staged = || Holding::Staged {
+        from: "dp-2".into(),
+    };
+    t.install(cell("u", "s", now, 0), 4, staged(), None)
+        .unwrap();
+    t.push(now, Target::Openid("u"), msg(1), None);
+    let again = t.install(cell("u", "s", now, 0), 4, staged(), None);
+    assert_eq!(again.unwrap_err(), InstallError::AlreadyHere { epoch: 4 });
+    assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 1);
+    // A handover answer at the claim's epoch replaces it (the owner's state).
+    t.install(cell("u", "s", now, 0), 4, Holding::Owned, None)
+        .unwrap();
+    assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 0);
+}
+
+#[test]
+fn a_staged_copy_sends_upstream_pushes_to_the_views_owner_until_it_is_named() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 0);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        Some(("dp-2", 5)),
+    )
+    .unwrap();
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-2", 5)));
+    assert!(
+        matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"),
+        "{o:?}"
+    );
+    // Forwarded by the drainer (no view compare): taken.
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+    // The transfer names this node: it serves.
+    t.owner_changed(now, "u", "dp-1", 6);
+    assert_eq!(t.holding("u"), Some(&Holding::Owned));
+    let (o, _) = t.push(now, Target::Openid("u"), msg(2), Some(("dp-1", 6)));
+    assert_eq!(queued(&o), Some(2));
+}
+
+#[test]
+fn a_copy_taken_back_after_the_view_moved_on_is_fenced() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap();
+    let cmds = t.take_back(now, c.clone(), Some(("dp-3", 9)));
+    assert_eq!(t.slot("u").unwrap().name(), "fenced");
+    assert!(cmds.iter().any(|c| matches!(c, Command::Close { .. })));
+}
+
+#[test]
+fn a_claim_during_a_drains_staging_gets_the_session() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    t.push(now, Target::Openid("u"), msg(1), None);
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap();
+    let (state, handle) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 3,
+                new_owner: "dp-3".into(),
+            },
+        )
+        .unwrap()
+        .expect("the staging session is handed over");
+    assert_eq!(state.pushes.len(), 1);
+    assert!(handle.is_some());
+    // The staging then fails: nothing is taken back (it left for dp-3).
+    t.take_back(now, c, None);
+    assert_eq!(t.slot("u").unwrap().name(), "moved");
 }
