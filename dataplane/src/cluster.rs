@@ -224,8 +224,11 @@ pub enum ClaimError {
     Refused(String),
 }
 
-/// Callback for a session of ours now owned elsewhere.
+/// Callback for one owner record that changed (a watch delta or a claim).
 type OwnerMoved = Box<dyn Fn(&SessionOwner) + Send + Sync>;
+
+/// Callback for a whole view to compare with (a snapshot, a node change).
+type ViewChanged = Box<dyn Fn(&View) + Send + Sync>;
 
 /// Membership, the watched view and claims.
 pub struct Cluster {
@@ -246,8 +249,11 @@ pub struct Cluster {
     /// Wakes the node when an operator asked it to drain.
     pub drain_requested: Notify,
     router: Option<Arc<UpstreamRouter>>,
-    /// Called with owners that moved to another node (the registry fences them).
+    /// Called with every owner record put by a watch delta (the session
+    /// table compares it with its slot: level-triggered fencing).
     on_owner_moved: Mutex<Option<OwnerMoved>>,
+    /// Called with the whole view after a snapshot or a node change.
+    on_view: Mutex<Option<ViewChanged>>,
     sessions: AtomicUsize,
 }
 
@@ -297,6 +303,7 @@ impl Cluster {
             drain_requested: Notify::new(),
             router,
             on_owner_moved: Mutex::new(None),
+            on_view: Mutex::new(None),
             sessions: AtomicUsize::new(0),
         };
         cluster.load_state_file();
@@ -333,10 +340,17 @@ impl Cluster {
         self.sessions.store(n, Ordering::Relaxed);
     }
 
-    /// Registers the callback run when the watch shows a session of ours
-    /// owned by another node at a newer epoch.
+    /// Registers the callback run with every owner record a watch delta puts.
     pub fn on_owner_moved(&self, f: impl Fn(&SessionOwner) + Send + Sync + 'static) {
         *self.on_owner_moved.lock() = Some(Box::new(f));
+    }
+
+    /// Registers the callback run with the whole view after a snapshot
+    /// (including a resync and the state file) or a node change, and runs it
+    /// once now.
+    pub fn on_view(&self, f: impl Fn(&View) + Send + Sync + 'static) {
+        f(&self.view.read());
+        *self.on_view.lock() = Some(Box::new(f));
     }
 
     fn client(&self) -> ControlPlaneClient<Channel> {
@@ -635,9 +649,13 @@ impl Cluster {
             )
         );
         let moved = match &event.event {
-            Some(WatchBody::OwnerPut(o)) if o.owner_node != self.node_id => Some(o.clone()),
+            Some(WatchBody::OwnerPut(o)) => Some(o.clone()),
             _ => None,
         };
+        let whole = matches!(
+            event.event,
+            Some(WatchBody::Snapshot(_) | WatchBody::NodePut(_) | WatchBody::NodeRemoved(_))
+        );
         {
             let mut view = self.view.write();
             if event.version <= view.version && !matches!(event.event, Some(WatchBody::Snapshot(_)))
@@ -650,6 +668,9 @@ impl Cluster {
             && let Some(f) = self.on_owner_moved.lock().as_ref()
         {
             f(&owner);
+        }
+        if whole && let Some(f) = self.on_view.lock().as_ref() {
+            f(&self.view.read());
         }
         if touches_upstreams {
             self.update_router();

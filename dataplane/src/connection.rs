@@ -30,6 +30,7 @@ use gatesvr_proto::client::{
 use gatesvr_proto::frame::{self, FrameDecoder};
 use tokio::sync::mpsc;
 
+use crate::core::RequestOutcome;
 use crate::node::Node;
 use crate::registry::{Attachment, SessionEntry};
 use crate::session::RequestDisposition;
@@ -194,14 +195,16 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
     let entry = started.entry;
     let outcome = started.outcome;
     if let Some(epoch) = epoch {
-        entry.state.lock().set_epoch(epoch);
+        node.registry
+            .claimed(&entry, epoch, node.cluster.as_deref());
         // The resume failed and a fresh session (new id) replaced the claimed
         // one: record the id in the control plane too.
         if entry.identity.session_id != claimed_id(&start, &new_id)
             && let Some(cluster) = &node.cluster
             && let Ok(c) = Box::pin(cluster.claim(&start.openid, &entry.identity.session_id)).await
         {
-            entry.state.lock().set_epoch(c.epoch);
+            node.registry
+                .claimed(&entry, c.epoch, node.cluster.as_deref());
         }
     }
     let server = &node.config.server;
@@ -298,21 +301,10 @@ async fn claim_ownership(
                 .with_label_values(&["started"])
                 .inc();
             node.provisional.lock().insert(openid.clone());
-            // A resume still gets its state from the owner we last knew of
-            // (epoch 0: no claim to show; reconciled by the later claim).
-            let last_owner = cluster
-                .view()
-                .owners
-                .get(openid)
-                .map(|o| o.owner_node.clone())
-                .filter(|o| o != &node.config.node_id);
-            if let Some(previous) = last_owner.filter(|_| !start.session_id.is_empty())
-                && node.registry.get(openid).is_none()
-            {
-                node.registry.begin_incoming(openid);
-                crate::peer::take_over(node, &previous, openid, &start.session_id, 0).await;
-                node.registry.end_incoming(openid);
-            }
+            // No claim, no handover: a Handover needs a claim's epoch to fence
+            // against (an epoch-0 handover took sessions unfenced). A resume
+            // of a session held by another node starts fresh here and says so
+            // (SESSION_EXPIRED); the owner keeps its copy until a claim.
             Ok(None)
         }
         Err(crate::cluster::ClaimError::Refused(why)) => Err(Fatal::new(
@@ -445,7 +437,7 @@ async fn run(
 
 /// Moves pushes the session has ready into `out`, up to one write's worth;
 /// re-arms the wake-up if more are waiting.
-fn transmit(node: &Node, entry: &SessionEntry, out: &mut BytesMut) {
+fn transmit(node: &Node, entry: &Arc<SessionEntry>, out: &mut BytesMut) {
     let mut pushes = 0u64;
     {
         let mut state = entry.state.lock();
@@ -459,6 +451,8 @@ fn transmit(node: &Node, entry: &SessionEntry, out: &mut BytesMut) {
         }
     }
     if pushes > 0 {
+        // Sending armed the retransmit deadline: the table's timers follow it.
+        node.registry.rearm(entry);
         node.metrics
             .pushes
             .with_label_values(&["sent"])
@@ -571,7 +565,23 @@ fn handle_request(
         ));
     }
     let mut reply = |response: ClientResponse| frame::encode(&env(Body::Response(response)), out);
-    let disposition = entry.state.lock().begin_request(request.seq_id);
+    let disposition = match node.registry.begin_request(entry, request.seq_id) {
+        RequestOutcome::Here(d) => d,
+        // The session left this node (drain staging, handover, fencing): not
+        // executed here, or its retry on the new node would run it twice.
+        RequestOutcome::NotHere => {
+            node.count_request(zone, ErrorCode::Draining);
+            reply(error_response(
+                &request,
+                zone,
+                ErrorCode::Draining,
+                "not executed: the session moved to another node; retry after reconnecting"
+                    .to_string(),
+                0,
+            ));
+            return Ok(());
+        }
+    };
     match disposition {
         RequestDisposition::Execute => {}
         RequestDisposition::Cached(response) => {

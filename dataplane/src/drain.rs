@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use gatesvr_proto::client::{Envelope, GoAway, envelope::Body};
 use gatesvr_proto::peer::StageRequest;
 
+use crate::core::Member;
 use crate::node::Node;
 use crate::registry::SessionEntry;
 
@@ -137,19 +138,15 @@ async fn move_session(
     turn: usize,
     delay: Duration,
 ) -> bool {
-    let openid = entry.identity.openid.clone();
     let session_id = entry.identity.session_id.clone();
     if let Some(cluster) = &node.cluster {
-        let successors = cluster.successors();
+        let successors: Vec<Member> = node
+            .registry
+            .members(|m| m.successors().into_iter().cloned().collect());
         if !successors.is_empty() {
             let successor = &successors[turn % successors.len()];
             let epoch = entry.state.lock().epoch();
-            // Pushes for this openid that arrive while it is between here and
-            // the successor wait for the staging (then follow it there).
-            node.registry.begin_incoming(&openid);
-            let moved = move_to(node, entry, cluster, successor, epoch, delay).await;
-            node.registry.end_incoming(&openid);
-            if let Some(staged) = moved {
+            if let Some(staged) = move_to(node, entry, cluster, successor, epoch, delay).await {
                 return staged;
             }
         }
@@ -169,35 +166,33 @@ async fn move_to(
     node: &Node,
     entry: &Arc<SessionEntry>,
     cluster: &crate::cluster::Cluster,
-    successor: &gatesvr_proto::control::DataPlaneNode,
+    successor: &Member,
     epoch: u64,
     delay: Duration,
 ) -> Option<bool> {
     let openid = &entry.identity.openid;
-    // Epoch 0: this node is the owner handing its own session out (no fencing check).
-    let state = node
-        .registry
-        .hand_over(openid, 0, &successor.node_id, false)
-        .ok()
-        .flatten()?;
-    if !stage(node, &successor.grpc_addr, state.clone(), epoch).await {
+    // The table exports it and holds its pushes (and refuses its requests:
+    // they would run on a copy that is leaving) until the staging settles.
+    let state = node.registry.stage_out(openid, &successor.node_id)?;
+    if !stage(node, &successor.grpc_addr, state, epoch).await {
         // Keep serving it here; the client still gets a GoAway (no target).
         tracing::warn!(openid = %openid, successor = %successor.node_id, "staging failed; keeping the session");
-        if let Err(e) = node.registry.install(state, epoch) {
-            tracing::error!(openid = %openid, error = %e, "could not take the session back");
-        }
+        node.registry.take_back(entry, Some(cluster));
         return None;
     }
-    match cluster.transfer(openid, epoch, &successor.node_id).await {
+    let new_epoch = match cluster.transfer(openid, epoch, &successor.node_id).await {
         Ok(new_epoch) => {
-            tracing::debug!(openid = %openid, epoch = new_epoch, "ownership transferred")
+            tracing::debug!(openid = %openid, epoch = new_epoch, "ownership transferred");
+            new_epoch
         }
         // The successor holds the state either way; the client's claim there
         // settles ownership when it resumes.
         Err(e) => {
-            tracing::info!(openid = %openid, error = %e, "transfer not committed; the resume will claim it")
+            tracing::info!(openid = %openid, error = %e, "transfer not committed; the resume will claim it");
+            epoch
         }
-    }
+    };
+    node.registry.staged(openid, new_epoch);
     // Behind a load balancer clients may not reach node addresses: then the
     // GoAway names no target and the session follows the client by handover.
     let target = if node.config.server.drain_redirect {

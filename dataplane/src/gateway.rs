@@ -19,6 +19,7 @@ use gatesvr_proto::upstream::{
 use tonic::{Request, Response, Status};
 
 use crate::connection::unix_ms;
+use crate::core::Target;
 use crate::node::Node;
 use crate::registry::PushFailure;
 use crate::session::{PushError, PushMessage};
@@ -37,69 +38,51 @@ fn message(msg_type: String, content: String, data: bytes::Bytes) -> PushMessage
 }
 
 impl Gateway {
-    /// A push for a session this node does not hold: wait for one being
-    /// handed to us, or forward to the owner (the node it moved to, else the
-    /// owner in the watched view). A forwarded push is forwarded again only
-    /// along a "moved to" record of this node (a session that left while
-    /// the push was on its way), and at most once more: no loops.
-    async fn push_elsewhere(
+    /// The owner the view shows for `openid`: (node, epoch).
+    fn view_owner(&self, openid: &str) -> Option<(String, u64)> {
+        let cluster = self.node.cluster.as_ref()?;
+        let view = cluster.view();
+        let o = view.owners.get(openid)?;
+        Some((o.owner_node.clone(), o.epoch))
+    }
+
+    /// The owner the view shows for session `session_id` (a scan: only for
+    /// sessions not known here).
+    fn view_owner_of_session(&self, session_id: &str) -> Option<String> {
+        let cluster = self.node.cluster.as_ref()?;
+        let view = cluster.view();
+        view.owners
+            .values()
+            .find(|o| o.session_id == session_id)
+            .map(|o| o.owner_node.clone())
+    }
+
+    /// Forwards `req` to node `to` (`hops` made so far, 0 or 1). A forwarded
+    /// push is forwarded again only along a "moved to" record of the node it
+    /// reached, and at most once more: no loops.
+    async fn forward(
         &self,
+        to: &str,
         req: PushToClientRequest,
-        by_session: bool,
-        forwarded: bool,
+        hops: u8,
     ) -> Result<Response<PushToClientResponse>, Status> {
         let node = &self.node;
-        let not_found = || {
+        let addr = node
+            .registry
+            .members(|m| m.live(to).map(|n| n.grpc_addr.clone()));
+        let Some(addr) = addr else {
             node.metrics.pushes.with_label_values(&["no_session"]).inc();
-            Err(Status::not_found(format!(
+            return Err(Status::not_found(format!(
                 "no session for {}",
                 req.target_id
-            )))
-        };
-        // By openid: a session being fetched from its previous owner.
-        if !by_session
-            && let Some(entry) = node
-                .registry
-                .wait_incoming(&req.target_id, crate::peer::PEER_TIMEOUT)
-                .await
-        {
-            return self.push_here(&entry, req).await;
-        }
-        let moved = node
-            .registry
-            .moved_to(&req.target_id, by_session)
-            .map(|(_, n)| n);
-        if forwarded && moved.is_none() {
-            return not_found();
-        }
-        let target = moved.or_else(|| {
-            let cluster = node.cluster.as_ref()?;
-            let view = cluster.view();
-            let owner = if by_session {
-                view.owners
-                    .values()
-                    .find(|o| o.session_id == req.target_id)?
-            } else {
-                view.owners.get(&req.target_id)?
-            };
-            (owner.owner_node != node.config.node_id).then(|| owner.owner_node.clone())
-        });
-        let Some(target) = target else {
-            return not_found();
-        };
-        let addr = node
-            .cluster
-            .as_ref()
-            .and_then(|c| c.view().live_node(&target).map(|n| n.grpc_addr.clone()));
-        let Some(addr) = addr else {
-            return not_found();
+            )));
         };
         let mut client = node.peers.gateway(&addr)?;
         let mut forward = Request::new(req);
         forward.set_timeout(crate::peer::PEER_TIMEOUT);
         forward.metadata_mut().insert(
             crate::peer::FORWARDED_HEADER,
-            tonic::metadata::MetadataValue::from_static(if forwarded { "2" } else { "1" }),
+            tonic::metadata::MetadataValue::from_static(if hops == 0 { "1" } else { "2" }),
         );
         match client.push_to_client(forward).await {
             Ok(r) => {
@@ -119,37 +102,150 @@ impl Gateway {
         }
     }
 
-    /// Queues on a local session; a durable push is replicated to the
-    /// standby before OK.
-    async fn push_here(
+    /// One push, `hops` gateway hops in (0: from an upstream, 1: forwarded
+    /// once by another node, 2+: serve here or refuse).
+    ///
+    /// The table decides (under its lock) whether the session is served
+    /// here, comparing its epoch with the view's owner first; a durable push
+    /// answers OK only once the owner's standby holds a copy.
+    async fn push_one(
         &self,
-        entry: &std::sync::Arc<crate::registry::SessionEntry>,
+        hops: u8,
         req: PushToClientRequest,
     ) -> Result<Response<PushToClientResponse>, Status> {
-        if !req.durable {
-            return self.push_local(entry, req);
-        }
         let node = &self.node;
-        let Some(standby) = crate::replica::standby_for(node) else {
-            node.metrics
-                .durable_pushes
-                .with_label_values(&["no_standby"])
-                .inc();
-            return Err(Status::failed_precondition(
-                "cannot make the push durable: no standby node is available to replicate it to; not queued",
-            ));
+        if node.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable("node crashed"));
+        }
+        if req.target_id.is_empty() {
+            return Err(Status::invalid_argument("target_id is empty"));
+        }
+        let by_session = match TargetType::try_from(req.target_type) {
+            Ok(TargetType::Openid) => false,
+            Ok(TargetType::Session) => true,
+            Err(_) => return Err(Status::invalid_argument("unknown target_type")),
         };
-        let mut push = gatesvr_proto::client::ServerPush {
-            seq_id: 0,
+        let registry = &node.registry;
+        let openid = if by_session {
+            registry.with_table(|t| t.openid_of(&req.target_id).map(str::to_string))
+        } else {
+            Some(req.target_id.clone())
+        };
+        // Pushes from an upstream are checked against the view; a push
+        // forwarded by another node followed that node's own table.
+        let view_owner = openid
+            .as_deref()
+            .and_then(|o| self.view_owner(o))
+            .filter(|_| hops == 0);
+        let target = if by_session {
+            Target::Session(&req.target_id)
+        } else {
+            Target::Openid(&req.target_id)
+        };
+        let local = if by_session {
+            registry.get_by_session(&req.target_id)
+        } else {
+            registry.get(&req.target_id)
+        };
+        let standby = if req.durable && local.is_some() {
+            let standby = crate::replica::standby_for(node);
+            if standby.is_none() {
+                node.metrics
+                    .durable_pushes
+                    .with_label_values(&["no_standby"])
+                    .inc();
+                return Err(Status::failed_precondition(
+                    "cannot make the push durable: no standby node is available to replicate it to; not queued",
+                ));
+            }
+            standby
+        } else {
+            None
+        };
+        let created_at_ms = unix_ms();
+        let msg = PushMessage {
             msg_type: req.msg_type.clone(),
             content: req.content.clone(),
             data: req.data.clone().into(),
-            created_at_ms: unix_ms(),
-            redelivery: false,
+            created_at_ms,
         };
-        let response = self.push_local(entry, req)?;
-        push.seq_id = response.get_ref().seq_id;
-        match crate::replica::replicate(node, entry, &standby, vec![push]).await {
+        let result = registry
+            .push_settled(
+                target,
+                msg,
+                view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+                crate::peer::PEER_TIMEOUT,
+            )
+            .await;
+        let not_found = || {
+            node.metrics.pushes.with_label_values(&["no_session"]).inc();
+            Err(Status::not_found(format!(
+                "no session for {}",
+                req.target_id
+            )))
+        };
+        match result {
+            Ok(receipt) => {
+                let response = Response::new(PushToClientResponse {
+                    seq_id: receipt.seq_id,
+                    session_id: receipt.session_id.clone(),
+                    node_id: node.config.node_id.clone(),
+                });
+                match (req.durable, standby) {
+                    (true, Some(standby)) => {
+                        let push = gatesvr_proto::client::ServerPush {
+                            seq_id: receipt.seq_id,
+                            msg_type: req.msg_type,
+                            content: req.content,
+                            data: req.data.into(),
+                            created_at_ms,
+                            redelivery: false,
+                        };
+                        self.replicate(&receipt, &standby, push, response).await
+                    }
+                    (true, None) => Err(Status::unavailable(
+                        "cannot make the push durable: the session moved here while it was queued; retry",
+                    )),
+                    _ => Ok(response),
+                }
+            }
+            Err(PushFailure::Moved(to)) if hops < 2 => self.forward(&to, req, hops).await,
+            Err(PushFailure::Moved(_)) => not_found(),
+            Err(PushFailure::NoSession(_)) if hops == 0 => {
+                let owner = match &view_owner {
+                    Some((owner, _)) => Some(owner.clone()),
+                    None if by_session => self.view_owner_of_session(&req.target_id),
+                    None => None,
+                };
+                match owner.filter(|o| *o != node.config.node_id) {
+                    Some(owner) => self.forward(&owner, req, hops).await,
+                    None => not_found(),
+                }
+            }
+            Err(PushFailure::NoSession(_)) => not_found(),
+            Err(PushFailure::InTransit) => Err(Status::unavailable(
+                "the session is moving between nodes; not queued, retry",
+            )),
+            Err(PushFailure::Refused(PushError::QueueFull { max_queue })) => {
+                Err(Status::resource_exhausted(format!(
+                    "session queue full ({max_queue} unacked pushes); client disconnected as a slow consumer"
+                )))
+            }
+            Err(PushFailure::Refused(PushError::Expired)) => not_found(),
+        }
+    }
+
+    /// Copies a queued durable push to the standby before answering OK.
+    async fn replicate(
+        &self,
+        receipt: &crate::registry::PushReceipt,
+        standby: &crate::core::Member,
+        push: gatesvr_proto::client::ServerPush,
+        response: Response<PushToClientResponse>,
+    ) -> Result<Response<PushToClientResponse>, Status> {
+        let node = &self.node;
+        let seq = receipt.seq_id;
+        match crate::replica::replicate(node, &receipt.entry, standby, vec![push]).await {
             Ok(()) => {
                 node.metrics
                     .durable_pushes
@@ -163,83 +259,11 @@ impl Gateway {
                     .with_label_values(&["replication_failed"])
                     .inc();
                 Err(Status::unavailable(format!(
-                    "cannot make the push durable: standby {} did not take the copy ({}); it was queued as seq {} and may still be delivered, but would not survive a crash",
+                    "cannot make the push durable: standby {} did not take the copy ({}); it was queued as seq {seq} and may still be delivered, but would not survive a crash",
                     standby.node_id,
                     status.message(),
-                    response.get_ref().seq_id
                 )))
             }
-        }
-    }
-
-    /// One push, `hops` gateway hops in (0: from an upstream, 1: forwarded
-    /// once by another node, 2+: serve here or refuse).
-    async fn push_one(
-        &self,
-        hops: u8,
-        req: PushToClientRequest,
-    ) -> Result<Response<PushToClientResponse>, Status> {
-        if self.node.crashed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Status::unavailable("node crashed"));
-        }
-        if hops >= 2 {
-            // Second hop: serve locally or refuse, never forward a third time.
-            let entry = match TargetType::try_from(req.target_type) {
-                Ok(TargetType::Session) => self.node.registry.get_by_session(&req.target_id),
-                _ => self.node.registry.get(&req.target_id),
-            };
-            return match entry {
-                Some(entry) => self.push_here(&entry, req).await,
-                None => Err(Status::not_found(format!(
-                    "no session for {}",
-                    req.target_id
-                ))),
-            };
-        }
-        let forwarded = hops == 1;
-        if req.target_id.is_empty() {
-            return Err(Status::invalid_argument("target_id is empty"));
-        }
-        let registry = &self.node.registry;
-        let (entry, by_session) = match TargetType::try_from(req.target_type) {
-            Ok(TargetType::Openid) => (registry.get(&req.target_id), false),
-            Ok(TargetType::Session) => (registry.get_by_session(&req.target_id), true),
-            Err(_) => return Err(Status::invalid_argument("unknown target_type")),
-        };
-        match entry {
-            // The entry may have moved away between the lookup and the push.
-            Some(entry) if !entry.moved.load(std::sync::atomic::Ordering::SeqCst) => {
-                match self.push_here(&entry, req.clone()).await {
-                    Err(status) if status.code() == tonic::Code::Aborted => {
-                        self.push_elsewhere(req, by_session, forwarded).await
-                    }
-                    other => other,
-                }
-            }
-            _ => self.push_elsewhere(req, by_session, forwarded).await,
-        }
-    }
-
-    fn push_local(
-        &self,
-        entry: &std::sync::Arc<crate::registry::SessionEntry>,
-        req: PushToClientRequest,
-    ) -> Result<Response<PushToClientResponse>, Status> {
-        let msg = message(req.msg_type, req.content, req.data.into());
-        match self.node.registry.push(entry, msg) {
-            Ok(receipt) => Ok(Response::new(PushToClientResponse {
-                seq_id: receipt.seq_id,
-                session_id: receipt.session_id,
-                node_id: self.node.config.node_id.clone(),
-            })),
-            Err(PushFailure::Refused(PushError::QueueFull { max_queue })) => {
-                Err(Status::resource_exhausted(format!(
-                    "session queue full ({max_queue} unacked pushes); client disconnected as a slow consumer"
-                )))
-            }
-            Err(PushFailure::Refused(PushError::Expired)) | Err(PushFailure::NoSession(_)) => Err(
-                Status::not_found(format!("no session for {}", req.target_id)),
-            ),
         }
     }
 }
@@ -304,17 +328,15 @@ impl GatewayService for Gateway {
         let req = request.into_inner();
         // Fan out to every other live node first (their sessions are theirs
         // to queue on), then queue on ours.
+        // Live nodes only: dead and departed (`left`) records are never
+        // waited on (core::Members decides).
         let peers: Vec<String> = match (&self.node.cluster, forwarded) {
-            (Some(cluster), false) => cluster
-                .view()
-                .nodes
-                .values()
-                .filter(|n| {
-                    n.node_id != self.node.config.node_id
-                        && n.state != gatesvr_proto::control::NodeState::Dead as i32
-                })
-                .map(|n| n.grpc_addr.clone())
-                .collect(),
+            (Some(_), false) => self.node.registry.members(|m| {
+                m.fan_out()
+                    .into_iter()
+                    .map(|n| n.grpc_addr.clone())
+                    .collect()
+            }),
             _ => Vec::new(),
         };
         let remote = futures::future::join_all(peers.iter().map(|addr| {

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod core;
 pub mod drain;
 pub mod gateway;
 pub mod grpc_auth;
@@ -66,6 +67,15 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+}
+
+/// What [`DataPlane::serve_until`] does when its signal comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSignal {
+    /// Drain, then stop (SIGTERM of `gatesvr dataplane`: a rolling upgrade).
+    Drain,
+    /// Stop at once (Ctrl-C of `gatesvr dev`).
+    Stop,
 }
 
 /// A running data-plane node.
@@ -114,10 +124,6 @@ fn static_router(
     }
     Ok(router)
 }
-
-/// How long a session moved away in the control plane may stay here before
-/// it is fenced (longer than a handover takes).
-const FENCE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// TLS for `server.grpc_addr`: (server config, client config for peers, push token).
 #[allow(clippy::type_complexity)]
@@ -275,19 +281,22 @@ impl DataPlane {
         let mut tasks = Vec::new();
 
         if let Some(cluster) = &node.cluster {
+            // The view feeds the session table, level-triggered: an owner
+            // record (delta) or the whole view (snapshot, resync, node
+            // change) is compared with the table's slots at once. A local
+            // copy owned elsewhere at a newer epoch is fenced immediately; its
+            // state waits in the table for the new owner's Handover.
             let weak = Arc::downgrade(&node);
-            // A session of ours now owned elsewhere: its new owner normally
-            // fetches it within moments (Peer.Handover); fence whatever is
-            // still here after a grace period (new owner could not reach us).
             cluster.on_owner_moved(move |owner| {
-                let weak = weak.clone();
-                let owner = owner.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(FENCE_GRACE).await;
-                    if let Some(node) = weak.upgrade() {
-                        node.registry.fence(&owner);
-                    }
-                });
+                if let Some(node) = weak.upgrade() {
+                    node.registry.owner_changed(owner);
+                }
+            });
+            let weak = Arc::downgrade(&node);
+            cluster.on_view(move |view| {
+                if let Some(node) = weak.upgrade() {
+                    node.registry.view_changed(view);
+                }
             });
             tasks.push(tokio::spawn(cluster.clone().run(cancel.clone())));
             tasks.push(tokio::spawn(cluster_upkeep(node.clone(), cancel.clone())));
@@ -307,17 +316,23 @@ impl DataPlane {
             draining,
         )));
 
-        let sweeper = node.clone();
+        // The session table's timers: sleep until its next deadline.
+        let timers = node.clone();
         let stop = cancel.clone();
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(sweeper.registry.sweep_interval());
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            registry::run_timers(&timers.registry, stop).await;
+        }));
+        let sampler = node.clone();
+        let stop = cancel.clone();
+        tasks.push(tokio::spawn(async move {
             let mut sample = tokio::time::interval(std::time::Duration::from_secs(1));
             sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => sweeper.registry.sweep(),
-                    _ = sample.tick() => sweeper.sampler.sample(&sweeper.metrics),
+                    _ = sample.tick() => {
+                        sampler.metrics.message_queue_size.set(sampler.registry.queued() as i64);
+                        sampler.sampler.sample(&sampler.metrics);
+                    }
                     () = stop.cancelled() => return,
                 }
             }
@@ -434,6 +449,41 @@ impl DataPlane {
     /// get a GoAway. Call [`DataPlane::shutdown`] afterwards.
     pub async fn drain(&self) -> drain::DrainReport {
         drain::drain(self.node.clone()).await
+    }
+
+    /// Serves until `signal` resolves or an operator asks for a drain
+    /// (`POST /drain`, `gatectl nodes drain`), then stops. A drain request
+    /// always drains first; `signal` drains or just stops as `on_signal`
+    /// says. Returns the drain's report if one ran.
+    ///
+    /// `gatesvr dataplane` and every node of `gatesvr dev` run through here,
+    /// so a drain request is never left unheard (issue 12, defect 6: `dev`
+    /// never listened, and its nodes logged "asked to drain" forever).
+    pub async fn serve_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+        on_signal: OnSignal,
+    ) -> Option<drain::DrainReport> {
+        let drain = tokio::select! {
+            () = signal => on_signal == OnSignal::Drain,
+            () = self.drain_requested() => {
+                tracing::info!(node = %self.node.config.node_id, "drain requested");
+                true
+            }
+        };
+        let report = if drain {
+            let report = self.drain().await;
+            tracing::info!(
+                staged = report.staged,
+                remaining = report.remaining,
+                "drained; stopping"
+            );
+            Some(report)
+        } else {
+            None
+        };
+        self.shutdown().await;
+        report
     }
 
     /// Resolves when an operator asks for a drain (`POST /drain` or the

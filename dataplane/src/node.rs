@@ -58,7 +58,8 @@ impl Node {
                 .allow_burst(burst);
             RateLimiter::direct(quota)
         });
-        let registry = Registry::new(
+        let registry = Registry::with_node_id(
+            &config.node_id,
             config.server.session_config(),
             config.zones.count,
             metrics.clone(),

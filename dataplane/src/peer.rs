@@ -27,6 +27,7 @@ use parking_lot::Mutex;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::core::{AfterHandover, Reach};
 use crate::node::Node;
 use crate::registry::HandoverError;
 
@@ -122,6 +123,7 @@ impl Peer for PeerService {
             Err(e @ HandoverError::Fenced { .. }) => {
                 Err(Status::failed_precondition(e.to_string()))
             }
+            Err(e @ HandoverError::NoEpoch) => Err(Status::invalid_argument(e.to_string())),
         }
     }
 
@@ -135,10 +137,23 @@ impl Peer for PeerService {
             .state
             .ok_or_else(|| Status::invalid_argument("state is required"))?;
         let openid = state.openid.clone();
+        let view_owner = self.node.cluster.as_ref().and_then(|c| {
+            c.view()
+                .owners
+                .get(&openid)
+                .map(|o| (o.owner_node.clone(), o.epoch))
+        });
         self.node
             .registry
-            .install(state, req.epoch)
-            .map_err(|e| Status::invalid_argument(format!("cannot import session: {e}")))?;
+            .install_as(
+                state,
+                req.epoch,
+                crate::core::Holding::Staged {
+                    from: req.from_node.clone(),
+                },
+                view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+            )
+            .map_err(|e| Status::failed_precondition(format!("cannot stage session: {e}")))?;
         tracing::debug!(openid = %openid, from = %req.from_node, epoch = req.epoch, "session staged here");
         Ok(Response::new(StageResponse {}))
     }
@@ -171,9 +186,14 @@ pub enum TakeOver {
     Installed,
     /// The previous owner answered but had no usable copy (or refused).
     NotHandedOver,
-    /// The previous owner is dead or did not answer: its state may only
-    /// survive as a replica of its durable pushes.
+    /// The previous owner is dead or left: its state may only survive as a
+    /// replica of its durable pushes.
     OwnerGone,
+    /// The previous owner stayed live in the view without answering for
+    /// [`RECOVERY_PATIENCE`]: it may still hold the session, so no second
+    /// copy is rebuilt from replicas. The view fences its copy; the Start
+    /// continues without the state and says so (SESSION_EXPIRED).
+    OwnerSilent,
 }
 
 /// Fetches `openid`'s state from `previous_owner` after claiming it at
@@ -250,22 +270,62 @@ async fn hand_over_from(
     session_id: &str,
     epoch: u64,
 ) -> TakeOver {
-    let Some(cluster) = &node.cluster else {
+    if node.cluster.is_none() || epoch == 0 {
         return TakeOver::NotHandedOver;
-    };
-    let addr = match cluster.view().live_node(previous_owner) {
-        Some(n) => n.grpc_addr.clone(),
-        None => {
+    }
+    // A live owner that does not answer may be busy, partitioned, or dead
+    // with its lease not yet expired: only the control plane's lease tells
+    // them apart. Ask again until it answers or the view says it is gone.
+    let give_up = tokio::time::Instant::now() + RECOVERY_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    let mut first = true;
+    while first || tokio::time::Instant::now() + pause <= give_up {
+        if !first {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+        first = false;
+        let addr = node
+            .registry
+            .members(|m| m.live(previous_owner).map(|n| n.grpc_addr.clone()));
+        let Some(addr) = addr else {
             tracing::info!(
                 openid,
                 previous_owner,
-                "previous owner is gone; its session state is lost"
+                "previous owner is gone; its session state survives only in replicas"
             );
             return TakeOver::OwnerGone;
+        };
+        let (reach, outcome) =
+            ask_handover(node, &addr, previous_owner, openid, session_id, epoch).await;
+        match node
+            .registry
+            .members(|m| m.after_failed_handover(previous_owner, reach))
+        {
+            AfterHandover::UseAnswer => return outcome,
+            AfterHandover::OwnerGone => return TakeOver::OwnerGone,
+            AfterHandover::OwnerSilent => {}
         }
-    };
-    let Ok(mut client) = node.peers.peer(&addr) else {
-        return TakeOver::OwnerGone;
+    }
+    tracing::info!(
+        openid,
+        previous_owner,
+        "live previous owner did not answer the handover"
+    );
+    TakeOver::OwnerSilent
+}
+
+/// One `Peer.Handover` call: whether the owner answered, and what came of it.
+async fn ask_handover(
+    node: &Node,
+    addr: &str,
+    previous_owner: &str,
+    openid: &str,
+    session_id: &str,
+    epoch: u64,
+) -> (Reach, TakeOver) {
+    let Ok(mut client) = node.peers.peer(addr) else {
+        return (Reach::NoAnswer, TakeOver::NotHandedOver);
     };
     let mut request = Request::new(HandoverRequest {
         openid: openid.to_string(),
@@ -274,50 +334,60 @@ async fn hand_over_from(
         new_owner: node.config.node_id.clone(),
     });
     request.set_timeout(PEER_TIMEOUT);
-    match tokio::time::timeout(PEER_TIMEOUT, client.handover(request)).await {
-        Ok(Ok(r)) => {
-            let r = r.into_inner();
-            match r.state.filter(|_| r.found) {
-                Some(state) => match node.registry.install(state, epoch) {
-                    Ok(_) => {
-                        node.metrics.handovers.with_label_values(&["taken"]).inc();
-                        TakeOver::Installed
-                    }
-                    Err(e) => {
-                        tracing::warn!(openid, error = %e, "handed-over state rejected");
-                        node.metrics.handovers.with_label_values(&["invalid"]).inc();
-                        TakeOver::NotHandedOver
-                    }
-                },
-                None => {
-                    node.metrics
-                        .handovers
-                        .with_label_values(&["not_found"])
-                        .inc();
-                    TakeOver::NotHandedOver
-                }
-            }
-        }
+    let answer = match tokio::time::timeout(PEER_TIMEOUT, client.handover(request)).await {
+        Ok(Ok(r)) => r.into_inner(),
         Ok(Err(status)) => {
-            tracing::info!(openid, previous_owner, error = %status, "handover refused");
-            if matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-            ) {
-                node.metrics
-                    .handovers
-                    .with_label_values(&["unreachable"])
-                    .inc();
-                TakeOver::OwnerGone
-            } else {
-                node.metrics.handovers.with_label_values(&["refused"]).inc();
-                TakeOver::NotHandedOver
-            }
+            let reach = match status.code() {
+                // Connection refused (nothing listens) or a node that stopped
+                // serving: its process is gone.
+                tonic::Code::Unavailable => Reach::Down,
+                tonic::Code::DeadlineExceeded | tonic::Code::Unknown => Reach::NoAnswer,
+                _ => {
+                    tracing::info!(openid, previous_owner, error = %status, "handover refused");
+                    node.metrics.handovers.with_label_values(&["refused"]).inc();
+                    return (Reach::Answered, TakeOver::NotHandedOver);
+                }
+            };
+            tracing::info!(openid, previous_owner, error = %status, "handover unanswered");
+            node.metrics
+                .handovers
+                .with_label_values(&["unreachable"])
+                .inc();
+            return (reach, TakeOver::NotHandedOver);
         }
         Err(_) => {
             tracing::info!(openid, previous_owner, "handover timed out");
             node.metrics.handovers.with_label_values(&["timeout"]).inc();
-            TakeOver::OwnerGone
+            return (Reach::NoAnswer, TakeOver::NotHandedOver);
+        }
+    };
+    let Some(state) = answer.state.filter(|_| answer.found) else {
+        node.metrics
+            .handovers
+            .with_label_values(&["not_found"])
+            .inc();
+        return (Reach::Answered, TakeOver::NotHandedOver);
+    };
+    let view_owner = node.cluster.as_ref().and_then(|c| {
+        c.view()
+            .owners
+            .get(openid)
+            .map(|o| (o.owner_node.clone(), o.epoch))
+    });
+    match node.registry.install_as(
+        state,
+        epoch,
+        crate::core::Holding::Owned,
+        view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+    ) {
+        Ok(_) => {
+            node.metrics.handovers.with_label_values(&["taken"]).inc();
+            (Reach::Answered, TakeOver::Installed)
+        }
+        Err(e) => {
+            tracing::warn!(openid, error = %e, "handed-over state rejected");
+            node.metrics.handovers.with_label_values(&["invalid"]).inc();
+            (Reach::Answered, TakeOver::NotHandedOver)
         }
     }
 }

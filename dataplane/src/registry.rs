@@ -1,14 +1,22 @@
-//! The node's sessions: lookup by openid and session id, start / resume /
-//! replace, pushes, and the timer sweep that drives retransmits and expiry.
+//! The shell around the node's session table ([`crate::core::Table`]): it
+//! holds the table behind one lock and carries out the table's commands
+//! (wake a connection, close it, count what ended).
 //!
-//! Each session is a [`SessionEntry`]: the sans-IO [`Session`] behind a mutex,
-//! the connection currently attached to it (if any), and a [`Notify`] that
-//! wakes that connection's task when there is something to send.
+//! Each local session is a [`SessionEntry`]: the sans-IO [`Session`] behind a
+//! mutex, the connection currently attached to it (if any), and a [`Notify`]
+//! that wakes that connection's task when there is something to send. Where a
+//! session is (local, incoming, moved, fenced) and at which epoch is the
+//! table's alone to say; nothing here keeps a second copy of it.
+//!
+//! Lock order: the table, then a session. Connection tasks lock a session
+//! alone (sending, acks); nothing locks the table while holding a session.
 //!
 //! ```text
 //!  GatewayService.PushToClient ─┐
-//!  ClientAck / ClientRequest ───┼─> SessionEntry { Mutex<Session>, attached conn } ──wake──> connection task
-//!  sweep (timers) ──────────────┘
+//!  Peer.Handover / Stage ───────┤
+//!  watch (owners) ──────────────┼─> Mutex<Table> ──Command──> wake / close / metrics
+//!  ClientRequest / Start / Stop ┤         │ Slot::Local(Arc<SessionEntry>)
+//!  timer task (poll_timeout) ───┘         └──────────────────────────> connection task
 //! ```
 
 use std::collections::HashMap;
@@ -20,9 +28,13 @@ use gatesvr_proto::client::{ClientResponse, Envelope, ErrorCode, ResumeStatus};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 
+use crate::core::{
+    Command, HandoverAsk, Holding, InstallError, PushOutcome, RequestOutcome, SessionCell, Table,
+    TableConfig, Target,
+};
 use crate::metrics::{Metrics, code_label};
 use crate::session::{
-    PushError, PushMessage, ResumeOutcome, Session, SessionConfig, SessionEvent, SessionIdentity,
+    PushError, PushMessage, ResumeOutcome, Session, SessionConfig, SessionIdentity,
 };
 
 /// A connection bound to a session.
@@ -43,9 +55,21 @@ pub struct SessionEntry {
     /// Wakes the attached connection's task (pushes ready to send).
     pub wake: Notify,
     pub attached: Mutex<Option<Attachment>>,
-    /// Set (under the `state` lock) once the session's state left this node:
-    /// pushes that found the entry just before must go elsewhere too.
-    pub moved: std::sync::atomic::AtomicBool,
+}
+
+/// The shell's session handle, as the core's table holds it.
+impl SessionCell for Arc<SessionEntry> {
+    fn identity(&self) -> &SessionIdentity {
+        &self.identity
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Session) -> R) -> R {
+        f(&mut self.state.lock())
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(self, other)
+    }
 }
 
 impl SessionEntry {
@@ -73,65 +97,54 @@ impl SessionEntry {
     }
 }
 
-/// Why a push could not be queued.
+/// Why a push could not be queued here.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PushFailure {
+    /// Not known here.
     #[error("no session for {0}")]
     NoSession(String),
+    /// The session refused it (queue full, expired).
     #[error(transparent)]
     Refused(#[from] PushError),
+    /// The session is on another node now: the push goes there.
+    #[error("session moved to {0}")]
+    Moved(String),
+    /// The session is on its way here or out of here: ask again shortly.
+    #[error("session in transit")]
+    InTransit,
 }
 
 /// Where a push landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct PushReceipt {
     pub seq_id: u64,
     pub session_id: String,
+    /// The session it was queued on (for replication).
+    pub entry: Arc<SessionEntry>,
 }
 
 pub struct Registry {
-    by_openid: Mutex<HashMap<String, Arc<SessionEntry>>>,
-    /// session id -> openid.
-    by_session: Mutex<HashMap<String, String>>,
+    table: Mutex<Table<Arc<SessionEntry>>>,
     config: SessionConfig,
     zone_count: u32,
     metrics: Metrics,
     next_conn_id: AtomicU64,
-    /// Sessions handed to another node recently: openid -> (node, when). Pushes
-    /// that still arrive here are forwarded there.
-    moved: Mutex<HashMap<String, (String, Instant)>>,
-    /// session id -> openid for `moved`.
-    moved_sessions: Mutex<HashMap<String, String>>,
-    /// Sessions being fetched from their previous owner: pushes wait for them.
-    incoming: Mutex<HashMap<String, Arc<Notify>>>,
-    /// State of sessions fenced by the watch before their new owner asked
-    /// for them: a late Handover still gets it.
-    fenced: Mutex<HashMap<String, (gatesvr_proto::session::SessionState, Instant)>>,
-    /// Sessions rebuilt from a replica after their owner crashed: openid ->
-    /// (the old session id the client resumes with, the new session id); see
-    /// `replica::recover`. Kept until the session ends, so a client that lost
-    /// the StartResponse and retries with the old id gets RECOVERED again.
-    recovered: Mutex<HashMap<String, (String, String)>>,
     /// Replicas fetched for a Start whose session's owner is gone: openid ->
-    /// (what they hold, the claim's epoch); consumed by that Start.
+    /// (what they hold, the claim's epoch); consumed by that Start. Data in
+    /// transit, not a location: the slot is `Incoming` meanwhile.
     recovering: Mutex<HashMap<String, (crate::replica::Recovery, u64)>>,
     /// Sessions rebuilt from a replica whose queue must be copied to this
     /// node's standby; `recovered_wake` tells the replica task.
     to_replicate: Mutex<Vec<String>>,
     pub recovered_wake: Notify,
+    /// Signalled whenever a slot settles (an incoming session arrived or
+    /// gave up, a drain's staging finished): pushes waiting on it look again.
+    settled: Notify,
+    /// Signalled when a deadline earlier than the timer task's sleep appears.
+    pub timer_wake: Notify,
 }
 
-/// How long a moved session's forwarding address is remembered.
-const MOVED_TTL: Duration = Duration::from_secs(120);
-
-/// Why a handover was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum HandoverError {
-    /// This node holds the session at an equal or newer epoch: the caller's
-    /// claim is stale (fencing).
-    #[error("session held here at epoch {held}, not older than {asked}")]
-    Fenced { held: u64, asked: u64 },
-}
+pub use crate::core::HandoverError;
 
 /// Result of a Start.
 pub struct Started {
@@ -155,23 +168,44 @@ fn status_label(status: ResumeStatus) -> &'static str {
     }
 }
 
+fn replace_attachment(entry: &SessionEntry, attachment: Attachment) {
+    if let Some(old) = entry.attached.lock().replace(attachment) {
+        old.connection.close(
+            quinn::VarInt::from_u32(ErrorCode::SessionReplaced as u32),
+            b"session resumed on another connection",
+        );
+    }
+}
+
 impl Registry {
     pub fn new(config: SessionConfig, zone_count: u32, metrics: Metrics) -> Self {
+        Self::with_node_id("", config, zone_count, metrics)
+    }
+
+    /// A registry for node `node_id` (its own id matters to the table: the
+    /// view naming it as a session's owner is not a reason to fence).
+    pub fn with_node_id(
+        node_id: &str,
+        config: SessionConfig,
+        zone_count: u32,
+        metrics: Metrics,
+    ) -> Self {
+        let table_cfg = TableConfig {
+            // Pushes wait for a session being fetched as long as a peer call.
+            incoming_ttl: crate::peer::PEER_TIMEOUT * 2,
+            ..TableConfig::default()
+        };
         Self {
-            by_openid: Mutex::new(HashMap::new()),
-            by_session: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::new(node_id, table_cfg)),
             config,
             zone_count,
             metrics,
             next_conn_id: AtomicU64::new(1),
-            moved: Mutex::new(HashMap::new()),
-            moved_sessions: Mutex::new(HashMap::new()),
-            incoming: Mutex::new(HashMap::new()),
-            fenced: Mutex::new(HashMap::new()),
-            recovered: Mutex::new(HashMap::new()),
             recovering: Mutex::new(HashMap::new()),
             to_replicate: Mutex::new(Vec::new()),
             recovered_wake: Notify::new(),
+            settled: Notify::new(),
+            timer_wake: Notify::new(),
         }
     }
 
@@ -183,8 +217,65 @@ impl Registry {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Runs `f` on the table (the one place that says where a session is).
+    /// Commands it returns must go through [`Registry::carry_out`].
+    pub fn with_table<R>(&self, f: impl FnOnce(&mut Table<Arc<SessionEntry>>) -> R) -> R {
+        let mut t = self.table.lock();
+        let before = t.poll_timeout();
+        let r = f(&mut t);
+        let after = t.poll_timeout();
+        self.metrics.sessions.set(t.local_count() as i64);
+        drop(t);
+        if after.is_some() && (before.is_none() || after < before) {
+            self.timer_wake.notify_one();
+        }
+        r
+    }
+
+    /// Carries out the table's commands: wakes, closes, and what ended.
+    pub fn carry_out(&self, commands: Vec<Command<Arc<SessionEntry>>>) {
+        for command in commands {
+            match command {
+                Command::Wake(entry) => entry.wake.notify_one(),
+                Command::Close {
+                    handle,
+                    code,
+                    reason,
+                } => {
+                    if matches!(code, ErrorCode::AckTimeout | ErrorCode::SlowConsumer) {
+                        self.metrics
+                            .connections_closed
+                            .with_label_values(&[&code_label(code)])
+                            .inc();
+                    }
+                    handle.close_connection(code, reason);
+                }
+                Command::Removed {
+                    openid,
+                    reason,
+                    lost,
+                    ..
+                } => {
+                    if reason == "fenced" {
+                        tracing::info!(openid = %openid, "fenced: session owned elsewhere");
+                    }
+                    self.metrics
+                        .sessions_closed
+                        .with_label_values(&[reason])
+                        .inc();
+                    if lost > 0 {
+                        self.metrics
+                            .pushes_lost
+                            .with_label_values(&[reason])
+                            .inc_by(lost);
+                    }
+                }
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.by_openid.lock().len()
+        self.table.lock().local_count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -192,17 +283,20 @@ impl Registry {
     }
 
     pub fn get(&self, openid: &str) -> Option<Arc<SessionEntry>> {
-        self.by_openid.lock().get(openid).cloned()
+        self.table.lock().local(openid).cloned()
     }
 
     pub fn get_by_session(&self, session_id: &str) -> Option<Arc<SessionEntry>> {
-        let openid = self.by_session.lock().get(session_id).cloned()?;
-        self.get(&openid)
+        let t = self.table.lock();
+        let openid = t.openid_of(session_id)?;
+        t.local(openid)
+            .filter(|e| e.identity.session_id == session_id)
+            .cloned()
     }
 
     /// Every session (a snapshot of handles; sessions may end meanwhile).
     pub fn all(&self) -> Vec<Arc<SessionEntry>> {
-        self.by_openid.lock().values().cloned().collect()
+        self.table.lock().locals().cloned().collect()
     }
 
     fn fresh_entry(&self, openid: &str, now: Instant, id: Option<String>) -> Arc<SessionEntry> {
@@ -216,7 +310,6 @@ impl Registry {
             identity,
             wake: Notify::new(),
             attached: Mutex::new(None),
-            moved: Default::default(),
         })
     }
 
@@ -241,177 +334,135 @@ impl Registry {
         if !session_id.is_empty() {
             self.rebuild_recovered(openid, session_id, last_acked, &mut new_id);
         }
-        let existing = self.get(openid);
-        // The session was rebuilt from a replica under a new id: attach to it
-        // and say RECOVERED (the client's seqs start over).
-        let recovered = !session_id.is_empty()
-            && existing.as_ref().is_some_and(|e| {
-                self.recovered.lock().get(openid)
-                    == Some(&(session_id.to_string(), e.identity.session_id.clone()))
-            });
-        if recovered && let Some(entry) = existing.clone() {
-            let mut outcome = entry.state.lock().attach(now, 0);
-            outcome.status = ResumeStatus::Recovered;
-            self.metrics.resumes.with_label_values(&["recovered"]).inc();
-            if let Some(old) = entry.attached.lock().replace(attachment) {
-                old.connection.close(
-                    quinn::VarInt::from_u32(ErrorCode::SessionReplaced as u32),
-                    b"session resumed on another connection",
-                );
+        let (started, commands) = {
+            let started = self.with_table(|t| {
+            let mut commands = Vec::new();
+            let existing = t.local(openid).cloned();
+            // The session was rebuilt from a replica under a new id: attach
+            // to it and say RECOVERED (the client's seqs start over).
+            let recovered = !session_id.is_empty()
+                && matches!(t.holding(openid), Some(Holding::Recovered { old_session_id }) if old_session_id == session_id);
+            if recovered && let Some(entry) = existing.clone() {
+                let mut outcome = entry.state.lock().attach(now, 0);
+                outcome.status = ResumeStatus::Recovered;
+                t.rearm(&entry);
+                return (entry, outcome, commands);
             }
-            entry.wake.notify_one();
-            return Started { entry, outcome };
-        }
-        let mut reported: Option<ResumeStatus> = None;
-        let entry = match existing {
-            Some(entry) if !session_id.is_empty() && entry.identity.session_id == session_id => {
-                let outcome = entry.state.lock().attach(now, last_acked);
-                match outcome.status {
-                    ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
-                        reported = Some(outcome.status);
-                        self.replace(&entry, now, "resume_failed", new_id.take())
-                    }
-                    _ => {
-                        self.metrics
-                            .resumes
-                            .with_label_values(&[status_label(outcome.status)])
-                            .inc();
-                        if let Some(old) = entry.attached.lock().replace(attachment) {
-                            old.connection.close(
-                                quinn::VarInt::from_u32(ErrorCode::SessionReplaced as u32),
-                                b"session resumed on another connection",
-                            );
+            let mut reported: Option<ResumeStatus> = None;
+            let entry = match existing {
+                Some(entry)
+                    if !session_id.is_empty() && entry.identity.session_id == session_id =>
+                {
+                    let outcome = entry.state.lock().attach(now, last_acked);
+                    match outcome.status {
+                        ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
+                            reported = Some(outcome.status);
+                            let fresh = self.fresh_entry(openid, now, new_id.take());
+                            commands.extend(t.start(fresh.clone(), Holding::Owned, "resume_failed"));
+                            fresh
                         }
-                        entry.wake.notify_one();
-                        return Started { entry, outcome };
+                        _ => {
+                            t.rearm(&entry);
+                            return (entry, outcome, commands);
+                        }
                     }
                 }
-            }
-            Some(entry) => {
-                if !session_id.is_empty() {
-                    reported = Some(ResumeStatus::SessionExpired);
+                Some(_) => {
+                    if !session_id.is_empty() {
+                        reported = Some(ResumeStatus::SessionExpired);
+                    }
+                    let fresh = self.fresh_entry(openid, now, new_id.take());
+                    commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
+                    fresh
                 }
-                self.replace(&entry, now, "replaced", new_id.take())
-            }
-            None => {
-                if !session_id.is_empty() {
-                    reported = Some(ResumeStatus::SessionExpired);
+                None => {
+                    if !session_id.is_empty() {
+                        reported = Some(ResumeStatus::SessionExpired);
+                    }
+                    let fresh = self.fresh_entry(openid, now, new_id.take());
+                    commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
+                    fresh
                 }
-                let entry = self.fresh_entry(openid, now, new_id.take());
-                self.insert(&entry);
-                entry
+            };
+            let mut outcome = entry.state.lock().attach(now, 0);
+            if let Some(status) = reported {
+                outcome.status = status;
             }
+            t.rearm(&entry);
+            (entry, outcome, commands)
+        });
+            ((started.0, started.1), started.2)
         };
-        let mut outcome = entry.state.lock().attach(now, 0);
-        if let Some(status) = reported {
-            outcome.status = status;
-        }
+        self.carry_out(commands);
+        let (entry, outcome) = (started.0, started.1);
         self.metrics
             .resumes
             .with_label_values(&[status_label(outcome.status)])
             .inc();
-        *entry.attached.lock() = Some(attachment);
+        replace_attachment(&entry, attachment);
+        entry.wake.notify_one();
         Started { entry, outcome }
     }
 
-    fn insert(&self, entry: &Arc<SessionEntry>) {
-        self.by_session.lock().insert(
-            entry.identity.session_id.clone(),
-            entry.identity.openid.clone(),
-        );
-        self.by_openid
-            .lock()
-            .insert(entry.identity.openid.clone(), entry.clone());
-        self.metrics.sessions.inc();
-    }
-
-    /// Ends `old` and installs a fresh session for the same openid.
-    fn replace(
-        &self,
-        old: &Arc<SessionEntry>,
-        now: Instant,
-        reason: &str,
-        id: Option<String>,
-    ) -> Arc<SessionEntry> {
-        old.close_connection(
-            ErrorCode::SessionReplaced,
-            "session replaced by a new start",
-        );
-        self.remove(old, reason);
-        let entry = self.fresh_entry(&old.identity.openid, now, id);
-        self.insert(&entry);
-        entry
-    }
-
-    /// Frees `entry` if it is still the registered session of its openid,
+    /// Frees `entry` if it is still the local session of its openid,
     /// counting its unacked pushes as lost for `reason`.
-    pub fn remove(&self, entry: &Arc<SessionEntry>, reason: &str) {
-        let removed = {
-            let mut map = self.by_openid.lock();
-            match map.get(&entry.identity.openid) {
-                Some(current) if Arc::ptr_eq(current, entry) => {
-                    map.remove(&entry.identity.openid);
-                    true
-                }
-                _ => false,
-            }
-        };
-        if !removed {
-            return;
-        }
-        self.by_session.lock().remove(&entry.identity.session_id);
-        self.recovered.lock().remove(&entry.identity.openid);
-        self.metrics.sessions.dec();
-        self.metrics
-            .sessions_closed
-            .with_label_values(&[reason])
-            .inc();
-        let unacked = entry.state.lock().stats().unacked;
-        if unacked > 0 {
-            self.metrics
-                .pushes_lost
-                .with_label_values(&[reason])
-                .inc_by(unacked);
-        }
+    pub fn remove(&self, entry: &Arc<SessionEntry>, reason: &'static str) {
+        let commands = self.with_table(|t| t.remove(entry, reason));
+        self.carry_out(commands);
     }
 
-    /// Installs a session handed over by another node (or staged on this one
-    /// by a draining node), replacing any local copy of the openid.
+    /// Installs a session handed over by another node after our claim at
+    /// `epoch` (or staged here by a draining node, or rebuilt from replicas),
+    /// replacing an older local copy. Refused when a copy at a newer epoch is
+    /// known here: an older state never replaces a newer one.
     pub fn install(
         &self,
         state: gatesvr_proto::session::SessionState,
         epoch: u64,
     ) -> Result<Arc<SessionEntry>, String> {
+        self.install_as(state, epoch, Holding::Owned, None)
+    }
+
+    /// [`Registry::install`] with how it came here and the owner the view
+    /// shows for it (a state older than that owner's epoch is refused).
+    pub fn install_as(
+        &self,
+        state: gatesvr_proto::session::SessionState,
+        epoch: u64,
+        holding: Holding,
+        view_owner: Option<(&str, u64)>,
+    ) -> Result<Arc<SessionEntry>, String> {
         let now = Instant::now();
-        let mut session =
+        let session =
             Session::import(state, now, self.config.clone()).map_err(|e| e.to_string())?;
-        session.set_epoch(epoch);
-        let identity = session.identity().clone();
-        if let Some(old) = self.get(&identity.openid) {
-            old.close_connection(
-                ErrorCode::SessionReplaced,
-                "session replaced by a newer copy",
-            );
-            self.remove_quietly(&old);
-        }
         let entry = Arc::new(SessionEntry {
-            identity,
+            identity: session.identity().clone(),
             state: Mutex::new(session),
             wake: Notify::new(),
             attached: Mutex::new(None),
-            moved: Default::default(),
         });
-        self.insert(&entry);
-        self.moved.lock().remove(&entry.identity.openid);
+        let installed = self.with_table(|t| {
+            t.install(entry.clone(), epoch, holding, view_owner)
+                .map(|c| (c, entry.clone()))
+                .or_else(|e| match e {
+                    InstallError::AlreadyHere { .. } => t
+                        .local(&entry.identity.openid)
+                        .cloned()
+                        .map(|here| (Vec::new(), here))
+                        .ok_or(e),
+                    other => Err(other),
+                })
+        });
+        let (commands, entry) = installed.map_err(|e| e.to_string())?;
+        self.carry_out(commands);
+        self.settled.notify_waiters();
         Ok(entry)
     }
 
-    /// Hands `openid`'s session to `new_owner`, which claimed it at `epoch`:
-    /// fences the local copy (closes its connection, stops delivering),
-    /// exports its state and forgets it. `Ok(None)`: no local copy.
-    ///
-    /// With `close_client` false (drain) the connection stays open so the
-    /// caller can send a GoAway first.
+    /// Hands `openid`'s session to `new_owner`, which claimed it at `epoch`
+    /// (`Peer.Handover`): the local copy (or the state kept after fencing)
+    /// is exported and the slot becomes `Moved`; the client's connection is
+    /// closed. `Ok(None)`: nothing to hand over here. Epoch 0 is refused.
     pub fn hand_over(
         &self,
         openid: &str,
@@ -419,31 +470,21 @@ impl Registry {
         new_owner: &str,
         close_client: bool,
     ) -> Result<Option<gatesvr_proto::session::SessionState>, HandoverError> {
-        let Some(entry) = self.get(openid) else {
-            // Fenced already by the watch: hand over what it held.
-            let fenced = self.fenced.lock().remove(openid);
-            return Ok(fenced
-                .map(|(state, _)| state)
-                .filter(|s| s.epoch < epoch || epoch == 0));
+        let now = Instant::now();
+        let handed = self.with_table(|t| {
+            t.hand_over(
+                now,
+                openid,
+                HandoverAsk::Peer {
+                    epoch,
+                    new_owner: new_owner.to_string(),
+                },
+            )
+        })?;
+        let Some((state, handle)) = handed else {
+            return Ok(None);
         };
-        let state = {
-            let session = entry.state.lock();
-            if session.epoch() >= epoch && epoch != 0 {
-                return Err(HandoverError::Fenced {
-                    held: session.epoch(),
-                    asked: epoch,
-                });
-            }
-            // Exported under the lock: every push accepted before this point
-            // is in the state; later ones see `moved` (or miss the entry) and
-            // follow the forwarding address recorded here.
-            let state = session.export();
-            entry.moved.store(true, Ordering::SeqCst);
-            self.remember_moved(&entry, new_owner);
-            self.remove_quietly(&entry);
-            state
-        };
-        if close_client {
+        if close_client && let Some(entry) = handle {
             entry.close_connection(ErrorCode::SessionReplaced, "session moved to another node");
         }
         self.metrics
@@ -453,64 +494,122 @@ impl Registry {
         Ok(Some(state))
     }
 
-    /// The watch shows `owner` holding a session at a newer epoch than our
-    /// copy: drop ours (single owner). Its pushes are the new owner's now.
-    pub fn fence(&self, owner: &gatesvr_proto::control::SessionOwner) {
-        let Some(entry) = self.get(&owner.openid) else {
-            return;
-        };
-        let state = {
-            let session = entry.state.lock();
-            let stale = session.epoch() < owner.epoch;
-            if stale {
-                entry.moved.store(true, Ordering::SeqCst);
-            }
-            stale.then(|| session.export())
-        };
-        if let Some(state) = state {
-            tracing::info!(openid = %owner.openid, owner = %owner.owner_node, epoch = owner.epoch, "fenced: session owned elsewhere");
-            self.fenced
-                .lock()
-                .insert(owner.openid.clone(), (state, Instant::now()));
-            self.remember_moved(&entry, &owner.owner_node);
-            entry.close_connection(ErrorCode::SessionReplaced, "session owned by another node");
-            self.remove_quietly(&entry);
-            self.metrics
-                .sessions_closed
-                .with_label_values(&["fenced"])
-                .inc();
-        }
+    /// A draining node exports `openid`'s session to stage it on
+    /// `successor`. Pushes wait until [`Registry::staged`] or
+    /// [`Registry::take_back`]; requests on the connection are no longer
+    /// executed here. `None`: no local session.
+    pub fn stage_out(
+        &self,
+        openid: &str,
+        successor: &str,
+    ) -> Option<gatesvr_proto::session::SessionState> {
+        let now = Instant::now();
+        let handed = self.with_table(|t| {
+            t.hand_over(
+                now,
+                openid,
+                HandoverAsk::Drain {
+                    successor: successor.to_string(),
+                },
+            )
+        });
+        handed.ok().flatten().map(|(state, _)| state)
     }
 
-    fn remember_moved(&self, entry: &Arc<SessionEntry>, node: &str) {
-        self.moved.lock().insert(
-            entry.identity.openid.clone(),
-            (node.to_string(), Instant::now()),
-        );
-        self.moved_sessions.lock().insert(
-            entry.identity.session_id.clone(),
-            entry.identity.openid.clone(),
-        );
+    /// The successor holds the staged state (ownership at `epoch`).
+    pub fn staged(&self, openid: &str, epoch: u64) {
+        self.with_table(|t| t.staged(openid, epoch));
+        self.metrics
+            .sessions_closed
+            .with_label_values(&["moved"])
+            .inc();
+        self.settled.notify_waiters();
     }
 
-    /// Where a recently moved session went: (openid, node).
+    /// Staging failed: `entry` is served here again, unless the view
+    /// (`cluster`) shows it owned elsewhere at a newer epoch by now.
+    pub fn take_back(&self, entry: &Arc<SessionEntry>, cluster: Option<&crate::cluster::Cluster>) {
+        let now = Instant::now();
+        let view_owner = cluster.and_then(|c| {
+            c.view()
+                .owners
+                .get(&entry.identity.openid)
+                .map(|o| (o.owner_node.clone(), o.epoch))
+        });
+        let commands = self.with_table(|t| {
+            t.take_back(
+                now,
+                entry.clone(),
+                view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+            )
+        });
+        self.carry_out(commands);
+        self.settled.notify_waiters();
+    }
+
+    /// The view shows `owner` holding `openid` at `epoch` (watch delta or
+    /// claim): an older local copy is fenced at once.
+    pub fn owner_changed(&self, owner: &gatesvr_proto::control::SessionOwner) {
+        let now = Instant::now();
+        let commands = self
+            .with_table(|t| t.owner_changed(now, &owner.openid, &owner.owner_node, owner.epoch));
+        self.carry_out(commands);
+    }
+
+    /// A Start attached `entry` under a claim at `epoch`; compared with the
+    /// owner the view shows now (`cluster`), which may be newer.
+    pub fn claimed(
+        &self,
+        entry: &Arc<SessionEntry>,
+        epoch: u64,
+        cluster: Option<&crate::cluster::Cluster>,
+    ) {
+        let now = Instant::now();
+        let view_owner = cluster.and_then(|c| {
+            c.view()
+                .owners
+                .get(&entry.identity.openid)
+                .map(|o| (o.owner_node.clone(), o.epoch))
+        });
+        let commands = self.with_table(|t| {
+            t.claimed(
+                now,
+                entry,
+                epoch,
+                view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+            )
+        });
+        self.carry_out(commands);
+    }
+
+    /// The whole view (snapshot, resync): every local session is compared
+    /// with its owner in `owners`; nodes replace the table's members.
+    pub fn view_changed(&self, view: &crate::cluster::View) {
+        let now = Instant::now();
+        let commands = self.with_table(|t| {
+            t.members_mut().set(view.nodes.values());
+            t.reconcile(now, |openid| {
+                view.owners
+                    .get(openid)
+                    .map(|o| (o.owner_node.clone(), o.epoch))
+            })
+        });
+        self.carry_out(commands);
+    }
+
+    /// Node liveness, standby, successors: asked of the table's members.
+    pub fn members<R>(&self, f: impl FnOnce(&crate::core::Members) -> R) -> R {
+        f(self.table.lock().members())
+    }
+
+    /// Where a session that left went: (openid, node).
     pub fn moved_to(&self, openid_or_session: &str, by_session: bool) -> Option<(String, String)> {
-        let openid = if by_session {
-            self.moved_sessions.lock().get(openid_or_session).cloned()?
+        let target = if by_session {
+            Target::Session(openid_or_session)
         } else {
-            openid_or_session.to_string()
+            Target::Openid(openid_or_session)
         };
-        let node = self.moved.lock().get(&openid).map(|(n, _)| n.clone())?;
-        Some((openid, node))
-    }
-
-    /// `openid`'s session `old_session_id` was rebuilt from a replica under a
-    /// new id: the client's next Start with the old id attaches to it.
-    pub fn mark_recovered(&self, openid: &str, old_session_id: &str, new_session_id: &str) {
-        self.recovered.lock().insert(
-            openid.to_string(),
-            (old_session_id.to_string(), new_session_id.to_string()),
-        );
+        self.table.lock().moved_to(target)
     }
 
     /// The replicas of `openid`'s session (its owner is gone) as fetched by
@@ -536,22 +635,22 @@ impl Registry {
         last_acked: u64,
         new_id: &mut Option<String>,
     ) {
-        let stashed = {
-            let mut stash = self.recovering.lock();
-            match stash.get(openid) {
-                Some((r, _)) if r.session_id == session_id => stash.remove(openid),
-                _ => None,
-            }
-        };
-        let Some((recovery, epoch)) = stashed else {
+        // Whatever the stash holds for this openid is consumed now: a stash
+        // for another session id is stale.
+        let Some((recovery, epoch)) = self.recovering.lock().remove(openid) else {
             return;
         };
+        if recovery.session_id != session_id {
+            return;
+        }
         let id = new_id.take().unwrap_or_else(new_session_id);
         let (state, lost) = recovery.rebuild(openid, id.clone(), last_acked);
         let n = state.pushes.len() as u64;
-        match self.install(state, epoch) {
+        let holding = Holding::Recovered {
+            old_session_id: session_id.to_string(),
+        };
+        match self.install_as(state, epoch, holding, None) {
             Ok(_) => {
-                self.mark_recovered(openid, session_id, &id);
                 self.metrics
                     .sessions_recovered
                     .with_label_values(&["recovered"])
@@ -571,48 +670,35 @@ impl Registry {
         }
     }
 
-    /// Marks `openid` as being fetched from another node.
+    /// Marks `openid` as being fetched from another node: pushes wait.
     pub fn begin_incoming(&self, openid: &str) {
-        self.incoming
-            .lock()
-            .entry(openid.to_string())
-            .or_insert_with(|| Arc::new(Notify::new()));
+        let now = Instant::now();
+        self.with_table(|t| t.begin_incoming(now, openid));
     }
 
     pub fn end_incoming(&self, openid: &str) {
-        if let Some(n) = self.incoming.lock().remove(openid) {
-            n.notify_waiters();
-        }
+        self.with_table(|t| t.end_incoming(openid));
+        self.settled.notify_waiters();
     }
 
-    /// Waits (bounded) for a session being fetched, then returns it.
-    pub async fn wait_incoming(&self, openid: &str, limit: Duration) -> Option<Arc<SessionEntry>> {
-        let notify = self.incoming.lock().get(openid).cloned();
-        if let Some(notify) = notify {
-            let notified = notify.notified();
-            // Re-check after registering interest, so a completion in between is not missed.
-            if self.incoming.lock().contains_key(openid) {
-                let _ = tokio::time::timeout(limit, notified).await;
-            }
-        }
-        self.get(openid)
-    }
-
-    /// Removes without counting pushes as lost (they moved with the state).
-    fn remove_quietly(&self, entry: &Arc<SessionEntry>) {
-        let removed = {
-            let mut map = self.by_openid.lock();
-            match map.get(&entry.identity.openid) {
-                Some(current) if Arc::ptr_eq(current, entry) => {
-                    map.remove(&entry.identity.openid);
-                    true
+    /// Waits (bounded) while a push for `target` finds its session in
+    /// transit (incoming, or being staged by a drain), then pushes.
+    pub async fn push_settled(
+        &self,
+        target: Target<'_>,
+        msg: PushMessage,
+        view_owner: Option<(&str, u64)>,
+        limit: Duration,
+    ) -> Result<PushReceipt, PushFailure> {
+        let give_up = tokio::time::Instant::now() + limit;
+        loop {
+            let settled = self.settled.notified();
+            match self.push_to(target, msg.clone(), view_owner) {
+                Err(PushFailure::InTransit) if tokio::time::Instant::now() < give_up => {
+                    let _ = tokio::time::timeout_at(give_up, settled).await;
                 }
-                _ => false,
+                other => return other,
             }
-        };
-        if removed {
-            self.by_session.lock().remove(&entry.identity.session_id);
-            self.metrics.sessions.dec();
         }
     }
 
@@ -623,49 +709,82 @@ impl Registry {
         if attached.as_ref().is_some_and(|a| a.conn_id == conn_id) {
             *attached = None;
             drop(attached);
-            let mut state = entry.state.lock();
-            if state.is_attached() {
-                state.detach(Instant::now());
-            }
+            let now = Instant::now();
+            self.with_table(|t| t.detach(now, entry));
         }
     }
 
-    /// Queues a push on `openid`'s (or, by session id, that) session.
+    /// The session's deadlines may have moved (it sent pushes): re-read them.
+    pub fn rearm(&self, entry: &Arc<SessionEntry>) {
+        self.with_table(|t| t.rearm(entry));
+    }
+
+    /// Classifies a client request on `entry`'s connection; a session no
+    /// longer served here does not execute it (defect 2 of issue 12: its
+    /// retry would run again on the successor).
+    pub fn begin_request(&self, entry: &Arc<SessionEntry>, seq_id: u64) -> RequestOutcome {
+        self.with_table(|t| t.begin_request(entry, seq_id))
+    }
+
+    /// Queues a push on `entry`'s session, if that session is still the one
+    /// served here (checked under the table lock, so a handover cannot slip
+    /// in between: defect 1 of issue 12).
     pub fn push(
         &self,
         entry: &Arc<SessionEntry>,
         msg: PushMessage,
     ) -> Result<PushReceipt, PushFailure> {
-        let result = entry.state.lock().push(Instant::now(), msg);
-        match result {
-            Ok(seq_id) => {
+        self.push_to(Target::Session(&entry.identity.session_id), msg, None)
+    }
+
+    /// Queues a push on `target`'s local session, comparing its epoch with
+    /// `view_owner` first (a stale local copy is fenced, never pushed to).
+    pub fn push_to(
+        &self,
+        target: Target<'_>,
+        msg: PushMessage,
+        view_owner: Option<(&str, u64)>,
+    ) -> Result<PushReceipt, PushFailure> {
+        let now = Instant::now();
+        let (outcome, commands) = self.with_table(|t| t.push(now, target, msg, view_owner));
+        self.carry_out(commands);
+        let id = match target {
+            Target::Openid(o) | Target::Session(o) => o,
+        };
+        match outcome {
+            PushOutcome::Queued {
+                seq_id,
+                session_id,
+                handle,
+            } => {
                 self.metrics.pushes.with_label_values(&["queued"]).inc();
-                entry.wake.notify_one();
+                handle.wake.notify_one();
                 Ok(PushReceipt {
                     seq_id,
-                    session_id: entry.identity.session_id.clone(),
+                    session_id,
+                    entry: handle,
                 })
             }
-            Err(err) => {
-                let label = match err {
+            PushOutcome::Refused { error, handle } => {
+                let label = match error {
                     PushError::QueueFull { .. } => {
                         // Documented: a client that lets max_queue pushes
                         // pile up is disconnected; it resumes and catches up.
-                        entry.close_connection(
-                            ErrorCode::SlowConsumer,
-                            "push queue full: reconnect and resume",
-                        );
-                        self.metrics
-                            .connections_closed
-                            .with_label_values(&[&code_label(ErrorCode::SlowConsumer)])
-                            .inc();
+                        self.carry_out(vec![Command::Close {
+                            handle,
+                            code: ErrorCode::SlowConsumer,
+                            reason: "push queue full: reconnect and resume",
+                        }]);
                         "rejected_queue_full"
                     }
                     PushError::Expired => "rejected_expired",
                 };
                 self.metrics.pushes.with_label_values(&[label]).inc();
-                Err(err.into())
+                Err(error.into())
             }
+            PushOutcome::Forward { to } => Err(PushFailure::Moved(to)),
+            PushOutcome::Wait => Err(PushFailure::InTransit),
+            PushOutcome::Absent => Err(PushFailure::NoSession(id.to_string())),
         }
     }
 
@@ -680,49 +799,23 @@ impl Registry {
             .await;
     }
 
-    /// Runs due timers of every session: retransmits, ack timeouts, expiry.
-    /// Also refreshes the queue-size gauge.
-    pub fn sweep(&self) {
-        let now = Instant::now();
-        let mut queued = 0u64;
-        for entry in self.all() {
-            let event = {
-                let mut state = entry.state.lock();
-                let due = state.poll_timeout().is_some_and(|t| t <= now);
-                let event = if due { state.handle_timeout(now) } else { None };
-                queued += state.stats().unacked;
-                event
-            };
-            match event {
-                Some(SessionEvent::Retransmit { .. }) => entry.wake.notify_one(),
-                Some(SessionEvent::AckTimeout { .. }) => {
-                    entry.close_connection(
-                        ErrorCode::AckTimeout,
-                        "pushes unacknowledged after max_retries: reconnect and resume",
-                    );
-                    self.metrics
-                        .connections_closed
-                        .with_label_values(&[&code_label(ErrorCode::AckTimeout)])
-                        .inc();
-                }
-                Some(SessionEvent::Expired { .. }) => self.remove(&entry, "expired"),
-                None => {}
-            }
-        }
-        self.metrics.message_queue_size.set(queued as i64);
-        let mut moved = self.moved.lock();
-        moved.retain(|_, (_, at)| now.duration_since(*at) < MOVED_TTL);
-        let live: std::collections::HashSet<String> = moved.keys().cloned().collect();
-        drop(moved);
-        self.moved_sessions
-            .lock()
-            .retain(|_, openid| live.contains(openid));
+    /// Acts on every deadline due at `now` (retransmits, ack timeouts,
+    /// expiry, forgetting moved and fenced sessions). Returns the next one.
+    pub fn tick(&self, now: Instant) -> Option<Instant> {
+        let (commands, next) = self.with_table(|t| {
+            let c = t.tick(now);
+            (c, t.poll_timeout())
+        });
+        self.carry_out(commands);
+        next
     }
 
-    /// How often [`Registry::sweep`] should run for timers to fire promptly.
-    pub fn sweep_interval(&self) -> Duration {
-        let finest = self.config.ack_timeout.min(self.config.session_timeout) / 4;
-        finest.clamp(Duration::from_millis(10), Duration::from_secs(1))
+    /// Unacked pushes over every local session (the queue-size gauge).
+    pub fn queued(&self) -> u64 {
+        self.all()
+            .iter()
+            .map(|e| e.state.lock().stats().unacked)
+            .sum()
     }
 
     /// Sessions per zone (for /stats and GetStatus).
@@ -741,3 +834,25 @@ impl Registry {
             .count() as u64
     }
 }
+
+/// Runs the table's timers until `stop`: sleeps until the next deadline
+/// ([`Table::poll_timeout`]), or until an earlier one appears.
+pub async fn run_timers(registry: &Registry, stop: tokio_util::sync::CancellationToken) {
+    let idle = Duration::from_secs(1);
+    let mut next: Option<Instant> = None;
+    loop {
+        let wait = next
+            .map(|at| at.saturating_duration_since(Instant::now()))
+            .unwrap_or(idle)
+            .min(idle);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = registry.timer_wake.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        next = registry.tick(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatesvr_proto::client::ServerPush;
-use gatesvr_proto::control::{DataPlaneNode, NodeState};
 use gatesvr_proto::peer::{
     FetchReplicaRequest, FetchReplicaResponse, ReplicateRequest, ReplicateResponse,
 };
@@ -41,6 +40,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
+use crate::core::Member;
 use crate::node::Node;
 use crate::peer::PEER_TIMEOUT;
 use crate::registry::SessionEntry;
@@ -189,22 +189,11 @@ pub struct Replicator {
 }
 
 /// The standby of `node`: the next active node after it on the ring of
-/// sorted node ids (None when it is alone or not in a cluster).
-pub fn standby_for(node: &Node) -> Option<DataPlaneNode> {
-    let cluster = node.cluster.as_ref()?;
-    let view = cluster.view();
-    let me = node.config.node_id.as_str();
-    let mut active: Vec<&DataPlaneNode> = view
-        .nodes
-        .values()
-        .filter(|n| n.node_id != me && n.state == NodeState::Active as i32)
-        .collect();
-    active.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    active
-        .iter()
-        .find(|n| n.node_id.as_str() > me)
-        .or_else(|| active.first())
-        .map(|n| (*n).clone())
+/// sorted node ids (None when it is alone or not in a cluster); see
+/// [`crate::core::Members::standby_for`].
+pub fn standby_for(node: &Node) -> Option<Member> {
+    node.cluster.as_ref()?;
+    node.registry.members(|m| m.standby_for().cloned())
 }
 
 async fn send(node: &Node, addr: &str, req: ReplicateRequest) -> Result<ReplicateResponse, Status> {
@@ -222,7 +211,7 @@ async fn send(node: &Node, addr: &str, req: ReplicateRequest) -> Result<Replicat
 pub async fn replicate(
     node: &Node,
     entry: &Arc<SessionEntry>,
-    standby: &DataPlaneNode,
+    standby: &Member,
     pushes: Vec<ServerPush>,
 ) -> Result<(), Status> {
     let (epoch, stats) = {
@@ -284,9 +273,8 @@ pub async fn sync_ack_points(node: &Node) {
         .collect();
     for (openid, session_id, zone, standby, acked, next_seq) in snapshot {
         let addr = node
-            .cluster
-            .as_ref()
-            .and_then(|c| c.view().live_node(&standby).map(|n| n.grpc_addr.clone()));
+            .registry
+            .members(|m| m.live(&standby).map(|n| n.grpc_addr.clone()));
         let entry = node
             .registry
             .get(&openid)
@@ -435,23 +423,20 @@ pub struct Gathered {
 /// The previous owner of `openid` is gone: gathers the replicas of session
 /// `session_id` held by live nodes other than `gone` (and this one), merged.
 pub async fn fetch_recovery(node: &Node, gone: &str, openid: &str, session_id: &str) -> Gathered {
-    let Some(cluster) = node.cluster.as_ref() else {
+    if node.cluster.is_none() {
         return Gathered {
             recovery: None,
             unanswered: Vec::new(),
         };
-    };
-    let peers: Vec<(String, String)> = cluster
-        .view()
-        .nodes
-        .values()
-        .filter(|n| {
-            n.node_id != node.config.node_id
-                && n.node_id != gone
-                && n.state != NodeState::Dead as i32
-        })
-        .map(|n| (n.node_id.clone(), n.grpc_addr.clone()))
-        .collect();
+    }
+    // Live nodes only: a dead or departed (`left`) node cannot answer and is
+    // not waited on (core::Members decides).
+    let peers: Vec<(String, String)> = node.registry.members(|m| {
+        m.recovery_sources(gone)
+            .into_iter()
+            .map(|n| (n.node_id.clone(), n.grpc_addr.clone()))
+            .collect()
+    });
     let remote = futures::future::join_all(peers.iter().map(|(id, addr)| async move {
         let answer = async {
             let mut client = node.peers.peer(addr).ok()?;

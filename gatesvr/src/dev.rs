@@ -139,13 +139,24 @@ pub async fn run(
     }
 
     print_banner(&args, &cp, &dataplanes, &certs.ca_cert());
+    // Each node serves until Ctrl-C, or drains and leaves when asked
+    // (`gatectl nodes drain`, `POST /drain`), as `gatesvr dataplane` does.
+    let stop_dataplanes = CancellationToken::new();
+    let nodes: Vec<_> = dataplanes
+        .into_iter()
+        .map(|dp| {
+            let stop = stop_dataplanes.clone().cancelled_owned();
+            tokio::spawn(dp.serve_until(stop, gatesvr_dataplane::OnSignal::Stop))
+        })
+        .collect();
     signals.recv().await;
     stop_upstreams.cancel();
     for upstream in upstreams {
         let _ = tokio::time::timeout(Duration::from_secs(5), upstream).await;
     }
-    for dp in dataplanes {
-        dp.shutdown().await;
+    stop_dataplanes.cancel();
+    for node in nodes {
+        let _ = node.await;
     }
     cp.shutdown().await;
     // Give background tasks a moment to log their exit.

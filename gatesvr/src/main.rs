@@ -248,17 +248,8 @@ async fn run_dataplane(
         })?;
     // SIGTERM (Kubernetes), Ctrl-C, `POST /drain` or `gatectl nodes drain`:
     // move the sessions to other nodes, then stop.
-    tokio::select! {
-        () = signals.recv() => {}
-        () = dp.drain_requested() => tracing::info!("drain requested"),
-    }
-    let report = dp.drain().await;
-    tracing::info!(
-        staged = report.staged,
-        remaining = report.remaining,
-        "drained; stopping"
-    );
-    dp.shutdown().await;
+    dp.serve_until(signals.recv(), gatesvr_dataplane::OnSignal::Drain)
+        .await;
     Ok(())
 }
 

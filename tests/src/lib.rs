@@ -35,6 +35,18 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
     }
 }
 
+/// The next push a client receives (other events skipped), or None after [`PATIENCE`].
+pub async fn next_push(client: &gatesvr_sdk::Client) -> Option<gatesvr_sdk::Push> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match tokio::time::timeout_at(deadline, client.next_event()).await {
+            Ok(Some(gatesvr_sdk::Event::Push(p))) => return Some(p),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
 /// Certificates and an HMAC secret in a temporary directory.
 pub struct TestDir {
     pub dir: tempfile::TempDir,
@@ -221,8 +233,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_get_with_token(addr, path, "").await
 }
 
+/// POST with an empty body. Status 0 if nothing answered.
+pub async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "POST", path, "").await
+}
+
 /// GET with a bearer token (empty: none). Status 0 if nothing answered.
 pub async fn http_get_with_token(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
+    http_request(addr, "GET", path, token).await
+}
+
+async fn http_request(addr: SocketAddr, method: &str, path: &str, token: &str) -> (u16, String) {
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
     };
@@ -231,7 +252,9 @@ pub async fn http_get_with_token(addr: SocketAddr, path: &str, token: &str) -> (
     } else {
         format!("Authorization: Bearer {token}\r\n")
     };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     if stream.write_all(request.as_bytes()).await.is_err() {
         return (0, String::new());
     }

@@ -146,3 +146,45 @@ async fn a_node_leaving_with_sessions_reports_them_orphaned() {
         st.failovers
     );
 }
+
+/// Issue 12, defect 4: a node that drained and left (its process gone, its record still in
+/// the view) is not live. Broadcast fan-out skips it instead of waiting on it and answering
+/// UNAVAILABLE, which after one rolling upgrade was every broadcast's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_after_a_node_left_reaches_every_live_session() {
+    let mut cluster = TestCluster::start(3, long_leases).await;
+    let mut clients = Vec::new();
+    for (dp, u) in [(1, "b1"), (2, "b2")] {
+        let c = Client::connect(cluster.client_config(dp, u)).await.unwrap();
+        c.request(1, "hello").await.unwrap();
+        clients.push(c);
+    }
+    let report = cluster.dps[0].drain().await;
+    assert!(report.left, "{report:?}");
+    let departed = cluster.dps.remove(0);
+    departed.shutdown().await;
+    let c = cluster.dps[0].node().cluster.clone().unwrap();
+    gatesvr_tests::eventually("dp-2 sees dp-1 as left", || {
+        c.view().live_node("dp-1").is_none() && c.view().nodes.contains_key("dp-1")
+    })
+    .await;
+    let mut gw = cluster.gateway(0).await;
+    let answer = gw
+        .broadcast_to_clients(gatesvr_proto::upstream::BroadcastRequest {
+            msg_type: "news".into(),
+            content: "after the rollout".into(),
+            data: Vec::new(),
+            zones: Vec::new(),
+        })
+        .await;
+    let answer = answer
+        .expect("a departed node is not waited on")
+        .into_inner();
+    assert_eq!(answer.queued, 2, "{answer:?}");
+    for c in &clients {
+        let p = gatesvr_tests::next_push(c)
+            .await
+            .expect("broadcast delivered");
+        assert_eq!(p.content, "after the rollout");
+    }
+}

@@ -1,0 +1,47 @@
+//! The node's session table as one sans-IO state machine: where each of this
+//! node's sessions is, at which ownership epoch, and which nodes are live.
+//!
+//! [`Session`](crate::session::Session) is one user's state machine; this is the
+//! level above it, as quinn-proto's `Endpoint` is above its `Connection`s and
+//! openraft's engine turns events into commands. Every openid this node knows
+//! of is in exactly one [`Slot`]; every question "where is this session now",
+//! "may this push be queued here", "is that node live" has one answer, here.
+//! The shell (QUIC connections, the peer gRPC service, the control-plane
+//! client) feeds events in and carries out the [`Command`]s that come out. No
+//! clock, socket or task is touched in this module: time is an argument, and
+//! the shell sleeps until [`Table::poll_timeout`].
+//!
+//! ```text
+//!  events in                                 Table                          commands out
+//!  start / install (claim, handover, stage) ─> Slot::Local{epoch, kind}      Close(handle, code)
+//!  begin_incoming (claim sent, fetch) ──────> Slot::Incoming{deadline}       Wake(handle)
+//!  hand_over (peer asks / drain stages) ────> Slot::Moved{to, epoch}         Removed{reason, lost}
+//!  owner_changed / reconcile (view) ────────> Slot::Fenced{owner, epoch}     Release{openid, epoch}
+//!  push / begin_request / ack / detach ─────> PushOutcome / RequestOutcome
+//!  tick(now) ───────────────────────────────> expiries, retransmits, pruning
+//!  members: Members (node liveness, standby, successors, fan-out targets)
+//! ```
+//!
+//! # Layout
+//! - [`slot`]: the states a session slot can be in;
+//! - [`members`]: node liveness, decided once (standby, successors, fan-out,
+//!   recovery sources, handover reachability);
+//! - [`table`]: [`Table`], the events and the commands;
+//! - [`cell`]: [`PlainCell`], a session handle without a connection (tests,
+//!   simulation);
+//! - `tests`: one test per rule, no network.
+
+pub mod cell;
+pub mod members;
+pub mod slot;
+pub mod table;
+#[cfg(test)]
+mod tests;
+
+pub use cell::PlainCell;
+pub use members::{AfterHandover, Member, Members, Reach};
+pub use slot::{Holding, Slot};
+pub use table::{
+    Command, HandoverAsk, HandoverError, InstallError, PushOutcome, RequestOutcome, SessionCell,
+    Table, TableConfig, Target,
+};

@@ -1,0 +1,173 @@
+//! Which data-plane nodes are live, decided in one place.
+//!
+//! Before this module the data plane had five definitions of "live node"
+//! (broadcast fan-out and crash recovery skipped only `dead` nodes, so every
+//! node that had drained and `left` was still waited on) and four of "peer
+//! unreachable" (a Handover that timed out was taken for "owner gone" while the
+//! owner may be alive). Every caller now asks [`Members`]:
+//!
+//! | question                               | nodes                       |
+//! |----------------------------------------|-----------------------------|
+//! | [`Members::is_live`]                   | active or draining          |
+//! | [`Members::successors`] (drain)        | active, not this node       |
+//! | [`Members::standby_for`] (durable)     | next active on the id ring  |
+//! | [`Members::fan_out`] (broadcast)       | live, not this node         |
+//! | [`Members::recovery_sources`]          | live, not this node or gone |
+//! | [`Members::after_failed_handover`]     | see [`Reach`]               |
+//!
+//! Departed (`left`) and `dead` records stay in the control plane's view for a
+//! while (rolling upgrades give pods new names every time); none of the
+//! questions above ever returns them.
+
+use std::collections::BTreeMap;
+
+use gatesvr_proto::control::{DataPlaneNode, NodeState};
+
+/// One node as this node last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub node_id: String,
+    pub state: NodeState,
+    pub grpc_addr: String,
+    pub quic_addr: String,
+}
+
+impl Member {
+    fn live(&self) -> bool {
+        matches!(self.state, NodeState::Active | NodeState::Draining)
+    }
+}
+
+impl From<&DataPlaneNode> for Member {
+    fn from(n: &DataPlaneNode) -> Self {
+        Self {
+            node_id: n.node_id.clone(),
+            // An unknown state number (a newer control plane) is treated as
+            // not live: never waited on, never chosen.
+            state: NodeState::try_from(n.state).unwrap_or(NodeState::Dead),
+            grpc_addr: n.grpc_addr.clone(),
+            quic_addr: n.quic_addr.clone(),
+        }
+    }
+}
+
+/// How a call to a peer ended, as far as its liveness is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// It answered (whatever the answer).
+    Answered,
+    /// Nothing listens at its address (connection refused): its process is
+    /// gone, even if its lease has not expired yet.
+    Down,
+    /// It did not answer in time: busy, partitioned or dead, and it may still
+    /// be serving. Only its lease tells.
+    NoAnswer,
+}
+
+/// What a node that claimed a session does after asking the previous owner
+/// for its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterHandover {
+    /// The owner answered: use its answer.
+    UseAnswer,
+    /// The owner is dead or left in the view, or nothing listens at its
+    /// address: its state only survives as replicas of its durable pushes;
+    /// recover from those.
+    OwnerGone,
+    /// The owner is live in the view but did not answer: it may still hold
+    /// (and serve) the session. Never start a second copy from replicas; ask
+    /// again, or refuse the Start so the client retries.
+    OwnerSilent,
+}
+
+/// The data-plane nodes of the cluster as seen from `me`.
+#[derive(Debug, Clone, Default)]
+pub struct Members {
+    me: String,
+    nodes: BTreeMap<String, Member>,
+}
+
+impl Members {
+    pub fn new(me: impl Into<String>) -> Self {
+        Self {
+            me: me.into(),
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Replaces every node (a view snapshot or any change: level-triggered).
+    pub fn set<'a>(&mut self, nodes: impl IntoIterator<Item = &'a DataPlaneNode>) {
+        self.nodes = nodes
+            .into_iter()
+            .map(|n| (n.node_id.clone(), Member::from(n)))
+            .collect();
+    }
+
+    /// Adds or updates one node (tests and the simulation).
+    pub fn put(&mut self, member: Member) {
+        self.nodes.insert(member.node_id.clone(), member);
+    }
+
+    pub fn get(&self, node_id: &str) -> Option<&Member> {
+        self.nodes.get(node_id)
+    }
+
+    /// Active or draining: holds a lease, answers its peers, may own sessions.
+    pub fn is_live(&self, node_id: &str) -> bool {
+        self.nodes.get(node_id).is_some_and(Member::live)
+    }
+
+    /// A live node's record (for its addresses).
+    pub fn live(&self, node_id: &str) -> Option<&Member> {
+        self.nodes.get(node_id).filter(|m| m.live())
+    }
+
+    fn others(&self) -> impl Iterator<Item = &Member> {
+        self.nodes.values().filter(move |m| m.node_id != self.me)
+    }
+
+    /// Active nodes other than this one, by id: where a drain stages sessions.
+    pub fn successors(&self) -> Vec<&Member> {
+        self.others()
+            .filter(|m| m.state == NodeState::Active)
+            .collect()
+    }
+
+    /// The standby of this node: the next active node after it on the ring of
+    /// sorted node ids (None when it is alone).
+    pub fn standby_for(&self) -> Option<&Member> {
+        let active = self.successors();
+        active
+            .iter()
+            .find(|m| m.node_id.as_str() > self.me.as_str())
+            .or_else(|| active.first())
+            .copied()
+    }
+
+    /// Live nodes other than this one: a broadcast reaches their sessions.
+    pub fn fan_out(&self) -> Vec<&Member> {
+        self.others().filter(|m| m.live()).collect()
+    }
+
+    /// Live nodes other than this one and `gone`: the ones that may hold
+    /// replicas of a crashed owner's durable pushes and can answer for them.
+    pub fn recovery_sources(&self, gone: &str) -> Vec<&Member> {
+        self.others()
+            .filter(|m| m.live() && m.node_id != gone)
+            .collect()
+    }
+
+    /// After asking `owner` for a session's state: what its silence means.
+    pub fn after_failed_handover(&self, owner: &str, reach: Reach) -> AfterHandover {
+        match reach {
+            Reach::Answered => AfterHandover::UseAnswer,
+            Reach::Down => AfterHandover::OwnerGone,
+            Reach::NoAnswer if self.is_live(owner) => AfterHandover::OwnerSilent,
+            Reach::NoAnswer => AfterHandover::OwnerGone,
+        }
+    }
+}

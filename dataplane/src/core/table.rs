@@ -1,0 +1,884 @@
+//! [`Table`]: the events a node's session table takes and the commands it
+//! gives back.
+//!
+//! The table is generic over the handle `H` of a local session
+//! ([`SessionCell`]): the data plane's shell uses its registry entries (a
+//! session behind a mutex plus the attached connection), the simulation uses
+//! plain cells. Either way the rules here run the real
+//! [`Session`](crate::session::Session) state machine: a push is queued, a
+//! state exported, a request classified by the same code in production and
+//! under simulation.
+//!
+//! Exclusive access (`&mut self`) is what makes "export, then stop taking
+//! pushes" atomic: a push either lands before the export (and is in the
+//! exported state) or finds the slot `Moved` and is forwarded.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use gatesvr_proto::client::{ErrorCode, ServerPush};
+use gatesvr_proto::session::SessionState;
+
+use super::members::Members;
+use super::slot::{Holding, Slot};
+use crate::session::{
+    AckError, AckOutcome, PushError, PushMessage, RequestDisposition, Session, SessionEvent,
+    SessionIdentity,
+};
+
+/// A handle on one local session, as the shell holds it.
+pub trait SessionCell: Clone {
+    /// Who the session belongs to (fixed for its lifetime).
+    fn identity(&self) -> &SessionIdentity;
+    /// Runs `f` on the session, exclusively.
+    fn with<R>(&self, f: impl FnOnce(&mut Session) -> R) -> R;
+    /// The same session object (not an equal copy).
+    fn same(&self, other: &Self) -> bool;
+}
+
+/// How long the table remembers sessions that left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableConfig {
+    /// A moved session's forwarding address is kept this long.
+    pub moved_ttl: Duration,
+    /// A fenced session's state is kept this long for a late Handover.
+    pub fenced_ttl: Duration,
+    /// Pushes wait at most this long for a session being fetched.
+    pub incoming_ttl: Duration,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        Self {
+            moved_ttl: Duration::from_secs(120),
+            fenced_ttl: Duration::from_secs(60),
+            incoming_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Command<H> {
+    /// The session has pushes to send: wake its connection's writer.
+    Wake(H),
+    /// Close the connection attached to this session (if any) with `code`.
+    Close {
+        handle: H,
+        code: ErrorCode,
+        reason: &'static str,
+    },
+    /// A local session ended here for `reason`; `lost` pushes were never
+    /// acked and went nowhere (0 when its state moved on).
+    Removed {
+        openid: String,
+        session_id: String,
+        epoch: u64,
+        reason: &'static str,
+        lost: u64,
+    },
+}
+
+/// Who asks for a session's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoverAsk {
+    /// Another node claimed the session at `epoch` (`Peer.Handover`).
+    Peer { epoch: u64, new_owner: String },
+    /// This node is draining and stages the session on `successor`; the
+    /// export is settled by [`Table::staged`] or undone by [`Table::take_back`].
+    Drain { successor: String },
+}
+
+/// Why a handover was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum HandoverError {
+    /// This node holds the session at an equal or newer epoch: the caller's
+    /// claim is stale (fencing). Retrying with the same claim cannot help.
+    #[error("session held here at epoch {held}, not older than {asked}")]
+    Fenced { held: u64, asked: u64 },
+    /// A peer asked without a claim epoch: nothing to fence against, refused.
+    #[error("a handover needs the claim's epoch (got 0)")]
+    NoEpoch,
+}
+
+/// Why a state could not be installed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum InstallError {
+    /// A copy at a newer epoch is known (here, or as the owner in the view):
+    /// the offered state is stale and would be a second live copy.
+    #[error("state at epoch {offered} is older than the copy at epoch {held}")]
+    Stale { held: u64, offered: u64 },
+    /// The same session at the same epoch is already staged here (a
+    /// duplicated Stage): installing it again would drop the pushes queued
+    /// since. The local copy stays; nothing to do.
+    #[error("session already here at epoch {epoch}")]
+    AlreadyHere { epoch: u64 },
+}
+
+/// Where a push went.
+#[derive(Debug)]
+pub enum PushOutcome<H> {
+    /// Queued on the local session as `seq_id` (the session is woken).
+    Queued {
+        seq_id: u64,
+        session_id: String,
+        handle: H,
+    },
+    /// The local session refused it (queue full: the shell disconnects the
+    /// client as a slow consumer; expired).
+    Refused { error: PushError, handle: H },
+    /// The session is on `to` (moved, fenced, or owned there by the view).
+    Forward { to: String },
+    /// The session is on its way here or out of here: ask again shortly.
+    Wait,
+    /// Not known here.
+    Absent,
+}
+
+/// What to do with a client request on a connection's session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestOutcome {
+    /// The session is served here: the session's own decision.
+    Here(RequestDisposition),
+    /// The connection's session is no longer served here (moved or fenced):
+    /// the request is not executed; the client retries after reconnecting.
+    NotHere,
+}
+
+/// A push's target.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    Openid(&'a str),
+    Session(&'a str),
+}
+
+/// The node's session table. See the module docs of [`crate::core`].
+#[derive(Debug)]
+pub struct Table<H> {
+    cfg: TableConfig,
+    slots: HashMap<String, Slot<H>>,
+    /// session id -> openid, for local, moved and fenced slots.
+    by_session: HashMap<String, String>,
+    /// Deadlines, earliest first: (when, openid). One per openid.
+    timers: BTreeSet<(Instant, String)>,
+    armed: HashMap<String, Instant>,
+    members: Members,
+    locals: usize,
+}
+
+impl<H: SessionCell> Table<H> {
+    pub fn new(me: impl Into<String>, cfg: TableConfig) -> Self {
+        Self {
+            cfg,
+            slots: HashMap::new(),
+            by_session: HashMap::new(),
+            timers: BTreeSet::new(),
+            armed: HashMap::new(),
+            members: Members::new(me),
+            locals: 0,
+        }
+    }
+
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
+    pub fn members_mut(&mut self) -> &mut Members {
+        &mut self.members
+    }
+
+    fn me(&self) -> &str {
+        self.members.me()
+    }
+
+    /// Sessions served here.
+    pub fn local_count(&self) -> usize {
+        self.locals
+    }
+
+    /// Every slot (local or not).
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn slot(&self, openid: &str) -> Option<&Slot<H>> {
+        self.slots.get(openid)
+    }
+
+    /// The local session of `openid`.
+    pub fn local(&self, openid: &str) -> Option<&H> {
+        match self.slots.get(openid) {
+            Some(Slot::Local { handle, .. }) => Some(handle),
+            _ => None,
+        }
+    }
+
+    /// The openid of session `session_id` (local, moved or fenced here).
+    pub fn openid_of(&self, session_id: &str) -> Option<&str> {
+        self.by_session.get(session_id).map(String::as_str)
+    }
+
+    /// Every local session.
+    pub fn locals(&self) -> impl Iterator<Item = &H> {
+        self.slots.values().filter_map(|s| match s {
+            Slot::Local { handle, .. } => Some(handle),
+            _ => None,
+        })
+    }
+
+    /// Whether `handle` is the session served here for its openid.
+    pub fn is_current(&self, handle: &H) -> bool {
+        self.local(&handle.identity().openid)
+            .is_some_and(|h| h.same(handle))
+    }
+
+    /// Where a session that left this node went: (openid, node).
+    pub fn moved_to(&self, target: Target<'_>) -> Option<(String, String)> {
+        let openid = self.resolve(target)?;
+        match self.slots.get(openid)? {
+            Slot::Moved { to, .. } => Some((openid.to_string(), to.clone())),
+            Slot::Fenced { owner, .. } => Some((openid.to_string(), owner.clone())),
+            _ => None,
+        }
+    }
+
+    fn resolve<'a>(&'a self, target: Target<'a>) -> Option<&'a str> {
+        match target {
+            Target::Openid(o) => Some(o),
+            Target::Session(s) => self.openid_of(s),
+        }
+    }
+
+    // ----- timers -----
+
+    fn arm(&mut self, openid: &str) {
+        let at = match self.slots.get(openid) {
+            Some(Slot::Local { handle, .. }) => handle.with(|s| s.poll_timeout()),
+            Some(other) => other.own_deadline(),
+            None => None,
+        };
+        if let Some(old) = self.armed.remove(openid) {
+            self.timers.remove(&(old, openid.to_string()));
+        }
+        if let Some(at) = at {
+            self.armed.insert(openid.to_string(), at);
+            self.timers.insert((at, openid.to_string()));
+        }
+    }
+
+    /// A local session's deadlines may have changed (it sent, was acked,
+    /// attached or detached outside the table): re-read them.
+    pub fn rearm(&mut self, handle: &H) {
+        if self.is_current(handle) {
+            let openid = handle.identity().openid.clone();
+            self.arm(&openid);
+        }
+    }
+
+    /// The earliest deadline: call [`Table::tick`] then.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// Acts on every deadline due at `now`: retransmits, ack timeouts and
+    /// expiry of local sessions; forgetting moved, fenced and incoming slots.
+    pub fn tick(&mut self, now: Instant) -> Vec<Command<H>> {
+        let mut out = Vec::new();
+        while let Some((at, openid)) = self.timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, openid.clone()));
+            self.armed.remove(&openid);
+            match self.slots.get(&openid) {
+                Some(Slot::Local { handle, .. }) => {
+                    let handle = handle.clone();
+                    match handle.with(|s| s.handle_timeout(now)) {
+                        Some(SessionEvent::Retransmit { .. }) => out.push(Command::Wake(handle)),
+                        Some(SessionEvent::AckTimeout { .. }) => out.push(Command::Close {
+                            handle,
+                            code: ErrorCode::AckTimeout,
+                            reason: "pushes unacknowledged after max_retries: reconnect and resume",
+                        }),
+                        Some(SessionEvent::Expired { lost_pushes }) => {
+                            self.drop_local(&openid, "expired", lost_pushes, &mut out);
+                            continue;
+                        }
+                        None => {}
+                    }
+                    self.arm(&openid);
+                }
+                Some(slot) => {
+                    if slot.own_deadline().is_some_and(|d| d <= now) {
+                        self.forget(&openid);
+                    } else {
+                        self.arm(&openid);
+                    }
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    // ----- slots coming and going -----
+
+    fn forget(&mut self, openid: &str) {
+        if let Some(slot) = self.slots.remove(openid) {
+            match &slot {
+                Slot::Local { handle, .. } => {
+                    self.locals -= 1;
+                    self.by_session.remove(&handle.identity().session_id);
+                }
+                Slot::Moved { session_id, .. } => {
+                    self.unindex(session_id, openid);
+                }
+                Slot::Fenced { state, .. } => {
+                    self.unindex(&state.session_id, openid);
+                }
+                Slot::Incoming { .. } => {}
+            }
+        }
+        if let Some(old) = self.armed.remove(openid) {
+            self.timers.remove(&(old, openid.to_string()));
+        }
+    }
+
+    fn unindex(&mut self, session_id: &str, openid: &str) {
+        if self.by_session.get(session_id).map(String::as_str) == Some(openid) {
+            self.by_session.remove(session_id);
+        }
+    }
+
+    fn put(&mut self, openid: &str, slot: Slot<H>) {
+        self.forget(openid);
+        match &slot {
+            Slot::Local { handle, .. } => {
+                self.locals += 1;
+                self.by_session
+                    .insert(handle.identity().session_id.clone(), openid.to_string());
+            }
+            Slot::Moved { session_id, .. } => {
+                self.by_session
+                    .insert(session_id.clone(), openid.to_string());
+            }
+            Slot::Fenced { state, .. } => {
+                self.by_session
+                    .insert(state.session_id.clone(), openid.to_string());
+            }
+            Slot::Incoming { .. } => {}
+        }
+        self.slots.insert(openid.to_string(), slot);
+        self.arm(openid);
+    }
+
+    /// Removes a local session that ended here, counting its unacked pushes.
+    fn drop_local(
+        &mut self,
+        openid: &str,
+        reason: &'static str,
+        lost: u64,
+        out: &mut Vec<Command<H>>,
+    ) {
+        if let Some(Slot::Local { handle, .. }) = self.slots.get(openid) {
+            let (session_id, epoch) = (
+                handle.identity().session_id.clone(),
+                handle.with(|s| s.epoch()),
+            );
+            self.forget(openid);
+            out.push(Command::Removed {
+                openid: openid.to_string(),
+                session_id,
+                epoch,
+                reason,
+                lost,
+            });
+        }
+    }
+
+    /// A session started here (new, or a fresh one replacing a failed
+    /// resume): any previous local session of the openid is replaced, its
+    /// connection closed and its unacked pushes counted as lost for `reason`.
+    pub fn start(&mut self, handle: H, holding: Holding, reason: &'static str) -> Vec<Command<H>> {
+        let openid = handle.identity().openid.clone();
+        let mut out = Vec::new();
+        if let Some(old) = self.local(&openid).cloned()
+            && !old.same(&handle)
+        {
+            let lost = old.with(|s| s.stats().unacked);
+            out.push(Command::Close {
+                handle: old,
+                code: ErrorCode::SessionReplaced,
+                reason: "session replaced by a new one",
+            });
+            self.drop_local(&openid, reason, lost, &mut out);
+        }
+        self.put(&openid, Slot::Local { handle, holding });
+        out
+    }
+
+    /// A session's state arrived (handed over after our claim at `epoch`,
+    /// staged by a draining node, rebuilt from replicas) behind `handle`.
+    /// Refused if a newer copy is known here or `view_owner` (the owner the
+    /// view shows) is another node at a newer epoch. Replaces an older local
+    /// copy (its connection is closed, its pushes travelled with the state).
+    pub fn install(
+        &mut self,
+        handle: H,
+        epoch: u64,
+        holding: Holding,
+        view_owner: Option<(&str, u64)>,
+    ) -> Result<Vec<Command<H>>, InstallError> {
+        let openid = handle.identity().openid.clone();
+        // A second Stage of the same copy (a duplicated message): keep the
+        // one here. A handover answer is never a duplicate: it is the
+        // owner's state at our claim, newer than any staged copy.
+        if matches!(holding, Holding::Staged { .. })
+            && let Some(Slot::Local { handle: h, .. }) = self.slots.get(&openid)
+            && !h.same(&handle)
+            && h.identity().session_id == handle.identity().session_id
+            && h.with(|s| s.epoch()) == epoch
+        {
+            return Err(InstallError::AlreadyHere { epoch });
+        }
+        let held = match self.slots.get(&openid) {
+            Some(Slot::Local { handle: h, .. }) if !h.same(&handle) => h.with(|s| s.epoch()),
+            Some(Slot::Moved { epoch: e, to, .. }) if to != self.me() => *e,
+            Some(Slot::Fenced { epoch: e, .. }) => *e,
+            _ => 0,
+        };
+        let newer_elsewhere = view_owner
+            .filter(|(node, _)| *node != self.me())
+            .map_or(0, |(_, e)| e);
+        let held = held.max(newer_elsewhere);
+        if epoch < held {
+            return Err(InstallError::Stale {
+                held,
+                offered: epoch,
+            });
+        }
+        handle.with(|s| s.set_epoch(epoch));
+        let mut out = Vec::new();
+        if let Some(old) = self.local(&openid).cloned()
+            && !old.same(&handle)
+        {
+            out.push(Command::Close {
+                handle: old,
+                code: ErrorCode::SessionReplaced,
+                reason: "session replaced by a newer copy",
+            });
+        }
+        self.put(&openid, Slot::Local { handle, holding });
+        Ok(out)
+    }
+
+    /// `openid` is being claimed or fetched: pushes wait (until `now` plus
+    /// `incoming_ttl`). A local session stays local (a resume on this node).
+    pub fn begin_incoming(&mut self, now: Instant, openid: &str) {
+        if matches!(self.slots.get(openid), Some(Slot::Local { .. })) {
+            return;
+        }
+        let deadline = now + self.cfg.incoming_ttl;
+        self.put(openid, Slot::Incoming { deadline });
+    }
+
+    /// The fetch of `openid` ended (installed or not).
+    pub fn end_incoming(&mut self, openid: &str) {
+        if matches!(self.slots.get(openid), Some(Slot::Incoming { .. })) {
+            self.forget(openid);
+        }
+    }
+
+    /// Someone asks for `openid`'s state. `Ok(Some)`: the state (and, for a
+    /// peer, the handle whose connection the shell closes); the slot is now
+    /// `Moved`. `Ok(None)`: nothing to hand over here.
+    #[allow(clippy::type_complexity)]
+    pub fn hand_over(
+        &mut self,
+        now: Instant,
+        openid: &str,
+        ask: HandoverAsk,
+    ) -> Result<Option<(SessionState, Option<H>)>, HandoverError> {
+        let until = now + self.cfg.moved_ttl;
+        match (self.slots.get(openid), &ask) {
+            (_, HandoverAsk::Peer { epoch: 0, .. }) => Err(HandoverError::NoEpoch),
+            (Some(Slot::Local { handle, .. }), HandoverAsk::Peer { epoch, new_owner }) => {
+                let handle = handle.clone();
+                let (held, state) = handle.with(|s| (s.epoch(), s.export()));
+                if held >= *epoch {
+                    return Err(HandoverError::Fenced {
+                        held,
+                        asked: *epoch,
+                    });
+                }
+                let slot = Slot::Moved {
+                    to: new_owner.clone(),
+                    epoch: *epoch,
+                    session_id: state.session_id.clone(),
+                    until,
+                    settled: true,
+                    staging: None,
+                };
+                self.put(openid, slot);
+                Ok(Some((state, Some(handle))))
+            }
+            (Some(Slot::Local { handle, .. }), HandoverAsk::Drain { successor }) => {
+                let (held, state) = handle.with(|s| (s.epoch(), s.export()));
+                let slot = Slot::Moved {
+                    to: successor.clone(),
+                    epoch: held,
+                    session_id: state.session_id.clone(),
+                    until,
+                    settled: false,
+                    staging: Some(handle.clone()),
+                };
+                self.put(openid, slot);
+                Ok(Some((state, None)))
+            }
+            // Claimed by another node while a drain stages it: the claimant
+            // gets the session (the staged copy never serves: the view will
+            // name the claimant, not the successor).
+            (
+                Some(Slot::Moved {
+                    staging: Some(handle),
+                    ..
+                }),
+                HandoverAsk::Peer { epoch, new_owner },
+            ) => {
+                let handle = handle.clone();
+                let (held, state) = handle.with(|s| (s.epoch(), s.export()));
+                if held >= *epoch {
+                    return Err(HandoverError::Fenced {
+                        held,
+                        asked: *epoch,
+                    });
+                }
+                let slot = Slot::Moved {
+                    to: new_owner.clone(),
+                    epoch: *epoch,
+                    session_id: state.session_id.clone(),
+                    until,
+                    settled: true,
+                    staging: None,
+                };
+                self.put(openid, slot);
+                Ok(Some((state, Some(handle))))
+            }
+            (
+                Some(Slot::Fenced {
+                    epoch: fenced_at,
+                    state,
+                    ..
+                }),
+                HandoverAsk::Peer { epoch, new_owner },
+            ) => {
+                if *epoch < *fenced_at {
+                    return Err(HandoverError::Fenced {
+                        held: *fenced_at,
+                        asked: *epoch,
+                    });
+                }
+                let state = (**state).clone();
+                let slot = Slot::Moved {
+                    to: new_owner.clone(),
+                    epoch: *epoch,
+                    session_id: state.session_id.clone(),
+                    until,
+                    settled: true,
+                    staging: None,
+                };
+                self.put(openid, slot);
+                Ok(Some((state, None)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A drain's staging of `openid` failed: the exported session `handle`
+    /// (unchanged since the export, since nothing reaches a moved session)
+    /// is served here again, unless the view (`view_owner`) moved on
+    /// meanwhile: then it is fenced at once, its state kept for the owner.
+    pub fn take_back(
+        &mut self,
+        now: Instant,
+        handle: H,
+        view_owner: Option<(&str, u64)>,
+    ) -> Vec<Command<H>> {
+        let openid = handle.identity().openid.clone();
+        if !matches!(self.slots.get(&openid), Some(Slot::Moved { staging: Some(h), .. }) if h.same(&handle))
+        {
+            return Vec::new();
+        }
+        self.put(
+            &openid,
+            Slot::Local {
+                handle,
+                holding: Holding::Owned,
+            },
+        );
+        match view_owner {
+            Some((owner, epoch)) => self.owner_changed(now, &openid, owner, epoch),
+            None => Vec::new(),
+        }
+    }
+
+    /// The successor holds the staged state of `openid`; `new_epoch` is the
+    /// epoch its ownership moved there at (the old one if the transfer did
+    /// not commit: the client's claim there settles it). Pushes now follow it.
+    pub fn staged(&mut self, openid: &str, new_epoch: u64) {
+        if let Some(Slot::Moved {
+            epoch,
+            settled,
+            staging,
+            ..
+        }) = self.slots.get_mut(openid)
+            && staging.is_some()
+        {
+            *epoch = (*epoch).max(new_epoch);
+            *settled = true;
+            *staging = None;
+        }
+    }
+
+    // ----- the view (level-triggered) -----
+
+    /// The view shows `owner` holding `openid` at `epoch` (a watch delta, a
+    /// claim answer, or one record of a snapshot). A local copy at an older
+    /// epoch owned elsewhere is fenced at once: it stops serving, its state
+    /// waits for the owner's Handover.
+    pub fn owner_changed(
+        &mut self,
+        now: Instant,
+        openid: &str,
+        owner: &str,
+        epoch: u64,
+    ) -> Vec<Command<H>> {
+        let mut out = Vec::new();
+        let me = self.me().to_string();
+        match self.slots.get_mut(openid) {
+            Some(Slot::Local { handle, holding }) => {
+                let held = handle.with(|s| s.epoch());
+                if epoch <= held {
+                    return out;
+                }
+                if owner == me {
+                    handle.with(|s| s.set_epoch(epoch));
+                    *holding = match std::mem::replace(holding, Holding::Owned) {
+                        Holding::Staged { .. } => Holding::Owned,
+                        other => other,
+                    };
+                    return out;
+                }
+                let handle = handle.clone();
+                let state = handle.with(|s| s.export());
+                let session_id = state.session_id.clone();
+                self.put(
+                    openid,
+                    Slot::Fenced {
+                        owner: owner.to_string(),
+                        epoch,
+                        state: Box::new(state),
+                        until: now + self.cfg.fenced_ttl,
+                    },
+                );
+                out.push(Command::Close {
+                    handle,
+                    code: ErrorCode::SessionReplaced,
+                    reason: "session owned by another node",
+                });
+                out.push(Command::Removed {
+                    openid: openid.to_string(),
+                    session_id,
+                    epoch: held,
+                    reason: "fenced",
+                    lost: 0,
+                });
+            }
+            Some(Slot::Moved { to, epoch: e, .. }) if epoch > *e && owner != me => {
+                *to = owner.to_string();
+                *e = epoch;
+            }
+            Some(Slot::Fenced {
+                owner: o, epoch: e, ..
+            }) if epoch > *e => {
+                *o = owner.to_string();
+                *e = epoch;
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// A Start finished attaching `handle` under a claim at `epoch` (which
+    /// may have taken a while: a handover, a recovery). The view may have
+    /// moved on meanwhile: compared with `view_owner` at once, so a session
+    /// claimed away during the Start is fenced, not served at an old epoch.
+    pub fn claimed(
+        &mut self,
+        now: Instant,
+        handle: &H,
+        epoch: u64,
+        view_owner: Option<(&str, u64)>,
+    ) -> Vec<Command<H>> {
+        if !self.is_current(handle) {
+            return Vec::new();
+        }
+        handle.with(|s| s.set_epoch(epoch));
+        match view_owner {
+            Some((owner, e)) => {
+                let openid = handle.identity().openid.clone();
+                self.owner_changed(now, &openid, owner, e)
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// A whole view (a watch snapshot, a resync): every local session is
+    /// compared with `owner_of` its openid, as [`Table::owner_changed`] does.
+    pub fn reconcile(
+        &mut self,
+        now: Instant,
+        owner_of: impl Fn(&str) -> Option<(String, u64)>,
+    ) -> Vec<Command<H>> {
+        let locals: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Local { .. }))
+            .map(|(o, _)| o.clone())
+            .collect();
+        // In a stable order: the commands come out the same every run.
+        let mut locals = locals;
+        locals.sort_unstable();
+        let mut out = Vec::new();
+        for openid in locals {
+            if let Some((owner, epoch)) = owner_of(&openid) {
+                out.extend(self.owner_changed(now, &openid, &owner, epoch));
+            }
+        }
+        out
+    }
+
+    // ----- traffic -----
+
+    /// A push for `target`. `view_owner` is the owner the view shows for the
+    /// openid (if any): a local copy older than it is fenced first, so a
+    /// stale owner never answers OK. The shell passes it for pushes from an
+    /// upstream, not for pushes another node forwarded here (that node
+    /// followed its own slot; a staged copy takes them).
+    pub fn push(
+        &mut self,
+        now: Instant,
+        target: Target<'_>,
+        msg: PushMessage,
+        view_owner: Option<(&str, u64)>,
+    ) -> (PushOutcome<H>, Vec<Command<H>>) {
+        let Some(openid) = self.resolve(target).map(str::to_string) else {
+            return (PushOutcome::Absent, Vec::new());
+        };
+        let mut out = Vec::new();
+        if let Some((owner, epoch)) = view_owner {
+            out = self.owner_changed(now, &openid, owner, epoch);
+        }
+        let me = self.me().to_string();
+        let outcome = match self.slots.get(&openid) {
+            // A staged copy serves once the view names this node: until then
+            // the drainer may still take it back (its staging timed out), so
+            // a push straight from an upstream goes to the view's owner.
+            Some(Slot::Local {
+                holding: Holding::Staged { .. },
+                ..
+            }) if view_owner.is_some_and(|(o, _)| o != me) => PushOutcome::Forward {
+                to: view_owner.map(|(o, _)| o.to_string()).unwrap_or_default(),
+            },
+            Some(Slot::Local { handle, .. }) => {
+                let handle = handle.clone();
+                if let Target::Session(sid) = target
+                    && handle.identity().session_id != sid
+                {
+                    return (PushOutcome::Absent, out);
+                }
+                let result = handle.with(|s| s.push(now, msg));
+                match result {
+                    Ok(seq_id) => {
+                        self.arm(&openid);
+                        PushOutcome::Queued {
+                            seq_id,
+                            session_id: handle.identity().session_id.clone(),
+                            handle,
+                        }
+                    }
+                    Err(error) => PushOutcome::Refused { error, handle },
+                }
+            }
+            Some(Slot::Incoming { .. }) => PushOutcome::Wait,
+            Some(Slot::Moved { settled: false, .. }) => PushOutcome::Wait,
+            Some(Slot::Moved { to, .. }) => PushOutcome::Forward { to: to.clone() },
+            Some(Slot::Fenced { owner, .. }) => PushOutcome::Forward { to: owner.clone() },
+            None => PushOutcome::Absent,
+        };
+        (outcome, out)
+    }
+
+    /// A client request arrived on the connection of session `handle`.
+    pub fn begin_request(&mut self, handle: &H, seq_id: u64) -> RequestOutcome {
+        if !self.is_current(handle) {
+            return RequestOutcome::NotHere;
+        }
+        RequestOutcome::Here(handle.with(|s| s.begin_request(seq_id)))
+    }
+
+    /// A client ack on the connection of session `handle`; `None` if the
+    /// session is no longer served here (the ack is moot: its state left).
+    pub fn ack(
+        &mut self,
+        now: Instant,
+        handle: &H,
+        seq: u64,
+    ) -> Option<Result<AckOutcome, AckError>> {
+        if !self.is_current(handle) {
+            return None;
+        }
+        let r = handle.with(|s| s.on_ack(now, seq));
+        self.rearm(handle);
+        Some(r)
+    }
+
+    /// The next push to send on the connection of `handle`, if it is served here.
+    pub fn poll_transmit(&mut self, now: Instant, handle: &H) -> Option<ServerPush> {
+        if !self.is_current(handle) {
+            return None;
+        }
+        let p = handle.with(|s| s.poll_transmit(now));
+        self.rearm(handle);
+        p
+    }
+
+    /// The connection of `handle` is gone: the session's expiry starts.
+    pub fn detach(&mut self, now: Instant, handle: &H) {
+        handle.with(|s| {
+            if s.is_attached() {
+                s.detach(now);
+            }
+        });
+        self.rearm(handle);
+    }
+
+    /// A local session ended here (Stop, ...): forgotten, pushes counted lost.
+    pub fn remove(&mut self, handle: &H, reason: &'static str) -> Vec<Command<H>> {
+        let mut out = Vec::new();
+        if self.is_current(handle) {
+            let lost = handle.with(|s| s.stats().unacked);
+            let openid = handle.identity().openid.clone();
+            self.drop_local(&openid, reason, lost, &mut out);
+        }
+        out
+    }
+
+    /// The holding of `openid`'s local session.
+    pub fn holding(&self, openid: &str) -> Option<&Holding> {
+        match self.slots.get(openid) {
+            Some(Slot::Local { holding, .. }) => Some(holding),
+            _ => None,
+        }
+    }
+}

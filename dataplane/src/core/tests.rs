@@ -1,0 +1,504 @@
+//! The table's rules, one test each, without a network or a clock.
+
+use std::time::{Duration, Instant};
+
+use gatesvr_proto::client::ErrorCode;
+use gatesvr_proto::control::NodeState;
+
+use super::*;
+use crate::session::{PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity};
+
+fn cell(openid: &str, sid: &str, now: Instant, epoch: u64) -> PlainCell {
+    let id = SessionIdentity {
+        session_id: sid.into(),
+        openid: openid.into(),
+        zone: "001".into(),
+    };
+    let mut s = Session::new(id, SessionConfig::default(), now);
+    s.set_epoch(epoch);
+    PlainCell::new(s)
+}
+
+fn msg(n: u64) -> PushMessage {
+    PushMessage {
+        content: format!("m{n}"),
+        ..Default::default()
+    }
+}
+
+fn table() -> Table<PlainCell> {
+    let mut t = Table::new("dp-1", TableConfig::default());
+    for (id, state) in [
+        ("dp-1", NodeState::Active),
+        ("dp-2", NodeState::Active),
+        ("dp-3", NodeState::Draining),
+        ("dp-4", NodeState::Left),
+        ("dp-5", NodeState::Dead),
+    ] {
+        t.members_mut().put(Member {
+            node_id: id.into(),
+            state,
+            grpc_addr: format!("{id}:1"),
+            quic_addr: format!("{id}:2"),
+        });
+    }
+    t
+}
+
+fn queued<H>(o: &PushOutcome<H>) -> Option<u64> {
+    match o {
+        PushOutcome::Queued { seq_id, .. } => Some(*seq_id),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_push_after_a_handover_is_forwarded_never_queued_on_the_export() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 3);
+    t.start(c.clone(), Holding::Owned, "replaced");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+    let (state, handle) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 4,
+                new_owner: "dp-2".into(),
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.pushes.len(), 1);
+    assert!(handle.is_some());
+    let (o, _) = t.push(now, Target::Openid("u"), msg(2), None);
+    assert!(
+        matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"),
+        "{o:?}"
+    );
+    let (o, _) = t.push(now, Target::Session("s"), msg(3), None);
+    assert!(
+        matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"),
+        "{o:?}"
+    );
+    // Nothing reached the exported session.
+    assert_eq!(c.with(|s| s.stats().unacked), 1);
+}
+
+#[test]
+fn a_request_on_a_moved_session_is_not_executed() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 3);
+    t.start(c.clone(), Holding::Owned, "replaced");
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(t.begin_request(&c, 1), RequestOutcome::NotHere);
+    assert_eq!(c.with(|s| s.stats().requests_in_flight), 0);
+}
+
+#[test]
+fn a_request_on_a_local_session_is_the_sessions_decision() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 3);
+    t.start(c.clone(), Holding::Owned, "replaced");
+    assert_eq!(
+        t.begin_request(&c, 1),
+        RequestOutcome::Here(RequestDisposition::Execute)
+    );
+    assert_eq!(
+        t.begin_request(&c, 1),
+        RequestOutcome::Here(RequestDisposition::InFlight)
+    );
+}
+
+#[test]
+fn a_handover_without_an_epoch_is_refused() {
+    let now = Instant::now();
+    let mut t = table();
+    t.start(cell("u", "s", now, 3), Holding::Owned, "replaced");
+    let r = t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Peer {
+            epoch: 0,
+            new_owner: "x".into(),
+        },
+    );
+    assert_eq!(r.unwrap_err(), HandoverError::NoEpoch);
+    assert_eq!(t.slot("u").unwrap().name(), "local");
+}
+
+#[test]
+fn a_handover_at_an_older_or_equal_epoch_is_fenced() {
+    let now = Instant::now();
+    let mut t = table();
+    t.start(cell("u", "s", now, 5), Holding::Owned, "replaced");
+    for asked in [4, 5] {
+        let r = t.hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: asked,
+                new_owner: "dp-2".into(),
+            },
+        );
+        assert_eq!(r.unwrap_err(), HandoverError::Fenced { held: 5, asked });
+    }
+}
+
+#[test]
+fn the_view_fences_an_older_local_copy_at_once_and_keeps_its_state_for_the_owner() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 3);
+    t.start(c.clone(), Holding::Owned, "replaced");
+    t.push(now, Target::Openid("u"), msg(1), None);
+    let cmds = t.owner_changed(now, "u", "dp-2", 7);
+    assert!(cmds.iter().any(|c| matches!(
+        c,
+        Command::Close {
+            code: ErrorCode::SessionReplaced,
+            ..
+        }
+    )));
+    assert_eq!(t.slot("u").unwrap().name(), "fenced");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(2), None);
+    assert!(matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"));
+    // The owner's late Handover gets the state with the push accepted before.
+    let (state, _) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 7,
+                new_owner: "dp-2".into(),
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.pushes.len(), 1);
+    assert_eq!(t.slot("u").unwrap().name(), "moved");
+}
+
+#[test]
+fn a_snapshot_fences_like_a_delta() {
+    let now = Instant::now();
+    let mut t = table();
+    t.start(cell("a", "sa", now, 3), Holding::Owned, "r");
+    t.start(cell("b", "sb", now, 3), Holding::Owned, "r");
+    let cmds = t.reconcile(now, |o| match o {
+        "a" => Some(("dp-2".into(), 9)),
+        "b" => Some(("dp-1".into(), 3)),
+        _ => None,
+    });
+    assert_eq!(t.slot("a").unwrap().name(), "fenced");
+    assert_eq!(t.slot("b").unwrap().name(), "local");
+    assert_eq!(
+        cmds.iter()
+            .filter(|c| matches!(c, Command::Close { .. }))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn a_push_compares_the_epoch_with_the_view_before_queueing() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 3);
+    t.start(c.clone(), Holding::Owned, "r");
+    let (o, cmds) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-2", 4)));
+    assert!(
+        matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"),
+        "{o:?}"
+    );
+    assert!(!cmds.is_empty());
+    assert_eq!(c.with(|s| s.stats().unacked), 0);
+    // The view naming us at a newer epoch is ours: adopted.
+    let c2 = cell("v", "s2", now, 3);
+    t.start(c2.clone(), Holding::Owned, "r");
+    let (o, _) = t.push(now, Target::Openid("v"), msg(1), Some(("dp-1", 8)));
+    assert_eq!(queued(&o), Some(1));
+    assert_eq!(c2.with(|s| s.epoch()), 8);
+}
+
+#[test]
+fn install_refuses_a_state_older_than_the_copy_known() {
+    let now = Instant::now();
+    let mut t = table();
+    t.start(cell("u", "s", now, 6), Holding::Owned, "r");
+    let r = t.install(cell("u", "s", now, 0), 5, Holding::Owned, None);
+    assert_eq!(
+        r.unwrap_err(),
+        InstallError::Stale {
+            held: 6,
+            offered: 5
+        }
+    );
+    // Older than the owner the view shows elsewhere: refused too.
+    let mut t = table();
+    let r = t.install(cell("x", "s", now, 0), 5, Holding::Owned, Some(("dp-2", 9)));
+    assert!(r.is_err());
+    // Newer: installed, the old local copy's connection closed.
+    let mut t = table();
+    t.start(cell("u", "s", now, 6), Holding::Owned, "r");
+    let cmds = t
+        .install(cell("u", "s", now, 0), 7, Holding::Owned, None)
+        .unwrap();
+    assert_eq!(cmds.len(), 1);
+    assert_eq!(t.local("u").unwrap().with(|s| s.epoch()), 7);
+}
+
+#[test]
+fn fenced_and_moved_slots_are_pruned_by_their_deadline() {
+    let now = Instant::now();
+    let cfg = TableConfig::default();
+    let mut t = table();
+    t.start(cell("a", "sa", now, 1), Holding::Owned, "r");
+    t.start(cell("b", "sb", now, 1), Holding::Owned, "r");
+    t.owner_changed(now, "a", "dp-2", 2);
+    t.hand_over(
+        now,
+        "b",
+        HandoverAsk::Peer {
+            epoch: 2,
+            new_owner: "dp-2".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(t.slot_count(), 2);
+    assert_eq!(t.poll_timeout(), Some(now + cfg.fenced_ttl));
+    t.tick(now + cfg.fenced_ttl);
+    assert!(t.slot("a").is_none());
+    t.tick(now + cfg.moved_ttl);
+    assert!(t.slot("b").is_none());
+    assert!(t.openid_of("sb").is_none());
+    assert_eq!(t.poll_timeout(), None);
+}
+
+#[test]
+fn a_removed_recovered_session_leaves_nothing_behind() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "new", now, 4);
+    t.install(
+        c.clone(),
+        4,
+        Holding::Recovered {
+            old_session_id: "old".into(),
+        },
+        None,
+    )
+    .unwrap();
+    assert!(matches!(t.holding("u"), Some(Holding::Recovered { .. })));
+    let cmds = t.remove(&c, "stopped");
+    assert!(matches!(
+        cmds.as_slice(),
+        [Command::Removed {
+            reason: "stopped",
+            ..
+        }]
+    ));
+    assert_eq!(t.slot_count(), 0);
+    assert!(t.holding("u").is_none());
+}
+
+#[test]
+fn a_detached_session_expires_from_the_next_deadline_not_a_sweep() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 1);
+    t.start(c.clone(), Holding::Owned, "r");
+    t.push(now, Target::Openid("u"), msg(1), None);
+    let due = t.poll_timeout().expect("expiry armed");
+    assert_eq!(due, now + SessionConfig::default().session_timeout);
+    assert!(t.tick(due - Duration::from_millis(1)).is_empty());
+    let cmds = t.tick(due);
+    assert!(matches!(
+        cmds.as_slice(),
+        [Command::Removed {
+            reason: "expired",
+            lost: 1,
+            ..
+        }]
+    ));
+    assert_eq!(t.local_count(), 0);
+}
+
+#[test]
+fn a_drain_stage_holds_pushes_until_settled_and_can_be_taken_back() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap()
+    .unwrap();
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert!(matches!(o, PushOutcome::Wait));
+    t.take_back(now, c.clone(), None);
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap();
+    t.staged("u", 3);
+    let (o, _) = t.push(now, Target::Openid("u"), msg(2), None);
+    assert!(matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"));
+}
+
+#[test]
+fn departed_nodes_are_never_live() {
+    let t = table();
+    let m = t.members();
+    assert!(m.is_live("dp-2") && m.is_live("dp-3"));
+    assert!(!m.is_live("dp-4") && !m.is_live("dp-5"));
+    let ids = |v: Vec<&Member>| v.iter().map(|m| m.node_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(m.fan_out()), ["dp-2", "dp-3"]);
+    assert_eq!(ids(m.recovery_sources("dp-2")), ["dp-3"]);
+    assert_eq!(ids(m.successors()), ["dp-2"]);
+    assert_eq!(m.standby_for().unwrap().node_id, "dp-2");
+}
+
+#[test]
+fn a_silent_live_owner_is_not_taken_for_gone() {
+    let t = table();
+    let m = t.members();
+    assert_eq!(
+        m.after_failed_handover("dp-2", Reach::NoAnswer),
+        AfterHandover::OwnerSilent
+    );
+    assert_eq!(
+        m.after_failed_handover("dp-4", Reach::NoAnswer),
+        AfterHandover::OwnerGone
+    );
+    assert_eq!(
+        m.after_failed_handover("dp-2", Reach::Down),
+        AfterHandover::OwnerGone
+    );
+    assert_eq!(
+        m.after_failed_handover("dp-2", Reach::Answered),
+        AfterHandover::UseAnswer
+    );
+}
+
+#[test]
+fn a_duplicated_install_of_the_same_copy_keeps_the_pushes_queued_since() {
+    let now = Instant::now();
+    let mut t = table();
+    let staged = || Holding::Staged {
+        from: "dp-2".into(),
+    };
+    t.install(cell("u", "s", now, 0), 4, staged(), None)
+        .unwrap();
+    t.push(now, Target::Openid("u"), msg(1), None);
+    let again = t.install(cell("u", "s", now, 0), 4, staged(), None);
+    assert_eq!(again.unwrap_err(), InstallError::AlreadyHere { epoch: 4 });
+    assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 1);
+    // A handover answer at the claim's epoch replaces it (the owner's state).
+    t.install(cell("u", "s", now, 0), 4, Holding::Owned, None)
+        .unwrap();
+    assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 0);
+}
+
+#[test]
+fn a_staged_copy_sends_upstream_pushes_to_the_views_owner_until_it_is_named() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 0);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        Some(("dp-2", 5)),
+    )
+    .unwrap();
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-2", 5)));
+    assert!(
+        matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"),
+        "{o:?}"
+    );
+    // Forwarded by the drainer (no view compare): taken.
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+    // The transfer names this node: it serves.
+    t.owner_changed(now, "u", "dp-1", 6);
+    assert_eq!(t.holding("u"), Some(&Holding::Owned));
+    let (o, _) = t.push(now, Target::Openid("u"), msg(2), Some(("dp-1", 6)));
+    assert_eq!(queued(&o), Some(2));
+}
+
+#[test]
+fn a_copy_taken_back_after_the_view_moved_on_is_fenced() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap();
+    let cmds = t.take_back(now, c.clone(), Some(("dp-3", 9)));
+    assert_eq!(t.slot("u").unwrap().name(), "fenced");
+    assert!(cmds.iter().any(|c| matches!(c, Command::Close { .. })));
+}
+
+#[test]
+fn a_claim_during_a_drains_staging_gets_the_session() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    t.push(now, Target::Openid("u"), msg(1), None);
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap();
+    let (state, handle) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 3,
+                new_owner: "dp-3".into(),
+            },
+        )
+        .unwrap()
+        .expect("the staging session is handed over");
+    assert_eq!(state.pushes.len(), 1);
+    assert!(handle.is_some());
+    // The staging then fails: nothing is taken back (it left for dp-3).
+    t.take_back(now, c, None);
+    assert_eq!(t.slot("u").unwrap().name(), "moved");
+}

@@ -1,0 +1,1282 @@
+//! One simulated data-plane node: the real session table and replica store,
+//! and a shell that does with the table's commands what the data plane's
+//! shell does (claim, handover, stage, replicate, recover, drain), over the
+//! simulated network.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use gatesvr_controlplane::state::{Cmd, CmdResult};
+use gatesvr_dataplane::core::{
+    AfterHandover, Command, Holding, PlainCell, PushOutcome, Reach, RequestOutcome, SessionCell,
+    Table, TableConfig, Target,
+};
+use gatesvr_dataplane::replica::{Recovery, ReplicaStore};
+use gatesvr_dataplane::session::{
+    PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
+};
+use gatesvr_proto::client::{ClientResponse, ErrorCode, ResumeStatus};
+use gatesvr_proto::control::DataPlaneNode;
+use gatesvr_proto::peer::{FetchReplicaResponse, ReplicateRequest};
+use gatesvr_proto::session::SessionState;
+use rand::Rng;
+
+use super::world::{Body, End, Ms, PATIENCE_MS, PEER_TIMEOUT_MS, Timer, Watch, World};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Handover,
+    Recover,
+}
+
+struct PendingStart {
+    req: u64,
+    client: usize,
+    conn: u64,
+    session_id: String,
+    new_id: String,
+    last_acked: u64,
+    epoch: u64,
+    previous: String,
+    phase: Phase,
+    give_up: Ms,
+    gathered: Vec<FetchReplicaResponse>,
+    waiting: HashSet<String>,
+}
+
+pub struct SimNode {
+    pub incarnation: u64,
+    pub alive: bool,
+    pub draining: bool,
+    pub left: bool,
+    pub needs_resync: bool,
+    pub watch_tail: Ms,
+    pub table: Table<PlainCell>,
+    view_owners: HashMap<String, (String, u64)>,
+    view_nodes: BTreeMap<String, DataPlaneNode>,
+    /// openid -> (client, connection, session handle).
+    pub attached: HashMap<String, (usize, u64, PlainCell)>,
+    replicas: ReplicaStore,
+    starts: HashMap<String, PendingStart>,
+    durable: HashMap<u64, (u64, String)>,
+    stages: HashMap<String, (u64, PlainCell, String, u64)>,
+    drain_queue: VecDeque<String>,
+    drain_deadline: Ms,
+    tracked: HashMap<String, (String, String)>,
+    executing: HashMap<(String, u64), PlainCell>,
+    table_timer: Option<Ms>,
+}
+
+fn session_config() -> SessionConfig {
+    SessionConfig::default()
+}
+
+impl SimNode {
+    pub fn new(name: &str, incarnation: u64) -> Self {
+        let cfg = TableConfig {
+            incoming_ttl: Duration::from_millis(PEER_TIMEOUT_MS * 2),
+            ..TableConfig::default()
+        };
+        Self {
+            incarnation,
+            alive: true,
+            draining: false,
+            left: false,
+            needs_resync: false,
+            watch_tail: 0,
+            table: Table::new(name, cfg),
+            view_owners: HashMap::new(),
+            view_nodes: BTreeMap::new(),
+            attached: HashMap::new(),
+            replicas: ReplicaStore::new(Duration::from_secs(3600), 1024),
+            starts: HashMap::new(),
+            durable: HashMap::new(),
+            stages: HashMap::new(),
+            drain_queue: VecDeque::new(),
+            drain_deadline: 0,
+            tracked: HashMap::new(),
+            executing: HashMap::new(),
+            table_timer: None,
+        }
+    }
+
+    fn owner(&self, openid: &str) -> Option<(&str, u64)> {
+        self.view_owners.get(openid).map(|(n, e)| (n.as_str(), *e))
+    }
+}
+
+fn import(state: SessionState, w: &World) -> Option<PlainCell> {
+    Session::import(state, w.instant(), session_config())
+        .ok()
+        .map(PlainCell::new)
+}
+
+impl World {
+    fn node(&mut self, name: &str) -> &mut SimNode {
+        // Only called for a node that `dispatch` found alive.
+        self.nodes.get_mut(name).expect("node exists")
+    }
+
+    pub fn node_event(&mut self, name: &str, from: End, body: Body) -> Result<(), String> {
+        match body {
+            Body::Start {
+                conn,
+                openid,
+                session_id,
+                last_acked,
+            } => {
+                if let End::Client(c) = from {
+                    self.on_start(name, c, conn, openid, session_id, last_acked);
+                }
+            }
+            Body::HandoverReply { openid, req, state } => {
+                self.on_handover_reply(name, &openid, req, state.map(|s| *s))
+            }
+            Body::Handover { openid, epoch, req } => {
+                if let End::Node(asker) = from {
+                    self.on_handover(name, &asker, &openid, epoch, req);
+                }
+            }
+            Body::Bounce { to_node, original } => self.on_bounce(name, &to_node, *original),
+            Body::FetchReplica {
+                openid,
+                session_id,
+                req,
+            } => {
+                let resp = self.node(name).replicas.fetch(&openid, &session_id);
+                if let End::Node(asker) = from {
+                    self.send(
+                        End::Node(name.into()),
+                        End::Node(asker),
+                        Body::FetchReply {
+                            req,
+                            resp: Box::new(resp),
+                        },
+                    );
+                }
+            }
+            Body::FetchReply { req, resp } => {
+                if let End::Node(from) = from {
+                    self.on_fetch_reply(name, &from, req, *resp);
+                }
+            }
+            Body::Ack {
+                openid,
+                session_id,
+                seq,
+            } => {
+                let now = self.instant();
+                let node = self.node(name);
+                if let Some((_, _, h)) = node.attached.get(&openid).cloned()
+                    && h.identity().session_id == session_id
+                {
+                    let _ = node.table.ack(now, &h, seq);
+                }
+            }
+            Body::Request {
+                conn,
+                openid,
+                session_id,
+                seq,
+            } => self.on_request(name, conn, &openid, &session_id, seq)?,
+            Body::UpPush { .. } => self.on_up_push(name, body)?,
+            Body::Replicate { req, wait } => {
+                let ok = self.node(name).replicas.apply(*req).is_ok();
+                if let (Some(wait), End::Node(owner)) = (wait, from) {
+                    self.send(
+                        End::Node(name.into()),
+                        End::Node(owner),
+                        Body::ReplicateAck { wait, ok },
+                    );
+                }
+            }
+            Body::ReplicateAck { wait, ok } => {
+                if let Some((id, openid)) = self.node(name).durable.remove(&wait) {
+                    self.reply_up(id, openid, true, ok);
+                }
+            }
+            Body::Stage { state, epoch, req } => {
+                let openid = state.openid.clone();
+                let ok = match import(*state, self) {
+                    Some(cell) => {
+                        let node = self.node(name);
+                        let owner = node.owner(&openid).map(|(n, e)| (n.to_string(), e));
+                        let from_node = match &from {
+                            End::Node(n) => n.clone(),
+                            _ => String::new(),
+                        };
+                        let r = node.table.install(
+                            cell,
+                            epoch,
+                            Holding::Staged { from: from_node },
+                            owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+                        );
+                        match r {
+                            Ok(cmds) => {
+                                self.carry(name, cmds);
+                                true
+                            }
+                            Err(gatesvr_dataplane::core::InstallError::AlreadyHere { .. }) => true,
+                            Err(_) => false,
+                        }
+                    }
+                    None => false,
+                };
+                if let End::Node(drainer) = from {
+                    self.send(
+                        End::Node(name.into()),
+                        End::Node(drainer),
+                        Body::StageAck { openid, req, ok },
+                    );
+                }
+            }
+            Body::StageAck { openid, req, ok } => self.on_stage_ack(name, &openid, req, ok),
+            Body::Watch(w) => self.on_watch(name, w),
+            Body::Timer(t) => self.on_timer(name, t)?,
+            _ => {}
+        }
+        self.arm_table_timer(name);
+        Ok(())
+    }
+
+    fn arm_table_timer(&mut self, name: &str) {
+        let base = self.base;
+        let now = self.now;
+        let node = self.node(name);
+        let Some(at) = node.table.poll_timeout() else {
+            return;
+        };
+        let at_ms = (at.saturating_duration_since(base).as_millis() as Ms).max(now);
+        if node.table_timer.is_some_and(|t| t <= at_ms && t >= now) {
+            return;
+        }
+        node.table_timer = Some(at_ms);
+        self.timer(name, at_ms - now, Timer::Table);
+    }
+
+    /// Carries out the table's commands.
+    fn carry(&mut self, name: &str, commands: Vec<Command<PlainCell>>) {
+        for c in commands {
+            match c {
+                Command::Wake(h) => self.pump(name, &h.identity().openid.clone()),
+                Command::Close { handle, .. } => self.close_client(name, &handle),
+                Command::Removed { .. } => {}
+            }
+        }
+    }
+
+    fn close_client(&mut self, name: &str, handle: &PlainCell) {
+        let now = self.instant();
+        let openid = handle.identity().openid.clone();
+        let node = self.node(name);
+        if let Some((client, conn, h)) = node.attached.get(&openid).cloned()
+            && h.same(handle)
+        {
+            node.attached.remove(&openid);
+            node.table.detach(now, &h);
+            self.send(
+                End::Node(name.into()),
+                End::Client(client),
+                Body::Closed { conn },
+            );
+        }
+    }
+
+    /// Sends the pushes the attached session has ready.
+    fn pump(&mut self, name: &str, openid: &str) {
+        let now = self.instant();
+        let node = self.node(name);
+        let Some((client, conn, h)) = node.attached.get(openid).cloned() else {
+            return;
+        };
+        let mut out = Vec::new();
+        while let Some(p) = node.table.poll_transmit(now, &h) {
+            out.push(p);
+        }
+        for push in out {
+            self.send(
+                End::Node(name.into()),
+                End::Client(client),
+                Body::Push { conn, push },
+            );
+        }
+    }
+
+    // ----- Start -----
+
+    fn on_start(
+        &mut self,
+        name: &str,
+        client: usize,
+        conn: u64,
+        openid: String,
+        session_id: String,
+        last_acked: u64,
+    ) {
+        let node = self.node(name);
+        if node.draining || !self.cp_reachable(name) {
+            // Draining, or no claim possible (the sim has no provisional
+            // sessions): the client goes elsewhere or tries later.
+            self.send(
+                End::Node(name.into()),
+                End::Client(client),
+                Body::Refused { conn },
+            );
+            return;
+        }
+        let new_id = format!("s{}", self.id());
+        let claimed = if session_id.is_empty() {
+            new_id.clone()
+        } else {
+            session_id.clone()
+        };
+        let r = self.cp_apply(Cmd::Claim {
+            node_id: name.into(),
+            openid: openid.clone(),
+            session_id: claimed,
+        });
+        let CmdResult::Owned {
+            owner,
+            previous_owner,
+            ..
+        } = r
+        else {
+            self.send(
+                End::Node(name.into()),
+                End::Client(client),
+                Body::Refused { conn },
+            );
+            return;
+        };
+        let epoch = owner.epoch;
+        let now = self.instant();
+        let node = self.node(name);
+        // The claim's answer is recorded at once (pushes route right).
+        if node
+            .view_owners
+            .get(&openid)
+            .is_none_or(|(_, e)| *e < epoch)
+        {
+            node.view_owners
+                .insert(openid.clone(), (name.to_string(), epoch));
+        }
+        let cmds = node.table.owner_changed(now, &openid, name, epoch);
+        self.carry(name, cmds);
+        let req = self.id();
+        let mut pending = PendingStart {
+            req,
+            client,
+            conn,
+            session_id,
+            new_id,
+            last_acked,
+            epoch,
+            previous: String::new(),
+            phase: Phase::Handover,
+            give_up: self.now + PATIENCE_MS,
+            gathered: Vec::new(),
+            waiting: HashSet::new(),
+        };
+        match previous_owner.filter(|p| p != name) {
+            Some(previous) => {
+                pending.previous = previous.clone();
+                let node = self.node(name);
+                node.table.begin_incoming(now, &openid);
+                node.starts.insert(openid.clone(), pending);
+                self.send(
+                    End::Node(name.into()),
+                    End::Node(previous),
+                    Body::Handover {
+                        openid: openid.clone(),
+                        epoch,
+                        req,
+                    },
+                );
+                self.timer(name, PEER_TIMEOUT_MS, Timer::StartDeadline { openid, req });
+            }
+            None => self.finish_start(name, &openid, pending, None),
+        }
+    }
+
+    fn on_handover(&mut self, name: &str, asker: &str, openid: &str, epoch: u64, req: u64) {
+        let now = self.instant();
+        let node = self.node(name);
+        let r = node.table.hand_over(
+            now,
+            openid,
+            gatesvr_dataplane::core::HandoverAsk::Peer {
+                epoch,
+                new_owner: asker.into(),
+            },
+        );
+        let state = match r {
+            Ok(Some((state, handle))) => {
+                if let Some(h) = handle {
+                    self.close_client(name, &h);
+                }
+                Some(Box::new(state))
+            }
+            _ => None,
+        };
+        self.send(
+            End::Node(name.into()),
+            End::Node(asker.into()),
+            Body::HandoverReply {
+                openid: openid.into(),
+                req,
+                state,
+            },
+        );
+    }
+
+    fn on_handover_reply(
+        &mut self,
+        name: &str,
+        openid: &str,
+        req: u64,
+        state: Option<SessionState>,
+    ) {
+        let node = self.node(name);
+        let Some(p) = node.starts.remove(openid) else {
+            return;
+        };
+        if p.req != req || p.phase != Phase::Handover {
+            self.node(name).starts.insert(openid.into(), p);
+            return;
+        }
+        if let Some(state) = state
+            && let Some(cell) = import(state, self)
+        {
+            let node = self.node(name);
+            let owner = node.owner(openid).map(|(n, e)| (n.to_string(), e));
+            if let Ok(cmds) = node.table.install(
+                cell,
+                p.epoch,
+                Holding::Owned,
+                owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+            ) {
+                self.carry(name, cmds);
+            }
+        }
+        self.node(name).table.end_incoming(openid);
+        self.finish_start(name, openid, p, None);
+    }
+
+    fn on_bounce(&mut self, name: &str, to_node: &str, original: Body) {
+        match original {
+            Body::Handover { openid, req, .. } => {
+                self.handover_failed(name, &openid, req, to_node, Reach::Down)
+            }
+            Body::Replicate { wait: Some(w), .. } => {
+                if let Some((id, openid)) = self.node(name).durable.remove(&w) {
+                    self.reply_up(id, openid, true, false);
+                }
+            }
+            Body::Stage { state, req, .. } => self.on_stage_ack(name, &state.openid, req, false),
+            Body::FetchReplica { req, .. } => {
+                self.on_fetch_reply(name, to_node, req, FetchReplicaResponse::default())
+            }
+            Body::UpPush {
+                id,
+                openid,
+                durable,
+                ..
+            } => self.reply_up(id, openid, durable, false),
+            _ => {}
+        }
+    }
+
+    /// The previous owner did not answer the handover: the core's members
+    /// decide what its silence means.
+    fn handover_failed(&mut self, name: &str, openid: &str, req: u64, owner: &str, reach: Reach) {
+        let node = self.node(name);
+        let Some(mut p) = node.starts.remove(openid) else {
+            return;
+        };
+        if p.req != req || p.phase != Phase::Handover {
+            node.starts.insert(openid.into(), p);
+            return;
+        }
+        match node.table.members().after_failed_handover(owner, reach) {
+            AfterHandover::OwnerGone if !p.session_id.is_empty() => {
+                p.phase = Phase::Recover;
+                let sources: Vec<String> = node
+                    .table
+                    .members()
+                    .recovery_sources(owner)
+                    .into_iter()
+                    .map(|m| m.node_id.clone())
+                    .collect();
+                let own = node.replicas.fetch(openid, &p.session_id);
+                p.gathered.push(own);
+                p.waiting = sources.iter().cloned().collect();
+                p.req = self.id();
+                let (req, sid) = (p.req, p.session_id.clone());
+                let done = p.waiting.is_empty();
+                self.node(name).starts.insert(openid.into(), p);
+                if done {
+                    self.finish_recovery(name, openid);
+                    return;
+                }
+                for s in sources {
+                    self.send(
+                        End::Node(name.into()),
+                        End::Node(s),
+                        Body::FetchReplica {
+                            openid: openid.into(),
+                            session_id: sid.clone(),
+                            req,
+                        },
+                    );
+                }
+                self.timer(
+                    name,
+                    PEER_TIMEOUT_MS,
+                    Timer::StartDeadline {
+                        openid: openid.into(),
+                        req,
+                    },
+                );
+            }
+            AfterHandover::OwnerSilent if self.now < p.give_up => {
+                // Ask again: only its lease tells a silent owner from a dead one.
+                p.req = self.id();
+                let (req, epoch) = (p.req, p.epoch);
+                self.node(name).starts.insert(openid.into(), p);
+                self.send(
+                    End::Node(name.into()),
+                    End::Node(owner.into()),
+                    Body::Handover {
+                        openid: openid.into(),
+                        epoch,
+                        req,
+                    },
+                );
+                self.timer(
+                    name,
+                    PEER_TIMEOUT_MS,
+                    Timer::StartDeadline {
+                        openid: openid.into(),
+                        req,
+                    },
+                );
+            }
+            _ => {
+                let node = self.node(name);
+                node.table.end_incoming(openid);
+                self.finish_start(name, openid, p, None);
+            }
+        }
+    }
+
+    fn on_fetch_reply(&mut self, name: &str, from: &str, req: u64, resp: FetchReplicaResponse) {
+        let node = self.node(name);
+        let Some(p) = node
+            .starts
+            .get_mut(openid_of(&node.starts, req).as_deref().unwrap_or(""))
+        else {
+            return;
+        };
+        if p.phase != Phase::Recover || !p.waiting.remove(from) {
+            return;
+        }
+        p.gathered.push(resp);
+        if p.waiting.is_empty()
+            && let Some(openid) = openid_of(&node.starts, req)
+        {
+            self.finish_recovery(name, &openid);
+        }
+    }
+
+    /// Merges the replicas gathered (as `replica::merge` does) and rebuilds
+    /// the session for the Start.
+    fn finish_recovery(&mut self, name: &str, openid: &str) {
+        let node = self.node(name);
+        let Some(p) = node.starts.remove(openid) else {
+            return;
+        };
+        let found: Vec<&FetchReplicaResponse> = p.gathered.iter().filter(|r| r.found).collect();
+        let mut rebuilt = None;
+        if !found.is_empty() {
+            let mut recovery = Recovery {
+                session_id: p.session_id.clone(),
+                zone: found[0].zone.clone(),
+                ..Default::default()
+            };
+            for r in &found {
+                recovery.acked = recovery.acked.max(r.acked_seq_id);
+                recovery.next_seq = recovery.next_seq.max(r.next_seq_id);
+                for push in &r.pushes {
+                    recovery.pushes.insert(push.seq_id, push.clone());
+                }
+            }
+            let acked = recovery.acked;
+            recovery.pushes.retain(|s, _| *s > acked);
+            let (state, _lost) = recovery.rebuild(openid, p.new_id.clone(), p.last_acked);
+            if let Some(cell) = import(state, self) {
+                let node = self.node(name);
+                if let Ok(cmds) = node.table.install(
+                    cell,
+                    p.epoch,
+                    Holding::Recovered {
+                        old_session_id: p.session_id.clone(),
+                    },
+                    None,
+                ) {
+                    self.carry(name, cmds);
+                    rebuilt = Some(());
+                }
+            }
+        }
+        self.node(name).table.end_incoming(openid);
+        self.finish_start(name, openid, p, rebuilt);
+    }
+
+    /// Attaches the client, as `Registry::start` does.
+    fn finish_start(&mut self, name: &str, openid: &str, p: PendingStart, _rebuilt: Option<()>) {
+        let now = self.instant();
+        let node = self.node(name);
+        let existing = node.table.local(openid).cloned();
+        let recovered = !p.session_id.is_empty()
+            && matches!(node.table.holding(openid), Some(Holding::Recovered { old_session_id }) if *old_session_id == p.session_id);
+        let mut cmds = Vec::new();
+        let (handle, status) = match existing {
+            Some(h) if recovered => {
+                h.with(|s| s.attach(now, 0));
+                (h, ResumeStatus::Recovered)
+            }
+            Some(h) if !p.session_id.is_empty() && h.identity().session_id == p.session_id => {
+                let outcome = h.with(|s| s.attach(now, p.last_acked));
+                match outcome.status {
+                    ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
+                        let fresh = fresh(openid, &p.new_id, now);
+                        cmds.extend(node.table.start(
+                            fresh.clone(),
+                            Holding::Owned,
+                            "resume_failed",
+                        ));
+                        fresh.with(|s| s.attach(now, 0));
+                        (fresh, outcome.status)
+                    }
+                    status => (h, status),
+                }
+            }
+            _ => {
+                let fresh = fresh(openid, &p.new_id, now);
+                cmds.extend(node.table.start(fresh.clone(), Holding::Owned, "replaced"));
+                fresh.with(|s| s.attach(now, 0));
+                let status = if p.session_id.is_empty() {
+                    ResumeStatus::New
+                } else {
+                    ResumeStatus::SessionExpired
+                };
+                (fresh, status)
+            }
+        };
+        self.carry(name, cmds);
+        let node = self.node(name);
+        let owner = node.owner(openid).map(|(n, e)| (n.to_string(), e));
+        let cmds = node.table.claimed(
+            now,
+            &handle,
+            p.epoch,
+            owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+        );
+        node.table.rearm(&handle);
+        if let Some((old_client, old_conn, _)) = node
+            .attached
+            .insert(openid.into(), (p.client, p.conn, handle.clone()))
+            && (old_client, old_conn) != (p.client, p.conn)
+        {
+            self.send(
+                End::Node(name.into()),
+                End::Client(old_client),
+                Body::Closed { conn: old_conn },
+            );
+        }
+        self.send(
+            End::Node(name.into()),
+            End::Client(p.client),
+            Body::Started {
+                conn: p.conn,
+                session_id: handle.identity().session_id.clone(),
+                status,
+            },
+        );
+        self.carry(name, cmds);
+        self.pump(name, openid);
+    }
+
+    // ----- requests -----
+
+    fn on_request(
+        &mut self,
+        name: &str,
+        conn: u64,
+        openid: &str,
+        session_id: &str,
+        seq: u64,
+    ) -> Result<(), String> {
+        let node = self.node(name);
+        let Some((client, c, h)) = node.attached.get(openid).cloned() else {
+            return Ok(());
+        };
+        if c != conn || h.identity().session_id != session_id {
+            return Ok(());
+        }
+        let answer = match node.table.begin_request(&h, seq) {
+            RequestOutcome::Here(RequestDisposition::Execute) => {
+                node.executing.insert((session_id.into(), seq), h.clone());
+                self.checks.executed(session_id, seq)?;
+                let after = self.rng.random_range(5..=60);
+                self.timer(
+                    name,
+                    after,
+                    Timer::Complete {
+                        openid: openid.into(),
+                        session_id: session_id.into(),
+                        seq,
+                    },
+                );
+                None
+            }
+            RequestOutcome::Here(RequestDisposition::Cached(r)) => {
+                Some(ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Internal))
+            }
+            RequestOutcome::Here(RequestDisposition::InFlight) => None,
+            RequestOutcome::Here(_) => Some(ErrorCode::TooManyInflight),
+            RequestOutcome::NotHere => Some(ErrorCode::Draining),
+        };
+        if let Some(code) = answer {
+            self.send(
+                End::Node(name.into()),
+                End::Client(client),
+                Body::Answer {
+                    session_id: session_id.into(),
+                    seq,
+                    code,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    // ----- pushes -----
+
+    fn on_up_push(&mut self, name: &str, body: Body) -> Result<(), String> {
+        let Body::UpPush {
+            id,
+            openid,
+            durable,
+            hops,
+            size,
+            give_up,
+        } = body.clone()
+        else {
+            return Ok(());
+        };
+        let now = self.instant();
+        let node = self.node(name);
+        let owner = node.owner(&openid).map(|(n, e)| (n.to_string(), e));
+        let standby = node
+            .table
+            .members()
+            .standby_for()
+            .map(|m| m.node_id.clone());
+        if durable && node.table.local(&openid).is_some() && standby.is_none() {
+            self.reply_up(id, openid, durable, false);
+            return Ok(());
+        }
+        let msg = PushMessage {
+            content: id.to_string(),
+            data: bytes::Bytes::from(vec![0u8; size]),
+            ..Default::default()
+        };
+        let (outcome, cmds) = node.table.push(
+            now,
+            Target::Openid(&openid),
+            msg,
+            owner
+                .as_ref()
+                .filter(|_| hops == 0)
+                .map(|(n, e)| (n.as_str(), *e)),
+        );
+        self.carry(name, cmds);
+        match outcome {
+            PushOutcome::Queued { seq_id, handle, .. } => {
+                // Fenced writes are refused: never queued on a copy older
+                // than what this node's view shows.
+                let epoch = handle.with(|s| s.epoch());
+                if let Some((o, e)) = &owner
+                    && o != name
+                    && *e > epoch
+                {
+                    return Err(format!(
+                        "{name} queued push {id} for {openid} at epoch {epoch} while its view shows {o} at {e}"
+                    ));
+                }
+                let line = format!(
+                    "{name} queued push {id} for \"{openid}\" as seq {seq_id} of {} at epoch {epoch}",
+                    handle.identity().session_id
+                );
+                self.trace(line);
+                self.pump(name, &openid);
+                match (durable, standby) {
+                    (true, Some(standby)) => {
+                        let (stats, export) = handle.with(|s| (s.stats(), s.export().pushes));
+                        let push = export.into_iter().find(|p| p.seq_id == seq_id);
+                        let wait = self.id();
+                        let req = ReplicateRequest {
+                            openid: openid.clone(),
+                            session_id: handle.identity().session_id.clone(),
+                            zone: handle.identity().zone.clone(),
+                            epoch,
+                            owner_node: name.into(),
+                            pushes: push.into_iter().collect(),
+                            acked_seq_id: stats.acked_seq_id,
+                            next_seq_id: stats.next_seq_id,
+                            release: false,
+                        };
+                        let node = self.node(name);
+                        node.durable.insert(wait, (id, openid.clone()));
+                        node.tracked.insert(
+                            openid.clone(),
+                            (handle.identity().session_id.clone(), standby.clone()),
+                        );
+                        self.send(
+                            End::Node(name.into()),
+                            End::Node(standby),
+                            Body::Replicate {
+                                req: Box::new(req),
+                                wait: Some(wait),
+                            },
+                        );
+                        self.timer(name, PEER_TIMEOUT_MS, Timer::ReplicateDeadline { wait });
+                    }
+                    (true, None) => self.reply_up(id, openid, durable, false),
+                    _ => self.reply_up(id, openid, durable, true),
+                }
+            }
+            PushOutcome::Refused { .. } => self.reply_up(id, openid, durable, false),
+            PushOutcome::Forward { to } if hops < 2 => self.forward(name, &to, body, hops),
+            PushOutcome::Forward { .. } => self.reply_up(id, openid, durable, false),
+            PushOutcome::Wait if self.now < give_up => {
+                self.timer(name, 50, Timer::RetryPush(Box::new(body)));
+            }
+            PushOutcome::Wait => self.reply_up(id, openid, durable, false),
+            PushOutcome::Absent => match owner {
+                Some((o, _)) if hops == 0 && o != name => self.forward(name, &o, body, hops),
+                _ => self.reply_up(id, openid, durable, false),
+            },
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, name: &str, to: &str, body: Body, hops: u8) {
+        if let Body::UpPush {
+            id,
+            openid,
+            durable,
+            size,
+            give_up,
+            ..
+        } = body
+        {
+            if !self.node(name).table.members().is_live(to) {
+                self.reply_up(id, openid, durable, false);
+                return;
+            }
+            self.send(
+                End::Node(name.into()),
+                End::Node(to.into()),
+                Body::UpPush {
+                    id,
+                    openid,
+                    durable,
+                    hops: hops + 1,
+                    size,
+                    give_up,
+                },
+            );
+        }
+    }
+
+    // ----- drain -----
+
+    pub fn start_drain(&mut self, name: &str) {
+        let deadline = self.now + 30_000;
+        let Some(node) = self.nodes.get_mut(name) else {
+            return;
+        };
+        if node.draining || !node.alive {
+            return;
+        }
+        node.draining = true;
+        node.drain_deadline = deadline;
+        let mut queue: Vec<String> = node
+            .table
+            .locals()
+            .map(|h| h.identity().openid.clone())
+            .collect();
+        queue.sort();
+        node.drain_queue = queue.into();
+        self.trace(format!("{name} drains"));
+        self.timer(name, 1, Timer::DrainStep);
+    }
+
+    fn drain_step(&mut self, name: &str) {
+        let now = self.instant();
+        let now_ms = self.now;
+        let node = self.node(name);
+        let next = node.drain_queue.pop_front();
+        match next {
+            Some(openid) => {
+                let handle = node.table.local(&openid).cloned();
+                if let Some(h) = handle {
+                    let busy = h.with(|s| s.stats().requests_in_flight) > 0;
+                    if busy && now_ms + 5 < node.drain_deadline {
+                        node.drain_queue.push_back(openid);
+                    } else {
+                        let successors: Vec<String> = node
+                            .table
+                            .members()
+                            .successors()
+                            .into_iter()
+                            .map(|m| m.node_id.clone())
+                            .collect();
+                        let pick = if successors.is_empty() {
+                            None
+                        } else {
+                            Some(successors[self.rng.random_range(0..successors.len())].clone())
+                        };
+                        self.stage_one(name, &openid, &h, pick, now);
+                    }
+                }
+                self.timer(name, 2, Timer::DrainStep);
+            }
+            None => {
+                let done = node.stages.is_empty() && node.table.local_count() == 0;
+                if done || now_ms >= node.drain_deadline {
+                    self.leave(name);
+                } else {
+                    let mut left: Vec<String> = node
+                        .table
+                        .locals()
+                        .map(|h| h.identity().openid.clone())
+                        .filter(|o| !node.stages.contains_key(o))
+                        .collect();
+                    left.sort();
+                    node.drain_queue.extend(left);
+                    self.timer(name, 100, Timer::DrainStep);
+                }
+            }
+        }
+    }
+
+    fn stage_one(
+        &mut self,
+        name: &str,
+        openid: &str,
+        handle: &PlainCell,
+        successor: Option<String>,
+        now: std::time::Instant,
+    ) {
+        let Some(successor) = successor else {
+            self.goaway(name, openid, "");
+            return;
+        };
+        let node = self.node(name);
+        let epoch = handle.with(|s| s.epoch());
+        let handed = node.table.hand_over(
+            now,
+            openid,
+            gatesvr_dataplane::core::HandoverAsk::Drain {
+                successor: successor.clone(),
+            },
+        );
+        let Ok(Some((state, _))) = handed else {
+            return;
+        };
+        let req = self.id();
+        self.node(name).stages.insert(
+            openid.into(),
+            (req, handle.clone(), successor.clone(), epoch),
+        );
+        self.send(
+            End::Node(name.into()),
+            End::Node(successor),
+            Body::Stage {
+                state: Box::new(state),
+                epoch,
+                req,
+            },
+        );
+        self.timer(
+            name,
+            PEER_TIMEOUT_MS,
+            Timer::StageDeadline {
+                openid: openid.into(),
+                req,
+            },
+        );
+    }
+
+    fn on_stage_ack(&mut self, name: &str, openid: &str, req: u64, ok: bool) {
+        let now = self.instant();
+        let node = self.node(name);
+        let Some((r, handle, successor, epoch)) = node.stages.remove(openid) else {
+            return;
+        };
+        if r != req {
+            node.stages
+                .insert(openid.into(), (r, handle, successor, epoch));
+            return;
+        }
+        if !ok {
+            let owner = node.owner(openid).map(|(n, e)| (n.to_string(), e));
+            let line = format!("{name} takes \"{openid}\" back (view: {owner:?})");
+            self.trace(line);
+            let node = self.node(name);
+            let cmds =
+                node.table
+                    .take_back(now, handle, owner.as_ref().map(|(n, e)| (n.as_str(), *e)));
+            self.carry(name, cmds);
+            self.goaway(name, openid, "");
+            return;
+        }
+        let mut new_epoch = epoch;
+        if self.cp_reachable(name)
+            && let CmdResult::Owned { owner, .. } = self.cp_apply(Cmd::Transfer {
+                openid: openid.into(),
+                expected_epoch: epoch,
+                to_node: successor.clone(),
+            })
+        {
+            new_epoch = owner.epoch;
+        }
+        self.node(name).table.staged(openid, new_epoch);
+        self.goaway(name, openid, &successor);
+    }
+
+    fn goaway(&mut self, name: &str, openid: &str, target: &str) {
+        let now = self.instant();
+        let node = self.node(name);
+        if let Some((client, conn, h)) = node.attached.remove(openid) {
+            node.table.detach(now, &h);
+            self.send(
+                End::Node(name.into()),
+                End::Client(client),
+                Body::GoAway {
+                    conn,
+                    target: target.into(),
+                },
+            );
+        }
+    }
+
+    fn leave(&mut self, name: &str) {
+        if self.cp_reachable(name) {
+            self.cp_apply(Cmd::LeaveNode {
+                node_id: name.into(),
+            });
+        }
+        self.trace(format!("{name} left"));
+        self.kill(name);
+        if let Some(n) = self.nodes.get_mut(name) {
+            n.left = true;
+        }
+    }
+
+    // ----- the view -----
+
+    fn on_watch(&mut self, name: &str, w: Watch) {
+        let now = self.instant();
+        match w {
+            Watch::Owner {
+                openid,
+                owner,
+                epoch,
+            } => {
+                let node = self.node(name);
+                if node
+                    .view_owners
+                    .get(&openid)
+                    .is_none_or(|(_, e)| *e <= epoch)
+                {
+                    node.view_owners
+                        .insert(openid.clone(), (owner.clone(), epoch));
+                }
+                let cmds = node.table.owner_changed(now, &openid, &owner, epoch);
+                self.carry(name, cmds);
+            }
+            Watch::Node(n) => {
+                let node = self.node(name);
+                node.view_nodes.insert(n.node_id.clone(), n);
+                let nodes: Vec<DataPlaneNode> = node.view_nodes.values().cloned().collect();
+                node.table.members_mut().set(nodes.iter());
+            }
+            Watch::Snapshot => {
+                let owners: HashMap<String, (String, u64)> = self
+                    .cp
+                    .owners
+                    .iter()
+                    .map(|(o, r)| (o.clone(), (r.owner_node.clone(), r.epoch)))
+                    .collect();
+                let nodes: BTreeMap<String, DataPlaneNode> = self
+                    .cp
+                    .nodes
+                    .iter()
+                    .map(|(k, n)| (k.clone(), super::world::proto_node(n)))
+                    .collect();
+                let node = self.node(name);
+                node.view_owners = owners;
+                node.view_nodes = nodes;
+                let list: Vec<DataPlaneNode> = node.view_nodes.values().cloned().collect();
+                node.table.members_mut().set(list.iter());
+                let view = node.view_owners.clone();
+                let cmds = node.table.reconcile(now, |o| view.get(o).cloned());
+                self.carry(name, cmds);
+            }
+        }
+    }
+
+    // ----- timers -----
+
+    fn on_timer(&mut self, name: &str, t: Timer) -> Result<(), String> {
+        match t {
+            Timer::Table => {
+                let now = self.instant();
+                let node = self.node(name);
+                node.table_timer = None;
+                let cmds = node.table.tick(now);
+                self.carry(name, cmds);
+            }
+            Timer::StartDeadline { openid, req } => {
+                let node = self.node(name);
+                let Some(p) = node.starts.get(&openid) else {
+                    return Ok(());
+                };
+                if p.req != req {
+                    return Ok(());
+                }
+                match p.phase {
+                    Phase::Handover => {
+                        let owner = p.previous.clone();
+                        self.handover_failed(name, &openid, req, &owner, Reach::NoAnswer);
+                    }
+                    Phase::Recover => self.finish_recovery(name, &openid),
+                }
+            }
+            Timer::ReplicateDeadline { wait } => {
+                if let Some((id, openid)) = self.node(name).durable.remove(&wait) {
+                    self.reply_up(id, openid, true, false);
+                }
+            }
+            Timer::StageDeadline { openid, req } => self.on_stage_ack(name, &openid, req, false),
+            Timer::DrainStep => self.drain_step(name),
+            Timer::AckSync => {
+                self.ack_sync(name);
+                self.timer(name, 1_000, Timer::AckSync);
+            }
+            Timer::Complete {
+                openid,
+                session_id,
+                seq,
+            } => {
+                let node = self.node(name);
+                if let Some(h) = node.executing.remove(&(session_id.clone(), seq)) {
+                    h.with(|s| {
+                        s.complete_request(
+                            seq,
+                            ClientResponse {
+                                seq_id: seq,
+                                ..Default::default()
+                            },
+                        )
+                    });
+                    if let Some((client, _, a)) = node.attached.get(&openid).cloned()
+                        && a.same(&h)
+                    {
+                        self.send(
+                            End::Node(name.into()),
+                            End::Client(client),
+                            Body::Answer {
+                                session_id,
+                                seq,
+                                code: ErrorCode::Ok,
+                            },
+                        );
+                    }
+                }
+            }
+            Timer::RetryPush(body) => self.on_up_push(name, *body)?,
+        }
+        Ok(())
+    }
+
+    /// Sends changed ack points to standbys (`replica::sync_ack_points`).
+    fn ack_sync(&mut self, name: &str) {
+        let node = self.node(name);
+        let mut tracked: Vec<(String, String, String)> = node
+            .tracked
+            .iter()
+            .map(|(o, (s, st))| (o.clone(), s.clone(), st.clone()))
+            .collect();
+        tracked.sort();
+        let mut sends = Vec::new();
+        for (openid, session_id, standby) in tracked {
+            let Some(h) = node.table.local(&openid).cloned() else {
+                node.tracked.remove(&openid);
+                continue;
+            };
+            if h.identity().session_id != session_id || !node.table.members().is_live(&standby) {
+                node.tracked.remove(&openid);
+                continue;
+            }
+            let (epoch, stats) = h.with(|s| (s.epoch(), s.stats()));
+            sends.push((
+                standby,
+                ReplicateRequest {
+                    openid,
+                    session_id,
+                    zone: h.identity().zone.clone(),
+                    epoch,
+                    owner_node: name.into(),
+                    pushes: Vec::new(),
+                    acked_seq_id: stats.acked_seq_id,
+                    next_seq_id: stats.next_seq_id,
+                    release: false,
+                },
+            ));
+        }
+        for (standby, req) in sends {
+            self.send(
+                End::Node(name.into()),
+                End::Node(standby),
+                Body::Replicate {
+                    req: Box::new(req),
+                    wait: None,
+                },
+            );
+        }
+    }
+}
+
+fn fresh(openid: &str, id: &str, now: std::time::Instant) -> PlainCell {
+    PlainCell::new(Session::new(
+        SessionIdentity {
+            session_id: id.into(),
+            openid: openid.into(),
+            zone: "001".into(),
+        },
+        session_config(),
+        now,
+    ))
+}
+
+fn openid_of(starts: &HashMap<String, PendingStart>, req: u64) -> Option<String> {
+    starts
+        .iter()
+        .find(|(_, p)| p.req == req)
+        .map(|(o, _)| o.clone())
+}
