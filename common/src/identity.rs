@@ -14,6 +14,12 @@ use x509_parser::extensions::GeneralName;
 /// The trust domain `gatesvr certs` and the configs use unless told otherwise.
 pub const DEFAULT_TRUST_DOMAIN: &str = "gatesvr";
 
+/// The id of a role certificate shared by every process of the role (what
+/// Helm's generated certificates carry: one Secret serves every pod of a
+/// Deployment). It still cannot act as another role, but it may act for any
+/// node of its own; per-node certificates bind the node id too.
+pub const SHARED_ID: &str = "_any";
+
 /// What a process is, hence which internal methods it may call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
@@ -143,7 +149,15 @@ impl Identity {
         Identity::new(td, role, id).map_err(|_| bad("invalid trust domain or id"))
     }
 
-    /// The identity a DER certificate names in its SAN.
+    /// True if this identity may act for node `id` of its role: its own id,
+    /// or any id for a [`SHARED_ID`] certificate.
+    pub fn acts_for(&self, id: &str) -> bool {
+        self.id == id || self.id == SHARED_ID
+    }
+
+    /// The identity a DER certificate names: its one `spiffe://` SAN URI, or,
+    /// for issuers that cannot write URI SANs (Helm's `genSignedCert`), a
+    /// subject CN holding the same URI. The CA vouches for both alike.
     pub fn from_cert(der: &[u8]) -> Result<Self, IdentityError> {
         let (_, cert) =
             x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::BadCertificate)?;
@@ -157,7 +171,13 @@ impl Identity {
                 GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
                 _ => None,
             });
-        let first = uris.next().ok_or(IdentityError::NoIdentity)?;
+        let Some(first) = uris.next() else {
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .find_map(|cn| cn.as_str().ok().filter(|s| s.starts_with("spiffe://")));
+            return cn.map_or(Err(IdentityError::NoIdentity), Identity::parse_uri);
+        };
         if uris.next().is_some() {
             return Err(IdentityError::Ambiguous);
         }
@@ -223,5 +243,15 @@ mod tests {
             Identity::from_cert(b"junk"),
             Err(IdentityError::BadCertificate)
         );
+
+        // A CN holding the URI (Helm's genSignedCert cannot write URI SANs).
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "spiffe://gatesvr/dataplane/_any");
+        let shared = Identity::from_cert(params.self_signed(&key).unwrap().der()).unwrap();
+        assert_eq!(shared.role, Role::DataPlane);
+        assert!(shared.acts_for("dp-7"));
+        assert!(!id.acts_for("other"));
     }
 }

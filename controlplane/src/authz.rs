@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `Raft.*` (replication, votes, snapshots, forwarded writes) | control-plane members |
 //! | `ControlPlane.RegisterUpstream`, `HeartbeatUpstream`, `DeregisterUpstream` | upstreams |
-//! | `ControlPlane.RegisterNode`, `HeartbeatNode`, `LeaveNode`, `Watch`, `ClaimSessions`, `ReleaseSessions` | data-plane nodes, for their own `node_id` only |
+//! | `ControlPlane.RegisterNode`, `HeartbeatNode`, `LeaveNode`, `Watch`, `ClaimSessions`, `ReleaseSessions` | data-plane nodes, for their own `node_id` only (a shared `dataplane/_any` certificate: any node) |
 //! | `ControlPlane.TransferSession` | the data-plane node that owns the session at `expected_epoch` |
 //! | `grpc.health.v1.Health.*` | anyone |
 //! | anything else | nobody |
@@ -134,7 +134,7 @@ pub fn speaks_for(
     node_id: &str,
 ) -> Result<(), Status> {
     match caller {
-        Some(c) if c.role == Role::DataPlane && c.id != node_id => Err(denials.refuse(
+        Some(c) if c.role == Role::DataPlane && !c.acts_for(node_id) => Err(denials.refuse(
             Denial {
                 service: "gatesvr.control.v1.ControlPlane",
                 method,

@@ -342,6 +342,12 @@ impl Validate for DataPlaneConfig {
         if self.node_id.is_empty() {
             return Err(ConfigError::key("node_id", "must not be empty"));
         }
+        if self.node_id == gatesvr_common::identity::SHARED_ID {
+            return Err(ConfigError::key(
+                "node_id",
+                "`_any` is reserved for shared role certificates",
+            ));
+        }
         let s = &self.server;
         require_socket_addr("server.quic_addr", &s.quic_addr)?;
         require_socket_addr("server.http_addr", &s.http_addr)?;
