@@ -439,7 +439,10 @@ impl ControlPlaneConfig {
             .map(|c| Identity::from_cert(c.as_ref()))
             .ok_or_else(|| bad("no certificate".into()))?
             .map_err(|e| bad(e.to_string()))?;
-        if found != expected {
+        if found.role != expected.role
+            || found.trust_domain != expected.trust_domain
+            || !found.acts_for(&expected.id)
+        {
             return Err(bad(format!(
                 "names {found}, but this node is {expected}: issue it with `gatesvr certs --role controlplane:{}`",
                 self.node_id
