@@ -287,7 +287,7 @@ mod tests {
     fn seqs_that_could_overflow_are_refused() {
         let now = Instant::now();
         let cfg = SessionConfig::default();
-        let err = Session::import(state(u64::MAX, u64::MAX - 1, 0), now, cfg)
+        let err = Session::import(state(u64::MAX, u64::MAX - 1, 0), now, cfg.clone())
             .err()
             .unwrap();
         assert_eq!(
@@ -297,7 +297,7 @@ mod tests {
                 value: u64::MAX
             }
         );
-        let err = Session::import(state(5, 4, u64::MAX), now, cfg)
+        let err = Session::import(state(5, 4, u64::MAX), now, cfg.clone())
             .err()
             .unwrap();
         assert!(matches!(
