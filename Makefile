@@ -9,7 +9,7 @@ help:
 	@echo "verify  what CI runs: fmt check, clippy, tests (.ci/run)"
 	@echo "fix     cargo fmt + clippy --fix"
 	@echo "bench   gate-bench scenarios (see docs/benchmarks.md)"
-	@echo "certs   dev CA + server/client certificates in certs/dev"
+	@echo "certs   dev CA, server and role certificates (spiffe://gatesvr/<role>/<id>) in certs/dev"
 	@echo "docker  build the container image (deploy/build-image.sh)"
 	@echo "clean   cargo clean and the dev data directory"
 

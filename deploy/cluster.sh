@@ -74,7 +74,7 @@ ensure_secrets() {
     mkdir -p "$secrets"
     chmod 0755 "$here/.local" "$secrets"
     # Dev-only secrets, bind-mounted into containers that run as uid 65532: world-readable.
-    for name in admin-token hmac.key; do
+    for name in admin-token hmac.key ops-token; do
         if [[ ! -s "$secrets/$name" ]]; then
             od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$secrets/$name"
             echo "   generated deploy/.local/secrets/$name"
@@ -390,6 +390,7 @@ cmd_rolling_upgrade() {
             -v "$here/compose/dataplane.yaml:/etc/gatesvr/dataplane.yaml:ro" \
             -v "${project}_certs:/certs:ro" -v "${project}_dp-state:/var/lib/gatesvr" \
             -v "$secrets/hmac.key:/run/secrets/hmac_key:ro" \
+            -v "$secrets/ops-token:/run/secrets/ops_token:ro" \
             "$tag" gatesvr dataplane --config /etc/gatesvr/dataplane.yaml >/dev/null
         wait_for "$new_node /ready" dp_ready_ip "$new_ip" ||
             { docker logs --tail=30 "$new_name" >&2; die "$new_node never became ready: rollout stopped, $old_node still serves"; }
@@ -402,8 +403,9 @@ cmd_rolling_upgrade() {
         write_routable "$old"
         local t1=$SECONDS
         if [[ "$drain" == prestop ]]; then
-            echo "   preStop: gatesvr drain --http-addr 127.0.0.1:8080 --deadline ${deadline}s (in $old)"
-            timeout $((grace + 5)) docker exec "$old" gatesvr drain --http-addr 127.0.0.1:8080 --deadline "${deadline}s" ||
+            echo "   preStop: gatesvr drain --ops-addr 127.0.0.1:8081 --token-file /run/secrets/ops_token --deadline ${deadline}s (in $old)"
+            timeout $((grace + 5)) docker exec "$old" gatesvr drain --http-addr 127.0.0.1:8080 \
+                --ops-addr 127.0.0.1:8081 --token-file /run/secrets/ops_token --deadline "${deadline}s" ||
                 echo "   (gatesvr drain ended with $?: the container exits with the node)"
         fi
         echo "   docker stop -t $grace $old (SIGTERM drains what is left, then the node exits)"

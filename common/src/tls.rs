@@ -23,20 +23,12 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The layout written by `gatesvr certs --out DIR` for a server role.
+    /// The client-facing certificate written by `gatesvr certs --out DIR`
+    /// (role certificates: [`crate::certs::role_files`]).
     pub fn dev_server(dir: &Path) -> Self {
         Self {
             cert_file: dir.join("server.crt"),
             key_file: dir.join("server.key"),
-            ca_file: Some(dir.join("ca.crt")),
-        }
-    }
-
-    /// The layout written by `gatesvr certs --out DIR` for a client role.
-    pub fn dev_client(dir: &Path) -> Self {
-        Self {
-            cert_file: dir.join("client.crt"),
-            key_file: dir.join("client.key"),
             ca_file: Some(dir.join("ca.crt")),
         }
     }

@@ -91,7 +91,7 @@ pub struct MemberConfig {
 }
 
 /// Transport security of the gRPC port (raft and data-plane APIs).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// Plaintext gRPC. Logs a warning; never use outside a trusted test network.
@@ -105,11 +105,26 @@ pub struct TlsConfig {
     /// Name checked on peers' server certificates (default: the host of the peer address).
     pub server_name: Option<String>,
     /// Certificate names (SAN DNS name or IP, or subject CN) allowed to call the raft
-    /// service (replication, votes, snapshots, forwarded writes and membership changes).
-    /// Empty (default): any certificate signed by `ca_file`, which is right only when the CA
-    /// signs control-plane nodes alone. Set it when data-plane nodes or upstreams hold
-    /// certificates from the same CA, e.g. `[gatesvr]` with `gatesvr certs`.
+    /// service, on top of the role check (every raft caller must present a
+    /// `controlplane` role certificate). Empty (default): the role decides alone.
     pub raft_peer_names: Vec<String>,
+    /// Trust domain of the `spiffe://<trust-domain>/<role>/<id>` identities
+    /// callers' certificates must name (see `authz`). Default `gatesvr`.
+    pub trust_domain: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            insecure: false,
+            cert_file: None,
+            key_file: None,
+            ca_file: None,
+            server_name: None,
+            raft_peer_names: Vec::new(),
+            trust_domain: gatesvr_common::identity::DEFAULT_TRUST_DOMAIN.into(),
+        }
+    }
 }
 
 impl TlsConfig {
@@ -377,6 +392,7 @@ impl Validate for ControlPlaneConfig {
                 ));
             }
             files.validate("tls")?;
+            self.check_own_identity(&files)?;
         } else if !self.tls.raft_peer_names.is_empty() {
             return Err(ConfigError::key(
                 "tls.raft_peer_names",
@@ -405,6 +421,36 @@ impl Validate for ControlPlaneConfig {
 }
 
 impl ControlPlaneConfig {
+    /// Refuses a certificate its peers would refuse: `tls.cert_file` must name
+    /// `controlplane/<node_id>` in `tls.trust_domain`.
+    fn check_own_identity(&self, files: &TlsFiles) -> Result<(), ConfigError> {
+        use gatesvr_common::identity::{Identity, Role};
+        let expected = Identity::new(
+            self.tls.trust_domain.clone(),
+            Role::ControlPlane,
+            self.node_id.to_string(),
+        )
+        .map_err(|e| ConfigError::key("tls.trust_domain", e.to_string()))?;
+        let bad = |reason: String| ConfigError::key("tls.cert_file", reason);
+        let certs =
+            gatesvr_common::tls::load_certs(&files.cert_file).map_err(|e| bad(e.to_string()))?;
+        let found = certs
+            .first()
+            .map(|c| Identity::from_cert(c.as_ref()))
+            .ok_or_else(|| bad("no certificate".into()))?
+            .map_err(|e| bad(e.to_string()))?;
+        if found.role != expected.role
+            || found.trust_domain != expected.trust_domain
+            || !found.acts_for(&expected.id)
+        {
+            return Err(bad(format!(
+                "names {found}, but this node is {expected}: issue it with `gatesvr certs --role controlplane:{}`",
+                self.node_id
+            )));
+        }
+        Ok(())
+    }
+
     /// Fast timings for tests and `gatesvr dev` on one machine.
     pub fn fast_timings(mut self) -> Self {
         self.raft.heartbeat_interval = Duration::from_millis(100);

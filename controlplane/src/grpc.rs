@@ -3,6 +3,10 @@
 //! Writes go through [`Node::write`] (batched, forwarded to the leader). `Watch` is served from
 //! this replica's applied state: it may lag the leader slightly, never skips or reorders, and
 //! its versions are the same on every replica.
+//!
+//! Who may call which method is decided before a handler runs (`authz`, by
+//! certificate role); the handlers add what needs the body: a data-plane node
+//! acts only for its own `node_id`, and transfers only sessions it owns.
 
 use std::pin::Pin;
 
@@ -14,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::authz;
 use crate::config::LeaseConfig;
 use crate::error::Error;
 use crate::node::Node;
@@ -30,11 +35,75 @@ pub struct ControlService {
     node: Node,
     leases: LeaseConfig,
     stop: CancellationToken,
+    denials: gatesvr_common::authz::Denials,
 }
 
 impl ControlService {
     pub fn new(node: Node, leases: LeaseConfig, stop: CancellationToken) -> Self {
-        Self { node, leases, stop }
+        Self {
+            node,
+            leases,
+            stop,
+            denials: authz::denials(),
+        }
+    }
+
+    /// Refuses a data-plane caller acting for another node.
+    fn speaks_for<T>(&self, req: &Request<T>, method: &str, node_id: &str) -> Result<(), Status> {
+        authz::speaks_for(
+            &self.denials,
+            gatesvr_common::authz::caller(req),
+            method,
+            node_id,
+        )
+    }
+
+    /// Refuses a transfer by a data-plane node that does not own `openid` at
+    /// `expected_epoch`. This replica may lag the one that will apply the
+    /// write: it waits (bounded) to know that epoch's owner. Owner and epoch
+    /// go together (fencing), so the owner seen here is the one the write
+    /// would move from.
+    async fn owns(
+        &self,
+        caller: Option<&gatesvr_common::identity::Identity>,
+        openid: &str,
+        expected_epoch: u64,
+    ) -> Result<(), Status> {
+        let Some(caller) = caller else {
+            return Ok(()); // plaintext: nothing to check against
+        };
+        let deadline = tokio::time::Instant::now() + self.node.settings().read_timeout;
+        loop {
+            let owner = self
+                .node
+                .sm()
+                .read()
+                .state
+                .owners
+                .get(openid)
+                .map(|o| (o.owner_node.clone(), o.epoch));
+            match owner {
+                Some((node, epoch)) if epoch == expected_epoch => {
+                    return authz::speaks_for(
+                        &self.denials,
+                        Some(caller),
+                        "TransferSession",
+                        &node,
+                    );
+                }
+                // Moved on already: the write fails its epoch check (ABORTED).
+                Some((_, epoch)) if epoch > expected_epoch => return Ok(()),
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return authz::speaks_for(
+                        &self.denials,
+                        Some(caller),
+                        "TransferSession",
+                        "<unknown owner>",
+                    );
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
     }
 
     async fn one(&self, cmd: Cmd) -> Result<CmdResult, Status> {
@@ -130,6 +199,8 @@ impl ControlPlaneApi for ControlService {
         &self,
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let node_id = request.get_ref().node.as_ref().map(|n| n.node_id.clone());
+        self.speaks_for(&request, "RegisterNode", node_id.as_deref().unwrap_or(""))?;
         let req = request.into_inner();
         let node = req
             .node
@@ -155,6 +226,7 @@ impl ControlPlaneApi for ControlService {
         &self,
         request: Request<pb::HeartbeatNodeRequest>,
     ) -> Result<Response<pb::HeartbeatNodeResponse>, Status> {
+        self.speaks_for(&request, "HeartbeatNode", &request.get_ref().node_id)?;
         let req = request.into_inner();
         validate::ident("node_id", &req.node_id)?;
         match self
@@ -180,6 +252,7 @@ impl ControlPlaneApi for ControlService {
         &self,
         request: Request<pb::LeaveNodeRequest>,
     ) -> Result<Response<pb::LeaveNodeResponse>, Status> {
+        self.speaks_for(&request, "LeaveNode", &request.get_ref().node_id)?;
         let req = request.into_inner();
         validate::ident("node_id", &req.node_id)?;
         let node_id = req.node_id;
@@ -205,6 +278,7 @@ impl ControlPlaneApi for ControlService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.speaks_for(&request, "Watch", &request.get_ref().node_id)?;
         let req = request.into_inner();
         // A watcher that saw a newer version on another replica waits (bounded) for this one
         // to catch up rather than being sent back in time by an older snapshot.
@@ -224,6 +298,7 @@ impl ControlPlaneApi for ControlService {
         &self,
         request: Request<pb::ClaimSessionsRequest>,
     ) -> Result<Response<pb::ClaimSessionsResponse>, Status> {
+        self.speaks_for(&request, "ClaimSessions", &request.get_ref().node_id)?;
         let req = request.into_inner();
         validate::ident("node_id", &req.node_id)?;
         if req.claims.len() > MAX_CLAIMS_PER_CALL {
@@ -284,6 +359,7 @@ impl ControlPlaneApi for ControlService {
         &self,
         request: Request<pb::ReleaseSessionsRequest>,
     ) -> Result<Response<pb::ReleaseSessionsResponse>, Status> {
+        self.speaks_for(&request, "ReleaseSessions", &request.get_ref().node_id)?;
         let req = request.into_inner();
         validate::ident("node_id", &req.node_id)?;
         if req.sessions.len() > MAX_CLAIMS_PER_CALL {
@@ -316,9 +392,12 @@ impl ControlPlaneApi for ControlService {
         &self,
         request: Request<pb::TransferSessionRequest>,
     ) -> Result<Response<pb::TransferSessionResponse>, Status> {
+        let caller = gatesvr_common::authz::caller(&request).cloned();
         let req = request.into_inner();
         validate::ident("openid", &req.openid)?;
         validate::ident("to_node", &req.to_node)?;
+        self.owns(caller.as_ref(), &req.openid, req.expected_epoch)
+            .await?;
         match self
             .one(Cmd::Transfer {
                 openid: req.openid,

@@ -48,6 +48,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod backup;
 pub mod batcher;
 pub mod config;
@@ -250,6 +251,12 @@ impl ControlPlane {
         }
         let router = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            // One rule per method (authz): roles from the certificates.
+            .layer(authz::layer(
+                &cfg.tls.trust_domain,
+                authz::denials(),
+                cfg.tls.insecure,
+            ))
             .add_service(
                 RaftServer::new(raft_service::RaftService::new(
                     node.clone(),

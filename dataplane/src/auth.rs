@@ -4,6 +4,11 @@
 //! `gatectl token issue`), JWT (HS256 / RS256 / ES256, keys from files), and
 //! `none` for `gatesvr dev` only. Each failure maps to a client error code and
 //! a `gatesvr_auth_failures_total{reason}` label.
+//!
+//! JWT claims: `exp` is required; `nbf` is checked when present (a token not
+//! yet valid, beyond `auth.clock_skew`, is refused as `not_yet_valid`); with
+//! `auth.jwt_issuer` / `auth.jwt_audience` set, `iss` / `aud` are required and
+//! must match (a token without them is refused, not waved through).
 
 use std::time::Duration;
 
@@ -24,12 +29,15 @@ pub enum AuthError {
     /// The token belongs to another openid.
     #[error("token is for a different openid")]
     OpenidMismatch,
+    /// Signature fine, but `nbf` (minus skew) is still in the future.
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
 }
 
 impl AuthError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            AuthError::Invalid(_) => ErrorCode::Unauthenticated,
+            AuthError::Invalid(_) | AuthError::NotYetValid => ErrorCode::Unauthenticated,
             AuthError::Expired => ErrorCode::TokenExpired,
             AuthError::OpenidMismatch => ErrorCode::OpenidMismatch,
         }
@@ -41,6 +49,7 @@ impl AuthError {
             AuthError::Invalid(_) => "invalid",
             AuthError::Expired => "expired",
             AuthError::OpenidMismatch => "openid_mismatch",
+            AuthError::NotYetValid => "not_yet_valid",
         }
     }
 }
@@ -133,13 +142,18 @@ impl Verifier {
                 };
                 let mut validation = Validation::new(alg);
                 validation.leeway = cfg.clock_skew.as_secs();
+                validation.validate_nbf = true;
                 validation.validate_aud = cfg.jwt_audience.is_some();
+                let mut required = vec!["exp"];
                 if let Some(aud) = &cfg.jwt_audience {
                     validation.set_audience(&[aud]);
+                    required.push("aud");
                 }
                 if let Some(iss) = &cfg.jwt_issuer {
                     validation.set_issuer(&[iss]);
+                    required.push("iss");
                 }
+                validation.set_required_spec_claims(&required);
                 Verifier::Jwt {
                     key: Box::new(key),
                     validation: Box::new(validation),
@@ -180,6 +194,7 @@ impl Verifier {
                 )
                 .map_err(|e| match e.kind() {
                     jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                    jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                     _ => AuthError::Invalid(e.to_string()),
                 })?;
                 if *check_openid {
@@ -309,5 +324,58 @@ mod tests {
             v.verify("alice", "not.a.jwt"),
             Err(AuthError::Invalid(_))
         ));
+    }
+
+    /// `nbf` is honoured; configured `aud` and `iss` are required, not optional.
+    #[test]
+    fn jwt_nbf_aud_and_iss() {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "jwt-secret").unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mint = |claims: serde_json::Value| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(b"jwt-secret"),
+            )
+            .unwrap()
+        };
+        let exp = now + 600;
+
+        // nbf, with or without aud/iss configured.
+        let plain = Verifier::from_config(&cfg(AuthMode::Jwt, &secret)).unwrap();
+        let later = mint(serde_json::json!({"sub": "alice", "exp": exp, "nbf": now + 300}));
+        assert_eq!(plain.verify("alice", &later), Err(AuthError::NotYetValid));
+        assert_eq!(AuthError::NotYetValid.reason(), "not_yet_valid");
+        let within_skew = mint(serde_json::json!({"sub": "alice", "exp": exp, "nbf": now + 5}));
+        assert_eq!(plain.verify("alice", &within_skew), Ok(()));
+        let started = mint(serde_json::json!({"sub": "alice", "exp": exp, "nbf": now - 5}));
+        assert_eq!(plain.verify("alice", &started), Ok(()));
+
+        // aud and iss configured: required and checked.
+        let strict = Verifier::from_config(&AuthConfig {
+            jwt_audience: Some("gatesvr".into()),
+            jwt_issuer: Some("login".into()),
+            ..cfg(AuthMode::Jwt, &secret)
+        })
+        .unwrap();
+        let ok = mint(serde_json::json!({"sub": "alice", "exp": exp, "aud": "gatesvr", "iss": "login"}));
+        assert_eq!(strict.verify("alice", &ok), Ok(()));
+        for claims in [
+            serde_json::json!({"sub": "alice", "exp": exp, "iss": "login"}),
+            serde_json::json!({"sub": "alice", "exp": exp, "aud": "gatesvr"}),
+            serde_json::json!({"sub": "alice", "exp": exp, "aud": "other", "iss": "login"}),
+            serde_json::json!({"sub": "alice", "exp": exp, "aud": "gatesvr", "iss": "elsewhere"}),
+        ] {
+            assert!(
+                matches!(strict.verify("alice", &mint(claims.clone())), Err(AuthError::Invalid(_))),
+                "{claims}"
+            );
+        }
     }
 }

@@ -132,6 +132,22 @@ pub struct ServerConfig {
     /// `quic_keys`): any node can then reset a dead node's connections at once
     /// and resume its clients' TLS sessions. Unset: per-process random keys.
     pub shared_keys_dir: Option<PathBuf>,
+    /// Trust domain of the `spiffe://<trust-domain>/<role>/<id>` identities
+    /// internal callers' certificates must name. Default `gatesvr`.
+    pub trust_domain: String,
+    /// Allows internal hops without TLS (`grpc_tls` unset, upstreams
+    /// without `upstream.tls`, an ops listener without a token). Anyone who
+    /// reaches those ports can then take sessions and push to any user.
+    /// For a laptop or a sealed test network only. Default false.
+    pub insecure_plaintext_internal: bool,
+    /// Operations listener: `POST /drain` and `/debug/pprof/profile`, apart
+    /// from the probes on `http_addr`. Every request needs
+    /// `authorization: Bearer <ops token>`. Unset (default): not served
+    /// (drain with SIGTERM or `gatectl nodes drain`).
+    pub ops_addr: Option<String>,
+    /// File holding the ops listener's bearer token (trimmed). Required
+    /// with `ops_addr` unless `insecure_plaintext_internal`.
+    pub ops_token_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -164,6 +180,10 @@ impl Default for ServerConfig {
             push_token_file: None,
             grpc_server_name: "localhost".into(),
             shared_keys_dir: None,
+            trust_domain: gatesvr_common::identity::DEFAULT_TRUST_DOMAIN.into(),
+            insecure_plaintext_internal: false,
+            ops_addr: None,
+            ops_token_file: None,
         }
     }
 }
@@ -322,6 +342,12 @@ impl Validate for DataPlaneConfig {
         if self.node_id.is_empty() {
             return Err(ConfigError::key("node_id", "must not be empty"));
         }
+        if self.node_id == gatesvr_common::identity::SHARED_ID {
+            return Err(ConfigError::key(
+                "node_id",
+                "`_any` is reserved for shared role certificates",
+            ));
+        }
         let s = &self.server;
         require_socket_addr("server.quic_addr", &s.quic_addr)?;
         require_socket_addr("server.http_addr", &s.http_addr)?;
@@ -366,6 +392,37 @@ impl Validate for DataPlaneConfig {
             }
             require_file("server.push_token_file", file)?;
         }
+        if s.grpc_tls.is_none() && !s.insecure_plaintext_internal {
+            return Err(ConfigError::key(
+                "server.grpc_tls",
+                "required: GatewayService and the Peer service must not be plaintext (set server.insecure_plaintext_internal: true to accept that risk)",
+            ));
+        }
+        if self.upstream.tls.is_none() && !s.insecure_plaintext_internal {
+            return Err(ConfigError::key(
+                "upstream.tls",
+                "required: requests to upstreams must not be plaintext (set upstream.tls.insecure_plaintext: true, or server.insecure_plaintext_internal: true)",
+            ));
+        }
+        if let Some(addr) = &s.ops_addr {
+            require_socket_addr("server.ops_addr", addr)?;
+            match &s.ops_token_file {
+                Some(file) => require_file("server.ops_token_file", file)?,
+                None if s.insecure_plaintext_internal => {}
+                None => {
+                    return Err(ConfigError::key(
+                        "server.ops_token_file",
+                        "required with server.ops_addr: /drain and profiling need a bearer token",
+                    ));
+                }
+            }
+        }
+        gatesvr_common::identity::Identity::new(
+            s.trust_domain.clone(),
+            gatesvr_common::identity::Role::DataPlane,
+            self.node_id.clone(),
+        )
+        .map_err(|e| ConfigError::key("node_id", e.to_string()))?;
         if let Some(dir) = &s.shared_keys_dir {
             crate::quic_keys::SharedKeys::load(dir)
                 .map_err(|e| ConfigError::key("server.shared_keys_dir", e))?;
@@ -503,7 +560,7 @@ mod tests {
         std::fs::write(dir.path().join("c.pem"), "x").unwrap();
         std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
         let yaml = format!(
-            "server:\n  cert_file: {d}/c.pem\n  key_file: {d}/c.pem\nauth:\n  secret_file: {d}/secret\n{extra}",
+            "server:\n  cert_file: {d}/c.pem\n  key_file: {d}/c.pem\n  insecure_plaintext_internal: true\nauth:\n  secret_file: {d}/secret\n{extra}",
             d = dir.path().display()
         );
         (dir, yaml)
@@ -578,6 +635,34 @@ mod tests {
         let err = load("server:\n  cert_file: /nope/server.crt\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("server.cert_file"), "{err}");
         assert!(err.to_string().contains("/nope/server.crt"));
+    }
+
+    #[test]
+    fn internal_hops_are_secure_unless_the_opt_in_says_otherwise() {
+        let (d, base) = with_certs("");
+        let secure = base.replace("  insecure_plaintext_internal: true\n", "");
+        let err = load(&secure).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.grpc_tls"), "{err}");
+        let certs = gatesvr_common::certs::generate(&d.path().join("certs"), &[]).unwrap();
+        let dp = certs.role(gatesvr_common::identity::Role::DataPlane, "dp-1");
+        let tls = format!(
+            "  grpc_tls: {{cert_file: {}, key_file: {}, ca_file: {}}}\n",
+            dp.cert_file.display(),
+            dp.key_file.display(),
+            certs.ca_cert().display()
+        );
+        let with_grpc = secure.replace("server:\n", &format!("server:\n{tls}"));
+        let err = load(&with_grpc).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("upstream.tls"), "{err}");
+        let upstream = format!(
+            "upstream:\n  tls: {{ca_file: {}}}\n",
+            certs.ca_cert().display()
+        );
+        let full = format!("node_id: dp-1\n{with_grpc}{upstream}");
+        load(&full).unwrap();
+        let ops = full.replace("server:\n", "server:\n  ops_addr: 127.0.0.1:0\n");
+        let err = load(&ops).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.ops_token_file"), "{err}");
     }
 
     /// Inserts `extra`'s sections into `base` (both are `section:\n  k: v` YAML).

@@ -1,7 +1,14 @@
 //! HTTP endpoints on `server.http_addr`: `/health` (liveness), `/ready`
 //! (readiness), `/stats` (sessions), `/performance` (rates and latency
-//! quantiles), `/debug/pprof/profile?seconds=N` (CPU flamegraph, SVG); and
-//! `/metrics` on `server.metrics_addr`.
+//! quantiles); `/metrics` on `server.metrics_addr`; and, on the separate
+//! operations listener `server.ops_addr`, `POST /drain` and
+//! `/debug/pprof/profile?seconds=N` (CPU flamegraph, SVG), each behind
+//! `authorization: Bearer <ops token>`.
+//!
+//! The probes stay open because kubelet and load balancers call them without
+//! credentials and they change nothing; the operations stop a node or cost
+//! it CPU, so they live on their own port with their own credential and can
+//! be bound to loopback (the preStop hook runs in the pod).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,15 +30,79 @@ pub struct HttpState {
     pub drain: Arc<tokio::sync::Notify>,
 }
 
+/// The probes and read-only status on `server.http_addr`.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/stats", get(stats))
         .route("/performance", get(performance))
+        .with_state(state)
+}
+
+/// `POST /drain` and profiling on `server.ops_addr`. With `token` every
+/// request needs `authorization: Bearer <token>` (else 401, counted in
+/// `gatesvr_ops_denied_total`); `None` only with
+/// `server.insecure_plaintext_internal`.
+pub fn ops_router(state: HttpState, token: Option<Arc<str>>) -> Result<Router, prometheus::Error> {
+    let denied = prometheus::IntCounter::new(
+        "gatesvr_ops_denied_total",
+        "Requests to the operations listener (/drain, /debug/pprof) refused for a missing or wrong bearer token",
+    )?;
+    state
+        .node
+        .metrics
+        .registry
+        .register(Box::new(denied.clone()))?;
+    let router = Router::new()
         .route("/drain", axum::routing::post(drain))
         .route("/debug/pprof/profile", get(profile))
-        .with_state(state)
+        .with_state(state);
+    let Some(token) = token else {
+        return Ok(router);
+    };
+    Ok(router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            let denied = denied.clone();
+            async move {
+                let presented = req
+                    .headers()
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+                if presented.is_some_and(|p| same(p, token.as_bytes())) {
+                    return next.run(req).await;
+                }
+                denied.inc();
+                tracing::debug!(path = %req.uri().path(), "ops request without a valid bearer token");
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                    "the operations listener needs `authorization: Bearer <server.ops_token_file>`\n",
+                )
+                    .into_response()
+            }
+        },
+    )))
+}
+
+/// Compares without an early exit on the first differing byte.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the ops token file (trimmed); `None` without one.
+pub fn ops_token(config: &crate::config::ServerConfig) -> Result<Option<Arc<str>>, String> {
+    let Some(path) = &config.ops_token_file else {
+        return Ok(None);
+    };
+    let raw = std::fs::read(path)
+        .map_err(|e| format!("server.ops_token_file {}: {e}", path.display()))?;
+    let token = String::from_utf8_lossy(raw.trim_ascii()).into_owned();
+    if token.is_empty() {
+        return Err(format!("server.ops_token_file {} is empty", path.display()));
+    }
+    Ok(Some(Arc::from(token)))
 }
 
 pub fn metrics_router(node: Arc<Node>) -> Router {

@@ -267,6 +267,13 @@ impl DataPlane {
         };
 
         let (grpc_tls, peer_tls, push_token) = internal_tls(&config)?;
+        let authz =
+            grpc_auth::layer(&config, &metrics.registry, push_token).map_err(StartError::Config)?;
+        let ops_token = http::ops_token(&config.server).map_err(StartError::Config)?;
+        let ops = match &config.server.ops_addr {
+            Some(addr) => Some(bind_tcp("ops", addr).await?),
+            None => None,
+        };
         let node = Arc::new(Node::new(
             config,
             verifier,
@@ -352,6 +359,25 @@ impl DataPlane {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         }));
+        if let Some(ops) = ops {
+            let ops_router = http::ops_router(
+                http::HttpState {
+                    node: node.clone(),
+                    ready: ready.clone(),
+                    drain: drain_signal.clone(),
+                },
+                ops_token,
+            )
+            .map_err(|e| StartError::Config(e.to_string()))?;
+            let stop = cancel.clone();
+            tasks.push(tokio::spawn(async move {
+                let serve =
+                    axum::serve(ops, ops_router).with_graceful_shutdown(stop.cancelled_owned());
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "ops HTTP server failed");
+                }
+            }));
+        }
         let stop = cancel.clone();
         let metrics_router = http::metrics_router(node.clone());
         tasks.push(tokio::spawn(async move {
@@ -382,7 +408,8 @@ impl DataPlane {
                     }
                 };
             }
-            let gate = grpc_auth::Gate { token: push_token };
+            // One rule per method (grpc_auth): roles from the certificates.
+            let mut server = server.layer(authz);
             // grpc.health.v1 for upstreams' load balancers and gRPC probes:
             // SERVING until shutdown (a draining node still takes pushes and
             // forwards them to the sessions' new owners).
@@ -395,14 +422,8 @@ impl DataPlane {
                 .await;
             let result = server
                 .add_service(health_service)
-                .add_service(tonic::service::interceptor::InterceptedService::new(
-                    gateway,
-                    gate.clone().for_gateway(),
-                ))
-                .add_service(tonic::service::interceptor::InterceptedService::new(
-                    peer,
-                    gate.for_peers(),
-                ))
+                .add_service(gateway)
+                .add_service(peer)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await;
             if let Err(e) = result {

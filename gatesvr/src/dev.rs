@@ -61,7 +61,10 @@ pub async fn run(
 ) -> Result<(), Failure> {
     let _log = gatesvr_common::logging::init(&crate::log_config(Default::default()))
         .map_err(anyhow::Error::msg)?;
-    let certs = gatesvr_common::certs::ensure(&args.certs)
+    eprintln!(
+        "WARNING: gatesvr dev runs every internal hop (control plane, Peer, GatewayService, upstreams) in PLAINTEXT without authorization. Never expose it to a network."
+    );
+    let certs = gatesvr_common::certs::ensure(&args.certs, &[])
         .with_context(|| format!("dev certificates in {}", args.certs.display()))?;
     let host = args.host;
 

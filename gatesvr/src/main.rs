@@ -2,7 +2,8 @@
 //!
 //! - `gatesvr dataplane --config F`: one data-plane node.
 //! - `gatesvr controlplane --config F`: one control-plane (raft) node.
-//! - `gatesvr certs --out DIR`: a development CA with server and client certificates.
+//! - `gatesvr certs --out DIR`: a CA, the client-facing certificate and role
+//!   certificates (`--role dataplane:dp-4`, ...) for every internal identity.
 //! - `gatesvr dev`: the whole system on one machine (see [`dev`]).
 //!
 //! Exit codes: 0 clean stop, 64 configuration error (the message names the
@@ -64,15 +65,26 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Generate a development CA, server and client certificates (PEM).
+    /// Generate a CA, the client-facing server certificate and role
+    /// certificates (PEM; private keys mode 0600). Each role certificate names
+    /// `spiffe://<trust-domain>/<role>/<id>`, which decides what it may call.
     Certs {
         /// Output directory.
         #[arg(long, default_value = "certs/dev")]
         out: PathBuf,
-        /// Extra DNS names or IPs for the server certificate (repeatable).
+        /// Extra DNS names or IPs for every certificate (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// Overwrite an existing set.
+        /// Role certificates to issue, `ROLE:ID` (repeatable): `controlplane:1`,
+        /// `dataplane:dp-1`, `upstream:chat`, `admin:alice`. With an existing CA
+        /// in --out, only these are issued (signed by it). Default: controlplane
+        /// 1-3, dataplane dp-1..dp-3, upstream demo, admin operator.
+        #[arg(long = "role", value_parser = parse_role)]
+        roles: Vec<(gatesvr_common::identity::Role, String)>,
+        /// Trust domain of the identities.
+        #[arg(long, default_value = gatesvr_common::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Replace an existing CA and everything it signed.
         #[arg(long)]
         force: bool,
     },
@@ -82,9 +94,16 @@ enum Command {
     /// Ask a local data-plane node to drain and wait until it has exited (or
     /// the deadline passes). For Kubernetes preStop hooks: the image has no shell.
     Drain {
-        /// The node's HTTP address (server.http_addr).
+        /// The node's HTTP address (server.http_addr), polled for progress.
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_addr: std::net::SocketAddr,
+        /// The node's operations listener (server.ops_addr), where `POST
+        /// /drain` is served.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        ops_addr: std::net::SocketAddr,
+        /// File holding the ops bearer token (server.ops_token_file).
+        #[arg(long, env = "GATESVR_OPS_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         /// Stop waiting after this long (keep it below terminationGracePeriodSeconds).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         deadline: std::time::Duration,
@@ -142,36 +161,93 @@ async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Dataplane { config, check } => run_dataplane(config, check, signals).await,
         Command::Controlplane { config, check } => run_controlplane(config, check, signals).await,
-        Command::Certs { out, sans, force } => {
-            if !force && gatesvr_common::certs::DevCerts::complete(&out) {
-                println!(
-                    "certificates already in {} (use --force to replace them)",
-                    out.display()
-                );
-                return Ok(());
-            }
-            gatesvr_common::certs::generate(&out, &sans).map_err(anyhow::Error::from)?;
-            println!(
-                "wrote ca.crt ca.key server.crt server.key client.crt client.key to {}",
-                out.display()
-            );
-            Ok(())
-        }
+        Command::Certs {
+            out,
+            sans,
+            roles,
+            trust_domain,
+            force,
+        } => certs(&out, &sans, roles, &trust_domain, force),
         Command::Dev(args) => dev::run(args, signals).await,
         Command::Drain {
             http_addr,
+            ops_addr,
+            token_file,
             deadline,
-        } => drain_node(http_addr, deadline).await,
+        } => drain_node(http_addr, ops_addr, token_file, deadline).await,
     }
+}
+
+/// `ROLE:ID`, e.g. `dataplane:dp-1`.
+fn parse_role(s: &str) -> Result<(gatesvr_common::identity::Role, String), String> {
+    let (role, id) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected ROLE:ID, e.g. dataplane:dp-1"))?;
+    let role = gatesvr_common::identity::Role::parse(role)
+        .ok_or_else(|| format!("{role:?}: roles are controlplane, dataplane, upstream, admin"))?;
+    Ok((role, id.to_string()))
+}
+
+fn certs(
+    out: &std::path::Path,
+    sans: &[String],
+    roles: Vec<(gatesvr_common::identity::Role, String)>,
+    trust_domain: &str,
+    force: bool,
+) -> Result<(), Failure> {
+    use gatesvr_common::certs;
+    use gatesvr_common::identity::Identity;
+    let has_ca = certs::DevCerts::complete(out);
+    if has_ca && !force {
+        if roles.is_empty() {
+            println!(
+                "certificates already in {} (name --role ROLE:ID to issue more, or --force to replace them all)",
+                out.display()
+            );
+            return Ok(());
+        }
+        for (role, id) in roles {
+            let identity = Identity::new(trust_domain, role, id).map_err(anyhow::Error::from)?;
+            let files = certs::issue(out, &identity, sans).map_err(anyhow::Error::from)?;
+            println!("issued {identity}: {}", files.cert_file.display());
+        }
+        return Ok(());
+    }
+    let roles = if roles.is_empty() {
+        certs::DEFAULT_IDENTITIES
+            .iter()
+            .map(|(r, id)| (*r, (*id).to_string()))
+            .collect()
+    } else {
+        roles
+    };
+    certs::generate_with(out, sans, trust_domain, &roles).map_err(anyhow::Error::from)?;
+    println!(
+        "wrote ca.crt ca.key server.crt server.key to {}",
+        out.display()
+    );
+    for (role, id) in &roles {
+        println!("  {role}-{id}.crt/.key: spiffe://{trust_domain}/{role}/{id}");
+    }
+    println!("private keys are mode 0600; keep ca.key off the cluster in production");
+    Ok(())
 }
 
 /// One HTTP/1.1 request to a local node: (status, body), or None if the node
 /// is not listening (anymore).
-async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
@@ -187,14 +263,28 @@ async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Option<(u
 
 async fn drain_node(
     addr: std::net::SocketAddr,
+    ops_addr: std::net::SocketAddr,
+    token_file: Option<PathBuf>,
     deadline: std::time::Duration,
 ) -> Result<(), Failure> {
     let until = tokio::time::Instant::now() + deadline;
-    match http(addr, "POST", "/drain").await.map(|(status, _)| status) {
-        Some(202) => println!("drain started on {addr}"),
-        Some(code) => return Err(anyhow::anyhow!("POST /drain on {addr} answered {code}").into()),
+    let token = match &token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let posted = http(ops_addr, "POST", "/drain", token.as_deref()).await;
+    match posted.map(|(status, _)| status) {
+        Some(202) => println!("drain started on {ops_addr}"),
+        Some(code) => {
+            return Err(anyhow::anyhow!("POST /drain on {ops_addr} answered {code}").into());
+        }
         None => {
-            println!("nothing listening on {addr}: already stopped");
+            println!("nothing listening on {ops_addr}: already stopped");
             return Ok(());
         }
     }
@@ -202,7 +292,10 @@ async fn drain_node(
     // it reports no session left (return before the exit, so a preStop hook
     // is not killed with its container).
     while tokio::time::Instant::now() < until {
-        match http(addr, "GET", "/stats").await.map(|(_, body)| body) {
+        match http(addr, "GET", "/stats", None)
+            .await
+            .map(|(_, body)| body)
+        {
             None => {
                 println!("node drained and stopped");
                 return Ok(());

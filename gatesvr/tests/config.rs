@@ -19,8 +19,13 @@ fn repo() -> PathBuf {
 /// A working directory with what the example configs point at.
 fn workdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    gatesvr_common::certs::generate(&dir.path().join("certs/dev"), &[]).unwrap();
+    gatesvr_common::certs::ensure(
+        &dir.path().join("certs/dev"),
+        &[(gatesvr_common::identity::Role::DataPlane, "dp-jwt".into())],
+    )
+    .unwrap();
     std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/ops.token"), "0ps-t0ken").unwrap();
     std::fs::write(dir.path().join("secrets/hmac.key"), "dev-secret").unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     std::fs::write(
@@ -80,7 +85,7 @@ fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     path
 }
 
-const BASE: &str = "server:\n  cert_file: certs/dev/server.crt\n  key_file: certs/dev/server.key\nauth:\n  secret_file: secrets/hmac.key\n";
+const BASE: &str = "server:\n  cert_file: certs/dev/server.crt\n  key_file: certs/dev/server.key\n  insecure_plaintext_internal: true\nauth:\n  secret_file: secrets/hmac.key\n";
 
 #[test]
 fn mistakes_exit_64_naming_the_key() {
@@ -178,5 +183,46 @@ fn certs_command_writes_a_usable_set() {
         dir: dir.path().to_path_buf(),
     };
     gatesvr_common::tls::server_config(&certs.server()).unwrap();
-    gatesvr_common::tls::tonic_client_tls(&certs.client(), "localhost").unwrap();
+    let dp = certs.role(gatesvr_common::identity::Role::DataPlane, "dp-1");
+    gatesvr_common::tls::tonic_client_tls(&dp, "localhost").unwrap();
+
+    // More identities from the same CA; the CA stays.
+    let ca = std::fs::read(certs.ca_cert()).unwrap();
+    let out = gatesvr()
+        .args([
+            "certs",
+            "--role",
+            "dataplane:dp-7",
+            "--role",
+            "upstream:chat",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(ca, std::fs::read(certs.ca_cert()).unwrap());
+    let der = gatesvr_common::tls::load_certs(
+        &certs
+            .role(gatesvr_common::identity::Role::Upstream, "chat")
+            .cert_file,
+    )
+    .unwrap();
+    let id = gatesvr_common::identity::Identity::from_cert(der[0].as_ref()).unwrap();
+    assert_eq!(id.uri(), "spiffe://gatesvr/upstream/chat");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = certs
+            .role(gatesvr_common::identity::Role::DataPlane, "dp-7")
+            .key_file;
+        let mode = std::fs::metadata(key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let bad = gatesvr()
+        .args(["certs", "--role", "king:me", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
 }

@@ -79,6 +79,12 @@ pub fn controlplane_config(
         .iter()
         .find(|(m, _, _)| *m == id)
         .expect("the node is one of the members");
+    // Its role certificate (controlplane/<id>), issued by the same CA if new.
+    gatesvr_common::certs::ensure(
+        certs,
+        &[(gatesvr_common::identity::Role::ControlPlane, id.to_string())],
+    )
+    .expect("control-plane certificate");
     let listed: String = members
         .iter()
         .map(|(m, g, a)| {
@@ -98,7 +104,7 @@ pub fn controlplane_config(
          grpc_addr: 127.0.0.1:{grpc}\n\
          admin_addr: 127.0.0.1:{admin}\n\
          cluster:\n{bootstrap}\
-         tls:\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n  raft_peer_names: [gatesvr]\n\
+         tls:\n  cert_file: {c}/controlplane-{id}.crt\n  key_file: {c}/controlplane-{id}.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n\
          raft:\n  heartbeat_interval: 100ms\n  election_timeout_min: 500ms\n  election_timeout_max: 1000ms\n  write_timeout: 3s\n{raft_extra}\
          admin:\n  auth: tokens\n",
         data = data_dir.display(),

@@ -17,7 +17,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gatesvr_common::tls::TlsFiles;
 use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
 use gatesvr_proto::control::{
     Claim, ClaimSessionsRequest, DataPlaneNode, NodeState, RegisterNodeRequest,
@@ -134,18 +133,15 @@ fn session(node: &Node, openid: &str, consistency: &str) -> Option<(String, u64,
     ))
 }
 
-/// A data-plane stand-in over the real gRPC API (mTLS with the client certificate):
-/// registers `node_id` and claims sessions for `openids`; returns the epochs.
+/// A data-plane stand-in over the real gRPC API (mTLS with its role certificate
+/// `dataplane/<node_id>`): registers `node_id` and claims sessions for `openids`;
+/// returns the epochs.
 async fn claim(grpc: u16, certs: &Path, node_id: &str, openids: &[&str]) -> Vec<u64> {
-    let tls = gatesvr_common::tls::tonic_client_tls(
-        &TlsFiles {
-            cert_file: certs.join("client.crt"),
-            key_file: certs.join("client.key"),
-            ca_file: Some(certs.join("ca.crt")),
-        },
-        "localhost",
-    )
-    .expect("client tls");
+    let role = gatesvr_common::identity::Role::DataPlane;
+    let issued = gatesvr_common::certs::ensure(certs, &[(role, node_id.to_string())])
+        .expect("data-plane certificate");
+    let tls = gatesvr_common::tls::tonic_client_tls(&issued.role(role, node_id), "localhost")
+        .expect("client tls");
     let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc}"))
         .unwrap()
         .tls_config(tls)

@@ -238,7 +238,10 @@ async fn internal_grpc_runs_over_mtls_with_a_token_option_for_upstreams() {
     let token_path = token_file.clone();
     let cluster = TestCluster::start(2, move |c| {
         let certs = c.server.cert_file.parent().unwrap().to_path_buf();
-        c.server.grpc_tls = Some(gatesvr_common::tls::TlsFiles::dev_server(&certs));
+        // Each node presents its own role certificate (dataplane/<node_id>).
+        let me = [(gatesvr_common::identity::Role::DataPlane, c.node_id.clone())];
+        let issued = gatesvr_common::certs::ensure(&certs, &me).unwrap();
+        c.server.grpc_tls = Some(issued.role(me[0].0, &c.node_id));
         c.server.push_token_file = Some(token_path.clone());
     })
     .await;
@@ -254,8 +257,8 @@ async fn internal_grpc_runs_over_mtls_with_a_token_option_for_upstreams() {
             std::fs::read(certs.join("ca.crt")).unwrap(),
         ))
         .identity(tonic::transport::Identity::from_pem(
-            std::fs::read(certs.join("client.crt")).unwrap(),
-            std::fs::read(certs.join("client.key")).unwrap(),
+            std::fs::read(certs.join("upstream-demo.crt")).unwrap(),
+            std::fs::read(certs.join("upstream-demo.key")).unwrap(),
         ))
         .domain_name("localhost");
     let channel = Endpoint::from_shared(addr(1))

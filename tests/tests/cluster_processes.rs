@@ -108,7 +108,7 @@ impl ProcessCluster {
             let yaml = format!(
                 "node_id: {id}\ndata_dir: {root}/cp-{id}\ngrpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:{admin}\n\
                  cluster:\n{bootstrap}\
-                 tls:\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n\
+                 tls:\n  cert_file: {c}/controlplane-{id}.crt\n  key_file: {c}/controlplane-{id}.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n\
                  raft:\n  heartbeat_interval: 100ms\n  election_timeout_min: 600ms\n  election_timeout_max: 1200ms\n\
                  leases:\n  min_ttl: 500ms\n  check_interval: 100ms\n\
                  admin:\n  auth: tokens\n",
@@ -145,10 +145,10 @@ impl ProcessCluster {
             };
             let yaml = format!(
                 "node_id: {name}\n\
-                 server:\n  quic_addr: 127.0.0.1:{quic}\n  http_addr: 127.0.0.1:{http}\n  grpc_addr: 127.0.0.1:{grpc}\n  metrics_addr: 127.0.0.1:0\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  drain_rate: 1000\n  drain_timeout: 20s\n\
+                 server:\n  quic_addr: 127.0.0.1:{quic}\n  http_addr: 127.0.0.1:{http}\n  grpc_addr: 127.0.0.1:{grpc}\n  metrics_addr: 127.0.0.1:0\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  drain_rate: 1000\n  drain_timeout: 20s\n  insecure_plaintext_internal: true\n\
                  auth:\n  secret_file: {root}/secret\n\
                  upstream:\n  health_check_interval: 1s\n\
-                 control_plane:\n  endpoints: [{endpoints}]\n  tls:\n    cert_file: {c}/client.crt\n    key_file: {c}/client.key\n    ca_file: {c}/ca.crt\n  lease_ttl: 1s\n  state_file: {root}/{name}.state\n",
+                 control_plane:\n  endpoints: [{endpoints}]\n  tls:\n    cert_file: {c}/dataplane-{name}.crt\n    key_file: {c}/dataplane-{name}.key\n    ca_file: {c}/ca.crt\n  lease_ttl: 1s\n  state_file: {root}/{name}.state\n",
                 name = dp.name,
                 quic = dp.quic,
                 http = dp.http,
@@ -192,9 +192,9 @@ impl ProcessCluster {
                 "--lease-ttl".into(),
                 "2s".into(),
                 "--cp-tls-cert".into(),
-                certs.join("client.crt").display().to_string(),
+                certs.join("upstream-demo.crt").display().to_string(),
                 "--cp-tls-key".into(),
-                certs.join("client.key").display().to_string(),
+                certs.join("upstream-demo.key").display().to_string(),
                 "--cp-tls-ca".into(),
                 certs.join("ca.crt").display().to_string(),
             ];

@@ -83,6 +83,10 @@ pub struct Config {
     /// CA that signed the control plane's certificate.
     #[arg(long, env = "GATE_UPSTREAM_CP_TLS_CA", requires_all = ["cp_tls_cert", "cp_tls_key"])]
     pub cp_tls_ca: Option<PathBuf>,
+    /// Trust domain of callers' `spiffe://<trust-domain>/dataplane/<id>`
+    /// certificates (with `--tls-*`, only data-plane nodes may call).
+    #[arg(long, env = "GATE_UPSTREAM_TRUST_DOMAIN", default_value = gatesvr_common::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 impl Config {
@@ -106,6 +110,7 @@ impl Config {
             cp_tls_cert: None,
             cp_tls_key: None,
             cp_tls_ca: None,
+            trust_domain: gatesvr_common::identity::DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 

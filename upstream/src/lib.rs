@@ -71,6 +71,24 @@ pub enum Error {
 
 /// Serves on `listener` until `shutdown` completes, then drains: reports
 /// NOT_SERVING, deregisters, waits `drain_delay`, and finishes in-flight
+/// Who may call this upstream: one rule per method (see `gatesvr_common::authz`).
+const CALLERS: &[(&str, gatesvr_common::authz::Rule)] = {
+    use gatesvr_common::authz::Rule;
+    use gatesvr_common::identity::Role;
+    &[
+        (
+            "/gatesvr.upstream.v1.UpstreamService/ProcessRequest",
+            Rule::Roles(&[Role::DataPlane]),
+        ),
+        (
+            "/gatesvr.upstream.v1.UpstreamService/GetStatus",
+            Rule::Roles(&[Role::DataPlane, Role::Admin]),
+        ),
+        ("/grpc.health.v1.Health/Check", Rule::Open),
+        ("/grpc.health.v1.Health/Watch", Rule::Open),
+    ]
+};
+
 /// requests before returning.
 pub async fn run(
     cfg: Config,
@@ -90,9 +108,24 @@ pub async fn run(
     set_health(&health, ServingStatus::NotServing).await;
 
     let mut server = Server::builder();
-    if let Some(tls) = cfg.tls() {
-        server = server.tls_config(gatesvr_common::tls::tonic_server_tls(&tls)?)?;
+    let tls = cfg.tls();
+    if let Some(tls) = &tls {
+        server = server.tls_config(gatesvr_common::tls::tonic_server_tls(tls)?)?;
     }
+    // With mTLS only data-plane nodes may send requests (their certificates
+    // name role `dataplane`); an upstream or a stray client certificate from
+    // the same CA is refused.
+    let policy = gatesvr_common::authz::Policy::new(
+        CALLERS,
+        &cfg.trust_domain,
+        None,
+        gatesvr_common::authz::Denials::new("upstream", |_| {}),
+    );
+    let mut server = server.layer(gatesvr_common::authz::AuthzLayer::new(if tls.is_some() {
+        policy
+    } else {
+        policy.insecure()
+    }));
     let stop = CancellationToken::new();
     let serving = server
         .add_service(health_service)

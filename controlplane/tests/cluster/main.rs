@@ -504,6 +504,7 @@ async fn admin_api_auth_forwarding_and_membership() {
 /// by the cluster CA is refused, one with it is served, and two nodes replicate over mTLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_refuses_clients_without_a_certificate() {
+    use gatesvr_common::identity::Role;
     use gatesvr_controlplane::ControlPlane;
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
     gatesvr_common::tls::install_crypto_provider();
@@ -511,13 +512,12 @@ async fn mtls_refuses_clients_without_a_certificate() {
     let certs = gatesvr_common::certs::generate(&dir.path().join("certs"), &[]).unwrap();
     let tls_cfg = |id: u64| {
         let mut cfg = harness::config(dir.path(), id);
-        let server = certs.server();
+        // Only control-plane members (their role certificates) may speak raft.
+        let own = certs.role(Role::ControlPlane, &id.to_string());
         cfg.tls.insecure = false;
-        cfg.tls.cert_file = Some(server.cert_file);
-        cfg.tls.key_file = Some(server.key_file);
-        cfg.tls.ca_file = server.ca_file;
-        // Only control-plane peers (the server certificate's name) may speak raft.
-        cfg.tls.raft_peer_names = vec!["gatesvr".into()];
+        cfg.tls.cert_file = Some(own.cert_file);
+        cfg.tls.key_file = Some(own.key_file);
+        cfg.tls.ca_file = own.ca_file;
         cfg
     };
     let mut cfg1 = tls_cfg(1);
@@ -568,7 +568,9 @@ async fn mtls_refuses_clients_without_a_certificate() {
             .is_err(),
     };
     assert!(refused, "a client without a certificate was served");
-    let client_tls = gatesvr_common::tls::tonic_client_tls(&certs.client(), "localhost").unwrap();
+    let dp = gatesvr_common::identity::Identity::new("gatesvr", Role::DataPlane, "dp-tls").unwrap();
+    let dp = gatesvr_common::certs::issue(&certs.dir, &dp, &[]).unwrap();
+    let client_tls = gatesvr_common::tls::tonic_client_tls(&dp, "localhost").unwrap();
     let ch = Endpoint::from_shared(url)
         .unwrap()
         .tls_config(client_tls)

@@ -2,8 +2,11 @@
 //! and arrives on another, under the importer's epoch and config.
 //!
 //! Import trusts nothing: the state may come from an older or newer GateSvr,
-//! or be corrupt. Every relation the session relies on is checked, so that a
-//! bad export fails loudly here instead of yielding wrong seqs to a client.
+//! or be corrupt, or be made up by whoever reached the Peer service. Every
+//! relation the session relies on is checked, so that a bad export fails
+//! loudly here instead of yielding wrong seqs to a client; every number is
+//! bounded by [`MAX_SEQ`] and every sum or difference on them is checked, so
+//! no peer-supplied value can make a later `+ 1` overflow.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -13,6 +16,12 @@ use gatesvr_proto::session::{CompletedRequest, SessionState};
 use super::dedupe::RequestWindow;
 use super::queue::PushQueue;
 use super::{Link, Session, SessionConfig, SessionIdentity};
+
+/// Largest seq (push or request) an imported session may carry: half the
+/// `u64` range, so the session can keep counting from it for longer than
+/// any deployment lives without an overflow (one push per nanosecond for
+/// almost 300 years).
+pub const MAX_SEQ: u64 = u64::MAX / 2;
 
 /// Why [`Session::import`] refused a `SessionState`. The state is corrupt or
 /// from an incompatible exporter (an internal fault, not the client's):
@@ -79,6 +88,14 @@ pub enum ImportError {
     /// A completed request has no response.
     #[error("completed request {0} has no response")]
     MissingResponse(u64),
+    /// A seq beyond [`MAX_SEQ`]: counting on from it could overflow.
+    #[error("{field} {value} is above the largest importable seq {MAX_SEQ}")]
+    SeqOutOfRange {
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
 }
 
 impl Session {
@@ -161,6 +178,14 @@ fn validate_seqs(s: &SessionState) -> Result<(), ImportError> {
         return Err(ImportError::NextSeqZero);
     }
     for (field, value) in [
+        ("next_seq_id", next_seq),
+        ("highest_request_seq_id", s.highest_request_seq_id),
+    ] {
+        if value > MAX_SEQ {
+            return Err(ImportError::SeqOutOfRange { field, value });
+        }
+    }
+    for (field, value) in [
         ("acked_seq_id", s.acked_seq_id),
         ("trimmed_through_seq_id", s.trimmed_through_seq_id),
         ("highest_sent_seq_id", s.highest_sent_seq_id),
@@ -179,9 +204,18 @@ fn validate_seqs(s: &SessionState) -> Result<(), ImportError> {
             highest_sent: s.highest_sent_seq_id,
         });
     }
-    let front = s.acked_seq_id.max(s.trimmed_through_seq_id) + 1;
-    let expected = next_seq - front;
-    if s.pushes.len() as u64 != expected {
+    // Both below next_seq <= MAX_SEQ (checked above): neither can fail, but
+    // a peer's numbers get checked arithmetic, not reasoning.
+    let out_of_range = |field, value| ImportError::SeqOutOfRange { field, value };
+    let front = s
+        .acked_seq_id
+        .max(s.trimmed_through_seq_id)
+        .checked_add(1)
+        .ok_or(out_of_range("acked_seq_id", s.acked_seq_id))?;
+    let expected = next_seq
+        .checked_sub(front)
+        .ok_or(out_of_range("next_seq_id", next_seq))?;
+    if u64::try_from(s.pushes.len()).ok() != Some(expected) {
         return Err(ImportError::PushCount {
             front,
             next_seq,
@@ -227,4 +261,67 @@ fn restore_requests(s: &SessionState, window: u64) -> Result<RequestWindow, Impo
         unknown.insert(seq);
     }
     Ok(RequestWindow::restored(highest, completed, unknown, window))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(next_seq: u64, acked: u64, highest_request: u64) -> SessionState {
+        SessionState {
+            session_id: "s".into(),
+            openid: "o".into(),
+            zone: "001".into(),
+            next_seq_id: next_seq,
+            acked_seq_id: acked,
+            trimmed_through_seq_id: acked,
+            highest_sent_seq_id: acked,
+            highest_request_seq_id: highest_request,
+            ..Default::default()
+        }
+    }
+
+    /// A peer's numbers near `u64::MAX` are refused at import, before the
+    /// session would count past them (`next_seq += 1` on the next push).
+    #[test]
+    fn seqs_that_could_overflow_are_refused() {
+        let now = Instant::now();
+        let cfg = SessionConfig::default();
+        let err = Session::import(state(u64::MAX, u64::MAX - 1, 0), now, cfg.clone())
+            .err()
+            .unwrap();
+        assert_eq!(
+            err,
+            ImportError::SeqOutOfRange {
+                field: "next_seq_id",
+                value: u64::MAX
+            }
+        );
+        let err = Session::import(state(5, 4, u64::MAX), now, cfg.clone())
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            ImportError::SeqOutOfRange {
+                field: "highest_request_seq_id",
+                ..
+            }
+        ));
+        // At the bound the session imports and keeps counting.
+        let mut s = Session::import(state(MAX_SEQ, MAX_SEQ - 1, MAX_SEQ), now, cfg).unwrap();
+        let seq = s
+            .push(
+                now,
+                crate::session::PushMessage {
+                    msg_type: "t".into(),
+                    content: "c".into(),
+                    data: bytes::Bytes::new(),
+                    created_at_ms: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(seq, MAX_SEQ);
+        assert_eq!(s.export().next_seq_id, MAX_SEQ + 1);
+        assert_eq!(s.export().highest_request_seq_id, MAX_SEQ);
+    }
 }

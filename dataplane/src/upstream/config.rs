@@ -63,6 +63,11 @@ pub struct UpstreamConfig {
     pub healthy_threshold: u32,
     /// Passive ejection of instances that fail requests.
     pub outlier_detection: OutlierDetectionConfig,
+    /// TLS (or mTLS) to every zone's upstreams. Unset: plaintext, which a
+    /// config file may choose only with `server.insecure_plaintext_internal`.
+    pub tls: Option<super::tls::UpstreamTlsConfig>,
+    /// Per-zone replacements of `tls`, keyed by zone id (`"003": {...}`).
+    pub zone_tls: std::collections::BTreeMap<String, super::tls::UpstreamTlsConfig>,
 }
 
 impl Default for UpstreamConfig {
@@ -80,6 +85,8 @@ impl Default for UpstreamConfig {
             unhealthy_threshold: 3,
             healthy_threshold: 1,
             outlier_detection: OutlierDetectionConfig::default(),
+            tls: None,
+            zone_tls: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -167,6 +174,12 @@ impl Validate for UpstreamConfig {
         }
         if od.max_ejection_percent > 100 {
             return bad("outlier_detection.max_ejection_percent", "must be 0..=100");
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(&format!("{SECTION}.tls"))?;
+        }
+        for (zone, tls) in &self.zone_tls {
+            tls.validate(&format!("{SECTION}.zone_tls.{zone}"))?;
         }
         Ok(())
     }

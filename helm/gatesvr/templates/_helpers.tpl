@@ -79,8 +79,14 @@ app.kubernetes.io/component: {{ .component }}
      of the control-plane and push APIs). */}}
 {{- define "gatesvr.tlsRoles" -}}["controlplane","dataplane","upstream"]{{- end }}
 
-{{/* Subject CN of a role's certificate when the chart issues it: (dict "ctx" $ "role" "x"). */}}
+{{/* Name of a role's certificate objects: (dict "ctx" $ "role" "x"). */}}
 {{- define "gatesvr.tlsCommonName" -}}{{ include "gatesvr.fullname" .ctx }}-{{ .role }}{{- end }}
+
+{{/* The identity a role's certificate names (docs/operations.md, Security): one certificate
+     serves every pod of the role, so its id is `_any` (any node of that role; it still
+     cannot act as another role). Helm's genSignedCert cannot write URI SANs, so generated
+     certificates carry it as their subject CN; cert-manager ones as a SAN URI too. */}}
+{{- define "gatesvr.spiffeId" -}}spiffe://{{ .ctx.Values.tls.trustDomain }}/{{ .role }}/_any{{- end }}
 
 {{/* Secret holding a role's tls.crt, tls.key and ca.crt: (dict "ctx" $ "role" "x"). */}}
 {{- define "gatesvr.tlsSecret" -}}
@@ -134,6 +140,16 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Fails rendering on values that would give a broken cluster. */}}
 {{- define "gatesvr.validate" -}}
+{{- $dpc := .Values.dataplane.config | default dict }}
+{{- $cpc := .Values.controlplane.config | default dict }}
+{{- $plain := list }}
+{{- if (get ($dpc.server | default dict) "insecure_plaintext_internal") }}{{ $plain = append $plain "dataplane.config.server.insecure_plaintext_internal" }}{{ end }}
+{{- if (get ((get ($dpc.upstream | default dict) "tls") | default dict) "insecure_plaintext") }}{{ $plain = append $plain "dataplane.config.upstream.tls.insecure_plaintext" }}{{ end }}
+{{- if (get ($dpc.control_plane | default dict) "insecure") }}{{ $plain = append $plain "dataplane.config.control_plane.insecure" }}{{ end }}
+{{- if (get ($cpc.tls | default dict) "insecure") }}{{ $plain = append $plain "controlplane.config.tls.insecure" }}{{ end }}
+{{- if and $plain (not .Values.insecurePlaintextInternal) }}
+{{- fail (printf "refusing to render a PLAINTEXT internal hop (%s): anyone on the pod network could take sessions, push to any user or drive raft. Set insecurePlaintextInternal=true only for a throwaway test cluster." (join ", " $plain)) }}
+{{- end }}
 {{- $n := int .Values.controlplane.replicas }}
 {{- if or (lt $n 1) (eq (mod $n 2) 0) }}
 {{- fail (printf "controlplane.replicas must be odd (1, 3, 5, 7): %d would add no fault tolerance over %d and can split votes evenly" $n (sub $n 1)) }}
