@@ -101,6 +101,7 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
             "view_version": c.view().version,
         })
     });
+    let m = &state.node.metrics;
     Json(serde_json::json!({
         "node_id": state.node.config.node_id,
         "draining": state.node.draining.load(Ordering::Relaxed),
@@ -109,7 +110,31 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
         "connected_sessions": registry.connected(),
         "sessions_per_zone": registry.per_zone(),
         "queued_pushes": queued,
+        "upstreams": upstream_health(&state.node),
+        "requests_by_outcome": crate::metrics::sum_by(&m.requests, "outcome"),
+        "pushes_by_outcome": crate::metrics::sum_by(&m.pushes, "outcome"),
     }))
+}
+
+/// Every upstream instance this node routes to, with its health and ejection state (what
+/// `gatectl upstreams health` and the console show).
+fn upstream_health(node: &Node) -> Vec<serde_json::Value> {
+    let crate::handler::Handler::Upstream(router) = &node.handler else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for zone in router.zones() {
+        for i in router.instances(&zone).unwrap_or_default() {
+            out.push(serde_json::json!({
+                "zone": zone,
+                "instance_id": i.instance.id(),
+                "address": i.instance.addr(),
+                "state": i.state.as_str(),
+                "outstanding": i.outstanding,
+            }));
+        }
+    }
+    out
 }
 
 async fn performance(State(state): State<HttpState>) -> impl IntoResponse {
