@@ -80,6 +80,8 @@ pub struct AdminState {
     pub metrics: crate::metrics::Metrics,
     /// Where data-plane nodes serve `/stats` (from `admin.dataplane_http_*`).
     pub dataplane_http: DataPlaneHttp,
+    /// The admin port speaks HTTPS: the console's cookie is marked `Secure`.
+    pub https: bool,
 }
 
 /// How to reach a data-plane node's HTTP port.

@@ -291,6 +291,7 @@ impl ControlPlane {
                     port: cfg.admin.dataplane_http_port,
                     addrs: cfg.admin.dataplane_http_addrs.clone(),
                 },
+                https: cfg.admin.tls.enabled(),
             },
             auth,
         );

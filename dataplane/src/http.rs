@@ -149,12 +149,20 @@ struct ProfileQuery {
 /// One CPU profile at a time: the profiler is process-wide.
 static PROFILING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Samples every thread at 99 Hz for `seconds` (default 10, at most 60) and
-/// answers an SVG flamegraph.
+/// Samples every thread at 99 Hz for `seconds` (1..=60, default 10; anything
+/// else is a 400) and answers an SVG flamegraph (one saying so if no sample
+/// was taken).
 async fn profile(
     axum::extract::Query(q): axum::extract::Query<ProfileQuery>,
 ) -> axum::response::Response {
-    let seconds = q.seconds.unwrap_or(10).clamp(1, 60);
+    let seconds = q.seconds.unwrap_or(10);
+    if !(1..=60).contains(&seconds) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "seconds must be 1..=60 (default 10)\n",
+        )
+            .into_response();
+    }
     let Ok(_one) = PROFILING.try_lock() else {
         return (StatusCode::CONFLICT, "a profile is already being taken\n").into_response();
     };
@@ -183,6 +191,14 @@ async fn profile(
                 .into_response();
         }
     };
+    if report.data.is_empty() {
+        // An idle process can go a short profile without a single sample: say so in the
+        // SVG rather than answering an empty one.
+        let svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"40\"><text x=\"10\" y=\"25\">no CPU samples in {seconds} s: the process was idle; profile longer or under load</text></svg>\n"
+        );
+        return ([(axum::http::header::CONTENT_TYPE, "image/svg+xml")], svg).into_response();
+    }
     let mut svg = Vec::new();
     if let Err(e) = report.flamegraph(&mut svg) {
         return (

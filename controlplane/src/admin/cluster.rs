@@ -13,7 +13,7 @@ use crate::state::{Cmd, CmdResult};
 use crate::types::Member;
 use crate::validate;
 
-fn members(node: &Node) -> Vec<MemberInfo> {
+pub(super) fn members(node: &Node) -> Vec<MemberInfo> {
     let m = node.raft().metrics().borrow().clone();
     let voters = node.voter_ids();
     let replication = m.replication.clone().unwrap_or_default();

@@ -383,6 +383,7 @@ pub struct UpstreamHealth {
 pub struct NodeStats {
     pub node_id: String,
     /// The URL it was read from.
+    #[serde(default)]
     pub source: String,
     pub draining: bool,
     pub sessions: u64,

@@ -186,7 +186,7 @@ pub(super) async fn node_stats(
 
 /// Where `node_id` serves HTTP: its configured address, or the configured port on the host
 /// of its gRPC address.
-fn dataplane_http_addr(
+pub(super) fn dataplane_http_addr(
     cfg: &super::DataPlaneHttp,
     node_id: &str,
     grpc_addr: &str,
