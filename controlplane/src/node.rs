@@ -481,20 +481,32 @@ impl Node {
             return Err(Error::NotFound(format!("node {id} is not a learner")));
         }
         // A voter that cannot be reached (or has not caught up) would cost the cluster its
-        // quorum the moment it is promoted: only a learner the leader has replicated to
-        // recently may become one.
-        let m = self.0.raft.metrics().borrow().clone();
-        let last = m.last_log_index.unwrap_or(0);
-        let matched = m
-            .replication
-            .as_ref()
-            .and_then(|r| r.get(&id).copied().flatten())
-            .map(|l| l.index);
-        match matched {
-            Some(i) if last.saturating_sub(i) <= PROMOTE_MAX_LAG => {}
-            _ => {
+        // quorum the moment it is promoted: only a learner the leader replicates to may
+        // become one. A learner just added gets up to `write_timeout` to catch up.
+        let caught_up = |m: &openraft::RaftMetrics<NodeId, Member>| {
+            let last = m.last_log_index.unwrap_or(0);
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map(|l| l.index);
+            (
+                matched.is_some_and(|i| last.saturating_sub(i) <= PROMOTE_MAX_LAG),
+                matched,
+                last,
+            )
+        };
+        let mut rx = self.0.raft.metrics();
+        let deadline = tokio::time::Instant::now() + self.0.settings.write_timeout;
+        loop {
+            let (ok, matched, last) = caught_up(&rx.borrow_and_update());
+            if ok {
+                break;
+            }
+            let changed = tokio::time::timeout_at(deadline, rx.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
                 return Err(Error::FailedPrecondition(format!(
-                    "learner {id} has not caught up (replicated to index {}, log at {last}); wait until `gatectl cluster status` shows it matched",
+                    "learner {id} has not caught up (replicated to index {}, log at {last}); check that it runs and is reachable, then retry",
                     matched.map_or_else(|| "none".to_string(), |i| i.to_string())
                 )));
             }

@@ -113,7 +113,7 @@ impl Setup {
         let out = Command::new(binary("gatesvr-controlplane", "gatectl"))
             .args(args)
             .env_remove("GATESVR_ADMIN_TOKEN")
-            .env_remove("GATECTL_ENDPOINTS")
+            .env_remove("GATECTL_ENDPOINT")
             .output()
             .expect("run gatectl");
         Out {
@@ -381,7 +381,7 @@ fn gatectl_usage_errors() {
     let run = |args: &[&str]| {
         Command::new(binary("gatesvr-controlplane", "gatectl"))
             .args(args)
-            .env_remove("GATECTL_ENDPOINTS")
+            .env_remove("GATECTL_ENDPOINT")
             .output()
             .expect("run gatectl")
     };

@@ -44,7 +44,7 @@ struct Cli {
         long = "endpoints",
         visible_alias = "endpoint",
         global = true,
-        env = "GATECTL_ENDPOINTS",
+        env = "GATECTL_ENDPOINT",
         value_delimiter = ',',
         default_value = "http://127.0.0.1:8095"
     )]
