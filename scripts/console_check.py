@@ -9,6 +9,8 @@ first failed check.
 
 import argparse
 import json
+import pathlib
+import re
 import shutil
 import ssl
 import sys
@@ -50,6 +52,7 @@ def main():
     p.add_argument("--admin-token", required=True)
     p.add_argument("--read-token", required=True)
     p.add_argument("--screenshots", required=True)
+    p.add_argument("--dataplane-metrics", required=True, help="http://host:port of dp-1's metrics")
     a = p.parse_args()
     ctx = ssl.create_default_context(cafile=a.cacert)
 
@@ -166,6 +169,22 @@ def main():
         return nodes if ok else None
 
     nodes = wait_until("dp-2 draining or left", drained)
+
+    # Both planes' /metrics, from the running processes: every control-plane series of
+    # SERIES (controlplane/src/metrics.rs) and the data plane's alerting counters exist.
+    root = pathlib.Path(__file__).resolve().parent.parent
+    src = (root / "controlplane" / "src" / "metrics.rs").read_text()
+    series = re.findall(r'"(gatesvr_cp_[a-z_]+)"', re.search(r"SERIES: &\[&str\] = &\[(.*?)\];", src, re.S).group(1))
+    with urllib.request.urlopen(a.base + "/metrics", context=ctx, timeout=10) as r:
+        cp_metrics = r.read().decode()
+    missing = [m for m in series if ("\n" + m + " ") not in cp_metrics and ("\n" + m + "{") not in cp_metrics]
+    assert series and not missing, f"control-plane /metrics lacks {missing}"
+    with urllib.request.urlopen(a.dataplane_metrics + "/metrics", timeout=10) as r:
+        dp_metrics = r.read().decode()
+    for needle in ('gatesvr_connections_rejected_total{reason="max_connections"} 0',
+                   'gatesvr_auth_failures_total{reason="invalid"} 0',
+                   'gatesvr_connections_closed_total{code="slow_consumer"} 0'):
+        assert needle in dp_metrics, f"data-plane /metrics lacks {needle}"
     print("console-check: ok; dp-2 is", nodes["dp-2"]["state"], "; screenshots in", a.screenshots)
 
 
