@@ -54,7 +54,7 @@ compose() {
 # gatectl inside a control-plane container (the image has no shell; gatectl runs directly).
 gatectl_on() {
     local cp="$1"; shift
-    compose exec -T "$cp" gatectl --endpoint "http://$cp:8095" --token-file /run/secrets/admin_token "$@"
+    compose exec -T "$cp" gatectl --endpoints "https://$cp:8095" --cacert /certs/ca.crt --token-file /run/secrets/admin_token "$@"
 }
 
 # HTTP status code of GET http://HOSTPORT/PATH, or 000 when unreachable (no curl needed).
@@ -180,7 +180,7 @@ cmd_status() {
     compose ps
     for cp in "${CPS[@]}"; do
         echo
-        echo "== gatectl --endpoint http://$cp:8095 cluster status (run in $cp)"
+        echo "== gatectl --endpoints https://$cp:8095 cluster status (run in $cp)"
         gatectl_on "$cp" cluster status || { echo "   $cp: gatectl failed (exit $?)"; failed=1; }
     done
     echo

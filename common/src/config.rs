@@ -134,7 +134,7 @@ where
     figment = figment.merge(
         Env::prefixed("GATESVR_")
             .ignore(&alias_names)
-            .filter(|key| !is_service_link(key.as_str()))
+            .filter(|key| !is_service_link(key.as_str()) && !is_client_setting(key.as_str()))
             .map(|key| key.as_str().replace("__", ".").into()),
     );
     for &(env, key) in aliases {
@@ -160,6 +160,14 @@ fn is_service_link(key: &str) -> bool {
             || key.contains("_PORT_")
             || key == "PORT"
             || key == "SERVICE_HOST")
+}
+
+/// `GATESVR_*` names that clients read, not servers: gatectl's `GATESVR_ADMIN_TOKEN` and
+/// `GATESVR_ADMIN_TOKEN_FILE` in an operator's shell must not make a server started from it
+/// fail on an unknown key.
+fn is_client_setting(key: &str) -> bool {
+    let key = key.to_ascii_uppercase();
+    key == "ADMIN_TOKEN" || key == "ADMIN_TOKEN_FILE"
 }
 
 /// Validation helper: `path` must name an existing regular file.
@@ -247,6 +255,9 @@ mod tests {
             jail.set_env("GATESVR_SERVICE_HOST", "10.0.0.1");
             jail.set_env("GATESVR_QUIC_PORT", "udp://10.0.0.1:8453");
             jail.set_env("GATESVR_QUIC_PORT_8453_UDP_PROTO", "udp");
+            // gatectl's own settings in the same shell.
+            jail.set_env("GATESVR_ADMIN_TOKEN", "t0ken");
+            jail.set_env("GATESVR_ADMIN_TOKEN_FILE", "/tmp/token");
             assert!(load_str::<Cfg>("", &aliases).is_ok());
 
             jail.set_env("GATESVR_SERVER__BOGUS", "1");

@@ -252,6 +252,38 @@ pub struct AdminConfig {
     /// Token for reads only.
     pub read_token: Option<String>,
     pub read_token_file: Option<PathBuf>,
+    /// HTTPS for the admin API (and the console). Required outside `gatesvr dev` unless
+    /// `insecure_plaintext_http` is set.
+    pub tls: AdminTlsConfig,
+    /// Serve the admin API over plain HTTP outside `gatesvr dev`: bearer tokens then cross
+    /// the network in clear. Logged loudly at start; for a loopback-only admin port or a
+    /// TLS-terminating proxy in front of it.
+    pub insecure_plaintext_http: bool,
+    /// Port of the data-plane nodes' HTTP endpoint (`/stats`), on the host of each node's
+    /// registered gRPC address; lets `GET /v1/nodes/{node}/stats`, `gatectl upstreams
+    /// health` and the console show upstream health and live rates. Unset: unknown.
+    pub dataplane_http_port: Option<u16>,
+    /// `host:port` of a node's HTTP endpoint by node id, where it differs from the above.
+    pub dataplane_http_addrs: std::collections::BTreeMap<String, String>,
+}
+
+/// The admin API's HTTPS settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminTlsConfig {
+    /// Server certificate (PEM, chain) and key.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// If set, every client must present a certificate signed by this CA (in addition to
+    /// its bearer token); gatectl's `--cert`/`--key`.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl AdminTlsConfig {
+    /// Whether HTTPS is configured (certificate and key).
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
+    }
 }
 
 /// Never prints token values (configs get logged).
@@ -264,6 +296,10 @@ impl std::fmt::Debug for AdminConfig {
             .field("admin_token_file", &self.admin_token_file)
             .field("read_token", &redact(&self.read_token))
             .field("read_token_file", &self.read_token_file)
+            .field("tls", &self.tls)
+            .field("insecure_plaintext_http", &self.insecure_plaintext_http)
+            .field("dataplane_http_port", &self.dataplane_http_port)
+            .field("dataplane_http_addrs", &self.dataplane_http_addrs)
             .finish()
     }
 }
@@ -399,6 +435,39 @@ impl Validate for ControlPlaneConfig {
                 "needs mTLS: plaintext peers present no certificate (tls.insecure is set)",
             ));
         }
+        let t = &self.admin.tls;
+        if t.cert_file.is_some() != t.key_file.is_some() {
+            return Err(ConfigError::key(
+                "admin.tls",
+                "set both cert_file and key_file (or neither)",
+            ));
+        }
+        if t.client_ca_file.is_some() && !t.enabled() {
+            return Err(ConfigError::key(
+                "admin.tls.client_ca_file",
+                "client certificates need HTTPS: set admin.tls.cert_file and key_file",
+            ));
+        }
+        if !t.enabled() && !self.dev_mode && !self.admin.insecure_plaintext_http {
+            return Err(ConfigError::key(
+                "admin.tls",
+                "the admin API needs HTTPS: set admin.tls.cert_file and key_file (or, for a loopback-only port or a TLS proxy, admin.insecure_plaintext_http: true)",
+            ));
+        }
+        for (key, f) in [
+            ("admin.tls.cert_file", &t.cert_file),
+            ("admin.tls.key_file", &t.key_file),
+            ("admin.tls.client_ca_file", &t.client_ca_file),
+        ] {
+            if let Some(f) = f
+                && !f.is_file()
+            {
+                return Err(ConfigError::key(
+                    key,
+                    format!("{} is not a file", f.display()),
+                ));
+            }
+        }
         match self.admin.auth {
             AuthMode::None if !self.dev_mode => {
                 return Err(ConfigError::key(
@@ -472,6 +541,13 @@ mod tests {
         let mut cfg = ControlPlaneConfig::default();
         cfg.tls.insecure = true;
         let err = cfg.validate().unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("admin.tls"),
+            "plain HTTP needs the opt-in"
+        );
+        cfg.admin.insecure_plaintext_http = true;
+        let err = cfg.validate().unwrap_err();
         assert_eq!(err.key.as_deref(), Some("admin.admin_token"));
         cfg.admin.auth = AuthMode::None;
         assert_eq!(
@@ -484,7 +560,7 @@ mod tests {
 
     #[test]
     fn yaml_with_durations_and_unknown_keys() {
-        let yaml = "node_id: 2\ntls: {insecure: true}\nadmin: {admin_token: s3cret}\nraft: {heartbeat_interval: 50ms, election_timeout_min: 300ms, election_timeout_max: 600ms}\n";
+        let yaml = "node_id: 2\ntls: {insecure: true}\nadmin: {admin_token: s3cret, insecure_plaintext_http: true}\nraft: {heartbeat_interval: 50ms, election_timeout_min: 300ms, election_timeout_max: 600ms}\n";
         let cfg: ControlPlaneConfig = gatesvr_common::config::load_str(yaml, &[]).unwrap();
         assert_eq!(cfg.node_id, 2);
         assert_eq!(cfg.raft.heartbeat_interval, Duration::from_millis(50));

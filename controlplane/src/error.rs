@@ -51,6 +51,10 @@ pub enum Error {
     /// register again).
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A data-plane node did not answer the control plane's request for its stats (down,
+    /// or its HTTP port unreachable from here). Retry, or ask the node directly.
+    #[error("data plane unreachable: {0}")]
+    DataPlaneUnreachable(String),
 }
 
 fn leader_desc(leader: &Option<(NodeId, Member)>) -> String {
@@ -84,6 +88,7 @@ impl Error {
             // 421: this node cannot serve it; the body names the leader.
             Error::NotLeader { .. } => S::MISDIRECTED_REQUEST,
             Error::Unavailable(_) => S::SERVICE_UNAVAILABLE,
+            Error::DataPlaneUnreachable(_) => S::BAD_GATEWAY,
             Error::Io { .. } | Error::Store(_) | Error::Tls(_) | Error::Raft(_) => {
                 S::INTERNAL_SERVER_ERROR
             }
@@ -105,6 +110,7 @@ impl Error {
             Error::Conflict(_) => "conflict",
             Error::Fenced(_) => "fenced",
             Error::FailedPrecondition(_) => "failed_precondition",
+            Error::DataPlaneUnreachable(_) => "dataplane_unreachable",
         }
     }
 }
@@ -118,7 +124,9 @@ impl From<Error> for tonic::Status {
             Error::Conflict(_) => Code::AlreadyExists,
             Error::Fenced(_) => Code::Aborted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::NotLeader { .. } | Error::Unavailable(_) => Code::Unavailable,
+            Error::NotLeader { .. } | Error::Unavailable(_) | Error::DataPlaneUnreachable(_) => {
+                Code::Unavailable
+            }
             Error::Io { .. } | Error::Store(_) | Error::Tls(_) | Error::Raft(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

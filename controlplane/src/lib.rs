@@ -15,7 +15,8 @@
 //! - [`lease`]: the leader's lease keeper (expires dead nodes/upstreams by committing).
 //! - [`watch`]: recent deltas + broadcast behind the `Watch` stream.
 //! - [`grpc`]: `gatesvr.control.v1.ControlPlane` for data-plane nodes and upstreams.
-//! - [`admin`]: the operator HTTP API (axum) with its OpenAPI document.
+//! - [`admin`]: the operator HTTP(S) API (axum) with its OpenAPI document and the web console.
+//! - [`metrics`]: Prometheus series of raft, the state and the watchers (`GET /metrics`).
 //! - [`backup`]: the backup file format (`gatectl snapshot export` / `import`).
 //! - [`config`]: [`ControlPlaneConfig`] with documented defaults.
 //!
@@ -56,6 +57,7 @@ pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod lease;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod raft_service;
@@ -282,23 +284,30 @@ impl ControlPlane {
             }
         }));
 
-        // Admin HTTP.
+        // Admin HTTP(S), the console and /metrics.
+        let metrics = metrics::Metrics::new().map_err(|e| Error::Raft(format!("metrics: {e}")))?;
+        tasks.push(tokio::spawn(
+            metrics.clone().run(node.clone(), stop.clone()),
+        ));
         let app = admin::router(
             admin::AdminState {
                 node: node.clone(),
                 leases: cfg.leases.clone(),
+                metrics,
+                dataplane_http: admin::DataPlaneHttp {
+                    port: cfg.admin.dataplane_http_port,
+                    addrs: cfg.admin.dataplane_http_addrs.clone(),
+                },
+                https: cfg.admin.tls.enabled(),
             },
             auth,
         );
-        let admin_stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(admin_listener, app)
-                .with_graceful_shutdown(admin_stop.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "admin API server failed");
-            }
-        }));
+        tasks.push(tokio::spawn(serve_admin(
+            admin_listener,
+            app,
+            &cfg,
+            stop.clone(),
+        )?));
 
         tasks.push(tokio::spawn(lease::run(
             node.clone(),
@@ -391,6 +400,50 @@ impl ControlPlane {
         }
         tracing::info!(node_id = id, "control plane stopped");
     }
+}
+
+/// The admin API's server task: HTTPS with `admin.tls`, else plain HTTP (dev or the
+/// explicit opt-in, warned about loudly).
+fn serve_admin(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    cfg: &ControlPlaneConfig,
+    stop: CancellationToken,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, Error> {
+    let tls = if cfg.admin.tls.enabled() {
+        Some(admin::tls::server_config(&cfg.admin.tls)?)
+    } else {
+        tracing::warn!(
+            "!!! the admin API on {} is PLAIN HTTP: bearer tokens cross the network in clear ({}) !!!",
+            cfg.admin_addr,
+            if cfg.dev_mode {
+                "gatesvr dev"
+            } else {
+                "admin.insecure_plaintext_http"
+            }
+        );
+        None
+    };
+    Ok(async move {
+        let res = match tls {
+            Some(config) => match admin::tls::TlsListener::new(listener, config, stop.clone()) {
+                Ok(l) => {
+                    axum::serve(l, app)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+            }
+        };
+        if let Err(e) = res {
+            tracing::error!(error = %e, "admin API server failed");
+        }
+    })
 }
 
 /// Keeps `grpc.health.v1` in step with raft: the ControlPlane service is

@@ -96,6 +96,9 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// How far behind the leader's log a learner may be and still be promoted.
+const PROMOTE_MAX_LAG: u64 = 1000;
+
 /// Timeouts and identity the node needs at run time.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
@@ -456,6 +459,16 @@ impl Node {
         if voters.contains(&id) {
             return Err(Error::Conflict(format!("node {id} is already a voter")));
         }
+        // Two members at one address would make the leader replicate to the same process
+        // twice (under two ids): refuse, whatever the id.
+        if let Some((other, _)) = self.members().into_iter().find(|(other, m)| {
+            *other != id && (m.grpc_addr == member.grpc_addr || m.admin_addr == member.admin_addr)
+        }) {
+            return Err(Error::Conflict(format!(
+                "member {other} already uses grpc_addr {} or admin_addr {}",
+                member.grpc_addr, member.admin_addr
+            )));
+        }
         self.membership_write(self.0.raft.add_learner(id, member, false))
             .await
     }
@@ -463,6 +476,40 @@ impl Node {
     async fn promote_local(&self, id: NodeId) -> Result<ForwardResponse, Error> {
         if self.voter_ids().contains(&id) {
             return Err(Error::Conflict(format!("node {id} is already a voter")));
+        }
+        if !self.members().contains_key(&id) {
+            return Err(Error::NotFound(format!("node {id} is not a learner")));
+        }
+        // A voter that cannot be reached (or has not caught up) would cost the cluster its
+        // quorum the moment it is promoted: only a learner the leader replicates to may
+        // become one. A learner just added gets up to `write_timeout` to catch up.
+        let caught_up = |m: &openraft::RaftMetrics<NodeId, Member>| {
+            let last = m.last_log_index.unwrap_or(0);
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map(|l| l.index);
+            (
+                matched.is_some_and(|i| last.saturating_sub(i) <= PROMOTE_MAX_LAG),
+                matched,
+                last,
+            )
+        };
+        let mut rx = self.0.raft.metrics();
+        let deadline = tokio::time::Instant::now() + self.0.settings.write_timeout;
+        loop {
+            let (ok, matched, last) = caught_up(&rx.borrow_and_update());
+            if ok {
+                break;
+            }
+            let changed = tokio::time::timeout_at(deadline, rx.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                return Err(Error::FailedPrecondition(format!(
+                    "learner {id} has not caught up (replicated to index {}, log at {last}); check that it runs and is reachable, then retry",
+                    matched.map_or_else(|| "none".to_string(), |i| i.to_string())
+                )));
+            }
         }
         let ids: BTreeSet<NodeId> = [id].into();
         self.membership_write(

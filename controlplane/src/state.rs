@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 
 pub use cmd::{Cmd, CmdError, CmdResult};
 
+/// `owner_node` of a session an operator disconnected (`gatectl sessions disconnect`): no
+/// data-plane node has this id, so the node that held the session sees it owned elsewhere and
+/// closes it; the next claim by any node takes it over at a newer epoch.
+pub const DISCONNECTED_OWNER: &str = "";
+
 /// How many failover decisions the state keeps (older ones are dropped deterministically).
 pub const FAILOVER_HISTORY: usize = 256;
 
@@ -72,6 +77,14 @@ pub struct NodeRec {
     pub drain_requested: bool,
     /// Sessions it reported on its last heartbeat.
     pub sessions: u64,
+    /// An operator cordoned it: it keeps the sessions it owns but may claim no new ones
+    /// (`gatectl nodes cordon`). Added after v1 records were written, hence the default.
+    #[serde(default)]
+    pub cordoned: bool,
+    /// The node itself reported draining on a heartbeat (a drain it started can no longer
+    /// be cancelled).
+    #[serde(default)]
+    pub draining_reported: bool,
 }
 
 /// Who owns a session. `epoch` is the fencing token: it increases on every change.
@@ -177,6 +190,10 @@ impl State {
             } => cx.transfer(openid, *expected_epoch, to_node),
             Cmd::LeaveNode { node_id } => cx.leave_node(node_id),
             Cmd::Restore { state, .. } => cx.restore(state),
+            Cmd::CordonNode { node_id, cordoned } => cx.cordon_node(node_id, *cordoned),
+            Cmd::CancelDrain { node_id } => cx.cancel_drain(node_id),
+            Cmd::RemoveNode { node_id } => cx.remove_node(node_id),
+            Cmd::DisconnectSession { openid } => cx.disconnect_session(openid),
         }
     }
 
@@ -321,6 +338,9 @@ impl Cx<'_> {
             lease_ttl_ms,
             drain_requested: false,
             sessions: 0,
+            // Cordoning is an operator's decision; a re-registration (restart) keeps it.
+            cordoned: self.st.nodes.get(node_id).is_some_and(|n| n.cordoned),
+            draining_reported: false,
         };
         let changed = self.st.nodes.get(node_id).is_none_or(|old| {
             old.status != rec.status
@@ -355,9 +375,10 @@ impl Cx<'_> {
                 reason: reason.into(),
             });
         }
-        let changed = draining && n.status == NodeStatus::Active;
-        if changed {
+        let changed = draining && (n.status == NodeStatus::Active || !n.draining_reported);
+        if draining {
             n.status = NodeStatus::Draining;
+            n.draining_reported = true;
         }
         n.lease_expires_at_ms = lease_end(now, n.lease_ttl_ms);
         n.sessions = sessions;
@@ -384,6 +405,77 @@ impl Cx<'_> {
         n.status = NodeStatus::Draining;
         self.touch(Key::Node(node_id.to_string()), changed);
         CmdResult::Ok
+    }
+
+    fn cordon_node(&mut self, node_id: &str, cordoned: bool) -> CmdResult {
+        let Some(n) = self.st.nodes.get_mut(node_id) else {
+            return not_found(format!("node {node_id}"));
+        };
+        if !n.status.is_live() && cordoned {
+            return CmdResult::Err(CmdError::NodeNotActive {
+                node_id: node_id.to_string(),
+                reason: "dead or left".into(),
+            });
+        }
+        let changed = n.cordoned != cordoned;
+        n.cordoned = cordoned;
+        self.touch(Key::Node(node_id.to_string()), changed);
+        CmdResult::Ok
+    }
+
+    fn cancel_drain(&mut self, node_id: &str) -> CmdResult {
+        let Some(n) = self.st.nodes.get_mut(node_id) else {
+            return not_found(format!("node {node_id}"));
+        };
+        if n.draining_reported || !n.status.is_live() {
+            return CmdResult::Err(CmdError::Conflict {
+                message: format!(
+                    "node {node_id} already started draining (or is gone); a started drain cannot be cancelled"
+                ),
+            });
+        }
+        let changed = n.drain_requested || n.status != NodeStatus::Active;
+        n.drain_requested = false;
+        n.status = NodeStatus::Active;
+        self.touch(Key::Node(node_id.to_string()), changed);
+        CmdResult::Ok
+    }
+
+    fn remove_node(&mut self, node_id: &str) -> CmdResult {
+        let Some(n) = self.st.nodes.get(node_id) else {
+            return not_found(format!("node {node_id}"));
+        };
+        if n.status.is_live() {
+            return CmdResult::Err(CmdError::Conflict {
+                message: format!(
+                    "node {node_id} is {}: only dead or departed nodes can be removed (drain it first)",
+                    if n.status == NodeStatus::Active {
+                        "active"
+                    } else {
+                        "draining"
+                    }
+                ),
+            });
+        }
+        self.st.nodes.remove(node_id);
+        self.touch(Key::Node(node_id.to_string()), true);
+        CmdResult::Ok
+    }
+
+    fn disconnect_session(&mut self, openid: &str) -> CmdResult {
+        let Some(current) = self.st.owners.get(openid).cloned() else {
+            return not_found(format!("session of {openid}"));
+        };
+        if current.owner_node == DISCONNECTED_OWNER {
+            return CmdResult::Ok;
+        }
+        let owner = self.set_owner(openid, &current.session_id, DISCONNECTED_OWNER);
+        CmdResult::Owned {
+            openid: openid.to_string(),
+            owner,
+            previous_owner: Some(current.owner_node),
+            previous_epoch: current.epoch,
+        }
     }
 
     fn expire_leases(&mut self) -> CmdResult {
@@ -607,6 +699,13 @@ impl Cx<'_> {
             return CmdResult::Err(e);
         }
         let previous = self.st.owners.get(openid).cloned();
+        let cordoned = self.st.nodes.get(node_id).is_some_and(|n| n.cordoned);
+        if cordoned && previous.as_ref().is_none_or(|p| p.owner_node != node_id) {
+            return CmdResult::Err(CmdError::NodeNotActive {
+                node_id: node_id.to_string(),
+                reason: "cordoned: it keeps its sessions but takes no new ones".into(),
+            });
+        }
         if let Some(p) = &previous {
             if p.owner_node == node_id && p.session_id == session_id {
                 // A retried claim: same answer, same epoch.

@@ -17,13 +17,20 @@ pub fn zone(zone: &str, zone_count: u32) -> Result<(), Error> {
     }
 }
 
-/// Checks a `host:port` address (IP or DNS name, port 1..=65535).
+/// Most bytes of a `host:port` address (the admin API's schema says the same).
+pub const MAX_ADDRESS_LEN: usize = 255;
+
+/// Checks a `host:port` address (IP or DNS name, port 1..=65535, at most
+/// [`MAX_ADDRESS_LEN`] bytes).
 pub fn address(field: &str, addr: &str) -> Result<(), Error> {
     let bad = |why: &str| {
         Err(Error::InvalidArgument(format!(
             "{field} `{addr}` is malformed: {why} (expected host:port)"
         )))
     };
+    if addr.len() > MAX_ADDRESS_LEN {
+        return bad("longer than 255 bytes");
+    }
     if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
         return if sa.port() == 0 {
             bad("port must be 1..=65535")
@@ -34,12 +41,13 @@ pub fn address(field: &str, addr: &str) -> Result<(), Error> {
     let Some((host, port)) = addr.rsplit_once(':') else {
         return bad("no port");
     };
+    // Digits only, no leading zero: exactly what the API's schema pattern allows.
+    let digits = !port.starts_with('0') && port.bytes().all(|b| b.is_ascii_digit());
     match port.parse::<u16>() {
-        Ok(p) if p > 0 => {}
+        Ok(p) if p > 0 && digits => {}
         _ => return bad("port must be 1..=65535"),
     }
     let host_ok = !host.is_empty()
-        && host.len() <= 253
         && host.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
@@ -51,11 +59,12 @@ pub fn address(field: &str, addr: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks a non-empty identifier of sane length and characters.
+/// Checks a non-empty identifier of 1..=256 characters, none a control character (the
+/// admin API's schema says the same).
 pub fn ident(field: &str, value: &str) -> Result<(), Error> {
-    if value.is_empty() || value.len() > 256 {
+    if value.is_empty() || value.chars().count() > 256 {
         return Err(Error::InvalidArgument(format!(
-            "{field} must be 1..=256 bytes"
+            "{field} must be 1..=256 characters"
         )));
     }
     if value.chars().any(char::is_control) {

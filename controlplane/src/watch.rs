@@ -87,6 +87,11 @@ impl Hub {
         )
     }
 
+    /// How many receivers are subscribed.
+    pub fn receiver_count(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     /// A receiver of everything published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<HubMsg> {
         self.tx.subscribe()

@@ -172,6 +172,7 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
             "view_version": c.view().version,
         })
     });
+    let m = &state.node.metrics;
     Json(serde_json::json!({
         "node_id": state.node.config.node_id,
         "draining": state.node.draining.load(Ordering::Relaxed),
@@ -180,7 +181,31 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
         "connected_sessions": registry.connected(),
         "sessions_per_zone": registry.per_zone(),
         "queued_pushes": queued,
+        "upstreams": upstream_health(&state.node),
+        "requests_by_outcome": crate::metrics::sum_by(&m.requests, "outcome"),
+        "pushes_by_outcome": crate::metrics::sum_by(&m.pushes, "outcome"),
     }))
+}
+
+/// Every upstream instance this node routes to, with its health and ejection state (what
+/// `gatectl upstreams health` and the console show).
+fn upstream_health(node: &Node) -> Vec<serde_json::Value> {
+    let crate::handler::Handler::Upstream(router) = &node.handler else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for zone in router.zones() {
+        for i in router.instances(&zone).unwrap_or_default() {
+            out.push(serde_json::json!({
+                "zone": zone,
+                "instance_id": i.instance.id(),
+                "address": i.instance.addr(),
+                "state": i.state.as_str(),
+                "outstanding": i.outstanding,
+            }));
+        }
+    }
+    out
 }
 
 async fn performance(State(state): State<HttpState>) -> impl IntoResponse {
@@ -195,12 +220,20 @@ struct ProfileQuery {
 /// One CPU profile at a time: the profiler is process-wide.
 static PROFILING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Samples every thread at 99 Hz for `seconds` (default 10, at most 60) and
-/// answers an SVG flamegraph.
+/// Samples every thread at 99 Hz for `seconds` (1..=60, default 10; anything
+/// else is a 400) and answers an SVG flamegraph (one saying so if no sample
+/// was taken).
 async fn profile(
     axum::extract::Query(q): axum::extract::Query<ProfileQuery>,
 ) -> axum::response::Response {
-    let seconds = q.seconds.unwrap_or(10).clamp(1, 60);
+    let seconds = q.seconds.unwrap_or(10);
+    if !(1..=60).contains(&seconds) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "seconds must be 1..=60 (default 10)\n",
+        )
+            .into_response();
+    }
     let Ok(_one) = PROFILING.try_lock() else {
         return (StatusCode::CONFLICT, "a profile is already being taken\n").into_response();
     };
@@ -229,6 +262,14 @@ async fn profile(
                 .into_response();
         }
     };
+    if report.data.is_empty() {
+        // An idle process can go a short profile without a single sample: say so in the
+        // SVG rather than answering an empty one.
+        let svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"40\"><text x=\"10\" y=\"25\">no CPU samples in {seconds} s: the process was idle; profile longer or under load</text></svg>\n"
+        );
+        return ([(axum::http::header::CONTENT_TYPE, "image/svg+xml")], svg).into_response();
+    }
     let mut svg = Vec::new();
     if let Err(e) = report.flamegraph(&mut svg) {
         return (

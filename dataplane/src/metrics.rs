@@ -7,8 +7,11 @@
 //! `gatesvr_upstream_requests` -> `gatesvr_upstream_requests_total` (owned by
 //! the upstream router), `gatesvr_message_queue_size` (same).
 
+use std::collections::BTreeMap;
+
+use gatesvr_proto::client::ErrorCode;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 /// Request latency buckets, seconds: 0.5 ms .. 10 s.
@@ -45,8 +48,6 @@ pub struct Metrics {
     pub resumes: IntCounterVec,
     /// Pushes discarded without delivery, by reason (expired, stopped, trimmed).
     pub pushes_lost: IntCounterVec,
-    /// Time from push acceptance to client ack.
-    pub push_ack_latency: Histogram,
     /// Sessions fetched from their previous owner, by outcome.
     pub handovers: IntCounterVec,
     /// Pushes forwarded to the owning node, by outcome.
@@ -110,18 +111,7 @@ impl Metrics {
         registry
             .register(Box::new(request_duration.clone()))
             .expect("metric registered once");
-        let push_ack_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "gatesvr_push_ack_latency_seconds",
-                "Time from push acceptance to the client's ack",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(push_ack_latency.clone()))
-            .expect("metric registered once");
-        Self {
+        let metrics = Self {
             active_connections: gauge(
                 &registry,
                 "gatesvr_active_connections",
@@ -188,7 +178,6 @@ impl Metrics {
                 "Pushes discarded without being acknowledged, by reason",
                 &["reason"],
             ),
-            push_ack_latency,
             handovers: counter(
                 &registry,
                 "gatesvr_session_handovers_total",
@@ -245,6 +234,31 @@ impl Metrics {
                 "Durable pushes held here for other nodes",
             ),
             registry,
+        };
+        metrics.precreate();
+        metrics
+    }
+
+    /// Creates, at zero, every label value of the counters operators alert on
+    /// (docs/operations.md), so an alert sees a series before the first event.
+    /// `metrics::tests` fails if one is missing.
+    fn precreate(&self) {
+        let codes: Vec<String> = (1..=64)
+            .filter_map(|i| ErrorCode::try_from(i).ok())
+            .map(code_label)
+            .collect();
+        for reason in REJECT_REASONS
+            .iter()
+            .map(|r| r.to_string())
+            .chain(codes.iter().cloned())
+        {
+            self.connections_rejected.with_label_values(&[&reason]);
+        }
+        for code in &codes {
+            self.connections_closed.with_label_values(&[code]);
+        }
+        for reason in AUTH_FAILURE_REASONS {
+            self.auth_failures.with_label_values(&[reason]);
         }
     }
 
@@ -262,7 +276,65 @@ impl Default for Metrics {
     }
 }
 
+/// `gatesvr_connections_rejected_total` reasons that are not error codes.
+pub const REJECT_REASONS: &[&str] = &[
+    "draining",
+    "max_connections",
+    "handshake_failed",
+    "start_timeout",
+];
+
+/// `gatesvr_auth_failures_total` reasons (`AuthError::reason`).
+pub const AUTH_FAILURE_REASONS: &[&str] = &["invalid", "expired", "openid_mismatch"];
+
+/// Sums a counter's series by the value of `label` (for `/stats`).
+pub fn sum_by(counter: &IntCounterVec, label: &str) -> BTreeMap<String, u64> {
+    use prometheus::core::Collector;
+    let mut out = BTreeMap::new();
+    for family in counter.collect() {
+        for m in family.get_metric() {
+            let Some(value) = m
+                .get_label()
+                .iter()
+                .find(|l| l.name() == label)
+                .map(|l| l.value().to_string())
+            else {
+                continue;
+            };
+            *out.entry(value).or_insert(0) += m.get_counter().get_value() as u64;
+        }
+    }
+    out
+}
+
 /// Metric label for an error code: its protobuf name in lower case.
 pub fn code_label(code: gatesvr_proto::client::ErrorCode) -> String {
     code.as_str_name().to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The labelled counters operators alert on exist at zero before any event.
+    #[test]
+    fn alerting_series_exist_from_start() {
+        let text = Metrics::new().render();
+        for series in [
+            "gatesvr_connections_rejected_total{reason=\"draining\"} 0",
+            "gatesvr_connections_rejected_total{reason=\"max_connections\"} 0",
+            "gatesvr_connections_rejected_total{reason=\"unauthenticated\"} 0",
+            "gatesvr_connections_closed_total{code=\"slow_consumer\"} 0",
+            "gatesvr_connections_closed_total{code=\"ack_timeout\"} 0",
+            "gatesvr_auth_failures_total{reason=\"invalid\"} 0",
+            "gatesvr_auth_failures_total{reason=\"expired\"} 0",
+            "gatesvr_auth_failures_total{reason=\"openid_mismatch\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("gatesvr_push_ack_latency_seconds"),
+            "never observed: it must not be exported"
+        );
+    }
 }

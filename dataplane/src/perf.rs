@@ -84,7 +84,6 @@ impl Sampler {
             "rates_10s": self.rates(Duration::from_secs(10)),
             "rates_60s": self.rates(Duration::from_secs(60)),
             "request_latency_seconds": quantiles(&metrics.request_duration.collect()),
-            "push_ack_latency_seconds": quantiles(&metrics.push_ack_latency.collect()),
         })
     }
 }

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Checks deploy/grafana/*.json against the data plane's Rust sources.
+"""Checks deploy/grafana/*.json against the metrics each plane registers.
 
 For every dashboard (default: every *.json next to this script):
   - every panel other than a row has a datasource and at least one target
     with an expression (panels inside collapsed rows are checked too);
   - every `gatesvr_*` metric name used in a target expression or in a
     template variable query, with _bucket/_count/_sum stripped, appears as a
-    string literal ("name") in dataplane/src/**/*.rs, i.e. is registered;
+    string literal ("name") in the Rust sources of the dashboard's plane (its tag
+    `dataplane` or `controlplane`: dataplane/src/**/*.rs or
+    controlplane/src/**/*.rs), i.e. is registered there;
+  - the control-plane dashboard shows every series of `SERIES` in
+    controlplane/src/metrics.rs (the list its unit test holds the registry to);
   - a name used with _bucket/_count/_sum is registered as a histogram
     (HistogramOpts::new("name", ...));
   - every rate()/increase()/irate() range is [$__rate_interval];
@@ -23,18 +27,38 @@ import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-SOURCES = REPO / "dataplane" / "src"
+SOURCES = {
+    "dataplane": REPO / "dataplane" / "src",
+    "controlplane": REPO / "controlplane" / "src",
+}
+# The `node` variable's query per plane: a series every node of that plane has.
+NODE_QUERY = {
+    "dataplane": "label_values(gatesvr_sessions, instance)",
+    "controlplane": "label_values(gatesvr_cp_raft_term, instance)",
+}
 
 METRIC_RE = re.compile(r"\b(gatesvr_[a-z0-9_]+)\b")
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 RANGE_FN_RE = re.compile(r"\b(rate|irate|increase)\s*\(([^()]*(?:\([^()]*\))?[^()]*)\)")
 
 
-def rust_sources():
+def rust_sources(plane):
     text = []
-    for path in sorted(SOURCES.rglob("*.rs")):
+    for path in sorted(SOURCES[plane].rglob("*.rs")):
         text.append(path.read_text(encoding="utf-8", errors="replace"))
     return "\n".join(text)
+
+
+def plane_of(dashboard):
+    tags = dashboard.get("tags", [])
+    planes = [p for p in SOURCES if p in tags]
+    return planes[0] if len(planes) == 1 else None
+
+
+def controlplane_series():
+    text = (SOURCES["controlplane"] / "metrics.rs").read_text(encoding="utf-8")
+    block = re.search(r"pub const SERIES: &\[&str\] = &\[(.*?)\];", text, re.S)
+    return re.findall(r'"(gatesvr_[a-z0-9_]+)"', block.group(1)) if block else []
 
 
 def panels(dashboard):
@@ -52,12 +76,16 @@ def base_name(name):
     return name, False
 
 
-def check(path, source):
+def check(path):
     problems = []
     try:
         dashboard = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return [f"{path}: cannot load: {e}"], set()
+    plane = plane_of(dashboard)
+    if plane is None:
+        return [f"{path}: tag it with exactly one of {sorted(SOURCES)}"], set()
+    source = rust_sources(plane)
 
     used = {}  # metric name as written -> where
 
@@ -88,7 +116,7 @@ def check(path, source):
     if node:
         query = node.get("query")
         query = query.get("query") if isinstance(query, dict) else query
-        if query != "label_values(gatesvr_sessions, instance)":
+        if query != NODE_QUERY[plane]:
             problems.append(f"variable node: query is {query!r}")
 
     ids = set()
@@ -129,7 +157,15 @@ def check(path, source):
         ):
             problems.append(f"{where}: {name} used but {base} is not registered as a histogram")
     if unknown:
-        problems.append("metrics not registered in dataplane/src/**/*.rs:\n    " + "\n    ".join(unknown))
+        problems.append(f"metrics not registered in {plane}/src/**/*.rs:\n    " + "\n    ".join(unknown))
+    if plane == "controlplane":
+        shown = {base_name(n)[0] for n in used}
+        series = controlplane_series()
+        if not series:
+            problems.append("SERIES not found in controlplane/src/metrics.rs")
+        missing = [s for s in series if s not in shown]
+        if missing:
+            problems.append("control-plane series not on the dashboard: " + ", ".join(missing))
     return problems, set(used)
 
 
@@ -138,10 +174,9 @@ def main(argv):
     if not files:
         print("no dashboards found", file=sys.stderr)
         return 1
-    source = rust_sources()
     failed = False
     for path in files:
-        problems, used = check(path, source)
+        problems, used = check(path)
         if problems:
             failed = True
             print(f"FAIL {path}")

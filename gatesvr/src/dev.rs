@@ -84,6 +84,15 @@ pub async fn run(
     // Plaintext control-plane gRPC in dev (the control plane logs a warning):
     // the demo upstreams and data planes on this machine reach it directly.
     cp_cfg.tls.insecure = true;
+    // The console and `gatectl upstreams health` read each data plane's /stats.
+    cp_cfg.admin.dataplane_http_addrs = (0..args.dataplanes)
+        .map(|i| {
+            (
+                format!("dp-{}", i + 1),
+                addr(host, HTTP_PORT + 10 * i).to_string(),
+            )
+        })
+        .collect();
     let server = certs.server();
     let cp = gatesvr_controlplane::ControlPlane::start(cp_cfg)
         .await
@@ -216,6 +225,13 @@ fn print_banner(
         "  cargo run --release --bin gate-client -- --addr {first} --ca {} --openid alice --send 'echo hello' --listen 5s",
         ca.display()
     );
-    println!("  cargo run --release --bin gatectl -- cluster status");
+    println!(
+        "  cargo run --release --bin gatectl -- --endpoints http://{} cluster status",
+        cp.admin_addr()
+    );
+    println!(
+        "  open http://{}/console   (the web console)",
+        cp.admin_addr()
+    );
     println!();
 }

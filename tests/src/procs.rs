@@ -106,7 +106,7 @@ pub fn controlplane_config(
          cluster:\n{bootstrap}\
          tls:\n  cert_file: {c}/controlplane-{id}.crt\n  key_file: {c}/controlplane-{id}.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n\
          raft:\n  heartbeat_interval: 100ms\n  election_timeout_min: 500ms\n  election_timeout_max: 1000ms\n  write_timeout: 3s\n{raft_extra}\
-         admin:\n  auth: tokens\n",
+         admin:\n  auth: tokens\n  insecure_plaintext_http: true\n",
         data = data_dir.display(),
         c = certs.display(),
     )

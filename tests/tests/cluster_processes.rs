@@ -111,7 +111,7 @@ impl ProcessCluster {
                  tls:\n  cert_file: {c}/controlplane-{id}.crt\n  key_file: {c}/controlplane-{id}.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n\
                  raft:\n  heartbeat_interval: 100ms\n  election_timeout_min: 600ms\n  election_timeout_max: 1200ms\n\
                  leases:\n  min_ttl: 500ms\n  check_interval: 100ms\n\
-                 admin:\n  auth: tokens\n",
+                 admin:\n  auth: tokens\n  insecure_plaintext_http: true\n",
                 id = cp.id,
                 root = root.display(),
                 grpc = cp.grpc,

@@ -42,6 +42,7 @@ fn config(dir: &Path, id: u64) -> ControlPlaneConfig {
     cfg.tls.insecure = true;
     cfg.admin.auth = AuthMode::Tokens;
     cfg.admin.admin_token = Some("bench-admin".into());
+    cfg.admin.insecure_plaintext_http = true;
     cfg.leases.max_ttl = Duration::from_secs(24 * 3600);
     cfg
 }

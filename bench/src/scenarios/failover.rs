@@ -75,6 +75,7 @@ pub async fn start_cp_node(dir: &Path, id: u64, members: &[String]) -> Result<Co
     cfg.tls.insecure = true;
     cfg.admin.auth = AuthMode::Tokens;
     cfg.admin.admin_token = Some(ADMIN_TOKEN.into());
+    cfg.admin.insecure_plaintext_http = true;
     if id == 1 {
         cfg.cluster.bootstrap = true;
         cfg.cluster.members = members;

@@ -45,18 +45,52 @@ fn deny(status: StatusCode, message: &str) -> Response {
     resp
 }
 
+/// Name of the cookie the console's login sets (HttpOnly, SameSite=Strict).
+pub const COOKIE: &str = "gatesvr_admin_token";
+
+/// The token in the console's cookie, accepted for the console's pages and forms and for
+/// reads of the API (the console's live rates). The cookie is SameSite=Strict, so another
+/// site cannot make a browser send it with a form or script of its own.
+fn console_cookie(req: &Request) -> Option<&str> {
+    let path = req.uri().path();
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    if !(path.starts_with("/console") || (read && path.starts_with("/v1/"))) {
+        return None;
+    }
+    // The browser says where a request comes from: refuse another site's.
+    if let Some(site) = req.headers().get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        return None;
+    }
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
 /// Middleware: GET/HEAD need the read or admin token; everything else the admin token.
 pub async fn require(State(auth): State<Auth>, req: Request, next: Next) -> Response {
     let Auth::Tokens(tokens) = &auth else {
         return next.run(req).await;
     };
-    let presented = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
+    let presented = bearer.or_else(|| console_cookie(&req));
     let Some(token) = presented else {
+        if req.uri().path().starts_with("/console") {
+            // A browser without the console's cookie: to the login page.
+            return axum::response::Redirect::to(super::console::LOGIN).into_response();
+        }
         return deny(
             StatusCode::UNAUTHORIZED,
             "missing bearer token: send `Authorization: Bearer <token>` (gatectl: --token or GATESVR_ADMIN_TOKEN)",
@@ -69,6 +103,13 @@ pub async fn require(State(auth): State<Auth>, req: Request, next: Next) -> Resp
     let is_admin = is(&tokens.admin);
     let is_read = is(&tokens.read);
     if !is_admin && !is_read {
+        if req.uri().path().starts_with("/console") {
+            return axum::response::Redirect::to(&format!(
+                "{}?error=invalid",
+                super::console::LOGIN
+            ))
+            .into_response();
+        }
         return deny(StatusCode::UNAUTHORIZED, "invalid bearer token");
     }
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);

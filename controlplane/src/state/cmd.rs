@@ -79,6 +79,16 @@ pub enum Cmd {
         /// `sha256:<hex>` of the backup's payload, for the record.
         checksum: String,
     },
+    /// An operator cordons (`true`) or uncordons a node: a cordoned node keeps the sessions
+    /// it owns but its claims of new ones are refused.
+    CordonNode { node_id: String, cordoned: bool },
+    /// An operator withdraws a drain request the node has not acted on yet.
+    CancelDrain { node_id: String },
+    /// An operator forgets a dead or departed node (its record, not its sessions' owners).
+    RemoveNode { node_id: String },
+    /// An operator disconnects a session: ownership moves to
+    /// [`crate::state::DISCONNECTED_OWNER`] at a new epoch, so the holding node closes it.
+    DisconnectSession { openid: String },
 }
 
 /// Why a command was refused by the state machine. Deterministic: every replica refuses alike.
@@ -89,7 +99,7 @@ pub enum CmdError {
     #[error("{what} not found")]
     NotFound { what: String },
     /// The request conflicts with an existing registration.
-    #[error("conflict: {message}")]
+    #[error("{message}")]
     Conflict { message: String },
     /// The caller acted on an old epoch (fencing); the record has moved on.
     #[error("fenced: {openid} is at epoch {current_epoch} owned by {owner}")]

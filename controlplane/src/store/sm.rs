@@ -92,6 +92,26 @@ impl SmHandle {
     pub fn snapshot_event(&self) -> WatchEvent {
         snapshot_event(&self.read().state)
     }
+
+    /// Receivers of the watch broadcast (watch streams, plus the metrics counter).
+    pub fn watch_receivers(&self) -> usize {
+        self.read().hub.receiver_count()
+    }
+
+    /// A receiver of every event published from now on (no history).
+    pub fn subscribe(&self) -> broadcast::Receiver<HubMsg> {
+        self.read().hub.subscribe()
+    }
+
+    /// Bytes of the current stored snapshot's payload (0 if none yet).
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.0
+            .snapshot
+            .get([CURRENT_SNAPSHOT, b".data"].concat())
+            .ok()
+            .flatten()
+            .map_or(0, |v| v.len() as u64)
+    }
 }
 
 fn snapshot_event(st: &State) -> WatchEvent {

@@ -37,6 +37,7 @@ pub fn config(dir: &std::path::Path, id: NodeId) -> ControlPlaneConfig {
     cfg.tls.insecure = true;
     cfg.admin.auth = AuthMode::Tokens;
     cfg.admin.admin_token = Some(ADMIN_TOKEN.into());
+    cfg.admin.insecure_plaintext_http = true;
     cfg.admin.read_token = Some(READ_TOKEN.into());
     // Tolerant of a loaded 2-core CI machine: no spurious elections from a starved heartbeat.
     cfg.raft.heartbeat_interval = Duration::from_millis(100);
