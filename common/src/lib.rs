@@ -19,3 +19,4 @@ pub mod logging;
 pub mod shutdown;
 pub mod tls;
 pub mod token;
+pub mod webcert;
