@@ -339,6 +339,10 @@ impl DataPlane {
                 listener,
                 tls,
                 slots,
+                node.config
+                    .transports
+                    .webtransport
+                    .then_some(quic_addr.port()),
                 cancel.clone(),
             )));
         }

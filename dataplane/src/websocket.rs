@@ -5,7 +5,7 @@
 //! | path | what |
 //! |---|---|
 //! | `GET /gatesvr/v1` (Upgrade) | a client session: one binary message per frame ([`crate::transport`]) |
-//! | `GET /gatesvr/v1/cert-hashes` | SHA-256 of the node's certificate, for WebTransport's `serverCertificateHashes` |
+//! | `GET /gatesvr/v1/cert-hashes` | `{"sha256": [base64...], "webtransport_port": N or null}`: the node's certificate hashes for WebTransport's `serverCertificateHashes`, and its WebTransport (QUIC) port if enabled |
 //! | `GET /*` | files under `transports.web_root`, if set (the dev demo page and the JavaScript SDK) |
 //!
 //! Admission is the same as for QUIC: one `max_connections` budget shared
@@ -71,13 +71,17 @@ pub async fn accept_loop(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     slots: Arc<Semaphore>,
+    webtransport_port: Option<u16>,
     stop: CancellationToken,
 ) {
     let hashes = cert_hashes(&node.config.server.cert_file).unwrap_or_default();
     let state = WebState {
         node: node.clone(),
         slots,
-        cert_hashes: Arc::new(serde_json::json!({ "sha256": hashes })),
+        cert_hashes: Arc::new(serde_json::json!({
+            "sha256": hashes,
+            "webtransport_port": webtransport_port,
+        })),
         web_root: node.config.transports.web_root.clone().map(Arc::new),
     };
     let router = axum::Router::new()

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod cluster;
 pub mod procs;
+pub mod web;
 
 /// Upper bound for any wait in tests: generous, since CI machines are slow
 /// and shared. Reaching it fails the test; nothing asserts being faster.
