@@ -332,7 +332,14 @@ async function openWebSocket(url, options, onEnvelope) {
   };
   return {
     transport: "websocket",
-    send(frameList) { for (const f of frameList) ws.send(f); },
+    send(frameList) {
+      try {
+        for (const f of frameList) ws.send(f);
+        return Promise.resolve();
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    },
     close() { try { ws.close(1000); } catch { /* already closed */ } },
     closed,
   };

@@ -16,6 +16,7 @@ use gatesvr_proto::client::{Envelope, ErrorCode, StartRequest, envelope::Body};
 use gatesvr_proto::frame::{self, FrameDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod browser;
 pub mod cluster;
 pub mod procs;
 pub mod web;

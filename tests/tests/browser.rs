@@ -1,0 +1,248 @@
+//! Browsers on GateSvr sessions, in a real headless Chromium driving the
+//! JavaScript SDK (`sdk-js/`): WebTransport with `serverCertificateHashes`
+//! (a 13-day ECDSA P-256 certificate issued for the test), the WebSocket
+//! fallback, and one session moving between them.
+//!
+//! Invariant checked everywhere: the application sees every push exactly
+//! once, in order (lost = 0, duplicated = 0), and requests are answered.
+
+use std::net::SocketAddr;
+
+use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
+use gatesvr_proto::upstream::{PushToClientRequest, TargetType};
+use gatesvr_tests::browser::{Browser, sdk_js_dir};
+use gatesvr_tests::{TestNode, eventually};
+use serde_json::{Value, json};
+
+/// A node with WebTransport and WebSocket on, serving the SDK, with a
+/// browser-acceptable certificate.
+async fn browser_node() -> TestNode {
+    TestNode::start(|c| {
+        let certs = c
+            .server
+            .cert_file
+            .parent()
+            .expect("certs dir")
+            .to_path_buf();
+        let web = gatesvr_common::webcert::issue(
+            &certs,
+            &certs.join("web"),
+            &["localhost".into(), "127.0.0.1".into()],
+        )
+        .expect("web certificate");
+        c.server.cert_file = web.cert_file;
+        c.server.key_file = web.key_file;
+        c.transports.webtransport = true;
+        c.transports.websocket_addr = Some("127.0.0.1:0".into());
+        c.transports.web_root = Some(sdk_js_dir());
+    })
+    .await
+}
+
+/// The SDK's endpoint entry for `node`.
+fn endpoint(node: &TestNode, webtransport_port: u16) -> Value {
+    let ws = node.dp.websocket_addr().expect("WebSocket listener");
+    let hashes = gatesvr_dataplane::websocket::cert_hashes(&node.dp.node().config.server.cert_file)
+        .expect("certificate hashes");
+    json!({
+        "webtransport": format!("https://127.0.0.1:{webtransport_port}/gatesvr/v1"),
+        "websocket": format!("wss://127.0.0.1:{}/gatesvr/v1", ws.port()),
+        "serverCertificateHashes": hashes,
+    })
+}
+
+async fn push(addr: SocketAddr, openid: &str, range: std::ops::RangeInclusive<u64>) {
+    let mut gw = GatewayServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("gRPC connect");
+    for n in range {
+        gw.push_to_client(PushToClientRequest {
+            target_type: TargetType::Openid as i32,
+            target_id: openid.into(),
+            msg_type: "chat".into(),
+            content: format!("message {n}"),
+            data: Vec::new(),
+            durable: false,
+        })
+        .await
+        .expect("push accepted");
+    }
+}
+
+/// Pushes the application received: (seq, content) in arrival order.
+fn received(pushes: &Value) -> Vec<(u64, String)> {
+    pushes
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p["seqId"].as_u64().unwrap_or(0),
+                        p["content"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts that the application got exactly `message 1..=n`, once each.
+fn assert_exactly_once(pushes: &Value, n: u64) {
+    let got = received(pushes);
+    let expected: Vec<(u64, String)> = (1..=n).map(|i| (i, format!("message {i}"))).collect();
+    let lost = expected.iter().filter(|e| !got.contains(e)).count();
+    let duplicated = got.len() - got.iter().collect::<std::collections::HashSet<_>>().len();
+    assert_eq!((lost, duplicated), (0, 0), "lost and duplicated pushes");
+    assert_eq!(got, expected, "in order");
+}
+
+fn unacked(node: &TestNode, openid: &str) -> Option<u64> {
+    node.dp
+        .node()
+        .registry
+        .get(openid)
+        .map(|e| e.state.lock().stats().unacked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sessions_over_webtransport_and_websocket() {
+    let node = browser_node().await;
+    let grpc = node.dp.grpc_addr();
+    let quic_port = node.dp.quic_addr().port();
+    let browser = Browser::start().await;
+    browser
+        .open_harness(node.dp.websocket_addr().expect("WebSocket listener"))
+        .await;
+
+    // --- WebTransport: connect, request/response, pushes with acks ---
+    let alice = json!({
+        "endpoints": [endpoint(&node, quic_port)],
+        "openid": "alice",
+        "token": node.dir.token("alice"),
+    });
+    let info = browser.call("connect", vec![json!("alice"), alice]).await;
+    assert_eq!(info["transport"], "webtransport", "{info}");
+    let answer = browser
+        .call(
+            "request",
+            vec![json!("alice"), json!(7), json!("hello over h3")],
+        )
+        .await;
+    assert_eq!(answer["payload"], "hello over h3", "{answer}");
+    assert_eq!(answer["seqId"], 1);
+    push(grpc, "alice", 1..=20).await;
+    let pushes = browser
+        .until(
+            "20 pushes in the page",
+            "pushes",
+            vec![json!("alice")],
+            |p| received(p).len() >= 20,
+        )
+        .await;
+    assert_exactly_once(&pushes, 20);
+    eventually("the browser acked every push", || {
+        unacked(&node, "alice") == Some(0)
+    })
+    .await;
+    assert_eq!(
+        node.metrics().await.get(
+            "gatesvr_transport_connections",
+            &[("transport", "webtransport")]
+        ),
+        1.0
+    );
+
+    // --- resume over WebTransport after a network drop ---
+    let session = info["sessionId"].clone();
+    browser
+        .call("simulateDisconnect", vec![json!("alice")])
+        .await;
+    push(grpc, "alice", 21..=30).await;
+    let pushes = browser
+        .until(
+            "30 pushes after the resume",
+            "pushes",
+            vec![json!("alice")],
+            |p| received(p).len() >= 30,
+        )
+        .await;
+    assert_exactly_once(&pushes, 30);
+    let info = browser.call("info", vec![json!("alice")]).await;
+    assert_eq!(info["sessionId"], session, "the same session");
+
+    // --- WebSocket fallback when UDP is blocked: WebTransport points at a
+    // UDP port nothing listens on ---
+    let closed_udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a UDP port")
+        .port();
+    let bob = json!({
+        "endpoints": [endpoint(&node, closed_udp)],
+        "openid": "bob",
+        "token": node.dir.token("bob"),
+        "connectTimeoutMs": 3000,
+    });
+    let info = browser.call("connect", vec![json!("bob"), bob]).await;
+    assert_eq!(info["transport"], "websocket", "{info}");
+    let bob_session = info["sessionId"].clone();
+    let answer = browser
+        .call(
+            "request",
+            vec![json!("bob"), json!(1), json!("hello over ws")],
+        )
+        .await;
+    assert_eq!(answer["payload"], "hello over ws", "{answer}");
+    push(grpc, "bob", 1..=10).await;
+    browser
+        .until(
+            "10 pushes over WebSocket",
+            "pushes",
+            vec![json!("bob")],
+            |p| received(p).len() >= 10,
+        )
+        .await;
+    eventually("bob acked 10", || unacked(&node, "bob") == Some(0)).await;
+
+    // --- the WebSocket session resumes over WebTransport once UDP works ---
+    browser
+        .call(
+            "setOptions",
+            vec![
+                json!("bob"),
+                json!({ "endpoints": [endpoint(&node, quic_port)] }),
+            ],
+        )
+        .await;
+    browser.call("simulateDisconnect", vec![json!("bob")]).await;
+    browser
+        .until(
+            "bob back on WebTransport",
+            "info",
+            vec![json!("bob")],
+            |i| i["transport"] == "webtransport",
+        )
+        .await;
+    push(grpc, "bob", 11..=20).await;
+    let pushes = browser
+        .until("20 pushes for bob", "pushes", vec![json!("bob")], |p| {
+            received(p).len() >= 20
+        })
+        .await;
+    assert_exactly_once(&pushes, 20);
+    let info = browser.call("info", vec![json!("bob")]).await;
+    assert_eq!(info["sessionId"], bob_session, "resumed, not a new session");
+    let answer = browser
+        .call("request", vec![json!("bob"), json!(2), json!("second")])
+        .await;
+    assert_eq!(
+        answer["seqId"], 2,
+        "request numbering carried over: {answer}"
+    );
+    let events = browser.call("events", vec![json!("bob")]).await;
+    assert!(
+        !events.to_string().contains("resumefailed"),
+        "every resume succeeded: {events}"
+    );
+    eventually("bob acked 20", || unacked(&node, "bob") == Some(0)).await;
+    browser.close().await;
+}
