@@ -454,11 +454,15 @@ export class Client extends EventTarget {
     const errors = [];
     for (const [i, ep] of this._endpointOrder().entries()) {
       for (const kind of this.options.transports) {
-        const url = this._goaway?.url && kind === "webtransport" ? this._goaway.url : ep[kind];
+        // A GoAway target is a node's QUIC address: WebTransport shares it.
+        const target = this._goaway?.url && kind === "webtransport" ? this._goaway.url : null;
+        const url = target ?? ep[kind];
         if (!url) continue;
+        // Which node a target is is unknown here: any configured hash may pin it.
+        const hashes = target ? this._allHashes() : (ep.serverCertificateHashes ?? this.options.serverCertificateHashes);
         try {
           const conn = kind === "webtransport"
-            ? await openWebTransport(url, { ...this.options, serverCertificateHashes: ep.serverCertificateHashes ?? this.options.serverCertificateHashes }, onEnvelope)
+            ? await openWebTransport(url, { ...this.options, serverCertificateHashes: hashes }, onEnvelope)
             : await openWebSocket(url, this.options, onEnvelope);
           this._endpoint = (this._endpoint + i) % this.options.endpoints.length;
           return conn;
@@ -468,6 +472,12 @@ export class Client extends EventTarget {
       }
     }
     throw new ClientError("connect", errors.join("; ") || "no transport configured");
+  }
+
+  _allHashes() {
+    const all = [...(this.options.serverCertificateHashes ?? [])];
+    for (const ep of this.options.endpoints) all.push(...(ep.serverCertificateHashes ?? []));
+    return [...new Set(all)];
   }
 
   /** Opens a connection and completes Start. */

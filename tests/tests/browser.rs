@@ -246,3 +246,195 @@ async fn browser_sessions_over_webtransport_and_websocket() {
     eventually("bob acked 20", || unacked(&node, "bob") == Some(0)).await;
     browser.close().await;
 }
+
+/// A cluster of `n` browser-enabled data planes sharing one web certificate.
+async fn browser_cluster(n: usize) -> gatesvr_tests::cluster::TestCluster {
+    let web = std::sync::OnceLock::new();
+    gatesvr_tests::cluster::TestCluster::start(n, |c| {
+        let files = web.get_or_init(|| {
+            let certs = c
+                .server
+                .cert_file
+                .parent()
+                .expect("certs dir")
+                .to_path_buf();
+            gatesvr_common::webcert::issue(
+                &certs,
+                &certs.join("web"),
+                &["localhost".into(), "127.0.0.1".into()],
+            )
+            .expect("web certificate")
+        });
+        c.server.cert_file = files.cert_file.clone();
+        c.server.key_file = files.key_file.clone();
+        c.transports.webtransport = true;
+        c.transports.websocket_addr = Some("127.0.0.1:0".into());
+        c.transports.web_root = Some(sdk_js_dir());
+    })
+    .await
+}
+
+fn cluster_endpoint(dp: &gatesvr_dataplane::DataPlane) -> Value {
+    let ws = dp.websocket_addr().expect("WebSocket listener");
+    let hashes = gatesvr_dataplane::websocket::cert_hashes(&dp.node().config.server.cert_file)
+        .expect("certificate hashes");
+    json!({
+        "webtransport": format!("https://127.0.0.1:{}/gatesvr/v1", dp.quic_addr().port()),
+        "websocket": format!("wss://127.0.0.1:{}/gatesvr/v1", ws.port()),
+        "serverCertificateHashes": hashes,
+    })
+}
+
+fn durable(openid: &str, n: u64) -> PushToClientRequest {
+    PushToClientRequest {
+        target_type: TargetType::Openid as i32,
+        target_id: openid.into(),
+        msg_type: "chat".into(),
+        content: format!("message {n}"),
+        data: Vec::new(),
+        durable: true,
+    }
+}
+
+/// Contents the application received, each counted.
+fn contents(pushes: &Value) -> Vec<String> {
+    received(pushes).into_iter().map(|(_, c)| c).collect()
+}
+
+/// (lost, duplicated) against `message 1..=n`, by content (seqs renumber
+/// after a crash recovery).
+fn lost_and_duplicated(pushes: &Value, n: u64) -> (usize, usize) {
+    let got = contents(pushes);
+    let lost = (1..=n)
+        .filter(|i| !got.contains(&format!("message {i}")))
+        .count();
+    let distinct = got.iter().collect::<std::collections::HashSet<_>>().len();
+    (lost, got.len() - distinct)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sessions_survive_a_drain_and_a_crash() {
+    let mut cluster = browser_cluster(3).await;
+    let browser = Browser::start().await;
+    browser
+        .open_harness(cluster.dps[0].websocket_addr().expect("WebSocket listener"))
+        .await;
+    let endpoints: Vec<Value> = cluster.dps.iter().map(cluster_endpoint).collect();
+    let options = json!({
+        "endpoints": endpoints,
+        "openid": "erin",
+        "token": cluster.dir.token("erin"),
+        "connectTimeoutMs": 3000,
+    });
+    let info = browser.call("connect", vec![json!("erin"), options]).await;
+    assert_eq!(
+        (info["transport"].as_str(), info["nodeId"].as_str()),
+        (Some("webtransport"), Some("dp-1")),
+        "{info}"
+    );
+    let session = info["sessionId"].clone();
+    let mut gw = cluster.gateway(1).await;
+    for n in 1..=10 {
+        gw.push_to_client(durable("erin", n)).await.expect("push");
+    }
+    browser
+        .until("10 pushes", "pushes", vec![json!("erin")], |p| {
+            received(p).len() >= 10
+        })
+        .await;
+
+    // --- drain dp-1: GoAway names a successor; the session follows ---
+    let report = cluster.dps[0].drain().await;
+    assert_eq!(report.remaining, 0, "{report:?}");
+    let info = browser
+        .until(
+            "resumed on another node",
+            "info",
+            vec![json!("erin")],
+            |i| i["nodeId"] != "dp-1" && i["transport"].is_string(),
+        )
+        .await;
+    assert_eq!(
+        info["sessionId"], session,
+        "the same session after the drain"
+    );
+    assert_eq!(info["transport"], "webtransport");
+    let owner = info["nodeId"].as_str().unwrap_or_default().to_string();
+    for n in 11..=20 {
+        gw.push_to_client(durable("erin", n)).await.expect("push");
+    }
+    let pushes = browser
+        .until("20 pushes", "pushes", vec![json!("erin")], |p| {
+            received(p).len() >= 20
+        })
+        .await;
+    assert_eq!(lost_and_duplicated(&pushes, 20), (0, 0), "after the drain");
+    let owner_index = cluster
+        .dps
+        .iter()
+        .position(|d| d.node().config.node_id == owner)
+        .expect("the owner is a cluster node");
+    let owner_node = cluster.dps[owner_index].node().clone();
+    eventually("the owner saw the ack of 20", || {
+        owner_node
+            .registry
+            .get("erin")
+            .is_some_and(|e| e.state.lock().stats().acked_seq_id == 20)
+    })
+    .await;
+    drop(owner_node);
+
+    // --- kill -9 of the owner: the browser moves on and resumes ---
+    cluster.dps.remove(owner_index).crash();
+    let info = browser
+        .until(
+            "reconnected after the crash",
+            "info",
+            vec![json!("erin")],
+            |i| {
+                i["nodeId"] != owner.as_str() && i["nodeId"] != "dp-1" && i["transport"].is_string()
+            },
+        )
+        .await;
+    let survivor = info["nodeId"].as_str().unwrap_or_default().to_string();
+    let survivor_index = cluster
+        .dps
+        .iter()
+        .position(|d| d.node().config.node_id == survivor)
+        .expect("the survivor is a cluster node");
+    // Non-durable now: the crashed node was this session's standby, and the
+    // drained one takes no replicas, so a durable push would be refused.
+    let mut gw = cluster.gateway(survivor_index).await;
+    for n in 21..=30 {
+        let mut push = durable("erin", n);
+        push.durable = false;
+        gw.push_to_client(push).await.expect("push");
+    }
+    let pushes = browser
+        .until("30 pushes", "pushes", vec![json!("erin")], |p| {
+            received(p).len() >= 30
+        })
+        .await;
+    let (lost, duplicated) = lost_and_duplicated(&pushes, 30);
+    assert_eq!(
+        (lost, duplicated),
+        (0, 0),
+        "lost and duplicated pushes: {pushes}"
+    );
+    // The crash is surfaced, never hidden (docs/protocol.md §4).
+    let events = browser.call("events", vec![json!("erin")]).await;
+    let surfaced = events.as_array().is_some_and(|e| {
+        e.iter()
+            .any(|ev| ev["type"] == "resumefailed" && (ev["status"] == 5 || ev["status"] == 2))
+    });
+    let same_session = browser.call("info", vec![json!("erin")]).await["sessionId"] == session;
+    eprintln!(
+        "after the crash of {owner}: resumed on {survivor}, same session: {same_session}, \
+         lost {lost}, duplicated {duplicated}; events: {events}"
+    );
+    assert!(
+        same_session || surfaced,
+        "either the session survived or the SDK said it did not: {events}"
+    );
+    browser.close().await;
+}
