@@ -544,6 +544,7 @@ export class Client extends EventTarget {
 
   _applyStart(ok, resuming, first) {
     const old = this.sessionId;
+    const lastAcked = this._ackPoint;
     const sameSession = resuming && ok.sessionId === old;
     if (!sameSession) {
       // A new session: push and request seqs start over. Requests sent on
@@ -573,7 +574,7 @@ export class Client extends EventTarget {
     this._ackSent = this._ackPoint;
     for (const p of this._pending.values()) p.sent = false;
     if (resuming && ok.resumeStatus !== ResumeStatus.RESUMED) {
-      this._emit("resumefailed", { status: ok.resumeStatus, lastAckedSeqId: this._ackPoint, firstAvailableSeqId: ok.firstAvailableSeqId });
+      this._emit("resumefailed", { status: ok.resumeStatus, lastAckedSeqId: lastAcked, firstAvailableSeqId: ok.firstAvailableSeqId });
     }
     this._emit("connected", { sessionId: ok.sessionId, nodeId: ok.nodeId, zone: ok.zone, status: ok.resumeStatus, transport: this.transport, first });
   }

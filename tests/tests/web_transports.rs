@@ -100,7 +100,7 @@ async fn a_websocket_session_resumes_over_native_quic_and_back() {
         .send(Body::Request(ClientRequest {
             msg_id: 5,
             seq_id: 1,
-            payload: b"once".to_vec().into(),
+            payload: b"once".to_vec(),
             ..Default::default()
         }))
         .await;
@@ -150,7 +150,7 @@ async fn a_websocket_session_resumes_over_native_quic_and_back() {
     raw.send(Body::Request(ClientRequest {
         msg_id: 5,
         seq_id: 1,
-        payload: b"once".to_vec().into(),
+        payload: b"once".to_vec(),
         ..Default::default()
     }))
     .await;
@@ -254,7 +254,7 @@ async fn an_sdk_session_over_quic_resumes_over_websocket() {
         .send(Body::Request(ClientRequest {
             msg_id: 1,
             seq_id: 2,
-            payload: b"from websocket".to_vec().into(),
+            payload: b"from websocket".to_vec(),
             ..Default::default()
         }))
         .await;
