@@ -426,10 +426,11 @@ export class Client extends EventTarget {
   /** Ends the session for good (StopRequest) and closes. */
   async stop() {
     this._stopping = true;
-    if (this._conn) {
-      try { await this._conn.send([encode.stop("client stop")]); } catch { /* gone */ }
-      await withTimeout(this._conn.closed, 2000, "stop").catch(() => {});
-      this._conn.close();
+    const conn = this._conn;
+    if (conn) {
+      try { await conn.send([encode.stop("client stop")]); } catch { /* gone */ }
+      await withTimeout(conn.closed, 2000, "stop").catch(() => {});
+      conn.close();
     }
     this._finish(new ClientError("closed", "stopped"));
   }

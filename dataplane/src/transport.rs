@@ -40,8 +40,12 @@ pub const WEB_PATH: &str = "/gatesvr/v1";
 /// private-use codes, RFC 6455 §7.4.2).
 pub const WS_CLOSE_BASE: u16 = 4000;
 
-/// Most bytes read from a stream transport at once.
+/// Most bytes read from a QUIC stream at once (quinn hands over its own
+/// buffers: nothing is held while waiting).
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Bytes read at once from a WebTransport stream (a buffer of ours).
+const STREAM_READ_BUFFER: usize = 4 * 1024;
 
 /// The node's `max_connections` budget, shared by every transport.
 pub(crate) fn connection_slots(o: &crate::config::OverloadConfig) -> Arc<tokio::sync::Semaphore> {
@@ -312,7 +316,9 @@ impl FrameSource {
                 if let Some(frame) = decoder.next_frame()? {
                     return Ok(Some(frame));
                 }
-                let mut chunk = BytesMut::with_capacity(READ_CHUNK);
+                // Held while the read waits, so kept small: an idle
+                // connection should not pin a large buffer.
+                let mut chunk = BytesMut::with_capacity(STREAM_READ_BUFFER);
                 match recv.read_buf(&mut chunk).await {
                     Ok(0) | Err(_) => return Ok(None),
                     Ok(_) => decoder.extend(&chunk),

@@ -29,6 +29,9 @@ use tokio_util::sync::CancellationToken;
 use crate::node::Node;
 use crate::transport::{Link, WEB_PATH};
 
+/// Bytes read from a WebSocket at once (larger messages take several reads).
+const WS_READ_BUFFER: usize = 4 * 1024;
+
 #[derive(Clone)]
 struct WebState {
     node: Arc<Node>,
@@ -166,10 +169,13 @@ async fn upgrade(State(state): State<WebState>, ws: WebSocketUpgrade) -> Respons
             .inc();
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
-    // A frame is at most max_frame_size plus a 10-byte length prefix.
+    // A frame is at most max_frame_size plus a 10-byte length prefix. The
+    // read buffer is allocated up front on every connection: tungstenite's
+    // 128 KiB default would dominate an idle session's memory.
     let max = node.config.server.max_frame_size;
     ws.max_message_size(max + 10)
         .max_frame_size(max + 10)
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let _permit = permit;
             crate::connection::serve(node, Link::websocket(socket, max)).await;

@@ -43,6 +43,32 @@ window.harness = {
       return { error: { kind: e.kind, code: e.code, message: e.message } };
     }
   },
+  /** `count` sequential echo requests: round-trip percentiles in ms. */
+  async rtt(name, count) {
+    const client = clients.get(name).client;
+    const times = [];
+    for (let i = 0; i < count; i++) {
+      const t0 = performance.now();
+      await client.request(9, "rtt");
+      times.push(performance.now() - t0);
+    }
+    times.sort((a, b) => a - b);
+    const pct = (p) => times[Math.min(times.length - 1, Math.floor((p / 100) * times.length))];
+    return { count, p50: pct(50), p99: pct(99) };
+  },
+  /** Opens `n` idle clients named prefix-0..; resolves with their transports. */
+  async openMany(prefix, n, options) {
+    const opened = [];
+    for (let i = 0; i < n; i++) {
+      const { tokens, ...rest } = options;
+      const info = await window.harness.connect(`${prefix}-${i}`, { ...rest, openid: `${prefix}-${i}`, token: tokens[i] });
+      opened.push(info.transport);
+    }
+    return opened;
+  },
+  async stopMany(prefix, n) {
+    for (let i = 0; i < n; i++) await clients.get(`${prefix}-${i}`).client.stop();
+  },
   pushes: (name) => clients.get(name).pushes,
   events: (name) => clients.get(name).events,
   setOptions(name, options) { Object.assign(clients.get(name).client.options, options); },

@@ -244,7 +244,67 @@ async fn browser_sessions_over_webtransport_and_websocket() {
         "every resume succeeded: {events}"
     );
     eventually("bob acked 20", || unacked(&node, "bob") == Some(0)).await;
+
+    // Figures, printed and not asserted: request round trips from the page
+    // (echo routing, one request in flight) over each transport.
+    let carol = json!({
+        "endpoints": [endpoint(&node, quic_port)],
+        "openid": "carol",
+        "token": node.dir.token("carol"),
+        "transports": ["websocket"],
+    });
+    let info = browser.call("connect", vec![json!("carol"), carol]).await;
+    assert_eq!(info["transport"], "websocket", "{info}");
+    let over_wt = browser.call("rtt", vec![json!("alice"), json!(200)]).await;
+    let over_ws = browser.call("rtt", vec![json!("carol"), json!(200)]).await;
+    eprintln!(
+        "request RTT from headless Chromium (ms): WebTransport {over_wt}, WebSocket {over_ws}"
+    );
+    assert_eq!(over_wt["count"], 200);
+    // Memory per idle session, read from this process (the node runs in it):
+    // rough, as the allocator may reuse memory freed earlier in the test.
+    for transport in ["webtransport", "websocket"] {
+        let n = 100;
+        let before = rss_bytes();
+        let tokens: Vec<String> = (0..n)
+            .map(|i| node.dir.token(&format!("{transport}-{i}")))
+            .collect();
+        let options = json!({
+            "endpoints": [endpoint(&node, quic_port)],
+            "tokens": tokens,
+            "transports": [transport],
+        });
+        let opened = browser
+            .call("openMany", vec![json!(transport), json!(n), options])
+            .await;
+        assert_eq!(opened.as_array().map(Vec::len), Some(n), "{opened}");
+        eventually("the sessions started", || {
+            node.dp
+                .node()
+                .registry
+                .get(&format!("{transport}-{}", n - 1))
+                .is_some()
+        })
+        .await;
+        let per = rss_bytes().saturating_sub(before) / n as u64;
+        eprintln!("{transport}: ~{per} bytes of node RSS per idle browser session ({n} sessions)");
+        browser
+            .call("stopMany", vec![json!(transport), json!(n)])
+            .await;
+    }
     browser.close().await;
+}
+
+/// This process's resident set, bytes (Linux).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
 }
 
 /// A cluster of `n` browser-enabled data planes sharing one web certificate.
