@@ -103,6 +103,8 @@ enum Cmd {
     Broadcast,
     /// N idle sessions: RSS per session; handshakes/s full and resumed vs bare quinn.
     Sessions,
+    /// The WebSocket transport vs native QUIC: request RTT and RSS per idle session.
+    Web,
     /// Session-ownership claims committed by a 3-node control plane vs fdatasync (and etcd).
     Claims,
     /// kill -9 of a data plane holding N sessions under durable pushes (resume time, pushes
@@ -195,6 +197,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Push => vec!["push"],
         Cmd::Broadcast => vec!["broadcast"],
         Cmd::Sessions => vec!["sessions"],
+        Cmd::Web => vec!["web"],
         Cmd::Claims => vec!["claims"],
         Cmd::Failover => vec!["failover"],
         Cmd::Load(_) => vec!["load"],
@@ -237,6 +240,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 "push" => scenarios::push::run(&o).await,
                 "broadcast" => scenarios::broadcast::run(&o).await,
                 "sessions" => scenarios::sessions::run(&o).await,
+                "web" => scenarios::web::run(&o).await,
                 "claims" => scenarios::claims::run(&o).await,
                 "failover" => scenarios::failover::run(&o).await,
                 "load" => match &cli.cmd {

@@ -39,6 +39,9 @@ pub enum Serve {
         /// Membership lease requested from the control plane.
         #[arg(long, default_value = "3s", value_parser = crate::humantime_dur)]
         lease_ttl: Duration,
+        /// Browser transports too: WebTransport on the QUIC port, a WebSocket listener.
+        #[arg(long)]
+        web: bool,
     },
     /// One control-plane node (raft on sled, durable) on the given addresses; node 1
     /// bootstraps the cluster with every `--member`.
@@ -141,6 +144,7 @@ pub async fn run(mode: Serve) -> Result<()> {
             node_id,
             control_plane,
             lease_ttl,
+            web,
         } => {
             let routing = if upstream.is_some() || !control_plane.is_empty() {
                 Routing::Upstreams
@@ -157,6 +161,10 @@ pub async fn run(mode: Serve) -> Result<()> {
                 cfg.control_plane.insecure = true;
                 cfg.control_plane.lease_ttl = lease_ttl;
             }
+            if web {
+                cfg.transports.webtransport = true;
+                cfg.transports.websocket_addr = Some("127.0.0.1:0".into());
+            }
             let dp = DataPlane::start(cfg, routing)
                 .await
                 .map_err(|e| anyhow::anyhow!("data plane: {e}"))?;
@@ -164,6 +172,7 @@ pub async fn run(mode: Serve) -> Result<()> {
                 "quic": dp.quic_addr().to_string(),
                 "grpc": dp.grpc_addr().to_string(),
                 "http": dp.http_addr().to_string(),
+                "websocket": dp.websocket_addr().map(|a| a.to_string()),
             }));
             parent_gone().await;
             dp.shutdown().await;

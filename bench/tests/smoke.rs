@@ -121,6 +121,21 @@ fn sessions_measures_memory_and_setup() {
 }
 
 #[test]
+fn web_compares_websocket_with_native_quic() {
+    let r = run("web");
+    has_fields(
+        &r,
+        &[
+            "quic_rtt_p50_us",
+            "websocket_rtt_p50_us",
+            "quic_rss_bytes_per_session",
+            "quic_without_web_rss_bytes_per_session",
+            "websocket_rss_bytes_per_session",
+        ],
+    );
+}
+
+#[test]
 fn claims_commits_without_errors() {
     let r = run("claims");
     has_fields(&r, &["claims_per_s", "claim_p99_us", "fsync_records_per_s"]);

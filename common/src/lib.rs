@@ -23,3 +23,4 @@ pub mod logging;
 pub mod shutdown;
 pub mod tls;
 pub mod token;
+pub mod webcert;

@@ -38,6 +38,8 @@ pub struct DataPlaneConfig {
     pub upstream: crate::upstream::UpstreamConfig,
     /// The control plane; without endpoints the node is standalone.
     pub control_plane: crate::cluster::ControlPlaneClientConfig,
+    /// Browser transports besides native QUIC.
+    pub transports: TransportsConfig,
     pub log: LogConfig,
 }
 
@@ -52,9 +54,29 @@ impl Default for DataPlaneConfig {
             zones: ZonesConfig::default(),
             upstream: crate::upstream::UpstreamConfig::default(),
             control_plane: crate::cluster::ControlPlaneClientConfig::default(),
+            transports: TransportsConfig::default(),
             log: LogConfig::default(),
         }
     }
+}
+
+/// `transports:` how browsers reach the node (docs/protocol.md §12). Native
+/// QUIC (`gatesvr/1` on `server.quic_addr`) is always on; both browser
+/// transports are off by default and on in `gatesvr dev`. Sessions, auth and
+/// overload protection are the same whichever transport a client uses.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportsConfig {
+    /// WebTransport over HTTP/3 on `server.quic_addr` (ALPN `h3` next to
+    /// `gatesvr/1`), at `https://HOST:PORT/gatesvr/v1`. Default false.
+    pub webtransport: bool,
+    /// WebSocket over TLS (TCP) listener, `wss://ADDR/gatesvr/v1`: the
+    /// fallback where UDP is blocked. Unset (default): off.
+    pub websocket_addr: Option<String>,
+    /// A directory served as static files on the WebSocket listener (the
+    /// demo page and the JavaScript SDK in `gatesvr dev`). Unset (default):
+    /// none.
+    pub web_root: Option<PathBuf>,
 }
 
 /// `server:` listeners, certificate and per-session protocol settings.
@@ -355,6 +377,23 @@ impl Validate for DataPlaneConfig {
         require_socket_addr("server.metrics_addr", &s.metrics_addr)?;
         require_file("server.cert_file", &s.cert_file)?;
         require_file("server.key_file", &s.key_file)?;
+        if let Some(addr) = &self.transports.websocket_addr {
+            require_socket_addr("transports.websocket_addr", addr)?;
+        }
+        if let Some(root) = &self.transports.web_root {
+            if self.transports.websocket_addr.is_none() {
+                return Err(ConfigError::key(
+                    "transports.web_root",
+                    "is served on transports.websocket_addr, which is not set",
+                ));
+            }
+            if !root.is_dir() {
+                return Err(ConfigError::key(
+                    "transports.web_root",
+                    format!("{} is not a directory", root.display()),
+                ));
+            }
+        }
         let positive = [
             ("server.session_timeout", s.session_timeout),
             ("server.ack_timeout", s.ack_timeout),

@@ -1,6 +1,8 @@
 //! One client connection: the thin I/O shell around a [`Session`].
 //!
-//! The client opens one bidirectional stream and sends Start. After that ONE
+//! The same code serves every transport (native QUIC, WebTransport,
+//! WebSocket) through a [`Link`] (see [`crate::transport`]). The client
+//! sends Start first. After that ONE
 //! task serves the connection: it decodes frames and feeds the session,
 //! drives the requests it is executing (no task per request, no writer task),
 //! and writes responses, heartbeat answers, frames other tasks queued (drain
@@ -9,14 +11,15 @@
 //! Every wake-up ends in at most one stream write.
 //!
 //! ```text
-//!  recv stream ─> FrameDecoder ─> handle_frame ─┬─> Session (ack, dedupe) ─────────────────┐
+//!  FrameSource ─────────────────> handle_frame ─┬─> Session (ack, dedupe) ─────────────────┐
 //!                                               └─> in-flight requests ─> complete ─────────┤
 //!  other tasks ─> control channel ──────────────────────────────────────────────────────────┤
 //!  Session::poll_transmit (pushes) ─────────────────────────────────────────────────────────┴─> one write
 //! ```
 //!
 //! Fatal errors are sent as an `Error` frame, the stream is finished, and the
-//! connection is closed with the same code as the QUIC application error code.
+//! connection is closed with the same code (the QUIC application error code,
+//! or `4000 + code` in a WebSocket close frame).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,13 +30,14 @@ use gatesvr_proto::client::{
     ClientRequest, ClientResponse, Envelope, ErrorCode, HeartbeatResponse, StartRequest,
     StartResponse, envelope::Body,
 };
-use gatesvr_proto::frame::{self, FrameDecoder};
+use gatesvr_proto::frame;
 use tokio::sync::mpsc;
 
 use crate::core::RequestOutcome;
 use crate::node::Node;
 use crate::registry::{Attachment, SessionEntry};
 use crate::session::RequestDisposition;
+use crate::transport::{Link, Transport};
 
 /// Longest openid accepted, bytes.
 pub const MAX_OPENID_LEN: usize = 128;
@@ -70,48 +74,43 @@ impl Fatal {
     }
 }
 
-async fn write_frame(
-    send: &mut quinn::SendStream,
-    frame: &Envelope,
-) -> Result<(), quinn::WriteError> {
+async fn write_frame(link: &mut Link, frame: &Envelope) -> Result<(), crate::transport::Closed> {
     let mut buf = BytesMut::new();
     frame::encode(frame, &mut buf);
-    send.write_all(&buf).await
+    link.sink.write(&mut buf).await
 }
 
-/// Sends `Error{fatal}`, waits briefly for it to be delivered, closes.
-async fn fail(
-    node: &Node,
-    conn: &quinn::Connection,
-    send: Option<&mut quinn::SendStream>,
-    fatal: Fatal,
-) {
+/// Sends `Error{fatal}` (unless `stream_open` is false), waits briefly for
+/// it to be delivered, closes.
+async fn fail(node: &Node, link: &mut Link, stream_open: bool, fatal: Fatal) {
     node.metrics
         .connections_closed
         .with_label_values(&[&crate::metrics::code_label(fatal.code)])
         .inc();
-    if let Some(send) = send {
+    end(link, stream_open, fatal).await;
+}
+
+/// [`fail`] without counting: the caller (the registry) counted already.
+async fn end(link: &mut Link, stream_open: bool, fatal: Fatal) {
+    if stream_open {
         let frame = env(Body::Error(gatesvr_proto::client::Error {
             code: fatal.code as i32,
             message: fatal.message.clone(),
             retry_after_ms: 0,
             fatal: true,
         }));
-        if write_frame(send, &frame).await.is_ok() && send.finish().is_ok() {
-            let _ = tokio::time::timeout(ERROR_FLUSH, send.stopped()).await;
+        if write_frame(link, &frame).await.is_ok() {
+            link.sink.finish(ERROR_FLUSH).await;
         }
     }
-    conn.close(
-        quinn::VarInt::from_u32(fatal.code as u32),
-        fatal.message.as_bytes(),
-    );
+    link.close(fatal.code, &fatal.message, ERROR_FLUSH).await;
 }
 
-/// Serves one accepted connection until it ends.
-pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
+/// Serves one accepted native QUIC connection until it ends.
+pub async fn serve_quic(node: Arc<Node>, conn: quinn::Connection) {
     let start_timeout = node.config.server.start_timeout;
     let stream = tokio::time::timeout(start_timeout, conn.accept_bi()).await;
-    let (mut send, mut recv) = match stream {
+    let (send, recv) = match stream {
         Ok(Ok(pair)) => pair,
         Ok(Err(_)) => return, // closed before opening a stream
         Err(_) => {
@@ -119,26 +118,33 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
                 .connections_rejected
                 .with_label_values(&["start_timeout"])
                 .inc();
-            Box::pin(fail(
-                &node,
-                &conn,
-                None,
-                Fatal::new(ErrorCode::StartTimeout, "no stream opened in time"),
-            ))
-            .await;
+            node.metrics
+                .connections_closed
+                .with_label_values(&[&crate::metrics::code_label(ErrorCode::StartTimeout)])
+                .inc();
+            conn.close(
+                quinn::VarInt::from_u32(ErrorCode::StartTimeout as u32),
+                b"no stream opened in time",
+            );
             return;
         }
     };
-    let mut decoder = FrameDecoder::new(node.config.server.max_frame_size);
+    let link = Link::quic(conn, send, recv, node.config.server.max_frame_size);
+    serve(node, link).await;
+}
+
+/// Serves one client connection, whatever its transport, until it ends.
+pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
+    let start_timeout = node.config.server.start_timeout;
+    let transport = link.transport;
 
     // --- Start ---
-    let start = match tokio::time::timeout(start_timeout, read_frame(&mut recv, &mut decoder)).await
-    {
+    let start = match tokio::time::timeout(start_timeout, link.source.next()).await {
         Err(_) => Err(Fatal::new(
             ErrorCode::StartTimeout,
             "no Start frame in time",
         )),
-        Ok(Err(fatal)) => Err(fatal),
+        Ok(Err(e)) => Err(Fatal::new(e.code(), e.to_string())),
         Ok(Ok(None)) => return,
         Ok(Ok(Some(Envelope {
             body: Some(Body::Start(start)),
@@ -155,7 +161,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
                 .connections_rejected
                 .with_label_values(&[&crate::metrics::code_label(fatal.code)])
                 .inc();
-            Box::pin(fail(&node, &conn, Some(&mut send), fatal)).await;
+            Box::pin(fail(&node, &mut link, true, fatal)).await;
             return;
         }
     };
@@ -165,7 +171,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
             ErrorCode::Draining,
             "node is draining: connect to another node",
         );
-        Box::pin(fail(&node, &conn, Some(&mut send), fatal)).await;
+        Box::pin(fail(&node, &mut link, true, fatal)).await;
         return;
     }
     let new_id = crate::registry::new_session_id();
@@ -174,7 +180,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
     let epoch = match Box::pin(claim_ownership(&node, &start, &new_id)).await {
         Ok(epoch) => epoch,
         Err(fatal) => {
-            Box::pin(fail(&node, &conn, Some(&mut send), fatal)).await;
+            Box::pin(fail(&node, &mut link, true, fatal)).await;
             return;
         }
     };
@@ -187,7 +193,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
         start.last_acked_seq_id,
         Attachment {
             conn_id,
-            connection: conn.clone(),
+            connection: link.handle(),
             control: control_tx,
         },
         new_id.clone(),
@@ -222,32 +228,42 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
         request_window: server.request_window as u32,
         session_timeout_ms: server.session_timeout.as_millis() as u32,
     }));
-    if write_frame(&mut send, &response).await.is_err() {
+    if write_frame(&mut link, &response).await.is_err() {
         node.registry.detach(&entry, conn_id);
         return;
     }
     node.metrics.active_connections.inc();
-    tracing::debug!(openid = %start.openid, session = %entry.identity.session_id, status = ?outcome.status, "session started");
+    let by_transport = node
+        .metrics
+        .transport_connections
+        .with_label_values(&[transport.label()]);
+    by_transport.inc();
+    tracing::debug!(openid = %start.openid, session = %entry.identity.session_id, status = ?outcome.status, transport = transport.label(), "session started");
 
-    let result = run(
-        &node,
-        &entry,
-        conn_id,
-        &mut send,
-        &mut recv,
-        &mut decoder,
-        control_rx,
-    )
-    .await;
-    if let Err(fatal) = result {
-        node.metrics
-            .protocol_errors
-            .with_label_values(&[&crate::metrics::code_label(fatal.code)])
-            .inc();
-        Box::pin(fail(&node, &conn, Some(&mut send), fatal)).await;
-    }
+    let ending = run(&node, &entry, conn_id, &mut link, control_rx).await;
     node.registry.detach(&entry, conn_id);
     node.metrics.active_connections.dec();
+    by_transport.dec();
+    match ending {
+        Ending::Protocol(fatal) => {
+            node.metrics
+                .protocol_errors
+                .with_label_values(&[&crate::metrics::code_label(fatal.code)])
+                .inc();
+            Box::pin(fail(&node, &mut link, true, fatal)).await;
+        }
+        // Asked by the registry (replaced, slow consumer, drain), which counted it.
+        Ending::Requested(fatal) => Box::pin(end(&mut link, true, fatal)).await,
+        Ending::Done => match link.pending_close() {
+            Some((code, message)) => {
+                Box::pin(end(&mut link, true, Fatal::new(code, message))).await;
+            }
+            None if transport != Transport::Quic => {
+                Box::pin(end(&mut link, false, Fatal::new(ErrorCode::Ok, ""))).await;
+            }
+            None => {}
+        },
+    }
 }
 
 /// The session id a Start claims: the one it resumes, else the fresh one.
@@ -314,24 +330,6 @@ async fn claim_ownership(
     }
 }
 
-/// Reads until one whole frame is decoded. `Ok(None)`: the stream ended.
-async fn read_frame(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
-) -> Result<Option<Envelope>, Fatal> {
-    loop {
-        match decoder.next_frame() {
-            Ok(Some(frame)) => return Ok(Some(frame)),
-            Ok(None) => {}
-            Err(e) => return Err(Fatal::new(e.code(), e.to_string())),
-        }
-        match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => decoder.extend(&chunk.bytes),
-            Ok(None) | Err(_) => return Ok(None),
-        }
-    }
-}
-
 fn authenticate(node: &Node, start: StartRequest) -> Result<StartRequest, Fatal> {
     if start.openid.is_empty() || start.openid.len() > MAX_OPENID_LEN {
         return Err(Fatal::new(
@@ -362,6 +360,16 @@ enum Flow {
     Stop,
 }
 
+/// How [`run`] ended.
+enum Ending {
+    /// The client left (stream ended, Stop) or the registry let go.
+    Done,
+    /// The client broke the protocol.
+    Protocol(Fatal),
+    /// The registry asked a WebTransport/WebSocket connection to close.
+    Requested(Fatal),
+}
+
 /// The connection's steady state, until the stream or connection ends or a
 /// fatal error. Requests still executing at the end finish in the
 /// background: their answers wait in the session for the client's retry.
@@ -369,49 +377,58 @@ async fn run(
     node: &Arc<Node>,
     entry: &Arc<SessionEntry>,
     conn_id: u64,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
+    link: &mut Link,
     mut control: mpsc::Receiver<bytes::Bytes>,
-) -> Result<(), Fatal> {
+) -> Ending {
     let silence = node.config.server.heartbeat_timeout;
     let idle = tokio::time::sleep(silence);
     tokio::pin!(idle);
     let mut executing: FuturesUnordered<Executing> = FuturesUnordered::new();
     let mut out = BytesMut::new();
-    let result = 'serve: loop {
+    let Link {
+        source,
+        sink,
+        closing,
+        ..
+    } = link;
+    let ending = 'serve: loop {
         tokio::select! {
             biased;
+            (code, message) = crate::transport::close_requested(closing) => {
+                break Ending::Requested(Fatal::new(code, message));
+            }
             Some(response) = executing.next(), if !executing.is_empty() => {
                 complete(entry, conn_id, response, &mut out);
             }
             frame = control.recv() => match frame {
                 Some(frame) => out.extend_from_slice(&frame),
                 // The registry let go of this connection (replaced).
-                None => break Ok(()),
+                None => break Ending::Done,
             },
             () = entry.wake.notified() => {}
-            chunk = recv.read_chunk(64 * 1024, true) => match chunk {
-                Ok(Some(chunk)) => {
-                    idle.as_mut().reset(tokio::time::Instant::now() + silence);
-                    decoder.extend(&chunk.bytes);
-                    loop {
-                        let frame = match decoder.next_frame() {
-                            Ok(Some(frame)) => frame,
-                            Ok(None) => break,
-                            Err(e) => break 'serve Err(Fatal::new(e.code(), e.to_string())),
-                        };
-                        match handle_frame(node, entry, frame, &mut out, &mut executing) {
-                            Ok(Flow::Continue) => {}
-                            Ok(Flow::Stop) => break 'serve Ok(()),
-                            Err(fatal) => break 'serve Err(fatal),
-                        }
+            frame = source.next() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + silence);
+                let mut frame = match frame {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break Ending::Done,
+                    Err(e) => break Ending::Protocol(Fatal::new(e.code(), e.to_string())),
+                };
+                // Every frame already received is handled before one write.
+                loop {
+                    match handle_frame(node, entry, frame, &mut out, &mut executing) {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Stop) => break 'serve Ending::Done,
+                        Err(fatal) => break 'serve Ending::Protocol(fatal),
                     }
+                    frame = match source.buffered() {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => break,
+                        Err(e) => break 'serve Ending::Protocol(Fatal::new(e.code(), e.to_string())),
+                    };
                 }
-                Ok(None) | Err(_) => break Ok(()),
             },
             () = &mut idle => {
-                break Err(Fatal::new(
+                break Ending::Protocol(Fatal::new(
                     ErrorCode::HeartbeatTimeout,
                     "no frame within heartbeat_timeout",
                 ));
@@ -419,10 +436,15 @@ async fn run(
         }
         transmit(node, entry, &mut out);
         if !out.is_empty() {
-            if send.write_all(&out).await.is_err() {
-                break Ok(());
+            // A close asked meanwhile wins over a write the client does not read.
+            tokio::select! {
+                written = sink.write(&mut out) => if written.is_err() {
+                    break Ending::Done;
+                },
+                (code, message) = crate::transport::close_requested(closing) => {
+                    break Ending::Requested(Fatal::new(code, message));
+                }
             }
-            out.clear();
         }
     };
     for request in executing {
@@ -432,7 +454,7 @@ async fn run(
             node.registry.complete_request(&entry, response).await;
         });
     }
-    result
+    ending
 }
 
 /// Moves pushes the session has ready into `out`, up to one write's worth;

@@ -12,12 +12,16 @@
 //! - [`registry`]: the node's sessions and the timer sweep.
 //! - [`connection`]: one client connection, the I/O shell around a session.
 //! - [`quic`]: endpoint, transport settings, the accept loop (admission).
+//! - [`transport`]: what carries a session's frames (QUIC, WebTransport,
+//!   WebSocket); [`webtransport`] and [`websocket`] accept the browser ones.
 //! - [`gateway`]: `GatewayService` for upstreams (push, broadcast).
 //! - [`upstream`]: zone -> upstream instances, picking and forwarding.
 //! - [`auth`], [`config`], [`metrics`], [`http`].
 //!
 //! ```text
-//!  client ──QUIC──> quic::accept_loop ──> connection::serve ──> Session (registry)
+//!  client ──QUIC──> quic::accept_loop ─┬──> connection::serve ──> Session (registry)
+//!  browser ─WebTransport (h3, same port)┘        ▲
+//!  browser ─WebSocket──> websocket::accept_loop ─┘
 //!                                              │  request            ▲ push
 //!                                              ▼                     │
 //!                                      handler / upstream ──gRPC──> upstream ──gRPC──> gateway (GatewayService)
@@ -42,7 +46,10 @@ pub mod quic_keys;
 pub mod registry;
 pub mod replica;
 pub mod session;
+pub mod transport;
 pub mod upstream;
+pub mod websocket;
+pub mod webtransport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -86,6 +93,7 @@ pub struct DataPlane {
     http_addr: SocketAddr,
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    websocket_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     drain_signal: Arc<tokio::sync::Notify>,
@@ -225,7 +233,8 @@ impl DataPlane {
             Handler::Upstream(r) => Some(r.clone()),
             Handler::Echo => None,
         };
-        let endpoint = quic::bind(&config.server).map_err(StartError::Config)?;
+        let endpoint = quic::bind_with(&config.server, config.transports.webtransport)
+            .map_err(StartError::Config)?;
         let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             what: "QUIC",
             addr: config.server.quic_addr.clone(),
@@ -234,6 +243,20 @@ impl DataPlane {
         let http = bind_tcp("HTTP", &config.server.http_addr).await?;
         let grpc = bind_tcp("gRPC", &config.server.grpc_addr).await?;
         let metrics_listener = bind_tcp("metrics", &config.server.metrics_addr).await?;
+        let websocket = match &config.transports.websocket_addr {
+            Some(addr) => Some(bind_tcp("WebSocket", addr).await?),
+            None => None,
+        };
+        let websocket_addr = websocket
+            .as_ref()
+            .map(|l| {
+                l.local_addr().map_err(|source| StartError::Bind {
+                    what: "WebSocket",
+                    addr: String::new(),
+                    source,
+                })
+            })
+            .transpose()?;
         let local = |l: &TcpListener, what| {
             l.local_addr().map_err(|source| StartError::Bind {
                 what,
@@ -317,11 +340,28 @@ impl DataPlane {
                 router.run_health_checks(stop.cancelled_owned()).await;
             }));
         }
+        // One max_connections budget for every transport.
+        let slots = transport::connection_slots(&node.config.overload_protection);
         tasks.push(tokio::spawn(quic::accept_loop(
             node.clone(),
             endpoint.clone(),
             draining,
+            slots.clone(),
         )));
+        if let Some(listener) = websocket {
+            let tls = websocket::tls_config(&node).map_err(StartError::Config)?;
+            tasks.push(tokio::spawn(websocket::accept_loop(
+                node.clone(),
+                listener,
+                tls,
+                slots,
+                node.config
+                    .transports
+                    .webtransport
+                    .then_some(quic_addr.port()),
+                cancel.clone(),
+            )));
+        }
 
         // The session table's timers: sleep until its next deadline.
         let timers = node.clone();
@@ -435,6 +475,7 @@ impl DataPlane {
         tracing::info!(
             node_id = %node.config.node_id,
             quic = %quic_addr, http = %http_addr, grpc = %grpc_addr, metrics = %metrics_addr,
+            websocket = ?websocket_addr, webtransport = node.config.transports.webtransport,
             "data plane serving"
         );
         Ok(Self {
@@ -444,6 +485,7 @@ impl DataPlane {
             http_addr,
             grpc_addr,
             metrics_addr,
+            websocket_addr,
             cancel,
             tasks,
             drain_signal,
@@ -464,6 +506,10 @@ impl DataPlane {
     }
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+    /// The WebSocket listener (`transports.websocket_addr`), if enabled.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.websocket_addr
     }
 
     /// Drains the node (see [`drain`]): sessions move to other nodes, clients

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use gatesvr_proto::client::ErrorCode;
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Request latency buckets, seconds: 0.5 ms .. 10 s.
@@ -24,6 +25,9 @@ pub struct Metrics {
     pub registry: Registry,
     /// Open QUIC connections that completed Start.
     pub active_connections: IntGauge,
+    /// Open connections that completed Start, by transport (quic,
+    /// webtransport, websocket).
+    pub transport_connections: IntGaugeVec,
     /// Sessions held by this node, connected or not.
     pub sessions: IntGauge,
     /// Pushes queued on this node's sessions and not yet acked.
@@ -117,6 +121,23 @@ impl Metrics {
                 "gatesvr_active_connections",
                 "Client connections with a started session",
             ),
+            transport_connections: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "gatesvr_transport_connections",
+                        "Client connections with a started session, by transport",
+                    ),
+                    &["transport"],
+                )
+                .expect("valid metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                for t in crate::transport::Transport::ALL {
+                    g.with_label_values(&[t.label()]).set(0);
+                }
+                g
+            },
             sessions: gauge(&registry, "gatesvr_sessions", "Sessions held by this node"),
             message_queue_size: gauge(
                 &registry,

@@ -1,5 +1,8 @@
 //! The QUIC endpoint: transport settings sized for many mostly-idle sessions,
 //! and the accept loop that refuses over-limit handshakes before TLS work.
+//!
+//! With `transports.webtransport` the same endpoint also offers ALPN `h3`;
+//! the accept loop hands such connections to [`crate::webtransport`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,15 +23,32 @@ use crate::quic_keys::SharedKeys;
 /// connection uses exactly one client-opened bidirectional stream, so: one
 /// bidi stream, no uni streams, no datagrams, windows a few frames deep.
 pub fn transport_config(server: &ServerConfig) -> quinn::TransportConfig {
+    transport_config_for(server, false)
+}
+
+/// [`transport_config`], widened for HTTP/3 when WebTransport is on: the
+/// limits are sent before ALPN picks a protocol, so they hold for every
+/// connection. HTTP/3 needs the CONNECT stream plus the session's stream
+/// (2 bidi), three uni streams (control, QPACK encoder and decoder; one
+/// spare) and datagram support (browsers require the transport parameter
+/// with SETTINGS_H3_DATAGRAM). A native client gains nothing from them: the
+/// server accepts only its first stream, and the connection window still
+/// bounds what it may buffer.
+fn transport_config_for(server: &ServerConfig, webtransport: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     let frame = server.max_frame_size as u64;
     let stream_window = (2 * frame).clamp(64 * 1024, 4 << 20);
-    t.max_concurrent_bidi_streams(1u8.into())
-        .max_concurrent_uni_streams(0u8.into())
+    let (bidi, uni, datagrams) = if webtransport {
+        (2u8, 4u8, Some(WEBTRANSPORT_DATAGRAM_BUFFER))
+    } else {
+        (1, 0, None)
+    };
+    t.max_concurrent_bidi_streams(bidi.into())
+        .max_concurrent_uni_streams(uni.into())
         .stream_receive_window(quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX))
         .receive_window(quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX))
         .send_window(2 * stream_window)
-        .datagram_receive_buffer_size(None)
+        .datagram_receive_buffer_size(datagrams)
         .keep_alive_interval(Some(server.keep_alive_interval))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(server.idle_timeout)
@@ -36,6 +56,9 @@ pub fn transport_config(server: &ServerConfig) -> quinn::TransportConfig {
         ));
     t
 }
+
+/// Datagrams are advertised for HTTP/3 but unused: a token buffer.
+const WEBTRANSPORT_DATAGRAM_BUFFER: usize = 16 * 1024;
 
 /// Reads `server.shared_keys_dir`, if set.
 pub fn shared_keys(server: &ServerConfig) -> Result<Option<SharedKeys>, String> {
@@ -52,7 +75,7 @@ pub fn shared_keys(server: &ServerConfig) -> Result<Option<SharedKeys>, String> 
 /// with shared keys any node decrypts them, and address-validation tokens
 /// are accepted by every node too.
 pub fn server_config(server: &ServerConfig) -> Result<quinn::ServerConfig, String> {
-    build_server_config(server, shared_keys(server)?.as_ref())
+    build_server_config(server, shared_keys(server)?.as_ref(), false)
 }
 
 /// The TLS half of [`server_config`]: certificate, ALPN, session tickets.
@@ -77,14 +100,19 @@ pub fn tls_config(
 fn build_server_config(
     server: &ServerConfig,
     keys: Option<&SharedKeys>,
+    webtransport: bool,
 ) -> Result<quinn::ServerConfig, String> {
-    let tls = tls_config(server, keys)?;
+    let mut tls = tls_config(server, keys)?;
+    if webtransport {
+        tls.alpn_protocols
+            .push(crate::webtransport::ALPN_H3.to_vec());
+    }
     let crypto = Arc::new(QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?);
     let mut config = match keys {
         Some(keys) => quinn::ServerConfig::new(crypto, keys.token_key()),
         None => quinn::ServerConfig::with_crypto(crypto),
     };
-    config.transport_config(Arc::new(transport_config(server)));
+    config.transport_config(Arc::new(transport_config_for(server, webtransport)));
     Ok(config)
 }
 
@@ -95,12 +123,17 @@ fn build_server_config(
 /// reset them), and resets are rate-limited less, because after a node dies
 /// every one of its clients deserves a prompt reset.
 pub fn bind(server: &ServerConfig) -> Result<quinn::Endpoint, String> {
+    bind_with(server, false)
+}
+
+/// [`bind`], offering WebTransport (ALPN `h3`) too if `webtransport`.
+pub fn bind_with(server: &ServerConfig, webtransport: bool) -> Result<quinn::Endpoint, String> {
     let addr: SocketAddr = server
         .quic_addr
         .parse()
         .map_err(|_| format!("server.quic_addr `{}` is not ip:port", server.quic_addr))?;
     let keys = shared_keys(server)?;
-    let config = build_server_config(server, keys.as_ref())?;
+    let config = build_server_config(server, keys.as_ref(), webtransport)?;
     let Some(keys) = keys else {
         return quinn::Endpoint::server(config, addr)
             .map_err(|e| format!("cannot bind QUIC on {addr}: {e}"));
@@ -129,14 +162,8 @@ pub async fn accept_loop(
     node: Arc<Node>,
     endpoint: quinn::Endpoint,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    slots: Arc<Semaphore>,
 ) {
-    let o = &node.config.overload_protection;
-    let limit = if o.enabled {
-        o.max_connections
-    } else {
-        Semaphore::MAX_PERMITS
-    };
-    let slots = Arc::new(Semaphore::new(limit));
     while let Some(incoming) = endpoint.accept().await {
         if draining.load(std::sync::atomic::Ordering::Relaxed) {
             node.metrics
@@ -165,7 +192,10 @@ pub async fn accept_loop(
                 }
             };
             match connecting.await {
-                Ok(conn) => crate::connection::serve(node, conn).await,
+                Ok(conn) if crate::webtransport::is_h3(&conn) => {
+                    crate::webtransport::serve(node, conn).await;
+                }
+                Ok(conn) => crate::connection::serve_quic(node, conn).await,
                 Err(e) => {
                     node.metrics
                         .connections_rejected

@@ -42,7 +42,7 @@ use crate::session::{
 pub struct Attachment {
     /// Unique per connection on this node.
     pub conn_id: u64,
-    pub connection: quinn::Connection,
+    pub connection: crate::transport::ConnectionHandle,
     /// Frames other than pushes (responses, heartbeats) for the writer,
     /// already encoded: a channel block holds 32 slots, and an `Envelope` is
     /// 136 bytes where `Bytes` is 32, on every idle connection.

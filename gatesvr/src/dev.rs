@@ -6,6 +6,12 @@
 //! `--dataplanes` data-plane nodes. Generates dev certificates if missing and
 //! prints every endpoint and a command to try. Ctrl-C stops everything.
 //!
+//! Browsers get in too: every data plane offers WebTransport on its QUIC port
+//! and a WebSocket listener (QUIC port + 1, TCP) that also serves the
+//! JavaScript SDK and a demo chat page from `--web-root`. The node certificate
+//! is issued at each start, valid for 13 days, so that pages can pin it with
+//! `serverCertificateHashes` (browsers accept no longer validity there).
+//!
 //! Client authentication and the admin API's bearer tokens are off here (with
 //! a loud warning): `gatesvr dev` is for a laptop, never for a network.
 
@@ -36,9 +42,15 @@ pub struct DevArgs {
     /// Bind address for every listener.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: std::net::IpAddr,
+    /// Served on each WebSocket listener: the JavaScript SDK and the demo
+    /// page (`/demo/`). Skipped if the directory does not exist.
+    #[arg(long, default_value = "sdk-js")]
+    pub web_root: PathBuf,
 }
 
 const QUIC_PORT: u16 = 8453;
+/// WebSocket (TLS over TCP), and the demo page.
+const WEBSOCKET_PORT: u16 = 8454;
 const HTTP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 8092;
 const METRICS_PORT: u16 = 9090;
@@ -93,7 +105,15 @@ pub async fn run(
             )
         })
         .collect();
-    let server = certs.server();
+    // The data planes' certificate: short-lived, signed by the dev CA (native
+    // clients verify it as before; browsers pin its hash).
+    let names: Vec<String> = gatesvr_common::certs::DEFAULT_SANS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(std::iter::once(host.to_string()))
+        .collect();
+    let web = gatesvr_common::webcert::issue(&args.certs, &args.certs.join("web"), &names)
+        .with_context(|| format!("web certificate in {}", args.certs.display()))?;
     let cp = gatesvr_controlplane::ControlPlane::start(cp_cfg)
         .await
         .map_err(|e| anyhow::anyhow!("control plane: {e}"))?;
@@ -110,8 +130,11 @@ pub async fn run(
         cfg.server.http_addr = addr(host, HTTP_PORT + off).to_string();
         cfg.server.grpc_addr = addr(host, GRPC_PORT + off).to_string();
         cfg.server.metrics_addr = addr(host, METRICS_PORT + off).to_string();
-        cfg.server.cert_file = server.cert_file.clone();
-        cfg.server.key_file = server.key_file.clone();
+        cfg.server.cert_file = web.cert_file.clone();
+        cfg.server.key_file = web.key_file.clone();
+        cfg.transports.webtransport = true;
+        cfg.transports.websocket_addr = Some(addr(host, WEBSOCKET_PORT + off).to_string());
+        cfg.transports.web_root = args.web_root.is_dir().then(|| args.web_root.clone());
         cfg.auth.mode = gatesvr_dataplane::config::AuthMode::None;
         cfg.auth.allow_none = true;
         cfg.zones.count = args.zones;
@@ -199,9 +222,19 @@ fn print_banner(
     for dp in dataplanes {
         let node = &dp.node().config.node_id;
         println!(
-            "  data plane {node:<5} QUIC       {}/udp (ALPN gatesvr/1)",
+            "  data plane {node:<5} QUIC       {}/udp (ALPN gatesvr/1; WebTransport: https://{}/gatesvr/v1)",
+            dp.quic_addr(),
             dp.quic_addr()
         );
+        if let Some(ws) = dp.websocket_addr() {
+            println!("                  WebSocket  wss://{ws}/gatesvr/v1");
+            if dp.node().config.transports.web_root.is_some() {
+                println!(
+                    "                  demo chat  https://localhost:{}/demo/   (accept the dev certificate once)",
+                    ws.port()
+                );
+            }
+        }
         println!(
             "                  HTTP       http://{}/health /ready /stats",
             dp.http_addr()

@@ -16,8 +16,10 @@ use gatesvr_proto::client::{Envelope, ErrorCode, StartRequest, envelope::Body};
 use gatesvr_proto::frame::{self, FrameDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod browser;
 pub mod cluster;
 pub mod procs;
+pub mod web;
 
 /// Upper bound for any wait in tests: generous, since CI machines are slow
 /// and shared. Reaching it fails the test; nothing asserts being faster.

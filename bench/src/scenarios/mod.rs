@@ -11,6 +11,7 @@ pub mod remote;
 pub mod rtt;
 pub mod sessions;
 pub mod throughput;
+pub mod web;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,6 +81,17 @@ impl Opts {
         }
         let dp = ServerProc::spawn("dataplane", &args, self.server_cpu())?;
         Ok((dp, up))
+    }
+
+    /// A data plane (echo) that also offers WebTransport and a WebSocket listener.
+    pub fn start_web_dataplane(&self, dir: &RunDir) -> Result<ServerProc> {
+        let args = vec![
+            "dataplane".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+            "--web".into(),
+        ];
+        ServerProc::spawn("dataplane", &args, self.server_cpu())
     }
 
     /// A 3-node control plane (sled, durable) in one process on the server CPU.
