@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 
 use gatesvr_proto::client::ErrorCode;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Request latency buckets, seconds: 0.5 ms .. 10 s.
