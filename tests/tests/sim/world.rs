@@ -565,7 +565,7 @@ impl World {
             if !node.alive {
                 continue;
             }
-            if !(self.now >= self.cp_down_until && !self.cp_partitioned.contains(&name)) {
+            if self.now < self.cp_down_until || self.cp_partitioned.contains(&name) {
                 node.needs_resync = true;
                 continue;
             }
@@ -627,12 +627,9 @@ impl World {
             });
             match r {
                 CmdResult::Lease {
-                    drain_requested, ..
-                } => {
-                    if drain_requested && !draining {
-                        self.start_drain(&name);
-                    }
-                }
+                    drain_requested: true,
+                    ..
+                } if !draining => self.start_drain(&name),
                 CmdResult::Err(_) => {
                     // Declared dead after a lapse: register again.
                     self.cp_apply(Cmd::RegisterNode {
@@ -807,7 +804,7 @@ impl World {
     /// openid the event touched, and for every session every 500 events.
     fn check_single_owner(&self, touched: Option<&str>) -> Result<(), String> {
         use gatesvr_dataplane::core::{Holding, SessionCell};
-        let full = self.report.events % 500 == 0;
+        let full = self.report.events.is_multiple_of(500);
         let mut seen: HashMap<(String, u64), &str> = HashMap::new();
         for (name, node) in &self.nodes {
             if !node.alive {
@@ -1271,14 +1268,13 @@ impl World {
                 session_id,
                 seq,
                 code,
-            } => {
-                if c.pending
-                    .as_ref()
-                    .is_some_and(|p| p.0 == session_id && p.1 == seq)
-                    && code != ErrorCode::Draining
-                {
-                    c.pending = None;
-                }
+            } if c
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.0 == session_id && p.1 == seq)
+                && code != ErrorCode::Draining =>
+            {
+                c.pending = None;
             }
             _ => {}
         }
