@@ -84,6 +84,7 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
     let pace = Duration::from_secs_f64(1.0 / server.drain_rate.max(1) as f64);
 
     let mut pending: std::collections::VecDeque<Arc<SessionEntry>> = sessions.into();
+    let mut untransferred = Vec::new();
     let mut turn = 0usize;
     while let Some(entry) = pending.pop_front() {
         if Instant::now() >= deadline {
@@ -97,7 +98,7 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
             continue;
         }
         let delay = spread.mul_f64(rand::random::<f64>());
-        if move_session(&node, &entry, turn, delay).await {
+        if move_session(&node, &entry, turn, delay, &mut untransferred).await {
             report.staged += 1;
         } else {
             report.told_to_reconnect += 1;
@@ -116,6 +117,7 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
     report.remaining = node.registry.len();
     report.timed_out |= Instant::now() >= deadline;
     if let Some(cluster) = &node.cluster {
+        commit_transfers(cluster, untransferred, deadline).await;
         match cluster.leave().await {
             Ok(orphaned) => {
                 report.left = true;
@@ -137,6 +139,7 @@ async fn move_session(
     entry: &Arc<SessionEntry>,
     turn: usize,
     delay: Duration,
+    untransferred: &mut Vec<Untransferred>,
 ) -> bool {
     let session_id = entry.identity.session_id.clone();
     if let Some(cluster) = &node.cluster {
@@ -146,7 +149,9 @@ async fn move_session(
         if !successors.is_empty() {
             let successor = &successors[turn % successors.len()];
             let epoch = entry.state.lock().epoch();
-            if let Some(staged) = move_to(node, entry, cluster, successor, epoch, delay).await {
+            if let Some(staged) =
+                move_to(node, entry, cluster, successor, epoch, delay, untransferred).await
+            {
                 return staged;
             }
         }
@@ -169,6 +174,7 @@ async fn move_to(
     successor: &Member,
     epoch: u64,
     delay: Duration,
+    untransferred: &mut Vec<Untransferred>,
 ) -> Option<bool> {
     let openid = &entry.identity.openid;
     // The table exports it and holds its pushes (and refuses its requests:
@@ -188,7 +194,12 @@ async fn move_to(
         // The successor holds the state either way; the client's claim there
         // settles ownership when it resumes.
         Err(e) => {
-            tracing::info!(openid = %openid, error = %e, "transfer not committed; the resume will claim it");
+            tracing::info!(openid = %openid, error = %e, "transfer not committed yet; retried before leaving");
+            untransferred.push(Untransferred {
+                openid: openid.clone(),
+                epoch,
+                to: successor.node_id.clone(),
+            });
             epoch
         }
     };
@@ -205,6 +216,46 @@ async fn move_to(
         .await;
     close_later(entry.clone(), delay);
     Some(true)
+}
+
+/// A session staged on `to` whose ownership transfer did not commit (the
+/// control plane was unreachable).
+struct Untransferred {
+    openid: String,
+    epoch: u64,
+    to: String,
+}
+
+/// Retries the transfers that did not commit before the node leaves: a
+/// staged copy the control plane does not point at is found by nobody (a
+/// client resuming elsewhere would recover from replicas and lose what was
+/// queued on it since). Found by the simulation (`tests/sim`, seed 2).
+async fn commit_transfers(
+    cluster: &crate::cluster::Cluster,
+    mut left: Vec<Untransferred>,
+    deadline: Instant,
+) {
+    while !left.is_empty() && Instant::now() < deadline {
+        let mut still = Vec::new();
+        for t in left {
+            match cluster.transfer(&t.openid, t.epoch, &t.to).await {
+                Ok(_) => {}
+                // Fenced: claimed since by whoever its client reached; done.
+                Err(crate::cluster::ClaimError::Refused(_)) => {}
+                Err(crate::cluster::ClaimError::Unreachable(_)) => still.push(t),
+            }
+        }
+        left = still;
+        if !left.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    if !left.is_empty() {
+        tracing::warn!(
+            sessions = left.len(),
+            "ownership transfers still not committed at the drain deadline"
+        );
+    }
 }
 
 /// Closes the connection if the client has not left on its own after the

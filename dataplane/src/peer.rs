@@ -209,7 +209,11 @@ pub async fn take_over(
     epoch: u64,
 ) -> TakeOver {
     let outcome = hand_over_from(node, previous_owner, openid, session_id, epoch).await;
+    // A copy staged here by the gone owner's drain is the session itself:
+    // rebuilding it from replicas would drop what was queued on it since.
+    let held_here = node.registry.with_table(|t| t.holds(openid, session_id));
     if outcome == TakeOver::OwnerGone
+        && !held_here
         && !session_id.is_empty()
         && epoch != 0
         && let Some(recovery) = recover(node, previous_owner, openid, session_id).await

@@ -218,6 +218,14 @@ impl<H: SessionCell> Table<H> {
         self.by_session.get(session_id).map(String::as_str)
     }
 
+    /// Whether session `session_id` of `openid` is served (or staged) here:
+    /// then a Start resuming it needs no recovery from replicas, whose copy
+    /// is never newer than this one.
+    pub fn holds(&self, openid: &str, session_id: &str) -> bool {
+        self.local(openid)
+            .is_some_and(|h| h.identity().session_id == session_id)
+    }
+
     /// Every local session.
     pub fn locals(&self) -> impl Iterator<Item = &H> {
         self.slots.values().filter_map(|s| match s {

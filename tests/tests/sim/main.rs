@@ -72,21 +72,22 @@ pub const ALL_FAULTS: [Fault; 12] = [
     Fault::Rolling,
 ];
 
-fn run_seed(seed: u64, plan: Plan, test: &str) -> world::Report {
+fn try_seed(seed: u64, plan: Plan, test: &str) -> Result<world::Report, String> {
     let mut world = World::new(seed, plan);
-    match world.run() {
-        Ok(report) => report,
-        Err(violation) => {
-            panic!(
-                "simulation seed {seed} broke an invariant: {violation}\n\
-                 faults drawn: {:?}\n\
-                 replay: SIM_SEED={seed} cargo nextest run -p gatesvr-tests --test sim {test}\n\
-                 last events:\n{}",
-                world.faults(),
-                world.trace_tail()
-            )
-        }
-    }
+    world.run().map_err(|violation| {
+        format!(
+            "simulation seed {seed} broke an invariant: {violation}\n\
+             faults drawn: {:?}\n\
+             replay: SIM_SEED={seed} cargo nextest run -p gatesvr-tests --test sim {test}\n\
+             last events:\n{}",
+            world.faults(),
+            world.trace_tail()
+        )
+    })
+}
+
+fn run_seed(seed: u64, plan: Plan, test: &str) -> world::Report {
+    try_seed(seed, plan, test).unwrap_or_else(|failure| panic!("{failure}"))
 }
 
 fn seeds(default: u64) -> Vec<u64> {
@@ -105,12 +106,19 @@ fn seeds(default: u64) -> Vec<u64> {
 fn seeds_with_random_faults() {
     let mut kinds = std::collections::BTreeSet::new();
     let mut totals = world::Report::default();
+    // A soak (SIM_SEEDS) runs every seed and lists every failing one.
+    let mut failures = Vec::new();
     for seed in seeds(2) {
-        let r = run_seed(seed, Plan::random(seed), "seeds_with_random_faults");
-        kinds.extend(r.faults.iter().copied());
-        totals.add(&r);
+        match try_seed(seed, Plan::random(seed), "seeds_with_random_faults") {
+            Ok(r) => {
+                kinds.extend(r.faults.iter().copied());
+                totals.add(&r);
+            }
+            Err(failure) => failures.push(failure),
+        }
     }
     eprintln!("sim totals: {totals}; fault kinds drawn: {}", kinds.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(totals.durable_ok > 0 && totals.delivered > 0 && totals.executed > 0);
 }
 
@@ -127,8 +135,10 @@ fn twenty_rolling_replacements() {
     }
 }
 
-/// Ten thousand sessions through a crash, a drain and a partition.
+/// Ten thousand sessions through a crash, a drain and a partition. Long in a
+/// debug build (minutes): run with `--run-ignored all`.
 #[test]
+#[ignore = "long soak: cargo nextest run -p gatesvr-tests --test sim --run-ignored all ten_thousand"]
 fn ten_thousand_sessions() {
     for seed in seeds(1) {
         let r = run_seed(seed, Plan::big(seed, 10_000), "ten_thousand_sessions");

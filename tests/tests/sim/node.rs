@@ -63,6 +63,7 @@ pub struct SimNode {
     drain_queue: VecDeque<String>,
     drain_deadline: Ms,
     tracked: HashMap<String, (String, String)>,
+    untransferred: Vec<(String, u64, String)>,
     executing: HashMap<(String, u64), PlainCell>,
     table_timer: Option<Ms>,
 }
@@ -95,6 +96,7 @@ impl SimNode {
             drain_queue: VecDeque::new(),
             drain_deadline: 0,
             tracked: HashMap::new(),
+            untransferred: Vec::new(),
             executing: HashMap::new(),
             table_timer: None,
         }
@@ -181,6 +183,15 @@ impl World {
             } => self.on_request(name, conn, &openid, &session_id, seq)?,
             Body::UpPush { .. } => self.on_up_push(name, body)?,
             Body::Replicate { req, wait } => {
+                let line = format!(
+                    "{name} replica of \"{}\" {} epoch {} acked {} pushes {:?}",
+                    req.openid,
+                    req.session_id,
+                    req.epoch,
+                    req.acked_seq_id,
+                    req.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+                );
+                self.trace(line);
                 let ok = self.node(name).replicas.apply(*req).is_ok();
                 if let (Some(wait), End::Node(owner)) = (wait, from) {
                     self.send(
@@ -497,8 +508,9 @@ impl World {
             node.starts.insert(openid.into(), p);
             return;
         }
+        let held_here = node.table.holds(openid, &p.session_id);
         match node.table.members().after_failed_handover(owner, reach) {
-            AfterHandover::OwnerGone if !p.session_id.is_empty() => {
+            AfterHandover::OwnerGone if !p.session_id.is_empty() && !held_here => {
                 p.phase = Phase::Recover;
                 let sources: Vec<String> = node
                     .table
@@ -596,6 +608,20 @@ impl World {
             return;
         };
         let found: Vec<&FetchReplicaResponse> = p.gathered.iter().filter(|r| r.found).collect();
+        let line = format!(
+            "{name} recovers \"{openid}\" {} from {} replicas: {:?}",
+            p.session_id,
+            found.len(),
+            found
+                .iter()
+                .map(|r| (
+                    r.acked_seq_id,
+                    r.next_seq_id,
+                    r.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+                ))
+                .collect::<Vec<_>>()
+        );
+        self.trace(line);
         let mut rebuilt = None;
         if !found.is_empty() {
             let mut recovery = Recovery {
@@ -955,7 +981,20 @@ impl World {
                 self.timer(name, 2, Timer::DrainStep);
             }
             None => {
-                let done = node.stages.is_empty() && node.table.local_count() == 0;
+                if !node.untransferred.is_empty() && self.cp_reachable(name) {
+                    let pending = std::mem::take(&mut self.node(name).untransferred);
+                    for (openid, epoch, to) in pending {
+                        self.cp_apply(Cmd::Transfer {
+                            openid,
+                            expected_epoch: epoch,
+                            to_node: to,
+                        });
+                    }
+                }
+                let node = self.node(name);
+                let done = node.stages.is_empty()
+                    && node.table.local_count() == 0
+                    && node.untransferred.is_empty();
                 if done || now_ms >= node.drain_deadline {
                     self.leave(name);
                 } else {
@@ -1053,6 +1092,11 @@ impl World {
             })
         {
             new_epoch = owner.epoch;
+        } else if !self.cp_reachable(name) {
+            // As drain.rs: retried before the node leaves.
+            self.node(name)
+                .untransferred
+                .push((openid.to_string(), epoch, successor.clone()));
         }
         self.node(name).table.staged(openid, new_epoch);
         self.goaway(name, openid, &successor);
@@ -1152,6 +1196,7 @@ impl World {
                 self.carry(name, cmds);
             }
             Timer::StartDeadline { openid, req } => {
+                let now_ms = self.now;
                 let node = self.node(name);
                 let Some(p) = node.starts.get(&openid) else {
                     return Ok(());
@@ -1163,6 +1208,29 @@ impl World {
                     Phase::Handover => {
                         let owner = p.previous.clone();
                         self.handover_failed(name, &openid, req, &owner, Reach::NoAnswer);
+                    }
+                    // As `peer::recover`: silence is not "no copy"; ask the
+                    // nodes that did not answer again, until the patience ends.
+                    Phase::Recover if !p.waiting.is_empty() && now_ms < p.give_up => {
+                        let mut waiting: Vec<String> = p.waiting.iter().cloned().collect();
+                        waiting.sort();
+                        let sid = p.session_id.clone();
+                        let req = self.id();
+                        if let Some(p) = self.node(name).starts.get_mut(&openid) {
+                            p.req = req;
+                        }
+                        for n in waiting {
+                            self.send(
+                                End::Node(name.into()),
+                                End::Node(n),
+                                Body::FetchReplica {
+                                    openid: openid.clone(),
+                                    session_id: sid.clone(),
+                                    req,
+                                },
+                            );
+                        }
+                        self.timer(name, PEER_TIMEOUT_MS, Timer::StartDeadline { openid, req });
                     }
                     Phase::Recover => self.finish_recovery(name, &openid),
                 }
