@@ -13,6 +13,7 @@ import pathlib
 import re
 import shutil
 import ssl
+import subprocess
 import sys
 import time
 import urllib.request
@@ -52,6 +53,7 @@ def main():
     p.add_argument("--admin-token", required=True)
     p.add_argument("--read-token", required=True)
     p.add_argument("--screenshots", required=True)
+    p.add_argument("--gatectl", required=True)
     p.add_argument("--dataplane-metrics", required=True, help="http://host:port of dp-1's metrics")
     a = p.parse_args()
     ctx = ssl.create_default_context(cafile=a.cacert)
@@ -69,6 +71,19 @@ def main():
     # One upstream instance for the zones page (nothing listens there: its health shows it).
     api(a.base, ctx, a.admin_token, "/v1/upstreams", "POST",
         json.dumps({"zone": "001", "address": "127.0.0.1:9", "service_name": "echo"}).encode())
+
+    # gatectl upstreams health: each live node's view, through the control plane.
+    def health():
+        out = subprocess.run(
+            [a.gatectl, "--endpoints", a.base, "--cacert", a.cacert, "--token", a.admin_token,
+             "-o", "json", "upstreams", "health"], capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        v = json.loads(out.stdout)
+        ok = set(v) == {"dp-1", "dp-2"} and all(
+            any(u["address"] == "127.0.0.1:9" for u in v[n]["upstreams"]) for n in v)
+        return v if ok else None
+
+    wait_until("gatectl upstreams health lists the instance on both nodes", health)
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"

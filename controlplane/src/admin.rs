@@ -1,4 +1,5 @@
-//! The operator API: HTTP/JSON (axum), OpenAPI document at `GET /openapi.json`.
+//! The operator API: HTTP(S)/JSON (axum), OpenAPI document at `GET /openapi.json`, and the
+//! web console at `/console` over the same state and commands.
 //!
 //! Any node answers. Writes (and membership changes) are forwarded to the leader internally;
 //! if that fails the answer is `421 not_leader` with the leader's addresses, or `503
@@ -6,9 +7,18 @@
 //! (quorum-confirmed); `consistency=local` serves this node's applied state and says so in
 //! `meta`.
 //!
-//! Authentication: `Authorization: Bearer <token>`; the read-only token for GET, the admin
-//! token for everything. `/healthz`, `/readyz` and `/openapi.json` are open. Errors are
-//! `{"error": code, "message": ..., "leader": ...}` with 400/401/403/404/409/421/503.
+//! Authentication: `Authorization: Bearer <token>` (or the console's cookie); the read-only
+//! token for GET, the admin token for everything. `/healthz`, `/readyz`, `/openapi.json`,
+//! `/metrics` and the console's login page are open. Every error, bad input included, is
+//! `{"error": code, "message": ..., "leader": ...}` (see `extract` for axum's rejections).
+//!
+//! # Layout
+//! - `registry`: zones and upstreams; `nodes`: data-plane nodes (drain, cordon, remove,
+//!   stats); `sessions`: ownership (list, get, disconnect); `cluster`: raft membership,
+//!   snapshots, backup and restore.
+//! - `openapi`: the exact document; `extract`: JSON rejections; `auth`: tokens;
+//!   `tls`: the HTTPS listener; `dataplane`: reading a data plane's `/stats`;
+//!   `console`: the web console.
 
 pub mod auth;
 mod cluster;

@@ -423,3 +423,174 @@ fn golden_cmd_leave_and_restore_v1() {
         r#""left""#
     );
 }
+
+#[test]
+fn a_cordoned_node_keeps_its_sessions_and_claims_no_new_ones() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    let e1 = owned_epoch(&apply(&mut st, 1, claim("a", "alice", "s1")).0);
+    let cordon = |on| Cmd::CordonNode {
+        node_id: "a".into(),
+        cordoned: on,
+    };
+    let (r, touched) = apply(&mut st, 2, cordon(true));
+    assert_eq!(r, CmdResult::Ok);
+    assert!(touched[0].version.is_some(), "watchers hear of a cordon");
+    // Its own session: still its own (a resume, a new connection of the same user).
+    assert!(owned_epoch(&apply(&mut st, 3, claim("a", "alice", "s1")).0) >= e1);
+    assert!(owned_epoch(&apply(&mut st, 3, claim("a", "alice", "s2")).0) > e1);
+    let (r, _) = apply(&mut st, 4, claim("a", "bob", "s3"));
+    assert!(
+        matches!(r, CmdResult::Err(CmdError::NodeNotActive { ref reason, .. }) if reason.contains("cordoned")),
+        "{r:?}"
+    );
+    // A restart (register again) keeps the operator's cordon.
+    register(&mut st, 5, "a");
+    assert!(st.nodes["a"].cordoned);
+    apply(&mut st, 6, cordon(false));
+    owned_epoch(&apply(&mut st, 7, claim("a", "bob", "s3")).0);
+    assert_eq!(
+        apply(
+            &mut st,
+            8,
+            Cmd::CordonNode {
+                node_id: "nope".into(),
+                cordoned: true
+            }
+        )
+        .0,
+        CmdResult::Err(CmdError::NotFound {
+            what: "node nope".into()
+        })
+    );
+}
+
+#[test]
+fn a_drain_can_be_cancelled_until_the_node_starts_it() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    let drain = Cmd::DrainNode {
+        node_id: "a".into(),
+    };
+    let cancel = Cmd::CancelDrain {
+        node_id: "a".into(),
+    };
+    apply(&mut st, 1, drain.clone());
+    assert!(st.nodes["a"].drain_requested);
+    assert_eq!(apply(&mut st, 2, cancel.clone()).0, CmdResult::Ok);
+    assert_eq!(st.nodes["a"].status, NodeStatus::Active);
+    assert!(!st.nodes["a"].drain_requested);
+    // Requested again, and this time the node reports it started: too late to cancel.
+    apply(&mut st, 3, drain);
+    apply(
+        &mut st,
+        4,
+        Cmd::HeartbeatNode {
+            node_id: "a".into(),
+            draining: true,
+            sessions: 0,
+        },
+    );
+    assert!(matches!(
+        apply(&mut st, 5, cancel).0,
+        CmdResult::Err(CmdError::Conflict { .. })
+    ));
+    assert_eq!(st.nodes["a"].status, NodeStatus::Draining);
+}
+
+#[test]
+fn only_dead_or_departed_nodes_can_be_removed() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    let remove = Cmd::RemoveNode {
+        node_id: "a".into(),
+    };
+    let (r, _) = apply(&mut st, 1, remove.clone());
+    let CmdResult::Err(CmdError::Conflict { message }) = r else {
+        panic!("a live node was removed: {r:?}");
+    };
+    assert!(!message.starts_with("conflict"), "{message}");
+    apply(
+        &mut st,
+        2,
+        Cmd::LeaveNode {
+            node_id: "a".into(),
+        },
+    );
+    let (r, touched) = apply(&mut st, 3, remove.clone());
+    assert_eq!(r, CmdResult::Ok);
+    assert!(!st.nodes.contains_key("a"));
+    assert_eq!(touched[0].key, Key::Node("a".into()));
+    assert!(matches!(
+        apply(&mut st, 4, remove).0,
+        CmdResult::Err(CmdError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn a_disconnected_session_is_owned_by_nobody_at_a_newer_epoch() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    register(&mut st, 0, "b");
+    let e1 = owned_epoch(&apply(&mut st, 1, claim("a", "alice", "s1")).0);
+    let disconnect = Cmd::DisconnectSession {
+        openid: "alice".into(),
+    };
+    let e2 = owned_epoch(&apply(&mut st, 2, disconnect.clone()).0);
+    assert!(e2 > e1);
+    assert_eq!(st.owners["alice"].owner_node, DISCONNECTED_OWNER);
+    // Again: nothing changes.
+    assert_eq!(apply(&mut st, 3, disconnect).0, CmdResult::Ok);
+    assert_eq!(st.owners["alice"].epoch, e2);
+    // The next node the client reaches claims it afresh.
+    let (r, _) = apply(&mut st, 4, claim("b", "alice", "s2"));
+    assert!(owned_epoch(&r) > e2);
+    assert!(matches!(
+        apply(
+            &mut st,
+            5,
+            Cmd::DisconnectSession {
+                openid: "nobody".into()
+            }
+        )
+        .0,
+        CmdResult::Err(CmdError::NotFound { .. })
+    ));
+}
+
+/// The operator commands' encoding in the log (added after v1; never change these strings).
+#[test]
+fn golden_cmd_operator_v1() {
+    let cases: &[(&str, Cmd)] = &[
+        (
+            r#"{"cmd":"cordon_node","node_id":"dp-1","cordoned":true}"#,
+            Cmd::CordonNode {
+                node_id: "dp-1".into(),
+                cordoned: true,
+            },
+        ),
+        (
+            r#"{"cmd":"cancel_drain","node_id":"dp-1"}"#,
+            Cmd::CancelDrain {
+                node_id: "dp-1".into(),
+            },
+        ),
+        (
+            r#"{"cmd":"remove_node","node_id":"dp-1"}"#,
+            Cmd::RemoveNode {
+                node_id: "dp-1".into(),
+            },
+        ),
+        (
+            r#"{"cmd":"disconnect_session","openid":"alice"}"#,
+            Cmd::DisconnectSession {
+                openid: "alice".into(),
+            },
+        ),
+    ];
+    for (json, cmd) in cases {
+        let decoded: Cmd = serde_json::from_str(json).unwrap();
+        assert_eq!(&decoded, cmd);
+        assert_eq!(&serde_json::to_string(cmd).unwrap(), json);
+    }
+}
