@@ -206,7 +206,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
     // RSS per idle session: a fresh process per transport, and native QUIC on
     // a node without browser transports (their stream and datagram limits
     // apply to every QUIC connection).
-    progress(format!("web: {n} idle quic sessions, browser transports off"));
+    progress(format!(
+        "web: {n} idle quic sessions, browser transports off"
+    ));
     let (plain, _) = o.start_dataplane(&dir, false)?;
     let per = rss_per_session(&clients, &plain, Kind::Quic, n).await?;
     rep.field("quic_without_web_rss_bytes_per_session", per);
