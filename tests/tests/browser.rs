@@ -152,6 +152,30 @@ async fn browser_sessions_over_webtransport_and_websocket() {
         1.0
     );
 
+    // --- the certificate hash is what WebTransport trusts: a wrong one fails ---
+    let mut wrong = endpoint(&node, quic_port);
+    wrong["serverCertificateHashes"] = json!(["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]);
+    let refused = browser
+        .client
+        .execute(
+            "return window.harness.connect('mallory', arguments[0]).then(() => 'connected', (e) => 'failed: ' + e.message)",
+            vec![json!({
+                "endpoints": [wrong],
+                "openid": "mallory",
+                "token": node.dir.token("mallory"),
+                "transports": ["webtransport"],
+                "connectTimeoutMs": 3000,
+                "reconnect": false,
+            })],
+        )
+        .await
+        .expect("script runs");
+    eprintln!("WebTransport with a wrong certificate hash: {refused}");
+    assert!(
+        refused.as_str().is_some_and(|r| r.starts_with("failed")),
+        "a wrong serverCertificateHashes entry must fail: {refused}"
+    );
+
     // --- resume over WebTransport after a network drop ---
     let session = info["sessionId"].clone();
     browser
