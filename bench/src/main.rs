@@ -16,6 +16,7 @@ mod servers;
 mod session;
 mod target;
 mod util;
+mod wt;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -103,7 +104,7 @@ enum Cmd {
     Broadcast,
     /// N idle sessions: RSS per session; handshakes/s full and resumed vs bare quinn.
     Sessions,
-    /// The WebSocket transport vs native QUIC: request RTT and RSS per idle session.
+    /// WebTransport and WebSocket vs native QUIC: request RTT and RSS per idle session.
     Web,
     /// Session-ownership claims committed by a 3-node control plane vs fdatasync (and etcd).
     Claims,

@@ -121,12 +121,14 @@ fn sessions_measures_memory_and_setup() {
 }
 
 #[test]
-fn web_compares_websocket_with_native_quic() {
+fn web_compares_browser_transports_with_native_quic() {
     let r = run("web");
     has_fields(
         &r,
         &[
             "quic_rtt_p50_us",
+            "webtransport_rtt_p50_us",
+            "webtransport_rss_bytes_per_session",
             "websocket_rtt_p50_us",
             "quic_rss_bytes_per_session",
             "quic_without_web_rss_bytes_per_session",

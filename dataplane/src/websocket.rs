@@ -144,7 +144,12 @@ async fn serve_tcp(
         }
     };
     let service = hyper_util::service::TowerToHyperService::new(router);
+    // A connection that holds no session must not sit idle for ever (it has
+    // no connection slot until it upgrades): each request head, the first
+    // included, must arrive within start_timeout.
     let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades()
         .await;

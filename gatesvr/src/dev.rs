@@ -230,7 +230,7 @@ fn print_banner(
             println!("                  WebSocket  wss://{ws}/gatesvr/v1");
             if dp.node().config.transports.web_root.is_some() {
                 println!(
-                    "                  demo chat  https://localhost:{}/demo/   (accept the dev certificate once)",
+                    "                  demo chat  https://127.0.0.1:{}/demo/   (accept the dev certificate once)",
                     ws.port()
                 );
             }

@@ -56,8 +56,8 @@ impl Browser {
                     "--disable-dev-shm-usage",
                     "--no-first-run",
                     // The page and the WebSocket are served with the test's
-                    // self-signed chain; WebTransport pins the certificate
-                    // with serverCertificateHashes.
+                    // private CA. WebTransport still checks the pinned
+                    // serverCertificateHashes (a wrong hash fails: tested).
                     "--ignore-certificate-errors",
                     format!("--user-data-dir={}", profile.path().display()),
                 ],

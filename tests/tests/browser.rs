@@ -152,6 +152,30 @@ async fn browser_sessions_over_webtransport_and_websocket() {
         1.0
     );
 
+    // --- the certificate hash is what WebTransport trusts: a wrong one fails ---
+    let mut wrong = endpoint(&node, quic_port);
+    wrong["serverCertificateHashes"] = json!(["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]);
+    let refused = browser
+        .client
+        .execute(
+            "return window.harness.connect('mallory', arguments[0]).then(() => 'connected', (e) => 'failed: ' + e.message)",
+            vec![json!({
+                "endpoints": [wrong],
+                "openid": "mallory",
+                "token": node.dir.token("mallory"),
+                "transports": ["webtransport"],
+                "connectTimeoutMs": 3000,
+                "reconnect": false,
+            })],
+        )
+        .await
+        .expect("script runs");
+    eprintln!("WebTransport with a wrong certificate hash: {refused}");
+    assert!(
+        refused.as_str().is_some_and(|r| r.starts_with("failed")),
+        "a wrong serverCertificateHashes entry must fail: {refused}"
+    );
+
     // --- resume over WebTransport after a network drop ---
     let session = info["sessionId"].clone();
     browser
@@ -497,4 +521,127 @@ async fn browser_sessions_survive_a_drain_and_a_crash() {
         "either the session survived or the SDK said it did not: {events}"
     );
     browser.close().await;
+}
+
+/// Text content of `selector` in the page.
+async fn text_of(browser: &Browser, selector: &str) -> String {
+    let script = format!("return document.querySelector({selector:?})?.textContent ?? ''");
+    browser
+        .client
+        .execute(&script, vec![])
+        .await
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn page_until(browser: &Browser, what: &str, selector: &str, needle: &str) {
+    let deadline = tokio::time::Instant::now() + gatesvr_tests::PATIENCE;
+    loop {
+        let text = text_of(browser, selector).await;
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what} (page shows {text:?})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_chat_page_works_against_the_demo_upstream() {
+    // The demo upstream for alice's zone; auth off, as under gatesvr dev.
+    let zone = gatesvr_proto::zone::zone_of("alice", 6);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("upstream port");
+    let upstream_addr = listener.local_addr().expect("bound");
+    let node = TestNode::start_routed(|c| {
+        let certs = c
+            .server
+            .cert_file
+            .parent()
+            .expect("certs dir")
+            .to_path_buf();
+        let web = gatesvr_common::webcert::issue(
+            &certs,
+            &certs.join("web"),
+            &["localhost".into(), "127.0.0.1".into()],
+        )
+        .expect("web certificate");
+        c.server.cert_file = web.cert_file;
+        c.server.key_file = web.key_file;
+        c.transports.webtransport = true;
+        c.transports.websocket_addr = Some("127.0.0.1:0".into());
+        c.transports.web_root = Some(sdk_js_dir());
+        c.auth.mode = gatesvr_dataplane::config::AuthMode::None;
+        c.auth.allow_none = true;
+        c.zones.upstreams = vec![gatesvr_dataplane::config::StaticZone {
+            zone: zone.clone(),
+            addrs: vec![upstream_addr.to_string()],
+        }];
+    })
+    .await;
+    let mut cfg = gate_upstream::Config::new(zone, node.dp.grpc_addr().to_string());
+    cfg.addr = upstream_addr;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let upstream = tokio::spawn(gate_upstream::run(
+        cfg,
+        listener,
+        stop.clone().cancelled_owned(),
+    ));
+
+    let browser = Browser::start().await;
+    let ws = node.dp.websocket_addr().expect("WebSocket listener");
+    browser
+        .client
+        .goto(&format!("https://127.0.0.1:{}/demo/", ws.port()))
+        .await
+        .expect("demo page loads");
+    let join = r#"
+        document.querySelector('#connect [name=openid]').value = 'alice';
+        document.querySelector('#connect').requestSubmit();
+    "#;
+    // The upstream's health check may not have passed yet: retry the join.
+    let deadline = tokio::time::Instant::now() + gatesvr_tests::PATIENCE;
+    'joined: loop {
+        browser.client.execute(join, vec![]).await.expect("form");
+        let attempt_ends = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        while tokio::time::Instant::now() < attempt_ends {
+            if text_of(&browser, "#log").await.contains("joined lobby") {
+                break 'joined;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never joined: {}",
+            text_of(&browser, "#status").await
+        );
+    }
+    page_until(
+        &browser,
+        "connected over WebTransport",
+        "#status",
+        "over webtransport",
+    )
+    .await;
+    let say = r#"
+        document.querySelector('#say [name=text]').value = 'hello from the demo';
+        document.querySelector('#say').requestSubmit();
+    "#;
+    browser.client.execute(say, vec![]).await.expect("form");
+    // The upstream pushes `chat` to every member of the room, the sender too.
+    page_until(
+        &browser,
+        "the chat push",
+        "#log",
+        "alice: hello from the demo",
+    )
+    .await;
+    browser.close().await;
+    stop.cancel();
+    let _ = upstream.await;
 }

@@ -355,3 +355,42 @@ async fn bad_websocket_input_gets_a_documented_error() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn idle_websocket_listener_connections_are_closed() {
+    let node = TestNode::start(|c| {
+        c.transports.websocket_addr = Some("127.0.0.1:0".into());
+        c.server.start_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    // Upgraded but silent: START_TIMEOUT, as on QUIC.
+    let mut socket = ws(&node).await;
+    match socket.recv().await {
+        Some(Body::Error(e)) => assert_eq!(e.code, ErrorCode::StartTimeout as i32),
+        other => panic!("expected Error(START_TIMEOUT), got {other:?}"),
+    }
+    assert_eq!(socket.recv().await, None);
+    assert_eq!(
+        socket.close_code,
+        Some(4000 + ErrorCode::StartTimeout as u16)
+    );
+
+    // TLS up but no HTTP request at all: the listener lets go.
+    let addr = node.dp.websocket_addr().expect("WebSocket listener");
+    let tls = gatesvr_common::tls::client_config(&node.dir.ca()).expect("client TLS");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("TCP");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = connector.connect(name, tcp).await.expect("TLS");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+    )
+    .await
+    .expect("the server closes an idle connection");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed, nothing sent: {read:?}"
+    );
+}

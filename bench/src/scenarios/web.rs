@@ -1,12 +1,8 @@
-//! web: the WebSocket transport against native QUIC on the same node
-//! (docs/protocol.md §12): request round trip (one session, one request in
-//! flight, echo routing) and RSS per idle session, each transport measured in
-//! a fresh data-plane process.
-//!
-//! WebTransport is not measured here: hyperium's h3 client (the only HTTP/3
-//! client in the tree) cannot announce WebTransport support, which the
-//! server's h3-webtransport requires of a client. Its figures come from the
-//! browser test (`tests/tests/browser.rs` prints them from headless Chromium).
+//! web: the browser transports (WebTransport, WebSocket) against native QUIC
+//! on the same node (docs/protocol.md §12): request round trip (one session,
+//! one request in flight, echo routing) and RSS per idle session, each
+//! transport measured in a fresh data-plane process. The WebTransport client
+//! is [`crate::wt`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +25,7 @@ type WsStream =
 /// A session over one of the two transports.
 enum Carrier {
     Quic(Conn),
+    Wt(Box<crate::wt::WtConn>),
     Ws(Box<WsStream>),
 }
 
@@ -36,6 +33,7 @@ impl Carrier {
     async fn send(&mut self, body: Body) -> Result<()> {
         match self {
             Carrier::Quic(c) => c.send_body(body).await,
+            Carrier::Wt(wt) => wt.conn.send_body(body).await,
             Carrier::Ws(ws) => {
                 let mut buf = BytesMut::new();
                 frame::encode(&Envelope { body: Some(body) }, &mut buf);
@@ -48,6 +46,7 @@ impl Carrier {
     async fn next(&mut self) -> Result<Envelope> {
         match self {
             Carrier::Quic(c) => c.next_frame().await,
+            Carrier::Wt(wt) => wt.conn.next_frame().await,
             Carrier::Ws(ws) => loop {
                 match ws.next().await {
                     Some(Ok(Message::Binary(data))) => {
@@ -93,6 +92,7 @@ async fn ws_session(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Quic,
+    WebTransport,
     WebSocket,
 }
 
@@ -100,6 +100,7 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Quic => "quic",
+            Kind::WebTransport => "webtransport",
             Kind::WebSocket => "websocket",
         }
     }
@@ -108,6 +109,7 @@ impl Kind {
 struct Clients {
     net: Arc<Net>,
     tls: tokio_rustls::TlsConnector,
+    h3: quinn::ClientConfig,
 }
 
 impl Clients {
@@ -116,6 +118,9 @@ impl Clients {
             Kind::Quic => Ok(Carrier::Quic(
                 dp_session(&self.net, server.addr("quic")?, openid).await?.0,
             )),
+            Kind::WebTransport => Ok(Carrier::Wt(Box::new(
+                crate::wt::session(&self.net, &self.h3, server.addr("quic")?, openid).await?,
+            ))),
             Kind::WebSocket => ws_session(&self.tls, server.addr("websocket")?, openid).await,
         }
     }
@@ -200,6 +205,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let clients = Clients {
         net: Arc::new(Net::new(&dir.ca(), 16)?),
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        h3: crate::wt::client_config(&dir.ca())?,
     };
     let payload = o.payload();
 
@@ -213,7 +219,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let per = rss_per_session(&clients, &plain, Kind::Quic, n).await?;
     rep.field("quic_without_web_rss_bytes_per_session", per);
     drop(plain);
-    for kind in [Kind::Quic, Kind::WebSocket] {
+    for kind in [Kind::Quic, Kind::WebTransport, Kind::WebSocket] {
         progress(format!("web: {n} idle {} sessions", kind.label()));
         let server = o.start_web_dataplane(&dir)?;
         let per = rss_per_session(&clients, &server, kind, n).await?;
@@ -223,11 +229,16 @@ pub async fn run(o: &Opts) -> Result<Report> {
     // Round trips, interleaved per round on one node.
     let server = o.start_web_dataplane(&dir)?;
     let mut quic = clients.open(&server, Kind::Quic, "rtt-quic").await?;
+    let mut wt = clients.open(&server, Kind::WebTransport, "rtt-wt").await?;
     let mut ws = clients.open(&server, Kind::WebSocket, "rtt-ws").await?;
     for r in 0..o.rounds {
         progress(format!("web rtt round {}/{}", r + 1, o.rounds));
         let mut round = Round::new();
-        for (kind, c) in [(Kind::Quic, &mut quic), (Kind::WebSocket, &mut ws)] {
+        for (kind, c) in [
+            (Kind::Quic, &mut quic),
+            (Kind::WebTransport, &mut wt),
+            (Kind::WebSocket, &mut ws),
+        ] {
             let (mut lat, count) = rtt_loop(c, &payload, o).await?;
             round.insert(format!("{}_rtt_p50_us", kind.label()), lat.pct_us(50.0));
             round.insert(format!("{}_rtt_p99_us", kind.label()), lat.pct_us(99.0));
@@ -248,6 +259,20 @@ pub async fn run(o: &Opts) -> Result<Report> {
         f64::MAX,
     ));
     rep.checks.push(Check::ratio(
+        "WebTransport RTT p50 vs native QUIC (report)",
+        f["webtransport_rtt_p50_us"],
+        f["quic_rtt_p50_us"],
+        Cmp::AtMost,
+        f64::MAX,
+    ));
+    rep.checks.push(Check::ratio(
+        "WebTransport RSS/idle session vs native QUIC (report)",
+        f["webtransport_rss_bytes_per_session"],
+        f["quic_rss_bytes_per_session"],
+        Cmp::AtMost,
+        f64::MAX,
+    ));
+    rep.checks.push(Check::ratio(
         "WebSocket RSS/idle session vs native QUIC (report)",
         f["websocket_rss_bytes_per_session"],
         f["quic_rss_bytes_per_session"],
@@ -257,6 +282,6 @@ pub async fn run(o: &Opts) -> Result<Report> {
     for c in &mut rep.checks {
         c.goal = "(report)".into();
     }
-    rep.notes.push("both transports on one data-plane process with transports.webtransport and a WebSocket listener on; echo routing; RSS per transport from a fresh process".into());
+    rep.notes.push("all three transports on one data-plane process with transports.webtransport and a WebSocket listener on; echo routing; RSS per transport from a fresh process".into());
     Ok(rep)
 }
