@@ -427,12 +427,12 @@ mod tests {
 
         // Allowed.
         let who = p
-            .check("/x.v1.Peer/Handover", Some(&[dp.clone()]), None)
+            .check("/x.v1.Peer/Handover", Some(std::slice::from_ref(&dp)), None)
             .unwrap()
             .unwrap();
         assert_eq!(who.id, "dp-1");
         assert!(
-            p.check("/x.v1.Gateway/Push", Some(&[up.clone()]), None)
+            p.check("/x.v1.Gateway/Push", Some(std::slice::from_ref(&up)), None)
                 .is_ok()
         );
         assert!(matches!(
@@ -445,7 +445,7 @@ mod tests {
         use tonic::Code::{PermissionDenied, Unauthenticated};
         let peer = "/x.v1.Peer/Handover";
         assert_eq!(
-            code(p.check(peer, Some(&[up.clone()]), None)),
+            code(p.check(peer, Some(std::slice::from_ref(&up)), None)),
             Err(PermissionDenied)
         );
         assert_eq!(code(p.check(peer, None, None)), Err(Unauthenticated));

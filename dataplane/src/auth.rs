@@ -364,7 +364,8 @@ mod tests {
             ..cfg(AuthMode::Jwt, &secret)
         })
         .unwrap();
-        let ok = mint(serde_json::json!({"sub": "alice", "exp": exp, "aud": "gatesvr", "iss": "login"}));
+        let ok =
+            mint(serde_json::json!({"sub": "alice", "exp": exp, "aud": "gatesvr", "iss": "login"}));
         assert_eq!(strict.verify("alice", &ok), Ok(()));
         for claims in [
             serde_json::json!({"sub": "alice", "exp": exp, "iss": "login"}),
@@ -373,7 +374,10 @@ mod tests {
             serde_json::json!({"sub": "alice", "exp": exp, "aud": "gatesvr", "iss": "elsewhere"}),
         ] {
             assert!(
-                matches!(strict.verify("alice", &mint(claims.clone())), Err(AuthError::Invalid(_))),
+                matches!(
+                    strict.verify("alice", &mint(claims.clone())),
+                    Err(AuthError::Invalid(_))
+                ),
                 "{claims}"
             );
         }
