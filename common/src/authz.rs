@@ -246,11 +246,16 @@ impl Policy {
                 detail,
             )
         };
-        let identity = match certs.and_then(|c| c.first()) {
-            Some(cert) => Some(
-                Identity::from_cert(cert.as_ref())
-                    .map_err(|e| refuse(Reason::NoIdentity, None, &e.to_string()))?,
-            ),
+        let parsed = certs
+            .and_then(|c| c.first())
+            .map(|cert| Identity::from_cert(cert.as_ref()));
+        if rule == Rule::Open {
+            // Anyone may call it: a certificate naming no role is no reason to refuse.
+            return Ok(parsed.and_then(Result::ok));
+        }
+        let identity = match parsed {
+            Some(Ok(identity)) => Some(identity),
+            Some(Err(e)) => return Err(refuse(Reason::NoIdentity, None, &e.to_string())),
             None => None,
         };
         let roles: &[Role] = match &rule {
@@ -427,12 +432,12 @@ mod tests {
 
         // Allowed.
         let who = p
-            .check("/x.v1.Peer/Handover", Some(&[dp.clone()]), None)
+            .check("/x.v1.Peer/Handover", Some(std::slice::from_ref(&dp)), None)
             .unwrap()
             .unwrap();
         assert_eq!(who.id, "dp-1");
         assert!(
-            p.check("/x.v1.Gateway/Push", Some(&[up.clone()]), None)
+            p.check("/x.v1.Gateway/Push", Some(std::slice::from_ref(&up)), None)
                 .is_ok()
         );
         assert!(matches!(
@@ -440,12 +445,21 @@ mod tests {
             Ok(None)
         ));
         assert!(p.check("/grpc.health.v1.Health/Check", None, None).is_ok());
+        let plain = cert(None);
+        assert!(
+            p.check(
+                "/grpc.health.v1.Health/Check",
+                Some(std::slice::from_ref(&plain)),
+                None
+            )
+            .is_ok()
+        );
 
         // Refused, with the documented codes.
         use tonic::Code::{PermissionDenied, Unauthenticated};
         let peer = "/x.v1.Peer/Handover";
         assert_eq!(
-            code(p.check(peer, Some(&[up.clone()]), None)),
+            code(p.check(peer, Some(std::slice::from_ref(&up)), None)),
             Err(PermissionDenied)
         );
         assert_eq!(code(p.check(peer, None, None)), Err(Unauthenticated));
