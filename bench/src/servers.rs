@@ -88,6 +88,9 @@ pub enum Serve {
     },
 }
 
+/// The bearer token of the generated data plane's ops listener (`/debug/pprof`).
+pub const OPS_TOKEN: &str = "gate-bench-ops";
+
 /// Generated data-plane config (what `gate-bench` runs against): loopback, ephemeral ports,
 /// HMAC tokens, no rate limit in the way of the load, long heartbeat timeout (idle sessions
 /// stay idle: no client heartbeats are needed to keep them).
@@ -104,6 +107,15 @@ pub fn dataplane_config(dir: &Path, upstream: Option<&str>) -> DataPlaneConfig {
     s.cert_file = dir.join("certs").join("server.crt");
     s.key_file = dir.join("certs").join("server.key");
     s.heartbeat_timeout = Duration::from_secs(3600);
+    // Profiling lives on the token-protected ops listener (`gate-bench peers --profile`).
+    let ops_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(0, |a| a.port());
+    let token_file = dir.join("ops-token");
+    if std::fs::write(&token_file, OPS_TOKEN).is_ok() {
+        s.ops_addr = Some(format!("127.0.0.1:{ops_port}"));
+        s.ops_token_file = Some(token_file);
+    }
     cfg.auth.secret_file = Some(dir.join("secret"));
     cfg.overload_protection.max_qps = 100_000_000;
     cfg.overload_protection.max_connections = 1_000_000;
@@ -165,10 +177,12 @@ pub async fn run(mode: Serve) -> Result<()> {
                 cfg.transports.webtransport = true;
                 cfg.transports.websocket_addr = Some("127.0.0.1:0".into());
             }
+            let ops = cfg.server.ops_addr.clone();
             let dp = DataPlane::start(cfg, routing)
                 .await
                 .map_err(|e| anyhow::anyhow!("data plane: {e}"))?;
             announce(serde_json::json!({
+                "ops": ops,
                 "quic": dp.quic_addr().to_string(),
                 "grpc": dp.grpc_addr().to_string(),
                 "http": dp.http_addr().to_string(),

@@ -161,7 +161,10 @@ impl Metrics {
         self.refresh(node);
         let mut buf = Vec::new();
         let enc = prometheus::TextEncoder::new();
-        if let Err(e) = prometheus::Encoder::encode(&enc, &self.0.registry.gather(), &mut buf) {
+        // The gRPC authorization layer counts its refusals in a registry of its own.
+        let mut families = self.0.registry.gather();
+        families.extend(crate::authz::registry().gather());
+        if let Err(e) = prometheus::Encoder::encode(&enc, &families, &mut buf) {
             tracing::warn!(error = %e, "encoding metrics");
         }
         String::from_utf8(buf).unwrap_or_default()

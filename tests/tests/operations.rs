@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use gatesvr_common::tls::TlsFiles;
+use gatesvr_common::identity::Role;
 use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
 use gatesvr_proto::control::{
     Claim, ClaimSessionsRequest, DataPlaneNode, LeaveNodeRequest, NodeState, RegisterNodeRequest,
@@ -42,13 +42,19 @@ struct Setup {
 fn start() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
-    gatesvr_common::certs::generate(&certs, &[]).expect("dev certs");
+    // Role certificates: the control plane's own, and one per data-plane node id the test
+    // registers (a node may only act for itself, docs/operations.md "Security").
+    let nodes = [
+        (Role::DataPlane, "dp-a".into()),
+        (Role::DataPlane, "dp-b".into()),
+    ];
+    gatesvr_common::certs::ensure(&certs, &nodes).expect("dev certs");
     let (admin, grpc) = (free_port(), free_port());
     let c = certs.display();
     let yaml = format!(
         "node_id: 1\ndata_dir: {data}\ngrpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:{admin}\n\
          cluster: {{ bootstrap: true }}\n\
-         tls: {{ cert_file: {c}/server.crt, key_file: {c}/server.key, ca_file: {c}/ca.crt, server_name: localhost }}\n\
+         tls: {{ cert_file: {c}/controlplane-1.crt, key_file: {c}/controlplane-1.key, ca_file: {c}/ca.crt, server_name: localhost }}\n\
          raft: {{ heartbeat_interval: 100ms, election_timeout_min: 500ms, election_timeout_max: 1000ms }}\n\
          admin:\n  auth: tokens\n  tls: {{ cert_file: {c}/server.crt, key_file: {c}/server.key, client_ca_file: {c}/ca.crt }}\n",
         data = dir.path().join("cp").display(),
@@ -100,7 +106,11 @@ impl Setup {
             self.admin
         );
         let c = &self.certs;
-        let (ca, cert, key) = (c.join("ca.crt"), c.join("client.crt"), c.join("client.key"));
+        let (ca, cert, key) = (
+            c.join("ca.crt"),
+            c.join("admin-operator.crt"),
+            c.join("admin-operator.key"),
+        );
         let mut all: Vec<&str> = vec!["--endpoints", &endpoints, "--token", TOKEN];
         all.extend(["--cacert", ca.to_str().unwrap()]);
         all.extend(["--cert", cert.to_str().unwrap()]);
@@ -129,13 +139,10 @@ impl Setup {
         o
     }
 
-    async fn grpc(&self) -> ControlPlaneClient<Channel> {
+    /// The control plane's gRPC API as data-plane node `node`.
+    async fn grpc(&self, node: &str) -> ControlPlaneClient<Channel> {
         let tls = gatesvr_common::tls::tonic_client_tls(
-            &TlsFiles {
-                cert_file: self.certs.join("client.crt"),
-                key_file: self.certs.join("client.key"),
-                ca_file: Some(self.certs.join("ca.crt")),
-            },
+            &gatesvr_common::certs::role_files(&self.certs, Role::DataPlane, node),
             "localhost",
         )
         .expect("client tls");
@@ -233,13 +240,14 @@ async fn gatectl_day_two() {
     ]);
     assert_eq!(dead.code, 7, "{}", dead.stderr);
 
-    let mut cp = s.grpc().await;
+    let mut cp = s.grpc("dp-a").await;
+    let mut cp_b = s.grpc("dp-b").await;
     register(&mut cp, "dp-a").await;
-    register(&mut cp, "dp-b").await;
+    register(&mut cp_b, "dp-b").await;
     for o in ["alice", "alfred", "bob", "carol"] {
         claim(&mut cp, "dp-a", o).await.expect("claim");
     }
-    claim(&mut cp, "dp-b", "dave").await.expect("claim");
+    claim(&mut cp_b, "dp-b", "dave").await.expect("claim");
 
     // sessions list: filters and pages.
     let page = s
@@ -317,7 +325,7 @@ async fn gatectl_day_two() {
         "{}",
         live.stderr
     );
-    cp.leave_node(LeaveNodeRequest {
+    cp_b.leave_node(LeaveNodeRequest {
         node_id: "dp-b".into(),
     })
     .await

@@ -5,19 +5,32 @@
 //! - a 1-second profile of an idle node is a non-empty SVG (a flamegraph, or one saying that
 //!   no sample was taken), never an empty body.
 
-use gatesvr_tests::{TestNode, http_get};
+use gatesvr_tests::procs::free_port;
+use gatesvr_tests::{TestNode, http_get_with_token};
+
+const TOKEN: &str = "ops-secret";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profile_seconds_are_checked_and_short_profiles_are_not_empty() {
-    let node = TestNode::start(|_| {}).await;
-    let http = node.dp.http_addr();
+    // Profiling lives on the authenticated ops listener (docs/operations.md, Security).
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("ops-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let ops: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let node = TestNode::start(|cfg| {
+        cfg.server.ops_addr = Some(ops.to_string());
+        cfg.server.ops_token_file = Some(token_file.clone());
+    })
+    .await;
+    let http_get =
+        |addr, path: String| async move { http_get_with_token(addr, &path, TOKEN).await };
     for bad in ["0", "61", "-1", "x"] {
-        let (status, body) = http_get(http, &format!("/debug/pprof/profile?seconds={bad}")).await;
+        let (status, body) = http_get(ops, format!("/debug/pprof/profile?seconds={bad}")).await;
         assert_eq!(status, 400, "seconds={bad}: {body}");
     }
-    let (status, body) = http_get(http, "/debug/pprof/profile?seconds=0").await;
+    let (status, body) = http_get(ops, "/debug/pprof/profile?seconds=0".into()).await;
     assert!(body.contains("1..=60"), "{status}: {body}");
-    let (status, svg) = http_get(http, "/debug/pprof/profile?seconds=1").await;
+    let (status, svg) = http_get(ops, "/debug/pprof/profile?seconds=1".into()).await;
     assert_eq!(status, 200, "{svg}");
     assert!(
         svg.contains("<svg") && svg.contains("</svg>"),

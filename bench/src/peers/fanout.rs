@@ -388,7 +388,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         rep.rounds.push(round);
     }
     if let Some(dir) = &args.profile {
-        let http = dp.addr("http")?;
+        let http = dp.addr("ops")?;
         let sys = &mut systems[0];
         progress("peers fanout: profiling the data plane during bursts");
         let secs = if o.tiny { 1 } else { 10 };

@@ -490,13 +490,16 @@ pub fn mqtt_options(id: &str, port: u16, ca: &Path) -> Result<rumqttc::MqttOptio
     Ok(opts)
 }
 
-/// GET `/debug/pprof/profile?seconds=N` from a data plane's HTTP address: an SVG flamegraph.
-pub async fn pprof_svg(http: std::net::SocketAddr, secs: u64) -> Result<Vec<u8>> {
+/// GET `/debug/pprof/profile?seconds=N` from a data plane's ops address: an SVG flamegraph.
+pub async fn pprof_svg(ops: std::net::SocketAddr, secs: u64) -> Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(http).await?;
+    let mut s = tokio::net::TcpStream::connect(ops).await?;
+    let token = crate::servers::OPS_TOKEN;
     s.write_all(
-        format!("GET /debug/pprof/profile?seconds={secs} HTTP/1.0\r\nHost: {http}\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "GET /debug/pprof/profile?seconds={secs} HTTP/1.0\r\nHost: {ops}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await?;
     let mut buf = Vec::new();

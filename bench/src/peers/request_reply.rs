@@ -349,7 +349,7 @@ async fn profile_saturated(
     let secs = if o.tiny { 1 } else { 10 };
     let mut o2 = o.clone();
     o2.window = Duration::from_secs(secs + 1);
-    let http = dp.addr("http")?;
+    let http = dp.addr("ops")?;
     progress(format!(
         "peers request-reply: profiling the data plane for {secs}s"
     ));

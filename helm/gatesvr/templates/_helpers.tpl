@@ -71,7 +71,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* In-cluster admin API URL (ClusterIP Service). */}}
 {{- define "gatesvr.cp.adminUrl" -}}
-{{- printf "http://%s.%s.svc.%s:8095" (include "gatesvr.cp.name" .) .Release.Namespace .Values.clusterDomain }}
+{{- printf "https://%s.%s.svc.%s:8095" (include "gatesvr.cp.name" .) .Release.Namespace .Values.clusterDomain }}
 {{- end }}
 
 {{/* The certificate roles: control plane (raft peers + admin + data-plane API server),
