@@ -17,7 +17,7 @@ async fn profile_seconds_are_checked_and_short_profiles_are_not_empty() {
     let token_file = dir.path().join("ops-token");
     std::fs::write(&token_file, TOKEN).unwrap();
     let ops: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let node = TestNode::start(|cfg| {
+    let _node = TestNode::start(|cfg| {
         cfg.server.ops_addr = Some(ops.to_string());
         cfg.server.ops_token_file = Some(token_file.clone());
     })
