@@ -7,6 +7,7 @@
 //! `sdk-js/`); `sdk-js/test/harness.js` exposes `window.harness`, which
 //! [`Browser::call`] invokes and whose JSON answer it returns.
 
+use crate::procs::free_port;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -25,13 +26,6 @@ pub struct Browser {
     pub client: fantoccini::Client,
     driver: Child,
     _profile: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 impl Browser {

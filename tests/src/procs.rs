@@ -32,12 +32,25 @@ pub fn binary(package: &str, name: &str) -> PathBuf {
     path
 }
 
-/// A port free on 127.0.0.1 right now.
+/// A port free on 127.0.0.1 right now, for both TCP and UDP (a data plane's QUIC port is
+/// UDP, its other ports TCP).
+///
+/// Drawn at random below the kernel's ephemeral range (32768 and up on Linux): a port the
+/// kernel handed out with `bind(0)` is released before the child process binds it, and in
+/// that window any outgoing connection of the parallel tests may take it as its own source
+/// port (seen in CI: "cannot bind HTTP ... Address already in use").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(20_000..32_000);
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000 on 127.0.0.1 after 1000 tries")
 }
 
 /// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing running.
