@@ -59,6 +59,38 @@ pub fn snapshot(st: &State) -> pb::Snapshot {
         nodes: st.nodes.values().map(node).collect(),
         owners: st.owners.iter().map(|(k, o)| owner(k, o)).collect(),
         failovers: st.failovers.values().map(failover).collect(),
+        more: false,
+    }
+}
+
+/// The snapshot of `st` in chunks of about `budget` bytes
+/// ([`gatesvr_proto::limits::chunk_by_size`]): the first carries the upstreams, nodes and
+/// failovers (few, bounded by the fleet) and the first owners; each later one only more
+/// owners. Every chunk but the last has `more` set.
+pub fn snapshot_chunks(st: &State, budget: usize) -> Vec<pb::Snapshot> {
+    let owners: Vec<pb::SessionOwner> = st.owners.iter().map(|(k, o)| owner(k, o)).collect();
+    let mut runs = gatesvr_proto::limits::chunk_by_size(owners, budget).into_iter();
+    let mut first = snapshot_head(st);
+    first.owners = runs.next().unwrap_or_default();
+    let mut chunks = vec![first];
+    chunks.extend(runs.map(|owners| pb::Snapshot {
+        owners,
+        ..Default::default()
+    }));
+    let last = chunks.len() - 1;
+    for (i, c) in chunks.iter_mut().enumerate() {
+        c.more = i < last;
+    }
+    chunks
+}
+
+fn snapshot_head(st: &State) -> pb::Snapshot {
+    pb::Snapshot {
+        upstreams: st.upstreams.values().map(upstream).collect(),
+        nodes: st.nodes.values().map(node).collect(),
+        owners: Vec::new(),
+        failovers: st.failovers.values().map(failover).collect(),
+        more: false,
     }
 }
 

@@ -288,9 +288,17 @@ impl ControlPlaneApi for ControlService {
         {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let (first, rx) = self.node.sm().watch_from(req.from_version);
+        let chunked = req.chunked_snapshot;
+        let (first, rx) = self.node.sm().watch_from(req.from_version, chunked);
         let (tx, out) = mpsc::channel(256);
-        tokio::spawn(pump(self.node.clone(), first, rx, tx, self.stop.clone()));
+        tokio::spawn(pump(
+            self.node.clone(),
+            first,
+            rx,
+            tx,
+            self.stop.clone(),
+            chunked,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
@@ -423,6 +431,7 @@ async fn pump(
     mut rx: broadcast::Receiver<HubMsg>,
     tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
     stop: CancellationToken,
+    chunked: bool,
 ) {
     let mut last = 0;
     for e in first {
@@ -449,7 +458,7 @@ async fn pump(
             Ok(HubMsg::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 // Resubscribing is unnecessary: the receiver skips ahead; a snapshot covers
                 // everything up to its version and later events are filtered by version.
-                vec![node.sm().snapshot_event()]
+                node.sm().snapshot_events(chunked)
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };

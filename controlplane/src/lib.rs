@@ -267,11 +267,15 @@ impl ControlPlane {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .add_service(ControlPlaneServer::new(grpc::ControlService::new(
-                node.clone(),
-                cfg.leases.clone(),
-                stop.clone(),
-            )))
+            .add_service(
+                ControlPlaneServer::new(grpc::ControlService::new(
+                    node.clone(),
+                    cfg.leases.clone(),
+                    stop.clone(),
+                ))
+                .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES),
+            )
             .add_service(health_service);
         let grpc_stop = stop.clone();
         tasks.push(tokio::spawn(async move {

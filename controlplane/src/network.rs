@@ -24,8 +24,9 @@ use tonic::transport::{Channel, Endpoint};
 use crate::error::Error;
 use crate::types::{Member, NodeId, TypeConfig};
 
-/// Largest raft message accepted (AppendEntries batches, 3 MiB snapshot chunks + overhead).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Largest raft message accepted (AppendEntries batches, 3 MiB snapshot chunks + overhead):
+/// [`gatesvr_proto::limits::RAFT_MAX_MESSAGE_BYTES`].
+pub const MAX_MESSAGE_BYTES: usize = gatesvr_proto::limits::RAFT_MAX_MESSAGE_BYTES;
 
 /// How this node dials its peers.
 #[derive(Debug, Clone)]

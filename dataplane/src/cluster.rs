@@ -180,7 +180,8 @@ impl View {
             Some(WatchBody::OwnerRemoved(openid)) => {
                 self.owners.remove(&openid);
             }
-            Some(WatchBody::Failover(_)) | None => {}
+            // Chunks are merged by the watch loop before they reach the view.
+            Some(WatchBody::Failover(_) | WatchBody::SnapshotMore(_)) | None => {}
         }
     }
 
@@ -193,6 +194,7 @@ impl View {
                 nodes: self.nodes.values().cloned().collect(),
                 owners: self.owners.values().cloned().collect(),
                 failovers: Vec::new(),
+                more: false,
             })),
         }
     }
@@ -241,6 +243,13 @@ pub struct Cluster {
     current: AtomicUsize,
     view: RwLock<View>,
     connected: AtomicBool,
+    /// The view is whole: a complete snapshot was applied (from the control
+    /// plane, every chunk of it, or from the state file). `/ready` waits for it.
+    complete: AtomicBool,
+    /// The view changed since the state file was last written.
+    dirty: AtomicBool,
+    /// Wakes the state-file writer.
+    persist_wake: Notify,
     /// The view came from the state file and the control plane was not reached since.
     stale: AtomicBool,
     draining: AtomicBool,
@@ -297,6 +306,9 @@ impl Cluster {
             current: AtomicUsize::new(0),
             view: RwLock::new(View::default()),
             connected: AtomicBool::new(false),
+            complete: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            persist_wake: Notify::new(),
             stale: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             left: AtomicBool::new(false),
@@ -325,6 +337,12 @@ impl Cluster {
 
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The view is complete: a whole snapshot was applied (from the control
+    /// plane or the state file). Until then routing and owners are unknown.
+    pub fn is_view_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
     }
 
     /// Serving from a state file, not yet confirmed by the control plane.
@@ -356,6 +374,8 @@ impl Cluster {
     fn client(&self) -> ControlPlaneClient<Channel> {
         let i = self.current.load(Ordering::Relaxed) % self.channels.len().max(1);
         ControlPlaneClient::new(self.channels[i].clone())
+            .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
     }
 
     /// Moves to the next endpoint after a failure.
@@ -514,9 +534,12 @@ impl Cluster {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let membership = tokio::spawn(self.clone().membership_loop(stop.clone()));
         let watch = tokio::spawn(self.clone().watch_loop(stop.clone()));
+        let writer = tokio::spawn(self.clone().state_file_loop(stop.clone()));
         stop.cancelled().await;
         membership.abort();
         watch.abort();
+        // The writer saves a last change before it returns.
+        let _ = writer.await;
     }
 
     async fn membership_loop(self: Arc<Self>, stop: CancellationToken) {
@@ -611,22 +634,40 @@ impl Cluster {
             let req = WatchRequest {
                 from_version: from,
                 node_id: self.node_id.clone(),
+                chunked_snapshot: true,
             };
             match self.client().watch(req).await {
                 Ok(stream) => {
                     let mut stream = stream.into_inner();
                     backoff = Duration::from_millis(100);
+                    // A snapshot being received in chunks: applied only whole.
+                    let mut partial: Option<(u64, control::Snapshot)> = None;
                     loop {
                         let next = tokio::select! {
                             next = stream.message() => next,
                             () = stop.cancelled() => return,
                         };
-                        match next {
-                            Ok(Some(event)) => {
-                                self.stale.store(false, Ordering::Relaxed);
-                                self.apply(event);
+                        let event = match next {
+                            Ok(Some(event)) => event,
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!(error = %status, "watch stream ended");
+                                break;
                             }
-                            Ok(None) | Err(_) => break,
+                        };
+                        match merge_chunk(&mut partial, event) {
+                            Ok(Some(whole)) => {
+                                self.stale.store(false, Ordering::Relaxed);
+                                self.apply(whole);
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(
+                                    error = e,
+                                    "watch snapshot chunks out of order; watching again"
+                                );
+                                break;
+                            }
                         }
                     }
                 }
@@ -656,6 +697,7 @@ impl Cluster {
             event.event,
             Some(WatchBody::Snapshot(_) | WatchBody::NodePut(_) | WatchBody::NodeRemoved(_))
         );
+        let snapshot = matches!(event.event, Some(WatchBody::Snapshot(_)));
         {
             let mut view = self.view.write();
             if event.version <= view.version && !matches!(event.event, Some(WatchBody::Snapshot(_)))
@@ -663,6 +705,9 @@ impl Cluster {
                 return;
             }
             view.apply(event);
+        }
+        if snapshot {
+            self.complete.store(true, Ordering::Release);
         }
         if let Some(owner) = moved
             && let Some(f) = self.on_owner_moved.lock().as_ref()
@@ -694,15 +739,53 @@ impl Cluster {
         }
     }
 
-    /// Rewrites the state file atomically (write to a temp file, rename).
+    /// Marks the view changed: the state-file writer saves it within
+    /// [`STATE_FILE_DEBOUNCE`] (one write for a burst of changes).
     fn persist(&self) {
+        if self.cfg.state_file.is_some() {
+            self.dirty.store(true, Ordering::Release);
+            self.persist_wake.notify_one();
+        }
+    }
+
+    /// Writes the state file after changes, at most once per
+    /// [`STATE_FILE_DEBOUNCE`], off the async runtime; once more at `stop`.
+    async fn state_file_loop(self: Arc<Self>, stop: CancellationToken) {
+        if self.cfg.state_file.is_none() {
+            return;
+        }
+        loop {
+            let stopping = tokio::select! {
+                () = self.persist_wake.notified() => false,
+                () = stop.cancelled() => true,
+            };
+            if !stopping {
+                tokio::select! {
+                    () = tokio::time::sleep(STATE_FILE_DEBOUNCE) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+            if self.dirty.swap(false, Ordering::AcqRel) {
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.write_state_file()).await;
+            }
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Rewrites the state file atomically and durably: temp file, fsync,
+    /// rename, fsync of the directory. Blocking: run on a blocking thread.
+    fn write_state_file(&self) {
         let Some(path) = &self.cfg.state_file else {
             return;
         };
+        if !self.is_view_complete() {
+            return;
+        }
         let bytes = self.view.read().to_event().encode_to_vec();
-        let tmp = path.with_extension("tmp");
-        let result = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = result {
+        if let Err(e) = write_atomically(path, &bytes) {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the cluster state file");
         }
     }
@@ -726,6 +809,7 @@ impl Cluster {
         match std::fs::read(path).map(|b| WatchEvent::decode(b.as_slice())) {
             Ok(Ok(event)) => {
                 self.view.write().apply(event);
+                self.complete.store(true, Ordering::Release);
                 self.stale.store(true, Ordering::Relaxed);
                 self.update_router();
                 tracing::info!(path = %path.display(), version = self.view.read().version, "serving from the saved cluster state until the control plane answers");
@@ -736,6 +820,76 @@ impl Cluster {
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cluster state file unreadable; ignored")
             }
+        }
+    }
+}
+
+/// How long the state file waits after a change for more changes before it
+/// is rewritten: a burst of claims costs one write.
+pub const STATE_FILE_DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new
+/// file: a temporary file beside it, fsync, rename, fsync of the directory.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Feeds one watch event through the chunk merger: a whole event to apply,
+/// `None` while a chunked snapshot is incomplete, or an error when chunks
+/// arrive out of order (the watch is then restarted).
+fn merge_chunk(
+    partial: &mut Option<(u64, control::Snapshot)>,
+    event: WatchEvent,
+) -> Result<Option<WatchEvent>, &'static str> {
+    let version = event.version;
+    match event.event {
+        Some(WatchBody::Snapshot(s)) if s.more => {
+            *partial = Some((version, s));
+            Ok(None)
+        }
+        Some(WatchBody::SnapshotMore(more)) => {
+            let Some((v, acc)) = partial.as_mut() else {
+                return Err("a snapshot continuation without its start");
+            };
+            if *v != version {
+                *partial = None;
+                return Err("snapshot chunks of different versions");
+            }
+            acc.upstreams.extend(more.upstreams);
+            acc.nodes.extend(more.nodes);
+            acc.owners.extend(more.owners);
+            acc.failovers.extend(more.failovers);
+            if more.more {
+                return Ok(None);
+            }
+            let Some((version, mut whole)) = partial.take() else {
+                return Err("a snapshot continuation without its start");
+            };
+            whole.more = false;
+            Ok(Some(WatchEvent {
+                version,
+                event: Some(WatchBody::Snapshot(whole)),
+            }))
+        }
+        body => {
+            if partial.is_some() {
+                *partial = None;
+                return Err("an event inside a chunked snapshot");
+            }
+            Ok(Some(WatchEvent {
+                version,
+                event: body,
+            }))
         }
     }
 }

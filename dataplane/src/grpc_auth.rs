@@ -39,6 +39,14 @@ pub const RULES: &[(&str, Rule)] = &[
         Rule::Roles(DATA_PLANE),
     ),
     (
+        "/gatesvr.peer.v1.Peer/HandoverStream",
+        Rule::Roles(DATA_PLANE),
+    ),
+    (
+        "/gatesvr.peer.v1.Peer/FetchReplicaStream",
+        Rule::Roles(DATA_PLANE),
+    ),
+    (
         "/gatesvr.upstream.v1.GatewayService/PushToClient",
         Rule::RolesOrToken(PUSHERS),
     ),
@@ -152,7 +160,14 @@ mod tests {
         let services = [
             (
                 "gatesvr.peer.v1.Peer",
-                &["Handover", "Stage", "Replicate", "FetchReplica"][..],
+                &[
+                    "Handover",
+                    "Stage",
+                    "Replicate",
+                    "FetchReplica",
+                    "HandoverStream",
+                    "FetchReplicaStream",
+                ][..],
             ),
             (
                 "gatesvr.upstream.v1.GatewayService",

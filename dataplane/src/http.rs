@@ -122,15 +122,16 @@ pub fn metrics_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// Ready once listening and, for a cluster member, once routing is known
-/// (from the control plane or a saved state file). Stays ready while
-/// draining (see [`crate::drain`]).
+/// Ready once listening and, for a cluster member, once its view is complete
+/// (every chunk of the control plane's watch snapshot received, or a saved
+/// state file loaded): before that it knows neither routes nor owners.
+/// Stays ready while draining (see [`crate::drain`]).
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
     let routing_known = state
         .node
         .cluster
         .as_ref()
-        .is_none_or(|c| c.is_connected() || c.is_stale() || c.view().version > 0);
+        .is_none_or(|c| c.is_view_complete());
     if state.ready.load(Ordering::Relaxed) && routing_known {
         let draining = state.node.draining.load(Ordering::Relaxed);
         (
@@ -170,6 +171,8 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
             "control_plane_connected": c.is_connected(),
             "serving_from_saved_state": c.is_stale(),
             "view_version": c.view().version,
+            "view_complete": c.is_view_complete(),
+            "view_owners": c.view().owners.len(),
         })
     });
     let m = &state.node.metrics;

@@ -430,14 +430,18 @@ impl DataPlane {
 
         let gateway = gatesvr_proto::upstream::gateway_service_server::GatewayServiceServer::new(
             gateway::Gateway { node: node.clone() },
-        );
+        )
+        .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES);
         let stop = cancel.clone();
         let peer_node = node.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
             let peer = gatesvr_proto::peer::peer_server::PeerServer::new(peer::PeerService {
                 node: peer_node,
-            });
+            })
+            .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES);
             let mut server = tonic::transport::Server::builder();
             if let Some(tls) = grpc_tls {
                 server = match server.tls_config(tls) {

@@ -12,10 +12,23 @@
 //!  owner: durable push ──Peer.Replicate──> standby (see `replica`)
 //!  new owner, previous owner gone ──Peer.FetchReplica──> live nodes
 //! ```
+//!
+//! A session's state grows with its queue (up to `session.max_queue` pushes
+//! of up to `session.max_frame_size` bytes), so handovers and replica
+//! fetches travel as streams of chunks of about
+//! [`gatesvr_proto::limits::CHUNK_BYTES`] (`HandoverStream`,
+//! `FetchReplicaStream`), never one message that could exceed a receiver's
+//! limit. A node that answers Unimplemented (an older version) is asked with
+//! the unary call.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::Stream;
+use gatesvr_proto::limits::{CHUNK_BYTES, chunk_by_size};
+use gatesvr_proto::session::SessionState;
 
 use gatesvr_proto::peer::peer_server::Peer;
 use gatesvr_proto::peer::{
@@ -74,11 +87,15 @@ impl Peers {
     }
 
     pub fn gateway(&self, addr: &str) -> Result<GatewayServiceClient<Channel>, Status> {
-        Ok(GatewayServiceClient::new(self.channel(addr)?))
+        Ok(GatewayServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES))
     }
 
     pub fn peer(&self, addr: &str) -> Result<PeerClient<Channel>, Status> {
-        Ok(PeerClient::new(self.channel(addr)?))
+        Ok(PeerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES))
     }
 }
 
@@ -96,8 +113,148 @@ impl PeerService {
     }
 }
 
+/// A server stream of chunks.
+type Chunks<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn stream_of<T: Send + 'static>(chunks: Vec<T>) -> Chunks<T> {
+    Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))
+}
+
+/// Splits a handover answer into chunks of about `budget` bytes: the first
+/// carries every field of the state and the first pushes, later ones only
+/// more pushes, then more completed requests (appended in order by
+/// [`join_handover`]).
+pub fn split_handover(answer: HandoverResponse, budget: usize) -> Vec<HandoverResponse> {
+    let Some(mut head) = answer.state else {
+        return vec![answer];
+    };
+    let pushes = std::mem::take(&mut head.pushes);
+    let completed = std::mem::take(&mut head.completed_requests);
+    let mut runs = chunk_by_size(pushes, budget).into_iter();
+    head.pushes = runs.next().unwrap_or_default();
+    let mut out = vec![HandoverResponse {
+        found: answer.found,
+        state: Some(head),
+    }];
+    let more = |state: SessionState| HandoverResponse {
+        found: answer.found,
+        state: Some(state),
+    };
+    out.extend(runs.map(|pushes| {
+        more(SessionState {
+            pushes,
+            ..Default::default()
+        })
+    }));
+    out.extend(
+        chunk_by_size(completed, budget)
+            .into_iter()
+            .filter(|run| !run.is_empty())
+            .map(|completed_requests| {
+                more(SessionState {
+                    completed_requests,
+                    ..Default::default()
+                })
+            }),
+    );
+    out
+}
+
+/// Reassembles the chunks of [`split_handover`].
+pub fn join_handover(chunks: Vec<HandoverResponse>) -> HandoverResponse {
+    let mut chunks = chunks.into_iter();
+    let Some(mut whole) = chunks.next() else {
+        return HandoverResponse::default();
+    };
+    for chunk in chunks {
+        if let (Some(state), Some(more)) = (whole.state.as_mut(), chunk.state) {
+            state.pushes.extend(more.pushes);
+            state.completed_requests.extend(more.completed_requests);
+            state
+                .unknown_outcome_request_seq_ids
+                .extend(more.unknown_outcome_request_seq_ids);
+        }
+    }
+    whole
+}
+
+/// Why a peer call brought no answer.
+pub enum CallFailure {
+    /// The peer answered with an error (possibly in the middle of a stream).
+    Status(Status),
+    /// No answer (or no next chunk) within [`PEER_TIMEOUT`].
+    Timeout,
+}
+
+/// Every message of a server stream, each within [`PEER_TIMEOUT`] of the
+/// one before (a large state takes as long as it takes, a stalled peer not).
+pub async fn collect_stream<T>(
+    started: Result<Result<Response<tonic::Streaming<T>>, Status>, tokio::time::error::Elapsed>,
+) -> Result<Vec<T>, CallFailure> {
+    let mut stream = match started {
+        Err(_) => return Err(CallFailure::Timeout),
+        Ok(Err(status)) => return Err(CallFailure::Status(status)),
+        Ok(Ok(r)) => r.into_inner(),
+    };
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(PEER_TIMEOUT, stream.message()).await {
+            Err(_) => return Err(CallFailure::Timeout),
+            Ok(Err(status)) => return Err(CallFailure::Status(status)),
+            Ok(Ok(None)) => return Ok(out),
+            Ok(Ok(Some(m))) => out.push(m),
+        }
+    }
+}
+
+/// `Peer.HandoverStream`, or `Peer.Handover` on a node that does not know it.
+async fn call_handover(
+    client: &mut PeerClient<Channel>,
+    req: HandoverRequest,
+) -> Result<HandoverResponse, CallFailure> {
+    let mut request = Request::new(req.clone());
+    request.set_timeout(PEER_TIMEOUT);
+    let started = tokio::time::timeout(PEER_TIMEOUT, client.handover_stream(request)).await;
+    if let Ok(Err(status)) = &started
+        && status.code() == tonic::Code::Unimplemented
+    {
+        let mut request = Request::new(req);
+        request.set_timeout(PEER_TIMEOUT);
+        return match tokio::time::timeout(PEER_TIMEOUT, client.handover(request)).await {
+            Err(_) => Err(CallFailure::Timeout),
+            Ok(r) => r.map(Response::into_inner).map_err(CallFailure::Status),
+        };
+    }
+    collect_stream(started).await.map(join_handover)
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type HandoverStreamStream = Chunks<HandoverResponse>;
+    type FetchReplicaStreamStream = Chunks<FetchReplicaResponse>;
+
+    async fn handover_stream(
+        &self,
+        request: Request<HandoverRequest>,
+    ) -> Result<Response<Self::HandoverStreamStream>, Status> {
+        let answer = self.handover(request).await?.into_inner();
+        Ok(Response::new(stream_of(split_handover(
+            answer,
+            CHUNK_BYTES,
+        ))))
+    }
+
+    async fn fetch_replica_stream(
+        &self,
+        request: Request<FetchReplicaRequest>,
+    ) -> Result<Response<Self::FetchReplicaStreamStream>, Status> {
+        let answer = self.fetch_replica(request).await?.into_inner();
+        Ok(Response::new(stream_of(crate::replica::split_fetch(
+            answer,
+            CHUNK_BYTES,
+        ))))
+    }
+
     async fn handover(
         &self,
         request: Request<HandoverRequest>,
@@ -331,16 +488,15 @@ async fn ask_handover(
     let Ok(mut client) = node.peers.peer(addr) else {
         return (Reach::NoAnswer, TakeOver::NotHandedOver);
     };
-    let mut request = Request::new(HandoverRequest {
+    let request = HandoverRequest {
         openid: openid.to_string(),
         session_id: session_id.to_string(),
         epoch,
         new_owner: node.config.node_id.clone(),
-    });
-    request.set_timeout(PEER_TIMEOUT);
-    let answer = match tokio::time::timeout(PEER_TIMEOUT, client.handover(request)).await {
-        Ok(Ok(r)) => r.into_inner(),
-        Ok(Err(status)) => {
+    };
+    let answer = match call_handover(&mut client, request).await {
+        Ok(r) => r,
+        Err(CallFailure::Status(status)) => {
             let reach = match status.code() {
                 // Connection refused (nothing listens) or a node that stopped
                 // serving: its process is gone.
@@ -359,7 +515,7 @@ async fn ask_handover(
                 .inc();
             return (reach, TakeOver::NotHandedOver);
         }
-        Err(_) => {
+        Err(CallFailure::Timeout) => {
             tracing::info!(openid, previous_owner, "handover timed out");
             node.metrics.handovers.with_label_values(&["timeout"]).inc();
             return (Reach::NoAnswer, TakeOver::NotHandedOver);

@@ -32,17 +32,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatesvr_proto::client::ServerPush;
+use gatesvr_proto::limits::chunk_by_size;
+use gatesvr_proto::peer::peer_client::PeerClient;
 use gatesvr_proto::peer::{
     FetchReplicaRequest, FetchReplicaResponse, ReplicateRequest, ReplicateResponse,
 };
 use gatesvr_proto::session::SessionState;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::core::Member;
 use crate::node::Node;
-use crate::peer::PEER_TIMEOUT;
+use crate::peer::{PEER_TIMEOUT, collect_stream};
 use crate::registry::SessionEntry;
 
 /// How often an owner sends its sessions' ack points to their standbys.
@@ -440,15 +443,11 @@ pub async fn fetch_recovery(node: &Node, gone: &str, openid: &str, session_id: &
     let remote = futures::future::join_all(peers.iter().map(|(id, addr)| async move {
         let answer = async {
             let mut client = node.peers.peer(addr).ok()?;
-            let mut request = Request::new(FetchReplicaRequest {
+            let req = FetchReplicaRequest {
                 openid: openid.to_string(),
                 session_id: session_id.to_string(),
-            });
-            request.set_timeout(PEER_TIMEOUT);
-            match tokio::time::timeout(PEER_TIMEOUT, client.fetch_replica(request)).await {
-                Ok(Ok(r)) => Some(r.into_inner()),
-                _ => None,
-            }
+            };
+            call_fetch(&mut client, req).await
         };
         answer.await.ok_or_else(|| id.clone())
     }))
@@ -465,6 +464,52 @@ pub async fn fetch_recovery(node: &Node, gone: &str, openid: &str, session_id: &
         recovery: merge(node, openid, session_id, found),
         unanswered,
     }
+}
+
+/// Splits a replica into chunks of about `budget` bytes: the first carries
+/// every field and the first pushes, later ones only more pushes.
+pub fn split_fetch(answer: FetchReplicaResponse, budget: usize) -> Vec<FetchReplicaResponse> {
+    let mut head = answer;
+    let mut runs = chunk_by_size(std::mem::take(&mut head.pushes), budget).into_iter();
+    head.pushes = runs.next().unwrap_or_default();
+    let mut out = vec![head];
+    out.extend(runs.map(|pushes| FetchReplicaResponse {
+        pushes,
+        ..Default::default()
+    }));
+    out
+}
+
+/// Reassembles the chunks of [`split_fetch`].
+pub fn join_fetch(chunks: Vec<FetchReplicaResponse>) -> FetchReplicaResponse {
+    let mut chunks = chunks.into_iter();
+    let mut whole = chunks.next().unwrap_or_default();
+    for chunk in chunks {
+        whole.pushes.extend(chunk.pushes);
+    }
+    whole
+}
+
+/// `Peer.FetchReplicaStream`, or `Peer.FetchReplica` on a node that does not
+/// know it. `None`: no (complete) answer.
+async fn call_fetch(
+    client: &mut PeerClient<Channel>,
+    req: FetchReplicaRequest,
+) -> Option<FetchReplicaResponse> {
+    let mut request = Request::new(req.clone());
+    request.set_timeout(PEER_TIMEOUT);
+    let started = tokio::time::timeout(PEER_TIMEOUT, client.fetch_replica_stream(request)).await;
+    if let Ok(Err(status)) = &started
+        && status.code() == tonic::Code::Unimplemented
+    {
+        let mut request = Request::new(req);
+        request.set_timeout(PEER_TIMEOUT);
+        return match tokio::time::timeout(PEER_TIMEOUT, client.fetch_replica(request)).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        };
+    }
+    collect_stream(started).await.ok().map(join_fetch)
 }
 
 /// Merges the copies found (this node's own included).

@@ -299,7 +299,10 @@ impl UpstreamRouter {
         }
 
         let started = tokio::time::Instant::now();
-        let mut client = UpstreamServiceClient::new(picked.value);
+        // The one place upstream channels get their message limits (proto/src/limits.rs).
+        let mut client = UpstreamServiceClient::new(picked.value)
+            .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES);
         let result = tokio::time::timeout(timeout, client.process_request(request)).await;
         self.metrics
             .duration

@@ -7,7 +7,9 @@
 //!
 //! - [`frame`]: how envelopes are delimited on the QUIC stream (varint length +
 //!   envelope, bounded by a maximum frame size), as a sans-IO encoder/decoder;
-//! - [`zone`]: the fixed openid -> zone hash.
+//! - [`zone`]: the fixed openid -> zone hash;
+//! - [`limits`]: the gRPC message limits and the chunking of what grows
+//!   with sessions or queues.
 //!
 //! # Layout
 //! - [`client`]: `gatesvr.client.v1`, client <-> data plane (ALPN [`ALPN`]).
@@ -17,6 +19,7 @@
 //! - [`session`]: `gatesvr.session.v1`, session state moved between data-plane nodes.
 
 pub mod frame;
+pub mod limits;
 pub mod zone;
 
 /// ALPN protocol id of the client protocol, version 1.

@@ -44,7 +44,9 @@ pub struct Registration {
 
 /// Registers and heartbeats until `cancel` fires, then deregisters.
 pub async fn run(channel: Channel, registration: Registration, cancel: CancellationToken) {
-    let mut client = ControlPlaneClient::new(channel);
+    let mut client = ControlPlaneClient::new(channel)
+        .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES);
     let mut backoff = Backoff::default();
     // The instance id and heartbeat interval, once registered.
     let mut registered: Option<(String, Duration)> = None;

@@ -55,7 +55,9 @@ impl DemoUpstream {
             inner: Arc::new(Inner {
                 zone,
                 service_name,
-                gateway: GatewayServiceClient::new(gateway),
+                gateway: GatewayServiceClient::new(gateway)
+                    .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES),
                 push_timeout,
                 rooms: Mutex::new(Rooms::default()),
                 serving: AtomicBool::new(false),

@@ -77,20 +77,25 @@ impl SmHandle {
     }
 
     /// Starts a watch: the events to send first (deltas after `from_version` if still in the
-    /// ring, else one snapshot event) and a receiver for everything after them.
-    pub fn watch_from(&self, from_version: u64) -> (Vec<WatchEvent>, broadcast::Receiver<HubMsg>) {
+    /// ring, else a snapshot, in chunks if `chunked`) and a receiver for everything after them.
+    pub fn watch_from(
+        &self,
+        from_version: u64,
+        chunked: bool,
+    ) -> (Vec<WatchEvent>, broadcast::Receiver<HubMsg>) {
         let inner = self.read();
         let rx = inner.hub.subscribe();
         let first = match inner.hub.since(from_version, inner.state.version) {
             Some(events) => events,
-            None => vec![snapshot_event(&inner.state)],
+            None => snapshot_events(&inner.state, chunked),
         };
         (first, rx)
     }
 
-    /// The current state as one snapshot event.
-    pub fn snapshot_event(&self) -> WatchEvent {
-        snapshot_event(&self.read().state)
+    /// The current state as snapshot events: one, or chunks of about
+    /// [`gatesvr_proto::limits::CHUNK_BYTES`] for a watcher that takes them.
+    pub fn snapshot_events(&self, chunked: bool) -> Vec<WatchEvent> {
+        snapshot_events(&self.read().state, chunked)
     }
 
     /// Receivers of the watch broadcast (watch streams, plus the metrics counter).
@@ -114,11 +119,25 @@ impl SmHandle {
     }
 }
 
-fn snapshot_event(st: &State) -> WatchEvent {
-    WatchEvent {
-        version: st.version,
-        event: Some(watch_event::Event::Snapshot(convert::snapshot(st))),
+fn snapshot_events(st: &State, chunked: bool) -> Vec<WatchEvent> {
+    if !chunked {
+        return vec![WatchEvent {
+            version: st.version,
+            event: Some(watch_event::Event::Snapshot(convert::snapshot(st))),
+        }];
     }
+    convert::snapshot_chunks(st, gatesvr_proto::limits::CHUNK_BYTES)
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| WatchEvent {
+            version: st.version,
+            event: Some(if i == 0 {
+                watch_event::Event::Snapshot(chunk)
+            } else {
+                watch_event::Event::SnapshotMore(chunk)
+            }),
+        })
+        .collect()
 }
 
 /// The openraft state machine.

@@ -235,6 +235,7 @@ async fn grpc_api_claims_fencing_and_resumable_watch() {
         .watch(pb::WatchRequest {
             from_version: 0,
             node_id: "dp-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -346,6 +347,7 @@ async fn grpc_api_claims_fencing_and_resumable_watch() {
         .watch(pb::WatchRequest {
             from_version: resume_from,
             node_id: "dp-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -1,0 +1,225 @@
+//! State that grows with queues and sessions crosses the wire in bounded
+//! chunks (proto/src/limits.rs), with no size cliff at tonic's 4 MiB default.
+//!
+//! Invariants:
+//! - a handover of a session holding 1,024 unacked 4 KB pushes (over 4 MiB
+//!   of state) moves every push; all are delivered, in order, after the move;
+//! - a crash failover that fetches a replica of 1,024 durable 4 KB pushes
+//!   from the standby recovers every one of them;
+//! - a restarted data plane whose watch snapshot is over 4 MiB never reports
+//!   ready before the whole snapshot is applied.
+
+use gatesvr_proto::client::ResumeStatus;
+use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
+use gatesvr_proto::control::{Claim, ClaimSessionsRequest, NodeState};
+use gatesvr_proto::upstream::PushToClientRequest;
+use gatesvr_sdk::{Client, Event};
+use gatesvr_tests::cluster::{TestCluster, push};
+use gatesvr_tests::{PATIENCE, eventually, http_get};
+use prost::Message;
+
+const PUSHES: u64 = 1024;
+const PUSH_BYTES: usize = 4096;
+/// tonic's default decode limit: the cliff these tests cross.
+const TONIC_DEFAULT_LIMIT: usize = 4 << 20;
+
+fn big(openid: &str, n: u64, durable: bool) -> PushToClientRequest {
+    PushToClientRequest {
+        data: vec![(n % 251) as u8; PUSH_BYTES],
+        durable,
+        ..push(openid, n)
+    }
+}
+
+async fn next(client: &Client) -> Event {
+    tokio::time::timeout(PATIENCE, client.next_event())
+        .await
+        .expect("an event within the patience")
+        .expect("client open")
+}
+
+/// Reads pushes until `n` arrived; checks each one's content and data.
+async fn expect_pushes(client: &Client, n: u64) {
+    let mut got = 0u64;
+    while got < n {
+        match next(client).await {
+            Event::Push(p) => {
+                got += 1;
+                assert_eq!(p.content, got.to_string(), "in order, no gap");
+                assert_eq!(p.data.len(), PUSH_BYTES);
+                assert!(p.data.iter().all(|b| u64::from(*b) == got % 251));
+            }
+            Event::Connected { .. } | Event::Disconnected { .. } | Event::GoAway { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_of_1024_unacked_4k_pushes_moves_them_all() {
+    let cluster = TestCluster::start(2, |_| {}).await;
+    let client = Client::connect(cluster.client_config(0, "big"))
+        .await
+        .unwrap();
+    assert!(matches!(next(&client).await, Event::Connected { .. }));
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=PUSHES {
+        gw.push_to_client(big("big", n, false)).await.unwrap();
+    }
+    let old = cluster.dps[0].node().clone();
+    let exported = old.registry.get("big").unwrap().state.lock().export();
+    assert_eq!(exported.pushes.len() as u64, PUSHES, "all unacked");
+    assert!(
+        exported.encoded_len() > TONIC_DEFAULT_LIMIT,
+        "the state ({} bytes) is over tonic's default limit",
+        exported.encoded_len()
+    );
+
+    // The client reconnects to dp-2 (as a load balancer might send it):
+    // dp-2 claims the session and streams its state from dp-1.
+    client.reconnect_to(cluster.dps[1].quic_addr());
+    eventually("the client resumed on dp-2", || client.node_id() == "dp-2").await;
+    let new = cluster.dps[1].node().clone();
+    let moved = new.registry.get("big").expect("dp-2 holds the session");
+    assert_eq!(moved.identity.session_id, client.session_id(), "resumed");
+    let stats = moved.state.lock().stats();
+    assert_eq!(stats.unacked, PUSHES, "every push moved");
+    assert!(old.registry.get("big").is_none(), "one owner");
+    assert_eq!(new.metrics.handovers.with_label_values(&["taken"]).get(), 1);
+
+    expect_pushes(&client, PUSHES).await;
+    eventually("dp-2 saw every push acked", || {
+        moved.state.lock().stats().acked_seq_id == PUSHES
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_failover_fetches_a_replica_of_1024_durable_4k_pushes() {
+    let mut cluster = TestCluster::start(3, |_| {}).await;
+    let client = Client::connect(cluster.client_config(0, "big"))
+        .await
+        .unwrap();
+    assert!(matches!(next(&client).await, Event::Connected { .. }));
+    let old_session = client.session_id();
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=PUSHES {
+        gw.push_to_client(big("big", n, true)).await.unwrap();
+    }
+    // dp-2 is dp-1's standby (next on the ring); dp-3 will take over and
+    // must fetch the copy from dp-2 over the network.
+    let standby = cluster.dps[1].node().clone();
+    let replica = standby.replicas.fetch("big", &old_session);
+    assert_eq!(replica.pushes.len() as u64, PUSHES);
+    assert!(
+        replica.encoded_len() > TONIC_DEFAULT_LIMIT,
+        "the replica ({} bytes) is over tonic's default limit",
+        replica.encoded_len()
+    );
+
+    cluster.dps.remove(0).crash();
+    let taker = cluster.dps[1].node().clone();
+    let view = taker.cluster.clone().unwrap();
+    eventually("dp-1 declared dead", || {
+        view.view()
+            .nodes
+            .get("dp-1")
+            .is_none_or(|n| n.state == NodeState::Dead as i32)
+    })
+    .await;
+    client.reconnect_to(cluster.dps[1].quic_addr());
+    // Nothing is read before the reconnect: a push taken now would be acked.
+    eventually("the client reconnected", || {
+        client.session_id() != old_session
+    })
+    .await;
+    assert_eq!(client.node_id(), "dp-3");
+    // Leftovers of the old session first, then the recovered one.
+    loop {
+        match next(&client).await {
+            Event::ResumeFailed { status, .. } => {
+                assert_eq!(status, ResumeStatus::Recovered);
+                break;
+            }
+            Event::Push(_) | Event::Disconnected { .. } | Event::Connected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    expect_pushes(&client, PUSHES).await;
+    assert_eq!(taker.metrics.durable_pushes_recovered.get(), PUSHES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_data_plane_is_ready_only_with_its_whole_view() {
+    let mut cluster = TestCluster::start(2, |_| {}).await;
+    // Owner records with long ids: a watch snapshot well over 4 MiB.
+    const OWNERS: usize = 12_000;
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        cluster.cp.as_ref().unwrap().grpc_addr()
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut cp = ControlPlaneClient::new(channel)
+        .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES);
+    for batch in 0..OWNERS / 2000 {
+        let claims = (0..2000)
+            .map(|i| {
+                let n = batch * 2000 + i;
+                Claim {
+                    openid: format!("{n:0>200}"),
+                    session_id: format!("s{n:0>199}"),
+                    seen_epoch: 0,
+                }
+            })
+            .collect();
+        let r = cp
+            .claim_sessions(ClaimSessionsRequest {
+                node_id: "dp-1".into(),
+                claims,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results.iter().all(|c| c.error.is_empty()));
+    }
+
+    // dp-2 restarts without a state file: its view comes only from the watch.
+    let old = cluster.dps.remove(1);
+    let mut cfg = old.node().config.clone();
+    old.shutdown().await;
+    cfg.control_plane.state_file = None;
+    let restarted = gatesvr_dataplane::DataPlane::start(cfg, gatesvr_dataplane::Routing::Echo)
+        .await
+        .unwrap();
+    let c = restarted.node().cluster.clone().unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut polls_not_ready = 0;
+    loop {
+        let (status, body) = http_get(restarted.http_addr(), "/ready").await;
+        if status == 200 {
+            // Read after the answer: the view only grows here, so a ready
+            // answer given with a partial view shows as fewer owners.
+            let view = c.view();
+            assert!(c.is_view_complete(), "ready before the view was complete");
+            assert!(
+                view.owners.len() >= OWNERS,
+                "ready with {} of {OWNERS} owners",
+                view.owners.len()
+            );
+            let bytes: usize = view.owners.values().map(Message::encoded_len).sum();
+            assert!(bytes > TONIC_DEFAULT_LIMIT, "snapshot of {bytes} bytes");
+            eprintln!(
+                "ready after {polls_not_ready} not-ready answers; view of {} owners, {bytes} bytes",
+                view.owners.len()
+            );
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        polls_not_ready += 1;
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
