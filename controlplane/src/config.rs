@@ -196,6 +196,17 @@ pub struct LeaseConfig {
     /// How often the leader looks for expired leases (default 500ms).
     #[serde(with = "humantime_serde")]
     pub check_interval: Duration,
+    /// Sessions still owned by a dead or departed (`left`) data-plane node are released this
+    /// long after it departed, unless their clients came back and another node claimed them
+    /// (default 5m: the data plane's `session.session_timeout`, after which the sessions would
+    /// have expired anyway).
+    #[serde(with = "humantime_serde")]
+    pub orphaned_session_timeout: Duration,
+    /// The records of dead or departed data-plane nodes are removed this long after they
+    /// departed (default 1h; at least `orphaned_session_timeout`). Until then they show in
+    /// `gatectl nodes` and in failover decisions.
+    #[serde(with = "humantime_serde")]
+    pub departed_node_retention: Duration,
 }
 
 impl Default for LeaseConfig {
@@ -205,6 +216,8 @@ impl Default for LeaseConfig {
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(60),
             check_interval: Duration::from_millis(500),
+            orphaned_session_timeout: Duration::from_secs(300),
+            departed_node_retention: Duration::from_secs(3600),
         }
     }
 }
@@ -400,6 +413,12 @@ impl Validate for ControlPlaneConfig {
             return Err(ConfigError::key(
                 "leases.default_ttl",
                 "need min_ttl <= default_ttl <= max_ttl",
+            ));
+        }
+        if l.departed_node_retention < l.orphaned_session_timeout {
+            return Err(ConfigError::key(
+                "leases.departed_node_retention",
+                "must be at least leases.orphaned_session_timeout",
             ));
         }
         if self.batch.max_cmds == 0 {

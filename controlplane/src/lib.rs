@@ -315,8 +315,7 @@ impl ControlPlane {
 
         tasks.push(tokio::spawn(lease::run(
             node.clone(),
-            cfg.leases.check_interval,
-            cfg.leases.default_ttl,
+            cfg.leases.clone(),
             stop.clone(),
         )));
 

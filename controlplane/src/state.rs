@@ -194,7 +194,30 @@ impl State {
             Cmd::CancelDrain { node_id } => cx.cancel_drain(node_id),
             Cmd::RemoveNode { node_id } => cx.remove_node(node_id),
             Cmd::DisconnectSession { openid } => cx.disconnect_session(openid),
+            Cmd::Sweep {
+                orphan_timeout_ms,
+                node_retention_ms,
+            } => cx.sweep(*orphan_timeout_ms, *node_retention_ms),
         }
+    }
+
+    /// Whether [`Cmd::Sweep`] has anything to do at `now_ms` (the leader's lease task asks).
+    /// Cheap unless a departed node is past `orphan_timeout_ms`: then its owners are counted.
+    pub fn has_sweep_due(
+        &self,
+        now_ms: i64,
+        orphan_timeout_ms: u64,
+        node_retention_ms: u64,
+    ) -> bool {
+        let since = |n: &NodeRec| now_ms.saturating_sub(n.lease_expires_at_ms);
+        self.nodes
+            .values()
+            .filter(|n| !n.status.is_live())
+            .any(|n| {
+                since(n) >= node_retention_ms as i64
+                    || (since(n) >= orphan_timeout_ms as i64
+                        && self.owners.values().any(|o| o.owner_node == n.node_id))
+            })
     }
 
     /// Whether any lease has ended by `now_ms` (the leader's lease task asks this).
@@ -459,6 +482,44 @@ impl Cx<'_> {
         }
         self.st.nodes.remove(node_id);
         self.touch(Key::Node(node_id.to_string()), true);
+        CmdResult::Ok
+    }
+
+    /// See [`Cmd::Sweep`].
+    fn sweep(&mut self, orphan_timeout_ms: u64, node_retention_ms: u64) -> CmdResult {
+        let now = self.now_ms;
+        let orphaned: Vec<String> = self
+            .st
+            .owners
+            .iter()
+            .filter(|(_, o)| {
+                let since = match self.st.nodes.get(&o.owner_node) {
+                    Some(n) if n.status.is_live() => return false,
+                    Some(n) => n.lease_expires_at_ms.max(o.changed_at_ms),
+                    None => o.changed_at_ms,
+                };
+                now.saturating_sub(since) >= orphan_timeout_ms as i64
+            })
+            .map(|(openid, _)| openid.clone())
+            .collect();
+        for openid in orphaned {
+            self.st.owners.remove(&openid);
+            self.touch(Key::Owner(openid), true);
+        }
+        let departed: Vec<String> = self
+            .st
+            .nodes
+            .values()
+            .filter(|n| {
+                !n.status.is_live()
+                    && now.saturating_sub(n.lease_expires_at_ms) >= node_retention_ms as i64
+            })
+            .map(|n| n.node_id.clone())
+            .collect();
+        for id in departed {
+            self.st.nodes.remove(&id);
+            self.touch(Key::Node(id), true);
+        }
         CmdResult::Ok
     }
 

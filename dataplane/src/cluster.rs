@@ -8,6 +8,7 @@
 //!        ▲                                                       └──> state_file (atomic rewrite)
 //!        ├── RegisterNode / HeartbeatNode (lease; drain_requested)
 //!        ├── ClaimSessions (on Start: new epoch, previous owner)
+//!        ├── ReleaseSessions (batched: sessions that ended here, at their epoch)
 //!        └── LeaveNode (end of a drain: shown as left at once, not dead after the lease)
 //! ```
 //!
@@ -264,7 +265,22 @@ pub struct Cluster {
     /// Called with the whole view after a snapshot or a node change.
     on_view: Mutex<Option<ViewChanged>>,
     sessions: AtomicUsize,
+    /// Owner records of sessions that ended here, to release (batched).
+    releases: Mutex<Vec<SessionOwner>>,
+    release_wake: Notify,
 }
+
+/// Most owner records released in one `ReleaseSessions` call (the control
+/// plane accepts up to 10,000).
+pub const MAX_RELEASES_PER_CALL: usize = 1000;
+
+/// Releases waiting beyond this (a long control-plane outage) are dropped
+/// with a warning; the control plane then frees those records when this
+/// node departs (see docs/operations.md, "Session ownership lifecycle").
+pub const MAX_PENDING_RELEASES: usize = 100_000;
+
+/// How long the first release of a burst waits for company.
+const RELEASE_LINGER: Duration = Duration::from_millis(20);
 
 impl Cluster {
     pub fn new(
@@ -317,6 +333,8 @@ impl Cluster {
             on_owner_moved: Mutex::new(None),
             on_view: Mutex::new(None),
             sessions: AtomicUsize::new(0),
+            releases: Mutex::new(Vec::new()),
+            release_wake: Notify::new(),
         };
         cluster.load_state_file();
         Ok(cluster)
@@ -449,6 +467,89 @@ impl Cluster {
         })
     }
 
+    /// Queues the release of `openid`'s owner record (a session that ended
+    /// here at `epoch`); sent in batches by the release loop.
+    pub fn release_later(&self, openid: &str, session_id: &str, epoch: u64) {
+        let mut pending = self.releases.lock();
+        if pending.len() >= MAX_PENDING_RELEASES {
+            tracing::warn!(
+                openid,
+                "too many owner releases pending; this one is dropped"
+            );
+            return;
+        }
+        pending.push(SessionOwner {
+            openid: openid.to_string(),
+            session_id: session_id.to_string(),
+            owner_node: self.node_id.clone(),
+            epoch,
+        });
+        drop(pending);
+        self.release_wake.notify_one();
+    }
+
+    /// Sends queued releases, [`MAX_RELEASES_PER_CALL`] per call, until none
+    /// is left; on failure they wait for the next round (with backoff).
+    async fn release_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                () = self.release_wake.notified() => {}
+                () = stop.cancelled() => return,
+            }
+            tokio::time::sleep(RELEASE_LINGER).await;
+            loop {
+                let batch: Vec<SessionOwner> = {
+                    let mut pending = self.releases.lock();
+                    let n = pending.len().min(MAX_RELEASES_PER_CALL);
+                    pending.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let n = batch.len();
+                let req = self.request(control::ReleaseSessionsRequest {
+                    node_id: self.node_id.clone(),
+                    sessions: batch.clone(),
+                });
+                let mut client = self.client();
+                match tokio::time::timeout(self.cfg.rpc_timeout, client.release_sessions(req)).await
+                {
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        backoff = Duration::from_millis(100);
+                        tracing::debug!(
+                            released = r.released,
+                            fenced = r.fenced,
+                            "owner records released"
+                        );
+                    }
+                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                        tracing::warn!(error = %status, n, "owner releases refused; dropped");
+                    }
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(status)) => status.message().to_string(),
+                            _ => "timed out".into(),
+                        };
+                        tracing::debug!(error, n, "owner releases failed; retrying");
+                        self.rotate();
+                        {
+                            let mut pending = self.releases.lock();
+                            let room = MAX_PENDING_RELEASES.saturating_sub(pending.len());
+                            pending.splice(0..0, batch.into_iter().take(room));
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = stop.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+
     /// Moves `openid`'s ownership to `to_node` if it is still at `epoch`
     /// (drain). Returns the new epoch.
     pub async fn transfer(
@@ -535,9 +636,11 @@ impl Cluster {
         let membership = tokio::spawn(self.clone().membership_loop(stop.clone()));
         let watch = tokio::spawn(self.clone().watch_loop(stop.clone()));
         let writer = tokio::spawn(self.clone().state_file_loop(stop.clone()));
+        let releaser = tokio::spawn(self.clone().release_loop(stop.clone()));
         stop.cancelled().await;
         membership.abort();
         watch.abort();
+        releaser.abort();
         // The writer saves a last change before it returns.
         let _ = writer.await;
     }

@@ -322,6 +322,13 @@ impl DataPlane {
                     node.registry.owner_changed(owner);
                 }
             });
+            // A session that ended here gives its owner record back (batched).
+            let releaser = Arc::downgrade(cluster);
+            node.registry.on_ended(move |openid, session_id, epoch| {
+                if let Some(c) = releaser.upgrade() {
+                    c.release_later(openid, session_id, epoch);
+                }
+            });
             let weak = Arc::downgrade(&node);
             cluster.on_view(move |view| {
                 if let Some(node) = weak.upgrade() {

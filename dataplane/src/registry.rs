@@ -142,7 +142,13 @@ pub struct Registry {
     settled: Notify,
     /// Signalled when a deadline earlier than the timer task's sleep appears.
     pub timer_wake: Notify,
+    /// Told (openid, session_id, epoch) of every session that ended here, so
+    /// its owner record is released in the control plane (`cluster`).
+    ended: parking_lot::Mutex<Option<EndedHook>>,
 }
+
+/// See [`Registry::on_ended`].
+type EndedHook = Box<dyn Fn(&str, &str, u64) + Send + Sync>;
 
 pub use crate::core::HandoverError;
 
@@ -206,7 +212,16 @@ impl Registry {
             recovered_wake: Notify::new(),
             settled: Notify::new(),
             timer_wake: Notify::new(),
+            ended: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Registers the hook told of every session that ended here (stop,
+    /// expiry, replacement, fencing) with the epoch it held. Releasing at
+    /// that epoch is safe for every reason: the control plane releases only
+    /// an owner record that still names this node at that epoch.
+    pub fn on_ended(&self, f: impl Fn(&str, &str, u64) + Send + Sync + 'static) {
+        *self.ended.lock() = Some(Box::new(f));
     }
 
     pub fn config(&self) -> &SessionConfig {
@@ -252,10 +267,16 @@ impl Registry {
                 }
                 Command::Removed {
                     openid,
+                    session_id,
+                    epoch,
                     reason,
                     lost,
-                    ..
                 } => {
+                    if epoch > 0
+                        && let Some(f) = self.ended.lock().as_ref()
+                    {
+                        f(&openid, &session_id, epoch);
+                    }
                     if reason == "fenced" {
                         tracing::info!(openid = %openid, "fenced: session owned elsewhere");
                     }

@@ -89,6 +89,15 @@ pub enum Cmd {
     /// An operator disconnects a session: ownership moves to
     /// [`crate::state::DISCONNECTED_OWNER`] at a new epoch, so the holding node closes it.
     DisconnectSession { openid: String },
+    /// Lifecycle upkeep, committed by the leader's lease keeper: releases the owner records
+    /// still held by a dead or departed node (or by no known node) `orphan_timeout_ms` after
+    /// it departed (their clients did not come back to be claimed elsewhere), and removes
+    /// the records of nodes departed more than `node_retention_ms` ago. The limits travel in
+    /// the command so that every replica applies the same rule.
+    Sweep {
+        orphan_timeout_ms: u64,
+        node_retention_ms: u64,
+    },
 }
 
 /// Why a command was refused by the state machine. Deterministic: every replica refuses alike.

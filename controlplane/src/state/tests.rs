@@ -594,3 +594,48 @@ fn golden_cmd_operator_v1() {
         assert_eq!(&serde_json::to_string(cmd).unwrap(), json);
     }
 }
+
+#[test]
+fn sweep_releases_orphaned_owners_then_forgets_departed_nodes() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    register(&mut st, 0, "b");
+    apply(&mut st, 1, claim("a", "alice", "s1"));
+    apply(&mut st, 1, claim("a", "carol", "s3"));
+    apply(&mut st, 1, claim("b", "bob", "s2"));
+    apply(
+        &mut st,
+        100,
+        Cmd::LeaveNode {
+            node_id: "a".into(),
+        },
+    );
+    // carol's client came back to b: re-claimed, no longer orphaned.
+    apply(&mut st, 150, claim("b", "carol", "s4"));
+    let sweep = Cmd::Sweep {
+        orphan_timeout_ms: 1_000,
+        node_retention_ms: 10_000,
+    };
+    assert!(!st.has_sweep_due(1_099, 1_000, 10_000), "not yet");
+    apply(&mut st, 1_099, sweep.clone());
+    assert!(st.owners.contains_key("alice"), "within the orphan timeout");
+
+    assert!(st.has_sweep_due(1_100, 1_000, 10_000));
+    apply(&mut st, 1_100, sweep.clone());
+    assert!(
+        !st.owners.contains_key("alice"),
+        "released after the timeout"
+    );
+    assert_eq!(st.owners["carol"].owner_node, "b", "re-claimed stays");
+    assert!(st.owners.contains_key("bob"), "a live node's owners stay");
+    assert!(st.nodes.contains_key("a"), "kept for the retention period");
+    assert!(
+        !st.has_sweep_due(1_100, 1_000, 10_000),
+        "nothing left to do"
+    );
+
+    assert!(st.has_sweep_due(10_100, 1_000, 10_000));
+    apply(&mut st, 10_100, sweep);
+    assert!(!st.nodes.contains_key("a"), "removed after retention");
+    assert!(st.nodes.contains_key("b"));
+}
