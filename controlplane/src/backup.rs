@@ -22,9 +22,52 @@ use crate::types::{LogId, NodeId, StoredMembership};
 pub const MAGIC: &str = "gatesvr-controlplane-backup";
 /// The only version this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
-/// Largest payload accepted: the restore travels as one raft entry, which must fit the raft
-/// transport's message limit (64 MiB) with room to spare. About 300 000 sessions.
-pub const MAX_PAYLOAD_BYTES: usize = 48 << 20;
+/// Largest payload accepted (the HTTP body of a restore, held in memory while it is applied):
+/// 1 GiB, several million owner records. The restore itself travels as a series of raft
+/// entries of [`RESTORE_OWNERS_PER_ENTRY`] owners each ([`split`]), so no entry comes near the
+/// raft transport's message limit.
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
+
+/// Owner records per restore entry: at most ~600 bytes each as JSON (256-character ids), so
+/// an entry stays under ~6 MiB, a tenth of the raft message limit.
+pub const RESTORE_OWNERS_PER_ENTRY: usize = 10_000;
+
+/// Splits a backup's state into restore entries: the first carries the upstreams, nodes,
+/// failovers and counters plus the first owners; each later one only more owners (with the
+/// same version and last epoch). Applying them in order merges exactly what one entry of the
+/// whole state would (a restore skips records already present, so the parts never collide).
+pub fn split(mut state: State, owners_per_entry: usize) -> Vec<State> {
+    let owners = std::mem::take(&mut state.owners);
+    let mut parts = vec![state];
+    let per = owners_per_entry.max(1);
+    let mut current = std::collections::BTreeMap::new();
+    for (openid, owner) in owners {
+        current.insert(openid, owner);
+        if current.len() == per {
+            parts.push(State {
+                owners: std::mem::take(&mut current),
+                ..Default::default()
+            });
+        }
+    }
+    if !current.is_empty() {
+        parts.push(State {
+            owners: current,
+            ..Default::default()
+        });
+    }
+    // The head's owners: the first owner part, if any.
+    if parts.len() > 1 {
+        let first = parts.remove(1);
+        parts[0].owners = first.owners;
+    }
+    let (version, last_epoch) = (parts[0].version, parts[0].last_epoch);
+    for p in &mut parts[1..] {
+        p.version = version;
+        p.last_epoch = last_epoch;
+    }
+    parts
+}
 
 /// How many records of each kind a backup holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +290,46 @@ mod tests {
             membership: StoredMembership::default(),
         };
         encode(source, &st).unwrap()
+    }
+
+    #[test]
+    fn a_restore_in_parts_merges_what_one_entry_would() {
+        let mut whole = decode(&sample()).unwrap().state;
+        for i in 0..25 {
+            whole.owners.insert(
+                format!("user-{i:02}"),
+                OwnerRec {
+                    session_id: format!("s{i}"),
+                    owner_node: "dp-1".into(),
+                    epoch: i + 1,
+                    changed_at_ms: 5,
+                },
+            );
+        }
+        let parts = split(whole.clone(), 10);
+        assert_eq!(
+            parts.iter().map(|p| p.owners.len()).collect::<Vec<_>>(),
+            vec![10, 10, 6],
+            "the sample's owner and 25 more"
+        );
+        assert!(parts[1..].iter().all(|p| p.upstreams.is_empty()));
+        let restore = |st: &mut State, part: State| {
+            let cmd = crate::Cmd::Restore {
+                state: Box::new(part),
+                checksum: String::new(),
+            };
+            st.apply(7, &cmd, &mut Vec::new())
+        };
+        let mut at_once = State::default();
+        restore(&mut at_once, whole);
+        let mut in_parts = State::default();
+        for part in parts {
+            restore(&mut in_parts, part);
+        }
+        assert_eq!(in_parts.owners, at_once.owners);
+        assert_eq!(in_parts.upstreams, at_once.upstreams);
+        assert_eq!(in_parts.nodes, at_once.nodes);
+        assert!(in_parts.last_epoch >= at_once.last_epoch);
     }
 
     #[test]

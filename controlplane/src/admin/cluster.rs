@@ -164,45 +164,60 @@ pub(super) async fn export_backup(State(s): State<AdminState>) -> Result<Respons
     request_body(content = Vec<u8>, description = "a backup file", content_type = "application/octet-stream"),
     responses((status = 200, body = RestoreReply), (status = 400, body = ApiError), (status = 503, body = ApiError)),
     security(("bearer" = [])))]
-/// Restores a backup through one raft entry. Merges into the running state (records it
-/// already has win; nothing is deleted) and moves epochs past both. Meant for a freshly
-/// bootstrapped cluster after a disaster (docs/operations.md).
+/// Restores a backup through a series of raft entries of at most
+/// `backup::RESTORE_OWNERS_PER_ENTRY` owners each (`backup::split`). Merges into the running
+/// state (records it already has win; nothing is deleted) and moves epochs past both. Meant for
+/// a freshly bootstrapped cluster after a disaster (docs/operations.md). Not atomic: a restore
+/// cut short leaves the parts applied so far; running it again completes it (records already
+/// present are skipped).
 pub(super) async fn import_backup(
     State(s): State<AdminState>,
     body: axum::body::Bytes,
 ) -> ApiResult<RestoreReply> {
     let b = crate::backup::decode(&body).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    drop(body);
     let checksum = b.header.payload_sha256.clone();
-    let r = write_one(
-        &s.node,
-        Cmd::Restore {
-            state: Box::new(b.state),
-            checksum: checksum.clone(),
-        },
-    )
-    .await?;
-    match r {
-        CmdResult::Restored {
-            upstreams,
-            nodes,
-            owners,
-            failovers,
-            skipped,
-            last_epoch,
-        } => {
-            tracing::info!(upstreams, nodes, owners, failovers, skipped, last_epoch, %checksum, "backup restored");
-            Ok(Json(RestoreReply {
-                upstreams,
-                nodes,
-                owners,
-                failovers,
-                skipped,
-                last_epoch,
-                backup_last_applied_index: b.header.last_applied.map(|l| l.index),
-                backup_created_at_ms: b.header.created_at_ms,
-                checksum,
-            }))
+    let (mut upstreams, mut nodes, mut owners, mut failovers, mut skipped, mut last_epoch) =
+        (0, 0, 0, 0, 0, 0);
+    let parts = crate::backup::split(b.state, crate::backup::RESTORE_OWNERS_PER_ENTRY);
+    for part in parts {
+        let r = write_one(
+            &s.node,
+            Cmd::Restore {
+                state: Box::new(part),
+                checksum: checksum.clone(),
+            },
+        )
+        .await?;
+        match r {
+            CmdResult::Restored {
+                upstreams: u,
+                nodes: n,
+                owners: o,
+                failovers: f,
+                skipped: k,
+                last_epoch: e,
+            } => {
+                upstreams += u;
+                nodes += n;
+                owners += o;
+                failovers += f;
+                skipped += k;
+                last_epoch = e;
+            }
+            other => return Err(Error::Raft(format!("unexpected {other:?}"))),
         }
-        other => Err(Error::Raft(format!("unexpected {other:?}"))),
     }
+    tracing::info!(upstreams, nodes, owners, failovers, skipped, last_epoch, %checksum, "backup restored");
+    Ok(Json(RestoreReply {
+        upstreams,
+        nodes,
+        owners,
+        failovers,
+        skipped,
+        last_epoch,
+        backup_last_applied_index: b.header.last_applied.map(|l| l.index),
+        backup_created_at_ms: b.header.created_at_ms,
+        checksum,
+    }))
 }
