@@ -140,7 +140,17 @@ fn web_compares_browser_transports_with_native_quic() {
 #[test]
 fn claims_commits_without_errors() {
     let r = run("claims");
-    has_fields(&r, &["claims_per_s", "claim_p99_us", "fsync_records_per_s"]);
+    has_fields(
+        &r,
+        &[
+            "claims_per_s",
+            "claim_p99_us",
+            "fsync_records_per_s",
+            "claims_per_call",
+        ],
+    );
+    // Claims go through the data plane's batching client: at least one per call.
+    assert!(field(&r, "claims_per_call") >= 1.0);
     assert_eq!(field(&r, "claim_errors"), 0.0);
     assert!(field(&r, "claims_per_s") > 0.0);
 }

@@ -18,13 +18,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use gatesvr_common::tls::TlsFiles;
 use gatesvr_proto::control::{
-    self, Claim, ClaimSessionsRequest, DataPlaneNode, HeartbeatNodeRequest, LeaveNodeRequest,
-    NodeState, RegisterNodeRequest, SessionOwner, WatchEvent, WatchRequest,
+    self, Claim, ClaimResult, ClaimSessionsRequest, DataPlaneNode, HeartbeatNodeRequest,
+    LeaveNodeRequest, NodeState, RegisterNodeRequest, SessionOwner, WatchEvent, WatchRequest,
     control_plane_client::ControlPlaneClient, watch_event::Event as WatchBody,
 };
 use parking_lot::{Mutex, RwLock};
@@ -217,7 +217,7 @@ pub struct Claimed {
 }
 
 /// Why a claim did not happen.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClaimError {
     /// The control plane could not be reached in time: serve provisionally.
     #[error("control plane unreachable: {0}")]
@@ -268,7 +268,27 @@ pub struct Cluster {
     /// Owner records of sessions that ended here, to release (batched).
     releases: Mutex<Vec<SessionOwner>>,
     release_wake: Notify,
+    /// Claims waiting for the next `ClaimSessions` call (a burst shares one).
+    claims: Mutex<Vec<PendingClaim>>,
+    claim_wake: Notify,
+    /// `ClaimSessions` calls made, and claims they carried.
+    claim_calls: AtomicU64,
+    claims_sent: AtomicU64,
 }
+
+/// One Start's claim, waiting to be sent.
+struct PendingClaim {
+    claim: Claim,
+    reply: tokio::sync::oneshot::Sender<Result<ClaimResult, ClaimError>>,
+}
+
+/// Most claims in one `ClaimSessions` call.
+pub const MAX_CLAIMS_PER_CALL: usize = 1000;
+
+/// `ClaimSessions` calls in flight at once. Claims arriving while all are
+/// busy wait and go together in the next call: under load one call carries
+/// a burst (group commit), idle a claim goes at once.
+const CLAIM_CALLS_IN_FLIGHT: usize = 4;
 
 /// Most owner records released in one `ReleaseSessions` call (the control
 /// plane accepts up to 10,000).
@@ -335,6 +355,10 @@ impl Cluster {
             sessions: AtomicUsize::new(0),
             releases: Mutex::new(Vec::new()),
             release_wake: Notify::new(),
+            claims: Mutex::new(Vec::new()),
+            claim_wake: Notify::new(),
+            claim_calls: AtomicU64::new(0),
+            claims_sent: AtomicU64::new(0),
         };
         cluster.load_state_file();
         Ok(cluster)
@@ -407,41 +431,36 @@ impl Cluster {
         r
     }
 
-    /// Claims `openid`'s session for this node: a new epoch.
+    /// `ClaimSessions` calls made so far and the claims they carried (the
+    /// claims benchmark reports their ratio).
+    pub fn claim_counts(&self) -> (u64, u64) {
+        (
+            self.claim_calls.load(Ordering::Relaxed),
+            self.claims_sent.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Claims `openid`'s session for this node: a new epoch. Claims made at
+    /// the same time share one `ClaimSessions` call (see [`Cluster::run`]).
     pub async fn claim(&self, openid: &str, session_id: &str) -> Result<Claimed, ClaimError> {
-        let req = self.request(ClaimSessionsRequest {
-            node_id: self.node_id.clone(),
-            claims: vec![Claim {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.claims.lock().push(PendingClaim {
+            claim: Claim {
                 openid: openid.to_string(),
                 session_id: session_id.to_string(),
                 seen_epoch: 0,
-            }],
+            },
+            reply,
         });
-        let mut client = self.client();
-        let response =
-            match tokio::time::timeout(self.cfg.rpc_timeout, client.claim_sessions(req)).await {
-                Err(_) => {
-                    self.rotate();
-                    return Err(ClaimError::Unreachable("timed out".into()));
-                }
-                Ok(Err(status)) => {
-                    return Err(match status.code() {
-                        tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled => {
-                            self.rotate();
-                            ClaimError::Unreachable(status.message().to_string())
-                        }
-                        _ => ClaimError::Refused(status.message().to_string()),
-                    });
-                }
-                Ok(Ok(r)) => r.into_inner(),
-            };
-        let result = response
-            .results
-            .into_iter()
-            .next()
-            .ok_or_else(|| ClaimError::Refused("empty claim answer".into()))?;
+        self.claim_wake.notify_one();
+        // The call has its own deadline; this one also covers a claim loop
+        // that is not running (yet, or any more).
+        let wait = self.cfg.rpc_timeout * 2;
+        let result = match tokio::time::timeout(wait, answer).await {
+            Err(_) => return Err(ClaimError::Unreachable("timed out".into())),
+            Ok(Err(_)) => return Err(ClaimError::Unreachable("claim abandoned".into())),
+            Ok(Ok(r)) => r?,
+        };
         if !result.error.is_empty() {
             return Err(ClaimError::Refused(result.error));
         }
@@ -465,6 +484,87 @@ impl Cluster {
             epoch: owner.epoch,
             previous_owner: previous,
         })
+    }
+
+    /// Sends waiting claims, up to [`MAX_CLAIMS_PER_CALL`] per call and
+    /// [`CLAIM_CALLS_IN_FLIGHT`] calls at once.
+    async fn claim_loop(self: Arc<Self>, stop: CancellationToken) {
+        let calls = Arc::new(tokio::sync::Semaphore::new(CLAIM_CALLS_IN_FLIGHT));
+        loop {
+            tokio::select! {
+                () = self.claim_wake.notified() => {}
+                () = stop.cancelled() => return,
+            }
+            loop {
+                let permit = tokio::select! {
+                    p = calls.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    () = stop.cancelled() => return,
+                };
+                let batch: Vec<PendingClaim> = {
+                    let mut pending = self.claims.lock();
+                    let n = pending.len().min(MAX_CLAIMS_PER_CALL);
+                    pending.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.send_claims(batch).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    /// One `ClaimSessions` call for `batch`; every claim gets its answer.
+    async fn send_claims(&self, batch: Vec<PendingClaim>) {
+        let n = batch.len();
+        self.claim_calls.fetch_add(1, Ordering::Relaxed);
+        self.claims_sent.fetch_add(n as u64, Ordering::Relaxed);
+        let req = self.request(ClaimSessionsRequest {
+            node_id: self.node_id.clone(),
+            claims: batch.iter().map(|p| p.claim.clone()).collect(),
+        });
+        let mut client = self.client();
+        let outcome =
+            match tokio::time::timeout(self.cfg.rpc_timeout, client.claim_sessions(req)).await {
+                Err(_) => {
+                    self.rotate();
+                    Err(ClaimError::Unreachable("timed out".into()))
+                }
+                Ok(Err(status)) => Err(match status.code() {
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled => {
+                        self.rotate();
+                        ClaimError::Unreachable(status.message().to_string())
+                    }
+                    _ => ClaimError::Refused(status.message().to_string()),
+                }),
+                Ok(Ok(r)) => Ok(r.into_inner().results),
+            };
+        match outcome {
+            Err(e) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+            Ok(results) => {
+                // Answers come in the order of the claims.
+                let mut results = results.into_iter();
+                for p in batch {
+                    let answer = results
+                        .next()
+                        .filter(|r| r.openid == p.claim.openid)
+                        .ok_or_else(|| ClaimError::Refused("claim answer missing".into()));
+                    let _ = p.reply.send(answer);
+                }
+            }
+        }
     }
 
     /// Queues the release of `openid`'s owner record (a session that ended
@@ -637,10 +737,12 @@ impl Cluster {
         let watch = tokio::spawn(self.clone().watch_loop(stop.clone()));
         let writer = tokio::spawn(self.clone().state_file_loop(stop.clone()));
         let releaser = tokio::spawn(self.clone().release_loop(stop.clone()));
+        let claimer = tokio::spawn(self.clone().claim_loop(stop.clone()));
         stop.cancelled().await;
         membership.abort();
         watch.abort();
         releaser.abort();
+        claimer.abort();
         // The writer saves a last change before it returns.
         let _ = writer.await;
     }

@@ -207,8 +207,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
         let mut round = Round::new();
         for side in if r % 2 == 1 { [0, 1] } else { [1, 0] } {
             if side == 0 {
-                let (rate, mut lat, e) = claim_load(o, cp_leader, clients, 1, r).await?;
+                let (rate, mut lat, e, per_call) = claim_load(o, cp_leader, clients, r).await?;
                 cp_errors += e;
+                round.insert("gs_claims_per_call".into(), per_call);
                 round.insert("gs_claims_per_s".into(), rate);
                 round.insert("gs_claim_p50_us".into(), lat.pct_us(50.0));
                 round.insert("gs_claim_p99_us".into(), lat.pct_us(99.0));

@@ -1,6 +1,7 @@
 //! claims: session-ownership claims committed by a 3-node control plane (openraft + sled, every
-//! log append flushed), from `clients` concurrent ClaimSessions callers; claims/s and commit
-//! latency. Baselines on the same disk: a batched write + fdatasync loop (one batch per
+//! log append flushed), from `clients` concurrent Starts on one data plane's control-plane client
+//! (`gatesvr_dataplane::cluster::Cluster::claim`, which batches a burst into one ClaimSessions
+//! call; `claims_per_call` reports how many it carried); claims/s and per-claim latency. Baselines on the same disk: a batched write + fdatasync loop (one batch per
 //! `clients` records), and, when the `etcd` binary is installed (Debian `etcd-server`), a
 //! 3-member etcd on this machine with the same number of clients (puts over its JSON gateway).
 
@@ -14,8 +15,6 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use gatesvr_controlplane::config::AuthMode;
 use gatesvr_controlplane::{Cmd, ControlPlane, ControlPlaneConfig, Member};
-use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
-use gatesvr_proto::control::{Claim, ClaimSessionsRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Opts;
@@ -119,62 +118,74 @@ impl Cluster {
 }
 
 /// `clients` callers, each ClaimSessions with `per_call` claims in a closed loop.
+/// Claims as a data plane makes them: `clients` concurrent Starts, each one
+/// `Cluster::claim` of the data plane's own control-plane client, which
+/// batches the claims of a burst into one `ClaimSessions` call. Returns
+/// claims/s, per-claim latency, errors, and the claims per call it sent.
 pub async fn claim_load(
     o: &Opts,
     addr: SocketAddr,
     clients: usize,
-    per_call: usize,
     round: usize,
-) -> Result<(f64, Lat, u64)> {
-    let channel = crate::servers::upstream_channel(&addr.to_string())?;
+) -> Result<(f64, Lat, u64, f64)> {
+    use gatesvr_dataplane::cluster::{Cluster as DpCluster, ControlPlaneClientConfig};
+    let cfg = ControlPlaneClientConfig {
+        endpoints: vec![addr.to_string()],
+        insecure: true,
+        rpc_timeout: Duration::from_secs(5),
+        lease_ttl: Duration::from_secs(30),
+        ..ControlPlaneClientConfig::default()
+    };
+    let dp = Arc::new(
+        DpCluster::new(
+            cfg,
+            format!("{DP_NODE}-{round}"),
+            "127.0.0.1:1".into(),
+            "127.0.0.1:2".into(),
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let runner = tokio::spawn(dp.clone().run(stop.clone()));
+    let registered = Instant::now() + Duration::from_secs(30);
+    while !dp.is_connected() {
+        if Instant::now() > registered {
+            bail!("the bench data plane did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let start = Instant::now();
     let measure_from = start + o.warmup;
     let end = measure_from + o.window;
+    let mut counts_at_start = None;
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let mut client = ControlPlaneClient::new(channel.clone());
+        let dp = dp.clone();
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut n, mut errors, mut i) = (Lat::default(), 0u64, 0u64, 0u64);
             while Instant::now() < end {
-                let claims = (0..per_call)
-                    .map(|k| {
-                        let id = format!("u-{round}-{c}-{i}-{k}");
-                        Claim {
-                            session_id: format!("s-{id}"),
-                            openid: id,
-                            seen_epoch: 0,
-                        }
-                    })
-                    .collect();
+                let id = format!("u-{round}-{c}-{i}");
                 i += 1;
                 let t0 = Instant::now();
-                let r = client
-                    .claim_sessions(ClaimSessionsRequest {
-                        node_id: DP_NODE.into(),
-                        claims,
-                    })
-                    .await;
+                let r = dp.claim(&id, &format!("s-{id}")).await;
                 let t1 = Instant::now();
                 match r {
-                    Ok(resp) => {
-                        let bad = resp
-                            .into_inner()
-                            .results
-                            .iter()
-                            .filter(|r| !r.error.is_empty())
-                            .count();
-                        errors += bad as u64;
-                        if t0 >= measure_from && t1 < end {
-                            n += (per_call - bad) as u64;
-                            lat.0.push((t1 - t0).as_nanos() as u64);
-                        }
+                    Ok(_) if t0 >= measure_from && t1 < end => {
+                        n += 1;
+                        lat.0.push((t1 - t0).as_nanos() as u64);
                     }
-                    Err(_) => errors += per_call as u64,
+                    Ok(_) => {}
+                    Err(_) => errors += 1,
                 }
             }
             (lat, n, errors)
         }));
     }
+    tokio::time::sleep_until(measure_from.into()).await;
+    counts_at_start.get_or_insert(dp.claim_counts());
+    tokio::time::sleep_until(end.into()).await;
+    let counts_at_end = dp.claim_counts();
     let (mut lat, mut n, mut errors) = (Lat::default(), 0, 0);
     for t in tasks {
         let (l, a, e) = t.await?;
@@ -182,7 +193,17 @@ pub async fn claim_load(
         n += a;
         errors += e;
     }
-    Ok((n as f64 / o.window.as_secs_f64(), lat, errors))
+    stop.cancel();
+    let _ = runner.await;
+    let (calls0, sent0) = counts_at_start.unwrap_or_default();
+    let calls = counts_at_end.0.saturating_sub(calls0).max(1);
+    let sent = counts_at_end.1.saturating_sub(sent0);
+    Ok((
+        n as f64 / o.window.as_secs_f64(),
+        lat,
+        errors,
+        sent as f64 / calls as f64,
+    ))
 }
 
 /// Batched write + fdatasync: one batch of `batch` 64-byte records per sync.
@@ -405,9 +426,7 @@ async fn etcd_load(o: &Opts, etcd: &Etcd, clients: usize, round: usize) -> Resul
 pub async fn run(o: &Opts) -> Result<Report> {
     let mut rep = Report::new("claims");
     let clients = if o.tiny { 4 } else { 64 };
-    let per_call = 1;
     rep.param("clients", clients);
-    rep.param("claims_per_call", per_call);
     rep.param("control_plane_nodes", 3);
     rep.param("rounds", o.rounds);
     rep.param("window_s", o.window.as_secs_f64());
@@ -436,10 +455,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
         progress(format!("claims round {}/{}", r + 1, o.rounds));
         let mut round = Round::new();
         let (path, warmup, window) = (fsync_path.clone(), o.warmup, o.window);
-        let (fr, mut fl) = tokio::task::spawn_blocking(move || {
-            fsync_loop(&path, clients * per_call, warmup, window)
-        })
-        .await??;
+        let (fr, mut fl) =
+            tokio::task::spawn_blocking(move || fsync_loop(&path, clients, warmup, window))
+                .await??;
         round.insert("fsync_records_per_s".into(), fr);
         round.insert("fsync_batch_p99_us".into(), fl.pct_us(99.0));
         round.insert("fsync_batch_p50_us".into(), fl.pct_us(50.0));
@@ -449,8 +467,10 @@ pub async fn run(o: &Opts) -> Result<Report> {
             round.insert("etcd_put_p50_us".into(), el.pct_us(50.0));
             round.insert("etcd_put_p99_us".into(), el.pct_us(99.0));
         }
-        let (cr, mut cl, errors) = claim_load(o, leader, clients, per_call, r).await?;
+        let (cr, mut cl, errors, per_call) = claim_load(o, leader, clients, r).await?;
         round.insert("claims_per_s".into(), cr);
+        // As the data plane really sends them: a burst of Starts shares a call.
+        round.insert("claims_per_call".into(), per_call);
         round.insert("claim_p50_us".into(), cl.pct_us(50.0));
         round.insert("claim_p99_us".into(), cl.pct_us(99.0));
         round.insert("claim_errors".into(), errors as f64);
