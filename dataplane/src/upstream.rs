@@ -5,12 +5,16 @@
 //! [`Channel`] per instance, picks an instance per request (least outstanding
 //! requests, power-of-two-choices, among available instances), calls
 //! `UpstreamService.ProcessRequest` under a deadline, and keeps each instance's
-//! health from active `grpc.health.v1` checks and from request outcomes
+//! health from active checks (`UpstreamService.GetStatus`, `grpc.health.v1`
+//! for upstreams without it) and from request outcomes
 //! (passive ejection).
 //!
-//! It does not retry: the client retries with the same `seq_id`, which the
-//! session dedupes, and by then a failing instance is on its way out of
-//! rotation. It does not decide zones either: callers pass the zone of the
+//! It retries only what was certainly not executed: when an instance refuses
+//! the connection or answers `UNAVAILABLE`, the request goes to another
+//! instance of the zone (up to [`MAX_ATTEMPTS`] in all, within the same
+//! deadline). A request that may have reached an upstream (timeout, a
+//! connection lost after sending, any other status) is never sent again; the
+//! client decides, with the same `seq_id`, which the session dedupes. It does not decide zones either: callers pass the zone of the
 //! session's openid (`gatesvr_proto::zone`).
 //!
 //! ```text
@@ -19,10 +23,11 @@
 //!                              │ 2. node-wide semaphore     ─▶ Overloaded (no waiting)
 //!                              │ 3. Balancer::pick (p2c; all instances if none is available) ─▶ NoInstances
 //!                              │ 4. ProcessRequest, grpc-timeout + local timeout
+//!                              │    refused unexecuted ─▶ back to 3, another instance
 //!                              ▼
 //!                          Channel ──HTTP/2──▶ upstream instance
 //!                              │ 5. Balancer::finish(outcome): passive ejection
-//!  run_health_checks ──every health_check_interval──▶ Health/Check ─▶ Balancer::record_check
+//!  run_health_checks ──every health_check_interval──▶ GetStatus ─▶ Balancer::record_check
 //! ```
 //!
 //! # Layout
@@ -63,6 +68,10 @@ pub use instance::{Instance, InvalidAddress, instances_by_zone, static_instances
 
 use balancer::{Balancer, BalancerConfig, EndpointId, Outcome, Transition};
 use metrics::{Metrics, UNKNOWN_ZONE_LABEL};
+
+/// Instances one request may try: the first, then others only while each
+/// refused it without executing it (connection refused, `UNAVAILABLE`).
+const MAX_ATTEMPTS: usize = 3;
 
 /// Metadata key carrying the request's trace id to the upstream.
 pub const TRACE_ID_METADATA: &str = "x-gatesvr-trace-id";
@@ -251,32 +260,8 @@ impl UpstreamRouter {
         };
         let _admitted = Admitted::new(permit, &self.metrics);
 
-        let picked = {
-            let mut state = zone.state.lock();
-            let ZoneState { balancer, rng } = &mut *state;
-            balancer.pick(now(), rng)
-        };
-        let Some(picked) = picked else {
-            return Err(ForwardError::NoInstances { zone: req.zone });
-        };
-        if picked.panic {
-            self.metrics
-                .panic_routed
-                .with_label_values(&[&req.zone])
-                .inc();
-        }
-        // Reports the outcome to the balancer when dropped, also if this future
-        // is dropped mid-call (then as Neutral).
-        let mut in_flight = InFlight {
-            router: self,
-            zone: &zone,
-            id: picked.id,
-            outcome: Outcome::Neutral,
-        };
-
-        let timeout = self.cfg.upstream_timeout;
-        let trace_id = MetadataValue::try_from(req.trace_id.as_str());
-        let mut request = tonic::Request::new(ProcessRequestRequest {
+        let deadline = tokio::time::Instant::now() + self.cfg.upstream_timeout;
+        let mut body = ProcessRequestRequest {
             openid: req.openid,
             session_id: req.session_id,
             zone: req.zone,
@@ -285,7 +270,65 @@ impl UpstreamRouter {
             seq_id: req.seq_id,
             payload: Vec::from(req.payload),
             trace_id: req.trace_id,
-        });
+        };
+        let mut tried: Vec<EndpointId> = Vec::new();
+        loop {
+            let (picked, others) = {
+                let mut state = zone.state.lock();
+                let ZoneState { balancer, rng } = &mut *state;
+                let picked = balancer.pick_excluding(now(), rng, &tried);
+                (picked, balancer.len().saturating_sub(tried.len() + 1))
+            };
+            let Some(picked) = picked else {
+                return Err(ForwardError::NoInstances { zone: body.zone });
+            };
+            if picked.panic {
+                self.metrics
+                    .panic_routed
+                    .with_label_values(&[&body.zone])
+                    .inc();
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Keep the body for another instance only when there is one: the
+            // common case (it succeeds, or no other instance) copies nothing.
+            let spare = (others > 0 && tried.len() < MAX_ATTEMPTS - 1).then(|| body.clone());
+            let id = picked.id;
+            match self.attempt(&zone, picked, body, remaining).await {
+                Err(err) if err.retry_elsewhere() && !remaining.is_zero() => match spare {
+                    Some(spare) => {
+                        tracing::debug!(zone = %zone.name, error = %err, "not executed; trying another instance");
+                        self.metrics
+                            .retried
+                            .with_label_values(&[zone.name.as_str()])
+                            .inc();
+                        tried.push(id);
+                        body = spare;
+                    }
+                    None => return Err(err),
+                },
+                result => return result,
+            }
+        }
+    }
+
+    /// One call to one picked instance, within `timeout`.
+    async fn attempt(
+        &self,
+        zone: &Zone,
+        picked: balancer::Pick<Channel>,
+        body: ProcessRequestRequest,
+        timeout: std::time::Duration,
+    ) -> Result<ProcessRequestResponse, ForwardError> {
+        // Reports the outcome to the balancer when dropped, also if this future
+        // is dropped mid-call (then as Neutral).
+        let mut in_flight = InFlight {
+            router: self,
+            zone,
+            id: picked.id,
+            outcome: Outcome::Neutral,
+        };
+        let trace_id = MetadataValue::try_from(body.trace_id.as_str());
+        let mut request = tonic::Request::new(body);
         // Tells the upstream its deadline; the local timeout below enforces it.
         request.set_timeout(timeout);
         match trace_id {

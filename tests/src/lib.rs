@@ -363,7 +363,13 @@ impl gatesvr_proto::upstream::upstream_service_server::UpstreamService for FakeU
         &self,
         _request: tonic::Request<gatesvr_proto::upstream::GetStatusRequest>,
     ) -> Result<tonic::Response<gatesvr_proto::upstream::UpstreamStatus>, tonic::Status> {
-        Ok(tonic::Response::new(Default::default()))
+        // The data plane's health probe.
+        Ok(tonic::Response::new(
+            gatesvr_proto::upstream::UpstreamStatus {
+                healthy: true,
+                ..Default::default()
+            },
+        ))
     }
 }
 

@@ -52,7 +52,8 @@ pub struct UpstreamConfig {
     /// Deadline of one health check. Default 1s.
     #[serde(with = "humantime_serde")]
     pub health_check_timeout: Duration,
-    /// Service name sent in health checks; `""` asks for the whole server.
+    /// Service name sent in `grpc.health.v1` checks, the fallback probe for
+    /// upstreams that do not implement `GetStatus`; `""` asks for the whole server.
     /// Default `""`.
     pub health_check_service: String,
     /// Consecutive failed health checks that mark an instance unhealthy.

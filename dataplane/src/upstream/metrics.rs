@@ -29,6 +29,10 @@ pub(crate) struct Metrics {
     /// `gatesvr_upstream_panic_routed_total{zone}`: requests sent while no
     /// instance of the zone was available (every one unhealthy or ejected).
     pub panic_routed: IntCounterVec,
+    /// `gatesvr_upstream_retried_total{zone}`: requests sent to another
+    /// instance after one refused them unexecuted (connection refused,
+    /// `UNAVAILABLE`).
+    pub retried: IntCounterVec,
 }
 
 impl Metrics {
@@ -66,6 +70,14 @@ impl Metrics {
             ),
             &["zone"],
         )?;
+        let retried = IntCounterVec::new(
+            Opts::new(
+                "gatesvr_upstream_retried_total",
+                "Requests sent to another instance after one refused them unexecuted.",
+            ),
+            &["zone"],
+        )?;
+        registry.register(Box::new(retried.clone()))?;
         registry.register(Box::new(panic_routed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -77,6 +89,7 @@ impl Metrics {
             instances,
             inflight,
             panic_routed,
+            retried,
         })
     }
 
