@@ -115,8 +115,9 @@ fn static_router(
     config: &DataPlaneConfig,
     metrics: &metrics::Metrics,
 ) -> Result<upstream::UpstreamRouter, StartError> {
-    let router = upstream::UpstreamRouter::new(config.upstream_config(), &metrics.registry)
-        .map_err(|e| StartError::Config(e.to_string()))?;
+    let router =
+        upstream::UpstreamRouter::for_node(config.upstream_config(), &metrics.registry, &config.node_id)
+            .map_err(|e| StartError::Config(e.to_string()))?;
     for index in 0..config.zones.count {
         let zone = gatesvr_proto::zone::zone_id(index);
         let addrs: Vec<String> = config
@@ -428,6 +429,10 @@ impl DataPlane {
             }
         }));
 
+        if let Handler::Upstream(router) = &node.handler {
+            // Pushes upstreams send on their streams (upstream protocol `stream`).
+            router.set_push_sink(Arc::new(upstream::sink::GatewaySink(node.clone())));
+        }
         let gateway = gatesvr_proto::upstream::gateway_service_server::GatewayServiceServer::new(
             gateway::Gateway { node: node.clone() },
         );

@@ -44,6 +44,8 @@ pub mod error;
 mod health;
 pub mod instance;
 mod metrics;
+pub(crate) mod sink;
+pub mod stream;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -62,7 +64,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 pub use balancer::{InstanceState, InstanceStatus};
-pub use config::{OutlierDetectionConfig, UpstreamConfig};
+pub use config::{OutlierDetectionConfig, UpstreamConfig, UpstreamProtocol};
+pub use stream::PushSink;
 pub use error::ForwardError;
 pub use instance::{Instance, InvalidAddress, instances_by_zone, static_instances};
 
@@ -120,6 +123,12 @@ pub struct UpstreamRouter {
     metrics: Metrics,
     /// Client TLS per zone (`upstream.tls`, `upstream.zone_tls`).
     tls: tls::TlsByZone,
+    /// With `protocol: stream`: one stream link per instance address.
+    streams: Mutex<HashMap<Arc<str>, Arc<stream::StreamLink>>>,
+    /// Where pushes arriving on streams go; set once the node exists.
+    push_sink: Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
+    /// This node's id, told to upstreams in the stream hello.
+    node_id: String,
 }
 
 #[derive(Debug)]
@@ -142,10 +151,22 @@ impl UpstreamRouter {
     /// [`set_zone_instances`]: Self::set_zone_instances
     /// [`replace_all`]: Self::replace_all
     pub fn new(cfg: UpstreamConfig, registry: &prometheus::Registry) -> Result<Self, SetupError> {
+        Self::for_node(cfg, registry, "")
+    }
+
+    /// As [`new`](Self::new), naming this node to upstreams (stream hellos).
+    pub fn for_node(
+        cfg: UpstreamConfig,
+        registry: &prometheus::Registry,
+        node_id: &str,
+    ) -> Result<Self, SetupError> {
         cfg.validate()?;
         let metrics = Metrics::register(registry)?;
         let tls = tls::TlsByZone::build(cfg.tls.as_ref(), &cfg.zone_tls)?;
         Ok(Self {
+            streams: Mutex::new(HashMap::new()),
+            push_sink: Arc::new(std::sync::OnceLock::new()),
+            node_id: node_id.to_owned(),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_upstream_concurrent)),
             zones: RwLock::new(HashMap::new()),
@@ -157,6 +178,107 @@ impl UpstreamRouter {
     /// The configuration in use.
     pub fn config(&self) -> &UpstreamConfig {
         &self.cfg
+    }
+
+    /// Where pushes and broadcasts that upstreams send on their streams go.
+    /// Set once; later calls are ignored.
+    pub fn set_push_sink(&self, sink: Arc<dyn PushSink>) {
+        let _ = self.push_sink.set(sink);
+    }
+
+    /// Requests outstanding on upstream streams, all instances together.
+    pub fn stream_requests_outstanding(&self) -> i64 {
+        self.metrics.stream_outstanding.get()
+    }
+
+    /// The stream link to `addr`, made on first use.
+    fn stream_link(&self, addr: &Arc<str>, channel: Channel) -> Arc<stream::StreamLink> {
+        self.streams
+            .lock()
+            .entry(addr.clone())
+            .or_insert_with(|| {
+                Arc::new(stream::StreamLink::new(
+                    channel,
+                    stream::LinkConfig {
+                        node_id: self.node_id.clone(),
+                        connect_timeout: self.cfg.connect_timeout,
+                        max_pushes_in_flight: self.cfg.stream_max_pushes_in_flight,
+                        max_requests_in_flight: self.cfg.stream_max_requests_in_flight,
+                    },
+                    self.push_sink.clone(),
+                    Arc::new(self.metrics.stream_outstanding.clone()),
+                ))
+            })
+            .clone()
+    }
+
+    /// One request over the instance's stream.
+    async fn attempt_stream(
+        &self,
+        zone: &Zone,
+        picked: balancer::Pick<Channel>,
+        body: ProcessRequestRequest,
+        timeout: std::time::Duration,
+    ) -> Result<ProcessRequestResponse, ForwardError> {
+        let mut in_flight = InFlight {
+            router: self,
+            zone,
+            id: picked.id,
+            outcome: Outcome::Neutral,
+        };
+        let link = self.stream_link(&picked.addr, picked.value);
+        let started = tokio::time::Instant::now();
+        let result = link.call(body, timeout).await;
+        self.metrics
+            .duration
+            .with_label_values(&[zone.name.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        let addr = picked.addr;
+        let retry_after = || {
+            u32::try_from(self.cfg.overload_retry_after.as_millis()).unwrap_or(u32::MAX)
+        };
+        let (result, outcome) = match result {
+            Ok(answer) => (Ok(answer), Outcome::Success),
+            Err(stream::CallError::NotSent(reason)) => (
+                Err(ForwardError::Unavailable {
+                    addr,
+                    status: tonic::Status::unavailable(reason),
+                }),
+                Outcome::Failure,
+            ),
+            Err(stream::CallError::NoCredit) => (
+                Err(ForwardError::UpstreamOverloaded {
+                    addr,
+                    retry_after_ms: Some(retry_after()),
+                    status: tonic::Status::resource_exhausted("request window full"),
+                }),
+                Outcome::Neutral,
+            ),
+            Err(stream::CallError::NotExecuted { retry_after_ms }) => (
+                Err(ForwardError::UpstreamOverloaded {
+                    addr,
+                    retry_after_ms: Some(if retry_after_ms == 0 {
+                        retry_after()
+                    } else {
+                        retry_after_ms
+                    }),
+                    status: tonic::Status::unavailable("not executed"),
+                }),
+                Outcome::Neutral,
+            ),
+            Err(stream::CallError::Lost) => (
+                Err(ForwardError::Lost {
+                    addr,
+                    status: tonic::Status::unavailable("stream ended"),
+                }),
+                Outcome::Failure,
+            ),
+            Err(stream::CallError::Timeout) => {
+                (Err(ForwardError::Timeout { addr, timeout }), Outcome::Failure)
+            }
+        };
+        in_flight.outcome = outcome;
+        result
     }
 
     /// Sets the instances of `zone`, creating the zone if needed. Instances
@@ -319,6 +441,9 @@ impl UpstreamRouter {
         body: ProcessRequestRequest,
         timeout: std::time::Duration,
     ) -> Result<ProcessRequestResponse, ForwardError> {
+        if self.cfg.protocol == UpstreamProtocol::Stream {
+            return self.attempt_stream(zone, picked, body, timeout).await;
+        }
         // Reports the outcome to the balancer when dropped, also if this future
         // is dropped mid-call (then as Neutral).
         let mut in_flight = InFlight {

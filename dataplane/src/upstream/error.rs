@@ -145,7 +145,10 @@ impl ForwardError {
     /// Whether another instance of the zone may take the same request: true
     /// only when this one certainly did not execute it.
     pub fn retry_elsewhere(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::UpstreamOverloaded { .. }
+        )
     }
 
     /// Short label for the `outcome` metric label and logs.

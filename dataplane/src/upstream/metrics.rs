@@ -33,6 +33,9 @@ pub(crate) struct Metrics {
     /// instance after one refused them unexecuted (connection refused,
     /// `UNAVAILABLE`).
     pub retried: IntCounterVec,
+    /// `gatesvr_upstream_stream_requests_outstanding`: requests sent on
+    /// upstream streams and not yet answered (bounded by the windows).
+    pub stream_outstanding: IntGauge,
 }
 
 impl Metrics {
@@ -77,6 +80,11 @@ impl Metrics {
             ),
             &["zone"],
         )?;
+        let stream_outstanding = IntGauge::new(
+            "gatesvr_upstream_stream_requests_outstanding",
+            "Requests sent on upstream streams and not yet answered.",
+        )?;
+        registry.register(Box::new(stream_outstanding.clone()))?;
         registry.register(Box::new(retried.clone()))?;
         registry.register(Box::new(panic_routed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -90,6 +98,7 @@ impl Metrics {
             inflight,
             panic_routed,
             retried,
+            stream_outstanding,
         })
     }
 
