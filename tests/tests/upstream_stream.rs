@@ -275,3 +275,89 @@ async fn an_upstream_pushes_through_its_stream() {
     assert_eq!(push.content, "hello over the stream");
     assert_eq!(instance.upstream.streams(), 1, "one stream from the one node");
 }
+
+/// A TCP relay to `target` that can be cut: every connection through it is
+/// dropped at once and new ones are refused, as when the host of an
+/// instance dies.
+async fn relay(target: SocketAddr) -> (SocketAddr, CancellationToken) {
+    let (listener, addr) = bind().await;
+    let cut = CancellationToken::new();
+    let stop = cut.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((mut inbound, _)) = accepted else { return };
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    (addr, cut)
+}
+
+#[tokio::test]
+async fn requests_on_a_dead_instance_fail_explicitly_and_never_run_twice() {
+    let (app_a, app_b) = (App::new(), App::new());
+    let (listener_a, addr_a) = bind().await;
+    let (listener_b, addr_b) = bind().await;
+    let a = serve(&app_a, listener_a, 64).await;
+    let _b = serve(&app_b, listener_b, 64).await;
+    let (via_relay, cut) = relay(addr_a).await;
+    let node = node(&[via_relay, addr_b]).await;
+    let client = Arc::new(Client::connect(node.client_config("oli")).await.unwrap());
+
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            let payload = format!("slow:500:{i}");
+            (payload.clone(), client.request(1, payload).await)
+        }));
+    }
+    gatesvr_tests::eventually("requests reached instance a", || a.upstream.inflight() > 0).await;
+    cut.cancel();
+
+    let mut unknown = 0;
+    for call in calls {
+        let (payload, answer) = call.await.unwrap();
+        match answer {
+            Ok(r) => assert_eq!(&r.payload[..], payload.as_bytes()),
+            Err(RequestError::Gateway { code, message, .. }) => {
+                assert_eq!(code, ErrorCode::UpstreamError, "{payload}: {message}");
+                assert!(message.starts_with("outcome unknown"), "{message}");
+                unknown += 1;
+            }
+            Err(e) => panic!("{payload}: {e}"),
+        }
+    }
+    assert!(unknown > 0, "requests in flight on the dead instance are failed explicitly");
+    let mut total: HashMap<String, u32> = HashMap::new();
+    for app in [&app_a, &app_b] {
+        for (payload, n) in app.executions() {
+            *total.entry(payload).or_default() += n;
+        }
+    }
+    for (payload, n) in &total {
+        assert_eq!(*n, 1, "{payload} executed {n} times");
+    }
+
+    // The dead instance refuses connections: every new request goes to b.
+    for i in 0..10 {
+        let payload = format!("after:{i}");
+        let r = client
+            .request(1, payload.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{payload}: {e}"));
+        assert_eq!(&r.payload[..], payload.as_bytes());
+    }
+}
