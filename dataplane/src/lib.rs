@@ -115,9 +115,12 @@ fn static_router(
     config: &DataPlaneConfig,
     metrics: &metrics::Metrics,
 ) -> Result<upstream::UpstreamRouter, StartError> {
-    let router =
-        upstream::UpstreamRouter::for_node(config.upstream_config(), &metrics.registry, &config.node_id)
-            .map_err(|e| StartError::Config(e.to_string()))?;
+    let router = upstream::UpstreamRouter::for_node(
+        config.upstream_config(),
+        &metrics.registry,
+        &config.node_id,
+    )
+    .map_err(|e| StartError::Config(e.to_string()))?;
     for index in 0..config.zones.count {
         let zone = gatesvr_proto::zone::zone_id(index);
         let addrs: Vec<String> = config

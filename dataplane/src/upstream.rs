@@ -65,9 +65,9 @@ use tonic::transport::Channel;
 
 pub use balancer::{InstanceState, InstanceStatus};
 pub use config::{OutlierDetectionConfig, UpstreamConfig, UpstreamProtocol};
-pub use stream::PushSink;
 pub use error::ForwardError;
 pub use instance::{Instance, InvalidAddress, instances_by_zone, static_instances};
+pub use stream::PushSink;
 
 use balancer::{Balancer, BalancerConfig, EndpointId, Outcome, Transition};
 use metrics::{Metrics, UNKNOWN_ZONE_LABEL};
@@ -234,9 +234,8 @@ impl UpstreamRouter {
             .with_label_values(&[zone.name.as_str()])
             .observe(started.elapsed().as_secs_f64());
         let addr = picked.addr;
-        let retry_after = || {
-            u32::try_from(self.cfg.overload_retry_after.as_millis()).unwrap_or(u32::MAX)
-        };
+        let retry_after =
+            || u32::try_from(self.cfg.overload_retry_after.as_millis()).unwrap_or(u32::MAX);
         let (result, outcome) = match result {
             Ok(answer) => (Ok(answer), Outcome::Success),
             Err(stream::CallError::NotSent(reason)) => (
@@ -273,9 +272,10 @@ impl UpstreamRouter {
                 }),
                 Outcome::Failure,
             ),
-            Err(stream::CallError::Timeout) => {
-                (Err(ForwardError::Timeout { addr, timeout }), Outcome::Failure)
-            }
+            Err(stream::CallError::Timeout) => (
+                Err(ForwardError::Timeout { addr, timeout }),
+                Outcome::Failure,
+            ),
         };
         in_flight.outcome = outcome;
         result

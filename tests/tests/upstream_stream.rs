@@ -55,7 +55,11 @@ impl Handler for App {
         let text = String::from_utf8_lossy(&request.payload).into_owned();
         *self.executed.lock().entry(text.clone()).or_default() += 1;
         if let Some(rest) = text.strip_prefix("slow:") {
-            let ms: u64 = rest.split(':').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+            let ms: u64 = rest
+                .split(':')
+                .next()
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
         } else if text.starts_with("hold:") {
             let _permit = self.gate.acquire().await;
@@ -258,7 +262,11 @@ async fn a_stalled_upstream_holds_only_its_request_window() {
     }
     assert_eq!(answered, WINDOW);
     assert_eq!(refused, 40 - WINDOW);
-    assert_eq!(app.executions().values().sum::<u32>(), WINDOW, "refused ones never ran");
+    assert_eq!(
+        app.executions().values().sum::<u32>(),
+        WINDOW,
+        "refused ones never ran"
+    );
 }
 
 #[tokio::test]
@@ -268,12 +276,19 @@ async fn an_upstream_pushes_through_its_stream() {
     let instance = serve(&app, listener, 64).await;
     let node = node(&[addr]).await;
     let client = Client::connect(node.client_config("noa")).await.unwrap();
-    let answer = client.request(1, "push:hello over the stream").await.unwrap();
+    let answer = client
+        .request(1, "push:hello over the stream")
+        .await
+        .unwrap();
     assert_eq!(answer.app_code, 0, "{}", answer.message);
     let push = next_push(&client).await.expect("the push arrives");
     assert_eq!(push.msg_type, "note");
     assert_eq!(push.content, "hello over the stream");
-    assert_eq!(instance.upstream.streams(), 1, "one stream from the one node");
+    assert_eq!(
+        instance.upstream.streams(),
+        1,
+        "one stream from the one node"
+    );
 }
 
 /// A TCP relay to `target` that can be cut: every connection through it is
@@ -289,7 +304,9 @@ async fn relay(target: SocketAddr) -> (SocketAddr, CancellationToken) {
                 () = stop.cancelled() => return,
                 accepted = listener.accept() => accepted,
             };
-            let Ok((mut inbound, _)) = accepted else { return };
+            let Ok((mut inbound, _)) = accepted else {
+                return;
+            };
             let stop = stop.clone();
             tokio::spawn(async move {
                 let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
@@ -340,7 +357,10 @@ async fn requests_on_a_dead_instance_fail_explicitly_and_never_run_twice() {
             Err(e) => panic!("{payload}: {e}"),
         }
     }
-    assert!(unknown > 0, "requests in flight on the dead instance are failed explicitly");
+    assert!(
+        unknown > 0,
+        "requests in flight on the dead instance are failed explicitly"
+    );
     let mut total: HashMap<String, u32> = HashMap::new();
     for app in [&app_a, &app_b] {
         for (payload, n) in app.executions() {
@@ -360,4 +380,49 @@ async fn requests_on_a_dead_instance_fail_explicitly_and_never_run_twice() {
             .unwrap_or_else(|e| panic!("{payload}: {e}"));
         assert_eq!(&r.payload[..], payload.as_bytes());
     }
+}
+
+#[tokio::test]
+async fn the_demo_upstream_serves_and_pushes_over_streams() {
+    // Its GatewayService address goes nowhere: pushes can only take the stream.
+    let (listener, addr) = bind().await;
+    let mut cfg = gate_upstream::Config::new("006", "127.0.0.1:1");
+    cfg.addr = addr;
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(gate_upstream::run(
+        cfg,
+        listener,
+        stop.clone().cancelled_owned(),
+    ));
+    let node = node(&[addr]).await;
+    assert_eq!(gatesvr_proto::zone::zone_of("alice", 6), "006");
+    let alice = Client::connect(node.client_config("alice")).await.unwrap();
+    let user2 = Client::connect(node.client_config("user-2")).await.unwrap();
+
+    let r = alice.request(1, "echo over a stream").await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(body["echo"], "over a stream");
+    alice.request(1, "join lobby").await.unwrap();
+    user2.request(1, "join lobby").await.unwrap();
+    let said = alice.request(1, "say lobby hi all").await.unwrap();
+    assert_eq!(said.app_code, 0, "{}", said.message);
+    for client in [&alice, &user2] {
+        let push = next_push(client).await.expect("the chat push arrives");
+        assert_eq!(
+            (push.msg_type.as_str(), push.content.as_str()),
+            ("chat", "hi all")
+        );
+    }
+    let b = user2.request(1, "broadcast to 006").await.unwrap();
+    assert_eq!(b.app_code, 0, "{}", b.message);
+    for client in [&alice, &user2] {
+        assert_eq!(
+            next_push(client).await.expect("broadcast").content,
+            "to 006"
+        );
+    }
+
+    // Shutdown drains the streams and returns.
+    stop.cancel();
+    serving.await.unwrap().expect("clean shutdown");
 }

@@ -120,13 +120,68 @@ impl<H> Clone for Upstream<H> {
     }
 }
 
+/// Pushes and broadcasts through whichever data-plane streams are open.
+/// Cheap to clone; independent of the handler's type, so a handler can hold
+/// one (see `gate-upstream`).
+#[derive(Clone, Default)]
+pub struct Pusher {
+    streams: Arc<Streams>,
+}
+
+impl std::fmt::Debug for Pusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pusher")
+            .field("streams", &self.streams())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Streams {
+    pub(crate) open: Mutex<Vec<Arc<stream::Stream>>>,
+    next: AtomicUsize,
+}
+
+impl Pusher {
+    /// Data-plane streams open now: 0 means a push would fail with
+    /// [`PushError::NoStream`] (use `GatewayService` then).
+    pub fn streams(&self) -> usize {
+        self.streams.open.lock().len()
+    }
+
+    /// Queues one push through a connected data-plane node.
+    pub async fn push(&self, push: PushToClientRequest) -> Result<PushResult, PushError> {
+        let stream = self.pick().ok_or(PushError::NoStream)?;
+        stream.push(push).await
+    }
+
+    /// Queues one broadcast through a connected data-plane node (which fans
+    /// it out to every node).
+    pub async fn broadcast(
+        &self,
+        broadcast: BroadcastRequest,
+    ) -> Result<BroadcastResponse, PushError> {
+        let stream = self.pick().ok_or(PushError::NoStream)?;
+        stream.broadcast(broadcast).await
+    }
+
+    /// A live stream, round robin.
+    fn pick(&self) -> Option<Arc<stream::Stream>> {
+        let streams = self.streams.open.lock();
+        if streams.is_empty() {
+            return None;
+        }
+        let i = self.streams.next.fetch_add(1, Ordering::Relaxed) % streams.len();
+        Some(streams[i].clone())
+    }
+}
+
 pub(crate) struct Inner<H> {
     pub(crate) handler: H,
     pub(crate) opts: Options,
     pub(crate) serving: AtomicBool,
     pub(crate) draining: AtomicBool,
-    pub(crate) streams: Mutex<Vec<Arc<stream::Stream>>>,
-    next_stream: AtomicUsize,
+    pub(crate) streams: Arc<Streams>,
     pub(crate) requests_total: AtomicU64,
     pub(crate) inflight: AtomicU32,
     /// Woken whenever a request finishes (drain waits on it).
@@ -136,14 +191,19 @@ pub(crate) struct Inner<H> {
 impl<H: Handler> Upstream<H> {
     /// An instance running `handler`; not serving until [`set_serving`](Self::set_serving).
     pub fn new(handler: H, opts: Options) -> Self {
+        Self::with_pusher(handler, opts, Pusher::default())
+    }
+
+    /// As [`new`](Self::new), with streams shared with `pusher` (made before
+    /// the handler, so the handler can hold it).
+    pub fn with_pusher(handler: H, opts: Options, pusher: Pusher) -> Self {
         Self {
             inner: Arc::new(Inner {
                 handler,
                 opts,
                 serving: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
-                streams: Mutex::new(Vec::new()),
-                next_stream: AtomicUsize::new(0),
+                streams: pusher.streams,
                 requests_total: AtomicU64::new(0),
                 inflight: AtomicU32::new(0),
                 idle: tokio::sync::Notify::new(),
@@ -174,14 +234,21 @@ impl<H: Handler> Upstream<H> {
     /// stream, and reported by `GetStatus`.
     pub fn set_serving(&self, serving: bool) {
         self.inner.serving.store(serving, Ordering::SeqCst);
-        for s in self.inner.streams.lock().iter() {
+        for s in self.inner.streams.open.lock().iter() {
             s.send_health(serving);
         }
     }
 
     /// Data-plane streams open now.
     pub fn streams(&self) -> usize {
-        self.inner.streams.lock().len()
+        self.pusher().streams()
+    }
+
+    /// A handle for pushing through this instance's streams.
+    pub fn pusher(&self) -> Pusher {
+        Pusher {
+            streams: self.inner.streams.clone(),
+        }
     }
 
     /// Requests executing now, over every stream and unary call.
@@ -195,7 +262,7 @@ impl<H: Handler> Upstream<H> {
     pub async fn drain(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
         self.set_serving(false);
-        let streams: Vec<_> = self.inner.streams.lock().clone();
+        let streams: Vec<_> = self.inner.streams.open.lock().clone();
         for s in &streams {
             s.send_drain();
         }
@@ -213,28 +280,15 @@ impl<H: Handler> Upstream<H> {
 
     /// Queues one push through a connected data-plane node.
     pub async fn push(&self, push: PushToClientRequest) -> Result<PushResult, PushError> {
-        let stream = self.pick().ok_or(PushError::NoStream)?;
-        stream.push(push).await
+        self.pusher().push(push).await
     }
 
-    /// Queues one broadcast through a connected data-plane node (which fans
-    /// it out to every node).
+    /// Queues one broadcast through a connected data-plane node.
     pub async fn broadcast(
         &self,
         broadcast: BroadcastRequest,
     ) -> Result<BroadcastResponse, PushError> {
-        let stream = self.pick().ok_or(PushError::NoStream)?;
-        stream.broadcast(broadcast).await
-    }
-
-    /// A live stream, round robin.
-    fn pick(&self) -> Option<Arc<stream::Stream>> {
-        let streams = self.inner.streams.lock();
-        if streams.is_empty() {
-            return None;
-        }
-        let i = self.inner.next_stream.fetch_add(1, Ordering::Relaxed) % streams.len();
-        Some(streams[i].clone())
+        self.pusher().broadcast(broadcast).await
     }
 }
 

@@ -174,9 +174,12 @@ impl<H: Handler> UpstreamStreamService for StreamService<H> {
             max_requests_in_flight: inner.opts.max_requests_in_flight,
             serving: inner.serving.load(Ordering::SeqCst),
         }));
-        inner.streams.lock().push(stream.clone());
+        inner.streams.open.lock().push(stream.clone());
         tokio::spawn(read(inner, stream.clone(), request.into_inner()));
-        Ok(tonic::Response::new(Box::pin(outgoing(rx, stream.end.clone()))))
+        Ok(tonic::Response::new(Box::pin(outgoing(
+            rx,
+            stream.end.clone(),
+        ))))
     }
 }
 
@@ -244,7 +247,11 @@ async fn read<H: Handler>(
             Some(Down::Drain(_)) | None => {}
         }
     }
-    inner.streams.lock().retain(|s| !Arc::ptr_eq(s, &stream));
+    inner
+        .streams
+        .open
+        .lock()
+        .retain(|s| !Arc::ptr_eq(s, &stream));
     // Pushes waiting for a result learn it is lost.
     stream.waiting.lock().clear();
     stream.push_window.close();
