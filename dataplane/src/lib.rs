@@ -594,6 +594,10 @@ impl DataPlane {
 
     /// Closes every connection (code 0) and stops all listeners.
     pub async fn shutdown(self) {
+        if let Handler::Upstream(router) = &self.node.handler {
+            // Upstreams learn on their streams that no new requests come.
+            router.drain_streams().await;
+        }
         self.cancel.cancel();
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"server shutting down");

@@ -191,6 +191,15 @@ impl UpstreamRouter {
         self.metrics.stream_outstanding.get()
     }
 
+    /// Tells every upstream this node has a stream to that the node is
+    /// leaving (`GatewayFrame.drain`); no new requests go on those streams.
+    pub async fn drain_streams(&self) {
+        let links: Vec<_> = self.streams.lock().values().cloned().collect();
+        for link in links {
+            link.drain().await;
+        }
+    }
+
     /// The stream link to `addr`, made on first use.
     fn stream_link(&self, addr: &Arc<str>, channel: Channel) -> Arc<stream::StreamLink> {
         self.streams

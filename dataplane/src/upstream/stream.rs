@@ -226,6 +226,21 @@ impl StreamLink {
         }
     }
 
+    /// This node is leaving: tells the upstream (`drain`) and sends no new
+    /// requests on the stream. Answers still arrive until the node exits.
+    pub(crate) async fn drain(&self) {
+        let slot = self.live.lock().await;
+        if let Some(live) = slot.as_ref().filter(|l| l.usable()) {
+            live.draining.store(true, Ordering::SeqCst);
+            // Best effort: a full queue means the upstream is not reading.
+            let _ = live.tx.try_send(GatewayFrame {
+                body: Some(Down::Drain(gatesvr_proto::upstream::Drain {
+                    reason: "gateway node leaving".into(),
+                })),
+            });
+        }
+    }
+
     /// The live stream, dialled if there is none.
     async fn live(&self) -> Result<Arc<Live>, CallError> {
         let mut slot = self.live.lock().await;
