@@ -305,7 +305,7 @@ impl gatesvr_upstream_sdk::Handler for EchoUpstream {
     async fn handle(&self, request: ProcessRequestRequest) -> gatesvr_upstream_sdk::Reply {
         gatesvr_upstream_sdk::Reply::Done(ProcessRequestResponse {
             app_code: 0,
-            payload: request.payload,
+            payload: request.payload.into(),
             message: String::new(),
         })
     }
@@ -320,7 +320,7 @@ impl UpstreamService for EchoUpstream {
         let req = request.into_inner();
         Ok(tonic::Response::new(ProcessRequestResponse {
             app_code: 0,
-            payload: req.payload,
+            payload: req.payload.into(),
             message: String::new(),
         }))
     }
@@ -459,7 +459,7 @@ async fn relay_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
                             .process_request(ProcessRequestRequest {
                                 msg_id: req.msg_id,
                                 seq_id: req.seq_id,
-                                payload: req.payload,
+                                payload: req.payload.into(),
                                 ..Default::default()
                             })
                             .await;

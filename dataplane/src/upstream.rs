@@ -399,7 +399,7 @@ impl UpstreamRouter {
             node_id: req.node_id,
             msg_id: req.msg_id,
             seq_id: req.seq_id,
-            payload: Vec::from(req.payload),
+            payload: req.payload,
             trace_id: req.trace_id,
         };
         let mut tried: Vec<EndpointId> = Vec::new();
@@ -420,8 +420,8 @@ impl UpstreamRouter {
                     .inc();
             }
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            // Keep the body for another instance only when there is one: the
-            // common case (it succeeds, or no other instance) copies nothing.
+            // Keep the body for another instance only when there is one (the
+            // payload is shared, the few strings are copied).
             let spare = (others > 0 && tried.len() < MAX_ATTEMPTS - 1).then(|| body.clone());
             let id = picked.id;
             match self.attempt(&zone, picked, body, remaining).await {

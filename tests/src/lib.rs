@@ -353,7 +353,7 @@ impl gatesvr_proto::upstream::upstream_service_server::UpstreamService for FakeU
         Ok(tonic::Response::new(
             gatesvr_proto::upstream::ProcessRequestResponse {
                 app_code: 0,
-                payload: req.payload,
+                payload: req.payload.into(),
                 message: req.zone,
             },
         ))

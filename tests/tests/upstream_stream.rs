@@ -84,7 +84,7 @@ impl Handler for App {
         }
         Reply::Done(gatesvr_upstream_sdk::proto::ProcessRequestResponse {
             app_code: 0,
-            payload: request.payload,
+            payload: request.payload.into(),
             message: String::new(),
         })
     }
