@@ -308,11 +308,29 @@ impl UpstreamRouter {
                 .or_insert_with(|| self.new_zone(zone))
                 .clone(),
         };
-        let mut state = zone.state.lock();
-        state
-            .balancer
-            .set_instances(instances, |instance| self.channel(&zone.name, instance));
-        self.report_instances(&zone, &state, now());
+        {
+            let mut state = zone.state.lock();
+            state
+                .balancer
+                .set_instances(instances, |instance| self.channel(&zone.name, instance));
+            self.report_instances(&zone, &state, now());
+        }
+        self.prune_streams();
+    }
+
+    /// Forgets the stream links of instances no zone names any more (their
+    /// streams end once no request holds them).
+    fn prune_streams(&self) {
+        if self.streams.lock().is_empty() {
+            return;
+        }
+        let zones: Vec<Arc<Zone>> = self.zones.read().values().cloned().collect();
+        let known: std::collections::HashSet<Arc<str>> = zones
+            .iter()
+            .flat_map(|z| z.state.lock().balancer.targets())
+            .map(|(_, addr, _)| addr)
+            .collect();
+        self.streams.lock().retain(|addr, _| known.contains(addr));
     }
 
     /// Replaces the whole routing table: zones missing from `zones` are
@@ -338,6 +356,7 @@ impl UpstreamRouter {
         for (zone, instances) in zones {
             self.set_zone_instances(&zone, instances);
         }
+        self.prune_streams();
     }
 
     /// Known zones, sorted.

@@ -426,3 +426,23 @@ async fn the_demo_upstream_serves_and_pushes_over_streams() {
     stop.cancel();
     serving.await.unwrap().expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn an_instance_removed_from_routing_loses_its_stream() {
+    let app = App::new();
+    let (listener, addr) = bind().await;
+    let instance = serve(&app, listener, 64).await;
+    let node = node(&[addr]).await;
+    let client = Client::connect(node.client_config("pat")).await.unwrap();
+    client.request(1, "echo open the stream").await.unwrap();
+    assert_eq!(instance.upstream.streams(), 1);
+
+    let gatesvr_dataplane::Handler::Upstream(router) = &node.dp.node().handler else {
+        unreachable!("a routed node")
+    };
+    router.replace_all(HashMap::new());
+    gatesvr_tests::eventually("the stream of the removed instance ends", || {
+        instance.upstream.streams() == 0
+    })
+    .await;
+}

@@ -109,6 +109,15 @@ pub(crate) struct StreamLink {
     live: tokio::sync::Mutex<Option<Arc<Live>>>,
     /// Requests outstanding on this link (for the router's gauge).
     outstanding: Arc<prometheus::IntGauge>,
+    /// Cancelled when the link is dropped (instance gone from the routing
+    /// table): its reader stops, and the stream ends.
+    gone: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for StreamLink {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
 }
 
 impl std::fmt::Debug for StreamLink {
@@ -159,6 +168,7 @@ impl StreamLink {
             sink,
             live: tokio::sync::Mutex::new(None),
             outstanding,
+            gone: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -296,6 +306,7 @@ impl StreamLink {
             inbound,
             self.sink.clone(),
             self.cfg.max_pushes_in_flight,
+            self.gone.clone(),
         ));
         Ok(live)
     }
@@ -307,10 +318,15 @@ async fn read(
     mut inbound: tonic::Streaming<UpstreamFrame>,
     sink: Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
     max_pushes: u32,
+    gone: tokio_util::sync::CancellationToken,
 ) {
     let pushes = Arc::new(Semaphore::new(max_pushes as usize));
     loop {
-        let frame = match inbound.message().await {
+        let frame = tokio::select! {
+            frame = inbound.message() => frame,
+            () = gone.cancelled() => break,
+        };
+        let frame = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(status) => {
