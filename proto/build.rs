@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(&files, ["."])?;
     tonic_prost_build::configure()
         .bytes(".gatesvr.client.v1.ServerPush.data")
+        // Shared, not copied, when the data plane keeps it for a retry on
+        // another instance (dataplane/src/upstream.rs).
+        .bytes(".gatesvr.upstream.v1.ProcessRequestRequest.payload")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -120,6 +120,12 @@ pub fn dataplane_config(dir: &Path, upstream: Option<&str>) -> DataPlaneConfig {
     cfg.overload_protection.max_qps = 100_000_000;
     cfg.overload_protection.max_connections = 1_000_000;
     cfg.overload_protection.max_upstream_concurrent = 100_000;
+    // `GATE_BENCH_UPSTREAM=stream`: the upstream leg uses the streaming
+    // contract (docs/protocol.md §14) instead of one unary call per request.
+    if std::env::var("GATE_BENCH_UPSTREAM").is_ok_and(|v| v == "stream") {
+        cfg.upstream.protocol = gatesvr_dataplane::upstream::UpstreamProtocol::Stream;
+        cfg.upstream.stream_max_requests_in_flight = 100_000;
+    }
     if let Some(addr) = upstream {
         cfg.zones.upstreams = (0..cfg.zones.count)
             .map(|i| gatesvr_dataplane::config::StaticZone {
@@ -209,9 +215,15 @@ pub async fn run(mode: Serve) -> Result<()> {
             health
                 .set_serving::<UpstreamServiceServer<EchoUpstream>>()
                 .await;
+            // Both contracts: the data plane picks (`GATE_BENCH_UPSTREAM`).
+            let mut opts = gatesvr_upstream_sdk::Options::new("gate-bench-echo", "");
+            opts.max_requests_in_flight = 100_000;
+            let stream = gatesvr_upstream_sdk::Upstream::new(EchoUpstream, opts);
+            stream.set_serving(true);
             let server = tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(UpstreamServiceServer::new(EchoUpstream))
+                .add_service(stream.stream_service())
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
             announce(serde_json::json!({"grpc": addr.to_string()}));
             tokio::select! {
@@ -289,6 +301,16 @@ pub fn upstream_channel(addr: &str) -> Result<Channel> {
 /// The trivial upstream: echo.
 pub struct EchoUpstream;
 
+impl gatesvr_upstream_sdk::Handler for EchoUpstream {
+    async fn handle(&self, request: ProcessRequestRequest) -> gatesvr_upstream_sdk::Reply {
+        gatesvr_upstream_sdk::Reply::Done(ProcessRequestResponse {
+            app_code: 0,
+            payload: request.payload.into(),
+            message: String::new(),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl UpstreamService for EchoUpstream {
     async fn process_request(
@@ -298,7 +320,7 @@ impl UpstreamService for EchoUpstream {
         let req = request.into_inner();
         Ok(tonic::Response::new(ProcessRequestResponse {
             app_code: 0,
-            payload: req.payload,
+            payload: req.payload.into(),
             message: String::new(),
         }))
     }
@@ -437,7 +459,7 @@ async fn relay_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
                             .process_request(ProcessRequestRequest {
                                 msg_id: req.msg_id,
                                 seq_id: req.seq_id,
-                                payload: req.payload,
+                                payload: req.payload.into(),
                                 ..Default::default()
                             })
                             .await;

@@ -651,7 +651,8 @@ fn handle_request(
             format!("overloaded, retry after {ms} ms"),
             ms,
         );
-        // Stored, so a retry of this seq gets the same answer, not a second execution.
+        // Not executed: the session frees the seq (`is_not_executed`), so a
+        // retry of it after `retry_after_ms` runs.
         entry
             .state
             .lock()

@@ -62,8 +62,11 @@ impl Handler {
                         answer.message = ok.message;
                     }
                     Err(err) => {
+                        // The detail (instance address, transport error) is
+                        // for operators; the client gets a fixed message.
+                        tracing::debug!(zone = %session.zone, seq_id = request.seq_id, error = %err, "request failed");
                         answer.code = err.code() as i32;
-                        answer.message = err.to_string();
+                        answer.message = err.client_message().to_owned();
                         answer.retry_after_ms = err.retry_after_ms().unwrap_or(0);
                     }
                 }

@@ -115,8 +115,12 @@ fn static_router(
     config: &DataPlaneConfig,
     metrics: &metrics::Metrics,
 ) -> Result<upstream::UpstreamRouter, StartError> {
-    let router = upstream::UpstreamRouter::new(config.upstream_config(), &metrics.registry)
-        .map_err(|e| StartError::Config(e.to_string()))?;
+    let router = upstream::UpstreamRouter::for_node(
+        config.upstream_config(),
+        &metrics.registry,
+        &config.node_id,
+    )
+    .map_err(|e| StartError::Config(e.to_string()))?;
     for index in 0..config.zones.count {
         let zone = gatesvr_proto::zone::zone_id(index);
         let addrs: Vec<String> = config
@@ -435,6 +439,10 @@ impl DataPlane {
             }
         }));
 
+        if let Handler::Upstream(router) = &node.handler {
+            // Pushes upstreams send on their streams (upstream protocol `stream`).
+            router.set_push_sink(Arc::new(upstream::sink::GatewaySink(node.clone())));
+        }
         let gateway = gatesvr_proto::upstream::gateway_service_server::GatewayServiceServer::new(
             gateway::Gateway { node: node.clone() },
         )
@@ -597,6 +605,10 @@ impl DataPlane {
 
     /// Closes every connection (code 0) and stops all listeners.
     pub async fn shutdown(self) {
+        if let Handler::Upstream(router) = &self.node.handler {
+            // Upstreams learn on their streams that no new requests come.
+            router.drain_streams().await;
+        }
         self.cancel.cancel();
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"server shutting down");

@@ -86,7 +86,10 @@
 //! recorded as executing (at most `max_inflight` at once), a retry of an
 //! executing one waits for it, a retry of a completed one replays the answer
 //! given to [`Session::complete_request`]. Answers are kept for the last
-//! `request_window` seqs only.
+//! `request_window` seqs only. Only executions are recorded: an answer that
+//! says the request was never executed (`OVERLOADED`, `UPSTREAM_UNAVAILABLE`,
+//! `UPSTREAM_OVERLOADED`, `TOO_MANY_INFLIGHT`, see [`is_not_executed`]) frees
+//! the seq instead, so the client's retry with the same seq runs.
 //!
 //! ## Handover
 //! Another node takes a session over under a new ownership epoch:
@@ -118,7 +121,7 @@ mod queue;
 mod transfer;
 
 pub use config::{ConfigError, QueuePolicy, SessionConfig};
-pub use dedupe::{Completion, RequestDisposition, unknown_outcome};
+pub use dedupe::{Completion, RequestDisposition, is_not_executed, unknown_outcome};
 pub use transfer::ImportError;
 
 use dedupe::RequestWindow;
@@ -506,6 +509,8 @@ impl Session {
     /// Records the answer of a request [`begin_request`](Self::begin_request)
     /// said to execute, for replay to its retries. The shell sends `response`
     /// itself (to the original request and to every retry that got `InFlight`).
+    /// A refusal that never reached an upstream ([`is_not_executed`]) is not
+    /// recorded: the seq is free again ([`Completion::NotExecuted`]).
     pub fn complete_request(&mut self, seq_id: u64, response: ClientResponse) -> Completion {
         self.requests
             .complete(seq_id, response, self.cfg.request_window)

@@ -5,12 +5,16 @@
 //! [`Channel`] per instance, picks an instance per request (least outstanding
 //! requests, power-of-two-choices, among available instances), calls
 //! `UpstreamService.ProcessRequest` under a deadline, and keeps each instance's
-//! health from active `grpc.health.v1` checks and from request outcomes
+//! health from active checks (`UpstreamService.GetStatus`, `grpc.health.v1`
+//! for upstreams without it) and from request outcomes
 //! (passive ejection).
 //!
-//! It does not retry: the client retries with the same `seq_id`, which the
-//! session dedupes, and by then a failing instance is on its way out of
-//! rotation. It does not decide zones either: callers pass the zone of the
+//! It retries only what was certainly not executed: when an instance refuses
+//! the connection or answers `UNAVAILABLE`, the request goes to another
+//! instance of the zone (up to [`MAX_ATTEMPTS`] in all, within the same
+//! deadline). A request that may have reached an upstream (timeout, a
+//! connection lost after sending, any other status) is never sent again; the
+//! client decides, with the same `seq_id`, which the session dedupes. It does not decide zones either: callers pass the zone of the
 //! session's openid (`gatesvr_proto::zone`).
 //!
 //! ```text
@@ -19,10 +23,11 @@
 //!                              │ 2. node-wide semaphore     ─▶ Overloaded (no waiting)
 //!                              │ 3. Balancer::pick (p2c; all instances if none is available) ─▶ NoInstances
 //!                              │ 4. ProcessRequest, grpc-timeout + local timeout
+//!                              │    refused unexecuted ─▶ back to 3, another instance
 //!                              ▼
 //!                          Channel ──HTTP/2──▶ upstream instance
 //!                              │ 5. Balancer::finish(outcome): passive ejection
-//!  run_health_checks ──every health_check_interval──▶ Health/Check ─▶ Balancer::record_check
+//!  run_health_checks ──every health_check_interval──▶ GetStatus ─▶ Balancer::record_check
 //! ```
 //!
 //! # Layout
@@ -39,6 +44,8 @@ pub mod error;
 mod health;
 pub mod instance;
 mod metrics;
+pub(crate) mod sink;
+pub mod stream;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -57,12 +64,17 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 pub use balancer::{InstanceState, InstanceStatus};
-pub use config::{OutlierDetectionConfig, UpstreamConfig};
+pub use config::{OutlierDetectionConfig, UpstreamConfig, UpstreamProtocol};
 pub use error::ForwardError;
 pub use instance::{Instance, InvalidAddress, instances_by_zone, static_instances};
+pub use stream::PushSink;
 
 use balancer::{Balancer, BalancerConfig, EndpointId, Outcome, Transition};
 use metrics::{Metrics, UNKNOWN_ZONE_LABEL};
+
+/// Instances one request may try: the first, then others only while each
+/// refused it without executing it (connection refused, `UNAVAILABLE`).
+const MAX_ATTEMPTS: usize = 3;
 
 /// Metadata key carrying the request's trace id to the upstream.
 pub const TRACE_ID_METADATA: &str = "x-gatesvr-trace-id";
@@ -111,6 +123,12 @@ pub struct UpstreamRouter {
     metrics: Metrics,
     /// Client TLS per zone (`upstream.tls`, `upstream.zone_tls`).
     tls: tls::TlsByZone,
+    /// With `protocol: stream`: one stream link per instance address.
+    streams: Mutex<HashMap<Arc<str>, Arc<stream::StreamLink>>>,
+    /// Where pushes arriving on streams go; set once the node exists.
+    push_sink: Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
+    /// This node's id, told to upstreams in the stream hello.
+    node_id: String,
 }
 
 #[derive(Debug)]
@@ -133,10 +151,22 @@ impl UpstreamRouter {
     /// [`set_zone_instances`]: Self::set_zone_instances
     /// [`replace_all`]: Self::replace_all
     pub fn new(cfg: UpstreamConfig, registry: &prometheus::Registry) -> Result<Self, SetupError> {
+        Self::for_node(cfg, registry, "")
+    }
+
+    /// As [`new`](Self::new), naming this node to upstreams (stream hellos).
+    pub fn for_node(
+        cfg: UpstreamConfig,
+        registry: &prometheus::Registry,
+        node_id: &str,
+    ) -> Result<Self, SetupError> {
         cfg.validate()?;
         let metrics = Metrics::register(registry)?;
         let tls = tls::TlsByZone::build(cfg.tls.as_ref(), &cfg.zone_tls)?;
         Ok(Self {
+            streams: Mutex::new(HashMap::new()),
+            push_sink: Arc::new(std::sync::OnceLock::new()),
+            node_id: node_id.to_owned(),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_upstream_concurrent)),
             zones: RwLock::new(HashMap::new()),
@@ -148,6 +178,116 @@ impl UpstreamRouter {
     /// The configuration in use.
     pub fn config(&self) -> &UpstreamConfig {
         &self.cfg
+    }
+
+    /// Where pushes and broadcasts that upstreams send on their streams go.
+    /// Set once; later calls are ignored.
+    pub fn set_push_sink(&self, sink: Arc<dyn PushSink>) {
+        let _ = self.push_sink.set(sink);
+    }
+
+    /// Requests outstanding on upstream streams, all instances together.
+    pub fn stream_requests_outstanding(&self) -> i64 {
+        self.metrics.stream_outstanding.get()
+    }
+
+    /// Tells every upstream this node has a stream to that the node is
+    /// leaving (`GatewayFrame.drain`); no new requests go on those streams.
+    pub async fn drain_streams(&self) {
+        let links: Vec<_> = self.streams.lock().values().cloned().collect();
+        for link in links {
+            link.drain().await;
+        }
+    }
+
+    /// The stream link to `addr`, made on first use.
+    fn stream_link(&self, addr: &Arc<str>, channel: Channel) -> Arc<stream::StreamLink> {
+        self.streams
+            .lock()
+            .entry(addr.clone())
+            .or_insert_with(|| {
+                Arc::new(stream::StreamLink::new(
+                    channel,
+                    stream::LinkConfig {
+                        node_id: self.node_id.clone(),
+                        connect_timeout: self.cfg.connect_timeout,
+                        max_pushes_in_flight: self.cfg.stream_max_pushes_in_flight,
+                        max_requests_in_flight: self.cfg.stream_max_requests_in_flight,
+                    },
+                    self.push_sink.clone(),
+                    Arc::new(self.metrics.stream_outstanding.clone()),
+                ))
+            })
+            .clone()
+    }
+
+    /// One request over the instance's stream.
+    async fn attempt_stream(
+        &self,
+        zone: &Zone,
+        picked: balancer::Pick<Channel>,
+        body: ProcessRequestRequest,
+        timeout: std::time::Duration,
+    ) -> Result<ProcessRequestResponse, ForwardError> {
+        let mut in_flight = InFlight {
+            router: self,
+            zone,
+            id: picked.id,
+            outcome: Outcome::Neutral,
+        };
+        let link = self.stream_link(&picked.addr, picked.value);
+        let started = tokio::time::Instant::now();
+        let result = link.call(body, timeout).await;
+        self.metrics
+            .duration
+            .with_label_values(&[zone.name.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        let addr = picked.addr;
+        let retry_after =
+            || u32::try_from(self.cfg.overload_retry_after.as_millis()).unwrap_or(u32::MAX);
+        let (result, outcome) = match result {
+            Ok(answer) => (Ok(answer), Outcome::Success),
+            Err(stream::CallError::NotSent(reason)) => (
+                Err(ForwardError::Unavailable {
+                    addr,
+                    status: tonic::Status::unavailable(reason),
+                }),
+                Outcome::Failure,
+            ),
+            Err(stream::CallError::NoCredit) => (
+                Err(ForwardError::UpstreamOverloaded {
+                    addr,
+                    retry_after_ms: Some(retry_after()),
+                    status: tonic::Status::resource_exhausted("request window full"),
+                }),
+                Outcome::Neutral,
+            ),
+            Err(stream::CallError::NotExecuted { retry_after_ms }) => (
+                Err(ForwardError::UpstreamOverloaded {
+                    addr,
+                    retry_after_ms: Some(if retry_after_ms == 0 {
+                        retry_after()
+                    } else {
+                        retry_after_ms
+                    }),
+                    status: tonic::Status::unavailable("not executed"),
+                }),
+                Outcome::Neutral,
+            ),
+            Err(stream::CallError::Lost) => (
+                Err(ForwardError::Lost {
+                    addr,
+                    status: tonic::Status::unavailable("stream ended"),
+                }),
+                Outcome::Failure,
+            ),
+            Err(stream::CallError::Timeout) => (
+                Err(ForwardError::Timeout { addr, timeout }),
+                Outcome::Failure,
+            ),
+        };
+        in_flight.outcome = outcome;
+        result
     }
 
     /// Sets the instances of `zone`, creating the zone if needed. Instances
@@ -168,11 +308,29 @@ impl UpstreamRouter {
                 .or_insert_with(|| self.new_zone(zone))
                 .clone(),
         };
-        let mut state = zone.state.lock();
-        state
-            .balancer
-            .set_instances(instances, |instance| self.channel(&zone.name, instance));
-        self.report_instances(&zone, &state, now());
+        {
+            let mut state = zone.state.lock();
+            state
+                .balancer
+                .set_instances(instances, |instance| self.channel(&zone.name, instance));
+            self.report_instances(&zone, &state, now());
+        }
+        self.prune_streams();
+    }
+
+    /// Forgets the stream links of instances no zone names any more (their
+    /// streams end once no request holds them).
+    fn prune_streams(&self) {
+        if self.streams.lock().is_empty() {
+            return;
+        }
+        let zones: Vec<Arc<Zone>> = self.zones.read().values().cloned().collect();
+        let known: std::collections::HashSet<Arc<str>> = zones
+            .iter()
+            .flat_map(|z| z.state.lock().balancer.targets())
+            .map(|(_, addr, _)| addr)
+            .collect();
+        self.streams.lock().retain(|addr, _| known.contains(addr));
     }
 
     /// Replaces the whole routing table: zones missing from `zones` are
@@ -198,6 +356,7 @@ impl UpstreamRouter {
         for (zone, instances) in zones {
             self.set_zone_instances(&zone, instances);
         }
+        self.prune_streams();
     }
 
     /// Known zones, sorted.
@@ -251,41 +410,78 @@ impl UpstreamRouter {
         };
         let _admitted = Admitted::new(permit, &self.metrics);
 
-        let picked = {
-            let mut state = zone.state.lock();
-            let ZoneState { balancer, rng } = &mut *state;
-            balancer.pick(now(), rng)
-        };
-        let Some(picked) = picked else {
-            return Err(ForwardError::NoInstances { zone: req.zone });
-        };
-        if picked.panic {
-            self.metrics
-                .panic_routed
-                .with_label_values(&[&req.zone])
-                .inc();
-        }
-        // Reports the outcome to the balancer when dropped, also if this future
-        // is dropped mid-call (then as Neutral).
-        let mut in_flight = InFlight {
-            router: self,
-            zone: &zone,
-            id: picked.id,
-            outcome: Outcome::Neutral,
-        };
-
-        let timeout = self.cfg.upstream_timeout;
-        let trace_id = MetadataValue::try_from(req.trace_id.as_str());
-        let mut request = tonic::Request::new(ProcessRequestRequest {
+        let deadline = tokio::time::Instant::now() + self.cfg.upstream_timeout;
+        let mut body = ProcessRequestRequest {
             openid: req.openid,
             session_id: req.session_id,
             zone: req.zone,
             node_id: req.node_id,
             msg_id: req.msg_id,
             seq_id: req.seq_id,
-            payload: Vec::from(req.payload),
+            payload: req.payload,
             trace_id: req.trace_id,
-        });
+        };
+        let mut tried: Vec<EndpointId> = Vec::new();
+        loop {
+            let (picked, others) = {
+                let mut state = zone.state.lock();
+                let ZoneState { balancer, rng } = &mut *state;
+                let picked = balancer.pick_excluding(now(), rng, &tried);
+                (picked, balancer.len().saturating_sub(tried.len() + 1))
+            };
+            let Some(picked) = picked else {
+                return Err(ForwardError::NoInstances { zone: body.zone });
+            };
+            if picked.panic {
+                self.metrics
+                    .panic_routed
+                    .with_label_values(&[&body.zone])
+                    .inc();
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Keep the body for another instance only when there is one (the
+            // payload is shared, the few strings are copied).
+            let spare = (others > 0 && tried.len() < MAX_ATTEMPTS - 1).then(|| body.clone());
+            let id = picked.id;
+            match self.attempt(&zone, picked, body, remaining).await {
+                Err(err) if err.retry_elsewhere() && !remaining.is_zero() => match spare {
+                    Some(spare) => {
+                        tracing::debug!(zone = %zone.name, error = %err, "not executed; trying another instance");
+                        self.metrics
+                            .retried
+                            .with_label_values(&[zone.name.as_str()])
+                            .inc();
+                        tried.push(id);
+                        body = spare;
+                    }
+                    None => return Err(err),
+                },
+                result => return result,
+            }
+        }
+    }
+
+    /// One call to one picked instance, within `timeout`.
+    async fn attempt(
+        &self,
+        zone: &Zone,
+        picked: balancer::Pick<Channel>,
+        body: ProcessRequestRequest,
+        timeout: std::time::Duration,
+    ) -> Result<ProcessRequestResponse, ForwardError> {
+        if self.cfg.protocol == UpstreamProtocol::Stream {
+            return self.attempt_stream(zone, picked, body, timeout).await;
+        }
+        // Reports the outcome to the balancer when dropped, also if this future
+        // is dropped mid-call (then as Neutral).
+        let mut in_flight = InFlight {
+            router: self,
+            zone,
+            id: picked.id,
+            outcome: Outcome::Neutral,
+        };
+        let trace_id = MetadataValue::try_from(body.trace_id.as_str());
+        let mut request = tonic::Request::new(body);
         // Tells the upstream its deadline; the local timeout below enforces it.
         request.set_timeout(timeout);
         match trace_id {

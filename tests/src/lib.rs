@@ -353,7 +353,7 @@ impl gatesvr_proto::upstream::upstream_service_server::UpstreamService for FakeU
         Ok(tonic::Response::new(
             gatesvr_proto::upstream::ProcessRequestResponse {
                 app_code: 0,
-                payload: req.payload,
+                payload: req.payload.into(),
                 message: req.zone,
             },
         ))
@@ -363,7 +363,13 @@ impl gatesvr_proto::upstream::upstream_service_server::UpstreamService for FakeU
         &self,
         _request: tonic::Request<gatesvr_proto::upstream::GetStatusRequest>,
     ) -> Result<tonic::Response<gatesvr_proto::upstream::UpstreamStatus>, tonic::Status> {
-        Ok(tonic::Response::new(Default::default()))
+        // The data plane's health probe.
+        Ok(tonic::Response::new(
+            gatesvr_proto::upstream::UpstreamStatus {
+                healthy: true,
+                ..Default::default()
+            },
+        ))
     }
 }
 

@@ -1,19 +1,23 @@
 //! `gate-upstream`: GateSvr's demo upstream service, and the example upstream
 //! teams start from.
 //!
-//! It serves `gatesvr.upstream.v1.UpstreamService` for one zone: each client
-//! request's payload is a small text command (`echo`, `whoami`, `join`,
-//! `leave`, `say`, `broadcast`; see [`commands`]); `say` and `broadcast` push
-//! to clients through the gateway's `GatewayService`. It also serves
-//! `grpc.health.v1` (NOT_SERVING until ready and while shutting down), which
-//! gateways use to take instances in and out of rotation, and, given a control
-//! plane, keeps itself registered there.
+//! Built on `gatesvr-upstream-sdk`, it serves both upstream contracts for one
+//! zone with one handler: the streaming one (`UpstreamStreamService`, one
+//! stream per data-plane node) and the unary one (`UpstreamService`, whose
+//! `GetStatus` is the gateways' health probe). Each client request's payload
+//! is a small text command (`echo`, `whoami`, `join`, `leave`, `say`,
+//! `broadcast`; see [`commands`]); `say` and `broadcast` push to clients
+//! through a data-plane stream, or through `GatewayService` when no stream is
+//! open. It also serves `grpc.health.v1` (NOT_SERVING until ready and while
+//! shutting down) for tools, and, given a control plane, keeps itself
+//! registered there. On shutdown it drains: streams are told, requests
+//! already received are answered, then the streams end.
 //!
 //! It does not persist anything: rooms live in memory, per instance.
 //!
 //! ```text
-//!  client ─QUIC─▶ gateway ──ProcessRequest──▶ gate-upstream ──(say)──▶ gateway.PushToClient ─▶ members
-//!                    ▲        Health/Check ◀─┘      │
+//!  client ─QUIC─▶ gateway ══Open stream / ProcessRequest══▶ gate-upstream ──(say)──▶ push on the stream ─▶ members
+//!                    ▲        GetStatus ◀─┘      │
 //!                    │                              └─Register/Heartbeat──▶ control plane
 //!                    └──── Watch(upstreams) ◀──────────────────────────────────┘
 //! ```
@@ -81,6 +85,10 @@ const CALLERS: &[(&str, gatesvr_common::authz::Rule)] = {
             Rule::Roles(&[Role::DataPlane]),
         ),
         (
+            "/gatesvr.upstream.v1.UpstreamStreamService/Open",
+            Rule::Roles(&[Role::DataPlane]),
+        ),
+        (
             "/gatesvr.upstream.v1.UpstreamService/GetStatus",
             Rule::Roles(&[Role::DataPlane, Role::Admin]),
         ),
@@ -97,11 +105,18 @@ pub async fn run(
 ) -> Result<(), Error> {
     let local_addr = listener.local_addr()?;
     let gateway = channel(&cfg, "--gateway", &cfg.gateway)?;
+    let pusher = gatesvr_upstream_sdk::Pusher::default();
     let demo = DemoUpstream::new(
         cfg.zone.clone(),
         cfg.service_name.clone(),
         gateway,
+        pusher.clone(),
         cfg.push_timeout,
+    );
+    let upstream = gatesvr_upstream_sdk::Upstream::with_pusher(
+        demo,
+        gatesvr_upstream_sdk::Options::new(cfg.service_name.clone(), cfg.zone.clone()),
+        pusher,
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -129,17 +144,22 @@ pub async fn run(
     let stop = CancellationToken::new();
     let serving = server
         .add_service(health_service)
+<<<<<<< HEAD
         .add_service(
             UpstreamServiceServer::new(demo.clone())
                 .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES),
         )
+=======
+        .add_service(upstream.unary_service())
+        .add_service(upstream.stream_service())
+>>>>>>> upstream
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.clone().cancelled_owned());
     let mut serving = tokio::spawn(serving);
 
     // Ready: the listener is accepting and the handler needs nothing else.
     set_health(&health, ServingStatus::Serving).await;
-    demo.set_serving(true);
+    upstream.set_serving(true);
     tracing::info!(zone = %cfg.zone, addr = %local_addr, gateway = %cfg.gateway, "gate-upstream serving");
 
     let registration_stop = CancellationToken::new();
@@ -176,21 +196,33 @@ pub async fn run(
 
     tracing::info!("shutting down: NOT_SERVING, deregistering, draining");
     set_health(&health, ServingStatus::NotServing).await;
-    demo.set_serving(false);
+    upstream.set_serving(false);
     registration_stop.cancel();
     if let Some(task) = registration {
         // Bounded by the deregistration call's own timeout.
         let _ = task.await;
     }
     tokio::time::sleep(cfg.drain_delay).await;
+    // Answers what the streams carried in, then ends them; bounded so a stuck
+    // handler cannot hold the shutdown forever.
+    if tokio::time::timeout(DRAIN_LIMIT, upstream.drain())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still running after {DRAIN_LIMIT:?}; stopping anyway");
+    }
     stop.cancel();
     flatten(serving.await)
 }
 
+/// Longest wait for in-flight requests at shutdown.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sets the overall ("") and the UpstreamService status together.
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     use tonic::server::NamedService;
-    let service = <UpstreamServiceServer<DemoUpstream> as NamedService>::NAME;
+    let service =
+        <UpstreamServiceServer<gatesvr_upstream_sdk::Unary<DemoUpstream>> as NamedService>::NAME;
     health.set_service_status("", status).await;
     health.set_service_status(service, status).await;
 }

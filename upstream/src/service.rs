@@ -1,26 +1,24 @@
-//! `UpstreamService`: runs the demo's commands and pushes through the gateway.
+//! The demo's [`Handler`]: runs its commands, and pushes through the data-plane
+//! stream that carried the request's node (or, with no stream open because
+//! the gateways use the unary contract, through `GatewayService`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::join_all;
 use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
-use gatesvr_proto::upstream::upstream_service_server::UpstreamService;
 use gatesvr_proto::upstream::{
-    BroadcastRequest, GetStatusRequest, ProcessRequestRequest, ProcessRequestResponse,
-    PushToClientRequest, TargetType, UpstreamStatus,
+    BroadcastRequest, BroadcastResponse, ProcessRequestRequest, ProcessRequestResponse,
+    PushToClientRequest, TargetType,
 };
+use gatesvr_upstream_sdk::{Handler, Pusher, Reply};
 use parking_lot::Mutex;
 use serde_json::json;
+use tonic::Request;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
 
 use crate::commands::{Command, app_code};
 use crate::rooms::Rooms;
-
-/// Metadata key the gateway puts the request's trace id in.
-const TRACE_ID_METADATA: &str = "x-gatesvr-trace-id";
 
 /// The demo upstream's request handler. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -35,20 +33,20 @@ struct Inner {
     /// Lazily connected: the gateway may start after us, and a broken
     /// connection is re-established on the next push.
     gateway: GatewayServiceClient<Channel>,
+    /// The data-plane streams (streaming contract), preferred for pushes.
+    pusher: Pusher,
     push_timeout: Duration,
     rooms: Mutex<Rooms>,
-    /// What GetStatus reports as `healthy`; follows the health service.
-    serving: AtomicBool,
-    requests_total: AtomicU64,
-    inflight: AtomicU32,
 }
 
 impl DemoUpstream {
-    /// A handler for `zone` pushing through `gateway`.
+    /// A handler for `zone` pushing through `pusher`'s streams, or through
+    /// `gateway` when none is open.
     pub fn new(
         zone: String,
         service_name: String,
         gateway: Channel,
+        pusher: Pusher,
         push_timeout: Duration,
     ) -> Self {
         Self {
@@ -58,18 +56,41 @@ impl DemoUpstream {
                 gateway: GatewayServiceClient::new(gateway)
                     .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES),
+                pusher,
                 push_timeout,
                 rooms: Mutex::new(Rooms::default()),
-                serving: AtomicBool::new(false),
-                requests_total: AtomicU64::new(0),
-                inflight: AtomicU32::new(0),
             }),
         }
     }
 
-    /// Sets what GetStatus reports as `healthy`.
-    pub fn set_serving(&self, serving: bool) {
-        self.inner.serving.store(serving, Ordering::Relaxed);
+    /// Queues one push: on a data-plane stream if one is open, else with
+    /// `GatewayService.PushToClient`. Whether it was queued.
+    async fn push(&self, push: PushToClientRequest) -> bool {
+        let target = push.target_id.clone();
+        let timeout = self.inner.push_timeout;
+        let result = if self.inner.pusher.streams() > 0 {
+            tokio::time::timeout(timeout, self.inner.pusher.push(push))
+                .await
+                .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+        } else {
+            let mut gateway = self.inner.gateway.clone();
+            let mut request = Request::new(push);
+            request.set_timeout(timeout);
+            tokio::time::timeout(timeout, gateway.push_to_client(request))
+                .await
+                .map(|r| r.map(|_| ()).map_err(|s| s.to_string()))
+        };
+        match result {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::warn!(%target, %error, "push refused by the gateway");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(%target, "push timed out");
+                false
+            }
+        }
     }
 
     /// Runs one command for `req`'s caller.
@@ -127,25 +148,7 @@ impl DemoUpstream {
                 data: data.clone().into_bytes(),
                 durable: false,
             };
-            let mut gateway = self.inner.gateway.clone();
-            let mut request = Request::new(push);
-            request.set_timeout(self.inner.push_timeout);
-            async move {
-                let target = request.get_ref().target_id.clone();
-                match tokio::time::timeout(self.inner.push_timeout, gateway.push_to_client(request))
-                    .await
-                {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(status)) => {
-                        tracing::warn!(%target, %status, "push refused by the gateway");
-                        false
-                    }
-                    Err(_) => {
-                        tracing::warn!(%target, "push timed out");
-                        false
-                    }
-                }
-            }
+            self.push(push)
         });
         let results = join_all(pushes).await;
         let pushed = results.iter().filter(|ok| **ok).count();
@@ -164,87 +167,44 @@ impl DemoUpstream {
 
     /// Pushes `text` to every session of this instance's zone.
     async fn broadcast(&self, text: &str) -> ProcessRequestResponse {
-        let mut request = Request::new(BroadcastRequest {
+        let broadcast = BroadcastRequest {
             msg_type: "broadcast".into(),
             content: text.to_owned(),
             data: Vec::new(),
             zones: vec![self.inner.zone.clone()],
-        });
-        request.set_timeout(self.inner.push_timeout);
-        let mut gateway = self.inner.gateway.clone();
-        match tokio::time::timeout(
-            self.inner.push_timeout,
-            gateway.broadcast_to_clients(request),
-        )
-        .await
-        {
-            Ok(Ok(response)) => {
-                let r = response.into_inner();
-                ok(json!({ "queued": r.queued, "rejected": r.rejected }))
-            }
-            Ok(Err(status)) => {
-                failure(app_code::PUSH_FAILED, format!("broadcast failed: {status}"))
-            }
+        };
+        let timeout = self.inner.push_timeout;
+        let result: Result<Result<BroadcastResponse, String>, _> =
+            if self.inner.pusher.streams() > 0 {
+                tokio::time::timeout(timeout, self.inner.pusher.broadcast(broadcast))
+                    .await
+                    .map(|r| r.map_err(|e| e.to_string()))
+            } else {
+                let mut request = Request::new(broadcast);
+                request.set_timeout(timeout);
+                let mut gateway = self.inner.gateway.clone();
+                tokio::time::timeout(timeout, gateway.broadcast_to_clients(request))
+                    .await
+                    .map(|r| r.map(|r| r.into_inner()).map_err(|s| s.to_string()))
+            };
+        match result {
+            Ok(Ok(r)) => ok(json!({ "queued": r.queued, "rejected": r.rejected })),
+            Ok(Err(error)) => failure(app_code::PUSH_FAILED, format!("broadcast failed: {error}")),
             Err(_) => failure(app_code::PUSH_FAILED, "broadcast timed out".into()),
         }
     }
 }
 
-#[tonic::async_trait]
-impl UpstreamService for DemoUpstream {
-    async fn process_request(
-        &self,
-        request: Request<ProcessRequestRequest>,
-    ) -> Result<Response<ProcessRequestResponse>, Status> {
-        let trace_id = request
-            .metadata()
-            .get(TRACE_ID_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let req = request.into_inner();
+impl Handler for DemoUpstream {
+    async fn handle(&self, req: ProcessRequestRequest) -> Reply {
         if req.zone != self.inner.zone {
             // Served anyway; a mismatch points at gateway routing config.
             tracing::warn!(zone = %req.zone, ours = %self.inner.zone, "request for another zone");
         }
-        self.inner.requests_total.fetch_add(1, Ordering::Relaxed);
-        let response = {
-            // Decremented on drop, also when the caller cancels mid-request.
-            let _inflight = InFlight::enter(&self.inner.inflight);
-            self.execute(&req).await
-        };
-        tracing::debug!(%trace_id, openid = %req.openid, seq_id = req.seq_id, app_code = response.app_code,
-            "request served");
-        Ok(Response::new(response))
-    }
-
-    async fn get_status(
-        &self,
-        _: Request<GetStatusRequest>,
-    ) -> Result<Response<UpstreamStatus>, Status> {
-        Ok(Response::new(UpstreamStatus {
-            service_name: self.inner.service_name.clone(),
-            zone: self.inner.zone.clone(),
-            healthy: self.inner.serving.load(Ordering::Relaxed),
-            requests_total: self.inner.requests_total.load(Ordering::Relaxed),
-            inflight: self.inner.inflight.load(Ordering::Relaxed),
-        }))
-    }
-}
-
-/// Counts one request in `inflight` while alive.
-struct InFlight<'a>(&'a AtomicU32);
-
-impl<'a> InFlight<'a> {
-    fn enter(counter: &'a AtomicU32) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let response = self.execute(&req).await;
+        tracing::debug!(trace_id = %req.trace_id, openid = %req.openid, seq_id = req.seq_id,
+            app_code = response.app_code, "request served");
+        Reply::Done(response)
     }
 }
 

@@ -86,7 +86,7 @@ impl Running {
             node_id: "dp-1".into(),
             msg_id: 7,
             seq_id,
-            payload: payload.as_bytes().to_vec(),
+            payload: payload.as_bytes().to_vec().into(),
             trace_id: "t-1".into(),
         };
         UpstreamServiceClient::new(self.channel())

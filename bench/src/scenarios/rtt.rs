@@ -45,7 +45,7 @@ pub async fn tonic_loop(
                     .process_request(ProcessRequestRequest {
                         msg_id: 1,
                         seq_id: seq,
-                        payload: payload.to_vec(),
+                        payload: payload.to_vec().into(),
                         ..Default::default()
                     })
                     .await?;

@@ -46,6 +46,10 @@ pub enum RequestDisposition {
 pub enum Completion {
     /// Kept for replay to retries.
     Stored,
+    /// The answer is a refusal given before the request reached an upstream
+    /// (see [`is_not_executed`]): nothing is kept and the seq is free again,
+    /// so a retry with the same seq runs.
+    NotExecuted,
     /// The request finished after its seq left the window: nothing is kept,
     /// and no retry can reach it (it would be `OutOfWindow`).
     OutOfWindow,
@@ -68,6 +72,30 @@ pub fn unknown_outcome(seq_id: u64) -> ClientResponse {
             .to_owned(),
         ..ClientResponse::default()
     }
+}
+
+/// Whether an answer with this code means the request never reached an
+/// upstream, so that recording it would make every retry of the seq fail the
+/// same way forever (docs/protocol.md §5, "Retry rule per code"):
+/// - `OVERLOADED`: refused by the node's admission or concurrency limit;
+/// - `UPSTREAM_UNAVAILABLE`: no instance could be reached, or the instance
+///   answered gRPC `UNAVAILABLE` (which the upstream contract reserves for
+///   requests it did not execute); a request that may have reached an upstream
+///   is never answered with this code (see `ForwardError::code`);
+/// - `UPSTREAM_OVERLOADED`: the upstream shed it (`RESOURCE_EXHAUSTED`, or
+///   `UNAVAILABLE` with a retry pushback), which the contract likewise
+///   reserves for requests it did not execute;
+/// - `TOO_MANY_INFLIGHT`: refused by the session's own bound.
+///
+/// So every code that carries `retry_after_ms` is one of these.
+///
+/// Every other answer, success or failure, is an execution (or may be one)
+/// and is kept for replay.
+pub fn is_not_executed(code: i32) -> bool {
+    code == ErrorCode::Overloaded as i32
+        || code == ErrorCode::UpstreamUnavailable as i32
+        || code == ErrorCode::UpstreamOverloaded as i32
+        || code == ErrorCode::TooManyInflight as i32
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -159,6 +187,11 @@ impl RequestWindow {
     pub(super) fn complete(&mut self, seq: u64, resp: ClientResponse, window: u64) -> Completion {
         if !self.in_flight.remove(&seq) {
             return Completion::NotInFlight;
+        }
+        if is_not_executed(resp.code) {
+            // `highest` may have grown when it began; that only widens the
+            // window upwards, and this seq stays inside it (it is <= highest).
+            return Completion::NotExecuted;
         }
         if seq < self.bounds(window).0 {
             return Completion::OutOfWindow;

@@ -256,12 +256,26 @@ impl<T: Clone> Balancer<T> {
     /// is more often the checker's problem (a starved node, a slow check)
     /// than every instance's. [`Pick::panic`] says so, for a metric.
     pub fn pick(&mut self, now: Instant, rng: &mut impl Rng) -> Option<Pick<T>> {
-        let mut available: Vec<usize> = (0..self.endpoints.len())
+        self.pick_excluding(now, rng, &[])
+    }
+
+    /// As [`pick`](Self::pick), never choosing an instance in `tried` (the
+    /// ones a request already failed on without being executed). `None` when
+    /// every instance was tried.
+    pub fn pick_excluding(
+        &mut self,
+        now: Instant,
+        rng: &mut impl Rng,
+        tried: &[EndpointId],
+    ) -> Option<Pick<T>> {
+        let candidates =
+            || (0..self.endpoints.len()).filter(|&i| !tried.contains(&self.endpoints[i].id));
+        let mut available: Vec<usize> = candidates()
             .filter(|&i| self.endpoints[i].is_available(now))
             .collect();
         let panic = available.is_empty();
         if panic {
-            available = (0..self.endpoints.len()).collect();
+            available = candidates().collect();
         }
         let chosen = match available.len() {
             0 => return None,

@@ -52,7 +52,8 @@ pub struct UpstreamConfig {
     /// Deadline of one health check. Default 1s.
     #[serde(with = "humantime_serde")]
     pub health_check_timeout: Duration,
-    /// Service name sent in health checks; `""` asks for the whole server.
+    /// Service name sent in `grpc.health.v1` checks, the fallback probe for
+    /// upstreams that do not implement `GetStatus`; `""` asks for the whole server.
     /// Default `""`.
     pub health_check_service: String,
     /// Consecutive failed health checks that mark an instance unhealthy.
@@ -68,6 +69,29 @@ pub struct UpstreamConfig {
     pub tls: Option<super::tls::UpstreamTlsConfig>,
     /// Per-zone replacements of `tls`, keyed by zone id (`"003": {...}`).
     pub zone_tls: std::collections::BTreeMap<String, super::tls::UpstreamTlsConfig>,
+    /// How requests reach upstreams: `unary` (one `ProcessRequest` call per
+    /// request, the simple path) or `stream` (one long-lived
+    /// `UpstreamStreamService.Open` stream per instance, docs/protocol.md
+    /// §14). Default `unary`.
+    pub protocol: UpstreamProtocol,
+    /// Most pushes and broadcasts an upstream may have outstanding on one
+    /// stream (told in `GatewayHello`). Default 256.
+    pub stream_max_pushes_in_flight: u32,
+    /// Cap on the request window an upstream announces in its hello: the
+    /// most requests this node keeps outstanding (and in memory) per stream.
+    /// Default 1024.
+    pub stream_max_requests_in_flight: u32,
+}
+
+/// See [`UpstreamConfig::protocol`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// `UpstreamService.ProcessRequest`, one call per request.
+    #[default]
+    Unary,
+    /// `UpstreamStreamService.Open`, one stream per instance.
+    Stream,
 }
 
 impl Default for UpstreamConfig {
@@ -87,6 +111,9 @@ impl Default for UpstreamConfig {
             outlier_detection: OutlierDetectionConfig::default(),
             tls: None,
             zone_tls: std::collections::BTreeMap::new(),
+            protocol: UpstreamProtocol::Unary,
+            stream_max_pushes_in_flight: 256,
+            stream_max_requests_in_flight: 1024,
         }
     }
 }
@@ -156,6 +183,12 @@ impl Validate for UpstreamConfig {
         }
         if self.unhealthy_threshold == 0 {
             return bad("unhealthy_threshold", "must be at least 1");
+        }
+        if self.stream_max_pushes_in_flight == 0 {
+            return bad("stream_max_pushes_in_flight", "must be at least 1");
+        }
+        if self.stream_max_requests_in_flight == 0 {
+            return bad("stream_max_requests_in_flight", "must be at least 1");
         }
         if self.healthy_threshold == 0 {
             return bad("healthy_threshold", "must be at least 1");

@@ -1,6 +1,7 @@
 //! Why a forwarded request failed, and what that means for the client and for
 //! the instance's health. The mapping from gRPC statuses lives here, once.
 
+use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,8 +54,10 @@ pub enum ForwardError {
         /// The deadline that expired.
         timeout: Duration,
     },
-    /// The upstream shed the request: `RESOURCE_EXHAUSTED`, or `UNAVAILABLE`
-    /// with a `grpc-retry-pushback-ms` hint. Upstream-side; retry later.
+    /// The upstream shed the request: it answered `RESOURCE_EXHAUSTED`, or
+    /// `UNAVAILABLE` with a `grpc-retry-pushback-ms` hint, which the contract
+    /// reserves for requests it did not execute. Upstream-side; retry the same
+    /// seq after `retry_after_ms`.
     #[error("upstream {addr} is overloaded: {status}")]
     UpstreamOverloaded {
         /// The instance asked.
@@ -64,14 +67,26 @@ pub enum ForwardError {
         /// What the upstream answered.
         status: Status,
     },
-    /// The instance could not be reached or answered `UNAVAILABLE` (connection
-    /// refused or reset, TLS or HTTP/2 failure). Upstream-side; another
-    /// instance may serve a retry.
+    /// The request was never executed: the instance could not be reached
+    /// (connection refused, TLS or connect failure: nothing was sent), or it
+    /// answered `UNAVAILABLE`, which the upstream contract reserves for
+    /// requests it did not execute. Upstream-side; the router tries another
+    /// instance of the zone, and the client may retry the same seq.
     #[error("upstream {addr} unavailable: {status}")]
     Unavailable {
         /// The instance asked.
         addr: Arc<str>,
         /// The transport's or upstream's status.
+        status: Status,
+    },
+    /// The connection broke after the request was sent (reset, keep-alive
+    /// timeout, HTTP/2 error): the upstream may have executed it. Never
+    /// retried by the router; the client learns the outcome is unknown.
+    #[error("upstream {addr} connection lost with the request in flight: {status}")]
+    Lost {
+        /// The instance asked.
+        addr: Arc<str>,
+        /// The transport's status.
         status: Status,
     },
     /// The upstream answered with any other non-OK gRPC status. Upstream-side;
@@ -95,8 +110,45 @@ impl ForwardError {
             Self::Overloaded { .. } => ErrorCode::Overloaded,
             Self::Timeout { .. } => ErrorCode::UpstreamTimeout,
             Self::UpstreamOverloaded { .. } => ErrorCode::UpstreamOverloaded,
-            Self::Upstream { .. } => ErrorCode::UpstreamError,
+            Self::Upstream { .. } | Self::Lost { .. } => ErrorCode::UpstreamError,
         }
+    }
+
+    /// The message the client gets: a fixed string per case, documented in
+    /// docs/protocol.md §5. Never an address or a library's error text (those
+    /// go to the log and the metric label only).
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            Self::UnknownZone { .. } => "not executed: no upstream is registered for this zone",
+            Self::NoInstances { .. } => {
+                "not executed: no upstream instance of this zone is available"
+            }
+            Self::Overloaded { .. } => {
+                "not executed: gateway overloaded; retry after retry_after_ms"
+            }
+            Self::Timeout { .. } => {
+                "the upstream did not answer in time; the request may have taken effect"
+            }
+            Self::UpstreamOverloaded { .. } => {
+                "not executed: the upstream shed the request; retry after retry_after_ms"
+            }
+            Self::Unavailable { .. } => {
+                "not executed: no upstream instance of this zone could take the request"
+            }
+            Self::Lost { .. } => {
+                "outcome unknown: the connection to the upstream broke after the request was sent"
+            }
+            Self::Upstream { .. } => "the upstream failed the request",
+        }
+    }
+
+    /// Whether another instance of the zone may take the same request: true
+    /// only when this one certainly did not execute it.
+    pub fn retry_elsewhere(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::UpstreamOverloaded { .. }
+        )
     }
 
     /// Short label for the `outcome` metric label and logs.
@@ -108,6 +160,7 @@ impl ForwardError {
             Self::Timeout { .. } => "timeout",
             Self::UpstreamOverloaded { .. } => "upstream_overloaded",
             Self::Unavailable { .. } => "unavailable",
+            Self::Lost { .. } => "lost",
             Self::Upstream { .. } => "upstream_error",
         }
     }
@@ -141,7 +194,7 @@ impl ForwardError {
             }
             // Load shedding is not a fault: least-outstanding picking already
             // steers away from a busy instance, ejecting it would overload the rest.
-            Code::ResourceExhausted => (
+            Code::ResourceExhausted if status.source().is_none() => (
                 Self::UpstreamOverloaded {
                     addr,
                     retry_after_ms: pushback,
@@ -149,7 +202,7 @@ impl ForwardError {
                 },
                 Outcome::Neutral,
             ),
-            Code::Unavailable if pushback.is_some() => (
+            Code::Unavailable if pushback.is_some() && status.source().is_none() => (
                 Self::UpstreamOverloaded {
                     addr,
                     retry_after_ms: pushback,
@@ -157,7 +210,15 @@ impl ForwardError {
                 },
                 Outcome::Neutral,
             ),
-            Code::Unavailable => (Self::Unavailable { addr, status }, Outcome::Failure),
+            // Nothing was sent (connect failed), or the upstream itself said
+            // UNAVAILABLE (a status from the peer carries no local source).
+            Code::Unavailable if is_connect_error(&status) || status.source().is_none() => {
+                (Self::Unavailable { addr, status }, Outcome::Failure)
+            }
+            // The transport mapped a broken connection (keep-alive timeout,
+            // REFUSED_STREAM is rare enough to count here too) to UNAVAILABLE
+            // after the request may have left.
+            Code::Unavailable => (Self::Lost { addr, status }, Outcome::Failure),
             // The instance is broken (or is not a GateSvr upstream at all).
             Code::Unknown | Code::Internal | Code::DataLoss | Code::Unimplemented => {
                 (Self::Upstream { addr, status }, Outcome::Failure)
@@ -166,6 +227,18 @@ impl ForwardError {
             _ => (Self::Upstream { addr, status }, Outcome::Success),
         }
     }
+}
+
+/// Whether tonic failed to connect, so the request never left this node.
+fn is_connect_error(status: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = status.source();
+    while let Some(err) = source {
+        if err.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -195,7 +268,12 @@ mod tests {
                 Outcome::Neutral,
             ),
             (
-                Status::unavailable("refused"),
+                Status::unavailable("draining"),
+                ErrorCode::UpstreamUnavailable,
+                Outcome::Failure,
+            ),
+            (
+                Status::from_error(Box::new(tonic::ConnectError("refused".into()))),
                 ErrorCode::UpstreamUnavailable,
                 Outcome::Failure,
             ),
@@ -214,6 +292,30 @@ mod tests {
             let (err, got) = classify(status);
             assert_eq!((err.code(), got), (code, outcome), "{err}");
         }
+    }
+
+    #[test]
+    fn a_connection_lost_after_sending_is_not_unavailable() {
+        // What hyper's keep-alive timeout becomes in tonic: UNAVAILABLE with
+        // the local transport error as its source.
+        let mut lost = Status::unavailable("keep-alive timeout");
+        lost.set_source(Arc::new(std::io::Error::other("connection reset")));
+        let (err, outcome) = classify(lost);
+        assert!(matches!(err, ForwardError::Lost { .. }), "{err}");
+        assert_eq!(err.code(), ErrorCode::UpstreamError);
+        assert!(!err.retry_elsewhere());
+        assert_eq!(outcome, Outcome::Failure);
+    }
+
+    #[test]
+    fn client_messages_name_no_address() {
+        let (err, _) = classify(Status::from_error(Box::new(tonic::ConnectError(
+            "tcp connect error: 10.1.2.3:50051: Connection refused".into(),
+        ))));
+        assert!(err.retry_elsewhere());
+        assert!(err.to_string().contains("h:1"), "logs name the instance");
+        assert!(!err.client_message().contains("h:1"));
+        assert!(!err.client_message().contains("10.1.2.3"));
     }
 
     #[test]

@@ -1,11 +1,20 @@
-//! Active health checks: `grpc.health.v1.Health/Check` to every instance,
-//! every `health_check_interval`, over the instance's request channel (so a
-//! check exercises the same connection requests use).
+//! Active health checks, every `health_check_interval`, over the instance's
+//! request channel (so a check exercises the same connection requests use).
+//!
+//! The probe is the contract's own `UpstreamService.GetStatus`: the instance
+//! passes when it answers within `health_check_timeout` with `healthy: true`.
+//! An instance that answers `UNIMPLEMENTED` (an upstream written before
+//! `GetStatus` was probed, or one that only serves the standard health
+//! service) is probed with `grpc.health.v1.Health/Check` (service
+//! `health_check_service`) instead, and passes on `SERVING`. Documented in
+//! docs/protocol.md, "Upstream contract".
 
 use std::future::Future;
 use std::sync::Arc;
 
 use futures::future::join_all;
+use gatesvr_proto::upstream::GetStatusRequest;
+use gatesvr_proto::upstream::upstream_service_client::UpstreamServiceClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -62,8 +71,24 @@ impl UpstreamRouter {
         }
     }
 
-    /// Whether the instance answers SERVING within `health_check_timeout`.
+    /// Whether the instance reports itself healthy within
+    /// `health_check_timeout` (see the module docs for the probes).
     async fn check(&self, channel: tonic::transport::Channel) -> bool {
+        let timeout = self.cfg.health_check_timeout;
+        let mut request = tonic::Request::new(GetStatusRequest {});
+        request.set_timeout(timeout);
+        let mut client = UpstreamServiceClient::new(channel.clone());
+        match tokio::time::timeout(timeout, client.get_status(request)).await {
+            Ok(Ok(response)) => response.into_inner().healthy,
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                self.check_grpc_health(channel).await
+            }
+            Ok(Err(_)) | Err(_) => false,
+        }
+    }
+
+    /// The fallback probe: `grpc.health.v1.Health/Check` answers `SERVING`.
+    async fn check_grpc_health(&self, channel: tonic::transport::Channel) -> bool {
         let timeout = self.cfg.health_check_timeout;
         let mut request = tonic::Request::new(HealthCheckRequest {
             service: self.cfg.health_check_service.clone(),

@@ -29,6 +29,13 @@ pub(crate) struct Metrics {
     /// `gatesvr_upstream_panic_routed_total{zone}`: requests sent while no
     /// instance of the zone was available (every one unhealthy or ejected).
     pub panic_routed: IntCounterVec,
+    /// `gatesvr_upstream_retried_total{zone}`: requests sent to another
+    /// instance after one refused them unexecuted (connection refused,
+    /// `UNAVAILABLE`).
+    pub retried: IntCounterVec,
+    /// `gatesvr_upstream_stream_requests_outstanding`: requests sent on
+    /// upstream streams and not yet answered (bounded by the windows).
+    pub stream_outstanding: IntGauge,
 }
 
 impl Metrics {
@@ -66,6 +73,19 @@ impl Metrics {
             ),
             &["zone"],
         )?;
+        let retried = IntCounterVec::new(
+            Opts::new(
+                "gatesvr_upstream_retried_total",
+                "Requests sent to another instance after one refused them unexecuted.",
+            ),
+            &["zone"],
+        )?;
+        let stream_outstanding = IntGauge::new(
+            "gatesvr_upstream_stream_requests_outstanding",
+            "Requests sent on upstream streams and not yet answered.",
+        )?;
+        registry.register(Box::new(stream_outstanding.clone()))?;
+        registry.register(Box::new(retried.clone()))?;
         registry.register(Box::new(panic_routed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -77,6 +97,8 @@ impl Metrics {
             instances,
             inflight,
             panic_routed,
+            retried,
+            stream_outstanding,
         })
     }
 

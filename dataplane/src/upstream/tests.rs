@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use gatesvr_proto::client::ErrorCode;
@@ -37,6 +37,8 @@ struct FakeUpstream {
     name: &'static str,
     mode: Mode,
     calls: Arc<AtomicU32>,
+    /// What `GetStatus` reports as `healthy`; `None`: `UNIMPLEMENTED`.
+    healthy: Option<Arc<AtomicBool>>,
 }
 
 #[tonic::async_trait]
@@ -76,7 +78,13 @@ impl UpstreamService for FakeUpstream {
         &self,
         _: Request<GetStatusRequest>,
     ) -> Result<Response<UpstreamStatus>, Status> {
-        Ok(Response::new(UpstreamStatus::default()))
+        let Some(healthy) = &self.healthy else {
+            return Err(Status::unimplemented("GetStatus"));
+        };
+        Ok(Response::new(UpstreamStatus {
+            healthy: healthy.load(Ordering::SeqCst),
+            ..UpstreamStatus::default()
+        }))
     }
 }
 
@@ -84,7 +92,10 @@ impl UpstreamService for FakeUpstream {
 struct Served {
     addr: SocketAddr,
     calls: Arc<AtomicU32>,
+    /// `grpc.health.v1` status, when served.
     health: HealthReporter,
+    /// `GetStatus.healthy`.
+    healthy: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -101,19 +112,39 @@ impl Served {
 }
 
 async fn serve(name: &'static str, mode: Mode) -> Served {
+    serve_with(name, mode, Probes::Both).await
+}
+
+/// Which health probes a fake upstream answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Probes {
+    Both,
+    /// `GetStatus` only: no `grpc.health.v1` service.
+    GetStatusOnly,
+    /// `grpc.health.v1` only: `GetStatus` is `UNIMPLEMENTED`.
+    GrpcHealthOnly,
+}
+
+async fn serve_with(name: &'static str, mode: Mode, probes: Probes) -> Served {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let calls = Arc::new(AtomicU32::new(0));
+    let healthy = Arc::new(AtomicBool::new(true));
     let upstream = FakeUpstream {
         name,
         mode,
         calls: calls.clone(),
+        healthy: (probes != Probes::GrpcHealthOnly).then(|| healthy.clone()),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     let task = tokio::spawn(async move {
-        let _ = Server::builder()
-            .add_service(health_service)
-            .add_service(UpstreamServiceServer::new(upstream))
+        let router = Server::builder().add_service(UpstreamServiceServer::new(upstream));
+        let router = if probes == Probes::GetStatusOnly {
+            router
+        } else {
+            router.add_service(health_service)
+        };
+        let _ = router
             .serve_with_incoming(TcpIncoming::from(listener))
             .await;
     });
@@ -121,6 +152,7 @@ async fn serve(name: &'static str, mode: Mode) -> Served {
         addr,
         calls,
         health,
+        healthy,
         task,
     }
 }
@@ -285,6 +317,10 @@ async fn dead_address_is_unavailable() {
         err.to_string().contains(&addr.to_string()),
         "errors name the instance: {err}"
     );
+    assert!(
+        !err.client_message().contains(&addr.to_string()),
+        "the client never sees it"
+    );
 }
 
 #[tokio::test]
@@ -344,9 +380,7 @@ async fn health_checks_take_instances_out_and_back() {
     let (router, registry) = router(test_config());
     router.set_zone_instances("001", vec![up.instance()]);
 
-    up.health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    up.healthy.store(false, Ordering::SeqCst);
     router.check_all().await;
     assert_eq!(
         router.instances("001").unwrap()[0].state,
@@ -364,15 +398,111 @@ async fn health_checks_take_instances_out_and_back() {
         "{text}"
     );
 
-    up.health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    up.healthy.store(true, Ordering::SeqCst);
     router.check_all().await;
     assert_eq!(
         router.instances("001").unwrap()[0].state,
         InstanceState::Healthy
     );
     router.forward(request("001", "x")).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_upstream_with_only_get_status_stays_in_rotation() {
+    let up = serve_with("up", Mode::Echo, Probes::GetStatusOnly).await;
+    let (router, _registry) = router(test_config()); // unhealthy_threshold 1
+    router.set_zone_instances("001", vec![up.instance()]);
+    for _ in 0..3 {
+        router.check_all().await;
+        assert_eq!(
+            router.instances("001").unwrap()[0].state,
+            InstanceState::Healthy
+        );
+    }
+    up.healthy.store(false, Ordering::SeqCst);
+    router.check_all().await;
+    assert_eq!(
+        router.instances("001").unwrap()[0].state,
+        InstanceState::Unhealthy,
+        "GetStatus.healthy decides"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_without_get_status_is_probed_with_grpc_health() {
+    let up = serve_with("up", Mode::Echo, Probes::GrpcHealthOnly).await;
+    let (router, _registry) = router(test_config());
+    router.set_zone_instances("001", vec![up.instance()]);
+    router.check_all().await;
+    assert_eq!(
+        router.instances("001").unwrap()[0].state,
+        InstanceState::Healthy
+    );
+    up.health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    router.check_all().await;
+    assert_eq!(
+        router.instances("001").unwrap()[0].state,
+        InstanceState::Unhealthy
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_on_another_instance() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = listener.local_addr().unwrap();
+    drop(listener);
+    let live = serve("live", Mode::Echo).await;
+    let (router, registry) = router(test_config());
+    router.set_zone_instances(
+        "001",
+        vec![
+            Instance::new("dead", dead.to_string()).unwrap(),
+            live.instance(),
+        ],
+    );
+    // Health checks are off and ejection needs 3 failures: the dead instance
+    // stays in rotation, so without the retry about half would fail.
+    for i in 0..20 {
+        let answer = router
+            .forward(request("001", &i.to_string()))
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(answer.payload, format!("live:{i}").into_bytes());
+    }
+    assert_eq!(live.calls.load(Ordering::SeqCst), 20, "each executed once");
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(
+        text.contains("gatesvr_upstream_retried_total{zone=\"001\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_may_have_run_is_not_retried() {
+    let bad = serve("bad", Mode::Fail(Code::Internal)).await;
+    let good = serve("good", Mode::Echo).await;
+    let (router, _registry) = router(test_config());
+    router.set_zone_instances("001", vec![bad.instance(), good.instance()]);
+    let mut failed = 0;
+    for _ in 0..20 {
+        if router.forward(request("001", "x")).await.is_err() {
+            failed += 1;
+        }
+    }
+    let (bad_calls, good_calls) = (
+        bad.calls.load(Ordering::SeqCst),
+        good.calls.load(Ordering::SeqCst),
+    );
+    assert!(
+        bad_calls > 0,
+        "the failing instance was picked at least once"
+    );
+    assert_eq!(failed, bad_calls, "its failures reached the caller");
+    assert_eq!(bad_calls + good_calls, 20, "no request was sent twice");
 }
 
 #[tokio::test]

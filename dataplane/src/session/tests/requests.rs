@@ -100,3 +100,54 @@ fn completing_what_is_not_executing_is_reported_and_ignored() {
     assert_eq!(s.complete_request(5, response(5)), Completion::NotInFlight);
     assert_eq!(s.stats().requests_cached, 1);
 }
+
+fn refusal(seq: u64, code: ErrorCode) -> ClientResponse {
+    ClientResponse {
+        seq_id: seq,
+        code: code as i32,
+        retry_after_ms: 100,
+        ..ClientResponse::default()
+    }
+}
+
+#[test]
+fn a_refusal_before_any_upstream_is_not_recorded_so_the_retry_runs() {
+    for code in [
+        ErrorCode::Overloaded,
+        ErrorCode::UpstreamUnavailable,
+        ErrorCode::UpstreamOverloaded,
+        ErrorCode::TooManyInflight,
+    ] {
+        let (mut s, _) = attached(cfg(), 0);
+        assert_eq!(s.begin_request(1), RequestDisposition::Execute);
+        assert_eq!(
+            s.complete_request(1, refusal(1, code)),
+            Completion::NotExecuted,
+            "{code:?}"
+        );
+        assert_eq!(s.stats().requests_in_flight, 0, "{code:?}");
+        assert_eq!(s.stats().requests_cached, 0, "{code:?}");
+        // The retry with the same seq runs, and its real answer is what is replayed.
+        assert_eq!(s.begin_request(1), RequestDisposition::Execute, "{code:?}");
+        assert_eq!(s.complete_request(1, response(1)), Completion::Stored);
+        assert_eq!(s.begin_request(1), RequestDisposition::Cached(response(1)));
+    }
+}
+
+#[test]
+fn a_failure_that_may_have_executed_is_recorded() {
+    for code in [
+        ErrorCode::UpstreamTimeout,
+        ErrorCode::UpstreamError,
+        ErrorCode::Internal,
+    ] {
+        let (mut s, _) = attached(cfg(), 0);
+        assert_eq!(s.begin_request(1), RequestDisposition::Execute);
+        assert_eq!(s.complete_request(1, refusal(1, code)), Completion::Stored);
+        assert_eq!(
+            s.begin_request(1),
+            RequestDisposition::Cached(refusal(1, code)),
+            "{code:?}: replayed, never executed twice"
+        );
+    }
+}

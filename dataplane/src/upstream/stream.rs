@@ -1,0 +1,422 @@
+//! The data-plane side of the streaming upstream contract (docs/protocol.md
+//! §14, `proto/gatesvr/upstream/v1/stream.proto`).
+//!
+//! One [`StreamLink`] per upstream instance keeps at most one live
+//! `UpstreamStreamService.Open` stream, dialled on first use and again
+//! after it ends. A request is a `StreamRequest` frame with an id chosen here;
+//! its answer comes back as a `StreamResponse` naming the id.
+//!
+//! What bounds memory, both ways:
+//! - requests: at most `min(UpstreamHello.max_requests_in_flight,
+//!   stream_max_requests_in_flight)` outstanding per stream (a semaphore). A
+//!   request that finds no credit is not sent ([`CallError::NoCredit`]): the
+//!   router tries another instance or the client gets a not-executed code. A
+//!   stalled upstream therefore holds at most that many requests here;
+//! - pushes: at most `stream_max_pushes_in_flight` (told in `GatewayHello`)
+//!   outstanding from the upstream; one more is a contract violation that
+//!   ends the stream;
+//! - frames: the outgoing queue is bounded, and HTTP/2 flow control stops a
+//!   reader that does not read.
+//!
+//! Never executed twice: a request whose frame could not be queued was not
+//! sent ([`CallError::NotSent`]); one that was queued and whose stream then
+//! ended is [`CallError::Lost`] (outcome unknown) unless the upstream said
+//! `not_executed`.
+//!
+//! ```text
+//!  router ─call()─▶ StreamLink ─live()─▶ Live{tx, pending, credit}
+//!                                          │ tx: GatewayFrame ─────▶ upstream
+//!                                          ▲ reader task ◀── UpstreamFrame
+//!                                          │   response: pending[id].send
+//!                                          │   push/broadcast: PushSink, result back on tx
+//!                                          │   health/drain: flags
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use gatesvr_proto::upstream::gateway_frame::Body as Down;
+use gatesvr_proto::upstream::upstream_frame::Body as Up;
+use gatesvr_proto::upstream::upstream_stream_service_client::UpstreamStreamServiceClient;
+use gatesvr_proto::upstream::{
+    BroadcastRequest, CancelRequest, GatewayFrame, GatewayHello, ProcessRequestRequest,
+    ProcessRequestResponse, PushResult, PushToClientRequest, StreamBroadcastResult,
+    StreamPushResult, StreamRequest, StreamResponse, UpstreamFrame,
+};
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// Contract version this node speaks.
+pub const STREAM_VERSION: u32 = 1;
+
+/// Frames queued towards one upstream before senders wait (HTTP/2 flow
+/// control does the rest).
+const OUTGOING_QUEUE: usize = 256;
+
+/// Where pushes and broadcasts that arrive on a stream go: the node's
+/// `GatewayService` (set once the node exists).
+pub trait PushSink: std::fmt::Debug + Send + Sync + 'static {
+    /// Queues one push, as `PushToClient`; the result as `PushBatch` reports it.
+    fn push(&self, push: PushToClientRequest) -> BoxFuture<'static, PushResult>;
+    /// Queues one broadcast, as `BroadcastToClients`.
+    fn broadcast(&self, broadcast: BroadcastRequest) -> BoxFuture<'static, StreamBroadcastResult>;
+}
+
+/// Settings a link needs from the router's config.
+#[derive(Clone, Debug)]
+pub(crate) struct LinkConfig {
+    pub node_id: String,
+    pub connect_timeout: Duration,
+    pub max_pushes_in_flight: u32,
+    pub max_requests_in_flight: u32,
+}
+
+/// Why a call on a stream produced no executed answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    /// Nothing was sent: the stream could not be opened, or the instance is
+    /// draining or not serving.
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// Nothing was sent: the instance's request window is full.
+    #[error("not sent: the instance's request window is full")]
+    NoCredit,
+    /// The instance answered that it did not execute the request.
+    #[error("not executed by the instance")]
+    NotExecuted {
+        /// Its back-off hint (0 = none).
+        retry_after_ms: u32,
+    },
+    /// The stream ended after the request was sent: outcome unknown.
+    #[error("stream ended with the request in flight")]
+    Lost,
+    /// No answer within the deadline; a cancel was sent.
+    #[error("no answer in time")]
+    Timeout,
+}
+
+/// One upstream instance's stream, re-dialled when it ends.
+pub(crate) struct StreamLink {
+    channel: Channel,
+    cfg: LinkConfig,
+    sink: Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
+    /// The live stream; an async lock so one caller dials while others wait.
+    live: tokio::sync::Mutex<Option<Arc<Live>>>,
+    /// Requests outstanding on this link (for the router's gauge).
+    outstanding: Arc<prometheus::IntGauge>,
+    /// Cancelled when the link is dropped (instance gone from the routing
+    /// table): its reader stops, and the stream ends.
+    gone: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for StreamLink {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
+}
+
+impl std::fmt::Debug for StreamLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamLink").finish_non_exhaustive()
+    }
+}
+
+struct Live {
+    tx: mpsc::Sender<GatewayFrame>,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+    credit: Arc<Semaphore>,
+    serving: AtomicBool,
+    draining: AtomicBool,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Set (under this lock) when the stream ended: nothing more is inserted.
+    closed: bool,
+    waiting: HashMap<u64, oneshot::Sender<StreamResponse>>,
+}
+
+impl Live {
+    fn usable(&self) -> bool {
+        !self.pending.lock().closed
+    }
+
+    /// Ends the stream's bookkeeping: every waiting call learns it is lost.
+    fn close(&self) {
+        let mut pending = self.pending.lock();
+        pending.closed = true;
+        pending.waiting.clear();
+    }
+}
+
+impl StreamLink {
+    pub(crate) fn new(
+        channel: Channel,
+        cfg: LinkConfig,
+        sink: Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
+        outstanding: Arc<prometheus::IntGauge>,
+    ) -> Self {
+        Self {
+            channel,
+            cfg,
+            sink,
+            live: tokio::sync::Mutex::new(None),
+            outstanding,
+            gone: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Sends one request and waits for its answer, at most `timeout`.
+    pub(crate) async fn call(
+        &self,
+        request: ProcessRequestRequest,
+        timeout: Duration,
+    ) -> Result<ProcessRequestResponse, CallError> {
+        let live = self.live().await?;
+        if live.draining.load(Ordering::SeqCst) {
+            return Err(CallError::NotSent("instance draining".into()));
+        }
+        if !live.serving.load(Ordering::SeqCst) {
+            return Err(CallError::NotSent("instance not serving".into()));
+        }
+        let Ok(_permit) = live.credit.clone().try_acquire_owned() else {
+            return Err(CallError::NoCredit);
+        };
+        let id = live.next_id.fetch_add(1, Ordering::Relaxed);
+        let (answer_tx, answer_rx) = oneshot::channel();
+        {
+            let mut pending = live.pending.lock();
+            if pending.closed {
+                return Err(CallError::NotSent("stream ended".into()));
+            }
+            pending.waiting.insert(id, answer_tx);
+        }
+        let _outstanding = Outstanding::enter(&self.outstanding);
+        let frame = GatewayFrame {
+            body: Some(Down::Request(StreamRequest {
+                id,
+                timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+                request: Some(request),
+            })),
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, live.tx.send(frame)).await {
+            Ok(Ok(())) => {}
+            // The stream's sender task is gone: the frame never left.
+            Ok(Err(_)) => {
+                live.pending.lock().waiting.remove(&id);
+                return Err(CallError::NotSent("stream ended".into()));
+            }
+            // Queued behind a stalled stream for the whole deadline: never left.
+            Err(_) => {
+                live.pending.lock().waiting.remove(&id);
+                return Err(CallError::Timeout);
+            }
+        }
+        match tokio::time::timeout_at(deadline, answer_rx).await {
+            Ok(Ok(answer)) if answer.not_executed => Err(CallError::NotExecuted {
+                retry_after_ms: answer.retry_after_ms,
+            }),
+            Ok(Ok(answer)) => Ok(answer.response.unwrap_or_default()),
+            Ok(Err(_)) => Err(CallError::Lost),
+            Err(_) => {
+                live.pending.lock().waiting.remove(&id);
+                // Best effort: a full queue means the upstream is not reading.
+                let _ = live.tx.try_send(GatewayFrame {
+                    body: Some(Down::Cancel(CancelRequest { id })),
+                });
+                Err(CallError::Timeout)
+            }
+        }
+    }
+
+    /// This node is leaving: tells the upstream (`drain`) and sends no new
+    /// requests on the stream. Answers still arrive until the node exits.
+    pub(crate) async fn drain(&self) {
+        let slot = self.live.lock().await;
+        if let Some(live) = slot.as_ref().filter(|l| l.usable()) {
+            live.draining.store(true, Ordering::SeqCst);
+            // Best effort: a full queue means the upstream is not reading.
+            let _ = live.tx.try_send(GatewayFrame {
+                body: Some(Down::Drain(gatesvr_proto::upstream::Drain {
+                    reason: "gateway node leaving".into(),
+                })),
+            });
+        }
+    }
+
+    /// The live stream, dialled if there is none.
+    async fn live(&self) -> Result<Arc<Live>, CallError> {
+        let mut slot = self.live.lock().await;
+        if let Some(live) = slot.as_ref().filter(|l| l.usable()) {
+            return Ok(live.clone());
+        }
+        let live = tokio::time::timeout(self.cfg.connect_timeout * 2, self.dial())
+            .await
+            .map_err(|_| CallError::NotSent("stream setup timed out".into()))??;
+        *slot = Some(live.clone());
+        Ok(live)
+    }
+
+    async fn dial(&self) -> Result<Arc<Live>, CallError> {
+        let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
+        let hello = GatewayFrame {
+            body: Some(Down::Hello(GatewayHello {
+                version: STREAM_VERSION,
+                node_id: self.cfg.node_id.clone(),
+                max_pushes_in_flight: self.cfg.max_pushes_in_flight,
+            })),
+        };
+        // Room for it: the queue is new.
+        let _ = tx.try_send(hello);
+        let mut client = UpstreamStreamServiceClient::new(self.channel.clone());
+        let mut inbound = client
+            .open(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| CallError::NotSent(format!("connect: {}", s.code())))?
+            .into_inner();
+        let hello = match inbound.message().await {
+            Ok(Some(UpstreamFrame {
+                body: Some(Up::Hello(hello)),
+            })) => hello,
+            Ok(_) => return Err(CallError::NotSent("no hello from the upstream".into())),
+            Err(s) => return Err(CallError::NotSent(format!("hello: {}", s.code()))),
+        };
+        let window = match hello.max_requests_in_flight {
+            0 => self.cfg.max_requests_in_flight,
+            n => n.min(self.cfg.max_requests_in_flight),
+        };
+        let live = Arc::new(Live {
+            tx,
+            pending: Mutex::new(Pending::default()),
+            next_id: AtomicU64::new(1),
+            credit: Arc::new(Semaphore::new(window as usize)),
+            serving: AtomicBool::new(hello.serving),
+            draining: AtomicBool::new(false),
+        });
+        tracing::debug!(service = %hello.service_name, zone = %hello.zone, window, "upstream stream open");
+        tokio::spawn(read(
+            live.clone(),
+            inbound,
+            self.sink.clone(),
+            self.cfg.max_pushes_in_flight,
+            self.gone.clone(),
+        ));
+        Ok(live)
+    }
+}
+
+/// Reads one stream until it ends, then fails what is still waiting.
+async fn read(
+    live: Arc<Live>,
+    mut inbound: tonic::Streaming<UpstreamFrame>,
+    sink: Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
+    max_pushes: u32,
+    gone: tokio_util::sync::CancellationToken,
+) {
+    let pushes = Arc::new(Semaphore::new(max_pushes as usize));
+    loop {
+        let frame = tokio::select! {
+            frame = inbound.message() => frame,
+            () = gone.cancelled() => break,
+        };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), "upstream stream ended with an error");
+                break;
+            }
+        };
+        match frame.body {
+            Some(Up::Response(answer)) => {
+                let waiter = live.pending.lock().waiting.remove(&answer.id);
+                // None: cancelled or timed out meanwhile; the answer is dropped.
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(answer);
+                }
+            }
+            Some(Up::Push(push)) => {
+                let Ok(permit) = pushes.clone().try_acquire_owned() else {
+                    tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
+                    break;
+                };
+                let (tx, sink) = (live.tx.clone(), sink.get().cloned());
+                tokio::spawn(async move {
+                    let result = match (sink, push.push) {
+                        (Some(sink), Some(p)) => sink.push(p).await,
+                        (None, _) => refused(tonic::Code::Unavailable, "node not ready"),
+                        (_, None) => refused(tonic::Code::InvalidArgument, "push missing"),
+                    };
+                    let frame = GatewayFrame {
+                        body: Some(Down::PushResult(StreamPushResult {
+                            id: push.id,
+                            result: Some(result),
+                        })),
+                    };
+                    let _ = tx.send(frame).await;
+                    drop(permit);
+                });
+            }
+            Some(Up::Broadcast(b)) => {
+                let Ok(permit) = pushes.clone().try_acquire_owned() else {
+                    tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
+                    break;
+                };
+                let (tx, sink) = (live.tx.clone(), sink.get().cloned());
+                tokio::spawn(async move {
+                    let mut result = match (sink, b.broadcast) {
+                        (Some(sink), Some(req)) => sink.broadcast(req).await,
+                        _ => StreamBroadcastResult {
+                            code: tonic::Code::Unavailable as i32,
+                            message: "node not ready".into(),
+                            ..Default::default()
+                        },
+                    };
+                    result.id = b.id;
+                    let _ = tx
+                        .send(GatewayFrame {
+                            body: Some(Down::BroadcastResult(result)),
+                        })
+                        .await;
+                    drop(permit);
+                });
+            }
+            Some(Up::Health(h)) => live.serving.store(h.serving, Ordering::SeqCst),
+            Some(Up::Drain(_)) => live.draining.store(true, Ordering::SeqCst),
+            // A second hello or an empty frame: ignored (fields are added compatibly).
+            Some(Up::Hello(_)) | None => {}
+        }
+    }
+    live.close();
+}
+
+fn refused(code: tonic::Code, message: &str) -> PushResult {
+    PushResult {
+        code: code as i32,
+        message: message.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Counts one request in the outstanding gauge while alive.
+struct Outstanding<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Outstanding<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,448 @@
+//! The streaming upstream contract (docs/protocol.md §14) end to end: a real
+//! data-plane node with `upstream.protocol: stream`, upstreams built on
+//! `gatesvr-upstream-sdk` over real gRPC, clients over real QUIC.
+//!
+//! Invariants checked:
+//! - across an upstream's restart (drain, stop, start on the same address)
+//!   every request is answered, and each is executed exactly once;
+//! - a stalled upstream holds at most its request window on the data plane:
+//!   the rest is refused unexecuted at once, and runs when retried;
+//! - an upstream pushes through the same stream, and the client gets it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use gatesvr_dataplane::config::StaticZone;
+use gatesvr_dataplane::upstream::UpstreamProtocol;
+use gatesvr_proto::client::ErrorCode;
+use gatesvr_sdk::{Client, RequestError};
+use gatesvr_tests::{TestNode, next_push};
+use gatesvr_upstream_sdk::proto::{PushToClientRequest, TargetType};
+use gatesvr_upstream_sdk::{Handler, Options, Reply, Upstream};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// The test application: `slow:<ms>:<tag>` answers after a delay, `hold:<tag>`
+/// waits for the gate, `push:<text>` pushes `<text>` to the caller first;
+/// every request is counted by payload.
+#[derive(Clone)]
+struct App {
+    executed: Arc<Mutex<HashMap<String, u32>>>,
+    gate: Arc<Semaphore>,
+    upstream: Arc<OnceLock<Upstream<App>>>,
+}
+
+impl App {
+    fn new() -> Self {
+        Self {
+            executed: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+            upstream: Arc::default(),
+        }
+    }
+
+    fn executions(&self) -> HashMap<String, u32> {
+        self.executed.lock().clone()
+    }
+}
+
+impl Handler for App {
+    async fn handle(&self, request: gatesvr_upstream_sdk::proto::ProcessRequestRequest) -> Reply {
+        let text = String::from_utf8_lossy(&request.payload).into_owned();
+        *self.executed.lock().entry(text.clone()).or_default() += 1;
+        if let Some(rest) = text.strip_prefix("slow:") {
+            let ms: u64 = rest
+                .split(':')
+                .next()
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        } else if text.starts_with("hold:") {
+            let _permit = self.gate.acquire().await;
+        } else if let Some(content) = text.strip_prefix("push:") {
+            let upstream = self.upstream.get().expect("set before serving");
+            let pushed = upstream
+                .push(PushToClientRequest {
+                    target_type: TargetType::Openid as i32,
+                    target_id: request.openid.clone(),
+                    msg_type: "note".into(),
+                    content: content.into(),
+                    ..Default::default()
+                })
+                .await;
+            if let Err(e) = pushed {
+                return Reply::Done(gatesvr_upstream_sdk::proto::ProcessRequestResponse {
+                    app_code: 9,
+                    message: e.to_string(),
+                    ..Default::default()
+                });
+            }
+        }
+        Reply::Done(gatesvr_upstream_sdk::proto::ProcessRequestResponse {
+            app_code: 0,
+            payload: request.payload.into(),
+            message: String::new(),
+        })
+    }
+}
+
+/// One served instance of `app`.
+struct Instance {
+    upstream: Upstream<App>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn serve(app: &App, listener: TcpListener, window: u32) -> Instance {
+    let mut opts = Options::new("test-app", "any");
+    opts.max_requests_in_flight = window;
+    let upstream = Upstream::new(app.clone(), opts);
+    // A restarted instance replaces the old one in the handler's slot only
+    // if none was set; tests that push use one instance.
+    let _ = app.upstream.set(upstream.clone());
+    upstream.set_serving(true);
+    let stop = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(upstream.stream_service())
+        .add_service(upstream.unary_service())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            stop.clone().cancelled_owned(),
+        );
+    let task = tokio::spawn(async move {
+        let _ = server.await;
+    });
+    Instance {
+        upstream,
+        stop,
+        task,
+    }
+}
+
+async fn node(addrs: &[SocketAddr]) -> TestNode {
+    let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    TestNode::start_routed(|c| {
+        c.upstream.protocol = UpstreamProtocol::Stream;
+        c.upstream.health_check_interval = Duration::ZERO;
+        c.zones.upstreams = (0..6)
+            .map(|z| StaticZone {
+                zone: gatesvr_proto::zone::zone_id(z),
+                addrs: addrs.clone(),
+            })
+            .collect();
+    })
+    .await
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+#[tokio::test]
+async fn requests_in_flight_across_an_upstream_restart_are_each_executed_once() {
+    let (app_a, app_b) = (App::new(), App::new());
+    let (listener_a, addr_a) = bind().await;
+    let (listener_b, addr_b) = bind().await;
+    let a = serve(&app_a, listener_a, 64).await;
+    let _b = serve(&app_b, listener_b, 64).await;
+    let node = node(&[addr_a, addr_b]).await;
+    let client = Arc::new(Client::connect(node.client_config("lea")).await.unwrap());
+
+    // 40 slow requests in flight on both instances.
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            let payload = format!("slow:300:{i}");
+            (payload.clone(), client.request(1, payload).await)
+        }));
+    }
+    gatesvr_tests::eventually("requests reached instance a", || a.upstream.inflight() > 0).await;
+
+    // Restart a: drain (answers what it has, refuses the rest unexecuted),
+    // stop, and start again on the same address.
+    a.upstream.drain().await;
+    a.stop.cancel();
+    let _ = a.task.await;
+    let listener = TcpListener::bind(addr_a).await.expect("rebind a's address");
+    let app_a2 = App::new();
+    let _a2 = serve(&app_a2, listener, 64).await;
+
+    // More requests while and after it restarts.
+    for i in 40..60 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            let payload = format!("slow:10:{i}");
+            (payload.clone(), client.request(1, payload).await)
+        }));
+    }
+    for call in calls {
+        let (payload, answer) = call.await.unwrap();
+        match answer {
+            Ok(r) => assert_eq!(&r.payload[..], payload.as_bytes()),
+            Err(e) => panic!("{payload}: {e}"),
+        }
+    }
+    let mut total: HashMap<String, u32> = HashMap::new();
+    for app in [&app_a, &app_b, &app_a2] {
+        for (payload, n) in app.executions() {
+            *total.entry(payload).or_default() += n;
+        }
+    }
+    assert_eq!(total.len(), 60, "every request executed");
+    for (payload, n) in &total {
+        assert_eq!(*n, 1, "{payload} executed {n} times");
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_upstream_holds_only_its_request_window() {
+    const WINDOW: u32 = 8;
+    let app = App::new();
+    let (listener, addr) = bind().await;
+    let _instance = serve(&app, listener, WINDOW).await;
+    let node = node(&[addr]).await;
+    let client = Arc::new(Client::connect(node.client_config("max")).await.unwrap());
+
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            client.request(1, format!("hold:{i}")).await
+        }));
+    }
+    // Everything beyond the window is refused at once, unexecuted, while the
+    // window's requests stay held.
+    gatesvr_tests::eventually("all but the window answered", || {
+        calls.iter().filter(|c| c.is_finished()).count() == (40 - WINDOW) as usize
+    })
+    .await;
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for call in calls {
+        if !call.is_finished() {
+            held.push(call);
+            continue;
+        }
+        match call.await.unwrap() {
+            Err(RequestError::Gateway {
+                code,
+                retry_after_ms,
+                ..
+            }) => {
+                assert_eq!(code, ErrorCode::UpstreamOverloaded);
+                assert!(retry_after_ms > 0);
+                refused += 1;
+            }
+            other => panic!("expected UPSTREAM_OVERLOADED, got {other:?}"),
+        }
+    }
+    gatesvr_tests::eventually("the window is full and the rest refused", || {
+        app.executions().len() == WINDOW as usize
+    })
+    .await;
+    let m = node.metrics().await;
+    assert_eq!(
+        m.get("gatesvr_upstream_stream_requests_outstanding", &[]),
+        f64::from(WINDOW),
+        "the data plane holds the window, no more"
+    );
+    // The held ones are exactly the window, and they complete once released.
+    let mut answered = 0;
+    app.gate.add_permits(1000);
+    for call in held {
+        call.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+        answered += 1;
+    }
+    assert_eq!(answered, WINDOW);
+    assert_eq!(refused, 40 - WINDOW);
+    assert_eq!(
+        app.executions().values().sum::<u32>(),
+        WINDOW,
+        "refused ones never ran"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_pushes_through_its_stream() {
+    let app = App::new();
+    let (listener, addr) = bind().await;
+    let instance = serve(&app, listener, 64).await;
+    let node = node(&[addr]).await;
+    let client = Client::connect(node.client_config("noa")).await.unwrap();
+    let answer = client
+        .request(1, "push:hello over the stream")
+        .await
+        .unwrap();
+    assert_eq!(answer.app_code, 0, "{}", answer.message);
+    let push = next_push(&client).await.expect("the push arrives");
+    assert_eq!(push.msg_type, "note");
+    assert_eq!(push.content, "hello over the stream");
+    assert_eq!(
+        instance.upstream.streams(),
+        1,
+        "one stream from the one node"
+    );
+}
+
+/// A TCP relay to `target` that can be cut: every connection through it is
+/// dropped at once and new ones are refused, as when the host of an
+/// instance dies.
+async fn relay(target: SocketAddr) -> (SocketAddr, CancellationToken) {
+    let (listener, addr) = bind().await;
+    let cut = CancellationToken::new();
+    let stop = cut.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((mut inbound, _)) = accepted else {
+                return;
+            };
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    (addr, cut)
+}
+
+#[tokio::test]
+async fn requests_on_a_dead_instance_fail_explicitly_and_never_run_twice() {
+    let (app_a, app_b) = (App::new(), App::new());
+    let (listener_a, addr_a) = bind().await;
+    let (listener_b, addr_b) = bind().await;
+    let a = serve(&app_a, listener_a, 64).await;
+    let _b = serve(&app_b, listener_b, 64).await;
+    let (via_relay, cut) = relay(addr_a).await;
+    let node = node(&[via_relay, addr_b]).await;
+    let client = Arc::new(Client::connect(node.client_config("oli")).await.unwrap());
+
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            let payload = format!("slow:500:{i}");
+            (payload.clone(), client.request(1, payload).await)
+        }));
+    }
+    gatesvr_tests::eventually("requests reached instance a", || a.upstream.inflight() > 0).await;
+    cut.cancel();
+
+    let mut unknown = 0;
+    for call in calls {
+        let (payload, answer) = call.await.unwrap();
+        match answer {
+            Ok(r) => assert_eq!(&r.payload[..], payload.as_bytes()),
+            Err(RequestError::Gateway { code, message, .. }) => {
+                assert_eq!(code, ErrorCode::UpstreamError, "{payload}: {message}");
+                assert!(message.starts_with("outcome unknown"), "{message}");
+                unknown += 1;
+            }
+            Err(e) => panic!("{payload}: {e}"),
+        }
+    }
+    assert!(
+        unknown > 0,
+        "requests in flight on the dead instance are failed explicitly"
+    );
+    let mut total: HashMap<String, u32> = HashMap::new();
+    for app in [&app_a, &app_b] {
+        for (payload, n) in app.executions() {
+            *total.entry(payload).or_default() += n;
+        }
+    }
+    for (payload, n) in &total {
+        assert_eq!(*n, 1, "{payload} executed {n} times");
+    }
+
+    // The dead instance refuses connections: every new request goes to b.
+    for i in 0..10 {
+        let payload = format!("after:{i}");
+        let r = client
+            .request(1, payload.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{payload}: {e}"));
+        assert_eq!(&r.payload[..], payload.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn the_demo_upstream_serves_and_pushes_over_streams() {
+    // Its GatewayService address goes nowhere: pushes can only take the stream.
+    let (listener, addr) = bind().await;
+    let mut cfg = gate_upstream::Config::new("006", "127.0.0.1:1");
+    cfg.addr = addr;
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(gate_upstream::run(
+        cfg,
+        listener,
+        stop.clone().cancelled_owned(),
+    ));
+    let node = node(&[addr]).await;
+    assert_eq!(gatesvr_proto::zone::zone_of("alice", 6), "006");
+    let alice = Client::connect(node.client_config("alice")).await.unwrap();
+    let user2 = Client::connect(node.client_config("user-2")).await.unwrap();
+
+    let r = alice.request(1, "echo over a stream").await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(body["echo"], "over a stream");
+    alice.request(1, "join lobby").await.unwrap();
+    user2.request(1, "join lobby").await.unwrap();
+    let said = alice.request(1, "say lobby hi all").await.unwrap();
+    assert_eq!(said.app_code, 0, "{}", said.message);
+    for client in [&alice, &user2] {
+        let push = next_push(client).await.expect("the chat push arrives");
+        assert_eq!(
+            (push.msg_type.as_str(), push.content.as_str()),
+            ("chat", "hi all")
+        );
+    }
+    let b = user2.request(1, "broadcast to 006").await.unwrap();
+    assert_eq!(b.app_code, 0, "{}", b.message);
+    for client in [&alice, &user2] {
+        assert_eq!(
+            next_push(client).await.expect("broadcast").content,
+            "to 006"
+        );
+    }
+
+    // Shutdown drains the streams and returns.
+    stop.cancel();
+    serving.await.unwrap().expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn an_instance_removed_from_routing_loses_its_stream() {
+    let app = App::new();
+    let (listener, addr) = bind().await;
+    let instance = serve(&app, listener, 64).await;
+    let node = node(&[addr]).await;
+    let client = Client::connect(node.client_config("pat")).await.unwrap();
+    client.request(1, "echo open the stream").await.unwrap();
+    assert_eq!(instance.upstream.streams(), 1);
+
+    let gatesvr_dataplane::Handler::Upstream(router) = &node.dp.node().handler else {
+        unreachable!("a routed node")
+    };
+    router.replace_all(HashMap::new());
+    gatesvr_tests::eventually("the stream of the removed instance ends", || {
+        instance.upstream.streams() == 0
+    })
+    .await;
+}

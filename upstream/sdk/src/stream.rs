@@ -1,0 +1,317 @@
+//! One data-plane node's stream: requests in, answers, pushes and health out.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::Stream as FuturesStream;
+use gatesvr_proto::upstream::gateway_frame::Body as Down;
+use gatesvr_proto::upstream::upstream_frame::Body as Up;
+use gatesvr_proto::upstream::upstream_stream_service_server::UpstreamStreamService;
+use gatesvr_proto::upstream::{
+    BroadcastRequest, BroadcastResponse, Drain, GatewayFrame, PushResult, PushToClientRequest,
+    StreamBroadcast, StreamBroadcastResult, StreamHealth, StreamPush, StreamRequest,
+    StreamResponse, UpstreamFrame, UpstreamHello,
+};
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Handler, Inner, PushError, Reply};
+
+/// Contract version this library speaks.
+const VERSION: u32 = 1;
+
+/// Frames queued towards one node before writers wait.
+const OUTGOING_QUEUE: usize = 256;
+
+/// Push window used until the node's hello says otherwise.
+const DEFAULT_PUSH_WINDOW: usize = 64;
+
+/// What a push or broadcast waits for.
+enum Outcome {
+    Push(PushResult),
+    Broadcast(StreamBroadcastResult),
+}
+
+/// One open stream from one data-plane node.
+pub(crate) struct Stream {
+    tx: mpsc::Sender<Result<UpstreamFrame, tonic::Status>>,
+    /// Ends the response stream (drain, or the node went away).
+    end: CancellationToken,
+    next_push: AtomicU64,
+    /// Pushes and broadcasts sent and not yet answered, by id.
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    /// The node's push window (`GatewayHello.max_pushes_in_flight`).
+    push_window: Semaphore,
+    window_set: std::sync::atomic::AtomicBool,
+    /// Requests of this stream executing now.
+    inflight: AtomicU32,
+    /// Cancel handles of executing requests, by id.
+    running: Mutex<HashMap<u64, CancellationToken>>,
+}
+
+impl Stream {
+    fn send(&self, body: Up) -> bool {
+        self.tx
+            .try_send(Ok(UpstreamFrame { body: Some(body) }))
+            .is_ok()
+    }
+
+    pub(crate) fn send_health(&self, serving: bool) {
+        self.send(Up::Health(StreamHealth { serving }));
+    }
+
+    pub(crate) fn send_drain(&self) {
+        self.send(Up::Drain(Drain {
+            reason: "instance draining".into(),
+        }));
+    }
+
+    pub(crate) fn end(&self) {
+        self.end.cancel();
+    }
+
+    pub(crate) async fn push(&self, push: PushToClientRequest) -> Result<PushResult, PushError> {
+        let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+        let body = Up::Push(StreamPush {
+            id,
+            push: Some(push),
+        });
+        match self.request(id, body).await? {
+            Outcome::Push(r) if r.code == 0 => Ok(r),
+            Outcome::Push(r) => Err(PushError::Refused {
+                code: r.code,
+                message: r.message,
+            }),
+            Outcome::Broadcast(_) => Err(PushError::Lost),
+        }
+    }
+
+    pub(crate) async fn broadcast(
+        &self,
+        broadcast: BroadcastRequest,
+    ) -> Result<BroadcastResponse, PushError> {
+        let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+        let body = Up::Broadcast(StreamBroadcast {
+            id,
+            broadcast: Some(broadcast),
+        });
+        match self.request(id, body).await? {
+            Outcome::Broadcast(r) if r.code == 0 => Ok(r.response.unwrap_or_default()),
+            Outcome::Broadcast(r) => Err(PushError::Refused {
+                code: r.code,
+                message: r.message,
+            }),
+            Outcome::Push(_) => Err(PushError::Lost),
+        }
+    }
+
+    /// Sends a push or broadcast inside the node's window and waits for its result.
+    async fn request(&self, id: u64, body: Up) -> Result<Outcome, PushError> {
+        let _permit = self
+            .push_window
+            .acquire()
+            .await
+            .map_err(|_| PushError::NoStream)?;
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().insert(id, tx);
+        if self
+            .tx
+            .send(Ok(UpstreamFrame { body: Some(body) }))
+            .await
+            .is_err()
+        {
+            self.waiting.lock().remove(&id);
+            return Err(PushError::NoStream);
+        }
+        rx.await.map_err(|_| PushError::Lost)
+    }
+
+    fn resolve(&self, id: u64, outcome: Outcome) {
+        if let Some(waiter) = self.waiting.lock().remove(&id) {
+            let _ = waiter.send(outcome);
+        }
+    }
+}
+
+/// The `UpstreamStreamService` of an [`Upstream`](crate::Upstream).
+pub struct StreamService<H> {
+    pub(crate) inner: Arc<Inner<H>>,
+}
+
+type Outgoing = Pin<Box<dyn FuturesStream<Item = Result<UpstreamFrame, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<H: Handler> UpstreamStreamService for StreamService<H> {
+    type OpenStream = Outgoing;
+
+    async fn open(
+        &self,
+        request: tonic::Request<tonic::Streaming<GatewayFrame>>,
+    ) -> Result<tonic::Response<Outgoing>, tonic::Status> {
+        let inner = self.inner.clone();
+        if inner.draining.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("draining"));
+        }
+        let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
+        let stream = Arc::new(Stream {
+            tx,
+            end: CancellationToken::new(),
+            next_push: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::new()),
+            push_window: Semaphore::new(DEFAULT_PUSH_WINDOW),
+            window_set: std::sync::atomic::AtomicBool::new(false),
+            inflight: AtomicU32::new(0),
+            running: Mutex::new(HashMap::new()),
+        });
+        stream.send(Up::Hello(UpstreamHello {
+            version: VERSION,
+            service_name: inner.opts.service_name.clone(),
+            zone: inner.opts.zone.clone(),
+            max_requests_in_flight: inner.opts.max_requests_in_flight,
+            serving: inner.serving.load(Ordering::SeqCst),
+        }));
+        inner.streams.open.lock().push(stream.clone());
+        tokio::spawn(read(inner, stream.clone(), request.into_inner()));
+        Ok(tonic::Response::new(Box::pin(outgoing(
+            rx,
+            stream.end.clone(),
+        ))))
+    }
+}
+
+/// The frames to write: everything queued, until `end`; then what was queued
+/// before it (answers of a drain), then the end of the stream.
+fn outgoing(
+    rx: mpsc::Receiver<Result<UpstreamFrame, tonic::Status>>,
+    end: CancellationToken,
+) -> impl FuturesStream<Item = Result<UpstreamFrame, tonic::Status>> + Send {
+    futures::stream::unfold((rx, end, false), |(mut rx, end, ended)| async move {
+        if !ended {
+            tokio::select! {
+                biased;
+                item = rx.recv() => return item.map(|i| (i, (rx, end, false))),
+                () = end.cancelled() => rx.close(),
+            }
+        }
+        rx.recv().await.map(|i| (i, (rx, end, true)))
+    })
+}
+
+/// Reads the node's frames until the stream ends.
+async fn read<H: Handler>(
+    inner: Arc<Inner<H>>,
+    stream: Arc<Stream>,
+    mut frames: tonic::Streaming<GatewayFrame>,
+) {
+    loop {
+        let frame = tokio::select! {
+            frame = frames.message() => frame,
+            () = stream.end.cancelled() => break,
+        };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(_) => break,
+        };
+        match frame.body {
+            Some(Down::Hello(hello)) => {
+                if !stream.window_set.swap(true, Ordering::SeqCst) {
+                    let want = hello.max_pushes_in_flight as usize;
+                    if want > DEFAULT_PUSH_WINDOW {
+                        stream.push_window.add_permits(want - DEFAULT_PUSH_WINDOW);
+                    } else if want > 0 {
+                        // Shrink: keep the permits we may not use.
+                        if let Ok(p) = stream
+                            .push_window
+                            .try_acquire_many((DEFAULT_PUSH_WINDOW - want) as u32)
+                        {
+                            p.forget();
+                        }
+                    }
+                }
+            }
+            Some(Down::Request(req)) => start(&inner, &stream, req),
+            Some(Down::Cancel(c)) => {
+                if let Some(token) = stream.running.lock().remove(&c.id) {
+                    token.cancel();
+                }
+            }
+            Some(Down::PushResult(r)) => {
+                stream.resolve(r.id, Outcome::Push(r.result.unwrap_or_default()));
+            }
+            Some(Down::BroadcastResult(r)) => stream.resolve(r.id, Outcome::Broadcast(r)),
+            // The node sends nothing new and closes once its requests are answered.
+            Some(Down::Drain(_)) | None => {}
+        }
+    }
+    inner
+        .streams
+        .open
+        .lock()
+        .retain(|s| !Arc::ptr_eq(s, &stream));
+    // Pushes waiting for a result learn it is lost.
+    stream.waiting.lock().clear();
+    stream.push_window.close();
+    for token in stream.running.lock().drain().map(|(_, t)| t) {
+        token.cancel();
+    }
+    stream.end.cancel();
+}
+
+/// Runs one request, or answers `not_executed` at once.
+fn start<H: Handler>(inner: &Arc<Inner<H>>, stream: &Arc<Stream>, req: StreamRequest) {
+    let not_executed = |retry_after_ms| StreamResponse {
+        id: req.id,
+        not_executed: true,
+        retry_after_ms,
+        ..Default::default()
+    };
+    let refuse = inner.draining.load(Ordering::SeqCst) || !inner.serving.load(Ordering::SeqCst);
+    let full = stream.inflight.load(Ordering::SeqCst) >= inner.opts.max_requests_in_flight;
+    let Some(request) = req.request.filter(|_| !refuse && !full) else {
+        stream.send(Up::Response(not_executed(0)));
+        return;
+    };
+    let token = CancellationToken::new();
+    stream.running.lock().insert(req.id, token.clone());
+    stream.inflight.fetch_add(1, Ordering::SeqCst);
+    let executing = inner.enter();
+    let (inner, stream) = (inner.clone(), stream.clone());
+    let id = req.id;
+    let timeout = Duration::from_millis(u64::from(req.timeout_ms.max(1)));
+    tokio::spawn(async move {
+        let work = tokio::time::timeout(timeout, inner.handler.handle(request));
+        let answer = tokio::select! {
+            r = work => r.ok(),
+            () = token.cancelled() => None,
+        };
+        stream.running.lock().remove(&id);
+        if let Some(reply) = answer {
+            let response = match reply {
+                Reply::Done(r) => StreamResponse {
+                    id,
+                    response: Some(r),
+                    ..Default::default()
+                },
+                Reply::NotExecuted { retry_after_ms } => StreamResponse {
+                    id,
+                    not_executed: true,
+                    retry_after_ms,
+                    ..Default::default()
+                },
+            };
+            // Waits for room: the node's reading is the backpressure.
+            let _ = stream
+                .tx
+                .send(Ok(UpstreamFrame {
+                    body: Some(Up::Response(response)),
+                }))
+                .await;
+        }
+        stream.inflight.fetch_sub(1, Ordering::SeqCst);
+        drop(executing);
+    });
+}
