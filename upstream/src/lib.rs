@@ -144,16 +144,8 @@ pub async fn run(
     let stop = CancellationToken::new();
     let serving = server
         .add_service(health_service)
-<<<<<<< HEAD
-        .add_service(
-            UpstreamServiceServer::new(demo.clone())
-                .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES),
-        )
-=======
         .add_service(upstream.unary_service())
         .add_service(upstream.stream_service())
->>>>>>> upstream
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.clone().cancelled_owned());
     let mut serving = tokio::spawn(serving);
 

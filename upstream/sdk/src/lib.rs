@@ -221,6 +221,8 @@ impl<H: Handler> Upstream<H> {
         UpstreamStreamServiceServer::new(stream::StreamService {
             inner: self.inner.clone(),
         })
+        .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
     }
 
     /// The unary contract's service (`ProcessRequest`, `GetStatus`), same handler.
@@ -228,6 +230,8 @@ impl<H: Handler> Upstream<H> {
         UpstreamServiceServer::new(Unary {
             inner: self.inner.clone(),
         })
+        .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
     }
 
     /// Takes the instance in or out of rotation: told in-band on every
