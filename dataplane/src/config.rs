@@ -539,7 +539,10 @@ impl Validate for DataPlaneConfig {
             ),
         ] {
             if rate > 0 && burst == 0 {
-                return Err(ConfigError::key(key, "must be at least 1 when its rate is set"));
+                return Err(ConfigError::key(
+                    key,
+                    "must be at least 1 when its rate is set",
+                ));
             }
         }
         s.session_config()

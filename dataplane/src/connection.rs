@@ -788,7 +788,7 @@ mod tests {
         ClientResponse {
             msg_id: 7,
             seq_id: 3,
-            payload: vec![1u8; payload_len].into(),
+            payload: vec![1u8; payload_len],
             zone: "002".into(),
             ..Default::default()
         }

@@ -33,9 +33,7 @@ use crate::core::{
     TableConfig, Target,
 };
 use crate::metrics::{Metrics, code_label};
-use crate::session::{
-    PushBody, PushError, ResumeOutcome, Session, SessionConfig, SessionIdentity,
-};
+use crate::session::{PushBody, PushError, ResumeOutcome, Session, SessionConfig, SessionIdentity};
 
 /// A connection bound to a session.
 #[derive(Clone)]

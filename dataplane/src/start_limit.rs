@@ -65,7 +65,10 @@ impl<K: Clone + std::hash::Hash + Eq> Bucket<K> {
 
     /// Takes one token for `key`, or says when to retry.
     fn check(&self, key: &K) -> Result<(), Duration> {
-        if self.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == 0
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(PRUNE_EVERY)
             && self.limiter.len() > PRUNE_ABOVE
         {
             // Keys whose bucket is full again are indistinguishable from new.

@@ -209,11 +209,7 @@ impl Link {
     }
 
     /// WebSocket: one binary message per frame.
-    pub fn websocket(
-        socket: WebSocket,
-        peer: std::net::SocketAddr,
-        limits: LinkLimits,
-    ) -> Self {
+    pub fn websocket(socket: WebSocket, peer: std::net::SocketAddr, limits: LinkLimits) -> Self {
         let (send, recv) = socket.split();
         Self {
             transport: Transport::WebSocket,

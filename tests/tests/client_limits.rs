@@ -291,7 +291,9 @@ async fn clients_that_stop_reading_lose_their_slots_and_others_are_served() {
         .push_to_client(push("normal-0", "hello".into()))
         .await
         .expect("push to the normal client");
-    let p = next_push(&served).await.expect("normal client gets its push");
+    let p = next_push(&served)
+        .await
+        .expect("normal client gets its push");
     assert_eq!(p.content, "hello");
 
     // Every stalled write missed the deadline and its connection was closed.
@@ -336,7 +338,10 @@ async fn clients_that_stop_reading_lose_their_slots_and_others_are_served() {
     }))
     .await;
     let connected = later.iter().filter(|c| c.is_ok()).count();
-    assert_eq!(connected, LATER_CLIENTS, "slots of stalled connections were freed");
+    assert_eq!(
+        connected, LATER_CLIENTS,
+        "slots of stalled connections were freed"
+    );
     let m = node.metrics().await;
     assert_eq!(
         m.get("gatesvr_active_connections", &[]),
@@ -350,7 +355,9 @@ async fn clients_that_stop_reading_lose_their_slots_and_others_are_served() {
 async fn an_oversized_push_is_refused_and_the_session_stays_healthy() {
     let node = Node::start("  max_frame_size: 65536\n", "").await;
     let mut gateway = node.gateway();
-    let client = Client::connect(node.client("alice")).await.expect("connects");
+    let client = Client::connect(node.client("alice"))
+        .await
+        .expect("connects");
 
     let first = gateway
         .push_to_client(push("alice", "before".into()))
@@ -386,7 +393,11 @@ async fn an_oversized_push_is_refused_and_the_session_stays_healthy() {
         .await
         .expect("normal push after the oversized one")
         .into_inner();
-    assert_eq!(second.seq_id, first.seq_id + 1, "the oversized push took no seq");
+    assert_eq!(
+        second.seq_id,
+        first.seq_id + 1,
+        "the oversized push took no seq"
+    );
     let p = next_push(&client).await.expect("push after");
     assert_eq!((p.content.as_str(), p.seq_id), ("after", second.seq_id));
 
@@ -438,7 +449,10 @@ async fn starts_are_rate_limited_per_address_and_per_openid() {
             assert!(matches!(answer, Body::StartOk(_)), "{answer:?}");
         }
     }
-    assert!(refused > 0, "10 quick Starts of one openid, burst 2: some refused");
+    assert!(
+        refused > 0,
+        "10 quick Starts of one openid, burst 2: some refused"
+    );
     assert!(matches!(raw_start(&node, "bob").await, Body::StartOk(_)));
     let m = node.metrics().await;
     assert_eq!(
@@ -462,7 +476,10 @@ async fn starts_are_rate_limited_per_address_and_per_openid() {
             refused += 1;
         }
     }
-    assert!(refused > 0, "10 quick Starts from one address, burst 3: some refused");
+    assert!(
+        refused > 0,
+        "10 quick Starts from one address, burst 3: some refused"
+    );
     let m = node.metrics().await;
     assert_eq!(
         m.get(

@@ -194,8 +194,10 @@ async fn admin_api_attempts(
     operator: &(PathBuf, PathBuf),
     attackers: &[Attacker],
 ) -> Vec<Attempt> {
-    let mut identities: Vec<(&'static str, Option<&(PathBuf, PathBuf)>)> =
-        attackers.iter().map(|a| (a.name, a.cert.as_ref())).collect();
+    let mut identities: Vec<(&'static str, Option<&(PathBuf, PathBuf)>)> = attackers
+        .iter()
+        .map(|a| (a.name, a.cert.as_ref()))
+        .collect();
     identities.push(("operator certificate, no admin token", Some(operator)));
     let mut attempts = Vec::new();
     for (name, cert) in identities {
@@ -208,10 +210,17 @@ async fn admin_api_attempts(
                     attacker: name,
                     target: format!(
                         "admin {method} {path}{}",
-                        if token.is_empty() { "" } else { " (guessed token)" }
+                        if token.is_empty() {
+                            ""
+                        } else {
+                            " (guessed token)"
+                        }
                     ),
                     accepted: !(matches!(status, 0 | 401 | 403) || to_login),
-                    detail: format!("HTTP {status} {}", body.chars().take(80).collect::<String>()),
+                    detail: format!(
+                        "HTTP {status} {}",
+                        body.chars().take(80).collect::<String>()
+                    ),
                 });
             }
         }
@@ -708,7 +717,8 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
     }
 
     // --- afterwards: nothing moved, the legitimate paths still work -------------------
-    let (owner_after, epoch_after, session_after) = owner_of(&operator, cp_admin, victim).await.unwrap();
+    let (owner_after, epoch_after, session_after) =
+        owner_of(&operator, cp_admin, victim).await.unwrap();
     assert_eq!(
         (owner_after.as_str(), epoch_after, session_after.as_str()),
         ("dp-1", epoch, session_id.as_str()),

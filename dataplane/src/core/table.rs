@@ -22,8 +22,7 @@ use gatesvr_proto::session::SessionState;
 use super::members::Members;
 use super::slot::{Holding, Slot};
 use crate::session::{
-    AckError, AckOutcome, PushError, RequestDisposition, Session, SessionEvent,
-    SessionIdentity,
+    AckError, AckOutcome, PushError, RequestDisposition, Session, SessionEvent, SessionIdentity,
 };
 
 /// A handle on one local session, as the shell holds it.

@@ -12,7 +12,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use gatesvr_proto::client::ServerPush;
 use prost::Message;
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 use super::PushMessage;
 
@@ -171,7 +171,11 @@ mod tests {
     /// the whole push, for every seq width and both redelivery values.
     #[test]
     fn frames_are_byte_identical_to_prost() {
-        for m in [msg("", b""), msg("héllo", b"\x00\x01"), PushMessage::default()] {
+        for m in [
+            msg("", b""),
+            msg("héllo", b"\x00\x01"),
+            PushMessage::default(),
+        ] {
             let body = PushBody::encode(&m);
             for seq in [0, 1, 127, 128, 300, 1 << 35, u64::MAX] {
                 for redelivery in [false, true] {

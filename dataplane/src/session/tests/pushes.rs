@@ -154,7 +154,13 @@ fn the_byte_bound_rejects_without_using_a_seq() {
     assert_eq!(s.push(t0, sized(4_000)), Ok(4));
     assert!(s.queued_bytes() <= 10_000);
     // An empty queue always takes one push, whatever its size.
-    let (mut empty, t0) = attached(SessionConfig { max_queue_bytes: 10, ..cfg() }, 0);
+    let (mut empty, t0) = attached(
+        SessionConfig {
+            max_queue_bytes: 10,
+            ..cfg()
+        },
+        0,
+    );
     assert_eq!(empty.push(t0, sized(100)), Ok(1));
 }
 
