@@ -24,6 +24,7 @@ use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
 use gatesvr_proto::upstream::{BroadcastRequest, PushBatchRequest, PushToClientRequest};
 use gatesvr_sdk::{Client, ClientConfig};
 use gatesvr_tests::procs::{Proc, binary, free_port};
+use gatesvr_tests::web::WsConn;
 use gatesvr_tests::{Metrics, RawConn, TestDir, http_get, next_push};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -349,6 +350,60 @@ async fn clients_that_stop_reading_lose_their_slots_and_others_are_served() {
         "only the normal clients hold connections"
     );
     drop(served);
+}
+
+/// The same deadline on the WebSocket transport: a browser-side client that
+/// stops reading (its TCP window stays full) is closed, and others are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_stops_reading_is_closed() {
+    let ws_port = free_port();
+    let node = Node::start(
+        "  write_timeout: 2s\n",
+        &format!("transports:\n  websocket_addr: 127.0.0.1:{ws_port}\n"),
+    )
+    .await;
+    let ca = node.dir.ca();
+    let mut slow = WsConn::connect_with_recv_buffer(addr(ws_port), &ca, 4096).await;
+    slow.start("ws-slow", &node.dir.token("ws-slow"), "", 0)
+        .await;
+    assert!(matches!(slow.recv().await, Some(Body::StartOk(_))));
+    // More than any socket buffer between us holds: the server's writes block.
+    let mut gateway = node.gateway();
+    for _ in 0..10 {
+        gateway
+            .push_to_client(push("ws-slow", "z".repeat(900_000)))
+            .await
+            .expect("push queued");
+    }
+    node.wait_metrics("the WebSocket write missed its deadline", |m| {
+        m.get(
+            "gatesvr_client_write_timeouts_total",
+            &[("transport", "websocket"), ("phase", "session")],
+        ) >= 1.0
+    })
+    .await;
+    // Others are served on the same listener.
+    let mut other = WsConn::connect(addr(ws_port), &ca).await;
+    other.start("ws-ok", &node.dir.token("ws-ok"), "", 0).await;
+    assert!(matches!(other.recv().await, Some(Body::StartOk(_))));
+    gateway
+        .push_to_client(push("ws-ok", "hi".into()))
+        .await
+        .expect("push");
+    match other.recv().await {
+        Some(Body::Push(p)) => assert_eq!(p.content, "hi"),
+        other => panic!("no push: {other:?}"),
+    }
+    let m = node.metrics().await;
+    assert_eq!(
+        m.get(
+            "gatesvr_transport_connections",
+            &[("transport", "websocket")]
+        ),
+        1.0,
+        "only the reading client holds a connection"
+    );
+    drop(slow);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
