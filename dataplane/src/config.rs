@@ -693,6 +693,15 @@ mod tests {
             ),
             ("auth:\n  mode: none\n", "auth.mode"),
             (
+                "server:\n  max_queue_bytes: 1000\n",
+                "server.max_queue_bytes",
+            ),
+            ("server:\n  write_timeout: 0s\n", "server.write_timeout"),
+            (
+                "overload_protection:\n  start_burst_per_openid: 0\n",
+                "overload_protection.start_burst_per_openid",
+            ),
+            (
                 "upstream:\n  upstream_timeout: 5s\n",
                 "overload_protection.upstream_timeout",
             ),
