@@ -20,6 +20,12 @@
 //! Fatal errors are sent as an `Error` frame, the stream is finished, and the
 //! connection is closed with the same code (the QUIC application error code,
 //! or `4000 + code` in a WebSocket close frame).
+//!
+//! Limits a client meets here (docs/protocol.md §10): the Start rate limit
+//! (per source address before the token is checked, per openid after), the
+//! write deadline on every write (a client that stops reading is closed with
+//! SLOW_CONSUMER), and answers checked against the frame limit
+//! (FRAME_TOO_LARGE instead of a frame the client would refuse).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -14,6 +14,11 @@
 //!  WebSocket     (TLS over TCP)   ── one binary message per frame ───┘
 //! ```
 //!
+//! Every write has a deadline (`server.write_timeout`, `FrameSink::write`):
+//! a client that stops reading (no QUIC flow-control credit, a full TCP
+//! window) gets `WriteError::Deadline`, and the connection is closed with
+//! SLOW_CONSUMER, freeing its task, buffers and connection slot.
+//!
 //! Closing differs by transport. A QUIC connection carries the error code in
 //! its CONNECTION_CLOSE, so the handle closes it at once. A browser cannot
 //! read a QUIC close code, so for WebTransport and WebSocket the handle asks
