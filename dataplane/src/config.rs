@@ -118,11 +118,24 @@ pub struct ServerConfig {
     /// QUIC keep-alive sent by the server, below every idle timeout. Default 10s.
     #[serde(with = "humantime_serde")]
     pub keep_alive_interval: Duration,
-    /// Largest frame accepted or sent, in bytes. Default 1 MiB.
+    /// Longest one write to a client may wait (error frames, answers,
+    /// pushes, on every transport). A client that stops reading (no receive
+    /// credit, a full TCP window) loses its connection after this, before or
+    /// after Start: it cannot hold a connection slot. Closed with
+    /// SLOW_CONSUMER; counted in `gatesvr_client_write_timeouts_total`.
+    /// Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Largest frame accepted or sent, in bytes (the `max_frame_size` a
+    /// StartResponse announces). A push or an upstream answer that would not
+    /// fit is refused with an error, never sent. Default 1 MiB.
     pub max_frame_size: usize,
     /// Pushes kept per session until acked. Default 1024.
     pub max_queue: usize,
-    /// `reject` (default) or `drop_oldest` at `max_queue`.
+    /// Payload bytes kept per session until acked; at least
+    /// `max_frame_size`. Default 16 MiB.
+    pub max_queue_bytes: usize,
+    /// `reject` (default) or `drop_oldest` at `max_queue` or `max_queue_bytes`.
     pub queue_policy: QueuePolicy,
     /// Request dedupe window per session. Default 128.
     pub request_window: u64,
@@ -190,8 +203,10 @@ impl Default for ServerConfig {
             start_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             keep_alive_interval: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
             max_frame_size: gatesvr_proto::frame::DEFAULT_MAX_FRAME_SIZE,
             max_queue: session.max_queue,
+            max_queue_bytes: session.max_queue_bytes,
             queue_policy: session.queue_policy,
             request_window: session.request_window,
             max_inflight: session.max_inflight,
@@ -216,6 +231,7 @@ impl ServerConfig {
             ack_timeout: self.ack_timeout,
             max_retries: self.max_retries,
             max_queue: self.max_queue,
+            max_queue_bytes: self.max_queue_bytes,
             queue_policy: self.queue_policy,
             session_timeout: self.session_timeout,
             request_window: self.request_window,
@@ -242,6 +258,18 @@ pub struct OverloadConfig {
     /// Deadline of one upstream call. Default 30s.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
+    /// Starts per second from one source IP address, checked before the
+    /// token is verified (0: no limit). Over it the Start is answered
+    /// `Error{OVERLOADED, retry_after_ms}` and the connection closed.
+    /// Default 200 (carrier NATs put many users behind one address).
+    pub start_rate_per_address: u32,
+    /// Burst of `start_rate_per_address`. Default 400.
+    pub start_burst_per_address: u32,
+    /// Starts per second for one openid, checked once its token verified
+    /// (0: no limit): a reconnect loop cannot churn its session. Default 5.
+    pub start_rate_per_openid: u32,
+    /// Burst of `start_rate_per_openid`. Default 20.
+    pub start_burst_per_openid: u32,
 }
 
 impl Default for OverloadConfig {
@@ -253,6 +281,10 @@ impl Default for OverloadConfig {
             qps_window_seconds: 1,
             max_upstream_concurrent: 1000,
             upstream_timeout: Duration::from_secs(30),
+            start_rate_per_address: 200,
+            start_burst_per_address: 400,
+            start_rate_per_openid: 5,
+            start_burst_per_openid: 20,
         }
     }
 }
@@ -400,6 +432,7 @@ impl Validate for DataPlaneConfig {
             ("server.heartbeat_interval", s.heartbeat_interval),
             ("server.heartbeat_timeout", s.heartbeat_timeout),
             ("server.start_timeout", s.start_timeout),
+            ("server.write_timeout", s.write_timeout),
             ("server.idle_timeout", s.idle_timeout),
             ("server.keep_alive_interval", s.keep_alive_interval),
             ("server.drain_timeout", s.drain_timeout),
@@ -486,6 +519,31 @@ impl Validate for DataPlaneConfig {
                 "server.max_frame_size",
                 "must be between 1024 and 16777216 bytes",
             ));
+        }
+        if s.max_queue_bytes < s.max_frame_size {
+            return Err(ConfigError::key(
+                "server.max_queue_bytes",
+                "must be at least server.max_frame_size (one push must fit an empty queue)",
+            ));
+        }
+        for (key, rate, burst) in [
+            (
+                "overload_protection.start_burst_per_address",
+                self.overload_protection.start_rate_per_address,
+                self.overload_protection.start_burst_per_address,
+            ),
+            (
+                "overload_protection.start_burst_per_openid",
+                self.overload_protection.start_rate_per_openid,
+                self.overload_protection.start_burst_per_openid,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(ConfigError::key(
+                    key,
+                    "must be at least 1 when its rate is set",
+                ));
+            }
         }
         s.session_config()
             .validate()
@@ -634,6 +692,15 @@ mod tests {
                 "zones.upstreams[0].addrs",
             ),
             ("auth:\n  mode: none\n", "auth.mode"),
+            (
+                "server:\n  max_queue_bytes: 1000\n",
+                "server.max_queue_bytes",
+            ),
+            ("server:\n  write_timeout: 0s\n", "server.write_timeout"),
+            (
+                "overload_protection:\n  start_burst_per_openid: 0\n",
+                "overload_protection.start_burst_per_openid",
+            ),
             (
                 "upstream:\n  upstream_timeout: 5s\n",
                 "overload_protection.upstream_timeout",

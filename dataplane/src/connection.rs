@@ -20,6 +20,12 @@
 //! Fatal errors are sent as an `Error` frame, the stream is finished, and the
 //! connection is closed with the same code (the QUIC application error code,
 //! or `4000 + code` in a WebSocket close frame).
+//!
+//! Limits a client meets here (docs/protocol.md §10): the Start rate limit
+//! (per source address before the token is checked, per openid after), the
+//! write deadline on every write (a client that stops reading is closed with
+//! SLOW_CONSUMER), and answers checked against the frame limit
+//! (FRAME_TOO_LARGE instead of a frame the client would refuse).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,7 +43,7 @@ use crate::core::RequestOutcome;
 use crate::node::Node;
 use crate::registry::{Attachment, SessionEntry};
 use crate::session::RequestDisposition;
-use crate::transport::{Link, Transport};
+use crate::transport::{Link, Transport, WriteError};
 
 /// Longest openid accepted, bytes.
 pub const MAX_OPENID_LEN: usize = 128;
@@ -63,6 +69,8 @@ fn env(body: Body) -> Envelope {
 struct Fatal {
     code: ErrorCode,
     message: String,
+    /// `Error.retry_after_ms` (the Start rate limit says when to retry).
+    retry_after_ms: u32,
 }
 
 impl Fatal {
@@ -70,14 +78,33 @@ impl Fatal {
         Self {
             code,
             message: message.into(),
+            retry_after_ms: 0,
         }
+    }
+
+    /// The client stopped reading: its write missed `server.write_timeout`.
+    /// No Error frame can reach it; the close code says it.
+    fn write_timeout() -> Self {
+        Self::new(
+            ErrorCode::SlowConsumer,
+            "write deadline exceeded: the client stopped reading",
+        )
     }
 }
 
-async fn write_frame(link: &mut Link, frame: &Envelope) -> Result<(), crate::transport::Closed> {
+async fn write_frame(link: &mut Link, frame: &Envelope) -> Result<(), WriteError> {
     let mut buf = BytesMut::new();
     frame::encode(frame, &mut buf);
     link.sink.write(&mut buf).await
+}
+
+/// Counts a write that missed its deadline (`started`: after Start).
+fn count_write_timeout(node: &Node, transport: Transport, started: bool) {
+    let phase = if started { "session" } else { "start" };
+    node.metrics
+        .client_write_timeouts
+        .with_label_values(&[transport.label(), phase])
+        .inc();
 }
 
 /// Sends `Error{fatal}` (unless `stream_open` is false), waits briefly for
@@ -87,20 +114,26 @@ async fn fail(node: &Node, link: &mut Link, stream_open: bool, fatal: Fatal) {
         .connections_closed
         .with_label_values(&[&crate::metrics::code_label(fatal.code)])
         .inc();
-    end(link, stream_open, fatal).await;
+    end(node, link, stream_open, fatal).await;
 }
 
 /// [`fail`] without counting: the caller (the registry) counted already.
-async fn end(link: &mut Link, stream_open: bool, fatal: Fatal) {
+/// The Error frame gets at most ERROR_FLUSH (and never more than
+/// `server.write_timeout`): a client that does not read it is closed anyway.
+async fn end(node: &Node, link: &mut Link, stream_open: bool, fatal: Fatal) {
     if stream_open {
         let frame = env(Body::Error(gatesvr_proto::client::Error {
             code: fatal.code as i32,
             message: fatal.message.clone(),
-            retry_after_ms: 0,
+            retry_after_ms: fatal.retry_after_ms,
             fatal: true,
         }));
-        if write_frame(link, &frame).await.is_ok() {
-            link.sink.finish(ERROR_FLUSH).await;
+        let mut buf = BytesMut::new();
+        frame::encode(&frame, &mut buf);
+        match link.sink.write_within(&mut buf, ERROR_FLUSH).await {
+            Ok(()) => link.sink.finish(ERROR_FLUSH).await,
+            Err(WriteError::Deadline) => count_write_timeout(node, link.transport, false),
+            Err(WriteError::Closed) => {}
         }
     }
     link.close(fatal.code, &fatal.message, ERROR_FLUSH).await;
@@ -129,7 +162,8 @@ pub async fn serve_quic(node: Arc<Node>, conn: quinn::Connection) {
             return;
         }
     };
-    let link = Link::quic(conn, send, recv, node.config.server.max_frame_size);
+    let limits = crate::transport::LinkLimits::of(&node.config.server);
+    let link = Link::quic(conn, send, recv, limits);
     serve(node, link).await;
 }
 
@@ -154,12 +188,26 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
             "the first frame must be Start",
         )),
     };
-    let start = match start.and_then(|s| authenticate(&node, s)) {
+    // The address limit before the (costly) token check, the openid limit
+    // after it: only the token's holder spends an openid's budget.
+    let admitted = start
+        .map_err(|fatal| (fatal, None))
+        .and_then(|s| rate_limit(node.start_limit.check_address(link.peer.ip()), s))
+        .and_then(|s| authenticate(&node, s).map_err(|fatal| (fatal, None)))
+        .and_then(|s| {
+            let checked = node.start_limit.check_openid(&s.openid);
+            rate_limit(checked, s)
+        });
+    let start = match admitted {
         Ok(s) => s,
-        Err(fatal) => {
+        Err((fatal, limited)) => {
+            let reason = match limited {
+                Some(limited) => limited.reason().to_string(),
+                None => crate::metrics::code_label(fatal.code),
+            };
             node.metrics
                 .connections_rejected
-                .with_label_values(&[&crate::metrics::code_label(fatal.code)])
+                .with_label_values(&[&reason])
                 .inc();
             Box::pin(fail(&node, &mut link, true, fatal)).await;
             return;
@@ -228,8 +276,13 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
         request_window: server.request_window as u32,
         session_timeout_ms: server.session_timeout.as_millis() as u32,
     }));
-    if write_frame(&mut link, &response).await.is_err() {
+    if let Err(e) = write_frame(&mut link, &response).await {
         node.registry.detach(&entry, conn_id);
+        if e == WriteError::Deadline {
+            count_write_timeout(&node, transport, false);
+            let fatal = Fatal::write_timeout();
+            Box::pin(fail(&node, &mut link, false, fatal)).await;
+        }
         return;
     }
     node.metrics.active_connections.inc();
@@ -253,13 +306,18 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
             Box::pin(fail(&node, &mut link, true, fatal)).await;
         }
         // Asked by the registry (replaced, slow consumer, drain), which counted it.
-        Ending::Requested(fatal) => Box::pin(end(&mut link, true, fatal)).await,
+        Ending::Requested(fatal) => Box::pin(end(&node, &mut link, true, fatal)).await,
+        Ending::WriteTimeout => {
+            count_write_timeout(&node, transport, true);
+            Box::pin(fail(&node, &mut link, false, Fatal::write_timeout())).await;
+        }
         Ending::Done => match link.pending_close() {
             Some((code, message)) => {
-                Box::pin(end(&mut link, true, Fatal::new(code, message))).await;
+                Box::pin(end(&node, &mut link, true, Fatal::new(code, message))).await;
             }
             None if transport != Transport::Quic => {
-                Box::pin(end(&mut link, false, Fatal::new(ErrorCode::Ok, ""))).await;
+                let fatal = Fatal::new(ErrorCode::Ok, "");
+                Box::pin(end(&node, &mut link, false, fatal)).await;
             }
             None => {}
         },
@@ -330,6 +388,27 @@ async fn claim_ownership(
     }
 }
 
+/// Refuses a Start over a rate limit with OVERLOADED and when to retry.
+fn rate_limit(
+    checked: Result<(), (crate::start_limit::Limited, Duration)>,
+    start: StartRequest,
+) -> Result<StartRequest, (Fatal, Option<crate::start_limit::Limited>)> {
+    let Err((limited, wait)) = checked else {
+        return Ok(start);
+    };
+    let ms = wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+    let whose = match limited {
+        crate::start_limit::Limited::Address => "this address",
+        crate::start_limit::Limited::Openid => "this openid",
+    };
+    let mut fatal = Fatal::new(
+        ErrorCode::Overloaded,
+        format!("too many Starts from {whose}: retry after {ms} ms"),
+    );
+    fatal.retry_after_ms = ms;
+    Err((fatal, Some(limited)))
+}
+
 fn authenticate(node: &Node, start: StartRequest) -> Result<StartRequest, Fatal> {
     if start.openid.is_empty() || start.openid.len() > MAX_OPENID_LEN {
         return Err(Fatal::new(
@@ -368,6 +447,8 @@ enum Ending {
     Protocol(Fatal),
     /// The registry asked a WebTransport/WebSocket connection to close.
     Requested(Fatal),
+    /// A write missed `server.write_timeout`: the client stopped reading.
+    WriteTimeout,
 }
 
 /// The connection's steady state, until the stream or connection ends or a
@@ -438,8 +519,10 @@ async fn run(
         if !out.is_empty() {
             // A close asked meanwhile wins over a write the client does not read.
             tokio::select! {
-                written = sink.write(&mut out) => if written.is_err() {
-                    break Ending::Done;
+                written = sink.write(&mut out) => match written {
+                    Ok(()) => {}
+                    Err(WriteError::Deadline) => break Ending::WriteTimeout,
+                    Err(WriteError::Closed) => break Ending::Done,
                 },
                 (code, message) = crate::transport::close_requested(closing) => {
                     break Ending::Requested(Fatal::new(code, message));
@@ -465,11 +548,12 @@ fn transmit(node: &Node, entry: &Arc<SessionEntry>, out: &mut BytesMut) {
         let mut state = entry.state.lock();
         let now = Instant::now();
         while out.len() < WRITE_BATCH {
-            let Some(push) = state.poll_transmit(now) else {
+            let Some(push) = state.poll_transmit_encoded(now) else {
                 break;
             };
             pushes += 1;
-            frame::encode(&env(Body::Push(push)), out);
+            // The payload was encoded once, when queued (session/body.rs).
+            push.encode_frame(out);
         }
     }
     if pushes > 0 {
@@ -570,6 +654,29 @@ fn error_response(
     }
 }
 
+/// An upstream answer too large for the client's frame limit becomes
+/// FRAME_TOO_LARGE: sending it would break the client's stream (its decoder
+/// refuses the frame and the connection dies), and it would be replayed to
+/// every retry.
+fn fit_frame(response: ClientResponse, request: &ClientRequest, max: usize) -> ClientResponse {
+    use prost::Message;
+    // Envelope.response: one key byte, the length, the message.
+    let body = response.encoded_len();
+    let len = 1 + prost::encoding::encoded_len_varint(body as u64) + body;
+    if len <= max {
+        return response;
+    }
+    error_response(
+        request,
+        &response.zone,
+        ErrorCode::FrameTooLarge,
+        format!(
+            "the upstream's answer is {len} bytes encoded, over the client frame limit of {max} bytes (server.max_frame_size); not sent"
+        ),
+        0,
+    )
+}
+
 /// Answers a request at once (cached answer, refusal) into `out`, or starts
 /// executing it.
 fn handle_request(
@@ -668,6 +775,7 @@ fn handle_request(
             .handler
             .handle(&node.config.node_id, &entry.identity, &request)
             .await;
+        let response = fit_frame(response, &request, node.config.server.max_frame_size);
         let code = ErrorCode::try_from(response.code).unwrap_or(ErrorCode::Internal);
         node.count_request(&entry.identity.zone, code);
         node.metrics
@@ -677,4 +785,53 @@ fn handle_request(
         response
     }));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(payload_len: usize) -> ClientResponse {
+        ClientResponse {
+            msg_id: 7,
+            seq_id: 3,
+            payload: vec![1u8; payload_len],
+            zone: "002".into(),
+            ..Default::default()
+        }
+    }
+
+    /// An answer that fits the frame limit goes out as is; one that does not
+    /// becomes FRAME_TOO_LARGE (same msg_id and seq_id) and fits.
+    #[test]
+    fn oversized_answers_become_frame_too_large() {
+        let request = ClientRequest {
+            msg_id: 7,
+            seq_id: 3,
+            ..Default::default()
+        };
+        let max = 4096;
+        let small = fit_frame(answer(100), &request, max);
+        assert_eq!(small, answer(100));
+        let fits = |r: &ClientResponse| {
+            let mut buf = BytesMut::new();
+            frame::encode(&env(Body::Response(r.clone())), &mut buf);
+            let mut d = frame::FrameDecoder::new(max);
+            d.extend(&buf);
+            d.next_frame().is_ok()
+        };
+        // The limit is exact: the largest answer that fits passes unchanged.
+        let mut largest = 0;
+        for len in 4000..4096 {
+            if fits(&answer(len)) {
+                largest = len;
+            }
+        }
+        assert_eq!(fit_frame(answer(largest), &request, max), answer(largest));
+        let big = fit_frame(answer(largest + 1), &request, max);
+        assert_eq!(big.code, ErrorCode::FrameTooLarge as i32);
+        assert_eq!((big.msg_id, big.seq_id, big.zone.as_str()), (7, 3, "002"));
+        assert!(big.message.contains("4096"), "{}", big.message);
+        assert!(fits(&big));
+    }
 }

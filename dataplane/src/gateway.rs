@@ -1,8 +1,13 @@
 //! `GatewayService` (gRPC on `server.grpc_addr`): upstreams push to clients.
 //!
 //! Errors map to gRPC codes: NOT_FOUND (no such session), RESOURCE_EXHAUSTED
-//! (the session's queue is full; the client is being disconnected as a slow
-//! consumer and will resume), INVALID_ARGUMENT (empty target).
+//! (the session's queue is full, by count or bytes; the client is being
+//! disconnected as a slow consumer and will resume), INVALID_ARGUMENT (empty
+//! target; a push larger than the client frame limit, refused before it is
+//! queued: queued, it would break the client's stream on every resume).
+//!
+//! A push's payload is encoded once ([`PushBody`]) and shared: by a
+//! broadcast's sessions, by retries and retransmits.
 //!
 //! A durable push (`durable: true`) answers OK only once the owner's standby
 //! holds a copy (see `replica`); with no standby it is refused before being
@@ -22,19 +27,29 @@ use crate::connection::unix_ms;
 use crate::core::Target;
 use crate::node::Node;
 use crate::registry::PushFailure;
-use crate::session::{PushError, PushMessage};
+use crate::session::{PushBody, PushError, PushMessage};
 
 pub struct Gateway {
     pub node: Arc<Node>,
 }
 
-fn message(msg_type: String, content: String, data: bytes::Bytes) -> PushMessage {
-    PushMessage {
-        msg_type,
-        content,
-        data,
-        created_at_ms: unix_ms(),
+/// Refuses a push whose frame could exceed the client frame limit
+/// (`server.max_frame_size`, announced in StartResponse): the client's
+/// decoder would refuse it and close the connection, and, still unacked, it
+/// would be sent again on every resume.
+fn check_size(node: &Node, body: &PushBody) -> Result<(), Status> {
+    let max = node.config.server.max_frame_size;
+    let len = body.max_envelope_len();
+    if len <= max {
+        return Ok(());
     }
+    node.metrics
+        .pushes
+        .with_label_values(&["rejected_too_large"])
+        .inc();
+    Err(Status::invalid_argument(format!(
+        "push too large: {len} bytes encoded, over the client frame limit of {max} bytes (server.max_frame_size); not queued"
+    )))
 }
 
 impl Gateway {
@@ -163,12 +178,13 @@ impl Gateway {
             None
         };
         let created_at_ms = unix_ms();
-        let msg = PushMessage {
+        let msg = PushBody::encode(&PushMessage {
             msg_type: req.msg_type.clone(),
             content: req.content.clone(),
             data: req.data.clone().into(),
             created_at_ms,
-        };
+        });
+        check_size(node, &msg)?;
         let result = registry
             .push_settled(
                 target,
@@ -226,9 +242,9 @@ impl Gateway {
             Err(PushFailure::InTransit) => Err(Status::unavailable(
                 "the session is moving between nodes; not queued, retry",
             )),
-            Err(PushFailure::Refused(PushError::QueueFull { max_queue })) => {
+            Err(PushFailure::Refused(full @ PushError::QueueFull { .. })) => {
                 Err(Status::resource_exhausted(format!(
-                    "session queue full ({max_queue} unacked pushes); client disconnected as a slow consumer"
+                    "{full}; client disconnected as a slow consumer"
                 )))
             }
             Err(PushFailure::Refused(PushError::Expired)) => not_found(),
@@ -326,6 +342,16 @@ impl GatewayService for Gateway {
             .metadata()
             .contains_key(crate::peer::FORWARDED_HEADER);
         let req = request.into_inner();
+        // Encoded once, shared by every session here (session/body.rs); a
+        // broadcast too large for the client frame limit is refused before
+        // any node queues it.
+        let body = PushBody::encode(&PushMessage {
+            msg_type: req.msg_type.clone(),
+            content: req.content.clone(),
+            data: req.data.clone().into(),
+            created_at_ms: unix_ms(),
+        });
+        check_size(&self.node, &body)?;
         // Fan out to every other live node first (their sessions are theirs
         // to queue on), then queue on ours.
         // Live nodes only: dead and departed (`left`) records are never
@@ -360,7 +386,6 @@ impl GatewayService for Gateway {
         }))
         .await;
         let unreachable = remote.iter().filter(|r| r.is_none()).count();
-        let data: bytes::Bytes = req.data.into();
         let mut queued = 0u32;
         let mut rejected = 0u32;
         for r in remote.into_iter().flatten() {
@@ -371,8 +396,7 @@ impl GatewayService for Gateway {
             if !req.zones.is_empty() && !req.zones.contains(&entry.identity.zone) {
                 continue;
             }
-            let msg = message(req.msg_type.clone(), req.content.clone(), data.clone());
-            match self.node.registry.push(&entry, msg) {
+            match self.node.registry.push(&entry, body.clone()) {
                 Ok(_) => queued += 1,
                 Err(_) => rejected += 1,
             }

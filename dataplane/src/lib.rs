@@ -46,6 +46,7 @@ pub mod quic_keys;
 pub mod registry;
 pub mod replica;
 pub mod session;
+pub mod start_limit;
 pub mod transport;
 pub mod upstream;
 pub mod websocket;

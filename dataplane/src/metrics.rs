@@ -35,10 +35,14 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// End-to-end request latency seen by the gateway, by zone.
     pub request_duration: HistogramVec,
-    /// Pushes by outcome: queued, rejected_queue_full, no_session, delivered, redelivered.
+    /// Pushes by outcome: queued, rejected_queue_full, rejected_too_large, no_session, sent.
     pub pushes: IntCounterVec,
     /// Connections refused or closed early, by reason.
     pub connections_rejected: IntCounterVec,
+    /// Client writes that missed `server.write_timeout` (the client stopped
+    /// reading; its connection is closed), by transport and phase (`start`:
+    /// before the session started, `session`: after).
+    pub client_write_timeouts: IntCounterVec,
     /// Failed Starts by reason: invalid, expired, openid_mismatch.
     pub auth_failures: IntCounterVec,
     /// Frames the client got wrong, by error code.
@@ -162,6 +166,12 @@ impl Metrics {
                 "Connections refused before a session started, by reason",
                 &["reason"],
             ),
+            client_write_timeouts: counter(
+                &registry,
+                "gatesvr_client_write_timeouts_total",
+                "Client connections closed because a write missed server.write_timeout, by transport and phase",
+                &["transport", "phase"],
+            ),
             auth_failures: counter(
                 &registry,
                 "gatesvr_auth_failures_total",
@@ -280,6 +290,15 @@ impl Metrics {
         for reason in AUTH_FAILURE_REASONS {
             self.auth_failures.with_label_values(&[reason]);
         }
+        for t in crate::transport::Transport::ALL {
+            for phase in ["start", "session"] {
+                self.client_write_timeouts
+                    .with_label_values(&[t.label(), phase]);
+            }
+        }
+        for outcome in ["rejected_too_large", "rejected_queue_full"] {
+            self.pushes.with_label_values(&[outcome]);
+        }
     }
 
     /// Text exposition of every metric.
@@ -302,6 +321,8 @@ pub const REJECT_REASONS: &[&str] = &[
     "max_connections",
     "handshake_failed",
     "start_timeout",
+    "start_rate_address",
+    "start_rate_openid",
 ];
 
 /// `gatesvr_auth_failures_total` reasons (`AuthError::reason`).
@@ -349,6 +370,10 @@ mod tests {
             "gatesvr_auth_failures_total{reason=\"invalid\"} 0",
             "gatesvr_auth_failures_total{reason=\"expired\"} 0",
             "gatesvr_auth_failures_total{reason=\"openid_mismatch\"} 0",
+            "gatesvr_connections_rejected_total{reason=\"start_rate_address\"} 0",
+            "gatesvr_connections_rejected_total{reason=\"start_rate_openid\"} 0",
+            "gatesvr_client_write_timeouts_total{phase=\"session\",transport=\"quic\"} 0",
+            "gatesvr_pushes_total{outcome=\"rejected_too_large\"} 0",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }

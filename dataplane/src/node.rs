@@ -36,6 +36,8 @@ pub struct Node {
     pub crashed: std::sync::atomic::AtomicBool,
     /// `overload_protection.max_qps` per `qps_window_seconds`; None when disabled.
     rate: Option<DefaultDirectRateLimiter>,
+    /// Starts per source address and per openid (`overload_protection.start_*`).
+    pub start_limit: crate::start_limit::StartLimiter,
 }
 
 impl Node {
@@ -69,6 +71,7 @@ impl Node {
             config.server.max_queue,
         );
         Self {
+            start_limit: crate::start_limit::StartLimiter::new(&config.overload_protection),
             replicas,
             replicator: Default::default(),
             crashed: Default::default(),

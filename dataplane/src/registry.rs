@@ -33,9 +33,7 @@ use crate::core::{
     TableConfig, Target,
 };
 use crate::metrics::{Metrics, code_label};
-use crate::session::{
-    PushError, PushMessage, ResumeOutcome, Session, SessionConfig, SessionIdentity,
-};
+use crate::session::{PushBody, PushError, ResumeOutcome, Session, SessionConfig, SessionIdentity};
 
 /// A connection bound to a session.
 #[derive(Clone)]
@@ -707,10 +705,12 @@ impl Registry {
     pub async fn push_settled(
         &self,
         target: Target<'_>,
-        msg: PushMessage,
+        msg: impl Into<PushBody>,
         view_owner: Option<(&str, u64)>,
         limit: Duration,
     ) -> Result<PushReceipt, PushFailure> {
+        // Encoded once: a retry below shares the same bytes.
+        let msg: PushBody = msg.into();
         let give_up = tokio::time::Instant::now() + limit;
         loop {
             let settled = self.settled.notified();
@@ -753,7 +753,7 @@ impl Registry {
     pub fn push(
         &self,
         entry: &Arc<SessionEntry>,
-        msg: PushMessage,
+        msg: impl Into<PushBody>,
     ) -> Result<PushReceipt, PushFailure> {
         self.push_to(Target::Session(&entry.identity.session_id), msg, None)
     }
@@ -763,9 +763,10 @@ impl Registry {
     pub fn push_to(
         &self,
         target: Target<'_>,
-        msg: PushMessage,
+        msg: impl Into<PushBody>,
         view_owner: Option<(&str, u64)>,
     ) -> Result<PushReceipt, PushFailure> {
+        let msg: PushBody = msg.into();
         let now = Instant::now();
         let (outcome, commands) = self.with_table(|t| t.push(now, target, msg, view_owner));
         self.carry_out(commands);

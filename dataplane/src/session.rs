@@ -25,7 +25,8 @@
 //! ## Pushes
 //! - [`Session::push`] gives the push the next seq: seqs start at 1 and grow by
 //!   exactly 1. The queue keeps every push not yet acked, sent or not, up to
-//!   `max_queue`. At the bound, policy [`QueuePolicy::Reject`] (the default)
+//!   `max_queue` pushes and `max_queue_bytes` of payload. At either bound,
+//!   policy [`QueuePolicy::Reject`] (the default)
 //!   refuses the push with [`PushError::QueueFull`] and the shell disconnects
 //!   the connected client as `SLOW_CONSUMER`; policy [`QueuePolicy::DropOldest`]
 //!   drops the oldest unacked push, remembers the highest dropped seq
@@ -106,6 +107,8 @@
 //! - `session.rs`: [`Session`] and what its methods return;
 //! - [`config`]: [`SessionConfig`] and [`QueuePolicy`];
 //! - `queue`: seqs, the unacked queue, the send cursor, go-back-N;
+//! - `body`: a push's payload encoded once ([`PushBody`]) and shared by
+//!   every session and retransmit it goes to;
 //! - `dedupe`: the request window;
 //! - `transfer`: export and import.
 
@@ -115,11 +118,13 @@ use bytes::Bytes;
 use gatesvr_proto::client::{ClientResponse, ResumeStatus, ServerPush};
 use gatesvr_proto::session::SessionCounters;
 
+mod body;
 pub mod config;
 mod dedupe;
 mod queue;
 mod transfer;
 
+pub use body::{OutgoingPush, PushBody};
 pub use config::{ConfigError, QueuePolicy, SessionConfig};
 pub use dedupe::{Completion, RequestDisposition, is_not_executed, unknown_outcome};
 pub use transfer::ImportError;
@@ -154,14 +159,22 @@ pub struct PushMessage {
 /// Why [`Session::push`] refused a push. Nothing was queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
-    /// `max_queue` pushes are unacked and the policy is `Reject`: the client
-    /// is too slow (downstream fault). The shell disconnects it as
-    /// `SLOW_CONSUMER`; the upstream may retry once the client resumed and
-    /// acked.
-    #[error("push queue full ({max_queue} unacked pushes)")]
+    /// `max_queue` pushes are unacked, or their payloads would exceed
+    /// `max_queue_bytes`, and the policy is `Reject`: the client is too slow
+    /// (downstream fault). The shell disconnects it as `SLOW_CONSUMER`; the
+    /// upstream may retry once the client resumed and acked.
+    #[error("{}", if *by_bytes {
+        format!("push queue full (unacked pushes would exceed max_queue_bytes, {max_queue_bytes} bytes)")
+    } else {
+        format!("push queue full ({max_queue} unacked pushes)")
+    })]
     QueueFull {
-        /// The configured bound.
+        /// The configured count bound.
         max_queue: usize,
+        /// The configured byte bound.
+        max_queue_bytes: usize,
+        /// The byte bound refused the push (else the count bound did).
+        by_bytes: bool,
     },
     /// The session expired; no retry on this session can succeed.
     #[error("session expired")]
@@ -357,24 +370,29 @@ impl Session {
         self.link == Link::Expired
     }
 
-    /// Queues a push; returns its seq.
-    pub fn push(&mut self, _now: Instant, msg: PushMessage) -> Result<u64, PushError> {
+    /// Queues a push; returns its seq. A [`PushBody`] (encoded once, see
+    /// `body.rs`) is shared with every other session it is pushed to.
+    pub fn push(&mut self, _now: Instant, msg: impl Into<PushBody>) -> Result<u64, PushError> {
         if self.link == Link::Expired {
             return Err(PushError::Expired);
         }
-        match self
-            .queue
-            .push(msg, self.cfg.max_queue, self.cfg.queue_policy)
-        {
+        let bounds = queue::Bounds {
+            max_queue: self.cfg.max_queue,
+            max_queue_bytes: self.cfg.max_queue_bytes,
+            policy: self.cfg.queue_policy,
+        };
+        match self.queue.push(msg.into(), bounds) {
             Ok((seq, dropped)) => {
                 self.counters.pushes_total += 1;
                 self.counters.trimmed_total += dropped;
                 Ok(seq)
             }
-            Err(queue::Full) => {
+            Err(full) => {
                 self.counters.rejected_total += 1;
                 Err(PushError::QueueFull {
                     max_queue: self.cfg.max_queue,
+                    max_queue_bytes: self.cfg.max_queue_bytes,
+                    by_bytes: full == queue::Full::Bytes,
                 })
             }
         }
@@ -382,6 +400,13 @@ impl Session {
 
     /// The next push to write on the attached connection, if any.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<ServerPush> {
+        self.poll_transmit_encoded(now).map(|p| p.to_push())
+    }
+
+    /// [`poll_transmit`](Self::poll_transmit) with the payload still
+    /// encoded: what the connection writes (no decode, no copy until the
+    /// write buffer).
+    pub fn poll_transmit_encoded(&mut self, now: Instant) -> Option<OutgoingPush> {
         if self.link != Link::Attached {
             return None;
         }
@@ -390,6 +415,11 @@ impl Session {
             self.counters.redelivered_total += 1;
         }
         Some(push)
+    }
+
+    /// Payload bytes of the pushes retained until acked.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.bytes()
     }
 
     /// Applies a cumulative `ClientAck`.

@@ -14,6 +14,11 @@
 //!  WebSocket     (TLS over TCP)   ── one binary message per frame ───┘
 //! ```
 //!
+//! Every write has a deadline (`server.write_timeout`, `FrameSink::write`):
+//! a client that stops reading (no QUIC flow-control credit, a full TCP
+//! window) gets `WriteError::Deadline`, and the connection is closed with
+//! SLOW_CONSUMER, freeing its task, buffers and connection slot.
+//!
 //! Closing differs by transport. A QUIC connection carries the error code in
 //! its CONNECTION_CLOSE, so the handle closes it at once. A browser cannot
 //! read a QUIC close code, so for WebTransport and WebSocket the handle asks
@@ -156,6 +161,8 @@ pub(crate) async fn close_requested(closing: &Option<Arc<CloseRequest>>) -> (Err
 /// A client connection, whatever carries it.
 pub(crate) struct Link {
     pub transport: Transport,
+    /// The client's address (the source the Start rate limit counts).
+    pub peer: std::net::SocketAddr,
     pub source: FrameSource,
     pub sink: FrameSink,
     /// Set for transports closed through their task.
@@ -170,15 +177,16 @@ impl Link {
         conn: quinn::Connection,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
-        max_frame_size: usize,
+        limits: LinkLimits,
     ) -> Self {
         Self {
             transport: Transport::Quic,
+            peer: conn.remote_address(),
             source: FrameSource::Quic {
                 recv,
-                decoder: FrameDecoder::new(max_frame_size),
+                decoder: FrameDecoder::new(limits.max_frame_size),
             },
-            sink: FrameSink::Quic(send),
+            sink: FrameSink::new(SinkKind::Quic(send), limits.write_timeout),
             closing: None,
             quic: Some(conn),
         }
@@ -190,30 +198,32 @@ impl Link {
         conn: quinn::Connection,
         send: impl AsyncWrite + Send + 'static,
         recv: impl AsyncRead + Send + 'static,
-        max_frame_size: usize,
+        limits: LinkLimits,
     ) -> Self {
         Self {
             transport: Transport::WebTransport,
+            peer: conn.remote_address(),
             source: FrameSource::Stream {
                 recv: Box::pin(recv),
-                decoder: FrameDecoder::new(max_frame_size),
+                decoder: FrameDecoder::new(limits.max_frame_size),
             },
-            sink: FrameSink::Stream(Box::pin(send)),
+            sink: FrameSink::new(SinkKind::Stream(Box::pin(send)), limits.write_timeout),
             closing: Some(Arc::default()),
             quic: Some(conn),
         }
     }
 
     /// WebSocket: one binary message per frame.
-    pub fn websocket(socket: WebSocket, max_frame_size: usize) -> Self {
+    pub fn websocket(socket: WebSocket, peer: std::net::SocketAddr, limits: LinkLimits) -> Self {
         let (send, recv) = socket.split();
         Self {
             transport: Transport::WebSocket,
+            peer,
             source: FrameSource::WebSocket {
                 recv,
-                max_frame_size,
+                max_frame_size: limits.max_frame_size,
             },
-            sink: FrameSink::WebSocket(send),
+            sink: FrameSink::new(SinkKind::WebSocket(send), limits.write_timeout),
             closing: Some(Arc::default()),
             quic: None,
         }
@@ -252,7 +262,7 @@ impl Link {
                 }
             }
             Transport::WebSocket => {
-                if let FrameSink::WebSocket(send) = &mut self.sink {
+                if let SinkKind::WebSocket(send) = &mut self.sink.kind {
                     let frame = CloseFrame {
                         code: WS_CLOSE_BASE + code as u16,
                         reason: truncate_reason(reason).into(),
@@ -370,43 +380,75 @@ fn decode_message(data: &[u8], max_frame_size: usize) -> Result<Envelope, FrameE
     }
 }
 
-/// The connection is gone; nothing more can be written.
-#[derive(Debug)]
-pub(crate) struct Closed;
+/// Why a write to the client failed; nothing more can be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteError {
+    /// The connection is gone.
+    Closed,
+    /// The client did not take the frames within `server.write_timeout`
+    /// (it stopped reading: no flow-control credit, a full TCP window). The
+    /// caller closes the connection with SLOW_CONSUMER.
+    Deadline,
+}
 
-/// Frames to the client.
-pub(crate) enum FrameSink {
+/// Per-connection limits every transport applies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinkLimits {
+    /// Largest frame read (`server.max_frame_size`).
+    pub max_frame_size: usize,
+    /// Longest one write may wait for the client (`server.write_timeout`).
+    pub write_timeout: Duration,
+}
+
+impl LinkLimits {
+    pub fn of(server: &crate::config::ServerConfig) -> Self {
+        Self {
+            max_frame_size: server.max_frame_size,
+            write_timeout: server.write_timeout,
+        }
+    }
+}
+
+/// Frames to the client. Every write has a deadline: a client that stops
+/// reading cannot hold a task, a connection slot and its buffers for ever.
+pub(crate) struct FrameSink {
+    kind: SinkKind,
+    write_timeout: Duration,
+}
+
+enum SinkKind {
     Quic(quinn::SendStream),
     Stream(Pin<Box<dyn AsyncWrite + Send>>),
     WebSocket(SplitSink<WebSocket, Message>),
 }
 
 impl FrameSink {
+    fn new(kind: SinkKind, write_timeout: Duration) -> Self {
+        Self {
+            kind,
+            write_timeout,
+        }
+    }
+
     /// Writes the encoded frames in `frames` (whole frames, back to back) and
-    /// leaves it empty. On a WebSocket each frame becomes one binary message.
-    pub async fn write(&mut self, frames: &mut BytesMut) -> Result<(), Closed> {
-        let result = match self {
-            FrameSink::Quic(send) => send.write_all(frames).await.map_err(|_| Closed),
-            FrameSink::Stream(send) => {
-                let written = send.write_all(frames).await;
-                match written {
-                    Ok(()) => send.flush().await.map_err(|_| Closed),
-                    Err(_) => Err(Closed),
-                }
-            }
-            FrameSink::WebSocket(send) => {
-                while !frames.is_empty() {
-                    let Some(len) = frame_len(frames) else {
-                        // Only whole frames are ever queued here.
-                        break;
-                    };
-                    let frame = frames.split_to(len.min(frames.len())).freeze();
-                    if send.feed(Message::Binary(frame)).await.is_err() {
-                        return Err(Closed);
-                    }
-                }
-                send.flush().await.map_err(|_| Closed)
-            }
+    /// leaves it empty, within `server.write_timeout`. On a WebSocket each
+    /// frame becomes one binary message.
+    pub async fn write(&mut self, frames: &mut BytesMut) -> Result<(), WriteError> {
+        let deadline = self.write_timeout;
+        self.write_within(frames, deadline).await
+    }
+
+    /// [`write`](Self::write) bounded by `deadline` instead (never longer
+    /// than `server.write_timeout`): a final Error frame before a close.
+    pub async fn write_within(
+        &mut self,
+        frames: &mut BytesMut,
+        deadline: Duration,
+    ) -> Result<(), WriteError> {
+        let deadline = deadline.min(self.write_timeout);
+        let result = match tokio::time::timeout(deadline, self.kind.write(frames)).await {
+            Ok(written) => written,
+            Err(_) => Err(WriteError::Deadline),
         };
         frames.clear();
         result
@@ -415,17 +457,45 @@ impl FrameSink {
     /// Ends the server's direction after a final frame and waits (bounded
     /// by `grace`) until the client has it.
     pub async fn finish(&mut self, grace: Duration) {
-        match self {
-            FrameSink::Quic(send) => {
+        match &mut self.kind {
+            SinkKind::Quic(send) => {
                 if send.finish().is_ok() {
                     let _ = tokio::time::timeout(grace, send.stopped()).await;
                 }
             }
-            FrameSink::Stream(send) => {
+            SinkKind::Stream(send) => {
                 let _ = tokio::time::timeout(grace, send.shutdown()).await;
             }
             // The close frame ends the direction (Link::close).
-            FrameSink::WebSocket(_) => {}
+            SinkKind::WebSocket(_) => {}
+        }
+    }
+}
+
+impl SinkKind {
+    async fn write(&mut self, frames: &mut BytesMut) -> Result<(), WriteError> {
+        match self {
+            SinkKind::Quic(send) => send.write_all(frames).await.map_err(|_| WriteError::Closed),
+            SinkKind::Stream(send) => {
+                let written = send.write_all(frames).await;
+                match written {
+                    Ok(()) => send.flush().await.map_err(|_| WriteError::Closed),
+                    Err(_) => Err(WriteError::Closed),
+                }
+            }
+            SinkKind::WebSocket(send) => {
+                while !frames.is_empty() {
+                    let Some(len) = frame_len(frames) else {
+                        // Only whole frames are ever queued here.
+                        break;
+                    };
+                    let frame = frames.split_to(len.min(frames.len())).freeze();
+                    if send.feed(Message::Binary(frame)).await.is_err() {
+                        return Err(WriteError::Closed);
+                    }
+                }
+                send.flush().await.map_err(|_| WriteError::Closed)
+            }
         }
     }
 }

@@ -143,6 +143,9 @@ async fn serve_tcp(
             return;
         }
     };
+    // The client's address reaches the upgrade handler (the Start rate
+    // limit counts Starts per source address).
+    let router = router.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
     let service = hyper_util::service::TowerToHyperService::new(router);
     // A connection that holds no session must not sit idle for ever (it has
     // no connection slot until it upgrades): each request head, the first
@@ -158,7 +161,11 @@ async fn serve_tcp(
     }
 }
 
-async fn upgrade(State(state): State<WebState>, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(state): State<WebState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
     let node = state.node;
     if node.draining.load(Ordering::Relaxed) {
         node.metrics
@@ -183,7 +190,8 @@ async fn upgrade(State(state): State<WebState>, ws: WebSocketUpgrade) -> Respons
         .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let _permit = permit;
-            crate::connection::serve(node, Link::websocket(socket, max)).await;
+            let limits = crate::transport::LinkLimits::of(&node.config.server);
+            crate::connection::serve(node, Link::websocket(socket, peer, limits)).await;
         })
 }
 

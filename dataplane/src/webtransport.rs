@@ -78,7 +78,8 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
         }
     };
     let (recv, send) = tokio::io::split(stream);
-    let link = Link::webtransport(conn, send, recv, node.config.server.max_frame_size);
+    let limits = crate::transport::LinkLimits::of(&node.config.server);
+    let link = Link::webtransport(conn, send, recv, limits);
     tokio::select! {
         () = crate::connection::serve(node, link) => {}
         () = refuse_more(&session) => {}

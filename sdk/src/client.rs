@@ -405,7 +405,11 @@ impl Connection {
             send.write_all(&buf)
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
-            let mut decoder = FrameDecoder::new(frame::DEFAULT_MAX_FRAME_SIZE);
+            // A server may announce any max_frame_size up to 16 MiB (its
+            // pushes and answers never exceed what it announced): accept that
+            // much, not only the 1 MiB default, or a node configured higher
+            // would break this client's stream with its first large push.
+            let mut decoder = FrameDecoder::new(MAX_SERVER_FRAME_SIZE);
             let first = loop {
                 match decoder.next_frame() {
                     Ok(Some(f)) => break f,
@@ -464,6 +468,9 @@ impl Connection {
         })
     }
 }
+
+/// The largest `max_frame_size` a GateSvr node accepts in its config.
+const MAX_SERVER_FRAME_SIZE: usize = 16 << 20;
 
 fn close_code(conn: &quinn::Connection) -> Option<(ErrorCode, String)> {
     match conn.close_reason()? {

@@ -240,15 +240,87 @@ pub async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, "POST", path, "").await
 }
 
+/// POST with an empty body and a bearer token (empty: none). Status 0 if nothing answered.
+pub async fn http_post_with_token(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
+    http_request(addr, "POST", path, token).await
+}
+
 /// GET with a bearer token (empty: none). Status 0 if nothing answered.
 pub async fn http_get_with_token(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
     http_request(addr, "GET", path, token).await
 }
 
-async fn http_request(addr: SocketAddr, method: &str, path: &str, token: &str) -> (u16, String) {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+/// A plain HTTP/1.1 request with an empty body and a bearer token (empty:
+/// none): (status, body), status 0 if nothing answered.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, String) {
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
     };
+    exchange(stream, addr, method, path, token).await
+}
+
+/// TLS settings of [`https_request`]: the CA to trust and, optionally, the
+/// client certificate to present (mTLS).
+#[derive(Clone)]
+pub struct HttpsClient {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl HttpsClient {
+    /// Trusts `ca`; presents `cert` (certificate file, key file) if set.
+    pub fn new(ca: &std::path::Path, cert: Option<(&std::path::Path, &std::path::Path)>) -> Self {
+        use gatesvr_common::tls::{load_certs, load_key, provider, root_store};
+        let builder = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(root_store(ca).expect("CA file"));
+        let mut config = match cert {
+            Some((c, k)) => builder
+                .with_client_auth_cert(load_certs(c).expect("cert"), load_key(k).expect("key"))
+                .expect("client certificate"),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        }
+    }
+}
+
+/// [`http_request`] over TLS to `localhost` at `addr`. Status 0 if nothing
+/// answered: no connection, or the TLS handshake was refused (a client
+/// certificate the server does not accept, or none where one is required).
+pub async fn https_request(
+    client: &HttpsClient,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, String) {
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("server name");
+    let Ok(Ok(tls)) = tokio::time::timeout(PATIENCE, client.connector.connect(name, tcp)).await
+    else {
+        return (0, String::new());
+    };
+    exchange(tls, addr, method, path, token).await
+}
+
+/// One request on `stream`, read to the end (`Connection: close`).
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, String) {
     let auth = if token.is_empty() {
         String::new()
     } else {
@@ -261,7 +333,9 @@ async fn http_request(addr: SocketAddr, method: &str, path: &str, token: &str) -
         return (0, String::new());
     }
     let mut raw = Vec::new();
-    if stream.read_to_end(&mut raw).await.is_err() {
+    // A TLS peer may end without close_notify: keep what arrived.
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await;
+    if raw.is_empty() && !matches!(read, Ok(Ok(_))) {
         return (0, String::new());
     }
     let text = String::from_utf8_lossy(&raw).into_owned();

@@ -26,11 +26,25 @@ pub struct WsConn {
 impl WsConn {
     /// Opens `wss://localhost:PORT/gatesvr/v1` on `addr`.
     pub async fn connect(addr: SocketAddr, ca: &Path) -> Self {
-        let tls = gatesvr_common::tls::client_config(ca).expect("client TLS");
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .expect("TCP connect");
+        Self::over(tcp, addr, ca).await
+    }
+
+    /// [`connect`](Self::connect) with a TCP receive buffer of about
+    /// `bytes`: once this client stops reading, the server's writes block
+    /// after little data (slow-reader tests).
+    pub async fn connect_with_recv_buffer(addr: SocketAddr, ca: &Path, bytes: u32) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("TCP socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let tcp = socket.connect(addr).await.expect("TCP connect");
+        Self::over(tcp, addr, ca).await
+    }
+
+    async fn over(tcp: tokio::net::TcpStream, addr: SocketAddr, ca: &Path) -> Self {
+        let tls = gatesvr_common::tls::client_config(ca).expect("client TLS");
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
         let stream = connector.connect(name, tcp).await.expect("TLS handshake");
         let url = format!("wss://localhost:{}/gatesvr/v1", addr.port());

@@ -6,8 +6,9 @@
 //! data-plane certificate acting for another node, (d) a certificate from
 //! another CA, no call to an internal method or operations endpoint is
 //! accepted unless that identity's role may make it: Raft, ControlPlane, Peer,
-//! GatewayService, the data plane's `/drain` and profiling (and the admin API,
-//! see [`admin_api_attempts`]). "Accepted" means the call got past
+//! GatewayService, the data plane's `/drain` and profiling, and every route
+//! of the admin API (HTTPS requiring a client certificate of the cluster CA,
+//! and a token; see [`admin_api_attempts`]). "Accepted" means the call got past
 //! authorization: it succeeded, or its handler answered (any status but
 //! UNAUTHENTICATED / PERMISSION_DENIED or a refused TLS handshake). In the
 //! same run the legitimate paths work: client requests through the data plane
@@ -29,8 +30,9 @@ use gatesvr_proto::upstream as up;
 use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
 use gatesvr_sdk::{Client, ClientConfig, Event};
 use gatesvr_tests::procs::{Proc, binary, controlplane_config, free_port, spawn_controlplane};
-use gatesvr_tests::{TestDir, http_get_with_token};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use gatesvr_tests::{
+    HttpsClient, TestDir, http_get_with_token, http_post_with_token as http_post, https_request,
+};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -133,37 +135,14 @@ fn got_through<T>(result: &Result<T, tonic::Status>) -> (bool, String) {
     }
 }
 
-/// POST with an optional bearer token; (status, body), status 0 if nothing answered.
-async fn http_post(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    let auth = if token.is_empty() {
-        String::new()
-    } else {
-        format!("Authorization: Bearer {token}\r\n")
-    };
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return (0, String::new());
-    }
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw).await;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, text)
-}
-
 /// The victim's session as the control plane records it: (owner, epoch, session id).
-async fn owner_of(admin: u16, openid: &str) -> Option<(String, u64, String)> {
-    let (status, body) =
-        http_get_with_token(addr(admin), &format!("/v1/sessions/{openid}"), ADMIN_TOKEN).await;
+async fn owner_of(
+    operator: &HttpsClient,
+    admin: u16,
+    openid: &str,
+) -> Option<(String, u64, String)> {
+    let path = format!("/v1/sessions/{openid}");
+    let (status, body) = https_request(operator, addr(admin), "GET", &path, ADMIN_TOKEN).await;
     if status != 200 {
         return None;
     }
@@ -176,13 +155,77 @@ async fn owner_of(admin: u16, openid: &str) -> Option<(String, u64, String)> {
     ))
 }
 
-/// The admin API part of the attack (HTTPS with client certificates and
-/// tokens is being built by another change).
-// TODO(lead): once the admin API serves HTTPS, try every admin route from each
-// attacker (no certificate, upstream and data-plane certificates, foreign CA,
-// no/wrong token) and return one Attempt per call; the caller already counts them.
-async fn admin_api_attempts(_admin: u16, _attackers: &[Attacker]) -> Vec<Attempt> {
-    Vec::new()
+/// Every route of the admin API, with ids of this run (a wrongly accepted
+/// call would drain, cordon or remove them, which the test would see too).
+const ADMIN_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/zones"),
+    ("GET", "/v1/upstreams"),
+    ("POST", "/v1/upstreams"),
+    ("DELETE", "/v1/upstreams/demo"),
+    ("GET", "/v1/nodes"),
+    ("DELETE", "/v1/nodes/dp-2"),
+    ("POST", "/v1/nodes/dp-1/drain"),
+    ("DELETE", "/v1/nodes/dp-1/drain"),
+    ("POST", "/v1/nodes/dp-1/cordon"),
+    ("DELETE", "/v1/nodes/dp-1/cordon"),
+    ("GET", "/v1/nodes/dp-1/stats"),
+    ("GET", "/v1/sessions"),
+    ("GET", "/v1/sessions/victim-user"),
+    ("POST", "/v1/sessions/victim-user/disconnect"),
+    ("GET", "/v1/cluster"),
+    ("POST", "/v1/cluster/learners"),
+    ("POST", "/v1/cluster/voters/2"),
+    ("DELETE", "/v1/cluster/members/1"),
+    ("POST", "/v1/cluster/snapshot"),
+    ("POST", "/v1/cluster/backup"),
+    ("POST", "/v1/cluster/restore"),
+    ("GET", "/console"),
+    ("POST", "/console/actions/drain"),
+];
+
+/// The admin API part of the attack: every route, from each attacker's
+/// certificate (none, upstream, another node's, a foreign CA's) and from the
+/// operator's own certificate, with no token and with a guessed one. Refused
+/// means: the TLS handshake failed (status 0), 401/403, or for the console a
+/// redirect to its login page.
+async fn admin_api_attempts(
+    admin: u16,
+    ca: &Path,
+    operator: &(PathBuf, PathBuf),
+    attackers: &[Attacker],
+) -> Vec<Attempt> {
+    let mut identities: Vec<(&'static str, Option<&(PathBuf, PathBuf)>)> = attackers
+        .iter()
+        .map(|a| (a.name, a.cert.as_ref()))
+        .collect();
+    identities.push(("operator certificate, no admin token", Some(operator)));
+    let mut attempts = Vec::new();
+    for (name, cert) in identities {
+        let client = HttpsClient::new(ca, cert.map(|(c, k)| (c.as_path(), k.as_path())));
+        for token in ["", "guessed"] {
+            for (method, path) in ADMIN_ROUTES {
+                let (status, body) = https_request(&client, addr(admin), method, path, token).await;
+                let to_login = path.starts_with("/console") && status == 303;
+                attempts.push(Attempt {
+                    attacker: name,
+                    target: format!(
+                        "admin {method} {path}{}",
+                        if token.is_empty() {
+                            ""
+                        } else {
+                            " (guessed token)"
+                        }
+                    ),
+                    accepted: !(matches!(status, 0 | 401 | 403) || to_login),
+                    detail: format!(
+                        "HTTP {status} {}",
+                        body.chars().take(80).collect::<String>()
+                    ),
+                });
+            }
+        }
+    }
+    attempts
 }
 
 async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
@@ -217,7 +260,17 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
 
     // --- control plane: one node over mTLS -------------------------------------------
     let (cp_grpc, cp_admin) = (free_port(), free_port());
-    let cp_yaml = controlplane_config(1, &root.join("cp-1"), &[(1, cp_grpc, cp_admin)], &certs, "");
+    let mut cp_yaml =
+        controlplane_config(1, &root.join("cp-1"), &[(1, cp_grpc, cp_admin)], &certs, "");
+    // The admin API over HTTPS, with client certificates of the cluster CA required (as
+    // the chart ships it); `admin:` is the last section of the generated config.
+    assert!(cp_yaml.ends_with("insecure_plaintext_http: true\n"));
+    cp_yaml.push_str(&format!(
+        "  tls:\n    cert_file: {c}/controlplane-1.crt\n    key_file: {c}/controlplane-1.key\n    client_ca_file: {c}/ca.crt\n",
+        c = certs.display()
+    ));
+    let operator_cert = role_cert(Role::Admin, "operator");
+    let operator = HttpsClient::new(&ca, Some((&operator_cert.0, &operator_cert.1)));
     std::fs::write(root.join("cp-1.yaml"), cp_yaml).unwrap();
     let _cp = spawn_controlplane(
         &gatesvr,
@@ -302,7 +355,8 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
     }
     // Both nodes registered themselves (RegisterNode, HeartbeatNode as dataplane/<own id>).
     wait_until("both nodes registered with the control plane", || async {
-        let (s, body) = http_get_with_token(addr(cp_admin), "/v1/nodes", ADMIN_TOKEN).await;
+        let (s, body) =
+            https_request(&operator, addr(cp_admin), "GET", "/v1/nodes", ADMIN_TOKEN).await;
         s == 200 && body.contains("\"dp-1\"") && body.contains("\"dp-2\"")
     })
     .await;
@@ -332,10 +386,10 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
     );
     legit += 1;
     wait_until("the victim's session is recorded", || async {
-        owner_of(cp_admin, victim).await.is_some()
+        owner_of(&operator, cp_admin, victim).await.is_some()
     })
     .await;
-    let (owner, epoch, session_id) = owner_of(cp_admin, victim).await.unwrap();
+    let (owner, epoch, session_id) = owner_of(&operator, cp_admin, victim).await.unwrap();
     assert_eq!(owner, "dp-1");
 
     let push = |content: &str| up::PushToClientRequest {
@@ -650,7 +704,7 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
             detail: format!("HTTP {status}"),
         });
     }
-    attempts.extend(admin_api_attempts(cp_admin, &attackers).await);
+    attempts.extend(admin_api_attempts(cp_admin, &ca, &operator_cert, &attackers).await);
 
     let accepted: Vec<&Attempt> = attempts.iter().filter(|a| a.accepted).collect();
     for a in &attempts {
@@ -664,7 +718,8 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
     }
 
     // --- afterwards: nothing moved, the legitimate paths still work -------------------
-    let (owner_after, epoch_after, session_after) = owner_of(cp_admin, victim).await.unwrap();
+    let (owner_after, epoch_after, session_after) =
+        owner_of(&operator, cp_admin, victim).await.unwrap();
     assert_eq!(
         (owner_after.as_str(), epoch_after, session_after.as_str()),
         ("dp-1", epoch, session_id.as_str()),
@@ -712,6 +767,9 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
         accepted.is_empty(),
         "calls accepted from the wrong identity: {accepted:#?}"
     );
-    assert!(attempts.len() >= 60, "the attack covered every method");
+    assert!(
+        attempts.len() >= 60 + 5 * 2 * ADMIN_ROUTES.len(),
+        "the attack covered every method and admin route"
+    );
     client.stop().await;
 }

@@ -22,8 +22,7 @@ use gatesvr_proto::session::SessionState;
 use super::members::Members;
 use super::slot::{Holding, Slot};
 use crate::session::{
-    AckError, AckOutcome, PushError, PushMessage, RequestDisposition, Session, SessionEvent,
-    SessionIdentity,
+    AckError, AckOutcome, PushError, RequestDisposition, Session, SessionEvent, SessionIdentity,
 };
 
 /// A handle on one local session, as the shell holds it.
@@ -777,7 +776,7 @@ impl<H: SessionCell> Table<H> {
         &mut self,
         now: Instant,
         target: Target<'_>,
-        msg: PushMessage,
+        msg: impl Into<crate::session::PushBody>,
         view_owner: Option<(&str, u64)>,
     ) -> (PushOutcome<H>, Vec<Command<H>>) {
         let Some(openid) = self.resolve(target).map(str::to_string) else {

@@ -41,7 +41,13 @@ pub struct SessionConfig {
     /// Pushes kept until acked, sent or not. Bounds memory per session:
     /// default 1024.
     pub max_queue: usize,
-    /// What happens at `max_queue`. Default [`QueuePolicy::Reject`].
+    /// Payload bytes of the pushes kept until acked: bounds memory per
+    /// session whatever the push sizes. Default 16 MiB. At the bound the
+    /// queue policy applies as at `max_queue`. Must be at least the largest
+    /// push (`max_frame_size`), so one push always fits an empty queue.
+    pub max_queue_bytes: usize,
+    /// What happens at `max_queue` or `max_queue_bytes`. Default
+    /// [`QueuePolicy::Reject`].
     pub queue_policy: QueuePolicy,
     /// How long a detached session waits for a resume before it expires and
     /// its undelivered pushes are lost. Default 5 min.
@@ -54,12 +60,16 @@ pub struct SessionConfig {
     pub max_inflight: usize,
 }
 
+/// Default `max_queue_bytes`: 16 MiB per session.
+pub const DEFAULT_MAX_QUEUE_BYTES: usize = 16 << 20;
+
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             ack_timeout: Duration::from_secs(30),
             max_retries: 3,
             max_queue: 1024,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
             queue_policy: QueuePolicy::Reject,
             session_timeout: Duration::from_secs(5 * 60),
             request_window: 128,
@@ -75,6 +85,8 @@ impl SessionConfig {
             "ack_timeout"
         } else if self.max_queue == 0 {
             "max_queue"
+        } else if self.max_queue_bytes == 0 {
+            "max_queue_bytes"
         } else if self.session_timeout.is_zero() {
             "session_timeout"
         } else if self.request_window == 0 {

@@ -61,6 +61,7 @@ fn config() -> impl Strategy<Value = SessionConfig> {
             ack_timeout: Duration::from_secs(10),
             max_retries,
             max_queue,
+            max_queue_bytes: 1 << 20,
             queue_policy: if drop_oldest {
                 QueuePolicy::DropOldest
             } else {
@@ -140,7 +141,9 @@ fn run(cfg: SessionConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     prop_assert_eq!(
                         e,
                         PushError::QueueFull {
-                            max_queue: cfg.max_queue
+                            max_queue: cfg.max_queue,
+                            max_queue_bytes: cfg.max_queue_bytes,
+                            by_bytes: false,
                         }
                     );
                     prop_assert_eq!(cfg.queue_policy, QueuePolicy::Reject);

@@ -14,24 +14,42 @@ use std::time::{Duration, Instant};
 
 use gatesvr_proto::client::ServerPush;
 
-use super::{AckError, AckOutcome, PushMessage, QueuePolicy};
+use super::body::{OutgoingPush, PushBody};
+use super::{AckError, AckOutcome, QueuePolicy};
 
 /// One retained push.
 #[derive(Debug, Clone)]
 struct Entry {
-    /// The push as it goes on the wire; `redelivery` is filled in at send time.
-    push: ServerPush,
+    seq_id: u64,
+    /// The payload, shared with every other session the push went to.
+    body: PushBody,
     /// When it was last sent on the current connection; `None` while unsent.
     sent_at: Option<Instant>,
 }
 
 /// Why [`PushQueue::push`] refused a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Full;
+pub(super) enum Full {
+    /// `max_queue` pushes are retained.
+    Count,
+    /// Their payloads would exceed `max_queue_bytes`.
+    Bytes,
+}
+
+/// The bounds of a queue.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bounds {
+    pub max_queue: usize,
+    pub max_queue_bytes: usize,
+    pub policy: QueuePolicy,
+}
 
 #[derive(Debug, Clone)]
 pub(super) struct PushQueue {
     entries: VecDeque<Entry>,
+    /// Payload bytes of `entries` (what `max_queue_bytes` bounds). A body
+    /// shared with other sessions counts in each: the bound is per session.
+    bytes: usize,
     /// Seq of the next accepted push; starts at 1.
     next_seq: u64,
     /// Highest cumulative ack (0 = none).
@@ -50,6 +68,7 @@ impl PushQueue {
     pub(super) fn new() -> Self {
         Self {
             entries: VecDeque::new(),
+            bytes: 0,
             next_seq: 1,
             acked: 0,
             trimmed_through: 0,
@@ -68,17 +87,16 @@ impl PushQueue {
         highest_sent: u64,
         pushes: Vec<ServerPush>,
     ) -> Self {
-        let entries = pushes
-            .into_iter()
-            .map(|mut push| {
-                push.redelivery = false;
-                Entry {
-                    push,
-                    sent_at: None,
-                }
+        let entries: VecDeque<Entry> = pushes
+            .iter()
+            .map(|push| Entry {
+                seq_id: push.seq_id,
+                body: PushBody::from_push(push),
+                sent_at: None,
             })
             .collect();
         let mut q = Self {
+            bytes: entries.iter().map(|e| e.body.len()).sum(),
             entries,
             next_seq,
             acked,
@@ -121,59 +139,66 @@ impl PushQueue {
         self.entries.len()
     }
 
+    /// Payload bytes retained (what `max_queue_bytes` bounds).
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Pushes sent on the current connection and not yet acked.
     pub(super) fn in_flight(&self) -> usize {
         // send_next >= front, and the difference is at most len.
         (self.send_next - self.front()) as usize
     }
 
-    /// Accepts a push under `policy`; returns its seq and how many older
+    /// Accepts a push under `bounds`; returns its seq and how many older
     /// pushes were dropped to make room.
-    pub(super) fn push(
-        &mut self,
-        msg: PushMessage,
-        max_queue: usize,
-        policy: QueuePolicy,
-    ) -> Result<(u64, u64), Full> {
+    pub(super) fn push(&mut self, body: PushBody, bounds: Bounds) -> Result<(u64, u64), Full> {
+        let over_count = |q: &Self| q.entries.len() >= bounds.max_queue;
+        let over_bytes = |q: &Self| {
+            !q.entries.is_empty() && q.bytes.saturating_add(body.len()) > bounds.max_queue_bytes
+        };
         let mut dropped = 0;
-        if self.entries.len() >= max_queue {
-            if policy == QueuePolicy::Reject || self.entries.is_empty() {
-                return Err(Full);
+        if over_count(self) || over_bytes(self) {
+            if bounds.policy == QueuePolicy::Reject || self.entries.is_empty() {
+                return Err(if over_count(self) {
+                    Full::Count
+                } else {
+                    Full::Bytes
+                });
             }
             // An imported queue may be over the bound; drop down to it.
-            while self.entries.len() >= max_queue {
+            while over_count(self) || over_bytes(self) {
                 let Some(old) = self.entries.pop_front() else {
                     break;
                 };
-                self.trimmed_through = old.push.seq_id;
+                self.bytes -= old.body.len();
+                self.trimmed_through = old.seq_id;
                 dropped += 1;
             }
             self.send_next = self.send_next.max(self.front());
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.bytes += body.len();
         self.entries.push_back(Entry {
-            push: ServerPush {
-                seq_id: seq,
-                msg_type: msg.msg_type,
-                content: msg.content,
-                data: msg.data,
-                created_at_ms: msg.created_at_ms,
-                redelivery: false,
-            },
+            seq_id: seq,
+            body,
             sent_at: None,
         });
         Ok((seq, dropped))
     }
 
     /// The next push not yet sent on this connection, marked sent at `now`.
-    pub(super) fn poll(&mut self, now: Instant) -> Option<ServerPush> {
+    pub(super) fn poll(&mut self, now: Instant) -> Option<OutgoingPush> {
         let idx = usize::try_from(self.send_next - self.front()).ok()?;
         let entry = self.entries.get_mut(idx)?;
-        let seq = entry.push.seq_id;
+        let seq = entry.seq_id;
         entry.sent_at = Some(now);
-        let mut push = entry.push.clone();
-        push.redelivery = seq <= self.highest_sent;
+        let push = OutgoingPush {
+            seq_id: seq,
+            redelivery: seq <= self.highest_sent,
+            body: entry.body.clone(),
+        };
         self.highest_sent = self.highest_sent.max(seq);
         self.send_next = seq + 1;
         Some(push)
@@ -204,8 +229,10 @@ impl PushQueue {
     /// checked `acked < seq < next_seq`.
     pub(super) fn free_through(&mut self, seq: u64) -> u64 {
         let mut freed = 0;
-        while self.entries.front().is_some_and(|e| e.push.seq_id <= seq) {
-            self.entries.pop_front();
+        while self.entries.front().is_some_and(|e| e.seq_id <= seq) {
+            if let Some(e) = self.entries.pop_front() {
+                self.bytes -= e.body.len();
+            }
             freed += 1;
         }
         self.acked = seq;
@@ -249,10 +276,7 @@ impl PushQueue {
     pub(super) fn export(&self) -> Vec<ServerPush> {
         self.entries
             .iter()
-            .map(|e| ServerPush {
-                redelivery: e.push.seq_id <= self.highest_sent,
-                ..e.push.clone()
-            })
+            .map(|e| e.body.to_push(e.seq_id, e.seq_id <= self.highest_sent))
             .collect()
     }
 }

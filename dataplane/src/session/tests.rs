@@ -16,6 +16,7 @@ fn cfg() -> SessionConfig {
         ack_timeout: Duration::from_secs(10),
         max_retries: 2,
         max_queue: 8,
+        max_queue_bytes: 1 << 20,
         queue_policy: QueuePolicy::Reject,
         session_timeout: Duration::from_secs(60),
         request_window: 4,

@@ -54,7 +54,11 @@ fn queue_full_rejects_by_default_without_using_a_seq() {
     let (mut s, t0) = attached(cfg(), 8);
     assert_eq!(
         s.push(t0, msg(9)),
-        Err(PushError::QueueFull { max_queue: 8 })
+        Err(PushError::QueueFull {
+            max_queue: 8,
+            max_queue_bytes: 1 << 20,
+            by_bytes: false
+        })
     );
     assert_eq!(s.stats().rejected_total, 1);
     // Sent or not, everything unacked counts: sending frees nothing.
@@ -116,4 +120,75 @@ fn push_to_an_expired_session_fails() {
         Some(SessionEvent::Expired { .. })
     ));
     assert_eq!(s.push(t0, msg(1)), Err(PushError::Expired));
+}
+
+/// A push of `len` payload bytes (content).
+fn sized(len: usize) -> PushMessage {
+    PushMessage {
+        content: "x".repeat(len),
+        ..PushMessage::default()
+    }
+}
+
+#[test]
+fn the_byte_bound_rejects_without_using_a_seq() {
+    let bounded = SessionConfig {
+        max_queue_bytes: 10_000,
+        ..cfg()
+    };
+    let (mut s, t0) = attached(bounded, 0);
+    assert_eq!(s.push(t0, sized(4_000)), Ok(1));
+    assert_eq!(s.push(t0, sized(4_000)), Ok(2));
+    assert_eq!(
+        s.push(t0, sized(4_000)),
+        Err(PushError::QueueFull {
+            max_queue: 8,
+            max_queue_bytes: 10_000,
+            by_bytes: true
+        })
+    );
+    // Small pushes still fit; an ack frees bytes for a big one.
+    assert_eq!(s.push(t0, sized(100)), Ok(3));
+    drain(&mut s, t0);
+    s.on_ack(t0, 1).unwrap();
+    assert_eq!(s.push(t0, sized(4_000)), Ok(4));
+    assert!(s.queued_bytes() <= 10_000);
+    // An empty queue always takes one push, whatever its size.
+    let (mut empty, t0) = attached(
+        SessionConfig {
+            max_queue_bytes: 10,
+            ..cfg()
+        },
+        0,
+    );
+    assert_eq!(empty.push(t0, sized(100)), Ok(1));
+}
+
+#[test]
+fn drop_oldest_makes_room_by_bytes_too() {
+    let cfg = SessionConfig {
+        max_queue_bytes: 10_000,
+        queue_policy: QueuePolicy::DropOldest,
+        ..cfg()
+    };
+    let (mut s, t0) = attached(cfg, 0);
+    for _ in 0..3 {
+        s.push(t0, sized(4_000)).unwrap();
+    }
+    let st = s.stats();
+    assert_eq!((st.unacked, st.trimmed_total), (2, 1));
+    assert!(s.queued_bytes() <= 10_000);
+    assert_eq!(s.export().trimmed_through_seq_id, 1);
+}
+
+#[test]
+fn a_shared_body_queues_on_many_sessions_without_copies() {
+    let body = PushBody::encode(&sized(4096));
+    let mut sessions: Vec<_> = (0..3).map(|_| attached(cfg(), 0)).collect();
+    for (s, t0) in &mut sessions {
+        s.push(*t0, body.clone()).unwrap();
+        let out = s.poll_transmit_encoded(*t0).unwrap();
+        assert!(out.body.shares(&body));
+        assert_eq!(out.to_push().content.len(), 4096);
+    }
 }

@@ -1,0 +1,208 @@
+//! A push's payload, encoded once and shared.
+//!
+//! A `ServerPush` on the wire is `seq_id (1) | msg_type (2) | content (3) |
+//! data (4) | created_at_ms (5) | redelivery (6)`. Fields 2..=5 are the same
+//! for every session a broadcast reaches and for every retransmit, so they
+//! are encoded once into a [`PushBody`] (reference-counted `Bytes`): one
+//! 4 MiB broadcast to N sessions holds one 4 MiB buffer, not N. Only the
+//! per-session seq and the redelivery flag are encoded at send time, around
+//! the shared bytes, in field order: the frame is byte for byte what prost
+//! would encode for the whole `ServerPush` (a unit test checks it).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use gatesvr_proto::client::ServerPush;
+use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+
+use super::PushMessage;
+
+/// `Envelope.push` is field 7.
+const ENVELOPE_PUSH_FIELD: u32 = 7;
+/// `ServerPush.seq_id`.
+const SEQ_FIELD: u32 = 1;
+/// `ServerPush.redelivery`.
+const REDELIVERY_FIELD: u32 = 6;
+
+/// Fields 2..=5 of a `ServerPush`, protobuf-encoded. Cloning shares them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PushBody(Bytes);
+
+impl PushBody {
+    /// Encodes a push's payload.
+    pub fn encode(msg: &PushMessage) -> Self {
+        let fields = ServerPush {
+            seq_id: 0,
+            msg_type: msg.msg_type.clone(),
+            content: msg.content.clone(),
+            data: msg.data.clone(),
+            created_at_ms: msg.created_at_ms,
+            redelivery: false,
+        };
+        // Proto3 leaves zero-valued fields out: seq 0 and redelivery false
+        // encode to nothing, so this is exactly fields 2..=5.
+        Self(fields.encode_to_vec().into())
+    }
+
+    /// Bytes held (what `max_queue_bytes` counts).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if both hold the same buffer (not merely equal bytes).
+    pub fn shares(&self, other: &PushBody) -> bool {
+        self.0.as_ptr() == other.0.as_ptr() && self.0.len() == other.0.len()
+    }
+
+    /// True for a push with no type, content, data or timestamp.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Length of the `ServerPush` message carrying this body.
+    fn push_len(&self, seq_id: u64, redelivery: bool) -> usize {
+        let seq = if seq_id == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(seq_id)
+        };
+        let again = if redelivery { 2 } else { 0 };
+        seq + self.0.len() + again
+    }
+
+    /// Length of the `Envelope` carrying this body as a push: what the
+    /// client's frame limit (`max_frame_size`) bounds.
+    pub fn envelope_len(&self, seq_id: u64, redelivery: bool) -> usize {
+        let push = self.push_len(seq_id, redelivery);
+        1 + encoded_len_varint(push as u64) + push
+    }
+
+    /// The largest envelope this body can ever travel in (any seq, redelivered).
+    pub fn max_envelope_len(&self) -> usize {
+        self.envelope_len(u64::MAX, true)
+    }
+
+    /// Appends the whole frame (`varint(len) || Envelope{push}`) to `out`.
+    pub fn encode_frame(&self, seq_id: u64, redelivery: bool, out: &mut BytesMut) {
+        let push = self.push_len(seq_id, redelivery);
+        let envelope = self.envelope_len(seq_id, redelivery);
+        out.reserve(envelope + 10);
+        encode_varint(envelope as u64, out);
+        encode_key(ENVELOPE_PUSH_FIELD, WireType::LengthDelimited, out);
+        encode_varint(push as u64, out);
+        if seq_id != 0 {
+            encode_key(SEQ_FIELD, WireType::Varint, out);
+            encode_varint(seq_id, out);
+        }
+        out.put_slice(&self.0);
+        if redelivery {
+            encode_key(REDELIVERY_FIELD, WireType::Varint, out);
+            encode_varint(1, out);
+        }
+    }
+
+    /// The push as a message (handover export, tests).
+    pub fn to_push(&self, seq_id: u64, redelivery: bool) -> ServerPush {
+        // The bytes were produced by `encode` or `from_push`: they decode.
+        let mut push = ServerPush::decode(self.0.clone()).unwrap_or_default();
+        push.seq_id = seq_id;
+        push.redelivery = redelivery;
+        push
+    }
+
+    /// The body of an imported push (seq and redelivery dropped).
+    pub fn from_push(push: &ServerPush) -> Self {
+        Self::encode(&PushMessage {
+            msg_type: push.msg_type.clone(),
+            content: push.content.clone(),
+            data: push.data.clone(),
+            created_at_ms: push.created_at_ms,
+        })
+    }
+}
+
+impl From<PushMessage> for PushBody {
+    fn from(msg: PushMessage) -> Self {
+        Self::encode(&msg)
+    }
+}
+
+impl From<&PushMessage> for PushBody {
+    fn from(msg: &PushMessage) -> Self {
+        Self::encode(msg)
+    }
+}
+
+/// A push ready to write on the attached connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingPush {
+    pub seq_id: u64,
+    /// This seq was sent before (retransmit, resume, handover).
+    pub redelivery: bool,
+    pub body: PushBody,
+}
+
+impl OutgoingPush {
+    /// Appends the frame to `out`.
+    pub fn encode_frame(&self, out: &mut BytesMut) {
+        self.body.encode_frame(self.seq_id, self.redelivery, out);
+    }
+
+    /// The push as a message.
+    pub fn to_push(&self) -> ServerPush {
+        self.body.to_push(self.seq_id, self.redelivery)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatesvr_proto::client::{Envelope, envelope::Body};
+
+    fn msg(content: &str, data: &'static [u8]) -> PushMessage {
+        PushMessage {
+            msg_type: "chat".into(),
+            content: content.into(),
+            data: Bytes::from_static(data),
+            created_at_ms: 1_700_000_000_123,
+        }
+    }
+
+    /// The frame built around the shared body is exactly prost's encoding of
+    /// the whole push, for every seq width and both redelivery values.
+    #[test]
+    fn frames_are_byte_identical_to_prost() {
+        for m in [
+            msg("", b""),
+            msg("héllo", b"\x00\x01"),
+            PushMessage::default(),
+        ] {
+            let body = PushBody::encode(&m);
+            for seq in [0, 1, 127, 128, 300, 1 << 35, u64::MAX] {
+                for redelivery in [false, true] {
+                    let push = body.to_push(seq, redelivery);
+                    assert_eq!(push.content, m.content);
+                    let mut want = BytesMut::new();
+                    gatesvr_proto::frame::encode(
+                        &Envelope {
+                            body: Some(Body::Push(push)),
+                        },
+                        &mut want,
+                    );
+                    let mut got = BytesMut::new();
+                    body.encode_frame(seq, redelivery, &mut got);
+                    assert_eq!(got, want, "seq {seq} redelivery {redelivery}");
+                    let prefix = encoded_len_varint(body.envelope_len(seq, redelivery) as u64);
+                    assert_eq!(got.len(), prefix + body.envelope_len(seq, redelivery));
+                    assert!(body.envelope_len(seq, redelivery) <= body.max_envelope_len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn clones_share_the_encoded_bytes() {
+        let body = PushBody::encode(&msg(&"x".repeat(4096), b""));
+        let copy = body.clone();
+        assert_eq!(body.0.as_ptr(), copy.0.as_ptr());
+    }
+}
