@@ -414,7 +414,11 @@ fn serve_admin(
     stop: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, Error> {
     let tls = if cfg.admin.tls.enabled() {
-        Some(admin::tls::server_config(&cfg.admin.tls)?)
+        let peers = admin::tls::AdminPeers {
+            trust_domain: cfg.tls.trust_domain.clone(),
+            denials: authz::denials(),
+        };
+        Some((admin::tls::server_config(&cfg.admin.tls)?, peers))
     } else {
         tracing::warn!(
             "!!! the admin API on {} is PLAIN HTTP: bearer tokens cross the network in clear ({}) !!!",
@@ -429,7 +433,12 @@ fn serve_admin(
     };
     Ok(async move {
         let res = match tls {
-            Some(config) => match admin::tls::TlsListener::new(listener, config, stop.clone()) {
+            Some((config, peers)) => match admin::tls::TlsListener::new(
+                listener,
+                config,
+                peers,
+                stop.clone(),
+            ) {
                 Ok(l) => {
                     axum::serve(l, app)
                         .with_graceful_shutdown(stop.cancelled_owned())

@@ -202,7 +202,14 @@ async fn admin_api_attempts(
     let mut attempts = Vec::new();
     for (name, cert) in identities {
         let client = HttpsClient::new(ca, cert.map(|(c, k)| (c.as_path(), k.as_path())));
-        for token in ["", "guessed"] {
+        // The attackers also hold the real admin token (stolen): the certificate's role
+        // must still keep them out; the operator's own certificate is only tried without it.
+        let tokens: &[&str] = if cert == Some(operator) {
+            &["", "guessed"]
+        } else {
+            &["", "guessed", ADMIN_TOKEN]
+        };
+        for &token in tokens {
             for (method, path) in ADMIN_ROUTES {
                 let (status, body) = https_request(&client, addr(admin), method, path, token).await;
                 let to_login = path.starts_with("/console") && status == 303;
@@ -210,10 +217,10 @@ async fn admin_api_attempts(
                     attacker: name,
                     target: format!(
                         "admin {method} {path}{}",
-                        if token.is_empty() {
-                            ""
-                        } else {
-                            " (guessed token)"
+                        match token {
+                            "" => "",
+                            ADMIN_TOKEN => " (stolen admin token)",
+                            _ => " (guessed token)",
                         }
                     ),
                     accepted: !(matches!(status, 0 | 401 | 403) || to_login),

@@ -2,7 +2,11 @@
 //!
 //! Handshakes run in their own tasks (bounded by a deadline), so a client that stalls in its
 //! handshake never holds up others; finished ones are handed to axum through a channel.
-//! With `admin.tls.client_ca_file`, a client certificate signed by that CA is required too.
+//! With `admin.tls.client_ca_file`, a client certificate signed by that CA is required too, and
+//! it must name the `admin` role of the cluster's trust domain (a data-plane or upstream
+//! certificate from the same CA is refused at the handshake, counted in
+//! `gatesvr_authz_denied_total{service="admin"}`): a stolen token alone, or with the wrong
+//! certificate, opens nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,8 +18,48 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use gatesvr_common::authz::{Denial, Denials, Reason};
+use gatesvr_common::identity::{Identity, Role};
+
 use crate::config::AdminTlsConfig;
 use crate::error::Error;
+
+/// Who may hold an admin connection when client certificates are required.
+#[derive(Clone, Debug)]
+pub struct AdminPeers {
+    pub trust_domain: String,
+    pub denials: Denials,
+}
+
+impl AdminPeers {
+    /// `Ok` for a connection without a client certificate (none required) or
+    /// with an `admin` identity of our trust domain.
+    fn check(&self, certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Result<(), ()> {
+        let Some(leaf) = certs.and_then(|c| c.first()) else {
+            return Ok(());
+        };
+        let (reason, caller, detail) = match Identity::from_cert(leaf.as_ref()) {
+            Ok(id) if id.trust_domain != self.trust_domain => {
+                (Reason::ForeignTrustDomain, Some(id), "foreign trust domain")
+            }
+            Ok(id) if id.role != Role::Admin => {
+                (Reason::WrongRole, Some(id), "the admin API needs the admin role")
+            }
+            Ok(_) => return Ok(()),
+            Err(_) => (Reason::NoIdentity, None, "the certificate names no role"),
+        };
+        let _ = self.denials.refuse(
+            Denial {
+                service: "admin",
+                method: "https",
+                reason,
+            },
+            caller.as_ref(),
+            detail,
+        );
+        Err(())
+    }
+}
 
 /// A TLS handshake not finished in this long is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +108,7 @@ impl TlsListener {
     pub fn new(
         listener: TcpListener,
         config: rustls::ServerConfig,
+        peers: AdminPeers,
         stop: CancellationToken,
     ) -> std::io::Result<TlsListener> {
         let local = listener.local_addr()?;
@@ -84,10 +129,13 @@ impl TlsListener {
                 };
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
+                let peers = peers.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            if peers.check(tls.get_ref().1.peer_certificates()).is_ok() {
+                                let _ = tx.send((tls, peer)).await;
+                            }
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "admin TLS handshake failed")
