@@ -173,9 +173,12 @@ impl Peer for PeerService {
     ) -> Result<Response<FetchReplicaResponse>, Status> {
         self.alive()?;
         let req = request.into_inner();
-        Ok(Response::new(
-            self.node.replicas.fetch(&req.openid, &req.session_id),
-        ))
+        let replica = self.node.replicas.fetch(&req.openid, &req.session_id);
+        Ok(Response::new(self.node.registry.answer_fetch_replica(
+            replica,
+            &req.openid,
+            &req.session_id,
+        )))
     }
 }
 

@@ -530,15 +530,16 @@ impl<H: SessionCell> Table<H> {
                 self.put(openid, slot);
                 Ok(Some((state, Some(handle))))
             }
-            (Some(Slot::Local { handle, .. }), HandoverAsk::Drain { successor }) => {
+            (Some(Slot::Local { handle, holding }), HandoverAsk::Drain { successor }) => {
                 let (held, state) = handle.with(|s| (s.epoch(), s.export()));
+                let holding = holding.clone();
                 let slot = Slot::Moved {
                     to: successor.clone(),
                     epoch: held,
                     session_id: state.session_id.clone(),
                     until,
                     settled: false,
-                    staging: Some(handle.clone()),
+                    staging: Some((handle.clone(), holding)),
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
@@ -548,7 +549,7 @@ impl<H: SessionCell> Table<H> {
             // name the claimant, not the successor).
             (
                 Some(Slot::Moved {
-                    staging: Some(handle),
+                    staging: Some((handle, _)),
                     ..
                 }),
                 HandoverAsk::Peer { epoch, new_owner },
@@ -604,7 +605,8 @@ impl<H: SessionCell> Table<H> {
 
     /// A drain's staging of `openid` failed: the exported session `handle`
     /// (unchanged since the export, since nothing reaches a moved session)
-    /// is served here again, unless the view (`view_owner`) moved on
+    /// is held here again as it was (served; staged if its own transfer never
+    /// committed), unless the view (`view_owner`) moved on
     /// meanwhile: then it is fenced at once, its state kept for the owner.
     pub fn take_back(
         &mut self,
@@ -613,17 +615,14 @@ impl<H: SessionCell> Table<H> {
         view_owner: Option<(&str, u64)>,
     ) -> Vec<Command<H>> {
         let openid = handle.identity().openid.clone();
-        if !matches!(self.slots.get(&openid), Some(Slot::Moved { staging: Some(h), .. }) if h.same(&handle))
-        {
-            return Vec::new();
-        }
-        self.put(
-            &openid,
-            Slot::Local {
-                handle,
-                holding: Holding::Owned,
-            },
-        );
+        let holding = match self.slots.get(&openid) {
+            Some(Slot::Moved {
+                staging: Some((h, holding)),
+                ..
+            }) if h.same(&handle) => holding.clone(),
+            _ => return Vec::new(),
+        };
+        self.put(&openid, Slot::Local { handle, holding });
         match view_owner {
             Some((owner, epoch)) => self.owner_changed(now, &openid, owner, epoch),
             None => Vec::new(),
@@ -646,6 +645,19 @@ impl<H: SessionCell> Table<H> {
             *settled = true;
             *staging = None;
         }
+    }
+
+    /// Whether a drain may still commit the ownership transfer of `openid` to
+    /// `to` (retried after the control plane was unreachable): only while
+    /// the slot still says the session went there at `epoch`. A session that
+    /// came back here since (its successor drained and staged it back), or
+    /// was claimed away, must not have its ownership moved to a copy that is
+    /// older than the one serving now.
+    pub fn transfer_pending(&self, openid: &str, to: &str, epoch: u64) -> bool {
+        matches!(
+            self.slots.get(openid),
+            Some(Slot::Moved { to: t, epoch: e, staging: None, .. }) if t == to && *e == epoch
+        )
     }
 
     // ----- the view (level-triggered) -----
@@ -732,6 +744,12 @@ impl<H: SessionCell> Table<H> {
             return Vec::new();
         }
         handle.with(|s| s.set_epoch(epoch));
+        // The claim committed for this node: a staged copy is owned now.
+        if let Some(Slot::Local { holding, .. }) = self.slots.get_mut(&handle.identity().openid)
+            && matches!(holding, Holding::Staged { .. })
+        {
+            *holding = Holding::Owned;
+        }
         match view_owner {
             Some((owner, e)) => {
                 let openid = handle.identity().openid.clone();
@@ -789,14 +807,18 @@ impl<H: SessionCell> Table<H> {
         }
         let me = self.me().to_string();
         let outcome = match self.slots.get(&openid) {
-            // A staged copy serves once the view names this node: until then
-            // the drainer may still take it back (its staging timed out), so
-            // a push straight from an upstream goes to the view's owner.
+            // A staged copy serves once the view names this node (the
+            // transfer or a client's claim committed): until then the drainer
+            // may still take it back (its staging timed out while the copy
+            // did arrive), and a push queued here would be on a copy that
+            // then never serves. A push straight from an upstream goes to
+            // the view's owner; a forwarded one waits for the view.
             Some(Slot::Local {
                 holding: Holding::Staged { .. },
                 ..
-            }) if view_owner.is_some_and(|(o, _)| o != me) => PushOutcome::Forward {
-                to: view_owner.map(|(o, _)| o.to_string()).unwrap_or_default(),
+            }) if !view_owner.is_some_and(|(o, _)| o == me) => match view_owner {
+                Some((o, _)) => PushOutcome::Forward { to: o.to_string() },
+                None => PushOutcome::Wait,
             },
             Some(Slot::Local { handle, .. }) => {
                 let handle = handle.clone();
@@ -880,6 +902,58 @@ impl<H: SessionCell> Table<H> {
             self.drop_local(&openid, reason, lost, &mut out);
         }
         out
+    }
+
+    /// A node that claimed `openid` after its previous owner was gone
+    /// gathers what is left of session `session_id` (`Peer.FetchReplica`).
+    /// Besides replicas, a copy that is here but not served is part of it: a
+    /// drain's staged copy whose transfer never committed (it took the pushes
+    /// the drainer forwarded, acknowledged with this node's standby), or a
+    /// fenced copy. A staged copy given away stops taking pushes at once: it
+    /// is fenced (pushes follow the view's owner, which becomes the claimant),
+    /// so nothing is queued on it after the claimant took its state.
+    pub fn copy_for_recovery(
+        &mut self,
+        now: Instant,
+        openid: &str,
+        session_id: &str,
+    ) -> (Option<SessionState>, Vec<Command<H>>) {
+        let mut out = Vec::new();
+        match self.slots.get(openid) {
+            Some(Slot::Local {
+                handle,
+                holding: Holding::Staged { from },
+            }) if handle.identity().session_id == session_id => {
+                let (handle, from) = (handle.clone(), from.clone());
+                let (held, state) = handle.with(|s| (s.epoch(), s.export()));
+                self.put(
+                    openid,
+                    Slot::Fenced {
+                        owner: from,
+                        epoch: held,
+                        state: Box::new(state.clone()),
+                        until: now + self.cfg.fenced_ttl,
+                    },
+                );
+                out.push(Command::Close {
+                    handle,
+                    code: ErrorCode::SessionReplaced,
+                    reason: "session recovered by another node",
+                });
+                out.push(Command::Removed {
+                    openid: openid.to_string(),
+                    session_id: session_id.to_string(),
+                    epoch: held,
+                    reason: "recovered_elsewhere",
+                    lost: 0,
+                });
+                (Some(state), out)
+            }
+            Some(Slot::Fenced { state, .. }) if state.session_id == session_id => {
+                (Some((**state).clone()), out)
+            }
+            _ => (None, out),
+        }
     }
 
     /// The holding of `openid`'s local session.

@@ -145,7 +145,12 @@ impl World {
                 session_id,
                 req,
             } => {
-                let resp = self.node(name).replicas.fetch(&openid, &session_id);
+                let now = self.instant();
+                let node = self.node(name);
+                let replica = node.replicas.fetch(&openid, &session_id);
+                let (copy, cmds) = node.table.copy_for_recovery(now, &openid, &session_id);
+                let resp = gatesvr_dataplane::core::recovery::with_copy(replica, copy.as_ref());
+                self.carry(name, cmds);
                 if let End::Node(asker) = from {
                     self.send(
                         End::Node(name.into()),
@@ -850,7 +855,19 @@ impl World {
                 match (durable, standby) {
                     (true, Some(standby)) => {
                         let (stats, export) = handle.with(|s| (s.stats(), s.export().pushes));
-                        let push = export.into_iter().find(|p| p.seq_id == seq_id);
+                        // As `replica::replicate`: a standby new to the
+                        // session gets its whole queue, not only this push.
+                        let sid = handle.identity().session_id.clone();
+                        let known = self
+                            .node(name)
+                            .tracked
+                            .get(&openid)
+                            .is_some_and(|(s, st)| *s == sid && *st == standby);
+                        let pushes: Vec<_> = if known {
+                            export.into_iter().filter(|p| p.seq_id == seq_id).collect()
+                        } else {
+                            export
+                        };
                         let wait = self.id();
                         let req = ReplicateRequest {
                             openid: openid.clone(),
@@ -858,7 +875,7 @@ impl World {
                             zone: handle.identity().zone.clone(),
                             epoch,
                             owner_node: name.into(),
-                            pushes: push.into_iter().collect(),
+                            pushes,
                             acked_seq_id: stats.acked_seq_id,
                             next_seq_id: stats.next_seq_id,
                             release: false,
@@ -982,7 +999,12 @@ impl World {
             }
             None => {
                 if !node.untransferred.is_empty() && self.cp_reachable(name) {
-                    let pending = std::mem::take(&mut self.node(name).untransferred);
+                    let node = self.node(name);
+                    let pending = std::mem::take(&mut node.untransferred);
+                    let pending: Vec<_> = pending
+                        .into_iter()
+                        .filter(|(o, e, to)| node.table.transfer_pending(o, to, *e))
+                        .collect();
                     for (openid, epoch, to) in pending {
                         self.cp_apply(Cmd::Transfer {
                             openid,
@@ -1292,16 +1314,32 @@ impl World {
             .collect();
         tracked.sort();
         let mut sends = Vec::new();
+        let current = node
+            .table
+            .members()
+            .standby_for()
+            .map(|m| m.node_id.clone());
         for (openid, session_id, standby) in tracked {
             let Some(h) = node.table.local(&openid).cloned() else {
                 node.tracked.remove(&openid);
                 continue;
             };
-            if h.identity().session_id != session_id || !node.table.members().is_live(&standby) {
+            if h.identity().session_id != session_id {
                 node.tracked.remove(&openid);
                 continue;
             }
-            let (epoch, stats) = h.with(|s| (s.epoch(), s.stats()));
+            let (epoch, stats, queue) = h.with(|s| (s.epoch(), s.stats(), s.export().pushes));
+            // As `replica::sync_ack_points`: the standby drained, left or
+            // died (the ring moved on): the whole queue goes to the new one.
+            let (standby, pushes) = match &current {
+                Some(c) if *c != standby => {
+                    node.tracked
+                        .insert(openid.clone(), (session_id.clone(), c.clone()));
+                    (c.clone(), queue)
+                }
+                Some(_) => (standby, Vec::new()),
+                None => continue,
+            };
             sends.push((
                 standby,
                 ReplicateRequest {
@@ -1310,7 +1348,7 @@ impl World {
                     zone: h.identity().zone.clone(),
                     epoch,
                     owner_node: name.into(),
-                    pushes: Vec::new(),
+                    pushes,
                     acked_seq_id: stats.acked_seq_id,
                     next_seq_id: stats.next_seq_id,
                     release: false,
