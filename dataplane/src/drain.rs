@@ -186,7 +186,15 @@ async fn move_to(
         node.registry.take_back(entry, Some(cluster));
         return None;
     }
-    let new_epoch = match cluster.transfer(openid, epoch, &successor.node_id).await {
+    // A copy staged here whose own transfer never committed is not this
+    // node's to give (Table::may_transfer): it stays staged on the successor.
+    let may_transfer = node.registry.with_table(|t| t.may_transfer(openid));
+    let transferred = if may_transfer {
+        Some(cluster.transfer(openid, epoch, &successor.node_id).await)
+    } else {
+        None
+    };
+    let new_epoch = match transferred.unwrap_or(Ok(epoch)) {
         Ok(new_epoch) => {
             tracing::debug!(openid = %openid, epoch = new_epoch, "ownership transferred");
             new_epoch

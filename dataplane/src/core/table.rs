@@ -647,6 +647,20 @@ impl<H: SessionCell> Table<H> {
         }
     }
 
+    /// Whether a drain that staged `openid` may move its ownership (the
+    /// control plane's Transfer): only if this node held it as its owner. A
+    /// copy staged here whose own transfer never committed is not this
+    /// node's to give: a Transfer would take ownership from the node the
+    /// view names (which may have taken the session back and served it
+    /// since) and hand it to a stale copy (simulation seed 14).
+    pub fn may_transfer(&self, openid: &str) -> bool {
+        matches!(
+            self.slots.get(openid),
+            Some(Slot::Moved { staging: Some((_, holding)), .. })
+                if !matches!(holding, Holding::Staged { .. })
+        )
+    }
+
     /// Whether a drain may still commit the ownership transfer of `openid` to
     /// `to` (retried after the control plane was unreachable): only while
     /// the slot still says the session went there at `epoch`. A session that

@@ -1106,7 +1106,11 @@ impl World {
             return;
         }
         let mut new_epoch = epoch;
-        if self.cp_reachable(name)
+        let may_transfer = self.node(name).table.may_transfer(openid);
+        if !may_transfer {
+            // Not this node's to give (a staged copy): the successor's copy
+            // stays staged until the view or a claim settles it.
+        } else if self.cp_reachable(name)
             && let CmdResult::Owned { owner, .. } = self.cp_apply(Cmd::Transfer {
                 openid: openid.into(),
                 expected_epoch: epoch,
