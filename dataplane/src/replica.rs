@@ -497,7 +497,10 @@ fn merge(
     session_id: &str,
     mut found: Vec<FetchReplicaResponse>,
 ) -> Option<Recovery> {
-    found.push(node.replicas.fetch(openid, session_id));
+    // This node's replica, joined with its own unserved copy (a staged copy
+    // the view never named): core::Table::copy_for_recovery.
+    let own = node.replicas.fetch(openid, session_id);
+    found.push(node.registry.answer_fetch_replica(own, openid, session_id));
     let found: Vec<FetchReplicaResponse> = found.into_iter().filter(|r| r.found).collect();
     if found.is_empty() {
         node.metrics

@@ -59,7 +59,8 @@ impl ProcessCluster {
         let dir = TestDir::new();
         let certs_dir = dir.certs();
         let root = dir.dir.path().to_path_buf();
-        let ports: Vec<(u64, u16, u16)> = (1..=3).map(|id| (id, free_port(), free_port())).collect();
+        let ports: Vec<(u64, u16, u16)> =
+            (1..=3).map(|id| (id, free_port(), free_port())).collect();
         let members: String = ports
             .iter()
             .map(|(id, g, a)| {
@@ -89,7 +90,11 @@ impl ProcessCluster {
             std::fs::write(&path, yaml).expect("cp config");
             cps.push(spawn(
                 &gatesvr,
-                &["controlplane", "--config", path.to_str().expect("utf-8 path")],
+                &[
+                    "controlplane",
+                    "--config",
+                    path.to_str().expect("utf-8 path"),
+                ],
                 &root.join(format!("cp-{id}.log")),
                 &[("GATESVR_ADMIN__ADMIN_TOKEN", "rolling-admin")],
             ));
@@ -190,7 +195,11 @@ impl ProcessCluster {
     }
 
     fn log_tail(&self, i: usize) -> String {
-        let path = self.dir.dir.path().join(format!("{}.log", self.dps[i].name));
+        let path = self
+            .dir
+            .dir
+            .path()
+            .join(format!("{}.log", self.dps[i].name));
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
@@ -204,7 +213,10 @@ impl ProcessCluster {
         loop {
             let proc = self.dps[i].proc.as_mut().expect("started");
             if let Some(status) = proc.0.try_wait().expect("try_wait") {
-                panic!("data plane {i} exited ({status}); its log:\n{}", self.log_tail(i));
+                panic!(
+                    "data plane {i} exited ({status}); its log:\n{}",
+                    self.log_tail(i)
+                );
             }
             if tokio::net::TcpStream::connect(http).await.is_ok() {
                 last = http_get(http, "/ready").await;
@@ -223,7 +235,13 @@ impl ProcessCluster {
 
     /// SIGTERM to data plane `i` (it drains and leaves) and its exit status.
     pub async fn drain_and_stop(&mut self, i: usize) -> ExitStatus {
-        let pid = self.dps[i].proc.as_ref().expect("running").0.id().to_string();
+        let pid = self.dps[i]
+            .proc
+            .as_ref()
+            .expect("running")
+            .0
+            .id()
+            .to_string();
         Command::new("kill")
             .args(["-TERM", &pid])
             .status()

@@ -102,7 +102,11 @@ async fn three_rolling_replacements_then_broadcast_push_and_kill_9_recovery() {
     let mut clients = Vec::new();
     let mut seen = Vec::new();
     for (i, u) in users.iter().enumerate() {
-        let c = Arc::new(Client::connect(cluster.client_config(i % 3, u)).await.unwrap());
+        let c = Arc::new(
+            Client::connect(cluster.client_config(i % 3, u))
+                .await
+                .unwrap(),
+        );
         let s = Arc::new(Mutex::new(Seen::default()));
         collect(c.clone(), s.clone());
         clients.push(c);
@@ -126,13 +130,23 @@ async fn three_rolling_replacements_then_broadcast_push_and_kill_9_recovery() {
                     for u in &users {
                         next += 1;
                         let content = format!("{round}-{next}");
-                        send(&mut gw, u, content.clone(), next % 2 == 0, &mut counts).await;
+                        send(
+                            &mut gw,
+                            u,
+                            content.clone(),
+                            next.is_multiple_of(2),
+                            &mut counts,
+                        )
+                        .await;
                         expected.entry(u.clone()).or_default().push(content);
                     }
                 }
             };
             let (status, ()) = tokio::join!(drain, traffic);
-            assert!(status.success(), "{pid} drained and exited cleanly: {status:?}");
+            assert!(
+                status.success(),
+                "{pid} drained and exited cleanly: {status:?}"
+            );
         }
     }
     let live = cluster.running();
@@ -177,6 +191,13 @@ async fn three_rolling_replacements_then_broadcast_push_and_kill_9_recovery() {
         .await;
     }
 
+    // Requests go through the upstreams after the rollouts.
+    for c in &clients {
+        c.request(1, "after the rollouts")
+            .await
+            .expect("requests still work");
+    }
+
     // kill -9 of the owner of one session with unacked durable pushes.
     let victim = 0;
     let owner = cluster
@@ -197,10 +218,14 @@ async fn three_rolling_replacements_then_broadcast_push_and_kill_9_recovery() {
     cluster.kill(owner);
     clients[victim].reconnect_to(cluster.quic(other));
     let before = expected[&users[victim]].len();
-    wait_until("the victim's session is recovered with its durable pushes", || {
-        let s = seen[victim].lock();
-        s.resume_failed.contains(&ResumeStatus::Recovered) && s.pushes.len() >= before + durable.len()
-    })
+    wait_until(
+        "the victim's session is recovered with its durable pushes",
+        || {
+            let s = seen[victim].lock();
+            s.resume_failed.contains(&ResumeStatus::Recovered)
+                && s.pushes.len() >= before + durable.len()
+        },
+    )
     .await;
     expected
         .get_mut(&users[victim])
@@ -227,7 +252,11 @@ async fn three_rolling_replacements_then_broadcast_push_and_kill_9_recovery() {
             }
         }
         // In order: the pushes of one sender arrive in the order sent.
-        let order: Vec<&String> = s.pushes.iter().filter(|p| expected[u].contains(p)).collect();
+        let order: Vec<&String> = s
+            .pushes
+            .iter()
+            .filter(|p| expected[u].contains(p))
+            .collect();
         let mut dedup = order.clone();
         dedup.dedup();
         assert_eq!(
@@ -245,7 +274,8 @@ async fn three_rolling_replacements_then_broadcast_push_and_kill_9_recovery() {
     assert_eq!(lost, 0, "lost = 0");
     assert_eq!(duplicates, 0, "duplicates = 0");
     assert_eq!(delivered, counts.sent, "delivered == sent");
-    for c in &clients {
-        c.request(1, "after the rollouts").await.expect("requests still work");
-    }
+    clients[victim]
+        .request(1, "after the crash")
+        .await
+        .expect("the recovered session serves requests");
 }

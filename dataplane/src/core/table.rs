@@ -164,6 +164,11 @@ pub struct Table<H> {
     armed: HashMap<String, Instant>,
     members: Members,
     locals: usize,
+    /// Openids with a staged copy here whose Start (claim, then Handover)
+    /// is in flight: the copy takes no push until the Handover settles
+    /// which state is the session's (the view naming this node is then our
+    /// own claim, not a committed transfer).
+    claiming: std::collections::HashSet<String>,
 }
 
 impl<H: SessionCell> Table<H> {
@@ -176,6 +181,7 @@ impl<H: SessionCell> Table<H> {
             armed: HashMap::new(),
             members: Members::new(me),
             locals: 0,
+            claiming: std::collections::HashSet::new(),
         }
     }
 
@@ -218,12 +224,18 @@ impl<H: SessionCell> Table<H> {
         self.by_session.get(session_id).map(String::as_str)
     }
 
-    /// Whether session `session_id` of `openid` is served (or staged) here:
-    /// then a Start resuming it needs no recovery from replicas, whose copy
-    /// is never newer than this one.
+    /// Whether session `session_id` of `openid` is served here: then a Start
+    /// resuming it needs no recovery from replicas, whose copy is never newer
+    /// than this one. A staged copy the view never named is not enough: its
+    /// drainer may have taken the session back and served it since (a late
+    /// Stage); a recovery joins it with the replicas instead
+    /// ([`Table::copy_for_recovery`]).
     pub fn holds(&self, openid: &str, session_id: &str) -> bool {
-        self.local(openid)
-            .is_some_and(|h| h.identity().session_id == session_id)
+        matches!(
+            self.slots.get(openid),
+            Some(Slot::Local { handle, holding }) if handle.identity().session_id == session_id
+                && !matches!(holding, Holding::Staged { .. })
+        )
     }
 
     /// Every local session.
@@ -332,6 +344,7 @@ impl<H: SessionCell> Table<H> {
     // ----- slots coming and going -----
 
     fn forget(&mut self, openid: &str) {
+        self.claiming.remove(openid);
         if let Some(slot) = self.slots.remove(openid) {
             match &slot {
                 Slot::Local { handle, .. } => {
@@ -446,6 +459,10 @@ impl<H: SessionCell> Table<H> {
             && !h.same(&handle)
             && h.identity().session_id == handle.identity().session_id
             && h.with(|s| s.epoch()) == epoch
+            // A newer export of the same session (its drainer took it back,
+            // served it, and staged it again) is not a duplicate: it
+            // replaces the older staged copy (simulation seed 9).
+            && handle.with(|s| s.stats().next_seq_id) <= h.with(|s| s.stats().next_seq_id)
         {
             return Err(InstallError::AlreadyHere { epoch });
         }
@@ -466,6 +483,7 @@ impl<H: SessionCell> Table<H> {
             });
         }
         handle.with(|s| s.set_epoch(epoch));
+        self.claiming.remove(&openid);
         let mut out = Vec::new();
         if let Some(old) = self.local(&openid).cloned()
             && !old.same(&handle)
@@ -483,7 +501,10 @@ impl<H: SessionCell> Table<H> {
     /// `openid` is being claimed or fetched: pushes wait (until `now` plus
     /// `incoming_ttl`). A local session stays local (a resume on this node).
     pub fn begin_incoming(&mut self, now: Instant, openid: &str) {
-        if matches!(self.slots.get(openid), Some(Slot::Local { .. })) {
+        if let Some(Slot::Local { holding, .. }) = self.slots.get(openid) {
+            if matches!(holding, Holding::Staged { .. }) {
+                self.claiming.insert(openid.to_string());
+            }
             return;
         }
         let deadline = now + self.cfg.incoming_ttl;
@@ -492,6 +513,7 @@ impl<H: SessionCell> Table<H> {
 
     /// The fetch of `openid` ended (installed or not).
     pub fn end_incoming(&mut self, openid: &str) {
+        self.claiming.remove(openid);
         if matches!(self.slots.get(openid), Some(Slot::Incoming { .. })) {
             self.forget(openid);
         }
@@ -695,6 +717,10 @@ impl<H: SessionCell> Table<H> {
                 if epoch <= held {
                     return out;
                 }
+                if owner == me && self.claiming.contains(openid) {
+                    // Our own claim: the Handover settles the state.
+                    return out;
+                }
                 if owner == me {
                     handle.with(|s| s.set_epoch(epoch));
                     *holding = match std::mem::replace(holding, Holding::Owned) {
@@ -758,6 +784,7 @@ impl<H: SessionCell> Table<H> {
             return Vec::new();
         }
         handle.with(|s| s.set_epoch(epoch));
+        self.claiming.remove(&handle.identity().openid);
         // The claim committed for this node: a staged copy is owned now.
         if let Some(Slot::Local { holding, .. }) = self.slots.get_mut(&handle.identity().openid)
             && matches!(holding, Holding::Staged { .. })
@@ -830,7 +857,11 @@ impl<H: SessionCell> Table<H> {
             Some(Slot::Local {
                 holding: Holding::Staged { .. },
                 ..
-            }) if !view_owner.is_some_and(|(o, _)| o == me) => match view_owner {
+            }) if self.claiming.contains(&openid) => PushOutcome::Wait,
+            Some(Slot::Local {
+                holding: Holding::Staged { .. },
+                ..
+            }) if view_owner.is_none_or(|(o, _)| o != me) => match view_owner {
                 Some((o, _)) => PushOutcome::Forward { to: o.to_string() },
                 None => PushOutcome::Wait,
             },

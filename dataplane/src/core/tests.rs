@@ -659,3 +659,51 @@ fn a_staged_copy_is_part_of_a_recovery_and_then_fenced() {
     // Another session id: nothing.
     assert!(t.copy_for_recovery(now, "u", "other").0.is_none());
 }
+
+/// Soak seed 0 (after the fixes above): a client claimed on the node holding
+/// a stale staged copy; the view named that node (its own claim) and the copy
+/// took pushes before the previous owner's Handover answer replaced it.
+#[test]
+fn a_staged_copy_being_claimed_waits_for_the_handover() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 5);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    t.begin_incoming(now, "u");
+    t.owner_changed(now, "u", "dp-1", 9);
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 9)));
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    // The previous owner's state arrives: it serves.
+    let answer = cell("u", "s", now, 0);
+    t.install(answer, 9, Holding::Owned, Some(("dp-1", 9)))
+        .unwrap();
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 9)));
+    assert_eq!(queued(&o), Some(1));
+}
+
+/// Soak seed 9: a drainer took the session back, served it, and staged it
+/// again; the second Stage (same session, same epoch, more pushes) is not a
+/// duplicate of the first copy that arrived late.
+#[test]
+fn a_newer_stage_of_the_same_session_replaces_the_older_copy() {
+    let now = Instant::now();
+    let mut t = table();
+    let staged = || Holding::Staged {
+        from: "dp-2".into(),
+    };
+    t.install(cell("u", "s", now, 4), 4, staged(), None)
+        .unwrap();
+    let newer = cell("u", "s", now, 4);
+    newer.with(|s| s.push(now, msg(1))).unwrap();
+    t.install(newer, 4, staged(), None)
+        .expect("a newer export replaces the older copy");
+    assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 1);
+}

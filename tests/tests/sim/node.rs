@@ -376,6 +376,11 @@ impl World {
             node.view_owners
                 .insert(openid.clone(), (name.to_string(), epoch));
         }
+        // As the shell: pushes wait for the previous owner's state from the
+        // claim's answer on (a staged copy here must not serve meanwhile).
+        if previous_owner.as_ref().is_some_and(|p| p != name) {
+            node.table.begin_incoming(now, &openid);
+        }
         let cmds = node.table.owner_changed(now, &openid, name, epoch);
         self.carry(name, cmds);
         let req = self.id();
@@ -524,8 +529,18 @@ impl World {
                     .into_iter()
                     .map(|m| m.node_id.clone())
                     .collect();
+                // This node's replica and its own unserved copy (a staged
+                // copy the view never named), as `replica::merge` does.
                 let own = node.replicas.fetch(openid, &p.session_id);
-                p.gathered.push(own);
+                let now = self.instant();
+                let node = self.node(name);
+                let (copy, cmds) = node.table.copy_for_recovery(now, openid, &p.session_id);
+                p.gathered
+                    .push(gatesvr_dataplane::core::recovery::with_copy(
+                        own,
+                        copy.as_ref(),
+                    ));
+                self.carry(name, cmds);
                 p.waiting = sources.iter().cloned().collect();
                 p.req = self.id();
                 let (req, sid) = (p.req, p.session_id.clone());
@@ -579,8 +594,14 @@ impl World {
                 );
             }
             _ => {
+                // The owner never answered: a staged copy here may be stale
+                // (a late Stage of a staging its drainer took back); the Start
+                // does not resume from it (as `peer::take_over`).
+                let now = self.instant();
                 let node = self.node(name);
+                let (_, cmds) = node.table.copy_for_recovery(now, openid, &p.session_id);
                 node.table.end_incoming(openid);
+                self.carry(name, cmds);
                 self.finish_start(name, openid, p, None);
             }
         }
