@@ -27,12 +27,15 @@
 //! - [`members`]: node liveness, decided once (standby, successors, fan-out,
 //!   recovery sources, handover reachability);
 //! - [`table`]: [`Table`], the events and the commands;
+//! - [`recovery`]: what a node answers when a claimant gathers a gone
+//!   owner's session (replicas and unserved copies);
 //! - [`cell`]: [`PlainCell`], a session handle without a connection (tests,
 //!   simulation);
 //! - `tests`: one test per rule, no network.
 
 pub mod cell;
 pub mod members;
+pub mod recovery;
 pub mod slot;
 pub mod table;
 #[cfg(test)]

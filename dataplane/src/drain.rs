@@ -117,7 +117,7 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
     report.remaining = node.registry.len();
     report.timed_out |= Instant::now() >= deadline;
     if let Some(cluster) = &node.cluster {
-        commit_transfers(cluster, untransferred, deadline).await;
+        commit_transfers(&node, cluster, untransferred, deadline).await;
         match cluster.leave().await {
             Ok(orphaned) => {
                 report.left = true;
@@ -186,7 +186,15 @@ async fn move_to(
         node.registry.take_back(entry, Some(cluster));
         return None;
     }
-    let new_epoch = match cluster.transfer(openid, epoch, &successor.node_id).await {
+    // A copy staged here whose own transfer never committed is not this
+    // node's to give (Table::may_transfer): it stays staged on the successor.
+    let may_transfer = node.registry.with_table(|t| t.may_transfer(openid));
+    let transferred = if may_transfer {
+        Some(cluster.transfer(openid, epoch, &successor.node_id).await)
+    } else {
+        None
+    };
+    let new_epoch = match transferred.unwrap_or(Ok(epoch)) {
         Ok(new_epoch) => {
             tracing::debug!(openid = %openid, epoch = new_epoch, "ownership transferred");
             new_epoch
@@ -230,7 +238,11 @@ struct Untransferred {
 /// staged copy the control plane does not point at is found by nobody (a
 /// client resuming elsewhere would recover from replicas and lose what was
 /// queued on it since). Found by the simulation (`tests/sim`, seed 2).
+/// Only while the table still says the session went there at that epoch
+/// (`Table::transfer_pending`): a session staged back here since would
+/// otherwise be handed to an older copy (simulation seed 8).
 async fn commit_transfers(
+    node: &Node,
     cluster: &crate::cluster::Cluster,
     mut left: Vec<Untransferred>,
     deadline: Instant,
@@ -238,6 +250,12 @@ async fn commit_transfers(
     while !left.is_empty() && Instant::now() < deadline {
         let mut still = Vec::new();
         for t in left {
+            if !node
+                .registry
+                .with_table(|table| table.transfer_pending(&t.openid, &t.to, t.epoch))
+            {
+                continue;
+            }
             match cluster.transfer(&t.openid, t.epoch, &t.to).await {
                 Ok(_) => {}
                 // Fenced: claimed since by whoever its client reached; done.

@@ -330,9 +330,12 @@ impl Peer for PeerService {
     ) -> Result<Response<FetchReplicaResponse>, Status> {
         self.alive()?;
         let req = request.into_inner();
-        Ok(Response::new(
-            self.node.replicas.fetch(&req.openid, &req.session_id),
-        ))
+        let replica = self.node.replicas.fetch(&req.openid, &req.session_id);
+        Ok(Response::new(self.node.registry.answer_fetch_replica(
+            replica,
+            &req.openid,
+            &req.session_id,
+        )))
     }
 }
 
@@ -366,8 +369,16 @@ pub async fn take_over(
     epoch: u64,
 ) -> TakeOver {
     let outcome = hand_over_from(node, previous_owner, openid, session_id, epoch).await;
-    // A copy staged here by the gone owner's drain is the session itself:
-    // rebuilding it from replicas would drop what was queued on it since.
+    if outcome == TakeOver::OwnerSilent {
+        // A staged copy here may be stale (a late Stage of a staging its
+        // drainer took back and served since): the Start does not resume
+        // from it (core::Table::holds, copy_for_recovery fences it).
+        let _ = node
+            .registry
+            .answer_fetch_replica(Default::default(), openid, session_id);
+    }
+    // A session served here needs no recovery; a copy staged here (never
+    // named by the view) is joined with the replicas by the recovery.
     let held_here = node.registry.with_table(|t| t.holds(openid, session_id));
     if outcome == TakeOver::OwnerGone
         && !held_here

@@ -573,6 +573,8 @@ impl Registry {
         let commands = self
             .with_table(|t| t.owner_changed(now, &owner.openid, &owner.owner_node, owner.epoch));
         self.carry_out(commands);
+        // A staged copy named by the view serves now: pushes waiting wake.
+        self.settled.notify_waiters();
     }
 
     /// A Start attached `entry` under a claim at `epoch`; compared with the
@@ -599,6 +601,7 @@ impl Registry {
             )
         });
         self.carry_out(commands);
+        self.settled.notify_waiters();
     }
 
     /// The whole view (snapshot, resync): every local session is compared
@@ -614,6 +617,7 @@ impl Registry {
             })
         });
         self.carry_out(commands);
+        self.settled.notify_waiters();
     }
 
     /// Node liveness, standby, successors: asked of the table's members.
@@ -629,6 +633,22 @@ impl Registry {
             Target::Openid(openid_or_session)
         };
         self.table.lock().moved_to(target)
+    }
+
+    /// The answer to `Peer.FetchReplica` (a claimant gathers what is left of
+    /// a gone owner's session): this node's `replica` joined with an unserved
+    /// copy the table holds (a drain's staged copy whose transfer never
+    /// committed, which stops taking pushes now; a fenced copy).
+    pub fn answer_fetch_replica(
+        &self,
+        replica: gatesvr_proto::peer::FetchReplicaResponse,
+        openid: &str,
+        session_id: &str,
+    ) -> gatesvr_proto::peer::FetchReplicaResponse {
+        let now = Instant::now();
+        let (copy, commands) = self.with_table(|t| t.copy_for_recovery(now, openid, session_id));
+        self.carry_out(commands);
+        crate::core::recovery::with_copy(replica, copy.as_ref())
     }
 
     /// The replicas of `openid`'s session (its owner is gone) as fetched by

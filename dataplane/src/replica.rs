@@ -210,15 +210,27 @@ async fn send(node: &Node, addr: &str, req: ReplicateRequest) -> Result<Replicat
 }
 
 /// Copies durable `pushes` of `entry`'s session to `standby` with the owner's
-/// current ack point. OK only once the standby holds them.
+/// current ack point. OK only once the standby holds them. A standby new to
+/// the session (the first durable push, a session handed over here, a ring
+/// that moved on) gets the session's whole queue: the pushes acknowledged
+/// before are held on it too, not only on a standby that may be leaving.
 pub async fn replicate(
     node: &Node,
     entry: &Arc<SessionEntry>,
     standby: &Member,
-    pushes: Vec<ServerPush>,
+    mut pushes: Vec<ServerPush>,
 ) -> Result<(), Status> {
+    let known = node
+        .replicator
+        .tracked
+        .lock()
+        .get(&entry.identity.openid)
+        .is_some_and(|t| t.session_id == entry.identity.session_id && t.standby == standby.node_id);
     let (epoch, stats) = {
         let s = entry.state.lock();
+        if !known {
+            pushes = s.export().pushes;
+        }
         (s.epoch(), s.stats())
     };
     let req = ReplicateRequest {
@@ -274,6 +286,7 @@ pub async fn sync_ack_points(node: &Node) {
             )
         })
         .collect();
+    let current = standby_for(node);
     for (openid, session_id, zone, standby, acked, next_seq) in snapshot {
         let addr = node
             .registry
@@ -282,6 +295,16 @@ pub async fn sync_ack_points(node: &Node) {
             .registry
             .get(&openid)
             .filter(|e| e.identity.session_id == session_id);
+        // The standby drained, left or died (the ring moved on): the whole
+        // queue goes to the new one before the old copy leaves with it.
+        if let (Some(entry), Some(new)) = (&entry, &current)
+            && new.node_id != standby
+        {
+            if let Err(e) = replicate(node, entry, new, Vec::new()).await {
+                tracing::warn!(openid, standby = %new.node_id, error = %e, "re-replicating to a new standby failed");
+            }
+            continue;
+        }
         let Some(addr) = addr else {
             node.replicator.tracked.lock().remove(&openid);
             continue;
@@ -519,7 +542,10 @@ fn merge(
     session_id: &str,
     mut found: Vec<FetchReplicaResponse>,
 ) -> Option<Recovery> {
-    found.push(node.replicas.fetch(openid, session_id));
+    // This node's replica, joined with its own unserved copy (a staged copy
+    // the view never named): core::Table::copy_for_recovery.
+    let own = node.replicas.fetch(openid, session_id);
+    found.push(node.registry.answer_fetch_replica(own, openid, session_id));
     let found: Vec<FetchReplicaResponse> = found.into_iter().filter(|r| r.found).collect();
     if found.is_empty() {
         node.metrics

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod browser;
 pub mod cluster;
+pub mod processes;
 pub mod procs;
 pub mod web;
 

@@ -661,10 +661,19 @@ pub async fn run(o: &Opts) -> Result<Report> {
     };
     report_only("time to a new raft leader", g("cp_new_leader_ms"), "ms");
     report_only(
-        "new sessions failed across the leader kill",
-        g("cp_new_session_failures"),
+        "failed Start attempts of new sessions across the leader kill",
+        g("cp_new_session_failed_attempts"),
         "",
     );
+    // A new session that needed a retry, or never started, fails this figure: the client
+    // retrying by itself must not hide it.
+    rep.checks.push(Check::absolute(
+        "new sessions failed across the leader kill (retried or not started)",
+        g("cp_new_session_failures"),
+        Cmp::AtMost,
+        0.0,
+        "",
+    ));
     rep.notes.push(format!(
         "resume = from the kill -9 until the session's Start is answered by another node; it includes detection by the client (QUIC idle timeout {} ms, keep-alive every {} ms: detect_*), then reconnect + claim + replica fetch (reconnect_*)",
         o.detect.as_millis(),
@@ -681,8 +690,10 @@ pub async fn run(o: &Opts) -> Result<Report> {
     Ok(rep)
 }
 
-/// A session started during (b): (spawn ns, start latency ns if it started, request ok).
-type NewSession = (u64, Option<u64>, bool);
+/// A session started during (b): (spawn ns, start latency ns if it started, request ok,
+/// Start attempts that failed before it started: the client retries by itself, so a session
+/// that started on a later attempt hid a failure of the cluster).
+type NewSession = (u64, Option<u64>, bool, u64);
 
 /// Part (b). Returns named fields.
 async fn leader_kill(
@@ -736,12 +747,15 @@ async fn leader_kill(
                     while !s.started() && Instant::now() < until {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    let started = s.rec.lock().starts.first().map(|st| st.t_ns - t0);
+                    let (started, failed_attempts) = {
+                        let r = s.rec.lock();
+                        (r.starts.first().map(|st| st.t_ns - t0), r.failed_attempts)
+                    };
                     let ok = started.is_some()
                         && s.request(1, b"echo new".to_vec(), Duration::from_secs(5))
                             .await
                             .is_ok();
-                    churn.lock().push((t0, started, ok));
+                    churn.lock().push((t0, started, ok, failed_attempts));
                     s.join().await;
                 }));
                 j += 1;
@@ -834,7 +848,10 @@ async fn leader_kill(
     let (during, nd, fd) = phase(t_kill, during_end);
     let (after, na, fa) = phase(during_end, u64::MAX);
     let churn = churn.lock().clone();
-    let churn_fail = churn.iter().filter(|c| !c.2).count();
+    // A new session failed if it never started, its first request failed, or it started
+    // only after failed attempts (the client's own retries would hide those).
+    let churn_fail = churn.iter().filter(|c| !c.2 || c.3 > 0).count();
+    let churn_failed_attempts: u64 = churn.iter().map(|c| c.3).sum();
     let churn_during: Vec<f64> = churn
         .iter()
         .filter(|c| c.0 >= t_kill && c.0 < during_end)
@@ -859,6 +876,10 @@ async fn leader_kill(
         ("cp_req_p50_during_ms".into(), pct_ms(&during, 50.0)),
         ("cp_new_sessions".into(), churn.len() as f64),
         ("cp_new_session_failures".into(), churn_fail as f64),
+        (
+            "cp_new_session_failed_attempts".into(),
+            churn_failed_attempts as f64,
+        ),
         ("cp_start_p99_before_ms".into(), pct_ms(&churn_before, 99.0)),
         ("cp_start_p99_during_ms".into(), pct_ms(&churn_during, 99.0)),
         (

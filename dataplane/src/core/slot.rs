@@ -54,10 +54,11 @@ pub enum Slot<H> {
         /// False while a drain's staging is in flight: pushes wait for it
         /// (then follow the session, or find it local again).
         settled: bool,
-        /// While a drain's staging is in flight: the session it exported, so
-        /// a claimant's Handover still gets it (and a failed staging can
-        /// take it back).
-        staging: Option<H>,
+        /// While a drain's staging is in flight: the session it exported and
+        /// how it was held, so a claimant's Handover still gets it and a
+        /// failed staging takes it back as it was (a copy staged here and
+        /// never committed goes back to staged, not owned).
+        staging: Option<(H, Holding)>,
     },
     /// The view showed `owner` holding the session at `epoch`, newer than our
     /// copy: our copy stopped serving. Its state is kept until `until` for a

@@ -163,6 +163,11 @@ pub struct Table<H> {
     armed: HashMap<String, Instant>,
     members: Members,
     locals: usize,
+    /// Openids with a staged copy here whose Start (claim, then Handover)
+    /// is in flight: the copy takes no push until the Handover settles
+    /// which state is the session's (the view naming this node is then our
+    /// own claim, not a committed transfer).
+    claiming: std::collections::HashSet<String>,
 }
 
 impl<H: SessionCell> Table<H> {
@@ -175,6 +180,7 @@ impl<H: SessionCell> Table<H> {
             armed: HashMap::new(),
             members: Members::new(me),
             locals: 0,
+            claiming: std::collections::HashSet::new(),
         }
     }
 
@@ -217,12 +223,18 @@ impl<H: SessionCell> Table<H> {
         self.by_session.get(session_id).map(String::as_str)
     }
 
-    /// Whether session `session_id` of `openid` is served (or staged) here:
-    /// then a Start resuming it needs no recovery from replicas, whose copy
-    /// is never newer than this one.
+    /// Whether session `session_id` of `openid` is served here: then a Start
+    /// resuming it needs no recovery from replicas, whose copy is never newer
+    /// than this one. A staged copy the view never named is not enough: its
+    /// drainer may have taken the session back and served it since (a late
+    /// Stage); a recovery joins it with the replicas instead
+    /// ([`Table::copy_for_recovery`]).
     pub fn holds(&self, openid: &str, session_id: &str) -> bool {
-        self.local(openid)
-            .is_some_and(|h| h.identity().session_id == session_id)
+        matches!(
+            self.slots.get(openid),
+            Some(Slot::Local { handle, holding }) if handle.identity().session_id == session_id
+                && !matches!(holding, Holding::Staged { .. })
+        )
     }
 
     /// Every local session.
@@ -331,6 +343,7 @@ impl<H: SessionCell> Table<H> {
     // ----- slots coming and going -----
 
     fn forget(&mut self, openid: &str) {
+        self.claiming.remove(openid);
         if let Some(slot) = self.slots.remove(openid) {
             match &slot {
                 Slot::Local { handle, .. } => {
@@ -445,6 +458,10 @@ impl<H: SessionCell> Table<H> {
             && !h.same(&handle)
             && h.identity().session_id == handle.identity().session_id
             && h.with(|s| s.epoch()) == epoch
+            // A newer export of the same session (its drainer took it back,
+            // served it, and staged it again) is not a duplicate: it
+            // replaces the older staged copy (simulation seed 9).
+            && handle.with(|s| s.stats().next_seq_id) <= h.with(|s| s.stats().next_seq_id)
         {
             return Err(InstallError::AlreadyHere { epoch });
         }
@@ -465,6 +482,7 @@ impl<H: SessionCell> Table<H> {
             });
         }
         handle.with(|s| s.set_epoch(epoch));
+        self.claiming.remove(&openid);
         let mut out = Vec::new();
         if let Some(old) = self.local(&openid).cloned()
             && !old.same(&handle)
@@ -482,7 +500,10 @@ impl<H: SessionCell> Table<H> {
     /// `openid` is being claimed or fetched: pushes wait (until `now` plus
     /// `incoming_ttl`). A local session stays local (a resume on this node).
     pub fn begin_incoming(&mut self, now: Instant, openid: &str) {
-        if matches!(self.slots.get(openid), Some(Slot::Local { .. })) {
+        if let Some(Slot::Local { holding, .. }) = self.slots.get(openid) {
+            if matches!(holding, Holding::Staged { .. }) {
+                self.claiming.insert(openid.to_string());
+            }
             return;
         }
         let deadline = now + self.cfg.incoming_ttl;
@@ -491,6 +512,7 @@ impl<H: SessionCell> Table<H> {
 
     /// The fetch of `openid` ended (installed or not).
     pub fn end_incoming(&mut self, openid: &str) {
+        self.claiming.remove(openid);
         if matches!(self.slots.get(openid), Some(Slot::Incoming { .. })) {
             self.forget(openid);
         }
@@ -529,15 +551,16 @@ impl<H: SessionCell> Table<H> {
                 self.put(openid, slot);
                 Ok(Some((state, Some(handle))))
             }
-            (Some(Slot::Local { handle, .. }), HandoverAsk::Drain { successor }) => {
+            (Some(Slot::Local { handle, holding }), HandoverAsk::Drain { successor }) => {
                 let (held, state) = handle.with(|s| (s.epoch(), s.export()));
+                let holding = holding.clone();
                 let slot = Slot::Moved {
                     to: successor.clone(),
                     epoch: held,
                     session_id: state.session_id.clone(),
                     until,
                     settled: false,
-                    staging: Some(handle.clone()),
+                    staging: Some((handle.clone(), holding)),
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
@@ -547,7 +570,7 @@ impl<H: SessionCell> Table<H> {
             // name the claimant, not the successor).
             (
                 Some(Slot::Moved {
-                    staging: Some(handle),
+                    staging: Some((handle, _)),
                     ..
                 }),
                 HandoverAsk::Peer { epoch, new_owner },
@@ -603,7 +626,8 @@ impl<H: SessionCell> Table<H> {
 
     /// A drain's staging of `openid` failed: the exported session `handle`
     /// (unchanged since the export, since nothing reaches a moved session)
-    /// is served here again, unless the view (`view_owner`) moved on
+    /// is held here again as it was (served; staged if its own transfer never
+    /// committed), unless the view (`view_owner`) moved on
     /// meanwhile: then it is fenced at once, its state kept for the owner.
     pub fn take_back(
         &mut self,
@@ -612,17 +636,14 @@ impl<H: SessionCell> Table<H> {
         view_owner: Option<(&str, u64)>,
     ) -> Vec<Command<H>> {
         let openid = handle.identity().openid.clone();
-        if !matches!(self.slots.get(&openid), Some(Slot::Moved { staging: Some(h), .. }) if h.same(&handle))
-        {
-            return Vec::new();
-        }
-        self.put(
-            &openid,
-            Slot::Local {
-                handle,
-                holding: Holding::Owned,
-            },
-        );
+        let holding = match self.slots.get(&openid) {
+            Some(Slot::Moved {
+                staging: Some((h, holding)),
+                ..
+            }) if h.same(&handle) => holding.clone(),
+            _ => return Vec::new(),
+        };
+        self.put(&openid, Slot::Local { handle, holding });
         match view_owner {
             Some((owner, epoch)) => self.owner_changed(now, &openid, owner, epoch),
             None => Vec::new(),
@@ -647,6 +668,33 @@ impl<H: SessionCell> Table<H> {
         }
     }
 
+    /// Whether a drain that staged `openid` may move its ownership (the
+    /// control plane's Transfer): only if this node held it as its owner. A
+    /// copy staged here whose own transfer never committed is not this
+    /// node's to give: a Transfer would take ownership from the node the
+    /// view names (which may have taken the session back and served it
+    /// since) and hand it to a stale copy (simulation seed 14).
+    pub fn may_transfer(&self, openid: &str) -> bool {
+        matches!(
+            self.slots.get(openid),
+            Some(Slot::Moved { staging: Some((_, holding)), .. })
+                if !matches!(holding, Holding::Staged { .. })
+        )
+    }
+
+    /// Whether a drain may still commit the ownership transfer of `openid` to
+    /// `to` (retried after the control plane was unreachable): only while
+    /// the slot still says the session went there at `epoch`. A session that
+    /// came back here since (its successor drained and staged it back), or
+    /// was claimed away, must not have its ownership moved to a copy that is
+    /// older than the one serving now.
+    pub fn transfer_pending(&self, openid: &str, to: &str, epoch: u64) -> bool {
+        matches!(
+            self.slots.get(openid),
+            Some(Slot::Moved { to: t, epoch: e, staging: None, .. }) if t == to && *e == epoch
+        )
+    }
+
     // ----- the view (level-triggered) -----
 
     /// The view shows `owner` holding `openid` at `epoch` (a watch delta, a
@@ -666,6 +714,10 @@ impl<H: SessionCell> Table<H> {
             Some(Slot::Local { handle, holding }) => {
                 let held = handle.with(|s| s.epoch());
                 if epoch <= held {
+                    return out;
+                }
+                if owner == me && self.claiming.contains(openid) {
+                    // Our own claim: the Handover settles the state.
                     return out;
                 }
                 if owner == me {
@@ -731,6 +783,13 @@ impl<H: SessionCell> Table<H> {
             return Vec::new();
         }
         handle.with(|s| s.set_epoch(epoch));
+        self.claiming.remove(&handle.identity().openid);
+        // The claim committed for this node: a staged copy is owned now.
+        if let Some(Slot::Local { holding, .. }) = self.slots.get_mut(&handle.identity().openid)
+            && matches!(holding, Holding::Staged { .. })
+        {
+            *holding = Holding::Owned;
+        }
         match view_owner {
             Some((owner, e)) => {
                 let openid = handle.identity().openid.clone();
@@ -788,14 +847,22 @@ impl<H: SessionCell> Table<H> {
         }
         let me = self.me().to_string();
         let outcome = match self.slots.get(&openid) {
-            // A staged copy serves once the view names this node: until then
-            // the drainer may still take it back (its staging timed out), so
-            // a push straight from an upstream goes to the view's owner.
+            // A staged copy serves once the view names this node (the
+            // transfer or a client's claim committed): until then the drainer
+            // may still take it back (its staging timed out while the copy
+            // did arrive), and a push queued here would be on a copy that
+            // then never serves. A push straight from an upstream goes to
+            // the view's owner; a forwarded one waits for the view.
             Some(Slot::Local {
                 holding: Holding::Staged { .. },
                 ..
-            }) if view_owner.is_some_and(|(o, _)| o != me) => PushOutcome::Forward {
-                to: view_owner.map(|(o, _)| o.to_string()).unwrap_or_default(),
+            }) if self.claiming.contains(&openid) => PushOutcome::Wait,
+            Some(Slot::Local {
+                holding: Holding::Staged { .. },
+                ..
+            }) if view_owner.is_none_or(|(o, _)| o != me) => match view_owner {
+                Some((o, _)) => PushOutcome::Forward { to: o.to_string() },
+                None => PushOutcome::Wait,
             },
             Some(Slot::Local { handle, .. }) => {
                 let handle = handle.clone();
@@ -879,6 +946,58 @@ impl<H: SessionCell> Table<H> {
             self.drop_local(&openid, reason, lost, &mut out);
         }
         out
+    }
+
+    /// A node that claimed `openid` after its previous owner was gone
+    /// gathers what is left of session `session_id` (`Peer.FetchReplica`).
+    /// Besides replicas, a copy that is here but not served is part of it: a
+    /// drain's staged copy whose transfer never committed (it took the pushes
+    /// the drainer forwarded, acknowledged with this node's standby), or a
+    /// fenced copy. A staged copy given away stops taking pushes at once: it
+    /// is fenced (pushes follow the view's owner, which becomes the claimant),
+    /// so nothing is queued on it after the claimant took its state.
+    pub fn copy_for_recovery(
+        &mut self,
+        now: Instant,
+        openid: &str,
+        session_id: &str,
+    ) -> (Option<SessionState>, Vec<Command<H>>) {
+        let mut out = Vec::new();
+        match self.slots.get(openid) {
+            Some(Slot::Local {
+                handle,
+                holding: Holding::Staged { from },
+            }) if handle.identity().session_id == session_id => {
+                let (handle, from) = (handle.clone(), from.clone());
+                let (held, state) = handle.with(|s| (s.epoch(), s.export()));
+                self.put(
+                    openid,
+                    Slot::Fenced {
+                        owner: from,
+                        epoch: held,
+                        state: Box::new(state.clone()),
+                        until: now + self.cfg.fenced_ttl,
+                    },
+                );
+                out.push(Command::Close {
+                    handle,
+                    code: ErrorCode::SessionReplaced,
+                    reason: "session recovered by another node",
+                });
+                out.push(Command::Removed {
+                    openid: openid.to_string(),
+                    session_id: session_id.to_string(),
+                    epoch: held,
+                    reason: "recovered_elsewhere",
+                    lost: 0,
+                });
+                (Some(state), out)
+            }
+            Some(Slot::Fenced { state, .. }) if state.session_id == session_id => {
+                (Some((**state).clone()), out)
+            }
+            _ => (None, out),
+        }
     }
 
     /// The holding of `openid`'s local session.

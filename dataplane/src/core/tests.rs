@@ -410,9 +410,12 @@ fn a_duplicated_install_of_the_same_copy_keeps_the_pushes_queued_since() {
     let staged = || Holding::Staged {
         from: "dp-2".into(),
     };
-    t.install(cell("u", "s", now, 0), 4, staged(), None)
-        .unwrap();
-    t.push(now, Target::Openid("u"), msg(1), None);
+    let first = cell("u", "s", now, 0);
+    t.install(first.clone(), 4, staged(), None).unwrap();
+    // Queued since (the view named this node at the staged epoch).
+    t.owner_changed(now, "u", "dp-1", 4);
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 4)));
+    assert_eq!(queued(&o), Some(1));
     let again = t.install(cell("u", "s", now, 0), 4, staged(), None);
     assert_eq!(again.unwrap_err(), InstallError::AlreadyHere { epoch: 4 });
     assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 1);
@@ -423,7 +426,8 @@ fn a_duplicated_install_of_the_same_copy_keeps_the_pushes_queued_since() {
 }
 
 #[test]
-fn a_staged_copy_sends_upstream_pushes_to_the_views_owner_until_it_is_named() {
+fn a_staged_copy_sends_upstream_pushes_to_the_views_owner_and_holds_forwarded_ones_until_it_is_named()
+ {
     let now = Instant::now();
     let mut t = table();
     let c = cell("u", "s", now, 0);
@@ -441,14 +445,14 @@ fn a_staged_copy_sends_upstream_pushes_to_the_views_owner_until_it_is_named() {
         matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"),
         "{o:?}"
     );
-    // Forwarded by the drainer (no view compare): taken.
+    // Forwarded by the drainer (no view compare): waits for the view.
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
-    assert_eq!(queued(&o), Some(1));
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
     // The transfer names this node: it serves.
     t.owner_changed(now, "u", "dp-1", 6);
     assert_eq!(t.holding("u"), Some(&Holding::Owned));
     let (o, _) = t.push(now, Target::Openid("u"), msg(2), Some(("dp-1", 6)));
-    assert_eq!(queued(&o), Some(2));
+    assert_eq!(queued(&o), Some(1));
 }
 
 #[test]
@@ -501,4 +505,205 @@ fn a_claim_during_a_drains_staging_gets_the_session() {
     // The staging then fails: nothing is taken back (it left for dp-3).
     t.take_back(now, c, None);
     assert_eq!(t.slot("u").unwrap().name(), "moved");
+}
+
+/// Soak seed 8: a staged copy took pushes forwarded to it while its drainer,
+/// whose staging had timed out, took the session back and served it: two
+/// diverging copies, and pushes acknowledged on the staged one were lost.
+#[test]
+fn a_staged_copy_takes_no_push_until_the_view_names_its_node() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 5);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    // Forwarded (no view passed): waits.
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    // From an upstream while the view names the drainer: forwarded there.
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-2", 5)));
+    assert!(
+        matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"),
+        "{o:?}"
+    );
+    // The transfer commits: the view names this node at a newer epoch.
+    t.owner_changed(now, "u", "dp-1", 6);
+    assert_eq!(t.holding("u"), Some(&Holding::Owned));
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+}
+
+/// A client's claim on the node holding a staged copy settles it there.
+#[test]
+fn a_claim_on_the_staged_node_owns_the_staged_copy() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 5);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    t.claimed(now, &c, 7, Some(("dp-1", 7)));
+    assert_eq!(t.holding("u"), Some(&Holding::Owned));
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+}
+
+/// Soak seed 8: a staged copy this node re-staged (it drains too) and took
+/// back after a timeout is staged again, not owned: it would otherwise be a
+/// second serving copy at the owner's epoch.
+#[test]
+fn a_failed_restaging_takes_a_staged_copy_back_as_staged() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 5);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-3".into(),
+        },
+    )
+    .unwrap()
+    .expect("staged out");
+    t.take_back(now, c, Some(("dp-2", 5)));
+    assert_eq!(
+        t.holding("u"),
+        Some(&Holding::Staged {
+            from: "dp-2".into()
+        })
+    );
+}
+
+/// Soak seed 8: a transfer retried at the end of a drain commits only while
+/// the session is still where the drain put it.
+#[test]
+fn a_retried_transfer_is_pending_only_while_the_session_is_still_there() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 5);
+    t.start(c.clone(), Holding::Owned, "r");
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap();
+    t.staged("u", 5);
+    assert!(t.transfer_pending("u", "dp-2", 5));
+    // dp-2 drains too and stages it back here.
+    let back = cell("u", "s", now, 5);
+    t.install(
+        back,
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    assert!(!t.transfer_pending("u", "dp-2", 5));
+}
+
+/// Soak seed 2: a drain's staged copy whose transfer never committed holds
+/// pushes the drainer forwarded; the node that recovers the session after the
+/// drainer left gets them, and the copy stops taking pushes.
+#[test]
+fn a_staged_copy_is_part_of_a_recovery_and_then_fenced() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 5);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-4".into(),
+        },
+        None,
+    )
+    .unwrap();
+    // Queued while the view named this node once (then the view moved back).
+    t.owner_changed(now, "u", "dp-1", 5);
+    c.with(|s| s.push(now, msg(1))).unwrap();
+    let (copy, cmds) = t.copy_for_recovery(now, "u", "s");
+    let copy = copy.expect("the staged copy is offered");
+    assert_eq!(copy.pushes.len(), 1);
+    assert!(cmds.iter().any(|c| matches!(c, Command::Removed { .. })));
+    assert_eq!(t.slot("u").unwrap().name(), "fenced");
+    let answer = recovery::with_copy(Default::default(), Some(&copy));
+    assert!(answer.found);
+    assert_eq!(answer.pushes.len(), 1);
+    // Another session id: nothing.
+    assert!(t.copy_for_recovery(now, "u", "other").0.is_none());
+}
+
+/// Soak seed 0 (after the fixes above): a client claimed on the node holding
+/// a stale staged copy; the view named that node (its own claim) and the copy
+/// took pushes before the previous owner's Handover answer replaced it.
+#[test]
+fn a_staged_copy_being_claimed_waits_for_the_handover() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 5);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    t.begin_incoming(now, "u");
+    t.owner_changed(now, "u", "dp-1", 9);
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 9)));
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    // The previous owner's state arrives: it serves.
+    let answer = cell("u", "s", now, 0);
+    t.install(answer, 9, Holding::Owned, Some(("dp-1", 9)))
+        .unwrap();
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 9)));
+    assert_eq!(queued(&o), Some(1));
+}
+
+/// Soak seed 9: a drainer took the session back, served it, and staged it
+/// again; the second Stage (same session, same epoch, more pushes) is not a
+/// duplicate of the first copy that arrived late.
+#[test]
+fn a_newer_stage_of_the_same_session_replaces_the_older_copy() {
+    let now = Instant::now();
+    let mut t = table();
+    let staged = || Holding::Staged {
+        from: "dp-2".into(),
+    };
+    t.install(cell("u", "s", now, 4), 4, staged(), None)
+        .unwrap();
+    let newer = cell("u", "s", now, 4);
+    newer.with(|s| s.push(now, msg(1))).unwrap();
+    t.install(newer, 4, staged(), None)
+        .expect("a newer export replaces the older copy");
+    assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 1);
 }

@@ -145,7 +145,12 @@ impl World {
                 session_id,
                 req,
             } => {
-                let resp = self.node(name).replicas.fetch(&openid, &session_id);
+                let now = self.instant();
+                let node = self.node(name);
+                let replica = node.replicas.fetch(&openid, &session_id);
+                let (copy, cmds) = node.table.copy_for_recovery(now, &openid, &session_id);
+                let resp = gatesvr_dataplane::core::recovery::with_copy(replica, copy.as_ref());
+                self.carry(name, cmds);
                 if let End::Node(asker) = from {
                     self.send(
                         End::Node(name.into()),
@@ -371,6 +376,11 @@ impl World {
             node.view_owners
                 .insert(openid.clone(), (name.to_string(), epoch));
         }
+        // As the shell: pushes wait for the previous owner's state from the
+        // claim's answer on (a staged copy here must not serve meanwhile).
+        if previous_owner.as_ref().is_some_and(|p| p != name) {
+            node.table.begin_incoming(now, &openid);
+        }
         let cmds = node.table.owner_changed(now, &openid, name, epoch);
         self.carry(name, cmds);
         let req = self.id();
@@ -519,8 +529,18 @@ impl World {
                     .into_iter()
                     .map(|m| m.node_id.clone())
                     .collect();
+                // This node's replica and its own unserved copy (a staged
+                // copy the view never named), as `replica::merge` does.
                 let own = node.replicas.fetch(openid, &p.session_id);
-                p.gathered.push(own);
+                let now = self.instant();
+                let node = self.node(name);
+                let (copy, cmds) = node.table.copy_for_recovery(now, openid, &p.session_id);
+                p.gathered
+                    .push(gatesvr_dataplane::core::recovery::with_copy(
+                        own,
+                        copy.as_ref(),
+                    ));
+                self.carry(name, cmds);
                 p.waiting = sources.iter().cloned().collect();
                 p.req = self.id();
                 let (req, sid) = (p.req, p.session_id.clone());
@@ -574,8 +594,14 @@ impl World {
                 );
             }
             _ => {
+                // The owner never answered: a staged copy here may be stale
+                // (a late Stage of a staging its drainer took back); the Start
+                // does not resume from it (as `peer::take_over`).
+                let now = self.instant();
                 let node = self.node(name);
+                let (_, cmds) = node.table.copy_for_recovery(now, openid, &p.session_id);
                 node.table.end_incoming(openid);
+                self.carry(name, cmds);
                 self.finish_start(name, openid, p, None);
             }
         }
@@ -850,7 +876,19 @@ impl World {
                 match (durable, standby) {
                     (true, Some(standby)) => {
                         let (stats, export) = handle.with(|s| (s.stats(), s.export().pushes));
-                        let push = export.into_iter().find(|p| p.seq_id == seq_id);
+                        // As `replica::replicate`: a standby new to the
+                        // session gets its whole queue, not only this push.
+                        let sid = handle.identity().session_id.clone();
+                        let known = self
+                            .node(name)
+                            .tracked
+                            .get(&openid)
+                            .is_some_and(|(s, st)| *s == sid && *st == standby);
+                        let pushes: Vec<_> = if known {
+                            export.into_iter().filter(|p| p.seq_id == seq_id).collect()
+                        } else {
+                            export
+                        };
                         let wait = self.id();
                         let req = ReplicateRequest {
                             openid: openid.clone(),
@@ -858,7 +896,7 @@ impl World {
                             zone: handle.identity().zone.clone(),
                             epoch,
                             owner_node: name.into(),
-                            pushes: push.into_iter().collect(),
+                            pushes,
                             acked_seq_id: stats.acked_seq_id,
                             next_seq_id: stats.next_seq_id,
                             release: false,
@@ -982,7 +1020,12 @@ impl World {
             }
             None => {
                 if !node.untransferred.is_empty() && self.cp_reachable(name) {
-                    let pending = std::mem::take(&mut self.node(name).untransferred);
+                    let node = self.node(name);
+                    let pending = std::mem::take(&mut node.untransferred);
+                    let pending: Vec<_> = pending
+                        .into_iter()
+                        .filter(|(o, e, to)| node.table.transfer_pending(o, to, *e))
+                        .collect();
                     for (openid, epoch, to) in pending {
                         self.cp_apply(Cmd::Transfer {
                             openid,
@@ -1084,7 +1127,11 @@ impl World {
             return;
         }
         let mut new_epoch = epoch;
-        if self.cp_reachable(name)
+        let may_transfer = self.node(name).table.may_transfer(openid);
+        if !may_transfer {
+            // Not this node's to give (a staged copy): the successor's copy
+            // stays staged until the view or a claim settles it.
+        } else if self.cp_reachable(name)
             && let CmdResult::Owned { owner, .. } = self.cp_apply(Cmd::Transfer {
                 openid: openid.into(),
                 expected_epoch: epoch,
@@ -1292,16 +1339,32 @@ impl World {
             .collect();
         tracked.sort();
         let mut sends = Vec::new();
+        let current = node
+            .table
+            .members()
+            .standby_for()
+            .map(|m| m.node_id.clone());
         for (openid, session_id, standby) in tracked {
             let Some(h) = node.table.local(&openid).cloned() else {
                 node.tracked.remove(&openid);
                 continue;
             };
-            if h.identity().session_id != session_id || !node.table.members().is_live(&standby) {
+            if h.identity().session_id != session_id {
                 node.tracked.remove(&openid);
                 continue;
             }
-            let (epoch, stats) = h.with(|s| (s.epoch(), s.stats()));
+            let (epoch, stats, queue) = h.with(|s| (s.epoch(), s.stats(), s.export().pushes));
+            // As `replica::sync_ack_points`: the standby drained, left or
+            // died (the ring moved on): the whole queue goes to the new one.
+            let (standby, pushes) = match &current {
+                Some(c) if *c != standby => {
+                    node.tracked
+                        .insert(openid.clone(), (session_id.clone(), c.clone()));
+                    (c.clone(), queue)
+                }
+                Some(_) => (standby, Vec::new()),
+                None => continue,
+            };
             sends.push((
                 standby,
                 ReplicateRequest {
@@ -1310,7 +1373,7 @@ impl World {
                     zone: h.identity().zone.clone(),
                     epoch,
                     owner_node: name.into(),
-                    pushes: Vec::new(),
+                    pushes,
                     acked_seq_id: stats.acked_seq_id,
                     next_seq_id: stats.next_seq_id,
                     release: false,

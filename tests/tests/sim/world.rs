@@ -727,6 +727,19 @@ impl World {
                                     ..
                                 },
                             ) => self.reply_up(id, openid, durable, false),
+                            // A client's handshake with a gone process times
+                            // out (QUIC has no "refused"): it tries another
+                            // node then, not after a Start's full patience.
+                            (End::Client(c), Body::Start { conn, .. }) => {
+                                let at = self.now + PEER_TIMEOUT_MS;
+                                self.push_event(
+                                    at,
+                                    End::Node(name),
+                                    End::Client(c),
+                                    0,
+                                    Body::Refused { conn },
+                                );
+                            }
                             (End::Node(from), body)
                                 if !matches!(body, Body::Timer(_) | Body::Bounce { .. }) =>
                             {
@@ -1128,10 +1141,14 @@ impl World {
         let c = &self.clients[i];
         if c.node.is_none() && !c.connecting {
             let target = c.goaway.clone();
+            // What a load balancer or DNS lists: nodes the control plane
+            // holds live (a killed node stays listed until its lease ends).
             let live: Vec<String> = self
                 .nodes
                 .iter()
-                .filter(|(_, n)| !n.left)
+                .filter(|(k, n)| {
+                    !n.left && self.cp.nodes.get(*k).is_none_or(|r| r.status.is_live())
+                })
                 .map(|(k, _)| k.clone())
                 .collect();
             let node = match target.filter(|t| self.nodes.get(t).is_some_and(|n| n.alive)) {
