@@ -31,7 +31,7 @@ use gatesvr_controlplane::state::{NodeRec, NodeStatus, OwnerRec, State};
 use gatesvr_dataplane::cluster::{Cluster as DpCluster, ControlPlaneClientConfig};
 use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
 use gatesvr_proto::control::watch_event::Event as WatchBody;
-use gatesvr_proto::control::{WatchRequest, WatchEvent};
+use gatesvr_proto::control::{WatchEvent, WatchRequest};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -143,7 +143,10 @@ async fn export(cps: &[Cp]) -> Result<(Duration, usize, backup::Backup)> {
     let (status, body) = admin(addr, "POST", "/v1/cluster/backup", b"").await?;
     let took = t0.elapsed();
     if status != 200 {
-        bail!("backup export: HTTP {status}: {}", String::from_utf8_lossy(&body));
+        bail!(
+            "backup export: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
     let b = backup::decode(&body).map_err(|e| anyhow::anyhow!("backup decode: {e}"))?;
     Ok((took, body.len(), b))
@@ -484,11 +487,17 @@ pub async fn run(o: &Opts, a: &ScaleArgs) -> Result<Report> {
     });
     drive(&dps, a.concurrency, "live", false, live.clone()).await;
     let live_n = live.done.load(Ordering::Relaxed) as usize;
-    rep.field("live_claim_errors", live.errors.load(Ordering::Relaxed) as f64);
+    rep.field(
+        "live_claim_errors",
+        live.errors.load(Ordering::Relaxed) as f64,
+    );
     measure(&mut rep, &cps, &dir, "live").await?;
 
     // 2. Lifecycles.
-    progress(format!("scale: {} lifecycles (claim, release)", a.lifecycles));
+    progress(format!(
+        "scale: {} lifecycles (claim, release)",
+        a.lifecycles
+    ));
     let lc = Arc::new(Drive {
         next: AtomicU64::new(0),
         end_id: a.lifecycles,
@@ -516,10 +525,7 @@ pub async fn run(o: &Opts, a: &ScaleArgs) -> Result<Report> {
     reporter.abort();
     let done = lc.done.load(Ordering::Relaxed);
     rep.field("lifecycles_done", done as f64);
-    rep.field(
-        "lifecycle_errors",
-        lc.errors.load(Ordering::Relaxed) as f64,
-    );
+    rep.field("lifecycle_errors", lc.errors.load(Ordering::Relaxed) as f64);
     rep.field("lifecycles_s", took.as_secs_f64());
     rep.field("lifecycles_per_s", done as f64 / took.as_secs_f64());
     rep.field(
