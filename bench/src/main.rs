@@ -2,7 +2,7 @@
 //! the same run, interleaved A/B/A/B, median of the rounds (see docs/benchmarks.md).
 //!
 //! ```text
-//! gate-bench [--json] [--rounds 3] [--window 3s] <rtt|throughput|push|broadcast|sessions|claims|failover|all>
+//! gate-bench [--json] [--rounds 3] [--window 3s] <rtt|throughput|push|broadcast|sessions|claims|failover|scale|all>
 //! gate-bench chart results.json > docs/benchmarks.svg
 //! gate-bench serve <mode>      (internal: the processes under test)
 //! ```
@@ -114,6 +114,9 @@ enum Cmd {
     /// Steady clients (requests + pushes) against given addresses for a duration: failed
     /// requests, lost/duplicated pushes, resumed sessions, latency per phase.
     Load(scenarios::load::LoadArgs),
+    /// Ownership at scale (not in `all`): N session lifecycles through a 3-process control
+    /// plane, churn, a new node's complete view, backup restore/export of a large state.
+    Scale(scenarios::scale::ScaleArgs),
     /// Every scenario in order, one report each.
     All,
     /// GateSvr side by side with NATS, Mosquitto and etcd (docs/benchmarks.md "Peers").
@@ -202,6 +205,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Claims => vec!["claims"],
         Cmd::Failover => vec!["failover"],
         Cmd::Load(_) => vec!["load"],
+        Cmd::Scale(_) => vec!["scale"],
         Cmd::All => vec![
             "rtt",
             "push",
@@ -246,6 +250,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                 "failover" => scenarios::failover::run(&o).await,
                 "load" => match &cli.cmd {
                     Cmd::Load(args) => scenarios::load::run(&o, args).await,
+                    _ => unreachable!(),
+                },
+                "scale" => match &cli.cmd {
+                    Cmd::Scale(args) => scenarios::scale::run(&o, args).await,
                     _ => unreachable!(),
                 },
                 _ => unreachable!(),

@@ -53,6 +53,13 @@ pub enum Serve {
         /// Every member as `id=grpc_addr=admin_addr` (comma-separated).
         #[arg(long, value_delimiter = ',')]
         member: Vec<String>,
+        /// Raft write timeout (`raft.write_timeout`); default the product's.
+        #[arg(long, value_parser = crate::humantime_dur)]
+        write_timeout: Option<Duration>,
+        /// Raft heartbeat (`raft.heartbeat_interval`, also openraft's AppendEntries timeout);
+        /// election timeouts become 6x..12x of it. Default the product's.
+        #[arg(long, value_parser = crate::humantime_dur)]
+        heartbeat: Option<Duration>,
     },
     /// The demo upstream (gate-upstream) for every zone, registered with a control plane.
     Upstreams {
@@ -240,8 +247,21 @@ pub async fn run(mode: Serve) -> Result<()> {
             tokio::spawn(relay_accept(endpoint, channel));
             parent_gone().await;
         }
-        Serve::CpNode { dir, id, member } => {
-            let cp = crate::scenarios::failover::start_cp_node(&dir, id, &member).await?;
+        Serve::CpNode {
+            dir,
+            id,
+            member,
+            write_timeout,
+            heartbeat,
+        } => {
+            let cp = crate::scenarios::failover::start_cp_node(
+                &dir,
+                id,
+                &member,
+                write_timeout,
+                heartbeat,
+            )
+            .await?;
             announce(serde_json::json!({
                 "grpc": cp.grpc_addr().to_string(),
                 "admin": cp.admin_addr().to_string(),

@@ -156,6 +156,48 @@ fn claims_commits_without_errors() {
 }
 
 #[test]
+fn scale_releases_what_it_claimed_and_restores_a_backup() {
+    let r = run_with(
+        "scale",
+        &[],
+        &[
+            "--lifecycles",
+            "300",
+            "--live",
+            "30",
+            "--churn",
+            "1s",
+            "--restore-owners",
+            "1000",
+            "--dp-nodes",
+            "2",
+            "--concurrency",
+            "16",
+        ],
+    );
+    has_fields(
+        &r,
+        &[
+            "after_lifecycles_snapshot_bytes",
+            "after_lifecycles_cp_rss_max_mib",
+            "live_new_node_ready_ms",
+            "live_watch_snapshot_bytes",
+            "restore_ms",
+            "restored_export_bytes",
+        ],
+    );
+    // Every lifecycle ended in a release: the state holds the live sessions only.
+    assert_eq!(field(&r, "lifecycles_done"), 300.0);
+    assert_eq!(field(&r, "after_lifecycles_owners"), 30.0);
+    assert_eq!(field(&r, "after_churn_owners"), 30.0);
+    assert_eq!(field(&r, "lifecycle_errors"), 0.0);
+    assert_eq!(field(&r, "churn_errors"), 0.0);
+    assert_eq!(field(&r, "live_new_node_view_owners"), 30.0);
+    assert_eq!(field(&r, "restored_owners"), 1030.0);
+    assert_eq!(field(&r, "restored_watch_snapshot_owners"), 1030.0);
+}
+
+#[test]
 fn failover_resumes_every_session_and_loses_no_durable_push() {
     let r = run("failover");
     has_fields(

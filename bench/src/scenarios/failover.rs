@@ -46,7 +46,13 @@ const SEED_HEARTBEAT_TIMEOUT_MS: f64 = 6000.0;
 
 /// One control-plane node for `gate-bench serve cp-node`: production raft timings, plaintext
 /// gRPC on loopback, admin API with a bearer token. Node 1 bootstraps every member.
-pub async fn start_cp_node(dir: &Path, id: u64, members: &[String]) -> Result<ControlPlane> {
+pub async fn start_cp_node(
+    dir: &Path,
+    id: u64,
+    members: &[String],
+    write_timeout: Option<Duration>,
+    heartbeat: Option<Duration>,
+) -> Result<ControlPlane> {
     let members: Vec<MemberConfig> = members
         .iter()
         .map(|m| {
@@ -76,6 +82,14 @@ pub async fn start_cp_node(dir: &Path, id: u64, members: &[String]) -> Result<Co
     cfg.admin.auth = AuthMode::Tokens;
     cfg.admin.admin_token = Some(ADMIN_TOKEN.into());
     cfg.admin.insecure_plaintext_http = true;
+    if let Some(t) = write_timeout {
+        cfg.raft.write_timeout = t;
+    }
+    if let Some(h) = heartbeat {
+        cfg.raft.heartbeat_interval = h;
+        cfg.raft.election_timeout_min = h * 6;
+        cfg.raft.election_timeout_max = h * 12;
+    }
     if id == 1 {
         cfg.cluster.bootstrap = true;
         cfg.cluster.members = members;
@@ -107,7 +121,7 @@ async fn admin_get(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
 }
 
 /// (node id, term) of a node that says it is the leader, among `admins`.
-async fn leader_of(admins: &[(u64, SocketAddr)]) -> Option<(u64, u64)> {
+pub(crate) async fn leader_of(admins: &[(u64, SocketAddr)]) -> Option<(u64, u64)> {
     for (id, addr) in admins {
         if let Some(v) = admin_get(*addr, "/v1/cluster").await
             && v["state"] == "leader"

@@ -9,6 +9,7 @@ pub mod load;
 pub mod push;
 pub mod remote;
 pub mod rtt;
+pub mod scale;
 pub mod sessions;
 pub mod throughput;
 pub mod web;
