@@ -28,9 +28,12 @@ pub const FORMAT_VERSION: u32 = 1;
 /// raft transport's message limit.
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
 
-/// Owner records per restore entry: at most ~600 bytes each as JSON (256-character ids), so
-/// an entry stays under ~6 MiB, a tenth of the raft message limit.
-pub const RESTORE_OWNERS_PER_ENTRY: usize = 10_000;
+/// Owner records per restore entry: ~120 bytes each as JSON with typical ids (at most ~600
+/// with 256-character ids), so an entry is ~240 KB (at most ~1.2 MiB). openraft 0.9 gives an
+/// AppendEntries call `heartbeat_interval` (250 ms) to complete; `gate-bench scale` found
+/// entries of 10,000 owners (~1.2 MB) missing that on a loaded machine, so the restore never
+/// committed.
+pub const RESTORE_OWNERS_PER_ENTRY: usize = 2_000;
 
 /// Splits a backup's state into restore entries: the first carries the upstreams, nodes,
 /// failovers and counters plus the first owners; each later one only more owners (with the

@@ -433,19 +433,16 @@ fn serve_admin(
     };
     Ok(async move {
         let res = match tls {
-            Some((config, peers)) => match admin::tls::TlsListener::new(
-                listener,
-                config,
-                peers,
-                stop.clone(),
-            ) {
-                Ok(l) => {
-                    axum::serve(l, app)
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await
+            Some((config, peers)) => {
+                match admin::tls::TlsListener::new(listener, config, peers, stop.clone()) {
+                    Ok(l) => {
+                        axum::serve(l, app)
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             None => {
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stop.cancelled_owned())

@@ -441,7 +441,7 @@ pub async fn run(o: &Opts, a: &ScaleArgs) -> Result<Report> {
                 id.to_string(),
                 "--member".into(),
                 members.join(","),
-                // A restore entry of 10,000 owners can take longer than the product's 5 s
+                // A restore entry can take longer than the product's 5 s
                 // on a loaded machine (debug build); the figure is measured either way.
                 "--write-timeout".into(),
                 "60s".into(),

@@ -42,9 +42,11 @@ impl AdminPeers {
             Ok(id) if id.trust_domain != self.trust_domain => {
                 (Reason::ForeignTrustDomain, Some(id), "foreign trust domain")
             }
-            Ok(id) if id.role != Role::Admin => {
-                (Reason::WrongRole, Some(id), "the admin API needs the admin role")
-            }
+            Ok(id) if id.role != Role::Admin => (
+                Reason::WrongRole,
+                Some(id),
+                "the admin API needs the admin role",
+            ),
             Ok(_) => return Ok(()),
             Err(_) => (Reason::NoIdentity, None, "the certificate names no role"),
         };
