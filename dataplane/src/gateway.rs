@@ -310,23 +310,7 @@ impl GatewayService for Gateway {
         for push in batch.pushes {
             // The same path as PushToClient, one push at a time: order per
             // session is the order in the batch.
-            results.push(match self.push_one(hops, push).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    PushResult {
-                        seq_id: r.seq_id,
-                        session_id: r.session_id,
-                        node_id: r.node_id,
-                        code: 0,
-                        message: String::new(),
-                    }
-                }
-                Err(status) => PushResult {
-                    code: status.code() as i32,
-                    message: status.message().to_string(),
-                    ..Default::default()
-                },
-            });
+            results.push(push_result(self.push_one(hops, push).await));
         }
         Ok(Response::new(PushBatchResponse { results }))
     }
@@ -435,4 +419,27 @@ fn forwarded_hops(metadata: &tonic::metadata::MetadataMap) -> u8 {
         .get(crate::peer::FORWARDED_HEADER)
         .map(|v| if v.as_bytes() == b"1" { 1 } else { 2 })
         .unwrap_or(0)
+}
+
+/// A `PushToClient` outcome as one item of a batch (or stream) result.
+pub(crate) fn push_result(
+    outcome: Result<tonic::Response<PushToClientResponse>, Status>,
+) -> PushResult {
+    match outcome {
+        Ok(r) => {
+            let r = r.into_inner();
+            PushResult {
+                seq_id: r.seq_id,
+                session_id: r.session_id,
+                node_id: r.node_id,
+                code: 0,
+                message: String::new(),
+            }
+        }
+        Err(status) => PushResult {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            ..Default::default()
+        },
+    }
 }

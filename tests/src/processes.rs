@@ -37,7 +37,8 @@ pub struct ProcessCluster {
     pub dps: Vec<DataPlaneProc>,
 }
 
-fn spawn(bin: &Path, args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Proc {
+/// Starts `bin` with `args` and `envs`, stderr to `log`, at `RUST_LOG=info`.
+pub fn spawn(bin: &Path, args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Proc {
     let log = std::fs::File::create(log).expect("log file");
     let mut cmd = Command::new(bin);
     cmd.args(args)

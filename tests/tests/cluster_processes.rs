@@ -12,7 +12,7 @@
 //! upgrade step); kill -9 of a session's owner (no unacked durable push lost).
 //! No assertion is about time: conditions are polled with a bound.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use gatesvr_proto::client::ResumeStatus;
 use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
 use gatesvr_sdk::{Client, ClientConfig, Event};
 use gatesvr_tests::cluster::push;
+use gatesvr_tests::processes::spawn;
 use gatesvr_tests::procs::{Proc, binary, free_port};
 use gatesvr_tests::{PATIENCE, TestDir, http_get};
 
@@ -47,19 +48,6 @@ struct ProcessCluster {
     cps: Vec<Cp>,
     dps: Vec<Dp>,
     _upstreams: Vec<Proc>,
-}
-
-fn spawn(bin: &Path, args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Proc {
-    let log = std::fs::File::create(log).expect("log file");
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .env("RUST_LOG", "info");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    Proc(cmd.spawn().expect("spawn"))
 }
 
 async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) {

@@ -31,23 +31,7 @@ impl PushSink for GatewaySink {
             node: self.0.clone(),
         };
         async move {
-            match gateway.push_to_client(tonic::Request::new(push)).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    PushResult {
-                        seq_id: r.seq_id,
-                        session_id: r.session_id,
-                        node_id: r.node_id,
-                        code: 0,
-                        message: String::new(),
-                    }
-                }
-                Err(status) => PushResult {
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                    ..Default::default()
-                },
-            }
+            crate::gateway::push_result(gateway.push_to_client(tonic::Request::new(push)).await)
         }
         .boxed()
     }
