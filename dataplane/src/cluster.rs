@@ -244,6 +244,9 @@ pub struct Cluster {
     current: AtomicUsize,
     view: RwLock<View>,
     connected: AtomicBool,
+    /// This process has been registered at least once: its claims are
+    /// accepted (it stays so while the control plane is unreachable).
+    registered_once: AtomicBool,
     /// The view is whole: a complete snapshot was applied (from the control
     /// plane, every chunk of it, or from the state file). `/ready` waits for it.
     complete: AtomicBool,
@@ -342,6 +345,7 @@ impl Cluster {
             current: AtomicUsize::new(0),
             view: RwLock::new(View::default()),
             connected: AtomicBool::new(false),
+            registered_once: AtomicBool::new(false),
             complete: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             persist_wake: Notify::new(),
@@ -385,6 +389,14 @@ impl Cluster {
     /// plane or the state file). Until then routing and owners are unknown.
     pub fn is_view_complete(&self) -> bool {
         self.complete.load(Ordering::Acquire)
+    }
+
+    /// Ready to take sessions: the view is complete, and the control plane
+    /// knows this node (registered since start), or it serves from its state
+    /// file while the control plane is unreachable. A node only complete but
+    /// not yet registered would see its first claims refused ("unknown node").
+    pub fn can_serve(&self) -> bool {
+        self.is_view_complete() && (self.registered_once.load(Ordering::Relaxed) || self.is_stale())
     }
 
     /// Serving from a state file, not yet confirmed by the control plane.
@@ -805,6 +817,7 @@ impl Cluster {
                     Ok(r) => {
                         let r = r.into_inner();
                         registered = true;
+                        self.registered_once.store(true, Ordering::Relaxed);
                         interval =
                             Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(100)));
                         tracing::info!(node = %self.node_id, lease_ms = r.lease_ttl_ms, "registered with the control plane");

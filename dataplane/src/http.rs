@@ -124,14 +124,12 @@ pub fn metrics_router(node: Arc<Node>) -> Router {
 
 /// Ready once listening and, for a cluster member, once its view is complete
 /// (every chunk of the control plane's watch snapshot received, or a saved
-/// state file loaded): before that it knows neither routes nor owners.
+/// state file loaded): before that it knows neither routes nor owners; and
+/// once registered (or serving from its state file while the control plane
+/// is unreachable), so its claims are accepted.
 /// Stays ready while draining (see [`crate::drain`]).
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
-    let routing_known = state
-        .node
-        .cluster
-        .as_ref()
-        .is_none_or(|c| c.is_view_complete());
+    let routing_known = state.node.cluster.as_ref().is_none_or(|c| c.can_serve());
     if state.ready.load(Ordering::Relaxed) && routing_known {
         let draining = state.node.draining.load(Ordering::Relaxed);
         (
