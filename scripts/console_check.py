@@ -166,6 +166,9 @@ def main():
         wait.until(EC.presence_of_element_located((By.ID, "leader")))
         driver.get(a.base + "/console/confirm?action=cordon&target=dp-1")
         driver.find_element(By.ID, "confirm").click()
+        # Wait for the answer page (the click navigates; reading the old page is no answer).
+        outcome = ("forbidden", "read-only", "cordon done")
+        wait.until(lambda d: any(t in d.page_source for t in outcome))
         assert "forbidden" in driver.page_source or "read-only" in driver.page_source, \
             "a read-only token cordoned a node"
         shot("read-only-refused")
