@@ -117,3 +117,21 @@ pub fn push(openid: &str, n: u64) -> PushToClientRequest {
         durable: false,
     }
 }
+
+/// Pushes "message N" for every N of `range` to `openid` through the plaintext GatewayService
+/// at `grpc` (an in-process test node), each accepted.
+pub async fn push_messages(
+    grpc: std::net::SocketAddr,
+    openid: &str,
+    range: std::ops::RangeInclusive<u64>,
+) {
+    let mut gw = GatewayServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("gRPC connect");
+    for n in range {
+        let mut p = push(openid, n);
+        p.msg_type = "chat".into();
+        p.content = format!("message {n}");
+        gw.push_to_client(p).await.expect("push accepted");
+    }
+}

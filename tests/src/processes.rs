@@ -1,7 +1,13 @@
-//! A cluster of real processes whose data planes come and go: three
-//! `gatesvr controlplane` nodes (raft, mTLS), any number of `gatesvr
-//! dataplane` processes started under new names (as Helm names pods on every
-//! rollout), and one `gate-upstream` per zone. For rolling-replacement tests.
+//! The cluster as operators run it, as real processes on 127.0.0.1, secure as
+//! `deploy/config` ships it: three `gatesvr controlplane` nodes (raft over
+//! mTLS), data-plane processes (`gatesvr dataplane`, every internal hop over
+//! mTLS with their role certificates: GatewayService and Peer, upstreams,
+//! control plane) started under any name (Helm names pods anew on every
+//! rollout), and one `gate-upstream` per zone serving mTLS with an upstream
+//! certificate. Nothing runs with `insecure_plaintext_internal`.
+//!
+//! Used by `cluster_processes.rs` (takeover, outage, drain, kill -9) and
+//! `rolling.rs` (rolling replacements).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,9 +18,22 @@ use gatesvr_common::certs;
 use gatesvr_common::identity::Role;
 use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
 use gatesvr_sdk::ClientConfig;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::procs::{Proc, binary, free_port};
-use crate::{PATIENCE, TestDir, http_get};
+use crate::procs::{Proc, binary, controlplane_config, free_port, spawn_controlplane};
+use crate::{PATIENCE, TestDir, http_get, http_get_with_token};
+
+/// The control plane's admin token in these clusters.
+pub const ADMIN_TOKEN: &str = "process-cluster-admin";
+
+/// One control-plane process.
+pub struct ControlPlaneProc {
+    pub id: u64,
+    pub grpc: u16,
+    pub admin: u16,
+    /// None once killed.
+    pub proc: Option<Proc>,
+}
 
 /// One data-plane process.
 pub struct DataPlaneProc {
@@ -23,6 +42,7 @@ pub struct DataPlaneProc {
     pub http: u16,
     pub grpc: u16,
     config: PathBuf,
+    /// None once stopped or killed.
     pub proc: Option<Proc>,
 }
 
@@ -30,16 +50,19 @@ pub struct DataPlaneProc {
 pub struct ProcessCluster {
     pub dir: TestDir,
     gatesvr: PathBuf,
-    cp_grpc: Vec<u16>,
-    _cps: Vec<Proc>,
+    pub cps: Vec<ControlPlaneProc>,
     _upstreams: Vec<Proc>,
     /// Every data plane ever started, in start order (stopped ones keep their slot).
     pub dps: Vec<DataPlaneProc>,
 }
 
-/// Starts `bin` with `args` and `envs`, stderr to `log`, at `RUST_LOG=info`.
+/// Starts `bin` with `args` and `envs`, stderr appended to `log`, at `RUST_LOG=info`.
 pub fn spawn(bin: &Path, args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Proc {
-    let log = std::fs::File::create(log).expect("log file");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .stdout(Stdio::null())
@@ -51,6 +74,30 @@ pub fn spawn(bin: &Path, args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Pr
     Proc(cmd.spawn().expect("spawn"))
 }
 
+/// A lazily connecting gRPC channel to `127.0.0.1:port` over TLS trusting the CA in
+/// `certs`, presenting the role certificate `(role, id)` if given.
+pub fn mtls_channel(port: u16, certs_dir: &Path, identity: Option<(Role, &str)>) -> Channel {
+    let ca = std::fs::read(certs_dir.join("ca.crt")).expect("ca.crt");
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((role, id)) = identity {
+        certs::ensure(certs_dir, &[(role, id.to_string())]).expect("role certificate");
+        let files = certs::role_files(certs_dir, role, id);
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(files.cert_file).expect("cert"),
+            std::fs::read(files.key_file).expect("key"),
+        ));
+    }
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(20))
+        .tls_config(tls)
+        .expect("tls config")
+        .connect_lazy()
+}
+
 impl ProcessCluster {
     /// Three control-plane nodes, one upstream per zone (`zones`), and the
     /// data planes `names`, each ready (routing every zone) on return.
@@ -60,57 +107,44 @@ impl ProcessCluster {
         let dir = TestDir::new();
         let certs_dir = dir.certs();
         let root = dir.dir.path().to_path_buf();
-        let ports: Vec<(u64, u16, u16)> =
+        let members: Vec<(u64, u16, u16)> =
             (1..=3).map(|id| (id, free_port(), free_port())).collect();
-        let members: String = ports
-            .iter()
-            .map(|(id, g, a)| {
-                format!(
-                    "    - {{ id: {id}, grpc_addr: \"127.0.0.1:{g}\", admin_addr: \"127.0.0.1:{a}\" }}\n"
-                )
-            })
-            .collect();
         let mut cps = Vec::new();
-        for (id, grpc, admin) in &ports {
-            let bootstrap = if *id == 1 {
-                format!("  bootstrap: true\n  members:\n{members}")
-            } else {
-                "  bootstrap: false\n".into()
-            };
-            let yaml = format!(
-                "node_id: {id}\ndata_dir: {root}/cp-{id}\ngrpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:{admin}\n\
-                 cluster:\n{bootstrap}\
-                 tls:\n  cert_file: {c}/controlplane-{id}.crt\n  key_file: {c}/controlplane-{id}.key\n  ca_file: {c}/ca.crt\n  server_name: localhost\n\
-                 raft:\n  heartbeat_interval: 100ms\n  election_timeout_min: 600ms\n  election_timeout_max: 1200ms\n\
-                 leases:\n  min_ttl: 500ms\n  check_interval: 100ms\n\
-                 admin:\n  auth: tokens\n  insecure_plaintext_http: true\n",
-                root = root.display(),
-                c = certs_dir.display(),
+        for &(id, grpc, admin) in &members {
+            // Short leases so that a killed node is noticed within a test's patience.
+            let yaml = controlplane_config(
+                id,
+                &root.join(format!("cp-{id}")),
+                &members,
+                &certs_dir,
+                "leases:\n  min_ttl: 500ms\n  check_interval: 100ms\n",
             );
             let path = root.join(format!("cp-{id}.yaml"));
             std::fs::write(&path, yaml).expect("cp config");
-            cps.push(spawn(
+            let proc = spawn_controlplane(
                 &gatesvr,
-                &[
-                    "controlplane",
-                    "--config",
-                    path.to_str().expect("utf-8 path"),
-                ],
+                &path,
                 &root.join(format!("cp-{id}.log")),
-                &[("GATESVR_ADMIN__ADMIN_TOKEN", "rolling-admin")],
-            ));
+                ADMIN_TOKEN,
+            );
+            cps.push(ControlPlaneProc {
+                id,
+                grpc,
+                admin,
+                proc: Some(proc),
+            });
         }
         let mut cluster = Self {
             dir,
             gatesvr,
-            cp_grpc: ports.iter().map(|(_, g, _)| *g).collect(),
-            _cps: cps,
+            cps,
             _upstreams: Vec::new(),
             dps: Vec::new(),
         };
         for name in names {
             cluster.spawn_dp(name);
         }
+        let upstream_cert = certs::role_files(&certs_dir, Role::Upstream, "demo");
         for z in 0..zones {
             let zone = gatesvr_proto::zone::zone_id(z);
             let port = free_port();
@@ -122,14 +156,16 @@ impl ProcessCluster {
                 "--gateway".into(),
                 format!("127.0.0.1:{}", cluster.dps[0].grpc),
                 "--control-plane".into(),
-                format!("127.0.0.1:{}", cluster.cp_grpc[(z as usize) % 3]),
+                format!("127.0.0.1:{}", cluster.cps[(z as usize) % 3].grpc),
                 "--lease-ttl".into(),
                 "2s".into(),
-                "--cp-tls-cert".into(),
-                certs_dir.join("upstream-demo.crt").display().to_string(),
-                "--cp-tls-key".into(),
-                certs_dir.join("upstream-demo.key").display().to_string(),
-                "--cp-tls-ca".into(),
+                // Serves mTLS to the data planes and uses the same identity towards the
+                // control plane and the gateway.
+                "--tls-cert".into(),
+                upstream_cert.cert_file.display().to_string(),
+                "--tls-key".into(),
+                upstream_cert.key_file.display().to_string(),
+                "--tls-ca".into(),
                 certs_dir.join("ca.crt").display().to_string(),
             ];
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -151,41 +187,53 @@ impl ProcessCluster {
         certs::ensure(&certs_dir, &[(Role::DataPlane, name.to_string())]).expect("dp cert");
         let root = self.dir.dir.path().to_path_buf();
         let endpoints: Vec<String> = self
-            .cp_grpc
+            .cps
             .iter()
-            .map(|g| format!("\"127.0.0.1:{g}\""))
+            .map(|c| format!("\"127.0.0.1:{}\"", c.grpc))
             .collect();
         let (quic, http, grpc) = (free_port(), free_port(), free_port());
         let config = root.join(format!("{name}.yaml"));
+        let own = format!(
+            "{{cert_file: {c}/dataplane-{name}.crt, key_file: {c}/dataplane-{name}.key, ca_file: {c}/ca.crt}}",
+            c = certs_dir.display()
+        );
         let yaml = format!(
             "node_id: {name}\n\
-             server:\n  quic_addr: 127.0.0.1:{quic}\n  http_addr: 127.0.0.1:{http}\n  grpc_addr: 127.0.0.1:{grpc}\n  metrics_addr: 127.0.0.1:0\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  drain_rate: 1000\n  drain_timeout: 20s\n  insecure_plaintext_internal: true\n\
+             server:\n  quic_addr: 127.0.0.1:{quic}\n  http_addr: 127.0.0.1:{http}\n  grpc_addr: 127.0.0.1:{grpc}\n  metrics_addr: 127.0.0.1:0\n  cert_file: {c}/server.crt\n  key_file: {c}/server.key\n  drain_rate: 1000\n  drain_timeout: 20s\n  grpc_tls: {own}\n\
              auth:\n  secret_file: {root}/secret\n\
-             upstream:\n  health_check_interval: 1s\n\
-             control_plane:\n  endpoints: [{endpoints}]\n  tls:\n    cert_file: {c}/dataplane-{name}.crt\n    key_file: {c}/dataplane-{name}.key\n    ca_file: {c}/ca.crt\n  lease_ttl: 1s\n  state_file: {root}/{name}.state\n",
+             upstream:\n  health_check_interval: 1s\n  tls: {own}\n\
+             control_plane:\n  endpoints: [{endpoints}]\n  tls: {own}\n  lease_ttl: 1s\n  state_file: {root}/{name}.state\n",
             c = certs_dir.display(),
             root = root.display(),
             endpoints = endpoints.join(", "),
         );
         std::fs::write(&config, yaml).expect("dp config");
-        let log = std::fs::File::create(root.join(format!("{name}.log"))).expect("dp log");
-        let child = Command::new(&self.gatesvr)
-            .args(["dataplane", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn data plane");
         self.dps.push(DataPlaneProc {
             name: name.to_string(),
             quic,
             http,
             grpc,
             config,
-            proc: Some(Proc(child)),
+            proc: None,
         });
-        self.dps.len() - 1
+        let i = self.dps.len() - 1;
+        self.restart_dp(i);
+        i
+    }
+
+    /// Starts data plane `i` again (same name, config and state file; its log is appended to).
+    pub fn restart_dp(&mut self, i: usize) {
+        if let Some(mut old) = self.dps[i].proc.take() {
+            old.kill();
+        }
+        let config = self.dps[i].config.display().to_string();
+        let log = self.log_path(i);
+        self.dps[i].proc = Some(spawn(
+            &self.gatesvr,
+            &["dataplane", "--config", &config],
+            &log,
+            &[],
+        ));
     }
 
     /// Starts data plane `name` (a new pod) and waits until it is ready.
@@ -195,13 +243,15 @@ impl ProcessCluster {
         i
     }
 
-    fn log_tail(&self, i: usize) -> String {
-        let path = self
-            .dir
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir
             .dir
             .path()
-            .join(format!("{}.log", self.dps[i].name));
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+            .join(format!("{}.log", self.dps[i].name))
+    }
+
+    fn log_tail(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -236,6 +286,12 @@ impl ProcessCluster {
 
     /// SIGTERM to data plane `i` (it drains and leaves) and its exit status.
     pub async fn drain_and_stop(&mut self, i: usize) -> ExitStatus {
+        self.sigterm(i);
+        self.wait_exit(i).await
+    }
+
+    /// SIGTERM to data plane `i` (a rolling-upgrade step); it drains and exits.
+    pub fn sigterm(&self, i: usize) {
         let pid = self.dps[i]
             .proc
             .as_ref()
@@ -247,6 +303,10 @@ impl ProcessCluster {
             .args(["-TERM", &pid])
             .status()
             .expect("kill -TERM");
+    }
+
+    /// Waits for data plane `i` to exit (after a SIGTERM) and returns its status.
+    pub async fn wait_exit(&mut self, i: usize) -> ExitStatus {
         let deadline = tokio::time::Instant::now() + PATIENCE * 3;
         loop {
             let child = &mut self.dps[i].proc.as_mut().expect("running").0;
@@ -271,6 +331,33 @@ impl ProcessCluster {
         }
     }
 
+    /// kill -9 of control-plane node `id`.
+    pub fn kill_cp(&mut self, id: u64) {
+        let cp = self
+            .cps
+            .iter_mut()
+            .find(|c| c.id == id)
+            .expect("a control-plane node of the cluster");
+        if let Some(mut p) = cp.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// The control-plane leader, as the first live node reports it.
+    pub async fn leader(&self) -> Option<u64> {
+        for cp in self.cps.iter().filter(|c| c.proc.is_some()) {
+            let addr = SocketAddr::from(([127, 0, 0, 1], cp.admin));
+            let (status, body) = http_get_with_token(addr, "/v1/cluster", ADMIN_TOKEN).await;
+            if status == 200 {
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                if let Some(leader) = v.pointer("/leader/id").and_then(|l| l.as_u64()) {
+                    return Some(leader);
+                }
+            }
+        }
+        None
+    }
+
     /// Indices of the data planes running now.
     pub fn running(&self) -> Vec<usize> {
         (0..self.dps.len())
@@ -291,10 +378,13 @@ impl ProcessCluster {
         SocketAddr::from(([127, 0, 0, 1], self.dps[i].http))
     }
 
-    pub async fn gateway(&self, i: usize) -> GatewayServiceClient<tonic::transport::Channel> {
-        GatewayServiceClient::connect(format!("http://127.0.0.1:{}", self.dps[i].grpc))
-            .await
-            .expect("gateway gRPC")
+    /// GatewayService of data plane `i`, as an upstream calls it (mTLS, upstream certificate).
+    pub async fn gateway(&self, i: usize) -> GatewayServiceClient<Channel> {
+        GatewayServiceClient::new(mtls_channel(
+            self.dps[i].grpc,
+            &self.dir.certs(),
+            Some((Role::Upstream, "demo")),
+        ))
     }
 
     pub fn client_config(&self, i: usize, openid: &str) -> ClientConfig {

@@ -6,37 +6,38 @@
 //! Invariant checked everywhere: the application sees every push exactly
 //! once, in order (lost = 0, duplicated = 0), and requests are answered.
 
-use std::net::SocketAddr;
-
-use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
 use gatesvr_proto::upstream::{PushToClientRequest, TargetType};
 use gatesvr_tests::browser::{Browser, sdk_js_dir};
+use gatesvr_tests::cluster::push_messages;
 use gatesvr_tests::{TestNode, eventually};
 use serde_json::{Value, json};
 
 /// A node with WebTransport and WebSocket on, serving the SDK, with a
 /// browser-acceptable certificate.
 async fn browser_node() -> TestNode {
-    TestNode::start(|c| {
-        let certs = c
-            .server
-            .cert_file
-            .parent()
-            .expect("certs dir")
-            .to_path_buf();
-        let web = gatesvr_common::webcert::issue(
-            &certs,
-            &certs.join("web"),
-            &["localhost".into(), "127.0.0.1".into()],
-        )
-        .expect("web certificate");
-        c.server.cert_file = web.cert_file;
-        c.server.key_file = web.key_file;
-        c.transports.webtransport = true;
-        c.transports.websocket_addr = Some("127.0.0.1:0".into());
-        c.transports.web_root = Some(sdk_js_dir());
-    })
-    .await
+    TestNode::start(web_transports_on).await
+}
+
+/// WebTransport and WebSocket on, the SDK served, and a certificate a browser accepts
+/// (`webcert`: short-lived, for `serverCertificateHashes`).
+fn web_transports_on(c: &mut gatesvr_dataplane::config::DataPlaneConfig) {
+    let certs = c
+        .server
+        .cert_file
+        .parent()
+        .expect("certs dir")
+        .to_path_buf();
+    let web = gatesvr_common::webcert::issue(
+        &certs,
+        &certs.join("web"),
+        &["localhost".into(), "127.0.0.1".into()],
+    )
+    .expect("web certificate");
+    c.server.cert_file = web.cert_file;
+    c.server.key_file = web.key_file;
+    c.transports.webtransport = true;
+    c.transports.websocket_addr = Some("127.0.0.1:0".into());
+    c.transports.web_root = Some(sdk_js_dir());
 }
 
 /// The SDK's endpoint entry for `node`.
@@ -49,24 +50,6 @@ fn endpoint(node: &TestNode, webtransport_port: u16) -> Value {
         "websocket": format!("wss://127.0.0.1:{}/gatesvr/v1", ws.port()),
         "serverCertificateHashes": hashes,
     })
-}
-
-async fn push(addr: SocketAddr, openid: &str, range: std::ops::RangeInclusive<u64>) {
-    let mut gw = GatewayServiceClient::connect(format!("http://{addr}"))
-        .await
-        .expect("gRPC connect");
-    for n in range {
-        gw.push_to_client(PushToClientRequest {
-            target_type: TargetType::Openid as i32,
-            target_id: openid.into(),
-            msg_type: "chat".into(),
-            content: format!("message {n}"),
-            data: Vec::new(),
-            durable: false,
-        })
-        .await
-        .expect("push accepted");
-    }
 }
 
 /// Pushes the application received: (seq, content) in arrival order.
@@ -130,7 +113,7 @@ async fn browser_sessions_over_webtransport_and_websocket() {
         .await;
     assert_eq!(answer["payload"], "hello over h3", "{answer}");
     assert_eq!(answer["seqId"], 1);
-    push(grpc, "alice", 1..=20).await;
+    push_messages(grpc, "alice", 1..=20).await;
     let pushes = browser
         .until(
             "20 pushes in the page",
@@ -181,7 +164,7 @@ async fn browser_sessions_over_webtransport_and_websocket() {
     browser
         .call("simulateDisconnect", vec![json!("alice")])
         .await;
-    push(grpc, "alice", 21..=30).await;
+    push_messages(grpc, "alice", 21..=30).await;
     let pushes = browser
         .until(
             "30 pushes after the resume",
@@ -216,7 +199,7 @@ async fn browser_sessions_over_webtransport_and_websocket() {
         )
         .await;
     assert_eq!(answer["payload"], "hello over ws", "{answer}");
-    push(grpc, "bob", 1..=10).await;
+    push_messages(grpc, "bob", 1..=10).await;
     browser
         .until(
             "10 pushes over WebSocket",
@@ -246,7 +229,7 @@ async fn browser_sessions_over_webtransport_and_websocket() {
             |i| i["transport"] == "webtransport",
         )
         .await;
-    push(grpc, "bob", 11..=20).await;
+    push_messages(grpc, "bob", 11..=20).await;
     let pushes = browser
         .until("20 pushes for bob", "pushes", vec![json!("bob")], |p| {
             received(p).len() >= 20
@@ -559,23 +542,7 @@ async fn the_demo_chat_page_works_against_the_demo_upstream() {
         .expect("upstream port");
     let upstream_addr = listener.local_addr().expect("bound");
     let node = TestNode::start_routed(|c| {
-        let certs = c
-            .server
-            .cert_file
-            .parent()
-            .expect("certs dir")
-            .to_path_buf();
-        let web = gatesvr_common::webcert::issue(
-            &certs,
-            &certs.join("web"),
-            &["localhost".into(), "127.0.0.1".into()],
-        )
-        .expect("web certificate");
-        c.server.cert_file = web.cert_file;
-        c.server.key_file = web.key_file;
-        c.transports.webtransport = true;
-        c.transports.websocket_addr = Some("127.0.0.1:0".into());
-        c.transports.web_root = Some(sdk_js_dir());
+        web_transports_on(c);
         c.auth.mode = gatesvr_dataplane::config::AuthMode::None;
         c.auth.allow_none = true;
         c.zones.upstreams = vec![gatesvr_dataplane::config::StaticZone {

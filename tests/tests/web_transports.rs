@@ -6,9 +6,8 @@
 use gatesvr_proto::client::{
     ClientAck, ClientRequest, ErrorCode, ResumeStatus, StartResponse, envelope::Body,
 };
-use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
-use gatesvr_proto::upstream::{PushToClientRequest, TargetType};
 use gatesvr_sdk::{Client, Event};
+use gatesvr_tests::cluster::push_messages;
 use gatesvr_tests::web::WsConn;
 use gatesvr_tests::{PATIENCE, TestNode, eventually};
 use tokio_tungstenite::tungstenite::Message;
@@ -20,24 +19,6 @@ async fn web_node() -> TestNode {
 async fn ws(node: &TestNode) -> WsConn {
     let addr = node.dp.websocket_addr().expect("WebSocket listener");
     WsConn::connect(addr, &node.dir.ca()).await
-}
-
-async fn push(node: &TestNode, openid: &str, range: std::ops::RangeInclusive<u64>) {
-    let mut gw = GatewayServiceClient::connect(format!("http://{}", node.dp.grpc_addr()))
-        .await
-        .expect("gRPC connect");
-    for n in range {
-        gw.push_to_client(PushToClientRequest {
-            target_type: TargetType::Openid as i32,
-            target_id: openid.into(),
-            msg_type: "chat".into(),
-            content: format!("message {n}"),
-            data: Vec::new(),
-            durable: false,
-        })
-        .await
-        .expect("push accepted");
-    }
 }
 
 /// What a client application saw: pushes processed in seq order, each once
@@ -86,7 +67,7 @@ async fn a_websocket_session_resumes_over_native_quic_and_back() {
     let ok = start_ok(socket.recv().await);
     assert_eq!(ok.resume_status, ResumeStatus::New as i32);
     let session_id = ok.session_id;
-    push(&node, "alice", 1..=20).await;
+    push_messages(node.dp.grpc_addr(), "alice", 1..=20).await;
     while app.last() < 20 {
         if let Some(Body::Push(p)) = socket.recv().await {
             app.take(p.seq_id, &p.content);
@@ -131,7 +112,7 @@ async fn a_websocket_session_resumes_over_native_quic_and_back() {
     assert_eq!(ok.resume_status, ResumeStatus::Resumed as i32);
     assert_eq!(ok.session_id, session_id);
     assert_eq!(ok.first_available_seq_id, 11);
-    push(&node, "alice", 21..=30).await;
+    push_messages(node.dp.grpc_addr(), "alice", 21..=30).await;
     let mut redelivered = Vec::new();
     while app.last() < 30 {
         if let Some(Body::Push(p)) = raw.recv().await {
@@ -175,7 +156,7 @@ async fn a_websocket_session_resumes_over_native_quic_and_back() {
     socket.start("alice", &token, &session_id, 30).await;
     let ok = start_ok(socket.recv().await);
     assert_eq!(ok.resume_status, ResumeStatus::Resumed as i32);
-    push(&node, "alice", 31..=40).await;
+    push_messages(node.dp.grpc_addr(), "alice", 31..=40).await;
     while app.last() < 40 {
         if let Some(Body::Push(p)) = socket.recv().await {
             assert!(!p.redelivery, "seq {} was acked before", p.seq_id);
@@ -219,7 +200,7 @@ async fn an_sdk_session_over_quic_resumes_over_websocket() {
         .with_reconnect(false)
         .with_request_timeout(PATIENCE);
     let client = Client::connect(config).await.expect("SDK connects");
-    push(&node, "bob", 1..=8).await;
+    push_messages(node.dp.grpc_addr(), "bob", 1..=8).await;
     let mut app = App::default();
     while app.last() < 8 {
         let event = tokio::time::timeout(PATIENCE, client.next_event())
@@ -236,7 +217,7 @@ async fn an_sdk_session_over_quic_resumes_over_websocket() {
     let last_acked = client.last_acked_seq_id();
     drop(client); // abrupt: no Stop
 
-    push(&node, "bob", 9..=12).await;
+    push_messages(node.dp.grpc_addr(), "bob", 9..=12).await;
     let mut socket = ws(&node).await;
     socket
         .start("bob", &node.dir.token("bob"), &session_id, last_acked)
