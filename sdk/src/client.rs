@@ -249,8 +249,9 @@ impl Client {
     }
 
     /// Drops the current connection abruptly without ending the session, as
-    /// a network loss would (tests and demos of resume). The client reconnects
-    /// and resumes.
+    /// a network loss would. The client reconnects and resumes. A test hook:
+    /// only with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     pub fn simulate_disconnect(&self) {
         self.shared
             .kill_pending
