@@ -2,9 +2,8 @@
 //! at tiny size: each comparison runs, produces its fields and ratio checks, loses nothing.
 //! No timing is asserted.
 //!
-//! The peers are Debian packages (nats-server, mosquitto, etcd-server). CI does not install them
-//! (root, network and ~60 MB per run for a smoke check): a test whose peer is missing prints why
-//! and passes without running. `scripts/bench-peers` installs them.
+//! The peers are Debian packages (nats-server, mosquitto, etcd-server); `scripts/test` (and so
+//! CI) and `scripts/bench-peers` install them. A missing peer fails the test, naming the package.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,24 +17,19 @@ fn find(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// True when every peer binary is installed; otherwise prints a SKIPPED line naming them.
-fn peers_present(test: &str, bins: &[(&str, &str)]) -> bool {
+/// Fails, naming the packages, unless every peer binary is installed.
+fn require_peers(test: &str, bins: &[(&str, &str)]) {
     let missing: Vec<&str> = bins
         .iter()
         .filter(|(bin, _)| find(bin).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!(
-        "SKIPPED {test}: peer binaries not installed ({}); `apt-get install -y {}` or scripts/bench-peers installs them",
+    assert!(
+        missing.is_empty(),
+        "{test}: peer binaries not installed ({}); `apt-get install -y {}`, scripts/test or scripts/bench-peers installs them",
         missing.join(", "),
         missing.join(" ")
     );
-    println!("{msg}");
-    eprintln!("{msg}");
-    false
 }
 
 const NATS: (&str, &str) = ("nats-server", "nats-server");
@@ -99,9 +93,7 @@ fn ratios_measured(report: &serde_json::Value, at_least: usize) {
 
 #[test]
 fn request_reply_runs_against_nats() {
-    if !peers_present("request_reply_runs_against_nats", &[NATS]) {
-        return;
-    }
+    require_peers("request_reply_runs_against_nats", &[NATS]);
     let r = run("request-reply");
     for k in ["gs", "nats"] {
         for f in [
@@ -120,9 +112,7 @@ fn request_reply_runs_against_nats() {
 
 #[test]
 fn fanout_reaches_every_subscriber_once() {
-    if !peers_present("fanout_reaches_every_subscriber_once", &[NATS, MOSQUITTO]) {
-        return;
-    }
+    require_peers("fanout_reaches_every_subscriber_once", &[NATS, MOSQUITTO]);
     let r = run("fanout");
     for sys in ["gs", "mqtt", "nats"] {
         for f in ["gaps_total", "dups_total", "one_missing", "burst_missing"] {
@@ -136,9 +126,7 @@ fn fanout_reaches_every_subscriber_once() {
 
 #[test]
 fn claims_commit_on_both_without_errors() {
-    if !peers_present("claims_commit_on_both_without_errors", &[ETCD]) {
-        return;
-    }
+    require_peers("claims_commit_on_both_without_errors", &[ETCD]);
     let r = run("claims");
     assert_eq!(field(&r, "gs_claim_errors"), 0.0);
     assert_eq!(field(&r, "etcd_put_errors"), 0.0);
@@ -147,9 +135,7 @@ fn claims_commit_on_both_without_errors() {
 
 #[test]
 fn idle_reads_rss_of_every_server() {
-    if !peers_present("idle_reads_rss_of_every_server", &[NATS, MOSQUITTO]) {
-        return;
-    }
+    require_peers("idle_reads_rss_of_every_server", &[NATS, MOSQUITTO]);
     let r = run("idle");
     for sys in ["gs", "nats", "mqtt"] {
         assert!(field(&r, &format!("{sys}_rss_base_bytes")) > 0.0);
@@ -162,9 +148,7 @@ fn idle_reads_rss_of_every_server() {
 /// generated block and the chart, and a second run replaces the block instead of adding one.
 #[test]
 fn script_writes_the_peers_section() {
-    if !peers_present("script_writes_the_peers_section", &[NATS]) {
-        return;
-    }
+    require_peers("script_writes_the_peers_section", &[NATS]);
     let tmp = tempfile::tempdir().expect("temp dir");
     let doc = tmp.path().join("benchmarks.md");
     std::fs::write(&doc, "# Benchmarks\n\nhand-written text\n").expect("doc");
