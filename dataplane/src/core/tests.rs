@@ -707,3 +707,69 @@ fn a_newer_stage_of_the_same_session_replaces_the_older_copy() {
         .expect("a newer export replaces the older copy");
     assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 1);
 }
+
+// ----- lease-based fencing of durable pushes -----
+
+#[test]
+fn a_durable_push_is_acknowledged_only_while_the_lease_surely_holds() {
+    let t0 = Instant::now();
+    let ttl = Duration::from_secs(3);
+    let margin = Lease::margin_for(ttl);
+    let mut lease = Lease::default();
+    assert_eq!(lease.check(t0), Err(LeaseError::NotHeld));
+    // The heartbeat was sent at t0 and answered a second later: the lease is
+    // measured from the send (the control plane's starts later, not earlier).
+    lease.renewed(t0, ttl);
+    assert_eq!(lease.check(t0 + Duration::from_secs(1)), Ok(()));
+    assert_eq!(
+        lease.check(t0 + ttl - margin - Duration::from_millis(1)),
+        Ok(())
+    );
+    assert_eq!(lease.check(t0 + ttl - margin), Err(LeaseError::Lapsed));
+    // A later renewal extends it; an older one (answered late) never shortens it.
+    lease.renewed(t0 + Duration::from_secs(1), ttl);
+    lease.renewed(t0, ttl);
+    assert_eq!(lease.check(t0 + ttl - margin), Ok(()));
+    assert_eq!(
+        lease.check(t0 + Duration::from_secs(1) + ttl - margin),
+        Err(LeaseError::Lapsed)
+    );
+}
+
+#[test]
+fn a_node_declared_dead_holds_no_lease_until_its_view_went_past_its_new_registration() {
+    let t0 = Instant::now();
+    let ttl = Duration::from_secs(3);
+    let mut lease = Lease::default();
+    lease.renewed(t0, ttl);
+    // A heartbeat refused: declared dead. The view still shows this node live.
+    let t1 = t0 + Duration::from_secs(5);
+    lease.lost(true);
+    // Registered again: its view may still lack the claims made while it was
+    // dead (a client recovered one of its sessions from replicas).
+    lease.renewed(t1, ttl);
+    assert_eq!(lease.check(t1), Err(LeaseError::Rejoining));
+    // A delta of another node's record, or an old record of this node still
+    // showing it live: not past the re-registration.
+    lease.view_changed(t1, true, false);
+    assert_eq!(lease.check(t1), Err(LeaseError::Rejoining));
+    // Deltas in commit order: this node dead, then live again.
+    lease.view_changed(t1, false, false);
+    assert_eq!(lease.check(t1), Err(LeaseError::Rejoining));
+    lease.view_changed(t1, true, false);
+    assert_eq!(lease.check(t1), Ok(()));
+
+    // Or a whole view that arrived after the new registration was sent.
+    let mut lease = Lease::default();
+    lease.renewed(t0, ttl);
+    lease.lost(true);
+    lease.view_changed(t0, true, true);
+    assert_eq!(
+        lease.check(t0),
+        Err(LeaseError::Rejoining),
+        "no registration yet"
+    );
+    lease.renewed(t1, ttl);
+    lease.view_changed(t1, true, true);
+    assert_eq!(lease.check(t1), Ok(()));
+}

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use gatesvr_controlplane::state::{Cmd, CmdResult};
 use gatesvr_dataplane::core::{
-    AfterHandover, Command, Holding, PlainCell, PushOutcome, Reach, RequestOutcome, SessionCell,
-    Table, TableConfig, Target,
+    AfterHandover, Command, Holding, Lease, PlainCell, PushOutcome, Reach, RequestOutcome,
+    SessionCell, Table, TableConfig, Target,
 };
 use gatesvr_dataplane::replica::{Recovery, ReplicaStore};
 use gatesvr_dataplane::session::{
@@ -66,6 +66,9 @@ pub struct SimNode {
     untransferred: Vec<(String, u64, String)>,
     executing: HashMap<(String, u64), PlainCell>,
     table_timer: Option<Ms>,
+    /// This node's control-plane lease (renewed by the world's heartbeats):
+    /// durable pushes are acknowledged only while it surely holds.
+    pub lease: Lease,
 }
 
 fn session_config() -> SessionConfig {
@@ -99,6 +102,7 @@ impl SimNode {
             untransferred: Vec::new(),
             executing: HashMap::new(),
             table_timer: None,
+            lease: Lease::default(),
         }
     }
 
@@ -207,7 +211,12 @@ impl World {
                 }
             }
             Body::ReplicateAck { wait, ok } => {
-                if let Some((id, openid)) = self.node(name).durable.remove(&wait) {
+                let now = self.instant();
+                let node = self.node(name);
+                if let Some((id, openid)) = node.durable.remove(&wait) {
+                    // The lease is checked again when the answer is given:
+                    // it may have lapsed while the copy travelled.
+                    let ok = ok && node.lease.check(now).is_ok();
                     self.reply_up(id, openid, true, ok);
                 }
             }
@@ -835,7 +844,13 @@ impl World {
             .members()
             .standby_for()
             .map(|m| m.node_id.clone());
-        if durable && node.table.local(&openid).is_some() && standby.is_none() {
+        // As `gateway.rs`: no standby, or a lease that may have lapsed (the
+        // control plane may have declared this node dead and a claimant be
+        // recovering its sessions from replicas): refused before queueing.
+        if durable
+            && node.table.local(&openid).is_some()
+            && (standby.is_none() || node.lease.check(now).is_err())
+        {
             self.reply_up(id, openid, durable, false);
             return Ok(());
         }
@@ -1202,9 +1217,14 @@ impl World {
             }
             Watch::Node(n) => {
                 let node = self.node(name);
+                let mine = n.node_id == name;
                 node.view_nodes.insert(n.node_id.clone(), n);
                 let nodes: Vec<DataPlaneNode> = node.view_nodes.values().cloned().collect();
                 node.table.members_mut().set(nodes.iter());
+                if mine {
+                    let live = node.table.members().is_live(name);
+                    node.lease.view_changed(now, live, false);
+                }
             }
             Watch::Snapshot => {
                 let owners: HashMap<String, (String, u64)> = self
@@ -1224,6 +1244,8 @@ impl World {
                 node.view_nodes = nodes;
                 let list: Vec<DataPlaneNode> = node.view_nodes.values().cloned().collect();
                 node.table.members_mut().set(list.iter());
+                let live = node.table.members().is_live(name);
+                node.lease.view_changed(now, live, true);
                 let view = node.view_owners.clone();
                 let cmds = node.table.reconcile(now, |o| view.get(o).cloned());
                 self.carry(name, cmds);
