@@ -547,6 +547,7 @@ impl<H: SessionCell> Table<H> {
                     until,
                     settled: true,
                     staging: None,
+                    copy: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, Some(handle))))
@@ -561,6 +562,7 @@ impl<H: SessionCell> Table<H> {
                     until,
                     settled: false,
                     staging: Some((handle.clone(), holding)),
+                    copy: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
@@ -590,6 +592,7 @@ impl<H: SessionCell> Table<H> {
                     until,
                     settled: true,
                     staging: None,
+                    copy: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, Some(handle))))
@@ -616,6 +619,31 @@ impl<H: SessionCell> Table<H> {
                     until,
                     settled: true,
                     staging: None,
+                    copy: None,
+                };
+                self.put(openid, slot);
+                Ok(Some((state, None)))
+            }
+            // A claimant asks for a session whose drain staging did not
+            // commit its transfer: the state staged is the session's latest
+            // (nothing was queued here since); it goes to the claimant once.
+            (
+                Some(Slot::Moved {
+                    epoch: known,
+                    copy: Some(copy),
+                    ..
+                }),
+                HandoverAsk::Peer { epoch, new_owner },
+            ) if *epoch >= *known && *epoch > copy.epoch => {
+                let state = (**copy).clone();
+                let slot = Slot::Moved {
+                    to: new_owner.clone(),
+                    epoch: *epoch,
+                    session_id: state.session_id.clone(),
+                    until,
+                    settled: true,
+                    staging: None,
+                    copy: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
@@ -653,18 +681,27 @@ impl<H: SessionCell> Table<H> {
     /// The successor holds the staged state of `openid`; `new_epoch` is the
     /// epoch its ownership moved there at (the old one if the transfer did
     /// not commit: the client's claim there settles it). Pushes now follow it.
+    /// If the transfer did not commit, the state staged is kept for a
+    /// claimant's Handover (the claimant may be another node, holding an
+    /// older copy of its own).
     pub fn staged(&mut self, openid: &str, new_epoch: u64) {
         if let Some(Slot::Moved {
             epoch,
             settled,
             staging,
+            copy,
             ..
         }) = self.slots.get_mut(openid)
-            && staging.is_some()
+            && let Some((handle, _)) = staging.take()
         {
+            // Committed: ownership moved past the epoch the session was
+            // exported at.
+            let (exported_at, state) = handle.with(|s| (s.epoch(), s.export()));
+            if new_epoch <= exported_at {
+                *copy = Some(Box::new(state));
+            }
             *epoch = (*epoch).max(new_epoch);
             *settled = true;
-            *staging = None;
         }
     }
 
@@ -753,7 +790,13 @@ impl<H: SessionCell> Table<H> {
                     lost: 0,
                 });
             }
-            Some(Slot::Moved { to, epoch: e, .. }) if epoch > *e && owner != me => {
+            Some(Slot::Moved {
+                to, epoch: e, copy, ..
+            }) if epoch > *e && owner != me => {
+                if owner == to.as_str() {
+                    // The transfer committed: the successor's copy is the session.
+                    *copy = None;
+                }
                 *to = owner.to_string();
                 *e = epoch;
             }

@@ -773,3 +773,79 @@ fn a_node_declared_dead_holds_no_lease_until_its_view_went_past_its_new_registra
     lease.view_changed(t1, true, true);
     assert_eq!(lease.check(t1), Ok(()));
 }
+
+/// Simulation seed 186: a drain staged a session on dp-2 and its transfer
+/// did not commit (a client claimed the session on dp-3 meanwhile). dp-3's
+/// Handover must get the staged state (with the pushes queued since an
+/// earlier, failed staging), not "not here": dp-3 would resume from an older
+/// staged copy of its own and lose the durable pushes acknowledged since.
+#[test]
+fn a_claimant_gets_the_state_of_a_staging_whose_transfer_did_not_commit() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap()
+    .unwrap();
+    // The transfer did not commit: the epoch stays where it was.
+    t.staged("u", 2);
+    // The view names the claimant first, then its Handover arrives.
+    t.owner_changed(now, "u", "dp-3", 9);
+    let (state, handle) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 9,
+                new_owner: "dp-3".into(),
+            },
+        )
+        .unwrap()
+        .expect("the staged state goes to the claimant");
+    assert!(handle.is_none());
+    assert_eq!(state.pushes.len(), 1);
+    // Given once only.
+    let again = t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Peer {
+            epoch: 10,
+            new_owner: "dp-2".into(),
+        },
+    );
+    assert!(matches!(again, Ok(None)), "{again:?}");
+
+    // A transfer that committed leaves nothing here: the successor's copy
+    // is the session.
+    let mut t = table();
+    let c = cell("v", "s2", now, 2);
+    t.start(c, Holding::Owned, "r");
+    t.hand_over(
+        now,
+        "v",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap()
+    .unwrap();
+    t.staged("v", 3);
+    let r = t.hand_over(
+        now,
+        "v",
+        HandoverAsk::Peer {
+            epoch: 4,
+            new_owner: "dp-3".into(),
+        },
+    );
+    assert!(matches!(r, Ok(None)), "{r:?}");
+}

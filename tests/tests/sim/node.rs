@@ -439,6 +439,15 @@ impl World {
                 new_owner: asker.into(),
             },
         );
+        let line = match &r {
+            Ok(Some((s, _))) => format!(
+                "{name} hands \"{openid}\" over to {asker} at epoch {epoch}: {} pushes {:?}",
+                s.session_id,
+                s.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+            ),
+            other => format!("{name} hands \"{openid}\" over to {asker}: {other:?}"),
+        };
+        self.trace(line);
         let state = match r {
             Ok(Some((state, handle))) => {
                 if let Some(h) = handle {
@@ -479,13 +488,17 @@ impl World {
         {
             let node = self.node(name);
             let owner = node.owner(openid).map(|(n, e)| (n.to_string(), e));
-            if let Ok(cmds) = node.table.install(
+            match node.table.install(
                 cell,
                 p.epoch,
                 Holding::Owned,
                 owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
             ) {
-                self.carry(name, cmds);
+                Ok(cmds) => self.carry(name, cmds),
+                Err(e) => {
+                    let line = format!("{name} could not install \"{openid}\": {e}");
+                    self.trace(line);
+                }
             }
         }
         self.node(name).table.end_incoming(openid);
@@ -1094,6 +1107,11 @@ impl World {
         let Ok(Some((state, _))) = handed else {
             return;
         };
+        let line = format!(
+            "{name} stages \"{openid}\" on {successor} at epoch {epoch}: pushes {:?}",
+            state.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+        );
+        self.trace(line);
         let req = self.id();
         self.node(name).stages.insert(
             openid.into(),
@@ -1160,6 +1178,8 @@ impl World {
                 .untransferred
                 .push((openid.to_string(), epoch, successor.clone()));
         }
+        let line = format!("{name} staged \"{openid}\" on {successor} (epoch {new_epoch})");
+        self.trace(line);
         self.node(name).table.staged(openid, new_epoch);
         self.goaway(name, openid, &successor);
     }
