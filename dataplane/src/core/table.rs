@@ -440,7 +440,8 @@ impl<H: SessionCell> Table<H> {
     /// A session's state arrived (handed over after our claim at `epoch`,
     /// staged by a draining node, rebuilt from replicas) behind `handle`.
     /// Refused if a newer copy is known here or `view_owner` (the owner the
-    /// view shows) is another node at a newer epoch. Replaces an older local
+    /// view shows) is another node at a newer epoch (or, for a staged copy,
+    /// any node, this one too). Replaces an older local
     /// copy (its connection is closed, its pushes travelled with the state).
     pub fn install(
         &mut self,
@@ -471,8 +472,14 @@ impl<H: SessionCell> Table<H> {
             Some(Slot::Fenced { epoch: e, .. }) => *e,
             _ => 0,
         };
+        // A staged copy older than the epoch the view gives even to this
+        // node is from a node that no longer owned the session when it
+        // staged it (a re-staging of a staged copy, crossed by the transfer
+        // to here): the state that moved here at that epoch is newer
+        // (simulation seed 43).
+        let staged = matches!(holding, Holding::Staged { .. });
         let newer_elsewhere = view_owner
-            .filter(|(node, _)| *node != self.me())
+            .filter(|(node, _)| staged || *node != self.me())
             .map_or(0, |(_, e)| e);
         let held = held.max(newer_elsewhere);
         if epoch < held {

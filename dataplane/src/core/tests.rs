@@ -849,3 +849,34 @@ fn a_claimant_gets_the_state_of_a_staging_whose_transfer_did_not_commit() {
     );
     assert!(matches!(r, Ok(None)), "{r:?}");
 }
+
+/// Simulation seed 43: dp-1 re-staged a copy staged on it; meanwhile its
+/// drainer's transfer committed, so the view names dp-1 at epoch 9. An older
+/// copy staged at epoch 2 by another draining node must not replace what
+/// dp-1 holds (it carried none of the pushes acknowledged since).
+#[test]
+fn a_stage_older_than_the_epoch_the_view_gives_this_node_is_refused() {
+    let now = Instant::now();
+    let mut t = table();
+    let r = t.install(
+        cell("u", "s", now, 2),
+        2,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        Some(("dp-1", 9)),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(InstallError::Stale {
+                held: 9,
+                offered: 2
+            })
+        ),
+        "{r:?}"
+    );
+    // A handover answer at our claim's epoch is installed as before.
+    let r = t.install(cell("u", "s", now, 9), 9, Holding::Owned, Some(("dp-1", 9)));
+    assert!(r.is_ok(), "{r:?}");
+}
