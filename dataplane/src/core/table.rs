@@ -504,6 +504,23 @@ impl<H: SessionCell> Table<H> {
         Ok(out)
     }
 
+    /// A Start is about to claim `openid` here (before the claim is sent).
+    /// A staged copy here takes no push and is not made `Owned` by the view
+    /// from now on until the Start settles which state is the session's
+    /// ([`Table::end_incoming`] or [`Table::claimed`]): the claim's answer
+    /// names this node, and a push or a watch delta landing between that
+    /// answer and [`Table::begin_incoming`] would otherwise serve a stale
+    /// staged copy (the shell's order no longer matters).
+    pub fn claim_begins(&mut self, openid: &str) {
+        if let Some(Slot::Local {
+            holding: Holding::Staged { .. },
+            ..
+        }) = self.slots.get(openid)
+        {
+            self.claiming.insert(openid.to_string());
+        }
+    }
+
     /// `openid` is being claimed or fetched: pushes wait (until `now` plus
     /// `incoming_ttl`). A local session stays local (a resume on this node).
     pub fn begin_incoming(&mut self, now: Instant, openid: &str) {

@@ -880,3 +880,42 @@ fn a_stage_older_than_the_epoch_the_view_gives_this_node_is_refused() {
     let r = t.install(cell("u", "s", now, 9), 9, Holding::Owned, Some(("dp-1", 9)));
     assert!(r.is_ok(), "{r:?}");
 }
+
+/// The shell's order: the claim answers (the view names this node), then a
+/// push and a watch delta land before `begin_incoming`. A staged copy here
+/// is marked before the claim is sent, so neither serves it.
+#[test]
+fn a_staged_copy_being_claimed_serves_nothing_before_begin_incoming() {
+    let now = Instant::now();
+    let mut t = table();
+    let staged = cell("u", "s", now, 2);
+    t.install(
+        staged,
+        2,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    t.claim_begins("u");
+    // The claim answered at epoch 5 (previous owner dp-2): the view names us.
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 5)));
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    t.owner_changed(now, "u", "dp-1", 5);
+    assert_eq!(
+        t.holding("u"),
+        Some(&Holding::Staged {
+            from: "dp-2".into()
+        })
+    );
+    t.begin_incoming(now, "u");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(2), Some(("dp-1", 5)));
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    // The Handover answer settles it: the owner's state is installed.
+    t.install(cell("u", "s", now, 5), 5, Holding::Owned, Some(("dp-1", 5)))
+        .unwrap();
+    t.end_incoming("u");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(3), Some(("dp-1", 5)));
+    assert_eq!(queued(&o), Some(1));
+}

@@ -355,6 +355,8 @@ impl World {
         } else {
             session_id.clone()
         };
+        // As `connection::claim_ownership`: before the claim goes out.
+        self.node(name).table.claim_begins(&openid);
         let r = self.cp_apply(Cmd::Claim {
             node_id: name.into(),
             openid: openid.clone(),
@@ -366,6 +368,7 @@ impl World {
             ..
         } = r
         else {
+            self.node(name).table.end_incoming(&openid);
             self.send(
                 End::Node(name.into()),
                 End::Client(client),
@@ -374,9 +377,9 @@ impl World {
             return;
         };
         let epoch = owner.epoch;
-        let now = self.instant();
         let node = self.node(name);
-        // The claim's answer is recorded at once (pushes route right).
+        // The claim's answer is recorded at once (pushes route right), as
+        // `Cluster::claim` does.
         if node
             .view_owners
             .get(&openid)
@@ -385,8 +388,41 @@ impl World {
             node.view_owners
                 .insert(openid.clone(), (name.to_string(), epoch));
         }
-        // As the shell: pushes wait for the previous owner's state from the
-        // claim's answer on (a staged copy here must not serve meanwhile).
+        // The rest is a later step: pushes and watch deltas may land first.
+        let after = self.rng.random_range(1..=10);
+        self.timer(
+            name,
+            after,
+            Timer::ClaimAnswered {
+                client,
+                conn,
+                openid,
+                session_id,
+                new_id,
+                last_acked,
+                epoch,
+                previous: previous_owner,
+            },
+        );
+    }
+
+    /// The claim answered (a step after it was sent): as the shell, pushes
+    /// wait for the previous owner's state, then the Handover.
+    #[allow(clippy::too_many_arguments)]
+    fn on_claim_answered(
+        &mut self,
+        name: &str,
+        client: usize,
+        conn: u64,
+        openid: String,
+        session_id: String,
+        new_id: String,
+        last_acked: u64,
+        epoch: u64,
+        previous_owner: Option<String>,
+    ) {
+        let now = self.instant();
+        let node = self.node(name);
         if previous_owner.as_ref().is_some_and(|p| p != name) {
             node.table.begin_incoming(now, &openid);
         }
@@ -1367,6 +1403,18 @@ impl World {
                 }
             }
             Timer::RetryPush(body) => self.on_up_push(name, *body)?,
+            Timer::ClaimAnswered {
+                client,
+                conn,
+                openid,
+                session_id,
+                new_id,
+                last_acked,
+                epoch,
+                previous,
+            } => self.on_claim_answered(
+                name, client, conn, openid, session_id, new_id, last_acked, epoch, previous,
+            ),
         }
         Ok(())
     }

@@ -240,6 +240,19 @@ pub enum Timer {
         seq: u64,
     },
     RetryPush(Box<Body>),
+    /// The claim of a Start answered; the shell goes on (begin_incoming,
+    /// Handover) in a later step, so pushes and watch deltas can land in
+    /// between (the data plane's order: answer, then begin_incoming).
+    ClaimAnswered {
+        client: usize,
+        conn: u64,
+        openid: String,
+        session_id: String,
+        new_id: String,
+        last_acked: u64,
+        epoch: u64,
+        previous: Option<String>,
+    },
 }
 
 struct Event {
