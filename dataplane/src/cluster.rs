@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gatesvr_common::tls::TlsFiles;
 use gatesvr_proto::control::{
@@ -277,6 +277,9 @@ pub struct Cluster {
     /// `ClaimSessions` calls made, and claims they carried.
     claim_calls: AtomicU64,
     claims_sent: AtomicU64,
+    /// This node's lease as far as it can tell (renewals by send time): a
+    /// durable push is acknowledged only while it surely holds (`core::lease`).
+    lease: Mutex<crate::core::Lease>,
 }
 
 /// One Start's claim, waiting to be sent.
@@ -363,9 +366,16 @@ impl Cluster {
             claim_wake: Notify::new(),
             claim_calls: AtomicU64::new(0),
             claims_sent: AtomicU64::new(0),
+            lease: Mutex::new(crate::core::Lease::default()),
         };
         cluster.load_state_file();
         Ok(cluster)
+    }
+
+    /// Whether a durable push may be acknowledged at `now`: only while this
+    /// node's control-plane lease surely still holds (`core::lease`).
+    pub fn lease_check(&self, now: Instant) -> Result<(), crate::core::LeaseError> {
+        self.lease.lock().check(now)
     }
 
     pub fn node_id(&self) -> &str {
@@ -762,11 +772,15 @@ impl Cluster {
     async fn membership_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut registered = false;
         let mut interval = self.cfg.lease_ttl / 3;
+        let mut lease_ttl = self.cfg.lease_ttl;
         let mut backoff = Duration::from_millis(100);
         loop {
             if stop.is_cancelled() || self.left.load(Ordering::SeqCst) {
                 return;
             }
+            // The lease is measured from the send: the control plane starts
+            // it when it applies the call, never earlier.
+            let sent = Instant::now();
             let ok = if registered {
                 let req = self.request(HeartbeatNodeRequest {
                     node_id: self.node_id.clone(),
@@ -780,6 +794,7 @@ impl Cluster {
                             tracing::info!("control plane asked this node to drain");
                             self.drain_requested.notify_one();
                         }
+                        self.lease.lock().renewed(sent, lease_ttl);
                         true
                     }
                     // Unknown to the control plane, or declared dead after a lapse (e.g. a
@@ -791,6 +806,8 @@ impl Cluster {
                         ) =>
                     {
                         tracing::info!(error = %s, "membership lost; registering again");
+                        let live = self.view.read().live_node(&self.node_id).is_some();
+                        self.lease.lock().lost(live);
                         registered = false;
                         false
                     }
@@ -820,6 +837,10 @@ impl Cluster {
                         self.registered_once.store(true, Ordering::Relaxed);
                         interval =
                             Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(100)));
+                        if r.lease_ttl_ms > 0 {
+                            lease_ttl = Duration::from_millis(u64::from(r.lease_ttl_ms));
+                        }
+                        self.lease.lock().renewed(sent, lease_ttl);
                         tracing::info!(node = %self.node_id, lease_ms = r.lease_ttl_ms, "registered with the control plane");
                         true
                     }
@@ -926,6 +947,14 @@ impl Cluster {
         }
         if snapshot {
             self.complete.store(true, Ordering::Release);
+        }
+        if whole {
+            // A node was declared dead and registered again: its lease counts
+            // once the view went past the re-registration (`core::lease`).
+            let live = self.view.read().live_node(&self.node_id).is_some();
+            self.lease
+                .lock()
+                .view_changed(Instant::now(), live, snapshot);
         }
         if let Some(owner) = moved
             && let Some(f) = self.on_owner_moved.lock().as_ref()

@@ -333,6 +333,18 @@ fn claimed_id<'a>(start: &'a StartRequest, new_id: &'a str) -> &'a str {
     }
 }
 
+/// Ends a Start's incoming state (`Registry::end_incoming`) when dropped.
+struct SettleOnDrop<'a> {
+    node: &'a Arc<Node>,
+    openid: &'a str,
+}
+
+impl Drop for SettleOnDrop<'_> {
+    fn drop(&mut self) {
+        self.node.registry.end_incoming(self.openid);
+    }
+}
+
 /// Claims the session in the control plane (a new epoch) and, if another
 /// live node held it, takes its state over. `Ok(None)`: standalone node, or
 /// the control plane is unreachable and the session runs provisionally.
@@ -345,6 +357,12 @@ async fn claim_ownership(
         return Ok(None);
     };
     let openid = &start.openid;
+    // Before the claim goes out: a staged copy here serves nothing until this
+    // Start settled which state is the session's (the claim's answer names
+    // this node, and a push or watch delta may land before `begin_incoming`).
+    // Settled on every way out of here, a cancelled Start too.
+    node.registry.claim_begins(openid);
+    let _settle = SettleOnDrop { node, openid };
     // A leader election takes a moment: retry an unreachable control plane
     // briefly before falling back to a provisional session.
     let give_up = tokio::time::Instant::now() + cluster.rpc_timeout() * 2;

@@ -27,6 +27,9 @@
 //! - [`members`]: node liveness, decided once (standby, successors, fan-out,
 //!   recovery sources, handover reachability);
 //! - [`table`]: [`Table`], the events and the commands;
+//! - [`lease`]: whether this node's control-plane lease surely still
+//!   holds, the condition for acknowledging a durable push (fencing a node
+//!   cut off from the control plane);
 //! - [`recovery`]: what a node answers when a claimant gathers a gone
 //!   owner's session (replicas and unserved copies);
 //! - [`cell`]: [`PlainCell`], a session handle without a connection (tests,
@@ -34,6 +37,7 @@
 //! - `tests`: one test per rule, no network.
 
 pub mod cell;
+pub mod lease;
 pub mod members;
 pub mod recovery;
 pub mod slot;
@@ -42,6 +46,7 @@ pub mod table;
 mod tests;
 
 pub use cell::PlainCell;
+pub use lease::{Lease, LeaseError};
 pub use members::{AfterHandover, Member, Members, Reach};
 pub use slot::{Holding, Slot};
 pub use table::{

@@ -13,6 +13,10 @@
 //! holds a copy (see `replica`); with no standby it is refused before being
 //! queued (FAILED_PRECONDITION), and if the copy fails after queueing the
 //! answer is UNAVAILABLE (the push may still be delivered, it is not durable).
+//! A durable push is also refused UNAVAILABLE while this node's control-plane
+//! lease may have lapsed (lease-based fencing, `core::lease`): before queueing
+//! ("not queued"), or, if it lapsed while the copy travelled, after ("may
+//! still be delivered, but is not durable").
 
 use std::sync::Arc;
 
@@ -173,6 +177,7 @@ impl Gateway {
                     "cannot make the push durable: no standby node is available to replicate it to; not queued",
                 ));
             }
+            self.lease_check(false)?;
             standby
         } else {
             None
@@ -251,6 +256,33 @@ impl Gateway {
         }
     }
 
+    /// Lease-based fencing (`core::lease`): a durable push is acknowledged
+    /// only while this node's control-plane lease surely still holds. A node
+    /// cut off from the control plane may have been declared dead, and a
+    /// client that reconnected elsewhere had its session rebuilt from the
+    /// replicas: a push acknowledged here now would be lost. Counted in
+    /// `gatesvr_durable_pushes_total{outcome="lease_lapsed"}` (and
+    /// `lease_rejoining`, `lease_not_held`); refused with UNAVAILABLE.
+    fn lease_check(&self, queued: bool) -> Result<(), Status> {
+        let node = &self.node;
+        let Some(cluster) = &node.cluster else {
+            return Ok(());
+        };
+        cluster.lease_check(std::time::Instant::now()).map_err(|e| {
+            node.metrics
+                .durable_pushes
+                .with_label_values(&[e.label()])
+                .inc();
+            if queued {
+                Status::unavailable(format!("cannot make the push durable: {e}"))
+            } else {
+                Status::unavailable(format!(
+                    "cannot make the push durable: {e}; not queued, retry (another node, or once the control plane is reachable)"
+                ))
+            }
+        })
+    }
+
     /// Copies a queued durable push to the standby before answering OK.
     async fn replicate(
         &self,
@@ -262,6 +294,11 @@ impl Gateway {
         let node = &self.node;
         let seq = receipt.seq_id;
         match crate::replica::replicate(node, &receipt.entry, standby, vec![push]).await {
+            // Checked again now: the lease may have lapsed while the copy
+            // travelled, and the answer is what must not be a silent OK.
+            Ok(()) if self.lease_check(true).is_err() => Err(Status::unavailable(format!(
+                "cannot make the push durable: this node's control-plane lease may have lapsed; it was queued as seq {seq} and may still be delivered, but is not durable"
+            ))),
             Ok(()) => {
                 node.metrics
                     .durable_pushes

@@ -65,7 +65,8 @@ pub struct Metrics {
     pub control_plane_connected: IntGauge,
     /// 1 while routing from a saved state file the control plane has not confirmed.
     pub cluster_state_stale: IntGauge,
-    /// Durable PushToClient calls by outcome: replicated, no_standby, replication_failed.
+    /// Durable PushToClient calls by outcome: replicated, no_standby, replication_failed,
+    /// lease_lapsed / lease_rejoining / lease_not_held (refused: `core::lease`).
     pub durable_pushes: IntCounterVec,
     /// Durable pushes redelivered in sessions rebuilt from a replica.
     pub durable_pushes_recovered: IntCounter,

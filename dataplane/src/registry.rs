@@ -709,6 +709,13 @@ impl Registry {
         }
     }
 
+    /// A Start is about to claim `openid` here: a staged copy serves
+    /// nothing until the Start settles (`Table::claim_begins`), whatever
+    /// lands between the claim's answer and [`Registry::begin_incoming`].
+    pub fn claim_begins(&self, openid: &str) {
+        self.with_table(|t| t.claim_begins(openid));
+    }
+
     /// Marks `openid` as being fetched from another node: pushes wait.
     pub fn begin_incoming(&self, openid: &str) {
         let now = Instant::now();

@@ -207,6 +207,19 @@ async fn control_plane_outage_keeps_serving_and_reconciles() {
     gw.push_to_client(push("carol", 1)).await.unwrap();
     let mut log = Log::default();
     log.collect_until(&existing, 1).await;
+    // Durable pushes are refused once the node's lease may have lapsed (it
+    // may be declared dead and the session recovered elsewhere), never
+    // acknowledged (lease-based fencing); non-durable ones keep flowing.
+    eventually("the node's lease may have lapsed", || {
+        c.lease_check(std::time::Instant::now()).is_err()
+    })
+    .await;
+    let mut durable = push("carol", 2);
+    durable.durable = true;
+    let refused = gw.push_to_client(durable.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("lease"), "{refused:?}");
+    gw.push_to_client(push("carol", 3)).await.unwrap();
     // New sessions start provisionally.
     let newcomer = Client::connect(cluster.client_config(1, "dave"))
         .await
@@ -222,6 +235,12 @@ async fn control_plane_outage_keeps_serving_and_reconciles() {
     .await;
     assert!(dp2.registry.get("dave").unwrap().state.lock().epoch() > 0);
     newcomer.request(1, "after").await.unwrap();
+    // The lease is renewed with the heartbeats: durable pushes are accepted again.
+    eventually("the lease holds again", || {
+        c.lease_check(std::time::Instant::now()).is_ok()
+    })
+    .await;
+    gw.push_to_client(durable).await.unwrap();
 }
 
 /// Internal traffic over mTLS: handover and push forwarding between nodes

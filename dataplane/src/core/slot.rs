@@ -59,6 +59,13 @@ pub enum Slot<H> {
         /// failed staging takes it back as it was (a copy staged here and
         /// never committed goes back to staged, not owned).
         staging: Option<(H, Holding)>,
+        /// A drain's staging whose ownership transfer did not commit: the
+        /// state it exported (the successor's staged copy serves only once
+        /// the view names it). A claimant elsewhere gets it from here by its
+        /// Handover, instead of resuming from an older copy of its own
+        /// (simulation seed 186). Dropped once given, or when the view names
+        /// `to` (the transfer committed: the successor's copy is the session).
+        copy: Option<Box<SessionState>>,
     },
     /// The view showed `owner` holding the session at `epoch`, newer than our
     /// copy: our copy stopped serving. Its state is kept until `until` for a

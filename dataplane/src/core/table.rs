@@ -440,7 +440,8 @@ impl<H: SessionCell> Table<H> {
     /// A session's state arrived (handed over after our claim at `epoch`,
     /// staged by a draining node, rebuilt from replicas) behind `handle`.
     /// Refused if a newer copy is known here or `view_owner` (the owner the
-    /// view shows) is another node at a newer epoch. Replaces an older local
+    /// view shows) is another node at a newer epoch (or, for a staged copy,
+    /// any node, this one too). Replaces an older local
     /// copy (its connection is closed, its pushes travelled with the state).
     pub fn install(
         &mut self,
@@ -471,8 +472,14 @@ impl<H: SessionCell> Table<H> {
             Some(Slot::Fenced { epoch: e, .. }) => *e,
             _ => 0,
         };
+        // A staged copy older than the epoch the view gives even to this
+        // node is from a node that no longer owned the session when it
+        // staged it (a re-staging of a staged copy, crossed by the transfer
+        // to here): the state that moved here at that epoch is newer
+        // (simulation seed 43).
+        let staged = matches!(holding, Holding::Staged { .. });
         let newer_elsewhere = view_owner
-            .filter(|(node, _)| *node != self.me())
+            .filter(|(node, _)| staged || *node != self.me())
             .map_or(0, |(_, e)| e);
         let held = held.max(newer_elsewhere);
         if epoch < held {
@@ -495,6 +502,23 @@ impl<H: SessionCell> Table<H> {
         }
         self.put(&openid, Slot::Local { handle, holding });
         Ok(out)
+    }
+
+    /// A Start is about to claim `openid` here (before the claim is sent).
+    /// A staged copy here takes no push and is not made `Owned` by the view
+    /// from now on until the Start settles which state is the session's
+    /// ([`Table::end_incoming`] or [`Table::claimed`]): the claim's answer
+    /// names this node, and a push or a watch delta landing between that
+    /// answer and [`Table::begin_incoming`] would otherwise serve a stale
+    /// staged copy (the shell's order no longer matters).
+    pub fn claim_begins(&mut self, openid: &str) {
+        if let Some(Slot::Local {
+            holding: Holding::Staged { .. },
+            ..
+        }) = self.slots.get(openid)
+        {
+            self.claiming.insert(openid.to_string());
+        }
     }
 
     /// `openid` is being claimed or fetched: pushes wait (until `now` plus
@@ -547,6 +571,7 @@ impl<H: SessionCell> Table<H> {
                     until,
                     settled: true,
                     staging: None,
+                    copy: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, Some(handle))))
@@ -561,6 +586,7 @@ impl<H: SessionCell> Table<H> {
                     until,
                     settled: false,
                     staging: Some((handle.clone(), holding)),
+                    copy: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
@@ -590,6 +616,7 @@ impl<H: SessionCell> Table<H> {
                     until,
                     settled: true,
                     staging: None,
+                    copy: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, Some(handle))))
@@ -616,6 +643,31 @@ impl<H: SessionCell> Table<H> {
                     until,
                     settled: true,
                     staging: None,
+                    copy: None,
+                };
+                self.put(openid, slot);
+                Ok(Some((state, None)))
+            }
+            // A claimant asks for a session whose drain staging did not
+            // commit its transfer: the state staged is the session's latest
+            // (nothing was queued here since); it goes to the claimant once.
+            (
+                Some(Slot::Moved {
+                    epoch: known,
+                    copy: Some(copy),
+                    ..
+                }),
+                HandoverAsk::Peer { epoch, new_owner },
+            ) if *epoch >= *known && *epoch > copy.epoch => {
+                let state = (**copy).clone();
+                let slot = Slot::Moved {
+                    to: new_owner.clone(),
+                    epoch: *epoch,
+                    session_id: state.session_id.clone(),
+                    until,
+                    settled: true,
+                    staging: None,
+                    copy: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
@@ -653,18 +705,27 @@ impl<H: SessionCell> Table<H> {
     /// The successor holds the staged state of `openid`; `new_epoch` is the
     /// epoch its ownership moved there at (the old one if the transfer did
     /// not commit: the client's claim there settles it). Pushes now follow it.
+    /// If the transfer did not commit, the state staged is kept for a
+    /// claimant's Handover (the claimant may be another node, holding an
+    /// older copy of its own).
     pub fn staged(&mut self, openid: &str, new_epoch: u64) {
         if let Some(Slot::Moved {
             epoch,
             settled,
             staging,
+            copy,
             ..
         }) = self.slots.get_mut(openid)
-            && staging.is_some()
+            && let Some((handle, _)) = staging.take()
         {
+            // Committed: ownership moved past the epoch the session was
+            // exported at.
+            let (exported_at, state) = handle.with(|s| (s.epoch(), s.export()));
+            if new_epoch <= exported_at {
+                *copy = Some(Box::new(state));
+            }
             *epoch = (*epoch).max(new_epoch);
             *settled = true;
-            *staging = None;
         }
     }
 
@@ -753,7 +814,13 @@ impl<H: SessionCell> Table<H> {
                     lost: 0,
                 });
             }
-            Some(Slot::Moved { to, epoch: e, .. }) if epoch > *e && owner != me => {
+            Some(Slot::Moved {
+                to, epoch: e, copy, ..
+            }) if epoch > *e && owner != me => {
+                if owner == to.as_str() {
+                    // The transfer committed: the successor's copy is the session.
+                    *copy = None;
+                }
                 *to = owner.to_string();
                 *e = epoch;
             }

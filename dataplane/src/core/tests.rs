@@ -707,3 +707,215 @@ fn a_newer_stage_of_the_same_session_replaces_the_older_copy() {
         .expect("a newer export replaces the older copy");
     assert_eq!(t.local("u").unwrap().with(|s| s.stats().unacked), 1);
 }
+
+// ----- lease-based fencing of durable pushes -----
+
+#[test]
+fn a_durable_push_is_acknowledged_only_while_the_lease_surely_holds() {
+    let t0 = Instant::now();
+    let ttl = Duration::from_secs(3);
+    let margin = Lease::margin_for(ttl);
+    let mut lease = Lease::default();
+    assert_eq!(lease.check(t0), Err(LeaseError::NotHeld));
+    // The heartbeat was sent at t0 and answered a second later: the lease is
+    // measured from the send (the control plane's starts later, not earlier).
+    lease.renewed(t0, ttl);
+    assert_eq!(lease.check(t0 + Duration::from_secs(1)), Ok(()));
+    assert_eq!(
+        lease.check(t0 + ttl - margin - Duration::from_millis(1)),
+        Ok(())
+    );
+    assert_eq!(lease.check(t0 + ttl - margin), Err(LeaseError::Lapsed));
+    // A later renewal extends it; an older one (answered late) never shortens it.
+    lease.renewed(t0 + Duration::from_secs(1), ttl);
+    lease.renewed(t0, ttl);
+    assert_eq!(lease.check(t0 + ttl - margin), Ok(()));
+    assert_eq!(
+        lease.check(t0 + Duration::from_secs(1) + ttl - margin),
+        Err(LeaseError::Lapsed)
+    );
+}
+
+#[test]
+fn a_node_declared_dead_holds_no_lease_until_its_view_went_past_its_new_registration() {
+    let t0 = Instant::now();
+    let ttl = Duration::from_secs(3);
+    let mut lease = Lease::default();
+    lease.renewed(t0, ttl);
+    // A heartbeat refused: declared dead. The view still shows this node live.
+    let t1 = t0 + Duration::from_secs(5);
+    lease.lost(true);
+    // Registered again: its view may still lack the claims made while it was
+    // dead (a client recovered one of its sessions from replicas).
+    lease.renewed(t1, ttl);
+    assert_eq!(lease.check(t1), Err(LeaseError::Rejoining));
+    // A delta of another node's record, or an old record of this node still
+    // showing it live: not past the re-registration.
+    lease.view_changed(t1, true, false);
+    assert_eq!(lease.check(t1), Err(LeaseError::Rejoining));
+    // Deltas in commit order: this node dead, then live again.
+    lease.view_changed(t1, false, false);
+    assert_eq!(lease.check(t1), Err(LeaseError::Rejoining));
+    lease.view_changed(t1, true, false);
+    assert_eq!(lease.check(t1), Ok(()));
+
+    // Or a whole view that arrived after the new registration was sent.
+    let mut lease = Lease::default();
+    lease.renewed(t0, ttl);
+    lease.lost(true);
+    lease.view_changed(t0, true, true);
+    assert_eq!(
+        lease.check(t0),
+        Err(LeaseError::Rejoining),
+        "no registration yet"
+    );
+    lease.renewed(t1, ttl);
+    lease.view_changed(t1, true, true);
+    assert_eq!(lease.check(t1), Ok(()));
+}
+
+/// Simulation seed 186: a drain staged a session on dp-2 and its transfer
+/// did not commit (a client claimed the session on dp-3 meanwhile). dp-3's
+/// Handover must get the staged state (with the pushes queued since an
+/// earlier, failed staging), not "not here": dp-3 would resume from an older
+/// staged copy of its own and lose the durable pushes acknowledged since.
+#[test]
+fn a_claimant_gets_the_state_of_a_staging_whose_transfer_did_not_commit() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+    t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap()
+    .unwrap();
+    // The transfer did not commit: the epoch stays where it was.
+    t.staged("u", 2);
+    // The view names the claimant first, then its Handover arrives.
+    t.owner_changed(now, "u", "dp-3", 9);
+    let (state, handle) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 9,
+                new_owner: "dp-3".into(),
+            },
+        )
+        .unwrap()
+        .expect("the staged state goes to the claimant");
+    assert!(handle.is_none());
+    assert_eq!(state.pushes.len(), 1);
+    // Given once only.
+    let again = t.hand_over(
+        now,
+        "u",
+        HandoverAsk::Peer {
+            epoch: 10,
+            new_owner: "dp-2".into(),
+        },
+    );
+    assert!(matches!(again, Ok(None)), "{again:?}");
+
+    // A transfer that committed leaves nothing here: the successor's copy
+    // is the session.
+    let mut t = table();
+    let c = cell("v", "s2", now, 2);
+    t.start(c, Holding::Owned, "r");
+    t.hand_over(
+        now,
+        "v",
+        HandoverAsk::Drain {
+            successor: "dp-2".into(),
+        },
+    )
+    .unwrap()
+    .unwrap();
+    t.staged("v", 3);
+    let r = t.hand_over(
+        now,
+        "v",
+        HandoverAsk::Peer {
+            epoch: 4,
+            new_owner: "dp-3".into(),
+        },
+    );
+    assert!(matches!(r, Ok(None)), "{r:?}");
+}
+
+/// Simulation seed 43: dp-1 re-staged a copy staged on it; meanwhile its
+/// drainer's transfer committed, so the view names dp-1 at epoch 9. An older
+/// copy staged at epoch 2 by another draining node must not replace what
+/// dp-1 holds (it carried none of the pushes acknowledged since).
+#[test]
+fn a_stage_older_than_the_epoch_the_view_gives_this_node_is_refused() {
+    let now = Instant::now();
+    let mut t = table();
+    let r = t.install(
+        cell("u", "s", now, 2),
+        2,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        Some(("dp-1", 9)),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(InstallError::Stale {
+                held: 9,
+                offered: 2
+            })
+        ),
+        "{r:?}"
+    );
+    // A handover answer at our claim's epoch is installed as before.
+    let r = t.install(cell("u", "s", now, 9), 9, Holding::Owned, Some(("dp-1", 9)));
+    assert!(r.is_ok(), "{r:?}");
+}
+
+/// The shell's order: the claim answers (the view names this node), then a
+/// push and a watch delta land before `begin_incoming`. A staged copy here
+/// is marked before the claim is sent, so neither serves it.
+#[test]
+fn a_staged_copy_being_claimed_serves_nothing_before_begin_incoming() {
+    let now = Instant::now();
+    let mut t = table();
+    let staged = cell("u", "s", now, 2);
+    t.install(
+        staged,
+        2,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    t.claim_begins("u");
+    // The claim answered at epoch 5 (previous owner dp-2): the view names us.
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 5)));
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    t.owner_changed(now, "u", "dp-1", 5);
+    assert_eq!(
+        t.holding("u"),
+        Some(&Holding::Staged {
+            from: "dp-2".into()
+        })
+    );
+    t.begin_incoming(now, "u");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(2), Some(("dp-1", 5)));
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    // The Handover answer settles it: the owner's state is installed.
+    t.install(cell("u", "s", now, 5), 5, Holding::Owned, Some(("dp-1", 5)))
+        .unwrap();
+    t.end_incoming("u");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(3), Some(("dp-1", 5)));
+    assert_eq!(queued(&o), Some(1));
+}

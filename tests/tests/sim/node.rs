@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use gatesvr_controlplane::state::{Cmd, CmdResult};
 use gatesvr_dataplane::core::{
-    AfterHandover, Command, Holding, PlainCell, PushOutcome, Reach, RequestOutcome, SessionCell,
-    Table, TableConfig, Target,
+    AfterHandover, Command, Holding, Lease, PlainCell, PushOutcome, Reach, RequestOutcome,
+    SessionCell, Table, TableConfig, Target,
 };
 use gatesvr_dataplane::replica::{Recovery, ReplicaStore};
 use gatesvr_dataplane::session::{
@@ -66,6 +66,9 @@ pub struct SimNode {
     untransferred: Vec<(String, u64, String)>,
     executing: HashMap<(String, u64), PlainCell>,
     table_timer: Option<Ms>,
+    /// This node's control-plane lease (renewed by the world's heartbeats):
+    /// durable pushes are acknowledged only while it surely holds.
+    pub lease: Lease,
 }
 
 fn session_config() -> SessionConfig {
@@ -99,6 +102,7 @@ impl SimNode {
             untransferred: Vec::new(),
             executing: HashMap::new(),
             table_timer: None,
+            lease: Lease::default(),
         }
     }
 
@@ -207,7 +211,12 @@ impl World {
                 }
             }
             Body::ReplicateAck { wait, ok } => {
-                if let Some((id, openid)) = self.node(name).durable.remove(&wait) {
+                let now = self.instant();
+                let node = self.node(name);
+                if let Some((id, openid)) = node.durable.remove(&wait) {
+                    // The lease is checked again when the answer is given:
+                    // it may have lapsed while the copy travelled.
+                    let ok = ok && node.lease.check(now).is_ok();
                     self.reply_up(id, openid, true, ok);
                 }
             }
@@ -346,6 +355,8 @@ impl World {
         } else {
             session_id.clone()
         };
+        // As `connection::claim_ownership`: before the claim goes out.
+        self.node(name).table.claim_begins(&openid);
         let r = self.cp_apply(Cmd::Claim {
             node_id: name.into(),
             openid: openid.clone(),
@@ -357,6 +368,7 @@ impl World {
             ..
         } = r
         else {
+            self.node(name).table.end_incoming(&openid);
             self.send(
                 End::Node(name.into()),
                 End::Client(client),
@@ -365,9 +377,9 @@ impl World {
             return;
         };
         let epoch = owner.epoch;
-        let now = self.instant();
         let node = self.node(name);
-        // The claim's answer is recorded at once (pushes route right).
+        // The claim's answer is recorded at once (pushes route right), as
+        // `Cluster::claim` does.
         if node
             .view_owners
             .get(&openid)
@@ -376,8 +388,41 @@ impl World {
             node.view_owners
                 .insert(openid.clone(), (name.to_string(), epoch));
         }
-        // As the shell: pushes wait for the previous owner's state from the
-        // claim's answer on (a staged copy here must not serve meanwhile).
+        // The rest is a later step: pushes and watch deltas may land first.
+        let after = self.rng.random_range(1..=10);
+        self.timer(
+            name,
+            after,
+            Timer::ClaimAnswered {
+                client,
+                conn,
+                openid,
+                session_id,
+                new_id,
+                last_acked,
+                epoch,
+                previous: previous_owner,
+            },
+        );
+    }
+
+    /// The claim answered (a step after it was sent): as the shell, pushes
+    /// wait for the previous owner's state, then the Handover.
+    #[allow(clippy::too_many_arguments)]
+    fn on_claim_answered(
+        &mut self,
+        name: &str,
+        client: usize,
+        conn: u64,
+        openid: String,
+        session_id: String,
+        new_id: String,
+        last_acked: u64,
+        epoch: u64,
+        previous_owner: Option<String>,
+    ) {
+        let now = self.instant();
+        let node = self.node(name);
         if previous_owner.as_ref().is_some_and(|p| p != name) {
             node.table.begin_incoming(now, &openid);
         }
@@ -430,6 +475,15 @@ impl World {
                 new_owner: asker.into(),
             },
         );
+        let line = match &r {
+            Ok(Some((s, _))) => format!(
+                "{name} hands \"{openid}\" over to {asker} at epoch {epoch}: {} pushes {:?}",
+                s.session_id,
+                s.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+            ),
+            other => format!("{name} hands \"{openid}\" over to {asker}: {other:?}"),
+        };
+        self.trace(line);
         let state = match r {
             Ok(Some((state, handle))) => {
                 if let Some(h) = handle {
@@ -470,13 +524,17 @@ impl World {
         {
             let node = self.node(name);
             let owner = node.owner(openid).map(|(n, e)| (n.to_string(), e));
-            if let Ok(cmds) = node.table.install(
+            match node.table.install(
                 cell,
                 p.epoch,
                 Holding::Owned,
                 owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
             ) {
-                self.carry(name, cmds);
+                Ok(cmds) => self.carry(name, cmds),
+                Err(e) => {
+                    let line = format!("{name} could not install \"{openid}\": {e}");
+                    self.trace(line);
+                }
             }
         }
         self.node(name).table.end_incoming(openid);
@@ -835,7 +893,13 @@ impl World {
             .members()
             .standby_for()
             .map(|m| m.node_id.clone());
-        if durable && node.table.local(&openid).is_some() && standby.is_none() {
+        // As `gateway.rs`: no standby, or a lease that may have lapsed (the
+        // control plane may have declared this node dead and a claimant be
+        // recovering its sessions from replicas): refused before queueing.
+        if durable
+            && node.table.local(&openid).is_some()
+            && (standby.is_none() || node.lease.check(now).is_err())
+        {
             self.reply_up(id, openid, durable, false);
             return Ok(());
         }
@@ -1079,6 +1143,11 @@ impl World {
         let Ok(Some((state, _))) = handed else {
             return;
         };
+        let line = format!(
+            "{name} stages \"{openid}\" on {successor} at epoch {epoch}: pushes {:?}",
+            state.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+        );
+        self.trace(line);
         let req = self.id();
         self.node(name).stages.insert(
             openid.into(),
@@ -1145,6 +1214,8 @@ impl World {
                 .untransferred
                 .push((openid.to_string(), epoch, successor.clone()));
         }
+        let line = format!("{name} staged \"{openid}\" on {successor} (epoch {new_epoch})");
+        self.trace(line);
         self.node(name).table.staged(openid, new_epoch);
         self.goaway(name, openid, &successor);
     }
@@ -1202,9 +1273,14 @@ impl World {
             }
             Watch::Node(n) => {
                 let node = self.node(name);
+                let mine = n.node_id == name;
                 node.view_nodes.insert(n.node_id.clone(), n);
                 let nodes: Vec<DataPlaneNode> = node.view_nodes.values().cloned().collect();
                 node.table.members_mut().set(nodes.iter());
+                if mine {
+                    let live = node.table.members().is_live(name);
+                    node.lease.view_changed(now, live, false);
+                }
             }
             Watch::Snapshot => {
                 let owners: HashMap<String, (String, u64)> = self
@@ -1224,6 +1300,8 @@ impl World {
                 node.view_nodes = nodes;
                 let list: Vec<DataPlaneNode> = node.view_nodes.values().cloned().collect();
                 node.table.members_mut().set(list.iter());
+                let live = node.table.members().is_live(name);
+                node.lease.view_changed(now, live, true);
                 let view = node.view_owners.clone();
                 let cmds = node.table.reconcile(now, |o| view.get(o).cloned());
                 self.carry(name, cmds);
@@ -1325,6 +1403,18 @@ impl World {
                 }
             }
             Timer::RetryPush(body) => self.on_up_push(name, *body)?,
+            Timer::ClaimAnswered {
+                client,
+                conn,
+                openid,
+                session_id,
+                new_id,
+                last_acked,
+                epoch,
+                previous,
+            } => self.on_claim_answered(
+                name, client, conn, openid, session_id, new_id, last_acked, epoch, previous,
+            ),
         }
         Ok(())
     }

@@ -22,6 +22,10 @@ pub type Ms = u64;
 
 /// Lease of a node in the control plane.
 pub const LEASE_MS: u32 = 1_000;
+
+fn lease_ttl() -> Duration {
+    Duration::from_millis(u64::from(LEASE_MS))
+}
 /// Deadline of one peer call (the shell's PEER_TIMEOUT).
 pub const PEER_TIMEOUT_MS: Ms = 3_000;
 /// How long a Start waits for a silent owner or for replicas (RECOVERY_PATIENCE).
@@ -236,6 +240,19 @@ pub enum Timer {
         seq: u64,
     },
     RetryPush(Box<Body>),
+    /// The claim of a Start answered; the shell goes on (begin_incoming,
+    /// Handover) in a later step, so pushes and watch deltas can land in
+    /// between (the data plane's order: answer, then begin_incoming).
+    ClaimAnswered {
+        client: usize,
+        conn: u64,
+        openid: String,
+        session_id: String,
+        new_id: String,
+        last_acked: u64,
+        epoch: u64,
+        previous: Option<String>,
+    },
 }
 
 struct Event {
@@ -455,6 +472,10 @@ impl World {
             grpc_addr: format!("{name}:grpc"),
             lease_ttl_ms: LEASE_MS,
         });
+        let now = self.instant();
+        if let Some(n) = self.nodes.get_mut(&name) {
+            n.lease.renewed(now, lease_ttl());
+        }
         self.resync(&name);
         self.timer(&name, 1_000, Timer::AckSync);
         name
@@ -625,19 +646,38 @@ impl World {
                 draining,
                 sessions,
             });
+            // The heartbeat is sent (and applied: the control plane is one
+            // step away here) now: the lease runs from the send.
+            let sent = self.instant();
             match r {
                 CmdResult::Lease {
-                    drain_requested: true,
-                    ..
-                } if !draining => self.start_drain(&name),
+                    drain_requested, ..
+                } => {
+                    if let Some(n) = self.nodes.get_mut(&name) {
+                        n.lease.renewed(sent, lease_ttl());
+                    }
+                    if drain_requested && !draining {
+                        self.start_drain(&name);
+                    }
+                }
                 CmdResult::Err(_) => {
-                    // Declared dead after a lapse: register again.
-                    self.cp_apply(Cmd::RegisterNode {
+                    // Declared dead after a lapse: the lease is lost until the
+                    // view went past the new registration; register again.
+                    if let Some(n) = self.nodes.get_mut(&name) {
+                        let live = n.table.members().is_live(&name);
+                        n.lease.lost(live);
+                    }
+                    let r = self.cp_apply(Cmd::RegisterNode {
                         node_id: name.clone(),
                         quic_addr: format!("{name}:quic"),
                         grpc_addr: format!("{name}:grpc"),
                         lease_ttl_ms: LEASE_MS,
                     });
+                    if matches!(r, CmdResult::Lease { .. })
+                        && let Some(n) = self.nodes.get_mut(&name)
+                    {
+                        n.lease.renewed(sent, lease_ttl());
+                    }
                 }
                 _ => {}
             }
