@@ -294,12 +294,11 @@ impl Peer for PeerService {
             .state
             .ok_or_else(|| Status::invalid_argument("state is required"))?;
         let openid = state.openid.clone();
-        let view_owner = self.node.cluster.as_ref().and_then(|c| {
-            c.view()
-                .owners
-                .get(&openid)
-                .map(|o| (o.owner_node.clone(), o.epoch))
-        });
+        let view_owner = self
+            .node
+            .cluster
+            .as_ref()
+            .and_then(|c| c.known_owner(&openid));
         self.node
             .registry
             .install_as(
@@ -539,12 +538,7 @@ async fn ask_handover(
             .inc();
         return (Reach::Answered, TakeOver::NotHandedOver);
     };
-    let view_owner = node.cluster.as_ref().and_then(|c| {
-        c.view()
-            .owners
-            .get(openid)
-            .map(|o| (o.owner_node.clone(), o.epoch))
-    });
+    let view_owner = node.cluster.as_ref().and_then(|c| c.known_owner(openid));
     match node.registry.install_as(
         state,
         epoch,

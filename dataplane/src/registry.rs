@@ -549,12 +549,7 @@ impl Registry {
     /// (`cluster`) shows it owned elsewhere at a newer epoch by now.
     pub fn take_back(&self, entry: &Arc<SessionEntry>, cluster: Option<&crate::cluster::Cluster>) {
         let now = Instant::now();
-        let view_owner = cluster.and_then(|c| {
-            c.view()
-                .owners
-                .get(&entry.identity.openid)
-                .map(|o| (o.owner_node.clone(), o.epoch))
-        });
+        let view_owner = cluster.and_then(|c| c.known_owner(&entry.identity.openid));
         let commands = self.with_table(|t| {
             t.take_back(
                 now,
@@ -586,12 +581,7 @@ impl Registry {
         cluster: Option<&crate::cluster::Cluster>,
     ) {
         let now = Instant::now();
-        let view_owner = cluster.and_then(|c| {
-            c.view()
-                .owners
-                .get(&entry.identity.openid)
-                .map(|o| (o.owner_node.clone(), o.epoch))
-        });
+        let view_owner = cluster.and_then(|c| c.known_owner(&entry.identity.openid));
         let commands = self.with_table(|t| {
             t.claimed(
                 now,

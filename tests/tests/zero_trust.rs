@@ -573,6 +573,7 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
                 from_version: 0,
                 node_id: "dp-1".into(),
                 chunked_snapshot: true,
+                ..Default::default()
             })
             .await;
         note("ControlPlane.Watch", got_through(&r));
