@@ -1404,3 +1404,67 @@ fn merge_chunk(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(openid: &str, node: &str, epoch: u64) -> SessionOwner {
+        SessionOwner {
+            openid: openid.into(),
+            session_id: format!("s-{openid}"),
+            owner_node: node.into(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn the_owner_cache_is_bounded_and_ordered_by_epoch() {
+        let mut cache = OwnerCache::new(3);
+        cache.put(rec("a", "dp-2", 5));
+        // An older record does not replace a newer one; a newer one does.
+        cache.put(rec("a", "dp-3", 4));
+        assert_eq!(cache.get("a").unwrap().owner_node, "dp-2");
+        cache.put(rec("a", "dp-3", 6));
+        assert_eq!(cache.get("a").unwrap().owner_node, "dp-3");
+        for o in ["b", "c", "d", "e"] {
+            cache.put(rec(o, "dp-2", 1));
+        }
+        assert_eq!(cache.len(), 3, "bounded");
+        assert!(cache.get("a").is_none(), "the oldest insertion goes first");
+        assert_eq!(cache.by_session("s-e").unwrap().openid, "e");
+        // A forward refused by the cached owner evicts that record only.
+        assert!(
+            !cache.evict("e", 0),
+            "a newer record than the refusal stays"
+        );
+        assert!(cache.evict("e", 1));
+        assert!(cache.get("e").is_none());
+        for i in 0..100 {
+            cache.put(rec(&format!("x{i}"), "dp-2", 1));
+            cache.evict(&format!("x{i}"), 1);
+        }
+        assert!(
+            cache.order.len() <= 2 * cache.capacity + 1,
+            "order compacts"
+        );
+    }
+
+    #[test]
+    fn a_scoped_view_keeps_its_own_sessions_and_the_state_file_says_so() {
+        let mut view = View::default();
+        view.apply(WatchEvent {
+            version: 3,
+            event: Some(WatchBody::Snapshot(control::Snapshot {
+                owners: vec![rec("mine", "dp-1", 2)],
+                scoped: true,
+                ..Default::default()
+            })),
+        });
+        assert!(view.scoped);
+        let saved = view.to_event();
+        let mut restored = View::default();
+        restored.apply(saved);
+        assert!(restored.scoped && restored.owners.contains_key("mine"));
+    }
+}

@@ -164,6 +164,9 @@ async fn restarted_data_plane_is_ready_only_with_its_whole_view() {
     .unwrap();
     let mut cp = ControlPlaneClient::new(channel)
         .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES);
+    // The owners are the restarted node's own: its watch is scoped to the
+    // sessions it owns (other nodes' are looked up on demand).
+    let restarting = cluster.dps[1].node().config.node_id.clone();
     for batch in 0..OWNERS / 2000 {
         let claims = (0..2000)
             .map(|i| {
@@ -177,7 +180,7 @@ async fn restarted_data_plane_is_ready_only_with_its_whole_view() {
             .collect();
         let r = cp
             .claim_sessions(ClaimSessionsRequest {
-                node_id: "dp-1".into(),
+                node_id: restarting.clone(),
                 claims,
             })
             .await
