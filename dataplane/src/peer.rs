@@ -120,6 +120,53 @@ fn stream_of<T: Send + 'static>(chunks: Vec<T>) -> Chunks<T> {
     Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))
 }
 
+/// A handed-over session's state whose stream has not been sent whole. If
+/// the stream is dropped before its end (the asker timed out or went away,
+/// the connection broke), the state goes back into the table as a fenced
+/// copy for the asker at `epoch`: its retry gets the session whole, instead
+/// of neither node holding it.
+struct Unsent {
+    node: Arc<Node>,
+    openid: String,
+    epoch: u64,
+    state: Option<SessionState>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let kept = self
+            .node
+            .registry
+            .handover_broken(&self.openid, self.epoch, state);
+        tracing::info!(openid = %self.openid, epoch = self.epoch, kept, "handover stream broken before its end; the state is kept for a retry");
+        self.node
+            .metrics
+            .handovers
+            .with_label_values(&["stream_broken"])
+            .inc();
+    }
+}
+
+/// A stream of `chunks` that disarms `unsent` once the last chunk is out.
+fn guarded_stream<T: Send + 'static>(chunks: Vec<T>, unsent: Unsent) -> Chunks<T> {
+    Box::pin(futures::stream::unfold(
+        (chunks.into_iter(), unsent),
+        |(mut chunks, mut unsent)| async move {
+            match chunks.next() {
+                Some(chunk) => Some((Ok(chunk), (chunks, unsent))),
+                None => {
+                    // Asked for more after the last chunk: all of it is out.
+                    drop(unsent.state.take());
+                    None
+                }
+            }
+        },
+    ))
+}
+
 /// Splits a handover answer into chunks of about `budget` bytes: the first
 /// carries every field of the state and the first pushes, later ones only
 /// more pushes, then more completed requests (appended in order by
@@ -184,6 +231,10 @@ pub enum CallFailure {
     Status(Status),
     /// No answer (or no next chunk) within [`PEER_TIMEOUT`].
     Timeout,
+    /// The stream broke after its first chunk (an error or a silence
+    /// mid-way): the peer answered, but not whole. A handover's sender keeps
+    /// the state for a retry then.
+    Broken(String),
 }
 
 /// Every message of a server stream, each within [`PEER_TIMEOUT`] of the
@@ -199,8 +250,10 @@ pub async fn collect_stream<T>(
     let mut out = Vec::new();
     loop {
         match tokio::time::timeout(PEER_TIMEOUT, stream.message()).await {
-            Err(_) => return Err(CallFailure::Timeout),
-            Ok(Err(status)) => return Err(CallFailure::Status(status)),
+            Err(_) if out.is_empty() => return Err(CallFailure::Timeout),
+            Ok(Err(status)) if out.is_empty() => return Err(CallFailure::Status(status)),
+            Err(_) => return Err(CallFailure::Broken("no next chunk in time".into())),
+            Ok(Err(status)) => return Err(CallFailure::Broken(status.to_string())),
             Ok(Ok(None)) => return Ok(out),
             Ok(Ok(Some(m))) => out.push(m),
         }
@@ -237,11 +290,23 @@ impl Peer for PeerService {
         &self,
         request: Request<HandoverRequest>,
     ) -> Result<Response<Self::HandoverStreamStream>, Status> {
+        let (openid, epoch) = (request.get_ref().openid.clone(), request.get_ref().epoch);
         let answer = self.handover(request).await?.into_inner();
-        Ok(Response::new(stream_of(split_handover(
-            answer,
-            CHUNK_BYTES,
-        ))))
+        let Some(state) = answer.state.clone().filter(|_| answer.found) else {
+            return Ok(Response::new(stream_of(vec![answer])));
+        };
+        // Until the last chunk is out, the state is kept: a stream broken
+        // mid-way gives it back to the table, for the asker's retry.
+        let unsent = Unsent {
+            node: self.node.clone(),
+            openid,
+            epoch,
+            state: Some(state),
+        };
+        Ok(Response::new(guarded_stream(
+            split_handover(answer, CHUNK_BYTES),
+            unsent,
+        )))
     }
 
     async fn fetch_replica_stream(
@@ -528,6 +593,17 @@ async fn ask_handover(
         Err(CallFailure::Timeout) => {
             tracing::info!(openid, previous_owner, "handover timed out");
             node.metrics.handovers.with_label_values(&["timeout"]).inc();
+            return (Reach::NoAnswer, TakeOver::NotHandedOver);
+        }
+        Err(CallFailure::Broken(error)) => {
+            // The owner keeps the state it could not send whole: ask again.
+            tracing::info!(
+                openid,
+                previous_owner,
+                error,
+                "handover stream broke mid-way"
+            );
+            node.metrics.handovers.with_label_values(&["broken"]).inc();
             return (Reach::NoAnswer, TakeOver::NotHandedOver);
         }
     };
