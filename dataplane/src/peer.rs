@@ -207,6 +207,54 @@ pub fn split_handover(answer: HandoverResponse, budget: usize) -> Vec<HandoverRe
     out
 }
 
+/// Splits a Stage into chunks of about `budget` bytes (as
+/// [`split_handover`]: the first carries the epoch, the sender and every
+/// field of the state, later ones only more of its lists).
+pub fn split_stage(req: StageRequest, budget: usize) -> Vec<StageRequest> {
+    let StageRequest {
+        state,
+        epoch,
+        from_node,
+    } = req;
+    let answer = HandoverResponse { found: true, state };
+    let mut chunks = split_handover(answer, budget).into_iter();
+    let mut out = Vec::new();
+    if let Some(first) = chunks.next() {
+        out.push(StageRequest {
+            state: first.state,
+            epoch,
+            from_node,
+        });
+    }
+    out.extend(chunks.map(|c| StageRequest {
+        state: c.state,
+        ..Default::default()
+    }));
+    out
+}
+
+/// Reassembles the chunks of [`split_stage`].
+pub fn join_stage(chunks: Vec<StageRequest>) -> StageRequest {
+    let Some(first) = chunks.first() else {
+        return StageRequest::default();
+    };
+    let (epoch, from_node) = (first.epoch, first.from_node.clone());
+    let whole = join_handover(
+        chunks
+            .into_iter()
+            .map(|c| HandoverResponse {
+                found: true,
+                state: c.state,
+            })
+            .collect(),
+    );
+    StageRequest {
+        state: whole.state,
+        epoch,
+        from_node,
+    }
+}
+
 /// Reassembles the chunks of [`split_handover`].
 pub fn join_handover(chunks: Vec<HandoverResponse>) -> HandoverResponse {
     let mut chunks = chunks.into_iter();
@@ -347,6 +395,26 @@ impl Peer for PeerService {
             }
             Err(e @ HandoverError::NoEpoch) => Err(Status::invalid_argument(e.to_string())),
         }
+    }
+
+    async fn stage_stream(
+        &self,
+        request: Request<tonic::Streaming<StageRequest>>,
+    ) -> Result<Response<StageResponse>, Status> {
+        self.alive()?;
+        let mut stream = request.into_inner();
+        let mut chunks = Vec::new();
+        loop {
+            match tokio::time::timeout(PEER_TIMEOUT, stream.message()).await {
+                Err(_) => return Err(Status::deadline_exceeded("no next stage chunk in time")),
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => chunks.push(chunk),
+            }
+        }
+        // Installed only whole: a broken stream stages nothing (the drainer
+        // takes the session back).
+        self.stage(Request::new(join_stage(chunks))).await
     }
 
     async fn stage(

@@ -9,7 +9,9 @@
 //! - a restarted data plane whose watch snapshot is over 4 MiB never reports
 //!   ready before the whole snapshot is applied;
 //! - a handover stream broken after its first chunk loses nothing: the old
-//!   owner keeps the state, and the retried handover gets all of it.
+//!   owner keeps the state, and the retried handover gets all of it;
+//! - a drain stages a session whose state is over the 16 MiB message limit
+//!   (1,024 unacked 17 KB pushes) on its successor whole, in chunks.
 
 use gatesvr_proto::client::ResumeStatus;
 use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
@@ -302,5 +304,55 @@ async fn a_handover_stream_broken_mid_way_keeps_the_session_for_a_retry() {
             .with_label_values(&["stream_broken"])
             .get(),
         1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_stages_a_session_over_the_message_limit_in_chunks() {
+    // 1,024 pushes of 17 KB: a state over MAX_MESSAGE_BYTES (16 MiB), which
+    // one Stage message could not carry (4 KB pushes make 4 MiB: under it).
+    const BIG_PUSH: usize = 17 << 10;
+    let cluster = TestCluster::start(2, |cfg| {
+        cfg.server.max_queue_bytes = 32 << 20;
+    })
+    .await;
+    let client = Client::connect(cluster.client_config(0, "staged"))
+        .await
+        .unwrap();
+    assert!(matches!(next(&client).await, Event::Connected { .. }));
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=PUSHES {
+        let push = PushToClientRequest {
+            data: vec![(n % 251) as u8; BIG_PUSH],
+            ..push("staged", n)
+        };
+        gw.push_to_client(push).await.unwrap();
+    }
+    let exported = cluster.dps[0]
+        .node()
+        .registry
+        .get("staged")
+        .unwrap()
+        .state
+        .lock()
+        .export();
+    assert!(
+        exported.encoded_len() > gatesvr_proto::limits::MAX_MESSAGE_BYTES,
+        "the state ({} bytes) is over the message limit",
+        exported.encoded_len()
+    );
+    let report = cluster.dps[0].drain().await;
+    assert_eq!(report.staged, 1, "{report:?}");
+    let successor = cluster.dps[1].node().clone();
+    let staged = successor.registry.get("staged").expect("staged on dp-2");
+    let state = staged.state.lock().export();
+    assert_eq!(state.pushes.len() as u64, PUSHES, "every push, once");
+    assert!(
+        state
+            .pushes
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.seq_id == i as u64 + 1 && p.data.len() == BIG_PUSH),
+        "in order, whole"
     );
 }
