@@ -182,6 +182,7 @@ fn scale_releases_what_it_claimed_and_restores_a_backup() {
             "after_lifecycles_cp_rss_max_mib",
             "live_new_node_ready_ms",
             "live_watch_snapshot_bytes",
+            "live_scoped_watch_snapshot_bytes",
             "restore_ms",
             "restored_export_bytes",
         ],
@@ -192,7 +193,10 @@ fn scale_releases_what_it_claimed_and_restores_a_backup() {
     assert_eq!(field(&r, "after_churn_owners"), 30.0);
     assert_eq!(field(&r, "lifecycle_errors"), 0.0);
     assert_eq!(field(&r, "churn_errors"), 0.0);
-    assert_eq!(field(&r, "live_new_node_view_owners"), 30.0);
+    // The watch is scoped: a new node's view holds its own sessions (none),
+    // and its snapshot is smaller than the unscoped one with every owner.
+    assert_eq!(field(&r, "live_new_node_view_owners"), 0.0);
+    assert!(field(&r, "live_scoped_watch_snapshot_bytes") < field(&r, "live_watch_snapshot_bytes"));
     assert_eq!(field(&r, "restored_owners"), 1030.0);
     assert_eq!(field(&r, "restored_watch_snapshot_owners"), 1030.0);
 }

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `Raft.*` (replication, votes, snapshots, forwarded writes) | control-plane members |
 //! | `ControlPlane.RegisterUpstream`, `HeartbeatUpstream`, `DeregisterUpstream` | upstreams |
-//! | `ControlPlane.RegisterNode`, `HeartbeatNode`, `LeaveNode`, `Watch`, `ClaimSessions`, `ReleaseSessions` | data-plane nodes, for their own `node_id` only (a shared `dataplane/_any` certificate: any node) |
+//! | `ControlPlane.RegisterNode`, `HeartbeatNode`, `LeaveNode`, `Watch`, `ClaimSessions`, `ReleaseSessions`, `LookupOwners` | data-plane nodes, for their own `node_id` only (a shared `dataplane/_any` certificate: any node) |
 //! | `ControlPlane.TransferSession` | the data-plane node that owns the session at `expected_epoch` |
 //! | `grpc.health.v1.Health.*` | anyone |
 //! | anything else | nobody |
@@ -79,6 +79,10 @@ pub const RULES: &[(&str, Rule)] = &[
     ),
     (
         "/gatesvr.control.v1.ControlPlane/TransferSession",
+        Rule::Roles(DATA_PLANE),
+    ),
+    (
+        "/gatesvr.control.v1.ControlPlane/LookupOwners",
         Rule::Roles(DATA_PLANE),
     ),
     ("/grpc.health.v1.Health/Check", Rule::Open),
@@ -165,6 +169,7 @@ mod tests {
             "ClaimSessions",
             "ReleaseSessions",
             "TransferSession",
+            "LookupOwners",
         ];
         use gatesvr_proto::control::control_plane_server::ControlPlaneServer;
         use gatesvr_proto::raft::raft_server::RaftServer;

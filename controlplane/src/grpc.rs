@@ -29,6 +29,13 @@ use crate::{convert, validate};
 /// Most claims accepted in one `ClaimSessions` call.
 pub const MAX_CLAIMS_PER_CALL: usize = 10_000;
 
+/// Most openids looked up in one `LookupOwners` call.
+pub const MAX_LOOKUPS_PER_CALL: usize = 1_000;
+
+/// Most session ids looked up in one `LookupOwners` call (each call with any scans the
+/// owner records once).
+pub const MAX_SESSION_LOOKUPS_PER_CALL: usize = 16;
+
 /// The data-plane / upstream API of one control-plane node.
 #[derive(Debug, Clone)]
 pub struct ControlService {
@@ -289,7 +296,12 @@ impl ControlPlaneApi for ControlService {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let chunked = req.chunked_snapshot;
-        let (first, rx) = self.node.sm().watch_from(req.from_version, chunked);
+        // A scoped watch: only the owner records that concern this node.
+        let scope = req.scoped.then(|| req.node_id.clone());
+        let (first, rx) = self
+            .node
+            .sm()
+            .watch_from(req.from_version, chunked, scope.as_deref());
         let (tx, out) = mpsc::channel(256);
         tokio::spawn(pump(
             self.node.clone(),
@@ -298,6 +310,7 @@ impl ControlPlaneApi for ControlService {
             tx,
             self.stop.clone(),
             chunked,
+            scope,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
@@ -422,6 +435,35 @@ impl ControlPlaneApi for ControlService {
             other => Err(unexpected(&other)),
         }
     }
+
+    async fn lookup_owners(
+        &self,
+        request: Request<pb::LookupOwnersRequest>,
+    ) -> Result<Response<pb::LookupOwnersResponse>, Status> {
+        self.speaks_for(&request, "LookupOwners", &request.get_ref().node_id)?;
+        let req = request.into_inner();
+        if req.openids.len() > MAX_LOOKUPS_PER_CALL
+            || req.session_ids.len() > MAX_SESSION_LOOKUPS_PER_CALL
+        {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_LOOKUPS_PER_CALL} openids and {MAX_SESSION_LOOKUPS_PER_CALL} session ids per call"
+            )));
+        }
+        // This replica's applied state: a lagging answer names an older owner at an older
+        // epoch, which the caller's forward then finds moved on (it evicts and asks again).
+        let sm = self.node.sm();
+        let inner = sm.read();
+        let owners = inner
+            .state
+            .lookup_owners(&req.openids, &req.session_ids)
+            .into_iter()
+            .map(|(openid, o)| convert::owner(openid, o))
+            .collect();
+        Ok(Response::new(pb::LookupOwnersResponse {
+            owners,
+            version: inner.state.version,
+        }))
+    }
 }
 
 /// Feeds one watcher: the first events, then live deltas; re-snapshots after a reset or lag.
@@ -432,6 +474,7 @@ async fn pump(
     tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
     stop: CancellationToken,
     chunked: bool,
+    scope: Option<String>,
 ) {
     let mut last = 0;
     for e in first {
@@ -452,13 +495,13 @@ async fn pump(
         let batch: Vec<pb::WatchEvent> = match msg {
             Ok(HubMsg::Events(events)) => events
                 .iter()
-                .filter(|e| e.version > last)
-                .cloned()
+                .filter(|e| e.event.version > last && e.for_watcher(scope.as_deref()))
+                .map(|e| e.event.clone())
                 .collect(),
             Ok(HubMsg::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 // Resubscribing is unnecessary: the receiver skips ahead; a snapshot covers
                 // everything up to its version and later events are filtered by version.
-                node.sm().snapshot_events(chunked)
+                node.sm().snapshot_events(chunked, scope.as_deref())
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };

@@ -249,7 +249,7 @@ impl Metrics {
                 msg = events.recv() => match msg {
                     Ok(HubMsg::Events(evs)) => {
                         for e in evs.iter() {
-                            match e.event {
+                            match e.event.event {
                                 Some(Event::OwnerPut(_)) => self.0.claims.inc(),
                                 Some(Event::OwnerRemoved(_)) => self.0.releases.inc(),
                                 _ => {}

@@ -115,6 +115,30 @@ pub struct Touched {
     pub key: Key,
     /// The state version this change produced, if watchers should hear about it.
     pub version: Option<u64>,
+    /// For an owner record: the node that owned the session just before this change
+    /// (`None` if it had no record). A scoped watch tells that node too: its copy of the
+    /// session was claimed away, transferred, released or disconnected.
+    pub owner_was: Option<String>,
+}
+
+impl Touched {
+    /// The data-plane nodes a scoped watch tells about this change: for an owner record,
+    /// its owner now (in `st`) and its owner before; `None` (everyone) for anything else.
+    pub fn concerns(&self, st: &State) -> Option<Vec<String>> {
+        let Key::Owner(openid) = &self.key else {
+            return None;
+        };
+        let mut nodes: Vec<String> = Vec::with_capacity(2);
+        if let Some(o) = st.owners.get(openid) {
+            nodes.push(o.owner_node.clone());
+        }
+        if let Some(was) = &self.owner_was
+            && !nodes.contains(was)
+        {
+            nodes.push(was.clone());
+        }
+        Some(nodes)
+    }
 }
 
 /// The addressable records of the state (also the sled key space of the state machine).
@@ -220,6 +244,28 @@ impl State {
             })
     }
 
+    /// The owner records of `openids`, and of the sessions `session_ids` (one scan of
+    /// every record, only when some are asked for): for `LookupOwners`. Each record once.
+    pub fn lookup_owners<'a>(
+        &'a self,
+        openids: &[String],
+        session_ids: &[String],
+    ) -> Vec<(&'a str, &'a OwnerRec)> {
+        let mut found: BTreeMap<&str, &OwnerRec> = openids
+            .iter()
+            .filter_map(|o| self.owners.get_key_value(o))
+            .map(|(k, o)| (k.as_str(), o))
+            .collect();
+        if !session_ids.is_empty() {
+            for (openid, o) in &self.owners {
+                if session_ids.contains(&o.session_id) {
+                    found.insert(openid.as_str(), o);
+                }
+            }
+        }
+        found.into_iter().collect()
+    }
+
     /// Whether any lease has ended by `now_ms` (the leader's lease task asks this).
     pub fn has_expired_leases(&self, now_ms: i64) -> bool {
         self.nodes
@@ -260,7 +306,19 @@ impl Cx<'_> {
             self.st.version += 1;
             self.st.version
         });
-        self.touched.push(Touched { key, version });
+        self.touched.push(Touched {
+            key,
+            version,
+            owner_was: None,
+        });
+    }
+
+    /// Touches `openid`'s owner record, which `owner_was` held before this change.
+    fn touch_owner(&mut self, openid: &str, owner_was: Option<String>) {
+        self.touch(Key::Owner(openid.to_string()), true);
+        if let Some(t) = self.touched.last_mut() {
+            t.owner_was = owner_was;
+        }
     }
 
     fn register_upstream(
@@ -503,8 +561,8 @@ impl Cx<'_> {
             .map(|(openid, _)| openid.clone())
             .collect();
         for openid in orphaned {
-            self.st.owners.remove(&openid);
-            self.touch(Key::Owner(openid), true);
+            let was = self.st.owners.remove(&openid).map(|o| o.owner_node);
+            self.touch_owner(&openid, was);
         }
         let departed: Vec<String> = self
             .st
@@ -671,7 +729,7 @@ impl Cx<'_> {
                 continue;
             }
             self.st.owners.insert(openid.clone(), o.clone());
-            self.touch(Key::Owner(openid.clone()), true);
+            self.touch_owner(openid, None);
             owners += 1;
         }
         // Failover history only into an empty one (sequence numbers would interleave).
@@ -724,8 +782,12 @@ impl Cx<'_> {
             epoch: self.st.last_epoch,
             changed_at_ms: self.now_ms,
         };
-        self.st.owners.insert(openid.to_string(), rec.clone());
-        self.touch(Key::Owner(openid.to_string()), true);
+        let was = self
+            .st
+            .owners
+            .insert(openid.to_string(), rec.clone())
+            .map(|o| o.owner_node);
+        self.touch_owner(openid, was);
         rec
     }
 
@@ -801,8 +863,8 @@ impl Cx<'_> {
     fn release(&mut self, node_id: &str, openid: &str, epoch: u64) -> CmdResult {
         let current = self.st.owners.get(openid);
         if current.is_some_and(|r| r.owner_node == node_id && r.epoch == epoch) {
-            self.st.owners.remove(openid);
-            self.touch(Key::Owner(openid.to_string()), true);
+            let was = self.st.owners.remove(openid).map(|o| o.owner_node);
+            self.touch_owner(openid, was);
             CmdResult::Released { released: true }
         } else {
             CmdResult::Released { released: false }

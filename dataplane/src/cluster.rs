@@ -4,18 +4,26 @@
 //! serving through a control-plane outage (static stability).
 //!
 //! ```text
-//!  control plane ──Watch (snapshot, then deltas by version)──> View ──> UpstreamRouter
-//!        ▲                                                       └──> state_file (atomic rewrite)
+//!  control plane ──Watch (scoped: snapshot, then deltas by version)──> View ──> UpstreamRouter
+//!        ▲                                                              └──> state_file (atomic rewrite)
+//!        ├── LookupOwners (a foreign session's owner, on demand) ──> OwnerCache (bounded, by epoch)
 //!        ├── RegisterNode / HeartbeatNode (lease; drain_requested)
 //!        ├── ClaimSessions (on Start: new epoch, previous owner)
 //!        ├── ReleaseSessions (batched: sessions that ended here, at their epoch)
 //!        └── LeaveNode (end of a drain: shown as left at once, not dead after the lease)
 //! ```
 //!
+//! The watch is scoped to this node: every node and upstream, but only the
+//! owner records that concern it (its own sessions; a change of a session it
+//! owned just before). The owner of any other session is looked up when a
+//! push needs it and kept in a bounded cache ([`OwnerCache`]) that newer
+//! epochs overwrite and a refused forward evicts. After a snapshot, a local
+//! session missing from it is looked up: owned elsewhere, it is fenced.
+//!
 //! Without `control_plane.endpoints` the node is standalone: static zones,
 //! local ownership only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,8 +32,9 @@ use std::time::{Duration, Instant};
 use gatesvr_common::tls::TlsFiles;
 use gatesvr_proto::control::{
     self, Claim, ClaimResult, ClaimSessionsRequest, DataPlaneNode, HeartbeatNodeRequest,
-    LeaveNodeRequest, NodeState, RegisterNodeRequest, SessionOwner, WatchEvent, WatchRequest,
-    control_plane_client::ControlPlaneClient, watch_event::Event as WatchBody,
+    LeaveNodeRequest, LookupOwnersRequest, NodeState, RegisterNodeRequest, SessionOwner,
+    WatchEvent, WatchRequest, control_plane_client::ControlPlaneClient,
+    watch_event::Event as WatchBody,
 };
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
@@ -139,7 +148,13 @@ pub struct View {
     pub version: u64,
     pub upstreams: HashMap<String, control::Upstream>,
     pub nodes: HashMap<String, DataPlaneNode>,
+    /// The owner records the watch carries: with a scoped watch (`scoped`),
+    /// this node's own sessions (a record that moves elsewhere leaves it for
+    /// the [`OwnerCache`]); otherwise every session's.
     pub owners: HashMap<String, SessionOwner>,
+    /// The last snapshot was scoped: a session missing from `owners` is not
+    /// this node's (look it up), rather than unknown.
+    pub scoped: bool,
 }
 
 impl View {
@@ -162,6 +177,7 @@ impl View {
                     .into_iter()
                     .map(|o| (o.openid.clone(), o))
                     .collect();
+                self.scoped = s.scoped;
             }
             Some(WatchBody::UpstreamPut(u)) => {
                 self.upstreams.insert(u.instance_id.clone(), u);
@@ -196,6 +212,7 @@ impl View {
                 owners: self.owners.values().cloned().collect(),
                 failovers: Vec::new(),
                 more: false,
+                scoped: self.scoped,
             })),
         }
     }
@@ -207,6 +224,91 @@ impl View {
             .filter(|n| n.state != NodeState::Dead as i32 && n.state != NodeState::Left as i32)
     }
 }
+
+/// Most foreign owner records the [`OwnerCache`] keeps (about 100 bytes
+/// each): the sessions this node forwards pushes to, not every session.
+pub const OWNER_CACHE_CAPACITY: usize = 65_536;
+
+/// Most openids in one `LookupOwners` call (the control plane accepts 1,000).
+pub const MAX_LOOKUPS_PER_CALL: usize = 1_000;
+
+/// The owners of other nodes' sessions, as last learnt (a lookup, or a watch
+/// delta of a session that moved away from here): bounded, oldest insertion
+/// evicted first. A record is replaced only by a newer epoch, and evicted
+/// when a forward to its owner finds the session gone (the owner moved on).
+#[derive(Debug)]
+pub struct OwnerCache {
+    map: HashMap<String, SessionOwner>,
+    /// Insertion order (may hold openids evicted since: skipped).
+    order: VecDeque<String>,
+    capacity: usize,
+}
+
+impl OwnerCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn get(&self, openid: &str) -> Option<&SessionOwner> {
+        self.map.get(openid)
+    }
+
+    /// Records `owner` unless an equal or newer epoch is known.
+    pub fn put(&mut self, owner: SessionOwner) {
+        if let Some(known) = self.map.get_mut(&owner.openid) {
+            if known.epoch < owner.epoch {
+                *known = owner;
+            }
+            return;
+        }
+        while self.map.len() >= self.capacity {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.map.remove(&oldest);
+        }
+        self.order.push_back(owner.openid.clone());
+        self.map.insert(owner.openid.clone(), owner);
+        // Evictions leave stale names behind: compact now and then.
+        if self.order.len() > 2 * self.capacity {
+            let map = &self.map;
+            self.order.retain(|o| map.contains_key(o));
+        }
+    }
+
+    /// Forgets `openid`'s record if it is not newer than `epoch`.
+    pub fn evict(&mut self, openid: &str, epoch: u64) -> bool {
+        if self.map.get(openid).is_some_and(|o| o.epoch <= epoch) {
+            self.map.remove(openid);
+            return true;
+        }
+        false
+    }
+
+    /// The record of session `session_id`, if cached (a scan).
+    pub fn by_session(&self, session_id: &str) -> Option<&SessionOwner> {
+        self.map.values().find(|o| o.session_id == session_id)
+    }
+}
+
+/// Callback counting one owner lookup's outcome (`found`, `absent`, `failed`,
+/// `evicted`): `gatesvr_owner_lookups_total{result}`.
+type LookupCounted = Box<dyn Fn(&'static str) + Send + Sync>;
+
+/// Callback listing the openids of the sessions served here.
+type LocalOpenids = Box<dyn Fn() -> Vec<String> + Send + Sync>;
 
 /// The outcome of a successful claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,6 +369,12 @@ pub struct Cluster {
     on_owner_moved: Mutex<Option<OwnerMoved>>,
     /// Called with the whole view after a snapshot or a node change.
     on_view: Mutex<Option<ViewChanged>>,
+    /// Lists the sessions served here (checked after a scoped snapshot).
+    local_openids: Mutex<Option<LocalOpenids>>,
+    /// Counts owner lookups.
+    on_lookup: Mutex<Option<LookupCounted>>,
+    /// Owners of other nodes' sessions (a scoped watch does not carry them).
+    cache: Mutex<OwnerCache>,
     sessions: AtomicUsize,
     /// Owner records of sessions that ended here, to release (batched).
     releases: Mutex<Vec<SessionOwner>>,
@@ -359,6 +467,9 @@ impl Cluster {
             router,
             on_owner_moved: Mutex::new(None),
             on_view: Mutex::new(None),
+            local_openids: Mutex::new(None),
+            on_lookup: Mutex::new(None),
+            cache: Mutex::new(OwnerCache::new(OWNER_CACHE_CAPACITY)),
             sessions: AtomicUsize::new(0),
             releases: Mutex::new(Vec::new()),
             release_wake: Notify::new(),
@@ -433,6 +544,167 @@ impl Cluster {
     pub fn on_view(&self, f: impl Fn(&View) + Send + Sync + 'static) {
         f(&self.view.read());
         *self.on_view.lock() = Some(Box::new(f));
+    }
+
+    /// Registers the list of sessions served here: after a scoped snapshot
+    /// those missing from it are looked up, and fenced if owned elsewhere.
+    pub fn on_local_openids(&self, f: impl Fn() -> Vec<String> + Send + Sync + 'static) {
+        *self.local_openids.lock() = Some(Box::new(f));
+    }
+
+    /// Registers the counter of owner lookups by outcome.
+    pub fn on_lookup(&self, f: impl Fn(&'static str) + Send + Sync + 'static) {
+        *self.on_lookup.lock() = Some(Box::new(f));
+    }
+
+    fn count_lookup(&self, result: &'static str) {
+        if let Some(f) = self.on_lookup.lock().as_ref() {
+            f(result);
+        }
+    }
+
+    /// The owner known here for `openid` without asking: the view (this
+    /// node's own sessions), else the cache of other nodes' sessions.
+    pub fn known_owner(&self, openid: &str) -> Option<(String, u64)> {
+        if let Some(o) = self.view.read().owners.get(openid) {
+            return Some((o.owner_node.clone(), o.epoch));
+        }
+        self.cache
+            .lock()
+            .get(openid)
+            .map(|o| (o.owner_node.clone(), o.epoch))
+    }
+
+    /// The owner of `openid`: known here, else looked up at the control
+    /// plane (and cached). `None`: no owner, or the lookup failed.
+    pub async fn lookup_owner(&self, openid: &str) -> Option<(String, u64)> {
+        if let Some(known) = self.known_owner(openid) {
+            return Some(known);
+        }
+        let found = self.lookup(vec![openid.to_string()], Vec::new()).await?;
+        found
+            .into_iter()
+            .find(|o| o.openid == openid)
+            .map(|o| (o.owner_node, o.epoch))
+    }
+
+    /// The owner of session `session_id` (a push by session id): known here,
+    /// else looked up. `None`: no owner, or the lookup failed.
+    pub async fn lookup_session_owner(&self, session_id: &str) -> Option<String> {
+        let known = self
+            .view
+            .read()
+            .owners
+            .values()
+            .find(|o| o.session_id == session_id)
+            .map(|o| o.owner_node.clone());
+        if let Some(known) = known {
+            return Some(known);
+        }
+        if let Some(o) = self.cache.lock().by_session(session_id) {
+            return Some(o.owner_node.clone());
+        }
+        let found = self
+            .lookup(Vec::new(), vec![session_id.to_string()])
+            .await?;
+        found
+            .into_iter()
+            .find(|o| o.session_id == session_id)
+            .map(|o| o.owner_node)
+    }
+
+    /// A forward to the owner cached for `openid` at `epoch` found no
+    /// session there: the record is stale; the next push looks it up again.
+    pub fn forget_owner(&self, openid: &str, epoch: u64) {
+        if self.cache.lock().evict(openid, epoch) {
+            self.count_lookup("evicted");
+        }
+    }
+
+    /// Foreign owner records cached here.
+    pub fn cached_owners(&self) -> usize {
+        self.cache.lock().len()
+    }
+
+    /// One `LookupOwners` call; the records found are cached (foreign ones)
+    /// and returned. `None` if the control plane did not answer.
+    async fn lookup(
+        &self,
+        openids: Vec<String>,
+        session_ids: Vec<String>,
+    ) -> Option<Vec<SessionOwner>> {
+        if self.channels.is_empty() {
+            return None;
+        }
+        let asked = openids.len() + session_ids.len();
+        let req = self.request(LookupOwnersRequest {
+            node_id: self.node_id.clone(),
+            openids,
+            session_ids,
+        });
+        let mut client = self.client();
+        let owners =
+            match tokio::time::timeout(self.cfg.rpc_timeout, client.lookup_owners(req)).await {
+                Ok(Ok(r)) => r.into_inner().owners,
+                Ok(Err(status)) => {
+                    tracing::debug!(error = %status, "owner lookup failed");
+                    if status.code() == tonic::Code::Unavailable {
+                        self.rotate();
+                    }
+                    self.count_lookup("failed");
+                    return None;
+                }
+                Err(_) => {
+                    self.rotate();
+                    self.count_lookup("failed");
+                    return None;
+                }
+            };
+        for _ in 0..owners.len() {
+            self.count_lookup("found");
+        }
+        for _ in owners.len()..asked {
+            self.count_lookup("absent");
+        }
+        {
+            let mut cache = self.cache.lock();
+            for o in owners.iter().filter(|o| o.owner_node != self.node_id) {
+                cache.put(o.clone());
+            }
+        }
+        Some(owners)
+    }
+
+    /// After a scoped snapshot: the sessions served here that it does not
+    /// name as this node's are looked up, and each found owned elsewhere is
+    /// passed to the owner callback (the table fences an older local copy).
+    /// Level-triggered fencing holds across a resync that missed the delta.
+    async fn resolve_missing(self: Arc<Self>) {
+        let locals = match self.local_openids.lock().as_ref() {
+            Some(f) => f(),
+            None => return,
+        };
+        let missing: Vec<String> = {
+            let view = self.view.read();
+            if !view.scoped {
+                return;
+            }
+            locals
+                .into_iter()
+                .filter(|o| !view.owners.contains_key(o))
+                .collect()
+        };
+        for batch in missing.chunks(MAX_LOOKUPS_PER_CALL) {
+            let Some(found) = self.lookup(batch.to_vec(), Vec::new()).await else {
+                // Unanswered: the next snapshot (reconnect) tries again.
+                return;
+            };
+            for owner in found.iter().filter(|o| o.owner_node != self.node_id) {
+                if let Some(f) = self.on_owner_moved.lock().as_ref() {
+                    f(owner);
+                }
+            }
+        }
     }
 
     fn client(&self) -> ControlPlaneClient<Channel> {
@@ -702,7 +974,14 @@ impl Cluster {
                     .owner
                     .ok_or_else(|| ClaimError::Refused("transfer answer without owner".into()))?;
                 let epoch = owner.epoch;
-                self.view.write().owners.insert(openid.to_string(), owner);
+                let mut view = self.view.write();
+                if view.scoped && owner.owner_node != self.node_id {
+                    // Another node's session now: the cache, not the view.
+                    view.owners.remove(openid);
+                    self.cache.lock().put(owner);
+                } else {
+                    view.owners.insert(openid.to_string(), owner);
+                }
                 Ok(epoch)
             }
         }
@@ -874,6 +1153,7 @@ impl Cluster {
                 from_version: from,
                 node_id: self.node_id.clone(),
                 chunked_snapshot: true,
+                scoped: true,
             };
             match self.client().watch(req).await {
                 Ok(stream) => {
@@ -897,7 +1177,11 @@ impl Cluster {
                         match merge_chunk(&mut partial, event) {
                             Ok(Some(whole)) => {
                                 self.stale.store(false, Ordering::Relaxed);
+                                let snapshot = matches!(whole.event, Some(WatchBody::Snapshot(_)));
                                 self.apply(whole);
+                                if snapshot {
+                                    tokio::spawn(self.clone().resolve_missing());
+                                }
                             }
                             Ok(None) => {}
                             Err(e) => {
@@ -944,6 +1228,15 @@ impl Cluster {
                 return;
             }
             view.apply(event);
+            // A scoped view keeps this node's own sessions; one that moved
+            // away (the delta this node hears as its previous owner) goes to
+            // the cache of foreign owners, so the view stays O(own sessions).
+            if let Some(o) = moved.as_ref().filter(|o| o.owner_node != self.node_id)
+                && view.scoped
+            {
+                view.owners.remove(&o.openid);
+                self.cache.lock().put(o.clone());
+            }
         }
         if snapshot {
             self.complete.store(true, Ordering::Release);
@@ -1138,5 +1431,69 @@ fn merge_chunk(
                 event: body,
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(openid: &str, node: &str, epoch: u64) -> SessionOwner {
+        SessionOwner {
+            openid: openid.into(),
+            session_id: format!("s-{openid}"),
+            owner_node: node.into(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn the_owner_cache_is_bounded_and_ordered_by_epoch() {
+        let mut cache = OwnerCache::new(3);
+        cache.put(rec("a", "dp-2", 5));
+        // An older record does not replace a newer one; a newer one does.
+        cache.put(rec("a", "dp-3", 4));
+        assert_eq!(cache.get("a").unwrap().owner_node, "dp-2");
+        cache.put(rec("a", "dp-3", 6));
+        assert_eq!(cache.get("a").unwrap().owner_node, "dp-3");
+        for o in ["b", "c", "d", "e"] {
+            cache.put(rec(o, "dp-2", 1));
+        }
+        assert_eq!(cache.len(), 3, "bounded");
+        assert!(cache.get("a").is_none(), "the oldest insertion goes first");
+        assert_eq!(cache.by_session("s-e").unwrap().openid, "e");
+        // A forward refused by the cached owner evicts that record only.
+        assert!(
+            !cache.evict("e", 0),
+            "a newer record than the refusal stays"
+        );
+        assert!(cache.evict("e", 1));
+        assert!(cache.get("e").is_none());
+        for i in 0..100 {
+            cache.put(rec(&format!("x{i}"), "dp-2", 1));
+            cache.evict(&format!("x{i}"), 1);
+        }
+        assert!(
+            cache.order.len() <= 2 * cache.capacity + 1,
+            "order compacts"
+        );
+    }
+
+    #[test]
+    fn a_scoped_view_keeps_its_own_sessions_and_the_state_file_says_so() {
+        let mut view = View::default();
+        view.apply(WatchEvent {
+            version: 3,
+            event: Some(WatchBody::Snapshot(control::Snapshot {
+                owners: vec![rec("mine", "dp-1", 2)],
+                scoped: true,
+                ..Default::default()
+            })),
+        });
+        assert!(view.scoped);
+        let saved = view.to_event();
+        let mut restored = View::default();
+        restored.apply(saved);
+        assert!(restored.scoped && restored.owners.contains_key("mine"));
     }
 }

@@ -297,14 +297,29 @@ async fn stage(
     let Ok(mut client) = node.peers.peer(addr) else {
         return false;
     };
-    let mut request = tonic::Request::new(StageRequest {
+    let whole = StageRequest {
         state: Some(state),
         epoch,
         from_node: node.config.node_id.clone(),
-    });
-    request.set_timeout(crate::peer::PEER_TIMEOUT);
-    matches!(
-        tokio::time::timeout(crate::peer::PEER_TIMEOUT, client.stage(request)).await,
-        Ok(Ok(_))
-    )
+    };
+    // In bounded chunks (a session's queue may hold 1,024 pushes of 4 KB):
+    // never one message over the successor's limit. The stream's deadline
+    // covers sending every chunk.
+    let chunks = crate::peer::split_stage(whole.clone(), gatesvr_proto::limits::CHUNK_BYTES);
+    let deadline = crate::peer::PEER_TIMEOUT * (1 + chunks.len() as u32 / 8);
+    let mut request = tonic::Request::new(futures::stream::iter(chunks));
+    request.set_timeout(deadline);
+    match tokio::time::timeout(deadline, client.stage_stream(request)).await {
+        Ok(Ok(_)) => true,
+        // A successor of an older version: one message.
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            let mut request = tonic::Request::new(whole);
+            request.set_timeout(crate::peer::PEER_TIMEOUT);
+            matches!(
+                tokio::time::timeout(crate::peer::PEER_TIMEOUT, client.stage(request)).await,
+                Ok(Ok(_))
+            )
+        }
+        _ => false,
+    }
 }

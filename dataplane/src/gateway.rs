@@ -57,23 +57,10 @@ fn check_size(node: &Node, body: &PushBody) -> Result<(), Status> {
 }
 
 impl Gateway {
-    /// The owner the view shows for `openid`: (node, epoch).
+    /// The owner known here for `openid`: (node, epoch) from the view (this
+    /// node's sessions) or the cache of other nodes' (no lookup).
     fn view_owner(&self, openid: &str) -> Option<(String, u64)> {
-        let cluster = self.node.cluster.as_ref()?;
-        let view = cluster.view();
-        let o = view.owners.get(openid)?;
-        Some((o.owner_node.clone(), o.epoch))
-    }
-
-    /// The owner the view shows for session `session_id` (a scan: only for
-    /// sessions not known here).
-    fn view_owner_of_session(&self, session_id: &str) -> Option<String> {
-        let cluster = self.node.cluster.as_ref()?;
-        let view = cluster.view();
-        view.owners
-            .values()
-            .find(|o| o.session_id == session_id)
-            .map(|o| o.owner_node.clone())
+        self.node.cluster.as_ref()?.known_owner(openid)
     }
 
     /// Forwards `req` to node `to` (`hops` made so far, 0 or 1). A forwarded
@@ -233,13 +220,28 @@ impl Gateway {
             Err(PushFailure::Moved(to)) if hops < 2 => self.forward(&to, req, hops).await,
             Err(PushFailure::Moved(_)) => not_found(),
             Err(PushFailure::NoSession(_)) if hops == 0 => {
-                let owner = match &view_owner {
-                    Some((owner, _)) => Some(owner.clone()),
-                    None if by_session => self.view_owner_of_session(&req.target_id),
-                    None => None,
+                // Not here: forward to the owner, known or looked up (a
+                // scoped watch does not carry other nodes' sessions).
+                let cluster = node.cluster.as_ref();
+                let owner = match (&view_owner, cluster, openid.as_deref()) {
+                    (Some((owner, epoch)), _, _) => Some((owner.clone(), *epoch)),
+                    (None, Some(c), Some(openid)) => c.lookup_owner(openid).await,
+                    (None, Some(c), None) if by_session => {
+                        c.lookup_session_owner(&req.target_id).await.map(|o| (o, 0))
+                    }
+                    _ => None,
                 };
-                match owner.filter(|o| *o != node.config.node_id) {
-                    Some(owner) => self.forward(&owner, req, hops).await,
+                match owner.filter(|(o, _)| *o != node.config.node_id) {
+                    Some((owner, epoch)) => {
+                        let forwarded = self.forward(&owner, req, hops).await;
+                        // The owner named here no longer has it: stale.
+                        if let (Err(status), Some(c), Some(openid)) = (&forwarded, cluster, &openid)
+                            && status.code() == tonic::Code::NotFound
+                        {
+                            c.forget_owner(openid, epoch);
+                        }
+                        forwarded
+                    }
                     None => not_found(),
                 }
             }

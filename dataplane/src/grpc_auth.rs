@@ -7,7 +7,7 @@
 //!
 //! | method | who |
 //! |---|---|
-//! | `Peer.Handover`, `Stage`, `Replicate`, `FetchReplica` | data-plane nodes |
+//! | `Peer.Handover`, `Stage`, `Replicate`, `FetchReplica` (and their `*Stream` forms) | data-plane nodes |
 //! | `GatewayService.*` | upstreams, data-plane nodes (they forward pushes to a session's owner), or the push token |
 //! | `grpc.health.v1.Health.*` | anyone |
 //! | anything else | nobody |
@@ -46,6 +46,7 @@ pub const RULES: &[(&str, Rule)] = &[
         "/gatesvr.peer.v1.Peer/FetchReplicaStream",
         Rule::Roles(DATA_PLANE),
     ),
+    ("/gatesvr.peer.v1.Peer/StageStream", Rule::Roles(DATA_PLANE)),
     (
         "/gatesvr.upstream.v1.GatewayService/PushToClient",
         Rule::RolesOrToken(PUSHERS),
@@ -167,6 +168,7 @@ mod tests {
                     "FetchReplica",
                     "HandoverStream",
                     "FetchReplicaStream",
+                    "StageStream",
                 ][..],
             ),
             (

@@ -171,6 +171,7 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
             "view_version": c.view().version,
             "view_complete": c.is_view_complete(),
             "view_owners": c.view().owners.len(),
+            "cached_owners": c.cached_owners(),
         })
     });
     let m = &state.node.metrics;

@@ -334,6 +334,21 @@ impl DataPlane {
                     c.release_later(openid, session_id, epoch);
                 }
             });
+            // A scoped watch: after a snapshot, the sessions served here
+            // that it does not name as this node's are looked up (fenced if
+            // owned elsewhere).
+            let weak = Arc::downgrade(&node);
+            cluster.on_local_openids(move || {
+                weak.upgrade().map_or_else(Vec::new, |node| {
+                    node.registry
+                        .all()
+                        .iter()
+                        .map(|e| e.identity.openid.clone())
+                        .collect()
+                })
+            });
+            let lookups = node.metrics.owner_lookups.clone();
+            cluster.on_lookup(move |result| lookups.with_label_values(&[result]).inc());
             let weak = Arc::downgrade(&node);
             cluster.on_view(move |view| {
                 if let Some(node) = weak.upgrade() {

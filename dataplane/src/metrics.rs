@@ -61,6 +61,10 @@ pub struct Metrics {
     pub pushes_forwarded: IntCounterVec,
     /// Sessions started without a control-plane claim (control plane unreachable).
     pub provisional_sessions: IntCounterVec,
+    /// Owner lookups at the control plane (a foreign session's owner) by
+    /// result: found, absent, failed; and cached records evicted (a forward
+    /// found the session gone).
+    pub owner_lookups: IntCounterVec,
     /// 1 while the control plane answers.
     pub control_plane_connected: IntGauge,
     /// 1 while routing from a saved state file the control plane has not confirmed.
@@ -226,6 +230,12 @@ impl Metrics {
                 "gatesvr_provisional_sessions_total",
                 "Session starts without a control-plane claim, by what followed",
                 &["outcome"],
+            ),
+            owner_lookups: counter(
+                &registry,
+                "gatesvr_owner_lookups_total",
+                "Owners of other nodes' sessions looked up at the control plane (found, absent, failed) and cached records evicted (evicted)",
+                &["result"],
             ),
             control_plane_connected: gauge(
                 &registry,

@@ -120,6 +120,53 @@ fn stream_of<T: Send + 'static>(chunks: Vec<T>) -> Chunks<T> {
     Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))
 }
 
+/// A handed-over session's state whose stream has not been sent whole. If
+/// the stream is dropped before its end (the asker timed out or went away,
+/// the connection broke), the state goes back into the table as a fenced
+/// copy for the asker at `epoch`: its retry gets the session whole, instead
+/// of neither node holding it.
+struct Unsent {
+    node: Arc<Node>,
+    openid: String,
+    epoch: u64,
+    state: Option<SessionState>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let kept = self
+            .node
+            .registry
+            .handover_broken(&self.openid, self.epoch, state);
+        tracing::info!(openid = %self.openid, epoch = self.epoch, kept, "handover stream broken before its end; the state is kept for a retry");
+        self.node
+            .metrics
+            .handovers
+            .with_label_values(&["stream_broken"])
+            .inc();
+    }
+}
+
+/// A stream of `chunks` that disarms `unsent` once the last chunk is out.
+fn guarded_stream<T: Send + 'static>(chunks: Vec<T>, unsent: Unsent) -> Chunks<T> {
+    Box::pin(futures::stream::unfold(
+        (chunks.into_iter(), unsent),
+        |(mut chunks, mut unsent)| async move {
+            match chunks.next() {
+                Some(chunk) => Some((Ok(chunk), (chunks, unsent))),
+                None => {
+                    // Asked for more after the last chunk: all of it is out.
+                    drop(unsent.state.take());
+                    None
+                }
+            }
+        },
+    ))
+}
+
 /// Splits a handover answer into chunks of about `budget` bytes: the first
 /// carries every field of the state and the first pushes, later ones only
 /// more pushes, then more completed requests (appended in order by
@@ -160,6 +207,54 @@ pub fn split_handover(answer: HandoverResponse, budget: usize) -> Vec<HandoverRe
     out
 }
 
+/// Splits a Stage into chunks of about `budget` bytes (as
+/// [`split_handover`]: the first carries the epoch, the sender and every
+/// field of the state, later ones only more of its lists).
+pub fn split_stage(req: StageRequest, budget: usize) -> Vec<StageRequest> {
+    let StageRequest {
+        state,
+        epoch,
+        from_node,
+    } = req;
+    let answer = HandoverResponse { found: true, state };
+    let mut chunks = split_handover(answer, budget).into_iter();
+    let mut out = Vec::new();
+    if let Some(first) = chunks.next() {
+        out.push(StageRequest {
+            state: first.state,
+            epoch,
+            from_node,
+        });
+    }
+    out.extend(chunks.map(|c| StageRequest {
+        state: c.state,
+        ..Default::default()
+    }));
+    out
+}
+
+/// Reassembles the chunks of [`split_stage`].
+pub fn join_stage(chunks: Vec<StageRequest>) -> StageRequest {
+    let Some(first) = chunks.first() else {
+        return StageRequest::default();
+    };
+    let (epoch, from_node) = (first.epoch, first.from_node.clone());
+    let whole = join_handover(
+        chunks
+            .into_iter()
+            .map(|c| HandoverResponse {
+                found: true,
+                state: c.state,
+            })
+            .collect(),
+    );
+    StageRequest {
+        state: whole.state,
+        epoch,
+        from_node,
+    }
+}
+
 /// Reassembles the chunks of [`split_handover`].
 pub fn join_handover(chunks: Vec<HandoverResponse>) -> HandoverResponse {
     let mut chunks = chunks.into_iter();
@@ -184,6 +279,10 @@ pub enum CallFailure {
     Status(Status),
     /// No answer (or no next chunk) within [`PEER_TIMEOUT`].
     Timeout,
+    /// The stream broke after its first chunk (an error or a silence
+    /// mid-way): the peer answered, but not whole. A handover's sender keeps
+    /// the state for a retry then.
+    Broken(String),
 }
 
 /// Every message of a server stream, each within [`PEER_TIMEOUT`] of the
@@ -199,8 +298,10 @@ pub async fn collect_stream<T>(
     let mut out = Vec::new();
     loop {
         match tokio::time::timeout(PEER_TIMEOUT, stream.message()).await {
-            Err(_) => return Err(CallFailure::Timeout),
-            Ok(Err(status)) => return Err(CallFailure::Status(status)),
+            Err(_) if out.is_empty() => return Err(CallFailure::Timeout),
+            Ok(Err(status)) if out.is_empty() => return Err(CallFailure::Status(status)),
+            Err(_) => return Err(CallFailure::Broken("no next chunk in time".into())),
+            Ok(Err(status)) => return Err(CallFailure::Broken(status.to_string())),
             Ok(Ok(None)) => return Ok(out),
             Ok(Ok(Some(m))) => out.push(m),
         }
@@ -237,11 +338,23 @@ impl Peer for PeerService {
         &self,
         request: Request<HandoverRequest>,
     ) -> Result<Response<Self::HandoverStreamStream>, Status> {
+        let (openid, epoch) = (request.get_ref().openid.clone(), request.get_ref().epoch);
         let answer = self.handover(request).await?.into_inner();
-        Ok(Response::new(stream_of(split_handover(
-            answer,
-            CHUNK_BYTES,
-        ))))
+        let Some(state) = answer.state.clone().filter(|_| answer.found) else {
+            return Ok(Response::new(stream_of(vec![answer])));
+        };
+        // Until the last chunk is out, the state is kept: a stream broken
+        // mid-way gives it back to the table, for the asker's retry.
+        let unsent = Unsent {
+            node: self.node.clone(),
+            openid,
+            epoch,
+            state: Some(state),
+        };
+        Ok(Response::new(guarded_stream(
+            split_handover(answer, CHUNK_BYTES),
+            unsent,
+        )))
     }
 
     async fn fetch_replica_stream(
@@ -284,6 +397,26 @@ impl Peer for PeerService {
         }
     }
 
+    async fn stage_stream(
+        &self,
+        request: Request<tonic::Streaming<StageRequest>>,
+    ) -> Result<Response<StageResponse>, Status> {
+        self.alive()?;
+        let mut stream = request.into_inner();
+        let mut chunks = Vec::new();
+        loop {
+            match tokio::time::timeout(PEER_TIMEOUT, stream.message()).await {
+                Err(_) => return Err(Status::deadline_exceeded("no next stage chunk in time")),
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => chunks.push(chunk),
+            }
+        }
+        // Installed only whole: a broken stream stages nothing (the drainer
+        // takes the session back).
+        self.stage(Request::new(join_stage(chunks))).await
+    }
+
     async fn stage(
         &self,
         request: Request<StageRequest>,
@@ -294,12 +427,11 @@ impl Peer for PeerService {
             .state
             .ok_or_else(|| Status::invalid_argument("state is required"))?;
         let openid = state.openid.clone();
-        let view_owner = self.node.cluster.as_ref().and_then(|c| {
-            c.view()
-                .owners
-                .get(&openid)
-                .map(|o| (o.owner_node.clone(), o.epoch))
-        });
+        let view_owner = self
+            .node
+            .cluster
+            .as_ref()
+            .and_then(|c| c.known_owner(&openid));
         self.node
             .registry
             .install_as(
@@ -531,6 +663,17 @@ async fn ask_handover(
             node.metrics.handovers.with_label_values(&["timeout"]).inc();
             return (Reach::NoAnswer, TakeOver::NotHandedOver);
         }
+        Err(CallFailure::Broken(error)) => {
+            // The owner keeps the state it could not send whole: ask again.
+            tracing::info!(
+                openid,
+                previous_owner,
+                error,
+                "handover stream broke mid-way"
+            );
+            node.metrics.handovers.with_label_values(&["broken"]).inc();
+            return (Reach::NoAnswer, TakeOver::NotHandedOver);
+        }
     };
     let Some(state) = answer.state.filter(|_| answer.found) else {
         node.metrics
@@ -539,12 +682,7 @@ async fn ask_handover(
             .inc();
         return (Reach::Answered, TakeOver::NotHandedOver);
     };
-    let view_owner = node.cluster.as_ref().and_then(|c| {
-        c.view()
-            .owners
-            .get(openid)
-            .map(|o| (o.owner_node.clone(), o.epoch))
-    });
+    let view_owner = node.cluster.as_ref().and_then(|c| c.known_owner(openid));
     match node.registry.install_as(
         state,
         epoch,

@@ -482,6 +482,19 @@ impl Registry {
     /// (`Peer.Handover`): the local copy (or the state kept after fencing)
     /// is exported and the slot becomes `Moved`; the client's connection is
     /// closed. `Ok(None)`: nothing to hand over here. Epoch 0 is refused.
+    /// The stream of a handover to the asker at `epoch` broke before its
+    /// end: the state is kept here (fenced, for the asker's retry) if the
+    /// session did not move on since. Whether it was kept.
+    pub fn handover_broken(
+        &self,
+        openid: &str,
+        epoch: u64,
+        state: gatesvr_proto::session::SessionState,
+    ) -> bool {
+        let now = Instant::now();
+        self.with_table(|t| t.handover_broken(now, openid, epoch, state))
+    }
+
     pub fn hand_over(
         &self,
         openid: &str,
@@ -549,12 +562,7 @@ impl Registry {
     /// (`cluster`) shows it owned elsewhere at a newer epoch by now.
     pub fn take_back(&self, entry: &Arc<SessionEntry>, cluster: Option<&crate::cluster::Cluster>) {
         let now = Instant::now();
-        let view_owner = cluster.and_then(|c| {
-            c.view()
-                .owners
-                .get(&entry.identity.openid)
-                .map(|o| (o.owner_node.clone(), o.epoch))
-        });
+        let view_owner = cluster.and_then(|c| c.known_owner(&entry.identity.openid));
         let commands = self.with_table(|t| {
             t.take_back(
                 now,
@@ -586,12 +594,7 @@ impl Registry {
         cluster: Option<&crate::cluster::Cluster>,
     ) {
         let now = Instant::now();
-        let view_owner = cluster.and_then(|c| {
-            c.view()
-                .owners
-                .get(&entry.identity.openid)
-                .map(|o| (o.owner_node.clone(), o.epoch))
-        });
+        let view_owner = cluster.and_then(|c| c.known_owner(&entry.identity.openid));
         let commands = self.with_table(|t| {
             t.claimed(
                 now,

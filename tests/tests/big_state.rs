@@ -7,7 +7,11 @@
 //! - a crash failover that fetches a replica of 1,024 durable 4 KB pushes
 //!   from the standby recovers every one of them;
 //! - a restarted data plane whose watch snapshot is over 4 MiB never reports
-//!   ready before the whole snapshot is applied.
+//!   ready before the whole snapshot is applied;
+//! - a handover stream broken after its first chunk loses nothing: the old
+//!   owner keeps the state, and the retried handover gets all of it;
+//! - a drain stages a session whose state is over the 16 MiB message limit
+//!   (1,024 unacked 17 KB pushes) on its successor whole, in chunks.
 
 use gatesvr_proto::client::ResumeStatus;
 use gatesvr_proto::control::control_plane_client::ControlPlaneClient;
@@ -164,6 +168,9 @@ async fn restarted_data_plane_is_ready_only_with_its_whole_view() {
     .unwrap();
     let mut cp = ControlPlaneClient::new(channel)
         .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES);
+    // The owners are the restarted node's own: its watch is scoped to the
+    // sessions it owns (other nodes' are looked up on demand).
+    let restarting = cluster.dps[1].node().config.node_id.clone();
     for batch in 0..OWNERS / 2000 {
         let claims = (0..2000)
             .map(|i| {
@@ -177,7 +184,7 @@ async fn restarted_data_plane_is_ready_only_with_its_whole_view() {
             .collect();
         let r = cp
             .claim_sessions(ClaimSessionsRequest {
-                node_id: "dp-1".into(),
+                node_id: restarting.clone(),
                 claims,
             })
             .await
@@ -222,4 +229,130 @@ async fn restarted_data_plane_is_ready_only_with_its_whole_view() {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_stream_broken_mid_way_keeps_the_session_for_a_retry() {
+    use gatesvr_proto::peer::HandoverRequest;
+    use gatesvr_proto::peer::peer_client::PeerClient;
+    let cluster = TestCluster::start(2, |_| {}).await;
+    let client = Client::connect(cluster.client_config(0, "broken"))
+        .await
+        .unwrap();
+    assert!(matches!(next(&client).await, Event::Connected { .. }));
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=PUSHES {
+        gw.push_to_client(big("broken", n, false)).await.unwrap();
+    }
+    let old = cluster.dps[0].node().clone();
+    let entry = old.registry.get("broken").unwrap();
+    let held = entry.state.lock().epoch();
+    assert!(held > 0);
+    let request = HandoverRequest {
+        openid: "broken".into(),
+        session_id: entry.identity.session_id.clone(),
+        epoch: held + 1,
+        new_owner: "dp-2".into(),
+    };
+    let mut peer = PeerClient::connect(format!("http://{}", cluster.dps[0].grpc_addr()))
+        .await
+        .unwrap();
+    // The new owner reads the first chunk, then the stream breaks.
+    let mut stream = peer
+        .handover_stream(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first chunk");
+    let first_pushes = first.state.as_ref().map_or(0, |s| s.pushes.len()) as u64;
+    assert!(
+        first.found && first_pushes < PUSHES,
+        "more chunks were to follow"
+    );
+    drop(stream);
+    // Its retry (the same claim, the same epoch) gets the session whole.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let whole = loop {
+        let mut stream = peer
+            .handover_stream(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            chunks.push(chunk);
+        }
+        let answer = gatesvr_dataplane::peer::join_handover(chunks);
+        if answer.found {
+            break answer.state.unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broken handover lost the session: neither node holds it"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(whole.pushes.len() as u64, PUSHES, "every push, once");
+    let seqs: Vec<u64> = whole.pushes.iter().map(|p| p.seq_id).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order, no gap"
+    );
+    assert_eq!(
+        old.metrics
+            .handovers
+            .with_label_values(&["stream_broken"])
+            .get(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_stages_a_session_over_the_message_limit_in_chunks() {
+    // 1,024 pushes of 17 KB: a state over MAX_MESSAGE_BYTES (16 MiB), which
+    // one Stage message could not carry (4 KB pushes make 4 MiB: under it).
+    const BIG_PUSH: usize = 17 << 10;
+    let cluster = TestCluster::start(2, |cfg| {
+        cfg.server.max_queue_bytes = 32 << 20;
+    })
+    .await;
+    let client = Client::connect(cluster.client_config(0, "staged"))
+        .await
+        .unwrap();
+    assert!(matches!(next(&client).await, Event::Connected { .. }));
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=PUSHES {
+        let push = PushToClientRequest {
+            data: vec![(n % 251) as u8; BIG_PUSH],
+            ..push("staged", n)
+        };
+        gw.push_to_client(push).await.unwrap();
+    }
+    let exported = cluster.dps[0]
+        .node()
+        .registry
+        .get("staged")
+        .unwrap()
+        .state
+        .lock()
+        .export();
+    assert!(
+        exported.encoded_len() > gatesvr_proto::limits::MAX_MESSAGE_BYTES,
+        "the state ({} bytes) is over the message limit",
+        exported.encoded_len()
+    );
+    let report = cluster.dps[0].drain().await;
+    assert_eq!(report.staged, 1, "{report:?}");
+    let successor = cluster.dps[1].node().clone();
+    let staged = successor.registry.get("staged").expect("staged on dp-2");
+    let state = staged.state.lock().export();
+    assert_eq!(state.pushes.len() as u64, PUSHES, "every push, once");
+    assert!(
+        state
+            .pushes
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.seq_id == i as u64 + 1 && p.data.len() == BIG_PUSH),
+        "in order, whole"
+    );
 }

@@ -61,12 +61,18 @@ async fn takeover_by_reconnecting_elsewhere_loses_nothing() {
     log.collect_until(&client, 0).await;
     // Pushes enter at node 3; alice's session lives on node 1: routed to the owner.
     let mut gw = cluster.gateway(2).await;
-    // Node 3 learns the owner from its watch a moment after the Start.
-    let dp3 = cluster.dps[2].node().cluster.clone().unwrap();
-    eventually("node 3 knows alice's owner", || {
-        dp3.view().owners.contains_key("alice")
+    // Node 3's watch is scoped to its own sessions: it looks alice's owner
+    // up (LookupOwners) once the claim is committed.
+    let dp1 = cluster.dps[0].node().cluster.clone().unwrap();
+    eventually("alice's claim is committed", || {
+        dp1.view().owners.contains_key("alice")
     })
     .await;
+    let dp3 = cluster.dps[2].node().cluster.clone().unwrap();
+    assert!(
+        !dp3.view().owners.contains_key("alice"),
+        "not node 3's session"
+    );
     for n in 1..=100 {
         let r = gw
             .push_to_client(push("alice", n))
@@ -75,6 +81,12 @@ async fn takeover_by_reconnecting_elsewhere_loses_nothing() {
             .into_inner();
         assert_eq!(r.node_id, "dp-1", "queued by the owner");
     }
+    let lookups = &cluster.dps[2].node().metrics.owner_lookups;
+    assert_eq!(
+        lookups.with_label_values(&["found"]).get(),
+        1,
+        "looked up once, then cached"
+    );
     log.collect_until(&client, 50).await;
     // The load balancer sends the reconnect to node 2, while pushes continue.
     client.reconnect_to(cluster.dps[1].quic_addr());
@@ -288,9 +300,9 @@ async fn internal_grpc_runs_over_mtls_with_a_token_option_for_upstreams() {
         .await
         .unwrap();
     let mut gw = GatewayServiceClient::new(channel);
-    let dp2 = cluster.dps[1].node().cluster.clone().unwrap();
-    eventually("node 2 knows the owner", || {
-        dp2.view().owners.contains_key("tls-user")
+    let dp1 = cluster.dps[0].node().cluster.clone().unwrap();
+    eventually("the owner's claim is committed", || {
+        dp1.view().owners.contains_key("tls-user")
     })
     .await;
     for n in 1..=5 {

@@ -573,6 +573,7 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
                 from_version: 0,
                 node_id: "dp-1".into(),
                 chunked_snapshot: true,
+                ..Default::default()
             })
             .await;
         note("ControlPlane.Watch", got_through(&r));
@@ -607,6 +608,14 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
             })
             .await;
         note("ControlPlane.TransferSession", got_through(&r));
+        let r = c
+            .lookup_owners(cp::LookupOwnersRequest {
+                node_id: "dp-1".into(),
+                openids: vec![victim.into()],
+                session_ids: Vec::new(),
+            })
+            .await;
+        note("ControlPlane.LookupOwners", got_through(&r));
 
         // Peer: data-plane nodes only (a data-plane certificate may call it).
         if a.role != Some(Role::DataPlane) {
@@ -628,6 +637,14 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
                 })
                 .await;
             note("Peer.Stage", got_through(&r));
+            let r = p
+                .stage_stream(futures::stream::iter(vec![peer_pb::StageRequest {
+                    state: None,
+                    epoch: 0,
+                    from_node: "evil".into(),
+                }]))
+                .await;
+            note("Peer.StageStream", got_through(&r));
             let r = p
                 .replicate(peer_pb::ReplicateRequest {
                     openid: victim.into(),

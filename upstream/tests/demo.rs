@@ -391,6 +391,13 @@ impl ControlPlane for FakeControlPlane {
     ) -> Result<Response<LeaveNodeResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn lookup_owners(
+        &self,
+        _: Request<gatesvr_proto::control::LookupOwnersRequest>,
+    ) -> Result<Response<gatesvr_proto::control::LookupOwnersResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 #[tokio::test]

@@ -268,9 +268,10 @@ async fn drive(
     all
 }
 
-/// A raw Watch from scratch as a new node would open it: (time to the whole snapshot, bytes of
-/// its messages, owners in it).
-async fn raw_watch(cps: &[Cp], node_id: &str) -> Result<(Duration, u64, usize)> {
+/// A raw Watch from scratch as a new node would open it (`scoped`, as the data plane does; or
+/// unscoped, every owner, as before issue 13's scoped watch): (time to the whole snapshot,
+/// bytes of its messages, owners in it).
+async fn raw_watch(cps: &[Cp], node_id: &str, scoped: bool) -> Result<(Duration, u64, usize)> {
     let t0 = Instant::now();
     let mut client = ControlPlaneClient::connect(format!("http://{}", cps[0].grpc))
         .await?
@@ -280,6 +281,7 @@ async fn raw_watch(cps: &[Cp], node_id: &str) -> Result<(Duration, u64, usize)> 
             from_version: 0,
             node_id: node_id.into(),
             chunked_snapshot: true,
+            scoped,
         })
         .await?
         .into_inner();
@@ -325,12 +327,18 @@ async fn ready_fields(rep: &mut Report, cps: &[Cp], tag: &str) -> Result<()> {
     let (t, owners) = new_node_ready(cps, &format!("dp-new-{tag}")).await?;
     rep.field(&format!("{tag}_new_node_ready_ms"), t.as_secs_f64() * 1e3);
     rep.field(&format!("{tag}_new_node_view_owners"), owners as f64);
-    let (rt, bytes, raw_owners) = raw_watch(cps, &format!("dp-raw-{tag}")).await?;
+    let (rt, bytes, raw_owners) = raw_watch(cps, &format!("dp-raw-{tag}"), false).await?;
     rep.field(&format!("{tag}_watch_snapshot_ms"), rt.as_secs_f64() * 1e3);
     rep.field(&format!("{tag}_watch_snapshot_bytes"), bytes as f64);
     rep.field(&format!("{tag}_watch_snapshot_owners"), raw_owners as f64);
+    // What a new node really receives: the scoped snapshot (nodes, upstreams, its own owners).
+    let (_, scoped_bytes, _) = raw_watch(cps, &format!("dp-raw-{tag}"), true).await?;
+    rep.field(
+        &format!("{tag}_scoped_watch_snapshot_bytes"),
+        scoped_bytes as f64,
+    );
     progress(format!(
-        "scale: {tag}: a new node is ready in {:.0} ms ({owners} owners); raw snapshot {bytes} B",
+        "scale: {tag}: a new node is ready in {:.0} ms ({owners} owners); raw snapshot {bytes} B, scoped {scoped_bytes} B",
         t.as_secs_f64() * 1e3
     ));
     Ok(())

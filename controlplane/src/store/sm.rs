@@ -78,24 +78,27 @@ impl SmHandle {
 
     /// Starts a watch: the events to send first (deltas after `from_version` if still in the
     /// ring, else a snapshot, in chunks if `chunked`) and a receiver for everything after them.
+    /// A watcher scoped to node `scope` gets only what concerns it (`watch::HubEvent`).
     pub fn watch_from(
         &self,
         from_version: u64,
         chunked: bool,
+        scope: Option<&str>,
     ) -> (Vec<WatchEvent>, broadcast::Receiver<HubMsg>) {
         let inner = self.read();
         let rx = inner.hub.subscribe();
-        let first = match inner.hub.since(from_version, inner.state.version) {
+        let first = match inner.hub.since(from_version, inner.state.version, scope) {
             Some(events) => events,
-            None => snapshot_events(&inner.state, chunked),
+            None => snapshot_events(&inner.state, chunked, scope),
         };
         (first, rx)
     }
 
     /// The current state as snapshot events: one, or chunks of about
-    /// [`gatesvr_proto::limits::CHUNK_BYTES`] for a watcher that takes them.
-    pub fn snapshot_events(&self, chunked: bool) -> Vec<WatchEvent> {
-        snapshot_events(&self.read().state, chunked)
+    /// [`gatesvr_proto::limits::CHUNK_BYTES`] for a watcher that takes them
+    /// (only the owners of node `scope`, if set).
+    pub fn snapshot_events(&self, chunked: bool, scope: Option<&str>) -> Vec<WatchEvent> {
+        snapshot_events(&self.read().state, chunked, scope)
     }
 
     /// Receivers of the watch broadcast (watch streams, plus the metrics counter).
@@ -119,14 +122,14 @@ impl SmHandle {
     }
 }
 
-fn snapshot_events(st: &State, chunked: bool) -> Vec<WatchEvent> {
+fn snapshot_events(st: &State, chunked: bool, scope: Option<&str>) -> Vec<WatchEvent> {
     if !chunked {
         return vec![WatchEvent {
             version: st.version,
-            event: Some(watch_event::Event::Snapshot(convert::snapshot(st))),
+            event: Some(watch_event::Event::Snapshot(convert::snapshot(st, scope))),
         }];
     }
-    convert::snapshot_chunks(st, gatesvr_proto::limits::CHUNK_BYTES)
+    convert::snapshot_chunks(st, gatesvr_proto::limits::CHUNK_BYTES, scope)
         .into_iter()
         .enumerate()
         .map(|(i, chunk)| WatchEvent {
@@ -361,7 +364,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         // Events show the value right after this command.
                         for t in &touched[from..] {
                             if let Some(v) = t.version {
-                                events.push(convert::event(&inner.state, &t.key, v));
+                                events.push(convert::hub_event(&inner.state, t, v));
                             }
                         }
                     }

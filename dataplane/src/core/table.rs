@@ -676,6 +676,36 @@ impl<H: SessionCell> Table<H> {
         }
     }
 
+    /// The state handed over to a peer at `epoch` did not reach it whole
+    /// (its stream broke): if the slot still says the session went there at
+    /// that epoch, the state waits here as a fenced copy for that owner, so
+    /// its retried Handover gets it. Whether it was kept.
+    pub fn handover_broken(
+        &mut self,
+        now: Instant,
+        openid: &str,
+        epoch: u64,
+        state: SessionState,
+    ) -> bool {
+        let owner = match self.slots.get(openid) {
+            Some(Slot::Moved {
+                to,
+                epoch: e,
+                staging: None,
+                ..
+            }) if *e == epoch => to.clone(),
+            _ => return false,
+        };
+        let slot = Slot::Fenced {
+            owner,
+            epoch,
+            state: Box::new(state),
+            until: now + self.cfg.fenced_ttl,
+        };
+        self.put(openid, slot);
+        true
+    }
+
     /// A drain's staging of `openid` failed: the exported session `handle`
     /// (unchanged since the export, since nothing reaches a moved session)
     /// is held here again as it was (served; staged if its own transfer never

@@ -992,7 +992,9 @@ impl World {
                 self.timer(name, 50, Timer::RetryPush(Box::new(body)));
             }
             PushOutcome::Wait => self.reply_up(id, openid, durable, false),
-            PushOutcome::Absent => match owner {
+            // Not here: the owner is looked up (a scoped view knows only
+            // this node's sessions; a cached foreign owner is refreshed).
+            PushOutcome::Absent => match self.lookup_owner(name, &openid).or(owner) {
                 Some((o, _)) if hops == 0 && o != name => self.forward(name, &o, body, hops),
                 _ => self.reply_up(id, openid, durable, false),
             },
@@ -1283,10 +1285,12 @@ impl World {
                 }
             }
             Watch::Snapshot => {
+                // Scoped: this node's own sessions only.
                 let owners: HashMap<String, (String, u64)> = self
                     .cp
                     .owners
                     .iter()
+                    .filter(|(_, r)| r.owner_node == name)
                     .map(|(o, r)| (o.clone(), (r.owner_node.clone(), r.epoch)))
                     .collect();
                 let nodes: BTreeMap<String, DataPlaneNode> = self
@@ -1305,6 +1309,27 @@ impl World {
                 let view = node.view_owners.clone();
                 let cmds = node.table.reconcile(now, |o| view.get(o).cloned());
                 self.carry(name, cmds);
+                // A local session the scoped snapshot does not name is
+                // looked up (`Cluster::resolve_missing`): owned elsewhere,
+                // it is fenced.
+                let missing: Vec<String> = self
+                    .node(name)
+                    .table
+                    .locals()
+                    .map(|h| h.identity().openid.clone())
+                    .filter(|o| !view.contains_key(o))
+                    .collect();
+                for openid in missing {
+                    if let Some((owner, epoch)) = self.lookup_owner(name, &openid)
+                        && owner != name
+                    {
+                        let cmds = self
+                            .node(name)
+                            .table
+                            .owner_changed(now, &openid, &owner, epoch);
+                        self.carry(name, cmds);
+                    }
+                }
             }
         }
     }

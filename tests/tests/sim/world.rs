@@ -551,7 +551,9 @@ impl World {
         self.now >= self.cp_down_until && !self.cp_partitioned.contains(node)
     }
 
-    /// Applies `cmd` with the real state machine and sends the watch events.
+    /// Applies `cmd` with the real state machine and sends the watch events,
+    /// scoped as the real watch is (`Touched::concerns`): an owner record
+    /// only to its owner and the node that owned it just before.
     pub fn cp_apply(&mut self, cmd: Cmd) -> CmdResult {
         let mut touched: Vec<Touched> = Vec::new();
         let result = self
@@ -570,15 +572,35 @@ impl World {
                 Key::Node(id) => self.cp.nodes.get(id).map(|n| Watch::Node(proto_node(n))),
                 _ => None,
             };
+            let concerns = t.concerns(&self.cp);
             if let Some(event) = event {
-                self.broadcast_watch(event);
+                self.broadcast_watch(event, concerns.as_deref());
             }
         }
         result
     }
 
-    fn broadcast_watch(&mut self, event: Watch) {
-        let names: Vec<String> = self.nodes.keys().cloned().collect();
+    /// `LookupOwners` from node `name`: the owner of `openid` now, if the
+    /// control plane answers (a scoped view does not carry other nodes'
+    /// sessions; the shell looks one up when a push needs it).
+    pub fn lookup_owner(&self, name: &str, openid: &str) -> Option<(String, u64)> {
+        if !self.cp_reachable(name) {
+            return None;
+        }
+        self.cp
+            .owners
+            .get(openid)
+            .map(|o| (o.owner_node.clone(), o.epoch))
+    }
+
+    /// Sends `event` on the watch of every node `to` names (`None`: all).
+    fn broadcast_watch(&mut self, event: Watch, to: Option<&[String]>) {
+        let names: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| to.is_none_or(|to| to.contains(n)))
+            .cloned()
+            .collect();
         for name in names {
             let Some(node) = self.nodes.get_mut(&name) else {
                 continue;
