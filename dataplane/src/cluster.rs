@@ -388,6 +388,9 @@ pub struct Cluster {
     /// This node's lease as far as it can tell (renewals by send time): a
     /// durable push is acknowledged only while it surely holds (`core::lease`).
     lease: Mutex<crate::core::Lease>,
+    /// Woken on every lease renewal and view change (a durable push waiting
+    /// for the renewal in flight, `lease_wait`).
+    lease_changed: Notify,
 }
 
 /// One Start's claim, waiting to be sent.
@@ -478,6 +481,7 @@ impl Cluster {
             claim_calls: AtomicU64::new(0),
             claims_sent: AtomicU64::new(0),
             lease: Mutex::new(crate::core::Lease::default()),
+            lease_changed: Notify::new(),
         };
         cluster.load_state_file();
         Ok(cluster)
@@ -487,6 +491,24 @@ impl Cluster {
     /// node's control-plane lease surely still holds (`core::lease`).
     pub fn lease_check(&self, now: Instant) -> Result<(), crate::core::LeaseError> {
         self.lease.lock().check(now)
+    }
+
+    /// [`lease_check`](Self::lease_check), waiting up to `patience` for a
+    /// renewal (or the view catching up) when the lease does not hold now.
+    /// Heartbeats go out every third of the lease, so on a busy node or
+    /// control plane the renewal in flight is usually what is missing; only
+    /// if none lands in time is the push refused.
+    pub async fn lease_wait(&self, patience: Duration) -> Result<(), crate::core::LeaseError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let changed = self.lease_changed.notified();
+            match self.lease_check(Instant::now()) {
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    let _ = tokio::time::timeout_at(deadline, changed).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     pub fn node_id(&self) -> &str {
@@ -1074,6 +1096,7 @@ impl Cluster {
                             self.drain_requested.notify_one();
                         }
                         self.lease.lock().renewed(sent, lease_ttl);
+                        self.lease_changed.notify_waiters();
                         true
                     }
                     // Unknown to the control plane, or declared dead after a lapse (e.g. a
@@ -1120,6 +1143,7 @@ impl Cluster {
                             lease_ttl = Duration::from_millis(u64::from(r.lease_ttl_ms));
                         }
                         self.lease.lock().renewed(sent, lease_ttl);
+                        self.lease_changed.notify_waiters();
                         tracing::info!(node = %self.node_id, lease_ms = r.lease_ttl_ms, "registered with the control plane");
                         true
                     }
@@ -1248,6 +1272,7 @@ impl Cluster {
             self.lease
                 .lock()
                 .view_changed(Instant::now(), live, snapshot);
+            self.lease_changed.notify_waiters();
         }
         if let Some(owner) = moved
             && let Some(f) = self.on_owner_moved.lock().as_ref()

@@ -164,7 +164,7 @@ impl Gateway {
                     "cannot make the push durable: no standby node is available to replicate it to; not queued",
                 ));
             }
-            self.lease_check(false)?;
+            self.lease_check(false).await?;
             standby
         } else {
             None
@@ -264,13 +264,16 @@ impl Gateway {
     /// client that reconnected elsewhere had its session rebuilt from the
     /// replicas: a push acknowledged here now would be lost. Counted in
     /// `gatesvr_durable_pushes_total{outcome="lease_lapsed"}` (and
-    /// `lease_rejoining`, `lease_not_held`); refused with UNAVAILABLE.
-    fn lease_check(&self, queued: bool) -> Result<(), Status> {
+    /// `lease_rejoining`, `lease_not_held`); refused with UNAVAILABLE. A
+    /// lease that does not hold right now is waited for up to a third of the
+    /// lease time (a heartbeat interval): the renewal in flight usually lands.
+    async fn lease_check(&self, queued: bool) -> Result<(), Status> {
         let node = &self.node;
         let Some(cluster) = &node.cluster else {
             return Ok(());
         };
-        cluster.lease_check(std::time::Instant::now()).map_err(|e| {
+        let patience = node.config.control_plane.lease_ttl / 3;
+        cluster.lease_wait(patience).await.map_err(|e| {
             node.metrics
                 .durable_pushes
                 .with_label_values(&[e.label()])
@@ -298,10 +301,12 @@ impl Gateway {
         match crate::replica::replicate(node, &receipt.entry, standby, vec![push]).await {
             // Checked again now: the lease may have lapsed while the copy
             // travelled, and the answer is what must not be a silent OK.
-            Ok(()) if self.lease_check(true).is_err() => Err(Status::unavailable(format!(
-                "cannot make the push durable: this node's control-plane lease may have lapsed; it was queued as seq {seq} and may still be delivered, but is not durable"
-            ))),
             Ok(()) => {
+                if self.lease_check(true).await.is_err() {
+                    return Err(Status::unavailable(format!(
+                        "cannot make the push durable: this node's control-plane lease may have lapsed; it was queued as seq {seq} and may still be delivered, but is not durable"
+                    )));
+                }
                 node.metrics
                     .durable_pushes
                     .with_label_values(&["replicated"])
