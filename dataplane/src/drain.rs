@@ -323,3 +323,58 @@ async fn stage(
         _ => false,
     }
 }
+
+/// Before a node with `upstream.protocol: stream` stops: its upstream streams
+/// take no new request (each link sends `drain`; a new request is refused
+/// unexecuted, UPSTREAM_UNAVAILABLE), the requests already on them are
+/// answered, or at `min(upstream_timeout, server.drain_timeout)` fail
+/// explicitly (outcome unknown), and those answers are written to the clients
+/// before the connections close. Never a silent drop: without this the
+/// endpoint closed under them (docs/protocol.md §14).
+pub(crate) async fn drain_upstream_streams(node: &Node) {
+    use crate::upstream::UpstreamProtocol;
+    let crate::handler::Handler::Upstream(router) = &node.handler else {
+        return;
+    };
+    if router.config().protocol != UpstreamProtocol::Stream {
+        return;
+    }
+    router.drain_streams().await;
+    let in_flight = || {
+        router.stream_requests_outstanding() > 0
+            || node
+                .registry
+                .all()
+                .iter()
+                .any(|e| e.state.lock().stats().requests_in_flight > 0)
+    };
+    if !in_flight() {
+        return;
+    }
+    let grace = router
+        .config()
+        .upstream_timeout
+        .min(node.config.server.drain_timeout);
+    let deadline = Instant::now() + grace;
+    while in_flight() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if router.stream_requests_outstanding() > 0 {
+        tracing::warn!(
+            requests = router.stream_requests_outstanding(),
+            "upstream stream requests unanswered at shutdown; failing them (outcome unknown)"
+        );
+        router.abandon_streams().await;
+    }
+    // The connection tasks write those answers; give them a moment before
+    // the endpoint closes (closing discards unsent stream data).
+    let flush = Instant::now() + STREAM_DRAIN_FLUSH;
+    while in_flight() && Instant::now() < flush {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Longest [`drain_upstream_streams`] waits for failed requests' answers to
+/// be written after failing them.
+const STREAM_DRAIN_FLUSH: Duration = Duration::from_secs(1);

@@ -621,10 +621,9 @@ impl DataPlane {
 
     /// Closes every connection (code 0) and stops all listeners.
     pub async fn shutdown(self) {
-        if let Handler::Upstream(router) = &self.node.handler {
-            // Upstreams learn on their streams that no new requests come.
-            router.drain_streams().await;
-        }
+        // Upstream streams take no new request; what is on them is answered
+        // or failed explicitly before the connections close.
+        drain::drain_upstream_streams(&self.node).await;
         self.cancel.cancel();
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"server shutting down");

@@ -200,6 +200,15 @@ impl UpstreamRouter {
         }
     }
 
+    /// Fails every request still outstanding on an upstream stream with an
+    /// explicit outcome-unknown error (the node is stopping).
+    pub async fn abandon_streams(&self) {
+        let links: Vec<_> = self.streams.lock().values().cloned().collect();
+        for link in links {
+            link.abandon().await;
+        }
+    }
+
     /// The stream link to `addr`, made on first use.
     fn stream_link(&self, addr: &Arc<str>, channel: Channel) -> Arc<stream::StreamLink> {
         self.streams

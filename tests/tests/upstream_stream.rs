@@ -7,6 +7,13 @@
 //!   every request is answered, and each is executed exactly once;
 //! - a stalled upstream holds at most its request window on the data plane:
 //!   the rest is refused unexecuted at once, and runs when retried;
+//! - an upstream that stops reading its stream altogether (and announces no
+//!   window of its own) holds at most the node's `stream_max_requests_in_flight`:
+//!   the rest is refused unexecuted with UPSTREAM_OVERLOADED, and the held
+//!   ones fail explicitly when the stream ends;
+//! - across a data-plane stop (drain, shutdown) with requests on the stream:
+//!   the stream takes no new request (refused unexecuted), the ones on it are
+//!   answered or, past the drain's deadline, failed explicitly; each ran once;
 //! - an upstream pushes through the same stream, and the client gets it.
 
 use std::collections::HashMap;
@@ -445,4 +452,217 @@ async fn an_instance_removed_from_routing_loses_its_stream() {
         instance.upstream.streams() == 0
     })
     .await;
+}
+
+/// An upstream that says hello on every stream and then never reads it: the
+/// frames the data plane sends pile up in HTTP/2 buffers until flow control
+/// stops them. Its streams end when `end` is cancelled.
+#[derive(Clone, Default)]
+struct Unreading {
+    held: Arc<Mutex<Vec<tonic::Streaming<gatesvr_upstream_sdk::proto::GatewayFrame>>>>,
+    end: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl gatesvr_upstream_sdk::proto::upstream_stream_service_server::UpstreamStreamService
+    for Unreading
+{
+    type OpenStream = futures::stream::BoxStream<
+        'static,
+        Result<gatesvr_upstream_sdk::proto::UpstreamFrame, tonic::Status>,
+    >;
+
+    async fn open(
+        &self,
+        request: tonic::Request<tonic::Streaming<gatesvr_upstream_sdk::proto::GatewayFrame>>,
+    ) -> Result<tonic::Response<Self::OpenStream>, tonic::Status> {
+        use futures::StreamExt;
+        use gatesvr_upstream_sdk::proto::{UpstreamFrame, UpstreamHello, upstream_frame::Body};
+        self.held.lock().push(request.into_inner());
+        let hello = UpstreamFrame {
+            body: Some(Body::Hello(UpstreamHello {
+                version: 1,
+                service_name: "unreading".into(),
+                zone: "any".into(),
+                // 0: no window of its own; the node's bound applies.
+                max_requests_in_flight: 0,
+                serving: true,
+            })),
+        };
+        let end = self.end.clone();
+        let frames = futures::stream::once(async move { Ok(hello) }).chain(
+            futures::stream::once(async move { end.cancelled_owned().await })
+                .filter_map(|()| async { None }),
+        );
+        Ok(tonic::Response::new(frames.boxed()))
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_holds_only_the_nodes_window() {
+    const NODE_WINDOW: u32 = 16;
+    const SENT: u32 = 60;
+    let upstream = Unreading::default();
+    let (listener, addr) = bind().await;
+    let stop = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(
+            gatesvr_upstream_sdk::proto::upstream_stream_service_server::UpstreamStreamServiceServer::new(
+                upstream.clone(),
+            ),
+        )
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            stop.clone().cancelled_owned(),
+        );
+    tokio::spawn(server);
+    let addrs = vec![addr.to_string()];
+    let node = TestNode::start_routed(|c| {
+        c.upstream.protocol = UpstreamProtocol::Stream;
+        c.upstream.health_check_interval = Duration::ZERO;
+        c.upstream.stream_max_requests_in_flight = NODE_WINDOW;
+        c.zones.upstreams = (0..6)
+            .map(|z| StaticZone {
+                zone: gatesvr_proto::zone::zone_id(z),
+                addrs: addrs.clone(),
+            })
+            .collect();
+    })
+    .await;
+    let client = Arc::new(Client::connect(node.client_config("ria")).await.unwrap());
+
+    // 1 KiB each: what piles up would show.
+    let mut calls = Vec::new();
+    for i in 0..SENT {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            client.request(1, format!("{i:01024}")).await
+        }));
+    }
+    gatesvr_tests::eventually("all but the node's window answered", || {
+        calls.iter().filter(|c| c.is_finished()).count() == (SENT - NODE_WINDOW) as usize
+    })
+    .await;
+    let mut held = Vec::new();
+    for call in calls {
+        if !call.is_finished() {
+            held.push(call);
+            continue;
+        }
+        match call.await.unwrap() {
+            Err(RequestError::Gateway {
+                code,
+                retry_after_ms,
+                ..
+            }) => {
+                assert_eq!(code, ErrorCode::UpstreamOverloaded);
+                assert!(
+                    retry_after_ms > 0,
+                    "a not-executed refusal says when to retry"
+                );
+            }
+            other => panic!("expected UPSTREAM_OVERLOADED, got {other:?}"),
+        }
+    }
+    assert_eq!(held.len(), NODE_WINDOW as usize);
+    let m = node.metrics().await;
+    assert_eq!(
+        m.get("gatesvr_upstream_stream_requests_outstanding", &[]),
+        f64::from(NODE_WINDOW),
+        "the data plane holds its window, no more"
+    );
+    assert_eq!(upstream.held.lock().len(), 1, "one stream");
+
+    // The stream ends: every held request fails explicitly, outcome unknown.
+    upstream.end.cancel();
+    for call in held {
+        match call.await.unwrap() {
+            Err(RequestError::Gateway { code, message, .. }) => {
+                assert_eq!(code, ErrorCode::UpstreamError, "{message}");
+                assert!(message.starts_with("outcome unknown"), "{message}");
+            }
+            other => panic!("expected an explicit failure, got {other:?}"),
+        }
+    }
+    let gatesvr_dataplane::Handler::Upstream(router) = &node.dp.node().handler else {
+        unreachable!("a routed node")
+    };
+    assert_eq!(router.stream_requests_outstanding(), 0);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_stopping_node_answers_or_fails_what_is_on_its_streams() {
+    let app = App::new();
+    let (listener, addr) = bind().await;
+    let _instance = serve(&app, listener, 64).await;
+    let addrs = vec![addr.to_string()];
+    let node = TestNode::start_routed(|c| {
+        c.upstream.protocol = UpstreamProtocol::Stream;
+        c.upstream.health_check_interval = Duration::ZERO;
+        // How long the stop waits for what is on the streams.
+        c.server.drain_timeout = Duration::from_millis(1500);
+        c.zones.upstreams = (0..6)
+            .map(|z| StaticZone {
+                zone: gatesvr_proto::zone::zone_id(z),
+                addrs: addrs.clone(),
+            })
+            .collect();
+    })
+    .await;
+    let client = Arc::new(Client::connect(node.client_config("sol")).await.unwrap());
+
+    // 8 that finish within the stop's grace, 2 that never would.
+    let mut calls = Vec::new();
+    for payload in (0..8)
+        .map(|i| format!("slow:400:{i}"))
+        .chain((0..2).map(|i| format!("hold:{i}")))
+    {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            (payload.clone(), client.request(1, payload).await)
+        }));
+    }
+    gatesvr_tests::eventually("all ten on the stream", || app.executions().len() == 10).await;
+
+    let TestNode { dir: _dir, dp } = node;
+    let stopping = tokio::spawn(dp.shutdown());
+    // Once the stream drains, a new request is refused, unexecuted.
+    let mut late = 0;
+    let refused = loop {
+        late += 1;
+        assert!(late < 1000, "no request was ever refused");
+        let payload = format!("late:{late}");
+        match client.request(1, payload.clone()).await {
+            Ok(r) => assert_eq!(&r.payload[..], payload.as_bytes()),
+            Err(RequestError::Gateway { code, message, .. }) => {
+                assert_eq!(code, ErrorCode::UpstreamUnavailable, "{payload}: {message}");
+                break payload;
+            }
+            Err(e) => panic!("{payload}: {e}"),
+        }
+    };
+
+    for call in calls {
+        let (payload, answer) = call.await.unwrap();
+        match answer {
+            Ok(r) if payload.starts_with("slow:") => {
+                assert_eq!(&r.payload[..], payload.as_bytes());
+            }
+            Err(RequestError::Gateway { code, message, .. }) if payload.starts_with("hold:") => {
+                assert_eq!(code, ErrorCode::UpstreamError, "{payload}: {message}");
+                assert!(message.starts_with("outcome unknown"), "{message}");
+            }
+            other => panic!("{payload}: {other:?}"),
+        }
+    }
+    stopping.await.unwrap();
+    let executed = app.executions();
+    assert!(
+        !executed.contains_key(&refused),
+        "{refused} was refused, yet ran"
+    );
+    for (payload, n) in &executed {
+        assert_eq!(*n, 1, "{payload} executed {n} times");
+    }
 }

@@ -474,7 +474,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             "",
         ));
     }
-    rep.notes.push("GateSvr: BroadcastToClients (up to 8 calls in flight), every session acks (ClientAck); Mosquitto: QoS 1 both ways (PUBACK from the broker to the publisher and from every subscriber), max_inflight_messages 20 per subscriber; NATS core: no acknowledgements at all".into());
+    rep.notes.push("GateSvr: BroadcastToClients (up to 8 calls in flight), every session acks (ClientAck); Mosquitto: QoS 1 both ways (PUBACK from the broker to the publisher and from every subscriber), max_inflight_messages 1024 per subscriber (GateSvr's push window: session.max_queue, 1024 unacked); NATS core: no acknowledgements at all".into());
     rep.notes.push("server CPU us per delivery: utime+stime of the server process over a burst / deliveries; *_client_cpu_us_per_delivery (fields): the same for the load generator holding every subscriber".into());
     rep.notes.push("deliveries/s = messages x subscribers / (last delivery - first publish); every subscriber is its own TLS connection from the load generator (helper CPU)".into());
     drop((dp, nats, mosq));

@@ -251,6 +251,15 @@ impl StreamLink {
         }
     }
 
+    /// Fails every request still waiting on this link's stream at once
+    /// ([`CallError::Lost`]: outcome unknown): the node stops and will not
+    /// wait for their answers.
+    pub(crate) async fn abandon(&self) {
+        if let Some(live) = self.live.lock().await.as_ref() {
+            live.close();
+        }
+    }
+
     /// The live stream, dialled if there is none.
     async fn live(&self) -> Result<Arc<Live>, CallError> {
         let mut slot = self.live.lock().await;
