@@ -158,6 +158,15 @@ pub struct RaftConfig {
     pub snapshot_every: u64,
     /// Entries kept after a snapshot for slow followers (default 1000).
     pub keep_after_snapshot: u64,
+    /// Most log entries in one AppendEntries call (default 16; openraft's own default is 300).
+    /// openraft 0.9 gives each AppendEntries call `heartbeat_interval` to complete (send,
+    /// follower append + fdatasync, reply) and retries a call that misses it with the same
+    /// entries, so a call must fit in one heartbeat or a lagging follower never catches up.
+    /// An entry carries up to `batch.max_cmds` commands plus one caller's overflow (~150 B
+    /// each as JSON, ~1.2 MiB at the worst) or a 2,000-owner restore part (~240 KB): 16
+    /// entries stay under a few MB per call in practice and under the 64 MiB raft message
+    /// limit at the worst, while a follower 5,000 entries behind still catches up in ~300 calls.
+    pub max_payload_entries: u64,
     /// A write not committed in this long fails as unavailable (default 5s).
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
@@ -175,6 +184,7 @@ impl Default for RaftConfig {
             install_snapshot_timeout: Duration::from_secs(4),
             snapshot_every: 5000,
             keep_after_snapshot: 1000,
+            max_payload_entries: 16,
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(3),
         }
@@ -222,22 +232,29 @@ impl Default for LeaseConfig {
     }
 }
 
-/// Write batching: concurrent writes (claim storms) share one raft entry.
+/// Write batching (group commit): concurrent writes (claim storms) share one raft entry, and
+/// so one fdatasync on each member.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    /// How long the first write of a batch waits for company (default 1ms).
+    /// How long a batch waits for more writes once a commit slot is free (default 0: none;
+    /// writes that arrive while every slot is busy already queue into the next batch).
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Most commands in one entry (default 1024).
     pub max_cmds: usize,
+    /// Batches committed at once (default 2): one is flushed by the leader while the one
+    /// before it replicates. More means more, smaller entries (one leader fdatasync each, in
+    /// series); 1 means no overlap.
+    pub in_flight: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            linger: Duration::from_millis(1),
+            linger: Duration::ZERO,
             max_cmds: 1024,
+            in_flight: 2,
         }
     }
 }
@@ -421,8 +438,17 @@ impl Validate for ControlPlaneConfig {
                 "must be at least leases.orphaned_session_timeout",
             ));
         }
+        if r.max_payload_entries == 0 {
+            return Err(ConfigError::key(
+                "raft.max_payload_entries",
+                "must be positive",
+            ));
+        }
         if self.batch.max_cmds == 0 {
             return Err(ConfigError::key("batch.max_cmds", "must be positive"));
+        }
+        if self.batch.in_flight == 0 {
+            return Err(ConfigError::key("batch.in_flight", "must be positive"));
         }
         if self.cluster.bootstrap
             && !self.cluster.members.is_empty()
