@@ -158,14 +158,15 @@ pub struct RaftConfig {
     pub snapshot_every: u64,
     /// Entries kept after a snapshot for slow followers (default 1000).
     pub keep_after_snapshot: u64,
-    /// Most log entries in one AppendEntries call (default 16; openraft's own default is 300).
+    /// Most log entries in one AppendEntries call (default 8; openraft's own default is 300).
     /// openraft 0.9 gives each AppendEntries call `heartbeat_interval` to complete (send,
     /// follower append + fdatasync, reply) and retries a call that misses it with the same
     /// entries, so a call must fit in one heartbeat or a lagging follower never catches up.
-    /// An entry carries up to `batch.max_cmds` commands plus one caller's overflow (~150 B
-    /// each as JSON, ~1.2 MiB at the worst) or a 2,000-owner restore part (~240 KB): 16
-    /// entries stay under a few MB per call in practice and under the 64 MiB raft message
-    /// limit at the worst, while a follower 5,000 entries behind still catches up in ~300 calls.
+    /// An entry carries up to `batch.max_cmds` commands plus one caller's call (~150 B per
+    /// command as JSON, ~600 B with 256-character ids; a data plane sends up to 1,000 per
+    /// call, the API takes 10,000) or a 2,000-owner restore part (~240 KB): 8 entries are
+    /// ~1-2 MB per call in practice and stay under the 64 MiB raft message limit at the worst,
+    /// while a follower 5,000 entries behind still catches up in ~600 calls.
     pub max_payload_entries: u64,
     /// A write not committed in this long fails as unavailable (default 5s).
     #[serde(with = "humantime_serde")]
@@ -184,7 +185,7 @@ impl Default for RaftConfig {
             install_snapshot_timeout: Duration::from_secs(4),
             snapshot_every: 5000,
             keep_after_snapshot: 1000,
-            max_payload_entries: 16,
+            max_payload_entries: 8,
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(3),
         }
@@ -577,6 +578,20 @@ impl ControlPlaneConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_append_entries_call_fits_the_raft_message_limit() {
+        // openraft's default of 300 entries per call did not: a lagging follower would get
+        // calls the transport refuses, again and again.
+        let cfg = ControlPlaneConfig::default();
+        let per_cmd = 600; // JSON of a claim with 256-character ids
+        let worst_entry = (cfg.batch.max_cmds + crate::grpc::MAX_CLAIMS_PER_CALL) * per_cmd;
+        let worst_call = cfg.raft.max_payload_entries as usize * worst_entry;
+        assert!(
+            worst_call < gatesvr_proto::limits::RAFT_MAX_MESSAGE_BYTES,
+            "{worst_call} B per AppendEntries call at the worst"
+        );
+    }
 
     #[test]
     fn defaults_need_tls_and_tokens() {
