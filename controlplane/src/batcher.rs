@@ -3,11 +3,10 @@
 //! A reconnect storm after a data-plane node dies sends thousands of `ClaimSessions` calls at
 //! once. Each raft entry costs every member an fdatasync (PITFALLS §3), and openraft 0.9's core
 //! appends (and waits for the flush of) one client write at a time, so the entries must be few
-//! and full. The batcher takes a commit slot first ([`BatchConfig::in_flight`], 2 by default),
+//! and full. The batcher takes a commit slot first ([`BatchConfig::in_flight`], 4 by default),
 //! then every write already queued (up to [`BatchConfig::max_cmds`] commands, optionally waiting
-//! [`BatchConfig::linger`] for more) and commits them as one `Vec<Cmd>` entry. While every slot
-//! is busy, new writes queue, so the next entry carries all of them: an idle control plane
-//! commits a lone write at once, a loaded one in entries as big as the load.
+//! [`BatchConfig::linger`], 1 ms, for more) and commits them as one `Vec<Cmd>` entry. While every slot
+//! is busy, new writes queue, so the next entry carries all of them.
 //!
 //! ```text
 //!  writers ──> queue ──> [slot free?] ──> drain queue ──> one entry ──> raft (fdatasync ×3)

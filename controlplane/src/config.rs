@@ -238,14 +238,15 @@ impl Default for LeaseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    /// How long a batch waits for more writes once a commit slot is free (default 0: none;
-    /// writes that arrive while every slot is busy already queue into the next batch).
+    /// How long a batch waits for more writes once a commit slot is free (default 1ms; writes
+    /// that arrive while every slot is busy queue into the next batch anyway). 0 was measured
+    /// slower under load (`gate-bench claims`, docs/benchmarks.md): many small entries.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Most commands in one entry (default 1024).
     pub max_cmds: usize,
-    /// Batches committed at once (default 2): one is flushed by the leader while the one
-    /// before it replicates. More means more, smaller entries (one leader fdatasync each, in
+    /// Batches committed at once (default 4): one is flushed by the leader while the ones
+    /// before it replicate. More means more, smaller entries (one leader fdatasync each, in
     /// series); 1 means no overlap.
     pub in_flight: usize,
 }
@@ -253,9 +254,9 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            linger: Duration::ZERO,
+            linger: Duration::from_millis(1),
             max_cmds: 1024,
-            in_flight: 2,
+            in_flight: 4,
         }
     }
 }
