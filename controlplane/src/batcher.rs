@@ -1,22 +1,30 @@
 //! Group commit: concurrent writers share raft entries.
 //!
 //! A reconnect storm after a data-plane node dies sends thousands of `ClaimSessions` calls at
-//! once. Each raft entry costs the leader an fsync (PITFALLS §3), so the batcher takes the first
-//! waiting write, waits up to `linger` (≈1 ms) for more, up to `max_cmds` commands, and commits
-//! them as one `Vec<Cmd>` entry. Up to [`IN_FLIGHT`] batches are in flight at once, so a slow
-//! commit does not stop the next batch from forming.
+//! once. Each raft entry costs every member an fdatasync (PITFALLS §3), and openraft 0.9's core
+//! appends (and waits for the flush of) one client write at a time, so the entries must be few
+//! and full. The batcher takes a commit slot first ([`BatchConfig::in_flight`], 4 by default),
+//! then every write already queued (up to [`BatchConfig::max_cmds`] commands, optionally waiting
+//! [`BatchConfig::linger`], 1 ms, for more) and commits them as one `Vec<Cmd>` entry. While every slot
+//! is busy, new writes queue, so the next entry carries all of them.
+//!
+//! ```text
+//!  writers ──> queue ──> [slot free?] ──> drain queue ──> one entry ──> raft (fdatasync ×3)
+//! ```
+//!
+//! [`BatchConfig::in_flight`]: crate::config::BatchConfig::in_flight
+//! [`BatchConfig::max_cmds`]: crate::config::BatchConfig::max_cmds
+//! [`BatchConfig::linger`]: crate::config::BatchConfig::linger
 
 use std::sync::Weak;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::config::BatchConfig;
 use crate::error::Error;
 use crate::node::{Inner, Node, clone_error};
 use crate::state::{Cmd, CmdResult};
-
-/// Batches committed concurrently.
-pub const IN_FLIGHT: usize = 4;
 
 type Reply = oneshot::Sender<Result<Vec<CmdResult>, Error>>;
 
@@ -32,9 +40,15 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub(crate) fn spawn(node: Weak<Inner>, linger: Duration, max_cmds: usize) -> Self {
-        let (tx, rx) = mpsc::channel(max_cmds.max(64) * 4);
-        tokio::spawn(run(node, rx, linger, max_cmds));
+    pub(crate) fn spawn(node: Weak<Inner>, cfg: &BatchConfig) -> Self {
+        let (tx, rx) = mpsc::channel(cfg.max_cmds.max(64) * 4);
+        tokio::spawn(run(
+            node,
+            rx,
+            cfg.linger,
+            cfg.max_cmds,
+            cfg.in_flight.max(1),
+        ));
         Batcher { tx }
     }
 
@@ -58,28 +72,45 @@ async fn run(
     mut rx: mpsc::Receiver<Pending>,
     linger: Duration,
     max_cmds: usize,
+    in_flight: usize,
 ) {
-    let permits = std::sync::Arc::new(Semaphore::new(IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    let permits = std::sync::Arc::new(Semaphore::new(in_flight));
+    loop {
+        // The slot first: writes arriving while every slot is busy wait in the queue and
+        // join the next entry together.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut n = first.cmds.len();
         let mut batch = vec![first];
-        let mut n = batch[0].cmds.len();
-        let deadline = tokio::time::Instant::now() + linger;
         while n < max_cmds {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(p)) => {
+            match rx.try_recv() {
+                Ok(p) => {
                     n += p.cmds.len();
                     batch.push(p);
                 }
-                Ok(None) | Err(_) => break,
+                Err(_) => break,
+            }
+        }
+        if !linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + linger;
+            while n < max_cmds {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => {
+                        n += p.cmds.len();
+                        batch.push(p);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         let Some(inner) = node.upgrade() else {
             return;
         };
         let node = Node::from_inner(inner);
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         tokio::spawn(async move {
             let _permit = permit;
             commit(&node, batch).await;

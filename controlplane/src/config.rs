@@ -158,6 +158,16 @@ pub struct RaftConfig {
     pub snapshot_every: u64,
     /// Entries kept after a snapshot for slow followers (default 1000).
     pub keep_after_snapshot: u64,
+    /// Most log entries in one AppendEntries call (default 8; openraft's own default is 300).
+    /// openraft 0.9 gives each AppendEntries call `heartbeat_interval` to complete (send,
+    /// follower append + fdatasync, reply) and retries a call that misses it with the same
+    /// entries, so a call must fit in one heartbeat or a lagging follower never catches up.
+    /// An entry carries up to `batch.max_cmds` commands plus one caller's call (~150 B per
+    /// command as JSON, ~600 B with 256-character ids; a data plane sends up to 1,000 per
+    /// call, the API takes 10,000) or a 2,000-owner restore part (~240 KB): 8 entries are
+    /// ~1-2 MB per call in practice and stay under the 64 MiB raft message limit at the worst,
+    /// while a follower 5,000 entries behind still catches up in ~600 calls.
+    pub max_payload_entries: u64,
     /// A write not committed in this long fails as unavailable (default 5s).
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
@@ -175,6 +185,7 @@ impl Default for RaftConfig {
             install_snapshot_timeout: Duration::from_secs(4),
             snapshot_every: 5000,
             keep_after_snapshot: 1000,
+            max_payload_entries: 8,
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(3),
         }
@@ -222,15 +233,22 @@ impl Default for LeaseConfig {
     }
 }
 
-/// Write batching: concurrent writes (claim storms) share one raft entry.
+/// Write batching (group commit): concurrent writes (claim storms) share one raft entry, and
+/// so one fdatasync on each member.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    /// How long the first write of a batch waits for company (default 1ms).
+    /// How long a batch waits for more writes once a commit slot is free (default 1ms; writes
+    /// that arrive while every slot is busy queue into the next batch anyway). 0 was measured
+    /// slower under load (`gate-bench claims`, docs/benchmarks.md): many small entries.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Most commands in one entry (default 1024).
     pub max_cmds: usize,
+    /// Batches committed at once (default 4): one is flushed by the leader while the ones
+    /// before it replicate. More means more, smaller entries (one leader fdatasync each, in
+    /// series); 1 means no overlap.
+    pub in_flight: usize,
 }
 
 impl Default for BatchConfig {
@@ -238,6 +256,7 @@ impl Default for BatchConfig {
         Self {
             linger: Duration::from_millis(1),
             max_cmds: 1024,
+            in_flight: 4,
         }
     }
 }
@@ -421,8 +440,17 @@ impl Validate for ControlPlaneConfig {
                 "must be at least leases.orphaned_session_timeout",
             ));
         }
+        if r.max_payload_entries == 0 {
+            return Err(ConfigError::key(
+                "raft.max_payload_entries",
+                "must be positive",
+            ));
+        }
         if self.batch.max_cmds == 0 {
             return Err(ConfigError::key("batch.max_cmds", "must be positive"));
+        }
+        if self.batch.in_flight == 0 {
+            return Err(ConfigError::key("batch.in_flight", "must be positive"));
         }
         if self.cluster.bootstrap
             && !self.cluster.members.is_empty()
@@ -551,6 +579,20 @@ impl ControlPlaneConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_append_entries_call_fits_the_raft_message_limit() {
+        // openraft's default of 300 entries per call did not: a lagging follower would get
+        // calls the transport refuses, again and again.
+        let cfg = ControlPlaneConfig::default();
+        let per_cmd = 600; // JSON of a claim with 256-character ids
+        let worst_entry = (cfg.batch.max_cmds + crate::grpc::MAX_CLAIMS_PER_CALL) * per_cmd;
+        let worst_call = cfg.raft.max_payload_entries as usize * worst_entry;
+        assert!(
+            worst_call < gatesvr_proto::limits::RAFT_MAX_MESSAGE_BYTES,
+            "{worst_call} B per AppendEntries call at the worst"
+        );
+    }
 
     #[test]
     fn defaults_need_tls_and_tokens() {

@@ -127,6 +127,9 @@ fn raft_config(cfg: &ControlPlaneConfig) -> Result<Arc<openraft::Config>, Error>
         install_snapshot_timeout: millis(r.install_snapshot_timeout),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every),
         max_in_snapshot_log_to_keep: r.keep_after_snapshot,
+        // Sized so one AppendEntries call fits in `heartbeat_interval`, which openraft 0.9 uses
+        // as its timeout (see `RaftConfig::max_payload_entries`).
+        max_payload_entries: r.max_payload_entries,
         // 3 MiB chunks stay well under the raft service's message limit.
         snapshot_max_chunk_size: 3 << 20,
         purge_batch_size: 256,
@@ -227,8 +230,7 @@ impl ControlPlane {
             raft.clone(),
             sm,
             peer_tls,
-            cfg.batch.linger,
-            cfg.batch.max_cmds,
+            cfg.batch.clone(),
         );
 
         let stop = CancellationToken::new();

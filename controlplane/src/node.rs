@@ -158,11 +158,10 @@ impl Node {
         raft: Raft,
         sm: SmHandle,
         tls: PeerTls,
-        batch_linger: Duration,
-        batch_max: usize,
+        batch: crate::config::BatchConfig,
     ) -> Self {
         Node(Arc::new_cyclic(|weak| Inner {
-            batcher: Batcher::spawn(weak.clone(), batch_linger, batch_max),
+            batcher: Batcher::spawn(weak.clone(), &batch),
             settings,
             raft,
             sm,
