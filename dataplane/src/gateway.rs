@@ -120,7 +120,7 @@ impl Gateway {
         req: PushToClientRequest,
     ) -> Result<Response<PushToClientResponse>, Status> {
         let node = &self.node;
-        if node.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+        if node.crashed() {
             return Err(Status::unavailable("node crashed"));
         }
         if req.target_id.is_empty() {
@@ -363,7 +363,7 @@ impl GatewayService for Gateway {
         &self,
         request: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
-        if self.node.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.node.crashed() {
             return Err(Status::unavailable("node crashed"));
         }
         let forwarded = request

@@ -606,11 +606,10 @@ impl DataPlane {
     /// expires). The gRPC services answer UNAVAILABLE from now on, so peers
     /// holding a channel see what they would see of a dead process; client
     /// connections are closed. Nothing is exported: whatever only this node
-    /// held is lost, as in a real crash.
+    /// held is lost, as in a real crash. Only with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     pub fn crash(self) {
-        self.node
-            .crashed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.node.set_crashed(true);
         for task in &self.tasks {
             task.abort();
         }

@@ -32,8 +32,10 @@ pub struct Node {
     pub replicas: crate::replica::ReplicaStore,
     /// Which of our sessions have durable pushes on which standby.
     pub replicator: crate::replica::Replicator,
-    /// Set by `DataPlane::crash` (tests): the node answers nothing any more.
-    pub crashed: std::sync::atomic::AtomicBool,
+    /// Set by `DataPlane::crash` and `Node::set_crashed` (the `test-hooks`
+    /// feature): the node answers nothing any more.
+    #[cfg(feature = "test-hooks")]
+    crashed: std::sync::atomic::AtomicBool,
     /// `overload_protection.max_qps` per `qps_window_seconds`; None when disabled.
     rate: Option<DefaultDirectRateLimiter>,
     /// Starts per source address and per openid (`overload_protection.start_*`).
@@ -41,6 +43,23 @@ pub struct Node {
 }
 
 impl Node {
+    /// True once a test crashed this node (`test-hooks` feature; always
+    /// false in a production build): its services answer UNAVAILABLE.
+    pub fn crashed(&self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self.crashed.load(std::sync::atomic::Ordering::SeqCst);
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
+
+    /// Test hook: the node stops (or resumes) answering its peers and the
+    /// push API, as a crashed (or revived) process would look to them.
+    #[cfg(feature = "test-hooks")]
+    pub fn set_crashed(&self, crashed: bool) {
+        self.crashed
+            .store(crashed, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn new(
         config: DataPlaneConfig,
         verifier: Verifier,
@@ -74,6 +93,7 @@ impl Node {
             start_limit: crate::start_limit::StartLimiter::new(&config.overload_protection),
             replicas,
             replicator: Default::default(),
+            #[cfg(feature = "test-hooks")]
             crashed: Default::default(),
             config,
             registry,

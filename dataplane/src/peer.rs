@@ -106,7 +106,7 @@ pub struct PeerService {
 
 impl PeerService {
     fn alive(&self) -> Result<(), Status> {
-        if self.node.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.node.crashed() {
             return Err(Status::unavailable("node crashed"));
         }
         Ok(())

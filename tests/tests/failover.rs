@@ -331,9 +331,7 @@ async fn a_standby_slow_to_answer_is_waited_for_not_taken_for_no_copy() {
     let new_owner = 3 - standby; // the other survivor (indices 1 and 2)
 
     // The standby stops answering peers for a while (UNAVAILABLE), the owner dies.
-    standby_node
-        .crashed
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    standby_node.set_crashed(true);
     let owner_view = cluster.dps[new_owner].node().cluster.clone().unwrap();
     let new_owner_addr = cluster.dps[new_owner].quic_addr();
     cluster.dps.remove(0).crash();
@@ -348,9 +346,7 @@ async fn a_standby_slow_to_answer_is_waited_for_not_taken_for_no_copy() {
     let revive = standby_node.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        revive
-            .crashed
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        revive.set_crashed(false);
     });
     client.reconnect_to(new_owner_addr);
     // As in the test above: the application reads nothing until the
