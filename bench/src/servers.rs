@@ -42,6 +42,9 @@ pub enum Serve {
         /// Browser transports too: WebTransport on the QUIC port, a WebSocket listener.
         #[arg(long)]
         web: bool,
+        /// The upstream leg uses the streaming contract (as `GATE_BENCH_UPSTREAM=stream`).
+        #[arg(long)]
+        upstream_stream: bool,
     },
     /// One control-plane node (raft on sled, durable) on the given addresses; node 1
     /// bootstraps the cluster with every `--member`.
@@ -179,6 +182,7 @@ pub async fn run(mode: Serve) -> Result<()> {
             control_plane,
             lease_ttl,
             web,
+            upstream_stream,
         } => {
             let routing = if upstream.is_some() || !control_plane.is_empty() {
                 Routing::Upstreams
@@ -186,6 +190,10 @@ pub async fn run(mode: Serve) -> Result<()> {
                 Routing::Echo
             };
             let mut cfg = dataplane_config(&dir, upstream.as_deref());
+            if upstream_stream {
+                cfg.upstream.protocol = gatesvr_dataplane::upstream::UpstreamProtocol::Stream;
+                cfg.upstream.stream_max_requests_in_flight = 100_000;
+            }
             if let Some(id) = node_id {
                 cfg.control_plane.state_file = Some(dir.join(format!("{id}.state")));
                 cfg.node_id = id;

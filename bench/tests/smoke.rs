@@ -86,11 +86,23 @@ fn push_has_no_gaps_or_duplicates() {
     let r = run("push");
     has_fields(
         &r,
-        &["dp_deliveries_per_s", "dp_push_p99_us", "bare_msgs_per_s"],
+        &[
+            "dp_deliveries_per_s",
+            "dp_push_p99_us",
+            "bare_msgs_per_s",
+            "batch_deliveries_per_s",
+            "stream_deliveries_per_s",
+            "stream_push_p99_us",
+        ],
     );
+    // Gaps and duplicates are counted over every window (unary, batch, stream).
     assert_eq!(field(&r, "dp_gaps_total"), 0.0);
     assert_eq!(field(&r, "dp_dups_total"), 0.0);
     assert_eq!(field(&r, "dp_undelivered"), 0.0);
+    assert_eq!(field(&r, "batch_undelivered"), 0.0);
+    assert_eq!(field(&r, "stream_undelivered"), 0.0);
+    assert!(field(&r, "stream_deliveries") > 0.0);
+    assert_eq!(field(&r, "stream_pushes_refused"), 0.0);
     assert_eq!(field(&r, "bare_gaps"), 0.0);
     assert_eq!(field(&r, "bare_dups"), 0.0);
     assert!(field(&r, "dp_deliveries") > 0.0);

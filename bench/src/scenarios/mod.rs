@@ -84,6 +84,24 @@ impl Opts {
         Ok((dp, up))
     }
 
+    /// The data plane under test with its upstream at `upstream` (for instance
+    /// one served by the scenario itself), over the streaming contract.
+    pub fn start_dataplane_stream_upstream(
+        &self,
+        dir: &RunDir,
+        upstream: std::net::SocketAddr,
+    ) -> Result<ServerProc> {
+        let args = vec![
+            "dataplane".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+            "--upstream".into(),
+            upstream.to_string(),
+            "--upstream-stream".into(),
+        ];
+        ServerProc::spawn("dataplane", &args, self.server_cpu())
+    }
+
     /// A data plane (echo) that also offers WebTransport and a WebSocket listener.
     pub fn start_web_dataplane(&self, dir: &RunDir) -> Result<ServerProc> {
         let args = vec![

@@ -1,7 +1,10 @@
-//! push: an upstream (this process, over GatewayService.PushToClient) pushes to N sessions that
-//! ack cumulatively; deliveries/s, push latency (RPC start to arrival at the client), gaps and
-//! duplicates (must be 0). Baseline: a bare quinn server writing the same frames one-way on N
-//! connections to the same client.
+//! push: an upstream (this process) pushes to N sessions that ack cumulatively; deliveries/s,
+//! push latency (call start to arrival at the client), gaps and duplicates (must be 0). Three ways
+//! in the same run: `dp_*` GatewayService.PushToClient (PushBatch with `--push-batch` above 1),
+//! `batch_*` PushBatch of 64 (when `dp_*` is unary), and `stream_*` pushes carried on the
+//! upstream's long-lived stream (streaming contract, `gatesvr-upstream-sdk`'s `Pusher`, which
+//! waits for each push's result as the SDK does). Baseline: a bare quinn server writing the same
+//! frames one-way on N connections to the same client.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,6 +14,7 @@ use anyhow::Result;
 use bytes::BufMut;
 use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
 use gatesvr_proto::upstream::{PushBatchRequest, PushToClientRequest, TargetType};
+use gatesvr_upstream_sdk::Pusher;
 
 use super::Opts;
 use crate::client::{Conn, Net, PushStats, dp_session, push_reader};
@@ -79,7 +83,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
     rep.param("rounds", o.rounds);
     rep.param("window_s", o.window.as_secs_f64());
     let dir = o.rundir()?;
-    let (dp, _) = o.start_dataplane(&dir, false)?;
+    // The upstream that pushes over its stream: served here, as an SDK user would.
+    let (up_addr, pusher) = serve_stream_upstream().await?;
+    let dp = o.start_dataplane_stream_upstream(&dir, up_addr)?;
     let bare = o.start_bare(&dir)?;
     let net = Arc::new(Net::new(&dir.ca(), 4)?);
     let stats = Arc::new(PushStats::default());
@@ -89,6 +95,17 @@ pub async fn run(o: &Opts) -> Result<Report> {
         sessions_with_readers(&net, dp.addr("quic")?, "push", n, &stats, &stop_rx).await?;
     let openids = Arc::new(openids);
     let channel = crate::servers::upstream_channel(&dp.addr("grpc")?.to_string())?;
+    // The node dials an upstream's stream on its first request: one request opens it.
+    let (mut warm, _) = dp_session(&net, dp.addr("quic")?, "push-warm").await?;
+    super::wait_upstream_ready(&mut warm).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pusher.streams() == 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no data-plane stream reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for r in 0..o.rounds {
         progress(format!("push round {}/{}", r + 1, o.rounds));
         let mut round = Round::new();
@@ -157,6 +174,25 @@ pub async fn run(o: &Opts) -> Result<Report> {
         .await?;
         round.insert("dp_gaps".into(), stats.gaps.load(Ordering::Relaxed) as f64);
         round.insert("dp_dups".into(), stats.dups.load(Ordering::Relaxed) as f64);
+
+        // C: PushBatch of 64, when B was unary.
+        if o.push_batch <= 1 {
+            let via = Via::Grpc {
+                channel: channel.clone(),
+                batch: BATCH,
+            };
+            push_window_via(
+                "batch", &via, &openids, callers, o.payload, o.window, &stats, &mut round,
+            )
+            .await?;
+        }
+
+        // D: pushes on the upstream's stream.
+        let via = Via::Stream(pusher.clone());
+        push_window_via(
+            "stream", &via, &openids, callers, o.payload, o.window, &stats, &mut round,
+        )
+        .await?;
         rep.rounds.push(round);
     }
     let _ = stop_tx.send(true);
@@ -172,6 +208,22 @@ pub async fn run(o: &Opts) -> Result<Report> {
         f("bare_msgs_per_s"),
         Cmp::AtLeast,
         0.7,
+    ));
+    if o.push_batch <= 1 {
+        rep.checks.push(Check::ratio(
+            "PushBatch 64 deliveries/s vs bare quinn one-way",
+            f("batch_deliveries_per_s"),
+            f("bare_msgs_per_s"),
+            Cmp::AtLeast,
+            0.5,
+        ));
+    }
+    rep.checks.push(Check::ratio(
+        "stream push deliveries/s vs bare quinn one-way",
+        f("stream_deliveries_per_s"),
+        f("bare_msgs_per_s"),
+        Cmp::AtLeast,
+        0.5,
     ));
     let gaps = stats.gaps.load(Ordering::Relaxed) as f64;
     let dups = stats.dups.load(Ordering::Relaxed) as f64;
@@ -195,13 +247,17 @@ pub async fn run(o: &Opts) -> Result<Report> {
         0.0,
         "",
     ));
-    rep.checks.push(Check::absolute(
-        "undelivered (median round)",
-        f("dp_undelivered"),
-        Cmp::AtMost,
-        0.0,
-        "",
-    ));
+    for k in ["dp", "batch", "stream"] {
+        if let Some(u) = rep.fields.get(&format!("{k}_undelivered")).copied() {
+            rep.checks.push(Check::absolute(
+                &format!("{k}: undelivered (median round)"),
+                u,
+                Cmp::AtMost,
+                0.0,
+                "",
+            ));
+        }
+    }
     rep.checks.push(Check::absolute(
         "p99 push latency (report)",
         f("dp_push_p99_us"),
@@ -210,7 +266,44 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "us",
     ));
     rep.notes.push("push latency: from just before the PushToClient call to the client reading the frame; deliveries/s over [first call, last delivery]".into());
+    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
     Ok(rep)
+}
+
+/// Pushes per call of the `batch_*` window.
+const BATCH: usize = 64;
+
+/// How a window's pushes reach the data plane.
+pub enum Via {
+    /// GatewayService: PushToClient (`batch` 1) or PushBatch of `batch`.
+    Grpc {
+        channel: tonic::transport::Channel,
+        batch: usize,
+    },
+    /// On the upstream's stream (streaming contract), through the SDK.
+    Stream(Pusher),
+}
+
+/// Serves an SDK upstream (echo handler, streaming contract and health) on a
+/// local port; its address and the pusher for its streams.
+async fn serve_stream_upstream() -> Result<(std::net::SocketAddr, Pusher)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let mut opts = gatesvr_upstream_sdk::Options::new("gate-bench-push", "");
+    opts.max_requests_in_flight = 100_000;
+    let up = gatesvr_upstream_sdk::Upstream::new(crate::servers::EchoUpstream, opts);
+    up.set_serving(true);
+    let pusher = up.pusher();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(up.stream_service())
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    tokio::spawn(server);
+    Ok((addr, pusher))
 }
 
 /// One window of pushes through a data plane: `callers` concurrent callers push round robin over
@@ -227,15 +320,63 @@ pub async fn push_window(
     stats: &PushStats,
     round: &mut Round,
 ) -> Result<()> {
+    let via = Via::Grpc {
+        channel: channel.clone(),
+        batch,
+    };
+    push_window_via("dp", &via, openids, callers, payload, window, stats, round).await
+}
+
+/// As [`push_window`], any [`Via`]; the figures go into `round` as `{prefix}_*`.
+#[allow(clippy::too_many_arguments)]
+pub async fn push_window_via(
+    prefix: &str,
+    via: &Via,
+    openids: &Arc<Vec<String>>,
+    callers: usize,
+    payload: usize,
+    window: Duration,
+    stats: &PushStats,
+    round: &mut Round,
+) -> Result<()> {
     let _ = stats.reset();
     let start = Instant::now();
     let end = start + window;
     let start_ns = now_ns();
     let mut tasks = Vec::new();
     for t in 0..callers {
-        let mut client = GatewayServiceClient::new(channel.clone());
         let openids = openids.clone();
         let size = payload;
+        let (channel, batch) = match via {
+            Via::Grpc { channel, batch } => (channel.clone(), *batch),
+            Via::Stream(pusher) => {
+                let pusher = pusher.clone();
+                tasks.push(tokio::spawn(async move {
+                    let (mut ok, mut refused) = (0u64, 0u64);
+                    let mut i = t;
+                    while Instant::now() < end {
+                        let target_id = openids[i % openids.len()].clone();
+                        i += callers;
+                        let res = pusher
+                            .push(PushToClientRequest {
+                                target_type: TargetType::Openid as i32,
+                                target_id,
+                                msg_type: "bench".into(),
+                                data: push_data(size),
+                                ..Default::default()
+                            })
+                            .await;
+                        match res {
+                            Ok(_) => ok += 1,
+                            Err(_) => refused += 1,
+                        }
+                    }
+                    (ok, refused)
+                }));
+                continue;
+            }
+        };
+        let mut client = GatewayServiceClient::new(channel);
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut refused) = (0u64, 0u64);
             let mut i = t;
@@ -295,11 +436,11 @@ pub async fn push_window(
     let last = stats.last_delivery_ns.load(Ordering::Relaxed);
     let (delivered, mut lat) = stats.reset();
     let secs = (last.saturating_sub(start_ns)) as f64 / 1e9;
-    round.insert("dp_pushes_accepted".into(), ok as f64);
-    round.insert("dp_pushes_refused".into(), refused as f64);
-    round.insert("dp_deliveries".into(), delivered as f64);
+    round.insert(format!("{prefix}_pushes_accepted"), ok as f64);
+    round.insert(format!("{prefix}_pushes_refused"), refused as f64);
+    round.insert(format!("{prefix}_deliveries"), delivered as f64);
     round.insert(
-        "dp_undelivered".into(),
+        format!("{prefix}_undelivered"),
         if complete {
             0.0
         } else {
@@ -307,10 +448,10 @@ pub async fn push_window(
         },
     );
     round.insert(
-        "dp_deliveries_per_s".into(),
+        format!("{prefix}_deliveries_per_s"),
         delivered as f64 / secs.max(1e-9),
     );
-    round.insert("dp_push_p50_us".into(), lat.pct_us(50.0));
-    round.insert("dp_push_p99_us".into(), lat.pct_us(99.0));
+    round.insert(format!("{prefix}_push_p50_us"), lat.pct_us(50.0));
+    round.insert(format!("{prefix}_push_p99_us"), lat.pct_us(99.0));
     Ok(())
 }
