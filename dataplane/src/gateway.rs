@@ -11,12 +11,12 @@
 //!
 //! A durable push (`durable: true`) answers OK only once the owner's standby
 //! holds a copy (see `replica`); with no standby it is refused before being
-//! queued (FAILED_PRECONDITION), and if the copy fails after queueing the
-//! answer is UNAVAILABLE (the push may still be delivered, it is not durable).
-//! A durable push is also refused UNAVAILABLE while this node's control-plane
-//! lease may have lapsed (lease-based fencing, `core::lease`): before queueing
-//! ("not queued"), or, if it lapsed while the copy travelled, after ("may
-//! still be delivered, but is not durable").
+//! queued (FAILED_PRECONDITION). A durable push is also refused UNAVAILABLE
+//! ("not queued": retry) while this node's control-plane lease may have lapsed
+//! (lease-based fencing, `core::lease`). Once it is queued, a failure to make
+//! it durable (the copy failed, or the lease lapsed while it travelled) is
+//! UNKNOWN: it may still be delivered, it is not durable, and a blind retry
+//! would deliver it twice; UNAVAILABLE always means "not queued".
 
 use std::sync::Arc;
 
@@ -211,9 +211,10 @@ impl Gateway {
                         };
                         self.replicate(&receipt, &standby, push, response).await
                     }
-                    (true, None) => Err(Status::unavailable(
-                        "cannot make the push durable: the session moved here while it was queued; retry",
-                    )),
+                    (true, None) => Err(Status::unknown(format!(
+                        "cannot make the push durable: the session moved here while it was queued; it was queued as seq {} and may still be delivered, but is not durable",
+                        receipt.seq_id
+                    ))),
                     _ => Ok(response),
                 }
             }
@@ -303,7 +304,7 @@ impl Gateway {
             // travelled, and the answer is what must not be a silent OK.
             Ok(()) => {
                 if self.lease_check(true).await.is_err() {
-                    return Err(Status::unavailable(format!(
+                    return Err(Status::unknown(format!(
                         "cannot make the push durable: this node's control-plane lease may have lapsed; it was queued as seq {seq} and may still be delivered, but is not durable"
                     )));
                 }
@@ -318,7 +319,7 @@ impl Gateway {
                     .durable_pushes
                     .with_label_values(&["replication_failed"])
                     .inc();
-                Err(Status::unavailable(format!(
+                Err(Status::unknown(format!(
                     "cannot make the push durable: standby {} did not take the copy ({}); it was queued as seq {seq} and may still be delivered, but would not survive a crash",
                     standby.node_id,
                     status.message(),

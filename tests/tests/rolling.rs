@@ -29,6 +29,9 @@ type Gw = GatewayServiceClient<tonic::transport::Channel>;
 struct Seen {
     /// Push contents in arrival order.
     pushes: Vec<String>,
+    /// Contents that arrived again marked as redeliveries (a recovered
+    /// session redelivers what its replica holds above the ack it knew).
+    redelivered: Vec<String>,
     statuses: Vec<ResumeStatus>,
     resume_failed: Vec<ResumeStatus>,
 }
@@ -46,6 +49,9 @@ fn collect(client: Arc<Client>, seen: Arc<Mutex<Seen>>) {
         while let Some(event) = client.next_event().await {
             let mut s = seen.lock();
             match event {
+                Event::Push(p) if p.redelivery && s.pushes.contains(&p.content) => {
+                    s.redelivered.push(p.content)
+                }
                 Event::Push(p) => s.pushes.push(p.content),
                 Event::Connected { status, .. } => s.statuses.push(status),
                 Event::ResumeFailed { status, .. } => s.resume_failed.push(status),
@@ -241,6 +247,7 @@ async fn three_rolling_replacements_then_broadcast_push_and_kill_9_recovery() {
         let mut distinct = std::collections::HashSet::new();
         for p in &s.pushes {
             if !distinct.insert(p.clone()) {
+                eprintln!("{u}: push {p} delivered twice without the redelivery flag");
                 duplicates += 1;
             }
         }
@@ -265,8 +272,9 @@ async fn three_rolling_replacements_then_broadcast_push_and_kill_9_recovery() {
             "{u}: every push once, in order"
         );
     }
+    let redelivered: usize = seen.iter().map(|s| s.lock().redelivered.len()).sum();
     eprintln!(
-        "rolling: sent {} acked {} delivered {delivered} duplicates {duplicates} lost {lost} failed {} (departed nodes: 9)",
+        "rolling: sent {} acked {} delivered {delivered} duplicates {duplicates} (and {redelivered} flagged redeliveries) lost {lost} failed {} (departed nodes: 9)",
         counts.sent, counts.acked, counts.failed
     );
     assert_eq!(counts.failed, 0, "failed = 0");
