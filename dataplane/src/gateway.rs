@@ -299,7 +299,42 @@ impl Gateway {
     ) -> Result<Response<PushToClientResponse>, Status> {
         let node = &self.node;
         let seq = receipt.seq_id;
-        match crate::replica::replicate(node, &receipt.entry, standby, vec![push]).await {
+        let mut result =
+            crate::replica::replicate(node, &receipt.entry, standby, vec![push.clone()]).await;
+        // A standby that cannot be reached (it exited a moment ago in a rollout, before
+        // the view says so): the copy goes to the next nodes on the ring instead (a
+        // recovery asks every live node; a standby new to the session gets its whole
+        // queue). The push is queued once whatever happens here.
+        if result
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+        {
+            let next: Vec<crate::core::Member> = node.registry.members(|m| {
+                m.standby_ring()
+                    .into_iter()
+                    .filter(|c| c.node_id != standby.node_id)
+                    .take(2)
+                    .cloned()
+                    .collect()
+            });
+            for candidate in next {
+                tracing::info!(
+                    standby = %standby.node_id,
+                    next = %candidate.node_id,
+                    "standby unreachable; copying the durable push to the next node"
+                );
+                result =
+                    crate::replica::replicate(node, &receipt.entry, &candidate, vec![push.clone()])
+                        .await;
+                if !result
+                    .as_ref()
+                    .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+                {
+                    break;
+                }
+            }
+        }
+        match result {
             // Checked again now: the lease may have lapsed while the copy
             // travelled, and the answer is what must not be a silent OK.
             Ok(()) => {

@@ -148,6 +148,22 @@ impl Members {
             .copied()
     }
 
+    /// Every active node in ring order from this node's standby on: where a
+    /// durable push goes when its standby does not answer (it may have
+    /// exited a moment ago in a rollout, before the view says so).
+    pub fn standby_ring(&self) -> Vec<&Member> {
+        let active = self.successors();
+        let split = active
+            .iter()
+            .position(|m| m.node_id.as_str() > self.me.as_str())
+            .unwrap_or(0);
+        active[split..]
+            .iter()
+            .chain(&active[..split])
+            .copied()
+            .collect()
+    }
+
     /// Live nodes other than this one: a broadcast reaches their sessions.
     pub fn fan_out(&self) -> Vec<&Member> {
         self.others().filter(|m| m.live()).collect()

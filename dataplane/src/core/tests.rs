@@ -382,6 +382,30 @@ fn departed_nodes_are_never_live() {
 }
 
 #[test]
+fn the_standby_ring_starts_at_the_standby_and_wraps_over_active_nodes_only() {
+    let mut t: Table<PlainCell> = Table::new("dp-3", TableConfig::default());
+    for (id, state) in [
+        ("dp-1", NodeState::Active),
+        ("dp-2", NodeState::Active),
+        ("dp-3", NodeState::Active),
+        ("dp-4", NodeState::Draining),
+        ("dp-5", NodeState::Active),
+        ("dp-6", NodeState::Left),
+    ] {
+        t.members_mut().put(Member {
+            node_id: id.into(),
+            state,
+            grpc_addr: format!("{id}:1"),
+            quic_addr: format!("{id}:2"),
+        });
+    }
+    let m = t.members();
+    let ring: Vec<String> = m.standby_ring().iter().map(|m| m.node_id.clone()).collect();
+    assert_eq!(ring, ["dp-5", "dp-1", "dp-2"]);
+    assert_eq!(m.standby_for().unwrap().node_id, ring[0]);
+}
+
+#[test]
 fn a_silent_live_owner_is_not_taken_for_gone() {
     let t = table();
     let m = t.members();
