@@ -61,11 +61,12 @@ fn start_example(port: u16) -> Proc {
     proc
 }
 
-#[tokio::test]
-async fn a_python_upstream_answers_and_pushes_over_the_stream() {
+/// The Python example upstream on a free port (grpcio installed if missing), and an
+/// in-process node routing every zone to it over the streaming contract.
+async fn node_with_python_upstream() -> (TestNode, Proc) {
     ensure_grpcio();
     let port = free_port();
-    let _python = tokio::task::spawn_blocking(move || start_example(port))
+    let python = tokio::task::spawn_blocking(move || start_example(port))
         .await
         .unwrap();
     let addr = format!("127.0.0.1:{port}");
@@ -79,6 +80,12 @@ async fn a_python_upstream_answers_and_pushes_over_the_stream() {
             .collect();
     })
     .await;
+    (node, python)
+}
+
+#[tokio::test]
+async fn a_python_upstream_answers_and_pushes_over_the_stream() {
+    let (node, _python) = node_with_python_upstream().await;
     let client = Client::connect(node.client_config("pia")).await.unwrap();
 
     let r = client.request(1, "echo from python").await.unwrap();
@@ -126,22 +133,7 @@ async fn gate_client(node: &TestNode, openid: &str, send: &[&str]) -> Vec<serde_
 
 #[tokio::test]
 async fn a_python_upstream_answers_and_pushes_through_the_gate_client_binary() {
-    ensure_grpcio();
-    let port = free_port();
-    let _python = tokio::task::spawn_blocking(move || start_example(port))
-        .await
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let node = TestNode::start_routed(|c| {
-        c.upstream.protocol = UpstreamProtocol::Stream;
-        c.zones.upstreams = (0..6)
-            .map(|z| StaticZone {
-                zone: gatesvr_proto::zone::zone_id(z),
-                addrs: vec![addr.clone()],
-            })
-            .collect();
-    })
-    .await;
+    let (node, _python) = node_with_python_upstream().await;
 
     let lines = gate_client(
         &node,

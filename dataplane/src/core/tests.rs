@@ -27,14 +27,22 @@ fn msg(n: u64) -> PushMessage {
 }
 
 fn table() -> Table<PlainCell> {
-    let mut t = Table::new("dp-1", TableConfig::default());
-    for (id, state) in [
-        ("dp-1", NodeState::Active),
-        ("dp-2", NodeState::Active),
-        ("dp-3", NodeState::Draining),
-        ("dp-4", NodeState::Left),
-        ("dp-5", NodeState::Dead),
-    ] {
+    table_of(
+        "dp-1",
+        &[
+            ("dp-1", NodeState::Active),
+            ("dp-2", NodeState::Active),
+            ("dp-3", NodeState::Draining),
+            ("dp-4", NodeState::Left),
+            ("dp-5", NodeState::Dead),
+        ],
+    )
+}
+
+/// The table of node `me` with these members.
+fn table_of(me: &str, nodes: &[(&str, NodeState)]) -> Table<PlainCell> {
+    let mut t = Table::new(me, TableConfig::default());
+    for &(id, state) in nodes {
         t.members_mut().put(Member {
             node_id: id.into(),
             state,
@@ -383,22 +391,17 @@ fn departed_nodes_are_never_live() {
 
 #[test]
 fn the_standby_ring_starts_at_the_standby_and_wraps_over_active_nodes_only() {
-    let mut t: Table<PlainCell> = Table::new("dp-3", TableConfig::default());
-    for (id, state) in [
-        ("dp-1", NodeState::Active),
-        ("dp-2", NodeState::Active),
-        ("dp-3", NodeState::Active),
-        ("dp-4", NodeState::Draining),
-        ("dp-5", NodeState::Active),
-        ("dp-6", NodeState::Left),
-    ] {
-        t.members_mut().put(Member {
-            node_id: id.into(),
-            state,
-            grpc_addr: format!("{id}:1"),
-            quic_addr: format!("{id}:2"),
-        });
-    }
+    let t = table_of(
+        "dp-3",
+        &[
+            ("dp-1", NodeState::Active),
+            ("dp-2", NodeState::Active),
+            ("dp-3", NodeState::Active),
+            ("dp-4", NodeState::Draining),
+            ("dp-5", NodeState::Active),
+            ("dp-6", NodeState::Left),
+        ],
+    );
     let m = t.members();
     let ring: Vec<String> = m.standby_ring().iter().map(|m| m.node_id.clone()).collect();
     assert_eq!(ring, ["dp-5", "dp-1", "dp-2"]);
