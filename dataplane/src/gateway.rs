@@ -301,13 +301,13 @@ impl Gateway {
         let seq = receipt.seq_id;
         let mut result =
             crate::replica::replicate(node, &receipt.entry, standby, vec![push.clone()]).await;
-        // A standby that cannot be reached (it exited a moment ago in a rollout, before
-        // the view says so): the copy goes to the next nodes on the ring instead (a
-        // recovery asks every live node; a standby new to the session gets its whole
-        // queue). The push is queued once whatever happens here.
+        // A standby that cannot be reached or dropped the call (UNAVAILABLE, CANCELLED: it
+        // exited a moment ago in a rollout, before the view says so): the copy goes to the
+        // next nodes on the ring instead (a recovery asks every live node; a standby new to
+        // the session gets its whole queue). The push is queued once whatever happens here.
         if result
             .as_ref()
-            .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+            .is_err_and(|s| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled))
         {
             let next: Vec<crate::core::Member> = node.registry.members(|m| {
                 m.standby_ring()
@@ -326,10 +326,9 @@ impl Gateway {
                 result =
                     crate::replica::replicate(node, &receipt.entry, &candidate, vec![push.clone()])
                         .await;
-                if !result
-                    .as_ref()
-                    .is_err_and(|s| s.code() == tonic::Code::Unavailable)
-                {
+                if !result.as_ref().is_err_and(|s| {
+                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+                }) {
                     break;
                 }
             }
