@@ -11,10 +11,10 @@
 //! - [`auth`]: the Start token check; [`start_limit`]: the Start rate limit.
 
 pub mod auth;
-pub mod connection;
+pub(crate) mod connection;
 pub mod quic;
 pub mod quic_keys;
-pub mod start_limit;
-pub mod transport;
+pub(crate) mod start_limit;
+pub(crate) mod transport;
 pub mod websocket;
-pub mod webtransport;
+pub(crate) mod webtransport;

@@ -31,8 +31,8 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod edge;
-pub mod ops;
-pub mod push;
+pub(crate) mod ops;
+pub(crate) mod push;
 pub mod session;
 pub mod upstream;
 

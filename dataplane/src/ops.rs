@@ -6,6 +6,6 @@
 //! - [`metrics`]: the node's Prometheus registry and its metrics.
 //! - [`perf`]: request and push rates and latency over recent windows.
 
-pub mod http;
-pub mod metrics;
-pub mod perf;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod perf;

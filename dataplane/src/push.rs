@@ -4,5 +4,5 @@
 //! - [`gateway`]: `GatewayService` (push, broadcast, forwarding to the owner).
 //! - [`grpc_auth`]: the authorization of the node's gRPC port.
 
-pub mod gateway;
-pub mod grpc_auth;
+pub(crate) mod gateway;
+pub(crate) mod grpc_auth;

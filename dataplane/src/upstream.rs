@@ -40,16 +40,16 @@
 //! - `health` — the active health-check loop.
 //! - `metrics` — Prometheus metrics.
 
-pub mod balancer;
-pub mod config;
-pub mod error;
-pub mod handler;
+pub(crate) mod balancer;
+pub(crate) mod config;
+pub(crate) mod error;
+pub(crate) mod handler;
 mod health;
-pub mod instance;
+pub(crate) mod instance;
 mod metrics;
 pub(crate) mod sink;
-pub mod stream;
-pub mod tls;
+pub(crate) mod stream;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -64,6 +64,7 @@ pub(crate) fn connection_slots(o: &crate::config::OverloadConfig) -> Arc<tokio::
 
 /// How a client reached the node; the `transport` metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // WebTransport is the protocol's name
 pub enum Transport {
     Quic,
     WebTransport,

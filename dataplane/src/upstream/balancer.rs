@@ -242,11 +242,6 @@ impl<T: Clone> Balancer<T> {
         self.endpoints.len()
     }
 
-    /// Whether the zone has no instance at all.
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
-    }
-
     /// Chooses an instance for one request and counts it as outstanding, or
     /// `None` when the zone has no instance at all.
     ///
@@ -255,11 +250,15 @@ impl<T: Clone> Balancer<T> {
     /// than failing outright, because a whole zone failing its checks at once
     /// is more often the checker's problem (a starved node, a slow check)
     /// than every instance's. [`Pick::panic`] says so, for a metric.
+    ///
+    /// The router always passes the instances a request already tried
+    /// ([`pick_excluding`](Self::pick_excluding)); this form is the tests'.
+    #[cfg(test)]
     pub fn pick(&mut self, now: Instant, rng: &mut impl Rng) -> Option<Pick<T>> {
         self.pick_excluding(now, rng, &[])
     }
 
-    /// As [`pick`](Self::pick), never choosing an instance in `tried` (the
+    /// As `pick`, never choosing an instance in `tried` (the
     /// ones a request already failed on without being executed). `None` when
     /// every instance was tried.
     pub fn pick_excluding(
