@@ -31,6 +31,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod edge;
+pub(crate) mod errors;
 pub(crate) mod ops;
 pub(crate) mod push;
 pub mod session;
@@ -608,8 +609,7 @@ impl DataPlane {
             task.abort();
         }
         self.cancel.cancel();
-        self.endpoint
-            .close(quinn::VarInt::from_u32(0), b"node crashed");
+        self.endpoint.close(errors::NODE_STOPPED, b"node crashed");
     }
 
     /// Closes every connection (code 0) and stops all listeners.
@@ -619,7 +619,7 @@ impl DataPlane {
         drain::drain_upstream_streams(&self.node).await;
         self.cancel.cancel();
         self.endpoint
-            .close(quinn::VarInt::from_u32(0), b"server shutting down");
+            .close(errors::NODE_STOPPED, b"server shutting down");
         let _ = tokio::time::timeout(quic::CLOSE_GRACE, self.endpoint.wait_idle()).await;
         for task in self.tasks {
             task.abort();

@@ -90,7 +90,7 @@ impl SessionEntry {
     pub fn close_connection(&self, code: ErrorCode, reason: &str) {
         if let Some(a) = self.attached.lock().take() {
             a.connection
-                .close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+                .close(crate::errors::quic_close_code(code), reason.as_bytes());
         }
     }
 }
@@ -175,7 +175,7 @@ fn status_label(status: ResumeStatus) -> &'static str {
 fn replace_attachment(entry: &SessionEntry, attachment: Attachment) {
     if let Some(old) = entry.attached.lock().replace(attachment) {
         old.connection.close(
-            quinn::VarInt::from_u32(ErrorCode::SessionReplaced as u32),
+            crate::errors::quic_close_code(ErrorCode::SessionReplaced),
             b"session resumed on another connection",
         );
     }

@@ -40,6 +40,7 @@ use gatesvr_proto::frame;
 use tokio::sync::mpsc;
 
 use crate::core::RequestOutcome;
+use crate::errors::ClientError;
 use crate::node::Node;
 use crate::registry::{Attachment, SessionEntry};
 use crate::session::RequestDisposition;
@@ -89,6 +90,16 @@ impl Fatal {
             ErrorCode::SlowConsumer,
             "write deadline exceeded: the client stopped reading",
         )
+    }
+}
+
+impl From<ClientError> for Fatal {
+    fn from(told: ClientError) -> Self {
+        Self {
+            code: told.code,
+            message: told.message.into_owned(),
+            retry_after_ms: told.retry_after_ms,
+        }
     }
 }
 
@@ -156,7 +167,7 @@ pub async fn serve_quic(node: Arc<Node>, conn: quinn::Connection) {
                 .with_label_values(&[&crate::metrics::code_label(ErrorCode::StartTimeout)])
                 .inc();
             conn.close(
-                quinn::VarInt::from_u32(ErrorCode::StartTimeout as u32),
+                crate::errors::quic_close_code(ErrorCode::StartTimeout),
                 b"no stream opened in time",
             );
             return;
@@ -178,7 +189,7 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
             ErrorCode::StartTimeout,
             "no Start frame in time",
         )),
-        Ok(Err(e)) => Err(Fatal::new(e.code(), e.to_string())),
+        Ok(Err(e)) => Err(Fatal::from(ClientError::frame(&e))),
         Ok(Ok(None)) => return,
         Ok(Ok(Some(Envelope {
             body: Some(Body::Start(start)),
@@ -399,10 +410,9 @@ async fn claim_ownership(
             // (SESSION_EXPIRED); the owner keeps its copy until a claim.
             Ok(None)
         }
-        Err(crate::cluster::ClaimError::Refused(why)) => Err(Fatal::new(
-            ErrorCode::Draining,
-            format!("this node may not take sessions now ({why}): connect to another node"),
-        )),
+        Err(e @ crate::cluster::ClaimError::Refused(_)) => {
+            Err(Fatal::from(ClientError::claim_refused(&e)))
+        }
     }
 }
 
@@ -439,7 +449,7 @@ fn authenticate(node: &Node, start: StartRequest) -> Result<StartRequest, Fatal>
             .auth_failures
             .with_label_values(&[e.reason()])
             .inc();
-        return Err(Fatal::new(e.code(), e.to_string()));
+        return Err(Fatal::from(ClientError::auth(&e)));
     }
     Ok(start)
 }
@@ -510,7 +520,7 @@ async fn run(
                 let mut frame = match frame {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break Ending::Done,
-                    Err(e) => break Ending::Protocol(Fatal::new(e.code(), e.to_string())),
+                    Err(e) => break Ending::Protocol(Fatal::from(ClientError::frame(&e))),
                 };
                 // Every frame already received is handled before one write.
                 loop {
@@ -522,7 +532,7 @@ async fn run(
                     frame = match source.buffered() {
                         Ok(Some(frame)) => frame,
                         Ok(None) => break,
-                        Err(e) => break 'serve Ending::Protocol(Fatal::new(e.code(), e.to_string())),
+                        Err(e) => break 'serve Ending::Protocol(Fatal::from(ClientError::frame(&e))),
                     };
                 }
             },

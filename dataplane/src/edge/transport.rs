@@ -251,7 +251,7 @@ impl Link {
         match self.transport {
             Transport::Quic => {
                 if let Some(conn) = &self.quic {
-                    conn.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+                    conn.close(crate::errors::quic_close_code(code), reason.as_bytes());
                 }
             }
             Transport::WebTransport => {
@@ -259,13 +259,13 @@ impl Link {
                     // The browser closes the session when it reads the Error
                     // frame; a QUIC close now could overtake that frame.
                     let _ = tokio::time::timeout(grace, conn.closed()).await;
-                    conn.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+                    conn.close(crate::errors::quic_close_code(code), reason.as_bytes());
                 }
             }
             Transport::WebSocket => {
                 if let SinkKind::WebSocket(send) = &mut self.sink.kind {
                     let frame = CloseFrame {
-                        code: WS_CLOSE_BASE + code as u16,
+                        code: crate::errors::websocket_close_code(code),
                         reason: truncate_reason(reason).into(),
                     };
                     let _ =

@@ -71,7 +71,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection) {
                 .with_label_values(&["start_timeout"])
                 .inc();
             conn.close(
-                quinn::VarInt::from_u32(ErrorCode::StartTimeout as u32),
+                crate::errors::quic_close_code(ErrorCode::StartTimeout),
                 b"no WebTransport stream opened in time",
             );
             return;

@@ -1,11 +1,11 @@
-//! Why a forwarded request failed, and what that means for the client and for
-//! the instance's health. The mapping from gRPC statuses lives here, once.
+//! Why a forwarded request failed, and what that means for the instance's
+//! health. The mapping from gRPC statuses lives here, once; what the client
+//! is told is `crate::errors::ClientError::forward`.
 
 use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatesvr_proto::client::ErrorCode;
 use tonic::{Code, Status};
 
 use super::balancer::Outcome;
@@ -101,47 +101,6 @@ pub enum ForwardError {
 }
 
 impl ForwardError {
-    /// The client-visible error code.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Self::UnknownZone { .. } | Self::NoInstances { .. } | Self::Unavailable { .. } => {
-                ErrorCode::UpstreamUnavailable
-            }
-            Self::Overloaded { .. } => ErrorCode::Overloaded,
-            Self::Timeout { .. } => ErrorCode::UpstreamTimeout,
-            Self::UpstreamOverloaded { .. } => ErrorCode::UpstreamOverloaded,
-            Self::Upstream { .. } | Self::Lost { .. } => ErrorCode::UpstreamError,
-        }
-    }
-
-    /// The message the client gets: a fixed string per case, documented in
-    /// docs/protocol.md §5. Never an address or a library's error text (those
-    /// go to the log and the metric label only).
-    pub fn client_message(&self) -> &'static str {
-        match self {
-            Self::UnknownZone { .. } => "not executed: no upstream is registered for this zone",
-            Self::NoInstances { .. } => {
-                "not executed: no upstream instance of this zone is available"
-            }
-            Self::Overloaded { .. } => {
-                "not executed: gateway overloaded; retry after retry_after_ms"
-            }
-            Self::Timeout { .. } => {
-                "the upstream did not answer in time; the request may have taken effect"
-            }
-            Self::UpstreamOverloaded { .. } => {
-                "not executed: the upstream shed the request; retry after retry_after_ms"
-            }
-            Self::Unavailable { .. } => {
-                "not executed: no upstream instance of this zone could take the request"
-            }
-            Self::Lost { .. } => {
-                "outcome unknown: the connection to the upstream broke after the request was sent"
-            }
-            Self::Upstream { .. } => "the upstream failed the request",
-        }
-    }
-
     /// Whether another instance of the zone may take the same request: true
     /// only when this one certainly did not execute it.
     pub fn retry_elsewhere(&self) -> bool {
@@ -243,7 +202,10 @@ fn is_connect_error(status: &Status) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use gatesvr_proto::client::ErrorCode;
+
     use super::*;
+    use crate::errors::ClientError;
 
     fn classify(status: Status) -> (ForwardError, Outcome) {
         ForwardError::from_status("h:1".into(), status, Duration::from_secs(1))
@@ -290,7 +252,11 @@ mod tests {
         ];
         for (status, code, outcome) in cases {
             let (err, got) = classify(status);
-            assert_eq!((err.code(), got), (code, outcome), "{err}");
+            assert_eq!(
+                (ClientError::forward(&err).code, got),
+                (code, outcome),
+                "{err}"
+            );
         }
     }
 
@@ -302,7 +268,7 @@ mod tests {
         lost.set_source(Arc::new(std::io::Error::other("connection reset")));
         let (err, outcome) = classify(lost);
         assert!(matches!(err, ForwardError::Lost { .. }), "{err}");
-        assert_eq!(err.code(), ErrorCode::UpstreamError);
+        assert_eq!(ClientError::forward(&err).code, ErrorCode::UpstreamError);
         assert!(!err.retry_elsewhere());
         assert_eq!(outcome, Outcome::Failure);
     }
@@ -314,8 +280,8 @@ mod tests {
         ))));
         assert!(err.retry_elsewhere());
         assert!(err.to_string().contains("h:1"), "logs name the instance");
-        assert!(!err.client_message().contains("h:1"));
-        assert!(!err.client_message().contains("10.1.2.3"));
+        assert!(!ClientError::forward(&err).message.contains("h:1"));
+        assert!(!ClientError::forward(&err).message.contains("10.1.2.3"));
     }
 
     #[test]
@@ -325,7 +291,10 @@ mod tests {
             .metadata_mut()
             .insert(RETRY_PUSHBACK_KEY, "250".parse().unwrap());
         let (err, outcome) = classify(status);
-        assert_eq!(err.code(), ErrorCode::UpstreamOverloaded);
+        assert_eq!(
+            ClientError::forward(&err).code,
+            ErrorCode::UpstreamOverloaded
+        );
         assert_eq!(err.retry_after_ms(), Some(250));
         assert_eq!(outcome, Outcome::Neutral);
         assert_eq!(err.label(), "upstream_overloaded");

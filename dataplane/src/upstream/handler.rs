@@ -65,9 +65,10 @@ impl Handler {
                         // The detail (instance address, transport error) is
                         // for operators; the client gets a fixed message.
                         tracing::debug!(zone = %session.zone, seq_id = request.seq_id, error = %err, "request failed");
-                        answer.code = err.code() as i32;
-                        answer.message = err.client_message().to_owned();
-                        answer.retry_after_ms = err.retry_after_ms().unwrap_or(0);
+                        let told = crate::errors::ClientError::forward(&err);
+                        answer.code = told.code as i32;
+                        answer.message = told.message.into_owned();
+                        answer.retry_after_ms = told.retry_after_ms;
                     }
                 }
             }

@@ -20,6 +20,7 @@ use tonic::{Code, Request, Response, Status};
 use tonic_health::server::HealthReporter;
 
 use super::*;
+use crate::errors::ClientError;
 
 /// What a fake upstream does with each request.
 #[derive(Clone)]
@@ -231,7 +232,10 @@ async fn unknown_zone_and_empty_zone_fail_fast() {
 
     let err = router.forward(request("001", "x")).await.unwrap_err();
     assert!(matches!(err, ForwardError::NoInstances { .. }), "{err}");
-    assert_eq!(err.code(), ErrorCode::UpstreamUnavailable);
+    assert_eq!(
+        ClientError::forward(&err).code,
+        ErrorCode::UpstreamUnavailable
+    );
 
     let err = router.forward(request("zzz", "x")).await.unwrap_err();
     assert!(matches!(err, ForwardError::UnknownZone { .. }), "{err}");
@@ -256,7 +260,7 @@ async fn slow_upstream_times_out() {
 
     let err = router.forward(request("001", "x")).await.unwrap_err();
     assert!(matches!(err, ForwardError::Timeout { .. }), "{err}");
-    assert_eq!(err.code(), ErrorCode::UpstreamTimeout);
+    assert_eq!(ClientError::forward(&err).code, ErrorCode::UpstreamTimeout);
     assert_eq!(slow.calls.load(Ordering::SeqCst), 1);
 }
 
@@ -274,7 +278,7 @@ async fn erroring_instance_fails_requests_then_is_ejected() {
             Ok(response) => assert_eq!(response.payload, b"good:x"),
             Err(err) => {
                 assert!(matches!(err, ForwardError::Upstream { .. }), "{err}");
-                assert_eq!(err.code(), ErrorCode::UpstreamError);
+                assert_eq!(ClientError::forward(&err).code, ErrorCode::UpstreamError);
                 saw_upstream_error = true;
             }
         }
@@ -312,13 +316,18 @@ async fn dead_address_is_unavailable() {
 
     let err = router.forward(request("001", "x")).await.unwrap_err();
     assert!(matches!(err, ForwardError::Unavailable { .. }), "{err}");
-    assert_eq!(err.code(), ErrorCode::UpstreamUnavailable);
+    assert_eq!(
+        ClientError::forward(&err).code,
+        ErrorCode::UpstreamUnavailable
+    );
     assert!(
         err.to_string().contains(&addr.to_string()),
         "errors name the instance: {err}"
     );
     assert!(
-        !err.client_message().contains(&addr.to_string()),
+        !ClientError::forward(&err)
+            .message
+            .contains(&addr.to_string()),
         "the client never sees it"
     );
 }
@@ -354,7 +363,7 @@ async fn concurrency_cap_refuses_without_waiting() {
 
     let err = router.forward(request("001", "x")).await.unwrap_err();
     assert!(matches!(err, ForwardError::Overloaded { .. }), "{err}");
-    assert_eq!(err.code(), ErrorCode::Overloaded);
+    assert_eq!(ClientError::forward(&err).code, ErrorCode::Overloaded);
     assert_eq!(err.retry_after_ms(), Some(100));
     assert_eq!(
         held.calls.load(Ordering::SeqCst),

@@ -1,0 +1,210 @@
+//! Where errors reach the wire: what a client, a QUIC or WebSocket close, an
+//! upstream or a peer is told when something fails. The layers keep their
+//! typed errors (thiserror enums that say which side failed and whether a
+//! retry helps: [`ForwardError`], [`AuthError`], [`ClaimError`], ...); this
+//! module alone turns them into wire codes and messages, so the rule below
+//! is kept in one place.
+//!
+//! **A client never sees an internal address, a node's name or a library's
+//! error text.** Its message is fixed per case (docs/protocol.md §8); the
+//! detail (instance address, transport error, the control plane's reason)
+//! goes to the log and a metric label at the place that failed.
+//!
+//! | wire | built by | documented in |
+//! |---|---|---|
+//! | client `Error` frame / `ClientResponse.code` + `message` | [`ClientError`] | protocol.md §5.1, §8 |
+//! | QUIC `CONNECTION_CLOSE` application code | [`quic_close_code`], [`NODE_STOPPED`] | protocol.md §8.1 |
+//! | WebSocket close code | [`websocket_close_code`] | protocol.md §12.3 |
+//! | gRPC status of `GatewayService` (to upstreams) | `push/gateway.rs` (see below) | protocol.md §13.3 |
+//! | gRPC status of `PeerService` (node to node) | `cluster/peer.rs` (see below) | architecture.md §8 |
+//! | HTTP status of the ops endpoints | `ops/http.rs` | operations.md |
+//!
+//! The gRPC statuses of `GatewayService` and `PeerService` are still built
+//! where they are decided (`push/gateway.rs`, `cluster/peer.rs`): their
+//! callers are an operator's upstreams and other nodes, which may see
+//! addresses and node names, and both files are being reworked around the
+//! session table. Moving them here is the next step.
+
+use std::borrow::Cow;
+
+use gatesvr_proto::client::ErrorCode;
+use gatesvr_proto::frame::FrameError;
+
+use crate::auth::AuthError;
+use crate::cluster::ClaimError;
+use crate::upstream::ForwardError;
+
+/// What a client is told: the `code`, `message` and `retry_after_ms` of an
+/// `Error` frame or of a `ClientResponse`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientError {
+    pub(crate) code: ErrorCode,
+    /// Fixed per case; never an address, a node name or a library's text.
+    pub(crate) message: Cow<'static, str>,
+    /// Client back-off for `OVERLOADED` / `UPSTREAM_OVERLOADED`; 0 if none.
+    pub(crate) retry_after_ms: u32,
+}
+
+impl ClientError {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after_ms: 0,
+        }
+    }
+
+    /// A request the router could not get answered (docs/protocol.md §5.1).
+    pub(crate) fn forward(err: &ForwardError) -> Self {
+        let (code, message) = match err {
+            ForwardError::UnknownZone { .. } => (
+                ErrorCode::UpstreamUnavailable,
+                "not executed: no upstream is registered for this zone",
+            ),
+            ForwardError::NoInstances { .. } => (
+                ErrorCode::UpstreamUnavailable,
+                "not executed: no upstream instance of this zone is available",
+            ),
+            ForwardError::Unavailable { .. } => (
+                ErrorCode::UpstreamUnavailable,
+                "not executed: no upstream instance of this zone could take the request",
+            ),
+            ForwardError::Overloaded { .. } => (
+                ErrorCode::Overloaded,
+                "not executed: gateway overloaded; retry after retry_after_ms",
+            ),
+            ForwardError::Timeout { .. } => (
+                ErrorCode::UpstreamTimeout,
+                "the upstream did not answer in time; the request may have taken effect",
+            ),
+            ForwardError::UpstreamOverloaded { .. } => (
+                ErrorCode::UpstreamOverloaded,
+                "not executed: the upstream shed the request; retry after retry_after_ms",
+            ),
+            ForwardError::Lost { .. } => (
+                ErrorCode::UpstreamError,
+                "outcome unknown: the connection to the upstream broke after the request was sent",
+            ),
+            ForwardError::Upstream { .. } => {
+                (ErrorCode::UpstreamError, "the upstream failed the request")
+            }
+        };
+        Self {
+            code,
+            message: message.into(),
+            retry_after_ms: err.retry_after_ms().unwrap_or(0),
+        }
+    }
+
+    /// A Start whose token was refused.
+    pub(crate) fn auth(err: &AuthError) -> Self {
+        Self::new(err.code(), err.to_string())
+    }
+
+    /// A Start the control plane refused to let this node own.
+    pub(crate) fn claim_refused(err: &ClaimError) -> Self {
+        Self::new(
+            ErrorCode::Draining,
+            format!("this node may not take sessions now ({err}): connect to another node"),
+        )
+    }
+
+    /// A byte stream that is not a valid sequence of frames. The messages
+    /// describe the client's own bytes (and the configured frame limit).
+    pub(crate) fn frame(err: &FrameError) -> Self {
+        Self::new(err.code(), err.to_string())
+    }
+}
+
+/// The QUIC application close code of a connection ended with `code`: the
+/// `ErrorCode` value itself (docs/protocol.md §8.1).
+pub(crate) fn quic_close_code(code: ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(code as u32)
+}
+
+/// The QUIC close code when the whole node stops (shutdown, a test's crash):
+/// 0, no session-level error; the client resumes elsewhere.
+pub(crate) const NODE_STOPPED: quinn::VarInt = quinn::VarInt::from_u32(0);
+
+/// WebSocket close codes are `4000 + ErrorCode` (4000..4999 are the
+/// application's, RFC 6455 §7.4.2).
+pub(crate) fn websocket_close_code(code: ErrorCode) -> u16 {
+    crate::transport::WS_CLOSE_BASE + code as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Internal details a failure may carry; none may reach a client.
+    const SECRETS: [&str; 5] = ["10.9.8.7", "50051", "dp-7", "os error", "Unexpected"];
+
+    fn assert_clean(what: &str, err: &ClientError) {
+        for secret in SECRETS {
+            assert!(
+                !err.message.contains(secret),
+                "{what}: the client's message names {secret:?}: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_client_message_carries_no_internal_detail() {
+        let addr: Arc<str> = "10.9.8.7:50051".into();
+        let refused = tonic::Status::unavailable(
+            "tcp connect error: 10.9.8.7:50051: Connection refused (os error 111)",
+        );
+        let forwards = [
+            ForwardError::Unavailable {
+                addr: addr.clone(),
+                status: refused.clone(),
+            },
+            ForwardError::Lost {
+                addr: addr.clone(),
+                status: refused.clone(),
+            },
+            ForwardError::Upstream {
+                addr: addr.clone(),
+                status: refused.clone(),
+            },
+            ForwardError::Timeout {
+                addr: addr.clone(),
+                timeout: Duration::from_secs(1),
+            },
+        ];
+        for err in &forwards {
+            assert_clean(&format!("{err}"), &ClientError::forward(err));
+        }
+        // What the control plane answers a refused claim (its own text, a
+        // node name, or a Debug dump of an unexpected result).
+        let refused_claims = [
+            ClaimError::Refused("node dp-7 is not active (state Left)".into()),
+            ClaimError::Refused("unexpected Unexpected { at: \"10.9.8.7:50051\" }".into()),
+        ];
+        for err in &refused_claims {
+            let client = ClientError::claim_refused(err);
+            assert_eq!(client.code, ErrorCode::Draining);
+            assert_clean(&format!("{err}"), &client);
+        }
+        // A JWT library's text about the token.
+        let auth = AuthError::Invalid("Unexpected end of input at line 1 (os error 0)".into());
+        assert_clean("auth", &ClientError::auth(&auth));
+        assert_eq!(ClientError::auth(&auth).code, ErrorCode::Unauthenticated);
+    }
+
+    #[test]
+    fn close_codes_are_the_error_codes() {
+        assert_eq!(
+            quic_close_code(ErrorCode::SessionReplaced).into_inner(),
+            ErrorCode::SessionReplaced as u64
+        );
+        assert_eq!(
+            websocket_close_code(ErrorCode::Draining),
+            4000 + ErrorCode::Draining as u16
+        );
+    }
+}
