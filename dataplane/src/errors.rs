@@ -96,16 +96,26 @@ impl ClientError {
         }
     }
 
-    /// A Start whose token was refused.
+    /// A Start whose token was refused. An invalid token's detail is the
+    /// verifier's (a JWT library's) text: the caller logs it and counts
+    /// `gatesvr_auth_failures_total{reason}`.
     pub(crate) fn auth(err: &AuthError) -> Self {
-        Self::new(err.code(), err.to_string())
+        let message = match err {
+            AuthError::Invalid(_) => "invalid token",
+            AuthError::Expired => "token expired",
+            AuthError::OpenidMismatch => "token is for a different openid",
+            AuthError::NotYetValid => "token not valid yet (nbf)",
+        };
+        Self::new(err.code(), message)
     }
 
-    /// A Start the control plane refused to let this node own.
-    pub(crate) fn claim_refused(err: &ClaimError) -> Self {
+    /// A Start the control plane refused to let this node own. Its reason
+    /// (node names, states) is for the log and
+    /// `gatesvr_connections_rejected_total{reason="claim_refused"}`.
+    pub(crate) fn claim_refused(_err: &ClaimError) -> Self {
         Self::new(
             ErrorCode::Draining,
-            format!("this node may not take sessions now ({err}): connect to another node"),
+            "this node may not take sessions now: connect to another node",
         )
     }
 

@@ -411,6 +411,11 @@ async fn claim_ownership(
             Ok(None)
         }
         Err(e @ crate::cluster::ClaimError::Refused(_)) => {
+            tracing::info!(openid = %openid, error = %e, "claim refused: Start refused with DRAINING");
+            node.metrics
+                .connections_rejected
+                .with_label_values(&["claim_refused"])
+                .inc();
             Err(Fatal::from(ClientError::claim_refused(&e)))
         }
     }
@@ -449,6 +454,7 @@ fn authenticate(node: &Node, start: StartRequest) -> Result<StartRequest, Fatal>
             .auth_failures
             .with_label_values(&[e.reason()])
             .inc();
+        tracing::debug!(openid = %start.openid, error = %e, "Start refused: token");
         return Err(Fatal::from(ClientError::auth(&e)));
     }
     Ok(start)
