@@ -5,10 +5,10 @@
 //!
 //! - [`quic`]: the QUIC endpoint, transport settings, the accept loop
 //!   (admission); [`quic_keys`]: keys shared by every node of a deployment.
-//! - [`connection`]: one client connection, the I/O shell around a session.
-//! - [`transport`]: what carries a session's frames; [`webtransport`] and
+//! - `connection`: one client connection, the I/O shell around a session.
+//! - `transport`: what carries a session's frames; `webtransport` and
 //!   [`websocket`] accept the browser ones.
-//! - [`auth`]: the Start token check; [`start_limit`]: the Start rate limit.
+//! - [`auth`]: the Start token check; `start_limit`: the Start rate limit.
 
 pub mod auth;
 pub(crate) mod connection;

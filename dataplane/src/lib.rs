@@ -7,16 +7,30 @@
 //! has when the control plane is away.
 //!
 //! # Layout
+//! One folder per layer; the crate's API is [`DataPlane`] and its
+//! [`config`]. [`core`] and [`session`] are public because the simulation
+//! (tests/tests/sim) and the fuzz targets drive them directly; what else is
+//! public is named below; everything else is `pub(crate)`.
 //! - [`session`]: the sans-IO session state machine (seq numbers, unacked
 //!   queue, retransmit, resume, request dedupe, export/import). No I/O.
-//! - [`registry`]: the node's sessions and the timer sweep.
-//! - [`connection`]: one client connection, the I/O shell around a session.
-//! - [`quic`]: endpoint, transport settings, the accept loop (admission).
-//! - [`transport`]: what carries a session's frames (QUIC, WebTransport,
-//!   WebSocket); [`webtransport`] and [`websocket`] accept the browser ones.
-//! - [`gateway`]: `GatewayService` for upstreams (push, broadcast).
-//! - [`upstream`]: zone -> upstream instances, picking and forwarding.
-//! - [`auth`], [`config`], [`metrics`], [`http`].
+//! - [`core`]: the sans-IO session table: which sessions are here, incoming,
+//!   moved, fenced, at which epoch; events in, commands out.
+//! - [`edge`]: clients' way in. `quic` (endpoint, admission; public for
+//!   gate-bench), `quic_keys`, `transport` (QUIC, WebTransport, WebSocket),
+//!   `connection` (the I/O shell around a session), `webtransport`,
+//!   `websocket`, `auth` (public for the binary and fuzzing), `start_limit`.
+//! - [`cluster`]: the control-plane client (`cluster.rs`: membership, view,
+//!   claims; public for gate-bench) and beside it `registry` (the table's
+//!   shell), `peer` (handover, push forwarding), `replica` (durable pushes,
+//!   crash recovery), `drain`, `node` (what a node shares).
+//! - `push`: `GatewayService` for upstreams (push, broadcast) and the gRPC
+//!   port's authorization.
+//! - [`upstream`]: zone -> upstream instances, picking and forwarding, and
+//!   the request `handler`.
+//! - `ops`: HTTP endpoints, metrics, performance windows.
+//! - `errors`: every error's wire form (client codes and messages, QUIC and
+//!   WebSocket close codes), in one place.
+//! - [`config`]: the typed configuration.
 //!
 //! ```text
 //!  client ──QUIC──> quic::accept_loop ─┬──> connection::serve ──> Session (registry)
@@ -542,7 +556,7 @@ impl DataPlane {
         self.websocket_addr
     }
 
-    /// Drains the node (see [`drain`]): sessions move to other nodes, clients
+    /// Drains the node (see `cluster::drain`): sessions move to other nodes, clients
     /// get a GoAway. Call [`DataPlane::shutdown`] afterwards.
     pub async fn drain(&self) -> drain::DrainReport {
         drain::drain(self.node.clone()).await

@@ -31,12 +31,13 @@
 //! ```
 //!
 //! # Layout
-//! - [`config`] — [`UpstreamConfig`], the `upstream:` config section.
-//! - [`handler`] — what answers a client request: the zone's upstream, or
+//! - `config` — [`UpstreamConfig`], the `upstream:` config section.
+//! - `handler` — what answers a client request: the zone's upstream, or
 //!   the echo handler of tests and `gatesvr dev`.
-//! - [`instance`] — [`Instance`] (address + registry id), validation.
-//! - [`balancer`] — sans-IO selection and health bookkeeping for one zone.
-//! - [`error`] — [`ForwardError`], the gRPC status mapping, client error codes.
+//! - `instance` — [`Instance`] (address + registry id), validation.
+//! - `balancer` — sans-IO selection and health bookkeeping for one zone.
+//! - `error` — [`ForwardError`], the gRPC status mapping (what the client is
+//!   told is in `crate::errors`).
 //! - `health` — the active health-check loop.
 //! - `metrics` — Prometheus metrics.
 

@@ -255,7 +255,7 @@ pub fn join_stage(chunks: Vec<StageRequest>) -> StageRequest {
     }
 }
 
-/// Reassembles the chunks of [`split_handover`].
+/// Reassembles the chunks of `split_handover`.
 pub fn join_handover(chunks: Vec<HandoverResponse>) -> HandoverResponse {
     let mut chunks = chunks.into_iter();
     let Some(mut whole) = chunks.next() else {

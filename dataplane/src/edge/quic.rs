@@ -2,7 +2,7 @@
 //! and the accept loop that refuses over-limit handshakes before TLS work.
 //!
 //! With `transports.webtransport` the same endpoint also offers ALPN `h3`;
-//! the accept loop hands such connections to [`crate::webtransport`].
+//! the accept loop hands such connections to `crate::webtransport`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `GET /gatesvr/v1` (Upgrade) | a client session: one binary message per frame ([`crate::transport`]) |
+//! | `GET /gatesvr/v1` (Upgrade) | a client session: one binary message per frame (`crate::transport`) |
 //! | `GET /gatesvr/v1/cert-hashes` | `{"sha256": [base64...], "webtransport_port": N or null}`: the node's certificate hashes for WebTransport's `serverCertificateHashes`, and its WebTransport (QUIC) port if enabled |
 //! | `GET /*` | files under `transports.web_root`, if set (the dev demo page and the JavaScript SDK) |
 //!
