@@ -17,7 +17,7 @@
 //! | WebSocket close code | [`websocket_close_code`] | protocol.md §12.3 |
 //! | gRPC status of `GatewayService` (to upstreams) | `push/gateway.rs` (see below) | protocol.md §13.3 |
 //! | gRPC status of `PeerService` (node to node) | `cluster/peer.rs` (see below) | architecture.md §8 |
-//! | HTTP status of the ops endpoints | `ops/http.rs` | operations.md |
+//! | HTTP status of the ops endpoints | [`OpsError`] | operations.md |
 //!
 //! The gRPC statuses of `GatewayService` and `PeerService` are still built
 //! where they are decided (`push/gateway.rs`, `cluster/peer.rs`): their
@@ -126,6 +126,47 @@ impl ClientError {
     }
 }
 
+/// What an operations endpoint answers when it does not do what was asked
+/// (the success answers stay with their handlers in `ops/http.rs`). Its
+/// callers are operators and kubelet: the text may carry detail.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpsError {
+    /// 401: no or a wrong `authorization: Bearer` on the operations listener.
+    #[error("the operations listener needs `authorization: Bearer <server.ops_token_file>`")]
+    Unauthorized,
+    /// 503 on `/ready`: the node knows neither routes nor owners yet.
+    #[error("not ready")]
+    NotReady,
+    /// 400: a query parameter out of range.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// 409: a CPU profile is being taken (the profiler is process-wide).
+    #[error("a profile is already being taken")]
+    ProfileBusy,
+    /// 500: the profiler (`what`) failed.
+    #[error("{what}: {detail}")]
+    Profiler { what: &'static str, detail: String },
+}
+
+impl axum::response::IntoResponse for OpsError {
+    fn into_response(self) -> axum::response::Response {
+        use axum::http::StatusCode;
+        let status = match &self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ProfileBusy => StatusCode::CONFLICT,
+            Self::Profiler { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let body = format!("{self}\n");
+        if matches!(self, Self::Unauthorized) {
+            let challenge = [(axum::http::header::WWW_AUTHENTICATE, "Bearer")];
+            return (status, challenge, body).into_response();
+        }
+        (status, body).into_response()
+    }
+}
+
 /// The QUIC application close code of a connection ended with `code`: the
 /// `ErrorCode` value itself (docs/protocol.md §8.1).
 pub(crate) fn quic_close_code(code: ErrorCode) -> quinn::VarInt {
@@ -204,6 +245,36 @@ mod tests {
         let auth = AuthError::Invalid("Unexpected end of input at line 1 (os error 0)".into());
         assert_clean("auth", &ClientError::auth(&auth));
         assert_eq!(ClientError::auth(&auth).code, ErrorCode::Unauthenticated);
+    }
+
+    #[test]
+    fn ops_errors_keep_their_statuses_and_bodies() {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let cases = [
+            (OpsError::Unauthorized, StatusCode::UNAUTHORIZED),
+            (OpsError::NotReady, StatusCode::SERVICE_UNAVAILABLE),
+            (
+                OpsError::BadRequest("seconds must be 1..=60"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (OpsError::ProfileBusy, StatusCode::CONFLICT),
+            (
+                OpsError::Profiler {
+                    what: "profiler",
+                    detail: "x".into(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (err, status) in cases {
+            let challenged = matches!(err, OpsError::Unauthorized);
+            let response = err.into_response();
+            assert_eq!(response.status(), status);
+            let header = response.headers().get(axum::http::header::WWW_AUTHENTICATE);
+            assert_eq!(header.is_some(), challenged, "{status}");
+        }
+        assert_eq!(OpsError::NotReady.to_string(), "not ready");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 
+use crate::errors::OpsError;
 use crate::node::Node;
 
 #[derive(Clone)]
@@ -75,12 +76,7 @@ pub fn ops_router(state: HttpState, token: Option<Arc<str>>) -> Result<Router, p
                 }
                 denied.inc();
                 tracing::debug!(path = %req.uri().path(), "ops request without a valid bearer token");
-                (
-                    StatusCode::UNAUTHORIZED,
-                    [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
-                    "the operations listener needs `authorization: Bearer <server.ops_token_file>`\n",
-                )
-                    .into_response()
+                OpsError::Unauthorized.into_response()
             }
         },
     )))
@@ -128,20 +124,20 @@ pub fn metrics_router(node: Arc<Node>) -> Router {
 /// once registered (or serving from its state file while the control plane
 /// is unreachable), so its claims are accepted.
 /// Stays ready while draining (see [`crate::drain`]).
-async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+async fn ready(State(state): State<HttpState>) -> Result<(StatusCode, &'static str), OpsError> {
     let routing_known = state.node.cluster.as_ref().is_none_or(|c| c.can_serve());
     if state.ready.load(Ordering::Relaxed) && routing_known {
         let draining = state.node.draining.load(Ordering::Relaxed);
-        (
+        Ok((
             StatusCode::OK,
             if draining {
                 "ready (draining)\n"
             } else {
                 "ready\n"
             },
-        )
+        ))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        Err(OpsError::NotReady)
     }
 }
 
@@ -230,14 +226,10 @@ async fn profile(
 ) -> axum::response::Response {
     let seconds = q.seconds.unwrap_or(10);
     if !(1..=60).contains(&seconds) {
-        return (
-            StatusCode::BAD_REQUEST,
-            "seconds must be 1..=60 (default 10)\n",
-        )
-            .into_response();
+        return OpsError::BadRequest("seconds must be 1..=60 (default 10)").into_response();
     }
     let Ok(_one) = PROFILING.try_lock() else {
-        return (StatusCode::CONFLICT, "a profile is already being taken\n").into_response();
+        return OpsError::ProfileBusy.into_response();
     };
     let guard = match pprof::ProfilerGuardBuilder::default()
         .frequency(99)
@@ -245,24 +237,12 @@ async fn profile(
         .build()
     {
         Ok(g) => g,
-        Err(e) => {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("profiler: {e}\n"),
-            )
-                .into_response();
-        }
+        Err(e) => return profiler_failed("profiler", &e),
     };
     tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
     let report = match guard.report().build() {
         Ok(r) => r,
-        Err(e) => {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("profiler: {e}\n"),
-            )
-                .into_response();
-        }
+        Err(e) => return profiler_failed("profiler", &e),
     };
     if report.data.is_empty() {
         // An idle process can go a short profile without a single sample: say so in the
@@ -274,11 +254,16 @@ async fn profile(
     }
     let mut svg = Vec::new();
     if let Err(e) = report.flamegraph(&mut svg) {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("flamegraph: {e}\n"),
-        )
-            .into_response();
+        return profiler_failed("flamegraph", &e);
     }
     ([(axum::http::header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()
+}
+
+/// A 500 naming the profiler's error: the caller is an operator.
+fn profiler_failed(what: &'static str, e: &dyn std::fmt::Display) -> axum::response::Response {
+    OpsError::Profiler {
+        what,
+        detail: e.to_string(),
+    }
+    .into_response()
 }
