@@ -248,7 +248,9 @@ pub async fn run(mode: Serve) -> Result<()> {
                 .add_service(health_service)
                 .add_service(UpstreamServiceServer::new(EchoUpstream))
                 .add_service(stream.stream_service())
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+                .serve_with_incoming(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                );
             announce(serde_json::json!({"grpc": addr.to_string()}));
             tokio::select! {
                 r = server => r?,

@@ -476,7 +476,11 @@ impl DataPlane {
         let stop = cancel.clone();
         let peer_node = node.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            // TCP_NODELAY on every accepted connection: `Server::tcp_nodelay` does not apply to
+            // `serve_with_incoming`, and without it an answer written in more than one segment
+            // waits for the caller's delayed ACK (~40 ms; the control plane's ClaimSessions showed
+            // it, docs/benchmarks.md).
+            let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
             let peer = gatesvr_proto::peer::peer_server::PeerServer::new(peer::PeerService {
                 node: peer_node,
             })
