@@ -242,25 +242,26 @@ impl<T: Clone> Balancer<T> {
         self.endpoints.len()
     }
 
-    /// Chooses an instance for one request and counts it as outstanding, or
-    /// `None` when the zone has no instance at all.
+    /// Picks the instance of the zone for one request: [`pick_excluding`]
+    /// with nothing tried yet. The router always passes what it tried; this
+    /// form is the tests'.
+    ///
+    /// [`pick_excluding`]: Self::pick_excluding
+    #[cfg(test)]
+    pub fn pick(&mut self, now: Instant, rng: &mut impl Rng) -> Option<Pick<T>> {
+        self.pick_excluding(now, rng, &[])
+    }
+
+    /// Chooses an instance for one request and counts it as outstanding,
+    /// never one in `tried` (the ones a request already failed on without
+    /// being executed). `None` when the zone has no instance, or every
+    /// instance was tried.
     ///
     /// When every instance is unhealthy or ejected the zone is in *panic*
     /// (Envoy's panic threshold): the request goes to any instance rather
     /// than failing outright, because a whole zone failing its checks at once
     /// is more often the checker's problem (a starved node, a slow check)
     /// than every instance's. [`Pick::panic`] says so, for a metric.
-    ///
-    /// The router always passes the instances a request already tried
-    /// ([`pick_excluding`](Self::pick_excluding)); this form is the tests'.
-    #[cfg(test)]
-    pub fn pick(&mut self, now: Instant, rng: &mut impl Rng) -> Option<Pick<T>> {
-        self.pick_excluding(now, rng, &[])
-    }
-
-    /// As `pick`, never choosing an instance in `tried` (the
-    /// ones a request already failed on without being executed). `None` when
-    /// every instance was tried.
     pub fn pick_excluding(
         &mut self,
         now: Instant,
