@@ -78,6 +78,21 @@ pub fn cpu_us(pid: u32) -> Result<f64> {
     Ok((utime + stime) / clk_tck() * 1e6)
 }
 
+/// Time a process's threads spent waiting on a CPU's run queue (runnable, not running), in µs:
+/// the sum of `/proc/PID/task/*/schedstat` field 2 (threads that ended are not counted). What a
+/// loaded machine costs a pipeline shows here, not in its CPU time.
+pub fn runq_wait_us(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e3
+}
+
 /// VmRSS of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
