@@ -146,7 +146,12 @@ pub async fn run(
         .add_service(health_service)
         .add_service(upstream.unary_service())
         .add_service(upstream.stream_service())
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY an answer written in more than one segment waits for the data
+            // plane's delayed ACK (`Server::tcp_nodelay` does not apply to `serve_with_incoming`).
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop.clone().cancelled_owned(),
+        );
     let mut serving = tokio::spawn(serving);
 
     // Ready: the listener is accepting and the handler needs nothing else.
