@@ -78,6 +78,21 @@ pub fn cpu_us(pid: u32) -> Result<f64> {
     Ok((utime + stime) / clk_tck() * 1e6)
 }
 
+/// Time a process's threads spent waiting on a CPU's run queue (runnable, not running), in µs:
+/// the sum of `/proc/PID/task/*/schedstat` field 2 (threads that ended are not counted). What a
+/// loaded machine costs a pipeline shows here, not in its CPU time.
+pub fn runq_wait_us(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e3
+}
+
 /// VmRSS of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -140,26 +155,51 @@ impl Pinning {
     }
 }
 
+/// Under `GATE_BENCH_WRAP="valgrind --tool=callgrind ..."`: dumps (and zeroes) the wrapped
+/// server's instruction counts, labelled, so each window of a scenario gets its own profile.
+pub fn callgrind_mark(server: &ServerProc, label: &str) {
+    if !server.wrapped || !std::env::var("GATE_BENCH_WRAP").is_ok_and(|w| w.contains("callgrind")) {
+        return;
+    }
+    let _ = Command::new("callgrind_control")
+        .arg(format!("--dump={label}"))
+        .arg(server.pid().to_string())
+        .stdout(Stdio::null())
+        .status();
+}
+
 /// A server mode of gate-bench in its own process (so its CPU and RSS can be read). Killed on
 /// drop; it also exits when its stdin closes (if gate-bench dies).
 pub struct ServerProc {
     pub child: Child,
     pub info: Value,
     pub name: String,
+    /// Runs under `GATE_BENCH_WRAP`: stopped with SIGTERM so the wrapper writes its output.
+    pub wrapped: bool,
 }
 
 impl ServerProc {
     /// Spawns `gate-bench serve <args>` on `cpu` (if pinning) and waits for its JSON line.
     pub fn spawn(name: &str, args: &[String], cpu: Option<usize>) -> Result<Self> {
         let exe = std::env::current_exe().context("own executable")?;
-        let mut cmd = match cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.arg("-c").arg(cpu.to_string()).arg(&exe);
-                c
-            }
-            None => Command::new(&exe),
-        };
+        // `GATE_BENCH_WRAP="valgrind --tool=callgrind ..."`: runs the server named
+        // `GATE_BENCH_WRAP_NAME` (default `dataplane`) under that command (profiles).
+        let wrap: Vec<String> = std::env::var("GATE_BENCH_WRAP")
+            .ok()
+            .filter(|_| {
+                std::env::var("GATE_BENCH_WRAP_NAME").unwrap_or_else(|_| "dataplane".into()) == name
+            })
+            .map(|w| w.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(cpu) = cpu {
+            argv.extend(["taskset".into(), "-c".into(), cpu.to_string().into()]);
+        }
+        argv.extend(wrap.iter().map(Into::into));
+        argv.push(exe.into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        let wrapped = !wrap.is_empty();
         cmd.arg("serve")
             .args(args)
             .stdin(Stdio::piped())
@@ -183,6 +223,7 @@ impl ServerProc {
             child,
             info,
             name: name.into(),
+            wrapped,
         })
     }
 
@@ -209,6 +250,19 @@ impl ServerProc {
 
 impl Drop for ServerProc {
     fn drop(&mut self) {
+        if self.wrapped {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

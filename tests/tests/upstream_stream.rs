@@ -14,7 +14,8 @@
 //! - across a data-plane stop (drain, shutdown) with requests on the stream:
 //!   the stream takes no new request (refused unexecuted), the ones on it are
 //!   answered or, past the drain's deadline, failed explicitly; each ran once;
-//! - an upstream pushes through the same stream, and the client gets it.
+//! - an upstream pushes through the same stream, and the client gets it;
+//! - a `push_batch` gets one result per push and is delivered in its order.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -296,6 +297,66 @@ async fn an_upstream_pushes_through_its_stream() {
         1,
         "one stream from the one node"
     );
+}
+
+#[tokio::test]
+async fn a_push_batch_on_the_stream_is_queued_in_order_with_a_result_each() {
+    let app = App::new();
+    let (listener, addr) = bind().await;
+    let instance = serve(&app, listener, 64).await;
+    let node = node(&[addr]).await;
+    let client = Client::connect(node.client_config("noa")).await.unwrap();
+    // The node dials the stream on its first request (its hello comes first).
+    let answer = client.request(1, "hello").await.unwrap();
+    assert_eq!(answer.app_code, 0, "{}", answer.message);
+    // 200 pushes (more than one run of the node's fast path): every 7th to a
+    // session that does not exist, which takes the rest off the fast path.
+    let pushes: Vec<PushToClientRequest> = (0..200)
+        .map(|i| PushToClientRequest {
+            target_type: TargetType::Openid as i32,
+            target_id: if i % 7 == 3 {
+                "ghost".into()
+            } else {
+                "noa".into()
+            },
+            msg_type: "batch".into(),
+            content: i.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    let results = instance
+        .upstream
+        .pusher()
+        .push_batch(pushes)
+        .await
+        .expect("a stream is open");
+    assert_eq!(results.len(), 200, "one result per push");
+    let mut last_seq = 0;
+    let mut want = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        if i % 7 == 3 {
+            assert_eq!(
+                r.code,
+                tonic::Code::NotFound as i32,
+                "push {i}: {}",
+                r.message
+            );
+        } else {
+            assert_eq!(r.code, 0, "push {i}: {}", r.message);
+            assert!(
+                r.seq_id > last_seq,
+                "push {i}: seqs follow the batch's order"
+            );
+            last_seq = r.seq_id;
+            want.push(i.to_string());
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let push = next_push(&client).await.expect("every queued push arrives");
+        got.push(push.content);
+    }
+    assert_eq!(got, want, "delivered in the batch's order");
 }
 
 /// A TCP relay to `target` that can be cut: every connection through it is

@@ -312,14 +312,19 @@ struct CpuPair {
     server: (u32, f64),
     hop: (u32, f64),
     client: (u32, f64),
+    /// Run-queue wait (µs) of server, hop and client before the run.
+    waits: [(u32, f64); 3],
 }
 
 impl CpuPair {
     fn read(server: u32, hop: u32) -> Result<Self> {
+        let me = std::process::id();
+        let wait = |pid| (pid, crate::util::runq_wait_us(pid));
         Ok(Self {
             server: (server, cpu_us(server)?),
             hop: (hop, cpu_us(hop)?),
-            client: (std::process::id(), cpu_us(std::process::id())?),
+            client: (me, cpu_us(me)?),
+            waits: [wait(server), wait(hop), wait(me)],
         })
     }
 
@@ -332,6 +337,15 @@ impl CpuPair {
         round.insert(format!("{prefix}_hop_cpu_us_per_req"), per(self.hop)?);
         // The load generator (this process): QUIC client vs NATS client.
         round.insert(format!("{prefix}_client_cpu_us_per_req"), per(self.client)?);
+        // Where the pipeline waited for a CPU (other work on the machine, or its own stages
+        // on a shared CPU): µs per request that each process was runnable but not running.
+        for ((pid, before), who) in self.waits.into_iter().zip(["server", "hop", "client"]) {
+            let waited = crate::util::runq_wait_us(pid) - before;
+            round.insert(
+                format!("{prefix}_{who}_runq_wait_us_per_req"),
+                waited / replies.max(1) as f64,
+            );
+        }
         Ok(())
     }
 }

@@ -3,7 +3,8 @@
 //! in the same run: `dp_*` GatewayService.PushToClient (PushBatch with `--push-batch` above 1),
 //! `batch_*` PushBatch of 64 (when `dp_*` is unary), and `stream_*` pushes carried on the
 //! upstream's long-lived stream (streaming contract, `gatesvr-upstream-sdk`'s `Pusher`, which
-//! waits for each push's result as the SDK does). Baseline: a bare quinn server writing the same
+//! waits for each push's result as the SDK does), and `streambatch_*`: `push_batch` frames of 64
+//! on that stream (`Pusher::push_batch`). Baseline: a bare quinn server writing the same
 //! frames one-way on N connections to the same client.
 
 use std::sync::Arc;
@@ -106,6 +107,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    crate::util::callgrind_mark(&dp, "setup");
     for r in 0..o.rounds {
         progress(format!("push round {}/{}", r + 1, o.rounds));
         let mut round = Round::new();
@@ -172,6 +174,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
             &mut round,
         )
         .await?;
+        crate::util::callgrind_mark(&dp, "dp");
         round.insert("dp_gaps".into(), stats.gaps.load(Ordering::Relaxed) as f64);
         round.insert("dp_dups".into(), stats.dups.load(Ordering::Relaxed) as f64);
 
@@ -185,6 +188,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
                 "batch", &via, &openids, callers, o.payload, o.window, &stats, &mut round,
             )
             .await?;
+            crate::util::callgrind_mark(&dp, "batch");
         }
 
         // D: pushes on the upstream's stream.
@@ -193,6 +197,22 @@ pub async fn run(o: &Opts) -> Result<Report> {
             "stream", &via, &openids, callers, o.payload, o.window, &stats, &mut round,
         )
         .await?;
+        crate::util::callgrind_mark(&dp, "stream");
+
+        // E: push_batch frames of 64 on the upstream's stream.
+        let via = Via::StreamBatch(pusher.clone(), BATCH);
+        push_window_via(
+            "streambatch",
+            &via,
+            &openids,
+            callers,
+            o.payload,
+            o.window,
+            &stats,
+            &mut round,
+        )
+        .await?;
+        crate::util::callgrind_mark(&dp, "streambatch");
         rep.rounds.push(round);
     }
     let _ = stop_tx.send(true);
@@ -225,6 +245,13 @@ pub async fn run(o: &Opts) -> Result<Report> {
         Cmp::AtLeast,
         0.5,
     ));
+    rep.checks.push(Check::ratio(
+        "stream push_batch 64 deliveries/s vs bare quinn one-way",
+        f("streambatch_deliveries_per_s"),
+        f("bare_msgs_per_s"),
+        Cmp::AtLeast,
+        0.5,
+    ));
     let gaps = stats.gaps.load(Ordering::Relaxed) as f64;
     let dups = stats.dups.load(Ordering::Relaxed) as f64;
     rep.field("dp_gaps_total", gaps);
@@ -247,7 +274,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         0.0,
         "",
     ));
-    for k in ["dp", "batch", "stream"] {
+    for k in ["dp", "batch", "stream", "streambatch"] {
         if let Some(u) = rep.fields.get(&format!("{k}_undelivered")).copied() {
             rep.checks.push(Check::absolute(
                 &format!("{k}: undelivered (median round)"),
@@ -266,7 +293,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "us",
     ));
     rep.notes.push("push latency: from just before the PushToClient call to the client reading the frame; deliveries/s over [first call, last delivery]".into());
-    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
+    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); streambatch: push_batch frames of {BATCH} on that stream (Pusher::push_batch); {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
     Ok(rep)
 }
 
@@ -282,6 +309,8 @@ pub enum Via {
     },
     /// On the upstream's stream (streaming contract), through the SDK.
     Stream(Pusher),
+    /// On the upstream's stream, `push_batch` frames of this many pushes (`Pusher::push_batch`).
+    StreamBatch(Pusher, usize),
 }
 
 /// Serves an SDK upstream (echo handler, streaming contract and health) on a
@@ -369,6 +398,40 @@ pub async fn push_window_via(
                         match res {
                             Ok(_) => ok += 1,
                             Err(_) => refused += 1,
+                        }
+                    }
+                    (ok, refused)
+                }));
+                continue;
+            }
+            Via::StreamBatch(pusher, batch) => {
+                let (pusher, batch) = (pusher.clone(), *batch);
+                tasks.push(tokio::spawn(async move {
+                    let (mut ok, mut refused) = (0u64, 0u64);
+                    let mut i = t;
+                    while Instant::now() < end {
+                        let mut pushes = Vec::with_capacity(batch);
+                        for _ in 0..batch {
+                            pushes.push(PushToClientRequest {
+                                target_type: TargetType::Openid as i32,
+                                target_id: openids[i % openids.len()].clone(),
+                                msg_type: "bench".into(),
+                                data: push_data(size),
+                                ..Default::default()
+                            });
+                            i += callers;
+                        }
+                        match pusher.push_batch(pushes).await {
+                            Ok(results) => {
+                                for r in results {
+                                    if r.code == 0 {
+                                        ok += 1;
+                                    } else {
+                                        refused += 1;
+                                    }
+                                }
+                            }
+                            Err(_) => refused += batch as u64,
                         }
                     }
                     (ok, refused)

@@ -112,6 +112,14 @@ pub enum PushFailure {
     InTransit,
 }
 
+/// One push of a [`Registry::push_run`].
+pub struct RunPush<'a> {
+    pub openid: &'a str,
+    pub body: PushBody,
+    /// The view's owner of the session and its epoch (see [`Registry::push_to`]).
+    pub view_owner: Option<(&'a str, u64)>,
+}
+
 /// Where a push landed.
 #[derive(Clone)]
 pub struct PushReceipt {
@@ -838,6 +846,73 @@ impl Registry {
             PushOutcome::Wait => Err(PushFailure::InTransit),
             PushOutcome::Absent => Err(PushFailure::NoSession(id.to_string())),
         }
+    }
+
+    /// Queues a run of pushes to local sessions (by openid) under one table
+    /// lock, in order, and wakes each session's connection once: a batch
+    /// costs one lock and one wake-up per session instead of one per push.
+    /// Stops at the first push that is neither queued nor refused here (its
+    /// session moved, is in transit, or is not here): the outcomes returned
+    /// are those before it, and the caller takes the rest through
+    /// [`Registry::push_settled`] (forwarding, waiting), in order.
+    pub fn push_run(&self, pushes: &[RunPush<'_>]) -> Vec<Result<PushReceipt, PushError>> {
+        let now = Instant::now();
+        let mut results = Vec::with_capacity(pushes.len());
+        let mut commands = Vec::new();
+        self.with_table(|t| {
+            for p in pushes {
+                let (outcome, mut c) =
+                    t.push(now, Target::Openid(p.openid), p.body.clone(), p.view_owner);
+                commands.append(&mut c);
+                match outcome {
+                    PushOutcome::Queued {
+                        seq_id,
+                        session_id,
+                        handle,
+                    } => results.push(Ok(PushReceipt {
+                        seq_id,
+                        session_id,
+                        entry: handle,
+                    })),
+                    PushOutcome::Refused { error, handle } => {
+                        if matches!(error, PushError::QueueFull { .. }) {
+                            commands.push(Command::Close {
+                                handle,
+                                code: ErrorCode::SlowConsumer,
+                                reason: "push queue full: reconnect and resume",
+                            });
+                        }
+                        results.push(Err(error));
+                    }
+                    PushOutcome::Forward { .. } | PushOutcome::Wait | PushOutcome::Absent => break,
+                }
+            }
+        });
+        self.carry_out(commands);
+        let mut woken = std::collections::HashSet::new();
+        let (mut queued, mut full, mut expired) = (0, 0, 0);
+        for r in &results {
+            match r {
+                Ok(receipt) => {
+                    queued += 1;
+                    if woken.insert(Arc::as_ptr(&receipt.entry)) {
+                        receipt.entry.wake.notify_one();
+                    }
+                }
+                Err(PushError::QueueFull { .. }) => full += 1,
+                Err(PushError::Expired) => expired += 1,
+            }
+        }
+        for (label, n) in [
+            ("queued", queued),
+            ("rejected_queue_full", full),
+            ("rejected_expired", expired),
+        ] {
+            if n > 0 {
+                self.metrics.pushes.with_label_values(&[label]).inc_by(n);
+            }
+        }
+        results
     }
 
     /// Stores a request's answer and sends it to the attached connection.

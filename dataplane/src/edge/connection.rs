@@ -597,8 +597,13 @@ fn transmit(node: &Node, entry: &Arc<SessionEntry>, out: &mut BytesMut) {
             .pushes
             .with_label_values(&["sent"])
             .inc_by(pushes);
-        // More may be waiting: come back without waiting for a wake-up.
-        entry.wake.notify_one();
+        // Stopped at a full write, so more may be waiting: come back without
+        // waiting for a wake-up. (Stopped because nothing was ready: a new
+        // push wakes the task itself; waking here would cost every burst one
+        // more empty turn of the loop.)
+        if out.len() >= WRITE_BATCH {
+            entry.wake.notify_one();
+        }
     }
 }
 

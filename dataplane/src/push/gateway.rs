@@ -259,6 +259,142 @@ impl Gateway {
         }
     }
 
+    /// Many pushes in order (PushBatch, a stream's `push_batch` and pushes
+    /// that arrived together on a stream): one result each, as
+    /// [`Gateway::push_one`] would give it.
+    ///
+    /// The leading run of plain pushes (by openid, not durable) whose
+    /// sessions are served here is queued in chunks, one table lock and one
+    /// wake-up per session per chunk ([`crate::registry::Registry::push_run`]),
+    /// each payload encoded once from the borrowed fields. From the first
+    /// push that is not such a push, the rest go one at a time through
+    /// `push_one` (forwarding, durability, waits): order per session is the
+    /// order given, because a push never overtakes an earlier one.
+    pub(crate) async fn push_many(
+        &self,
+        hops: u8,
+        pushes: Vec<PushToClientRequest>,
+    ) -> Vec<PushResult> {
+        /// Pushes queued per table lock: bounds how long one batch holds it.
+        const CHUNK: usize = 64;
+        let node = &self.node;
+        let mut results = Vec::with_capacity(pushes.len());
+        let mut pushes = pushes.into_iter().peekable();
+        while !node.crashed() {
+            let chunk: Vec<PushToClientRequest> = std::iter::from_fn(|| {
+                pushes.next_if(|p| {
+                    !p.durable
+                        && !p.target_id.is_empty()
+                        && p.target_type == TargetType::Openid as i32
+                })
+            })
+            .take(CHUNK)
+            .collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let created_at_ms = unix_ms();
+            let owners: Vec<Option<(String, u64)>> = chunk
+                .iter()
+                .map(|p| self.view_owner(&p.target_id).filter(|_| hops == 0))
+                .collect();
+            let mut run = Vec::with_capacity(chunk.len());
+            // A push too large for the client is refused alone; the run stops
+            // before it so results stay in order.
+            let mut too_large = None;
+            for (p, owner) in chunk.iter().zip(&owners) {
+                let body = PushBody::encode_fields(&p.msg_type, &p.content, &p.data, created_at_ms);
+                if let Err(status) = check_size(node, &body) {
+                    too_large = Some(status);
+                    break;
+                }
+                run.push(crate::registry::RunPush {
+                    openid: &p.target_id,
+                    body,
+                    view_owner: owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+                });
+            }
+            let outcomes = node.registry.push_run(&run);
+            let done = outcomes.len();
+            let stopped = done < run.len();
+            drop(run);
+            let mut chunk = chunk.into_iter();
+            for (outcome, p) in outcomes.into_iter().zip(chunk.by_ref()) {
+                results.push(match outcome {
+                    Ok(receipt) => PushResult {
+                        seq_id: receipt.seq_id,
+                        session_id: receipt.session_id,
+                        node_id: node.config.node_id.clone(),
+                        code: 0,
+                        message: String::new(),
+                    },
+                    Err(full @ PushError::QueueFull { .. }) => refused(Status::resource_exhausted(
+                        format!("{full}; client disconnected as a slow consumer"),
+                    )),
+                    Err(PushError::Expired) => {
+                        node.metrics.pushes.with_label_values(&["no_session"]).inc();
+                        refused(Status::not_found(format!("no session for {}", p.target_id)))
+                    }
+                });
+            }
+            if let (false, Some(status)) = (stopped, too_large) {
+                chunk.next();
+                results.push(refused(status));
+            }
+            let rest: Vec<PushToClientRequest> = chunk.collect();
+            if !rest.is_empty() {
+                // The first of these needs the full path: it and everything
+                // after it take it.
+                let rest = rest.into_iter().chain(pushes).collect();
+                results.extend(self.push_each(hops, rest).await);
+                return results;
+            }
+        }
+        results.extend(self.push_each(hops, pushes.collect()).await);
+        results
+    }
+
+    /// Pushes through [`Gateway::push_one`] (forwarding to other nodes,
+    /// durability, waits for sessions in transit): each target's pushes one
+    /// after another in the order given, different openids concurrently. A
+    /// run with any push by session id goes one push at a time (a session id
+    /// and an openid may name the same session).
+    async fn push_each(&self, hops: u8, pushes: Vec<PushToClientRequest>) -> Vec<PushResult> {
+        if pushes.len() <= 1
+            || pushes
+                .iter()
+                .any(|p| p.target_type != TargetType::Openid as i32)
+        {
+            let mut results = Vec::with_capacity(pushes.len());
+            for push in pushes {
+                results.push(push_result(self.push_one(hops, push).await));
+            }
+            return results;
+        }
+        let n = pushes.len();
+        let mut by_target: std::collections::HashMap<String, Vec<(usize, PushToClientRequest)>> =
+            std::collections::HashMap::new();
+        for (i, p) in pushes.into_iter().enumerate() {
+            by_target
+                .entry(p.target_id.clone())
+                .or_default()
+                .push((i, p));
+        }
+        let done = futures::future::join_all(by_target.into_values().map(|list| async move {
+            let mut out = Vec::with_capacity(list.len());
+            for (i, push) in list {
+                out.push((i, push_result(self.push_one(hops, push).await)));
+            }
+            out
+        }))
+        .await;
+        let mut results = vec![PushResult::default(); n];
+        for (i, r) in done.into_iter().flatten() {
+            results[i] = r;
+        }
+        results
+    }
+
     /// Lease-based fencing (`core::lease`): a durable push is acknowledged
     /// only while this node's control-plane lease surely still holds. A node
     /// cut off from the control plane may have been declared dead, and a
@@ -385,12 +521,9 @@ impl GatewayService for Gateway {
                 "at most {MAX_BATCH} pushes per batch"
             )));
         }
-        let mut results = Vec::with_capacity(batch.pushes.len());
-        for push in batch.pushes {
-            // The same path as PushToClient, one push at a time: order per
-            // session is the order in the batch.
-            results.push(push_result(self.push_one(hops, push).await));
-        }
+        // Per push the same outcome as PushToClient; order per session is
+        // the order in the batch.
+        let results = self.push_many(hops, batch.pushes).await;
         Ok(Response::new(PushBatchResponse { results }))
     }
 
@@ -498,6 +631,11 @@ fn forwarded_hops(metadata: &tonic::metadata::MetadataMap) -> u8 {
         .get(crate::peer::FORWARDED_HEADER)
         .map(|v| if v.as_bytes() == b"1" { 1 } else { 2 })
         .unwrap_or(0)
+}
+
+/// A refusal as one item of a batch result.
+fn refused(status: Status) -> PushResult {
+    push_result(Err(status))
 }
 
 /// A `PushToClient` outcome as one item of a batch (or stream) result.

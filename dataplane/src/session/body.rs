@@ -30,17 +30,48 @@ pub struct PushBody(Bytes);
 impl PushBody {
     /// Encodes a push's payload.
     pub fn encode(msg: &PushMessage) -> Self {
-        let fields = ServerPush {
-            seq_id: 0,
-            msg_type: msg.msg_type.clone(),
-            content: msg.content.clone(),
-            data: msg.data.clone(),
-            created_at_ms: msg.created_at_ms,
-            redelivery: false,
-        };
-        // Proto3 leaves zero-valued fields out: seq 0 and redelivery false
-        // encode to nothing, so this is exactly fields 2..=5.
-        Self(fields.encode_to_vec().into())
+        Self::encode_fields(&msg.msg_type, &msg.content, &msg.data, msg.created_at_ms)
+    }
+
+    /// Encodes a push's payload from borrowed fields: one copy of each, into
+    /// the shared buffer (no `ServerPush` built on the way).
+    pub fn encode_fields(msg_type: &str, content: &str, data: &[u8], created_at_ms: i64) -> Self {
+        use prost::encoding::int64;
+        // Proto3 leaves zero-valued fields out (seq 0 and redelivery false
+        // too): exactly fields 2..=5, byte for byte as prost encodes them.
+        let mut len = 0;
+        if !msg_type.is_empty() {
+            len += 1 + encoded_len_varint(msg_type.len() as u64) + msg_type.len();
+        }
+        if !content.is_empty() {
+            len += 1 + encoded_len_varint(content.len() as u64) + content.len();
+        }
+        if !data.is_empty() {
+            len += 1 + encoded_len_varint(data.len() as u64) + data.len();
+        }
+        if created_at_ms != 0 {
+            len += int64::encoded_len(5, &created_at_ms);
+        }
+        let mut out = BytesMut::with_capacity(len);
+        if !msg_type.is_empty() {
+            encode_key(2, WireType::LengthDelimited, &mut out);
+            encode_varint(msg_type.len() as u64, &mut out);
+            out.put_slice(msg_type.as_bytes());
+        }
+        if !content.is_empty() {
+            encode_key(3, WireType::LengthDelimited, &mut out);
+            encode_varint(content.len() as u64, &mut out);
+            out.put_slice(content.as_bytes());
+        }
+        if !data.is_empty() {
+            encode_key(4, WireType::LengthDelimited, &mut out);
+            encode_varint(data.len() as u64, &mut out);
+            out.put_slice(data);
+        }
+        if created_at_ms != 0 {
+            int64::encode(5, &created_at_ms, &mut out);
+        }
+        Self(out.freeze())
     }
 
     /// Bytes held (what `max_queue_bytes` counts).
@@ -196,6 +227,27 @@ mod tests {
                     assert!(body.envelope_len(seq, redelivery) <= body.max_envelope_len());
                 }
             }
+        }
+    }
+
+    /// The hand-written encoder is prost's encoding of fields 2..=5.
+    #[test]
+    fn encoded_fields_are_prosts() {
+        for (t, c, d, at) in [
+            ("", "", &b""[..], 0),
+            ("chat", "héllo", &b"\x00\x01"[..], 1_700_000_000_123),
+            ("", "x", &[7u8; 300][..], -5),
+        ] {
+            let want = ServerPush {
+                seq_id: 0,
+                msg_type: t.into(),
+                content: c.into(),
+                data: Bytes::copy_from_slice(d),
+                created_at_ms: at,
+                redelivery: false,
+            }
+            .encode_to_vec();
+            assert_eq!(PushBody::encode_fields(t, c, d, at).0, want);
         }
     }
 

@@ -36,6 +36,13 @@ impl PushSink for GatewaySink {
         .boxed()
     }
 
+    fn push_batch(&self, pushes: Vec<PushToClientRequest>) -> BoxFuture<'static, Vec<PushResult>> {
+        let gateway = Gateway {
+            node: self.0.clone(),
+        };
+        async move { gateway.push_many(0, pushes).await }.boxed()
+    }
+
     fn broadcast(&self, broadcast: BroadcastRequest) -> BoxFuture<'static, StreamBroadcastResult> {
         let gateway = Gateway {
             node: self.0.clone(),

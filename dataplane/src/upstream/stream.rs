@@ -44,7 +44,7 @@ use gatesvr_proto::upstream::upstream_stream_service_client::UpstreamStreamServi
 use gatesvr_proto::upstream::{
     BroadcastRequest, CancelRequest, GatewayFrame, GatewayHello, ProcessRequestRequest,
     ProcessRequestResponse, PushResult, PushToClientRequest, StreamBroadcastResult,
-    StreamPushResult, StreamRequest, StreamResponse, UpstreamFrame,
+    StreamPushBatchResult, StreamPushResult, StreamRequest, StreamResponse, UpstreamFrame,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -58,11 +58,21 @@ pub const STREAM_VERSION: u32 = 1;
 /// control does the rest).
 const OUTGOING_QUEUE: usize = 256;
 
+/// Most pushes a `push_batch` frame may carry (told in `GatewayHello`; as
+/// `PushBatch`).
+pub const MAX_PUSH_BATCH: u32 = 1024;
+
+/// Most `push` frames already read off the stream that are queued together
+/// (one table lock and one wake-up per session for all of them).
+const PUSH_GROUP: usize = 64;
+
 /// Where pushes and broadcasts that arrive on a stream go: the node's
 /// `GatewayService` (set once the node exists).
 pub trait PushSink: std::fmt::Debug + Send + Sync + 'static {
     /// Queues one push, as `PushToClient`; the result as `PushBatch` reports it.
     fn push(&self, push: PushToClientRequest) -> BoxFuture<'static, PushResult>;
+    /// Queues pushes in order, as `PushBatch`: one result per push, in order.
+    fn push_batch(&self, pushes: Vec<PushToClientRequest>) -> BoxFuture<'static, Vec<PushResult>>;
     /// Queues one broadcast, as `BroadcastToClients`.
     fn broadcast(&self, broadcast: BroadcastRequest) -> BoxFuture<'static, StreamBroadcastResult>;
 }
@@ -280,6 +290,7 @@ impl StreamLink {
                 version: STREAM_VERSION,
                 node_id: self.cfg.node_id.clone(),
                 max_pushes_in_flight: self.cfg.max_pushes_in_flight,
+                max_push_batch: MAX_PUSH_BATCH,
             })),
         };
         // Room for it: the queue is new.
@@ -322,6 +333,10 @@ impl StreamLink {
 }
 
 /// Reads one stream until it ends, then fails what is still waiting.
+///
+/// `push` frames that are already read off the stream when one arrives (up
+/// to [`PUSH_GROUP`]) are queued together, in order, as one `push_batch`
+/// would be, each still answered by its own `push_result`.
 async fn read(
     live: Arc<Live>,
     mut inbound: tonic::Streaming<UpstreamFrame>,
@@ -330,12 +345,12 @@ async fn read(
     gone: tokio_util::sync::CancellationToken,
 ) {
     let pushes = Arc::new(Semaphore::new(max_pushes as usize));
-    loop {
+    'frames: loop {
         let frame = tokio::select! {
             frame = inbound.message() => frame,
             () = gone.cancelled() => break,
         };
-        let frame = match frame {
+        let mut frame = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(status) => {
@@ -343,67 +358,169 @@ async fn read(
                 break;
             }
         };
-        match frame.body {
-            Some(Up::Response(answer)) => {
-                let waiter = live.pending.lock().waiting.remove(&answer.id);
-                // None: cancelled or timed out meanwhile; the answer is dropped.
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(answer);
+        let mut group = PushGroup::default();
+        loop {
+            if !handle(&live, &sink, &pushes, frame, &mut group) {
+                group.spawn(&live, &sink);
+                break 'frames;
+            }
+            if group.ids.len() >= PUSH_GROUP {
+                break;
+            }
+            // More frames already here? (`message` is cancel-safe.)
+            match futures::FutureExt::now_or_never(inbound.message()) {
+                Some(Ok(Some(next))) => frame = next,
+                Some(Ok(None) | Err(_)) => {
+                    group.spawn(&live, &sink);
+                    break 'frames;
                 }
+                None => break,
             }
-            Some(Up::Push(push)) => {
-                let Ok(permit) = pushes.clone().try_acquire_owned() else {
-                    tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
-                    break;
-                };
-                let (tx, sink) = (live.tx.clone(), sink.get().cloned());
-                tokio::spawn(async move {
-                    let result = match (sink, push.push) {
-                        (Some(sink), Some(p)) => sink.push(p).await,
-                        (None, _) => refused(tonic::Code::Unavailable, "node not ready"),
-                        (_, None) => refused(tonic::Code::InvalidArgument, "push missing"),
-                    };
-                    let frame = GatewayFrame {
-                        body: Some(Down::PushResult(StreamPushResult {
-                            id: push.id,
-                            result: Some(result),
-                        })),
-                    };
-                    let _ = tx.send(frame).await;
-                    drop(permit);
-                });
-            }
-            Some(Up::Broadcast(b)) => {
-                let Ok(permit) = pushes.clone().try_acquire_owned() else {
-                    tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
-                    break;
-                };
-                let (tx, sink) = (live.tx.clone(), sink.get().cloned());
-                tokio::spawn(async move {
-                    let mut result = match (sink, b.broadcast) {
-                        (Some(sink), Some(req)) => sink.broadcast(req).await,
-                        _ => StreamBroadcastResult {
-                            code: tonic::Code::Unavailable as i32,
-                            message: "node not ready".into(),
-                            ..Default::default()
-                        },
-                    };
-                    result.id = b.id;
-                    let _ = tx
-                        .send(GatewayFrame {
-                            body: Some(Down::BroadcastResult(result)),
-                        })
-                        .await;
-                    drop(permit);
-                });
-            }
-            Some(Up::Health(h)) => live.serving.store(h.serving, Ordering::SeqCst),
-            Some(Up::Drain(_)) => live.draining.store(true, Ordering::SeqCst),
-            // A second hello or an empty frame: ignored (fields are added compatibly).
-            Some(Up::Hello(_)) | None => {}
         }
+        group.spawn(&live, &sink);
     }
     live.close();
+}
+
+/// Single pushes read together, queued as one run.
+#[derive(Default)]
+struct PushGroup {
+    ids: Vec<u64>,
+    pushes: Vec<PushToClientRequest>,
+    permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// Pushes of the group with no body: refused, not queued.
+    empty: Vec<u64>,
+}
+
+impl PushGroup {
+    /// Queues the group (if any) on a task; its results go back on the stream.
+    fn spawn(self, live: &Live, sink: &std::sync::OnceLock<Arc<dyn PushSink>>) {
+        if self.ids.is_empty() && self.empty.is_empty() {
+            return;
+        }
+        let (tx, sink) = (live.tx.clone(), sink.get().cloned());
+        tokio::spawn(async move {
+            let results = match sink {
+                Some(sink) if !self.pushes.is_empty() => sink.push_batch(self.pushes).await,
+                Some(_) => Vec::new(),
+                None => (0..self.ids.len())
+                    .map(|_| refused(tonic::Code::Unavailable, "node not ready"))
+                    .collect(),
+            };
+            let missing = refused(tonic::Code::InvalidArgument, "push missing");
+            let answered = self
+                .ids
+                .into_iter()
+                .zip(
+                    results
+                        .into_iter()
+                        .map(Some)
+                        .chain(std::iter::repeat_with(|| {
+                            Some(refused(tonic::Code::Internal, "no result"))
+                        })),
+                );
+            let empty = self.empty.into_iter().map(|id| (id, Some(missing.clone())));
+            for (id, result) in answered.chain(empty) {
+                let frame = GatewayFrame {
+                    body: Some(Down::PushResult(StreamPushResult { id, result })),
+                };
+                if tx.send(frame).await.is_err() {
+                    break;
+                }
+            }
+            drop(self.permits);
+        });
+    }
+}
+
+/// Acts on one frame; false when the stream must end (a window violation).
+fn handle(
+    live: &Arc<Live>,
+    sink: &Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
+    pushes: &Arc<Semaphore>,
+    frame: UpstreamFrame,
+    group: &mut PushGroup,
+) -> bool {
+    match frame.body {
+        Some(Up::Response(answer)) => {
+            let waiter = live.pending.lock().waiting.remove(&answer.id);
+            // None: cancelled or timed out meanwhile; the answer is dropped.
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(answer);
+            }
+        }
+        Some(Up::Push(push)) => {
+            let Ok(permit) = pushes.clone().try_acquire_owned() else {
+                tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
+                return false;
+            };
+            group.permits.push(permit);
+            match push.push {
+                Some(p) => {
+                    group.ids.push(push.id);
+                    group.pushes.push(p);
+                }
+                None => group.empty.push(push.id),
+            }
+        }
+        Some(Up::PushBatch(batch)) => {
+            let Ok(permit) = pushes.clone().try_acquire_owned() else {
+                tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
+                return false;
+            };
+            // Pushes read before this frame are queued before it.
+            std::mem::take(group).spawn(live, sink);
+            let (tx, sink) = (live.tx.clone(), sink.get().cloned());
+            tokio::spawn(async move {
+                let n = batch.pushes.len();
+                let results = match sink {
+                    _ if n > MAX_PUSH_BATCH as usize => {
+                        let why = format!("at most {MAX_PUSH_BATCH} pushes per push_batch");
+                        vec![refused(tonic::Code::InvalidArgument, &why); n]
+                    }
+                    Some(sink) => sink.push_batch(batch.pushes).await,
+                    None => vec![refused(tonic::Code::Unavailable, "node not ready"); n],
+                };
+                let frame = GatewayFrame {
+                    body: Some(Down::PushBatchResult(StreamPushBatchResult {
+                        id: batch.id,
+                        results,
+                    })),
+                };
+                let _ = tx.send(frame).await;
+                drop(permit);
+            });
+        }
+        Some(Up::Broadcast(b)) => {
+            let Ok(permit) = pushes.clone().try_acquire_owned() else {
+                tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
+                return false;
+            };
+            let (tx, sink) = (live.tx.clone(), sink.get().cloned());
+            tokio::spawn(async move {
+                let mut result = match (sink, b.broadcast) {
+                    (Some(sink), Some(req)) => sink.broadcast(req).await,
+                    _ => StreamBroadcastResult {
+                        code: tonic::Code::Unavailable as i32,
+                        message: "node not ready".into(),
+                        ..Default::default()
+                    },
+                };
+                result.id = b.id;
+                let _ = tx
+                    .send(GatewayFrame {
+                        body: Some(Down::BroadcastResult(result)),
+                    })
+                    .await;
+                drop(permit);
+            });
+        }
+        Some(Up::Health(h)) => live.serving.store(h.serving, Ordering::SeqCst),
+        Some(Up::Drain(_)) => live.draining.store(true, Ordering::SeqCst),
+        // A second hello or an empty frame: ignored (fields are added compatibly).
+        Some(Up::Hello(_)) | None => {}
+    }
+    true
 }
 
 fn refused(code: tonic::Code, message: &str) -> PushResult {

@@ -165,6 +165,21 @@ impl Pusher {
         stream.broadcast(broadcast).await
     }
 
+    /// Queues many pushes through one connected data-plane node, in order
+    /// (order per session is the order given), as `push_batch` frames
+    /// (docs/protocol.md §14.2): one frame and one result frame per up to
+    /// the node's `max_push_batch` pushes instead of one each. One
+    /// [`PushResult`] per push, in order (code 0 = queued, else the gRPC
+    /// code `PushToClient` would return; UNKNOWN: its stream ended before
+    /// the result, it may have been queued; UNAVAILABLE: not sent).
+    pub async fn push_batch(
+        &self,
+        pushes: Vec<PushToClientRequest>,
+    ) -> Result<Vec<PushResult>, PushError> {
+        let stream = self.pick().ok_or(PushError::NoStream)?;
+        Ok(stream.push_batch(pushes).await)
+    }
+
     /// A live stream, round robin.
     fn pick(&self) -> Option<Arc<stream::Stream>> {
         let streams = self.streams.open.lock();

@@ -12,8 +12,8 @@ use gatesvr_proto::upstream::upstream_frame::Body as Up;
 use gatesvr_proto::upstream::upstream_stream_service_server::UpstreamStreamService;
 use gatesvr_proto::upstream::{
     BroadcastRequest, BroadcastResponse, Drain, GatewayFrame, PushResult, PushToClientRequest,
-    StreamBroadcast, StreamBroadcastResult, StreamHealth, StreamPush, StreamRequest,
-    StreamResponse, UpstreamFrame, UpstreamHello,
+    StreamBroadcast, StreamBroadcastResult, StreamHealth, StreamPush, StreamPushBatch,
+    StreamRequest, StreamResponse, UpstreamFrame, UpstreamHello,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -34,7 +34,12 @@ const DEFAULT_PUSH_WINDOW: usize = 64;
 enum Outcome {
     Push(PushResult),
     Broadcast(StreamBroadcastResult),
+    Batch(Vec<PushResult>),
 }
+
+/// Encoded bytes a `push_batch` frame is kept under (the node decodes
+/// frames of up to 4 MiB; a single push larger than this goes alone).
+const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// One open stream from one data-plane node.
 pub(crate) struct Stream {
@@ -47,6 +52,8 @@ pub(crate) struct Stream {
     /// The node's push window (`GatewayHello.max_pushes_in_flight`).
     push_window: Semaphore,
     window_set: std::sync::atomic::AtomicBool,
+    /// The node's `GatewayHello.max_push_batch` (0: single pushes only).
+    max_push_batch: AtomicU32,
     /// Requests of this stream executing now.
     inflight: AtomicU32,
     /// Cancel handles of executing requests, by id.
@@ -86,8 +93,71 @@ impl Stream {
                 code: r.code,
                 message: r.message,
             }),
-            Outcome::Broadcast(_) => Err(PushError::Lost),
+            Outcome::Broadcast(_) | Outcome::Batch(_) => Err(PushError::Lost),
         }
+    }
+
+    /// Queues `pushes` in order, in `push_batch` frames of at most the
+    /// node's `max_push_batch` (each awaited before the next, so order per
+    /// session holds across frames); one push frame at a time to a node
+    /// that does not take batches. One result per push, in order: a frame
+    /// whose stream ended before its result gives its pushes code UNKNOWN
+    /// (they may have been queued), the frames after it UNAVAILABLE (not sent).
+    pub(crate) async fn push_batch(&self, pushes: Vec<PushToClientRequest>) -> Vec<PushResult> {
+        let max = self.max_push_batch.load(Ordering::SeqCst) as usize;
+        let mut results = Vec::with_capacity(pushes.len());
+        let mut failed: Option<PushResult> = None;
+        let mut pushes = pushes.into_iter().peekable();
+        while pushes.peek().is_some() {
+            if let Some(f) = &failed {
+                results.extend(pushes.by_ref().map(|_| not_sent(f)));
+                break;
+            }
+            if max == 0 {
+                let push = pushes.next().unwrap_or_default();
+                match self.push(push).await {
+                    Ok(r) => results.push(r),
+                    Err(PushError::Refused { code, message }) => results.push(PushResult {
+                        code,
+                        message,
+                        ..Default::default()
+                    }),
+                    Err(e) => {
+                        let r = lost(&e);
+                        failed = Some(r.clone());
+                        results.push(r);
+                    }
+                }
+                continue;
+            }
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while let Some(p) = pushes.peek() {
+                let len = prost::Message::encoded_len(p);
+                if chunk.len() == max || (!chunk.is_empty() && bytes + len > MAX_BATCH_BYTES) {
+                    break;
+                }
+                bytes += len;
+                chunk.extend(pushes.next());
+            }
+            let n = chunk.len();
+            let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+            let body = Up::PushBatch(StreamPushBatch { id, pushes: chunk });
+            match self.request(id, body).await {
+                Ok(Outcome::Batch(r)) if r.len() == n => results.extend(r),
+                Ok(_) => {
+                    let r = lost(&PushError::Lost);
+                    results.extend((0..n).map(|_| r.clone()));
+                    failed = Some(r);
+                }
+                Err(e) => {
+                    let r = lost(&e);
+                    results.extend((0..n).map(|_| r.clone()));
+                    failed = Some(r);
+                }
+            }
+        }
+        results
     }
 
     pub(crate) async fn broadcast(
@@ -105,7 +175,7 @@ impl Stream {
                 code: r.code,
                 message: r.message,
             }),
-            Outcome::Push(_) => Err(PushError::Lost),
+            Outcome::Push(_) | Outcome::Batch(_) => Err(PushError::Lost),
         }
     }
 
@@ -137,6 +207,29 @@ impl Stream {
     }
 }
 
+/// The result of a push whose frame got no result: NO_STREAM was not sent
+/// (UNAVAILABLE), anything else may have been queued (UNKNOWN).
+fn lost(e: &PushError) -> PushResult {
+    let code = match e {
+        PushError::NoStream => tonic::Code::Unavailable,
+        _ => tonic::Code::Unknown,
+    };
+    PushResult {
+        code: code as i32,
+        message: e.to_string(),
+        ..Default::default()
+    }
+}
+
+/// The result of a push not sent because an earlier frame failed.
+fn not_sent(earlier: &PushResult) -> PushResult {
+    PushResult {
+        code: tonic::Code::Unavailable as i32,
+        message: format!("not sent: an earlier frame failed ({})", earlier.message),
+        ..Default::default()
+    }
+}
+
 /// The `UpstreamStreamService` of an [`Upstream`](crate::Upstream).
 pub struct StreamService<H> {
     pub(crate) inner: Arc<Inner<H>>,
@@ -164,6 +257,7 @@ impl<H: Handler> UpstreamStreamService for StreamService<H> {
             waiting: Mutex::new(HashMap::new()),
             push_window: Semaphore::new(DEFAULT_PUSH_WINDOW),
             window_set: std::sync::atomic::AtomicBool::new(false),
+            max_push_batch: AtomicU32::new(0),
             inflight: AtomicU32::new(0),
             running: Mutex::new(HashMap::new()),
         });
@@ -218,6 +312,9 @@ async fn read<H: Handler>(
         };
         match frame.body {
             Some(Down::Hello(hello)) => {
+                stream
+                    .max_push_batch
+                    .store(hello.max_push_batch, Ordering::SeqCst);
                 if !stream.window_set.swap(true, Ordering::SeqCst) {
                     let want = hello.max_pushes_in_flight as usize;
                     if want > DEFAULT_PUSH_WINDOW {
@@ -243,6 +340,7 @@ async fn read<H: Handler>(
                 stream.resolve(r.id, Outcome::Push(r.result.unwrap_or_default()));
             }
             Some(Down::BroadcastResult(r)) => stream.resolve(r.id, Outcome::Broadcast(r)),
+            Some(Down::PushBatchResult(r)) => stream.resolve(r.id, Outcome::Batch(r.results)),
             // The node sends nothing new and closes once its requests are answered.
             Some(Down::Drain(_)) | None => {}
         }
