@@ -597,13 +597,10 @@ fn transmit(node: &Node, entry: &Arc<SessionEntry>, out: &mut BytesMut) {
             .pushes
             .with_label_values(&["sent"])
             .inc_by(pushes);
-        // Stopped at a full write, so more may be waiting: come back without
-        // waiting for a wake-up. (Stopped because nothing was ready: a new
-        // push wakes the task itself; waking here would cost every burst one
-        // more empty turn of the loop.)
-        if out.len() >= WRITE_BATCH {
-            entry.wake.notify_one();
-        }
+        // More may be waiting: come back without waiting for a wake-up. (Waking
+        // only after a full write saved an empty turn per burst but measured
+        // fewer deliveries/s in gate-bench push, session 6: kept as it was.)
+        entry.wake.notify_one();
     }
 }
 
