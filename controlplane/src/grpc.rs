@@ -340,7 +340,10 @@ impl ControlPlaneApi for ControlService {
                 session_id: c.session_id.clone(),
             })
             .collect();
-        let results = self.node.write(cmds).await?;
+        let t0 = std::time::Instant::now();
+        let results = self.node.write(cmds).await;
+        crate::stages::record(|| "grpc.claim_sessions".into(), t0.elapsed());
+        let results = results?;
         // A claimant that may not own sessions gets one clear error, not N per-claim ones.
         if let Some(CmdResult::Err(e @ CmdError::NodeNotActive { .. })) = results.first() {
             return Err(Error::from(e.clone()).into());

@@ -61,6 +61,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod raft_service;
+pub mod stages;
 pub mod state;
 pub mod store;
 pub mod types;
@@ -203,8 +204,9 @@ impl ControlPlane {
                 .unwrap_or_else(|| admin_addr.to_string()),
         };
 
-        let (log_store, sm_store) =
+        let (mut log_store, sm_store) =
             store::open(&cfg.data_dir, cfg.sled_cache_bytes, cfg.watch_history)?;
+        log_store.set_label(format!("n{}", cfg.node_id));
         let sm = sm_store.handle();
         let db = log_store.db_weak();
         let network = Network {

@@ -21,6 +21,8 @@ pub struct LogStore {
     data_file: Arc<std::fs::File>,
     /// How many times the log was made stable (`fdatasync` returned): checked by tests.
     syncs: Arc<AtomicU64>,
+    /// This node's name in [`crate::stages`] timings.
+    label: Arc<str>,
 }
 
 fn io_err(e: impl Into<openraft::AnyError>) -> StorageError {
@@ -40,7 +42,13 @@ impl LogStore {
             meta,
             data_file: Arc::new(data_file),
             syncs: Arc::default(),
+            label: Arc::from("n?"),
         }
+    }
+
+    /// Names this node in [`crate::stages`] timings (`n<id>`).
+    pub fn set_label(&mut self, label: String) {
+        self.label = Arc::from(label);
     }
 
     /// How many flushes reached stable storage since the store was opened.
@@ -64,11 +72,16 @@ impl LogStore {
     /// dirty data, the metadata needed to read it back and the device cache: it runs on a
     /// blocking thread, never on the async runtime.
     async fn flush(&self) -> Result<(), std::io::Error> {
+        let t0 = std::time::Instant::now();
         self.db.flush_async().await.map_err(std::io::Error::other)?;
+        let t1 = std::time::Instant::now();
         let file = self.data_file.clone();
         tokio::task::spawn_blocking(move || file.sync_data())
             .await
             .map_err(std::io::Error::other)??;
+        crate::stages::record(|| format!("{}.log.flush_async", self.label), t1 - t0);
+        crate::stages::record(|| format!("{}.log.fdatasync", self.label), t1.elapsed());
+        crate::stages::record(|| format!("{}.log.flush", self.label), t0.elapsed());
         self.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -172,6 +185,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let t0 = std::time::Instant::now();
         let mut batch = sled::Batch::default();
         for entry in entries {
             let bytes = serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
@@ -180,6 +194,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        crate::stages::record(|| format!("{}.log.write", self.label), t0.elapsed());
         // Only report the I/O complete once it is on disk.
         let flushed = self.flush().await;
         callback.log_io_completed(flushed);

@@ -343,6 +343,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let t0 = std::time::Instant::now();
         let mut guard = self.0.inner.write();
         let inner = &mut *guard;
         let mut responses = Vec::new();
@@ -382,6 +383,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // docs of `store`): a crash only loses applies that openraft re-applies at start.
         self.0.sm.apply_batch(batch).map_err(|e| sm_write_err(&e))?;
         inner.hub.publish(events);
+        crate::stages::record(|| "sm.apply".into(), t0.elapsed());
         Ok(responses)
     }
 
