@@ -283,7 +283,12 @@ impl ControlPlane {
             .add_service(health_service);
         let grpc_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            // TCP_NODELAY on every accepted connection: `Server::tcp_nodelay` does not apply
+            // to `serve_with_incoming`, and without it a response written in more than one
+            // segment waited for the client's delayed ACK (~40 ms per ClaimSessions call:
+            // docs/benchmarks.md, claims, session 6).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
                 .await
