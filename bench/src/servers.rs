@@ -223,7 +223,7 @@ pub async fn run(mode: Serve) -> Result<()> {
         }
         Serve::Bare { dir } => {
             let cfg = dataplane_config(&dir, None);
-            let endpoint = gatesvr_dataplane::quic::bind(&cfg.server)
+            let endpoint = gatesvr_dataplane::edge::quic::bind(&cfg.server)
                 .map_err(|e| anyhow::anyhow!("bare quic: {e}"))?;
             announce(serde_json::json!({"quic": endpoint.local_addr()?.to_string()}));
             tokio::spawn(bare_accept(endpoint));
@@ -257,7 +257,7 @@ pub async fn run(mode: Serve) -> Result<()> {
         }
         Serve::Relay { dir, upstream } => {
             let cfg = dataplane_config(&dir, None);
-            let endpoint = gatesvr_dataplane::quic::bind(&cfg.server)
+            let endpoint = gatesvr_dataplane::edge::quic::bind(&cfg.server)
                 .map_err(|e| anyhow::anyhow!("relay quic: {e}"))?;
             let channel = upstream_channel(&upstream)?;
             announce(serde_json::json!({"quic": endpoint.local_addr()?.to_string()}));

@@ -23,6 +23,14 @@
 //! Without `control_plane.endpoints` the node is standalone: static zones,
 //! local ownership only.
 
+// The cluster layer: this file is the control-plane client; beside it, the
+// node's shell around the session table, peers, replicas and drain.
+pub mod drain;
+pub mod node;
+pub mod peer;
+pub mod registry;
+pub mod replica;
+
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;

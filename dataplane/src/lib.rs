@@ -27,30 +27,24 @@
 //!                                      handler / upstream ──gRPC──> upstream ──gRPC──> gateway (GatewayService)
 //! ```
 
-pub mod auth;
 pub mod cluster;
 pub mod config;
-pub mod connection;
 pub mod core;
-pub mod drain;
-pub mod gateway;
-pub mod grpc_auth;
-pub mod handler;
-pub mod http;
-pub mod metrics;
-pub mod node;
-pub mod peer;
-pub mod perf;
-pub mod quic;
-pub mod quic_keys;
-pub mod registry;
-pub mod replica;
+pub mod edge;
+pub mod ops;
+pub mod push;
 pub mod session;
-pub mod start_limit;
-pub mod transport;
 pub mod upstream;
-pub mod websocket;
-pub mod webtransport;
+
+// The modules by their names before the layer folders (`crate::registry`,
+// ...), so that a file that moved kept its `use` lines.
+use cluster::{drain, node, peer, registry};
+use edge::{auth, connection, quic, quic_keys, start_limit, transport, websocket, webtransport};
+use ops::{http, metrics, perf};
+use push::{gateway, grpc_auth};
+use upstream::handler;
+// The simulation (tests/tests/sim) still names the replica store by its old path.
+pub use cluster::replica;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -32,6 +32,8 @@
 //!
 //! # Layout
 //! - [`config`] — [`UpstreamConfig`], the `upstream:` config section.
+//! - [`handler`] — what answers a client request: the zone's upstream, or
+//!   the echo handler of tests and `gatesvr dev`.
 //! - [`instance`] — [`Instance`] (address + registry id), validation.
 //! - [`balancer`] — sans-IO selection and health bookkeeping for one zone.
 //! - [`error`] — [`ForwardError`], the gRPC status mapping, client error codes.
@@ -41,6 +43,7 @@
 pub mod balancer;
 pub mod config;
 pub mod error;
+pub mod handler;
 mod health;
 pub mod instance;
 mod metrics;

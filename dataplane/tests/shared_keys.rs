@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatesvr_dataplane::config::ServerConfig;
-use gatesvr_dataplane::quic;
-use gatesvr_dataplane::quic_keys::{RESET_KEY_FILE, SharedKeys, TICKET_KEYS_FILE, TOKEN_KEY_FILE};
+use gatesvr_dataplane::edge::quic;
+use gatesvr_dataplane::edge::quic_keys::{
+    RESET_KEY_FILE, SharedKeys, TICKET_KEYS_FILE, TOKEN_KEY_FILE,
+};
 use parking_lot::Mutex;
 use rustls::HandshakeKind;
 use tokio::net::UdpSocket;

@@ -15,7 +15,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use gatesvr_dataplane::auth::{AuthError, Verifier};
+use gatesvr_dataplane::edge::auth::{AuthError, Verifier};
 use gatesvr_dataplane::config::{AuthConfig, AuthMode};
 use gatesvr_proto::client::StartRequest;
 use libfuzzer_sys::fuzz_target;

@@ -326,7 +326,7 @@ async fn run_dataplane(
         gatesvr_common::config::load(config.as_deref(), gatesvr_dataplane::config::ENV_ALIASES)?;
     if check {
         // Also read the key material the config points at.
-        gatesvr_dataplane::auth::Verifier::from_config(&cfg.auth)
+        gatesvr_dataplane::edge::auth::Verifier::from_config(&cfg.auth)
             .map_err(|e| ConfigError::key("auth", e))?;
         config_ok(config.as_deref());
         return Ok(());

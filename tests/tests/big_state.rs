@@ -282,7 +282,7 @@ async fn a_handover_stream_broken_mid_way_keeps_the_session_for_a_retry() {
         while let Some(chunk) = stream.message().await.unwrap() {
             chunks.push(chunk);
         }
-        let answer = gatesvr_dataplane::peer::join_handover(chunks);
+        let answer = gatesvr_dataplane::cluster::peer::join_handover(chunks);
         if answer.found {
             break answer.state.unwrap();
         }

@@ -43,8 +43,9 @@ fn web_transports_on(c: &mut gatesvr_dataplane::config::DataPlaneConfig) {
 /// The SDK's endpoint entry for `node`.
 fn endpoint(node: &TestNode, webtransport_port: u16) -> Value {
     let ws = node.dp.websocket_addr().expect("WebSocket listener");
-    let hashes = gatesvr_dataplane::websocket::cert_hashes(&node.dp.node().config.server.cert_file)
-        .expect("certificate hashes");
+    let hashes =
+        gatesvr_dataplane::edge::websocket::cert_hashes(&node.dp.node().config.server.cert_file)
+            .expect("certificate hashes");
     json!({
         "webtransport": format!("https://127.0.0.1:{webtransport_port}/gatesvr/v1"),
         "websocket": format!("wss://127.0.0.1:{}/gatesvr/v1", ws.port()),
@@ -343,8 +344,9 @@ async fn browser_cluster(n: usize) -> gatesvr_tests::cluster::TestCluster {
 
 fn cluster_endpoint(dp: &gatesvr_dataplane::DataPlane) -> Value {
     let ws = dp.websocket_addr().expect("WebSocket listener");
-    let hashes = gatesvr_dataplane::websocket::cert_hashes(&dp.node().config.server.cert_file)
-        .expect("certificate hashes");
+    let hashes =
+        gatesvr_dataplane::edge::websocket::cert_hashes(&dp.node().config.server.cert_file)
+            .expect("certificate hashes");
     json!({
         "webtransport": format!("https://127.0.0.1:{}/gatesvr/v1", dp.quic_addr().port()),
         "websocket": format!("wss://127.0.0.1:{}/gatesvr/v1", ws.port()),

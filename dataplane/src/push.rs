@@ -1,0 +1,8 @@
+//! The push path's entry: `GatewayService`, where upstreams push and
+//! broadcast to clients, and who may call what on `server.grpc_addr`.
+//!
+//! - [`gateway`]: `GatewayService` (push, broadcast, forwarding to the owner).
+//! - [`grpc_auth`]: the authorization of the node's gRPC port.
+
+pub mod gateway;
+pub mod grpc_auth;
