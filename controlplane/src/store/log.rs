@@ -126,7 +126,8 @@ impl raft_log::Callback for Flushed {
                 let _ = tx.send(res);
             }
             Flushed::Blocking(tx) => {
-                let _ = tx.send(res);
+                // The opener may have given up; nothing to tell then.
+                let _ = std::sync::mpsc::SyncSender::send(&tx, res);
             }
         }
     }
