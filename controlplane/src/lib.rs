@@ -400,6 +400,14 @@ impl ControlPlane {
             }
         }
         let id = self.node.id();
+        // Write sled's dirty pages now: left to the last handle's drop, they are written by
+        // sled's background threads, which hold the data directory's lock a moment longer
+        // (a reopen right after could fail with WouldBlock). The raft log is not in sled.
+        if let Some(db) = self.db.upgrade()
+            && let Err(e) = db.flush_async().await
+        {
+            tracing::warn!(error = %e, "sled flush at shutdown");
+        }
         drop(self.node);
         // Replication, snapshot and watch tasks wind down on their own once raft has stopped;
         // wait (bounded) until the last store handle is gone so the data dir can be reopened.

@@ -270,7 +270,12 @@ impl LogStore {
                     }
                     let entry: Entry = serde_json::from_slice(&value)
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    if Some(&from_log_id(&entry.log_id)) <= wal.log_state().purged() {
+                    // Left over from a purge interrupted by a crash: below the purge point.
+                    if wal
+                        .log_state()
+                        .purged()
+                        .is_some_and(|p| entry.log_id.index <= p.1)
+                    {
                         continue;
                     }
                     wal.append([(from_log_id(&entry.log_id), value.to_vec())])?;

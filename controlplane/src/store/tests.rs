@@ -77,7 +77,7 @@ async fn reopen_keeps_vote_log_state_and_snapshot() {
         log.purge(log_id(3, 1)).await.unwrap();
         epoch_before = sm.handle().read().state.owners["carol"].epoch;
     }
-    let (mut log, mut sm) = open(dir.path(), 16 << 20, 128).unwrap();
+    let (mut log, mut sm) = reopen(dir.path()).await;
     assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
     let st = log.get_log_state().await.unwrap();
     assert_eq!(st.last_purged_log_id, Some(log_id(3, 1)));
@@ -106,7 +106,7 @@ async fn reopen_keeps_vote_log_state_and_snapshot() {
         .await
         .unwrap();
     drop((log2, sm2));
-    let (_log2, mut sm2) = open(dir2.path(), 16 << 20, 128).unwrap();
+    let (_log2, mut sm2) = reopen(dir2.path()).await;
     assert_eq!(sm2.applied_state().await.unwrap().0, Some(log_id(3, 2)));
     assert_eq!(sm2.handle().read().state.owners.len(), 2);
 }
@@ -124,7 +124,7 @@ async fn truncate_is_durable() {
             .unwrap();
         log.truncate(log_id(1, 3)).await.unwrap();
     }
-    let (mut log, _sm) = open(dir.path(), 16 << 20, 128).unwrap();
+    let (mut log, _sm) = reopen(dir.path()).await;
     let st = log.get_log_state().await.unwrap();
     assert_eq!(st.last_log_id, Some(log_id(1, 2)));
 }
@@ -150,6 +150,23 @@ async fn appends_votes_truncates_and_purges_are_synced() {
     assert_eq!(log.syncs(), 5, "a truncation is synced");
     log.purge(log_id(1, 1)).await.unwrap();
     assert_eq!(log.syncs(), 6, "a purge is synced");
+}
+
+/// Opens the store in `dir` again. sled's background writer threads may hold its file lock for
+/// a moment after the last handle is dropped (seen under load: `WouldBlock` on `raft.sled/db`),
+/// so a reopen retries for up to 5 s.
+async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachineStore) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match open(dir, 16 << 20, 128) {
+            Ok(stores) => return stores,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("reopen: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
 }
 
 /// A log written by an earlier version (in sled's `log` and `meta` trees) is moved to the
@@ -195,7 +212,7 @@ async fn a_log_kept_in_sled_is_moved_on_open() {
         db.flush().unwrap();
     }
     for _ in 0..2 {
-        let (mut log, _sm) = open(dir.path(), 16 << 20, 128).unwrap();
+        let (mut log, _sm) = reopen(dir.path()).await;
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(4, 2)));
         let st = log.get_log_state().await.unwrap();
         assert_eq!(st.last_purged_log_id, Some(log_id(3, 1)));
@@ -207,10 +224,21 @@ async fn a_log_kept_in_sled_is_moved_on_open() {
             vec![log_id(3, 2), log_id(4, 3)]
         );
     }
-    let db = sled::Config::new()
-        .path(dir.path().join("raft.sled"))
-        .open()
-        .unwrap();
+    // sled's own copy is gone (the raw open retries like `reopen`).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let db = loop {
+        match sled::Config::new()
+            .path(dir.path().join("raft.sled"))
+            .open()
+        {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("sled open: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("sled open: {e}"),
+        }
+    };
     assert!(db.open_tree("log").unwrap().is_empty());
     assert!(db.open_tree("meta").unwrap().is_empty());
 }
@@ -229,7 +257,7 @@ async fn purge_then_reopen_keeps_the_rest() {
             .unwrap();
         log.purge(log_id(1, 150)).await.unwrap();
     }
-    let (mut log, _sm) = open(dir.path(), 16 << 20, 128).unwrap();
+    let (mut log, _sm) = reopen(dir.path()).await;
     let st = log.get_log_state().await.unwrap();
     assert_eq!(st.last_purged_log_id, Some(log_id(1, 150)));
     assert_eq!(st.last_log_id, Some(log_id(1, 200)));
