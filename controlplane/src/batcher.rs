@@ -31,6 +31,8 @@ type Reply = oneshot::Sender<Result<Vec<CmdResult>, Error>>;
 struct Pending {
     cmds: Vec<Cmd>,
     reply: Reply,
+    /// When it was queued (for [`crate::stages`]).
+    queued: std::time::Instant,
 }
 
 /// Handle to the batching task.
@@ -59,7 +61,11 @@ impl Batcher {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Pending { cmds, reply })
+            .send(Pending {
+                cmds,
+                reply,
+                queued: std::time::Instant::now(),
+            })
             .await
             .map_err(|_| Error::Raft("control plane is shutting down".into()))?;
         rx.await
@@ -122,11 +128,16 @@ async fn commit(node: &Node, batch: Vec<Pending>) {
     let sizes: Vec<usize> = batch.iter().map(|p| p.cmds.len()).collect();
     let mut cmds = Vec::with_capacity(sizes.iter().sum());
     let mut replies = Vec::with_capacity(batch.len());
+    let t0 = std::time::Instant::now();
     for p in batch {
+        crate::stages::record(|| "batch.queue".into(), t0 - p.queued);
         cmds.extend(p.cmds);
         replies.push(p.reply);
     }
-    match node.commit(cmds).await {
+    crate::stages::value(|| "batch.cmds".into(), cmds.len() as u32);
+    let committed = node.commit(cmds).await;
+    crate::stages::record(|| "batch.commit".into(), t0.elapsed());
+    match committed {
         Ok(results) => {
             let mut results = results.into_iter();
             for (reply, size) in replies.into_iter().zip(sizes) {

@@ -319,6 +319,7 @@ impl ControlPlaneApi for ControlService {
         &self,
         request: Request<pb::ClaimSessionsRequest>,
     ) -> Result<Response<pb::ClaimSessionsResponse>, Status> {
+        let t0 = std::time::Instant::now();
         self.speaks_for(&request, "ClaimSessions", &request.get_ref().node_id)?;
         let req = request.into_inner();
         validate::ident("node_id", &req.node_id)?;
@@ -340,7 +341,9 @@ impl ControlPlaneApi for ControlService {
                 session_id: c.session_id.clone(),
             })
             .collect();
-        let results = self.node.write(cmds).await?;
+        let results = self.node.write(cmds).await;
+        crate::stages::record(|| "grpc.claim_sessions".into(), t0.elapsed());
+        let results = results?;
         // A claimant that may not own sessions gets one clear error, not N per-claim ones.
         if let Some(CmdResult::Err(e @ CmdError::NodeNotActive { .. })) = results.first() {
             return Err(Error::from(e.clone()).into());

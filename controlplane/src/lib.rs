@@ -61,6 +61,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod raft_service;
+pub mod stages;
 pub mod state;
 pub mod store;
 pub mod types;
@@ -203,8 +204,9 @@ impl ControlPlane {
                 .unwrap_or_else(|| admin_addr.to_string()),
         };
 
-        let (log_store, sm_store) =
+        let (mut log_store, sm_store) =
             store::open(&cfg.data_dir, cfg.sled_cache_bytes, cfg.watch_history)?;
+        log_store.set_label(format!("n{}", cfg.node_id));
         let sm = sm_store.handle();
         let db = log_store.db_weak();
         let network = Network {
@@ -281,7 +283,12 @@ impl ControlPlane {
             .add_service(health_service);
         let grpc_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            // TCP_NODELAY on every accepted connection: `Server::tcp_nodelay` does not apply
+            // to `serve_with_incoming`, and without it a response written in more than one
+            // segment waited for the client's delayed ACK (~40 ms per ClaimSessions call:
+            // docs/benchmarks.md, claims, session 6).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
                 .await
@@ -393,6 +400,14 @@ impl ControlPlane {
             }
         }
         let id = self.node.id();
+        // Write sled's dirty pages now: left to the last handle's drop, they are written by
+        // sled's background threads, which hold the data directory's lock a moment longer
+        // (a reopen right after could fail with WouldBlock). The raft log is not in sled.
+        if let Some(db) = self.db.upgrade()
+            && let Err(e) = db.flush_async().await
+        {
+            tracing::warn!(error = %e, "sled flush at shutdown");
+        }
         drop(self.node);
         // Replication, snapshot and watch tasks wind down on their own once raft has stopped;
         // wait (bounded) until the last store handle is gone so the data dir can be reopened.

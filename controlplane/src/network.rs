@@ -171,7 +171,23 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.call(Rpc::Append, &rpc, &option).await
+        let (t0, n) = (std::time::Instant::now(), rpc.entries.len());
+        let res = self.call(Rpc::Append, &rpc, &option).await;
+        crate::stages::record(
+            || {
+                let kind = if n == 0 { "heartbeat" } else { "append" };
+                let err = if res.is_ok() { "" } else { ".err" };
+                format!("n{}->n{}.rpc.{kind}{err}", self.from, self.target)
+            },
+            t0.elapsed(),
+        );
+        if n > 0 {
+            crate::stages::value(
+                || format!("n{}->n{}.rpc.entries", self.from, self.target),
+                n as u32,
+            );
+        }
+        res
     }
 
     async fn install_snapshot(

@@ -109,8 +109,17 @@ impl RaftApi for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc = self.open(request)?;
+        let rpc: openraft::raft::AppendEntriesRequest<crate::types::TypeConfig> =
+            self.open(request)?;
+        let (t0, n) = (std::time::Instant::now(), rpc.entries.len());
         let res = self.node.raft().append_entries(rpc).await;
+        crate::stages::record(
+            || {
+                let kind = if n == 0 { "heartbeat" } else { "append" };
+                format!("n{}.serve.{kind}", self.node.id())
+            },
+            t0.elapsed(),
+        );
         self.reply(&res)
     }
 

@@ -1,15 +1,18 @@
-//! Durable raft storage in sled: the log store and the state machine share one database.
+//! Durable raft storage: the log in `raft-log` (a write-ahead log of chunk files under
+//! `<data_dir>/raft-log/`), the state machine and snapshots in sled (`<data_dir>/raft.sled`).
 //!
-//! See [`keyspace`] for the tree layout. Durability rules (PITFALLS §3, §4):
+//! See [`keyspace`] for sled's tree layout. Durability rules (PITFALLS §3, §4):
 //! - log appends, truncations, purges and votes are on stable storage before they are
-//!   acknowledged to openraft: sled's `flush_async`, then `fdatasync` of sled's data file
-//!   (`flush_async` alone is only `sync_file_range` on Linux; see [`LogStore`]'s `flush`);
-//!   `LogFlushed` fires only after both;
+//!   acknowledged to openraft: `raft-log`'s flush thread writes them and calls `fdatasync`
+//!   before it runs the callback (`LogFlushed` for appends); one device sync per flush, where
+//!   the sled log needed sled's `sync_file_range` and then an `fdatasync`;
 //! - the state machine writes each applied batch atomically (one `Batch` on one tree) without
 //!   a flush: after a crash it may be behind the committed log, and openraft re-applies the
 //!   missing entries on start (`last_applied` is stored in the same batch, so nothing is
 //!   applied twice);
-//! - snapshots are flushed before `install_snapshot` returns.
+//! - snapshots are on stable storage (sled's flush, then `fdatasync` of sled's data file)
+//!   before `install_snapshot` or `build_snapshot` returns, so before the log they cover is
+//!   purged.
 
 // openraft's traits fix the error type (`StorageError`, ~224 bytes); helpers return it too.
 #![allow(clippy::result_large_err)]
@@ -37,6 +40,13 @@ pub enum OpenError {
     /// The data file or its directory could not be opened or synced.
     #[error("cannot sync sled data file under {path}: {source}")]
     Sync {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The raft log could not be opened (permissions, corruption, another process holds it).
+    #[error("cannot open the raft log at {path}: {source}")]
+    Log {
         path: String,
         #[source]
         source: std::io::Error,
@@ -76,19 +86,21 @@ pub fn open(
             source,
         })
     };
-    let log = tree("log")?;
-    let meta = tree("meta")?;
+    // Trees `log` and `meta` held the raft log before session 6: read once, to move it.
+    let legacy_log = tree("log")?;
+    let legacy_meta = tree("meta")?;
     let sm = tree("sm")?;
     let snapshot = tree("snapshot")?;
-    // sled keeps everything in one file, `db`, which the log store fdatasyncs (see
-    // `LogStore::flush`). The directory is synced once so the file's own entry is durable.
+    // sled keeps everything in one file, `db`, which the state machine fdatasyncs after a
+    // snapshot (see `StateMachineStore`). The directory is synced once so the file's own
+    // entry is durable.
     let data_file = sync_data_dir(&path).map_err(|source| OpenError::Sync {
         path: path.display().to_string(),
         source,
     })?;
     let db = Arc::new(db);
-    let log_store = LogStore::new(db.clone(), log, meta, data_file);
-    let sm_store = StateMachineStore::open(db, sm, snapshot, watch_ring)?;
+    let log_store = LogStore::open(db.clone(), &dir.join("raft-log"), &legacy_log, &legacy_meta)?;
+    let sm_store = StateMachineStore::open(db, data_file, sm, snapshot, watch_ring)?;
     Ok((log_store, sm_store))
 }
 

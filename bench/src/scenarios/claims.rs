@@ -54,6 +54,12 @@ fn config(dir: &Path, id: u64) -> ControlPlaneConfig {
     if let Some(n) = env("GATE_BENCH_CP_MAX_PAYLOAD_ENTRIES") {
         cfg.raft.max_payload_entries = n;
     }
+    // The heartbeat (with the election timeouts in the same proportion as `fast_timings`).
+    if let Some(ms) = env("GATE_BENCH_CP_HEARTBEAT_MS") {
+        cfg.raft.heartbeat_interval = Duration::from_millis(ms);
+        cfg.raft.election_timeout_min = Duration::from_millis(ms * 4);
+        cfg.raft.election_timeout_max = Duration::from_millis(ms * 8);
+    }
     cfg
 }
 
@@ -468,6 +474,50 @@ impl HttpConn {
     }
 }
 
+/// With `GATESVR_CP_STAGES=<file>` set, the control plane (a child process: it inherits the
+/// variable) records per-stage timings of its write path (`gatesvr_controlplane::stages`).
+fn stages_file() -> Option<PathBuf> {
+    std::env::var_os("GATESVR_CP_STAGES").map(PathBuf::from)
+}
+
+/// Restarts the stage timings once the warm-up is over.
+fn stages_reset(o: &Opts) {
+    if let Some(f) = stages_file() {
+        let warmup = o.warmup;
+        tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            let _ = std::fs::write(format!("{}.reset", f.display()), b"");
+        });
+    }
+}
+
+/// Adds the stage timings of the phase that just ended to the report's notes.
+async fn stages_note(rep: &mut Report, phase: &str) {
+    let Some(f) = stages_file() else { return };
+    // The control plane rewrites the file once a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let Ok(text) = std::fs::read_to_string(&f) else {
+        return;
+    };
+    let Ok(serde_json::Value::Object(stages)) = serde_json::from_str(&text) else {
+        return;
+    };
+    let mut note = format!("stages ({phase}; µs: n mean p50 p90 p99 max):");
+    for (name, v) in stages {
+        let g = |k: &str| v[k].as_u64().unwrap_or(0);
+        note.push_str(&format!(
+            "\n  {name:<28} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            g("n"),
+            g("mean"),
+            g("p50"),
+            g("p90"),
+            g("p99"),
+            g("max")
+        ));
+    }
+    rep.notes.push(note);
+}
+
 pub async fn run(o: &Opts) -> Result<Report> {
     let mut rep = Report::new("claims");
     let clients = if o.tiny { 4 } else { 64 };
@@ -523,7 +573,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
             round.insert("etcd_put_p99_us".into(), el.pct_us(99.0));
             round.insert("etcd_put_errors".into(), ee as f64);
         }
+        stages_reset(o);
         let (cr, mut cl, errors, per_call) = claim_load(o, leader, clients, r).await?;
+        stages_note(&mut rep, &format!("round {r}, closed loop")).await;
         round.insert("claims_per_s".into(), cr);
         // As the data plane really sends them: a burst of Starts shares a call.
         round.insert("claims_per_call".into(), per_call);
@@ -531,7 +583,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
         round.insert("claim_p99_us".into(), cl.pct_us(99.0));
         round.insert("claim_errors".into(), errors as f64);
         // Half of this round's peak, paced: the latency a control plane with headroom gives.
+        stages_reset(o);
         let (hr, mut hl, herrors, hper_call) = claim_paced(o, leader, cr / 2.0, r).await?;
+        stages_note(&mut rep, &format!("round {r}, half rate")).await;
         round.insert("half_rate_claims_per_s".into(), hr);
         round.insert("half_rate_claims_per_call".into(), hper_call);
         round.insert("half_rate_claim_p50_us".into(), hl.pct_us(50.0));
