@@ -118,6 +118,8 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
     report.timed_out |= Instant::now() >= deadline;
     if let Some(cluster) = &node.cluster {
         commit_transfers(&node, cluster, untransferred, deadline).await;
+        // The replicas held here for other owners outlive this node.
+        crate::replica::hand_over_replicas(&node).await;
         match cluster.leave().await {
             Ok(orphaned) => {
                 report.left = true;

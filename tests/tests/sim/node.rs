@@ -66,6 +66,9 @@ pub struct SimNode {
     untransferred: Vec<(String, u64, String)>,
     executing: HashMap<(String, u64), PlainCell>,
     table_timer: Option<Ms>,
+    /// A leaving node's replica handoff (`replica::hand_over_replicas`): the
+    /// copies not answered yet, and until when it waits for them.
+    handoff: Option<(HashSet<u64>, Ms)>,
     /// This node's control-plane lease (renewed by the world's heartbeats):
     /// durable pushes are acknowledged only while it surely holds.
     pub lease: Lease,
@@ -102,6 +105,7 @@ impl SimNode {
             untransferred: Vec::new(),
             executing: HashMap::new(),
             table_timer: None,
+            handoff: None,
             lease: Lease::default(),
         }
     }
@@ -213,6 +217,9 @@ impl World {
             Body::ReplicateAck { wait, ok } => {
                 let now = self.instant();
                 let node = self.node(name);
+                if let Some((waits, _)) = &mut node.handoff {
+                    waits.remove(&wait);
+                }
                 if let Some((id, openid)) = node.durable.remove(&wait) {
                     // The lease is checked again when the answer is given:
                     // it may have lapsed while the copy travelled.
@@ -547,6 +554,9 @@ impl World {
                 self.handover_failed(name, &openid, req, to_node, Reach::Down)
             }
             Body::Replicate { wait: Some(w), .. } => {
+                if let Some((waits, _)) = &mut self.node(name).handoff {
+                    waits.remove(&w);
+                }
                 if let Some((id, openid)) = self.node(name).durable.remove(&w) {
                     self.reply_up(id, openid, true, false);
                 }
@@ -1105,7 +1115,18 @@ impl World {
                     && node.table.local_count() == 0
                     && node.untransferred.is_empty();
                 if done || now_ms >= node.drain_deadline {
-                    self.leave(name);
+                    // As drain.rs: the replicas held here go to their owners'
+                    // next standbys before the node leaves.
+                    match &node.handoff {
+                        None => {
+                            self.hand_over_replicas(name);
+                            self.timer(name, 10, Timer::DrainStep);
+                        }
+                        Some((waits, until)) if waits.is_empty() || now_ms >= *until => {
+                            self.leave(name);
+                        }
+                        Some(_) => self.timer(name, 10, Timer::DrainStep),
+                    }
                 } else {
                     let mut left: Vec<String> = node
                         .table
@@ -1220,6 +1241,36 @@ impl World {
         self.trace(line);
         self.node(name).table.staged(openid, new_epoch);
         self.goaway(name, openid, &successor);
+    }
+
+    /// As `replica::hand_over_replicas`.
+    fn hand_over_replicas(&mut self, name: &str) {
+        let node = self.node(name);
+        let heirs = node.replicas.handoff(node.table.members());
+        let mut waits = HashSet::new();
+        for (heir, req) in heirs {
+            let wait = self.id();
+            waits.insert(wait);
+            let line = format!(
+                "{name} hands the replica of \"{}\" {} (owner {}) to {}: pushes {:?}",
+                req.openid,
+                req.session_id,
+                req.owner_node,
+                heir.node_id,
+                req.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+            );
+            self.trace(line);
+            self.send(
+                End::Node(name.into()),
+                End::Node(heir.node_id.clone()),
+                Body::Replicate {
+                    req: Box::new(req),
+                    wait: Some(wait),
+                },
+            );
+        }
+        let until = self.now + PEER_TIMEOUT_MS;
+        self.node(name).handoff = Some((waits, until));
     }
 
     fn goaway(&mut self, name: &str, openid: &str, target: &str) {

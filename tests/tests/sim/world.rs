@@ -351,6 +351,9 @@ pub struct World {
     cp_grace_until: Ms,
     pub nodes: BTreeMap<String, SimNode>,
     pub clients: Vec<Client>,
+    /// Clients that got a session id once (they keep one), ascending: the
+    /// upstream pushes to them (kept here, not filtered every millisecond).
+    known: Vec<usize>,
     pub checks: Checks,
     pub partitions: HashSet<(String, String)>,
     pub cp_partitioned: HashSet<String>,
@@ -365,6 +368,8 @@ pub struct World {
     /// Rolling replacements started.
     rolled: u64,
     trace: VecDeque<String>,
+    /// `SIM_WATCH`: the openid whose every event is printed (read once).
+    watch: Option<String>,
     report: Report,
     pending_up: HashMap<u64, (String, bool)>,
     /// Last delivery time per ordered link (client connections).
@@ -384,6 +389,7 @@ impl World {
             cp_grace_until: 0,
             nodes: BTreeMap::new(),
             clients: Vec::new(),
+            known: Vec::new(),
             checks: Checks::default(),
             partitions: HashSet::new(),
             cp_partitioned: HashSet::new(),
@@ -397,6 +403,7 @@ impl World {
             departed: 0,
             rolled: 0,
             trace: VecDeque::new(),
+            watch: std::env::var("SIM_WATCH").ok().map(|w| format!("\"{w}\"")),
             report: Report {
                 faults: plan.faults.clone(),
                 sessions: plan.sessions,
@@ -436,8 +443,8 @@ impl World {
     }
 
     pub fn trace(&mut self, line: String) {
-        if let Ok(w) = std::env::var("SIM_WATCH")
-            && line.contains(&format!("\"{w}\""))
+        if let Some(w) = &self.watch
+            && line.contains(w.as_str())
         {
             eprintln!("{:>7} ms {line}", self.now);
         }
@@ -918,13 +925,10 @@ impl World {
     // ----- upstream -----
 
     fn upstream_push(&mut self) {
-        let known: Vec<usize> = (0..self.clients.len())
-            .filter(|i| !self.clients[*i].session_id.is_empty())
-            .collect();
-        if known.is_empty() {
+        if self.known.is_empty() {
             return;
         }
-        let c = known[self.rng.random_range(0..known.len())];
+        let c = self.known[self.rng.random_range(0..self.known.len())];
         let live: Vec<String> = self
             .nodes
             .iter()
@@ -1301,6 +1305,11 @@ impl World {
                             let openid = c.openid.clone();
                             self.checks.resume_failed(&openid, now);
                         }
+                        if !session_id.is_empty()
+                            && let Err(at) = self.known.binary_search(&i)
+                        {
+                            self.known.insert(at, i);
+                        }
                         let c = &mut self.clients[i];
                         c.session_id = session_id;
                         c.highest = 0;
@@ -1378,14 +1387,42 @@ pub fn proto_node(n: &gatesvr_controlplane::state::NodeRec) -> DataPlaneNode {
     }
 }
 
-/// A message in one line for the trace (payloads left out).
+/// A message in one line for the trace (payloads left out: a state or a
+/// big push is never formatted).
 fn short(b: &Body) -> String {
-    let s = format!("{b:?}");
-    let cut = s
-        .find(" state:")
-        .or_else(|| s.find(" req: ReplicateRequest"))
-        .unwrap_or(s.len());
-    s[..cut.min(160)].to_string()
+    let s = match b {
+        Body::Push { conn, push } => format!(
+            "Push {{ conn: {conn}, seq_id: {}, redelivery: {}, content: {:?} }}",
+            push.seq_id, push.redelivery, push.content
+        ),
+        Body::Stage { state, epoch, req } => format!(
+            "Stage {{ openid: {:?}, session_id: {:?}, epoch: {epoch}, req: {req}, next_seq_id: {} }}",
+            state.openid, state.session_id, state.next_seq_id
+        ),
+        Body::HandoverReply { openid, req, state } => format!(
+            "HandoverReply {{ openid: {openid:?}, req: {req}, state: {} }}",
+            if state.is_some() { "Some" } else { "None" }
+        ),
+        Body::Replicate { req, wait } => format!(
+            "Replicate {{ openid: {:?}, wait: {wait:?}, pushes: {} }}",
+            req.openid,
+            req.pushes.len()
+        ),
+        Body::FetchReply { req, resp } => format!(
+            "FetchReply {{ req: {req}, found: {}, pushes: {} }}",
+            resp.found,
+            resp.pushes.len()
+        ),
+        Body::Bounce { to_node, original } => {
+            format!(
+                "Bounce {{ to_node: {to_node:?}, original: {} }}",
+                short(original)
+            )
+        }
+        Body::Timer(Timer::RetryPush(b)) => format!("Timer(RetryPush({}))", short(b)),
+        other => format!("{other:?}"),
+    };
+    s.chars().take(160).collect()
 }
 
 /// The openid a message is about, if it names one.
