@@ -69,6 +69,11 @@ pub struct SimNode {
     /// A leaving node's replica handoff (`replica::hand_over_replicas`): the
     /// copies not answered yet, and until when it waits for them.
     handoff: Option<(HashSet<u64>, Ms)>,
+    /// Whole-queue copies to a new standby in flight: wait id -> (openid,
+    /// session id, standby); the standby is the session's once it answered.
+    resyncs: HashMap<u64, (String, String, String)>,
+    /// The ack points last sent to a session's standby.
+    synced: HashMap<String, (u64, u64)>,
     /// This node's control-plane lease (renewed by the world's heartbeats):
     /// durable pushes are acknowledged only while it surely holds.
     pub lease: Lease,
@@ -106,6 +111,8 @@ impl SimNode {
             executing: HashMap::new(),
             table_timer: None,
             handoff: None,
+            resyncs: HashMap::new(),
+            synced: HashMap::new(),
             lease: Lease::default(),
         }
     }
@@ -219,6 +226,12 @@ impl World {
                 let node = self.node(name);
                 if let Some((waits, _)) = &mut node.handoff {
                     waits.remove(&wait);
+                }
+                if let Some((openid, sid, standby)) = node.resyncs.remove(&wait)
+                    && ok
+                    && node.tracked.get(&openid).is_some_and(|(s, _)| *s == sid)
+                {
+                    node.tracked.insert(openid, (sid, standby));
                 }
                 if let Some((id, openid)) = node.durable.remove(&wait) {
                     // The lease is checked again when the answer is given:
@@ -1511,28 +1524,40 @@ impl World {
             .standby_for()
             .map(|m| m.node_id.clone());
         for (openid, session_id, standby) in tracked {
+            let node = self.node(name);
             let Some(h) = node.table.local(&openid).cloned() else {
                 node.tracked.remove(&openid);
+                node.synced.remove(&openid);
                 continue;
             };
             if h.identity().session_id != session_id {
                 node.tracked.remove(&openid);
+                node.synced.remove(&openid);
                 continue;
             }
-            let (epoch, stats, queue) = h.with(|s| (s.epoch(), s.stats(), s.export().pushes));
+            let (epoch, stats) = h.with(|s| (s.epoch(), s.stats()));
+            let points = (stats.acked_seq_id, stats.next_seq_id);
             // As `replica::sync_ack_points`: the standby drained, left or
-            // died (the ring moved on): the whole queue goes to the new one.
-            let (standby, pushes) = match &current {
+            // died (the ring moved on): the whole queue goes to the new one,
+            // which is the session's standby once it answered (until then
+            // this is tried again every sync). Otherwise only a changed ack
+            // point is sent.
+            let (standby, pushes, wait) = match &current {
                 Some(c) if *c != standby => {
-                    node.tracked
-                        .insert(openid.clone(), (session_id.clone(), c.clone()));
-                    (c.clone(), queue)
+                    let wait = self.id();
+                    self.node(name)
+                        .resyncs
+                        .insert(wait, (openid.clone(), session_id.clone(), c.clone()));
+                    (c.clone(), h.with(|s| s.export().pushes), Some(wait))
                 }
-                Some(_) => (standby, Vec::new()),
+                Some(_) if node.synced.get(&openid) == Some(&points) => continue,
+                Some(_) => (standby, Vec::new(), None),
                 None => continue,
             };
+            self.node(name).synced.insert(openid.clone(), points);
             sends.push((
                 standby,
+                wait,
                 ReplicateRequest {
                     openid,
                     session_id,
@@ -1546,13 +1571,13 @@ impl World {
                 },
             ));
         }
-        for (standby, req) in sends {
+        for (standby, wait, req) in sends {
             self.send(
                 End::Node(name.into()),
                 End::Node(standby),
                 Body::Replicate {
                     req: Box::new(req),
-                    wait: None,
+                    wait,
                 },
             );
         }

@@ -255,6 +255,8 @@ pub enum Timer {
     },
 }
 
+/// A scheduled event (the queue holds it boxed: a binary heap of a million
+/// events moves each several times, and a body is large).
 struct Event {
     at: Ms,
     n: u64,
@@ -343,7 +345,7 @@ pub struct World {
     pub plan: Plan,
     pub now: Ms,
     pub base: Instant,
-    queue: BinaryHeap<Reverse<Event>>,
+    queue: BinaryHeap<Reverse<Box<Event>>>,
     n: u64,
     pub cp: State,
     pub cp_down_until: Ms,
@@ -492,14 +494,14 @@ impl World {
 
     fn push_event(&mut self, at: Ms, from: End, to: End, incarnation: u64, body: Body) {
         self.n += 1;
-        self.queue.push(Reverse(Event {
+        self.queue.push(Reverse(Box::new(Event {
             at,
             n: self.n,
             to,
             from,
             incarnation,
             body,
-        }));
+        })));
     }
 
     pub fn timer(&mut self, node: &str, after: Ms, t: Timer) {
@@ -763,7 +765,7 @@ impl World {
                     break;
                 };
                 self.report.events += 1;
-                self.dispatch(e)?;
+                self.dispatch(*e)?;
             }
         }
         self.checks.durable_delivered()?;
@@ -831,8 +833,9 @@ impl World {
                     self.trace(line);
                 }
                 let touched = body_openid(&e.body);
+                let snapshot = matches!(e.body, Body::Watch(Watch::Snapshot));
                 self.node_event(&name, e.from, e.body)?;
-                self.check_single_owner(touched.as_deref())
+                self.check_single_owner(touched.as_deref(), snapshot)
             }
             End::Client(i) => {
                 {
@@ -883,40 +886,42 @@ impl World {
     }
 
     /// At most one node serves a session at a given epoch: checked for the
-    /// openid the event touched, and for every session every 500 events.
-    fn check_single_owner(&self, touched: Option<&str>) -> Result<(), String> {
+    /// openid the event touched on every event; for every session after a
+    /// watch snapshot (it may settle many slots at once) and as a safety net
+    /// every `max(500, sessions)` events, so the cost per event does not
+    /// grow with the number of sessions (10,000-session seeds).
+    fn check_single_owner(&self, touched: Option<&str>, full: bool) -> Result<(), String> {
         use gatesvr_dataplane::core::{Holding, SessionCell};
-        let full = self.report.events.is_multiple_of(500);
-        let mut seen: HashMap<(String, u64), &str> = HashMap::new();
+        let every = (self.plan.sessions as u64).max(500);
+        let full = full || self.report.events.is_multiple_of(every);
+        let mut seen: HashMap<(&str, u64), &str> = HashMap::new();
         for (name, node) in &self.nodes {
             if !node.alive {
                 continue;
             }
-            let mut check = |h: &gatesvr_dataplane::core::PlainCell| -> Result<(), String> {
-                let openid = h.identity().openid.clone();
+            let cells: Vec<&gatesvr_dataplane::core::PlainCell> = if full {
+                node.table.locals().collect()
+            } else {
+                touched
+                    .and_then(|o| node.table.local(o))
+                    .into_iter()
+                    .collect()
+            };
+            for h in cells {
+                let openid = h.identity().openid.as_str();
                 // A staged copy does not serve until the view names its node.
-                if matches!(node.table.holding(&openid), Some(Holding::Staged { .. })) {
-                    return Ok(());
+                if matches!(node.table.holding(openid), Some(Holding::Staged { .. })) {
+                    continue;
                 }
                 let epoch = h.with(|s| s.epoch());
                 if epoch == 0 {
-                    return Ok(());
+                    continue;
                 }
-                if let Some(other) = seen.insert((openid.clone(), epoch), name) {
+                if let Some(other) = seen.insert((openid, epoch), name.as_str()) {
                     return Err(format!(
                         "{openid} served by {other} and {name} at the same epoch {epoch}"
                     ));
                 }
-                Ok(())
-            };
-            if full {
-                for h in node.table.locals() {
-                    check(h)?;
-                }
-            } else if let Some(openid) = touched
-                && let Some(h) = node.table.local(openid)
-            {
-                check(h)?;
             }
         }
         Ok(())
@@ -1009,7 +1014,7 @@ impl World {
                 break;
             };
             self.now = self.now.max(e.at);
-            self.dispatch(e)?;
+            self.dispatch(*e)?;
         }
         let answered = sent
             .iter()
@@ -1422,7 +1427,15 @@ fn short(b: &Body) -> String {
         Body::Timer(Timer::RetryPush(b)) => format!("Timer(RetryPush({}))", short(b)),
         other => format!("{other:?}"),
     };
-    s.chars().take(160).collect()
+    let mut s = s;
+    if s.len() > 160 {
+        let mut cut = 160;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
 }
 
 /// The openid a message is about, if it names one.
