@@ -182,6 +182,10 @@ async fn move_to(
     // The table exports it and holds its pushes (and refuses its requests:
     // they would run on a copy that is leaving) until the staging settles.
     let state = node.registry.stage_out(openid, &successor.node_id)?;
+    // Its pushes stay here as a replica until this node leaves (then they
+    // go to the successor's standby): the successor may be this node's
+    // standby too, holding the only other copy (simulation seed 69).
+    node.replicas.keep_handed_over(&state, &successor.node_id);
     if !stage(node, &successor.grpc_addr, state, epoch).await {
         // Keep serving it here; the client still gets a GoAway (no target).
         tracing::warn!(openid = %openid, successor = %successor.node_id, "staging failed; keeping the session");

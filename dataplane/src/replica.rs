@@ -173,6 +173,32 @@ impl ReplicaStore {
         }
     }
 
+    /// The node that exported `state` to `new_owner` (a Handover, or a
+    /// drain's staging) keeps its unacknowledged pushes as a replica for the
+    /// new owner (handed on to the new owner's standby if this node leaves):
+    /// the new owner replicates the session only at its next durable push,
+    /// and if it is also the old owner's standby (a client that reconnects
+    /// to the standby, a drain that picks it) one crash of it lost the
+    /// session's durable pushes (simulation seeds 118 and 69). Nothing is
+    /// kept for a state without unacknowledged pushes; the copy expires with
+    /// the session timeout.
+    pub fn keep_handed_over(&self, state: &SessionState, new_owner: &str) {
+        if state.pushes.is_empty() {
+            return;
+        }
+        let _ = self.apply(ReplicateRequest {
+            openid: state.openid.clone(),
+            session_id: state.session_id.clone(),
+            zone: state.zone.clone(),
+            epoch: state.epoch,
+            owner_node: new_owner.to_string(),
+            pushes: state.pushes.clone(),
+            acked_seq_id: state.acked_seq_id,
+            next_seq_id: state.next_seq_id,
+            release: false,
+        });
+    }
+
     /// What a leaving node hands over before it goes: every replica it
     /// holds, as a copy for its owner's next standby ([`Members::standby_of`]
     /// in this node's view; replicas of an owner with no other standby stay
@@ -746,5 +772,45 @@ mod tests {
         alone.put(member("dp-1", NodeState::Active));
         alone.put(member("dp-2", NodeState::Draining));
         assert!(leaving.handoff(&alone).is_empty());
+    }
+
+    #[test]
+    fn an_old_owner_keeps_a_replica_of_the_state_it_handed_over() {
+        let old_owner = ReplicaStore::new(Duration::from_secs(60), 100);
+        let state = SessionState {
+            session_id: "s1".into(),
+            openid: "u1".into(),
+            zone: "001".into(),
+            epoch: 4,
+            next_seq_id: 4,
+            acked_seq_id: 1,
+            highest_sent_seq_id: 1,
+            pushes: vec![push(2), push(3)],
+            ..Default::default()
+        };
+        old_owner.keep_handed_over(&state, "dp-8");
+        let got = old_owner.fetch("u1", "s1");
+        assert!(got.found, "the state handed over is held as a replica");
+        assert_eq!(
+            got.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        // Its owner is the new one: a leaving node hands it to that owner's
+        // next standby.
+        let mut view = Members::new("dp-7");
+        view.put(member("dp-7", NodeState::Draining));
+        view.put(member("dp-8", NodeState::Active));
+        view.put(member("dp-9", NodeState::Active));
+        assert_eq!(old_owner.handoff(&view)[0].0.node_id, "dp-9");
+        // A state with nothing unacknowledged leaves nothing.
+        let empty = ReplicaStore::new(Duration::from_secs(60), 100);
+        empty.keep_handed_over(
+            &SessionState {
+                pushes: Vec::new(),
+                ..state
+            },
+            "dp-8",
+        );
+        assert!(!empty.fetch("u1", "s1").found);
     }
 }

@@ -509,6 +509,9 @@ impl World {
                 if let Some(h) = handle {
                     self.close_client(name, &h);
                 }
+                // As peer.rs: held here too until the new owner's standby
+                // has it.
+                self.node(name).replicas.keep_handed_over(&state, asker);
                 Some(Box::new(state))
             }
             _ => None,
@@ -537,6 +540,15 @@ impl World {
         };
         if p.req != req || p.phase != Phase::Handover {
             self.node(name).starts.insert(openid.into(), p);
+            return;
+        }
+        // As peer.rs: the owner the control plane names has no copy (it
+        // restarted empty): gathered from replicas and unserved copies as
+        // for a crashed owner.
+        if state.is_none() && !p.session_id.is_empty() && p.epoch != 0 {
+            let owner = p.previous.clone();
+            self.node(name).starts.insert(openid.into(), p);
+            self.handover_failed(name, openid, req, &owner, Reach::Down);
             return;
         }
         if let Some(state) = state
@@ -1179,6 +1191,11 @@ impl World {
         let Ok(Some((state, _))) = handed else {
             return;
         };
+        // As drain.rs: its pushes stay here as a replica until this node
+        // leaves (then they go to the successor's standby).
+        self.node(name)
+            .replicas
+            .keep_handed_over(&state, &successor);
         let line = format!(
             "{name} stages \"{openid}\" on {successor} at epoch {epoch}: pushes {:?}",
             state.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
