@@ -118,6 +118,8 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
     report.timed_out |= Instant::now() >= deadline;
     if let Some(cluster) = &node.cluster {
         commit_transfers(&node, cluster, untransferred, deadline).await;
+        // The replicas held here for other owners outlive this node.
+        crate::replica::hand_over_replicas(&node).await;
         match cluster.leave().await {
             Ok(orphaned) => {
                 report.left = true;
@@ -180,6 +182,10 @@ async fn move_to(
     // The table exports it and holds its pushes (and refuses its requests:
     // they would run on a copy that is leaving) until the staging settles.
     let state = node.registry.stage_out(openid, &successor.node_id)?;
+    // Its pushes stay here as a replica until this node leaves (then they
+    // go to the successor's standby): the successor may be this node's
+    // standby too, holding the only other copy (simulation seed 69).
+    node.replicas.keep_handed_over(&state, &successor.node_id);
     if !stage(node, &successor.grpc_addr, state, epoch).await {
         // Keep serving it here; the client still gets a GoAway (no target).
         tracing::warn!(openid = %openid, successor = %successor.node_id, "staging failed; keeping the session");

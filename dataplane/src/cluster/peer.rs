@@ -381,6 +381,8 @@ impl Peer for PeerService {
         {
             Ok(Some(state)) => {
                 tracing::debug!(openid = %req.openid, to = %req.new_owner, epoch = req.epoch, "handed over session");
+                // Held here too until the new owner's standby has it.
+                self.node.replicas.keep_handed_over(&state, &req.new_owner);
                 Ok(Response::new(HandoverResponse {
                     found: true,
                     state: Some(state),
@@ -478,8 +480,9 @@ pub enum TakeOver {
     Installed,
     /// The previous owner answered but had no usable copy (or refused).
     NotHandedOver,
-    /// The previous owner is dead or left: its state may only survive as a
-    /// replica of its durable pushes.
+    /// The previous owner is dead or left, or answered that it has no copy
+    /// (it restarted empty): its state may only survive as a replica of its
+    /// durable pushes.
     OwnerGone,
     /// The previous owner stayed live in the view without answering for
     /// [`RECOVERY_PATIENCE`]: it may still hold the session, so no second
@@ -680,7 +683,12 @@ async fn ask_handover(
             .handovers
             .with_label_values(&["not_found"])
             .inc();
-        return (Reach::Answered, TakeOver::NotHandedOver);
+        // The node the control plane names owner has no copy (it restarted
+        // empty, or its copy expired): what survives of the session is in
+        // replicas and unserved copies, gathered as for a crashed owner. A
+        // staged copy here is not resumed as it is (simulation seed 107: a
+        // stale staged copy lost the pushes the restarted owner had).
+        return (Reach::Answered, TakeOver::OwnerGone);
     };
     let view_owner = node.cluster.as_ref().and_then(|c| c.known_owner(openid));
     match node.registry.install_as(

@@ -54,6 +54,8 @@ pub const ACK_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// One session's copy on a standby.
 struct Replica {
     session_id: String,
+    /// The node that sent it last (the session's owner).
+    owner: String,
     zone: String,
     epoch: u64,
     acked: u64,
@@ -94,6 +96,7 @@ impl ReplicaStore {
         let now = Instant::now();
         let replica = map.entry(req.openid.clone()).or_insert_with(|| Replica {
             session_id: req.session_id.clone(),
+            owner: req.owner_node.clone(),
             zone: req.zone.clone(),
             epoch: req.epoch,
             acked: 0,
@@ -111,6 +114,7 @@ impl ReplicaStore {
             // A newer session of the openid: the old copy is obsolete.
             *replica = Replica {
                 session_id: req.session_id.clone(),
+                owner: req.owner_node.clone(),
                 zone: req.zone.clone(),
                 epoch: req.epoch,
                 acked: 0,
@@ -118,6 +122,9 @@ impl ReplicaStore {
                 pushes: BTreeMap::new(),
                 updated: now,
             };
+        }
+        if req.epoch >= replica.epoch && !req.owner_node.is_empty() {
+            replica.owner = req.owner_node.clone();
         }
         replica.epoch = replica.epoch.max(req.epoch);
         replica.acked = replica.acked.max(req.acked_seq_id);
@@ -164,6 +171,66 @@ impl ReplicaStore {
             },
             None => FetchReplicaResponse::default(),
         }
+    }
+
+    /// The node that exported `state` to `new_owner` (a Handover, or a
+    /// drain's staging) keeps its unacknowledged pushes as a replica for the
+    /// new owner (handed on to the new owner's standby if this node leaves):
+    /// the new owner replicates the session only at its next durable push,
+    /// and if it is also the old owner's standby (a client that reconnects
+    /// to the standby, a drain that picks it) one crash of it lost the
+    /// session's durable pushes (simulation seeds 118 and 69). Nothing is
+    /// kept for a state without unacknowledged pushes; the copy expires with
+    /// the session timeout.
+    pub fn keep_handed_over(&self, state: &SessionState, new_owner: &str) {
+        if state.pushes.is_empty() {
+            return;
+        }
+        let _ = self.apply(ReplicateRequest {
+            openid: state.openid.clone(),
+            session_id: state.session_id.clone(),
+            zone: state.zone.clone(),
+            epoch: state.epoch,
+            owner_node: new_owner.to_string(),
+            pushes: state.pushes.clone(),
+            acked_seq_id: state.acked_seq_id,
+            next_seq_id: state.next_seq_id,
+            release: false,
+        });
+    }
+
+    /// What a leaving node hands over before it goes: every replica it
+    /// holds, as a copy for its owner's next standby ([`Members::standby_of`]
+    /// in this node's view; replicas of an owner with no other standby stay
+    /// and leave with it). Without it, the durable pushes of an owner that
+    /// crashed after this node left and before its ack sync moved its
+    /// sessions to the new standby were lost (simulation seed 174).
+    ///
+    /// [`Members::standby_of`]: crate::core::Members::standby_of
+    pub fn handoff(&self, members: &crate::core::Members) -> Vec<(Member, ReplicateRequest)> {
+        let map = self.map.lock();
+        let mut out: Vec<(Member, ReplicateRequest)> = map
+            .iter()
+            .filter_map(|(openid, r)| {
+                let heir = members.standby_of(&r.owner)?;
+                Some((
+                    heir.clone(),
+                    ReplicateRequest {
+                        openid: openid.clone(),
+                        session_id: r.session_id.clone(),
+                        zone: r.zone.clone(),
+                        epoch: r.epoch,
+                        owner_node: r.owner.clone(),
+                        pushes: r.pushes.values().cloned().collect(),
+                        acked_seq_id: r.acked,
+                        next_seq_id: r.next_seq,
+                        release: false,
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.openid.cmp(&b.1.openid));
+        out
     }
 
     /// Drops replicas not updated for the session timeout. Returns
@@ -351,6 +418,28 @@ pub async fn sync_ack_points(node: &Node) {
                 }
             }
         }
+    }
+}
+
+/// Before this node leaves (the end of a drain): hands every replica it
+/// holds to its owner's next standby ([`ReplicaStore::handoff`]), a few
+/// calls at a time, each bounded by the peer timeout.
+pub async fn hand_over_replicas(node: &Node) {
+    use futures::StreamExt;
+    let heirs = node.registry.members(|m| node.replicas.handoff(m));
+    let n = heirs.len();
+    let failed = futures::stream::iter(heirs)
+        .map(|(heir, req)| async move { send(node, &heir.grpc_addr, req).await.is_err() })
+        .buffer_unordered(16)
+        .filter(|failed| std::future::ready(*failed))
+        .count()
+        .await;
+    if n > 0 {
+        tracing::info!(
+            replicas = n,
+            failed,
+            "replicas handed to the owners' next standbys"
+        );
     }
 }
 
@@ -597,5 +686,131 @@ pub async fn replicate_recovered(node: &Node) {
             }
             None => tracing::warn!(openid, "no standby to re-replicate recovered pushes"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gatesvr_proto::control::NodeState;
+
+    use super::*;
+    use crate::core::Members;
+
+    fn member(id: &str, state: NodeState) -> Member {
+        Member {
+            node_id: id.into(),
+            state,
+            grpc_addr: format!("{id}:grpc"),
+            quic_addr: format!("{id}:quic"),
+        }
+    }
+
+    fn push(seq: u64) -> ServerPush {
+        ServerPush {
+            seq_id: seq,
+            content: format!("p{seq}"),
+            ..Default::default()
+        }
+    }
+
+    /// Simulation seed 174: the owner's standby left in a rolling replacement
+    /// and the owner was killed before its next ack sync copied the session's
+    /// queue to its new standby; the recovery found nothing of the pushes
+    /// acknowledged. A leaving standby now hands what it holds to the owner's
+    /// next standby before it goes.
+    #[test]
+    fn a_leaving_standby_hands_its_replicas_to_the_owners_next_standby() {
+        let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
+        leaving
+            .apply(ReplicateRequest {
+                openid: "u1".into(),
+                session_id: "s1".into(),
+                zone: "001".into(),
+                epoch: 3,
+                owner_node: "dp-1".into(),
+                pushes: vec![push(4), push(5)],
+                acked_seq_id: 3,
+                next_seq_id: 6,
+                release: false,
+            })
+            .expect("applied");
+        // The leaving node dp-2 (draining) sees the owner dp-1, a departed
+        // dp-0 and the new node dp-4; dp-3 is dead.
+        let mut view = Members::new("dp-2");
+        view.put(member("dp-0", NodeState::Left));
+        view.put(member("dp-1", NodeState::Active));
+        view.put(member("dp-2", NodeState::Draining));
+        view.put(member("dp-3", NodeState::Dead));
+        view.put(member("dp-4", NodeState::Active));
+        let handed = leaving.handoff(&view);
+        assert_eq!(handed.len(), 1, "one replica, one heir");
+        let (heir, req) = handed.into_iter().next().expect("one");
+        assert_eq!(
+            heir.node_id, "dp-4",
+            "the owner's next active node, not the one leaving"
+        );
+        let next = ReplicaStore::new(Duration::from_secs(60), 100);
+        next.apply(req).expect("applied");
+        let got = next.fetch("u1", "s1");
+        assert!(got.found);
+        assert_eq!(got.epoch, 3);
+        assert_eq!(got.acked_seq_id, 3);
+        assert_eq!(got.next_seq_id, 6);
+        assert_eq!(
+            got.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+
+        // The owner itself is gone (dead): its replicas are what a recovery
+        // needs, so they are handed on all the same.
+        view.put(member("dp-1", NodeState::Dead));
+        let handed = leaving.handoff(&view);
+        assert_eq!(handed.len(), 1);
+        assert_eq!(handed[0].0.node_id, "dp-4");
+        // Nobody to hand to: they leave with the node.
+        let mut alone = Members::new("dp-2");
+        alone.put(member("dp-1", NodeState::Active));
+        alone.put(member("dp-2", NodeState::Draining));
+        assert!(leaving.handoff(&alone).is_empty());
+    }
+
+    #[test]
+    fn an_old_owner_keeps_a_replica_of_the_state_it_handed_over() {
+        let old_owner = ReplicaStore::new(Duration::from_secs(60), 100);
+        let state = SessionState {
+            session_id: "s1".into(),
+            openid: "u1".into(),
+            zone: "001".into(),
+            epoch: 4,
+            next_seq_id: 4,
+            acked_seq_id: 1,
+            highest_sent_seq_id: 1,
+            pushes: vec![push(2), push(3)],
+            ..Default::default()
+        };
+        old_owner.keep_handed_over(&state, "dp-8");
+        let got = old_owner.fetch("u1", "s1");
+        assert!(got.found, "the state handed over is held as a replica");
+        assert_eq!(
+            got.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        // Its owner is the new one: a leaving node hands it to that owner's
+        // next standby.
+        let mut view = Members::new("dp-7");
+        view.put(member("dp-7", NodeState::Draining));
+        view.put(member("dp-8", NodeState::Active));
+        view.put(member("dp-9", NodeState::Active));
+        assert_eq!(old_owner.handoff(&view)[0].0.node_id, "dp-9");
+        // A state with nothing unacknowledged leaves nothing.
+        let empty = ReplicaStore::new(Duration::from_secs(60), 100);
+        empty.keep_handed_over(
+            &SessionState {
+                pushes: Vec::new(),
+                ..state
+            },
+            "dp-8",
+        );
+        assert!(!empty.fetch("u1", "s1").found);
     }
 }

@@ -11,6 +11,7 @@
 //! | [`Members::is_live`]                   | active or draining          |
 //! | [`Members::successors`] (drain)        | active, not this node       |
 //! | [`Members::standby_for`] (durable)     | next active on the id ring  |
+//! | [`Members::standby_of`] (replica heir) | the same, seen for an owner |
 //! | [`Members::fan_out`] (broadcast)       | live, not this node         |
 //! | [`Members::recovery_sources`]          | live, not this node or gone |
 //! | [`Members::after_failed_handover`]     | see [`Reach`]               |
@@ -144,6 +145,24 @@ impl Members {
         active
             .iter()
             .find(|m| m.node_id.as_str() > self.me.as_str())
+            .or_else(|| active.first())
+            .copied()
+    }
+
+    /// The standby `owner` picks (the next active node after it on the ring),
+    /// never this node: where a leaving standby hands the replicas it holds
+    /// for `owner`, so that they outlive it (the owner moves its sessions to
+    /// that node too, but only at its next ack sync: a crash of the owner
+    /// between this node's leave and that sync lost what only it held).
+    /// `owner` may be dead or gone: its replicas are what a recovery needs.
+    pub fn standby_of(&self, owner: &str) -> Option<&Member> {
+        let active: Vec<&Member> = self
+            .others()
+            .filter(|m| m.state == NodeState::Active && m.node_id != owner)
+            .collect();
+        active
+            .iter()
+            .find(|m| m.node_id.as_str() > owner)
             .or_else(|| active.first())
             .copied()
     }

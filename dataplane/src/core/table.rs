@@ -462,9 +462,43 @@ impl<H: SessionCell> Table<H> {
             // A newer export of the same session (its drainer took it back,
             // served it, and staged it again) is not a duplicate: it
             // replaces the older staged copy (simulation seed 9).
-            && handle.with(|s| s.stats().next_seq_id) <= h.with(|s| s.stats().next_seq_id)
+            && !progress(&handle.with(|s| s.export())).newer_than(&progress(&h.with(|s| s.export())))
         {
             return Err(InstallError::AlreadyHere { epoch });
+        }
+        // A staged copy older than what this node exported at the same
+        // epoch (a drain's staging in flight, or one whose transfer did not
+        // commit) is an older copy of that session: one from an earlier,
+        // failed staging, re-staged from node to node while the transfers
+        // could not commit. It would replace the state a claimant's Handover
+        // is to get here with one that lacks the pushes acknowledged since
+        // (simulation seed 112).
+        if matches!(holding, Holding::Staged { .. })
+            && let Some(Slot::Moved {
+                epoch: e,
+                session_id,
+                staging,
+                copy,
+                ..
+            }) = self.slots.get(&openid)
+            && *e == epoch
+            && *session_id == handle.identity().session_id
+        {
+            let exported = match (staging, copy) {
+                (Some((h, _)), _) => Some(progress(&h.with(|s| s.export()))),
+                (None, Some(state)) => Some(progress(state)),
+                (None, None) => None,
+            };
+            // The very state exported coming back (its successor drains in
+            // turn) is taken: it is the session.
+            if let Some(exported) = exported
+                && exported.newer_than(&progress(&handle.with(|s| s.export())))
+            {
+                return Err(InstallError::Stale {
+                    held: *e,
+                    offered: epoch,
+                });
+            }
         }
         let held = match self.slots.get(&openid) {
             Some(Slot::Local { handle: h, .. }) if !h.same(&handle) => h.with(|s| s.epoch()),
@@ -1103,5 +1137,35 @@ impl<H: SessionCell> Table<H> {
             Some(Slot::Local { holding, .. }) => Some(holding),
             _ => None,
         }
+    }
+}
+
+/// How far one copy of a session got. At one epoch only the node the view
+/// names serves the session (every other copy is a frozen export of it), so
+/// these only grow along the copy that serves: a copy is newer than another
+/// of the same session at the same epoch iff it got further in one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    next_seq: u64,
+    acked: u64,
+    highest_sent: u64,
+    highest_request: u64,
+}
+
+impl Progress {
+    fn newer_than(&self, o: &Progress) -> bool {
+        self.next_seq > o.next_seq
+            || self.acked > o.acked
+            || self.highest_sent > o.highest_sent
+            || self.highest_request > o.highest_request
+    }
+}
+
+fn progress(s: &SessionState) -> Progress {
+    Progress {
+        next_seq: s.next_seq_id,
+        acked: s.acked_seq_id,
+        highest_sent: s.highest_sent_seq_id,
+        highest_request: s.highest_request_seq_id,
     }
 }

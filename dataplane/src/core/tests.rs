@@ -946,3 +946,110 @@ fn a_staged_copy_being_claimed_serves_nothing_before_begin_incoming() {
     let (o, _) = t.push(now, Target::Openid("u"), msg(3), Some(("dp-1", 5)));
     assert_eq!(queued(&o), Some(1));
 }
+
+/// Simulation seed 112: a control-plane outage left every drain's transfer
+/// uncommitted. dp-1 staged its session on dp-2, the staging failed and dp-1
+/// took it back and queued more; it staged it again (on dp-3, transfer not
+/// committed: the slot keeps that state for a claimant). dp-2, draining in
+/// turn, re-staged its older copy back to dp-1 at the same epoch: it replaced
+/// the slot, and the claimant's Handover got the older copy without the
+/// pushes acknowledged since. Copies of one session at one epoch are ordered
+/// by how far they got; an older one is refused.
+#[test]
+fn an_older_staged_copy_at_the_same_epoch_does_not_replace_a_newer_export() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+    // First staging on dp-2: the state reaches dp-2, the answer does not.
+    let (older, _) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Drain {
+                successor: "dp-2".into(),
+            },
+        )
+        .unwrap()
+        .unwrap();
+    t.take_back(now, c.clone(), None);
+    for n in 2..=3 {
+        let (o, _) = t.push(now, Target::Openid("u"), msg(n), None);
+        assert_eq!(queued(&o), Some(n));
+    }
+    // Second staging (dp-3 held it), transfer not committed.
+    let (newer, _) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Drain {
+                successor: "dp-3".into(),
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(newer.pushes.len(), 3);
+    t.staged("u", 2);
+    // dp-2 re-stages the older copy here at the same epoch.
+    let stale = Session::import(older, now, SessionConfig::default()).unwrap();
+    let r = t.install(
+        PlainCell::new(stale),
+        2,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        Some(("dp-1", 2)),
+    );
+    assert!(matches!(r, Err(InstallError::Stale { .. })), "{r:?}");
+    // The claimant gets the newer state, with all three pushes.
+    let (state, _) = t
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 9,
+                new_owner: "dp-3".into(),
+            },
+        )
+        .unwrap()
+        .expect("the state staged last goes to the claimant");
+    assert_eq!(state.pushes.len(), 3);
+
+    // The same during the staging (not settled yet): refused too.
+    let mut t = table();
+    let c = cell("v", "s2", now, 2);
+    t.start(c.clone(), Holding::Owned, "r");
+    let (older, _) = t
+        .hand_over(
+            now,
+            "v",
+            HandoverAsk::Drain {
+                successor: "dp-2".into(),
+            },
+        )
+        .unwrap()
+        .unwrap();
+    t.take_back(now, c.clone(), None);
+    t.push(now, Target::Openid("v"), msg(1), None);
+    t.hand_over(
+        now,
+        "v",
+        HandoverAsk::Drain {
+            successor: "dp-3".into(),
+        },
+    )
+    .unwrap()
+    .unwrap();
+    let stale = Session::import(older, now, SessionConfig::default()).unwrap();
+    let r = t.install(
+        PlainCell::new(stale),
+        2,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        Some(("dp-1", 2)),
+    );
+    assert!(matches!(r, Err(InstallError::Stale { .. })), "{r:?}");
+}

@@ -66,6 +66,14 @@ pub struct SimNode {
     untransferred: Vec<(String, u64, String)>,
     executing: HashMap<(String, u64), PlainCell>,
     table_timer: Option<Ms>,
+    /// A leaving node's replica handoff (`replica::hand_over_replicas`): the
+    /// copies not answered yet, and until when it waits for them.
+    handoff: Option<(HashSet<u64>, Ms)>,
+    /// Whole-queue copies to a new standby in flight: wait id -> (openid,
+    /// session id, standby); the standby is the session's once it answered.
+    resyncs: HashMap<u64, (String, String, String)>,
+    /// The ack points last sent to a session's standby.
+    synced: HashMap<String, (u64, u64)>,
     /// This node's control-plane lease (renewed by the world's heartbeats):
     /// durable pushes are acknowledged only while it surely holds.
     pub lease: Lease,
@@ -102,6 +110,9 @@ impl SimNode {
             untransferred: Vec::new(),
             executing: HashMap::new(),
             table_timer: None,
+            handoff: None,
+            resyncs: HashMap::new(),
+            synced: HashMap::new(),
             lease: Lease::default(),
         }
     }
@@ -213,6 +224,15 @@ impl World {
             Body::ReplicateAck { wait, ok } => {
                 let now = self.instant();
                 let node = self.node(name);
+                if let Some((waits, _)) = &mut node.handoff {
+                    waits.remove(&wait);
+                }
+                if let Some((openid, sid, standby)) = node.resyncs.remove(&wait)
+                    && ok
+                    && node.tracked.get(&openid).is_some_and(|(s, _)| *s == sid)
+                {
+                    node.tracked.insert(openid, (sid, standby));
+                }
                 if let Some((id, openid)) = node.durable.remove(&wait) {
                     // The lease is checked again when the answer is given:
                     // it may have lapsed while the copy travelled.
@@ -489,6 +509,9 @@ impl World {
                 if let Some(h) = handle {
                     self.close_client(name, &h);
                 }
+                // As peer.rs: held here too until the new owner's standby
+                // has it.
+                self.node(name).replicas.keep_handed_over(&state, asker);
                 Some(Box::new(state))
             }
             _ => None,
@@ -519,6 +542,15 @@ impl World {
             self.node(name).starts.insert(openid.into(), p);
             return;
         }
+        // As peer.rs: the owner the control plane names has no copy (it
+        // restarted empty): gathered from replicas and unserved copies as
+        // for a crashed owner.
+        if state.is_none() && !p.session_id.is_empty() && p.epoch != 0 {
+            let owner = p.previous.clone();
+            self.node(name).starts.insert(openid.into(), p);
+            self.handover_failed(name, openid, req, &owner, Reach::Down);
+            return;
+        }
         if let Some(state) = state
             && let Some(cell) = import(state, self)
         {
@@ -547,6 +579,9 @@ impl World {
                 self.handover_failed(name, &openid, req, to_node, Reach::Down)
             }
             Body::Replicate { wait: Some(w), .. } => {
+                if let Some((waits, _)) = &mut self.node(name).handoff {
+                    waits.remove(&w);
+                }
                 if let Some((id, openid)) = self.node(name).durable.remove(&w) {
                     self.reply_up(id, openid, true, false);
                 }
@@ -1105,7 +1140,18 @@ impl World {
                     && node.table.local_count() == 0
                     && node.untransferred.is_empty();
                 if done || now_ms >= node.drain_deadline {
-                    self.leave(name);
+                    // As drain.rs: the replicas held here go to their owners'
+                    // next standbys before the node leaves.
+                    match &node.handoff {
+                        None => {
+                            self.hand_over_replicas(name);
+                            self.timer(name, 10, Timer::DrainStep);
+                        }
+                        Some((waits, until)) if waits.is_empty() || now_ms >= *until => {
+                            self.leave(name);
+                        }
+                        Some(_) => self.timer(name, 10, Timer::DrainStep),
+                    }
                 } else {
                     let mut left: Vec<String> = node
                         .table
@@ -1145,6 +1191,11 @@ impl World {
         let Ok(Some((state, _))) = handed else {
             return;
         };
+        // As drain.rs: its pushes stay here as a replica until this node
+        // leaves (then they go to the successor's standby).
+        self.node(name)
+            .replicas
+            .keep_handed_over(&state, &successor);
         let line = format!(
             "{name} stages \"{openid}\" on {successor} at epoch {epoch}: pushes {:?}",
             state.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
@@ -1220,6 +1271,36 @@ impl World {
         self.trace(line);
         self.node(name).table.staged(openid, new_epoch);
         self.goaway(name, openid, &successor);
+    }
+
+    /// As `replica::hand_over_replicas`.
+    fn hand_over_replicas(&mut self, name: &str) {
+        let node = self.node(name);
+        let heirs = node.replicas.handoff(node.table.members());
+        let mut waits = HashSet::new();
+        for (heir, req) in heirs {
+            let wait = self.id();
+            waits.insert(wait);
+            let line = format!(
+                "{name} hands the replica of \"{}\" {} (owner {}) to {}: pushes {:?}",
+                req.openid,
+                req.session_id,
+                req.owner_node,
+                heir.node_id,
+                req.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+            );
+            self.trace(line);
+            self.send(
+                End::Node(name.into()),
+                End::Node(heir.node_id.clone()),
+                Body::Replicate {
+                    req: Box::new(req),
+                    wait: Some(wait),
+                },
+            );
+        }
+        let until = self.now + PEER_TIMEOUT_MS;
+        self.node(name).handoff = Some((waits, until));
     }
 
     fn goaway(&mut self, name: &str, openid: &str, target: &str) {
@@ -1460,28 +1541,40 @@ impl World {
             .standby_for()
             .map(|m| m.node_id.clone());
         for (openid, session_id, standby) in tracked {
+            let node = self.node(name);
             let Some(h) = node.table.local(&openid).cloned() else {
                 node.tracked.remove(&openid);
+                node.synced.remove(&openid);
                 continue;
             };
             if h.identity().session_id != session_id {
                 node.tracked.remove(&openid);
+                node.synced.remove(&openid);
                 continue;
             }
-            let (epoch, stats, queue) = h.with(|s| (s.epoch(), s.stats(), s.export().pushes));
+            let (epoch, stats) = h.with(|s| (s.epoch(), s.stats()));
+            let points = (stats.acked_seq_id, stats.next_seq_id);
             // As `replica::sync_ack_points`: the standby drained, left or
-            // died (the ring moved on): the whole queue goes to the new one.
-            let (standby, pushes) = match &current {
+            // died (the ring moved on): the whole queue goes to the new one,
+            // which is the session's standby once it answered (until then
+            // this is tried again every sync). Otherwise only a changed ack
+            // point is sent.
+            let (standby, pushes, wait) = match &current {
                 Some(c) if *c != standby => {
-                    node.tracked
-                        .insert(openid.clone(), (session_id.clone(), c.clone()));
-                    (c.clone(), queue)
+                    let wait = self.id();
+                    self.node(name)
+                        .resyncs
+                        .insert(wait, (openid.clone(), session_id.clone(), c.clone()));
+                    (c.clone(), h.with(|s| s.export().pushes), Some(wait))
                 }
-                Some(_) => (standby, Vec::new()),
+                Some(_) if node.synced.get(&openid) == Some(&points) => continue,
+                Some(_) => (standby, Vec::new(), None),
                 None => continue,
             };
+            self.node(name).synced.insert(openid.clone(), points);
             sends.push((
                 standby,
+                wait,
                 ReplicateRequest {
                     openid,
                     session_id,
@@ -1495,13 +1588,13 @@ impl World {
                 },
             ));
         }
-        for (standby, req) in sends {
+        for (standby, wait, req) in sends {
             self.send(
                 End::Node(name.into()),
                 End::Node(standby),
                 Body::Replicate {
                     req: Box::new(req),
-                    wait: None,
+                    wait,
                 },
             );
         }

@@ -255,6 +255,8 @@ pub enum Timer {
     },
 }
 
+/// A scheduled event (the queue holds it boxed: a binary heap of a million
+/// events moves each several times, and a body is large).
 struct Event {
     at: Ms,
     n: u64,
@@ -343,7 +345,7 @@ pub struct World {
     pub plan: Plan,
     pub now: Ms,
     pub base: Instant,
-    queue: BinaryHeap<Reverse<Event>>,
+    queue: BinaryHeap<Reverse<Box<Event>>>,
     n: u64,
     pub cp: State,
     pub cp_down_until: Ms,
@@ -351,6 +353,9 @@ pub struct World {
     cp_grace_until: Ms,
     pub nodes: BTreeMap<String, SimNode>,
     pub clients: Vec<Client>,
+    /// Clients that got a session id once (they keep one), ascending: the
+    /// upstream pushes to them (kept here, not filtered every millisecond).
+    known: Vec<usize>,
     pub checks: Checks,
     pub partitions: HashSet<(String, String)>,
     pub cp_partitioned: HashSet<String>,
@@ -365,6 +370,8 @@ pub struct World {
     /// Rolling replacements started.
     rolled: u64,
     trace: VecDeque<String>,
+    /// `SIM_WATCH`: the openid whose every event is printed (read once).
+    watch: Option<String>,
     report: Report,
     pending_up: HashMap<u64, (String, bool)>,
     /// Last delivery time per ordered link (client connections).
@@ -384,6 +391,7 @@ impl World {
             cp_grace_until: 0,
             nodes: BTreeMap::new(),
             clients: Vec::new(),
+            known: Vec::new(),
             checks: Checks::default(),
             partitions: HashSet::new(),
             cp_partitioned: HashSet::new(),
@@ -397,6 +405,7 @@ impl World {
             departed: 0,
             rolled: 0,
             trace: VecDeque::new(),
+            watch: std::env::var("SIM_WATCH").ok().map(|w| format!("\"{w}\"")),
             report: Report {
                 faults: plan.faults.clone(),
                 sessions: plan.sessions,
@@ -436,8 +445,8 @@ impl World {
     }
 
     pub fn trace(&mut self, line: String) {
-        if let Ok(w) = std::env::var("SIM_WATCH")
-            && line.contains(&format!("\"{w}\""))
+        if let Some(w) = &self.watch
+            && line.contains(w.as_str())
         {
             eprintln!("{:>7} ms {line}", self.now);
         }
@@ -485,14 +494,14 @@ impl World {
 
     fn push_event(&mut self, at: Ms, from: End, to: End, incarnation: u64, body: Body) {
         self.n += 1;
-        self.queue.push(Reverse(Event {
+        self.queue.push(Reverse(Box::new(Event {
             at,
             n: self.n,
             to,
             from,
             incarnation,
             body,
-        }));
+        })));
     }
 
     pub fn timer(&mut self, node: &str, after: Ms, t: Timer) {
@@ -756,7 +765,7 @@ impl World {
                     break;
                 };
                 self.report.events += 1;
-                self.dispatch(e)?;
+                self.dispatch(*e)?;
             }
         }
         self.checks.durable_delivered()?;
@@ -824,8 +833,9 @@ impl World {
                     self.trace(line);
                 }
                 let touched = body_openid(&e.body);
+                let snapshot = matches!(e.body, Body::Watch(Watch::Snapshot));
                 self.node_event(&name, e.from, e.body)?;
-                self.check_single_owner(touched.as_deref())
+                self.check_single_owner(touched.as_deref(), snapshot)
             }
             End::Client(i) => {
                 {
@@ -876,40 +886,42 @@ impl World {
     }
 
     /// At most one node serves a session at a given epoch: checked for the
-    /// openid the event touched, and for every session every 500 events.
-    fn check_single_owner(&self, touched: Option<&str>) -> Result<(), String> {
+    /// openid the event touched on every event; for every session after a
+    /// watch snapshot (it may settle many slots at once) and as a safety net
+    /// every `max(500, sessions)` events, so the cost per event does not
+    /// grow with the number of sessions (10,000-session seeds).
+    fn check_single_owner(&self, touched: Option<&str>, full: bool) -> Result<(), String> {
         use gatesvr_dataplane::core::{Holding, SessionCell};
-        let full = self.report.events.is_multiple_of(500);
-        let mut seen: HashMap<(String, u64), &str> = HashMap::new();
+        let every = (self.plan.sessions as u64).max(500);
+        let full = full || self.report.events.is_multiple_of(every);
+        let mut seen: HashMap<(&str, u64), &str> = HashMap::new();
         for (name, node) in &self.nodes {
             if !node.alive {
                 continue;
             }
-            let mut check = |h: &gatesvr_dataplane::core::PlainCell| -> Result<(), String> {
-                let openid = h.identity().openid.clone();
+            let cells: Vec<&gatesvr_dataplane::core::PlainCell> = if full {
+                node.table.locals().collect()
+            } else {
+                touched
+                    .and_then(|o| node.table.local(o))
+                    .into_iter()
+                    .collect()
+            };
+            for h in cells {
+                let openid = h.identity().openid.as_str();
                 // A staged copy does not serve until the view names its node.
-                if matches!(node.table.holding(&openid), Some(Holding::Staged { .. })) {
-                    return Ok(());
+                if matches!(node.table.holding(openid), Some(Holding::Staged { .. })) {
+                    continue;
                 }
                 let epoch = h.with(|s| s.epoch());
                 if epoch == 0 {
-                    return Ok(());
+                    continue;
                 }
-                if let Some(other) = seen.insert((openid.clone(), epoch), name) {
+                if let Some(other) = seen.insert((openid, epoch), name.as_str()) {
                     return Err(format!(
                         "{openid} served by {other} and {name} at the same epoch {epoch}"
                     ));
                 }
-                Ok(())
-            };
-            if full {
-                for h in node.table.locals() {
-                    check(h)?;
-                }
-            } else if let Some(openid) = touched
-                && let Some(h) = node.table.local(openid)
-            {
-                check(h)?;
             }
         }
         Ok(())
@@ -918,13 +930,10 @@ impl World {
     // ----- upstream -----
 
     fn upstream_push(&mut self) {
-        let known: Vec<usize> = (0..self.clients.len())
-            .filter(|i| !self.clients[*i].session_id.is_empty())
-            .collect();
-        if known.is_empty() {
+        if self.known.is_empty() {
             return;
         }
-        let c = known[self.rng.random_range(0..known.len())];
+        let c = self.known[self.rng.random_range(0..self.known.len())];
         let live: Vec<String> = self
             .nodes
             .iter()
@@ -1005,7 +1014,7 @@ impl World {
                 break;
             };
             self.now = self.now.max(e.at);
-            self.dispatch(e)?;
+            self.dispatch(*e)?;
         }
         let answered = sent
             .iter()
@@ -1301,6 +1310,11 @@ impl World {
                             let openid = c.openid.clone();
                             self.checks.resume_failed(&openid, now);
                         }
+                        if !session_id.is_empty()
+                            && let Err(at) = self.known.binary_search(&i)
+                        {
+                            self.known.insert(at, i);
+                        }
                         let c = &mut self.clients[i];
                         c.session_id = session_id;
                         c.highest = 0;
@@ -1378,14 +1392,50 @@ pub fn proto_node(n: &gatesvr_controlplane::state::NodeRec) -> DataPlaneNode {
     }
 }
 
-/// A message in one line for the trace (payloads left out).
+/// A message in one line for the trace (payloads left out: a state or a
+/// big push is never formatted).
 fn short(b: &Body) -> String {
-    let s = format!("{b:?}");
-    let cut = s
-        .find(" state:")
-        .or_else(|| s.find(" req: ReplicateRequest"))
-        .unwrap_or(s.len());
-    s[..cut.min(160)].to_string()
+    let s = match b {
+        Body::Push { conn, push } => format!(
+            "Push {{ conn: {conn}, seq_id: {}, redelivery: {}, content: {:?} }}",
+            push.seq_id, push.redelivery, push.content
+        ),
+        Body::Stage { state, epoch, req } => format!(
+            "Stage {{ openid: {:?}, session_id: {:?}, epoch: {epoch}, req: {req}, next_seq_id: {} }}",
+            state.openid, state.session_id, state.next_seq_id
+        ),
+        Body::HandoverReply { openid, req, state } => format!(
+            "HandoverReply {{ openid: {openid:?}, req: {req}, state: {} }}",
+            if state.is_some() { "Some" } else { "None" }
+        ),
+        Body::Replicate { req, wait } => format!(
+            "Replicate {{ openid: {:?}, wait: {wait:?}, pushes: {} }}",
+            req.openid,
+            req.pushes.len()
+        ),
+        Body::FetchReply { req, resp } => format!(
+            "FetchReply {{ req: {req}, found: {}, pushes: {} }}",
+            resp.found,
+            resp.pushes.len()
+        ),
+        Body::Bounce { to_node, original } => {
+            format!(
+                "Bounce {{ to_node: {to_node:?}, original: {} }}",
+                short(original)
+            )
+        }
+        Body::Timer(Timer::RetryPush(b)) => format!("Timer(RetryPush({}))", short(b)),
+        other => format!("{other:?}"),
+    };
+    let mut s = s;
+    if s.len() > 160 {
+        let mut cut = 160;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
 }
 
 /// The openid a message is about, if it names one.
