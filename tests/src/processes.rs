@@ -250,7 +250,7 @@ impl ProcessCluster {
             .join(format!("{}.log", self.dps[i].name))
     }
 
-    fn log_tail(&self, i: usize) -> String {
+    pub fn log_tail(&self, i: usize) -> String {
         let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")

@@ -9,7 +9,9 @@
 //! another node while the control-plane leader is killed; the control plane
 //! fully down for 30 s while traffic continues, with a data-plane restart
 //! during the outage; drain of a node under load by SIGTERM (a rolling
-//! upgrade step); kill -9 of a session's owner (no unacked durable push lost).
+//! upgrade step); kill -9 of a session's owner, the client coming back on
+//! another node or on the owner restarted with its node id (no unacked durable
+//! push lost).
 //! No assertion is about time: conditions are polled with a bound.
 
 use std::time::Duration;
@@ -241,6 +243,29 @@ async fn sigterm_drains_a_node_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_owner_loses_no_durable_push() {
+    kill_9_with_unacked_durable_pushes(Comeback::OnAnotherNode).await;
+}
+
+/// A restart keeps the node id (a StatefulSet pod, a supervisor restarting
+/// the process in place): the control plane then names the restarted node as
+/// the session's previous owner. It used to take that for "the session is
+/// mine" and answer SESSION_EXPIRED, dropping the durable pushes its standby
+/// held (simulation seed 14, Restart fault).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_with_the_same_node_id_loses_no_durable_push() {
+    kill_9_with_unacked_durable_pushes(Comeback::SameNodeRestarted).await;
+}
+
+enum Comeback {
+    /// The client reconnects to another node.
+    OnAnotherNode,
+    /// The killed node starts again with its node id; the client comes back to it.
+    SameNodeRestarted,
+}
+
+/// kill -9 of the owner of a session holding 10 unacked durable pushes; the
+/// client comes back and is told RECOVERED with all 10, in order.
+async fn kill_9_with_unacked_durable_pushes(comeback: Comeback) {
     let mut cluster = three_by_three().await;
     let client = Client::connect(cluster.client_config(0, "carol"))
         .await
@@ -261,9 +286,16 @@ async fn kill_9_of_the_owner_loses_no_durable_push() {
     // Let the ack point reach the standby (synced once a second).
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    // kill -9 the owner; the client's network comes back and it lands on node 2.
+    // kill -9 the owner; the client's network comes back.
     cluster.kill(0);
-    client.reconnect_to(cluster.quic(1));
+    match comeback {
+        Comeback::OnAnotherNode => client.reconnect_to(cluster.quic(1)),
+        Comeback::SameNodeRestarted => {
+            cluster.restart_dp(0);
+            cluster.wait_ready(0).await;
+            client.reconnect_to(cluster.quic(0));
+        }
+    }
     // What counts is what the rebuilt session delivers after it says so.
     let mut status = None;
     let mut recovered = Vec::new();
@@ -275,7 +307,11 @@ async fn kill_9_of_the_owner_loses_no_durable_push() {
             }
             Ok(Some(Event::ResumeFailed { status: s, .. })) => status = Some(s),
             Ok(Some(_)) => {}
-            other => panic!("stalled: status {status:?}, recovered {recovered:?} ({other:?})"),
+            other => panic!(
+                "stalled: status {status:?}, recovered {recovered:?} ({other:?})\nDP0 {}\nDP1 {}",
+                cluster.log_tail(0),
+                cluster.log_tail(1)
+            ),
         }
     }
     assert_eq!(

@@ -503,7 +503,13 @@ pub async fn take_over(
     session_id: &str,
     epoch: u64,
 ) -> TakeOver {
-    let outcome = hand_over_from(node, previous_owner, openid, session_id, epoch).await;
+    let outcome = if previous_owner == node.config.node_id {
+        // An earlier life of this node (restarted with the same node id):
+        // nobody to ask, what it held survives only as replicas.
+        TakeOver::OwnerGone
+    } else {
+        hand_over_from(node, previous_owner, openid, session_id, epoch).await
+    };
     if outcome == TakeOver::OwnerSilent {
         // A staged copy here may be stale (a late Stage of a staging its
         // drainer took back and served since): the Start does not resume

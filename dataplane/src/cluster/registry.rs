@@ -636,6 +636,15 @@ impl Registry {
         f(self.table.lock().members())
     }
 
+    /// A call found `node_id` unreachable: not chosen as a standby before
+    /// `until` ([`crate::core::Members::mark_unreachable`]).
+    pub fn mark_unreachable(&self, node_id: &str, until: Instant) {
+        self.table
+            .lock()
+            .members_mut()
+            .mark_unreachable(node_id, until);
+    }
+
     /// Where a session that left went: (openid, node).
     pub fn moved_to(&self, openid_or_session: &str, by_session: bool) -> Option<(String, String)> {
         let target = if by_session {

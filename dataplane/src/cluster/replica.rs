@@ -48,8 +48,13 @@ use crate::node::Node;
 use crate::peer::{PEER_TIMEOUT, collect_stream};
 use crate::registry::SessionEntry;
 
-/// How often an owner sends its sessions' ack points to their standbys.
+/// How often an owner sends its sessions' ack points to their standbys (and
+/// checks that each standby still answers).
 pub const ACK_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a standby that a call found unreachable is passed over
+/// ([`crate::core::Members::mark_unreachable`]); then it is tried again.
+pub const UNREACHABLE_HOLD: Duration = Duration::from_secs(10);
 
 /// One session's copy on a standby.
 struct Replica {
@@ -256,14 +261,38 @@ struct Tracked {
 #[derive(Default)]
 pub struct Replicator {
     tracked: Mutex<HashMap<String, Tracked>>,
+    /// Woken when a standby was found unreachable: the ack sync then copies
+    /// its sessions to the next node at once.
+    moved_on: tokio::sync::Notify,
 }
 
 /// The standby of `node`: the next active node after it on the ring of
-/// sorted node ids (None when it is alone or not in a cluster); see
-/// [`crate::core::Members::standby_for`].
+/// sorted node ids that no call found unreachable lately (None when it is
+/// alone or not in a cluster); see [`crate::core::Members::standby_for`].
 pub fn standby_for(node: &Node) -> Option<Member> {
     node.cluster.as_ref()?;
-    node.registry.members(|m| m.standby_for().cloned())
+    node.registry
+        .members(|m| m.standby_for(Instant::now()).cloned())
+}
+
+/// Whether a failed call says the standby may be gone: nothing listens at
+/// its address, the call was dropped, or no answer came in time.
+pub fn unreachable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+    )
+}
+
+/// A call found `standby` unreachable: it is passed over as this node's
+/// standby for [`UNREACHABLE_HOLD`], and the sessions whose copies it held are
+/// copied to the next node now. Until the control plane declares it dead
+/// (a lease later) this node would otherwise hold their only copy.
+pub fn standby_unreachable(node: &Node, standby: &str, status: &Status) {
+    tracing::warn!(standby, error = %status, "standby unreachable; its sessions go to the next node");
+    node.registry
+        .mark_unreachable(standby, Instant::now() + UNREACHABLE_HOLD);
+    node.replicator.moved_on.notify_one();
 }
 
 async fn send(node: &Node, addr: &str, req: ReplicateRequest) -> Result<ReplicateResponse, Status> {
@@ -354,6 +383,11 @@ pub async fn sync_ack_points(node: &Node) {
         })
         .collect();
     let current = standby_for(node);
+    // Standbys that answered a call in this round, and one ack point per
+    // standby to ask the others with: a standby that died is found by this
+    // sync, not only by the next durable push or the control plane.
+    let mut answered = std::collections::HashSet::new();
+    let mut probes: HashMap<String, (String, ReplicateRequest)> = HashMap::new();
     for (openid, session_id, zone, standby, acked, next_seq) in snapshot {
         let addr = node
             .registry
@@ -367,8 +401,14 @@ pub async fn sync_ack_points(node: &Node) {
         if let (Some(entry), Some(new)) = (&entry, &current)
             && new.node_id != standby
         {
-            if let Err(e) = replicate(node, entry, new, Vec::new()).await {
-                tracing::warn!(openid, standby = %new.node_id, error = %e, "re-replicating to a new standby failed");
+            match replicate(node, entry, new, Vec::new()).await {
+                Ok(()) => {
+                    answered.insert(new.node_id.clone());
+                }
+                Err(e) if unreachable(&e) => standby_unreachable(node, &new.node_id, &e),
+                Err(e) => {
+                    tracing::warn!(openid, standby = %new.node_id, error = %e, "re-replicating to a new standby failed");
+                }
             }
             continue;
         }
@@ -389,18 +429,28 @@ pub async fn sync_ack_points(node: &Node) {
                     let s = entry.state.lock();
                     (s.epoch(), s.stats())
                 };
-                if stats.acked_seq_id <= acked && stats.next_seq_id <= next_seq {
-                    continue;
-                }
                 req.epoch = epoch;
                 req.acked_seq_id = stats.acked_seq_id;
                 req.next_seq_id = stats.next_seq_id;
-                if send(node, &addr, req).await.is_ok()
-                    && let Some(t) = node.replicator.tracked.lock().get_mut(&openid)
-                    && t.session_id == session_id
-                {
-                    t.acked = t.acked.max(stats.acked_seq_id);
-                    t.next_seq = t.next_seq.max(stats.next_seq_id);
+                if stats.acked_seq_id <= acked && stats.next_seq_id <= next_seq {
+                    probes.entry(standby).or_insert((addr, req));
+                    continue;
+                }
+                match send(node, &addr, req).await {
+                    Ok(_) => {
+                        answered.insert(standby);
+                        if let Some(t) = node.replicator.tracked.lock().get_mut(&openid)
+                            && t.session_id == session_id
+                        {
+                            t.acked = t.acked.max(stats.acked_seq_id);
+                            t.next_seq = t.next_seq.max(stats.next_seq_id);
+                        }
+                    }
+                    Err(e) if unreachable(&e) => {
+                        answered.insert(standby.clone());
+                        standby_unreachable(node, &standby, &e);
+                    }
+                    Err(_) => {}
                 }
             }
             None => {
@@ -417,6 +467,18 @@ pub async fn sync_ack_points(node: &Node) {
                     tracked.remove(&openid);
                 }
             }
+        }
+    }
+    // A standby nothing was sent to in this round is asked with an unchanged
+    // ack point (idempotent): one call per standby per round.
+    for (standby, (addr, req)) in probes {
+        if answered.contains(&standby) {
+            continue;
+        }
+        if let Err(e) = send(node, &addr, req).await
+            && unreachable(&e)
+        {
+            standby_unreachable(node, &standby, &e);
         }
     }
 }
@@ -452,6 +514,10 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
             _ = tick.tick() => {}
             () = node.registry.recovered_wake.notified() => {
                 replicate_recovered(&node).await;
+                continue;
+            }
+            () = node.replicator.moved_on.notified() => {
+                sync_ack_points(&node).await;
                 continue;
             }
             () = stop.cancelled() => return,

@@ -10,17 +10,25 @@
 //! |----------------------------------------|-----------------------------|
 //! | [`Members::is_live`]                   | active or draining          |
 //! | [`Members::successors`] (drain)        | active, not this node       |
-//! | [`Members::standby_for`] (durable)     | next active on the id ring  |
+//! | [`Members::standby_for`] (durable)     | next active on the id ring, |
+//! |                                        | not found unreachable       |
 //! | [`Members::standby_of`] (replica heir) | the same, seen for an owner |
 //! | [`Members::fan_out`] (broadcast)       | live, not this node         |
 //! | [`Members::recovery_sources`]          | live, not this node or gone |
 //! | [`Members::after_failed_handover`]     | see [`Reach`]               |
+//!
+//! A peer the shell found unreachable (connection refused, no answer) is
+//! marked with [`Members::mark_unreachable`] until an instant: the standby
+//! questions skip it, so an owner whose standby died copies its sessions to the
+//! next node at once instead of after the control plane declares the standby
+//! dead (which takes a lease): until then the owner held the only copy.
 //!
 //! Departed (`left`) and `dead` records stay in the control plane's view for a
 //! while (rolling upgrades give pods new names every time); none of the
 //! questions above ever returns them.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use gatesvr_proto::control::{DataPlaneNode, NodeState};
 
@@ -86,6 +94,8 @@ pub enum AfterHandover {
 pub struct Members {
     me: String,
     nodes: BTreeMap<String, Member>,
+    /// Nodes a call found unreachable, skipped as standby until the instant.
+    unreachable: BTreeMap<String, Instant>,
 }
 
 impl Members {
@@ -93,6 +103,7 @@ impl Members {
         Self {
             me: me.into(),
             nodes: BTreeMap::new(),
+            unreachable: BTreeMap::new(),
         }
     }
 
@@ -106,6 +117,23 @@ impl Members {
             .into_iter()
             .map(|n| (n.node_id.clone(), Member::from(n)))
             .collect();
+        let nodes = &self.nodes;
+        self.unreachable.retain(|id, _| nodes.contains_key(id));
+    }
+
+    /// A call to `node_id` found nothing listening or got no answer: it is not
+    /// chosen as a standby before `until` (a view that drops it forgets this).
+    pub fn mark_unreachable(&mut self, node_id: &str, until: Instant) {
+        if self.nodes.contains_key(node_id) {
+            self.unreachable.insert(node_id.to_string(), until);
+        }
+    }
+
+    /// Found unreachable and not yet due for another try at `now`.
+    pub fn is_unreachable(&self, node_id: &str, now: Instant) -> bool {
+        self.unreachable
+            .get(node_id)
+            .is_some_and(|until| now < *until)
     }
 
     /// Adds or updates one node (tests and the simulation).
@@ -138,15 +166,11 @@ impl Members {
             .collect()
     }
 
-    /// The standby of this node: the next active node after it on the ring of
-    /// sorted node ids (None when it is alone).
-    pub fn standby_for(&self) -> Option<&Member> {
-        let active = self.successors();
-        active
-            .iter()
-            .find(|m| m.node_id.as_str() > self.me.as_str())
-            .or_else(|| active.first())
-            .copied()
+    /// The standby of this node at `now`: the next active node after it on
+    /// the ring of sorted node ids that was not found unreachable (None when
+    /// there is no such node).
+    pub fn standby_for(&self, now: Instant) -> Option<&Member> {
+        self.standby_ring(now).into_iter().next()
     }
 
     /// The standby `owner` picks (the next active node after it on the ring),
@@ -167,11 +191,16 @@ impl Members {
             .copied()
     }
 
-    /// Every active node in ring order from this node's standby on: where a
-    /// durable push goes when its standby does not answer (it may have
+    /// Every active node in ring order after this one, without the ones
+    /// found unreachable at `now`: the first is the standby; the next ones are
+    /// where a durable push goes when the standby does not answer (it may have
     /// exited a moment ago in a rollout, before the view says so).
-    pub fn standby_ring(&self) -> Vec<&Member> {
-        let active = self.successors();
+    pub fn standby_ring(&self, now: Instant) -> Vec<&Member> {
+        let active: Vec<&Member> = self
+            .successors()
+            .into_iter()
+            .filter(|m| !self.is_unreachable(&m.node_id, now))
+            .collect();
         let split = active
             .iter()
             .position(|m| m.node_id.as_str() > self.me.as_str())

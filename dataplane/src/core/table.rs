@@ -237,6 +237,12 @@ impl<H: SessionCell> Table<H> {
         )
     }
 
+    /// Whether this node has any slot for `openid`: served, staged, moved
+    /// or fenced here.
+    pub fn knows(&self, openid: &str) -> bool {
+        self.slots.contains_key(openid)
+    }
+
     /// Every local session.
     pub fn locals(&self) -> impl Iterator<Item = &H> {
         self.slots.values().filter_map(|s| match s {

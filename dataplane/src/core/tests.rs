@@ -386,7 +386,7 @@ fn departed_nodes_are_never_live() {
     assert_eq!(ids(m.fan_out()), ["dp-2", "dp-3"]);
     assert_eq!(ids(m.recovery_sources("dp-2")), ["dp-3"]);
     assert_eq!(ids(m.successors()), ["dp-2"]);
-    assert_eq!(m.standby_for().unwrap().node_id, "dp-2");
+    assert_eq!(m.standby_for(Instant::now()).unwrap().node_id, "dp-2");
 }
 
 #[test]
@@ -402,10 +402,47 @@ fn the_standby_ring_starts_at_the_standby_and_wraps_over_active_nodes_only() {
             ("dp-6", NodeState::Left),
         ],
     );
+    let now = Instant::now();
     let m = t.members();
-    let ring: Vec<String> = m.standby_ring().iter().map(|m| m.node_id.clone()).collect();
+    let ring: Vec<String> = m
+        .standby_ring(now)
+        .iter()
+        .map(|m| m.node_id.clone())
+        .collect();
     assert_eq!(ring, ["dp-5", "dp-1", "dp-2"]);
-    assert_eq!(m.standby_for().unwrap().node_id, ring[0]);
+    assert_eq!(m.standby_for(now).unwrap().node_id, ring[0]);
+}
+
+/// Simulation seed 17: the owner's standby was killed, and the owner 450 ms
+/// later, before the control plane had declared the standby dead; pushes
+/// acknowledged while both held them were lost. A standby a call finds
+/// unreachable is passed over at once (the owner's sessions then go to the
+/// next node), until the hold ends or the view drops it.
+#[test]
+fn a_standby_found_unreachable_is_passed_over_until_its_hold_ends() {
+    let mut t = table_of(
+        "dp-1",
+        &[
+            ("dp-1", NodeState::Active),
+            ("dp-2", NodeState::Active),
+            ("dp-3", NodeState::Active),
+        ],
+    );
+    let now = Instant::now();
+    let hold = now + Duration::from_secs(10);
+    assert_eq!(t.members().standby_for(now).unwrap().node_id, "dp-2");
+    t.members_mut().mark_unreachable("dp-2", hold);
+    let m = t.members();
+    assert_eq!(m.standby_for(now).unwrap().node_id, "dp-3");
+    assert_eq!(m.standby_ring(now).len(), 1);
+    assert!(
+        m.is_live("dp-2"),
+        "unreachable is not dead: only the lease says that"
+    );
+    assert_eq!(m.standby_for(hold).unwrap().node_id, "dp-2");
+    // Every other node unreachable: no standby, durable pushes are refused.
+    t.members_mut().mark_unreachable("dp-3", hold);
+    assert!(t.members().standby_for(now).is_none());
 }
 
 #[test]

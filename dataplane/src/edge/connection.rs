@@ -386,7 +386,18 @@ async fn claim_ownership(
     }
     match result {
         Ok(claimed) => {
-            if let Some(previous) = &claimed.previous_owner {
+            // The control plane names no other node, but this node knows
+            // nothing of the session it resumes: an earlier life of this node
+            // held it (a restart keeps the node id; the control plane takes
+            // the claim for a retry), and its durable pushes survive only as
+            // replicas (`peer::take_over`).
+            let earlier_life =
+                !start.session_id.is_empty() && !node.registry.with_table(|t| t.knows(openid));
+            let previous = claimed
+                .previous_owner
+                .clone()
+                .or_else(|| earlier_life.then(|| node.config.node_id.clone()));
+            if let Some(previous) = &previous {
                 // Pushes for this openid arriving meanwhile wait for the state.
                 node.registry.begin_incoming(openid);
                 crate::peer::take_over(node, previous, openid, &start.session_id, claimed.epoch)

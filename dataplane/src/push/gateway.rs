@@ -438,15 +438,24 @@ impl Gateway {
         let mut result =
             crate::replica::replicate(node, &receipt.entry, standby, vec![push.clone()]).await;
         // A standby that cannot be reached or dropped the call (UNAVAILABLE, CANCELLED: it
-        // exited a moment ago in a rollout, before the view says so): the copy goes to the
-        // next nodes on the ring instead (a recovery asks every live node; a standby new to
-        // the session gets its whole queue). The push is queued once whatever happens here.
-        if result
-            .as_ref()
-            .is_err_and(|s| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled))
+        // exited a moment ago in a rollout, before the view says so): it is passed over from
+        // now on (its other sessions are copied to the next node by the ack sync at once), and
+        // this copy goes to the next nodes on the ring instead (a recovery asks every live
+        // node; a standby new to the session gets its whole queue). The push is queued once
+        // whatever happens here.
+        let gone = |r: &Result<(), Status>| {
+            r.as_ref().is_err_and(|s| {
+                matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+            })
+        };
+        if let Err(status) = &result
+            && crate::replica::unreachable(status)
         {
+            crate::replica::standby_unreachable(node, &standby.node_id, status);
+        }
+        if gone(&result) {
             let next: Vec<crate::core::Member> = node.registry.members(|m| {
-                m.standby_ring()
+                m.standby_ring(std::time::Instant::now())
                     .into_iter()
                     .filter(|c| c.node_id != standby.node_id)
                     .take(2)
@@ -462,9 +471,12 @@ impl Gateway {
                 result =
                     crate::replica::replicate(node, &receipt.entry, &candidate, vec![push.clone()])
                         .await;
-                if !result.as_ref().is_err_and(|s| {
-                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
-                }) {
+                if let Err(status) = &result
+                    && crate::replica::unreachable(status)
+                {
+                    crate::replica::standby_unreachable(node, &candidate.node_id, status);
+                }
+                if !gone(&result) {
                     break;
                 }
             }

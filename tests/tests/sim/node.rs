@@ -11,7 +11,7 @@ use gatesvr_dataplane::core::{
     AfterHandover, Command, Holding, Lease, PlainCell, PushOutcome, Reach, RequestOutcome,
     SessionCell, Table, TableConfig, Target,
 };
-use gatesvr_dataplane::replica::{Recovery, ReplicaStore};
+use gatesvr_dataplane::replica::{Recovery, ReplicaStore, UNREACHABLE_HOLD};
 use gatesvr_dataplane::session::{
     PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
 };
@@ -58,7 +58,8 @@ pub struct SimNode {
     pub attached: HashMap<String, (usize, u64, PlainCell)>,
     replicas: ReplicaStore,
     starts: HashMap<String, PendingStart>,
-    durable: HashMap<u64, (u64, String)>,
+    /// Durable pushes waiting for their standby's copy: wait id -> the wait.
+    durable: HashMap<u64, DurableWait>,
     stages: HashMap<String, (u64, PlainCell, String, u64)>,
     drain_queue: VecDeque<String>,
     drain_deadline: Ms,
@@ -77,6 +78,16 @@ pub struct SimNode {
     /// This node's control-plane lease (renewed by the world's heartbeats):
     /// durable pushes are acknowledged only while it surely holds.
     pub lease: Lease,
+}
+
+/// A durable push whose copy is on its way to a standby.
+struct DurableWait {
+    id: u64,
+    openid: String,
+    standby: String,
+    /// Next nodes of the ring tried after the standby did not answer
+    /// (`gateway.rs` tries two).
+    tries: u8,
 }
 
 fn session_config() -> SessionConfig {
@@ -233,11 +244,11 @@ impl World {
                 {
                     node.tracked.insert(openid, (sid, standby));
                 }
-                if let Some((id, openid)) = node.durable.remove(&wait) {
+                if let Some(d) = node.durable.remove(&wait) {
                     // The lease is checked again when the answer is given:
                     // it may have lapsed while the copy travelled.
                     let ok = ok && node.lease.check(now).is_ok();
-                    self.reply_up(id, openid, true, ok);
+                    self.reply_up(d.id, d.openid, true, ok);
                 }
             }
             Body::Stage { state, epoch, req } => {
@@ -443,7 +454,15 @@ impl World {
     ) {
         let now = self.instant();
         let node = self.node(name);
-        if previous_owner.as_ref().is_some_and(|p| p != name) {
+        // As `connection::claim_ownership`: the control plane names no other
+        // node, but this node knows nothing of the session it resumes: an
+        // earlier life of this node (a restart with the same node id) held
+        // it, and it survives only as replicas.
+        let earlier_life = !session_id.is_empty() && !node.table.knows(&openid);
+        let previous_owner = previous_owner
+            .filter(|p| p != name)
+            .or_else(|| earlier_life.then(|| name.to_string()));
+        if previous_owner.is_some() {
             node.table.begin_incoming(now, &openid);
         }
         let cmds = node.table.owner_changed(now, &openid, name, epoch);
@@ -463,7 +482,12 @@ impl World {
             gathered: Vec::new(),
             waiting: HashSet::new(),
         };
-        match previous_owner.filter(|p| p != name) {
+        match previous_owner {
+            Some(previous) if previous == name => {
+                pending.previous = previous;
+                self.node(name).starts.insert(openid.clone(), pending);
+                self.handover_failed(name, &openid, req, name, Reach::Down);
+            }
             Some(previous) => {
                 pending.previous = previous.clone();
                 let node = self.node(name);
@@ -578,12 +602,16 @@ impl World {
             Body::Handover { openid, req, .. } => {
                 self.handover_failed(name, &openid, req, to_node, Reach::Down)
             }
-            Body::Replicate { wait: Some(w), .. } => {
+            Body::Replicate { wait, .. } => {
+                // As `replica::standby_unreachable`: passed over from now on,
+                // and the sessions it held copies of go to the next node now.
+                self.standby_unreachable(name, to_node);
+                let Some(w) = wait else { return };
                 if let Some((waits, _)) = &mut self.node(name).handoff {
                     waits.remove(&w);
                 }
-                if let Some((id, openid)) = self.node(name).durable.remove(&w) {
-                    self.reply_up(id, openid, true, false);
+                if let Some(d) = self.node(name).durable.remove(&w) {
+                    self.copy_to_next(name, d);
                 }
             }
             Body::Stage { state, req, .. } => self.on_stage_ack(name, &state.openid, req, false),
@@ -598,6 +626,67 @@ impl World {
             } => self.reply_up(id, openid, durable, false),
             _ => {}
         }
+    }
+
+    /// A call found `standby` unreachable (`replica::standby_unreachable`).
+    fn standby_unreachable(&mut self, name: &str, standby: &str) {
+        let until = self.instant() + UNREACHABLE_HOLD;
+        self.node(name)
+            .table
+            .members_mut()
+            .mark_unreachable(standby, until);
+        self.trace(format!("{name} found {standby} unreachable"));
+        self.timer(name, 0, Timer::MovedOn);
+    }
+
+    /// As `gateway.rs`'s `replicate`: the standby did not take a durable
+    /// push's copy; the next node of the ring gets the session's whole queue
+    /// (it is new to the session), up to two of them, else the push fails.
+    fn copy_to_next(&mut self, name: &str, mut d: DurableWait) {
+        let now = self.instant();
+        let node = self.node(name);
+        let next = node
+            .table
+            .members()
+            .standby_ring(now)
+            .into_iter()
+            .map(|m| m.node_id.clone())
+            .find(|n| *n != d.standby);
+        let handle = node.table.local(&d.openid).cloned();
+        let (Some(next), Some(handle), true) = (next, handle, d.tries < 2) else {
+            self.reply_up(d.id, d.openid, true, false);
+            return;
+        };
+        let (epoch, stats, pushes) = handle.with(|s| (s.epoch(), s.stats(), s.export().pushes));
+        let req = ReplicateRequest {
+            openid: d.openid.clone(),
+            session_id: handle.identity().session_id.clone(),
+            zone: handle.identity().zone.clone(),
+            epoch,
+            owner_node: name.into(),
+            pushes,
+            acked_seq_id: stats.acked_seq_id,
+            next_seq_id: stats.next_seq_id,
+            release: false,
+        };
+        let wait = self.id();
+        let node = self.node(name);
+        node.tracked.insert(
+            d.openid.clone(),
+            (handle.identity().session_id.clone(), next.clone()),
+        );
+        d.standby = next.clone();
+        d.tries += 1;
+        node.durable.insert(wait, d);
+        self.send(
+            End::Node(name.into()),
+            End::Node(next),
+            Body::Replicate {
+                req: Box::new(req),
+                wait: Some(wait),
+            },
+        );
+        self.timer(name, PEER_TIMEOUT_MS, Timer::ReplicateDeadline { wait });
     }
 
     /// The previous owner did not answer the handover: the core's members
@@ -926,7 +1015,7 @@ impl World {
         let standby = node
             .table
             .members()
-            .standby_for()
+            .standby_for(now)
             .map(|m| m.node_id.clone());
         // As `gateway.rs`: no standby, or a lease that may have lapsed (the
         // control plane may have declared this node dead and a claimant be
@@ -1001,7 +1090,15 @@ impl World {
                             release: false,
                         };
                         let node = self.node(name);
-                        node.durable.insert(wait, (id, openid.clone()));
+                        node.durable.insert(
+                            wait,
+                            DurableWait {
+                                id,
+                                openid: openid.clone(),
+                                standby: standby.clone(),
+                                tries: 0,
+                            },
+                        );
                         node.tracked.insert(
                             openid.clone(),
                             (handle.identity().session_id.clone(), standby.clone()),
@@ -1325,7 +1422,7 @@ impl World {
                 node_id: name.into(),
             });
         }
-        self.trace(format!("{name} left"));
+        self.trace(format!("node {name} left"));
         self.kill(name);
         if let Some(n) = self.nodes.get_mut(name) {
             n.left = true;
@@ -1467,10 +1564,14 @@ impl World {
                 }
             }
             Timer::ReplicateDeadline { wait } => {
-                if let Some((id, openid)) = self.node(name).durable.remove(&wait) {
-                    self.reply_up(id, openid, true, false);
+                // No answer in time: passed over like a refused standby; the
+                // push itself fails (its caller waited long enough).
+                if let Some(d) = self.node(name).durable.remove(&wait) {
+                    self.standby_unreachable(name, &d.standby);
+                    self.reply_up(d.id, d.openid, true, false);
                 }
             }
+            Timer::MovedOn => self.ack_sync(name),
             Timer::StageDeadline { openid, req } => self.on_stage_ack(name, &openid, req, false),
             Timer::DrainStep => self.drain_step(name),
             Timer::AckSync => {
@@ -1527,6 +1628,7 @@ impl World {
 
     /// Sends changed ack points to standbys (`replica::sync_ack_points`).
     fn ack_sync(&mut self, name: &str) {
+        let now = self.instant();
         let node = self.node(name);
         let mut tracked: Vec<(String, String, String)> = node
             .tracked
@@ -1535,10 +1637,13 @@ impl World {
             .collect();
         tracked.sort();
         let mut sends = Vec::new();
+        // As `replica::sync_ack_points`: one unchanged ack point per standby
+        // nothing else is sent to, so that a dead standby is found here.
+        let mut probes: BTreeMap<String, ReplicateRequest> = BTreeMap::new();
         let current = node
             .table
             .members()
-            .standby_for()
+            .standby_for(now)
             .map(|m| m.node_id.clone());
         for (openid, session_id, standby) in tracked {
             let node = self.node(name);
@@ -1554,6 +1659,17 @@ impl World {
             }
             let (epoch, stats) = h.with(|s| (s.epoch(), s.stats()));
             let points = (stats.acked_seq_id, stats.next_seq_id);
+            let req = ReplicateRequest {
+                openid: openid.clone(),
+                session_id: session_id.clone(),
+                zone: h.identity().zone.clone(),
+                epoch,
+                owner_node: name.into(),
+                pushes: Vec::new(),
+                acked_seq_id: stats.acked_seq_id,
+                next_seq_id: stats.next_seq_id,
+                release: false,
+            };
             // As `replica::sync_ack_points`: the standby drained, left or
             // died (the ring moved on): the whole queue goes to the new one,
             // which is the session's standby once it answered (until then
@@ -1567,26 +1683,20 @@ impl World {
                         .insert(wait, (openid.clone(), session_id.clone(), c.clone()));
                     (c.clone(), h.with(|s| s.export().pushes), Some(wait))
                 }
-                Some(_) if node.synced.get(&openid) == Some(&points) => continue,
+                Some(_) if node.synced.get(&openid) == Some(&points) => {
+                    probes.entry(standby).or_insert(req);
+                    continue;
+                }
                 Some(_) => (standby, Vec::new(), None),
                 None => continue,
             };
             self.node(name).synced.insert(openid.clone(), points);
-            sends.push((
-                standby,
-                wait,
-                ReplicateRequest {
-                    openid,
-                    session_id,
-                    zone: h.identity().zone.clone(),
-                    epoch,
-                    owner_node: name.into(),
-                    pushes,
-                    acked_seq_id: stats.acked_seq_id,
-                    next_seq_id: stats.next_seq_id,
-                    release: false,
-                },
-            ));
+            sends.push((standby, wait, ReplicateRequest { pushes, ..req }));
+        }
+        for (standby, req) in probes {
+            if !sends.iter().any(|(s, _, _)| *s == standby) {
+                sends.push((standby, None, req));
+            }
         }
         for (standby, wait, req) in sends {
             self.send(

@@ -234,6 +234,8 @@ pub enum Timer {
     },
     DrainStep,
     AckSync,
+    /// A standby was found unreachable: the ack sync runs now.
+    MovedOn,
     Complete {
         openid: String,
         session_id: String,
@@ -445,8 +447,11 @@ impl World {
     }
 
     pub fn trace(&mut self, line: String) {
+        // The watched openid's events, and every fault and node lifecycle.
         if let Some(w) = &self.watch
-            && line.contains(w.as_str())
+            && (line.contains(w.as_str())
+                || line.starts_with("fault ")
+                || line.starts_with("node "))
         {
             eprintln!("{:>7} ms {line}", self.now);
         }
@@ -1161,6 +1166,10 @@ impl World {
             return;
         };
         node.alive = false;
+        self.trace(format!("node {name} killed"));
+        let Some(node) = self.nodes.get_mut(name) else {
+            return;
+        };
         let mut attached: Vec<(usize, u64)> = node.attached.values().map(|a| (a.0, a.1)).collect();
         attached.sort_unstable();
         node.attached.clear();
