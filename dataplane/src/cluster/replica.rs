@@ -67,6 +67,41 @@ struct Replica {
     next_seq: u64,
     pushes: BTreeMap<u64, ServerPush>,
     updated: Instant,
+    /// The node a second copy went to after the owner left the view
+    /// ([`ReplicaStore::orphans`]); reset when the copy changes.
+    copied_to: Option<String>,
+}
+
+impl Replica {
+    fn new(req: &ReplicateRequest, now: Instant) -> Self {
+        Self {
+            session_id: req.session_id.clone(),
+            owner: req.owner_node.clone(),
+            zone: req.zone.clone(),
+            epoch: req.epoch,
+            acked: 0,
+            next_seq: 1,
+            pushes: BTreeMap::new(),
+            updated: now,
+            copied_to: None,
+        }
+    }
+
+    /// The whole copy, as a `Replicate` on behalf of its owner.
+    fn copy(&self, openid: &str) -> ReplicateRequest {
+        ReplicateRequest {
+            openid: openid.to_string(),
+            session_id: self.session_id.clone(),
+            zone: self.zone.clone(),
+            epoch: self.epoch,
+            owner_node: self.owner.clone(),
+            pushes: self.pushes.values().cloned().collect(),
+            acked_seq_id: self.acked,
+            next_seq_id: self.next_seq,
+            release: false,
+            incremental: false,
+        }
+    }
 }
 
 /// Copies of other nodes' durable pushes held by this node (as a standby).
@@ -98,17 +133,22 @@ impl ReplicaStore {
             }
             return Ok(0);
         }
+        // An update to a copy this node does not hold (it restarted with the
+        // same node id since the owner's last copy): taking it would leave
+        // the earlier pushes on the owner alone while it believes them here.
+        if req.incremental
+            && map
+                .get(&req.openid)
+                .is_none_or(|r| r.session_id != req.session_id)
+        {
+            return Err(Status::not_found(
+                "no copy of this session here: send the whole queue",
+            ));
+        }
         let now = Instant::now();
-        let replica = map.entry(req.openid.clone()).or_insert_with(|| Replica {
-            session_id: req.session_id.clone(),
-            owner: req.owner_node.clone(),
-            zone: req.zone.clone(),
-            epoch: req.epoch,
-            acked: 0,
-            next_seq: 1,
-            pushes: BTreeMap::new(),
-            updated: now,
-        });
+        let replica = map
+            .entry(req.openid.clone())
+            .or_insert_with(|| Replica::new(&req, now));
         if replica.session_id != req.session_id {
             if req.epoch < replica.epoch {
                 return Err(Status::failed_precondition(format!(
@@ -117,16 +157,10 @@ impl ReplicaStore {
                 )));
             }
             // A newer session of the openid: the old copy is obsolete.
-            *replica = Replica {
-                session_id: req.session_id.clone(),
-                owner: req.owner_node.clone(),
-                zone: req.zone.clone(),
-                epoch: req.epoch,
-                acked: 0,
-                next_seq: 1,
-                pushes: BTreeMap::new(),
-                updated: now,
-            };
+            *replica = Replica::new(&req, now);
+        }
+        if !req.pushes.is_empty() {
+            replica.copied_to = None;
         }
         if req.epoch >= replica.epoch && !req.owner_node.is_empty() {
             replica.owner = req.owner_node.clone();
@@ -201,6 +235,7 @@ impl ReplicaStore {
             acked_seq_id: state.acked_seq_id,
             next_seq_id: state.next_seq_id,
             release: false,
+            incremental: false,
         });
     }
 
@@ -218,24 +253,44 @@ impl ReplicaStore {
             .iter()
             .filter_map(|(openid, r)| {
                 let heir = members.standby_of(&r.owner)?;
-                Some((
-                    heir.clone(),
-                    ReplicateRequest {
-                        openid: openid.clone(),
-                        session_id: r.session_id.clone(),
-                        zone: r.zone.clone(),
-                        epoch: r.epoch,
-                        owner_node: r.owner.clone(),
-                        pushes: r.pushes.values().cloned().collect(),
-                        acked_seq_id: r.acked,
-                        next_seq_id: r.next_seq,
-                        release: false,
-                    },
-                ))
+                Some((heir.clone(), r.copy(openid)))
             })
             .collect();
         out.sort_by(|a, b| a.1.openid.cmp(&b.1.openid));
         out
+    }
+
+    /// Replicas whose owner is no longer live in the view (it crashed or
+    /// left): until its client comes back, this node holds the only copy of
+    /// what the owner acknowledged, and a second crash would lose it. Each
+    /// gets a second copy on the owner's next standby other than this node
+    /// ([`Members::standby_of`]), once per heir ([`ReplicaStore::copied`]).
+    /// Replicas that hold no push are not copied.
+    pub fn orphans(&self, members: &crate::core::Members) -> Vec<(Member, ReplicateRequest)> {
+        let map = self.map.lock();
+        let mut out: Vec<(Member, ReplicateRequest)> = map
+            .iter()
+            .filter(|(_, r)| !r.pushes.is_empty() && !members.is_live(&r.owner))
+            .filter_map(|(openid, r)| {
+                let heir = members.standby_of(&r.owner)?;
+                let copied = r.copied_to.as_deref() == Some(heir.node_id.as_str());
+                (!copied).then(|| (heir.clone(), r.copy(openid)))
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.openid.cmp(&b.1.openid));
+        out
+    }
+
+    /// The second copy of `openid`'s replica (`session_id`) is on `heir`.
+    pub fn copied(&self, openid: &str, session_id: &str, heir: &str) {
+        if let Some(r) = self
+            .map
+            .lock()
+            .get_mut(openid)
+            .filter(|r| r.session_id == session_id)
+        {
+            r.copied_to = Some(heir.to_string());
+        }
     }
 
     /// Drops replicas not updated for the session timeout. Returns
@@ -314,7 +369,7 @@ pub async fn replicate(
     node: &Node,
     entry: &Arc<SessionEntry>,
     standby: &Member,
-    mut pushes: Vec<ServerPush>,
+    pushes: Vec<ServerPush>,
 ) -> Result<(), Status> {
     let known = node
         .replicator
@@ -322,25 +377,36 @@ pub async fn replicate(
         .lock()
         .get(&entry.identity.openid)
         .is_some_and(|t| t.session_id == entry.identity.session_id && t.standby == standby.node_id);
-    let (epoch, stats) = {
+    let copy = |whole: bool, pushes: Vec<ServerPush>| {
         let s = entry.state.lock();
-        if !known {
-            pushes = s.export().pushes;
+        let stats = s.stats();
+        let req = ReplicateRequest {
+            openid: entry.identity.openid.clone(),
+            session_id: entry.identity.session_id.clone(),
+            zone: entry.identity.zone.clone(),
+            epoch: s.epoch(),
+            owner_node: node.config.node_id.clone(),
+            pushes: if whole { s.export().pushes } else { pushes },
+            acked_seq_id: stats.acked_seq_id,
+            next_seq_id: stats.next_seq_id,
+            release: false,
+            incremental: !whole,
+        };
+        (req, stats)
+    };
+    let (req, mut stats) = copy(!known, pushes);
+    match send(node, &standby.grpc_addr, req).await {
+        // The standby holds no copy of the session (it restarted with the
+        // same node id): it gets the whole queue.
+        Err(status) if known && status.code() == tonic::Code::NotFound => {
+            let (req, whole) = copy(true, Vec::new());
+            stats = whole;
+            send(node, &standby.grpc_addr, req).await?;
         }
-        (s.epoch(), s.stats())
-    };
-    let req = ReplicateRequest {
-        openid: entry.identity.openid.clone(),
-        session_id: entry.identity.session_id.clone(),
-        zone: entry.identity.zone.clone(),
-        epoch,
-        owner_node: node.config.node_id.clone(),
-        pushes,
-        acked_seq_id: stats.acked_seq_id,
-        next_seq_id: stats.next_seq_id,
-        release: false,
-    };
-    send(node, &standby.grpc_addr, req).await?;
+        other => {
+            other?;
+        }
+    }
     let mut tracked = node.replicator.tracked.lock();
     let t = tracked
         .entry(entry.identity.openid.clone())
@@ -421,6 +487,7 @@ pub async fn sync_ack_points(node: &Node) {
             session_id: session_id.clone(),
             zone,
             owner_node: node.config.node_id.clone(),
+            incremental: true,
             ..Default::default()
         };
         match entry {
@@ -450,6 +517,10 @@ pub async fn sync_ack_points(node: &Node) {
                         answered.insert(standby.clone());
                         standby_unreachable(node, &standby, &e);
                     }
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        answered.insert(standby);
+                        copy_lost(node, &openid, &session_id);
+                    }
                     Err(_) => {}
                 }
             }
@@ -457,6 +528,7 @@ pub async fn sync_ack_points(node: &Node) {
                 let moved = node.registry.moved_to(&openid, false).is_some();
                 if !moved {
                     req.release = true;
+                    req.incremental = false;
                     let _ = send(node, &addr, req).await;
                 }
                 let mut tracked = node.replicator.tracked.lock();
@@ -475,12 +547,29 @@ pub async fn sync_ack_points(node: &Node) {
         if answered.contains(&standby) {
             continue;
         }
-        if let Err(e) = send(node, &addr, req).await
-            && unreachable(&e)
-        {
-            standby_unreachable(node, &standby, &e);
+        let (openid, session_id) = (req.openid.clone(), req.session_id.clone());
+        match send(node, &addr, req).await {
+            Err(e) if unreachable(&e) => standby_unreachable(node, &standby, &e),
+            Err(e) if e.code() == tonic::Code::NotFound => copy_lost(node, &openid, &session_id),
+            _ => {}
         }
     }
+}
+
+/// The standby answered that it holds no copy of `openid`'s session (it
+/// restarted with the same node id): the session is new to it again, and the
+/// next sync (run now) sends it the whole queue. Its other sessions are found
+/// the same way, one per sync round at least (the probe).
+fn copy_lost(node: &Node, openid: &str, session_id: &str) {
+    let mut tracked = node.replicator.tracked.lock();
+    if let Some(t) = tracked.get_mut(openid)
+        && t.session_id == session_id
+    {
+        tracing::info!(openid, standby = %t.standby, "the standby lost its copy; sending the whole queue");
+        t.standby.clear();
+    }
+    drop(tracked);
+    node.replicator.moved_on.notify_one();
 }
 
 /// Before this node leaves (the end of a drain): hands every replica it
@@ -505,6 +594,35 @@ pub async fn hand_over_replicas(node: &Node) {
     }
 }
 
+/// Gives the replicas of owners gone from the view a second copy
+/// ([`ReplicaStore::orphans`]), a few calls at a time.
+async fn copy_orphans(node: &Node) {
+    use futures::StreamExt;
+    let orphans = node.registry.members(|m| node.replicas.orphans(m));
+    if orphans.is_empty() {
+        return;
+    }
+    let n = orphans.len();
+    let copied = futures::stream::iter(orphans)
+        .map(|(heir, req)| async move {
+            let (openid, session_id) = (req.openid.clone(), req.session_id.clone());
+            let ok = send(node, &heir.grpc_addr, req).await.is_ok();
+            if ok {
+                node.replicas.copied(&openid, &session_id, &heir.node_id);
+            }
+            ok
+        })
+        .buffer_unordered(16)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await;
+    tracing::info!(
+        replicas = n,
+        copied,
+        "replicas of owners gone from the view copied to a second node"
+    );
+}
+
 /// Timer task: ack-point sync and replica expiry.
 pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(ACK_SYNC_INTERVAL);
@@ -524,6 +642,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
         }
         replicate_recovered(&node).await;
         sync_ack_points(&node).await;
+        copy_orphans(&node).await;
         let (sessions, pushes) = node.replicas.sweep();
         node.metrics.replica_sessions.set(sessions as i64);
         node.metrics.replica_pushes.set(pushes as i64);
@@ -779,6 +898,47 @@ mod tests {
         }
     }
 
+    /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
+    /// same node id and came back empty; the owner went on sending it single
+    /// pushes and ack points, which it took as a new copy, and a crash of the
+    /// owner then lost the pushes it had acknowledged before. An update to a
+    /// copy the standby does not hold is refused, so the owner sends the
+    /// whole queue (`replicate`, `sync_ack_points`).
+    #[test]
+    fn a_standby_without_a_copy_refuses_an_incremental_update() {
+        let standby = ReplicaStore::new(Duration::from_secs(60), 100);
+        let update = |incremental, pushes, session: &str| ReplicateRequest {
+            openid: "u1".into(),
+            session_id: session.into(),
+            zone: "001".into(),
+            epoch: 3,
+            owner_node: "dp-1".into(),
+            pushes,
+            acked_seq_id: 3,
+            next_seq_id: 7,
+            release: false,
+            incremental,
+        };
+        let refused = standby
+            .apply(update(true, vec![push(6)], "s1"))
+            .expect_err("no copy to add to");
+        assert_eq!(refused.code(), tonic::Code::NotFound);
+        assert!(!standby.fetch("u1", "s1").found, "nothing kept of it");
+        // The whole queue is taken; then single pushes and ack points are.
+        standby
+            .apply(update(false, vec![push(4), push(5), push(6)], "s1"))
+            .expect("a whole copy");
+        standby
+            .apply(update(true, Vec::new(), "s1"))
+            .expect("an ack point");
+        // A copy of another session of the openid is not the one updated.
+        let other = standby
+            .apply(update(true, vec![push(7)], "s2"))
+            .expect_err("s2 has no copy here");
+        assert_eq!(other.code(), tonic::Code::NotFound);
+        assert_eq!(standby.fetch("u1", "s1").pushes.len(), 3);
+    }
+
     /// Simulation seed 174: the owner's standby left in a rolling replacement
     /// and the owner was killed before its next ack sync copied the session's
     /// queue to its new standby; the recovery found nothing of the pushes
@@ -798,6 +958,7 @@ mod tests {
                 acked_seq_id: 3,
                 next_seq_id: 6,
                 release: false,
+                incremental: false,
             })
             .expect("applied");
         // The leaving node dp-2 (draining) sees the owner dp-1, a departed

@@ -75,6 +75,9 @@ pub struct SimNode {
     resyncs: HashMap<u64, (String, String, String)>,
     /// The ack points last sent to a session's standby.
     synced: HashMap<String, (u64, u64)>,
+    /// Second copies of replicas whose owner left the view, in flight:
+    /// wait id -> (openid, session id, heir) (`replica::copy_orphans`).
+    orphan_copies: HashMap<u64, (String, String, String)>,
     /// This node's control-plane lease (renewed by the world's heartbeats):
     /// durable pushes are acknowledged only while it surely holds.
     pub lease: Lease,
@@ -124,6 +127,7 @@ impl SimNode {
             handoff: None,
             resyncs: HashMap::new(),
             synced: HashMap::new(),
+            orphan_copies: HashMap::new(),
             lease: Lease::default(),
         }
     }
@@ -223,13 +227,51 @@ impl World {
                     req.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
                 );
                 self.trace(line);
-                let ok = self.node(name).replicas.apply(*req).is_ok();
-                if let (Some(wait), End::Node(owner)) = (wait, from) {
-                    self.send(
+                let (openid, session_id) = (req.openid.clone(), req.session_id.clone());
+                let applied = self.node(name).replicas.apply(*req);
+                let missing = applied
+                    .as_ref()
+                    .is_err_and(|e| e.code() == tonic::Code::NotFound);
+                match (wait, from) {
+                    (wait, End::Node(owner)) if missing => self.send(
                         End::Node(name.into()),
                         End::Node(owner),
-                        Body::ReplicateAck { wait, ok },
-                    );
+                        Body::ReplicateMissing {
+                            openid,
+                            session_id,
+                            wait,
+                        },
+                    ),
+                    (Some(wait), End::Node(owner)) => self.send(
+                        End::Node(name.into()),
+                        End::Node(owner),
+                        Body::ReplicateAck {
+                            wait,
+                            ok: applied.is_ok(),
+                        },
+                    ),
+                    _ => {}
+                }
+            }
+            Body::ReplicateMissing {
+                openid,
+                session_id,
+                wait,
+            } => {
+                // As `replica::copy_lost` and `replica::replicate`: the
+                // session is new to that standby again; a durable push's copy
+                // goes again as the whole queue, and the sync resends the
+                // rest.
+                let node = self.node(name);
+                if let Some((s, st)) = node.tracked.get_mut(&openid)
+                    && *s == session_id
+                {
+                    st.clear();
+                }
+                self.timer(name, 0, Timer::MovedOn);
+                if let Some(d) = wait.and_then(|w| self.node(name).durable.remove(&w)) {
+                    let to = d.standby.clone();
+                    self.copy_whole(name, d, Some(to));
                 }
             }
             Body::ReplicateAck { wait, ok } => {
@@ -243,6 +285,11 @@ impl World {
                     && node.tracked.get(&openid).is_some_and(|(s, _)| *s == sid)
                 {
                     node.tracked.insert(openid, (sid, standby));
+                }
+                if let Some((openid, sid, heir)) = node.orphan_copies.remove(&wait)
+                    && ok
+                {
+                    node.replicas.copied(&openid, &sid, &heir);
                 }
                 if let Some(d) = node.durable.remove(&wait) {
                     // The lease is checked again when the answer is given:
@@ -607,6 +654,7 @@ impl World {
                 // and the sessions it held copies of go to the next node now.
                 self.standby_unreachable(name, to_node);
                 let Some(w) = wait else { return };
+                self.node(name).orphan_copies.remove(&w);
                 if let Some((waits, _)) = &mut self.node(name).handoff {
                     waits.remove(&w);
                 }
@@ -642,18 +690,26 @@ impl World {
     /// As `gateway.rs`'s `replicate`: the standby did not take a durable
     /// push's copy; the next node of the ring gets the session's whole queue
     /// (it is new to the session), up to two of them, else the push fails.
-    fn copy_to_next(&mut self, name: &str, mut d: DurableWait) {
+    fn copy_to_next(&mut self, name: &str, d: DurableWait) {
         let now = self.instant();
-        let node = self.node(name);
-        let next = node
+        let next = self
+            .node(name)
             .table
             .members()
             .standby_ring(now)
             .into_iter()
             .map(|m| m.node_id.clone())
-            .find(|n| *n != d.standby);
-        let handle = node.table.local(&d.openid).cloned();
-        let (Some(next), Some(handle), true) = (next, handle, d.tries < 2) else {
+            .find(|n| *n != d.standby)
+            .filter(|_| d.tries < 2);
+        let retry = d.tries + 1;
+        self.copy_whole(name, DurableWait { tries: retry, ..d }, next);
+    }
+
+    /// Sends the session's whole queue to `to` for a durable push waiting
+    /// for its copy (the push fails when there is nobody to send it to).
+    fn copy_whole(&mut self, name: &str, mut d: DurableWait, to: Option<String>) {
+        let handle = self.node(name).table.local(&d.openid).cloned();
+        let (Some(to), Some(handle)) = (to, handle) else {
             self.reply_up(d.id, d.openid, true, false);
             return;
         };
@@ -668,19 +724,19 @@ impl World {
             acked_seq_id: stats.acked_seq_id,
             next_seq_id: stats.next_seq_id,
             release: false,
+            incremental: false,
         };
         let wait = self.id();
         let node = self.node(name);
         node.tracked.insert(
             d.openid.clone(),
-            (handle.identity().session_id.clone(), next.clone()),
+            (handle.identity().session_id.clone(), to.clone()),
         );
-        d.standby = next.clone();
-        d.tries += 1;
+        d.standby = to.clone();
         node.durable.insert(wait, d);
         self.send(
             End::Node(name.into()),
-            End::Node(next),
+            End::Node(to),
             Body::Replicate {
                 req: Box::new(req),
                 wait: Some(wait),
@@ -1088,6 +1144,7 @@ impl World {
                             acked_seq_id: stats.acked_seq_id,
                             next_seq_id: stats.next_seq_id,
                             release: false,
+                            incremental: known,
                         };
                         let node = self.node(name);
                         node.durable.insert(
@@ -1576,6 +1633,7 @@ impl World {
             Timer::DrainStep => self.drain_step(name),
             Timer::AckSync => {
                 self.ack_sync(name);
+                self.copy_orphans(name);
                 self.timer(name, 1_000, Timer::AckSync);
             }
             Timer::Complete {
@@ -1626,6 +1684,32 @@ impl World {
         Ok(())
     }
 
+    /// Second copies of replicas whose owner left the view
+    /// (`replica::copy_orphans`).
+    fn copy_orphans(&mut self, name: &str) {
+        let node = self.node(name);
+        let orphans = node.replicas.orphans(node.table.members());
+        for (heir, req) in orphans {
+            let wait = self.id();
+            self.node(name).orphan_copies.insert(
+                wait,
+                (
+                    req.openid.clone(),
+                    req.session_id.clone(),
+                    heir.node_id.clone(),
+                ),
+            );
+            self.send(
+                End::Node(name.into()),
+                End::Node(heir.node_id),
+                Body::Replicate {
+                    req: Box::new(req),
+                    wait: Some(wait),
+                },
+            );
+        }
+    }
+
     /// Sends changed ack points to standbys (`replica::sync_ack_points`).
     fn ack_sync(&mut self, name: &str) {
         let now = self.instant();
@@ -1669,6 +1753,7 @@ impl World {
                 acked_seq_id: stats.acked_seq_id,
                 next_seq_id: stats.next_seq_id,
                 release: false,
+                incremental: true,
             };
             // As `replica::sync_ack_points`: the standby drained, left or
             // died (the ring moved on): the whole queue goes to the new one,
@@ -1691,7 +1776,17 @@ impl World {
                 None => continue,
             };
             self.node(name).synced.insert(openid.clone(), points);
-            sends.push((standby, wait, ReplicateRequest { pushes, ..req }));
+            // A whole queue (to a new standby) is not an update.
+            let incremental = wait.is_none();
+            sends.push((
+                standby,
+                wait,
+                ReplicateRequest {
+                    pushes,
+                    incremental,
+                    ..req
+                },
+            ));
         }
         for (standby, req) in probes {
             if !sends.iter().any(|(s, _, _)| *s == standby) {

@@ -30,6 +30,14 @@ fn lease_ttl() -> Duration {
 pub const PEER_TIMEOUT_MS: Ms = 3_000;
 /// How long a Start waits for a silent owner or for replicas (RECOVERY_PATIENCE).
 pub const PATIENCE_MS: Ms = 10_000;
+/// The fault model of durable pushes: a node crashes (Kill, Restart) at
+/// least this long after the previous crash. With one standby, a push
+/// acknowledged by an owner and its standby is lost if both crash before
+/// either made another copy; the survivor makes one within about a lease
+/// plus an ack-sync round (1 s + 1 s here): the owner when a probe finds its
+/// standby gone, the standby when the view shows the owner gone
+/// (docs/architecture.md §6.8). Every other fault overlaps freely.
+pub const CRASH_SPACING_MS: Ms = 3_000;
 
 /// What a seed runs.
 #[derive(Debug, Clone)]
@@ -185,6 +193,13 @@ pub enum Body {
     ReplicateAck {
         wait: u64,
         ok: bool,
+    },
+    /// The standby holds no copy to update (it restarted with the same
+    /// name): NOT_FOUND to an incremental `Replicate`.
+    ReplicateMissing {
+        openid: String,
+        session_id: String,
+        wait: Option<u64>,
     },
     FetchReplica {
         openid: String,
@@ -363,6 +378,8 @@ pub struct World {
     pub cp_partitioned: HashSet<String>,
     pub slow: HashSet<String>,
     pub late_watch: HashSet<String>,
+    /// When the last Kill or Restart happened ([`CRASH_SPACING_MS`]).
+    last_crash: Ms,
     pub dup_rate: f64,
     pub drop_rate: f64,
     pub big_payloads: bool,
@@ -399,6 +416,7 @@ impl World {
             cp_partitioned: HashSet::new(),
             slow: HashSet::new(),
             late_watch: HashSet::new(),
+            last_crash: 0,
             dup_rate: 0.0,
             drop_rate: 0.0,
             big_payloads: false,
@@ -1076,6 +1094,12 @@ impl World {
             return;
         }
         let pick = live[self.rng.random_range(0..live.len())].clone();
+        if matches!(f, Fault::Kill | Fault::Restart) {
+            if self.now < self.last_crash + CRASH_SPACING_MS {
+                return;
+            }
+            self.last_crash = self.now;
+        }
         self.trace(format!("fault {f:?} on {pick}"));
         match f {
             Fault::Kill => {
