@@ -572,23 +572,38 @@ fn copy_lost(node: &Node, openid: &str, session_id: &str) {
     node.replicator.moved_on.notify_one();
 }
 
+/// How many times a leaving node sends a replica whose copy failed.
+pub const HANDOFF_ROUNDS: u32 = 3;
+
 /// Before this node leaves (the end of a drain): hands every replica it
 /// holds to its owner's next standby ([`ReplicaStore::handoff`]), a few
-/// calls at a time, each bounded by the peer timeout.
+/// calls at a time, each bounded by the peer timeout; a copy that failed is
+/// sent again, up to [`HANDOFF_ROUNDS`] rounds (a lost copy was the only one
+/// left of what a fenced or departed owner acknowledged: simulation seed 152).
 pub async fn hand_over_replicas(node: &Node) {
     use futures::StreamExt;
-    let heirs = node.registry.members(|m| node.replicas.handoff(m));
+    let mut heirs = node.registry.members(|m| node.replicas.handoff(m));
     let n = heirs.len();
-    let failed = futures::stream::iter(heirs)
-        .map(|(heir, req)| async move { send(node, &heir.grpc_addr, req).await.is_err() })
-        .buffer_unordered(16)
-        .filter(|failed| std::future::ready(*failed))
-        .count()
-        .await;
+    for _ in 0..HANDOFF_ROUNDS {
+        if heirs.is_empty() {
+            break;
+        }
+        heirs = futures::stream::iter(heirs)
+            .map(|(heir, req)| async move {
+                match send(node, &heir.grpc_addr, req.clone()).await {
+                    Ok(_) => None,
+                    Err(_) => Some((heir, req)),
+                }
+            })
+            .buffer_unordered(16)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+    }
     if n > 0 {
         tracing::info!(
             replicas = n,
-            failed,
+            failed = heirs.len(),
             "replicas handed to the owners' next standbys"
         );
     }

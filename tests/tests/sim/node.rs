@@ -11,7 +11,7 @@ use gatesvr_dataplane::core::{
     AfterHandover, Command, Holding, Lease, PlainCell, PushOutcome, Reach, RequestOutcome,
     SessionCell, Table, TableConfig, Target,
 };
-use gatesvr_dataplane::replica::{Recovery, ReplicaStore, UNREACHABLE_HOLD};
+use gatesvr_dataplane::replica::{HANDOFF_ROUNDS, Recovery, ReplicaStore, UNREACHABLE_HOLD};
 use gatesvr_dataplane::session::{
     PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
 };
@@ -69,7 +69,7 @@ pub struct SimNode {
     table_timer: Option<Ms>,
     /// A leaving node's replica handoff (`replica::hand_over_replicas`): the
     /// copies not answered yet, and until when it waits for them.
-    handoff: Option<(HashSet<u64>, Ms)>,
+    handoff: Option<Handoff>,
     /// Whole-queue copies to a new standby in flight: wait id -> (openid,
     /// session id, standby); the standby is the session's once it answered.
     resyncs: HashMap<u64, (String, String, String)>,
@@ -81,6 +81,18 @@ pub struct SimNode {
     /// This node's control-plane lease (renewed by the world's heartbeats):
     /// durable pushes are acknowledged only while it surely holds.
     pub lease: Lease,
+}
+
+/// A leaving node's replica handoff (`replica::hand_over_replicas`).
+struct Handoff {
+    /// Copies not answered yet: wait id -> (heir, copy).
+    pending: HashMap<u64, (String, ReplicateRequest)>,
+    /// Copies that bounced or were refused, sent again next round.
+    failed: Vec<(String, ReplicateRequest)>,
+    /// When the round's unanswered copies count as failed.
+    until: Ms,
+    /// Rounds sent (`replica::HANDOFF_ROUNDS` at most).
+    rounds: u32,
 }
 
 /// A durable push whose copy is on its way to a standby.
@@ -277,8 +289,11 @@ impl World {
             Body::ReplicateAck { wait, ok } => {
                 let now = self.instant();
                 let node = self.node(name);
-                if let Some((waits, _)) = &mut node.handoff {
-                    waits.remove(&wait);
+                if let Some(h) = &mut node.handoff
+                    && let Some(copy) = h.pending.remove(&wait)
+                    && !ok
+                {
+                    h.failed.push(copy);
                 }
                 if let Some((openid, sid, standby)) = node.resyncs.remove(&wait)
                     && ok
@@ -655,8 +670,10 @@ impl World {
                 self.standby_unreachable(name, to_node);
                 let Some(w) = wait else { return };
                 self.node(name).orphan_copies.remove(&w);
-                if let Some((waits, _)) = &mut self.node(name).handoff {
-                    waits.remove(&w);
+                if let Some(h) = &mut self.node(name).handoff
+                    && let Some(copy) = h.pending.remove(&w)
+                {
+                    h.failed.push(copy);
                 }
                 if let Some(d) = self.node(name).durable.remove(&w) {
                     self.copy_to_next(name, d);
@@ -1296,13 +1313,26 @@ impl World {
                 if done || now_ms >= node.drain_deadline {
                     // As drain.rs: the replicas held here go to their owners'
                     // next standbys before the node leaves.
-                    match &node.handoff {
+                    // Copies that failed (or got no answer in a round) are sent
+                    // again, for a few rounds.
+                    match &mut node.handoff {
                         None => {
-                            self.hand_over_replicas(name);
+                            let heirs = node.replicas.handoff(node.table.members());
+                            let heirs = heirs.into_iter().map(|(m, r)| (m.node_id, r)).collect();
+                            self.hand_over_replicas(name, heirs);
                             self.timer(name, 10, Timer::DrainStep);
                         }
-                        Some((waits, until)) if waits.is_empty() || now_ms >= *until => {
-                            self.leave(name);
+                        Some(h) if h.pending.is_empty() || now_ms >= h.until => {
+                            let mut again = std::mem::take(&mut h.failed);
+                            let mut unanswered: Vec<_> = h.pending.drain().collect();
+                            unanswered.sort_by_key(|(w, _)| *w);
+                            again.extend(unanswered.into_iter().map(|(_, c)| c));
+                            if again.is_empty() || h.rounds >= HANDOFF_ROUNDS {
+                                self.leave(name);
+                            } else {
+                                self.hand_over_replicas(name, again);
+                                self.timer(name, 10, Timer::DrainStep);
+                            }
                         }
                         Some(_) => self.timer(name, 10, Timer::DrainStep),
                     }
@@ -1428,25 +1458,23 @@ impl World {
     }
 
     /// As `replica::hand_over_replicas`.
-    fn hand_over_replicas(&mut self, name: &str) {
-        let node = self.node(name);
-        let heirs = node.replicas.handoff(node.table.members());
-        let mut waits = HashSet::new();
+    fn hand_over_replicas(&mut self, name: &str, heirs: Vec<(String, ReplicateRequest)>) {
+        let mut pending = HashMap::new();
         for (heir, req) in heirs {
             let wait = self.id();
-            waits.insert(wait);
+            pending.insert(wait, (heir.clone(), req.clone()));
             let line = format!(
                 "{name} hands the replica of \"{}\" {} (owner {}) to {}: pushes {:?}",
                 req.openid,
                 req.session_id,
                 req.owner_node,
-                heir.node_id,
+                heir,
                 req.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
             );
             self.trace(line);
             self.send(
                 End::Node(name.into()),
-                End::Node(heir.node_id.clone()),
+                End::Node(heir),
                 Body::Replicate {
                     req: Box::new(req),
                     wait: Some(wait),
@@ -1454,7 +1482,14 @@ impl World {
             );
         }
         let until = self.now + PEER_TIMEOUT_MS;
-        self.node(name).handoff = Some((waits, until));
+        let node = self.node(name);
+        let rounds = node.handoff.as_ref().map_or(0, |h| h.rounds) + 1;
+        node.handoff = Some(Handoff {
+            pending,
+            failed: Vec::new(),
+            until,
+            rounds,
+        });
     }
 
     fn goaway(&mut self, name: &str, openid: &str, target: &str) {
