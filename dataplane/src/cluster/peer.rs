@@ -480,10 +480,14 @@ pub enum TakeOver {
     Installed,
     /// The previous owner answered but had no usable copy (or refused).
     NotHandedOver,
-    /// The previous owner is dead or left, or answered that it has no copy
-    /// (it restarted empty): its state may only survive as a replica of its
-    /// durable pushes.
+    /// The previous owner is dead or left: its state may only survive as a
+    /// replica of its durable pushes.
     OwnerGone,
+    /// The previous owner answered that it has no copy (it restarted empty,
+    /// or handed the session over already and the answer was lost): as
+    /// [`TakeOver::OwnerGone`], but its own replicas are asked too (it keeps
+    /// what it handed over, `ReplicaStore::keep_handed_over`).
+    OwnerEmpty,
     /// The previous owner stayed live in the view without answering for
     /// [`RECOVERY_PATIENCE`]: it may still hold the session, so no second
     /// copy is rebuilt from replicas. The view fences its copy; the Start
@@ -521,11 +525,18 @@ pub async fn take_over(
     // A session served here needs no recovery; a copy staged here (never
     // named by the view) is joined with the replicas by the recovery.
     let held_here = node.registry.with_table(|t| t.holds(openid, session_id));
-    if outcome == TakeOver::OwnerGone
+    // An owner that answered is asked for its replicas too (simulation seed
+    // 127: a Handover's answer was lost, the owner answered the retry "not
+    // found", and the copy it kept of what it handed over was not asked).
+    let gone = match outcome {
+        TakeOver::OwnerEmpty => "",
+        _ => previous_owner,
+    };
+    if matches!(outcome, TakeOver::OwnerGone | TakeOver::OwnerEmpty)
         && !held_here
         && !session_id.is_empty()
         && epoch != 0
-        && let Some(recovery) = recover(node, previous_owner, openid, session_id).await
+        && let Some(recovery) = recover(node, gone, openid, session_id).await
     {
         node.registry.stash_recovery(openid, recovery, epoch);
     }
@@ -694,7 +705,7 @@ async fn ask_handover(
         // replicas and unserved copies, gathered as for a crashed owner. A
         // staged copy here is not resumed as it is (simulation seed 107: a
         // stale staged copy lost the pushes the restarted owner had).
-        return (Reach::Answered, TakeOver::OwnerGone);
+        return (Reach::Answered, TakeOver::OwnerEmpty);
     };
     let view_owner = node.cluster.as_ref().and_then(|c| c.known_owner(openid));
     match node.registry.install_as(

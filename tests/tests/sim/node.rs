@@ -42,6 +42,9 @@ struct PendingStart {
     give_up: Ms,
     gathered: Vec<FetchReplicaResponse>,
     waiting: HashSet<String>,
+    /// The previous owner answered that it has no copy: its own replicas
+    /// are asked too (`TakeOver::OwnerEmpty`).
+    owner_empty: bool,
 }
 
 pub struct SimNode {
@@ -543,6 +546,7 @@ impl World {
             give_up: self.now + PATIENCE_MS,
             gathered: Vec::new(),
             waiting: HashSet::new(),
+            owner_empty: false,
         };
         match previous_owner {
             Some(previous) if previous == name => {
@@ -621,7 +625,7 @@ impl World {
         state: Option<SessionState>,
     ) {
         let node = self.node(name);
-        let Some(p) = node.starts.remove(openid) else {
+        let Some(mut p) = node.starts.remove(openid) else {
             return;
         };
         if p.req != req || p.phase != Phase::Handover {
@@ -633,6 +637,7 @@ impl World {
         // for a crashed owner.
         if state.is_none() && !p.session_id.is_empty() && p.epoch != 0 {
             let owner = p.previous.clone();
+            p.owner_empty = true;
             self.node(name).starts.insert(openid.into(), p);
             self.handover_failed(name, openid, req, &owner, Reach::Down);
             return;
@@ -777,10 +782,11 @@ impl World {
         match node.table.members().after_failed_handover(owner, reach) {
             AfterHandover::OwnerGone if !p.session_id.is_empty() && !held_here => {
                 p.phase = Phase::Recover;
+                let gone = if p.owner_empty { "" } else { owner };
                 let sources: Vec<String> = node
                     .table
                     .members()
-                    .recovery_sources(owner)
+                    .recovery_sources(gone)
                     .into_iter()
                     .map(|m| m.node_id.clone())
                     .collect();
