@@ -216,6 +216,8 @@ mod tests {
             entries <= 8,
             "65 writes took {entries} raft entries: concurrent writes are not batched"
         );
+        // Our handle holds the stores: shutdown waits for the last one.
+        drop(node);
         cp.shutdown().await;
     }
 }
