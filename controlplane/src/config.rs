@@ -235,28 +235,34 @@ impl Default for LeaseConfig {
 
 /// Write batching (group commit): concurrent writes (claim storms) share one raft entry, and
 /// so one fdatasync on each member.
+///
+/// The defaults commit one entry at a time, with no timer: whatever queued while an entry was
+/// being committed goes into the next one, so entries grow with the load and an idle write goes
+/// at once (`gate-bench claims`, session 7 in docs/benchmarks.md: on a 2-core machine this beat
+/// 4 entries in flight with a 1 ms linger on throughput and on latency at half the peak rate).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    /// How long a batch waits for more writes once a commit slot is free (default 1ms; writes
-    /// that arrive while every slot is busy queue into the next batch anyway). 0 was measured
-    /// slower under load (`gate-bench claims`, docs/benchmarks.md): many small entries.
+    /// How long a batch waits for more writes once a commit slot is free (default 0: writes that
+    /// arrive while every slot is busy queue into the next batch anyway). tokio's timer ticks
+    /// once a millisecond, so anything above 0 waits 1-2 ms.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Most commands in one entry (default 1024).
     pub max_cmds: usize,
-    /// Batches committed at once (default 4): one is flushed by the leader while the ones
-    /// before it replicate. More means more, smaller entries (one leader fdatasync each, in
-    /// series); 1 means no overlap.
+    /// Batches committed at once (default 1). More lets the leader flush one entry while the
+    /// ones before it replicate, but gives more, smaller entries (one fdatasync each on the
+    /// leader, in series, and one AppendEntries each); measured slower on a shared 2-core
+    /// machine with all three members on one core.
     pub in_flight: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            linger: Duration::from_millis(1),
+            linger: Duration::ZERO,
             max_cmds: 1024,
-            in_flight: 4,
+            in_flight: 1,
         }
     }
 }

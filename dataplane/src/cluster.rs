@@ -85,6 +85,12 @@ pub struct ControlPlaneClientConfig {
     pub advertise_quic_addr: Option<String>,
     /// gRPC address other nodes and upstreams reach this node on. Default: the bound address.
     pub advertise_grpc_addr: Option<String>,
+    /// `ClaimSessions` calls in flight at once. Claims arriving while every
+    /// call is busy wait and go together in the next one (a burst shares a
+    /// call). Default 16: the control plane's batcher merges concurrent calls
+    /// into one raft entry anyway, so a claim should not wait here for a slot
+    /// (4 was measured slower in `gate-bench claims`, docs/benchmarks.md).
+    pub claim_calls_in_flight: usize,
 }
 
 impl Default for ControlPlaneClientConfig {
@@ -100,6 +106,7 @@ impl Default for ControlPlaneClientConfig {
             max_state_age: Duration::from_secs(24 * 3600),
             advertise_quic_addr: None,
             advertise_grpc_addr: None,
+            claim_calls_in_flight: 16,
         }
     }
 }
@@ -141,6 +148,12 @@ impl ControlPlaneClientConfig {
             return Err(ConfigError::key(
                 "control_plane.lease_ttl",
                 "must be at least 500ms",
+            ));
+        }
+        if self.claim_calls_in_flight == 0 {
+            return Err(ConfigError::key(
+                "control_plane.claim_calls_in_flight",
+                "must be positive",
             ));
         }
         if self.rpc_timeout.is_zero() {
@@ -412,11 +425,6 @@ struct PendingClaim {
 
 /// Most claims in one `ClaimSessions` call.
 pub const MAX_CLAIMS_PER_CALL: usize = 1000;
-
-/// `ClaimSessions` calls in flight at once. Claims arriving while all are
-/// busy wait and go together in the next call: under load one call carries
-/// a burst (group commit), idle a claim goes at once.
-const CLAIM_CALLS_IN_FLIGHT: usize = 4;
 
 /// Most owner records released in one `ReleaseSessions` call (the control
 /// plane accepts up to 10,000).
@@ -814,9 +822,13 @@ impl Cluster {
     }
 
     /// Sends waiting claims, up to [`MAX_CLAIMS_PER_CALL`] per call and
-    /// [`CLAIM_CALLS_IN_FLIGHT`] calls at once.
+    /// `claim_calls_in_flight` calls at once: claims arriving while all are
+    /// busy wait and go together in the next call, so under load one call
+    /// carries a burst (group commit) and idle a claim goes at once.
     async fn claim_loop(self: Arc<Self>, stop: CancellationToken) {
-        let calls = Arc::new(tokio::sync::Semaphore::new(CLAIM_CALLS_IN_FLIGHT));
+        let calls = Arc::new(tokio::sync::Semaphore::new(
+            self.cfg.claim_calls_in_flight.max(1),
+        ));
         loop {
             tokio::select! {
                 () = self.claim_wake.notified() => {}

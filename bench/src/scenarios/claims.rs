@@ -145,13 +145,20 @@ async fn bench_dp(
     tokio::task::JoinHandle<()>,
 )> {
     use gatesvr_dataplane::cluster::{Cluster as DpCluster, ControlPlaneClientConfig};
-    let cfg = ControlPlaneClientConfig {
+    let mut cfg = ControlPlaneClientConfig {
         endpoints: vec![addr.to_string()],
         insecure: true,
         rpc_timeout: Duration::from_secs(5),
         lease_ttl: Duration::from_secs(30),
         ..ControlPlaneClientConfig::default()
     };
+    // The data plane's side of the batching, for sweeps (its default otherwise).
+    if let Some(n) = std::env::var("GATE_BENCH_DP_CLAIM_CALLS_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        cfg.claim_calls_in_flight = n;
+    }
     let dp = Arc::new(
         DpCluster::new(cfg, name, "127.0.0.1:1".into(), "127.0.0.1:2".into(), None)
             .map_err(|e| anyhow::anyhow!(e))?,
