@@ -5,7 +5,8 @@
 //! upstream's long-lived stream (streaming contract, `gatesvr-upstream-sdk`'s `Pusher`, which
 //! waits for each push's result as the SDK does), and `streambatch_*`: `push_batch` frames of 64
 //! on that stream (`Pusher::push_batch`). Baseline: a bare quinn server writing the same
-//! frames one-way on N connections to the same client.
+//! frames one-way on N connections to the same client, which acks them per chunk read as the
+//! sessions do. Every window is metered ([`Meter`]): CPU, run-queue wait and packets per delivery.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
