@@ -343,7 +343,10 @@ impl PushStats {
 }
 
 /// Reads pushes on a session (or a bare 'P' stream), checks seq order, records latency from the
-/// timestamp in the first 8 bytes of `data`, and (sessions) acks cumulatively after each chunk.
+/// timestamp in the first 8 bytes of `data`, and, with `ack`, acks cumulatively once per chunk
+/// read (as the SDK acks once per read; docs/protocol.md §6 allows batching). The bare baseline
+/// reads with `ack` too: the same Ack frames go to the bare server's QUIC stack (which does not
+/// parse them), so both sides of a comparison carry the same client traffic.
 pub async fn push_reader(
     mut c: Conn,
     stats: Arc<PushStats>,

@@ -106,6 +106,14 @@ fn push_has_no_gaps_or_duplicates() {
     assert_eq!(field(&r, "bare_gaps"), 0.0);
     assert_eq!(field(&r, "bare_dups"), 0.0);
     assert!(field(&r, "dp_deliveries") > 0.0);
+    // The meters read the server's and this process's CPU and the clients' packets.
+    for k in ["bare", "dp", "stream", "streambatch"] {
+        assert!(field(&r, &format!("{k}_pkts_in_per_delivery")) > 0.0, "{k}");
+        assert!(
+            field(&r, &format!("{k}_server_cpu_us_per_delivery")) > 0.0,
+            "{k}"
+        );
+    }
 }
 
 #[test]

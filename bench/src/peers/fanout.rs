@@ -25,7 +25,7 @@ use super::{PeersArgs, mqtt_options, nats_connect, start_mosquitto, start_nats, 
 use crate::client::{Net, PushStats};
 use crate::report::{Check, Cmp, Report, Round};
 use crate::scenarios::Opts;
-use crate::scenarios::push::{await_deliveries, push_data, sessions_with_readers};
+use crate::scenarios::push::{Meter, await_deliveries, push_data, sessions_with_readers_conns};
 use crate::util::{cpu_us, now_ns, progress};
 
 const TOPIC: &str = "bench/fanout";
@@ -123,6 +123,8 @@ struct System {
     seq: u64,
     /// The server process (data plane, mosquitto, nats-server), for CPU per delivery.
     pid: u32,
+    /// The subscribers' QUIC connections (GateSvr only), for packets per delivery.
+    quic: Vec<quinn::Connection>,
 }
 
 /// Measures one message and one burst on `sys`; records `{prefix}_*` into `round`.
@@ -159,6 +161,7 @@ async fn measure(
     let target = (n * burst) as u64;
     let me = std::process::id();
     let (server_cpu0, client_cpu0) = (cpu_us(sys.pid)?, cpu_us(me)?);
+    let meter = Meter::start(sys.pid, &sys.quic);
     let t0 = now_ns();
     sys.publisher
         .publish(o.payload, burst, &mut sys.seq)
@@ -166,6 +169,8 @@ async fn measure(
     let complete = await_deliveries(&sys.stats, target, patience).await;
     let last = sys.stats.last_delivery_ns.load(Ordering::Relaxed);
     let (delivered, mut lat) = sys.stats.reset();
+    // busy, run-queue wait and (GateSvr) packets per delivery: `{p}_burst_*`.
+    meter.finish(&format!("{p}_burst"), &sys.quic, delivered, round);
     let per = |now: f64, before: f64| (now - before) / delivered.max(1) as f64;
     round.insert(
         format!("{p}_server_cpu_us_per_delivery"),
@@ -320,8 +325,8 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
     progress(format!("peers fanout: {n} GateSvr sessions"));
     let net = Arc::new(Net::new(&ca, 8)?);
     let gs_stats = Arc::new(PushStats::default());
-    let (_, gs_readers) =
-        sessions_with_readers(&net, dp.addr("quic")?, "fan", n, &gs_stats, &stop_rx).await?;
+    let (_, gs_readers, gs_quic) =
+        sessions_with_readers_conns(&net, dp.addr("quic")?, "fan", n, &gs_stats, &stop_rx).await?;
     let gs_client = GatewayServiceClient::new(crate::servers::upstream_channel(
         &dp.addr("grpc")?.to_string(),
     )?);
@@ -355,6 +360,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             stats: gs_stats.clone(),
             seq: 0,
             pid: dp.pid(),
+            quic: gs_quic,
         },
         System {
             name: "mqtt",
@@ -362,6 +368,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             stats: mq_stats.clone(),
             seq: 0,
             pid: mosq.pid,
+            quic: Vec::new(),
         },
         System {
             name: "nats",
@@ -369,6 +376,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             stats: nats_stats.clone(),
             seq: 0,
             pid: nats.pid,
+            quic: Vec::new(),
         },
     ];
     // Warm-up: one message through each (connections, TLS sessions, first allocations).
@@ -474,7 +482,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             "",
         ));
     }
-    rep.notes.push("GateSvr: BroadcastToClients (up to 8 calls in flight), every session acks (ClientAck); Mosquitto: QoS 1 both ways (PUBACK from the broker to the publisher and from every subscriber), max_inflight_messages 1024 per subscriber (GateSvr's push window: session.max_queue, 1024 unacked); NATS core: no acknowledgements at all".into());
+    rep.notes.push("GateSvr: BroadcastToClients (up to 8 calls in flight), every session acks (ClientAck, cumulative, once per chunk read); Mosquitto: QoS 1 both ways (PUBACK from the broker to the publisher and from every subscriber), max_inflight_messages 1024 per subscriber (GateSvr's push window: session.max_queue, 1024 unacked); NATS core: no acknowledgements at all".into());
     rep.notes.push("server CPU us per delivery: utime+stime of the server process over a burst / deliveries; *_client_cpu_us_per_delivery (fields): the same for the load generator holding every subscriber".into());
     rep.notes.push("deliveries/s = messages x subscribers / (last delivery - first publish); every subscriber is its own TLS connection from the load generator (helper CPU)".into());
     drop((dp, nats, mosq));

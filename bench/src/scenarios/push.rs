@@ -5,7 +5,8 @@
 //! upstream's long-lived stream (streaming contract, `gatesvr-upstream-sdk`'s `Pusher`, which
 //! waits for each push's result as the SDK does), and `streambatch_*`: `push_batch` frames of 64
 //! on that stream (`Pusher::push_batch`). Baseline: a bare quinn server writing the same
-//! frames one-way on N connections to the same client.
+//! frames one-way on N connections to the same client, which acks them per chunk read as the
+//! sessions do. Every window is metered ([`Meter`]): CPU, run-queue wait and packets per delivery.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -33,6 +34,21 @@ pub async fn sessions_with_readers(
     stats: &Arc<PushStats>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<(Vec<String>, Readers)> {
+    let (openids, readers, _) =
+        sessions_with_readers_conns(net, addr, prefix, n, stats, stop).await?;
+    Ok((openids, readers))
+}
+
+/// As [`sessions_with_readers`], also returning the sessions' QUIC connections (for their
+/// packet counters, [`Meter`]).
+pub async fn sessions_with_readers_conns(
+    net: &Arc<Net>,
+    addr: std::net::SocketAddr,
+    prefix: &str,
+    n: usize,
+    stats: &Arc<PushStats>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(Vec<String>, Readers, Vec<quinn::Connection>)> {
     let openids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     let conns = crate::client::bounded(openids.clone(), 64, |id| {
         let net = net.clone();
@@ -40,8 +56,10 @@ pub async fn sessions_with_readers(
     })
     .await;
     let mut readers = Vec::new();
+    let mut quic = Vec::new();
     for c in conns {
         let (c, _) = c?;
+        quic.push(c.conn.clone());
         readers.push(tokio::spawn(push_reader(
             c,
             stats.clone(),
@@ -49,7 +67,105 @@ pub async fn sessions_with_readers(
             stop.clone(),
         )));
     }
-    Ok((openids, readers))
+    Ok((openids, readers, quic))
+}
+
+/// `/proc/PID/task/*/schedstat` summed over threads: (time on a CPU, time runnable but waiting
+/// for one), µs. Finer than `/proc/PID/stat`'s ticks.
+pub fn sched_us(pid: u32) -> (f64, f64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0.0, 0.0);
+    };
+    let mut sum = (0.0, 0.0);
+    for t in tasks.flatten() {
+        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        let mut f = s
+            .split_whitespace()
+            .map(|v| v.parse::<f64>().unwrap_or(0.0));
+        sum.0 += f.next().unwrap_or(0.0) / 1e3;
+        sum.1 += f.next().unwrap_or(0.0) / 1e3;
+    }
+    sum
+}
+
+/// What one window cost, read before and after it: CPU and run-queue wait of the server process
+/// and of this process (the load generator: every client connection, the pushing upstream and
+/// its callers), and the UDP datagrams and ACK frames of the client connections (quinn's
+/// `ConnectionStats`), so that a window's rate can be read against which process was busy and
+/// how many packets each delivery took.
+pub struct Meter {
+    at: Instant,
+    server_pid: u32,
+    server: (f64, f64),
+    me: (f64, f64),
+    quic: [u64; 4],
+}
+
+fn quic_counts(conns: &[quinn::Connection]) -> [u64; 4] {
+    let mut c = [0u64; 4];
+    for conn in conns {
+        let s = conn.stats();
+        c[0] += s.udp_rx.datagrams;
+        c[1] += s.udp_tx.datagrams;
+        c[2] += s.frame_tx.acks;
+        c[3] += s.frame_tx.stream;
+    }
+    c
+}
+
+impl Meter {
+    pub fn start(server_pid: u32, conns: &[quinn::Connection]) -> Self {
+        Self {
+            at: Instant::now(),
+            server_pid,
+            server: sched_us(server_pid),
+            me: sched_us(std::process::id()),
+            quic: quic_counts(conns),
+        }
+    }
+
+    /// Records `{prefix}_*`: `server_busy`, `client_busy` (CPU time / wall time; 1.0 is one
+    /// full core), `server_cpu_us_per_delivery`, `client_cpu_us_per_delivery`,
+    /// `server_runq_us_per_delivery`, `client_runq_us_per_delivery`, `pkts_in_per_delivery`
+    /// (datagrams the clients received), `pkts_out_per_delivery` (datagrams they sent),
+    /// `client_stream_frames_per_delivery` (the clients' app-level acks, as STREAM frames).
+    pub fn finish(
+        &self,
+        prefix: &str,
+        conns: &[quinn::Connection],
+        deliveries: u64,
+        round: &mut Round,
+    ) {
+        let wall = self.at.elapsed().as_secs_f64() * 1e6;
+        let server = sched_us(self.server_pid);
+        let me = sched_us(std::process::id());
+        let quic = quic_counts(conns);
+        let d = deliveries.max(1) as f64;
+        let mut put = |k: &str, v: f64| {
+            round.insert(format!("{prefix}_{k}"), v);
+        };
+        put("server_busy", (server.0 - self.server.0) / wall);
+        put("client_busy", (me.0 - self.me.0) / wall);
+        put("server_cpu_us_per_delivery", (server.0 - self.server.0) / d);
+        put("client_cpu_us_per_delivery", (me.0 - self.me.0) / d);
+        put(
+            "server_runq_us_per_delivery",
+            (server.1 - self.server.1) / d,
+        );
+        put("client_runq_us_per_delivery", (me.1 - self.me.1) / d);
+        put("pkts_in_per_delivery", (quic[0] - self.quic[0]) as f64 / d);
+        put("pkts_out_per_delivery", (quic[1] - self.quic[1]) as f64 / d);
+        put(
+            "client_ack_frames_per_delivery",
+            (quic[2] - self.quic[2]) as f64 / d,
+        );
+        put(
+            "client_stream_frames_per_delivery",
+            (quic[3] - self.quic[3]) as f64 / d,
+        );
+    }
 }
 
 pub fn push_data(size: usize) -> Vec<u8> {
@@ -92,8 +208,8 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let stats = Arc::new(PushStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     progress(format!("push: connecting {n} sessions"));
-    let (openids, readers) =
-        sessions_with_readers(&net, dp.addr("quic")?, "push", n, &stats, &stop_rx).await?;
+    let (openids, readers, quic) =
+        sessions_with_readers_conns(&net, dp.addr("quic")?, "push", n, &stats, &stop_rx).await?;
     let openids = Arc::new(openids);
     let channel = crate::servers::upstream_channel(&dp.addr("grpc")?.to_string())?;
     // The node dials an upstream's stream on its first request: one request opens it.
@@ -126,16 +242,18 @@ pub async fn run(o: &Opts) -> Result<Report> {
             bconns.push(c?);
         }
         let mut breaders = Vec::new();
+        let meter = Meter::start(bare.pid(), &bconns);
         let t0 = Instant::now();
         for conn in &bconns {
             let mut cmd = vec![b'P'];
             cmd.extend_from_slice(&u64::MAX.to_le_bytes());
             cmd.extend_from_slice(&(o.payload as u32).to_le_bytes());
             let c = Conn::open(conn.clone(), &cmd).await?;
+            // Acked as the sessions are (client::ACK_EVERY / ACK_DELAY): the same client work.
             breaders.push(tokio::spawn(push_reader(
                 c,
                 bstats.clone(),
-                false,
+                true,
                 bstop_rx.clone(),
             )));
         }
@@ -149,6 +267,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
             c.close(0u32.into(), b"done");
         }
         let (bdel, _) = bstats.reset();
+        meter.finish("bare", &bconns, bdel, &mut round);
         round.insert(
             "bare_msgs_per_s".into(),
             bdel as f64 / elapsed.as_secs_f64(),
@@ -163,6 +282,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         );
 
         // B: pushes through the data plane.
+        let meter = Meter::start(dp.pid(), &quic);
         push_window(
             &channel,
             &openids,
@@ -174,6 +294,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
             &mut round,
         )
         .await?;
+        meter.finish("dp", &quic, round["dp_deliveries"] as u64, &mut round);
         crate::util::callgrind_mark(&dp, "dp");
         round.insert("dp_gaps".into(), stats.gaps.load(Ordering::Relaxed) as f64);
         round.insert("dp_dups".into(), stats.dups.load(Ordering::Relaxed) as f64);
@@ -184,23 +305,33 @@ pub async fn run(o: &Opts) -> Result<Report> {
                 channel: channel.clone(),
                 batch: BATCH,
             };
+            let meter = Meter::start(dp.pid(), &quic);
             push_window_via(
                 "batch", &via, &openids, callers, o.payload, o.window, &stats, &mut round,
             )
             .await?;
+            meter.finish("batch", &quic, round["batch_deliveries"] as u64, &mut round);
             crate::util::callgrind_mark(&dp, "batch");
         }
 
         // D: pushes on the upstream's stream.
         let via = Via::Stream(pusher.clone());
+        let meter = Meter::start(dp.pid(), &quic);
         push_window_via(
             "stream", &via, &openids, callers, o.payload, o.window, &stats, &mut round,
         )
         .await?;
+        meter.finish(
+            "stream",
+            &quic,
+            round["stream_deliveries"] as u64,
+            &mut round,
+        );
         crate::util::callgrind_mark(&dp, "stream");
 
         // E: push_batch frames of 64 on the upstream's stream.
         let via = Via::StreamBatch(pusher.clone(), BATCH);
+        let meter = Meter::start(dp.pid(), &quic);
         push_window_via(
             "streambatch",
             &via,
@@ -212,6 +343,12 @@ pub async fn run(o: &Opts) -> Result<Report> {
             &mut round,
         )
         .await?;
+        meter.finish(
+            "streambatch",
+            &quic,
+            round["streambatch_deliveries"] as u64,
+            &mut round,
+        );
         crate::util::callgrind_mark(&dp, "streambatch");
         rep.rounds.push(round);
     }

@@ -112,6 +112,10 @@ pub enum PushFailure {
     InTransit,
 }
 
+/// Sessions a broadcast queues on under one table lock ([`Registry::push_each`]):
+/// bounds how long other users of the table wait behind it.
+pub const BROADCAST_RUN: usize = 64;
+
 /// One push of a [`Registry::push_run`].
 pub struct RunPush<'a> {
     pub openid: &'a str,
@@ -855,6 +859,60 @@ impl Registry {
             PushOutcome::Wait => Err(PushFailure::InTransit),
             PushOutcome::Absent => Err(PushFailure::NoSession(id.to_string())),
         }
+    }
+
+    /// Queues one payload on each of `entries` (a broadcast), each only if
+    /// it is still the session served here (as [`Registry::push`]), under
+    /// one table lock per [`BROADCAST_RUN`] sessions, with one metrics update
+    /// per run. Returns (queued, refused). A full queue closes its client
+    /// with SLOW_CONSUMER, as for a single push.
+    pub fn push_each(&self, entries: &[Arc<SessionEntry>], body: &PushBody) -> (u32, u32) {
+        let (mut queued, mut refused) = (0u32, 0u32);
+        for run in entries.chunks(BROADCAST_RUN) {
+            let now = Instant::now();
+            let mut commands = Vec::new();
+            let mut woken = Vec::with_capacity(run.len());
+            let (mut full, mut expired) = (0u64, 0u64);
+            self.with_table(|t| {
+                for entry in run {
+                    let target = Target::Session(&entry.identity.session_id);
+                    let (outcome, mut c) = t.push(now, target, body.clone(), None);
+                    commands.append(&mut c);
+                    match outcome {
+                        PushOutcome::Queued { handle, .. } => woken.push(handle),
+                        PushOutcome::Refused { error, handle } => {
+                            if matches!(error, PushError::QueueFull { .. }) {
+                                full += 1;
+                                commands.push(Command::Close {
+                                    handle,
+                                    code: ErrorCode::SlowConsumer,
+                                    reason: "push queue full: reconnect and resume",
+                                });
+                            } else {
+                                expired += 1;
+                            }
+                        }
+                        PushOutcome::Forward { .. } | PushOutcome::Wait | PushOutcome::Absent => {}
+                    }
+                }
+            });
+            self.carry_out(commands);
+            for handle in &woken {
+                handle.wake.notify_one();
+            }
+            queued += woken.len() as u32;
+            refused += (run.len() - woken.len()) as u32;
+            for (label, n) in [
+                ("queued", woken.len() as u64),
+                ("rejected_queue_full", full),
+                ("rejected_expired", expired),
+            ] {
+                if n > 0 {
+                    self.metrics.pushes.with_label_values(&[label]).inc_by(n);
+                }
+            }
+        }
+        (queued, refused)
     }
 
     /// Queues a run of pushes to local sessions (by openid) under one table

@@ -282,6 +282,12 @@ impl<H: SessionCell> Table<H> {
             Some(other) => other.own_deadline(),
             None => None,
         };
+        // Unchanged (a push queued behind unacked ones, a send after the
+        // oldest was sent): no timer to move. Every push re-arms, so this
+        // saves two String allocations and a BTreeSet remove + insert each.
+        if self.armed.get(openid).copied() == at {
+            return;
+        }
         if let Some(old) = self.armed.remove(openid) {
             self.timers.remove(&(old, openid.to_string()));
         }

@@ -600,15 +600,14 @@ impl GatewayService for Gateway {
             queued += r.queued;
             rejected += r.rejected;
         }
-        for entry in self.node.registry.all() {
-            if !req.zones.is_empty() && !req.zones.contains(&entry.identity.zone) {
-                continue;
-            }
-            match self.node.registry.push(&entry, body.clone()) {
-                Ok(_) => queued += 1,
-                Err(_) => rejected += 1,
-            }
+        let mut entries = self.node.registry.all();
+        if !req.zones.is_empty() {
+            entries.retain(|e| req.zones.contains(&e.identity.zone));
         }
+        // One table lock and one metrics update per run of sessions.
+        let (here_queued, here_rejected) = self.node.registry.push_each(&entries, &body);
+        queued += here_queued;
+        rejected += here_rejected;
         if unreachable > 0 {
             // Partial delivery is reported, never hidden.
             return Err(Status::unavailable(format!(
