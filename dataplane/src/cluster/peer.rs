@@ -503,7 +503,9 @@ pub async fn take_over(
     session_id: &str,
     epoch: u64,
 ) -> TakeOver {
+    let started = tokio::time::Instant::now();
     let outcome = hand_over_from(node, previous_owner, openid, session_id, epoch).await;
+    let handover_ms = started.elapsed().as_millis() as u64;
     if outcome == TakeOver::OwnerSilent {
         // A staged copy here may be stale (a late Stage of a staging its
         // drainer took back and served since): the Start does not resume
@@ -515,13 +517,21 @@ pub async fn take_over(
     // A session served here needs no recovery; a copy staged here (never
     // named by the view) is joined with the replicas by the recovery.
     let held_here = node.registry.with_table(|t| t.holds(openid, session_id));
-    if outcome == TakeOver::OwnerGone
-        && !held_here
-        && !session_id.is_empty()
-        && epoch != 0
-        && let Some(recovery) = recover(node, previous_owner, openid, session_id).await
-    {
-        node.registry.stash_recovery(openid, recovery, epoch);
+    if outcome == TakeOver::OwnerGone && !held_here && !session_id.is_empty() && epoch != 0 {
+        let recovered = recover(node, previous_owner, openid, session_id).await;
+        tracing::info!(
+            openid,
+            previous_owner,
+            handover_ms,
+            recovery_ms = (started.elapsed().as_millis() as u64).saturating_sub(handover_ms),
+            found = recovered.is_some(),
+            "takeover from a gone owner"
+        );
+        if let Some(recovery) = recovered {
+            node.registry.stash_recovery(openid, recovery, epoch);
+        }
+    } else {
+        tracing::info!(openid, previous_owner, handover_ms, ?outcome, "takeover");
     }
     outcome
 }
@@ -565,6 +575,7 @@ async fn recover(
             .sessions_recovered
             .with_label_values(&["retried"])
             .inc();
+        tracing::debug!(openid, unanswered = ?gathered.unanswered, "replica fetch unanswered; asking again");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
