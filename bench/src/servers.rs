@@ -189,8 +189,7 @@ fn init_logs(mode: &Serve) {
             .unwrap_or("serve")
             .to_lowercase(),
     };
-    let dir = std::env::var_os("GATE_BENCH_LOG_DIR")
-        .map_or_else(std::env::temp_dir, PathBuf::from);
+    let dir = std::env::var_os("GATE_BENCH_LOG_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let path = dir.join(format!("{name}-{}.log", std::process::id()));
     match std::fs::File::create(&path) {
         Ok(file) => {

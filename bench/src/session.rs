@@ -298,7 +298,8 @@ async fn drive(
                     let mut r = rec.lock();
                     r.failed_attempts += 1;
                     let why = format!("{addr}: {e}");
-                    r.failures.push((now_ns(), why.lines().next().unwrap_or("").to_string()));
+                    r.failures
+                        .push((now_ns(), why.lines().next().unwrap_or("").to_string()));
                 }
                 avoid = Some(addr);
                 let backoff = Duration::from_millis(20u64 << attempt.min(5));

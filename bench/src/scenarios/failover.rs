@@ -600,12 +600,16 @@ pub async fn run(o: &Opts) -> Result<Report> {
         for (t, why) in &s.rec.lock().failures {
             if *t > t_kill {
                 let text = why.split_once(": ").map_or(why.as_str(), |(_, w)| w);
-                *reasons.entry(format!("{} {text}", node_of(why))).or_default() += 1;
+                *reasons
+                    .entry(format!("{} {text}", node_of(why)))
+                    .or_default() += 1;
             }
         }
     }
     for (why, n) in &reasons {
-        progress(format!("failover: {n} Start attempts after the kill failed: {why}"));
+        progress(format!(
+            "failover: {n} Start attempts after the kill failed: {why}"
+        ));
     }
     if let Some(path) = std::env::var_os("GATE_BENCH_FAILOVER_TRACE") {
         write_trace(Path::new(&path), &sessions, &c.dp_quic, t_kill)?;
@@ -662,14 +666,26 @@ pub async fn run(o: &Opts) -> Result<Report> {
             .filter(|(v, a)| **v && **a > 0)
             .count() as f64,
     );
-    f(&mut rep, "expired_with_durable_before_kill", expired_with_durable as f64);
+    f(
+        &mut rep,
+        "expired_with_durable_before_kill",
+        expired_with_durable as f64,
+    );
     f(
         &mut rep,
         "recovered_without_durable_before_kill",
         recovered_without_durable as f64,
     );
-    f(&mut rep, "start_attempts_failed_after_kill", failed_after_kill as f64);
-    f(&mut rep, "sessions_retried_after_kill", retried_sessions as f64);
+    f(
+        &mut rep,
+        "start_attempts_failed_after_kill",
+        failed_after_kill as f64,
+    );
+    f(
+        &mut rep,
+        "sessions_retried_after_kill",
+        retried_sessions as f64,
+    );
     f(&mut rep, "sessions_not_resumed", f64::from(not_resumed));
     f(&mut rep, "durable_accepted", accepted as f64);
     f(&mut rep, "durable_delivered", delivered_ok as f64);
@@ -771,12 +787,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
 /// `GATE_BENCH_FAILOVER_TRACE=<file>`: one line per session of part (a), times in ms from
 /// the kill: when its connection was found lost, each failed Start attempt (node, reason) and
 /// each Start answered (node, status). Shows where a slow reconnect spent its time.
-fn write_trace(
-    path: &Path,
-    sessions: &[Session],
-    nodes: &[SocketAddr],
-    t_kill: u64,
-) -> Result<()> {
+fn write_trace(path: &Path, sessions: &[Session], nodes: &[SocketAddr], t_kill: u64) -> Result<()> {
     use std::fmt::Write as _;
     let rel = |t: u64| (t as f64 - t_kill as f64) / 1e6;
     let name = |a: &SocketAddr| {
@@ -805,7 +816,12 @@ fn write_trace(
         events.extend(r.starts.iter().filter(|st| st.t_ns > t_kill).map(|st| {
             (
                 st.t_ns,
-                format!("start@{:.0}:{}:{:?}", rel(st.t_ns), name(&st.addr), st.status),
+                format!(
+                    "start@{:.0}:{}:{:?}",
+                    rel(st.t_ns),
+                    name(&st.addr),
+                    st.status
+                ),
             )
         }));
         events.sort();
