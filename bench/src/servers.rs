@@ -172,8 +172,40 @@ async fn parent_gone() {
     }
 }
 
+/// `GATE_BENCH_LOG=<filter>` (an `EnvFilter`, e.g. `gatesvr_dataplane=info`): the server logs
+/// to `GATE_BENCH_LOG_DIR` (default the system temp dir), one file per process named after
+/// its mode and pid, without colours. Off by default: the scenarios measure the servers, and
+/// logging costs CPU. Used to see where a failover's reconnect time goes (docs/benchmarks.md).
+fn init_logs(mode: &Serve) {
+    let Ok(filter) = std::env::var("GATE_BENCH_LOG") else {
+        return;
+    };
+    let name = match mode {
+        Serve::Dataplane { node_id, .. } => node_id.clone().unwrap_or_else(|| "dp-bench".into()),
+        Serve::CpNode { id, .. } => format!("cp-{id}"),
+        other => format!("{other:?}")
+            .split([' ', '{'])
+            .next()
+            .unwrap_or("serve")
+            .to_lowercase(),
+    };
+    let dir = std::env::var_os("GATE_BENCH_LOG_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let path = dir.join(format!("{name}-{}.log", std::process::id()));
+    match std::fs::File::create(&path) {
+        Ok(file) => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .try_init();
+        }
+        Err(e) => eprintln!("gate-bench serve: log file {}: {e}", path.display()),
+    }
+}
+
 pub async fn run(mode: Serve) -> Result<()> {
     gatesvr_common::tls::install_crypto_provider();
+    init_logs(&mode);
     match mode {
         Serve::Dataplane {
             dir,

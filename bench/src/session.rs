@@ -89,6 +89,8 @@ pub struct Record {
     /// When each connection was found lost (idle timeout, reset, stream end), ns.
     pub losses: Vec<u64>,
     pub failed_attempts: u64,
+    /// Why Start attempts failed (the error's text, first line) and when (ns).
+    pub failures: Vec<(u64, String)>,
     pub goaways: u64,
     /// Pushes whose content is a number: content -> times delivered.
     pub seen: HashMap<u64, u32>,
@@ -291,8 +293,14 @@ async fn drive(
         };
         let (conn, send, recv, decoder, ok) = match opened {
             Ok(c) => c,
-            Err(_) => {
-                rec.lock().failed_attempts += 1;
+            Err(e) => {
+                {
+                    let mut r = rec.lock();
+                    r.failed_attempts += 1;
+                    let why = format!("{addr}: {e}");
+                    r.failures
+                        .push((now_ns(), why.lines().next().unwrap_or("").to_string()));
+                }
                 avoid = Some(addr);
                 let backoff = Duration::from_millis(20u64 << attempt.min(5));
                 attempt += 1;

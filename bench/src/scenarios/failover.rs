@@ -468,6 +468,15 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let victim = c.dp_quic[0];
     let t_kill = now_ns();
     drop(c.dps[0].take());
+    // Per session at the kill: durable pushes accepted so far (a session with none has no
+    // replica anywhere, so its takeover can only say SESSION_EXPIRED) and failed Start
+    // attempts so far (those after the kill are reconnects the client gave up on: its
+    // connect timeout, or a refusal).
+    let accepted_at_kill: Vec<usize> = ledger.accepted.iter().map(|a| a.lock().len()).collect();
+    let failed_at_kill: Vec<u64> = sessions
+        .iter()
+        .map(|s| s.rec.lock().failed_attempts)
+        .collect();
     // Sessions connected to dp-1 at the kill (a session whose connection dropped earlier, on
     // a loaded machine with a short idle timeout, may have moved already: counted apart).
     let on_victim: Vec<bool> = sessions
@@ -516,6 +525,12 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let (mut resume, mut detect, mut reconnect) = (Vec::new(), Vec::new(), Vec::new());
     let (mut st_resumed, mut st_recovered, mut st_expired, mut st_other, mut not_resumed) =
         (0, 0, 0, 0, 0);
+    // Sessions that came back EXPIRED although a durable push of theirs had been accepted
+    // before the kill (their replica should have been found), and RECOVERED without one.
+    let (mut expired_with_durable, mut recovered_without_durable) = (0, 0);
+    // Start attempts after the kill that failed (the client timed out or was refused), and
+    // the sessions that needed more than one attempt.
+    let (mut failed_after_kill, mut retried_sessions) = (0u64, 0);
     let (mut accepted, mut lost, mut delivered_ok, mut unconfirmed) = (0u64, 0u64, 0u64, 0u64);
     // Of `lost`: on sessions that came back EXPIRED, and on sessions that never came back.
     let (mut lost_expired, mut lost_unresumed) = (0u64, 0u64);
@@ -527,12 +542,22 @@ pub async fn run(o: &Opts) -> Result<Report> {
         match after_kill.filter(|_| on_victim[i]) {
             Some(st) => {
                 resume.push(ms(st.t_ns - t_kill));
+                let had_durable = accepted_at_kill[i] > 0;
                 match st.status {
                     ResumeStatus::Resumed => st_resumed += 1,
-                    ResumeStatus::Recovered => st_recovered += 1,
-                    ResumeStatus::SessionExpired => st_expired += 1,
+                    ResumeStatus::Recovered => {
+                        st_recovered += 1;
+                        recovered_without_durable += usize::from(!had_durable);
+                    }
+                    ResumeStatus::SessionExpired => {
+                        st_expired += 1;
+                        expired_with_durable += usize::from(had_durable);
+                    }
                     _ => st_other += 1,
                 }
+                let failed = r.failed_attempts - failed_at_kill[i];
+                failed_after_kill += failed;
+                retried_sessions += usize::from(failed > 0);
                 if let Some(l) = r.losses.iter().find(|l| **l > t_kill) {
                     detect.push(ms(l - t_kill));
                     reconnect.push(ms(st.t_ns.saturating_sub(*l)));
@@ -562,6 +587,32 @@ pub async fn run(o: &Opts) -> Result<Report> {
         unflagged += r.unflagged_dups;
         trimmed += r.trimmed;
         push_lat.0.extend(r.push_lat.iter().map(|(_, l)| *l));
+    }
+    // Why the Start attempts after the kill failed, by node (the reconnect tail).
+    let node_of = |why: &str| {
+        c.dp_quic
+            .iter()
+            .position(|a| why.starts_with(&a.to_string()))
+            .map_or_else(|| "?".to_string(), |i| format!("dp-{}", i + 1))
+    };
+    let mut reasons: std::collections::BTreeMap<String, u64> = Default::default();
+    for s in &sessions {
+        for (t, why) in &s.rec.lock().failures {
+            if *t > t_kill {
+                let text = why.split_once(": ").map_or(why.as_str(), |(_, w)| w);
+                *reasons
+                    .entry(format!("{} {text}", node_of(why)))
+                    .or_default() += 1;
+            }
+        }
+    }
+    for (why, n) in &reasons {
+        progress(format!(
+            "failover: {n} Start attempts after the kill failed: {why}"
+        ));
+    }
+    if let Some(path) = std::env::var_os("GATE_BENCH_FAILOVER_TRACE") {
+        write_trace(Path::new(&path), &sessions, &c.dp_quic, t_kill)?;
     }
     // A percentile of nothing is left out rather than reported as NaN (null in JSON).
     let f = |rep: &mut Report, k: &str, v: f64| {
@@ -606,6 +657,35 @@ pub async fn run(o: &Opts) -> Result<Report> {
     f(&mut rep, "sessions_recovered", f64::from(st_recovered));
     f(&mut rep, "sessions_expired", f64::from(st_expired));
     f(&mut rep, "sessions_other_status", f64::from(st_other));
+    f(
+        &mut rep,
+        "sessions_with_durable_before_kill",
+        on_victim
+            .iter()
+            .zip(&accepted_at_kill)
+            .filter(|(v, a)| **v && **a > 0)
+            .count() as f64,
+    );
+    f(
+        &mut rep,
+        "expired_with_durable_before_kill",
+        expired_with_durable as f64,
+    );
+    f(
+        &mut rep,
+        "recovered_without_durable_before_kill",
+        recovered_without_durable as f64,
+    );
+    f(
+        &mut rep,
+        "start_attempts_failed_after_kill",
+        failed_after_kill as f64,
+    );
+    f(
+        &mut rep,
+        "sessions_retried_after_kill",
+        retried_sessions as f64,
+    );
     f(&mut rep, "sessions_not_resumed", f64::from(not_resumed));
     f(&mut rep, "durable_accepted", accepted as f64);
     f(&mut rep, "durable_delivered", delivered_ok as f64);
@@ -702,6 +782,55 @@ pub async fn run(o: &Opts) -> Result<Report> {
     ));
     drop(c);
     Ok(rep)
+}
+
+/// `GATE_BENCH_FAILOVER_TRACE=<file>`: one line per session of part (a), times in ms from
+/// the kill: when its connection was found lost, each failed Start attempt (node, reason) and
+/// each Start answered (node, status). Shows where a slow reconnect spent its time.
+fn write_trace(path: &Path, sessions: &[Session], nodes: &[SocketAddr], t_kill: u64) -> Result<()> {
+    use std::fmt::Write as _;
+    let rel = |t: u64| (t as f64 - t_kill as f64) / 1e6;
+    let name = |a: &SocketAddr| {
+        nodes
+            .iter()
+            .position(|n| n == a)
+            .map_or_else(|| a.to_string(), |i| format!("dp-{}", i + 1))
+    };
+    let mut out = String::new();
+    for s in sessions {
+        let r = s.rec.lock();
+        let _ = write!(out, "{}", s.openid);
+        for l in r.losses.iter().filter(|l| **l > t_kill) {
+            let _ = write!(out, " lost@{:.0}", rel(*l));
+        }
+        let mut events: Vec<(u64, String)> = r
+            .failures
+            .iter()
+            .filter(|(t, _)| *t > t_kill)
+            .map(|(t, why)| {
+                let (node, text) = why.split_once(": ").unwrap_or(("?", why));
+                let node = node.parse().map_or_else(|_| node.to_string(), |a| name(&a));
+                (*t, format!("fail@{:.0}:{node}:{text}", rel(*t)))
+            })
+            .collect();
+        events.extend(r.starts.iter().filter(|st| st.t_ns > t_kill).map(|st| {
+            (
+                st.t_ns,
+                format!(
+                    "start@{:.0}:{}:{:?}",
+                    rel(st.t_ns),
+                    name(&st.addr),
+                    st.status
+                ),
+            )
+        }));
+        events.sort();
+        for (_, e) in events {
+            let _ = write!(out, " {e}");
+        }
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
 /// A session started during (b): (spawn ns, start latency ns if it started, request ok,

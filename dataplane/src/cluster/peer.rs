@@ -50,11 +50,27 @@ pub const FORWARDED_HEADER: &str = "x-gatesvr-forwarded";
 /// Deadline of one call to another data-plane node.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a peer address that refused a connection counts as down
+/// (nothing listens: its process is gone) without asking it again. Covers
+/// the time until the control plane declares the node dead (its lease,
+/// 3 s by default, then the view's update), after which the view alone
+/// answers. An answer from the address clears it at once.
+pub const DOWN_MEMORY: Duration = Duration::from_secs(5);
+
 /// Lazily connected channels to other nodes' gRPC ports, by address.
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     /// mTLS to other nodes (this node's certificate as client identity).
     tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Addresses that refused a connection, and when. After a crash every
+    /// client of the dead node reconnects at once, and each Start's takeover
+    /// asked the dead owner for a Handover through one channel: the calls
+    /// queue in the channel's buffer behind one connection attempt each, so
+    /// the last of 500 learned "refused" 1.2-1.5 s later (`gate-bench
+    /// failover`). One refusal now answers every takeover waiting on it.
+    down: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Woken when an address is marked down.
+    went_down: tokio::sync::Notify,
 }
 
 impl Peers {
@@ -62,6 +78,47 @@ impl Peers {
         Self {
             channels: Mutex::new(HashMap::new()),
             tls,
+            down: Mutex::new(HashMap::new()),
+            went_down: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether `addr` refused a connection within [`DOWN_MEMORY`].
+    pub fn is_down(&self, addr: &str) -> bool {
+        let mut down = self.down.lock();
+        match down.get(addr) {
+            Some(at) if at.elapsed() < DOWN_MEMORY => true,
+            Some(_) => {
+                down.remove(addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// `addr` refused a connection: nothing listens there.
+    pub fn mark_down(&self, addr: &str) {
+        self.down
+            .lock()
+            .insert(addr.to_string(), tokio::time::Instant::now());
+        self.went_down.notify_waiters();
+    }
+
+    /// `addr` answered: it is up.
+    pub fn mark_up(&self, addr: &str) {
+        self.down.lock().remove(addr);
+    }
+
+    /// Resolves once `addr` is marked down.
+    async fn until_down(&self, addr: &str) {
+        loop {
+            let notified = self.went_down.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_down(addr) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -507,6 +564,7 @@ pub async fn take_over(
     session_id: &str,
     epoch: u64,
 ) -> TakeOver {
+    let started = tokio::time::Instant::now();
     let outcome = if previous_owner == node.config.node_id {
         // An earlier life of this node (restarted with the same node id):
         // nobody to ask, what it held survives only as replicas.
@@ -514,6 +572,7 @@ pub async fn take_over(
     } else {
         hand_over_from(node, previous_owner, openid, session_id, epoch).await
     };
+    let handover_ms = started.elapsed().as_millis() as u64;
     if outcome == TakeOver::OwnerSilent {
         // A staged copy here may be stale (a late Stage of a staging its
         // drainer took back and served since): the Start does not resume
@@ -536,9 +595,21 @@ pub async fn take_over(
         && !held_here
         && !session_id.is_empty()
         && epoch != 0
-        && let Some(recovery) = recover(node, gone, openid, session_id).await
     {
-        node.registry.stash_recovery(openid, recovery, epoch);
+        let recovered = recover(node, gone, openid, session_id).await;
+        tracing::debug!(
+            openid,
+            previous_owner,
+            handover_ms,
+            recovery_ms = (started.elapsed().as_millis() as u64).saturating_sub(handover_ms),
+            found = recovered.is_some(),
+            "takeover from a gone owner"
+        );
+        if let Some(recovery) = recovered {
+            node.registry.stash_recovery(openid, recovery, epoch);
+        }
+    } else {
+        tracing::debug!(openid, previous_owner, handover_ms, ?outcome, "takeover");
     }
     outcome
 }
@@ -582,6 +653,7 @@ async fn recover(
             .sessions_recovered
             .with_label_values(&["retried"])
             .inc();
+        tracing::debug!(openid, unanswered = ?gathered.unanswered, "replica fetch unanswered; asking again");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
@@ -639,6 +711,24 @@ async fn hand_over_from(
     TakeOver::OwnerSilent
 }
 
+/// Whether `status` says the connection was refused (nothing listens at the
+/// address), as opposed to a node that answered UNAVAILABLE itself or a
+/// connection that broke: only a refusal is remembered for other calls.
+fn refused(status: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    // A source chain that does not reach the io::Error (a transport that
+    // wraps it opaquely) still names it in its debug form.
+    format!("{status:?}").contains("ConnectionRefused")
+}
+
 /// One `Peer.Handover` call: whether the owner answered, and what came of it.
 async fn ask_handover(
     node: &Node,
@@ -648,6 +738,13 @@ async fn ask_handover(
     session_id: &str,
     epoch: u64,
 ) -> (Reach, TakeOver) {
+    if node.peers.is_down(addr) {
+        node.metrics
+            .handovers
+            .with_label_values(&["unreachable"])
+            .inc();
+        return (Reach::Down, TakeOver::NotHandedOver);
+    }
     let Ok(mut client) = node.peers.peer(addr) else {
         return (Reach::NoAnswer, TakeOver::NotHandedOver);
     };
@@ -657,13 +754,30 @@ async fn ask_handover(
         epoch,
         new_owner: node.config.node_id.clone(),
     };
-    let answer = match call_handover(&mut client, request).await {
+    // A call queued behind others in the channel gives up as soon as one of
+    // them found nothing listening (the owner's process is gone).
+    let called = tokio::select! {
+        r = call_handover(&mut client, request) => r,
+        () = node.peers.until_down(addr) => {
+            node.metrics
+                .handovers
+                .with_label_values(&["unreachable"])
+                .inc();
+            return (Reach::Down, TakeOver::NotHandedOver);
+        }
+    };
+    let answer = match called {
         Ok(r) => r,
         Err(CallFailure::Status(status)) => {
             let reach = match status.code() {
                 // Connection refused (nothing listens) or a node that stopped
                 // serving: its process is gone.
-                tonic::Code::Unavailable => Reach::Down,
+                tonic::Code::Unavailable => {
+                    if refused(&status) {
+                        node.peers.mark_down(addr);
+                    }
+                    Reach::Down
+                }
                 tonic::Code::DeadlineExceeded | tonic::Code::Unknown => Reach::NoAnswer,
                 _ => {
                     tracing::info!(openid, previous_owner, error = %status, "handover refused");
@@ -695,6 +809,7 @@ async fn ask_handover(
             return (Reach::NoAnswer, TakeOver::NotHandedOver);
         }
     };
+    node.peers.mark_up(addr);
     let Some(state) = answer.state.filter(|_| answer.found) else {
         node.metrics
             .handovers
@@ -723,5 +838,55 @@ async fn ask_handover(
             node.metrics.handovers.with_label_values(&["invalid"]).inc();
             (Reach::Answered, TakeOver::NotHandedOver)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn one_refusal_answers_every_takeover_waiting_on_the_address() {
+        let peers = Arc::new(Peers::new(None));
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let peers = peers.clone();
+                tokio::spawn(async move { peers.until_down("10.0.0.1:7000").await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(!peers.is_down("10.0.0.1:7000"));
+        peers.mark_down("10.0.0.2:7000");
+        tokio::task::yield_now().await;
+        assert!(waiting.iter().all(|w| !w.is_finished()), "another address");
+        peers.mark_down("10.0.0.1:7000");
+        for w in waiting {
+            w.await.expect("woken");
+        }
+        assert!(peers.is_down("10.0.0.1:7000"));
+        // Not for ever: a node restarted on the address is asked again.
+        tokio::time::advance(DOWN_MEMORY).await;
+        assert!(!peers.is_down("10.0.0.1:7000"));
+        peers.mark_down("10.0.0.1:7000");
+        peers.mark_up("10.0.0.1:7000");
+        assert!(!peers.is_down("10.0.0.1:7000"));
+    }
+
+    #[test]
+    fn only_a_refused_connection_counts_as_down() {
+        // As tonic's transport reports it: UNAVAILABLE with the io::Error
+        // at the end of the source chain.
+        let with_source = |kind: std::io::ErrorKind| {
+            let mut status = Status::unavailable("tcp connect error");
+            status.set_source(Arc::new(std::io::Error::from(kind)));
+            status
+        };
+        assert!(super::refused(&with_source(
+            std::io::ErrorKind::ConnectionRefused
+        )));
+        assert!(!super::refused(&Status::unavailable("node crashed")));
+        assert!(!super::refused(&with_source(
+            std::io::ErrorKind::ConnectionReset
+        )));
     }
 }

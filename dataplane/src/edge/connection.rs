@@ -376,7 +376,8 @@ async fn claim_ownership(
     let _settle = SettleOnDrop { node, openid };
     // A leader election takes a moment: retry an unreachable control plane
     // briefly before falling back to a provisional session.
-    let give_up = tokio::time::Instant::now() + cluster.rpc_timeout() * 2;
+    let claim_started = tokio::time::Instant::now();
+    let give_up = claim_started + cluster.rpc_timeout() * 2;
     let mut result = cluster.claim(openid, claimed_id(start, new_id)).await;
     while matches!(result, Err(crate::cluster::ClaimError::Unreachable(_)))
         && tokio::time::Instant::now() < give_up
@@ -393,6 +394,7 @@ async fn claim_ownership(
             // replicas (`peer::take_over`).
             let earlier_life =
                 !start.session_id.is_empty() && !node.registry.with_table(|t| t.knows(openid));
+            tracing::debug!(openid = %openid, claim_ms = claim_started.elapsed().as_millis() as u64, previous = ?claimed.previous_owner, earlier_life, "claimed");
             let previous = claimed
                 .previous_owner
                 .clone()

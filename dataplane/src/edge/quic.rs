@@ -116,6 +116,37 @@ fn build_server_config(
     Ok(config)
 }
 
+/// Receive buffer asked for the QUIC socket. The kernel's default (212,992
+/// bytes on Linux) is charged per datagram at its buffer's true size (about
+/// 2 KiB on loopback even for a 50-byte keep-alive), so it holds only about a
+/// hundred datagrams: the keep-alives of 1,000 sessions started together
+/// arrive in one burst every few hundred ms, and the Initials of a crashed
+/// node's clients all at once. Datagrams beyond it are dropped (counted in
+/// `RcvbufErrors` of /proc/net/snmp): keep-alives lost, connections timed out
+/// before any crash, handshakes retried after a 1 s PTO or given up
+/// (`gate-bench failover`, docs/benchmarks.md). quinn never enlarges it
+/// (PITFALLS §1). Linux caps the request at `net.core.rmem_max`.
+pub const UDP_RECV_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Asks for [`UDP_RECV_BUFFER`]; logs what the kernel granted when it is
+/// less (raise `net.core.rmem_max`, docs/operations.md).
+fn enlarge_recv_buffer(socket: &std::net::UdpSocket) {
+    let granted = quinn::udp::UdpSocketState::new(socket.into()).and_then(|state| {
+        state.set_recv_buffer_size(socket.into(), UDP_RECV_BUFFER)?;
+        state.recv_buffer_size(socket.into())
+    });
+    match granted {
+        // Linux reports twice what it grants (the bookkeeping overhead).
+        Ok(bytes) if bytes >= UDP_RECV_BUFFER => {}
+        Ok(bytes) => tracing::warn!(
+            asked = UDP_RECV_BUFFER,
+            granted = bytes,
+            "QUIC receive buffer smaller than asked: raise net.core.rmem_max, or bursts of datagrams are dropped"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot size the QUIC receive buffer"),
+    }
+}
+
 /// Binds the QUIC endpoint.
 ///
 /// With shared keys, the stateless-reset key and the connection-ID generator
@@ -134,8 +165,12 @@ pub fn bind_with(server: &ServerConfig, webtransport: bool) -> Result<quinn::End
         .map_err(|_| format!("server.quic_addr `{}` is not ip:port", server.quic_addr))?;
     let keys = shared_keys(server)?;
     let config = build_server_config(server, keys.as_ref(), webtransport)?;
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|e| format!("cannot bind QUIC on {addr}: {e}"))?;
+    enlarge_recv_buffer(&socket);
+    let runtime = quinn::default_runtime().ok_or("no async runtime for QUIC")?;
     let Some(keys) = keys else {
-        return quinn::Endpoint::server(config, addr)
+        return quinn::Endpoint::new(Default::default(), Some(config), socket, runtime)
             .map_err(|e| format!("cannot bind QUIC on {addr}: {e}"));
     };
     let mut endpoint = quinn::EndpointConfig::new(keys.reset_key());
@@ -143,9 +178,6 @@ pub fn bind_with(server: &ServerConfig, webtransport: bool) -> Result<quinn::End
     endpoint
         .cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)))
         .min_reset_interval(SHARED_KEY_RESET_INTERVAL);
-    let socket =
-        std::net::UdpSocket::bind(addr).map_err(|e| format!("cannot bind QUIC on {addr}: {e}"))?;
-    let runtime = quinn::default_runtime().ok_or("no async runtime for QUIC")?;
     quinn::Endpoint::new(endpoint, Some(config), socket, runtime)
         .map_err(|e| format!("cannot bind QUIC on {addr}: {e}"))
 }
