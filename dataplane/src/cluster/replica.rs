@@ -159,9 +159,6 @@ impl ReplicaStore {
             // A newer session of the openid: the old copy is obsolete.
             *replica = Replica::new(&req, now);
         }
-        if !req.pushes.is_empty() {
-            replica.copied_to = None;
-        }
         if req.epoch >= replica.epoch && !req.owner_node.is_empty() {
             replica.owner = req.owner_node.clone();
         }
@@ -174,7 +171,12 @@ impl ReplicaStore {
         for push in req.pushes {
             if push.seq_id > acked {
                 replica.next_seq = replica.next_seq.max(push.seq_id + 1);
-                replica.pushes.insert(push.seq_id, push);
+                // A push this copy did not hold: a second copy made before
+                // lacks it (a copy of the same pushes changes nothing, or two
+                // holders would copy to each other forever).
+                if replica.pushes.insert(push.seq_id, push).is_none() {
+                    replica.copied_to = None;
+                }
             }
         }
         if replica.pushes.len() > self.max_pushes {
@@ -911,6 +913,51 @@ mod tests {
             content: format!("p{seq}"),
             ..Default::default()
         }
+    }
+
+    /// Simulation seed 1: the owner crashed, and its standby 1.8 s later,
+    /// before the client came back: what only the standby held was lost. A
+    /// replica whose owner left the view gets one second copy, on the owner's
+    /// next standby other than this node; the same pushes again do not ask
+    /// for another (two holders copied to each other every second: seed 217),
+    /// a new push does.
+    #[test]
+    fn a_replica_of_a_gone_owner_gets_one_second_copy() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        let copy = |pushes| ReplicateRequest {
+            openid: "u1".into(),
+            session_id: "s1".into(),
+            zone: "001".into(),
+            epoch: 3,
+            owner_node: "dp-1".into(),
+            pushes,
+            acked_seq_id: 3,
+            next_seq_id: 6,
+            release: false,
+            incremental: false,
+        };
+        store.apply(copy(vec![push(4), push(5)])).expect("applied");
+        let mut view = Members::new("dp-2");
+        view.put(member("dp-1", NodeState::Active));
+        view.put(member("dp-2", NodeState::Active));
+        view.put(member("dp-3", NodeState::Active));
+        assert!(store.orphans(&view).is_empty(), "a live owner's replica");
+        view.put(member("dp-1", NodeState::Dead));
+        let orphans = store.orphans(&view);
+        assert_eq!(orphans.len(), 1);
+        let (heir, req) = &orphans[0];
+        assert_eq!(
+            heir.node_id, "dp-3",
+            "the owner's next standby but this node"
+        );
+        assert_eq!(req.pushes.len(), 2);
+        assert!(!req.incremental, "a whole copy");
+        store.copied("u1", "s1", "dp-3");
+        assert!(store.orphans(&view).is_empty(), "copied once");
+        store.apply(copy(vec![push(4), push(5)])).expect("applied");
+        assert!(store.orphans(&view).is_empty(), "the same pushes again");
+        store.apply(copy(vec![push(6)])).expect("applied");
+        assert_eq!(store.orphans(&view).len(), 1, "a new push is copied again");
     }
 
     /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
