@@ -52,6 +52,10 @@ use crate::registry::SessionEntry;
 /// checks that each standby still answers).
 pub const ACK_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long a recovery waits for a node the control plane declared dead
+/// ([`crate::core::Members::recovery_maybe`]); a crashed process refuses at once.
+pub const DEAD_NODE_ASK: Duration = Duration::from_millis(500);
+
 /// How long a standby that a call found unreachable is passed over
 /// ([`crate::core::Members::mark_unreachable`]); then it is tried again.
 pub const UNREACHABLE_HOLD: Duration = Duration::from_secs(10);
@@ -754,20 +758,38 @@ pub async fn fetch_recovery(node: &Node, gone: &str, openid: &str, session_id: &
             .map(|n| (n.node_id.clone(), n.grpc_addr.clone()))
             .collect()
     });
-    let remote = futures::future::join_all(peers.iter().map(|(id, addr)| async move {
-        let answer = async {
-            let mut client = node.peers.peer(addr).ok()?;
-            let req = FetchReplicaRequest {
-                openid: openid.to_string(),
-                session_id: session_id.to_string(),
-            };
-            call_fetch(&mut client, req).await
+    // Nodes declared dead are asked too, briefly and without waiting on
+    // them: one only cut off from the control plane is alive and may hold the
+    // last copy (simulation seed 72: the standby and the owner both lost the
+    // control plane; the standby held the pushes the owner had acknowledged).
+    let maybe: Vec<(String, String)> = node.registry.members(|m| {
+        m.recovery_maybe(gone)
+            .into_iter()
+            .map(|n| (n.node_id.clone(), n.grpc_addr.clone()))
+            .collect()
+    });
+    let ask = |addr: String| async move {
+        let mut client = node.peers.peer(&addr).ok()?;
+        let req = FetchReplicaRequest {
+            openid: openid.to_string(),
+            session_id: session_id.to_string(),
         };
-        answer.await.ok_or_else(|| id.clone())
-    }))
-    .await;
+        call_fetch(&mut client, req).await
+    };
+    let remote = futures::future::join_all(
+        peers
+            .iter()
+            .map(|(id, addr)| async move { ask(addr.clone()).await.ok_or_else(|| id.clone()) }),
+    );
+    let dead = futures::future::join_all(maybe.into_iter().map(|(_, addr)| async move {
+        tokio::time::timeout(DEAD_NODE_ASK, ask(addr))
+            .await
+            .ok()
+            .flatten()
+    }));
+    let (remote, dead) = tokio::join!(remote, dead);
     let mut unanswered = Vec::new();
-    let mut found = Vec::new();
+    let mut found: Vec<FetchReplicaResponse> = dead.into_iter().flatten().collect();
     for r in remote {
         match r {
             Ok(r) => found.push(r),

@@ -15,6 +15,7 @@
 //! | [`Members::standby_of`] (replica heir) | the same, seen for an owner |
 //! | [`Members::fan_out`] (broadcast)       | live, not this node         |
 //! | [`Members::recovery_sources`]          | live, not this node or gone |
+//! | [`Members::recovery_maybe`]            | dead (maybe only cut off)   |
 //! | [`Members::after_failed_handover`]     | see [`Reach`]               |
 //!
 //! A peer the shell found unreachable (connection refused, no answer) is
@@ -222,6 +223,16 @@ impl Members {
     pub fn recovery_sources(&self, gone: &str) -> Vec<&Member> {
         self.others()
             .filter(|m| m.live() && m.node_id != gone)
+            .collect()
+    }
+
+    /// Nodes the control plane declared dead, other than this one and
+    /// `gone`: most are, but one cut off from the control plane only is alive
+    /// and may hold the last copy of a crashed owner's pushes. A recovery asks
+    /// them too, briefly, and never waits on them.
+    pub fn recovery_maybe(&self, gone: &str) -> Vec<&Member> {
+        self.others()
+            .filter(|m| m.state == NodeState::Dead && m.node_id != gone)
             .collect()
     }
 

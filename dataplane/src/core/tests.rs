@@ -385,6 +385,9 @@ fn departed_nodes_are_never_live() {
     let ids = |v: Vec<&Member>| v.iter().map(|m| m.node_id.clone()).collect::<Vec<_>>();
     assert_eq!(ids(m.fan_out()), ["dp-2", "dp-3"]);
     assert_eq!(ids(m.recovery_sources("dp-2")), ["dp-3"]);
+    // Declared dead (not departed): asked briefly by a recovery, never waited on.
+    assert_eq!(ids(m.recovery_maybe("dp-2")), ["dp-5"]);
+    assert!(m.recovery_maybe("dp-5").is_empty());
     assert_eq!(ids(m.successors()), ["dp-2"]);
     assert_eq!(m.standby_for(Instant::now()).unwrap().node_id, "dp-2");
 }

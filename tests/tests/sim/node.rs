@@ -21,7 +21,9 @@ use gatesvr_proto::peer::{FetchReplicaResponse, ReplicateRequest};
 use gatesvr_proto::session::SessionState;
 use rand::Rng;
 
-use super::world::{Body, End, Ms, PATIENCE_MS, PEER_TIMEOUT_MS, Timer, Watch, World};
+use super::world::{
+    Body, DEAD_NODE_ASK_MS, End, Ms, PATIENCE_MS, PEER_TIMEOUT_MS, Timer, Watch, World,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -45,6 +47,10 @@ struct PendingStart {
     /// The previous owner answered that it has no copy: its own replicas
     /// are asked too (`TakeOver::OwnerEmpty`).
     owner_empty: bool,
+    /// Nodes declared dead that were asked too, and until when their answers
+    /// are waited for (`Members::recovery_maybe`, `replica::DEAD_NODE_ASK`).
+    maybe: HashSet<String>,
+    maybe_until: Ms,
 }
 
 pub struct SimNode {
@@ -547,6 +553,8 @@ impl World {
             gathered: Vec::new(),
             waiting: HashSet::new(),
             owner_empty: false,
+            maybe: HashSet::new(),
+            maybe_until: 0,
         };
         match previous_owner {
             Some(previous) if previous == name => {
@@ -790,6 +798,13 @@ impl World {
                     .into_iter()
                     .map(|m| m.node_id.clone())
                     .collect();
+                let maybe: Vec<String> = node
+                    .table
+                    .members()
+                    .recovery_maybe(gone)
+                    .into_iter()
+                    .map(|m| m.node_id.clone())
+                    .collect();
                 // This node's replica and its own unserved copy (a staged
                 // copy the view never named), as `replica::merge` does.
                 let own = node.replicas.fetch(openid, &p.session_id);
@@ -803,15 +818,17 @@ impl World {
                     ));
                 self.carry(name, cmds);
                 p.waiting = sources.iter().cloned().collect();
+                p.maybe = maybe.iter().cloned().collect();
+                p.maybe_until = self.now + DEAD_NODE_ASK_MS;
                 p.req = self.id();
                 let (req, sid) = (p.req, p.session_id.clone());
-                let done = p.waiting.is_empty();
+                let done = p.waiting.is_empty() && p.maybe.is_empty();
                 self.node(name).starts.insert(openid.into(), p);
                 if done {
                     self.finish_recovery(name, openid);
                     return;
                 }
-                for s in sources {
+                for s in sources.into_iter().chain(maybe) {
                     self.send(
                         End::Node(name.into()),
                         End::Node(s),
@@ -822,6 +839,7 @@ impl World {
                         },
                     );
                 }
+                self.timer(name, DEAD_NODE_ASK_MS, Timer::RecoverCheck { req });
                 self.timer(
                     name,
                     PEER_TIMEOUT_MS,
@@ -876,12 +894,27 @@ impl World {
         else {
             return;
         };
-        if p.phase != Phase::Recover || !p.waiting.remove(from) {
+        if p.phase != Phase::Recover || !(p.waiting.remove(from) || p.maybe.remove(from)) {
             return;
         }
         p.gathered.push(resp);
-        if p.waiting.is_empty()
-            && let Some(openid) = openid_of(&node.starts, req)
+        let now = self.now;
+        self.recover_check(name, req, now);
+    }
+
+    /// As `replica::fetch_recovery`: done once every live node answered and
+    /// the nodes declared dead answered or their short wait ended.
+    fn recover_check(&mut self, name: &str, req: u64, now: Ms) {
+        let node = self.node(name);
+        let Some(openid) = openid_of(&node.starts, req) else {
+            return;
+        };
+        let Some(p) = node.starts.get(&openid) else {
+            return;
+        };
+        if p.phase == Phase::Recover
+            && p.waiting.is_empty()
+            && (p.maybe.is_empty() || now >= p.maybe_until)
         {
             self.finish_recovery(name, &openid);
         }
@@ -1670,6 +1703,10 @@ impl World {
                 }
             }
             Timer::MovedOn => self.ack_sync(name),
+            Timer::RecoverCheck { req } => {
+                let now = self.now;
+                self.recover_check(name, req, now);
+            }
             Timer::StageDeadline { openid, req } => self.on_stage_ack(name, &openid, req, false),
             Timer::DrainStep => self.drain_step(name),
             Timer::AckSync => {

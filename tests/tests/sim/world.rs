@@ -30,6 +30,8 @@ fn lease_ttl() -> Duration {
 pub const PEER_TIMEOUT_MS: Ms = 3_000;
 /// How long a Start waits for a silent owner or for replicas (RECOVERY_PATIENCE).
 pub const PATIENCE_MS: Ms = 10_000;
+/// How long a recovery waits for nodes declared dead (`replica::DEAD_NODE_ASK`).
+pub const DEAD_NODE_ASK_MS: Ms = 500;
 /// The fault model of durable pushes: a node crashes (Kill, Restart) at
 /// least this long after the previous crash. With one standby, a push
 /// acknowledged by an owner and its standby is lost if both crash before
@@ -251,6 +253,10 @@ pub enum Timer {
     AckSync,
     /// A standby was found unreachable: the ack sync runs now.
     MovedOn,
+    /// The short wait for nodes declared dead during a recovery ended.
+    RecoverCheck {
+        req: u64,
+    },
     Complete {
         openid: String,
         session_id: String,
