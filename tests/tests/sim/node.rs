@@ -756,13 +756,24 @@ impl World {
             release: false,
             incremental: false,
         };
+        d.standby = to;
+        self.send_durable_copy(name, d, handle.identity().session_id.clone(), req);
+    }
+
+    /// Sends a durable push's copy (`req`) to `d.standby`, which is the
+    /// session's standby from now on; the push is answered when it acks.
+    fn send_durable_copy(
+        &mut self,
+        name: &str,
+        d: DurableWait,
+        session_id: String,
+        req: ReplicateRequest,
+    ) {
         let wait = self.id();
+        let to = d.standby.clone();
         let node = self.node(name);
-        node.tracked.insert(
-            d.openid.clone(),
-            (handle.identity().session_id.clone(), to.clone()),
-        );
-        d.standby = to.clone();
+        node.tracked
+            .insert(d.openid.clone(), (session_id, to.clone()));
         node.durable.insert(wait, d);
         self.send(
             End::Node(name.into()),
@@ -1189,10 +1200,9 @@ impl World {
                         } else {
                             export
                         };
-                        let wait = self.id();
                         let req = ReplicateRequest {
                             openid: openid.clone(),
-                            session_id: handle.identity().session_id.clone(),
+                            session_id: sid.clone(),
                             zone: handle.identity().zone.clone(),
                             epoch,
                             owner_node: name.into(),
@@ -1202,29 +1212,13 @@ impl World {
                             release: false,
                             incremental: known,
                         };
-                        let node = self.node(name);
-                        node.durable.insert(
-                            wait,
-                            DurableWait {
-                                id,
-                                openid: openid.clone(),
-                                standby: standby.clone(),
-                                tries: 0,
-                            },
-                        );
-                        node.tracked.insert(
-                            openid.clone(),
-                            (handle.identity().session_id.clone(), standby.clone()),
-                        );
-                        self.send(
-                            End::Node(name.into()),
-                            End::Node(standby),
-                            Body::Replicate {
-                                req: Box::new(req),
-                                wait: Some(wait),
-                            },
-                        );
-                        self.timer(name, PEER_TIMEOUT_MS, Timer::ReplicateDeadline { wait });
+                        let d = DurableWait {
+                            id,
+                            openid: openid.clone(),
+                            standby,
+                            tries: 0,
+                        };
+                        self.send_durable_copy(name, d, sid, req);
                     }
                     (true, None) => self.reply_up(id, openid, durable, false),
                     _ => self.reply_up(id, openid, durable, true),
