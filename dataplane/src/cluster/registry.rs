@@ -371,8 +371,7 @@ impl Registry {
             let existing = t.local(openid).cloned();
             // The session was rebuilt from a replica under a new id: attach
             // to it and say RECOVERED (the client's seqs start over).
-            let recovered = !session_id.is_empty()
-                && matches!(t.holding(openid), Some(Holding::Recovered { old_session_id }) if old_session_id == session_id);
+            let recovered = !session_id.is_empty() && t.recovers(openid, session_id);
             if recovered && let Some(entry) = existing.clone() {
                 let mut outcome = entry.state.lock().attach(now, 0);
                 outcome.status = ResumeStatus::Recovered;
