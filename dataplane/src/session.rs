@@ -319,6 +319,9 @@ pub struct Session {
     requests: RequestWindow,
     /// Lifetime counters, kept in their wire form since handovers carry them.
     counters: SessionCounters,
+    /// Rebuilt from replicas: the crashed session's id a client may still
+    /// resume with (it attaches here as RECOVERED). Travels with handovers.
+    replaces_session_id: Option<String>,
 }
 
 impl Session {
@@ -337,6 +340,7 @@ impl Session {
             queue: PushQueue::new(),
             requests: RequestWindow::default(),
             counters: SessionCounters::default(),
+            replaces_session_id: None,
         }
     }
 
@@ -353,6 +357,17 @@ impl Session {
     /// Sets the ownership epoch (the shell does, on creation and takeover).
     pub fn set_epoch(&mut self, epoch: u64) {
         self.epoch = epoch;
+    }
+
+    /// The id of the crashed session this one was rebuilt from (replicas),
+    /// if any: a Start resuming that id attaches here as RECOVERED.
+    pub fn replaces_session_id(&self) -> Option<&str> {
+        self.replaces_session_id.as_deref()
+    }
+
+    /// Marks this session as rebuilt from `old_session_id`'s replicas.
+    pub fn set_replaces_session_id(&mut self, old_session_id: &str) {
+        self.replaces_session_id = Some(old_session_id.to_string());
     }
 
     /// The configuration the session runs with.

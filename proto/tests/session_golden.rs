@@ -65,6 +65,8 @@ fn state_v1() -> SessionState {
             duplicate_requests_total: 6,
             attaches_total: 2,
         }),
+        // Added in v2: a v1 node never sets it.
+        replaces_session_id: String::new(),
     }
 }
 
@@ -110,4 +112,34 @@ fn session_state_v1_bytes_still_decode() {
     let bytes = hex::decode(STATE_V1_HEX).expect("valid hex");
     let decoded = SessionState::decode(bytes.as_slice()).expect("decodes");
     assert_eq!(decoded, state_v1());
+}
+
+/// v2 added field 14, `replaces_session_id` (a session rebuilt from a crashed
+/// session's replicas names that session). v1 bytes decode with it empty
+/// (above); a v1 node decoding v2 bytes skips it as an unknown field.
+fn state_v2() -> SessionState {
+    SessionState {
+        replaces_session_id: "s-0000".into(),
+        ..state_v1()
+    }
+}
+
+/// v1's bytes followed by field 14.
+fn state_v2_hex() -> String {
+    format!(
+        "{STATE_V1_HEX}{}",
+        "7206732d30303030" // 14 replaces_session_id "s-0000"
+    )
+}
+
+#[test]
+fn session_state_v2_encoding_is_frozen() {
+    assert_eq!(hex::encode(state_v2().encode_to_vec()), state_v2_hex());
+}
+
+#[test]
+fn session_state_v2_bytes_still_decode() {
+    let bytes = hex::decode(state_v2_hex()).expect("valid hex");
+    let decoded = SessionState::decode(bytes.as_slice()).expect("decodes");
+    assert_eq!(decoded, state_v2());
 }

@@ -470,8 +470,8 @@ async fn a_data_plane_socket_holds_a_reconnect_burst() {
     );
 }
 
-/// Known bug, found by `gate-bench failover` under load (docs/benchmarks.md,
-/// "Session 7": 8 to 87 durable pushes lost per run, logs of fo-46): a Start
+/// Found by `gate-bench failover` under load (docs/benchmarks.md, "Session
+/// 7": 8 to 87 durable pushes lost per run, logs of fo-46): a Start
 /// resuming a crashed owner's session reaches node B, which recovers it as a
 /// new session s' (RECOVERED), but the answer never reaches the client (its
 /// connection broke meanwhile). The client resumes its old id on node C; C
@@ -479,10 +479,10 @@ async fn a_data_plane_socket_holds_a_reconnect_burst() {
 /// replaces s' by a fresh session (SESSION_EXPIRED): the durable pushes the
 /// recovery saved, and any accepted on s' since, are dropped. Invariant: the
 /// durable pushes reach the client, or the status says they could not.
-/// Fixing it needs the rebuilt session to remember, across a Handover, the
-/// id it replaced (a `SessionState` field): not done yet.
+/// The rebuilt session remembers, across the Handover, the id it replaced
+/// (`SessionState.replaces_session_id`): C attaches the client to it as
+/// RECOVERED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a recovery whose answer was lost is replaced when the client resumes elsewhere"]
 async fn a_recovery_whose_answer_was_lost_keeps_its_durable_pushes() {
     use gatesvr_proto::client::envelope::Body;
 

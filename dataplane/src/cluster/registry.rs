@@ -367,61 +367,64 @@ impl Registry {
         }
         let (started, commands) = {
             let started = self.with_table(|t| {
-            let mut commands = Vec::new();
-            let existing = t.local(openid).cloned();
-            // The session was rebuilt from a replica under a new id: attach
-            // to it and say RECOVERED (the client's seqs start over).
-            let recovered = !session_id.is_empty()
-                && matches!(t.holding(openid), Some(Holding::Recovered { old_session_id }) if old_session_id == session_id);
-            if recovered && let Some(entry) = existing.clone() {
+                let mut commands = Vec::new();
+                let existing = t.local(openid).cloned();
+                // The session was rebuilt from a replica under a new id: attach
+                // to it and say RECOVERED (the client's seqs start over).
+                let recovered = !session_id.is_empty() && t.recovers(openid, session_id);
+                if recovered && let Some(entry) = existing.clone() {
+                    let mut outcome = entry.state.lock().attach(now, 0);
+                    outcome.status = ResumeStatus::Recovered;
+                    t.rearm(&entry);
+                    return (entry, outcome, commands);
+                }
+                let mut reported: Option<ResumeStatus> = None;
+                let entry = match existing {
+                    Some(entry)
+                        if !session_id.is_empty() && entry.identity.session_id == session_id =>
+                    {
+                        let outcome = entry.state.lock().attach(now, last_acked);
+                        match outcome.status {
+                            ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
+                                reported = Some(outcome.status);
+                                let fresh = self.fresh_entry(openid, now, new_id.take());
+                                commands.extend(t.start(
+                                    fresh.clone(),
+                                    Holding::Owned,
+                                    "resume_failed",
+                                ));
+                                fresh
+                            }
+                            _ => {
+                                t.rearm(&entry);
+                                return (entry, outcome, commands);
+                            }
+                        }
+                    }
+                    Some(_) => {
+                        if !session_id.is_empty() {
+                            reported = Some(ResumeStatus::SessionExpired);
+                        }
+                        let fresh = self.fresh_entry(openid, now, new_id.take());
+                        commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
+                        fresh
+                    }
+                    None => {
+                        if !session_id.is_empty() {
+                            reported = Some(ResumeStatus::SessionExpired);
+                        }
+                        let fresh = self.fresh_entry(openid, now, new_id.take());
+                        commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
+                        fresh
+                    }
+                };
                 let mut outcome = entry.state.lock().attach(now, 0);
-                outcome.status = ResumeStatus::Recovered;
+                if let Some(status) = reported {
+                    outcome.status = status;
+                }
                 t.rearm(&entry);
-                return (entry, outcome, commands);
-            }
-            let mut reported: Option<ResumeStatus> = None;
-            let entry = match existing {
-                Some(entry)
-                    if !session_id.is_empty() && entry.identity.session_id == session_id =>
-                {
-                    let outcome = entry.state.lock().attach(now, last_acked);
-                    match outcome.status {
-                        ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
-                            reported = Some(outcome.status);
-                            let fresh = self.fresh_entry(openid, now, new_id.take());
-                            commands.extend(t.start(fresh.clone(), Holding::Owned, "resume_failed"));
-                            fresh
-                        }
-                        _ => {
-                            t.rearm(&entry);
-                            return (entry, outcome, commands);
-                        }
-                    }
-                }
-                Some(_) => {
-                    if !session_id.is_empty() {
-                        reported = Some(ResumeStatus::SessionExpired);
-                    }
-                    let fresh = self.fresh_entry(openid, now, new_id.take());
-                    commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
-                    fresh
-                }
-                None => {
-                    if !session_id.is_empty() {
-                        reported = Some(ResumeStatus::SessionExpired);
-                    }
-                    let fresh = self.fresh_entry(openid, now, new_id.take());
-                    commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
-                    fresh
-                }
-            };
-            let mut outcome = entry.state.lock().attach(now, 0);
-            if let Some(status) = reported {
-                outcome.status = status;
-            }
-            t.rearm(&entry);
-            (entry, outcome, commands)
-        });
+                (entry, outcome, commands)
+            });
             ((started.0, started.1), started.2)
         };
         self.carry_out(commands);

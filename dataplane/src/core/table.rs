@@ -535,6 +535,19 @@ impl<H: SessionCell> Table<H> {
             });
         }
         handle.with(|s| s.set_epoch(epoch));
+        // A recovered session says so in its state, which every export
+        // carries: a node that takes it over (Handover) holds it as
+        // recovered too, so a client still resuming the crashed session's id
+        // (the RECOVERED answer never reached it) attaches to it there
+        // instead of replacing it (durable pushes lost, failover finding 4).
+        let holding = match holding {
+            Holding::Recovered { old_session_id } => {
+                handle.with(|s| s.set_replaces_session_id(&old_session_id));
+                Holding::Recovered { old_session_id }
+            }
+            Holding::Owned => owned(&handle),
+            staged => staged,
+        };
         self.claiming.remove(&openid);
         let mut out = Vec::new();
         if let Some(old) = self.local(&openid).cloned()
@@ -860,7 +873,7 @@ impl<H: SessionCell> Table<H> {
                 if owner == me {
                     handle.with(|s| s.set_epoch(epoch));
                     *holding = match std::mem::replace(holding, Holding::Owned) {
-                        Holding::Staged { .. } => Holding::Owned,
+                        Holding::Staged { .. } => owned(handle),
                         other => other,
                     };
                     return out;
@@ -931,7 +944,7 @@ impl<H: SessionCell> Table<H> {
         if let Some(Slot::Local { holding, .. }) = self.slots.get_mut(&handle.identity().openid)
             && matches!(holding, Holding::Staged { .. })
         {
-            *holding = Holding::Owned;
+            *holding = owned(handle);
         }
         match view_owner {
             Some((owner, e)) => {
@@ -1149,6 +1162,30 @@ impl<H: SessionCell> Table<H> {
             Some(Slot::Local { holding, .. }) => Some(holding),
             _ => None,
         }
+    }
+
+    /// Whether a Start resuming `session_id` attaches to `openid`'s local
+    /// session as RECOVERED: that session was rebuilt from the replicas of
+    /// `session_id` (here, or on a node that handed it over or staged it
+    /// here since).
+    pub fn recovers(&self, openid: &str, session_id: &str) -> bool {
+        match self.slots.get(openid) {
+            Some(Slot::Local { handle, holding }) => {
+                matches!(holding, Holding::Recovered { old_session_id } if old_session_id == session_id)
+                    || (!session_id.is_empty()
+                        && handle.with(|s| s.replaces_session_id() == Some(session_id)))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How a node holds a session it owns now: recovered if its state says it
+/// was rebuilt from a crashed session's replicas, else owned.
+fn owned<H: SessionCell>(handle: &H) -> Holding {
+    match handle.with(|s| s.replaces_session_id().map(str::to_string)) {
+        Some(old_session_id) => Holding::Recovered { old_session_id },
+        None => Holding::Owned,
     }
 }
 

@@ -294,6 +294,96 @@ fn fenced_and_moved_slots_are_pruned_by_their_deadline() {
     assert_eq!(t.poll_timeout(), None);
 }
 
+/// A session rebuilt from replicas (here on dp-2) and handed over to dp-1
+/// before its client heard the RECOVERED answer: dp-1 holds it as recovered
+/// too, so the client resuming the crashed id attaches to it (failover
+/// finding 4: it was replaced, its durable pushes lost). A plain session
+/// handed over stays owned.
+#[test]
+fn a_recovered_session_stays_recovered_across_a_handover() {
+    let now = Instant::now();
+    let mut b = table_of(
+        "dp-2",
+        &[("dp-1", NodeState::Active), ("dp-2", NodeState::Active)],
+    );
+    b.install(
+        cell("u", "new", now, 4),
+        4,
+        Holding::Recovered {
+            old_session_id: "old".into(),
+        },
+        None,
+    )
+    .unwrap();
+    let (state, _) = b
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 5,
+                new_owner: "dp-1".into(),
+            },
+        )
+        .unwrap()
+        .expect("exported");
+    assert_eq!(state.replaces_session_id, "old");
+
+    let mut t = table();
+    let imported = PlainCell::new(Session::import(state, now, SessionConfig::default()).unwrap());
+    t.install(imported, 5, Holding::Owned, None).unwrap();
+    assert_eq!(
+        t.holding("u"),
+        Some(&Holding::Recovered {
+            old_session_id: "old".into()
+        })
+    );
+    assert!(t.recovers("u", "old"));
+    assert!(!t.recovers("u", "new"));
+    assert!(!t.recovers("u", "other"));
+
+    t.install(cell("v", "plain", now, 5), 5, Holding::Owned, None)
+        .unwrap();
+    assert_eq!(t.holding("v"), Some(&Holding::Owned));
+    assert!(!t.recovers("v", ""));
+}
+
+/// The same through a drain: a staged recovered session is recovered once
+/// its claim commits, and a Start resuming the crashed id attaches to it
+/// even before.
+#[test]
+fn a_staged_recovered_session_is_recovered_once_claimed() {
+    let now = Instant::now();
+    let mut t = table();
+    let mut s = Session::new(
+        SessionIdentity {
+            session_id: "new".into(),
+            openid: "u".into(),
+            zone: "001".into(),
+        },
+        SessionConfig::default(),
+        now,
+    );
+    s.set_replaces_session_id("old");
+    let c = PlainCell::new(Session::import(s.export(), now, SessionConfig::default()).unwrap());
+    t.install(
+        c.clone(),
+        7,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    assert!(t.recovers("u", "old"));
+    t.claimed(now, &c, 7, Some(("dp-1", 7)));
+    assert_eq!(
+        t.holding("u"),
+        Some(&Holding::Recovered {
+            old_session_id: "old".into()
+        })
+    );
+}
+
 #[test]
 fn a_removed_recovered_session_leaves_nothing_behind() {
     let now = Instant::now();

@@ -127,6 +127,7 @@ impl Session {
                 .collect(),
             unknown_outcome_request_seq_ids: self.requests.unknown_on_export(window),
             counters: Some(self.counters),
+            replaces_session_id: self.replaces_session_id.clone().unwrap_or_default(),
         }
     }
 
@@ -168,6 +169,7 @@ impl Session {
             queue,
             requests,
             counters: state.counters.unwrap_or_default(),
+            replaces_session_id: Some(state.replaces_session_id).filter(|id| !id.is_empty()),
         })
     }
 }

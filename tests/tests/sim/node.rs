@@ -994,8 +994,7 @@ impl World {
         let now = self.instant();
         let node = self.node(name);
         let existing = node.table.local(openid).cloned();
-        let recovered = !p.session_id.is_empty()
-            && matches!(node.table.holding(openid), Some(Holding::Recovered { old_session_id }) if *old_session_id == p.session_id);
+        let recovered = !p.session_id.is_empty() && node.table.recovers(openid, &p.session_id);
         let mut cmds = Vec::new();
         let (handle, status) = match existing {
             Some(h) if recovered => {
