@@ -118,7 +118,13 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
     report.timed_out |= Instant::now() >= deadline;
     if let Some(cluster) = &node.cluster {
         commit_transfers(&node, cluster, untransferred, deadline).await;
-        // The replicas held here for other owners outlive this node.
+        // The replicas held here for other owners outlive this node, and so
+        // do the copies fenced here that their new owner never fetched.
+        node.registry.with_table(|t| {
+            for (state, owner) in t.fenced_states() {
+                node.replicas.keep_handed_over(state, owner);
+            }
+        });
         crate::replica::hand_over_replicas(&node).await;
         match cluster.leave().await {
             Ok(orphaned) => {

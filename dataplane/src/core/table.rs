@@ -257,6 +257,24 @@ impl<H: SessionCell> Table<H> {
             .is_some_and(|h| h.same(handle))
     }
 
+    /// The states of sessions fenced here that still wait for their new
+    /// owner's Handover, with that owner. A leaving node keeps them as
+    /// replicas, which it hands over before it goes: the fenced copy may be
+    /// the last one of what it acknowledged (simulation seed 475: the
+    /// claimant's Handover was lost and the claimant crashed).
+    pub fn fenced_states(&self) -> Vec<(&SessionState, &str)> {
+        let mut out: Vec<(&SessionState, &str)> = self
+            .slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Fenced { owner, state, .. } => Some((&**state, owner.as_str())),
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.openid.cmp(&b.0.openid));
+        out
+    }
+
     /// Where a session that left this node went: (openid, node).
     pub fn moved_to(&self, target: Target<'_>) -> Option<(String, String)> {
         let openid = self.resolve(target)?;

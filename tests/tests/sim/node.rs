@@ -1349,6 +1349,9 @@ impl World {
                     // again, for a few rounds.
                     match &mut node.handoff {
                         None => {
+                            for (state, owner) in node.table.fenced_states() {
+                                node.replicas.keep_handed_over(state, owner);
+                            }
                             let heirs = node.replicas.handoff(node.table.members());
                             let heirs = heirs.into_iter().map(|(m, r)| (m.node_id, r)).collect();
                             self.hand_over_replicas(name, heirs);
