@@ -15,7 +15,7 @@ use gatesvr_dataplane::replica::{HANDOFF_ROUNDS, Recovery, ReplicaStore, UNREACH
 use gatesvr_dataplane::session::{
     PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
 };
-use gatesvr_proto::client::{ClientResponse, ErrorCode, ResumeStatus};
+use gatesvr_proto::client::{ClientResponse, ErrorCode, ResumeStatus, ServerPush};
 use gatesvr_proto::control::DataPlaneNode;
 use gatesvr_proto::peer::{FetchReplicaResponse, ReplicateRequest};
 use gatesvr_proto::session::SessionState;
@@ -743,19 +743,8 @@ impl World {
             self.reply_up(d.id, d.openid, true, false);
             return;
         };
-        let (epoch, stats, pushes) = handle.with(|s| (s.epoch(), s.stats(), s.export().pushes));
-        let req = ReplicateRequest {
-            openid: d.openid.clone(),
-            session_id: handle.identity().session_id.clone(),
-            zone: handle.identity().zone.clone(),
-            epoch,
-            owner_node: name.into(),
-            pushes,
-            acked_seq_id: stats.acked_seq_id,
-            next_seq_id: stats.next_seq_id,
-            release: false,
-            incremental: false,
-        };
+        let pushes = handle.with(|s| s.export().pushes);
+        let req = copy_of(name, &handle, pushes, false);
         d.standby = to;
         self.send_durable_copy(name, d, handle.identity().session_id.clone(), req);
     }
@@ -1185,7 +1174,7 @@ impl World {
                 self.pump(name, &openid);
                 match (durable, standby) {
                     (true, Some(standby)) => {
-                        let (stats, export) = handle.with(|s| (s.stats(), s.export().pushes));
+                        let export = handle.with(|s| s.export().pushes);
                         // As `replica::replicate`: a standby new to the
                         // session gets its whole queue, not only this push.
                         let sid = handle.identity().session_id.clone();
@@ -1199,18 +1188,7 @@ impl World {
                         } else {
                             export
                         };
-                        let req = ReplicateRequest {
-                            openid: openid.clone(),
-                            session_id: sid.clone(),
-                            zone: handle.identity().zone.clone(),
-                            epoch,
-                            owner_node: name.into(),
-                            pushes,
-                            acked_seq_id: stats.acked_seq_id,
-                            next_seq_id: stats.next_seq_id,
-                            release: false,
-                            incremental: known,
-                        };
+                        let req = copy_of(name, &handle, pushes, known);
                         let d = DurableWait {
                             id,
                             openid: openid.clone(),
@@ -1815,20 +1793,9 @@ impl World {
                 node.synced.remove(&openid);
                 continue;
             }
-            let (epoch, stats) = h.with(|s| (s.epoch(), s.stats()));
+            let stats = h.with(|s| s.stats());
             let points = (stats.acked_seq_id, stats.next_seq_id);
-            let req = ReplicateRequest {
-                openid: openid.clone(),
-                session_id: session_id.clone(),
-                zone: h.identity().zone.clone(),
-                epoch,
-                owner_node: name.into(),
-                pushes: Vec::new(),
-                acked_seq_id: stats.acked_seq_id,
-                next_seq_id: stats.next_seq_id,
-                release: false,
-                incremental: true,
-            };
+            let req = copy_of(name, &h, Vec::new(), true);
             // As `replica::sync_ack_points`: the standby drained, left or
             // died (the ring moved on): the whole queue goes to the new one,
             // which is the session's standby once it answered (until then
@@ -1877,6 +1844,30 @@ impl World {
                 },
             );
         }
+    }
+}
+
+/// `owner`'s copy of `handle`'s session for its standby, with the session's
+/// epoch and ack point now (`replica::replicate`).
+fn copy_of(
+    owner: &str,
+    handle: &PlainCell,
+    pushes: Vec<ServerPush>,
+    incremental: bool,
+) -> ReplicateRequest {
+    let (epoch, stats) = handle.with(|s| (s.epoch(), s.stats()));
+    let id = handle.identity();
+    ReplicateRequest {
+        openid: id.openid.clone(),
+        session_id: id.session_id.clone(),
+        zone: id.zone.clone(),
+        epoch,
+        owner_node: owner.into(),
+        pushes,
+        acked_seq_id: stats.acked_seq_id,
+        next_seq_id: stats.next_seq_id,
+        release: false,
+        incremental,
     }
 }
 
