@@ -622,7 +622,9 @@ pub async fn take_over(
 pub const RECOVERY_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Gathers the replicas of a crashed owner's session, asking again (with
-/// backoff) while some live node has not answered.
+/// backoff) the live nodes that have not answered. What a node answered is
+/// kept across rounds: it may crash before the next one (as the
+/// simulation's `recover` always did).
 async fn recover(
     node: &Node,
     gone: &str,
@@ -631,10 +633,17 @@ async fn recover(
 ) -> Option<crate::replica::Recovery> {
     let give_up = tokio::time::Instant::now() + RECOVERY_PATIENCE;
     let mut pause = Duration::from_millis(100);
+    let mut answered = std::collections::HashSet::new();
+    let mut found = Vec::new();
     loop {
-        let gathered = crate::replica::fetch_recovery(node, gone, openid, session_id).await;
-        if gathered.unanswered.is_empty() {
-            return gathered.recovery;
+        let round =
+            crate::replica::fetch_recovery(node, gone, openid, session_id, &answered).await;
+        for (id, answer) in round.answers {
+            answered.insert(id);
+            found.push(answer);
+        }
+        if round.unanswered.is_empty() {
+            break;
         }
         if tokio::time::Instant::now() + pause > give_up {
             node.metrics
@@ -644,19 +653,20 @@ async fn recover(
             tracing::warn!(
                 openid,
                 session_id,
-                unanswered = ?gathered.unanswered,
+                unanswered = ?round.unanswered,
                 "nodes did not answer for their replicas in time; recovering from the copies found"
             );
-            return gathered.recovery;
+            break;
         }
         node.metrics
             .sessions_recovered
             .with_label_values(&["retried"])
             .inc();
-        tracing::debug!(openid, unanswered = ?gathered.unanswered, "replica fetch unanswered; asking again");
+        tracing::debug!(openid, unanswered = ?round.unanswered, "replica fetch unanswered; asking again");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
+    crate::replica::merge(node, openid, session_id, found)
 }
 
 async fn hand_over_from(

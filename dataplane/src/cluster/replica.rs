@@ -27,7 +27,7 @@
 //! Recovery rebuilds a **new** session: the non-durable pushes that shared the
 //! old numbering are gone, so keeping the old seqs would leave silent holes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -732,42 +732,47 @@ impl Recovery {
     }
 }
 
-/// What [`fetch_recovery`] gathered.
+/// What one round of [`fetch_recovery`] gathered.
 pub struct Gathered {
-    /// The merged replicas; None when no node answered with one.
-    pub recovery: Option<Recovery>,
+    /// The answers, by node (a node with no copy answers `found: false`).
+    pub answers: Vec<(String, FetchReplicaResponse)>,
     /// Live nodes that did not answer (overloaded, partitioned): a copy they
-    /// hold is missing from `recovery`.
+    /// hold is missing from `answers`.
     pub unanswered: Vec<String>,
 }
 
-/// The previous owner of `openid` is gone: gathers the replicas of session
-/// `session_id` held by live nodes other than `gone` (and this one), merged.
-pub async fn fetch_recovery(node: &Node, gone: &str, openid: &str, session_id: &str) -> Gathered {
+/// The previous owner of `openid` is gone: asks the live nodes other than
+/// `gone`, this one and those in `answered` (an earlier round's) for their
+/// replicas of session `session_id`; [`merge`] joins what the rounds found.
+pub async fn fetch_recovery(
+    node: &Node,
+    gone: &str,
+    openid: &str,
+    session_id: &str,
+    answered: &HashSet<String>,
+) -> Gathered {
+    let mut gathered = Gathered {
+        answers: Vec::new(),
+        unanswered: Vec::new(),
+    };
     if node.cluster.is_none() {
-        return Gathered {
-            recovery: None,
-            unanswered: Vec::new(),
-        };
+        return gathered;
     }
-    // Live nodes only: a dead or departed (`left`) node cannot answer and is
-    // not waited on (core::Members decides).
-    let peers: Vec<(String, String)> = node.registry.members(|m| {
-        m.recovery_sources(gone)
+    let ids = |members: Vec<&Member>| -> Vec<(String, String)> {
+        members
             .into_iter()
+            .filter(|n| !answered.contains(&n.node_id))
             .map(|n| (n.node_id.clone(), n.grpc_addr.clone()))
             .collect()
-    });
+    };
+    // Live nodes only: a dead or departed (`left`) node cannot answer and is
+    // not waited on (core::Members decides).
+    let peers = node.registry.members(|m| ids(m.recovery_sources(gone)));
     // Nodes declared dead are asked too, briefly and without waiting on
     // them: one only cut off from the control plane is alive and may hold the
     // last copy (simulation seed 72: the standby and the owner both lost the
     // control plane; the standby held the pushes the owner had acknowledged).
-    let maybe: Vec<(String, String)> = node.registry.members(|m| {
-        m.recovery_maybe(gone)
-            .into_iter()
-            .map(|n| (n.node_id.clone(), n.grpc_addr.clone()))
-            .collect()
-    });
+    let maybe = node.registry.members(|m| ids(m.recovery_maybe(gone)));
     let ask = |addr: String| async move {
         let mut client = node.peers.peer(&addr).ok()?;
         let req = FetchReplicaRequest {
@@ -778,28 +783,25 @@ pub async fn fetch_recovery(node: &Node, gone: &str, openid: &str, session_id: &
     };
     let remote = futures::future::join_all(
         peers
-            .iter()
-            .map(|(id, addr)| async move { ask(addr.clone()).await.ok_or_else(|| id.clone()) }),
+            .into_iter()
+            .map(|(id, addr)| async move { (ask(addr).await, id) }),
     );
-    let dead = futures::future::join_all(maybe.into_iter().map(|(_, addr)| async move {
-        tokio::time::timeout(DEAD_NODE_ASK, ask(addr))
-            .await
-            .ok()
-            .flatten()
+    let dead = futures::future::join_all(maybe.into_iter().map(|(id, addr)| async move {
+        let answer = tokio::time::timeout(DEAD_NODE_ASK, ask(addr)).await;
+        (answer.ok().flatten(), id)
     }));
     let (remote, dead) = tokio::join!(remote, dead);
-    let mut unanswered = Vec::new();
-    let mut found: Vec<FetchReplicaResponse> = dead.into_iter().flatten().collect();
-    for r in remote {
-        match r {
-            Ok(r) => found.push(r),
-            Err(id) => unanswered.push(id),
+    gathered.answers = dead
+        .into_iter()
+        .filter_map(|(answer, id)| Some((id, answer?)))
+        .collect();
+    for (answer, id) in remote {
+        match answer {
+            Some(r) => gathered.answers.push((id, r)),
+            None => gathered.unanswered.push(id),
         }
     }
-    Gathered {
-        recovery: merge(node, openid, session_id, found),
-        unanswered,
-    }
+    gathered
 }
 
 /// Splits a replica into chunks of about `budget` bytes: the first carries
@@ -849,7 +851,7 @@ async fn call_fetch(
 }
 
 /// Merges the copies found (this node's own included).
-fn merge(
+pub fn merge(
     node: &Node,
     openid: &str,
     session_id: &str,

@@ -65,7 +65,17 @@ pub enum Slot<H> {
         /// Handover, instead of resuming from an older copy of its own
         /// (simulation seed 186). Dropped once given, or when the view names
         /// `to` (the transfer committed: the successor's copy is the session).
+        ///
+        /// Also the state a Handover exported to `to`, until `copy_until`: a
+        /// retry of that Handover (same claimant, same epoch) gets it again.
+        /// The first answer may never arrive (its deadline passed while the
+        /// network held it, its connection broke after the last byte left);
+        /// answered "no copy", the claimant could only rebuild from replicas,
+        /// and this node holding the last one could crash first (simulation
+        /// seed 369).
         copy: Option<Box<SessionState>>,
+        /// When a Handover's `copy` is dropped (None: kept as long as the slot).
+        copy_until: Option<Instant>,
     },
     /// The view showed `owner` holding the session at `epoch`, newer than our
     /// copy: our copy stopped serving. Its state is kept until `until` for a
@@ -95,6 +105,12 @@ impl<H> Slot<H> {
         match self {
             Slot::Local { .. } => None,
             Slot::Incoming { deadline } => Some(*deadline),
+            Slot::Moved {
+                until,
+                copy: Some(_),
+                copy_until: Some(copy_until),
+                ..
+            } => Some((*until).min(*copy_until)),
             Slot::Moved { until, .. } | Slot::Fenced { until, .. } => Some(*until),
         }
     }

@@ -44,6 +44,10 @@ pub struct TableConfig {
     pub fenced_ttl: Duration,
     /// Pushes wait at most this long for a session being fetched.
     pub incoming_ttl: Duration,
+    /// A state handed over to a claimant is kept this long for a retry of
+    /// its Handover (`Slot::Moved::copy`): longer than a claimant keeps
+    /// asking (`cluster::peer::RECOVERY_PATIENCE`, 10 s) plus one call.
+    pub handover_copy_ttl: Duration,
 }
 
 impl Default for TableConfig {
@@ -52,6 +56,7 @@ impl Default for TableConfig {
             moved_ttl: Duration::from_secs(120),
             fenced_ttl: Duration::from_secs(60),
             incoming_ttl: Duration::from_secs(10),
+            handover_copy_ttl: Duration::from_secs(15),
         }
     }
 }
@@ -359,7 +364,21 @@ impl<H: SessionCell> Table<H> {
                 }
                 Some(slot) => {
                     if slot.own_deadline().is_some_and(|d| d <= now) {
-                        self.forget(&openid);
+                        if let Some(Slot::Moved {
+                            until,
+                            copy,
+                            copy_until,
+                            ..
+                        }) = self.slots.get_mut(&openid)
+                            && *until > now
+                        {
+                            // Only the Handover's kept state is due.
+                            *copy = None;
+                            *copy_until = None;
+                            self.arm(&openid);
+                        } else {
+                            self.forget(&openid);
+                        }
                     } else {
                         self.arm(&openid);
                     }
@@ -629,7 +648,6 @@ impl<H: SessionCell> Table<H> {
         openid: &str,
         ask: HandoverAsk,
     ) -> Result<Option<(SessionState, Option<H>)>, HandoverError> {
-        let until = now + self.cfg.moved_ttl;
         match (self.slots.get(openid), &ask) {
             (_, HandoverAsk::Peer { epoch: 0, .. }) => Err(HandoverError::NoEpoch),
             (Some(Slot::Local { handle, .. }), HandoverAsk::Peer { epoch, new_owner }) => {
@@ -641,16 +659,7 @@ impl<H: SessionCell> Table<H> {
                         asked: *epoch,
                     });
                 }
-                let slot = Slot::Moved {
-                    to: new_owner.clone(),
-                    epoch: *epoch,
-                    session_id: state.session_id.clone(),
-                    until,
-                    settled: true,
-                    staging: None,
-                    copy: None,
-                };
-                self.put(openid, slot);
+                self.handed_over(now, openid, new_owner, *epoch, &state);
                 Ok(Some((state, Some(handle))))
             }
             (Some(Slot::Local { handle, holding }), HandoverAsk::Drain { successor }) => {
@@ -660,10 +669,11 @@ impl<H: SessionCell> Table<H> {
                     to: successor.clone(),
                     epoch: held,
                     session_id: state.session_id.clone(),
-                    until,
+                    until: now + self.cfg.moved_ttl,
                     settled: false,
                     staging: Some((handle.clone(), holding)),
                     copy: None,
+                    copy_until: None,
                 };
                 self.put(openid, slot);
                 Ok(Some((state, None)))
@@ -686,16 +696,7 @@ impl<H: SessionCell> Table<H> {
                         asked: *epoch,
                     });
                 }
-                let slot = Slot::Moved {
-                    to: new_owner.clone(),
-                    epoch: *epoch,
-                    session_id: state.session_id.clone(),
-                    until,
-                    settled: true,
-                    staging: None,
-                    copy: None,
-                };
-                self.put(openid, slot);
+                self.handed_over(now, openid, new_owner, *epoch, &state);
                 Ok(Some((state, Some(handle))))
             }
             (
@@ -713,44 +714,59 @@ impl<H: SessionCell> Table<H> {
                     });
                 }
                 let state = (**state).clone();
-                let slot = Slot::Moved {
-                    to: new_owner.clone(),
-                    epoch: *epoch,
-                    session_id: state.session_id.clone(),
-                    until,
-                    settled: true,
-                    staging: None,
-                    copy: None,
-                };
-                self.put(openid, slot);
+                self.handed_over(now, openid, new_owner, *epoch, &state);
                 Ok(Some((state, None)))
             }
-            // A claimant asks for a session whose drain staging did not
-            // commit its transfer: the state staged is the session's latest
-            // (nothing was queued here since); it goes to the claimant once.
+            // A state exported from here and kept. A drain's staging that
+            // did not commit its transfer (the state staged is the session's
+            // latest: nothing was queued here since) goes to a claimant at a
+            // newer epoch. A Handover's answer goes again to its claimant
+            // only, at the same epoch (a retry): anyone later asks that
+            // claimant, which may have served the session since.
             (
                 Some(Slot::Moved {
+                    to,
                     epoch: known,
                     copy: Some(copy),
+                    copy_until,
                     ..
                 }),
                 HandoverAsk::Peer { epoch, new_owner },
-            ) if *epoch >= *known && *epoch > copy.epoch => {
+            ) if match copy_until {
+                Some(_) => to == new_owner && epoch == known,
+                None => *epoch >= *known && *epoch > copy.epoch,
+            } =>
+            {
                 let state = (**copy).clone();
-                let slot = Slot::Moved {
-                    to: new_owner.clone(),
-                    epoch: *epoch,
-                    session_id: state.session_id.clone(),
-                    until,
-                    settled: true,
-                    staging: None,
-                    copy: None,
-                };
-                self.put(openid, slot);
+                self.handed_over(now, openid, new_owner, *epoch, &state);
                 Ok(Some((state, None)))
             }
             _ => Ok(None),
         }
+    }
+
+    /// `openid`'s `state` went to `new_owner`, which claimed it at `epoch`:
+    /// pushes follow it there, and the state is kept for a retry of the
+    /// Handover ([`Slot::Moved`]'s `copy`).
+    fn handed_over(
+        &mut self,
+        now: Instant,
+        openid: &str,
+        new_owner: &str,
+        epoch: u64,
+        state: &SessionState,
+    ) {
+        let slot = Slot::Moved {
+            to: new_owner.to_string(),
+            epoch,
+            session_id: state.session_id.clone(),
+            until: now + self.cfg.moved_ttl,
+            settled: true,
+            staging: None,
+            copy: Some(Box::new(state.clone())),
+            copy_until: Some(now + self.cfg.handover_copy_ttl),
+        };
+        self.put(openid, slot);
     }
 
     /// The state handed over to a peer at `epoch` did not reach it whole

@@ -285,6 +285,10 @@ fn fenced_and_moved_slots_are_pruned_by_their_deadline() {
     )
     .unwrap();
     assert_eq!(t.slot_count(), 2);
+    // First due: the state kept for a retry of b's Handover.
+    assert_eq!(t.poll_timeout(), Some(now + cfg.handover_copy_ttl));
+    t.tick(now + cfg.handover_copy_ttl);
+    assert_eq!(t.slot_count(), 2);
     assert_eq!(t.poll_timeout(), Some(now + cfg.fenced_ttl));
     t.tick(now + cfg.fenced_ttl);
     assert!(t.slot("a").is_none());
@@ -1182,4 +1186,55 @@ fn an_older_staged_copy_at_the_same_epoch_does_not_replace_a_newer_export() {
         Some(("dp-1", 2)),
     );
     assert!(matches!(r, Err(InstallError::Stale { .. })), "{r:?}");
+}
+
+/// Simulation seed 369: a claimant's Handover answer arrived after its
+/// deadline; its retry found the session exported and was answered "no
+/// copy", and the old owner, which held the last copy of its durable pushes,
+/// crashed before the claimant's recovery asked it. A retry by the same
+/// claimant at the same epoch now gets the state again, for
+/// `handover_copy_ttl`; nobody else gets it.
+#[test]
+fn a_handover_retried_by_its_claimant_gets_the_same_state_again() {
+    let now = Instant::now();
+    let cfg = TableConfig::default();
+    let mut t = table();
+    t.start(cell("u", "s", now, 3), Holding::Owned, "r");
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+    let ask = |epoch, who: &str| HandoverAsk::Peer {
+        epoch,
+        new_owner: who.into(),
+    };
+    let (first, handle) = t.hand_over(now, "u", ask(4, "dp-2")).unwrap().unwrap();
+    assert!(handle.is_some());
+    // Another node, or the claimant at another epoch, gets nothing.
+    let other = t.hand_over(now, "u", ask(5, "dp-3"));
+    assert!(matches!(other, Ok(None)), "{other:?}");
+    let other = t.hand_over(now, "u", ask(5, "dp-2"));
+    assert!(matches!(other, Ok(None)), "{other:?}");
+    // The retry gets the same state (its connection was closed the first time).
+    let later = now + Duration::from_secs(3);
+    let (again, handle) = t
+        .hand_over(later, "u", ask(4, "dp-2"))
+        .unwrap()
+        .expect("a retry by the claimant gets the state again");
+    assert!(handle.is_none());
+    assert_eq!(again, first);
+    assert_eq!(again.pushes.len(), 1);
+    // Pushes still follow the session to its claimant.
+    let (o, _) = t.push(later, Target::Openid("u"), msg(2), None);
+    assert!(
+        matches!(o, PushOutcome::Forward { ref to } if to == "dp-2"),
+        "{o:?}"
+    );
+    // The state is dropped after `handover_copy_ttl`; the forwarding
+    // address stays until `moved_ttl`.
+    let expiry = later + cfg.handover_copy_ttl;
+    assert_eq!(t.poll_timeout(), Some(expiry));
+    t.tick(expiry);
+    let gone = t.hand_over(expiry, "u", ask(4, "dp-2"));
+    assert!(matches!(gone, Ok(None)), "{gone:?}");
+    assert_eq!(t.slot("u").map(|s| s.name()), Some("moved"));
+    assert_eq!(t.poll_timeout(), Some(later + cfg.moved_ttl));
 }
