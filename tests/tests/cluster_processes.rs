@@ -11,7 +11,7 @@
 //! during the outage; drain of a node under load by SIGTERM (a rolling
 //! upgrade step); kill -9 of a session's owner, the client coming back on
 //! another node or on the owner restarted with its node id (no unacked durable
-//! push lost).
+//! push lost); kill -9 of a session's standby, then of its owner.
 //! No assertion is about time: conditions are polled with a bound.
 
 use std::time::Duration;
@@ -254,6 +254,117 @@ async fn kill_9_of_the_owner_loses_no_durable_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_with_the_same_node_id_loses_no_durable_push() {
     kill_9_with_unacked_durable_pushes(Comeback::SameNodeRestarted).await;
+}
+
+/// The standby of a session is killed, then, once the owner has copied the
+/// session to the next node, the owner. Each ack-sync round probes every
+/// standby, so the owner finds the dead one within about a second (it is still
+/// live in the view: its lease has not run out) and copies the whole queue to
+/// the next node of the ring (`core::Members::mark_unreachable`,
+/// `replica::standby_unreachable`). Until this test only the simulation's
+/// mirror of that path checked it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_standby_then_of_the_owner_loses_no_durable_push() {
+    let mut cluster = three_by_three().await;
+    let client = Client::connect(cluster.client_config(0, "dave"))
+        .await
+        .unwrap();
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=10u64 {
+        durable_push(&mut gw, "dave", n).await;
+    }
+    let (got, _) = collect(&client, 10).await;
+    assert_eq!(got, (1..=10).collect::<Vec<_>>());
+    client.reconnect_to("127.0.0.1:9".parse().unwrap());
+    for n in 11..=20u64 {
+        durable_push(&mut gw, "dave", n).await;
+    }
+    // The standby is whichever of the other two holds dave's pushes (the
+    // client's acks of 1..=10 may not have reached the owner before it lost
+    // its network: at least the 10 unacked ones).
+    let standby = wait_for(|| async {
+        for i in [1, 2] {
+            let (sessions, pushes) = replicas_held(&cluster, i).await;
+            if sessions == 1 && pushes >= 10 {
+                return Some((i, pushes));
+            }
+        }
+        None
+    })
+    .await;
+    let Some((standby, pushes)) = standby else {
+        let mut held = Vec::new();
+        for i in 0..3 {
+            held.push(replicas_held(&cluster, i).await);
+        }
+        panic!("no node holds the replica of dave's pushes: {held:?}");
+    };
+    let heir = 3 - standby;
+    assert_eq!(replicas_held(&cluster, heir).await, (0, 0), "one copy only");
+
+    cluster.kill(standby);
+    // The owner copies the session to the other node, with no push to prompt it.
+    wait_for(|| async { (replicas_held(&cluster, heir).await == (1, pushes)).then_some(()) })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the owner never copied the session to {heir}\nDP0 {}",
+                cluster.log_tail(0)
+            )
+        });
+    // New durable pushes are replicated there.
+    for n in 21..=25u64 {
+        durable_push(&mut gw, "dave", n).await;
+    }
+    cluster.kill(0);
+    client.reconnect_to(cluster.quic(heir));
+    let mut status = None;
+    let mut recovered = Vec::new();
+    while status.is_none() || recovered.len() < 15 {
+        match tokio::time::timeout(PATIENCE * 2, client.next_event()).await {
+            Ok(Some(Event::Push(p))) if status.is_some() => {
+                recovered.push(p.content.parse::<u64>().unwrap());
+            }
+            Ok(Some(Event::ResumeFailed { status: s, .. })) => status = Some(s),
+            Ok(Some(_)) => {}
+            other => panic!(
+                "stalled: status {status:?}, recovered {recovered:?} ({other:?})\nheir {}",
+                cluster.log_tail(heir)
+            ),
+        }
+    }
+    assert_eq!(status, Some(ResumeStatus::Recovered));
+    assert_eq!(
+        recovered,
+        (11..=25).collect::<Vec<_>>(),
+        "every unacked durable push survived both crashes, in order"
+    );
+}
+
+/// (sessions, durable pushes) data plane `i` holds as replicas, from `/stats`.
+async fn replicas_held(cluster: &ProcessCluster, i: usize) -> (u64, u64) {
+    let (status, body) = http_get(cluster.http(i), "/stats").await;
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let replicas = &stats["replicas"];
+    (
+        replicas["sessions"].as_u64().unwrap(),
+        replicas["pushes"].as_u64().unwrap(),
+    )
+}
+
+/// Polls `f` every 100 ms until it gives a value, for at most `PATIENCE`.
+async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    while tokio::time::Instant::now() < give_up {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 enum Comeback {

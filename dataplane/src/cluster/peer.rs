@@ -636,8 +636,7 @@ async fn recover(
     let mut answered = std::collections::HashSet::new();
     let mut found = Vec::new();
     loop {
-        let round =
-            crate::replica::fetch_recovery(node, gone, openid, session_id, &answered).await;
+        let round = crate::replica::fetch_recovery(node, gone, openid, session_id, &answered).await;
         for (id, answer) in round.answers {
             answered.insert(id);
             found.push(answer);

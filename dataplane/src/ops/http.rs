@@ -179,6 +179,12 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
         "connected_sessions": registry.connected(),
         "sessions_per_zone": registry.per_zone(),
         "queued_pushes": queued,
+        // Other nodes' sessions this node holds a copy of (as a standby), as
+        // of the last replica sweep (every second).
+        "replicas": {
+            "sessions": m.replica_sessions.get(),
+            "pushes": m.replica_pushes.get(),
+        },
         "upstreams": upstream_health(&state.node),
         "requests_by_outcome": crate::metrics::sum_by(&m.requests, "outcome"),
         "pushes_by_outcome": crate::metrics::sum_by(&m.pushes, "outcome"),
