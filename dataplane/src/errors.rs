@@ -16,14 +16,12 @@
 //! | QUIC `CONNECTION_CLOSE` application code | [`quic_close_code`], [`NODE_STOPPED`] | protocol.md §8.1 |
 //! | WebSocket close code | [`websocket_close_code`] | protocol.md §12.3 |
 //! | gRPC status of `GatewayService` (to upstreams) | `push/gateway.rs` (see below) | protocol.md §13.3 |
-//! | gRPC status of `PeerService` (node to node) | `cluster/peer.rs` (see below) | architecture.md §8 |
+//! | gRPC status of `PeerService` (node to node) | [`PeerRefusal`] | architecture.md §8 |
 //! | HTTP status of the ops endpoints | [`OpsError`] | operations.md |
 //!
-//! The gRPC statuses of `GatewayService` and `PeerService` are still built
-//! where they are decided (`push/gateway.rs`, `cluster/peer.rs`): their
-//! callers are an operator's upstreams and other nodes, which may see
-//! addresses and node names, and both files are being reworked around the
-//! session table. Moving them here is the next step.
+//! The gRPC statuses of `GatewayService` are still built where they are
+//! decided (`push/gateway.rs`): its callers are an operator's upstreams,
+//! which may see node names; moving them here is the next step.
 
 use std::borrow::Cow;
 
@@ -32,6 +30,7 @@ use gatesvr_proto::frame::FrameError;
 
 use crate::auth::AuthError;
 use crate::cluster::ClaimError;
+use crate::core::HandoverError;
 use crate::upstream::ForwardError;
 
 /// What a client is told: the `code`, `message` and `retry_after_ms` of an
@@ -183,6 +182,67 @@ pub(crate) fn websocket_close_code(code: ErrorCode) -> u16 {
     crate::transport::WS_CLOSE_BASE + code as u16
 }
 
+/// Why a node's `PeerService` refused another node's call. The caller acts
+/// on the gRPC code, so each case has one (architecture.md §8): UNAVAILABLE
+/// is "ask again or elsewhere", NOT_FOUND from a standby is "send the whole
+/// queue", FAILED_PRECONDITION is a fencing refusal a retry cannot change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerRefusal {
+    /// UNAVAILABLE: the node is stopping.
+    #[error("node crashed")]
+    Stopped,
+    /// FAILED_PRECONDITION (fenced) or INVALID_ARGUMENT (no epoch).
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
+    /// FAILED_PRECONDITION: a staged state this node cannot take (older than
+    /// a copy known here, or malformed).
+    #[error("cannot stage session: {0}")]
+    Stage(String),
+    /// INVALID_ARGUMENT: a Stage without its state.
+    #[error("state is required")]
+    NoState,
+    /// DEADLINE_EXCEEDED: a Stage stream stopped between chunks.
+    #[error("no next stage chunk in time")]
+    StageStalled,
+    /// NOT_FOUND: an update (`incremental`) to a copy this standby does not
+    /// hold (it restarted): the owner sends the whole queue.
+    #[error("no copy of this session here: send the whole queue")]
+    NoCopy,
+    /// FAILED_PRECONDITION: this standby holds a newer session of the openid.
+    #[error("replica holds session {session_id} at epoch {held}, newer than {offered}")]
+    NewerReplica {
+        session_id: String,
+        held: u64,
+        offered: u64,
+    },
+    /// RESOURCE_EXHAUSTED: the replica reached its push limit.
+    #[error("replica full")]
+    ReplicaFull,
+}
+
+impl PeerRefusal {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            PeerRefusal::Stopped => tonic::Code::Unavailable,
+            PeerRefusal::Handover(HandoverError::NoEpoch) | PeerRefusal::NoState => {
+                tonic::Code::InvalidArgument
+            }
+            PeerRefusal::Handover(HandoverError::Fenced { .. })
+            | PeerRefusal::Stage(_)
+            | PeerRefusal::NewerReplica { .. } => tonic::Code::FailedPrecondition,
+            PeerRefusal::StageStalled => tonic::Code::DeadlineExceeded,
+            PeerRefusal::NoCopy => tonic::Code::NotFound,
+            PeerRefusal::ReplicaFull => tonic::Code::ResourceExhausted,
+        }
+    }
+}
+
+impl From<PeerRefusal> for tonic::Status {
+    fn from(refusal: PeerRefusal) -> Self {
+        tonic::Status::new(refusal.code(), refusal.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -286,6 +346,26 @@ mod tests {
         assert_eq!(
             websocket_close_code(ErrorCode::Draining),
             4000 + ErrorCode::Draining as u16
+        );
+    }
+
+    /// The codes callers act on: a standby's NOT_FOUND makes the owner send
+    /// the whole queue (`replica::copy_lost`), a fencing refusal is final.
+    #[test]
+    fn peer_refusals_keep_the_codes_callers_act_on() {
+        let status = tonic::Status::from(PeerRefusal::NoCopy);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        let fenced = PeerRefusal::from(HandoverError::Fenced { held: 5, asked: 4 });
+        assert_eq!(
+            tonic::Status::from(fenced).code(),
+            tonic::Code::FailedPrecondition
+        );
+        let no_epoch = PeerRefusal::from(HandoverError::NoEpoch);
+        assert_eq!(no_epoch.code(), tonic::Code::InvalidArgument);
+        assert_eq!(PeerRefusal::Stopped.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            tonic::Status::from(PeerRefusal::Stage("stale".into())).message(),
+            "cannot stage session: stale"
         );
     }
 }

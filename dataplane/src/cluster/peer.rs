@@ -41,8 +41,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::core::{AfterHandover, Reach};
+use crate::errors::PeerRefusal;
 use crate::node::Node;
-use crate::registry::HandoverError;
 
 /// Marks a push forwarded by another node: it is never forwarded again.
 pub const FORWARDED_HEADER: &str = "x-gatesvr-forwarded";
@@ -164,7 +164,7 @@ pub struct PeerService {
 impl PeerService {
     fn alive(&self) -> Result<(), Status> {
         if self.node.crashed() {
-            return Err(Status::unavailable("node crashed"));
+            return Err(PeerRefusal::Stopped.into());
         }
         Ok(())
     }
@@ -449,10 +449,7 @@ impl Peer for PeerService {
                 found: false,
                 state: None,
             })),
-            Err(e @ HandoverError::Fenced { .. }) => {
-                Err(Status::failed_precondition(e.to_string()))
-            }
-            Err(e @ HandoverError::NoEpoch) => Err(Status::invalid_argument(e.to_string())),
+            Err(e) => Err(PeerRefusal::from(e).into()),
         }
     }
 
@@ -465,7 +462,7 @@ impl Peer for PeerService {
         let mut chunks = Vec::new();
         loop {
             match tokio::time::timeout(PEER_TIMEOUT, stream.message()).await {
-                Err(_) => return Err(Status::deadline_exceeded("no next stage chunk in time")),
+                Err(_) => return Err(PeerRefusal::StageStalled.into()),
                 Ok(Err(status)) => return Err(status),
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => chunks.push(chunk),
@@ -482,9 +479,7 @@ impl Peer for PeerService {
     ) -> Result<Response<StageResponse>, Status> {
         self.alive()?;
         let req = request.into_inner();
-        let state = req
-            .state
-            .ok_or_else(|| Status::invalid_argument("state is required"))?;
+        let state = req.state.ok_or(PeerRefusal::NoState)?;
         let openid = state.openid.clone();
         let view_owner = self
             .node
@@ -501,7 +496,7 @@ impl Peer for PeerService {
                 },
                 view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
             )
-            .map_err(|e| Status::failed_precondition(format!("cannot stage session: {e}")))?;
+            .map_err(PeerRefusal::Stage)?;
         tracing::debug!(openid = %openid, from = %req.from_node, epoch = req.epoch, "session staged here");
         Ok(Response::new(StageResponse {}))
     }

@@ -44,6 +44,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::core::Member;
+use crate::errors::PeerRefusal;
 use crate::node::Node;
 use crate::peer::{PEER_TIMEOUT, collect_stream};
 use crate::registry::SessionEntry;
@@ -126,7 +127,7 @@ impl ReplicaStore {
     }
 
     /// Applies an owner's copy or ack-point update. Returns the pushes held.
-    pub fn apply(&self, req: ReplicateRequest) -> Result<u64, Status> {
+    pub fn apply(&self, req: ReplicateRequest) -> Result<u64, PeerRefusal> {
         let mut map = self.map.lock();
         if req.release {
             if map
@@ -145,9 +146,7 @@ impl ReplicaStore {
                 .get(&req.openid)
                 .is_none_or(|r| r.session_id != req.session_id)
         {
-            return Err(Status::not_found(
-                "no copy of this session here: send the whole queue",
-            ));
+            return Err(PeerRefusal::NoCopy);
         }
         let now = Instant::now();
         let replica = map
@@ -155,10 +154,11 @@ impl ReplicaStore {
             .or_insert_with(|| Replica::new(&req, now));
         if replica.session_id != req.session_id {
             if req.epoch < replica.epoch {
-                return Err(Status::failed_precondition(format!(
-                    "replica holds session {} at epoch {}, newer than {}",
-                    replica.session_id, replica.epoch, req.epoch
-                )));
+                return Err(PeerRefusal::NewerReplica {
+                    session_id: replica.session_id.clone(),
+                    held: replica.epoch,
+                    offered: req.epoch,
+                });
             }
             // A newer session of the openid: the old copy is obsolete.
             *replica = Replica::new(&req, now);
@@ -196,7 +196,7 @@ impl ReplicaStore {
             for seq in excess {
                 replica.pushes.remove(&seq);
             }
-            return Err(Status::resource_exhausted("replica full"));
+            return Err(PeerRefusal::ReplicaFull);
         }
         Ok(replica.pushes.len() as u64)
     }
