@@ -280,6 +280,20 @@ impl<H: SessionCell> Table<H> {
         out
     }
 
+    /// The fenced copies whose owner (the node the view named, which has not
+    /// fetched them) is no longer live: nobody will ask for them, and this
+    /// node may hold the last copy of their durable pushes. The shell keeps
+    /// them as replicas, so a recovery finds them and a second copy is made
+    /// (`replica::copy_orphans`; simulation seed 154: the claimant restarted
+    /// empty and left, then this node crashed with the only copy).
+    pub fn fenced_for_gone_owners(&self) -> Vec<(SessionState, String)> {
+        self.fenced_states()
+            .into_iter()
+            .filter(|(state, owner)| !state.pushes.is_empty() && !self.members.is_live(owner))
+            .map(|(state, owner)| (state.clone(), owner.to_string()))
+            .collect()
+    }
+
     /// Where a session that left this node went: (openid, node).
     pub fn moved_to(&self, target: Target<'_>) -> Option<(String, String)> {
         let openid = self.resolve(target)?;

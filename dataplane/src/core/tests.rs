@@ -1238,3 +1238,36 @@ fn a_handover_retried_by_its_claimant_gets_the_same_state_again() {
     assert_eq!(t.slot("u").map(|s| s.name()), Some("moved"));
     assert_eq!(t.poll_timeout(), Some(later + cfg.moved_ttl));
 }
+
+/// Simulation seed 154: a copy fenced for a claimant that then restarted
+/// empty and left was the last copy of its durable pushes, on one node. Such
+/// copies are listed for the shell to keep as replicas (and copy again);
+/// those whose owner is live wait for its Handover.
+#[test]
+fn fenced_copies_of_gone_owners_are_listed_for_a_second_copy() {
+    let now = Instant::now();
+    let mut t = table();
+    for (openid, owner) in [("a", "dp-2"), ("b", "dp-4"), ("c", "dp-5")] {
+        let sid = format!("s{openid}");
+        t.start(cell(openid, &sid, now, 1), Holding::Owned, "r");
+        let (o, _) = t.push(now, Target::Openid(openid), msg(1), None);
+        assert_eq!(queued(&o), Some(1));
+        t.owner_changed(now, openid, owner, 2);
+    }
+    // No push: nothing to keep.
+    t.start(cell("d", "sd", now, 1), Holding::Owned, "r");
+    t.owner_changed(now, "d", "dp-5", 2);
+    assert_eq!(t.fenced_states().len(), 4);
+    let gone: Vec<(String, String, usize)> = t
+        .fenced_for_gone_owners()
+        .into_iter()
+        .map(|(s, owner)| (s.openid, owner, s.pushes.len()))
+        .collect();
+    assert_eq!(
+        gone,
+        vec![
+            ("b".to_string(), "dp-4".to_string(), 1),
+            ("c".to_string(), "dp-5".to_string(), 1)
+        ]
+    );
+}

@@ -1740,6 +1740,9 @@ impl World {
     /// (`replica::copy_orphans`).
     fn copy_orphans(&mut self, name: &str) {
         let node = self.node(name);
+        for (state, owner) in node.table.fenced_for_gone_owners() {
+            node.replicas.keep_handed_over(&state, &owner);
+        }
         let orphans = node.replicas.orphans(node.table.members());
         for (heir, req) in orphans {
             let wait = self.id();
