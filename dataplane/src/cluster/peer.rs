@@ -833,8 +833,11 @@ async fn ask_handover(
         crate::core::Holding::Owned,
         view_owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
     ) {
-        Ok(_) => {
+        Ok(entry) => {
             node.metrics.handovers.with_label_values(&["taken"]).inc();
+            if entry.state.lock().stats().unacked > 0 {
+                node.registry.copy_soon(openid);
+            }
             (Reach::Answered, TakeOver::Installed)
         }
         Err(e) => {

@@ -143,8 +143,9 @@ pub struct Registry {
     /// (what they hold, the claim's epoch); consumed by that Start. Data in
     /// transit, not a location: the slot is `Incoming` meanwhile.
     recovering: Mutex<HashMap<String, (crate::replica::Recovery, u64)>>,
-    /// Sessions rebuilt from a replica whose queue must be copied to this
-    /// node's standby; `recovered_wake` tells the replica task.
+    /// Sessions whose queue must be copied to this node's standby now
+    /// (rebuilt from a replica, or handed over with pushes: [`Registry::copy_soon`]);
+    /// `recovered_wake` tells the replica task.
     to_replicate: Mutex<Vec<String>>,
     pub recovered_wake: Notify,
     /// Signalled whenever a slot settles (an incoming session arrived or
@@ -686,7 +687,15 @@ impl Registry {
             .insert(openid.to_string(), (recovery, epoch));
     }
 
-    /// Sessions rebuilt from a replica since the last call.
+    /// `openid`'s session arrived here with pushes: its whole queue goes to
+    /// this node's standby now (`replica::replicate_recovered`), not at its
+    /// next durable push.
+    pub fn copy_soon(&self, openid: &str) {
+        self.to_replicate.lock().push(openid.to_string());
+        self.recovered_wake.notify_one();
+    }
+
+    /// Sessions to copy to the standby ([`Registry::copy_soon`]) since the last call.
     pub fn take_recovered_to_replicate(&self) -> Vec<String> {
         std::mem::take(&mut *self.to_replicate.lock())
     }
@@ -729,8 +738,7 @@ impl Registry {
                         .inc_by(lost);
                 }
                 tracing::info!(openid, old = session_id, new = %id, durable = n, lost_non_durable = lost, "session recovered from replicas");
-                self.to_replicate.lock().push(openid.to_string());
-                self.recovered_wake.notify_one();
+                self.copy_soon(openid);
             }
             Err(e) => tracing::warn!(openid, error = %e, "recovered state rejected"),
         }

@@ -327,6 +327,30 @@ pub struct Replicator {
     moved_on: tokio::sync::Notify,
 }
 
+impl Replicator {
+    /// `entry`'s whole queue must go to this node's standby: tracked with no
+    /// standby yet, so the ack sync copies it until one holds it.
+    pub fn needs_copy(&self, entry: &SessionEntry) {
+        let mut tracked = self.tracked.lock();
+        let t = tracked
+            .entry(entry.identity.openid.clone())
+            .or_insert_with(|| Tracked {
+                session_id: entry.identity.session_id.clone(),
+                zone: entry.identity.zone.clone(),
+                standby: String::new(),
+                acked: 0,
+                next_seq: 0,
+            });
+        if t.session_id != entry.identity.session_id {
+            t.session_id = entry.identity.session_id.clone();
+            t.zone = entry.identity.zone.clone();
+            t.standby = String::new();
+            t.acked = 0;
+            t.next_seq = 0;
+        }
+    }
+}
+
 /// The standby of `node`: the next active node after it on the ring of
 /// sorted node ids that no call found unreachable lately (None when it is
 /// alone or not in a cluster); see [`crate::core::Members::standby_for`].
@@ -897,8 +921,15 @@ pub fn merge(
     Some(recovery)
 }
 
-/// Copies the queue of sessions just rebuilt from a replica to this node's
-/// standby: the recovered pushes are durable again only once it holds them.
+/// Copies the queue of sessions that just arrived with pushes (rebuilt from
+/// a replica, or handed over by their previous owner) to this node's
+/// standby: those pushes are durable again only once it holds them. Until
+/// this node's first copy, the only other one was the previous owner's (or
+/// the replicas'), and this node crashing meant relying on that one node
+/// alone (simulation seed 189: the new owner, which had been the old
+/// owner's standby, restarted 0.8 s after the handover; the old owner, the
+/// last holder, crashed 3.8 s later). A copy that fails is tried again by
+/// the next ack sync (the session is tracked with no standby yet).
 pub async fn replicate_recovered(node: &Node) {
     for openid in node.registry.take_recovered_to_replicate() {
         let Some(entry) = node.registry.get(&openid) else {
@@ -908,6 +939,7 @@ pub async fn replicate_recovered(node: &Node) {
         if pushes.is_empty() {
             continue;
         }
+        node.replicator.needs_copy(&entry);
         match standby_for(node) {
             Some(standby) => {
                 if let Err(e) = replicate(node, &entry, &standby, pushes).await {

@@ -661,7 +661,10 @@ impl World {
                 Holding::Owned,
                 owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
             ) {
-                Ok(cmds) => self.carry(name, cmds),
+                Ok(cmds) => {
+                    self.carry(name, cmds);
+                    self.copy_soon(name, openid);
+                }
                 Err(e) => {
                     let line = format!("{name} could not install \"{openid}\": {e}");
                     self.trace(line);
@@ -970,6 +973,7 @@ impl World {
                     None,
                 ) {
                     self.carry(name, cmds);
+                    self.copy_soon(name, openid);
                     rebuilt = Some(());
                 }
             }
@@ -1763,6 +1767,50 @@ impl World {
                 },
             );
         }
+    }
+
+    /// As `Registry::copy_soon` and `replica::replicate_recovered`: a session
+    /// that arrived with pushes sends its whole queue to this node's standby
+    /// now; tracked with no standby until one acknowledges, so the ack sync
+    /// tries again.
+    fn copy_soon(&mut self, name: &str, openid: &str) {
+        let now = self.instant();
+        let node = self.node(name);
+        let Some(h) = node.table.local(openid).cloned() else {
+            return;
+        };
+        let pushes = h.with(|s| s.export().pushes);
+        if pushes.is_empty() {
+            return;
+        }
+        let sid = h.identity().session_id.clone();
+        let fresh = node.tracked.get(openid).is_none_or(|(s, _)| *s != sid);
+        if fresh {
+            node.tracked
+                .insert(openid.into(), (sid.clone(), String::new()));
+            node.synced.remove(openid);
+        }
+        let Some(standby) = node
+            .table
+            .members()
+            .standby_for(now)
+            .map(|m| m.node_id.clone())
+        else {
+            return;
+        };
+        let wait = self.id();
+        self.node(name)
+            .resyncs
+            .insert(wait, (openid.into(), sid, standby.clone()));
+        let req = copy_of(name, &h, pushes, false);
+        self.send(
+            End::Node(name.into()),
+            End::Node(standby),
+            Body::Replicate {
+                req: Box::new(req),
+                wait: Some(wait),
+            },
+        );
     }
 
     /// Sends changed ack points to standbys (`replica::sync_ack_points`).
