@@ -104,6 +104,26 @@ pub fn client_config(ca: &Path, store: Option<Arc<CountingStore>>) -> Result<qui
     Ok(quic)
 }
 
+/// A client endpoint on its own UDP socket with the data plane's receive buffer
+/// (`edge::quic::UDP_RECV_BUFFER`, capped by `net.core.rmem_max`): at the kernel's default
+/// (208 KiB) a socket shared by hundreds of connections drops bursts of pushes, and QUIC's loss
+/// recovery then paces the sender, so the load generator would measure its own socket.
+fn client_endpoint() -> Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    state.set_recv_buffer_size(
+        (&socket).into(),
+        gatesvr_dataplane::edge::quic::UDP_RECV_BUFFER,
+    )?;
+    let runtime = quinn::default_runtime().context("no async runtime")?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        runtime,
+    )?)
+}
+
 /// A few client UDP sockets shared by many connections (one socket per connection would run
 /// into file-descriptor limits at 50k sessions).
 pub struct Net {
@@ -119,7 +139,7 @@ impl Net {
         let config = client_config(ca, None)?;
         let mut endpoints = Vec::new();
         for _ in 0..sockets.max(1) {
-            let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+            let mut ep = client_endpoint()?;
             ep.set_default_client_config(config.clone());
             endpoints.push(ep);
         }

@@ -258,7 +258,7 @@ pub async fn run(mode: Serve) -> Result<()> {
             let endpoint = gatesvr_dataplane::edge::quic::bind(&cfg.server)
                 .map_err(|e| anyhow::anyhow!("bare quic: {e}"))?;
             announce(serde_json::json!({"quic": endpoint.local_addr()?.to_string()}));
-            tokio::spawn(bare_accept(endpoint));
+            tokio::spawn(bare_accept(endpoint, dir.join("bare-stats.json")));
             parent_gone().await;
         }
         Serve::UpstreamEcho => {
@@ -410,14 +410,37 @@ impl UpstreamService for EchoUpstream {
     }
 }
 
-async fn bare_accept(endpoint: quinn::Endpoint) {
+/// What the bare server's connections sent, summed when each closes: (connections closed,
+/// datagrams sent, packets lost, bytes lost, congestion events, STREAM frames sent, sum of the
+/// congestion windows at close, sum of smoothed RTTs at close in µs).
+static BARE_STATS: parking_lot::Mutex<[u64; 8]> = parking_lot::Mutex::new([0; 8]);
+
+async fn bare_accept(endpoint: quinn::Endpoint, stats_file: PathBuf) {
     while let Some(incoming) = endpoint.accept().await {
+        let stats_file = stats_file.clone();
         tokio::spawn(async move {
             let Ok(conn) = incoming.accept() else { return };
             let Ok(conn) = conn.await else { return };
             while let Ok((send, recv)) = conn.accept_bi().await {
                 tokio::spawn(bare_stream(send, recv));
             }
+            let st = conn.stats();
+            let json = {
+                let mut s = BARE_STATS.lock();
+                s[0] += 1;
+                s[1] += st.udp_tx.datagrams;
+                s[2] += st.path.lost_packets;
+                s[3] += st.path.lost_bytes;
+                s[4] += st.path.congestion_events;
+                s[5] += st.frame_tx.stream;
+                s[6] += st.path.cwnd;
+                s[7] += st.path.rtt.as_micros() as u64;
+                serde_json::json!({
+                    "closed": s[0], "datagrams": s[1], "lost_packets": s[2], "lost_bytes": s[3],
+                    "congestion_events": s[4], "stream_frames": s[5], "cwnd_sum": s[6], "rtt_us_sum": s[7],
+                })
+            };
+            let _ = std::fs::write(&stats_file, json.to_string());
         });
     }
 }

@@ -224,6 +224,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     crate::util::callgrind_mark(&dp, "setup");
+    let mut bare_before = [0f64; 8];
     for r in 0..o.rounds {
         progress(format!("push round {}/{}", r + 1, o.rounds));
         let mut round = Round::new();
@@ -268,6 +269,14 @@ pub async fn run(o: &Opts) -> Result<Report> {
         }
         let (bdel, _) = bstats.reset();
         meter.finish("bare", &bconns, bdel, &mut round);
+        bare_server_stats(
+            &dir.path().join("bare-stats.json"),
+            &mut bare_before,
+            n,
+            bdel,
+            &mut round,
+        )
+        .await;
         round.insert(
             "bare_msgs_per_s".into(),
             bdel as f64 / elapsed.as_secs_f64(),
@@ -432,6 +441,63 @@ pub async fn run(o: &Opts) -> Result<Report> {
     rep.notes.push("push latency: from just before the PushToClient call to the client reading the frame; deliveries/s over [first call, last delivery]".into());
     rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); streambatch: push_batch frames of {BATCH} on that stream (Pusher::push_batch); {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
     Ok(rep)
+}
+
+/// The bare server's per-connection QUIC stats of the window's `n` connections (summed by the
+/// server as each closes): `bare_server_*` per delivery, and mean cwnd / RTT at close.
+async fn bare_server_stats(
+    path: &std::path::Path,
+    before: &mut [f64; 8],
+    n: usize,
+    deliveries: u64,
+    round: &mut Round,
+) {
+    let keys = [
+        "closed",
+        "datagrams",
+        "lost_packets",
+        "lost_bytes",
+        "congestion_events",
+        "stream_frames",
+        "cwnd_sum",
+        "rtt_us_sum",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut now = [0f64; 8];
+    loop {
+        if let Ok(v) = std::fs::read_to_string(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| Ok(serde_json::from_str::<serde_json::Value>(&t)?))
+        {
+            for (i, k) in keys.iter().enumerate() {
+                now[i] = v[k].as_f64().unwrap_or(0.0);
+            }
+        }
+        if now[0] - before[0] >= n as f64 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = deliveries.max(1) as f64;
+    let closed = (now[0] - before[0]).max(1.0);
+    round.insert(
+        "bare_server_pkts_out_per_delivery".into(),
+        (now[1] - before[1]) / d,
+    );
+    round.insert(
+        "bare_server_lost_pkts_per_delivery".into(),
+        (now[2] - before[2]) / d,
+    );
+    round.insert("bare_server_congestion_events".into(), now[4] - before[4]);
+    round.insert(
+        "bare_server_cwnd_mean".into(),
+        (now[6] - before[6]) / closed,
+    );
+    round.insert(
+        "bare_server_rtt_us_mean".into(),
+        (now[7] - before[7]) / closed,
+    );
+    *before = now;
 }
 
 /// Pushes per call of the `batch_*` window.

@@ -47,7 +47,7 @@ fn transport_config_for(server: &ServerConfig, webtransport: bool) -> quinn::Tra
         .max_concurrent_uni_streams(uni.into())
         .stream_receive_window(quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX))
         .receive_window(quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX))
-        .send_window(2 * stream_window)
+        .send_window(SEND_WINDOW)
         .datagram_receive_buffer_size(datagrams)
         .keep_alive_interval(Some(server.keep_alive_interval))
         .max_idle_timeout(Some(
@@ -56,6 +56,20 @@ fn transport_config_for(server: &ServerConfig, webtransport: bool) -> quinn::Tra
         ));
     t
 }
+
+/// Most bytes a connection holds written but unacknowledged (quinn
+/// `send_window`; its default is 10 MB, and ours was twice the stream window,
+/// 4 MiB). It bounds memory per connection (PITFALLS §1), and it bounds the
+/// sender's cost per packet: quinn-proto 0.11 finds the bytes of each STREAM
+/// frame by walking the stream's unacknowledged segments from the oldest
+/// (`SendBuffer::get`; inferred from its code, not profiled), so a connection that may hold megabytes unacked
+/// spends more per packet the further it runs ahead of its acks. Measured with
+/// `gate-bench push`'s bare quinn sender (which uses this config), session 8:
+/// 17-19 µs of server CPU per 64-byte message at 4 MiB, 2.7-3.0 at 256 KiB,
+/// 1.4-1.7 at 128 KiB (docs/benchmarks.md). A session's pushes stay below
+/// it at the default push window (1,024 unacked pushes of ~90 bytes); a
+/// larger frame is written as acks return, 128 KiB per round trip.
+pub const SEND_WINDOW: u64 = 128 * 1024;
 
 /// Datagrams are advertised for HTTP/3 but unused: a token buffer.
 const WEBTRANSPORT_DATAGRAM_BUFFER: usize = 16 * 1024;

@@ -1,0 +1,58 @@
+//! The client edge's send window (`edge::quic::SEND_WINDOW`): a connection
+//! takes at most that many bytes ahead of the client's acks, however much
+//! flow-control credit the client grants.
+
+use std::sync::Arc;
+
+use gatesvr_dataplane::config::ServerConfig;
+use gatesvr_dataplane::edge::quic;
+
+#[tokio::test]
+async fn a_connection_buffers_at_most_the_send_window_unacked() {
+    gatesvr_common::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = gatesvr_common::certs::generate(&dir.path().join("certs"), &[]).unwrap();
+    let files = certs.server();
+    let server = quic::bind(&ServerConfig {
+        quic_addr: "127.0.0.1:0".into(),
+        cert_file: files.cert_file,
+        key_file: files.key_file,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+
+    // A client granting far more credit than the window, and never reading.
+    let mut tls = gatesvr_common::tls::client_config(&certs.ca_cert()).unwrap();
+    tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(quinn::VarInt::from_u32(16 << 20))
+        .receive_window(quinn::VarInt::from_u32(16 << 20));
+    config.transport_config(Arc::new(transport));
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(config);
+
+    let accepted = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut first = [0u8; 1];
+        recv.read_exact(&mut first).await.unwrap();
+        // One write of 1 MiB: quinn takes what the window allows and returns.
+        let taken = send.write(&vec![7u8; 1 << 20]).await.unwrap();
+        (taken, conn)
+    });
+    let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[1]).await.unwrap();
+    let (taken, _server_conn) = accepted.await.unwrap();
+    assert!(taken > 0, "the server could not write at all");
+    assert!(
+        taken as u64 <= quic::SEND_WINDOW,
+        "one write took {taken} bytes ahead of any ack, over the send window of {}",
+        quic::SEND_WINDOW
+    );
+}
