@@ -630,7 +630,23 @@ async fn recover(
     let mut pause = Duration::from_millis(100);
     let mut answered = std::collections::HashSet::new();
     let mut found = Vec::new();
+    let mut waiting: Vec<String> = Vec::new();
     loop {
+        // A node waited on that is gone from the view since may have been
+        // leaving: it handed its replicas to other nodes, which may have
+        // answered "nothing" before the copy reached them (simulation seed
+        // 354 of session 8). Every live node is asked again.
+        let departed = node.registry.members(|m| {
+            let live: std::collections::HashSet<&str> = m
+                .recovery_sources(gone)
+                .into_iter()
+                .map(|n| n.node_id.as_str())
+                .collect();
+            waiting.iter().any(|w| !live.contains(w.as_str()))
+        });
+        if departed {
+            answered.clear();
+        }
         let round = crate::replica::fetch_recovery(node, gone, openid, session_id, &answered).await;
         for (id, answer) in round.answers {
             answered.insert(id);
@@ -639,6 +655,7 @@ async fn recover(
         if round.unanswered.is_empty() {
             break;
         }
+        waiting = round.unanswered.clone();
         if tokio::time::Instant::now() + pause > give_up {
             node.metrics
                 .sessions_recovered

@@ -697,6 +697,7 @@ impl World {
             }
             Body::Stage { state, req, .. } => self.on_stage_ack(name, &state.openid, req, false),
             Body::FetchReplica { req, .. } => {
+                self.reask_after_departure(name, to_node, req);
                 self.on_fetch_reply(name, to_node, req, FetchReplicaResponse::default())
             }
             Body::UpPush {
@@ -903,6 +904,51 @@ impl World {
         p.gathered.push(resp);
         let now = self.now;
         self.recover_check(name, req, now);
+    }
+
+    /// As `peer::recover`: a node a recovery was waiting for is gone. If it
+    /// was leaving, it handed its replicas to other nodes, which may have
+    /// answered "nothing" before the copy reached them (simulation seed 354
+    /// of session 8): every live node that answered is asked again.
+    fn reask_after_departure(&mut self, name: &str, gone_node: &str, req: u64) {
+        let node = self.node(name);
+        let Some(openid) = openid_of(&node.starts, req) else {
+            return;
+        };
+        let Some(p) = node.starts.get(&openid) else {
+            return;
+        };
+        if p.phase != Phase::Recover || !p.waiting.contains(gone_node) {
+            return;
+        }
+        let gone = if p.owner_empty {
+            ""
+        } else {
+            p.previous.as_str()
+        };
+        let again: Vec<String> = node
+            .table
+            .members()
+            .recovery_sources(gone)
+            .into_iter()
+            .map(|m| m.node_id.clone())
+            .filter(|n| n != gone_node && !p.waiting.contains(n))
+            .collect();
+        let sid = p.session_id.clone();
+        if let Some(p) = self.node(name).starts.get_mut(&openid) {
+            p.waiting.extend(again.iter().cloned());
+        }
+        for n in again {
+            self.send(
+                End::Node(name.into()),
+                End::Node(n),
+                Body::FetchReplica {
+                    openid: openid.clone(),
+                    session_id: sid.clone(),
+                    req,
+                },
+            );
+        }
     }
 
     /// As `replica::fetch_recovery`: done once every live node answered and
