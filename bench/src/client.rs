@@ -131,6 +131,15 @@ impl Net {
         })
     }
 
+    /// Local ports of the client sockets (their drops are in /proc/net/udp).
+    pub fn local_ports(&self) -> Vec<u16> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.local_addr().ok())
+            .map(|a| a.port())
+            .collect()
+    }
+
     pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection> {
         self.connect_with(addr, &self.config).await
     }
