@@ -294,29 +294,6 @@ fn pick(list: &[SocketAddr], i: usize, failed: &[SocketAddr]) -> Option<SocketAd
     (!from.is_empty()).then(|| from[i % from.len()])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_survivor_sends_the_client_to_the_other_survivor_not_the_dead_node() {
-        let a: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        // Lost a (dead), then failed on b: only c is untried, whatever the rotation.
-        for i in 0..6 {
-            assert_eq!(pick(&a, i, &[a[0], a[1]]), Some(a[2]));
-        }
-        // Everything failed: anything but the last failure.
-        for i in 0..6 {
-            assert_ne!(pick(&a, i, &[a[0], a[1], a[2]]), Some(a[2]));
-        }
-        // Nothing failed yet: round robin over all.
-        assert_eq!(pick(&a, 4, &[]), Some(a[1]));
-    }
-}
-
 fn encode(body: Body, buf: &mut BytesMut) {
     frame::encode(&Envelope { body: Some(body) }, buf);
 }
@@ -634,5 +611,28 @@ async fn serve(
             _ = stop.changed() => return Ended::Stopped,
             _ = conn.closed() => return Ended::Lost,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_survivor_sends_the_client_to_the_other_survivor_not_the_dead_node() {
+        let a: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // Lost a (dead), then failed on b: only c is untried, whatever the rotation.
+        for i in 0..6 {
+            assert_eq!(pick(&a, i, &[a[0], a[1]]), Some(a[2]));
+        }
+        // Everything failed: anything but the last failure.
+        for i in 0..6 {
+            assert_ne!(pick(&a, i, &[a[0], a[1], a[2]]), Some(a[2]));
+        }
+        // Nothing failed yet: round robin over all.
+        assert_eq!(pick(&a, 4, &[]), Some(a[1]));
     }
 }

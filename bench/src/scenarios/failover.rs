@@ -513,7 +513,11 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let dir = o.rundir()?;
     progress("failover: starting 3 control-plane nodes, 3 data planes, upstreams");
     let mut c = start_cluster(o, &dir.path()).await?;
-    let net = Arc::new(Net::new(&dir.ca(), 8)?);
+    let net = Arc::new(Net::with_recv_buffer(
+        &dir.ca(),
+        8,
+        gatesvr_dataplane::edge::quic::UDP_RECV_BUFFER,
+    )?);
     let cfg = Arc::new(SessionConfig {
         net: net.clone(),
         quic: quic_config(&dir.ca(), o.detect)?,
