@@ -23,14 +23,20 @@ use crate::util::{Lat, now_ns, token};
 #[derive(Debug)]
 pub struct CountingStore {
     inner: ClientSessionMemoryCache,
-    pub offered: AtomicU64,
+    pub offered: Arc<AtomicU64>,
 }
 
 impl CountingStore {
     pub fn new() -> Arc<Self> {
+        Self::sharing(64, Arc::new(AtomicU64::new(0)))
+    }
+
+    /// A store of its own (`capacity` server names) that counts into `offered`, which other
+    /// stores may share (one store per client, one count for all).
+    pub fn sharing(capacity: usize, offered: Arc<AtomicU64>) -> Arc<Self> {
         Arc::new(Self {
-            inner: ClientSessionMemoryCache::new(64),
-            offered: AtomicU64::new(0),
+            inner: ClientSessionMemoryCache::new(capacity),
+            offered,
         })
     }
 }

@@ -41,6 +41,7 @@ pub fn quic_config(ca: &Path, detect: Duration) -> Result<ClientQuic> {
     Ok(ClientQuic {
         tls,
         transport: Arc::new(transport),
+        tickets_offered: Arc::default(),
     })
 }
 
@@ -53,13 +54,19 @@ pub fn quic_config(ca: &Path, detect: Duration) -> Result<ClientQuic> {
 pub struct ClientQuic {
     tls: rustls::ClientConfig,
     transport: Arc<quinn::TransportConfig>,
+    /// TLS 1.3 tickets offered by every session's handshakes (resumption attempts; a server
+    /// that cannot decrypt one falls back to a full handshake).
+    pub tickets_offered: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ClientQuic {
     /// A config with a ticket store of its own.
     pub fn for_session(&self) -> Result<quinn::ClientConfig> {
         let mut tls = self.tls.clone();
-        tls.resumption = rustls::client::Resumption::in_memory_sessions(TICKETS_PER_SESSION);
+        tls.resumption = rustls::client::Resumption::store(crate::client::CountingStore::sharing(
+            TICKETS_PER_SESSION,
+            self.tickets_offered.clone(),
+        ));
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
         let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
         quic.transport_config(self.transport.clone());

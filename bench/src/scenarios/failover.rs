@@ -569,6 +569,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         stop_rx,
     )?;
     tokio::time::sleep(warm).await;
+    let tickets_b = cfg.quic.tickets_offered.load(Ordering::Relaxed);
     let (times_b, snaps_b) = (evidence::times(&procs), evidence::snaps(&recs));
     let rcvbuf_b = evidence::udp_rcvbuf_errors();
     progress("failover: kill -9 dp-1");
@@ -605,6 +606,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let tickets_c = cfg.quic.tickets_offered.load(Ordering::Relaxed);
     let times_c = evidence::times(&procs);
     let (rcvbuf_c, drops_c) = (evidence::udp_rcvbuf_errors(), evidence::udp_drops());
     let tracks = sampler.finish().await;
@@ -795,6 +797,11 @@ pub async fn run(o: &Opts) -> Result<Report> {
                 .map(|st| st.rx_bytes as f64)
         })
         .collect();
+    f(
+        &mut rep,
+        "tls_tickets_offered_after_kill",
+        tickets_c.saturating_sub(tickets_b) as f64,
+    );
     f(
         &mut rep,
         "start_rx_bytes_first_p50",
