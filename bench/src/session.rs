@@ -280,7 +280,7 @@ enum Ended {
 }
 
 /// The next address to try: the `i`-th (round robin) of those not in `failed` (addresses whose
-/// connection was lost or whose Start failed since the last answered Start), so a client that
+/// connection was lost or whose Start failed, and not answered since), so a client that
 /// failed on one survivor tries the other before it goes back to the node that died; once
 /// every address failed, any but the last one.
 fn pick(list: &[SocketAddr], i: usize, failed: &[SocketAddr]) -> Option<SocketAddr> {
@@ -325,7 +325,7 @@ async fn drive(
     let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
     let mut next_seq = 1u64;
     let mut attempt = 0u32;
-    // Addresses lost or failed since the last answered Start.
+    // Addresses lost or failed, until a Start on them is answered.
     let mut failed: Vec<SocketAddr> = Vec::new();
     let mut preferred: Option<SocketAddr> = None;
     let mut first_try = true;
@@ -377,7 +377,9 @@ async fn drive(
             }
         };
         attempt = 0;
-        failed.clear();
+        // Only this address is known good again: a node lost earlier stays behind the others
+        // until it is tried and answers (a second loss must not send the client to a dead node).
+        failed.retain(|a| *a != addr);
         // The first session start goes to its first address only (a scenario puts sessions on
         // one node on purpose); reconnects go anywhere.
         first_try = false;
