@@ -23,14 +23,20 @@ use crate::util::{Lat, now_ns, token};
 #[derive(Debug)]
 pub struct CountingStore {
     inner: ClientSessionMemoryCache,
-    pub offered: AtomicU64,
+    pub offered: Arc<AtomicU64>,
 }
 
 impl CountingStore {
     pub fn new() -> Arc<Self> {
+        Self::sharing(64, Arc::new(AtomicU64::new(0)))
+    }
+
+    /// A store of its own (`capacity` server names) that counts into `offered`, which other
+    /// stores may share (one store per client, one count for all).
+    pub fn sharing(capacity: usize, offered: Arc<AtomicU64>) -> Arc<Self> {
         Arc::new(Self {
-            inner: ClientSessionMemoryCache::new(64),
-            offered: AtomicU64::new(0),
+            inner: ClientSessionMemoryCache::new(capacity),
+            offered,
         })
     }
 }
@@ -149,6 +155,46 @@ impl Net {
             config,
             server_name: "localhost".into(),
         })
+    }
+
+    /// [`Net::new`] whose sockets ask for a `recv_buffer`-byte receive buffer (Linux grants up
+    /// to `net.core.rmem_max`). A thousand clients in one process share these few sockets, so
+    /// when their handshakes are answered together (a reconnect burst after a crash) the
+    /// kernel's default buffer (~100 datagrams) overflows and the load generator drops its own
+    /// datagrams, which real clients, each with its own socket, would not (`gate-bench
+    /// failover`, docs/benchmarks.md "Session 8").
+    pub fn with_recv_buffer(ca: &Path, sockets: usize, recv_buffer: usize) -> Result<Self> {
+        let config = client_config(ca, None)?;
+        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let mut endpoints = Vec::new();
+        for _ in 0..sockets.max(1) {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+            state.set_recv_buffer_size((&socket).into(), recv_buffer)?;
+            let mut ep = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                runtime.clone(),
+            )?;
+            ep.set_default_client_config(config.clone());
+            endpoints.push(ep);
+        }
+        Ok(Self {
+            endpoints,
+            next: AtomicUsize::new(0),
+            config,
+            server_name: "localhost".into(),
+        })
+    }
+
+    /// Local ports of the client sockets (their drops are in /proc/net/udp).
+    pub fn local_ports(&self) -> Vec<u16> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.local_addr().ok())
+            .map(|a| a.port())
+            .collect()
     }
 
     pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection> {

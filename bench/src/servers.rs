@@ -45,6 +45,10 @@ pub enum Serve {
         /// The upstream leg uses the streaming contract (as `GATE_BENCH_UPSTREAM=stream`).
         #[arg(long)]
         upstream_stream: bool,
+        /// `server.shared_keys_dir`: QUIC and TLS keys shared with the other nodes (as the
+        /// Helm chart does by default), so a client resumes its TLS session on any node.
+        #[arg(long)]
+        shared_keys_dir: Option<PathBuf>,
     },
     /// One control-plane node (raft on sled, durable) on the given addresses; node 1
     /// bootstraps the cluster with every `--member`.
@@ -215,6 +219,7 @@ pub async fn run(mode: Serve) -> Result<()> {
             lease_ttl,
             web,
             upstream_stream,
+            shared_keys_dir,
         } => {
             let routing = if upstream.is_some() || !control_plane.is_empty() {
                 Routing::Upstreams
@@ -234,6 +239,9 @@ pub async fn run(mode: Serve) -> Result<()> {
                 cfg.control_plane.endpoints = control_plane;
                 cfg.control_plane.insecure = true;
                 cfg.control_plane.lease_ttl = lease_ttl;
+            }
+            if shared_keys_dir.is_some() {
+                cfg.server.shared_keys_dir = shared_keys_dir;
             }
             if web {
                 cfg.transports.webtransport = true;

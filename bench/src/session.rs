@@ -29,20 +29,53 @@ use crate::util::{now_ns, token};
 
 /// Client transport: QUIC idle timeout `detect` (the lower of both peers' applies, so this is
 /// how long a crashed node goes unnoticed), keep-alives at a third of it.
-pub fn quic_config(ca: &Path, detect: Duration) -> Result<quinn::ClientConfig> {
+pub fn quic_config(ca: &Path, detect: Duration) -> Result<ClientQuic> {
     let mut tls = gatesvr_common::tls::client_config(ca).context("client TLS")?;
     tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(0u8.into())
         .max_concurrent_uni_streams(0u8.into())
         .keep_alive_interval(Some(detect / 3))
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(detect)?));
-    quic.transport_config(Arc::new(transport));
-    Ok(quic)
+    Ok(ClientQuic {
+        tls,
+        transport: Arc::new(transport),
+        tickets_offered: Arc::default(),
+    })
 }
+
+/// The client side of QUIC, from which each session makes its own `quinn::ClientConfig`: a
+/// real client keeps its own TLS session tickets (the SDK: one config per `Client`), so after a
+/// crash it resumes its TLS session on the node it moves to when the nodes share ticket keys
+/// (the Helm chart's default, `server.shared_keys_dir`). One config for every session would
+/// share rustls's small ticket cache (a few tickets per server name) among a thousand clients.
+#[derive(Clone)]
+pub struct ClientQuic {
+    tls: rustls::ClientConfig,
+    transport: Arc<quinn::TransportConfig>,
+    /// TLS 1.3 tickets offered by every session's handshakes (resumption attempts; a server
+    /// that cannot decrypt one falls back to a full handshake).
+    pub tickets_offered: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ClientQuic {
+    /// A config with a ticket store of its own.
+    pub fn for_session(&self) -> Result<quinn::ClientConfig> {
+        let mut tls = self.tls.clone();
+        tls.resumption = rustls::client::Resumption::store(crate::client::CountingStore::sharing(
+            TICKETS_PER_SESSION,
+            self.tickets_offered.clone(),
+        ));
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+        quic.transport_config(self.transport.clone());
+        Ok(quic)
+    }
+}
+
+/// Server names a session's ticket store remembers (one: every node is `localhost` here).
+const TICKETS_PER_SESSION: usize = 4;
 
 /// Where a session may connect.
 #[derive(Clone)]
@@ -63,7 +96,7 @@ impl Endpoints {
 
 pub struct SessionConfig {
     pub net: Arc<Net>,
-    pub quic: quinn::ClientConfig,
+    pub quic: ClientQuic,
     pub endpoints: Endpoints,
     pub connect_timeout: Duration,
 }
@@ -76,6 +109,8 @@ pub struct Started {
     pub status: ResumeStatus,
     pub node_id: String,
     pub addr: SocketAddr,
+    /// UDP bytes received on the connection until the StartResponse.
+    pub rx_bytes: u64,
 }
 
 /// What one session saw.
@@ -107,6 +142,9 @@ pub struct Record {
     pub trimmed: u64,
     /// (arrival ns, latency ns) of pushes carrying a send timestamp (msg_type "bench").
     pub push_lat: Vec<(u64, u64)>,
+    /// The connection of the last answered Start (kept after it is lost, until the next one):
+    /// its RTT estimate and packet counts show why a dead node took long to notice.
+    pub conn: Option<quinn::Connection>,
 }
 
 impl Record {
@@ -241,8 +279,24 @@ enum Ended {
     Stopped,
 }
 
-fn pick(list: &[SocketAddr], i: usize, avoid: Option<SocketAddr>) -> Option<SocketAddr> {
-    let others: Vec<SocketAddr> = list.iter().copied().filter(|a| Some(*a) != avoid).collect();
+/// The next address to try: the `i`-th (round robin) of those not in `failed` (addresses whose
+/// connection was lost or whose Start failed, and not answered since), so a client that
+/// failed on one survivor tries the other before it goes back to the node that died; once
+/// every address failed, any but the last one.
+fn pick(list: &[SocketAddr], i: usize, failed: &[SocketAddr]) -> Option<SocketAddr> {
+    let untried: Vec<SocketAddr> = list
+        .iter()
+        .copied()
+        .filter(|a| !failed.contains(a))
+        .collect();
+    if !untried.is_empty() {
+        return Some(untried[i % untried.len()]);
+    }
+    let others: Vec<SocketAddr> = list
+        .iter()
+        .copied()
+        .filter(|a| Some(a) != failed.last())
+        .collect();
     let from = if others.is_empty() { list } else { &others };
     (!from.is_empty()).then(|| from[i % from.len()])
 }
@@ -259,10 +313,20 @@ async fn drive(
     mut req_rx: mpsc::UnboundedReceiver<(u32, Vec<u8>, Answer)>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let quic = match cfg.quic.for_session() {
+        Ok(q) => q,
+        Err(e) => {
+            rec.lock()
+                .failures
+                .push((now_ns(), format!("client config: {e}")));
+            return;
+        }
+    };
     let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
     let mut next_seq = 1u64;
     let mut attempt = 0u32;
-    let mut avoid: Option<SocketAddr> = None;
+    // Addresses lost or failed, until a Start on them is answered.
+    let mut failed: Vec<SocketAddr> = Vec::new();
     let mut preferred: Option<SocketAddr> = None;
     let mut first_try = true;
     loop {
@@ -274,7 +338,7 @@ async fn drive(
             if first_try {
                 list.get(first % list.len().max(1)).copied()
             } else {
-                pick(&list, spread + attempt as usize, avoid)
+                pick(&list, spread + attempt as usize, &failed)
             }
         }) else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -287,11 +351,11 @@ async fn drive(
         let opened = tokio::select! {
             r = tokio::time::timeout(
                 cfg.connect_timeout,
-                open(&cfg, addr, &openid, &session_id, last_acked, next_seq - 1),
+                open(&cfg, &quic, addr, &openid, &session_id, last_acked, next_seq - 1),
             ) => r.map_err(|_| anyhow::anyhow!("connect timed out")).and_then(|r| r),
             _ = stop.changed() => break,
         };
-        let (conn, send, recv, decoder, ok) = match opened {
+        let (conn, send, recv, decoder, ok, rx_bytes) = match opened {
             Ok(c) => c,
             Err(e) => {
                 {
@@ -301,7 +365,8 @@ async fn drive(
                     r.failures
                         .push((now_ns(), why.lines().next().unwrap_or("").to_string()));
                 }
-                avoid = Some(addr);
+                failed.retain(|a| *a != addr);
+                failed.push(addr);
                 let backoff = Duration::from_millis(20u64 << attempt.min(5));
                 attempt += 1;
                 tokio::select! {
@@ -312,6 +377,9 @@ async fn drive(
             }
         };
         attempt = 0;
+        // Only this address is known good again: a node lost earlier stays behind the others
+        // until it is tried and answers (a second loss must not send the client to a dead node).
+        failed.retain(|a| *a != addr);
         // The first session start goes to its first address only (a scenario puts sessions on
         // one node on purpose); reconnects go anywhere.
         first_try = false;
@@ -339,11 +407,13 @@ async fn drive(
             }
             r.session_id = ok.session_id.clone();
             r.node_id = ok.node_id.clone();
+            r.conn = Some(conn.clone());
             r.starts.push(Started {
                 t_ns: now_ns(),
                 status,
                 node_id: ok.node_id.clone(),
                 addr,
+                rx_bytes,
             });
         }
         let heartbeat = Duration::from_millis(u64::from(ok.heartbeat_interval_ms.max(100)));
@@ -367,13 +437,13 @@ async fn drive(
             }
             Ended::Lost => {
                 rec.lock().losses.push(now_ns());
-                avoid = Some(addr);
+                failed.push(addr);
             }
             Ended::GoAway(delay, target) => {
                 rec.lock().goaways += 1;
                 conn.close(0u32.into(), b"goaway");
                 preferred = target;
-                avoid = Some(addr);
+                failed.push(addr);
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => break,
@@ -386,23 +456,27 @@ async fn drive(
     }
 }
 
+/// The connection, its stream and decoder, the StartResponse, and the UDP bytes received
+/// until it (a resumed TLS handshake carries no certificate chain).
 type Opened = (
     quinn::Connection,
     quinn::SendStream,
     quinn::RecvStream,
     FrameDecoder,
     StartResponse,
+    u64,
 );
 
 async fn open(
     cfg: &SessionConfig,
+    quic: &quinn::ClientConfig,
     addr: SocketAddr,
     openid: &str,
     session_id: &str,
     last_acked: u64,
     last_request: u64,
 ) -> Result<Opened> {
-    let conn = cfg.net.connect_with(addr, &cfg.quic).await?;
+    let conn = cfg.net.connect_with(addr, quic).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut buf = BytesMut::new();
     encode(
@@ -422,7 +496,10 @@ async fn open(
     loop {
         if let Some(f) = decoder.next_frame()? {
             match f.body {
-                Some(Body::StartOk(ok)) => return Ok((conn, send, recv, decoder, ok)),
+                Some(Body::StartOk(ok)) => {
+                    let rx = conn.stats().udp_rx.bytes;
+                    return Ok((conn, send, recv, decoder, ok, rx));
+                }
                 other => bail!("expected StartResponse, got {other:?}"),
             }
         }
@@ -543,5 +620,28 @@ async fn serve(
             _ = stop.changed() => return Ended::Stopped,
             _ = conn.closed() => return Ended::Lost,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_survivor_sends_the_client_to_the_other_survivor_not_the_dead_node() {
+        let a: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // Lost a (dead), then failed on b: only c is untried, whatever the rotation.
+        for i in 0..6 {
+            assert_eq!(pick(&a, i, &[a[0], a[1]]), Some(a[2]));
+        }
+        // Everything failed: anything but the last failure.
+        for i in 0..6 {
+            assert_ne!(pick(&a, i, &[a[0], a[1], a[2]]), Some(a[2]));
+        }
+        // Nothing failed yet: round robin over all.
+        assert_eq!(pick(&a, 4, &[]), Some(a[1]));
     }
 }

@@ -64,8 +64,13 @@ pub struct ClientConfig {
     /// answering (a node died; no load balancer in front). Default none.
     pub fallback_addrs: Vec<SocketAddr>,
     /// A silent gateway is declared lost after this (the QUIC idle timeout
-    /// the client asks for; keep-alives go out every third of it). Lower
-    /// means faster failover and more keep-alive packets. Default 15 s.
+    /// the client asks for; keep-alives go out every third of it). QUIC
+    /// restarts the idle timer when the keep-alive goes out, so a crash is
+    /// noticed between this and 4/3 of it later (15-20 s by default), and
+    /// never before three probe timeouts, which stay long for some seconds
+    /// after a reconnect storm (docs/benchmarks.md, Failover, session 8).
+    /// Lower means faster failover and more keep-alive packets (at 1 s about
+    /// three datagrams per second each way). Default 15 s.
     pub liveness_timeout: Duration,
 }
 

@@ -39,6 +39,8 @@ use crate::report::{Check, Cmp, Report};
 use crate::session::{Endpoints, Session, SessionConfig, quic_config};
 use crate::util::{Lat, ServerProc, free_port, now_ns, progress};
 
+mod evidence;
+
 pub const ADMIN_TOKEN: &str = "gate-bench-admin";
 const DP_NODES: usize = 3;
 /// The seed Go gateway's heartbeat timeout: its failover cannot start before this.
@@ -142,7 +144,45 @@ pub(crate) struct Cluster {
     _upstreams: ServerProc,
 }
 
+/// How long a client waits for a connection and its StartResponse before it tries another
+/// node: the SDK's default (`connect_timeout`, sdk/src/config.rs). A shorter one abandons
+/// Starts that a busy survivor is still serving (handshake, claim, takeover) and sends the
+/// same work to the other survivor, which is then busier still.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the evidence sampler reads every client connection's statistics.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
 impl Cluster {
+    /// This process and every server process still running, for CPU and run-queue figures.
+    fn procs(&self) -> Vec<evidence::Proc> {
+        let mut out = vec![evidence::Proc {
+            name: "bench".into(),
+            pid: std::process::id(),
+        }];
+        for (i, p) in self.dps.iter().enumerate() {
+            if let Some(p) = p {
+                out.push(evidence::Proc {
+                    name: format!("dp{}", i + 1),
+                    pid: p.pid(),
+                });
+            }
+        }
+        for (id, _, _, p) in &self.cps {
+            if let Some(p) = p {
+                out.push(evidence::Proc {
+                    name: format!("cp{id}"),
+                    pid: p.pid(),
+                });
+            }
+        }
+        out.push(evidence::Proc {
+            name: "upstreams".into(),
+            pid: self._upstreams.pid(),
+        });
+        out
+    }
+
     fn live_admins(&self) -> Vec<(u64, SocketAddr)> {
         self.cps
             .iter()
@@ -188,6 +228,7 @@ async fn start_cluster(o: &Opts, dir: &Path) -> Result<Cluster> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let cp_grpc: Vec<String> = cps.iter().map(|c| c.2.to_string()).collect();
+    let keys = shared_keys(dir)?;
     let mut dps = Vec::new();
     let (mut dp_quic, mut dp_grpc) = (Vec::new(), Vec::new());
     for i in 1..=DP_NODES {
@@ -201,6 +242,8 @@ async fn start_cluster(o: &Opts, dir: &Path) -> Result<Cluster> {
                 format!("dp-{i}"),
                 "--control-plane".into(),
                 cp_grpc.join(","),
+                "--shared-keys-dir".into(),
+                keys.display().to_string(),
             ],
             o.server_cpu(),
         )?;
@@ -232,6 +275,23 @@ async fn start_cluster(o: &Opts, dir: &Path) -> Result<Cluster> {
     })
 }
 
+/// Random QUIC and TLS keys for every data plane of the run (`server.shared_keys_dir`): the
+/// Helm chart shares them by default, so a client of a dead node resumes its TLS session on
+/// the node it moves to, and nodes can reset each other's connections.
+fn shared_keys(dir: &Path) -> Result<std::path::PathBuf> {
+    use gatesvr_dataplane::edge::quic_keys::{RESET_KEY_FILE, TICKET_KEYS_FILE, TOKEN_KEY_FILE};
+    use std::io::Read as _;
+    let keys = dir.join("quic-keys");
+    std::fs::create_dir_all(&keys)?;
+    let mut random = std::fs::File::open("/dev/urandom").context("/dev/urandom")?;
+    for name in [RESET_KEY_FILE, TOKEN_KEY_FILE, TICKET_KEYS_FILE] {
+        let mut key = [0u8; 32];
+        random.read_exact(&mut key)?;
+        std::fs::write(keys.join(name), key)?;
+    }
+    Ok(keys)
+}
+
 /// The cluster of this scenario, ready to serve (for `load` without given addresses).
 pub(crate) async fn start_local(o: &Opts, dir: &Path) -> Result<Cluster> {
     let c = start_cluster(o, dir).await?;
@@ -240,7 +300,7 @@ pub(crate) async fn start_local(o: &Opts, dir: &Path) -> Result<Cluster> {
         net: Arc::new(Net::new(&ca, 2)?),
         quic: quic_config(&ca, o.detect)?,
         endpoints: Endpoints::Fixed(Arc::new(c.dp_quic.clone())),
-        connect_timeout: (o.detect * 2).max(Duration::from_secs(5)),
+        connect_timeout: CONNECT_TIMEOUT,
     });
     wait_ready(&cfg, &c).await?;
     Ok(c)
@@ -402,6 +462,28 @@ fn pct_ms(v: &[f64], p: f64) -> f64 {
     v[(((p / 100.0) * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
 }
 
+/// How long the sessions stay connected to dp-1, idle but for keep-alives, before the pushes
+/// start (and `warm` later, the kill): `GATE_BENCH_FAILOVER_SETTLE` (e.g. `0s`), default
+/// [`SETTLE`] (none with `--tiny`).
+fn settle_time(o: &Opts) -> Result<Duration> {
+    match std::env::var("GATE_BENCH_FAILOVER_SETTLE") {
+        Ok(v) => {
+            crate::humantime_dur(&v).map_err(|e| anyhow::anyhow!("GATE_BENCH_FAILOVER_SETTLE: {e}"))
+        }
+        Err(_) if o.tiny => Ok(Duration::ZERO),
+        Err(_) => Ok(SETTLE),
+    }
+}
+
+/// Default settle: a crash hits a node whose sessions have been connected for a while, not
+/// only the instant after they all connected at once. A QUIC client's idle timeout is at least
+/// three PTOs, and its PTO comes from its RTT estimate, which starts from the handshake: in a
+/// connect burst the handshakes queue for the server's CPU, the first RTT samples are hundreds
+/// of ms, and the estimate (RFC 9002: 7/8 old + 1/8 new per sample, one sample per keep-alive)
+/// takes seconds to forget them. A crash within those seconds is noticed late: `0s` measures
+/// that case (docs/benchmarks.md, "Session 8").
+const SETTLE: Duration = Duration::from_secs(10);
+
 pub async fn run(o: &Opts) -> Result<Report> {
     let mut rep = Report::new("failover");
     let n = o.fanout;
@@ -424,15 +506,23 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "defaults: heartbeat 250ms, election 1.5s..3s",
     );
     rep.param("dataplane_lease_ttl_s", 3);
+    rep.param(
+        "settle_before_pushes_ms",
+        settle_time(o)?.as_millis() as u64,
+    );
     let dir = o.rundir()?;
     progress("failover: starting 3 control-plane nodes, 3 data planes, upstreams");
     let mut c = start_cluster(o, &dir.path()).await?;
-    let net = Arc::new(Net::new(&dir.ca(), 8)?);
+    let net = Arc::new(Net::with_recv_buffer(
+        &dir.ca(),
+        8,
+        gatesvr_dataplane::edge::quic::UDP_RECV_BUFFER,
+    )?);
     let cfg = Arc::new(SessionConfig {
         net: net.clone(),
         quic: quic_config(&dir.ca(), o.detect)?,
         endpoints: Endpoints::Fixed(Arc::new(c.dp_quic.clone())),
-        connect_timeout: (o.detect * 2).max(Duration::from_secs(5)),
+        connect_timeout: CONNECT_TIMEOUT,
     });
     wait_ready(&cfg, &c).await?;
 
@@ -449,11 +539,26 @@ pub async fn run(o: &Opts) -> Result<Report> {
         anyhow::ensure!(Instant::now() < deadline, "sessions did not start on dp-1");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The clients' RTT estimates right after the connect burst, then an idle settle (only
+    // keep-alives) before the pushes start and dp-1 is killed.
+    let recs: Vec<_> = sessions.iter().map(|s| s.rec.clone()).collect();
+    let snaps_started = evidence::snaps(&recs);
+    let settle = settle_time(o)?;
+    if !settle.is_zero() {
+        progress(format!("failover: sessions settle for {settle:?}"));
+        tokio::time::sleep(settle).await;
+    }
     let ledger = Arc::new(PushLedger {
         accepted: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
         next: (0..n).map(|_| AtomicU64::new(0)).collect(),
         ..Default::default()
     });
+    // Evidence of where detection goes (read-only: quinn's statistics, /proc).
+    let procs = c.procs();
+    let sampler = evidence::Sampler::spawn(recs.clone(), SAMPLE_EVERY);
+    let lag = evidence::Lag::spawn();
+    let (times_a, snaps_a) = (evidence::times(&procs), evidence::snaps(&recs));
+    let (rcvbuf_a, drops_a) = (evidence::udp_rcvbuf_errors(), evidence::udp_drops());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let driver = push_driver(
         openids.clone(),
@@ -464,6 +569,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
         stop_rx,
     )?;
     tokio::time::sleep(warm).await;
+    let tickets_b = cfg.quic.tickets_offered.load(Ordering::Relaxed);
+    let (times_b, snaps_b) = (evidence::times(&procs), evidence::snaps(&recs));
+    let rcvbuf_b = evidence::udp_rcvbuf_errors();
     progress("failover: kill -9 dp-1");
     let victim = c.dp_quic[0];
     let t_kill = now_ns();
@@ -498,6 +606,11 @@ pub async fn run(o: &Opts) -> Result<Report> {
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let tickets_c = cfg.quic.tickets_offered.load(Ordering::Relaxed);
+    let times_c = evidence::times(&procs);
+    let (rcvbuf_c, drops_c) = (evidence::udp_rcvbuf_errors(), evidence::udp_drops());
+    let tracks = sampler.finish().await;
+    let lags = lag.finish().await;
     progress("failover: sessions resumed; pushing on");
     tokio::time::sleep(warm).await;
     let _ = stop_tx.send(true);
@@ -611,8 +724,18 @@ pub async fn run(o: &Opts) -> Result<Report> {
             "failover: {n} Start attempts after the kill failed: {why}"
         ));
     }
+    // Per session on dp-1: its connection at the kill, and what the sampler saw of it.
+    let at_kill: Vec<Option<(evidence::Snap, Option<&evidence::Track>)>> = snaps_b
+        .iter()
+        .zip(&tracks)
+        .zip(&on_victim)
+        .map(|((snap, tracks), v)| {
+            let snap = (*v).then_some(*snap)??;
+            Some((snap, tracks.iter().find(|t| t.id == snap.id)))
+        })
+        .collect();
     if let Some(path) = std::env::var_os("GATE_BENCH_FAILOVER_TRACE") {
-        write_trace(Path::new(&path), &sessions, &c.dp_quic, t_kill)?;
+        write_trace(Path::new(&path), &sessions, &c.dp_quic, t_kill, &at_kill)?;
     }
     // A percentile of nothing is left out rather than reported as NaN (null in JSON).
     let f = |rep: &mut Report, k: &str, v: f64| {
@@ -620,6 +743,167 @@ pub async fn run(o: &Opts) -> Result<Report> {
             rep.field(k, v);
         }
     };
+    // Detection: the RTT the clients measured, how long before the kill they last heard from
+    // dp-1, and how long a connection stayed silent before it gave up (max(idle timeout,
+    // 3 PTO)).
+    let rtt_started: Vec<f64> = snaps_started
+        .iter()
+        .flatten()
+        .map(|s| ms(s.rtt_ns))
+        .collect();
+    let rtt_at_kill: Vec<f64> = at_kill
+        .iter()
+        .flatten()
+        .map(|(s, _)| ms(s.rtt_ns))
+        .collect();
+    let rtt_max: Vec<f64> = at_kill
+        .iter()
+        .flatten()
+        .filter_map(|(_, t)| t.map(|t| ms(t.max_rtt_ns)))
+        .collect();
+    let (mut heard_before_kill, mut silent_until_lost) = (Vec::new(), Vec::new());
+    for ((a, s), v) in at_kill.iter().zip(&sessions).zip(&on_victim) {
+        let Some((_, Some(t))) = a else { continue };
+        if !*v {
+            continue;
+        }
+        heard_before_kill.push(ms(t_kill.saturating_sub(t.last_rx_ns)));
+        if let Some(l) = s.rec.lock().losses.iter().find(|l| **l > t_kill) {
+            silent_until_lost.push(ms(l.saturating_sub(t.last_rx_ns)));
+        }
+    }
+    for (k, v) in [
+        ("client_rtt_after_start", &rtt_started),
+        ("client_rtt_at_kill", &rtt_at_kill),
+        ("client_rtt_max_before_kill", &rtt_max),
+        ("last_heard_before_kill", &heard_before_kill),
+        ("silent_until_lost", &silent_until_lost),
+    ] {
+        f(&mut rep, &format!("{k}_p50_ms"), pct_ms(v, 50.0));
+        f(&mut rep, &format!("{k}_p99_ms"), pct_ms(v, 99.0));
+    }
+    // TLS resumption on the new node shows as fewer bytes before the StartResponse.
+    let rx_first: Vec<f64> = sessions
+        .iter()
+        .filter_map(|s| s.rec.lock().starts.first().map(|st| st.rx_bytes as f64))
+        .collect();
+    let rx_after: Vec<f64> = sessions
+        .iter()
+        .filter_map(|s| {
+            let r = s.rec.lock();
+            r.starts
+                .iter()
+                .find(|st| st.t_ns > t_kill)
+                .map(|st| st.rx_bytes as f64)
+        })
+        .collect();
+    f(
+        &mut rep,
+        "tls_tickets_offered_after_kill",
+        tickets_c.saturating_sub(tickets_b) as f64,
+    );
+    f(
+        &mut rep,
+        "start_rx_bytes_first_p50",
+        pct_ms(&rx_first, 50.0),
+    );
+    f(
+        &mut rep,
+        "start_rx_bytes_after_kill_p50",
+        pct_ms(&rx_after, 50.0),
+    );
+    f(
+        &mut rep,
+        "start_rx_bytes_after_kill_p99",
+        pct_ms(&rx_after, 99.0),
+    );
+    // Keep-alive cost: datagrams per session per second before the kill (same connection at
+    // both ends of the window).
+    let secs = warm.as_secs_f64();
+    let (mut pings, mut tx, mut rx, mut conns) = (0u64, 0u64, 0u64, 0u64);
+    for (a, b) in snaps_a.iter().zip(&snaps_b) {
+        if let (Some(a), Some(b)) = (a, b)
+            && a.id == b.id
+        {
+            pings += b.pings - a.pings;
+            tx += b.tx - a.tx;
+            rx += b.rx - a.rx;
+            conns += 1;
+        }
+    }
+    let per = |x: u64| x as f64 / conns.max(1) as f64 / secs;
+    f(&mut rep, "client_pings_per_session_s", per(pings));
+    f(&mut rep, "client_datagrams_tx_per_session_s", per(tx));
+    f(&mut rep, "client_datagrams_rx_per_session_s", per(rx));
+    // CPU and run-queue wait per process, before the kill and during the takeover.
+    for (phase, a, b) in [
+        ("warm", &times_a, &times_b),
+        ("takeover", &times_b, &times_c),
+    ] {
+        let w = evidence::window(&procs, a, b);
+        let line: Vec<String> = w
+            .iter()
+            .filter(|x| x.1.is_finite())
+            .map(|(n, cpu, runq)| format!("{n} {cpu:.0}% cpu, {runq:.0} ms/s runnable"))
+            .collect();
+        progress(format!("failover: {phase}: {}", line.join("; ")));
+        for (name, cpu, runq) in w {
+            f(&mut rep, &format!("{name}_cpu_pct_{phase}"), cpu);
+            f(&mut rep, &format!("{name}_runq_ms_per_s_{phase}"), runq);
+        }
+    }
+    for (phase, from, to) in [("warm", 0, t_kill), ("takeover", t_kill, u64::MAX)] {
+        let v: Vec<f64> = lags
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, l)| ms(*l))
+            .collect();
+        f(
+            &mut rep,
+            &format!("bench_timer_lag_p50_ms_{phase}"),
+            pct_ms(&v, 50.0),
+        );
+        f(
+            &mut rep,
+            &format!("bench_timer_lag_p99_ms_{phase}"),
+            pct_ms(&v, 99.0),
+        );
+        f(
+            &mut rep,
+            &format!("bench_timer_lag_max_ms_{phase}"),
+            pct_ms(&v, 100.0),
+        );
+    }
+    f(
+        &mut rep,
+        "udp_rcvbuf_errors_warm",
+        rcvbuf_b.saturating_sub(rcvbuf_a) as f64,
+    );
+    f(
+        &mut rep,
+        "udp_rcvbuf_errors_takeover",
+        rcvbuf_c.saturating_sub(rcvbuf_b) as f64,
+    );
+    let dropped = |ports: &[u16]| -> f64 {
+        ports
+            .iter()
+            .map(|p| {
+                drops_c
+                    .get(p)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(drops_a.get(p).copied().unwrap_or(0))
+            })
+            .sum::<u64>() as f64
+    };
+    for (i, a) in c.dp_quic.iter().enumerate() {
+        f(
+            &mut rep,
+            &format!("udp_drops_dp{}", i + 1),
+            dropped(&[a.port()]),
+        );
+    }
+    f(&mut rep, "udp_drops_clients", dropped(&net.local_ports()));
     f(&mut rep, "resume_p50_ms", pct_ms(&resume, 50.0));
     f(&mut rep, "resume_p99_ms", pct_ms(&resume, 99.0));
     f(&mut rep, "resume_max_ms", pct_ms(&resume, 100.0));
@@ -787,7 +1071,13 @@ pub async fn run(o: &Opts) -> Result<Report> {
 /// `GATE_BENCH_FAILOVER_TRACE=<file>`: one line per session of part (a), times in ms from
 /// the kill: when its connection was found lost, each failed Start attempt (node, reason) and
 /// each Start answered (node, status). Shows where a slow reconnect spent its time.
-fn write_trace(path: &Path, sessions: &[Session], nodes: &[SocketAddr], t_kill: u64) -> Result<()> {
+fn write_trace(
+    path: &Path,
+    sessions: &[Session],
+    nodes: &[SocketAddr],
+    t_kill: u64,
+    at_kill: &[Option<(evidence::Snap, Option<&evidence::Track>)>],
+) -> Result<()> {
     use std::fmt::Write as _;
     let rel = |t: u64| (t as f64 - t_kill as f64) / 1e6;
     let name = |a: &SocketAddr| {
@@ -797,9 +1087,20 @@ fn write_trace(path: &Path, sessions: &[Session], nodes: &[SocketAddr], t_kill: 
             .map_or_else(|| a.to_string(), |i| format!("dp-{}", i + 1))
     };
     let mut out = String::new();
-    for s in sessions {
+    for (s, k) in sessions.iter().zip(at_kill) {
         let r = s.rec.lock();
         let _ = write!(out, "{}", s.openid);
+        if let Some((snap, track)) = k {
+            let _ = write!(out, " rtt={:.1}", snap.rtt_ns as f64 / 1e6);
+            if let Some(t) = track {
+                let _ = write!(
+                    out,
+                    " rtt_max={:.1} heard@{:.0}",
+                    t.max_rtt_ns as f64 / 1e6,
+                    rel(t.last_rx_ns)
+                );
+            }
+        }
         for l in r.losses.iter().filter(|l| **l > t_kill) {
             let _ = write!(out, " lost@{:.0}", rel(*l));
         }
@@ -875,7 +1176,9 @@ async fn leader_kill(
             net: cfg.net.clone(),
             quic: cfg.quic.clone(),
             endpoints: Endpoints::Fixed(Arc::new(survivors.clone())),
-            connect_timeout: cfg.connect_timeout,
+            // Unchanged since session 4 (a new session that needed a retry counts as failed):
+            // keeps this part's figures comparable with earlier runs.
+            connect_timeout: (o.detect * 2).max(Duration::from_secs(5)),
         });
         tokio::spawn(async move {
             let mut j = 0usize;

@@ -1,0 +1,238 @@
+//! Where a crash's detection time goes, measured from outside the servers: per client
+//! connection, the RTT estimate and when it last heard from its node (a QUIC connection gives
+//! up after `max(idle timeout, 3 PTO)` of silence, and the PTO grows with the measured RTT and
+//! its variance); per process, CPU time and time spent runnable but waiting for a CPU; and UDP
+//! datagrams the kernel dropped (`/proc/net/snmp`, `/proc/net/udp`).
+//!
+//! Nothing here changes what the clients do: the sampler only reads quinn's statistics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::session::Record;
+use crate::util::{cpu_us, now_ns, runq_wait_us};
+
+/// A process whose CPU and run-queue wait are read.
+pub struct Proc {
+    pub name: String,
+    pub pid: u32,
+}
+
+/// CPU time and run-queue wait of each process at one moment, µs.
+#[derive(Clone)]
+pub struct Times {
+    at_ns: u64,
+    of: Vec<(f64, f64)>,
+}
+
+pub fn times(procs: &[Proc]) -> Times {
+    Times {
+        at_ns: now_ns(),
+        of: procs
+            .iter()
+            .map(|p| (cpu_us(p.pid).unwrap_or(f64::NAN), runq_wait_us(p.pid)))
+            .collect(),
+    }
+}
+
+/// Per process between two moments: (name, CPU %, ms waited for a CPU per s).
+pub fn window(procs: &[Proc], a: &Times, b: &Times) -> Vec<(String, f64, f64)> {
+    let secs = (b.at_ns.saturating_sub(a.at_ns) as f64 / 1e9).max(1e-3);
+    procs
+        .iter()
+        .zip(a.of.iter().zip(&b.of))
+        .map(|(p, (x, y))| {
+            (
+                p.name.clone(),
+                (y.0 - x.0) / 1e4 / secs,
+                (y.1 - x.1) / 1e3 / secs,
+            )
+        })
+        .collect()
+}
+
+/// `RcvbufErrors` of the `Udp:` lines of /proc/net/snmp (datagrams dropped because a socket's
+/// receive buffer was full, all sockets of the machine).
+pub fn udp_rcvbuf_errors() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/net/snmp") else {
+        return 0;
+    };
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(head), Some(vals)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    head.split_whitespace()
+        .zip(vals.split_whitespace())
+        .find(|(k, _)| *k == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The `drops` column of /proc/net/udp and /proc/net/udp6, by local port.
+pub fn udp_drops() -> HashMap<u16, u64> {
+    let mut out = HashMap::new();
+    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let port = cols
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            let drops = cols.last().and_then(|d| d.parse::<u64>().ok());
+            if let (Some(port), Some(drops)) = (port, drops) {
+                *out.entry(port).or_default() += drops;
+            }
+        }
+    }
+    out
+}
+
+/// One connection's counters at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Snap {
+    /// `quinn::Connection::stable_id`.
+    pub id: usize,
+    pub rtt_ns: u64,
+    pub pings: u64,
+    pub tx: u64,
+    pub rx: u64,
+}
+
+/// Every session's current connection (None if it has none, or it is closed).
+pub fn snaps(recs: &[Arc<Mutex<Record>>]) -> Vec<Option<Snap>> {
+    recs.iter()
+        .map(|r| {
+            let conn = r.lock().conn.clone()?;
+            if conn.close_reason().is_some() {
+                return None;
+            }
+            let s = conn.stats();
+            Some(Snap {
+                id: conn.stable_id(),
+                rtt_ns: s.path.rtt.as_nanos() as u64,
+                pings: s.frame_tx.ping,
+                tx: s.udp_tx.datagrams,
+                rx: s.udp_rx.datagrams,
+            })
+        })
+        .collect()
+}
+
+/// What the sampler saw of one connection.
+#[derive(Debug, Clone, Default)]
+pub struct Track {
+    /// `quinn::Connection::stable_id`.
+    pub id: usize,
+    /// When the number of datagrams received last changed (observed at a sample, so up to one
+    /// sampling period after the datagram arrived).
+    pub last_rx_ns: u64,
+    pub rx: u64,
+    /// Smoothed RTT, highest sampled while the connection was open.
+    pub max_rtt_ns: u64,
+    pub closed: bool,
+}
+
+/// Samples every session's current connection every `every` until stopped.
+pub struct Sampler {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<Vec<Track>>>,
+}
+
+impl Sampler {
+    pub fn spawn(recs: Vec<Arc<Mutex<Record>>>, every: Duration) -> Sampler {
+        let (stop, mut stop_rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut tracks: Vec<Vec<Track>> = vec![Vec::new(); recs.len()];
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                let now = now_ns();
+                for (rec, tracks) in recs.iter().zip(tracks.iter_mut()) {
+                    let Some(conn) = rec.lock().conn.clone() else {
+                        continue;
+                    };
+                    sample(&conn, now, tracks);
+                }
+            }
+            tracks
+        });
+        Sampler { stop, task }
+    }
+
+    pub async fn finish(self) -> Vec<Vec<Track>> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+fn sample(conn: &quinn::Connection, now: u64, tracks: &mut Vec<Track>) {
+    let id = conn.stable_id();
+    let s = conn.stats();
+    let rtt = s.path.rtt.as_nanos() as u64;
+    let closed = conn.close_reason().is_some();
+    match tracks.last_mut() {
+        Some(t) if t.id == id => {
+            if s.udp_rx.datagrams != t.rx {
+                t.rx = s.udp_rx.datagrams;
+                t.last_rx_ns = now;
+            }
+            if !t.closed {
+                t.max_rtt_ns = t.max_rtt_ns.max(rtt);
+            }
+            t.closed |= closed;
+        }
+        _ => tracks.push(Track {
+            id,
+            last_rx_ns: now,
+            rx: s.udp_rx.datagrams,
+            max_rtt_ns: rtt,
+            closed,
+        }),
+    }
+}
+
+/// How late this process's runtime wakes a 10 ms timer (the load generator's own scheduling
+/// lag: when it is large, the clients notice losses and answers late, and their RTT samples
+/// include it).
+pub struct Lag {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<(u64, u64)>>,
+}
+
+impl Lag {
+    pub fn spawn() -> Lag {
+        let (stop, mut stop_rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let period = Duration::from_millis(10);
+            loop {
+                let t0 = now_ns();
+                tokio::select! {
+                    () = tokio::time::sleep(period) => {}
+                    _ = stop_rx.changed() => break,
+                }
+                let t1 = now_ns();
+                out.push((t1, (t1 - t0).saturating_sub(period.as_nanos() as u64)));
+            }
+            out
+        });
+        Lag { stop, task }
+    }
+
+    /// (wake ns, lateness ns) of every wake-up.
+    pub async fn finish(self) -> Vec<(u64, u64)> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
+}
