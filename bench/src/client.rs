@@ -157,37 +157,6 @@ impl Net {
         })
     }
 
-    /// [`Net::new`] whose sockets ask for a `recv_buffer`-byte receive buffer (Linux grants up
-    /// to `net.core.rmem_max`). A thousand clients in one process share these few sockets, so
-    /// when their handshakes are answered together (a reconnect burst after a crash) the
-    /// kernel's default buffer (~100 datagrams) overflows and the load generator drops its own
-    /// datagrams, which real clients, each with its own socket, would not (`gate-bench
-    /// failover`, docs/benchmarks.md "Session 8").
-    pub fn with_recv_buffer(ca: &Path, sockets: usize, recv_buffer: usize) -> Result<Self> {
-        let config = client_config(ca, None)?;
-        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-        let mut endpoints = Vec::new();
-        for _ in 0..sockets.max(1) {
-            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            let state = quinn::udp::UdpSocketState::new((&socket).into())?;
-            state.set_recv_buffer_size((&socket).into(), recv_buffer)?;
-            let mut ep = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                socket,
-                runtime.clone(),
-            )?;
-            ep.set_default_client_config(config.clone());
-            endpoints.push(ep);
-        }
-        Ok(Self {
-            endpoints,
-            next: AtomicUsize::new(0),
-            config,
-            server_name: "localhost".into(),
-        })
-    }
-
     /// Local ports of the client sockets (their drops are in /proc/net/udp).
     pub fn local_ports(&self) -> Vec<u16> {
         self.endpoints

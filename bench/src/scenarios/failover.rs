@@ -513,11 +513,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let dir = o.rundir()?;
     progress("failover: starting 3 control-plane nodes, 3 data planes, upstreams");
     let mut c = start_cluster(o, &dir.path()).await?;
-    let net = Arc::new(Net::with_recv_buffer(
-        &dir.ca(),
-        8,
-        gatesvr_dataplane::edge::quic::UDP_RECV_BUFFER,
-    )?);
+    // Net's sockets ask for the data plane's 8 MiB receive buffer: the load
+    // generator must not drop its own datagrams in the reconnect burst.
+    let net = Arc::new(Net::new(&dir.ca(), 8)?);
     let cfg = Arc::new(SessionConfig {
         net: net.clone(),
         quic: quic_config(&dir.ca(), o.detect)?,
