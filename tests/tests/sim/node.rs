@@ -918,7 +918,12 @@ impl World {
         let Some(p) = node.starts.get(&openid) else {
             return;
         };
-        if p.phase != Phase::Recover || !p.waiting.contains(gone_node) {
+        // Only a node gone from this node's view (it left); one that crashed
+        // while the view still shows it is not waited on again either way.
+        if p.phase != Phase::Recover
+            || !p.waiting.contains(gone_node)
+            || node.table.members().is_live(gone_node)
+        {
             return;
         }
         let gone = if p.owner_empty {
