@@ -341,6 +341,56 @@ async fn kill_9_of_the_standby_then_of_the_owner_loses_no_durable_push() {
     );
 }
 
+/// A client moves its session to the owner's standby (dp-1 -> dp-2, the next
+/// node on the ring). The session arrives there with unacked durable pushes,
+/// and dp-2 copies it to its own standby (dp-3) at once, with no new push
+/// to prompt it (`Registry::copy_soon`). Before, the only other copy was the
+/// old owner's, until the next durable push: with the new owner restarting
+/// soon after, one more crash lost them (simulation seed 189 of session 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_handed_over_with_pushes_is_copied_to_the_new_standby_at_once() {
+    let cluster = three_by_three().await;
+    let client = Client::connect(cluster.client_config(0, "erin"))
+        .await
+        .unwrap();
+    let mut gw = cluster.gateway(0).await;
+    for n in 1..=5u64 {
+        durable_push(&mut gw, "erin", n).await;
+    }
+    let (got, _) = collect(&client, 5).await;
+    assert_eq!(got, (1..=5).collect::<Vec<_>>());
+    client.reconnect_to("127.0.0.1:9".parse().unwrap());
+    for n in 6..=10u64 {
+        durable_push(&mut gw, "erin", n).await;
+    }
+    // dp-2 is dp-1's standby (the ring of sorted node ids) and holds the copy.
+    wait_for(|| async {
+        let (sessions, pushes) = replicas_held(&cluster, 1).await;
+        (sessions == 1 && pushes >= 5).then_some(())
+    })
+    .await
+    .expect("dp-2 holds erin's replica");
+    assert_eq!(
+        replicas_held(&cluster, 2).await,
+        (0, 0),
+        "dp-3 holds nothing yet"
+    );
+    // The client comes back on dp-2, which takes the session over.
+    client.reconnect_to(cluster.quic(1));
+    let (got, statuses) = collect(&client, 5).await;
+    assert_eq!(got, (6..=10).collect::<Vec<_>>(), "resumed on dp-2");
+    assert_eq!(statuses, vec![ResumeStatus::Resumed]);
+    // dp-3, dp-2's standby, gets the whole queue without another push.
+    wait_for(|| async { (replicas_held(&cluster, 2).await.0 == 1).then_some(()) })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "dp-2 never copied the session to its standby\nDP1 {}",
+                cluster.log_tail(1)
+            )
+        });
+}
+
 /// (sessions, durable pushes) data plane `i` holds as replicas, from `/stats`.
 async fn replicas_held(cluster: &ProcessCluster, i: usize) -> (u64, u64) {
     let (status, body) = http_get(cluster.http(i), "/stats").await;
