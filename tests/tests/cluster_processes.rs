@@ -266,19 +266,8 @@ async fn kill_9_and_restart_with_the_same_node_id_loses_no_durable_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_standby_then_of_the_owner_loses_no_durable_push() {
     let mut cluster = three_by_three().await;
-    let client = Client::connect(cluster.client_config(0, "dave"))
-        .await
-        .unwrap();
     let mut gw = cluster.gateway(0).await;
-    for n in 1..=10u64 {
-        durable_push(&mut gw, "dave", n).await;
-    }
-    let (got, _) = collect(&client, 10).await;
-    assert_eq!(got, (1..=10).collect::<Vec<_>>());
-    client.reconnect_to("127.0.0.1:9".parse().unwrap());
-    for n in 11..=20u64 {
-        durable_push(&mut gw, "dave", n).await;
-    }
+    let client = acked_then_unacked(&cluster, &mut gw, "dave", 10, 10).await;
     // The standby is whichever of the other two holds dave's pushes (the
     // client's acks of 1..=10 may not have reached the owner before it lost
     // its network: at least the 10 unacked ones).
@@ -318,22 +307,8 @@ async fn kill_9_of_the_standby_then_of_the_owner_loses_no_durable_push() {
     }
     cluster.kill(0);
     client.reconnect_to(cluster.quic(heir));
-    let mut status = None;
-    let mut recovered = Vec::new();
-    while status.is_none() || recovered.len() < 15 {
-        match tokio::time::timeout(PATIENCE * 2, client.next_event()).await {
-            Ok(Some(Event::Push(p))) if status.is_some() => {
-                recovered.push(p.content.parse::<u64>().unwrap());
-            }
-            Ok(Some(Event::ResumeFailed { status: s, .. })) => status = Some(s),
-            Ok(Some(_)) => {}
-            other => panic!(
-                "stalled: status {status:?}, recovered {recovered:?} ({other:?})\nheir {}",
-                cluster.log_tail(heir)
-            ),
-        }
-    }
-    assert_eq!(status, Some(ResumeStatus::Recovered));
+    let (status, recovered) = after_resume_failed(&client, 15, || cluster.log_tail(heir)).await;
+    assert_eq!(status, ResumeStatus::Recovered);
     assert_eq!(
         recovered,
         (11..=25).collect::<Vec<_>>(),
@@ -350,19 +325,8 @@ async fn kill_9_of_the_standby_then_of_the_owner_loses_no_durable_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_handed_over_with_pushes_is_copied_to_the_new_standby_at_once() {
     let cluster = three_by_three().await;
-    let client = Client::connect(cluster.client_config(0, "erin"))
-        .await
-        .unwrap();
     let mut gw = cluster.gateway(0).await;
-    for n in 1..=5u64 {
-        durable_push(&mut gw, "erin", n).await;
-    }
-    let (got, _) = collect(&client, 5).await;
-    assert_eq!(got, (1..=5).collect::<Vec<_>>());
-    client.reconnect_to("127.0.0.1:9".parse().unwrap());
-    for n in 6..=10u64 {
-        durable_push(&mut gw, "erin", n).await;
-    }
+    let client = acked_then_unacked(&cluster, &mut gw, "erin", 5, 5).await;
     // dp-2 is dp-1's standby (the ring of sorted node ids) and holds the copy.
     wait_for(|| async {
         let (sessions, pushes) = replicas_held(&cluster, 1).await;
@@ -389,6 +353,62 @@ async fn a_session_handed_over_with_pushes_is_copied_to_the_new_standby_at_once(
                 cluster.log_tail(1)
             )
         });
+}
+
+/// Waits for the client's resume to be refused (the status it got) and for
+/// the `n` pushes the session it got instead delivers after that, each
+/// marked as a redelivery; `logs` explains a stall.
+async fn after_resume_failed(
+    client: &Client,
+    n: usize,
+    logs: impl Fn() -> String,
+) -> (ResumeStatus, Vec<u64>) {
+    let mut status = None;
+    let mut pushes = Vec::new();
+    loop {
+        match (status, pushes.len()) {
+            (Some(s), got) if got >= n => return (s, pushes),
+            _ => {}
+        }
+        match tokio::time::timeout(PATIENCE * 2, client.next_event()).await {
+            Ok(Some(Event::Push(p))) if status.is_some() => {
+                assert!(p.redelivery, "recovered pushes are marked as redeliveries");
+                pushes.push(p.content.parse::<u64>().unwrap());
+            }
+            Ok(Some(Event::ResumeFailed { status: s, .. })) => status = Some(s),
+            Ok(Some(_)) => {}
+            other => panic!(
+                "stalled: status {status:?}, pushes {pushes:?} ({other:?})\n{}",
+                logs()
+            ),
+        }
+    }
+}
+
+/// Starts `openid` on data plane 0; `acked` durable pushes through `gw` that
+/// the client reads, then the client loses its network and `unacked` more
+/// are accepted for it (numbered on from `acked + 1`).
+async fn acked_then_unacked(
+    cluster: &ProcessCluster,
+    gw: &mut GatewayServiceClient<tonic::transport::Channel>,
+    openid: &str,
+    acked: u64,
+    unacked: u64,
+) -> Client {
+    let client = Client::connect(cluster.client_config(0, openid))
+        .await
+        .unwrap();
+    for n in 1..=acked {
+        durable_push(gw, openid, n).await;
+    }
+    let (got, _) = collect(&client, acked as usize).await;
+    assert_eq!(got, (1..=acked).collect::<Vec<_>>());
+    // The client keeps retrying an address that does not answer.
+    client.reconnect_to("127.0.0.1:9".parse().unwrap());
+    for n in acked + 1..=acked + unacked {
+        durable_push(gw, openid, n).await;
+    }
+    client
 }
 
 /// (sessions, durable pushes) data plane `i` holds as replicas, from `/stats`.
@@ -428,22 +448,10 @@ enum Comeback {
 /// client comes back and is told RECOVERED with all 10, in order.
 async fn kill_9_with_unacked_durable_pushes(comeback: Comeback) {
     let mut cluster = three_by_three().await;
-    let client = Client::connect(cluster.client_config(0, "carol"))
-        .await
-        .unwrap();
     let mut gw = cluster.gateway(1).await;
-    // 10 durable pushes, processed (and so acked) by the client.
-    for n in 1..=10u64 {
-        durable_push(&mut gw, "carol", n).await;
-    }
-    let (got, _) = collect(&client, 10).await;
-    assert_eq!(got, (1..=10).collect::<Vec<_>>());
-    // The client loses its network (it keeps retrying an address that does
-    // not answer) while 10 more durable pushes are accepted for it.
-    client.reconnect_to("127.0.0.1:9".parse().unwrap());
-    for n in 11..=20u64 {
-        durable_push(&mut gw, "carol", n).await;
-    }
+    // 10 durable pushes the client reads (and so acks), then 10 more
+    // accepted while it has lost its network.
+    let client = acked_then_unacked(&cluster, &mut gw, "carol", 10, 10).await;
     // Let the ack point reach the standby (synced once a second).
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -458,26 +466,13 @@ async fn kill_9_with_unacked_durable_pushes(comeback: Comeback) {
         }
     }
     // What counts is what the rebuilt session delivers after it says so.
-    let mut status = None;
-    let mut recovered = Vec::new();
-    while status.is_none() || recovered.len() < 10 {
-        match tokio::time::timeout(PATIENCE * 2, client.next_event()).await {
-            Ok(Some(Event::Push(p))) if status.is_some() => {
-                assert!(p.redelivery, "recovered pushes are marked as redeliveries");
-                recovered.push(p.content.parse::<u64>().unwrap());
-            }
-            Ok(Some(Event::ResumeFailed { status: s, .. })) => status = Some(s),
-            Ok(Some(_)) => {}
-            other => panic!(
-                "stalled: status {status:?}, recovered {recovered:?} ({other:?})\nDP0 {}\nDP1 {}",
-                cluster.log_tail(0),
-                cluster.log_tail(1)
-            ),
-        }
-    }
+    let (status, recovered) = after_resume_failed(&client, 10, || {
+        format!("DP0 {}\nDP1 {}", cluster.log_tail(0), cluster.log_tail(1))
+    })
+    .await;
     assert_eq!(
         status,
-        Some(ResumeStatus::Recovered),
+        ResumeStatus::Recovered,
         "the client is told its session was rebuilt"
     );
     assert_eq!(

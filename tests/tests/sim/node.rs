@@ -832,17 +832,7 @@ impl World {
                     self.finish_recovery(name, openid);
                     return;
                 }
-                for s in sources.into_iter().chain(maybe) {
-                    self.send(
-                        End::Node(name.into()),
-                        End::Node(s),
-                        Body::FetchReplica {
-                            openid: openid.into(),
-                            session_id: sid.clone(),
-                            req,
-                        },
-                    );
-                }
+                self.ask_for_replicas(name, openid, &sid, req, sources.into_iter().chain(maybe));
                 self.timer(name, DEAD_NODE_ASK_MS, Timer::RecoverCheck { req });
                 self.timer(
                     name,
@@ -906,6 +896,29 @@ impl World {
         self.recover_check(name, req, now);
     }
 
+    /// Sends `nodes` a FetchReplica of `openid`'s session `session_id` for
+    /// the recovery `req`.
+    fn ask_for_replicas(
+        &mut self,
+        name: &str,
+        openid: &str,
+        session_id: &str,
+        req: u64,
+        nodes: impl IntoIterator<Item = String>,
+    ) {
+        for n in nodes {
+            self.send(
+                End::Node(name.into()),
+                End::Node(n),
+                Body::FetchReplica {
+                    openid: openid.into(),
+                    session_id: session_id.into(),
+                    req,
+                },
+            );
+        }
+    }
+
     /// As `peer::recover`: a node a recovery was waiting for is gone. If it
     /// was leaving, it handed its replicas to other nodes, which may have
     /// answered "nothing" before the copy reached them (simulation seed 354
@@ -943,17 +956,7 @@ impl World {
         if let Some(p) = self.node(name).starts.get_mut(&openid) {
             p.waiting.extend(again.iter().cloned());
         }
-        for n in again {
-            self.send(
-                End::Node(name.into()),
-                End::Node(n),
-                Body::FetchReplica {
-                    openid: openid.clone(),
-                    session_id: sid.clone(),
-                    req,
-                },
-            );
-        }
+        self.ask_for_replicas(name, &openid, &sid, req, again);
     }
 
     /// As `replica::fetch_recovery`: done once every live node answered and
@@ -1707,17 +1710,7 @@ impl World {
                         if let Some(p) = self.node(name).starts.get_mut(&openid) {
                             p.req = req;
                         }
-                        for n in waiting {
-                            self.send(
-                                End::Node(name.into()),
-                                End::Node(n),
-                                Body::FetchReplica {
-                                    openid: openid.clone(),
-                                    session_id: sid.clone(),
-                                    req,
-                                },
-                            );
-                        }
+                        self.ask_for_replicas(name, &openid, &sid, req, waiting);
                         self.timer(name, PEER_TIMEOUT_MS, Timer::StartDeadline { openid, req });
                     }
                     Phase::Recover => self.finish_recovery(name, &openid),
