@@ -532,9 +532,15 @@ pub enum TakeOver {
     Installed,
     /// The previous owner answered but had no usable copy (or refused).
     NotHandedOver,
-    /// The previous owner is dead or left: its state may only survive as a
-    /// replica of its durable pushes.
+    /// Nothing listens at the previous owner's address (or it is an earlier
+    /// life of this node): its state may only survive as a replica of its
+    /// durable pushes.
     OwnerGone,
+    /// The previous owner never answered and the view no longer holds it
+    /// live: as [`TakeOver::OwnerGone`], but it is asked for its replicas
+    /// too, briefly, as every node declared dead is
+    /// ([`AfterHandover::OwnerDeclaredDead`]).
+    OwnerDeclaredDead,
     /// The previous owner answered that it has no copy (it restarted empty,
     /// or handed the session over already and the answer was lost): as
     /// [`TakeOver::OwnerGone`], but its own replicas are asked too (it keeps
@@ -583,11 +589,13 @@ pub async fn take_over(
     // 127: a Handover's answer was lost, the owner answered the retry "not
     // found", and the copy it kept of what it handed over was not asked).
     let gone = match outcome {
-        TakeOver::OwnerEmpty => "",
+        TakeOver::OwnerEmpty | TakeOver::OwnerDeclaredDead => "",
         _ => previous_owner,
     };
-    if matches!(outcome, TakeOver::OwnerGone | TakeOver::OwnerEmpty)
-        && !held_here
+    if matches!(
+        outcome,
+        TakeOver::OwnerGone | TakeOver::OwnerEmpty | TakeOver::OwnerDeclaredDead
+    ) && !held_here
         && !session_id.is_empty()
         && epoch != 0
     {
@@ -709,9 +717,9 @@ async fn hand_over_from(
             tracing::info!(
                 openid,
                 previous_owner,
-                "previous owner is gone; its session state survives only in replicas"
+                "previous owner is not live; its session state survives in replicas (and maybe in it)"
             );
-            return TakeOver::OwnerGone;
+            return TakeOver::OwnerDeclaredDead;
         };
         let (reach, outcome) =
             ask_handover(node, &addr, previous_owner, openid, session_id, epoch).await;
@@ -721,6 +729,7 @@ async fn hand_over_from(
         {
             AfterHandover::UseAnswer => return outcome,
             AfterHandover::OwnerGone => return TakeOver::OwnerGone,
+            AfterHandover::OwnerDeclaredDead => return TakeOver::OwnerDeclaredDead,
             AfterHandover::OwnerSilent => {}
         }
     }

@@ -352,7 +352,9 @@ impl Registry {
     ///   `replaced`): the client asked for a fresh start.
     /// - `session_id` matching: resume from `last_acked`.
     /// - `session_id` unknown, or the resume point is ahead of the session: a
-    ///   fresh session, and the StartResponse says why (never silent).
+    ///   fresh session, and the StartResponse says why (never silent). It
+    ///   stands in for `session_id` from then on: a retry of this Start
+    ///   attaches to it with the same answer ([`crate::core::Table::start_session`]).
     pub fn start(
         &self,
         openid: &str,
@@ -366,70 +368,12 @@ impl Registry {
         if !session_id.is_empty() {
             self.rebuild_recovered(openid, session_id, last_acked, &mut new_id);
         }
-        let (started, commands) = {
-            let started = self.with_table(|t| {
-                let mut commands = Vec::new();
-                let existing = t.local(openid).cloned();
-                // The session was rebuilt from a replica under a new id: attach
-                // to it and say RECOVERED (the client's seqs start over).
-                let recovered = !session_id.is_empty() && t.recovers(openid, session_id);
-                if recovered && let Some(entry) = existing.clone() {
-                    let mut outcome = entry.state.lock().attach(now, 0);
-                    outcome.status = ResumeStatus::Recovered;
-                    t.rearm(&entry);
-                    return (entry, outcome, commands);
-                }
-                let mut reported: Option<ResumeStatus> = None;
-                let entry = match existing {
-                    Some(entry)
-                        if !session_id.is_empty() && entry.identity.session_id == session_id =>
-                    {
-                        let outcome = entry.state.lock().attach(now, last_acked);
-                        match outcome.status {
-                            ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
-                                reported = Some(outcome.status);
-                                let fresh = self.fresh_entry(openid, now, new_id.take());
-                                commands.extend(t.start(
-                                    fresh.clone(),
-                                    Holding::Owned,
-                                    "resume_failed",
-                                ));
-                                fresh
-                            }
-                            _ => {
-                                t.rearm(&entry);
-                                return (entry, outcome, commands);
-                            }
-                        }
-                    }
-                    Some(_) => {
-                        if !session_id.is_empty() {
-                            reported = Some(ResumeStatus::SessionExpired);
-                        }
-                        let fresh = self.fresh_entry(openid, now, new_id.take());
-                        commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
-                        fresh
-                    }
-                    None => {
-                        if !session_id.is_empty() {
-                            reported = Some(ResumeStatus::SessionExpired);
-                        }
-                        let fresh = self.fresh_entry(openid, now, new_id.take());
-                        commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
-                        fresh
-                    }
-                };
-                let mut outcome = entry.state.lock().attach(now, 0);
-                if let Some(status) = reported {
-                    outcome.status = status;
-                }
-                t.rearm(&entry);
-                (entry, outcome, commands)
-            });
-            ((started.0, started.1), started.2)
-        };
+        let (entry, outcome, commands) = self.with_table(|t| {
+            t.start_session(now, openid, session_id, last_acked, || {
+                self.fresh_entry(openid, now, new_id.take())
+            })
+        });
         self.carry_out(commands);
-        let (entry, outcome) = (started.0, started.1);
         self.metrics
             .resumes
             .with_label_values(&[status_label(outcome.status)])

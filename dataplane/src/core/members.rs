@@ -80,10 +80,17 @@ pub enum Reach {
 pub enum AfterHandover {
     /// The owner answered: use its answer.
     UseAnswer,
-    /// The owner is dead or left in the view, or nothing listens at its
-    /// address: its state only survives as replicas of its durable pushes;
-    /// recover from those.
+    /// Nothing listens at the owner's address: its state only survives as
+    /// replicas of its durable pushes; recover from those.
     OwnerGone,
+    /// The owner did not answer and the view no longer holds it live
+    /// (declared dead, or left): recover from replicas as for
+    /// [`AfterHandover::OwnerGone`], and ask the owner too, as every node
+    /// declared dead is asked ([`Members::recovery_maybe`]): one cut off from
+    /// the control plane only is alive and may hold the session, e.g. the
+    /// copy of a Handover it answered whose answer was lost (simulation seed
+    /// 354 of session 9).
+    OwnerDeclaredDead,
     /// The owner is live in the view but did not answer: it may still hold
     /// (and serve) the session. Never start a second copy from replicas; ask
     /// again, or refuse the Start so the client retries.
@@ -242,7 +249,7 @@ impl Members {
             Reach::Answered => AfterHandover::UseAnswer,
             Reach::Down => AfterHandover::OwnerGone,
             Reach::NoAnswer if self.is_live(owner) => AfterHandover::OwnerSilent,
-            Reach::NoAnswer => AfterHandover::OwnerGone,
+            Reach::NoAnswer => AfterHandover::OwnerDeclaredDead,
         }
     }
 }

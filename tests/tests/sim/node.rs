@@ -15,7 +15,7 @@ use gatesvr_dataplane::replica::{HANDOFF_ROUNDS, Recovery, ReplicaStore, UNREACH
 use gatesvr_dataplane::session::{
     PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
 };
-use gatesvr_proto::client::{ClientResponse, ErrorCode, ResumeStatus, ServerPush};
+use gatesvr_proto::client::{ClientResponse, ErrorCode, ServerPush};
 use gatesvr_proto::control::DataPlaneNode;
 use gatesvr_proto::peer::{FetchReplicaResponse, ReplicateRequest};
 use gatesvr_proto::session::SessionState;
@@ -792,9 +792,12 @@ impl World {
         }
         let held_here = node.table.holds(openid, &p.session_id);
         match node.table.members().after_failed_handover(owner, reach) {
-            AfterHandover::OwnerGone if !p.session_id.is_empty() && !held_here => {
+            after @ (AfterHandover::OwnerGone | AfterHandover::OwnerDeclaredDead)
+                if !p.session_id.is_empty() && !held_here =>
+            {
                 p.phase = Phase::Recover;
-                let gone = if p.owner_empty { "" } else { owner };
+                let asked_too = p.owner_empty || after == AfterHandover::OwnerDeclaredDead;
+                let gone = if asked_too { "" } else { owner };
                 let sources: Vec<String> = node
                     .table
                     .members()
@@ -1040,42 +1043,12 @@ impl World {
     fn finish_start(&mut self, name: &str, openid: &str, p: PendingStart, _rebuilt: Option<()>) {
         let now = self.instant();
         let node = self.node(name);
-        let existing = node.table.local(openid).cloned();
-        let recovered = !p.session_id.is_empty() && node.table.recovers(openid, &p.session_id);
-        let mut cmds = Vec::new();
-        let (handle, status) = match existing {
-            Some(h) if recovered => {
-                h.with(|s| s.attach(now, 0));
-                (h, ResumeStatus::Recovered)
-            }
-            Some(h) if !p.session_id.is_empty() && h.identity().session_id == p.session_id => {
-                let outcome = h.with(|s| s.attach(now, p.last_acked));
-                match outcome.status {
-                    ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
-                        let fresh = fresh(openid, &p.new_id, now);
-                        cmds.extend(node.table.start(
-                            fresh.clone(),
-                            Holding::Owned,
-                            "resume_failed",
-                        ));
-                        fresh.with(|s| s.attach(now, 0));
-                        (fresh, outcome.status)
-                    }
-                    status => (h, status),
-                }
-            }
-            _ => {
-                let fresh = fresh(openid, &p.new_id, now);
-                cmds.extend(node.table.start(fresh.clone(), Holding::Owned, "replaced"));
-                fresh.with(|s| s.attach(now, 0));
-                let status = if p.session_id.is_empty() {
-                    ResumeStatus::New
-                } else {
-                    ResumeStatus::SessionExpired
-                };
-                (fresh, status)
-            }
-        };
+        let (handle, outcome, cmds) =
+            node.table
+                .start_session(now, openid, &p.session_id, p.last_acked, || {
+                    fresh(openid, &p.new_id, now)
+                });
+        let status = outcome.status;
         self.carry(name, cmds);
         let node = self.node(name);
         let owner = node.owner(openid).map(|(n, e)| (n.to_string(), e));
