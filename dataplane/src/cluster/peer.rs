@@ -639,6 +639,7 @@ async fn recover(
     let mut answered = std::collections::HashSet::new();
     let mut found = Vec::new();
     let mut waiting: Vec<String> = Vec::new();
+    let mut incomplete = false;
     loop {
         // A node waited on that is gone from the view since may have been
         // leaving: it handed its replicas to other nodes, which may have
@@ -675,6 +676,7 @@ async fn recover(
                 unanswered = ?round.unanswered,
                 "nodes did not answer for their replicas in time; recovering from the copies found"
             );
+            incomplete = true;
             break;
         }
         node.metrics
@@ -685,7 +687,9 @@ async fn recover(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
-    crate::replica::merge(node, openid, session_id, found)
+    let mut recovery = crate::replica::merge(node, openid, session_id, found)?;
+    recovery.incomplete = incomplete;
+    Some(recovery)
 }
 
 async fn hand_over_from(

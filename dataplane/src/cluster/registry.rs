@@ -663,12 +663,13 @@ impl Registry {
             return;
         }
         let id = new_id.take().unwrap_or_else(new_session_id);
+        let incomplete = recovery.incomplete;
         let (state, lost) = recovery.rebuild(openid, id.clone(), last_acked);
         let n = state.pushes.len() as u64;
-        let holding = Holding::Recovered {
-            old_session_id: session_id.to_string(),
-        };
-        match self.install_as(state, epoch, holding, None) {
+        // The state says what it stands in for: held as recovered, or (a
+        // recovery that missed a live node) as a fresh session whose client
+        // is told SESSION_EXPIRED with the pushes found.
+        match self.install_as(state, epoch, Holding::Owned, None) {
             Ok(_) => {
                 self.metrics
                     .sessions_recovered
@@ -681,7 +682,7 @@ impl Registry {
                         .with_label_values(&["owner_crashed"])
                         .inc_by(lost);
                 }
-                tracing::info!(openid, old = session_id, new = %id, durable = n, lost_non_durable = lost, "session recovered from replicas");
+                tracing::info!(openid, old = session_id, new = %id, durable = n, lost_non_durable = lost, incomplete, "session recovered from replicas");
                 self.copy_soon(openid);
             }
             Err(e) => tracing::warn!(openid, error = %e, "recovered state rejected"),

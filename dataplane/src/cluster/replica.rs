@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gatesvr_proto::client::ServerPush;
+use gatesvr_proto::client::{ResumeStatus, ServerPush};
 use gatesvr_proto::limits::chunk_by_size;
 use gatesvr_proto::peer::peer_client::PeerClient;
 use gatesvr_proto::peer::{
@@ -710,9 +710,41 @@ pub struct Recovery {
     pub next_seq: u64,
     /// Durable pushes above `acked`, by old seq.
     pub pushes: BTreeMap<u64, ServerPush>,
+    /// A live node never answered within [`crate::peer::RECOVERY_PATIENCE`]:
+    /// a copy it holds is missing, so the client is told SESSION_EXPIRED (the
+    /// pushes found still follow), not RECOVERED, which promises every
+    /// durable push (simulation seed 189 of session 9).
+    pub incomplete: bool,
 }
 
 impl Recovery {
+    /// The union of the copies `found` (answers with `found: false` are
+    /// skipped) of session `session_id`: every push above the highest ack
+    /// point (an older standby may hold pushes from before a handover; the
+    /// seqs are the same session's). `None` if nobody had a copy.
+    pub fn merge(
+        session_id: &str,
+        found: impl IntoIterator<Item = FetchReplicaResponse>,
+    ) -> Option<Recovery> {
+        let mut recovery: Option<Recovery> = None;
+        for r in found.into_iter().filter(|r| r.found) {
+            let recovery = recovery.get_or_insert_with(|| Recovery {
+                session_id: session_id.to_string(),
+                zone: r.zone.clone(),
+                ..Default::default()
+            });
+            recovery.acked = recovery.acked.max(r.acked_seq_id);
+            recovery.next_seq = recovery.next_seq.max(r.next_seq_id);
+            for p in r.pushes {
+                recovery.pushes.insert(p.seq_id, p);
+            }
+        }
+        let mut recovery = recovery?;
+        let acked = recovery.acked;
+        recovery.pushes.retain(|seq, _| *seq > acked);
+        Some(recovery)
+    }
+
     /// The session to install for a client that acked `last_acked` (old
     /// numbering): a NEW session `new_id` whose queue holds the durable pushes
     /// after it, renumbered from 1 and marked as redeliveries. Also returns
@@ -754,6 +786,13 @@ impl Recovery {
             trimmed_through_seq_id: 0,
             highest_sent_seq_id: n,
             pushes: renumbered,
+            replaces_session_id: self.session_id,
+            replaces_status: if self.incomplete {
+                ResumeStatus::SessionExpired
+            } else {
+                ResumeStatus::Recovered
+            }
+            .into(),
             ..Default::default()
         };
         (state, lost)
@@ -889,8 +928,8 @@ pub fn merge(
     // the view never named): core::Table::copy_for_recovery.
     let own = node.replicas.fetch(openid, session_id);
     found.push(node.registry.answer_fetch_replica(own, openid, session_id));
-    let found: Vec<FetchReplicaResponse> = found.into_iter().filter(|r| r.found).collect();
-    if found.is_empty() {
+    let recovery = Recovery::merge(session_id, found);
+    if recovery.is_none() {
         node.metrics
             .sessions_recovered
             .with_label_values(&["no_replica"])
@@ -900,25 +939,8 @@ pub fn merge(
             session_id,
             "previous owner gone and no replica found"
         );
-        return None;
     }
-    // Union of every copy (an older standby may hold pushes from before a
-    // handover; the seqs are the same session's), above the highest ack.
-    let mut recovery = Recovery {
-        session_id: session_id.to_string(),
-        zone: found[0].zone.clone(),
-        ..Default::default()
-    };
-    for r in found {
-        recovery.acked = recovery.acked.max(r.acked_seq_id);
-        recovery.next_seq = recovery.next_seq.max(r.next_seq_id);
-        for p in r.pushes {
-            recovery.pushes.insert(p.seq_id, p);
-        }
-    }
-    let acked = recovery.acked;
-    recovery.pushes.retain(|seq, _| *seq > acked);
-    Some(recovery)
+    recovery
 }
 
 /// Copies the queue of sessions that just arrived with pushes (rebuilt from

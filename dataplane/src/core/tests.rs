@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use gatesvr_proto::client::{ErrorCode, ResumeStatus};
+use gatesvr_proto::client::{ErrorCode, ResumeStatus, ServerPush};
 use gatesvr_proto::control::NodeState;
 
 use super::*;
@@ -451,6 +451,51 @@ fn a_retried_resume_attaches_to_the_fresh_session_its_first_try_made() {
     let (new, outcome, _) = b.start_session(now, "u", "", 0, || fresh("s5"));
     assert_eq!(new.identity().session_id, "s5");
     assert_eq!(outcome.status, ResumeStatus::New);
+}
+
+/// Simulation seed 189 of session 9: a recovery whose patience ran out with
+/// a live node silent (cut off from the claimant; it held the only copy of
+/// two durable pushes) rebuilt the session from the copies it had and told
+/// the client RECOVERED, which promises every durable push: two were lost
+/// without a word. It now says SESSION_EXPIRED, and the pushes it found still
+/// follow; a complete recovery says RECOVERED as before.
+#[test]
+fn a_recovery_that_missed_a_live_node_says_session_expired_with_what_it_found() {
+    let now = Instant::now();
+    let found = gatesvr_proto::peer::FetchReplicaResponse {
+        found: true,
+        session_id: "old".into(),
+        zone: "001".into(),
+        acked_seq_id: 1,
+        next_seq_id: 4,
+        pushes: [2, 3]
+            .map(|seq| ServerPush {
+                seq_id: seq,
+                content: format!("p{seq}"),
+                ..Default::default()
+            })
+            .to_vec(),
+        ..Default::default()
+    };
+    let nothing = gatesvr_proto::peer::FetchReplicaResponse::default();
+    for (incomplete, told) in [
+        (false, ResumeStatus::Recovered),
+        (true, ResumeStatus::SessionExpired),
+    ] {
+        let mut recovery =
+            crate::replica::Recovery::merge("old", [nothing.clone(), found.clone()]).unwrap();
+        recovery.incomplete = incomplete;
+        let (state, _) = recovery.rebuild("u", "new".into(), 1);
+        let mut t = table();
+        let c = PlainCell::new(Session::import(state, now, SessionConfig::default()).unwrap());
+        t.install(c.clone(), 4, Holding::Owned, None).unwrap();
+        let (h, outcome, _) = t.start_session(now, "u", "old", 1, || cell("u", "x", now, 0));
+        assert!(h.same(&c));
+        assert_eq!(outcome.status, told);
+        assert_eq!(outcome.first_available_seq_id, 1);
+        assert_eq!(h.with(|s| s.stats().unacked), 2);
+    }
+    assert!(crate::replica::Recovery::merge("old", [nothing]).is_none());
 }
 
 #[test]

@@ -202,6 +202,11 @@ impl World {
                 let (copy, cmds) = node.table.copy_for_recovery(now, &openid, &session_id);
                 let resp = gatesvr_dataplane::core::recovery::with_copy(replica, copy.as_ref());
                 self.carry(name, cmds);
+                let line = format!(
+                    "{name} answers {from:?} for \"{openid}\" {session_id} (req {req}): pushes {:?}",
+                    resp.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+                );
+                self.trace(line);
                 if let End::Node(asker) = from {
                     self.send(
                         End::Node(name.into()),
@@ -910,6 +915,9 @@ impl World {
         nodes: impl IntoIterator<Item = String>,
     ) {
         for n in nodes {
+            let line =
+                format!("{name} asks {n} for replicas of \"{openid}\" {session_id} (req {req})");
+            self.trace(line);
             self.send(
                 End::Node(name.into()),
                 End::Node(n),
@@ -1003,32 +1011,15 @@ impl World {
         );
         self.trace(line);
         let mut rebuilt = None;
-        if !found.is_empty() {
-            let mut recovery = Recovery {
-                session_id: p.session_id.clone(),
-                zone: found[0].zone.clone(),
-                ..Default::default()
-            };
-            for r in &found {
-                recovery.acked = recovery.acked.max(r.acked_seq_id);
-                recovery.next_seq = recovery.next_seq.max(r.next_seq_id);
-                for push in &r.pushes {
-                    recovery.pushes.insert(push.seq_id, push.clone());
-                }
-            }
-            let acked = recovery.acked;
-            recovery.pushes.retain(|s, _| *s > acked);
+        // Patience ran out with a live node silent: its copy is missing, and
+        // the client is told so (as `peer::recover`).
+        let incomplete = !p.waiting.is_empty();
+        if let Some(mut recovery) = Recovery::merge(&p.session_id, p.gathered.iter().cloned()) {
+            recovery.incomplete = incomplete;
             let (state, _lost) = recovery.rebuild(openid, p.new_id.clone(), p.last_acked);
             if let Some(cell) = import(state, self) {
                 let node = self.node(name);
-                if let Ok(cmds) = node.table.install(
-                    cell,
-                    p.epoch,
-                    Holding::Recovered {
-                        old_session_id: p.session_id.clone(),
-                    },
-                    None,
-                ) {
+                if let Ok(cmds) = node.table.install(cell, p.epoch, Holding::Owned, None) {
                     self.carry(name, cmds);
                     self.copy_soon(name, openid);
                     rebuilt = Some(());
