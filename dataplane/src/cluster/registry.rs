@@ -29,8 +29,8 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 
 use crate::core::{
-    Command, HandoverAsk, Holding, InstallError, PushOutcome, RequestOutcome, SessionCell, Table,
-    TableConfig, Target,
+    Command, HandoverAsk, Holding, InstallError, PushOutcome, Reach, RequestOutcome, SessionCell,
+    Table, TableConfig, Target,
 };
 use crate::metrics::{Metrics, code_label};
 use crate::session::{PushBody, PushError, ResumeOutcome, Session, SessionConfig, SessionIdentity};
@@ -151,6 +151,8 @@ pub struct Registry {
     /// Signalled whenever a slot settles (an incoming session arrived or
     /// gave up, a drain's staging finished): pushes waiting on it look again.
     settled: Notify,
+    /// Woken when a peer is found down ([`Registry::mark_unreachable`]).
+    went_down: Notify,
     /// Signalled when a deadline earlier than the timer task's sleep appears.
     pub timer_wake: Notify,
     /// Told (openid, session_id, epoch) of every session that ended here, so
@@ -222,6 +224,7 @@ impl Registry {
             to_replicate: Mutex::new(Vec::new()),
             recovered_wake: Notify::new(),
             settled: Notify::new(),
+            went_down: Notify::new(),
             timer_wake: Notify::new(),
             ended: parking_lot::Mutex::new(None),
         }
@@ -588,13 +591,44 @@ impl Registry {
         f(self.table.lock().members())
     }
 
-    /// A call found `node_id` unreachable: not chosen as a standby before
-    /// `until` ([`crate::core::Members::mark_unreachable`]).
-    pub fn mark_unreachable(&self, node_id: &str, until: Instant) {
+    /// A call to `node_id` ended as `reach`: an unreachable node is not
+    /// chosen as a standby before `until`, and one found down gets no
+    /// Handover either ([`crate::core::Members::mark_unreachable`]). Calls
+    /// waiting on it ([`Registry::until_down`]) learn it at once.
+    pub fn mark_unreachable(&self, node_id: &str, reach: Reach, until: Instant) {
         self.table
             .lock()
             .members_mut()
-            .mark_unreachable(node_id, until);
+            .mark_unreachable(node_id, reach, until);
+        if reach == Reach::Down {
+            self.went_down.notify_waiters();
+        }
+    }
+
+    /// `node_id` answered a call: it is reachable again.
+    pub fn peer_answered(&self, node_id: &str) {
+        self.table.lock().members_mut().answered(node_id);
+    }
+
+    /// Whether nothing listened at `node_id` lately (a Handover is not sent).
+    pub fn is_down(&self, node_id: &str) -> bool {
+        self.members(|m| m.is_down(node_id, Instant::now()))
+    }
+
+    /// Resolves once `node_id` is found down. After a crash every client of
+    /// the dead node reconnects at once and each Start asks the dead owner
+    /// for a Handover: the calls queue behind one connection attempt each,
+    /// and one refusal now answers all of them (`gate-bench failover`).
+    pub async fn until_down(&self, node_id: &str) {
+        loop {
+            let notified = self.went_down.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_down(node_id) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Where a session that left went: (openid, node).

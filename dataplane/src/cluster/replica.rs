@@ -375,8 +375,13 @@ pub fn unreachable(status: &Status) -> bool {
 /// (a lease later) this node would otherwise hold their only copy.
 pub fn standby_unreachable(node: &Node, standby: &str, status: &Status) {
     tracing::warn!(standby, error = %status, "standby unreachable; its sessions go to the next node");
+    let reach = if crate::peer::refused(status) {
+        crate::core::Reach::Down
+    } else {
+        crate::core::Reach::NoAnswer
+    };
     node.registry
-        .mark_unreachable(standby, Instant::now() + UNREACHABLE_HOLD);
+        .mark_unreachable(standby, reach, Instant::now() + UNREACHABLE_HOLD);
     node.replicator.moved_on.notify_one();
 }
 

@@ -18,11 +18,23 @@
 //! | [`Members::recovery_maybe`]            | dead (maybe only cut off)   |
 //! | [`Members::after_failed_handover`]     | see [`Reach`]               |
 //!
-//! A peer the shell found unreachable (connection refused, no answer) is
-//! marked with [`Members::mark_unreachable`] until an instant: the standby
-//! questions skip it, so an owner whose standby died copies its sessions to the
-//! next node at once instead of after the control plane declares the standby
-//! dead (which takes a lease): until then the owner held the only copy.
+//! A peer a call found unreachable is marked with [`Members::mark_unreachable`]
+//! until an instant, with how ([`Reach`]); this is the node's one memory of
+//! unreachable peers (the Handover path kept its own, by address, until
+//! session 9):
+//!
+//! | question                               | marks counted               |
+//! |----------------------------------------|-----------------------------|
+//! | [`Members::is_unreachable`] (standby)  | `Down` and `NoAnswer`       |
+//! | [`Members::is_down`] (Handover not sent) | `Down` only               |
+//!
+//! The standby questions skip an unreachable node, so an owner whose standby
+//! died copies its sessions to the next node at once instead of after the
+//! control plane declares the standby dead (which takes a lease): until then
+//! the owner held the only copy. Only a node where nothing listens counts as
+//! down for a Handover: one that did not answer may be busy and still
+//! serving (two live copies, issue 12's defect 3). An answer clears the mark
+//! ([`Members::answered`]).
 //!
 //! Departed (`left`) and `dead` records stay in the control plane's view for a
 //! while (rolling upgrades give pods new names every time); none of the
@@ -102,8 +114,9 @@ pub enum AfterHandover {
 pub struct Members {
     me: String,
     nodes: BTreeMap<String, Member>,
-    /// Nodes a call found unreachable, skipped as standby until the instant.
-    unreachable: BTreeMap<String, Instant>,
+    /// Nodes a call found unreachable: until when, and whether nothing
+    /// listened (`Down`) or nothing answered (`NoAnswer`).
+    unreachable: BTreeMap<String, (Instant, Reach)>,
 }
 
 impl Members {
@@ -129,19 +142,46 @@ impl Members {
         self.unreachable.retain(|id, _| nodes.contains_key(id));
     }
 
-    /// A call to `node_id` found nothing listening or got no answer: it is not
-    /// chosen as a standby before `until` (a view that drops it forgets this).
-    pub fn mark_unreachable(&mut self, node_id: &str, until: Instant) {
-        if self.nodes.contains_key(node_id) {
-            self.unreachable.insert(node_id.to_string(), until);
+    /// A call to `node_id` found nothing listening (`Down`) or got no answer
+    /// (`NoAnswer`): it is not chosen as a standby before `until`, and while
+    /// `Down` no Handover is sent to it (a view that drops the node forgets
+    /// this). A `NoAnswer` does not weaken a `Down` marked before; `Answered`
+    /// clears the mark.
+    pub fn mark_unreachable(&mut self, node_id: &str, reach: Reach, until: Instant) {
+        if reach == Reach::Answered {
+            self.answered(node_id);
+            return;
         }
+        if !self.nodes.contains_key(node_id) {
+            return;
+        }
+        let mark = self
+            .unreachable
+            .entry(node_id.to_string())
+            .or_insert((until, reach));
+        *mark = match (*mark, reach) {
+            ((held, Reach::Down), Reach::NoAnswer) => (held.max(until), Reach::Down),
+            _ => (until, reach),
+        };
     }
 
-    /// Found unreachable and not yet due for another try at `now`.
+    /// `node_id` answered a call: it is reachable again.
+    pub fn answered(&mut self, node_id: &str) {
+        self.unreachable.remove(node_id);
+    }
+
+    /// Found unreachable (either way) and not yet due for another try at `now`.
     pub fn is_unreachable(&self, node_id: &str, now: Instant) -> bool {
         self.unreachable
             .get(node_id)
-            .is_some_and(|until| now < *until)
+            .is_some_and(|(until, _)| now < *until)
+    }
+
+    /// Found with nothing listening, and not yet due for another try at `now`.
+    pub fn is_down(&self, node_id: &str, now: Instant) -> bool {
+        self.unreachable
+            .get(node_id)
+            .is_some_and(|(until, reach)| now < *until && *reach == Reach::Down)
     }
 
     /// Adds or updates one node (tests and the simulation).

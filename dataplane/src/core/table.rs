@@ -1062,17 +1062,18 @@ impl<H: SessionCell> Table<H> {
                 holding: Holding::Staged { .. },
                 ..
             }) if self.claiming.contains(&openid) => PushOutcome::Wait,
-            // The view naming this node at an epoch older than the staged
-            // copy's is this node's own earlier ownership (it staged the
-            // session away since, and a draining node staged a copy back
-            // here), not a commitment of the copy: it waits too (simulation
-            // seed 475 of session 9: a stale view served a re-staged copy at
-            // epoch 714 while the control plane had moved it to another node
-            // at 756, and the pushes it took were lost).
+            // The view naming this node at the staged copy's epoch or an
+            // older one is this node's own earlier ownership (it staged the
+            // session away since, with a transfer whose outcome it may not
+            // know, and a draining node staged a copy back here), not a
+            // commitment of the copy: it waits too. Simulation seeds 475 and
+            // 596 of session 9: stale views served re-staged copies (at 714
+            // named at 662; at 381 named at 381) while the control plane had
+            // moved the session on, and the pushes they took were lost.
             Some(Slot::Local {
                 handle,
                 holding: Holding::Staged { .. },
-            }) if view_owner.is_none_or(|(o, e)| o != me || e < handle.with(|s| s.epoch())) => {
+            }) if view_owner.is_none_or(|(o, e)| o != me || e <= handle.with(|s| s.epoch())) => {
                 match view_owner {
                     Some((o, _)) if o != me => PushOutcome::Forward { to: o.to_string() },
                     _ => PushOutcome::Wait,

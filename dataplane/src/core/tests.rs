@@ -638,7 +638,8 @@ fn a_standby_found_unreachable_is_passed_over_until_its_hold_ends() {
     let now = Instant::now();
     let hold = now + Duration::from_secs(10);
     assert_eq!(t.members().standby_for(now).unwrap().node_id, "dp-2");
-    t.members_mut().mark_unreachable("dp-2", hold);
+    t.members_mut()
+        .mark_unreachable("dp-2", Reach::NoAnswer, hold);
     let m = t.members();
     assert_eq!(m.standby_for(now).unwrap().node_id, "dp-3");
     assert_eq!(m.standby_ring(now).len(), 1);
@@ -648,8 +649,33 @@ fn a_standby_found_unreachable_is_passed_over_until_its_hold_ends() {
     );
     assert_eq!(m.standby_for(hold).unwrap().node_id, "dp-2");
     // Every other node unreachable: no standby, durable pushes are refused.
-    t.members_mut().mark_unreachable("dp-3", hold);
+    t.members_mut().mark_unreachable("dp-3", Reach::Down, hold);
     assert!(t.members().standby_for(now).is_none());
+}
+
+/// One memory of unreachable peers (the Handover path kept a second one, by
+/// address, before session 9): both kinds pass a node over as standby; only
+/// "nothing listens" stops a Handover; a later silence does not weaken it;
+/// an answer clears it.
+#[test]
+fn a_peer_found_down_or_silent_is_remembered_in_one_place() {
+    let mut t = table();
+    let now = Instant::now();
+    let (short, long) = (now + Duration::from_secs(5), now + Duration::from_secs(10));
+    let m = t.members_mut();
+    m.mark_unreachable("dp-2", Reach::NoAnswer, long);
+    assert!(m.is_unreachable("dp-2", now));
+    assert!(!m.is_down("dp-2", now), "silent is not down: it may serve");
+    m.mark_unreachable("dp-2", Reach::Down, short);
+    assert!(m.is_down("dp-2", now));
+    m.mark_unreachable("dp-2", Reach::NoAnswer, long);
+    assert!(m.is_down("dp-2", now), "a later silence keeps it down");
+    assert!(m.is_down("dp-2", short) && !m.is_down("dp-2", long));
+    m.mark_unreachable("dp-2", Reach::Answered, long);
+    assert!(!m.is_unreachable("dp-2", now));
+    // A node the view does not hold is not remembered.
+    m.mark_unreachable("dp-9", Reach::Down, long);
+    assert!(!m.is_down("dp-9", now));
 }
 
 #[test]
@@ -685,8 +711,8 @@ fn a_duplicated_install_of_the_same_copy_keeps_the_pushes_queued_since() {
     };
     let first = cell("u", "s", now, 0);
     t.install(first.clone(), 4, staged(), None).unwrap();
-    // Queued since (the view named this node at the staged epoch).
-    t.owner_changed(now, "u", "dp-1", 4);
+    // Queued since (a claim at the staged epoch settled it here).
+    t.claimed(now, &first, 4, Some(("dp-1", 4)));
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 4)));
     assert_eq!(queued(&o), Some(1));
     let again = t.install(cell("u", "s", now, 0), 4, staged(), None);
@@ -815,7 +841,9 @@ fn a_staged_copy_takes_no_push_until_the_view_names_its_node() {
 
 /// Simulation seed 475 of session 9: this node owned the session at 5 and
 /// staged it away (a drain); a draining node staged a copy exported at 7 back
-/// here, and the view, late, still named this node at 5. That record is this
+/// here, and the view, late, still named this node at 5 (seed 596: at 7, the
+/// epoch it had staged the session away at, with a transfer whose commit it
+/// never heard of). That record is this
 /// node's old ownership, not a commitment of the copy: it took durable pushes
 /// while the control plane had moved the session to a third node, and they
 /// were lost.
@@ -833,10 +861,12 @@ fn a_staged_copy_newer_than_the_views_record_of_this_node_takes_no_push() {
         None,
     )
     .unwrap();
-    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 5)));
-    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    for named_at in [5, 7] {
+        let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", named_at)));
+        assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    }
     assert_eq!(c.with(|s| s.stats().unacked), 0);
-    // Named at the copy's epoch or later: it serves.
+    // Named at a later epoch (a transfer or a claim of the copy): it serves.
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 8)));
     assert_eq!(queued(&o), Some(1));
 }

@@ -688,7 +688,7 @@ impl World {
             Body::Replicate { wait, .. } => {
                 // As `replica::standby_unreachable`: passed over from now on,
                 // and the sessions it held copies of go to the next node now.
-                self.standby_unreachable(name, to_node);
+                self.standby_unreachable(name, to_node, Reach::Down);
                 let Some(w) = wait else { return };
                 self.node(name).orphan_copies.remove(&w);
                 if let Some(h) = &mut self.node(name).handoff
@@ -716,12 +716,12 @@ impl World {
     }
 
     /// A call found `standby` unreachable (`replica::standby_unreachable`).
-    fn standby_unreachable(&mut self, name: &str, standby: &str) {
+    fn standby_unreachable(&mut self, name: &str, standby: &str, reach: Reach) {
         let until = self.instant() + UNREACHABLE_HOLD;
         self.node(name)
             .table
             .members_mut()
-            .mark_unreachable(standby, until);
+            .mark_unreachable(standby, reach, until);
         self.trace(format!("{name} found {standby} unreachable"));
         self.timer(name, 0, Timer::MovedOn);
     }
@@ -1684,7 +1684,7 @@ impl World {
                 // No answer in time: passed over like a refused standby; the
                 // push itself fails (its caller waited long enough).
                 if let Some(d) = self.node(name).durable.remove(&wait) {
-                    self.standby_unreachable(name, &d.standby);
+                    self.standby_unreachable(name, &d.standby, Reach::NoAnswer);
                     self.reply_up(d.id, d.openid, true, false);
                 }
             }
