@@ -253,12 +253,16 @@ impl ReplicaStore {
     /// sessions to the new standby were lost (simulation seed 174).
     ///
     /// [`Members::standby_of`]: crate::core::Members::standby_of
-    pub fn handoff(&self, members: &crate::core::Members) -> Vec<(Member, ReplicateRequest)> {
+    pub fn handoff(
+        &self,
+        members: &crate::core::Members,
+        now: Instant,
+    ) -> Vec<(Member, ReplicateRequest)> {
         let map = self.map.lock();
         let mut out: Vec<(Member, ReplicateRequest)> = map
             .iter()
             .filter_map(|(openid, r)| {
-                let heir = members.standby_of(&r.owner)?;
+                let heir = members.standby_of(&r.owner, now)?;
                 Some((heir.clone(), r.copy(openid)))
             })
             .collect();
@@ -272,13 +276,17 @@ impl ReplicaStore {
     /// gets a second copy on the owner's next standby other than this node
     /// ([`Members::standby_of`]), once per heir ([`ReplicaStore::copied`]).
     /// Replicas that hold no push are not copied.
-    pub fn orphans(&self, members: &crate::core::Members) -> Vec<(Member, ReplicateRequest)> {
+    pub fn orphans(
+        &self,
+        members: &crate::core::Members,
+        now: Instant,
+    ) -> Vec<(Member, ReplicateRequest)> {
         let map = self.map.lock();
         let mut out: Vec<(Member, ReplicateRequest)> = map
             .iter()
             .filter(|(_, r)| !r.pushes.is_empty() && !members.is_live(&r.owner))
             .filter_map(|(openid, r)| {
-                let heir = members.standby_of(&r.owner)?;
+                let heir = members.standby_of(&r.owner, now)?;
                 let copied = r.copied_to.as_deref() == Some(heir.node_id.as_str());
                 (!copied).then(|| (heir.clone(), r.copy(openid)))
             })
@@ -369,19 +377,23 @@ pub fn unreachable(status: &Status) -> bool {
     )
 }
 
+/// How a failed call to a peer ended: nothing listened, or no answer.
+fn reach_of(status: &Status) -> crate::core::Reach {
+    if crate::peer::refused(status) {
+        crate::core::Reach::Down
+    } else {
+        crate::core::Reach::NoAnswer
+    }
+}
+
 /// A call found `standby` unreachable: it is passed over as this node's
 /// standby for [`UNREACHABLE_HOLD`], and the sessions whose copies it held are
 /// copied to the next node now. Until the control plane declares it dead
 /// (a lease later) this node would otherwise hold their only copy.
 pub fn standby_unreachable(node: &Node, standby: &str, status: &Status) {
     tracing::warn!(standby, error = %status, "standby unreachable; its sessions go to the next node");
-    let reach = if crate::peer::refused(status) {
-        crate::core::Reach::Down
-    } else {
-        crate::core::Reach::NoAnswer
-    };
     node.registry
-        .mark_unreachable(standby, reach, Instant::now() + UNREACHABLE_HOLD);
+        .mark_unreachable(standby, reach_of(status), Instant::now() + UNREACHABLE_HOLD);
     node.replicator.moved_on.notify_one();
 }
 
@@ -617,23 +629,45 @@ pub const HANDOFF_ROUNDS: u32 = 3;
 /// left of what a fenced or departed owner acknowledged: simulation seed 152).
 pub async fn hand_over_replicas(node: &Node) {
     use futures::StreamExt;
-    let mut heirs = node.registry.members(|m| node.replicas.handoff(m));
+    let mut heirs = node
+        .registry
+        .members(|m| node.replicas.handoff(m, Instant::now()));
     let n = heirs.len();
     for _ in 0..HANDOFF_ROUNDS {
         if heirs.is_empty() {
             break;
         }
-        heirs = futures::stream::iter(heirs)
+        let failed: Vec<(Member, ReplicateRequest)> = futures::stream::iter(heirs)
             .map(|(heir, req)| async move {
                 match send(node, &heir.grpc_addr, req.clone()).await {
                     Ok(_) => None,
-                    Err(_) => Some((heir, req)),
+                    Err(status) => {
+                        node.registry.mark_unreachable(
+                            &heir.node_id,
+                            reach_of(&status),
+                            Instant::now() + UNREACHABLE_HOLD,
+                        );
+                        Some((heir, req))
+                    }
                 }
             })
             .buffer_unordered(16)
             .filter_map(std::future::ready)
             .collect()
             .await;
+        // A heir that failed is passed over: the next round goes to the
+        // owner's next standby (a leaving node's view may still list a node
+        // that left: simulation seed 647 of session 9).
+        let now = Instant::now();
+        heirs = node.registry.members(|m| {
+            failed
+                .into_iter()
+                .map(|(heir, req)| {
+                    let next = m.standby_of(&req.owner_node, now).cloned();
+                    (next.unwrap_or(heir), req)
+                })
+                .collect()
+        });
     }
     if n > 0 {
         tracing::info!(
@@ -652,7 +686,9 @@ async fn copy_orphans(node: &Node) {
     for (state, owner) in &fenced {
         node.replicas.keep_handed_over(state, owner);
     }
-    let orphans = node.registry.members(|m| node.replicas.orphans(m));
+    let orphans = node
+        .registry
+        .members(|m| node.replicas.orphans(m, Instant::now()));
     if orphans.is_empty() {
         return;
     }
@@ -1028,9 +1064,12 @@ mod tests {
         view.put(member("dp-1", NodeState::Active));
         view.put(member("dp-2", NodeState::Active));
         view.put(member("dp-3", NodeState::Active));
-        assert!(store.orphans(&view).is_empty(), "a live owner's replica");
+        assert!(
+            store.orphans(&view, Instant::now()).is_empty(),
+            "a live owner's replica"
+        );
         view.put(member("dp-1", NodeState::Dead));
-        let orphans = store.orphans(&view);
+        let orphans = store.orphans(&view, Instant::now());
         assert_eq!(orphans.len(), 1);
         let (heir, req) = &orphans[0];
         assert_eq!(
@@ -1040,11 +1079,21 @@ mod tests {
         assert_eq!(req.pushes.len(), 2);
         assert!(!req.incremental, "a whole copy");
         store.copied("u1", "s1", "dp-3");
-        assert!(store.orphans(&view).is_empty(), "copied once");
+        assert!(
+            store.orphans(&view, Instant::now()).is_empty(),
+            "copied once"
+        );
         store.apply(copy(vec![push(4), push(5)])).expect("applied");
-        assert!(store.orphans(&view).is_empty(), "the same pushes again");
+        assert!(
+            store.orphans(&view, Instant::now()).is_empty(),
+            "the same pushes again"
+        );
         store.apply(copy(vec![push(6)])).expect("applied");
-        assert_eq!(store.orphans(&view).len(), 1, "a new push is copied again");
+        assert_eq!(
+            store.orphans(&view, Instant::now()).len(),
+            1,
+            "a new push is copied again"
+        );
     }
 
     /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
@@ -1118,7 +1167,7 @@ mod tests {
         view.put(member("dp-2", NodeState::Draining));
         view.put(member("dp-3", NodeState::Dead));
         view.put(member("dp-4", NodeState::Active));
-        let handed = leaving.handoff(&view);
+        let handed = leaving.handoff(&view, Instant::now());
         assert_eq!(handed.len(), 1, "one replica, one heir");
         let (heir, req) = handed.into_iter().next().expect("one");
         assert_eq!(
@@ -1140,14 +1189,14 @@ mod tests {
         // The owner itself is gone (dead): its replicas are what a recovery
         // needs, so they are handed on all the same.
         view.put(member("dp-1", NodeState::Dead));
-        let handed = leaving.handoff(&view);
+        let handed = leaving.handoff(&view, Instant::now());
         assert_eq!(handed.len(), 1);
         assert_eq!(handed[0].0.node_id, "dp-4");
         // Nobody to hand to: they leave with the node.
         let mut alone = Members::new("dp-2");
         alone.put(member("dp-1", NodeState::Active));
         alone.put(member("dp-2", NodeState::Draining));
-        assert!(leaving.handoff(&alone).is_empty());
+        assert!(leaving.handoff(&alone, Instant::now()).is_empty());
     }
 
     #[test]
@@ -1177,7 +1226,10 @@ mod tests {
         view.put(member("dp-7", NodeState::Draining));
         view.put(member("dp-8", NodeState::Active));
         view.put(member("dp-9", NodeState::Active));
-        assert_eq!(old_owner.handoff(&view)[0].0.node_id, "dp-9");
+        assert_eq!(
+            old_owner.handoff(&view, Instant::now())[0].0.node_id,
+            "dp-9"
+        );
         // A state with nothing unacknowledged leaves nothing.
         let empty = ReplicaStore::new(Duration::from_secs(60), 100);
         empty.keep_handed_over(

@@ -227,10 +227,15 @@ impl Members {
     /// that node too, but only at its next ack sync: a crash of the owner
     /// between this node's leave and that sync lost what only it held).
     /// `owner` may be dead or gone: its replicas are what a recovery needs.
-    pub fn standby_of(&self, owner: &str) -> Option<&Member> {
+    /// Nodes found unreachable at `now` are passed over (simulation seed 647
+    /// of session 9: leaving nodes whose views were stale handed the only
+    /// copies of a crashed owner's pushes to a departed heir three times
+    /// each, and left).
+    pub fn standby_of(&self, owner: &str, now: Instant) -> Option<&Member> {
         let active: Vec<&Member> = self
             .others()
             .filter(|m| m.state == NodeState::Active && m.node_id != owner)
+            .filter(|m| !self.is_unreachable(&m.node_id, now))
             .collect();
         active
             .iter()

@@ -638,10 +638,13 @@ fn a_standby_found_unreachable_is_passed_over_until_its_hold_ends() {
     let now = Instant::now();
     let hold = now + Duration::from_secs(10);
     assert_eq!(t.members().standby_for(now).unwrap().node_id, "dp-2");
+    assert_eq!(t.members().standby_of("dp-9", now).unwrap().node_id, "dp-2");
     t.members_mut()
         .mark_unreachable("dp-2", Reach::NoAnswer, hold);
     let m = t.members();
     assert_eq!(m.standby_for(now).unwrap().node_id, "dp-3");
+    // A crashed owner's heir too (simulation seed 647 of session 9).
+    assert_eq!(m.standby_of("dp-9", now).unwrap().node_id, "dp-3");
     assert_eq!(m.standby_ring(now).len(), 1);
     assert!(
         m.is_live("dp-2"),

@@ -1352,7 +1352,7 @@ impl World {
                             for (state, owner) in node.table.fenced_states() {
                                 node.replicas.keep_handed_over(state, owner);
                             }
-                            let heirs = node.replicas.handoff(node.table.members());
+                            let heirs = node.replicas.handoff(node.table.members(), now);
                             let heirs = heirs.into_iter().map(|(m, r)| (m.node_id, r)).collect();
                             self.hand_over_replicas(name, heirs);
                             self.timer(name, 10, Timer::DrainStep);
@@ -1361,7 +1361,27 @@ impl World {
                             let mut again = std::mem::take(&mut h.failed);
                             let mut unanswered: Vec<_> = h.pending.drain().collect();
                             unanswered.sort_by_key(|(w, _)| *w);
+                            // As `replica::hand_over_replicas`: a heir that
+                            // failed is passed over in the next round.
+                            let hold = now + UNREACHABLE_HOLD;
+                            for (_, (heir, _)) in &unanswered {
+                                node.table.members_mut().mark_unreachable(
+                                    heir,
+                                    Reach::NoAnswer,
+                                    hold,
+                                );
+                            }
                             again.extend(unanswered.into_iter().map(|(_, c)| c));
+                            let members = node.table.members();
+                            let again: Vec<_> = again
+                                .into_iter()
+                                .map(|(heir, req)| {
+                                    let next = members
+                                        .standby_of(&req.owner_node, now)
+                                        .map(|m| m.node_id.clone());
+                                    (next.unwrap_or(heir), req)
+                                })
+                                .collect();
                             if again.is_empty() || h.rounds >= HANDOFF_ROUNDS {
                                 self.leave(name);
                             } else {
@@ -1751,11 +1771,12 @@ impl World {
     /// Second copies of replicas whose owner left the view
     /// (`replica::copy_orphans`).
     fn copy_orphans(&mut self, name: &str) {
+        let now = self.instant();
         let node = self.node(name);
         for (state, owner) in node.table.fenced_for_gone_owners() {
             node.replicas.keep_handed_over(&state, &owner);
         }
-        let orphans = node.replicas.orphans(node.table.members());
+        let orphans = node.replicas.orphans(node.table.members(), now);
         for (heir, req) in orphans {
             let wait = self.id();
             self.node(name).orphan_copies.insert(
