@@ -682,7 +682,7 @@ pub async fn hand_over_replicas(node: &Node) {
 /// ([`ReplicaStore::orphans`]), a few calls at a time.
 async fn copy_orphans(node: &Node) {
     use futures::StreamExt;
-    let fenced = node.registry.with_table(|t| t.fenced_for_gone_owners());
+    let fenced = node.registry.with_table(|t| t.fenced_with_pushes());
     for (state, owner) in &fenced {
         node.replicas.keep_handed_over(state, owner);
     }

@@ -1413,11 +1413,13 @@ fn a_handover_retried_by_its_claimant_gets_the_same_state_again() {
 }
 
 /// Simulation seed 154: a copy fenced for a claimant that then restarted
-/// empty and left was the last copy of its durable pushes, on one node. Such
-/// copies are listed for the shell to keep as replicas (and copy again);
-/// those whose owner is live wait for its Handover.
+/// empty and left was the last copy of its durable pushes, on one node; seed
+/// 833 of session 9: the same with a claimant that restarted with its node
+/// id, so it stayed live in the view. Every fenced copy with pushes is listed
+/// for the shell to keep as a replica (and copy again once its owner is
+/// gone); one without pushes has nothing to keep.
 #[test]
-fn fenced_copies_of_gone_owners_are_listed_for_a_second_copy() {
+fn fenced_copies_with_pushes_are_listed_to_be_kept_as_replicas() {
     let now = Instant::now();
     let mut t = table();
     for (openid, owner) in [("a", "dp-2"), ("b", "dp-4"), ("c", "dp-5")] {
@@ -1432,13 +1434,14 @@ fn fenced_copies_of_gone_owners_are_listed_for_a_second_copy() {
     t.owner_changed(now, "d", "dp-5", 2);
     assert_eq!(t.fenced_states().len(), 4);
     let gone: Vec<(String, String, usize)> = t
-        .fenced_for_gone_owners()
+        .fenced_with_pushes()
         .into_iter()
         .map(|(s, owner)| (s.openid, owner, s.pushes.len()))
         .collect();
     assert_eq!(
         gone,
         vec![
+            ("a".to_string(), "dp-2".to_string(), 1),
             ("b".to_string(), "dp-4".to_string(), 1),
             ("c".to_string(), "dp-5".to_string(), 1)
         ]

@@ -1773,7 +1773,7 @@ impl World {
     fn copy_orphans(&mut self, name: &str) {
         let now = self.instant();
         let node = self.node(name);
-        for (state, owner) in node.table.fenced_for_gone_owners() {
+        for (state, owner) in node.table.fenced_with_pushes() {
             node.replicas.keep_handed_over(&state, &owner);
         }
         let orphans = node.replicas.orphans(node.table.members(), now);
