@@ -90,6 +90,72 @@ impl ClientSessionStore for CountingStore {
     }
 }
 
+/// The server certificate verifier of `ca`'s roots, counting its calls: rustls verifies a
+/// certificate in a full handshake only, so the count is the client's own tally of full
+/// handshakes (a resumed one carries no certificate).
+#[derive(Debug)]
+pub struct CountingVerifier {
+    inner: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    pub full: Arc<AtomicU64>,
+}
+
+impl CountingVerifier {
+    pub fn new(ca: &Path) -> Result<Arc<Self>> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("reading {}", ca.display()))?
+        {
+            roots.add(cert?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()?;
+        Ok(Arc::new(Self {
+            inner,
+            full: Arc::default(),
+        }))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for CountingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.full.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// A quinn client config trusting `ca`, ALPN gatesvr/1, the SDK's transport settings.
 /// `store`: None = resumption disabled (every handshake is a full one).
 pub fn client_config(ca: &Path, store: Option<Arc<CountingStore>>) -> Result<quinn::ClientConfig> {

@@ -256,6 +256,7 @@ pub async fn run(mode: Serve) -> Result<()> {
                 "quic": dp.quic_addr().to_string(),
                 "grpc": dp.grpc_addr().to_string(),
                 "http": dp.http_addr().to_string(),
+                "metrics": dp.metrics_addr().to_string(),
                 "websocket": dp.websocket_addr().map(|a| a.to_string()),
             }));
             parent_gone().await;

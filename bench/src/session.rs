@@ -32,6 +32,9 @@ use crate::util::{now_ns, token};
 pub fn quic_config(ca: &Path, detect: Duration) -> Result<ClientQuic> {
     let mut tls = gatesvr_common::tls::client_config(ca).context("client TLS")?;
     tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
+    let verifier = crate::client::CountingVerifier::new(ca)?;
+    let full_handshakes = verifier.full.clone();
+    tls.dangerous().set_certificate_verifier(verifier);
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(0u8.into())
@@ -42,6 +45,7 @@ pub fn quic_config(ca: &Path, detect: Duration) -> Result<ClientQuic> {
         tls,
         transport: Arc::new(transport),
         tickets_offered: Arc::default(),
+        full_handshakes,
     })
 }
 
@@ -57,6 +61,10 @@ pub struct ClientQuic {
     /// TLS 1.3 tickets offered by every session's handshakes (resumption attempts; a server
     /// that cannot decrypt one falls back to a full handshake).
     pub tickets_offered: Arc<std::sync::atomic::AtomicU64>,
+    /// Handshakes in which a server certificate was verified: full ones (a resumed TLS 1.3
+    /// handshake carries no certificate). Every session's config shares the verifier, as
+    /// rustls requires for a ticket to be offered at all.
+    pub full_handshakes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ClientQuic {
@@ -111,6 +119,10 @@ pub struct Started {
     pub addr: SocketAddr,
     /// UDP bytes received on the connection until the StartResponse.
     pub rx_bytes: u64,
+    /// When the attempt that got this answer began (ns), and when its QUIC handshake was done:
+    /// a reconnect is (earlier failed attempts) + handshake + Start on the node.
+    pub attempt_ns: u64,
+    pub connected_ns: u64,
 }
 
 /// What one session saw.
@@ -348,6 +360,7 @@ async fn drive(
             let r = rec.lock();
             (r.session_id.clone(), r.last_seq)
         };
+        let attempt_ns = now_ns();
         let opened = tokio::select! {
             r = tokio::time::timeout(
                 cfg.connect_timeout,
@@ -355,7 +368,7 @@ async fn drive(
             ) => r.map_err(|_| anyhow::anyhow!("connect timed out")).and_then(|r| r),
             _ = stop.changed() => break,
         };
-        let (conn, send, recv, decoder, ok, rx_bytes) = match opened {
+        let (conn, send, recv, decoder, ok, rx_bytes, connected_ns) = match opened {
             Ok(c) => c,
             Err(e) => {
                 {
@@ -414,6 +427,8 @@ async fn drive(
                 node_id: ok.node_id.clone(),
                 addr,
                 rx_bytes,
+                attempt_ns,
+                connected_ns,
             });
         }
         let heartbeat = Duration::from_millis(u64::from(ok.heartbeat_interval_ms.max(100)));
@@ -456,14 +471,15 @@ async fn drive(
     }
 }
 
-/// The connection, its stream and decoder, the StartResponse, and the UDP bytes received
-/// until it (a resumed TLS handshake carries no certificate chain).
+/// The connection, its stream and decoder, the StartResponse, the UDP bytes received until it
+/// (a resumed TLS handshake carries no certificate chain), and when the handshake was done (ns).
 type Opened = (
     quinn::Connection,
     quinn::SendStream,
     quinn::RecvStream,
     FrameDecoder,
     StartResponse,
+    u64,
     u64,
 );
 
@@ -477,6 +493,7 @@ async fn open(
     last_request: u64,
 ) -> Result<Opened> {
     let conn = cfg.net.connect_with(addr, quic).await?;
+    let connected_ns = now_ns();
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut buf = BytesMut::new();
     encode(
@@ -498,7 +515,7 @@ async fn open(
             match f.body {
                 Some(Body::StartOk(ok)) => {
                     let rx = conn.stats().udp_rx.bytes;
-                    return Ok((conn, send, recv, decoder, ok, rx));
+                    return Ok((conn, send, recv, decoder, ok, rx, connected_ns));
                 }
                 other => bail!("expected StartResponse, got {other:?}"),
             }

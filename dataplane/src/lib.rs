@@ -247,8 +247,12 @@ impl DataPlane {
             Handler::Upstream(r) => Some(r.clone()),
             Handler::Echo => None,
         };
-        let endpoint = quic::bind_with(&config.server, config.transports.webtransport)
-            .map_err(StartError::Config)?;
+        let endpoint = quic::bind_counted(
+            &config.server,
+            config.transports.webtransport,
+            Some(&metrics),
+        )
+        .map_err(StartError::Config)?;
         let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             what: "QUIC",
             addr: config.server.quic_addr.clone(),

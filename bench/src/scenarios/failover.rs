@@ -140,6 +140,8 @@ pub(crate) struct Cluster {
     dps: Vec<Option<ServerProc>>,
     pub dp_quic: Vec<SocketAddr>,
     dp_grpc: Vec<SocketAddr>,
+    /// Each data plane's Prometheus listener (None from a binary that does not announce it).
+    dp_metrics: Vec<Option<SocketAddr>>,
     upstream_cp: u64,
     _upstreams: ServerProc,
 }
@@ -230,7 +232,7 @@ async fn start_cluster(o: &Opts, dir: &Path) -> Result<Cluster> {
     let cp_grpc: Vec<String> = cps.iter().map(|c| c.2.to_string()).collect();
     let keys = shared_keys(dir)?;
     let mut dps = Vec::new();
-    let (mut dp_quic, mut dp_grpc) = (Vec::new(), Vec::new());
+    let (mut dp_quic, mut dp_grpc, mut dp_metrics) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=DP_NODES {
         let p = ServerProc::spawn(
             &format!("dp-{i}"),
@@ -249,6 +251,7 @@ async fn start_cluster(o: &Opts, dir: &Path) -> Result<Cluster> {
         )?;
         dp_quic.push(p.addr("quic")?);
         dp_grpc.push(p.addr("grpc")?);
+        dp_metrics.push(p.addr("metrics").ok());
         dps.push(Some(p));
     }
     // The demo upstreams register with one control-plane node (they take one endpoint): not
@@ -270,6 +273,7 @@ async fn start_cluster(o: &Opts, dir: &Path) -> Result<Cluster> {
         dps,
         dp_quic,
         dp_grpc,
+        dp_metrics,
         upstream_cp,
         _upstreams: upstreams,
     })
@@ -568,6 +572,8 @@ pub async fn run(o: &Opts) -> Result<Report> {
     )?;
     tokio::time::sleep(warm).await;
     let tickets_b = cfg.quic.tickets_offered.load(Ordering::Relaxed);
+    let full_b = cfg.quic.full_handshakes.load(Ordering::Relaxed);
+    let tls_b = evidence::tls_counts(&c.dp_metrics).await;
     let (times_b, snaps_b) = (evidence::times(&procs), evidence::snaps(&recs));
     let rcvbuf_b = evidence::udp_rcvbuf_errors();
     progress("failover: kill -9 dp-1");
@@ -605,7 +611,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let tickets_c = cfg.quic.tickets_offered.load(Ordering::Relaxed);
+    let full_c = cfg.quic.full_handshakes.load(Ordering::Relaxed);
     let times_c = evidence::times(&procs);
+    let tls_c = evidence::tls_counts(&c.dp_metrics).await;
     let (rcvbuf_c, drops_c) = (evidence::udp_rcvbuf_errors(), evidence::udp_drops());
     let tracks = sampler.finish().await;
     let lags = lag.finish().await;
@@ -634,6 +642,11 @@ pub async fn run(o: &Opts) -> Result<Report> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (mut resume, mut detect, mut reconnect) = (Vec::new(), Vec::new(), Vec::new());
+    // The reconnect split: failed attempts and back-off before the attempt that got the
+    // answer, its QUIC handshake, its Start on the node (claim, takeover, StartResponse).
+    let (mut re_wait, mut re_handshake, mut re_start) = (Vec::new(), Vec::new(), Vec::new());
+    // Starts answered after the kill, by node index.
+    let mut answered_by = vec![0u64; c.dp_quic.len()];
     let (mut st_resumed, mut st_recovered, mut st_expired, mut st_other, mut not_resumed) =
         (0, 0, 0, 0, 0);
     // Sessions that came back EXPIRED although a durable push of theirs had been accepted
@@ -672,6 +685,12 @@ pub async fn run(o: &Opts) -> Result<Report> {
                 if let Some(l) = r.losses.iter().find(|l| **l > t_kill) {
                     detect.push(ms(l - t_kill));
                     reconnect.push(ms(st.t_ns.saturating_sub(*l)));
+                    re_wait.push(ms(st.attempt_ns.saturating_sub(*l)));
+                    re_handshake.push(ms(st.connected_ns.saturating_sub(st.attempt_ns)));
+                    re_start.push(ms(st.t_ns.saturating_sub(st.connected_ns)));
+                }
+                if let Some(i) = c.dp_quic.iter().position(|a| *a == st.addr) {
+                    answered_by[i] += 1;
                 }
             }
             None if on_victim[i] => not_resumed += 1,
@@ -800,6 +819,34 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "tls_tickets_offered_after_kill",
         tickets_c.saturating_sub(tickets_b) as f64,
     );
+    // Full handshakes after the kill as the clients saw them (a certificate verified), and
+    // as the survivors counted them (`gatesvr_tls_handshakes_total`, absent from older builds).
+    f(
+        &mut rep,
+        "client_tls_full_handshakes_after_kill",
+        full_c.saturating_sub(full_b) as f64,
+    );
+    for (key, label) in [
+        ("dp_tls_full_after_kill", "full"),
+        ("dp_tls_resumed_after_kill", "resumed"),
+        ("dp_tls_tickets_refused_after_kill", "refused"),
+    ] {
+        let sum: Option<u64> = tls_b
+            .iter()
+            .zip(&tls_c)
+            .skip(1)
+            .map(|(b, c)| {
+                Some(
+                    c.as_ref()?
+                        .get(label)?
+                        .saturating_sub(*b.as_ref()?.get(label)?),
+                )
+            })
+            .sum();
+        if let Some(v) = sum {
+            f(&mut rep, key, v as f64);
+        }
+    }
     f(
         &mut rep,
         "start_rx_bytes_first_p50",
@@ -909,6 +956,30 @@ pub async fn run(o: &Opts) -> Result<Report> {
     f(&mut rep, "detect_p99_ms", pct_ms(&detect, 99.0));
     f(&mut rep, "reconnect_p50_ms", pct_ms(&reconnect, 50.0));
     f(&mut rep, "reconnect_p99_ms", pct_ms(&reconnect, 99.0));
+    for (k, v) in [
+        ("reconnect_failed_attempts", &re_wait),
+        ("reconnect_handshake", &re_handshake),
+        ("reconnect_start", &re_start),
+    ] {
+        f(&mut rep, &format!("{k}_p50_ms"), pct_ms(v, 50.0));
+        f(&mut rep, &format!("{k}_p99_ms"), pct_ms(v, 99.0));
+    }
+    // Survivors' CPU per Start they answered, from the kill until every session was back
+    // (everything they did in that window: handshakes, Starts, takeovers, pushes, watch).
+    for (i, n) in answered_by.iter().enumerate().skip(1) {
+        let name = format!("dp{}", i + 1);
+        if let Some(cpu_ms) = evidence::run_ms(&procs, &times_b, &times_c, &name) {
+            f(&mut rep, &format!("{name}_starts_after_kill"), *n as f64);
+            f(&mut rep, &format!("{name}_cpu_ms_takeover"), cpu_ms);
+            if *n > 0 {
+                f(
+                    &mut rep,
+                    &format!("{name}_cpu_us_per_start"),
+                    cpu_ms * 1e3 / *n as f64,
+                );
+            }
+        }
+    }
     f(
         &mut rep,
         "sessions_on_victim_at_kill",

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn_proto::HashedConnectionIdGenerator;
+use rustls::sign::CertifiedKey;
 use tokio::sync::Semaphore;
 
 use crate::config::ServerConfig;
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::quic_keys::SharedKeys;
 
@@ -89,20 +91,38 @@ pub fn shared_keys(server: &ServerConfig) -> Result<Option<SharedKeys>, String> 
 /// with shared keys any node decrypts them, and address-validation tokens
 /// are accepted by every node too.
 pub fn server_config(server: &ServerConfig) -> Result<quinn::ServerConfig, String> {
-    build_server_config(server, shared_keys(server)?.as_ref(), false)
+    build_server_config(server, shared_keys(server)?.as_ref(), false, None)
 }
 
-/// The TLS half of [`server_config`]: certificate, ALPN, session tickets.
+/// The TLS half of [`server_config`]: certificate, ALPN, session tickets,
+/// TLS 1.3 only (as `gatesvr_common::tls::server_config`), and the cipher
+/// suite chosen by the server, AES-128-GCM-SHA256 first (RFC 8446's
+/// mandatory suite). rustls's clients ask for AES-256-GCM-SHA384 first, whose
+/// key schedule runs on SHA-384: a handshake's HKDF work is SHA-512
+/// compression in software, where SHA-256 has CPU instructions (SHA-NI) on
+/// current x86 and ARM servers; AES-128 is also fewer rounds per packet. The
+/// handshake CPU of a reconnect storm is the survivors' (docs/benchmarks.md,
+/// "Failover"). Every node picks the same suite, so a ticket from one node
+/// resumes on another (rustls resumes only within the ticket's suite).
 pub fn tls_config(
     server: &ServerConfig,
     keys: Option<&SharedKeys>,
 ) -> Result<rustls::ServerConfig, String> {
-    let files = gatesvr_common::tls::TlsFiles {
-        cert_file: server.cert_file.clone(),
-        key_file: server.key_file.clone(),
-        ca_file: None,
-    };
-    let mut tls = gatesvr_common::tls::server_config(&files).map_err(|e| e.to_string())?;
+    use gatesvr_common::tls::{load_certs, load_key};
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(
+            load_certs(&server.cert_file).map_err(|e| e.to_string())?,
+            load_key(&server.key_file).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+    tls.ignore_client_order = true;
     tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
     tls.ticketer = match keys {
         Some(keys) => keys.ticketer(),
@@ -115,8 +135,12 @@ fn build_server_config(
     server: &ServerConfig,
     keys: Option<&SharedKeys>,
     webtransport: bool,
+    counts: Option<&TlsCounts>,
 ) -> Result<quinn::ServerConfig, String> {
     let mut tls = tls_config(server, keys)?;
+    if let Some(counts) = counts {
+        counts.wrap(&mut tls);
+    }
     if webtransport {
         tls.alpn_protocols
             .push(crate::webtransport::ALPN_H3.to_vec());
@@ -173,12 +197,24 @@ pub fn bind(server: &ServerConfig) -> Result<quinn::Endpoint, String> {
 
 /// [`bind`], offering WebTransport (ALPN `h3`) too if `webtransport`.
 pub fn bind_with(server: &ServerConfig, webtransport: bool) -> Result<quinn::Endpoint, String> {
+    bind_counted(server, webtransport, None)
+}
+
+/// [`bind_with`], counting TLS handshakes (full or resumed) and session
+/// tickets in `metrics` (`gatesvr_tls_handshakes_total`,
+/// `gatesvr_tls_tickets_total`).
+pub(crate) fn bind_counted(
+    server: &ServerConfig,
+    webtransport: bool,
+    metrics: Option<&Metrics>,
+) -> Result<quinn::Endpoint, String> {
+    let counts = metrics.map(TlsCounts::of);
     let addr: SocketAddr = server
         .quic_addr
         .parse()
         .map_err(|_| format!("server.quic_addr `{}` is not ip:port", server.quic_addr))?;
     let keys = shared_keys(server)?;
-    let config = build_server_config(server, keys.as_ref(), webtransport)?;
+    let config = build_server_config(server, keys.as_ref(), webtransport, counts.as_ref())?;
     let socket =
         std::net::UdpSocket::bind(addr).map_err(|e| format!("cannot bind QUIC on {addr}: {e}"))?;
     enlarge_recv_buffer(&socket);
@@ -254,5 +290,354 @@ pub async fn accept_loop(
     }
 }
 
+/// Counters of a node's TLS work, bumped where rustls does it: a full
+/// handshake signs one CertificateVerify (TLS 1.3 only, `tls::server_config`),
+/// a resumed one decrypts a session ticket instead and signs nothing. Counted
+/// at the ClientHello, so a handshake abandoned later still counts; a ticket
+/// that decrypts but was issued for another server name counts as resumed and
+/// then as full (rustls falls back to a full handshake; one deployment's
+/// nodes share one name, so this does not happen between them).
+#[derive(Clone)]
+pub(crate) struct TlsCounts {
+    full: prometheus::IntCounter,
+    resumed: prometheus::IntCounter,
+    issued: prometheus::IntCounter,
+    refused: prometheus::IntCounter,
+}
+
+impl std::fmt::Debug for TlsCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCounts")
+            .field("full", &self.full.get())
+            .field("resumed", &self.resumed.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsCounts {
+    pub(crate) fn of(metrics: &Metrics) -> Self {
+        Self {
+            full: metrics.tls_handshakes.with_label_values(&["full"]),
+            resumed: metrics.tls_handshakes.with_label_values(&["resumed"]),
+            issued: metrics.tls_tickets.with_label_values(&["issued"]),
+            refused: metrics.tls_tickets.with_label_values(&["refused"]),
+        }
+    }
+
+    /// Wraps `tls`'s ticketer and certificate key so that they count.
+    fn wrap(&self, tls: &mut rustls::ServerConfig) {
+        tls.ticketer = Arc::new(CountingTicketer {
+            inner: tls.ticketer.clone(),
+            counts: self.clone(),
+        });
+        tls.cert_resolver = Arc::new(CountingResolver {
+            inner: tls.cert_resolver.clone(),
+            full: self.full.clone(),
+            wrapped: parking_lot::Mutex::new(None),
+        });
+    }
+}
+
+/// Counts tickets issued, accepted (a resumed handshake) and refused.
+#[derive(Debug)]
+struct CountingTicketer {
+    inner: Arc<dyn rustls::server::ProducesTickets>,
+    counts: TlsCounts,
+}
+
+impl rustls::server::ProducesTickets for CountingTicketer {
+    fn enabled(&self) -> bool {
+        self.inner.enabled()
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.inner.lifetime()
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let ticket = self.inner.encrypt(plain);
+        if ticket.is_some() {
+            self.counts.issued.inc();
+        }
+        ticket
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.inner.decrypt(cipher);
+        match plain {
+            Some(_) => self.counts.resumed.inc(),
+            None => self.counts.refused.inc(),
+        }
+        plain
+    }
+}
+
+/// Hands out the node's certificate with a key that counts its signatures
+/// (one per full handshake). The wrapped key is made once per certificate
+/// the inner resolver returns, not per handshake.
+#[derive(Debug)]
+struct CountingResolver {
+    inner: Arc<dyn rustls::server::ResolvesServerCert>,
+    full: prometheus::IntCounter,
+    /// What the inner resolver returned last, and its counting copy.
+    wrapped: parking_lot::Mutex<Option<(Arc<CertifiedKey>, Arc<CertifiedKey>)>>,
+}
+
+impl rustls::server::ResolvesServerCert for CountingResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let got = self.inner.resolve(hello)?;
+        let mut wrapped = self.wrapped.lock();
+        if let Some((of, copy)) = wrapped.as_ref()
+            && Arc::ptr_eq(of, &got)
+        {
+            return Some(copy.clone());
+        }
+        let copy = Arc::new(CertifiedKey {
+            cert: got.cert.clone(),
+            key: Arc::new(CountingKey {
+                inner: got.key.clone(),
+                full: self.full.clone(),
+            }),
+            ocsp: got.ocsp.clone(),
+        });
+        *wrapped = Some((got, copy.clone()));
+        Some(copy)
+    }
+
+    fn only_raw_public_keys(&self) -> bool {
+        self.inner.only_raw_public_keys()
+    }
+}
+
+#[derive(Debug)]
+struct CountingKey {
+    inner: Arc<dyn rustls::sign::SigningKey>,
+    full: prometheus::IntCounter,
+}
+
+impl rustls::sign::SigningKey for CountingKey {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
+        let inner = self.inner.choose_scheme(offered)?;
+        Some(Box::new(CountingSigner {
+            inner,
+            full: self.full.clone(),
+        }))
+    }
+
+    fn public_key(&self) -> Option<rustls::pki_types::SubjectPublicKeyInfoDer<'_>> {
+        self.inner.public_key()
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        self.inner.algorithm()
+    }
+}
+
+#[derive(Debug)]
+struct CountingSigner {
+    inner: Box<dyn rustls::sign::Signer>,
+    full: prometheus::IntCounter,
+}
+
+impl rustls::sign::Signer for CountingSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let signature = self.inner.sign(message)?;
+        self.full.inc();
+        Ok(signature)
+    }
+
+    fn scheme(&self) -> rustls::SignatureScheme {
+        self.inner.scheme()
+    }
+}
+
 /// Grace given to connections to receive CONNECTION_CLOSE on shutdown.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    //! Real quinn on loopback: a client whose first connection went to one
+    //! node resumes its TLS session on another node with the same keys.
+
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use quinn::crypto::rustls::QuicClientConfig;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    use super::*;
+    use crate::quic_keys::{RESET_KEY_FILE, TICKET_KEYS_FILE, TOKEN_KEY_FILE};
+
+    /// The client's own view: rustls verifies the server's certificate on
+    /// a full handshake only (a resumed one carries none).
+    #[derive(Debug)]
+    struct CountingVerifier {
+        inner: Arc<dyn ServerCertVerifier>,
+        full: AtomicU64,
+    }
+
+    impl ServerCertVerifier for CountingVerifier {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            self.full.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    }
+
+    fn write_keys(dir: &Path, seed: u8) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(RESET_KEY_FILE), [seed; 32]).unwrap();
+        std::fs::write(dir.join(TOKEN_KEY_FILE), [seed ^ 0x55; 32]).unwrap();
+        std::fs::write(dir.join(TICKET_KEYS_FILE), [seed ^ 0xaa; 32]).unwrap();
+    }
+
+    /// A node on loopback with `keys`, counting into its own metrics, and a
+    /// task accepting (and holding) its connections.
+    fn node(
+        certs: &gatesvr_common::certs::DevCerts,
+        keys: &Path,
+    ) -> (quinn::Endpoint, Metrics, tokio::task::JoinHandle<()>) {
+        let files = certs.server();
+        let server = ServerConfig {
+            quic_addr: "127.0.0.1:0".into(),
+            cert_file: files.cert_file,
+            key_file: files.key_file,
+            shared_keys_dir: Some(keys.to_path_buf()),
+            ..ServerConfig::default()
+        };
+        let metrics = Metrics::new();
+        let endpoint = bind_counted(&server, false, Some(&metrics)).unwrap();
+        let accepting = endpoint.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(incoming) = accepting.accept().await {
+                if let Ok(conn) = incoming.await {
+                    held.push(conn);
+                }
+            }
+        });
+        (endpoint, metrics, task)
+    }
+
+    fn count(metrics: &Metrics, name: &str, label: &str) -> u64 {
+        let vec = if name == "handshakes" {
+            &metrics.tls_handshakes
+        } else {
+            &metrics.tls_tickets
+        };
+        vec.with_label_values(&[label]).get()
+    }
+
+    #[tokio::test]
+    async fn a_client_of_one_node_resumes_its_tls_session_on_another_with_the_same_keys() {
+        gatesvr_common::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = gatesvr_common::certs::generate(&dir.path().join("certs"), &[]).unwrap();
+        let (same, other) = (dir.path().join("keys"), dir.path().join("other-keys"));
+        write_keys(&same, 1);
+        write_keys(&other, 2);
+        let (a, a_metrics, _a) = node(&certs, &same);
+        let (b, b_metrics, _b) = node(&certs, &same);
+        let (c, c_metrics, _c) = node(&certs, &other);
+
+        // One client (one ticket store, one verifier), as the SDK keeps per Client.
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(certs.ca_cert()).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .unwrap();
+        let verifier = Arc::new(CountingVerifier {
+            inner: webpki,
+            full: AtomicU64::new(0),
+        });
+        let mut tls = gatesvr_common::tls::client_config(&certs.ca_cert()).unwrap();
+        tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
+        tls.dangerous().set_certificate_verifier(verifier.clone());
+        let client_config = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(tls).expect("TLS 1.3 client config"),
+        ));
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connect = |to: &quinn::Endpoint| {
+            let addr = to.local_addr().unwrap();
+            let client = client.clone();
+            let config = client_config.clone();
+            async move {
+                client
+                    .connect_with(config, addr, "localhost")
+                    .unwrap()
+                    .await
+                    .expect("handshake")
+            }
+        };
+
+        let _first = connect(&a).await;
+        assert_eq!(verifier.full.load(Ordering::Relaxed), 1);
+        assert_eq!(count(&a_metrics, "handshakes", "full"), 1);
+        // The tickets come after the handshake: wait until A issued them
+        // and give the client a moment to file them (bounded).
+        for _ in 0..200 {
+            if count(&a_metrics, "tickets", "issued") > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(count(&a_metrics, "tickets", "issued") > 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        // Node B never saw this client: it resumes with A's ticket.
+        let _second = connect(&b).await;
+        assert_eq!(
+            verifier.full.load(Ordering::Relaxed),
+            1,
+            "the client verified a certificate again: B did a full handshake"
+        );
+        assert_eq!(count(&b_metrics, "handshakes", "resumed"), 1);
+        assert_eq!(count(&b_metrics, "handshakes", "full"), 0);
+        assert_eq!(count(&b_metrics, "tickets", "refused"), 0);
+
+        // Node C has other keys: it cannot read the ticket, and says so.
+        let _third = connect(&c).await;
+        assert_eq!(verifier.full.load(Ordering::Relaxed), 2);
+        assert_eq!(count(&c_metrics, "tickets", "refused"), 1);
+        assert_eq!(count(&c_metrics, "handshakes", "full"), 1);
+        assert_eq!(count(&c_metrics, "handshakes", "resumed"), 0);
+        for e in [a, b, c] {
+            e.close(0u8.into(), b"");
+        }
+    }
+}

@@ -80,6 +80,15 @@ pub struct Metrics {
     pub replica_sessions: IntGauge,
     /// Durable pushes held in those replicas.
     pub replica_pushes: IntGauge,
+    /// TLS handshakes by kind: `full` (the node signed a CertificateVerify)
+    /// or `resumed` (it accepted a session ticket: no certificate, no
+    /// signature on either side). `edge::quic` counts them where rustls does
+    /// the work, so a handshake the client abandons later still counts.
+    pub tls_handshakes: IntCounterVec,
+    /// TLS 1.3 session tickets by outcome: `issued` to clients, and offered
+    /// by clients but `refused` (not readable here: other ticket keys, too
+    /// old, damaged; a full handshake follows).
+    pub tls_tickets: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -274,6 +283,18 @@ impl Metrics {
                 "gatesvr_replica_pushes",
                 "Durable pushes held here for other nodes",
             ),
+            tls_handshakes: counter(
+                &registry,
+                "gatesvr_tls_handshakes_total",
+                "TLS handshakes of client connections, by kind (full: certificate signed; resumed: session ticket accepted)",
+                &["kind"],
+            ),
+            tls_tickets: counter(
+                &registry,
+                "gatesvr_tls_tickets_total",
+                "TLS session tickets issued, and offered tickets refused (a full handshake follows)",
+                &["outcome"],
+            ),
             registry,
         };
         metrics.precreate();
@@ -309,6 +330,12 @@ impl Metrics {
         }
         for outcome in ["rejected_too_large", "rejected_queue_full"] {
             self.pushes.with_label_values(&[outcome]);
+        }
+        for kind in ["full", "resumed"] {
+            self.tls_handshakes.with_label_values(&[kind]);
+        }
+        for outcome in ["issued", "refused"] {
+            self.tls_tickets.with_label_values(&[outcome]);
         }
     }
 
@@ -385,6 +412,8 @@ mod tests {
             "gatesvr_connections_rejected_total{reason=\"start_rate_openid\"} 0",
             "gatesvr_client_write_timeouts_total{phase=\"session\",transport=\"quic\"} 0",
             "gatesvr_pushes_total{outcome=\"rejected_too_large\"} 0",
+            "gatesvr_tls_handshakes_total{kind=\"resumed\"} 0",
+            "gatesvr_tls_tickets_total{outcome=\"refused\"} 0",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }

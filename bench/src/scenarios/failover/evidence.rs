@@ -22,11 +22,12 @@ pub struct Proc {
     pub pid: u32,
 }
 
-/// CPU time and run-queue wait of each process at one moment, µs.
+/// CPU time (ticks), run-queue wait and CPU time (ns-exact, schedstat) of each process at one
+/// moment, µs.
 #[derive(Clone)]
 pub struct Times {
     at_ns: u64,
-    of: Vec<(f64, f64)>,
+    of: Vec<(f64, f64, f64)>,
 }
 
 pub fn times(procs: &[Proc]) -> Times {
@@ -34,9 +35,91 @@ pub fn times(procs: &[Proc]) -> Times {
         at_ns: now_ns(),
         of: procs
             .iter()
-            .map(|p| (cpu_us(p.pid).unwrap_or(f64::NAN), runq_wait_us(p.pid)))
+            .map(|p| {
+                (
+                    cpu_us(p.pid).unwrap_or(f64::NAN),
+                    runq_wait_us(p.pid),
+                    run_us(p.pid),
+                )
+            })
             .collect(),
     }
+}
+
+/// Time a process's threads ran on a CPU, µs (`/proc/PID/task/*/schedstat`, first field, ns;
+/// exact, where `/proc/PID/stat` counts 10 ms ticks).
+fn run_us(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return f64::NAN;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e3
+}
+
+/// CPU ms the process named `name` ran between two moments (None if it is not in `procs`).
+pub fn run_ms(procs: &[Proc], a: &Times, b: &Times, name: &str) -> Option<f64> {
+    let i = procs.iter().position(|p| p.name == name)?;
+    let v = (b.of.get(i)?.2 - a.of.get(i)?.2) / 1e3;
+    v.is_finite().then_some(v)
+}
+
+/// Each data plane's TLS counters (`gatesvr_tls_handshakes_total` by kind,
+/// `gatesvr_tls_tickets_total` by outcome) from its `/metrics`; None where the node does not
+/// answer or does not export them (an older build).
+pub async fn tls_counts(
+    metrics: &[Option<std::net::SocketAddr>],
+) -> Vec<Option<HashMap<&'static str, u64>>> {
+    let mut out = Vec::new();
+    for addr in metrics {
+        let text = match addr {
+            Some(a) => http_get(*a, "/metrics").await,
+            None => None,
+        };
+        out.push(text.and_then(|t| parse_tls_counts(&t)));
+    }
+    out
+}
+
+fn parse_tls_counts(text: &str) -> Option<HashMap<&'static str, u64>> {
+    let mut out = HashMap::new();
+    for (key, series) in [
+        ("full", "gatesvr_tls_handshakes_total{kind=\"full\"} "),
+        ("resumed", "gatesvr_tls_handshakes_total{kind=\"resumed\"} "),
+        ("issued", "gatesvr_tls_tickets_total{outcome=\"issued\"} "),
+        ("refused", "gatesvr_tls_tickets_total{outcome=\"refused\"} "),
+    ] {
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if let Some(v) = v {
+            out.insert(key, v as u64);
+        }
+    }
+    out.contains_key("full").then_some(out)
+}
+
+/// A plain HTTP/1.0 GET; the body, or None (500 ms at most).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await.ok()?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.contains(" 200 ").then(|| body.to_string())
+    };
+    tokio::time::timeout(Duration::from_millis(500), fut)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Per process between two moments: (name, CPU %, ms waited for a CPU per s).
