@@ -319,9 +319,20 @@ pub struct Session {
     requests: RequestWindow,
     /// Lifetime counters, kept in their wire form since handovers carry them.
     counters: SessionCounters,
-    /// Rebuilt from replicas: the crashed session's id a client may still
-    /// resume with (it attaches here as RECOVERED). Travels with handovers.
-    replaces_session_id: Option<String>,
+    /// The session a client may still resume in order to attach here, and
+    /// what it is told then. Travels with handovers.
+    replaces: Option<Replaces>,
+}
+
+/// A session that stands in for an earlier one: a client that resumes the
+/// earlier session's id attaches here (it may never have got the answer that
+/// named this one) and is told `status` again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaces {
+    pub session_id: String,
+    /// `Recovered` (rebuilt from the earlier session's replicas), or
+    /// `SessionExpired` / `SeqAhead` (made fresh by a resume that failed).
+    pub status: ResumeStatus,
 }
 
 impl Session {
@@ -340,7 +351,7 @@ impl Session {
             queue: PushQueue::new(),
             requests: RequestWindow::default(),
             counters: SessionCounters::default(),
-            replaces_session_id: None,
+            replaces: None,
         }
     }
 
@@ -359,15 +370,18 @@ impl Session {
         self.epoch = epoch;
     }
 
-    /// The id of the crashed session this one was rebuilt from (replicas),
-    /// if any: a Start resuming that id attaches here as RECOVERED.
-    pub fn replaces_session_id(&self) -> Option<&str> {
-        self.replaces_session_id.as_deref()
+    /// The earlier session a Start may resume to attach here, if any.
+    pub fn replaces(&self) -> Option<&Replaces> {
+        self.replaces.as_ref()
     }
 
-    /// Marks this session as rebuilt from `old_session_id`'s replicas.
-    pub fn set_replaces_session_id(&mut self, old_session_id: &str) {
-        self.replaces_session_id = Some(old_session_id.to_string());
+    /// Marks this session as standing in for `session_id`: a Start resuming
+    /// that id attaches here and is told `status`.
+    pub fn set_replaces(&mut self, session_id: &str, status: ResumeStatus) {
+        self.replaces = Some(Replaces {
+            session_id: session_id.to_string(),
+            status,
+        });
     }
 
     /// The configuration the session runs with.

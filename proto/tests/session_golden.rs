@@ -67,6 +67,8 @@ fn state_v1() -> SessionState {
         }),
         // Added in v2: a v1 node never sets it.
         replaces_session_id: String::new(),
+        // Added in v3.
+        replaces_status: 0,
     }
 }
 
@@ -142,4 +144,24 @@ fn session_state_v2_bytes_still_decode() {
     let bytes = hex::decode(state_v2_hex()).expect("valid hex");
     let decoded = SessionState::decode(bytes.as_slice()).expect("decodes");
     assert_eq!(decoded, state_v2());
+}
+
+/// v3 added field 15, `replaces_status`: a fresh session made by a resume
+/// that failed names the session it stands in for and the status its client
+/// was told. v2 bytes decode with it unset (RECOVERED for a non-empty field
+/// 14, as v2 meant); a v2 node decoding v3 bytes skips it and takes the
+/// session for a recovered one.
+fn state_v3() -> SessionState {
+    SessionState {
+        replaces_status: gatesvr_proto::client::ResumeStatus::SessionExpired.into(),
+        ..state_v2()
+    }
+}
+
+#[test]
+fn session_state_v3_encoding_is_frozen() {
+    let hex = format!("{}{}", state_v2_hex(), "7802"); // 15 replaces_status SESSION_EXPIRED
+    assert_eq!(hex::encode(state_v3().encode_to_vec()), hex);
+    let decoded = SessionState::decode(hex::decode(&hex).unwrap().as_slice()).expect("decodes");
+    assert_eq!(decoded, state_v3());
 }

@@ -50,11 +50,11 @@ pub const FORWARDED_HEADER: &str = "x-gatesvr-forwarded";
 /// Deadline of one call to another data-plane node.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long a peer address that refused a connection counts as down
-/// (nothing listens: its process is gone) without asking it again. Covers
-/// the time until the control plane declares the node dead (its lease,
-/// 3 s by default, then the view's update), after which the view alone
-/// answers. An answer from the address clears it at once.
+/// How long a peer that refused a connection counts as down (nothing
+/// listens: its process is gone) without asking it again
+/// ([`crate::core::Members::is_down`]). Covers the time until the control
+/// plane declares the node dead (its lease, 3 s by default, then the view's
+/// update), after which the view alone answers. An answer clears it at once.
 pub const DOWN_MEMORY: Duration = Duration::from_secs(5);
 
 /// Lazily connected channels to other nodes' gRPC ports, by address.
@@ -62,15 +62,6 @@ pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     /// mTLS to other nodes (this node's certificate as client identity).
     tls: Option<tonic::transport::ClientTlsConfig>,
-    /// Addresses that refused a connection, and when. After a crash every
-    /// client of the dead node reconnects at once, and each Start's takeover
-    /// asked the dead owner for a Handover through one channel: the calls
-    /// queue in the channel's buffer behind one connection attempt each, so
-    /// the last of 500 learned "refused" 1.2-1.5 s later (`gate-bench
-    /// failover`). One refusal now answers every takeover waiting on it.
-    down: Mutex<HashMap<String, tokio::time::Instant>>,
-    /// Woken when an address is marked down.
-    went_down: tokio::sync::Notify,
 }
 
 impl Peers {
@@ -78,47 +69,6 @@ impl Peers {
         Self {
             channels: Mutex::new(HashMap::new()),
             tls,
-            down: Mutex::new(HashMap::new()),
-            went_down: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Whether `addr` refused a connection within [`DOWN_MEMORY`].
-    pub fn is_down(&self, addr: &str) -> bool {
-        let mut down = self.down.lock();
-        match down.get(addr) {
-            Some(at) if at.elapsed() < DOWN_MEMORY => true,
-            Some(_) => {
-                down.remove(addr);
-                false
-            }
-            None => false,
-        }
-    }
-
-    /// `addr` refused a connection: nothing listens there.
-    pub fn mark_down(&self, addr: &str) {
-        self.down
-            .lock()
-            .insert(addr.to_string(), tokio::time::Instant::now());
-        self.went_down.notify_waiters();
-    }
-
-    /// `addr` answered: it is up.
-    pub fn mark_up(&self, addr: &str) {
-        self.down.lock().remove(addr);
-    }
-
-    /// Resolves once `addr` is marked down.
-    async fn until_down(&self, addr: &str) {
-        loop {
-            let notified = self.went_down.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_down(addr) {
-                return;
-            }
-            notified.await;
         }
     }
 
@@ -532,9 +482,15 @@ pub enum TakeOver {
     Installed,
     /// The previous owner answered but had no usable copy (or refused).
     NotHandedOver,
-    /// The previous owner is dead or left: its state may only survive as a
-    /// replica of its durable pushes.
+    /// Nothing listens at the previous owner's address (or it is an earlier
+    /// life of this node): its state may only survive as a replica of its
+    /// durable pushes.
     OwnerGone,
+    /// The previous owner never answered and the view no longer holds it
+    /// live: as [`TakeOver::OwnerGone`], but it is asked for its replicas
+    /// too, briefly, as every node declared dead is
+    /// ([`AfterHandover::OwnerDeclaredDead`]).
+    OwnerDeclaredDead,
     /// The previous owner answered that it has no copy (it restarted empty,
     /// or handed the session over already and the answer was lost): as
     /// [`TakeOver::OwnerGone`], but its own replicas are asked too (it keeps
@@ -583,11 +539,13 @@ pub async fn take_over(
     // 127: a Handover's answer was lost, the owner answered the retry "not
     // found", and the copy it kept of what it handed over was not asked).
     let gone = match outcome {
-        TakeOver::OwnerEmpty => "",
+        TakeOver::OwnerEmpty | TakeOver::OwnerDeclaredDead => "",
         _ => previous_owner,
     };
-    if matches!(outcome, TakeOver::OwnerGone | TakeOver::OwnerEmpty)
-        && !held_here
+    if matches!(
+        outcome,
+        TakeOver::OwnerGone | TakeOver::OwnerEmpty | TakeOver::OwnerDeclaredDead
+    ) && !held_here
         && !session_id.is_empty()
         && epoch != 0
     {
@@ -631,6 +589,7 @@ async fn recover(
     let mut answered = std::collections::HashSet::new();
     let mut found = Vec::new();
     let mut waiting: Vec<String> = Vec::new();
+    let mut incomplete = false;
     loop {
         // A node waited on that is gone from the view since may have been
         // leaving: it handed its replicas to other nodes, which may have
@@ -667,6 +626,7 @@ async fn recover(
                 unanswered = ?round.unanswered,
                 "nodes did not answer for their replicas in time; recovering from the copies found"
             );
+            incomplete = true;
             break;
         }
         node.metrics
@@ -677,7 +637,9 @@ async fn recover(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
-    crate::replica::merge(node, openid, session_id, found)
+    let mut recovery = crate::replica::merge(node, openid, session_id, found)?;
+    recovery.incomplete = incomplete;
+    Some(recovery)
 }
 
 async fn hand_over_from(
@@ -709,9 +671,9 @@ async fn hand_over_from(
             tracing::info!(
                 openid,
                 previous_owner,
-                "previous owner is gone; its session state survives only in replicas"
+                "previous owner is not live; its session state survives in replicas (and maybe in it)"
             );
-            return TakeOver::OwnerGone;
+            return TakeOver::OwnerDeclaredDead;
         };
         let (reach, outcome) =
             ask_handover(node, &addr, previous_owner, openid, session_id, epoch).await;
@@ -721,6 +683,7 @@ async fn hand_over_from(
         {
             AfterHandover::UseAnswer => return outcome,
             AfterHandover::OwnerGone => return TakeOver::OwnerGone,
+            AfterHandover::OwnerDeclaredDead => return TakeOver::OwnerDeclaredDead,
             AfterHandover::OwnerSilent => {}
         }
     }
@@ -735,7 +698,7 @@ async fn hand_over_from(
 /// Whether `status` says the connection was refused (nothing listens at the
 /// address), as opposed to a node that answered UNAVAILABLE itself or a
 /// connection that broke: only a refusal is remembered for other calls.
-fn refused(status: &Status) -> bool {
+pub(crate) fn refused(status: &Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>()
@@ -759,7 +722,7 @@ async fn ask_handover(
     session_id: &str,
     epoch: u64,
 ) -> (Reach, TakeOver) {
-    if node.peers.is_down(addr) {
+    if node.registry.is_down(previous_owner) {
         node.metrics
             .handovers
             .with_label_values(&["unreachable"])
@@ -779,7 +742,7 @@ async fn ask_handover(
     // them found nothing listening (the owner's process is gone).
     let called = tokio::select! {
         r = call_handover(&mut client, request) => r,
-        () = node.peers.until_down(addr) => {
+        () = node.registry.until_down(previous_owner) => {
             node.metrics
                 .handovers
                 .with_label_values(&["unreachable"])
@@ -795,7 +758,11 @@ async fn ask_handover(
                 // serving: its process is gone.
                 tonic::Code::Unavailable => {
                     if refused(&status) {
-                        node.peers.mark_down(addr);
+                        node.registry.mark_unreachable(
+                            previous_owner,
+                            Reach::Down,
+                            std::time::Instant::now() + DOWN_MEMORY,
+                        );
                     }
                     Reach::Down
                 }
@@ -830,7 +797,7 @@ async fn ask_handover(
             return (Reach::NoAnswer, TakeOver::NotHandedOver);
         }
     };
-    node.peers.mark_up(addr);
+    node.registry.peer_answered(previous_owner);
     let Some(state) = answer.state.filter(|_| answer.found) else {
         node.metrics
             .handovers
@@ -868,33 +835,6 @@ async fn ask_handover(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn one_refusal_answers_every_takeover_waiting_on_the_address() {
-        let peers = Arc::new(Peers::new(None));
-        let waiting: Vec<_> = (0..3)
-            .map(|_| {
-                let peers = peers.clone();
-                tokio::spawn(async move { peers.until_down("10.0.0.1:7000").await })
-            })
-            .collect();
-        tokio::task::yield_now().await;
-        assert!(!peers.is_down("10.0.0.1:7000"));
-        peers.mark_down("10.0.0.2:7000");
-        tokio::task::yield_now().await;
-        assert!(waiting.iter().all(|w| !w.is_finished()), "another address");
-        peers.mark_down("10.0.0.1:7000");
-        for w in waiting {
-            w.await.expect("woken");
-        }
-        assert!(peers.is_down("10.0.0.1:7000"));
-        // Not for ever: a node restarted on the address is asked again.
-        tokio::time::advance(DOWN_MEMORY).await;
-        assert!(!peers.is_down("10.0.0.1:7000"));
-        peers.mark_down("10.0.0.1:7000");
-        peers.mark_up("10.0.0.1:7000");
-        assert!(!peers.is_down("10.0.0.1:7000"));
-    }
 
     #[test]
     fn only_a_refused_connection_counts_as_down() {

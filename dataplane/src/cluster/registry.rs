@@ -29,8 +29,8 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 
 use crate::core::{
-    Command, HandoverAsk, Holding, InstallError, PushOutcome, RequestOutcome, SessionCell, Table,
-    TableConfig, Target,
+    Command, HandoverAsk, Holding, InstallError, PushOutcome, Reach, RequestOutcome, SessionCell,
+    Table, TableConfig, Target,
 };
 use crate::metrics::{Metrics, code_label};
 use crate::session::{PushBody, PushError, ResumeOutcome, Session, SessionConfig, SessionIdentity};
@@ -151,6 +151,8 @@ pub struct Registry {
     /// Signalled whenever a slot settles (an incoming session arrived or
     /// gave up, a drain's staging finished): pushes waiting on it look again.
     settled: Notify,
+    /// Woken when a peer is found down ([`Registry::mark_unreachable`]).
+    went_down: Notify,
     /// Signalled when a deadline earlier than the timer task's sleep appears.
     pub timer_wake: Notify,
     /// Told (openid, session_id, epoch) of every session that ended here, so
@@ -222,6 +224,7 @@ impl Registry {
             to_replicate: Mutex::new(Vec::new()),
             recovered_wake: Notify::new(),
             settled: Notify::new(),
+            went_down: Notify::new(),
             timer_wake: Notify::new(),
             ended: parking_lot::Mutex::new(None),
         }
@@ -352,7 +355,9 @@ impl Registry {
     ///   `replaced`): the client asked for a fresh start.
     /// - `session_id` matching: resume from `last_acked`.
     /// - `session_id` unknown, or the resume point is ahead of the session: a
-    ///   fresh session, and the StartResponse says why (never silent).
+    ///   fresh session, and the StartResponse says why (never silent). It
+    ///   stands in for `session_id` from then on: a retry of this Start
+    ///   attaches to it with the same answer ([`crate::core::Table::start_session`]).
     pub fn start(
         &self,
         openid: &str,
@@ -366,70 +371,12 @@ impl Registry {
         if !session_id.is_empty() {
             self.rebuild_recovered(openid, session_id, last_acked, &mut new_id);
         }
-        let (started, commands) = {
-            let started = self.with_table(|t| {
-                let mut commands = Vec::new();
-                let existing = t.local(openid).cloned();
-                // The session was rebuilt from a replica under a new id: attach
-                // to it and say RECOVERED (the client's seqs start over).
-                let recovered = !session_id.is_empty() && t.recovers(openid, session_id);
-                if recovered && let Some(entry) = existing.clone() {
-                    let mut outcome = entry.state.lock().attach(now, 0);
-                    outcome.status = ResumeStatus::Recovered;
-                    t.rearm(&entry);
-                    return (entry, outcome, commands);
-                }
-                let mut reported: Option<ResumeStatus> = None;
-                let entry = match existing {
-                    Some(entry)
-                        if !session_id.is_empty() && entry.identity.session_id == session_id =>
-                    {
-                        let outcome = entry.state.lock().attach(now, last_acked);
-                        match outcome.status {
-                            ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
-                                reported = Some(outcome.status);
-                                let fresh = self.fresh_entry(openid, now, new_id.take());
-                                commands.extend(t.start(
-                                    fresh.clone(),
-                                    Holding::Owned,
-                                    "resume_failed",
-                                ));
-                                fresh
-                            }
-                            _ => {
-                                t.rearm(&entry);
-                                return (entry, outcome, commands);
-                            }
-                        }
-                    }
-                    Some(_) => {
-                        if !session_id.is_empty() {
-                            reported = Some(ResumeStatus::SessionExpired);
-                        }
-                        let fresh = self.fresh_entry(openid, now, new_id.take());
-                        commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
-                        fresh
-                    }
-                    None => {
-                        if !session_id.is_empty() {
-                            reported = Some(ResumeStatus::SessionExpired);
-                        }
-                        let fresh = self.fresh_entry(openid, now, new_id.take());
-                        commands.extend(t.start(fresh.clone(), Holding::Owned, "replaced"));
-                        fresh
-                    }
-                };
-                let mut outcome = entry.state.lock().attach(now, 0);
-                if let Some(status) = reported {
-                    outcome.status = status;
-                }
-                t.rearm(&entry);
-                (entry, outcome, commands)
-            });
-            ((started.0, started.1), started.2)
-        };
+        let (entry, outcome, commands) = self.with_table(|t| {
+            t.start_session(now, openid, session_id, last_acked, || {
+                self.fresh_entry(openid, now, new_id.take())
+            })
+        });
         self.carry_out(commands);
-        let (entry, outcome) = (started.0, started.1);
         self.metrics
             .resumes
             .with_label_values(&[status_label(outcome.status)])
@@ -644,13 +591,44 @@ impl Registry {
         f(self.table.lock().members())
     }
 
-    /// A call found `node_id` unreachable: not chosen as a standby before
-    /// `until` ([`crate::core::Members::mark_unreachable`]).
-    pub fn mark_unreachable(&self, node_id: &str, until: Instant) {
+    /// A call to `node_id` ended as `reach`: an unreachable node is not
+    /// chosen as a standby before `until`, and one found down gets no
+    /// Handover either ([`crate::core::Members::mark_unreachable`]). Calls
+    /// waiting on it ([`Registry::until_down`]) learn it at once.
+    pub fn mark_unreachable(&self, node_id: &str, reach: Reach, until: Instant) {
         self.table
             .lock()
             .members_mut()
-            .mark_unreachable(node_id, until);
+            .mark_unreachable(node_id, reach, until);
+        if reach == Reach::Down {
+            self.went_down.notify_waiters();
+        }
+    }
+
+    /// `node_id` answered a call: it is reachable again.
+    pub fn peer_answered(&self, node_id: &str) {
+        self.table.lock().members_mut().answered(node_id);
+    }
+
+    /// Whether nothing listened at `node_id` lately (a Handover is not sent).
+    pub fn is_down(&self, node_id: &str) -> bool {
+        self.members(|m| m.is_down(node_id, Instant::now()))
+    }
+
+    /// Resolves once `node_id` is found down. After a crash every client of
+    /// the dead node reconnects at once and each Start asks the dead owner
+    /// for a Handover: the calls queue behind one connection attempt each,
+    /// and one refusal now answers all of them (`gate-bench failover`).
+    pub async fn until_down(&self, node_id: &str) {
+        loop {
+            let notified = self.went_down.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_down(node_id) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Where a session that left went: (openid, node).
@@ -719,12 +697,13 @@ impl Registry {
             return;
         }
         let id = new_id.take().unwrap_or_else(new_session_id);
+        let incomplete = recovery.incomplete;
         let (state, lost) = recovery.rebuild(openid, id.clone(), last_acked);
         let n = state.pushes.len() as u64;
-        let holding = Holding::Recovered {
-            old_session_id: session_id.to_string(),
-        };
-        match self.install_as(state, epoch, holding, None) {
+        // The state says what it stands in for: held as recovered, or (a
+        // recovery that missed a live node) as a fresh session whose client
+        // is told SESSION_EXPIRED with the pushes found.
+        match self.install_as(state, epoch, Holding::Owned, None) {
             Ok(_) => {
                 self.metrics
                     .sessions_recovered
@@ -737,7 +716,7 @@ impl Registry {
                         .with_label_values(&["owner_crashed"])
                         .inc_by(lost);
                 }
-                tracing::info!(openid, old = session_id, new = %id, durable = n, lost_non_durable = lost, "session recovered from replicas");
+                tracing::info!(openid, old = session_id, new = %id, durable = n, lost_non_durable = lost, incomplete, "session recovered from replicas");
                 self.copy_soon(openid);
             }
             Err(e) => tracing::warn!(openid, error = %e, "recovered state rejected"),

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gatesvr_proto::client::ServerPush;
+use gatesvr_proto::client::{ResumeStatus, ServerPush};
 use gatesvr_proto::limits::chunk_by_size;
 use gatesvr_proto::peer::peer_client::PeerClient;
 use gatesvr_proto::peer::{
@@ -253,12 +253,16 @@ impl ReplicaStore {
     /// sessions to the new standby were lost (simulation seed 174).
     ///
     /// [`Members::standby_of`]: crate::core::Members::standby_of
-    pub fn handoff(&self, members: &crate::core::Members) -> Vec<(Member, ReplicateRequest)> {
+    pub fn handoff(
+        &self,
+        members: &crate::core::Members,
+        now: Instant,
+    ) -> Vec<(Member, ReplicateRequest)> {
         let map = self.map.lock();
         let mut out: Vec<(Member, ReplicateRequest)> = map
             .iter()
             .filter_map(|(openid, r)| {
-                let heir = members.standby_of(&r.owner)?;
+                let heir = members.standby_of(&r.owner, now)?;
                 Some((heir.clone(), r.copy(openid)))
             })
             .collect();
@@ -272,13 +276,17 @@ impl ReplicaStore {
     /// gets a second copy on the owner's next standby other than this node
     /// ([`Members::standby_of`]), once per heir ([`ReplicaStore::copied`]).
     /// Replicas that hold no push are not copied.
-    pub fn orphans(&self, members: &crate::core::Members) -> Vec<(Member, ReplicateRequest)> {
+    pub fn orphans(
+        &self,
+        members: &crate::core::Members,
+        now: Instant,
+    ) -> Vec<(Member, ReplicateRequest)> {
         let map = self.map.lock();
         let mut out: Vec<(Member, ReplicateRequest)> = map
             .iter()
             .filter(|(_, r)| !r.pushes.is_empty() && !members.is_live(&r.owner))
             .filter_map(|(openid, r)| {
-                let heir = members.standby_of(&r.owner)?;
+                let heir = members.standby_of(&r.owner, now)?;
                 let copied = r.copied_to.as_deref() == Some(heir.node_id.as_str());
                 (!copied).then(|| (heir.clone(), r.copy(openid)))
             })
@@ -369,6 +377,15 @@ pub fn unreachable(status: &Status) -> bool {
     )
 }
 
+/// How a failed call to a peer ended: nothing listened, or no answer.
+fn reach_of(status: &Status) -> crate::core::Reach {
+    if crate::peer::refused(status) {
+        crate::core::Reach::Down
+    } else {
+        crate::core::Reach::NoAnswer
+    }
+}
+
 /// A call found `standby` unreachable: it is passed over as this node's
 /// standby for [`UNREACHABLE_HOLD`], and the sessions whose copies it held are
 /// copied to the next node now. Until the control plane declares it dead
@@ -376,7 +393,7 @@ pub fn unreachable(status: &Status) -> bool {
 pub fn standby_unreachable(node: &Node, standby: &str, status: &Status) {
     tracing::warn!(standby, error = %status, "standby unreachable; its sessions go to the next node");
     node.registry
-        .mark_unreachable(standby, Instant::now() + UNREACHABLE_HOLD);
+        .mark_unreachable(standby, reach_of(status), Instant::now() + UNREACHABLE_HOLD);
     node.replicator.moved_on.notify_one();
 }
 
@@ -612,23 +629,45 @@ pub const HANDOFF_ROUNDS: u32 = 3;
 /// left of what a fenced or departed owner acknowledged: simulation seed 152).
 pub async fn hand_over_replicas(node: &Node) {
     use futures::StreamExt;
-    let mut heirs = node.registry.members(|m| node.replicas.handoff(m));
+    let mut heirs = node
+        .registry
+        .members(|m| node.replicas.handoff(m, Instant::now()));
     let n = heirs.len();
     for _ in 0..HANDOFF_ROUNDS {
         if heirs.is_empty() {
             break;
         }
-        heirs = futures::stream::iter(heirs)
+        let failed: Vec<(Member, ReplicateRequest)> = futures::stream::iter(heirs)
             .map(|(heir, req)| async move {
                 match send(node, &heir.grpc_addr, req.clone()).await {
                     Ok(_) => None,
-                    Err(_) => Some((heir, req)),
+                    Err(status) => {
+                        node.registry.mark_unreachable(
+                            &heir.node_id,
+                            reach_of(&status),
+                            Instant::now() + UNREACHABLE_HOLD,
+                        );
+                        Some((heir, req))
+                    }
                 }
             })
             .buffer_unordered(16)
             .filter_map(std::future::ready)
             .collect()
             .await;
+        // A heir that failed is passed over: the next round goes to the
+        // owner's next standby (a leaving node's view may still list a node
+        // that left: simulation seed 647 of session 9).
+        let now = Instant::now();
+        heirs = node.registry.members(|m| {
+            failed
+                .into_iter()
+                .map(|(heir, req)| {
+                    let next = m.standby_of(&req.owner_node, now).cloned();
+                    (next.unwrap_or(heir), req)
+                })
+                .collect()
+        });
     }
     if n > 0 {
         tracing::info!(
@@ -647,7 +686,9 @@ async fn copy_orphans(node: &Node) {
     for (state, owner) in &fenced {
         node.replicas.keep_handed_over(state, owner);
     }
-    let orphans = node.registry.members(|m| node.replicas.orphans(m));
+    let orphans = node
+        .registry
+        .members(|m| node.replicas.orphans(m, Instant::now()));
     if orphans.is_empty() {
         return;
     }
@@ -710,9 +751,41 @@ pub struct Recovery {
     pub next_seq: u64,
     /// Durable pushes above `acked`, by old seq.
     pub pushes: BTreeMap<u64, ServerPush>,
+    /// A live node never answered within [`crate::peer::RECOVERY_PATIENCE`]:
+    /// a copy it holds is missing, so the client is told SESSION_EXPIRED (the
+    /// pushes found still follow), not RECOVERED, which promises every
+    /// durable push (simulation seed 189 of session 9).
+    pub incomplete: bool,
 }
 
 impl Recovery {
+    /// The union of the copies `found` (answers with `found: false` are
+    /// skipped) of session `session_id`: every push above the highest ack
+    /// point (an older standby may hold pushes from before a handover; the
+    /// seqs are the same session's). `None` if nobody had a copy.
+    pub fn merge(
+        session_id: &str,
+        found: impl IntoIterator<Item = FetchReplicaResponse>,
+    ) -> Option<Recovery> {
+        let mut recovery: Option<Recovery> = None;
+        for r in found.into_iter().filter(|r| r.found) {
+            let recovery = recovery.get_or_insert_with(|| Recovery {
+                session_id: session_id.to_string(),
+                zone: r.zone.clone(),
+                ..Default::default()
+            });
+            recovery.acked = recovery.acked.max(r.acked_seq_id);
+            recovery.next_seq = recovery.next_seq.max(r.next_seq_id);
+            for p in r.pushes {
+                recovery.pushes.insert(p.seq_id, p);
+            }
+        }
+        let mut recovery = recovery?;
+        let acked = recovery.acked;
+        recovery.pushes.retain(|seq, _| *seq > acked);
+        Some(recovery)
+    }
+
     /// The session to install for a client that acked `last_acked` (old
     /// numbering): a NEW session `new_id` whose queue holds the durable pushes
     /// after it, renumbered from 1 and marked as redeliveries. Also returns
@@ -754,6 +827,13 @@ impl Recovery {
             trimmed_through_seq_id: 0,
             highest_sent_seq_id: n,
             pushes: renumbered,
+            replaces_session_id: self.session_id,
+            replaces_status: if self.incomplete {
+                ResumeStatus::SessionExpired
+            } else {
+                ResumeStatus::Recovered
+            }
+            .into(),
             ..Default::default()
         };
         (state, lost)
@@ -889,8 +969,8 @@ pub fn merge(
     // the view never named): core::Table::copy_for_recovery.
     let own = node.replicas.fetch(openid, session_id);
     found.push(node.registry.answer_fetch_replica(own, openid, session_id));
-    let found: Vec<FetchReplicaResponse> = found.into_iter().filter(|r| r.found).collect();
-    if found.is_empty() {
+    let recovery = Recovery::merge(session_id, found);
+    if recovery.is_none() {
         node.metrics
             .sessions_recovered
             .with_label_values(&["no_replica"])
@@ -900,25 +980,8 @@ pub fn merge(
             session_id,
             "previous owner gone and no replica found"
         );
-        return None;
     }
-    // Union of every copy (an older standby may hold pushes from before a
-    // handover; the seqs are the same session's), above the highest ack.
-    let mut recovery = Recovery {
-        session_id: session_id.to_string(),
-        zone: found[0].zone.clone(),
-        ..Default::default()
-    };
-    for r in found {
-        recovery.acked = recovery.acked.max(r.acked_seq_id);
-        recovery.next_seq = recovery.next_seq.max(r.next_seq_id);
-        for p in r.pushes {
-            recovery.pushes.insert(p.seq_id, p);
-        }
-    }
-    let acked = recovery.acked;
-    recovery.pushes.retain(|seq, _| *seq > acked);
-    Some(recovery)
+    recovery
 }
 
 /// Copies the queue of sessions that just arrived with pushes (rebuilt from
@@ -1001,9 +1064,12 @@ mod tests {
         view.put(member("dp-1", NodeState::Active));
         view.put(member("dp-2", NodeState::Active));
         view.put(member("dp-3", NodeState::Active));
-        assert!(store.orphans(&view).is_empty(), "a live owner's replica");
+        assert!(
+            store.orphans(&view, Instant::now()).is_empty(),
+            "a live owner's replica"
+        );
         view.put(member("dp-1", NodeState::Dead));
-        let orphans = store.orphans(&view);
+        let orphans = store.orphans(&view, Instant::now());
         assert_eq!(orphans.len(), 1);
         let (heir, req) = &orphans[0];
         assert_eq!(
@@ -1013,11 +1079,21 @@ mod tests {
         assert_eq!(req.pushes.len(), 2);
         assert!(!req.incremental, "a whole copy");
         store.copied("u1", "s1", "dp-3");
-        assert!(store.orphans(&view).is_empty(), "copied once");
+        assert!(
+            store.orphans(&view, Instant::now()).is_empty(),
+            "copied once"
+        );
         store.apply(copy(vec![push(4), push(5)])).expect("applied");
-        assert!(store.orphans(&view).is_empty(), "the same pushes again");
+        assert!(
+            store.orphans(&view, Instant::now()).is_empty(),
+            "the same pushes again"
+        );
         store.apply(copy(vec![push(6)])).expect("applied");
-        assert_eq!(store.orphans(&view).len(), 1, "a new push is copied again");
+        assert_eq!(
+            store.orphans(&view, Instant::now()).len(),
+            1,
+            "a new push is copied again"
+        );
     }
 
     /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
@@ -1091,7 +1167,7 @@ mod tests {
         view.put(member("dp-2", NodeState::Draining));
         view.put(member("dp-3", NodeState::Dead));
         view.put(member("dp-4", NodeState::Active));
-        let handed = leaving.handoff(&view);
+        let handed = leaving.handoff(&view, Instant::now());
         assert_eq!(handed.len(), 1, "one replica, one heir");
         let (heir, req) = handed.into_iter().next().expect("one");
         assert_eq!(
@@ -1113,14 +1189,14 @@ mod tests {
         // The owner itself is gone (dead): its replicas are what a recovery
         // needs, so they are handed on all the same.
         view.put(member("dp-1", NodeState::Dead));
-        let handed = leaving.handoff(&view);
+        let handed = leaving.handoff(&view, Instant::now());
         assert_eq!(handed.len(), 1);
         assert_eq!(handed[0].0.node_id, "dp-4");
         // Nobody to hand to: they leave with the node.
         let mut alone = Members::new("dp-2");
         alone.put(member("dp-1", NodeState::Active));
         alone.put(member("dp-2", NodeState::Draining));
-        assert!(leaving.handoff(&alone).is_empty());
+        assert!(leaving.handoff(&alone, Instant::now()).is_empty());
     }
 
     #[test]
@@ -1150,7 +1226,10 @@ mod tests {
         view.put(member("dp-7", NodeState::Draining));
         view.put(member("dp-8", NodeState::Active));
         view.put(member("dp-9", NodeState::Active));
-        assert_eq!(old_owner.handoff(&view)[0].0.node_id, "dp-9");
+        assert_eq!(
+            old_owner.handoff(&view, Instant::now())[0].0.node_id,
+            "dp-9"
+        );
         // A state with nothing unacknowledged leaves nothing.
         let empty = ReplicaStore::new(Duration::from_secs(60), 100);
         empty.keep_handed_over(

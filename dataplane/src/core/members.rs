@@ -18,11 +18,23 @@
 //! | [`Members::recovery_maybe`]            | dead (maybe only cut off)   |
 //! | [`Members::after_failed_handover`]     | see [`Reach`]               |
 //!
-//! A peer the shell found unreachable (connection refused, no answer) is
-//! marked with [`Members::mark_unreachable`] until an instant: the standby
-//! questions skip it, so an owner whose standby died copies its sessions to the
-//! next node at once instead of after the control plane declares the standby
-//! dead (which takes a lease): until then the owner held the only copy.
+//! A peer a call found unreachable is marked with [`Members::mark_unreachable`]
+//! until an instant, with how ([`Reach`]); this is the node's one memory of
+//! unreachable peers (the Handover path kept its own, by address, until
+//! session 9):
+//!
+//! | question                               | marks counted               |
+//! |----------------------------------------|-----------------------------|
+//! | [`Members::is_unreachable`] (standby)  | `Down` and `NoAnswer`       |
+//! | [`Members::is_down`] (Handover not sent) | `Down` only               |
+//!
+//! The standby questions skip an unreachable node, so an owner whose standby
+//! died copies its sessions to the next node at once instead of after the
+//! control plane declares the standby dead (which takes a lease): until then
+//! the owner held the only copy. Only a node where nothing listens counts as
+//! down for a Handover: one that did not answer may be busy and still
+//! serving (two live copies, issue 12's defect 3). An answer clears the mark
+//! ([`Members::answered`]).
 //!
 //! Departed (`left`) and `dead` records stay in the control plane's view for a
 //! while (rolling upgrades give pods new names every time); none of the
@@ -80,10 +92,17 @@ pub enum Reach {
 pub enum AfterHandover {
     /// The owner answered: use its answer.
     UseAnswer,
-    /// The owner is dead or left in the view, or nothing listens at its
-    /// address: its state only survives as replicas of its durable pushes;
-    /// recover from those.
+    /// Nothing listens at the owner's address: its state only survives as
+    /// replicas of its durable pushes; recover from those.
     OwnerGone,
+    /// The owner did not answer and the view no longer holds it live
+    /// (declared dead, or left): recover from replicas as for
+    /// [`AfterHandover::OwnerGone`], and ask the owner too, as every node
+    /// declared dead is asked ([`Members::recovery_maybe`]): one cut off from
+    /// the control plane only is alive and may hold the session, e.g. the
+    /// copy of a Handover it answered whose answer was lost (simulation seed
+    /// 354 of session 9).
+    OwnerDeclaredDead,
     /// The owner is live in the view but did not answer: it may still hold
     /// (and serve) the session. Never start a second copy from replicas; ask
     /// again, or refuse the Start so the client retries.
@@ -95,8 +114,9 @@ pub enum AfterHandover {
 pub struct Members {
     me: String,
     nodes: BTreeMap<String, Member>,
-    /// Nodes a call found unreachable, skipped as standby until the instant.
-    unreachable: BTreeMap<String, Instant>,
+    /// Nodes a call found unreachable: until when, and whether nothing
+    /// listened (`Down`) or nothing answered (`NoAnswer`).
+    unreachable: BTreeMap<String, (Instant, Reach)>,
 }
 
 impl Members {
@@ -122,19 +142,46 @@ impl Members {
         self.unreachable.retain(|id, _| nodes.contains_key(id));
     }
 
-    /// A call to `node_id` found nothing listening or got no answer: it is not
-    /// chosen as a standby before `until` (a view that drops it forgets this).
-    pub fn mark_unreachable(&mut self, node_id: &str, until: Instant) {
-        if self.nodes.contains_key(node_id) {
-            self.unreachable.insert(node_id.to_string(), until);
+    /// A call to `node_id` found nothing listening (`Down`) or got no answer
+    /// (`NoAnswer`): it is not chosen as a standby before `until`, and while
+    /// `Down` no Handover is sent to it (a view that drops the node forgets
+    /// this). A `NoAnswer` does not weaken a `Down` marked before; `Answered`
+    /// clears the mark.
+    pub fn mark_unreachable(&mut self, node_id: &str, reach: Reach, until: Instant) {
+        if reach == Reach::Answered {
+            self.answered(node_id);
+            return;
         }
+        if !self.nodes.contains_key(node_id) {
+            return;
+        }
+        let mark = self
+            .unreachable
+            .entry(node_id.to_string())
+            .or_insert((until, reach));
+        *mark = match (*mark, reach) {
+            ((held, Reach::Down), Reach::NoAnswer) => (held.max(until), Reach::Down),
+            _ => (until, reach),
+        };
     }
 
-    /// Found unreachable and not yet due for another try at `now`.
+    /// `node_id` answered a call: it is reachable again.
+    pub fn answered(&mut self, node_id: &str) {
+        self.unreachable.remove(node_id);
+    }
+
+    /// Found unreachable (either way) and not yet due for another try at `now`.
     pub fn is_unreachable(&self, node_id: &str, now: Instant) -> bool {
         self.unreachable
             .get(node_id)
-            .is_some_and(|until| now < *until)
+            .is_some_and(|(until, _)| now < *until)
+    }
+
+    /// Found with nothing listening, and not yet due for another try at `now`.
+    pub fn is_down(&self, node_id: &str, now: Instant) -> bool {
+        self.unreachable
+            .get(node_id)
+            .is_some_and(|(until, reach)| now < *until && *reach == Reach::Down)
     }
 
     /// Adds or updates one node (tests and the simulation).
@@ -180,10 +227,15 @@ impl Members {
     /// that node too, but only at its next ack sync: a crash of the owner
     /// between this node's leave and that sync lost what only it held).
     /// `owner` may be dead or gone: its replicas are what a recovery needs.
-    pub fn standby_of(&self, owner: &str) -> Option<&Member> {
+    /// Nodes found unreachable at `now` are passed over (simulation seed 647
+    /// of session 9: leaving nodes whose views were stale handed the only
+    /// copies of a crashed owner's pushes to a departed heir three times
+    /// each, and left).
+    pub fn standby_of(&self, owner: &str, now: Instant) -> Option<&Member> {
         let active: Vec<&Member> = self
             .others()
             .filter(|m| m.state == NodeState::Active && m.node_id != owner)
+            .filter(|m| !self.is_unreachable(&m.node_id, now))
             .collect();
         active
             .iter()
@@ -242,7 +294,7 @@ impl Members {
             Reach::Answered => AfterHandover::UseAnswer,
             Reach::Down => AfterHandover::OwnerGone,
             Reach::NoAnswer if self.is_live(owner) => AfterHandover::OwnerSilent,
-            Reach::NoAnswer => AfterHandover::OwnerGone,
+            Reach::NoAnswer => AfterHandover::OwnerDeclaredDead,
         }
     }
 }

@@ -16,13 +16,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use gatesvr_proto::client::{ErrorCode, ServerPush};
+use gatesvr_proto::client::{ErrorCode, ResumeStatus, ServerPush};
 use gatesvr_proto::session::SessionState;
 
 use super::members::Members;
 use super::slot::{Holding, Slot};
 use crate::session::{
-    AckError, AckOutcome, PushError, RequestDisposition, Session, SessionEvent, SessionIdentity,
+    AckError, AckOutcome, PushError, RequestDisposition, ResumeOutcome, Session, SessionEvent,
+    SessionIdentity,
 };
 
 /// A handle on one local session, as the shell holds it.
@@ -598,7 +599,7 @@ impl<H: SessionCell> Table<H> {
         // instead of replacing it (durable pushes lost, failover finding 4).
         let holding = match holding {
             Holding::Recovered { old_session_id } => {
-                handle.with(|s| s.set_replaces_session_id(&old_session_id));
+                handle.with(|s| s.set_replaces(&old_session_id, ResumeStatus::Recovered));
                 Holding::Recovered { old_session_id }
             }
             Holding::Owned => owned(&handle),
@@ -1081,13 +1082,25 @@ impl<H: SessionCell> Table<H> {
                 holding: Holding::Staged { .. },
                 ..
             }) if self.claiming.contains(openid) => PushOutcome::Wait,
+            // The view naming this node at the staged copy's epoch or an
+            // older one is this node's own earlier ownership (it staged the
+            // session away since, with a transfer whose outcome it may not
+            // know, and a draining node staged a copy back here), not a
+            // commitment of the copy: it waits too. Simulation seeds 475 and
+            // 596 of session 9: stale views served re-staged copies (at 714
+            // named at 662; at 381 named at 381) while the control plane had
+            // moved the session on, and the pushes they took were lost.
             Some(Slot::Local {
+                handle,
                 holding: Holding::Staged { .. },
-                ..
-            }) if !view_is_me => match view_owner {
-                Some((o, _)) => PushOutcome::Forward { to: o.to_string() },
-                None => PushOutcome::Wait,
-            },
+            }) if view_owner
+                .is_none_or(|(_, e)| !view_is_me || e <= handle.with(|s| s.epoch())) =>
+            {
+                match view_owner {
+                    Some((o, _)) if !view_is_me => PushOutcome::Forward { to: o.to_string() },
+                    _ => PushOutcome::Wait,
+                }
+            }
             Some(Slot::Local { handle, .. }) => {
                 let handle = handle.clone();
                 if let Target::Session(sid) = target
@@ -1245,26 +1258,96 @@ impl<H: SessionCell> Table<H> {
         }
     }
 
-    /// Whether a Start resuming `session_id` attaches to `openid`'s local
-    /// session as RECOVERED: that session was rebuilt from the replicas of
-    /// `session_id` (here, or on a node that handed it over or staged it
-    /// here since).
-    pub fn recovers(&self, openid: &str, session_id: &str) -> bool {
-        match self.slots.get(openid) {
-            Some(Slot::Local { handle, holding }) => {
-                matches!(holding, Holding::Recovered { old_session_id } if old_session_id == session_id)
-                    || (!session_id.is_empty()
-                        && handle.with(|s| s.replaces_session_id() == Some(session_id)))
-            }
-            _ => false,
+    /// What a Start resuming `session_id` is told if it attaches to
+    /// `openid`'s local session because that session stands in for
+    /// `session_id`: RECOVERED (rebuilt from its replicas, here or on a node
+    /// that handed it over or staged it here since), or the SESSION_EXPIRED
+    /// / SEQ_AHEAD a Start resuming it was answered when this session was
+    /// made in its place (the answer may never have reached the client).
+    pub fn stands_in_for(&self, openid: &str, session_id: &str) -> Option<ResumeStatus> {
+        if session_id.is_empty() {
+            return None;
         }
+        match self.slots.get(openid) {
+            Some(Slot::Local {
+                holding: Holding::Recovered { old_session_id },
+                ..
+            }) if old_session_id == session_id => Some(ResumeStatus::Recovered),
+            Some(Slot::Local { handle, .. }) => handle.with(|s| {
+                s.replaces()
+                    .filter(|r| r.session_id == session_id)
+                    .map(|r| r.status)
+            }),
+            _ => None,
+        }
+    }
+
+    /// A Start of `openid` attaches its client: to the local session it
+    /// resumes (`resume`: its id, empty for a new session; `last_acked`: the
+    /// client's ack point), to the session that stands in for it
+    /// ([`Table::stands_in_for`]), or to a fresh one made by `fresh`, which
+    /// replaces any other local session. A fresh session made because the
+    /// resume failed stands in for `resume` from then on: a retry of the
+    /// same Start (its answer lost, or given up on) attaches to it and is
+    /// told the same, instead of replacing it and dropping the pushes it
+    /// accepted meanwhile (`gate-bench failover`, session 8).
+    pub fn start_session(
+        &mut self,
+        now: Instant,
+        openid: &str,
+        resume: &str,
+        last_acked: u64,
+        fresh: impl FnOnce() -> H,
+    ) -> (H, ResumeOutcome, Vec<Command<H>>) {
+        let mut out = Vec::new();
+        let existing = self.local(openid).cloned();
+        if let Some(status) = self.stands_in_for(openid, resume)
+            && let Some(handle) = existing.clone()
+        {
+            let mut outcome = handle.with(|s| s.attach(now, 0));
+            outcome.status = status;
+            self.rearm(&handle);
+            return (handle, outcome, out);
+        }
+        let (reported, reason) = match existing {
+            Some(handle) if !resume.is_empty() && handle.identity().session_id == resume => {
+                let outcome = handle.with(|s| s.attach(now, last_acked));
+                match outcome.status {
+                    ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
+                        (Some(outcome.status), "resume_failed")
+                    }
+                    _ => {
+                        self.rearm(&handle);
+                        return (handle, outcome, out);
+                    }
+                }
+            }
+            _ if !resume.is_empty() => (Some(ResumeStatus::SessionExpired), "replaced"),
+            _ => (None, "replaced"),
+        };
+        let handle = fresh();
+        if let Some(status) = reported {
+            handle.with(|s| s.set_replaces(resume, status));
+        }
+        out.extend(self.start(handle.clone(), Holding::Owned, reason));
+        let mut outcome = handle.with(|s| s.attach(now, 0));
+        if let Some(status) = reported {
+            outcome.status = status;
+        }
+        self.rearm(&handle);
+        (handle, outcome, out)
     }
 }
 
 /// How a node holds a session it owns now: recovered if its state says it
 /// was rebuilt from a crashed session's replicas, else owned.
 fn owned<H: SessionCell>(handle: &H) -> Holding {
-    match handle.with(|s| s.replaces_session_id().map(str::to_string)) {
+    let recovered_from = handle.with(|s| {
+        s.replaces()
+            .filter(|r| r.status == ResumeStatus::Recovered)
+            .map(|r| r.session_id.clone())
+    });
+    match recovered_from {
         Some(old_session_id) => Holding::Recovered { old_session_id },
         None => Holding::Owned,
     }

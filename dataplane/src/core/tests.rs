@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use gatesvr_proto::client::ErrorCode;
+use gatesvr_proto::client::{ErrorCode, ResumeStatus, ServerPush};
 use gatesvr_proto::control::NodeState;
 
 use super::*;
@@ -341,14 +341,14 @@ fn a_recovered_session_stays_recovered_across_a_handover() {
             old_session_id: "old".into()
         })
     );
-    assert!(t.recovers("u", "old"));
-    assert!(!t.recovers("u", "new"));
-    assert!(!t.recovers("u", "other"));
+    assert_eq!(t.stands_in_for("u", "old"), Some(ResumeStatus::Recovered));
+    assert_eq!(t.stands_in_for("u", "new"), None);
+    assert_eq!(t.stands_in_for("u", "other"), None);
 
     t.install(cell("v", "plain", now, 5), 5, Holding::Owned, None)
         .unwrap();
     assert_eq!(t.holding("v"), Some(&Holding::Owned));
-    assert!(!t.recovers("v", ""));
+    assert_eq!(t.stands_in_for("v", ""), None);
 }
 
 /// The same through a drain: a staged recovered session is recovered once
@@ -367,7 +367,7 @@ fn a_staged_recovered_session_is_recovered_once_claimed() {
         SessionConfig::default(),
         now,
     );
-    s.set_replaces_session_id("old");
+    s.set_replaces("old", ResumeStatus::Recovered);
     let c = PlainCell::new(Session::import(s.export(), now, SessionConfig::default()).unwrap());
     t.install(
         c.clone(),
@@ -378,7 +378,7 @@ fn a_staged_recovered_session_is_recovered_once_claimed() {
         None,
     )
     .unwrap();
-    assert!(t.recovers("u", "old"));
+    assert_eq!(t.stands_in_for("u", "old"), Some(ResumeStatus::Recovered));
     t.claimed(now, &c, 7, Some(("dp-1", 7)));
     assert_eq!(
         t.holding("u"),
@@ -386,6 +386,116 @@ fn a_staged_recovered_session_is_recovered_once_claimed() {
             old_session_id: "old".into()
         })
     );
+}
+
+/// `gate-bench failover`, session 8: a client resumed its crashed session
+/// "old" on dp-1, which made a fresh session in its place (SESSION_EXPIRED),
+/// but the client gave up on that Start and resumed "old" on dp-2 instead.
+/// The fresh session had accepted durable pushes meanwhile, and dp-2's claim
+/// moved it there: the retry attached to a second fresh session and the
+/// pushes were dropped with the first. It now attaches to the one that
+/// stands in for "old", told SESSION_EXPIRED again, and gets its pushes.
+#[test]
+fn a_retried_resume_attaches_to_the_fresh_session_its_first_try_made() {
+    let now = Instant::now();
+    let mut a = table();
+    let made = std::cell::Cell::new(0);
+    let fresh = |id: &'static str| {
+        made.set(made.get() + 1);
+        cell("u", id, now, 0)
+    };
+    let (first, outcome, _) = a.start_session(now, "u", "old", 3, || fresh("s1"));
+    assert_eq!(outcome.status, ResumeStatus::SessionExpired);
+    assert_eq!(first.identity().session_id, "s1");
+    let (o, _) = a.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+
+    // The same Start again, here: the same session, the same answer.
+    let (again, outcome, cmds) = a.start_session(now, "u", "old", 3, || fresh("s2"));
+    assert!(again.same(&first));
+    assert_eq!(outcome.status, ResumeStatus::SessionExpired);
+    assert_eq!(outcome.first_available_seq_id, 1);
+    assert!(cmds.is_empty(), "{cmds:?}");
+    assert_eq!(made.get(), 1);
+
+    // Or on another node, after a Handover carried it there.
+    let (state, _) = a
+        .hand_over(
+            now,
+            "u",
+            HandoverAsk::Peer {
+                epoch: 5,
+                new_owner: "dp-2".into(),
+            },
+        )
+        .unwrap()
+        .expect("exported");
+    assert_eq!(state.replaces_session_id, "old");
+    let mut b = table_of(
+        "dp-2",
+        &[("dp-1", NodeState::Active), ("dp-2", NodeState::Active)],
+    );
+    let imported = PlainCell::new(Session::import(state, now, SessionConfig::default()).unwrap());
+    b.install(imported, 5, Holding::Owned, None).unwrap();
+    assert_eq!(b.holding("u"), Some(&Holding::Owned));
+    let (there, outcome, _) = b.start_session(now, "u", "old", 3, || fresh("s3"));
+    assert_eq!(there.identity().session_id, "s1");
+    assert_eq!(outcome.status, ResumeStatus::SessionExpired);
+    assert_eq!(there.with(|s| s.stats().unacked), 1);
+    assert_eq!(made.get(), 1);
+
+    // Its own id resumes it as usual; a new session still replaces it.
+    let (same, outcome, _) = b.start_session(now, "u", "s1", 0, || fresh("s4"));
+    assert!(same.same(&there));
+    assert_eq!(outcome.status, ResumeStatus::Resumed);
+    let (new, outcome, _) = b.start_session(now, "u", "", 0, || fresh("s5"));
+    assert_eq!(new.identity().session_id, "s5");
+    assert_eq!(outcome.status, ResumeStatus::New);
+}
+
+/// Simulation seed 189 of session 9: a recovery whose patience ran out with
+/// a live node silent (cut off from the claimant; it held the only copy of
+/// two durable pushes) rebuilt the session from the copies it had and told
+/// the client RECOVERED, which promises every durable push: two were lost
+/// without a word. It now says SESSION_EXPIRED, and the pushes it found still
+/// follow; a complete recovery says RECOVERED as before.
+#[test]
+fn a_recovery_that_missed_a_live_node_says_session_expired_with_what_it_found() {
+    let now = Instant::now();
+    let found = gatesvr_proto::peer::FetchReplicaResponse {
+        found: true,
+        session_id: "old".into(),
+        zone: "001".into(),
+        acked_seq_id: 1,
+        next_seq_id: 4,
+        pushes: [2, 3]
+            .map(|seq| ServerPush {
+                seq_id: seq,
+                content: format!("p{seq}"),
+                ..Default::default()
+            })
+            .to_vec(),
+        ..Default::default()
+    };
+    let nothing = gatesvr_proto::peer::FetchReplicaResponse::default();
+    for (incomplete, told) in [
+        (false, ResumeStatus::Recovered),
+        (true, ResumeStatus::SessionExpired),
+    ] {
+        let mut recovery =
+            crate::replica::Recovery::merge("old", [nothing.clone(), found.clone()]).unwrap();
+        recovery.incomplete = incomplete;
+        let (state, _) = recovery.rebuild("u", "new".into(), 1);
+        let mut t = table();
+        let c = PlainCell::new(Session::import(state, now, SessionConfig::default()).unwrap());
+        t.install(c.clone(), 4, Holding::Owned, None).unwrap();
+        let (h, outcome, _) = t.start_session(now, "u", "old", 1, || cell("u", "x", now, 0));
+        assert!(h.same(&c));
+        assert_eq!(outcome.status, told);
+        assert_eq!(outcome.first_available_seq_id, 1);
+        assert_eq!(h.with(|s| s.stats().unacked), 2);
+    }
+    assert!(crate::replica::Recovery::merge("old", [nothing]).is_none());
 }
 
 #[test]
@@ -528,9 +638,13 @@ fn a_standby_found_unreachable_is_passed_over_until_its_hold_ends() {
     let now = Instant::now();
     let hold = now + Duration::from_secs(10);
     assert_eq!(t.members().standby_for(now).unwrap().node_id, "dp-2");
-    t.members_mut().mark_unreachable("dp-2", hold);
+    assert_eq!(t.members().standby_of("dp-9", now).unwrap().node_id, "dp-2");
+    t.members_mut()
+        .mark_unreachable("dp-2", Reach::NoAnswer, hold);
     let m = t.members();
     assert_eq!(m.standby_for(now).unwrap().node_id, "dp-3");
+    // A crashed owner's heir too (simulation seed 647 of session 9).
+    assert_eq!(m.standby_of("dp-9", now).unwrap().node_id, "dp-3");
     assert_eq!(m.standby_ring(now).len(), 1);
     assert!(
         m.is_live("dp-2"),
@@ -538,8 +652,33 @@ fn a_standby_found_unreachable_is_passed_over_until_its_hold_ends() {
     );
     assert_eq!(m.standby_for(hold).unwrap().node_id, "dp-2");
     // Every other node unreachable: no standby, durable pushes are refused.
-    t.members_mut().mark_unreachable("dp-3", hold);
+    t.members_mut().mark_unreachable("dp-3", Reach::Down, hold);
     assert!(t.members().standby_for(now).is_none());
+}
+
+/// One memory of unreachable peers (the Handover path kept a second one, by
+/// address, before session 9): both kinds pass a node over as standby; only
+/// "nothing listens" stops a Handover; a later silence does not weaken it;
+/// an answer clears it.
+#[test]
+fn a_peer_found_down_or_silent_is_remembered_in_one_place() {
+    let mut t = table();
+    let now = Instant::now();
+    let (short, long) = (now + Duration::from_secs(5), now + Duration::from_secs(10));
+    let m = t.members_mut();
+    m.mark_unreachable("dp-2", Reach::NoAnswer, long);
+    assert!(m.is_unreachable("dp-2", now));
+    assert!(!m.is_down("dp-2", now), "silent is not down: it may serve");
+    m.mark_unreachable("dp-2", Reach::Down, short);
+    assert!(m.is_down("dp-2", now));
+    m.mark_unreachable("dp-2", Reach::NoAnswer, long);
+    assert!(m.is_down("dp-2", now), "a later silence keeps it down");
+    assert!(m.is_down("dp-2", short) && !m.is_down("dp-2", long));
+    m.mark_unreachable("dp-2", Reach::Answered, long);
+    assert!(!m.is_unreachable("dp-2", now));
+    // A node the view does not hold is not remembered.
+    m.mark_unreachable("dp-9", Reach::Down, long);
+    assert!(!m.is_down("dp-9", now));
 }
 
 #[test]
@@ -550,9 +689,11 @@ fn a_silent_live_owner_is_not_taken_for_gone() {
         m.after_failed_handover("dp-2", Reach::NoAnswer),
         AfterHandover::OwnerSilent
     );
+    // Declared dead but silent, not refused: maybe only cut off from the
+    // control plane, so the recovery asks it too.
     assert_eq!(
         m.after_failed_handover("dp-4", Reach::NoAnswer),
-        AfterHandover::OwnerGone
+        AfterHandover::OwnerDeclaredDead
     );
     assert_eq!(
         m.after_failed_handover("dp-2", Reach::Down),
@@ -573,8 +714,8 @@ fn a_duplicated_install_of_the_same_copy_keeps_the_pushes_queued_since() {
     };
     let first = cell("u", "s", now, 0);
     t.install(first.clone(), 4, staged(), None).unwrap();
-    // Queued since (the view named this node at the staged epoch).
-    t.owner_changed(now, "u", "dp-1", 4);
+    // Queued since (a claim at the staged epoch settled it here).
+    t.claimed(now, &first, 4, Some(("dp-1", 4)));
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 4)));
     assert_eq!(queued(&o), Some(1));
     let again = t.install(cell("u", "s", now, 0), 4, staged(), None);
@@ -698,6 +839,38 @@ fn a_staged_copy_takes_no_push_until_the_view_names_its_node() {
     t.owner_changed(now, "u", "dp-1", 6);
     assert_eq!(t.holding("u"), Some(&Holding::Owned));
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
+    assert_eq!(queued(&o), Some(1));
+}
+
+/// Simulation seed 475 of session 9: this node owned the session at 5 and
+/// staged it away (a drain); a draining node staged a copy exported at 7 back
+/// here, and the view, late, still named this node at 5 (seed 596: at 7, the
+/// epoch it had staged the session away at, with a transfer whose commit it
+/// never heard of). That record is this
+/// node's old ownership, not a commitment of the copy: it took durable pushes
+/// while the control plane had moved the session to a third node, and they
+/// were lost.
+#[test]
+fn a_staged_copy_newer_than_the_views_record_of_this_node_takes_no_push() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 0);
+    t.install(
+        c.clone(),
+        7,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    for named_at in [5, 7] {
+        let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", named_at)));
+        assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    }
+    assert_eq!(c.with(|s| s.stats().unacked), 0);
+    // Named at a later epoch (a transfer or a claim of the copy): it serves.
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 8)));
     assert_eq!(queued(&o), Some(1));
 }
 

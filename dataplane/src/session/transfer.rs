@@ -15,7 +15,8 @@ use gatesvr_proto::session::{CompletedRequest, SessionState};
 
 use super::dedupe::RequestWindow;
 use super::queue::PushQueue;
-use super::{Link, Session, SessionConfig, SessionIdentity};
+use super::{Link, Replaces, Session, SessionConfig, SessionIdentity};
+use gatesvr_proto::client::ResumeStatus;
 
 /// Largest seq (push or request) an imported session may carry: half the
 /// `u64` range, so the session can keep counting from it for longer than
@@ -127,7 +128,16 @@ impl Session {
                 .collect(),
             unknown_outcome_request_seq_ids: self.requests.unknown_on_export(window),
             counters: Some(self.counters),
-            replaces_session_id: self.replaces_session_id.clone().unwrap_or_default(),
+            replaces_session_id: self
+                .replaces
+                .as_ref()
+                .map(|r| r.session_id.clone())
+                .unwrap_or_default(),
+            replaces_status: self
+                .replaces
+                .as_ref()
+                .map_or(ResumeStatus::New, |r| r.status)
+                .into(),
         }
     }
 
@@ -169,9 +179,25 @@ impl Session {
             queue,
             requests,
             counters: state.counters.unwrap_or_default(),
-            replaces_session_id: Some(state.replaces_session_id).filter(|id| !id.is_empty()),
+            replaces: replaces_of(&state.replaces_session_id, state.replaces_status),
         })
     }
+}
+
+/// The `Replaces` a state carries. An unset or unknown status is RECOVERED:
+/// what nodes older than `replaces_status` meant by `replaces_session_id`.
+fn replaces_of(session_id: &str, status: i32) -> Option<Replaces> {
+    if session_id.is_empty() {
+        return None;
+    }
+    let status = match ResumeStatus::try_from(status) {
+        Ok(s @ (ResumeStatus::SessionExpired | ResumeStatus::SeqAhead)) => s,
+        _ => ResumeStatus::Recovered,
+    };
+    Some(Replaces {
+        session_id: session_id.to_string(),
+        status,
+    })
 }
 
 fn validate_seqs(s: &SessionState) -> Result<(), ImportError> {

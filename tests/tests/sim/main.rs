@@ -18,7 +18,8 @@
 //!   resumed after that push.
 //!
 //! A failing seed prints the one command that replays it. CI runs a bounded
-//! number of seeds; `SIM_SEEDS=<n>` runs more (a soak), `SIM_SEED=<s>` one.
+//! number of seeds; `SIM_SEEDS=<n>` runs more (a soak; `SIM_SEEDS_FROM=<s>` starts
+//! it at seed `s` instead of 0), `SIM_SEED=<s>` one.
 
 mod check;
 mod node;
@@ -98,7 +99,12 @@ fn seeds(default: u64) -> Vec<u64> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default);
-    (0..n).collect()
+    // SIM_SEEDS_FROM=<s>: a soak of other seeds than the last one's.
+    let from: u64 = std::env::var("SIM_SEEDS_FROM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (from..from + n).collect()
 }
 
 /// Mixed faults, a few hundred sessions, three to five nodes.

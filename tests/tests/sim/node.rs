@@ -15,7 +15,7 @@ use gatesvr_dataplane::replica::{HANDOFF_ROUNDS, Recovery, ReplicaStore, UNREACH
 use gatesvr_dataplane::session::{
     PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
 };
-use gatesvr_proto::client::{ClientResponse, ErrorCode, ResumeStatus, ServerPush};
+use gatesvr_proto::client::{ClientResponse, ErrorCode, ServerPush};
 use gatesvr_proto::control::DataPlaneNode;
 use gatesvr_proto::peer::{FetchReplicaResponse, ReplicateRequest};
 use gatesvr_proto::session::SessionState;
@@ -202,6 +202,11 @@ impl World {
                 let (copy, cmds) = node.table.copy_for_recovery(now, &openid, &session_id);
                 let resp = gatesvr_dataplane::core::recovery::with_copy(replica, copy.as_ref());
                 self.carry(name, cmds);
+                let line = format!(
+                    "{name} answers {from:?} for \"{openid}\" {session_id} (req {req}): pushes {:?}",
+                    resp.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
+                );
+                self.trace(line);
                 if let End::Node(asker) = from {
                     self.send(
                         End::Node(name.into()),
@@ -683,7 +688,7 @@ impl World {
             Body::Replicate { wait, .. } => {
                 // As `replica::standby_unreachable`: passed over from now on,
                 // and the sessions it held copies of go to the next node now.
-                self.standby_unreachable(name, to_node);
+                self.standby_unreachable(name, to_node, Reach::Down);
                 let Some(w) = wait else { return };
                 self.node(name).orphan_copies.remove(&w);
                 if let Some(h) = &mut self.node(name).handoff
@@ -711,12 +716,12 @@ impl World {
     }
 
     /// A call found `standby` unreachable (`replica::standby_unreachable`).
-    fn standby_unreachable(&mut self, name: &str, standby: &str) {
+    fn standby_unreachable(&mut self, name: &str, standby: &str, reach: Reach) {
         let until = self.instant() + UNREACHABLE_HOLD;
         self.node(name)
             .table
             .members_mut()
-            .mark_unreachable(standby, until);
+            .mark_unreachable(standby, reach, until);
         self.trace(format!("{name} found {standby} unreachable"));
         self.timer(name, 0, Timer::MovedOn);
     }
@@ -792,9 +797,12 @@ impl World {
         }
         let held_here = node.table.holds(openid, &p.session_id);
         match node.table.members().after_failed_handover(owner, reach) {
-            AfterHandover::OwnerGone if !p.session_id.is_empty() && !held_here => {
+            after @ (AfterHandover::OwnerGone | AfterHandover::OwnerDeclaredDead)
+                if !p.session_id.is_empty() && !held_here =>
+            {
                 p.phase = Phase::Recover;
-                let gone = if p.owner_empty { "" } else { owner };
+                let asked_too = p.owner_empty || after == AfterHandover::OwnerDeclaredDead;
+                let gone = if asked_too { "" } else { owner };
                 let sources: Vec<String> = node
                     .table
                     .members()
@@ -907,6 +915,9 @@ impl World {
         nodes: impl IntoIterator<Item = String>,
     ) {
         for n in nodes {
+            let line =
+                format!("{name} asks {n} for replicas of \"{openid}\" {session_id} (req {req})");
+            self.trace(line);
             self.send(
                 End::Node(name.into()),
                 End::Node(n),
@@ -1000,32 +1011,15 @@ impl World {
         );
         self.trace(line);
         let mut rebuilt = None;
-        if !found.is_empty() {
-            let mut recovery = Recovery {
-                session_id: p.session_id.clone(),
-                zone: found[0].zone.clone(),
-                ..Default::default()
-            };
-            for r in &found {
-                recovery.acked = recovery.acked.max(r.acked_seq_id);
-                recovery.next_seq = recovery.next_seq.max(r.next_seq_id);
-                for push in &r.pushes {
-                    recovery.pushes.insert(push.seq_id, push.clone());
-                }
-            }
-            let acked = recovery.acked;
-            recovery.pushes.retain(|s, _| *s > acked);
+        // Patience ran out with a live node silent: its copy is missing, and
+        // the client is told so (as `peer::recover`).
+        let incomplete = !p.waiting.is_empty();
+        if let Some(mut recovery) = Recovery::merge(&p.session_id, p.gathered.iter().cloned()) {
+            recovery.incomplete = incomplete;
             let (state, _lost) = recovery.rebuild(openid, p.new_id.clone(), p.last_acked);
             if let Some(cell) = import(state, self) {
                 let node = self.node(name);
-                if let Ok(cmds) = node.table.install(
-                    cell,
-                    p.epoch,
-                    Holding::Recovered {
-                        old_session_id: p.session_id.clone(),
-                    },
-                    None,
-                ) {
+                if let Ok(cmds) = node.table.install(cell, p.epoch, Holding::Owned, None) {
                     self.carry(name, cmds);
                     self.copy_soon(name, openid);
                     rebuilt = Some(());
@@ -1040,42 +1034,12 @@ impl World {
     fn finish_start(&mut self, name: &str, openid: &str, p: PendingStart, _rebuilt: Option<()>) {
         let now = self.instant();
         let node = self.node(name);
-        let existing = node.table.local(openid).cloned();
-        let recovered = !p.session_id.is_empty() && node.table.recovers(openid, &p.session_id);
-        let mut cmds = Vec::new();
-        let (handle, status) = match existing {
-            Some(h) if recovered => {
-                h.with(|s| s.attach(now, 0));
-                (h, ResumeStatus::Recovered)
-            }
-            Some(h) if !p.session_id.is_empty() && h.identity().session_id == p.session_id => {
-                let outcome = h.with(|s| s.attach(now, p.last_acked));
-                match outcome.status {
-                    ResumeStatus::SeqAhead | ResumeStatus::SessionExpired => {
-                        let fresh = fresh(openid, &p.new_id, now);
-                        cmds.extend(node.table.start(
-                            fresh.clone(),
-                            Holding::Owned,
-                            "resume_failed",
-                        ));
-                        fresh.with(|s| s.attach(now, 0));
-                        (fresh, outcome.status)
-                    }
-                    status => (h, status),
-                }
-            }
-            _ => {
-                let fresh = fresh(openid, &p.new_id, now);
-                cmds.extend(node.table.start(fresh.clone(), Holding::Owned, "replaced"));
-                fresh.with(|s| s.attach(now, 0));
-                let status = if p.session_id.is_empty() {
-                    ResumeStatus::New
-                } else {
-                    ResumeStatus::SessionExpired
-                };
-                (fresh, status)
-            }
-        };
+        let (handle, outcome, cmds) =
+            node.table
+                .start_session(now, openid, &p.session_id, p.last_acked, || {
+                    fresh(openid, &p.new_id, now)
+                });
+        let status = outcome.status;
         self.carry(name, cmds);
         let node = self.node(name);
         let owner = node.owner(openid).map(|(n, e)| (n.to_string(), e));
@@ -1388,7 +1352,7 @@ impl World {
                             for (state, owner) in node.table.fenced_states() {
                                 node.replicas.keep_handed_over(state, owner);
                             }
-                            let heirs = node.replicas.handoff(node.table.members());
+                            let heirs = node.replicas.handoff(node.table.members(), now);
                             let heirs = heirs.into_iter().map(|(m, r)| (m.node_id, r)).collect();
                             self.hand_over_replicas(name, heirs);
                             self.timer(name, 10, Timer::DrainStep);
@@ -1397,7 +1361,27 @@ impl World {
                             let mut again = std::mem::take(&mut h.failed);
                             let mut unanswered: Vec<_> = h.pending.drain().collect();
                             unanswered.sort_by_key(|(w, _)| *w);
+                            // As `replica::hand_over_replicas`: a heir that
+                            // failed is passed over in the next round.
+                            let hold = now + UNREACHABLE_HOLD;
+                            for (_, (heir, _)) in &unanswered {
+                                node.table.members_mut().mark_unreachable(
+                                    heir,
+                                    Reach::NoAnswer,
+                                    hold,
+                                );
+                            }
                             again.extend(unanswered.into_iter().map(|(_, c)| c));
+                            let members = node.table.members();
+                            let again: Vec<_> = again
+                                .into_iter()
+                                .map(|(heir, req)| {
+                                    let next = members
+                                        .standby_of(&req.owner_node, now)
+                                        .map(|m| m.node_id.clone());
+                                    (next.unwrap_or(heir), req)
+                                })
+                                .collect();
                             if again.is_empty() || h.rounds >= HANDOFF_ROUNDS {
                                 self.leave(name);
                             } else {
@@ -1720,7 +1704,7 @@ impl World {
                 // No answer in time: passed over like a refused standby; the
                 // push itself fails (its caller waited long enough).
                 if let Some(d) = self.node(name).durable.remove(&wait) {
-                    self.standby_unreachable(name, &d.standby);
+                    self.standby_unreachable(name, &d.standby, Reach::NoAnswer);
                     self.reply_up(d.id, d.openid, true, false);
                 }
             }
@@ -1787,11 +1771,12 @@ impl World {
     /// Second copies of replicas whose owner left the view
     /// (`replica::copy_orphans`).
     fn copy_orphans(&mut self, name: &str) {
+        let now = self.instant();
         let node = self.node(name);
         for (state, owner) in node.table.fenced_for_gone_owners() {
             node.replicas.keep_handed_over(&state, &owner);
         }
-        let orphans = node.replicas.orphans(node.table.members());
+        let orphans = node.replicas.orphans(node.table.members(), now);
         for (heir, req) in orphans {
             let wait = self.id();
             self.node(name).orphan_copies.insert(

@@ -158,3 +158,46 @@ fn a_recovered_marker_leaves_with_its_session() {
         "the recovered marker outlived its session (a leak)"
     );
 }
+
+/// A Handover queued behind the dead owner's connection attempt learns
+/// "down" as soon as another call was refused (`gate-bench failover`: the
+/// last of 500 waited 1.2-1.5 s for its own refusal before).
+#[tokio::test]
+async fn one_refusal_answers_every_call_waiting_on_the_node() {
+    use crate::core::Reach;
+    let reg = std::sync::Arc::new(registry());
+    reg.with_table(|t| {
+        for id in ["dp-2", "dp-3"] {
+            t.members_mut().put(crate::core::Member {
+                node_id: id.into(),
+                state: gatesvr_proto::control::NodeState::Active,
+                grpc_addr: format!("{id}:1"),
+                quic_addr: format!("{id}:2"),
+            });
+        }
+    });
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let reg = reg.clone();
+            tokio::spawn(async move { reg.until_down("dp-2").await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let until = Instant::now() + std::time::Duration::from_secs(5);
+    reg.mark_unreachable("dp-3", Reach::Down, until);
+    reg.mark_unreachable("dp-2", Reach::NoAnswer, until);
+    tokio::task::yield_now().await;
+    assert!(
+        waiting.iter().all(|w| !w.is_finished()),
+        "another node, or silence"
+    );
+    reg.mark_unreachable("dp-2", Reach::Down, until);
+    for w in waiting {
+        tokio::time::timeout(std::time::Duration::from_secs(5), w)
+            .await
+            .expect("woken")
+            .unwrap();
+    }
+    reg.peer_answered("dp-2");
+    assert!(!reg.is_down("dp-2"));
+}
