@@ -25,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Shared, not copied, when the data plane keeps it for a retry on
         // another instance (dataplane/src/upstream.rs).
         .bytes(".gatesvr.upstream.v1.ProcessRequestRequest.payload")
+        // A push's payload is sliced out of the received frame, not copied
+        // into a Vec of its own (a PushBatch carries up to 1,024 of them).
+        .bytes(".gatesvr.upstream.v1.PushToClientRequest.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -446,6 +446,30 @@ impl Session {
         Some(push)
     }
 
+    /// Encodes the pushes ready to write on the attached connection into
+    /// `out`, as frames, until `out` holds `limit` bytes or none is left;
+    /// returns how many. Each frame is built around the queued payload (no
+    /// copy of it besides into `out`, no clone of the shared buffer).
+    pub fn transmit_into(&mut self, now: Instant, out: &mut bytes::BytesMut, limit: usize) -> u64 {
+        if self.link != Link::Attached {
+            return 0;
+        }
+        let mut sent = 0;
+        while out.len() < limit {
+            let Some(again) = self.queue.poll_with(now, |seq_id, redelivery, body| {
+                body.encode_frame(seq_id, redelivery, out);
+                redelivery
+            }) else {
+                break;
+            };
+            sent += 1;
+            if again {
+                self.counters.redelivered_total += 1;
+            }
+        }
+        sent
+    }
+
     /// Payload bytes of the pushes retained until acked.
     pub fn queued_bytes(&self) -> usize {
         self.queue.bytes()

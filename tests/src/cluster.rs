@@ -113,7 +113,7 @@ pub fn push(openid: &str, n: u64) -> PushToClientRequest {
         target_id: openid.into(),
         msg_type: "seq".into(),
         content: n.to_string(),
-        data: Vec::new(),
+        data: Default::default(),
         durable: false,
     }
 }

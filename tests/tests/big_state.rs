@@ -29,7 +29,7 @@ const TONIC_DEFAULT_LIMIT: usize = 4 << 20;
 
 fn big(openid: &str, n: u64, durable: bool) -> PushToClientRequest {
     PushToClientRequest {
-        data: vec![(n % 251) as u8; PUSH_BYTES],
+        data: vec![(n % 251) as u8; PUSH_BYTES].into(),
         durable,
         ..push(openid, n)
     }
@@ -323,7 +323,7 @@ async fn a_drain_stages_a_session_over_the_message_limit_in_chunks() {
     let mut gw = cluster.gateway(0).await;
     for n in 1..=PUSHES {
         let push = PushToClientRequest {
-            data: vec![(n % 251) as u8; BIG_PUSH],
+            data: vec![(n % 251) as u8; BIG_PUSH].into(),
             ..push("staged", n)
         };
         gw.push_to_client(push).await.unwrap();

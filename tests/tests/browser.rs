@@ -360,7 +360,7 @@ fn durable(openid: &str, n: u64) -> PushToClientRequest {
         target_id: openid.into(),
         msg_type: "chat".into(),
         content: format!("message {n}"),
-        data: Vec::new(),
+        data: Default::default(),
         durable: true,
     }
 }

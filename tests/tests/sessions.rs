@@ -23,7 +23,7 @@ fn push_to(openid: &str, n: u64) -> PushToClientRequest {
         target_id: openid.into(),
         msg_type: "chat".into(),
         content: format!("message {n}"),
-        data: n.to_be_bytes().to_vec(),
+        data: n.to_be_bytes().to_vec().into(),
         durable: false,
     }
 }

@@ -145,7 +145,7 @@ impl DemoUpstream {
                 target_id: openid,
                 msg_type: "chat".into(),
                 content: text.to_owned(),
-                data: data.clone().into_bytes(),
+                data: data.clone().into_bytes().into(),
                 durable: false,
             };
             self.push(push)

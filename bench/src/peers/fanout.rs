@@ -79,7 +79,7 @@ impl Publisher {
                     async move {
                         c.broadcast_to_clients(BroadcastRequest {
                             msg_type: "bench".into(),
-                            data: push_data(size),
+                            data: push_data(size).to_vec(),
                             ..Default::default()
                         })
                         .await

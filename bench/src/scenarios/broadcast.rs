@@ -43,7 +43,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     client
         .broadcast_to_clients(BroadcastRequest {
             msg_type: "warm".into(),
-            data: push_data(o.payload),
+            data: push_data(o.payload).to_vec(),
             ..Default::default()
         })
         .await?;
@@ -83,7 +83,7 @@ pub async fn measure(
         let resp = client
             .broadcast_to_clients(BroadcastRequest {
                 msg_type: "bench".into(),
-                data: push_data(o.payload),
+                data: push_data(o.payload).to_vec(),
                 ..Default::default()
             })
             .await?

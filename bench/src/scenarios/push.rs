@@ -168,11 +168,11 @@ impl Meter {
     }
 }
 
-pub fn push_data(size: usize) -> Vec<u8> {
+pub fn push_data(size: usize) -> bytes::Bytes {
     let mut data = Vec::with_capacity(size.max(8));
     data.put_u64_le(now_ns());
     data.resize(size.max(8), 0);
-    data
+    data.into()
 }
 
 /// Waits until `stats.delivered` reaches `target` or `patience` passes.

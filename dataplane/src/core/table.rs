@@ -324,6 +324,11 @@ impl<H: SessionCell> Table<H> {
             Some(other) => other.own_deadline(),
             None => None,
         };
+        self.arm_at(openid, at);
+    }
+
+    /// [`Table::arm`] with the slot's deadline already read.
+    fn arm_at(&mut self, openid: &str, at: Option<Instant>) {
         // Unchanged (a push queued behind unacked ones, a send after the
         // oldest was sent): no timer to move. Every push re-arms, so this
         // saves two String allocations and a BTreeSet remove + insert each.
@@ -1047,15 +1052,30 @@ impl<H: SessionCell> Table<H> {
         msg: impl Into<crate::session::PushBody>,
         view_owner: Option<(&str, u64)>,
     ) -> (PushOutcome<H>, Vec<Command<H>>) {
-        let Some(openid) = self.resolve(target).map(str::to_string) else {
-            return (PushOutcome::Absent, Vec::new());
+        // No allocation on the push path (a batch or broadcast calls this per
+        // push): the openid is the caller's, or a local session's own (its
+        // handle held here), copied only for a session that is not local.
+        let mut local: Option<H> = None;
+        let owned: String;
+        let openid: &str = match target {
+            Target::Openid(o) => o,
+            Target::Session(s) => match self.openid_of(s) {
+                None => return (PushOutcome::Absent, Vec::new()),
+                Some(o) => match self.local(o) {
+                    Some(handle) => &local.insert(handle.clone()).identity().openid,
+                    None => {
+                        owned = o.to_string();
+                        &owned
+                    }
+                },
+            },
         };
         let mut out = Vec::new();
         if let Some((owner, epoch)) = view_owner {
-            out = self.owner_changed(now, &openid, owner, epoch);
+            out = self.owner_changed(now, openid, owner, epoch);
         }
-        let me = self.me().to_string();
-        let outcome = match self.slots.get(&openid) {
+        let view_is_me = view_owner.is_some_and(|(o, _)| o == self.me());
+        let outcome = match self.slots.get(openid) {
             // A staged copy serves once the view names this node (the
             // transfer or a client's claim committed): until then the drainer
             // may still take it back (its staging timed out while the copy
@@ -1065,7 +1085,7 @@ impl<H: SessionCell> Table<H> {
             Some(Slot::Local {
                 holding: Holding::Staged { .. },
                 ..
-            }) if self.claiming.contains(&openid) => PushOutcome::Wait,
+            }) if self.claiming.contains(openid) => PushOutcome::Wait,
             // The view naming this node at the staged copy's epoch or an
             // older one is this node's own earlier ownership (it staged the
             // session away since, with a transfer whose outcome it may not
@@ -1077,9 +1097,11 @@ impl<H: SessionCell> Table<H> {
             Some(Slot::Local {
                 handle,
                 holding: Holding::Staged { .. },
-            }) if view_owner.is_none_or(|(o, e)| o != me || e <= handle.with(|s| s.epoch())) => {
+            }) if view_owner
+                .is_none_or(|(_, e)| !view_is_me || e <= handle.with(|s| s.epoch())) =>
+            {
                 match view_owner {
-                    Some((o, _)) if o != me => PushOutcome::Forward { to: o.to_string() },
+                    Some((o, _)) if !view_is_me => PushOutcome::Forward { to: o.to_string() },
                     _ => PushOutcome::Wait,
                 }
             }
@@ -1090,10 +1112,23 @@ impl<H: SessionCell> Table<H> {
                 {
                     return (PushOutcome::Absent, out);
                 }
-                let result = handle.with(|s| s.push(now, msg));
+                // A push never brings a session's deadline forward (it adds
+                // an unsent push behind the others; a trim drops the oldest
+                // ones), and a timer that fires early only re-arms (`tick`):
+                // the timer is touched only if the deadline moved, which
+                // saves the `armed` lookup on nearly every push. Read under
+                // the same lock as the push.
+                let (result, moved) = handle.with(|s| {
+                    let before = s.poll_timeout();
+                    let result = s.push(now, msg);
+                    let after = s.poll_timeout();
+                    (result, (after != before).then_some(after))
+                });
                 match result {
                     Ok(seq_id) => {
-                        self.arm(&openid);
+                        if let Some(at) = moved {
+                            self.arm_at(openid, at);
+                        }
                         PushOutcome::Queued {
                             seq_id,
                             session_id: handle.identity().session_id.clone(),

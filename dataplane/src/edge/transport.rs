@@ -476,7 +476,14 @@ impl FrameSink {
 impl SinkKind {
     async fn write(&mut self, frames: &mut BytesMut) -> Result<(), WriteError> {
         match self {
-            SinkKind::Quic(send) => send.write_all(frames).await.map_err(|_| WriteError::Closed),
+            // Handed over as a shared buffer, not copied: quinn keeps the
+            // chunk until the client acks it (`write_all` of a slice copies
+            // every write into a fresh allocation). `frames` keeps the rest
+            // of its capacity for the next write.
+            SinkKind::Quic(send) => send
+                .write_chunk(frames.split().freeze())
+                .await
+                .map_err(|_| WriteError::Closed),
             SinkKind::Stream(send) => {
                 let written = send.write_all(frames).await;
                 match written {

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// Pushes by outcome: queued, rejected_queue_full, rejected_too_large, no_session, sent.
     pub pushes: IntCounterVec,
+    /// `pushes{outcome="sent"}`, resolved once: a connection counts what it
+    /// wrote on every write, and resolving the label costs a hash and a lock.
+    pub pushes_sent: IntCounter,
     /// Connections refused or closed early, by reason.
     pub connections_rejected: IntCounterVec,
     /// Client writes that missed `server.write_timeout` (the client stopped
@@ -120,6 +123,13 @@ impl Metrics {
     /// are programming errors, caught by the tests.
     pub fn new() -> Self {
         let registry = Registry::new();
+        let pushes = counter(
+            &registry,
+            "gatesvr_pushes_total",
+            "Pushes by outcome",
+            &["outcome"],
+        );
+        let pushes_sent = pushes.with_label_values(&["sent"]);
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "gatesvr_request_duration_seconds",
@@ -168,12 +178,8 @@ impl Metrics {
                 &["zone", "outcome"],
             ),
             request_duration,
-            pushes: counter(
-                &registry,
-                "gatesvr_pushes_total",
-                "Pushes by outcome",
-                &["outcome"],
-            ),
+            pushes,
+            pushes_sent,
             connections_rejected: counter(
                 &registry,
                 "gatesvr_connections_rejected_total",

@@ -173,7 +173,7 @@ impl Gateway {
         let msg = PushBody::encode(&PushMessage {
             msg_type: req.msg_type.clone(),
             content: req.content.clone(),
-            data: req.data.clone().into(),
+            data: req.data.clone(),
             created_at_ms,
         });
         check_size(node, &msg)?;
@@ -205,7 +205,7 @@ impl Gateway {
                             seq_id: receipt.seq_id,
                             msg_type: req.msg_type,
                             content: req.content,
-                            data: req.data.into(),
+                            data: req.data,
                             created_at_ms,
                             redelivery: false,
                         };

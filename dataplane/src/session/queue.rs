@@ -190,18 +190,29 @@ impl PushQueue {
 
     /// The next push not yet sent on this connection, marked sent at `now`.
     pub(super) fn poll(&mut self, now: Instant) -> Option<OutgoingPush> {
+        self.poll_with(now, |seq_id, redelivery, body| OutgoingPush {
+            seq_id,
+            redelivery,
+            body: body.clone(),
+        })
+    }
+
+    /// As [`PushQueue::poll`], handing `f` the push by reference (seq,
+    /// redelivery, payload): the connection encodes its frame straight from
+    /// the queue, with no clone of the shared payload.
+    pub(super) fn poll_with<R>(
+        &mut self,
+        now: Instant,
+        f: impl FnOnce(u64, bool, &PushBody) -> R,
+    ) -> Option<R> {
         let idx = usize::try_from(self.send_next - self.front()).ok()?;
         let entry = self.entries.get_mut(idx)?;
         let seq = entry.seq_id;
         entry.sent_at = Some(now);
-        let push = OutgoingPush {
-            seq_id: seq,
-            redelivery: seq <= self.highest_sent,
-            body: entry.body.clone(),
-        };
+        let out = f(seq, seq <= self.highest_sent, &entry.body);
         self.highest_sent = self.highest_sent.max(seq);
         self.send_next = seq + 1;
-        Some(push)
+        Some(out)
     }
 
     /// Applies a cumulative ack.
