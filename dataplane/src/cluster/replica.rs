@@ -619,8 +619,14 @@ fn copy_lost(node: &Node, openid: &str, session_id: &str) {
     node.replicator.moved_on.notify_one();
 }
 
-/// How many times a leaving node sends a replica whose copy failed.
+/// How many times a leaving node sends a replica whose copy failed to the
+/// same heir (a round that sends every failed copy to a heir not tried
+/// before does not count: simulation seed 969 of session 9, a leaving node
+/// with a stale view tried three departed heirs and left with the copy).
 pub const HANDOFF_ROUNDS: u32 = 3;
+
+/// Every round of a leaving node's replica handoff, new heirs or not.
+pub const HANDOFF_TRIES: u32 = 12;
 
 /// Before this node leaves (the end of a drain): hands every replica it
 /// holds to its owner's next standby ([`ReplicaStore::handoff`]), a few
@@ -633,10 +639,12 @@ pub async fn hand_over_replicas(node: &Node) {
         .registry
         .members(|m| node.replicas.handoff(m, Instant::now()));
     let n = heirs.len();
-    for _ in 0..HANDOFF_ROUNDS {
+    let (mut rounds, mut tries) = (0, 0);
+    while rounds < HANDOFF_ROUNDS && tries < HANDOFF_TRIES {
         if heirs.is_empty() {
             break;
         }
+        tries += 1;
         let failed: Vec<(Member, ReplicateRequest)> = futures::stream::iter(heirs)
             .map(|(heir, req)| async move {
                 match send(node, &heir.grpc_addr, req.clone()).await {
@@ -659,15 +667,23 @@ pub async fn hand_over_replicas(node: &Node) {
         // owner's next standby (a leaving node's view may still list a node
         // that left: simulation seed 647 of session 9).
         let now = Instant::now();
+        let mut new_heirs = true;
         heirs = node.registry.members(|m| {
             failed
                 .into_iter()
                 .map(|(heir, req)| {
-                    let next = m.standby_of(&req.owner_node, now).cloned();
+                    let next = m
+                        .standby_of(&req.owner_node, now)
+                        .filter(|n| n.node_id != heir.node_id)
+                        .cloned();
+                    new_heirs &= next.is_some();
                     (next.unwrap_or(heir), req)
                 })
                 .collect()
         });
+        if !new_heirs {
+            rounds += 1;
+        }
     }
     if n > 0 {
         tracing::info!(

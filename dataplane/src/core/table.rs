@@ -686,6 +686,17 @@ impl<H: SessionCell> Table<H> {
                 self.handed_over(now, openid, new_owner, *epoch, &state);
                 Ok(Some((state, Some(handle))))
             }
+            // A Start here is settling which state is the session's (its
+            // claim named this node): a drain does not stage it meanwhile.
+            // Staging cleared the claim's hold, and a failed staging took
+            // back a stale staged copy that then served pushes the Start's
+            // Handover replaced (simulation seed 979 of session 9). The drain
+            // comes back to it.
+            (Some(Slot::Local { .. }), HandoverAsk::Drain { .. })
+                if self.claiming.contains(openid) =>
+            {
+                Ok(None)
+            }
             (Some(Slot::Local { handle, holding }), HandoverAsk::Drain { successor }) => {
                 let (held, state) = handle.with(|s| (s.epoch(), s.export()));
                 let holding = holding.clone();

@@ -874,6 +874,38 @@ fn a_staged_copy_newer_than_the_views_record_of_this_node_takes_no_push() {
     assert_eq!(queued(&o), Some(1));
 }
 
+/// Simulation seed 979 of session 9: a draining node held a stale staged
+/// copy when a client's Start claimed the session there; the drain staged
+/// the copy away (which dropped the claim's hold on pushes), the staging
+/// failed, and the copy taken back served a durable push that the Start's
+/// Handover then replaced with the owner's state. A session being claimed
+/// here is not staged by a drain.
+#[test]
+fn a_drain_does_not_stage_a_session_a_start_is_claiming_here() {
+    let now = Instant::now();
+    let mut t = table();
+    let c = cell("u", "s", now, 5);
+    t.install(
+        c.clone(),
+        5,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    t.claim_begins("u");
+    let drain = HandoverAsk::Drain {
+        successor: "dp-2".into(),
+    };
+    assert!(matches!(t.hand_over(now, "u", drain.clone()), Ok(None)));
+    let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 9)));
+    assert!(matches!(o, PushOutcome::Wait), "{o:?}");
+    // Once the Start settled it, the drain stages it.
+    t.claimed(now, &c, 9, Some(("dp-1", 9)));
+    assert!(matches!(t.hand_over(now, "u", drain), Ok(Some(_))));
+}
+
 /// A client's claim on the node holding a staged copy settles it there.
 #[test]
 fn a_claim_on_the_staged_node_owns_the_staged_copy() {

@@ -11,7 +11,9 @@ use gatesvr_dataplane::core::{
     AfterHandover, Command, Holding, Lease, PlainCell, PushOutcome, Reach, RequestOutcome,
     SessionCell, Table, TableConfig, Target,
 };
-use gatesvr_dataplane::replica::{HANDOFF_ROUNDS, Recovery, ReplicaStore, UNREACHABLE_HOLD};
+use gatesvr_dataplane::replica::{
+    HANDOFF_ROUNDS, HANDOFF_TRIES, Recovery, ReplicaStore, UNREACHABLE_HOLD,
+};
 use gatesvr_dataplane::session::{
     PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
 };
@@ -102,6 +104,8 @@ struct Handoff {
     until: Ms,
     /// Rounds sent (`replica::HANDOFF_ROUNDS` at most).
     rounds: u32,
+    /// Every round, also those to new heirs (`replica::HANDOFF_TRIES`).
+    tries: u32,
 }
 
 /// A durable push whose copy is on its way to a standby.
@@ -1354,7 +1358,7 @@ impl World {
                             }
                             let heirs = node.replicas.handoff(node.table.members(), now);
                             let heirs = heirs.into_iter().map(|(m, r)| (m.node_id, r)).collect();
-                            self.hand_over_replicas(name, heirs);
+                            self.hand_over_replicas(name, heirs, true);
                             self.timer(name, 10, Timer::DrainStep);
                         }
                         Some(h) if h.pending.is_empty() || now_ms >= h.until => {
@@ -1373,19 +1377,25 @@ impl World {
                             }
                             again.extend(unanswered.into_iter().map(|(_, c)| c));
                             let members = node.table.members();
+                            let mut new_heirs = true;
                             let again: Vec<_> = again
                                 .into_iter()
                                 .map(|(heir, req)| {
                                     let next = members
                                         .standby_of(&req.owner_node, now)
-                                        .map(|m| m.node_id.clone());
+                                        .map(|m| m.node_id.clone())
+                                        .filter(|n| *n != heir);
+                                    new_heirs &= next.is_some();
                                     (next.unwrap_or(heir), req)
                                 })
                                 .collect();
-                            if again.is_empty() || h.rounds >= HANDOFF_ROUNDS {
+                            if again.is_empty()
+                                || h.rounds >= HANDOFF_ROUNDS
+                                || h.tries >= HANDOFF_TRIES
+                            {
                                 self.leave(name);
                             } else {
-                                self.hand_over_replicas(name, again);
+                                self.hand_over_replicas(name, again, new_heirs);
                                 self.timer(name, 10, Timer::DrainStep);
                             }
                         }
@@ -1513,7 +1523,14 @@ impl World {
     }
 
     /// As `replica::hand_over_replicas`.
-    fn hand_over_replicas(&mut self, name: &str, heirs: Vec<(String, ReplicateRequest)>) {
+    /// A round that sends every copy to a heir not tried before does not
+    /// count against `HANDOFF_ROUNDS` (`HANDOFF_TRIES` bounds them all).
+    fn hand_over_replicas(
+        &mut self,
+        name: &str,
+        heirs: Vec<(String, ReplicateRequest)>,
+        new_heirs: bool,
+    ) {
         let mut pending = HashMap::new();
         for (heir, req) in heirs {
             let wait = self.id();
@@ -1538,12 +1555,16 @@ impl World {
         }
         let until = self.now + PEER_TIMEOUT_MS;
         let node = self.node(name);
-        let rounds = node.handoff.as_ref().map_or(0, |h| h.rounds) + 1;
+        let (rounds, tries) = node
+            .handoff
+            .as_ref()
+            .map_or((0, 0), |h| (h.rounds, h.tries));
         node.handoff = Some(Handoff {
             pending,
             failed: Vec::new(),
             until,
-            rounds,
+            rounds: rounds + u32::from(!new_heirs),
+            tries: tries + 1,
         });
     }
 
