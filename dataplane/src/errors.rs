@@ -15,13 +15,13 @@
 //! | client `Error` frame / `ClientResponse.code` + `message` | [`ClientError`] | protocol.md §5.1, §8 |
 //! | QUIC `CONNECTION_CLOSE` application code | [`quic_close_code`], [`NODE_STOPPED`] | protocol.md §8.1 |
 //! | WebSocket close code | [`websocket_close_code`] | protocol.md §12.3 |
-//! | gRPC status of `GatewayService` (to upstreams) | `push/gateway.rs` (see below) | protocol.md §13.3 |
+//! | gRPC status of `GatewayService` (to upstreams) | [`GatewayRefusal`] | protocol.md §13.3 |
 //! | gRPC status of `PeerService` (node to node) | [`PeerRefusal`] | architecture.md §8 |
 //! | HTTP status of the ops endpoints | [`OpsError`] | operations.md |
 //!
-//! The gRPC statuses of `GatewayService` are still built where they are
-//! decided (`push/gateway.rs`): its callers are an operator's upstreams,
-//! which may see node names; moving them here is the next step.
+//! `GatewayService`'s callers are an operator's upstreams: its messages may
+//! name a node (a standby that did not take a copy), never a library's text
+//! beyond what a peer answered.
 
 use std::borrow::Cow;
 
@@ -237,6 +237,104 @@ impl PeerRefusal {
     }
 }
 
+/// Why `GatewayService` (an upstream's push or broadcast) did not answer
+/// OK, one gRPC code per case (protocol.md §13.3): UNAVAILABLE is "retry,
+/// here or on another node", INVALID_ARGUMENT and FAILED_PRECONDITION are
+/// not changed by a retry, UNKNOWN says the push was queued but is not
+/// durable (it may still be delivered: a retry may deliver it twice).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayRefusal {
+    /// UNAVAILABLE: the node is stopping.
+    #[error("node crashed")]
+    Stopped,
+    /// INVALID_ARGUMENT.
+    #[error("target_id is empty")]
+    NoTarget,
+    /// INVALID_ARGUMENT.
+    #[error("unknown target_type")]
+    UnknownTargetType,
+    /// INVALID_ARGUMENT: the client's decoder would refuse the frame.
+    #[error(
+        "push too large: {len} bytes encoded, over the client frame limit of {max} bytes (server.max_frame_size); not queued"
+    )]
+    TooLarge { len: usize, max: usize },
+    /// INVALID_ARGUMENT.
+    #[error("at most {max} pushes per batch")]
+    BatchTooLarge { max: usize },
+    /// NOT_FOUND: no session (here or on the owner the view names).
+    #[error("no session for {target}")]
+    NoSession { target: String },
+    /// FAILED_PRECONDITION: a durable push with no standby to copy it to.
+    #[error(
+        "cannot make the push durable: no standby node is available to replicate it to; not queued"
+    )]
+    NoStandby,
+    /// UNAVAILABLE: the session is moving between nodes.
+    #[error("the session is moving between nodes; not queued, retry")]
+    InTransit,
+    /// RESOURCE_EXHAUSTED: the session's queue is full (`full` says how).
+    #[error("{full}; client disconnected as a slow consumer")]
+    QueueFull { full: String },
+    /// UNAVAILABLE: this node's lease may have lapsed (`lease` says how);
+    /// the push was not queued.
+    #[error(
+        "cannot make the push durable: {lease}; not queued, retry (another node, or once the control plane is reachable)"
+    )]
+    NoLease { lease: String },
+    /// UNAVAILABLE: as [`GatewayRefusal::NoLease`], after queueing.
+    #[error("cannot make the push durable: {lease}")]
+    NoLeaseQueued { lease: String },
+    /// UNKNOWN: queued, but the session moved here while it was queued.
+    #[error(
+        "cannot make the push durable: the session moved here while it was queued; it was queued as seq {seq} and may still be delivered, but is not durable"
+    )]
+    MovedWhileQueued { seq: u64 },
+    /// UNKNOWN: copied, but the lease may have lapsed meanwhile.
+    #[error(
+        "cannot make the push durable: this node's control-plane lease may have lapsed; it was queued as seq {seq} and may still be delivered, but is not durable"
+    )]
+    LeaseLapsedAfterCopy { seq: u64 },
+    /// UNKNOWN: the standby did not take the copy (`why`: its answer).
+    #[error(
+        "cannot make the push durable: standby {standby} did not take the copy ({why}); it was queued as seq {seq} and may still be delivered, but would not survive a crash"
+    )]
+    NotCopied {
+        standby: String,
+        why: String,
+        seq: u64,
+    },
+    /// UNAVAILABLE: a broadcast reached some nodes only (never hidden).
+    #[error("broadcast queued on {queued} sessions but {unreachable} node(s) were unreachable")]
+    BroadcastPartial { queued: u32, unreachable: usize },
+}
+
+impl GatewayRefusal {
+    pub fn code(&self) -> tonic::Code {
+        use GatewayRefusal as G;
+        match self {
+            G::Stopped | G::InTransit | G::NoLease { .. } | G::NoLeaseQueued { .. } => {
+                tonic::Code::Unavailable
+            }
+            G::BroadcastPartial { .. } => tonic::Code::Unavailable,
+            G::NoTarget | G::UnknownTargetType | G::TooLarge { .. } | G::BatchTooLarge { .. } => {
+                tonic::Code::InvalidArgument
+            }
+            G::NoSession { .. } => tonic::Code::NotFound,
+            G::NoStandby => tonic::Code::FailedPrecondition,
+            G::QueueFull { .. } => tonic::Code::ResourceExhausted,
+            G::MovedWhileQueued { .. } | G::LeaseLapsedAfterCopy { .. } | G::NotCopied { .. } => {
+                tonic::Code::Unknown
+            }
+        }
+    }
+}
+
+impl From<GatewayRefusal> for tonic::Status {
+    fn from(refusal: GatewayRefusal) -> Self {
+        tonic::Status::new(refusal.code(), refusal.to_string())
+    }
+}
+
 impl From<PeerRefusal> for tonic::Status {
     fn from(refusal: PeerRefusal) -> Self {
         tonic::Status::new(refusal.code(), refusal.to_string())
@@ -351,6 +449,52 @@ mod tests {
 
     /// The codes callers act on: a standby's NOT_FOUND makes the owner send
     /// the whole queue (`replica::copy_lost`), a fencing refusal is final.
+    #[test]
+    fn gateway_refusals_keep_the_codes_upstreams_act_on() {
+        use GatewayRefusal as G;
+        let cases = [
+            (G::Stopped, tonic::Code::Unavailable),
+            (G::InTransit, tonic::Code::Unavailable),
+            (G::NoTarget, tonic::Code::InvalidArgument),
+            (G::TooLarge { len: 9, max: 8 }, tonic::Code::InvalidArgument),
+            (
+                G::NoSession {
+                    target: "u1".into(),
+                },
+                tonic::Code::NotFound,
+            ),
+            (G::NoStandby, tonic::Code::FailedPrecondition),
+            (
+                G::QueueFull {
+                    full: "queue full".into(),
+                },
+                tonic::Code::ResourceExhausted,
+            ),
+            (G::MovedWhileQueued { seq: 3 }, tonic::Code::Unknown),
+            (
+                G::BroadcastPartial {
+                    queued: 1,
+                    unreachable: 1,
+                },
+                tonic::Code::Unavailable,
+            ),
+        ];
+        for (refusal, code) in cases {
+            assert_eq!(
+                tonic::Status::from(refusal.clone()).code(),
+                code,
+                "{refusal}"
+            );
+        }
+        assert_eq!(
+            tonic::Status::from(G::NoSession {
+                target: "u1".into()
+            })
+            .message(),
+            "no session for u1"
+        );
+    }
+
     #[test]
     fn peer_refusals_keep_the_codes_callers_act_on() {
         let status = tonic::Status::from(PeerRefusal::NoCopy);

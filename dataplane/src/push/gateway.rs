@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status};
 
 use crate::connection::unix_ms;
 use crate::core::Target;
+use crate::errors::GatewayRefusal;
 use crate::node::Node;
 use crate::registry::PushFailure;
 use crate::session::{PushBody, PushError, PushMessage};
@@ -51,9 +52,7 @@ fn check_size(node: &Node, body: &PushBody) -> Result<(), Status> {
         .pushes
         .with_label_values(&["rejected_too_large"])
         .inc();
-    Err(Status::invalid_argument(format!(
-        "push too large: {len} bytes encoded, over the client frame limit of {max} bytes (server.max_frame_size); not queued"
-    )))
+    Err(GatewayRefusal::TooLarge { len, max }.into())
 }
 
 impl Gateway {
@@ -78,10 +77,10 @@ impl Gateway {
             .members(|m| m.live(to).map(|n| n.grpc_addr.clone()));
         let Some(addr) = addr else {
             node.metrics.pushes.with_label_values(&["no_session"]).inc();
-            return Err(Status::not_found(format!(
-                "no session for {}",
-                req.target_id
-            )));
+            return Err(GatewayRefusal::NoSession {
+                target: req.target_id.clone(),
+            }
+            .into());
         };
         let mut client = node.peers.gateway(&addr)?;
         let mut forward = Request::new(req);
@@ -121,15 +120,15 @@ impl Gateway {
     ) -> Result<Response<PushToClientResponse>, Status> {
         let node = &self.node;
         if node.crashed() {
-            return Err(Status::unavailable("node crashed"));
+            return Err(GatewayRefusal::Stopped.into());
         }
         if req.target_id.is_empty() {
-            return Err(Status::invalid_argument("target_id is empty"));
+            return Err(GatewayRefusal::NoTarget.into());
         }
         let by_session = match TargetType::try_from(req.target_type) {
             Ok(TargetType::Openid) => false,
             Ok(TargetType::Session) => true,
-            Err(_) => return Err(Status::invalid_argument("unknown target_type")),
+            Err(_) => return Err(GatewayRefusal::UnknownTargetType.into()),
         };
         let registry = &node.registry;
         let openid = if by_session {
@@ -160,9 +159,7 @@ impl Gateway {
                     .durable_pushes
                     .with_label_values(&["no_standby"])
                     .inc();
-                return Err(Status::failed_precondition(
-                    "cannot make the push durable: no standby node is available to replicate it to; not queued",
-                ));
+                return Err(GatewayRefusal::NoStandby.into());
             }
             self.lease_check(false).await?;
             standby
@@ -187,10 +184,10 @@ impl Gateway {
             .await;
         let not_found = || {
             node.metrics.pushes.with_label_values(&["no_session"]).inc();
-            Err(Status::not_found(format!(
-                "no session for {}",
-                req.target_id
-            )))
+            Err(GatewayRefusal::NoSession {
+                target: req.target_id.clone(),
+            }
+            .into())
         };
         match result {
             Ok(receipt) => {
@@ -211,10 +208,10 @@ impl Gateway {
                         };
                         self.replicate(&receipt, &standby, push, response).await
                     }
-                    (true, None) => Err(Status::unknown(format!(
-                        "cannot make the push durable: the session moved here while it was queued; it was queued as seq {} and may still be delivered, but is not durable",
-                        receipt.seq_id
-                    ))),
+                    (true, None) => Err(GatewayRefusal::MovedWhileQueued {
+                        seq: receipt.seq_id,
+                    }
+                    .into()),
                     _ => Ok(response),
                 }
             }
@@ -247,13 +244,12 @@ impl Gateway {
                 }
             }
             Err(PushFailure::NoSession(_)) => not_found(),
-            Err(PushFailure::InTransit) => Err(Status::unavailable(
-                "the session is moving between nodes; not queued, retry",
-            )),
+            Err(PushFailure::InTransit) => Err(GatewayRefusal::InTransit.into()),
             Err(PushFailure::Refused(full @ PushError::QueueFull { .. })) => {
-                Err(Status::resource_exhausted(format!(
-                    "{full}; client disconnected as a slow consumer"
-                )))
+                Err(GatewayRefusal::QueueFull {
+                    full: full.to_string(),
+                }
+                .into())
             }
             Err(PushFailure::Refused(PushError::Expired)) => not_found(),
         }
@@ -328,12 +324,20 @@ impl Gateway {
                         code: 0,
                         message: String::new(),
                     },
-                    Err(full @ PushError::QueueFull { .. }) => refused(Status::resource_exhausted(
-                        format!("{full}; client disconnected as a slow consumer"),
-                    )),
+                    Err(full @ PushError::QueueFull { .. }) => refused(
+                        GatewayRefusal::QueueFull {
+                            full: full.to_string(),
+                        }
+                        .into(),
+                    ),
                     Err(PushError::Expired) => {
                         node.metrics.pushes.with_label_values(&["no_session"]).inc();
-                        refused(Status::not_found(format!("no session for {}", p.target_id)))
+                        refused(
+                            GatewayRefusal::NoSession {
+                                target: p.target_id.clone(),
+                            }
+                            .into(),
+                        )
                     }
                 });
             }
@@ -415,12 +419,11 @@ impl Gateway {
                 .durable_pushes
                 .with_label_values(&[e.label()])
                 .inc();
+            let lease = e.to_string();
             if queued {
-                Status::unavailable(format!("cannot make the push durable: {e}"))
+                GatewayRefusal::NoLeaseQueued { lease }.into()
             } else {
-                Status::unavailable(format!(
-                    "cannot make the push durable: {e}; not queued, retry (another node, or once the control plane is reachable)"
-                ))
+                GatewayRefusal::NoLease { lease }.into()
             }
         })
     }
@@ -486,9 +489,7 @@ impl Gateway {
             // travelled, and the answer is what must not be a silent OK.
             Ok(()) => {
                 if self.lease_check(true).await.is_err() {
-                    return Err(Status::unknown(format!(
-                        "cannot make the push durable: this node's control-plane lease may have lapsed; it was queued as seq {seq} and may still be delivered, but is not durable"
-                    )));
+                    return Err(GatewayRefusal::LeaseLapsedAfterCopy { seq }.into());
                 }
                 node.metrics
                     .durable_pushes
@@ -501,11 +502,12 @@ impl Gateway {
                     .durable_pushes
                     .with_label_values(&["replication_failed"])
                     .inc();
-                Err(Status::unknown(format!(
-                    "cannot make the push durable: standby {} did not take the copy ({}); it was queued as seq {seq} and may still be delivered, but would not survive a crash",
-                    standby.node_id,
-                    status.message(),
-                )))
+                Err(GatewayRefusal::NotCopied {
+                    standby: standby.node_id.clone(),
+                    why: status.message().to_string(),
+                    seq,
+                }
+                .into())
             }
         }
     }
@@ -529,9 +531,7 @@ impl GatewayService for Gateway {
         let hops = forwarded_hops(request.metadata());
         let batch = request.into_inner();
         if batch.pushes.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_BATCH} pushes per batch"
-            )));
+            return Err(GatewayRefusal::BatchTooLarge { max: MAX_BATCH }.into());
         }
         // Per push the same outcome as PushToClient; order per session is
         // the order in the batch.
@@ -544,7 +544,7 @@ impl GatewayService for Gateway {
         request: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
         if self.node.crashed() {
-            return Err(Status::unavailable("node crashed"));
+            return Err(GatewayRefusal::Stopped.into());
         }
         let forwarded = request
             .metadata()
@@ -610,9 +610,11 @@ impl GatewayService for Gateway {
         rejected += here_rejected;
         if unreachable > 0 {
             // Partial delivery is reported, never hidden.
-            return Err(Status::unavailable(format!(
-                "broadcast queued on {queued} sessions but {unreachable} node(s) were unreachable"
-            )));
+            return Err(GatewayRefusal::BroadcastPartial {
+                queued,
+                unreachable,
+            }
+            .into());
         }
         Ok(Response::new(BroadcastResponse { queued, rejected }))
     }
