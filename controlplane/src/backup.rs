@@ -283,6 +283,7 @@ mod tests {
                 owner_node: "dp-1".into(),
                 epoch: 4,
                 changed_at_ms: 2,
+                fresh_session_id: String::new(),
             },
         );
         let source = Source {
@@ -306,6 +307,7 @@ mod tests {
                     owner_node: "dp-1".into(),
                     epoch: i + 1,
                     changed_at_ms: 5,
+                    fresh_session_id: String::new(),
                 },
             );
         }

@@ -41,6 +41,7 @@ pub fn owner(openid: &str, o: &OwnerRec) -> pb::SessionOwner {
         session_id: o.session_id.clone(),
         owner_node: o.owner_node.clone(),
         epoch: o.epoch,
+        fresh_session_id: o.fresh_session_id.clone(),
     }
 }
 
@@ -179,6 +180,7 @@ mod tests {
                 node_id: node.into(),
                 openid: openid.into(),
                 session_id: format!("{openid}-session-0123456789abcdef"),
+                fresh_session_id: String::new(),
             },
         )
     }

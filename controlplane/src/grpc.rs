@@ -331,6 +331,9 @@ impl ControlPlaneApi for ControlService {
         for c in &req.claims {
             validate::ident("claims.openid", &c.openid)?;
             validate::ident("claims.session_id", &c.session_id)?;
+            if !c.fresh_session_id.is_empty() {
+                validate::ident("claims.fresh_session_id", &c.fresh_session_id)?;
+            }
         }
         let cmds: Vec<Cmd> = req
             .claims
@@ -339,6 +342,7 @@ impl ControlPlaneApi for ControlService {
                 node_id: req.node_id.clone(),
                 openid: c.openid.clone(),
                 session_id: c.session_id.clone(),
+                fresh_session_id: c.fresh_session_id.clone(),
             })
             .collect();
         let results = self.node.write(cmds).await;

@@ -94,6 +94,19 @@ pub struct OwnerRec {
     pub owner_node: String,
     pub epoch: u64,
     pub changed_at_ms: i64,
+    /// The fresh session a Start that resumed `session_id` made if the resume failed
+    /// (`Claim::fresh_session_id`): lookups by session id match either, so that Start
+    /// claims once. Kept while the record only changes owner (transfer, disconnect).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fresh_session_id: String,
+}
+
+impl OwnerRec {
+    /// Whether this record is session `session_id`'s (its claimed or its fresh id).
+    pub fn names_session(&self, session_id: &str) -> bool {
+        self.session_id == session_id
+            || (!self.fresh_session_id.is_empty() && self.fresh_session_id == session_id)
+    }
 }
 
 /// A failover decision: a node was declared dead, and where its sessions went since.
@@ -201,7 +214,8 @@ impl State {
                 node_id,
                 openid,
                 session_id,
-            } => cx.claim(node_id, openid, session_id),
+                fresh_session_id,
+            } => cx.claim(node_id, openid, session_id, fresh_session_id),
             Cmd::Release {
                 node_id,
                 openid,
@@ -258,7 +272,7 @@ impl State {
             .collect();
         if !session_ids.is_empty() {
             for (openid, o) in &self.owners {
-                if session_ids.contains(&o.session_id) {
+                if session_ids.iter().any(|s| o.names_session(s)) {
                     found.insert(openid.as_str(), o);
                 }
             }
@@ -588,7 +602,12 @@ impl Cx<'_> {
         if current.owner_node == DISCONNECTED_OWNER {
             return CmdResult::Ok;
         }
-        let owner = self.set_owner(openid, &current.session_id, DISCONNECTED_OWNER);
+        let owner = self.set_owner(
+            openid,
+            &current.session_id,
+            &current.fresh_session_id,
+            DISCONNECTED_OWNER,
+        );
         CmdResult::Owned {
             openid: openid.to_string(),
             owner,
@@ -774,13 +793,20 @@ impl Cx<'_> {
         }
     }
 
-    fn set_owner(&mut self, openid: &str, session_id: &str, node_id: &str) -> OwnerRec {
+    fn set_owner(
+        &mut self,
+        openid: &str,
+        session_id: &str,
+        fresh_session_id: &str,
+        node_id: &str,
+    ) -> OwnerRec {
         self.st.last_epoch += 1;
         let rec = OwnerRec {
             session_id: session_id.to_string(),
             owner_node: node_id.to_string(),
             epoch: self.st.last_epoch,
             changed_at_ms: self.now_ms,
+            fresh_session_id: fresh_session_id.to_string(),
         };
         let was = self
             .st
@@ -812,7 +838,13 @@ impl Cx<'_> {
         }
     }
 
-    fn claim(&mut self, node_id: &str, openid: &str, session_id: &str) -> CmdResult {
+    fn claim(
+        &mut self,
+        node_id: &str,
+        openid: &str,
+        session_id: &str,
+        fresh_session_id: &str,
+    ) -> CmdResult {
         if openid.is_empty() {
             return CmdResult::Err(CmdError::Invalid {
                 message: "empty openid".into(),
@@ -831,7 +863,8 @@ impl Cx<'_> {
         }
         if let Some(p) = &previous {
             if p.owner_node == node_id && p.session_id == session_id {
-                // A retried claim: same answer, same epoch.
+                // A retried claim: same answer, same epoch (and the fresh id recorded
+                // first: the claimant makes its fresh session with the one it is told).
                 return CmdResult::Owned {
                     openid: openid.to_string(),
                     owner: p.clone(),
@@ -843,7 +876,13 @@ impl Cx<'_> {
                 self.record_move(&p.owner_node.clone(), node_id);
             }
         }
-        let owner = self.set_owner(openid, session_id, node_id);
+        // A fresh id equal to the claimed one would name two sessions alike: not recorded.
+        let fresh = if fresh_session_id == session_id {
+            ""
+        } else {
+            fresh_session_id
+        };
+        let owner = self.set_owner(openid, session_id, fresh, node_id);
         CmdResult::Owned {
             openid: openid.to_string(),
             owner,
@@ -882,7 +921,12 @@ impl Cx<'_> {
             return CmdResult::Err(e);
         }
         self.record_move(&current.owner_node, to_node);
-        let owner = self.set_owner(openid, &current.session_id, to_node);
+        let owner = self.set_owner(
+            openid,
+            &current.session_id,
+            &current.fresh_session_id,
+            to_node,
+        );
         CmdResult::Owned {
             openid: openid.to_string(),
             owner,

@@ -323,7 +323,7 @@ impl OwnerCache {
 
     /// The record of session `session_id`, if cached (a scan).
     pub fn by_session(&self, session_id: &str) -> Option<&SessionOwner> {
-        self.map.values().find(|o| o.session_id == session_id)
+        self.map.values().find(|o| names_session(o, session_id))
     }
 }
 
@@ -334,12 +334,25 @@ type LookupCounted = Box<dyn Fn(&'static str) + Send + Sync>;
 /// Callback listing the openids of the sessions served here.
 type LocalOpenids = Box<dyn Fn() -> Vec<String> + Send + Sync>;
 
+/// Whether owner record `o` is session `session_id`'s: its claimed id, or
+/// the fresh session its claiming Start made if the resume failed
+/// (`SessionOwner.fresh_session_id`).
+pub fn names_session(o: &SessionOwner, session_id: &str) -> bool {
+    o.session_id == session_id
+        || (!o.fresh_session_id.is_empty() && o.fresh_session_id == session_id)
+}
+
 /// The outcome of a successful claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claimed {
     pub epoch: u64,
     /// The owner before this claim, if another node.
     pub previous_owner: Option<String>,
+    /// The fresh session id the record holds beside the claimed one (the
+    /// one asked for, or, for a retried claim, the one recorded first):
+    /// the id a Start gives the fresh session it makes if its resume fails.
+    /// Empty: none recorded (a control plane older than the field).
+    pub fresh_session_id: String,
 }
 
 /// Why a claim did not happen.
@@ -637,7 +650,7 @@ impl Cluster {
             .read()
             .owners
             .values()
-            .find(|o| o.session_id == session_id)
+            .find(|o| names_session(o, session_id))
             .map(|o| o.owner_node.clone());
         if let Some(known) = known {
             return Some(known);
@@ -650,7 +663,7 @@ impl Cluster {
             .await?;
         found
             .into_iter()
-            .find(|o| o.session_id == session_id)
+            .find(|o| names_session(o, session_id))
             .map(|o| o.owner_node)
     }
 
@@ -777,13 +790,25 @@ impl Cluster {
 
     /// Claims `openid`'s session for this node: a new epoch. Claims made at
     /// the same time share one `ClaimSessions` call (see [`Cluster::run`]).
-    pub async fn claim(&self, openid: &str, session_id: &str) -> Result<Claimed, ClaimError> {
+    ///
+    /// `fresh_session_id` (may be empty): a Start resuming `session_id` gives
+    /// this id to the fresh session it makes if the resume fails; the record
+    /// answers for it too, so that Start claims once. Use the one in the
+    /// answer ([`Claimed::fresh_session_id`]): a retried claim keeps the id
+    /// recorded first.
+    pub async fn claim(
+        &self,
+        openid: &str,
+        session_id: &str,
+        fresh_session_id: &str,
+    ) -> Result<Claimed, ClaimError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.claims.lock().push(PendingClaim {
             claim: Claim {
                 openid: openid.to_string(),
                 session_id: session_id.to_string(),
                 seen_epoch: 0,
+                fresh_session_id: fresh_session_id.to_string(),
             },
             reply,
         });
@@ -815,9 +840,16 @@ impl Cluster {
         }
         let previous = (!result.previous_owner.is_empty() && result.previous_owner != self.node_id)
             .then_some(result.previous_owner);
+        // The fresh id counts only on the record of the session claimed.
+        let fresh_session_id = if owner.session_id == session_id {
+            owner.fresh_session_id.clone()
+        } else {
+            String::new()
+        };
         Ok(Claimed {
             epoch: owner.epoch,
             previous_owner: previous,
+            fresh_session_id,
         })
     }
 
@@ -922,6 +954,7 @@ impl Cluster {
             session_id: session_id.to_string(),
             owner_node: self.node_id.clone(),
             epoch,
+            fresh_session_id: String::new(),
         });
         drop(pending);
         self.release_wake.notify_one();
@@ -1492,6 +1525,7 @@ mod tests {
             session_id: format!("s-{openid}"),
             owner_node: node.into(),
             epoch,
+            fresh_session_id: String::new(),
         }
     }
 

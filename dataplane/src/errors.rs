@@ -218,15 +218,18 @@ pub enum PeerRefusal {
     /// RESOURCE_EXHAUSTED: the replica reached its push limit.
     #[error("replica full")]
     ReplicaFull,
+    /// INVALID_ARGUMENT: a `FetchReplicas` call over the per-call limit.
+    #[error("at most {max} sessions per FetchReplicas call, {asked} asked")]
+    TooManyFetches { asked: usize, max: usize },
 }
 
 impl PeerRefusal {
     pub fn code(&self) -> tonic::Code {
         match self {
             PeerRefusal::Stopped => tonic::Code::Unavailable,
-            PeerRefusal::Handover(HandoverError::NoEpoch) | PeerRefusal::NoState => {
-                tonic::Code::InvalidArgument
-            }
+            PeerRefusal::Handover(HandoverError::NoEpoch)
+            | PeerRefusal::NoState
+            | PeerRefusal::TooManyFetches { .. } => tonic::Code::InvalidArgument,
             PeerRefusal::Handover(HandoverError::Fenced { .. })
             | PeerRefusal::Stage(_)
             | PeerRefusal::NewerReplica { .. } => tonic::Code::FailedPrecondition,

@@ -215,7 +215,7 @@ async fn cluster_upkeep(node: Arc<Node>, stop: CancellationToken) {
                 node.provisional.lock().remove(&openid);
                 continue;
             };
-            match cluster.claim(&openid, &entry.identity.session_id).await {
+            match cluster.claim(&openid, &entry.identity.session_id, "").await {
                 Ok(claimed) => {
                     entry.state.lock().set_epoch(claimed.epoch);
                     node.provisional.lock().remove(&openid);

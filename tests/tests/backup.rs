@@ -171,6 +171,7 @@ async fn claim(grpc: u16, certs: &Path, node_id: &str, openids: &[&str]) -> Vec<
                     openid: (*o).into(),
                     session_id: format!("sess-{o}"),
                     seen_epoch: 0,
+                    fresh_session_id: String::new(),
                 })
                 .collect(),
         })

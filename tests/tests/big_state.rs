@@ -179,6 +179,7 @@ async fn restarted_data_plane_is_ready_only_with_its_whole_view() {
                     openid: format!("{n:0>200}"),
                     session_id: format!("s{n:0>199}"),
                     seen_epoch: 0,
+                    fresh_session_id: String::new(),
                 }
             })
             .collect();

@@ -124,6 +124,7 @@ async fn crash_of_the_owner_redelivers_every_unacked_durable_push() {
             .is_none_or(|n| n.state == NodeState::Dead as i32)
     })
     .await;
+    let (_, claims_before) = c.claim_counts();
     client.reconnect_to(cluster.dps[0].quic_addr());
     // The application reads nothing until the reconnect is done: pushes it
     // took now would count as processed (and be acked in the Start).
@@ -160,6 +161,9 @@ async fn crash_of_the_owner_redelivers_every_unacked_durable_push() {
         other => panic!("unexpected {other:?}"),
     }
     assert_ne!(client.session_id(), old_session, "a new session");
+    // The rebuilt session's id was recorded by the reconnect's one claim.
+    let (_, claims_after) = c.claim_counts();
+    assert_eq!(claims_after - claims_before, 1, "claims sent for one reconnect");
 
     // Every durable push not acked before the crash, renumbered from 1.
     let expected_durable: Vec<String> = (11..=20)
@@ -219,16 +223,19 @@ async fn crash_of_the_owner_redelivers_every_unacked_durable_push() {
 async fn crash_without_a_replica_reports_session_expired() {
     // Only non-durable pushes: nothing was replicated, so the takeover says
     // explicitly that the session is gone (SESSION_EXPIRED), never silently.
-    let mut cluster = TestCluster::start(2, |_| {}).await;
+    let mut cluster = TestCluster::start(3, |_| {}).await;
     let client = Client::connect(cluster.client_config(0, "bob"))
         .await
         .unwrap();
     assert!(matches!(next(&client).await, Event::Connected { .. }));
+    let old_session = client.session_id();
     let mut gw = cluster.gateway(0).await;
     for n in 1..=3 {
         gw.push_to_client(push("bob", n)).await.unwrap();
     }
     cluster.dps.remove(0).crash();
+    let claimant = cluster.dps[0].node().cluster.clone().unwrap();
+    let (_, claims_before) = claimant.claim_counts();
     client.reconnect_to(cluster.dps[0].quic_addr());
     let status = loop {
         if let Event::ResumeFailed { status, .. } = next(&client).await {
@@ -243,6 +250,31 @@ async fn crash_without_a_replica_reports_session_expired() {
             .get(),
         1
     );
+    match next(&client).await {
+        Event::Connected {
+            status, node_id, ..
+        } => assert_eq!((status, node_id.as_str()), (ResumeStatus::SessionExpired, "dp-2")),
+        other => panic!("unexpected {other:?}"),
+    }
+    let fresh = client.session_id();
+    assert_ne!(fresh, old_session, "a new session");
+    // One claim for the reconnect: it recorded the fresh session's id beside
+    // the resumed one (`Claim.fresh_session_id`), so no second claim.
+    let (_, claims_after) = claimant.claim_counts();
+    assert_eq!(claims_after - claims_before, 1, "claims sent for one reconnect");
+    // dp-3 was asked for its copy in one `FetchReplicas` call, answered at once.
+    assert_eq!(cluster.dps[0].node().replicas.fetches.counts(), (1, 1));
+    // The control plane names the fresh session: a push addressed to its id
+    // entering at dp-3 (which neither holds nor watches it) is looked up and
+    // reaches the client on dp-2.
+    let mut third = cluster.gateway(1).await;
+    let mut by_session = push("bob", 4);
+    by_session.target_type = gatesvr_proto::upstream::TargetType::Session as i32;
+    by_session.target_id = fresh.clone();
+    let r = third.push_to_client(by_session).await.unwrap().into_inner();
+    assert_eq!(r.session_id, fresh);
+    let p = next_push(&client).await;
+    assert_eq!(p.content, "4");
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

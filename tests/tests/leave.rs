@@ -103,6 +103,7 @@ async fn a_drained_node_is_left_at_once_and_fenced() {
                 openid: "u9".into(),
                 session_id: "s9".into(),
                 seen_epoch: 0,
+                fresh_session_id: String::new(),
             }],
         })
         .await

@@ -189,6 +189,7 @@ async fn claim(
                 openid: openid.into(),
                 session_id: format!("sess-{openid}"),
                 seen_epoch: 0,
+                fresh_session_id: String::new(),
             }],
         })
         .await

@@ -584,6 +584,7 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
                     openid: victim.into(),
                     session_id: "evil".into(),
                     seen_epoch: 0,
+                    fresh_session_id: String::new(),
                 }],
             })
             .await;
@@ -596,6 +597,7 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
                     session_id: session_id.clone(),
                     owner_node: "dp-1".into(),
                     epoch,
+                    fresh_session_id: String::new(),
                 }],
             })
             .await;

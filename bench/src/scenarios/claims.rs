@@ -199,7 +199,7 @@ pub async fn claim_load(
                 let id = format!("u-{round}-{c}-{i}");
                 i += 1;
                 let t0 = Instant::now();
-                let r = dp.claim(&id, &format!("s-{id}")).await;
+                let r = dp.claim(&id, &format!("s-{id}"), "").await;
                 let t1 = Instant::now();
                 match r {
                     Ok(_) if t0 >= measure_from && t1 < end => {
@@ -268,7 +268,7 @@ pub async fn claim_paced(
         let id = format!("p-{round}-{i}");
         i += 1;
         tasks.spawn(async move {
-            let r = dp.claim(&id, &format!("s-{id}")).await;
+            let r = dp.claim(&id, &format!("s-{id}"), "").await;
             let t1 = tokio::time::Instant::now();
             (due, t1, r.is_ok())
         });

@@ -574,6 +574,8 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let tickets_b = cfg.quic.tickets_offered.load(Ordering::Relaxed);
     let full_b = cfg.quic.full_handshakes.load(Ordering::Relaxed);
     let tls_b = evidence::tls_counts(&c.dp_metrics).await;
+    let cp_admins: Vec<SocketAddr> = c.cps.iter().map(|cp| cp.1).collect();
+    let claims_b = evidence::cp_claims(&cp_admins).await;
     let (times_b, snaps_b) = (evidence::times(&procs), evidence::snaps(&recs));
     let rcvbuf_b = evidence::udp_rcvbuf_errors();
     progress("failover: kill -9 dp-1");
@@ -614,6 +616,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let full_c = cfg.quic.full_handshakes.load(Ordering::Relaxed);
     let times_c = evidence::times(&procs);
     let tls_c = evidence::tls_counts(&c.dp_metrics).await;
+    let claims_c = evidence::cp_claims(&cp_admins).await;
     let (rcvbuf_c, drops_c) = (evidence::udp_rcvbuf_errors(), evidence::udp_drops());
     let tracks = sampler.finish().await;
     let lags = lag.finish().await;
@@ -826,6 +829,24 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "client_tls_full_handshakes_after_kill",
         full_c.saturating_sub(full_b) as f64,
     );
+    // Ownership changes the control plane applied from the kill until every session was back,
+    // per session that reconnected: 1 when each reconnect claims once.
+    if let (Some(b), Some(c)) = (claims_b, claims_c) {
+        let claims = c.saturating_sub(b);
+        f(&mut rep, "cp_claims_after_kill", claims as f64);
+        let back = sessions
+            .iter()
+            .zip(&on_victim)
+            .filter(|(s, v)| **v && resumed_after(s))
+            .count();
+        if back > 0 {
+            f(
+                &mut rep,
+                "cp_claims_per_reconnect",
+                claims as f64 / back as f64,
+            );
+        }
+    }
     for (key, label) in [
         ("dp_tls_full_after_kill", "full"),
         ("dp_tls_resumed_after_kill", "resumed"),

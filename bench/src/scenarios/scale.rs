@@ -243,7 +243,7 @@ async fn drive(
                 let openid = format!("{prefix}-{i}");
                 let sid = format!("s{i}");
                 let t0 = Instant::now();
-                match dp.claim(&openid, &sid).await {
+                match dp.claim(&openid, &sid, "").await {
                     Ok(c) => {
                         lat.0.push(t0.elapsed().as_nanos() as u64);
                         if release {
@@ -389,6 +389,7 @@ fn synthetic_backup(n: u64) -> Result<Vec<u8>> {
                 owner_node: node.into(),
                 epoch: i + 1,
                 changed_at_ms: 0,
+                fresh_session_id: String::new(),
             },
         );
     }

@@ -50,6 +50,11 @@ pub enum Cmd {
         node_id: String,
         openid: String,
         session_id: String,
+        /// A Start resuming `session_id`: the id of the fresh session it makes if the resume
+        /// fails. Recorded beside `session_id` ([`OwnerRec::fresh_session_id`]). Absent in
+        /// entries written before it existed (and omitted when empty: same bytes as before).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        fresh_session_id: String,
     },
     /// `node_id` gives up `openid` if it still owns it at `epoch`.
     Release {

@@ -25,6 +25,7 @@ fn claim(node: &str, openid: &str, session: &str) -> Cmd {
         node_id: node.into(),
         openid: openid.into(),
         session_id: session.into(),
+        fresh_session_id: String::new(),
     }
 }
 
@@ -33,6 +34,80 @@ fn owned_epoch(r: &CmdResult) -> u64 {
         CmdResult::Owned { owner, .. } => owner.epoch,
         other => panic!("expected Owned, got {other:?}"),
     }
+}
+
+fn claim_fresh(node: &str, openid: &str, session: &str, fresh: &str) -> Cmd {
+    Cmd::Claim {
+        node_id: node.into(),
+        openid: openid.into(),
+        session_id: session.into(),
+        fresh_session_id: fresh.into(),
+    }
+}
+
+fn found_by_session(st: &State, session_id: &str) -> Vec<String> {
+    st.lookup_owners(&[], &[session_id.to_string()])
+        .into_iter()
+        .map(|(openid, _)| openid.to_string())
+        .collect()
+}
+
+/// A Start resuming a session records the id of the fresh session it makes if the resume
+/// fails beside the resumed one (so it claims once): a lookup by either id finds the
+/// record; a retried claim keeps the epoch and the fresh id recorded first; a transfer
+/// keeps it; a claim by another node replaces both; a fresh id equal to the claimed one
+/// is not recorded. The encoding stays the old one when there is none.
+#[test]
+fn a_claim_records_the_fresh_session_id_beside_the_resumed_one() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    register(&mut st, 0, "b");
+    let e1 = owned_epoch(&apply(&mut st, 1, claim_fresh("a", "alice", "old", "new1")).0);
+    assert_eq!(st.owners["alice"].fresh_session_id, "new1");
+    assert_eq!(found_by_session(&st, "old"), ["alice"]);
+    assert_eq!(found_by_session(&st, "new1"), ["alice"]);
+    assert!(found_by_session(&st, "new2").is_empty());
+
+    let (r, _) = apply(&mut st, 2, claim_fresh("a", "alice", "old", "new2"));
+    match &r {
+        CmdResult::Owned { owner, .. } => {
+            assert_eq!((owner.epoch, owner.fresh_session_id.as_str()), (e1, "new1"));
+        }
+        other => panic!("expected Owned, got {other:?}"),
+    }
+    assert!(found_by_session(&st, "new2").is_empty());
+
+    let (r, _) = apply(
+        &mut st,
+        3,
+        Cmd::Transfer {
+            openid: "alice".into(),
+            expected_epoch: e1,
+            to_node: "b".into(),
+        },
+    );
+    let e2 = owned_epoch(&r);
+    assert!(e2 > e1);
+    assert_eq!(st.owners["alice"].owner_node, "b");
+    assert_eq!(found_by_session(&st, "new1"), ["alice"], "kept by a transfer");
+
+    let (r, _) = apply(&mut st, 4, claim_fresh("a", "alice", "new1", ""));
+    assert!(owned_epoch(&r) > e2);
+    assert!(found_by_session(&st, "old").is_empty());
+    assert_eq!(found_by_session(&st, "new1"), ["alice"]);
+    assert_eq!(st.owners["alice"].fresh_session_id, "");
+
+    apply(&mut st, 5, claim_fresh("b", "alice", "s9", "s9"));
+    assert_eq!(st.owners["alice"].fresh_session_id, "", "not a second id");
+
+    let json = r#"{"cmd":"claim","node_id":"n1","openid":"alice","session_id":"s1","fresh_session_id":"s2"}"#;
+    let cmd = claim_fresh("n1", "alice", "s1", "s2");
+    assert_eq!(serde_json::from_str::<Cmd>(json).unwrap(), cmd);
+    assert_eq!(serde_json::to_string(&cmd).unwrap(), json);
+    let rec = r#"{"session_id":"s","owner_node":"dp-1","epoch":2,"changed_at_ms":7}"#;
+    let decoded: OwnerRec = serde_json::from_str(rec).unwrap();
+    assert_eq!(decoded.fresh_session_id, "");
+    assert_eq!(serde_json::to_string(&decoded).unwrap(), rec);
 }
 
 #[test]

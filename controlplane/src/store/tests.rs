@@ -50,6 +50,7 @@ fn claim(node: &str, openid: &str) -> Cmd {
         node_id: node.into(),
         openid: openid.into(),
         session_id: "s".into(),
+        fresh_session_id: String::new(),
     }
 }
 

@@ -16,6 +16,7 @@ fn claim(node: &str, openid: &str) -> Cmd {
         node_id: node.into(),
         openid: openid.into(),
         session_id: format!("s-{openid}"),
+        fresh_session_id: String::new(),
     }
 }
 
@@ -265,6 +266,7 @@ async fn grpc_api_claims_fencing_and_resumable_watch() {
             openid: "alice".into(),
             session_id: format!("sess-{node}"),
             seen_epoch: 0,
+            fresh_session_id: String::new(),
         }],
     };
     let a = api

@@ -10,7 +10,8 @@
 //!      ──> GatewayService.PushToClient on the owner (header x-gatesvr-forwarded)
 //!
 //!  owner: durable push ──Peer.Replicate──> standby (see `replica`)
-//!  new owner, previous owner gone ──Peer.FetchReplica──> live nodes
+//!  new owner, previous owner gone ──Peer.FetchReplicas──> live nodes
+//!      (the fetches of a reconnect burst batched per node: replica::FetchBatcher)
 //! ```
 //!
 //! A session's state grows with its queue (up to `session.max_queue` pushes
@@ -26,14 +27,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use gatesvr_proto::limits::{CHUNK_BYTES, chunk_by_size};
 use gatesvr_proto::session::SessionState;
 
 use gatesvr_proto::peer::peer_server::Peer;
 use gatesvr_proto::peer::{
-    FetchReplicaRequest, FetchReplicaResponse, HandoverRequest, HandoverResponse, ReplicateRequest,
-    ReplicateResponse, StageRequest, StageResponse, peer_client::PeerClient,
+    FetchReplicaRequest, FetchReplicaResponse, FetchReplicasChunk, FetchReplicasRequest,
+    HandoverRequest, HandoverResponse, ReplicateRequest, ReplicateResponse, StageRequest,
+    StageResponse, peer_client::PeerClient,
 };
 use gatesvr_proto::upstream::gateway_service_client::GatewayServiceClient;
 use parking_lot::Mutex;
@@ -340,6 +342,7 @@ async fn call_handover(
 impl Peer for PeerService {
     type HandoverStreamStream = Chunks<HandoverResponse>;
     type FetchReplicaStreamStream = Chunks<FetchReplicaResponse>;
+    type FetchReplicasStream = Chunks<FetchReplicasChunk>;
 
     async fn handover_stream(
         &self,
@@ -373,6 +376,38 @@ impl Peer for PeerService {
             answer,
             CHUNK_BYTES,
         ))))
+    }
+
+    async fn fetch_replicas(
+        &self,
+        request: Request<FetchReplicasRequest>,
+    ) -> Result<Response<Self::FetchReplicasStream>, Status> {
+        self.alive()?;
+        let sessions = request.into_inner().sessions;
+        let max = crate::replica::MAX_FETCHES_PER_CALL;
+        if sessions.len() > max {
+            return Err(PeerRefusal::TooManyFetches {
+                asked: sessions.len(),
+                max,
+            }
+            .into());
+        }
+        // Each session is answered when the stream reaches it: one answer at
+        // a time is held here, whatever the batch's size.
+        let node = self.node.clone();
+        let chunks = futures::stream::iter(sessions.into_iter().enumerate()).flat_map(
+            move |(index, req)| {
+                let answer = crate::replica::answer_fetch(&node, &req.openid, &req.session_id);
+                let parts = crate::replica::split_fetch(answer, CHUNK_BYTES);
+                futures::stream::iter(parts.into_iter().map(move |part| {
+                    Ok(FetchReplicasChunk {
+                        index: index as u32,
+                        part: Some(part),
+                    })
+                }))
+            },
+        );
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn handover(
@@ -466,9 +501,8 @@ impl Peer for PeerService {
     ) -> Result<Response<FetchReplicaResponse>, Status> {
         self.alive()?;
         let req = request.into_inner();
-        let replica = self.node.replicas.fetch(&req.openid, &req.session_id);
-        Ok(Response::new(self.node.registry.answer_fetch_replica(
-            replica,
+        Ok(Response::new(crate::replica::answer_fetch(
+            &self.node,
             &req.openid,
             &req.session_id,
         )))

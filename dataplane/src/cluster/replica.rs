@@ -17,7 +17,8 @@
 //!                          every 1 s: Peer.Replicate{acked, next_seq} ───> trim
 //!  dp-1 killed; lease expires; control plane marks it dead
 //!  client ──Start(session s, last_acked a)──> dp-2: claim (previous owner dp-1 gone)
-//!                          peer::take_over: Peer.FetchReplica(s) to every live node
+//!                          peer::take_over: Peer.FetchReplicas(s, ...) to every live
+//!                          node (a burst's fetches batched per node: FetchBatcher)
 //!                          (+ local copy), merged ─> Registry::stash_recovery
 //!                          Registry::start: durable pushes > max(a, replica acks)
 //!                          new session s' (seqs from 1, redelivery) ─> StartResponse RECOVERED
@@ -29,13 +30,15 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gatesvr_proto::client::{ResumeStatus, ServerPush};
 use gatesvr_proto::limits::chunk_by_size;
 use gatesvr_proto::peer::peer_client::PeerClient;
 use gatesvr_proto::peer::{
-    FetchReplicaRequest, FetchReplicaResponse, ReplicateRequest, ReplicateResponse,
+    FetchReplicaRequest, FetchReplicaResponse, FetchReplicasChunk, FetchReplicasRequest,
+    ReplicateRequest, ReplicateResponse,
 };
 use gatesvr_proto::session::SessionState;
 use parking_lot::Mutex;
@@ -114,6 +117,8 @@ pub struct ReplicaStore {
     map: Mutex<HashMap<String, Replica>>,
     ttl: Duration,
     max_pushes: usize,
+    /// This node's fetches of other nodes' copies (a recovery), batched per node.
+    pub fetches: FetchBatcher,
 }
 
 impl ReplicaStore {
@@ -123,6 +128,7 @@ impl ReplicaStore {
             map: Mutex::new(HashMap::new()),
             ttl,
             max_pushes,
+            fetches: FetchBatcher::default(),
         }
     }
 
@@ -897,18 +903,24 @@ pub async fn fetch_recovery(
     // last copy (simulation seed 72: the standby and the owner both lost the
     // control plane; the standby held the pushes the owner had acknowledged).
     let maybe = node.registry.members(|m| ids(m.recovery_maybe(gone)));
+    let req = || FetchReplicaRequest {
+        openid: openid.to_string(),
+        session_id: session_id.to_string(),
+    };
     let ask = |addr: String| async move {
         let mut client = node.peers.peer(&addr).ok()?;
-        let req = FetchReplicaRequest {
-            openid: openid.to_string(),
-            session_id: session_id.to_string(),
-        };
-        call_fetch(&mut client, req).await
+        call_fetch(&mut client, req()).await
+    };
+    // Live nodes are asked in batches: a reconnect burst after a crash sends
+    // each node a few `FetchReplicas` calls, not one call per session.
+    let batched = |addr: String| async move {
+        let client = node.peers.peer(&addr).ok()?;
+        node.replicas.fetches.fetch(client, &addr, req()).await
     };
     let remote = futures::future::join_all(
         peers
             .into_iter()
-            .map(|(id, addr)| async move { (ask(addr).await, id) }),
+            .map(|(id, addr)| async move { (batched(addr).await, id) }),
     );
     let dead = futures::future::join_all(maybe.into_iter().map(|(id, addr)| async move {
         let answer = tokio::time::timeout(DEAD_NODE_ASK, ask(addr)).await;
@@ -926,6 +938,158 @@ pub async fn fetch_recovery(
         }
     }
     gathered
+}
+
+/// This node's answer to a fetch of `openid`'s session `session_id` (a
+/// claimant recovers a gone owner's session): its replica, joined with an
+/// unserved copy of the table ([`crate::registry::Registry::answer_fetch_replica`]).
+pub fn answer_fetch(node: &Node, openid: &str, session_id: &str) -> FetchReplicaResponse {
+    let replica = node.replicas.fetch(openid, session_id);
+    node.registry
+        .answer_fetch_replica(replica, openid, session_id)
+}
+
+/// Most sessions asked of one node in one `Peer.FetchReplicas` call.
+pub const MAX_FETCHES_PER_CALL: usize = 1_024;
+
+/// `FetchReplicas` calls in flight to one node at once: fetches arriving
+/// while all are busy wait and go together in the next call.
+const FETCH_CALLS_PER_PEER: usize = 4;
+
+type FetchReply = tokio::sync::oneshot::Sender<Option<FetchReplicaResponse>>;
+
+/// Fetches waiting for one node, and the calls to it in flight.
+#[derive(Default)]
+struct PeerFetches {
+    waiting: Vec<(FetchReplicaRequest, FetchReply)>,
+    calls: usize,
+}
+
+/// Replica fetches to other nodes, batched per node as claims are
+/// (`Cluster::claim`): an idle node's fetch goes at once; in a reconnect
+/// burst the fetches that arrive while [`FETCH_CALLS_PER_PEER`] calls are
+/// in flight share the next call (at most [`MAX_FETCHES_PER_CALL`]).
+#[derive(Default)]
+pub struct FetchBatcher {
+    peers: Arc<Mutex<HashMap<String, PeerFetches>>>,
+    /// `FetchReplicas` calls made and the fetches they carried.
+    counts: Arc<(AtomicU64, AtomicU64)>,
+}
+
+impl FetchBatcher {
+    /// `req` asked of the node at `addr` (`client`: a channel to it).
+    /// `None`: not answered whole (the call failed or timed out).
+    pub async fn fetch(
+        &self,
+        client: PeerClient<Channel>,
+        addr: &str,
+        req: FetchReplicaRequest,
+    ) -> Option<FetchReplicaResponse> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut peers = self.peers.lock();
+            let peer = peers.entry(addr.to_string()).or_default();
+            peer.waiting.push((req, reply));
+            let start = peer.calls < FETCH_CALLS_PER_PEER;
+            if start {
+                peer.calls += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(send_fetches(
+                self.peers.clone(),
+                self.counts.clone(),
+                addr.to_string(),
+                client,
+            ));
+        }
+        answer.await.ok().flatten()
+    }
+
+    /// `FetchReplicas` calls made so far and the fetches they carried.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.counts.0.load(Ordering::Relaxed),
+            self.counts.1.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One of the calls in flight to `addr`: sends what waits, until nothing does.
+async fn send_fetches(
+    peers: Arc<Mutex<HashMap<String, PeerFetches>>>,
+    counts: Arc<(AtomicU64, AtomicU64)>,
+    addr: String,
+    mut client: PeerClient<Channel>,
+) {
+    loop {
+        let batch: Vec<(FetchReplicaRequest, FetchReply)> = {
+            let mut map = peers.lock();
+            let Some(peer) = map.get_mut(&addr) else {
+                return;
+            };
+            if peer.waiting.is_empty() {
+                peer.calls -= 1;
+                if peer.calls == 0 {
+                    map.remove(&addr);
+                }
+                return;
+            }
+            let n = peer.waiting.len().min(MAX_FETCHES_PER_CALL);
+            peer.waiting.drain(..n).collect()
+        };
+        counts.0.fetch_add(1, Ordering::Relaxed);
+        counts.1.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let (reqs, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let answers = call_fetches(&mut client, reqs).await;
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// `Peer.FetchReplicas` for `reqs`; one answer per request, in order
+/// (`None`: not answered whole). A node that does not know the call is
+/// asked per session ([`call_fetch`]).
+async fn call_fetches(
+    client: &mut PeerClient<Channel>,
+    reqs: Vec<FetchReplicaRequest>,
+) -> Vec<Option<FetchReplicaResponse>> {
+    let n = reqs.len();
+    let mut request = Request::new(FetchReplicasRequest {
+        sessions: reqs.clone(),
+    });
+    request.set_timeout(PEER_TIMEOUT);
+    let started = tokio::time::timeout(PEER_TIMEOUT, client.fetch_replicas(request)).await;
+    if let Ok(Err(status)) = &started
+        && status.code() == tonic::Code::Unimplemented
+    {
+        return futures::future::join_all(reqs.into_iter().map(|req| {
+            let mut client = client.clone();
+            async move { call_fetch(&mut client, req).await }
+        }))
+        .await;
+    }
+    match collect_stream(started).await {
+        Ok(chunks) => join_fetches(n, chunks),
+        Err(_) => vec![None; n],
+    }
+}
+
+/// The answers of a `FetchReplicas` stream of `n` sessions, each joined
+/// from its chunks ([`join_fetch`]); `None` for a session with no chunk.
+pub fn join_fetches(n: usize, chunks: Vec<FetchReplicasChunk>) -> Vec<Option<FetchReplicaResponse>> {
+    let mut parts: Vec<Vec<FetchReplicaResponse>> = vec![Vec::new(); n];
+    for chunk in chunks {
+        if let (Some(answer), Some(part)) = (parts.get_mut(chunk.index as usize), chunk.part) {
+            answer.push(part);
+        }
+    }
+    parts
+        .into_iter()
+        .map(|p| (!p.is_empty()).then(|| join_fetch(p)))
+        .collect()
 }
 
 /// Splits a replica into chunks of about `budget` bytes: the first carries
@@ -1052,6 +1216,48 @@ mod tests {
             content: format!("p{seq}"),
             ..Default::default()
         }
+    }
+
+    /// A `FetchReplicas` stream answers each session in its own consecutive
+    /// chunks: joined per index they give every answer whole, in request
+    /// order (a multi-chunk answer too); a session the stream never named is
+    /// not taken for "no copy" but for unanswered.
+    #[test]
+    fn a_batched_fetch_joins_each_sessions_chunks_in_order() {
+        let answer = |session: &str, seqs: std::ops::RangeInclusive<u64>| FetchReplicaResponse {
+            found: true,
+            session_id: session.into(),
+            acked_seq_id: 1,
+            next_seq_id: 40,
+            pushes: seqs.map(push).collect(),
+            ..Default::default()
+        };
+        let big = answer("s0", 2..=30);
+        let none = FetchReplicaResponse::default();
+        let small = answer("s2", 5..=6);
+        // A small budget: "s0" travels in several chunks.
+        let parts = split_fetch(big.clone(), 40);
+        assert!(parts.len() > 1);
+        let mut chunks: Vec<FetchReplicasChunk> = parts
+            .into_iter()
+            .map(|part| FetchReplicasChunk {
+                index: 0,
+                part: Some(part),
+            })
+            .collect();
+        for (index, a) in [(1, none.clone()), (2, small.clone())] {
+            chunks.extend(split_fetch(a, 40).into_iter().map(|part| FetchReplicasChunk {
+                index,
+                part: Some(part),
+            }));
+        }
+        // An index beyond the request is ignored.
+        chunks.push(FetchReplicasChunk {
+            index: 9,
+            part: Some(small.clone()),
+        });
+        let joined = join_fetches(4, chunks);
+        assert_eq!(joined, vec![Some(big), Some(none), Some(small), None]);
     }
 
     /// Simulation seed 1: the owner crashed, and its standby 1.8 s later,

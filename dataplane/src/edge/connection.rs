@@ -236,8 +236,8 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
     let new_id = crate::registry::new_session_id();
     // Boxed (here and for `fail`): a future is as large as its largest
     // state, and every idle connection would carry these rare ones inline.
-    let epoch = match Box::pin(claim_ownership(&node, &start, &new_id)).await {
-        Ok(epoch) => epoch,
+    let claim = match Box::pin(claim_ownership(&node, &start, &new_id)).await {
+        Ok(claim) => claim,
         Err(fatal) => {
             Box::pin(fail(&node, &mut link, true, fatal)).await;
             return;
@@ -259,14 +259,18 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
     );
     let entry = started.entry;
     let outcome = started.outcome;
-    if let Some(epoch) = epoch {
+    if let Some(claim) = claim {
         node.registry
-            .claimed(&entry, epoch, node.cluster.as_deref());
-        // The resume failed and a fresh session (new id) replaced the claimed
-        // one: record the id in the control plane too.
-        if entry.identity.session_id != claimed_id(&start, &new_id)
+            .claimed(&entry, claim.epoch, node.cluster.as_deref());
+        // The session attached has an id the claim did not record (a session
+        // that stands in for the resumed one, made by another Start; a control
+        // plane older than `fresh_session_id`): record it in the control
+        // plane too. A fresh session made by this Start has the id the claim
+        // recorded beside the resumed one, and needs no second claim.
+        if !claim.recorded(&entry.identity.session_id)
             && let Some(cluster) = &node.cluster
-            && let Ok(c) = Box::pin(cluster.claim(&start.openid, &entry.identity.session_id)).await
+            && let Ok(c) =
+                Box::pin(cluster.claim(&start.openid, &entry.identity.session_id, "")).await
         {
             node.registry
                 .claimed(&entry, c.epoch, node.cluster.as_deref());
@@ -356,14 +360,39 @@ impl Drop for SettleOnDrop<'_> {
     }
 }
 
+/// A Start's claim: the epoch, and the session ids the owner record holds.
+struct StartClaim {
+    epoch: u64,
+    /// The id claimed: the one resumed, else the fresh one.
+    claimed: String,
+    /// The fresh id the record holds beside the claimed one: this Start's
+    /// `new_id`, another Start's (a retried claim keeps the one recorded
+    /// first: that Start's fresh session, which a retry attaches to), or
+    /// empty (a new session; a control plane older than the field). This
+    /// Start's fresh session is always made with `new_id`: a session id is
+    /// never given to two sessions.
+    fresh: String,
+}
+
+impl StartClaim {
+    /// Whether the owner record already names session `session_id`.
+    fn recorded(&self, session_id: &str) -> bool {
+        session_id == self.claimed || (!self.fresh.is_empty() && session_id == self.fresh)
+    }
+}
+
 /// Claims the session in the control plane (a new epoch) and, if another
-/// live node held it, takes its state over. `Ok(None)`: standalone node, or
-/// the control plane is unreachable and the session runs provisionally.
+/// live node held it, takes its state over. A Start resuming a session
+/// claims it with `new_id` as the fresh id ([`crate::cluster::Cluster::claim`]):
+/// if the resume fails (SESSION_EXPIRED, SEQ_AHEAD, RECOVERED), the fresh
+/// session made with `new_id` is already recorded, and the Start claims
+/// once. `Ok(None)`: standalone node, or the control plane is unreachable
+/// and the session runs provisionally.
 async fn claim_ownership(
     node: &Arc<Node>,
     start: &StartRequest,
     new_id: &str,
-) -> Result<Option<u64>, Fatal> {
+) -> Result<Option<StartClaim>, Fatal> {
     let Some(cluster) = &node.cluster else {
         return Ok(None);
     };
@@ -378,12 +407,18 @@ async fn claim_ownership(
     // briefly before falling back to a provisional session.
     let claim_started = tokio::time::Instant::now();
     let give_up = claim_started + cluster.rpc_timeout() * 2;
-    let mut result = cluster.claim(openid, claimed_id(start, new_id)).await;
+    let claim_id = claimed_id(start, new_id);
+    let fresh = if start.session_id.is_empty() {
+        ""
+    } else {
+        new_id
+    };
+    let mut result = cluster.claim(openid, claim_id, fresh).await;
     while matches!(result, Err(crate::cluster::ClaimError::Unreachable(_)))
         && tokio::time::Instant::now() < give_up
     {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        result = cluster.claim(openid, claimed_id(start, new_id)).await;
+        result = cluster.claim(openid, claim_id, fresh).await;
     }
     match result {
         Ok(claimed) => {
@@ -407,7 +442,11 @@ async fn claim_ownership(
                 node.registry.end_incoming(openid);
             }
             node.provisional.lock().remove(openid);
-            Ok(Some(claimed.epoch))
+            Ok(Some(StartClaim {
+                epoch: claimed.epoch,
+                claimed: claim_id.to_string(),
+                fresh: claimed.fresh_session_id,
+            }))
         }
         Err(crate::cluster::ClaimError::Unreachable(why)) => {
             // Static stability: serve now, claim when the control plane is back.

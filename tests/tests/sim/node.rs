@@ -468,10 +468,17 @@ impl World {
         };
         // As `connection::claim_ownership`: before the claim goes out.
         self.node(name).table.claim_begins(&openid);
+        // As `connection::claim_ownership`: a resume records the fresh id too.
+        let fresh_session_id = if session_id.is_empty() {
+            String::new()
+        } else {
+            new_id.clone()
+        };
         let r = self.cp_apply(Cmd::Claim {
             node_id: name.into(),
             openid: openid.clone(),
             session_id: claimed,
+            fresh_session_id,
         });
         let CmdResult::Owned {
             owner,

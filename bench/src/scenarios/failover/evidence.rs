@@ -7,6 +7,7 @@
 //! Nothing here changes what the clients do: the sampler only reads quinn's statistics.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +66,25 @@ pub fn run_ms(procs: &[Proc], a: &Times, b: &Times, name: &str) -> Option<f64> {
     let i = procs.iter().position(|p| p.name == name)?;
     let v = (b.of.get(i)?.2 - a.of.get(i)?.2) / 1e3;
     v.is_finite().then_some(v)
+}
+
+/// Ownership changes the control plane applied (`gatesvr_cp_session_claims_total` of the
+/// first control-plane node that answers, from its admin listener's `/metrics`; every member
+/// counts what it applies, so one answers for all): the claims a reconnect burst cost.
+pub async fn cp_claims(admins: &[SocketAddr]) -> Option<u64> {
+    for a in admins {
+        let Some(text) = http_get(*a, "/metrics").await else {
+            continue;
+        };
+        let v = text.lines().find_map(|l| {
+            l.strip_prefix("gatesvr_cp_session_claims_total ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if let Some(v) = v {
+            return Some(v as u64);
+        }
+    }
+    None
 }
 
 /// Each data plane's TLS counters (`gatesvr_tls_handshakes_total` by kind,
