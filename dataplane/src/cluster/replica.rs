@@ -620,19 +620,41 @@ pub const HANDOFF_TRIES: u32 = 12;
 /// (simulation seed 1678 of session 9).
 pub const HANDOFF_HOLDERS: usize = 2;
 
+/// How long a round that only sends copies again to heirs that failed waits
+/// after the round before. The leaving node's view may be late (its watch
+/// lags, or the heirs left a moment ago), and a later view names new heirs:
+/// simulation seed 2209 of session 10, a leaving node whose view was 1-3 s
+/// behind retried two departed heirs in 140 ms and left with the only copy
+/// of eight acknowledged pushes.
+pub const HANDOFF_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// A leaving node's replica handoff, sans-IO: which copy goes to which heir,
 /// round after round. Each replica goes to the first [`HANDOFF_HOLDERS`] of
 /// its owner's heirs ([`Members::heirs_of`]); a heir that failed is passed
-/// over for that copy, and a copy no heir took is sent again to the last
-/// heir that failed when no other is left, up to [`HANDOFF_ROUNDS`] times.
-/// Both shells (the data plane's [`hand_over_replicas`] and the simulation)
-/// carry out its rounds.
+/// over for that copy; a copy no heir took waits [`HANDOFF_RETRY_AFTER`] for
+/// the view to name a new heir, and goes again to the last heir that failed
+/// when none is left, up to [`HANDOFF_ROUNDS`] times. Both shells (the data
+/// plane's [`hand_over_replicas`] and the simulation) carry out its rounds.
 ///
 /// [`Members::heirs_of`]: crate::core::Members::heirs_of
 pub struct Handoff {
     copies: Vec<Placing>,
     rounds: u32,
     tries: u32,
+    /// When the last round was sent.
+    last: Option<Instant>,
+}
+
+/// What a leaving node does next in its [`Handoff`].
+#[derive(Debug)]
+pub enum HandoffStep {
+    /// Send these copies, each to its heir, and report every answer.
+    Send(Vec<(Member, ReplicateRequest)>),
+    /// Ask again at this instant (or when the view changes).
+    WaitUntil(Instant),
+    /// The handoff is over: every copy has its heirs or none to go to, or
+    /// the rounds are used up.
+    Done,
 }
 
 /// One replica being handed over.
@@ -659,6 +681,7 @@ impl Handoff {
                 .collect(),
             rounds: 0,
             tries: 0,
+            last: None,
         }
     }
 
@@ -677,20 +700,14 @@ impl Handoff {
         self.copies.iter().filter(|p| p.held.is_empty()).count()
     }
 
-    /// The next round's copies, each with its heir, after every answer of
-    /// the round before was given to [`Handoff::answered`]; `None` when the
-    /// handoff is over (every copy has its heirs or none to go to, or the
-    /// rounds are used up).
-    pub fn next_round(
-        &mut self,
-        members: &crate::core::Members,
-        now: Instant,
-    ) -> Option<Vec<(Member, ReplicateRequest)>> {
+    /// The next step at `now`, after every answer of the round before was
+    /// given to [`Handoff::answered`].
+    pub fn next_step(&mut self, members: &crate::core::Members, now: Instant) -> HandoffStep {
         if self.rounds >= HANDOFF_ROUNDS || self.tries >= HANDOFF_TRIES {
-            return None;
+            return HandoffStep::Done;
         }
-        let mut out = Vec::new();
-        let mut again = false;
+        let mut fresh_round = Vec::new();
+        let mut again_round = Vec::new();
         for p in &self.copies {
             let want = HANDOFF_HOLDERS.saturating_sub(p.held.len());
             if want == 0 {
@@ -706,20 +723,28 @@ impl Handoff {
                 .take(want)
                 .collect();
             if !fresh.is_empty() {
-                out.extend(fresh.into_iter().map(|m| (m.clone(), p.req.clone())));
+                fresh_round.extend(fresh.into_iter().map(|m| (m.clone(), p.req.clone())));
             } else if p.held.is_empty()
                 && let Some(last) = p.failed.last()
             {
-                again = true;
-                out.push((last.clone(), p.req.clone()));
+                again_round.push((last.clone(), p.req.clone()));
             }
         }
-        if out.is_empty() {
-            return None;
-        }
+        let round = if !fresh_round.is_empty() {
+            fresh_round
+        } else if again_round.is_empty() {
+            return HandoffStep::Done;
+        } else {
+            let after = self.last.map(|t| t + HANDOFF_RETRY_AFTER);
+            if let Some(after) = after.filter(|a| now < *a) {
+                return HandoffStep::WaitUntil(after);
+            }
+            self.rounds += 1;
+            again_round
+        };
         self.tries += 1;
-        self.rounds += u32::from(again);
-        Some(out)
+        self.last = Some(now);
+        HandoffStep::Send(round)
     }
 
     /// `heir` took (`ok`) or failed the copy of `openid`'s replica.
@@ -749,10 +774,18 @@ impl Handoff {
 pub async fn hand_over_replicas(node: &Node) {
     use futures::StreamExt;
     let mut handoff = Handoff::new(node.replicas.copies());
-    while let Some(round) = node
-        .registry
-        .members(|m| handoff.next_round(m, Instant::now()))
-    {
+    loop {
+        let round = match node
+            .registry
+            .members(|m| handoff.next_step(m, Instant::now()))
+        {
+            HandoffStep::Done => break,
+            HandoffStep::WaitUntil(at) => {
+                tokio::time::sleep_until(at.into()).await;
+                continue;
+            }
+            HandoffStep::Send(round) => round,
+        };
         let answers: Vec<(Member, String, bool)> = futures::stream::iter(round)
             .map(|(heir, req)| async move {
                 let openid = req.openid.clone();
@@ -1274,9 +1307,7 @@ mod tests {
         view.put(member("dp-2", NodeState::Draining));
         view.put(member("dp-3", NodeState::Dead));
         view.put(member("dp-4", NodeState::Active));
-        let handed = Handoff::new(leaving.copies())
-            .next_round(&view, Instant::now())
-            .expect("a round");
+        let handed = sent(Handoff::new(leaving.copies()).next_step(&view, Instant::now()));
         assert_eq!(handed.len(), 1, "one replica, one heir left to take it");
         let (heir, req) = handed.into_iter().next().expect("one");
         assert_eq!(
@@ -1298,20 +1329,17 @@ mod tests {
         // The owner itself is gone (dead): its replicas are what a recovery
         // needs, so they are handed on all the same.
         view.put(member("dp-1", NodeState::Dead));
-        let handed = Handoff::new(leaving.copies())
-            .next_round(&view, Instant::now())
-            .expect("a round");
+        let handed = sent(Handoff::new(leaving.copies()).next_step(&view, Instant::now()));
         assert_eq!(handed.len(), 1);
         assert_eq!(handed[0].0.node_id, "dp-4");
         // Nobody to hand to: they leave with the node.
         let mut alone = Members::new("dp-2");
         alone.put(member("dp-1", NodeState::Active));
         alone.put(member("dp-2", NodeState::Draining));
-        assert!(
-            Handoff::new(leaving.copies())
-                .next_round(&alone, Instant::now())
-                .is_none()
-        );
+        assert!(matches!(
+            Handoff::new(leaving.copies()).next_step(&alone, Instant::now()),
+            HandoffStep::Done
+        ));
     }
 
     /// Simulation seed 1678 of session 9: the owner restarted empty after a
@@ -1354,7 +1382,7 @@ mod tests {
                 .map(|(m, _)| m.node_id.clone())
                 .collect()
         };
-        let first = plan.next_round(&view, now).expect("a first round");
+        let first = sent(plan.next_step(&view, now));
         assert_eq!(
             heirs(&first, "u1"),
             ["dp-3", "dp-4"],
@@ -1366,24 +1394,33 @@ mod tests {
             let ok = !(heir.node_id == "dp-3" && req.openid == "u1");
             plan.answered(&req.openid, heir, ok);
         }
-        let second = plan.next_round(&view, now).expect("a second round");
+        let second = sent(plan.next_step(&view, now));
         assert_eq!(heirs(&second, "u1"), ["dp-5"], "the next heir not tried");
         assert!(heirs(&second, "u2").is_empty(), "u2 has its two heirs");
         plan.answered("u1", &second[0].0, false);
         assert!(
-            plan.next_round(&view, now).is_none(),
+            matches!(plan.next_step(&view, now), HandoffStep::Done),
             "u1 is held by dp-4, and no heir is left to try"
         );
         assert_eq!(plan.unplaced(), 0);
 
         // A copy no heir took goes again to the last that failed, a bounded
-        // number of rounds, then leaves with the node.
+        // number of rounds, each after a pause, then leaves with the node.
         let mut alone = Members::new("dp-2");
         alone.put(member("dp-1", NodeState::Active));
         alone.put(member("dp-3", NodeState::Active));
         let mut plan = Handoff::new(leaving.copies());
-        let mut rounds = 0;
-        while let Some(round) = plan.next_round(&alone, now) {
+        let (mut rounds, mut at) = (0, now);
+        loop {
+            let round = match plan.next_step(&alone, at) {
+                HandoffStep::Done => break,
+                HandoffStep::WaitUntil(until) => {
+                    assert_eq!(until, at + HANDOFF_RETRY_AFTER, "a pause before a retry");
+                    at = until;
+                    continue;
+                }
+                HandoffStep::Send(round) => round,
+            };
             assert!(round.iter().all(|(m, _)| m.node_id == "dp-3"));
             for (heir, req) in &round {
                 plan.answered(&req.openid, heir, false);
@@ -1393,6 +1430,58 @@ mod tests {
         }
         assert_eq!(rounds, 1 + HANDOFF_ROUNDS, "the first try and its retries");
         assert_eq!(plan.unplaced(), 2, "they leave with the node");
+    }
+
+    /// Simulation seed 2209 of session 10: a leaving node's view was behind
+    /// (its watch lagged); both heirs it named had left, and it retried them
+    /// at once and left with the only copy. A copy no heir took waits for
+    /// the view to name a new heir.
+    #[test]
+    fn a_copy_whose_heirs_all_failed_waits_for_a_view_that_names_a_new_one() {
+        let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
+        leaving
+            .apply(ReplicateRequest {
+                openid: "u1".into(),
+                session_id: "s1".into(),
+                zone: "001".into(),
+                epoch: 3,
+                owner_node: "dp-1".into(),
+                pushes: vec![push(4)],
+                acked_seq_id: 3,
+                next_seq_id: 5,
+                release: false,
+                incremental: false,
+            })
+            .expect("applied");
+        let mut view = Members::new("dp-2");
+        for id in ["dp-1", "dp-3", "dp-4"] {
+            view.put(member(id, NodeState::Active));
+        }
+        let now = Instant::now();
+        let mut plan = Handoff::new(leaving.copies());
+        for (heir, req) in sent(plan.next_step(&view, now)) {
+            plan.answered(&req.openid, &heir, false);
+        }
+        let HandoffStep::WaitUntil(until) = plan.next_step(&view, now) else {
+            panic!("no retry before the pause");
+        };
+        // The view catches up: dp-3 and dp-4 left, dp-5 joined.
+        view.put(member("dp-3", NodeState::Left));
+        view.put(member("dp-4", NodeState::Left));
+        view.put(member("dp-5", NodeState::Active));
+        let round = sent(plan.next_step(&view, now));
+        assert_eq!(round.len(), 1, "a new heir is tried without waiting");
+        assert_eq!(round[0].0.node_id, "dp-5");
+        plan.answered("u1", &round[0].0, true);
+        assert!(matches!(plan.next_step(&view, until), HandoffStep::Done));
+        assert_eq!(plan.unplaced(), 0);
+    }
+
+    fn sent(step: HandoffStep) -> Vec<(Member, ReplicateRequest)> {
+        match step {
+            HandoffStep::Send(round) => round,
+            other => panic!("expected a round to send, got {other:?}"),
+        }
     }
 
     #[test]
@@ -1423,9 +1512,7 @@ mod tests {
         view.put(member("dp-8", NodeState::Active));
         view.put(member("dp-9", NodeState::Active));
         assert_eq!(
-            Handoff::new(old_owner.copies())
-                .next_round(&view, Instant::now())
-                .expect("a round")[0]
+            sent(Handoff::new(old_owner.copies()).next_step(&view, Instant::now()))[0]
                 .0
                 .node_id,
             "dp-9"

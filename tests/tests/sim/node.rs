@@ -11,7 +11,7 @@ use gatesvr_dataplane::core::{
     AfterHandover, Command, Holding, Lease, Member, PlainCell, PushOutcome, Reach, RequestOutcome,
     SessionCell, Table, TableConfig, Target,
 };
-use gatesvr_dataplane::replica::{Handoff, Recovery, ReplicaStore, UNREACHABLE_HOLD};
+use gatesvr_dataplane::replica::{Handoff, HandoffStep, Recovery, ReplicaStore, UNREACHABLE_HOLD};
 use gatesvr_dataplane::session::{
     PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
 };
@@ -1375,9 +1375,13 @@ impl World {
                         );
                     }
                     let h = node.handoff.as_mut().expect("set above");
-                    match h.plan.next_round(node.table.members(), now) {
-                        None => self.leave(name),
-                        Some(round) => {
+                    match h.plan.next_step(node.table.members(), now) {
+                        HandoffStep::Done => self.leave(name),
+                        HandoffStep::WaitUntil(at) => {
+                            let wait = at.saturating_duration_since(now).as_millis() as Ms;
+                            self.timer(name, wait.max(1), Timer::DrainStep);
+                        }
+                        HandoffStep::Send(round) => {
                             self.hand_over_replicas(name, round);
                             self.timer(name, 10, Timer::DrainStep);
                         }
