@@ -163,7 +163,11 @@ async fn crash_of_the_owner_redelivers_every_unacked_durable_push() {
     assert_ne!(client.session_id(), old_session, "a new session");
     // The rebuilt session's id was recorded by the reconnect's one claim.
     let (_, claims_after) = c.claim_counts();
-    assert_eq!(claims_after - claims_before, 1, "claims sent for one reconnect");
+    assert_eq!(
+        claims_after - claims_before,
+        1,
+        "claims sent for one reconnect"
+    );
 
     // Every durable push not acked before the crash, renumbered from 1.
     let expected_durable: Vec<String> = (11..=20)
@@ -253,7 +257,10 @@ async fn crash_without_a_replica_reports_session_expired() {
     match next(&client).await {
         Event::Connected {
             status, node_id, ..
-        } => assert_eq!((status, node_id.as_str()), (ResumeStatus::SessionExpired, "dp-2")),
+        } => assert_eq!(
+            (status, node_id.as_str()),
+            (ResumeStatus::SessionExpired, "dp-2")
+        ),
         other => panic!("unexpected {other:?}"),
     }
     let fresh = client.session_id();
@@ -261,7 +268,11 @@ async fn crash_without_a_replica_reports_session_expired() {
     // One claim for the reconnect: it recorded the fresh session's id beside
     // the resumed one (`Claim.fresh_session_id`), so no second claim.
     let (_, claims_after) = claimant.claim_counts();
-    assert_eq!(claims_after - claims_before, 1, "claims sent for one reconnect");
+    assert_eq!(
+        claims_after - claims_before,
+        1,
+        "claims sent for one reconnect"
+    );
     // dp-3 was asked for its copy in one `FetchReplicas` call, answered at once.
     assert_eq!(cluster.dps[0].node().replicas.fetches.counts(), (1, 1));
     // The control plane names the fresh session: a push addressed to its id

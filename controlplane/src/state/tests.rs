@@ -89,7 +89,11 @@ fn a_claim_records_the_fresh_session_id_beside_the_resumed_one() {
     let e2 = owned_epoch(&r);
     assert!(e2 > e1);
     assert_eq!(st.owners["alice"].owner_node, "b");
-    assert_eq!(found_by_session(&st, "new1"), ["alice"], "kept by a transfer");
+    assert_eq!(
+        found_by_session(&st, "new1"),
+        ["alice"],
+        "kept by a transfer"
+    );
 
     let (r, _) = apply(&mut st, 4, claim_fresh("a", "alice", "new1", ""));
     assert!(owned_epoch(&r) > e2);

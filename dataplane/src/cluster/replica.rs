@@ -1203,7 +1203,10 @@ async fn call_fetches(
 
 /// The answers of a `FetchReplicas` stream of `n` sessions, each joined
 /// from its chunks ([`join_fetch`]); `None` for a session with no chunk.
-pub fn join_fetches(n: usize, chunks: Vec<FetchReplicasChunk>) -> Vec<Option<FetchReplicaResponse>> {
+pub fn join_fetches(
+    n: usize,
+    chunks: Vec<FetchReplicasChunk>,
+) -> Vec<Option<FetchReplicaResponse>> {
     let mut parts: Vec<Vec<FetchReplicaResponse>> = vec![Vec::new(); n];
     for chunk in chunks {
         if let (Some(answer), Some(part)) = (parts.get_mut(chunk.index as usize), chunk.part) {
@@ -1370,10 +1373,14 @@ mod tests {
             })
             .collect();
         for (index, a) in [(1, none.clone()), (2, small.clone())] {
-            chunks.extend(split_fetch(a, 40).into_iter().map(|part| FetchReplicasChunk {
-                index,
-                part: Some(part),
-            }));
+            chunks.extend(
+                split_fetch(a, 40)
+                    .into_iter()
+                    .map(|part| FetchReplicasChunk {
+                        index,
+                        part: Some(part),
+                    }),
+            );
         }
         // An index beyond the request is ignored.
         chunks.push(FetchReplicasChunk {
