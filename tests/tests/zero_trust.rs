@@ -446,6 +446,24 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
         "dp-2 refused on Peer: {peer_call:?}"
     );
     legit += 1;
+    // The batched form a recovery uses (a reconnect burst's fetches in one call).
+    let batch_call = PeerClient::new(channel(
+        dps[0].grpc,
+        &ca,
+        Some(&role_cert(Role::DataPlane, "dp-2")),
+    ))
+    .fetch_replicas(peer_pb::FetchReplicasRequest {
+        sessions: vec![peer_pb::FetchReplicaRequest {
+            openid: "nobody".into(),
+            session_id: "none".into(),
+        }],
+    })
+    .await;
+    assert!(
+        got_through(&batch_call).0,
+        "dp-2 refused on Peer.FetchReplicas: {batch_call:?}"
+    );
+    legit += 1;
     // The ops listener with its token: a profile.
     let (status, _) = http_get_with_token(
         addr(dps[0].ops),
@@ -665,6 +683,15 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
                 })
                 .await;
             note("Peer.FetchReplica", got_through(&r));
+            let r = p
+                .fetch_replicas(peer_pb::FetchReplicasRequest {
+                    sessions: vec![peer_pb::FetchReplicaRequest {
+                        openid: victim.into(),
+                        session_id: session_id.clone(),
+                    }],
+                })
+                .await;
+            note("Peer.FetchReplicas", got_through(&r));
         }
 
         // GatewayService: upstreams and data-plane nodes (or the token).

@@ -7,7 +7,7 @@
 //!
 //! | method | who |
 //! |---|---|
-//! | `Peer.Handover`, `Stage`, `Replicate`, `FetchReplica` (and their `*Stream` forms) | data-plane nodes |
+//! | `Peer.Handover`, `Stage`, `Replicate`, `FetchReplica` (and their `*Stream` forms), `FetchReplicas` | data-plane nodes |
 //! | `GatewayService.*` | upstreams, data-plane nodes (they forward pushes to a session's owner), or the push token |
 //! | `grpc.health.v1.Health.*` | anyone |
 //! | anything else | nobody |
@@ -47,6 +47,10 @@ pub const RULES: &[(&str, Rule)] = &[
         Rule::Roles(DATA_PLANE),
     ),
     ("/gatesvr.peer.v1.Peer/StageStream", Rule::Roles(DATA_PLANE)),
+    (
+        "/gatesvr.peer.v1.Peer/FetchReplicas",
+        Rule::Roles(DATA_PLANE),
+    ),
     (
         "/gatesvr.upstream.v1.GatewayService/PushToClient",
         Rule::RolesOrToken(PUSHERS),
@@ -169,6 +173,7 @@ mod tests {
                     "HandoverStream",
                     "FetchReplicaStream",
                     "StageStream",
+                    "FetchReplicas",
                 ][..],
             ),
             (
