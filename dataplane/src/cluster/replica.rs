@@ -245,28 +245,12 @@ impl ReplicaStore {
         });
     }
 
-    /// What a leaving node hands over before it goes: every replica it
-    /// holds, as a copy for its owner's next standby ([`Members::standby_of`]
-    /// in this node's view; replicas of an owner with no other standby stay
-    /// and leave with it). Without it, the durable pushes of an owner that
-    /// crashed after this node left and before its ack sync moved its
-    /// sessions to the new standby were lost (simulation seed 174).
-    ///
-    /// [`Members::standby_of`]: crate::core::Members::standby_of
-    pub fn handoff(
-        &self,
-        members: &crate::core::Members,
-        now: Instant,
-    ) -> Vec<(Member, ReplicateRequest)> {
+    /// What a leaving node hands over before it goes ([`Handoff`]): a copy
+    /// of every replica it holds, by openid.
+    pub fn copies(&self) -> Vec<ReplicateRequest> {
         let map = self.map.lock();
-        let mut out: Vec<(Member, ReplicateRequest)> = map
-            .iter()
-            .filter_map(|(openid, r)| {
-                let heir = members.standby_of(&r.owner, now)?;
-                Some((heir.clone(), r.copy(openid)))
-            })
-            .collect();
-        out.sort_by(|a, b| a.1.openid.cmp(&b.1.openid));
+        let mut out: Vec<ReplicateRequest> = map.iter().map(|(openid, r)| r.copy(openid)).collect();
+        out.sort_by(|a, b| a.openid.cmp(&b.openid));
         out
     }
 
@@ -619,77 +603,217 @@ fn copy_lost(node: &Node, openid: &str, session_id: &str) {
     node.replicator.moved_on.notify_one();
 }
 
-/// How many times a leaving node sends a replica whose copy failed to the
-/// same heir (a round that sends every failed copy to a heir not tried
-/// before does not count: simulation seed 969 of session 9, a leaving node
-/// with a stale view tried three departed heirs and left with the copy).
+/// How many times a leaving node sends a replica that no heir took to a
+/// heir that failed before (a round that finds a heir not tried before for
+/// every such copy does not count: simulation seed 969 of session 9, a
+/// leaving node with a stale view tried three departed heirs and left with
+/// the copy).
 pub const HANDOFF_ROUNDS: u32 = 3;
 
 /// Every round of a leaving node's replica handoff, new heirs or not.
 pub const HANDOFF_TRIES: u32 = 12;
 
+/// How many heirs a leaving node hands each replica to. One was not enough:
+/// every holder of an owner's replicas picks the same heir (the owner's next
+/// standby), so rolling drains gathered the copies of a session whose owner
+/// had restarted empty on one node, and a kill of that node lost them
+/// (simulation seed 1678 of session 9).
+pub const HANDOFF_HOLDERS: usize = 2;
+
+/// How long a round that only sends copies again to heirs that failed waits
+/// after the round before. The leaving node's view may be late (its watch
+/// lags, or the heirs left a moment ago), and a later view names new heirs:
+/// simulation seed 2209 of session 10, a leaving node whose view was 1-3 s
+/// behind retried two departed heirs in 140 ms and left with the only copy
+/// of eight acknowledged pushes.
+pub const HANDOFF_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// A leaving node's replica handoff, sans-IO: which copy goes to which heir,
+/// round after round. Each replica goes to the first [`HANDOFF_HOLDERS`] of
+/// its owner's heirs ([`Members::heirs_of`]); a heir that failed is passed
+/// over for that copy; a copy no heir took waits [`HANDOFF_RETRY_AFTER`] for
+/// the view to name a new heir, and goes again to the last heir that failed
+/// when none is left, up to [`HANDOFF_ROUNDS`] times. Both shells (the data
+/// plane's [`hand_over_replicas`] and the simulation) carry out its rounds.
+///
+/// [`Members::heirs_of`]: crate::core::Members::heirs_of
+pub struct Handoff {
+    copies: Vec<Placing>,
+    rounds: u32,
+    tries: u32,
+    /// When the last round was sent.
+    last: Option<Instant>,
+}
+
+/// What a leaving node does next in its [`Handoff`].
+#[derive(Debug)]
+pub enum HandoffStep {
+    /// Send these copies, each to its heir, and report every answer.
+    Send(Vec<(Member, ReplicateRequest)>),
+    /// Ask again at this instant (or when the view changes).
+    WaitUntil(Instant),
+    /// The handoff is over: every copy has its heirs or none to go to, or
+    /// the rounds are used up.
+    Done,
+}
+
+/// One replica being handed over.
+struct Placing {
+    req: ReplicateRequest,
+    /// Heirs that took the copy.
+    held: Vec<String>,
+    /// Heirs that failed it, the last one last.
+    failed: Vec<Member>,
+}
+
+impl Handoff {
+    /// `copies`: what this node holds ([`ReplicaStore::copies`]).
+    pub fn new(mut copies: Vec<ReplicateRequest>) -> Self {
+        copies.sort_by(|a, b| a.openid.cmp(&b.openid));
+        Self {
+            copies: copies
+                .into_iter()
+                .map(|req| Placing {
+                    req,
+                    held: Vec::new(),
+                    failed: Vec::new(),
+                })
+                .collect(),
+            rounds: 0,
+            tries: 0,
+            last: None,
+        }
+    }
+
+    /// Replicas to hand over.
+    pub fn len(&self) -> usize {
+        self.copies.len()
+    }
+
+    /// Whether there is nothing to hand over.
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+
+    /// Replicas no heir took (they leave with this node).
+    pub fn unplaced(&self) -> usize {
+        self.copies.iter().filter(|p| p.held.is_empty()).count()
+    }
+
+    /// The next step at `now`, after every answer of the round before was
+    /// given to [`Handoff::answered`].
+    pub fn next_step(&mut self, members: &crate::core::Members, now: Instant) -> HandoffStep {
+        if self.rounds >= HANDOFF_ROUNDS || self.tries >= HANDOFF_TRIES {
+            return HandoffStep::Done;
+        }
+        let mut fresh_round = Vec::new();
+        let mut again_round = Vec::new();
+        for p in &self.copies {
+            let want = HANDOFF_HOLDERS.saturating_sub(p.held.len());
+            if want == 0 {
+                continue;
+            }
+            let tried = |id: &str| {
+                p.held.iter().any(|h| h == id) || p.failed.iter().any(|f| f.node_id == id)
+            };
+            let fresh: Vec<&Member> = members
+                .heirs_of(&p.req.owner_node, now)
+                .into_iter()
+                .filter(|m| !tried(&m.node_id))
+                .take(want)
+                .collect();
+            if !fresh.is_empty() {
+                fresh_round.extend(fresh.into_iter().map(|m| (m.clone(), p.req.clone())));
+            } else if p.held.is_empty()
+                && let Some(last) = p.failed.last()
+            {
+                again_round.push((last.clone(), p.req.clone()));
+            }
+        }
+        let round = if !fresh_round.is_empty() {
+            fresh_round
+        } else if again_round.is_empty() {
+            return HandoffStep::Done;
+        } else {
+            let after = self.last.map(|t| t + HANDOFF_RETRY_AFTER);
+            if let Some(after) = after.filter(|a| now < *a) {
+                return HandoffStep::WaitUntil(after);
+            }
+            self.rounds += 1;
+            again_round
+        };
+        self.tries += 1;
+        self.last = Some(now);
+        HandoffStep::Send(round)
+    }
+
+    /// `heir` took (`ok`) or failed the copy of `openid`'s replica.
+    pub fn answered(&mut self, openid: &str, heir: &Member, ok: bool) {
+        let Ok(i) = self
+            .copies
+            .binary_search_by(|p| p.req.openid.as_str().cmp(openid))
+        else {
+            return;
+        };
+        let p = &mut self.copies[i];
+        p.failed.retain(|f| f.node_id != heir.node_id);
+        if ok {
+            if !p.held.contains(&heir.node_id) {
+                p.held.push(heir.node_id.clone());
+            }
+        } else {
+            p.failed.push(heir.clone());
+        }
+    }
+}
+
 /// Before this node leaves (the end of a drain): hands every replica it
-/// holds to its owner's next standby ([`ReplicaStore::handoff`]), a few
-/// calls at a time, each bounded by the peer timeout; a copy that failed is
-/// sent again, up to [`HANDOFF_ROUNDS`] rounds (a lost copy was the only one
-/// left of what a fenced or departed owner acknowledged: simulation seed 152).
+/// holds to its owner's next heirs, as [`Handoff`] plans, a few calls at a
+/// time, each bounded by the peer timeout (a lost copy was the only one left
+/// of what a fenced or departed owner acknowledged: simulation seed 152).
 pub async fn hand_over_replicas(node: &Node) {
     use futures::StreamExt;
-    let mut heirs = node
-        .registry
-        .members(|m| node.replicas.handoff(m, Instant::now()));
-    let n = heirs.len();
-    let (mut rounds, mut tries) = (0, 0);
-    while rounds < HANDOFF_ROUNDS && tries < HANDOFF_TRIES {
-        if heirs.is_empty() {
-            break;
-        }
-        tries += 1;
-        let failed: Vec<(Member, ReplicateRequest)> = futures::stream::iter(heirs)
+    let mut handoff = Handoff::new(node.replicas.copies());
+    loop {
+        let round = match node
+            .registry
+            .members(|m| handoff.next_step(m, Instant::now()))
+        {
+            HandoffStep::Done => break,
+            HandoffStep::WaitUntil(at) => {
+                tokio::time::sleep_until(at.into()).await;
+                continue;
+            }
+            HandoffStep::Send(round) => round,
+        };
+        let answers: Vec<(Member, String, bool)> = futures::stream::iter(round)
             .map(|(heir, req)| async move {
-                match send(node, &heir.grpc_addr, req.clone()).await {
-                    Ok(_) => None,
+                let openid = req.openid.clone();
+                let ok = match send(node, &heir.grpc_addr, req).await {
+                    Ok(_) => true,
                     Err(status) => {
                         node.registry.mark_unreachable(
                             &heir.node_id,
                             reach_of(&status),
                             Instant::now() + UNREACHABLE_HOLD,
                         );
-                        Some((heir, req))
+                        false
                     }
-                }
+                };
+                (heir, openid, ok)
             })
             .buffer_unordered(16)
-            .filter_map(std::future::ready)
             .collect()
             .await;
-        // A heir that failed is passed over: the next round goes to the
-        // owner's next standby (a leaving node's view may still list a node
-        // that left: simulation seed 647 of session 9).
-        let now = Instant::now();
-        let mut new_heirs = true;
-        heirs = node.registry.members(|m| {
-            failed
-                .into_iter()
-                .map(|(heir, req)| {
-                    let next = m
-                        .standby_of(&req.owner_node, now)
-                        .filter(|n| n.node_id != heir.node_id)
-                        .cloned();
-                    new_heirs &= next.is_some();
-                    (next.unwrap_or(heir), req)
-                })
-                .collect()
-        });
-        if !new_heirs {
-            rounds += 1;
+        for (heir, openid, ok) in &answers {
+            handoff.answered(openid, heir, *ok);
         }
     }
-    if n > 0 {
+    if !handoff.is_empty() {
         tracing::info!(
-            replicas = n,
-            failed = heirs.len(),
-            "replicas handed to the owners' next standbys"
+            replicas = handoff.len(),
+            unplaced = handoff.unplaced(),
+            "replicas handed to the owners' next heirs"
         );
     }
 }
@@ -1183,8 +1307,8 @@ mod tests {
         view.put(member("dp-2", NodeState::Draining));
         view.put(member("dp-3", NodeState::Dead));
         view.put(member("dp-4", NodeState::Active));
-        let handed = leaving.handoff(&view, Instant::now());
-        assert_eq!(handed.len(), 1, "one replica, one heir");
+        let handed = sent(Handoff::new(leaving.copies()).next_step(&view, Instant::now()));
+        assert_eq!(handed.len(), 1, "one replica, one heir left to take it");
         let (heir, req) = handed.into_iter().next().expect("one");
         assert_eq!(
             heir.node_id, "dp-4",
@@ -1205,14 +1329,159 @@ mod tests {
         // The owner itself is gone (dead): its replicas are what a recovery
         // needs, so they are handed on all the same.
         view.put(member("dp-1", NodeState::Dead));
-        let handed = leaving.handoff(&view, Instant::now());
+        let handed = sent(Handoff::new(leaving.copies()).next_step(&view, Instant::now()));
         assert_eq!(handed.len(), 1);
         assert_eq!(handed[0].0.node_id, "dp-4");
         // Nobody to hand to: they leave with the node.
         let mut alone = Members::new("dp-2");
         alone.put(member("dp-1", NodeState::Active));
         alone.put(member("dp-2", NodeState::Draining));
-        assert!(leaving.handoff(&alone, Instant::now()).is_empty());
+        assert!(matches!(
+            Handoff::new(leaving.copies()).next_step(&alone, Instant::now()),
+            HandoffStep::Done
+        ));
+    }
+
+    /// Simulation seed 1678 of session 9: the owner restarted empty after a
+    /// drain moved a session to it; the copies of its durable pushes were on
+    /// four nodes, all draining, and each handed its copy to the same heir
+    /// (the owner's next standby), which was killed a moment later. Each
+    /// replica now goes to two heirs; a heir that fails is replaced by the
+    /// next one; a copy no heir took is sent again to the last that failed,
+    /// for [`HANDOFF_ROUNDS`] rounds at most.
+    #[test]
+    fn a_leaving_node_hands_each_replica_to_two_heirs_and_replaces_one_that_fails() {
+        let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
+        for openid in ["u1", "u2"] {
+            leaving
+                .apply(ReplicateRequest {
+                    openid: openid.into(),
+                    session_id: format!("s-{openid}"),
+                    zone: "001".into(),
+                    epoch: 3,
+                    owner_node: "dp-1".into(),
+                    pushes: vec![push(4)],
+                    acked_seq_id: 3,
+                    next_seq_id: 5,
+                    release: false,
+                    incremental: false,
+                })
+                .expect("applied");
+        }
+        let mut view = Members::new("dp-2");
+        for id in ["dp-1", "dp-3", "dp-4", "dp-5"] {
+            view.put(member(id, NodeState::Active));
+        }
+        view.put(member("dp-2", NodeState::Draining));
+        let now = Instant::now();
+        let mut plan = Handoff::new(leaving.copies());
+        let heirs = |round: &[(Member, ReplicateRequest)], openid: &str| -> Vec<String> {
+            round
+                .iter()
+                .filter(|(_, r)| r.openid == openid)
+                .map(|(m, _)| m.node_id.clone())
+                .collect()
+        };
+        let first = sent(plan.next_step(&view, now));
+        assert_eq!(
+            heirs(&first, "u1"),
+            ["dp-3", "dp-4"],
+            "the owner's next two"
+        );
+        assert_eq!(heirs(&first, "u2"), ["dp-3", "dp-4"]);
+        // dp-4 took both; dp-3 took u2 and failed u1.
+        for (heir, req) in &first {
+            let ok = !(heir.node_id == "dp-3" && req.openid == "u1");
+            plan.answered(&req.openid, heir, ok);
+        }
+        let second = sent(plan.next_step(&view, now));
+        assert_eq!(heirs(&second, "u1"), ["dp-5"], "the next heir not tried");
+        assert!(heirs(&second, "u2").is_empty(), "u2 has its two heirs");
+        plan.answered("u1", &second[0].0, false);
+        assert!(
+            matches!(plan.next_step(&view, now), HandoffStep::Done),
+            "u1 is held by dp-4, and no heir is left to try"
+        );
+        assert_eq!(plan.unplaced(), 0);
+
+        // A copy no heir took goes again to the last that failed, a bounded
+        // number of rounds, each after a pause, then leaves with the node.
+        let mut alone = Members::new("dp-2");
+        alone.put(member("dp-1", NodeState::Active));
+        alone.put(member("dp-3", NodeState::Active));
+        let mut plan = Handoff::new(leaving.copies());
+        let (mut rounds, mut at) = (0, now);
+        loop {
+            let round = match plan.next_step(&alone, at) {
+                HandoffStep::Done => break,
+                HandoffStep::WaitUntil(until) => {
+                    assert_eq!(until, at + HANDOFF_RETRY_AFTER, "a pause before a retry");
+                    at = until;
+                    continue;
+                }
+                HandoffStep::Send(round) => round,
+            };
+            assert!(round.iter().all(|(m, _)| m.node_id == "dp-3"));
+            for (heir, req) in &round {
+                plan.answered(&req.openid, heir, false);
+            }
+            rounds += 1;
+            assert!(rounds <= HANDOFF_TRIES, "bounded");
+        }
+        assert_eq!(rounds, 1 + HANDOFF_ROUNDS, "the first try and its retries");
+        assert_eq!(plan.unplaced(), 2, "they leave with the node");
+    }
+
+    /// Simulation seed 2209 of session 10: a leaving node's view was behind
+    /// (its watch lagged); both heirs it named had left, and it retried them
+    /// at once and left with the only copy. A copy no heir took waits for
+    /// the view to name a new heir.
+    #[test]
+    fn a_copy_whose_heirs_all_failed_waits_for_a_view_that_names_a_new_one() {
+        let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
+        leaving
+            .apply(ReplicateRequest {
+                openid: "u1".into(),
+                session_id: "s1".into(),
+                zone: "001".into(),
+                epoch: 3,
+                owner_node: "dp-1".into(),
+                pushes: vec![push(4)],
+                acked_seq_id: 3,
+                next_seq_id: 5,
+                release: false,
+                incremental: false,
+            })
+            .expect("applied");
+        let mut view = Members::new("dp-2");
+        for id in ["dp-1", "dp-3", "dp-4"] {
+            view.put(member(id, NodeState::Active));
+        }
+        let now = Instant::now();
+        let mut plan = Handoff::new(leaving.copies());
+        for (heir, req) in sent(plan.next_step(&view, now)) {
+            plan.answered(&req.openid, &heir, false);
+        }
+        let HandoffStep::WaitUntil(until) = plan.next_step(&view, now) else {
+            panic!("no retry before the pause");
+        };
+        // The view catches up: dp-3 and dp-4 left, dp-5 joined.
+        view.put(member("dp-3", NodeState::Left));
+        view.put(member("dp-4", NodeState::Left));
+        view.put(member("dp-5", NodeState::Active));
+        let round = sent(plan.next_step(&view, now));
+        assert_eq!(round.len(), 1, "a new heir is tried without waiting");
+        assert_eq!(round[0].0.node_id, "dp-5");
+        plan.answered("u1", &round[0].0, true);
+        assert!(matches!(plan.next_step(&view, until), HandoffStep::Done));
+        assert_eq!(plan.unplaced(), 0);
+    }
+
+    fn sent(step: HandoffStep) -> Vec<(Member, ReplicateRequest)> {
+        match step {
+            HandoffStep::Send(round) => round,
+            other => panic!("expected a round to send, got {other:?}"),
+        }
     }
 
     #[test]
@@ -1243,7 +1512,9 @@ mod tests {
         view.put(member("dp-8", NodeState::Active));
         view.put(member("dp-9", NodeState::Active));
         assert_eq!(
-            old_owner.handoff(&view, Instant::now())[0].0.node_id,
+            sent(Handoff::new(old_owner.copies()).next_step(&view, Instant::now()))[0]
+                .0
+                .node_id,
             "dp-9"
         );
         // A state with nothing unacknowledged leaves nothing.

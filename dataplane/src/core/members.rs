@@ -13,6 +13,7 @@
 //! | [`Members::standby_for`] (durable)     | next active on the id ring, |
 //! |                                        | not found unreachable       |
 //! | [`Members::standby_of`] (replica heir) | the same, seen for an owner |
+//! | [`Members::heirs_of`] (handoff)        | the same, in ring order     |
 //! | [`Members::fan_out`] (broadcast)       | live, not this node         |
 //! | [`Members::recovery_sources`]          | live, not this node or gone |
 //! | [`Members::recovery_maybe`]            | dead (maybe only cut off)   |
@@ -232,16 +233,28 @@ impl Members {
     /// copies of a crashed owner's pushes to a departed heir three times
     /// each, and left).
     pub fn standby_of(&self, owner: &str, now: Instant) -> Option<&Member> {
+        self.heirs_of(owner, now).into_iter().next()
+    }
+
+    /// Every node [`Members::standby_of`] could pick for `owner`, in the
+    /// order it picks them: active nodes after `owner` on the id ring, never
+    /// this node or `owner`, none found unreachable at `now`. A leaving node
+    /// hands its replicas to the first [`crate::replica::HANDOFF_HOLDERS`].
+    pub fn heirs_of(&self, owner: &str, now: Instant) -> Vec<&Member> {
         let active: Vec<&Member> = self
             .others()
             .filter(|m| m.state == NodeState::Active && m.node_id != owner)
             .filter(|m| !self.is_unreachable(&m.node_id, now))
             .collect();
-        active
+        let split = active
             .iter()
-            .find(|m| m.node_id.as_str() > owner)
-            .or_else(|| active.first())
+            .position(|m| m.node_id.as_str() > owner)
+            .unwrap_or(0);
+        active[split..]
+            .iter()
+            .chain(&active[..split])
             .copied()
+            .collect()
     }
 
     /// Every active node in ring order after this one, without the ones

@@ -8,12 +8,10 @@ use std::time::Duration;
 
 use gatesvr_controlplane::state::{Cmd, CmdResult};
 use gatesvr_dataplane::core::{
-    AfterHandover, Command, Holding, Lease, PlainCell, PushOutcome, Reach, RequestOutcome,
+    AfterHandover, Command, Holding, Lease, Member, PlainCell, PushOutcome, Reach, RequestOutcome,
     SessionCell, Table, TableConfig, Target,
 };
-use gatesvr_dataplane::replica::{
-    HANDOFF_ROUNDS, HANDOFF_TRIES, Recovery, ReplicaStore, UNREACHABLE_HOLD,
-};
+use gatesvr_dataplane::replica::{Handoff, HandoffStep, Recovery, ReplicaStore, UNREACHABLE_HOLD};
 use gatesvr_dataplane::session::{
     PushMessage, RequestDisposition, Session, SessionConfig, SessionIdentity,
 };
@@ -80,7 +78,7 @@ pub struct SimNode {
     table_timer: Option<Ms>,
     /// A leaving node's replica handoff (`replica::hand_over_replicas`): the
     /// copies not answered yet, and until when it waits for them.
-    handoff: Option<Handoff>,
+    handoff: Option<Handing>,
     /// Whole-queue copies to a new standby in flight: wait id -> (openid,
     /// session id, standby); the standby is the session's once it answered.
     resyncs: HashMap<u64, (String, String, String)>,
@@ -95,17 +93,13 @@ pub struct SimNode {
 }
 
 /// A leaving node's replica handoff (`replica::hand_over_replicas`).
-struct Handoff {
-    /// Copies not answered yet: wait id -> (heir, copy).
-    pending: HashMap<u64, (String, ReplicateRequest)>,
-    /// Copies that bounced or were refused, sent again next round.
-    failed: Vec<(String, ReplicateRequest)>,
+struct Handing {
+    /// The rounds, as the data plane plans them.
+    plan: Handoff,
+    /// Copies not answered yet: wait id -> (openid, heir).
+    pending: HashMap<u64, (String, Member)>,
     /// When the round's unanswered copies count as failed.
     until: Ms,
-    /// Rounds sent (`replica::HANDOFF_ROUNDS` at most).
-    rounds: u32,
-    /// Every round, also those to new heirs (`replica::HANDOFF_TRIES`).
-    tries: u32,
 }
 
 /// A durable push whose copy is on its way to a standby.
@@ -308,10 +302,9 @@ impl World {
                 let now = self.instant();
                 let node = self.node(name);
                 if let Some(h) = &mut node.handoff
-                    && let Some(copy) = h.pending.remove(&wait)
-                    && !ok
+                    && let Some((openid, heir)) = h.pending.remove(&wait)
                 {
-                    h.failed.push(copy);
+                    h.plan.answered(&openid, &heir, ok);
                 }
                 if let Some((openid, sid, standby)) = node.resyncs.remove(&wait)
                     && ok
@@ -696,9 +689,9 @@ impl World {
                 let Some(w) = wait else { return };
                 self.node(name).orphan_copies.remove(&w);
                 if let Some(h) = &mut self.node(name).handoff
-                    && let Some(copy) = h.pending.remove(&w)
+                    && let Some((openid, heir)) = h.pending.remove(&w)
                 {
-                    h.failed.push(copy);
+                    h.plan.answered(&openid, &heir, false);
                 }
                 if let Some(d) = self.node(name).durable.remove(&w) {
                     self.copy_to_next(name, d);
@@ -1351,55 +1344,47 @@ impl World {
                     // next standbys before the node leaves.
                     // Copies that failed (or got no answer in a round) are sent
                     // again, for a few rounds.
-                    match &mut node.handoff {
-                        None => {
-                            for (state, owner) in node.table.fenced_states() {
-                                node.replicas.keep_handed_over(state, owner);
-                            }
-                            let heirs = node.replicas.handoff(node.table.members(), now);
-                            let heirs = heirs.into_iter().map(|(m, r)| (m.node_id, r)).collect();
-                            self.hand_over_replicas(name, heirs, true);
+                    if node.handoff.is_none() {
+                        for (state, owner) in node.table.fenced_states() {
+                            node.replicas.keep_handed_over(state, owner);
+                        }
+                        node.handoff = Some(Handing {
+                            plan: Handoff::new(node.replicas.copies()),
+                            pending: HashMap::new(),
+                            until: now_ms,
+                        });
+                    }
+                    let h = node.handoff.as_mut().expect("set above");
+                    if !h.pending.is_empty() && now_ms < h.until {
+                        self.timer(name, 10, Timer::DrainStep);
+                        return;
+                    }
+                    // As `replica::hand_over_replicas`: a copy not answered
+                    // in its round failed, and its heir is passed over.
+                    let mut unanswered: Vec<_> = h.pending.drain().collect();
+                    unanswered.sort_by_key(|(w, _)| *w);
+                    let hold = now + UNREACHABLE_HOLD;
+                    for (_, (openid, heir)) in &unanswered {
+                        h.plan.answered(openid, heir, false);
+                    }
+                    for (_, (_, heir)) in &unanswered {
+                        node.table.members_mut().mark_unreachable(
+                            &heir.node_id,
+                            Reach::NoAnswer,
+                            hold,
+                        );
+                    }
+                    let h = node.handoff.as_mut().expect("set above");
+                    match h.plan.next_step(node.table.members(), now) {
+                        HandoffStep::Done => self.leave(name),
+                        HandoffStep::WaitUntil(at) => {
+                            let wait = at.saturating_duration_since(now).as_millis() as Ms;
+                            self.timer(name, wait.max(1), Timer::DrainStep);
+                        }
+                        HandoffStep::Send(round) => {
+                            self.hand_over_replicas(name, round);
                             self.timer(name, 10, Timer::DrainStep);
                         }
-                        Some(h) if h.pending.is_empty() || now_ms >= h.until => {
-                            let mut again = std::mem::take(&mut h.failed);
-                            let mut unanswered: Vec<_> = h.pending.drain().collect();
-                            unanswered.sort_by_key(|(w, _)| *w);
-                            // As `replica::hand_over_replicas`: a heir that
-                            // failed is passed over in the next round.
-                            let hold = now + UNREACHABLE_HOLD;
-                            for (_, (heir, _)) in &unanswered {
-                                node.table.members_mut().mark_unreachable(
-                                    heir,
-                                    Reach::NoAnswer,
-                                    hold,
-                                );
-                            }
-                            again.extend(unanswered.into_iter().map(|(_, c)| c));
-                            let members = node.table.members();
-                            let mut new_heirs = true;
-                            let again: Vec<_> = again
-                                .into_iter()
-                                .map(|(heir, req)| {
-                                    let next = members
-                                        .standby_of(&req.owner_node, now)
-                                        .map(|m| m.node_id.clone())
-                                        .filter(|n| *n != heir);
-                                    new_heirs &= next.is_some();
-                                    (next.unwrap_or(heir), req)
-                                })
-                                .collect();
-                            if again.is_empty()
-                                || h.rounds >= HANDOFF_ROUNDS
-                                || h.tries >= HANDOFF_TRIES
-                            {
-                                self.leave(name);
-                            } else {
-                                self.hand_over_replicas(name, again, new_heirs);
-                                self.timer(name, 10, Timer::DrainStep);
-                            }
-                        }
-                        Some(_) => self.timer(name, 10, Timer::DrainStep),
                     }
                 } else {
                     let mut left: Vec<String> = node
@@ -1522,31 +1507,24 @@ impl World {
         self.goaway(name, openid, &successor);
     }
 
-    /// As `replica::hand_over_replicas`.
-    /// A round that sends every copy to a heir not tried before does not
-    /// count against `HANDOFF_ROUNDS` (`HANDOFF_TRIES` bounds them all).
-    fn hand_over_replicas(
-        &mut self,
-        name: &str,
-        heirs: Vec<(String, ReplicateRequest)>,
-        new_heirs: bool,
-    ) {
+    /// As `replica::hand_over_replicas`: one round of the handoff.
+    fn hand_over_replicas(&mut self, name: &str, round: Vec<(Member, ReplicateRequest)>) {
         let mut pending = HashMap::new();
-        for (heir, req) in heirs {
+        for (heir, req) in round {
             let wait = self.id();
-            pending.insert(wait, (heir.clone(), req.clone()));
+            pending.insert(wait, (req.openid.clone(), heir.clone()));
             let line = format!(
                 "{name} hands the replica of \"{}\" {} (owner {}) to {}: pushes {:?}",
                 req.openid,
                 req.session_id,
                 req.owner_node,
-                heir,
+                heir.node_id,
                 req.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
             );
             self.trace(line);
             self.send(
                 End::Node(name.into()),
-                End::Node(heir),
+                End::Node(heir.node_id),
                 Body::Replicate {
                     req: Box::new(req),
                     wait: Some(wait),
@@ -1554,18 +1532,10 @@ impl World {
             );
         }
         let until = self.now + PEER_TIMEOUT_MS;
-        let node = self.node(name);
-        let (rounds, tries) = node
-            .handoff
-            .as_ref()
-            .map_or((0, 0), |h| (h.rounds, h.tries));
-        node.handoff = Some(Handoff {
-            pending,
-            failed: Vec::new(),
-            until,
-            rounds: rounds + u32::from(!new_heirs),
-            tries: tries + 1,
-        });
+        if let Some(h) = &mut self.node(name).handoff {
+            h.pending = pending;
+            h.until = until;
+        }
     }
 
     fn goaway(&mut self, name: &str, openid: &str, target: &str) {
