@@ -32,6 +32,7 @@ pub fn node(n: &NodeRec) -> pb::DataPlaneNode {
         grpc_addr: n.grpc_addr.clone(),
         state: node_state(n.status).into(),
         lease_expires_at_ms: n.lease_expires_at_ms,
+        registered_at_ms: n.registered_at_ms,
     }
 }
 

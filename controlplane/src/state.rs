@@ -85,6 +85,12 @@ pub struct NodeRec {
     /// be cancelled).
     #[serde(default)]
     pub draining_reported: bool,
+    /// When its last registration was applied (the control plane's clock): a
+    /// new value is a new process with the same node id, which holds none of
+    /// the old one's sessions (replica holders give those a second copy).
+    /// Added after v1 records were written, hence the default.
+    #[serde(default)]
+    pub registered_at_ms: i64,
 }
 
 /// Who owns a session. `epoch` is the fencing token: it increases on every change.
@@ -422,12 +428,14 @@ impl Cx<'_> {
             // Cordoning is an operator's decision; a re-registration (restart) keeps it.
             cordoned: self.st.nodes.get(node_id).is_some_and(|n| n.cordoned),
             draining_reported: false,
+            registered_at_ms: self.now_ms,
         };
         let changed = self.st.nodes.get(node_id).is_none_or(|old| {
             old.status != rec.status
                 || old.quic_addr != rec.quic_addr
                 || old.grpc_addr != rec.grpc_addr
                 || old.drain_requested
+                || old.registered_at_ms != rec.registered_at_ms
         });
         self.st.nodes.insert(node_id.to_string(), rec.clone());
         self.touch(Key::Node(node_id.to_string()), changed);

@@ -1152,6 +1152,7 @@ impl Cluster {
                         grpc_addr: self.grpc_addr.clone(),
                         state: NodeState::Active as i32,
                         lease_expires_at_ms: 0,
+                        ..Default::default()
                     }),
                     lease_ttl_ms: self.cfg.lease_ttl.as_millis() as u32,
                 });

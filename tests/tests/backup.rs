@@ -157,6 +157,7 @@ async fn claim(grpc: u16, certs: &Path, node_id: &str, openids: &[&str]) -> Vec<
             grpc_addr: "127.0.0.1:8092".into(),
             state: NodeState::Active as i32,
             lease_expires_at_ms: 0,
+            ..Default::default()
         }),
         lease_ttl_ms: 60_000,
     })

@@ -169,6 +169,7 @@ async fn register(cp: &mut ControlPlaneClient<Channel>, node_id: &str) {
             grpc_addr: format!("127.0.0.1:{}", free_port()),
             state: NodeState::Active as i32,
             lease_expires_at_ms: 0,
+            ..Default::default()
         }),
         lease_ttl_ms: 60_000,
     })

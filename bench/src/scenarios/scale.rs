@@ -379,6 +379,7 @@ fn synthetic_backup(n: u64) -> Result<Vec<u8>> {
             sessions: n,
             cordoned: false,
             draining_reported: false,
+            registered_at_ms: 0,
         },
     );
     for i in 0..n {

@@ -639,3 +639,27 @@ fn sweep_releases_orphaned_owners_then_forgets_departed_nodes() {
     assert!(!st.nodes.contains_key("a"), "removed after retention");
     assert!(st.nodes.contains_key("b"));
 }
+
+/// A node that registers again (it restarted with its node id) gets a new
+/// `registered_at_ms`, and watchers hear of it even when nothing else
+/// changed: replica holders give the old process's sessions a second copy
+/// (data plane `ReplicaStore::orphans`; simulation seed 2569 of session 10).
+#[test]
+fn a_node_that_registers_again_is_a_new_registration_watchers_hear_of() {
+    let mut st = State::default();
+    register(&mut st, 100, "a");
+    assert_eq!(st.nodes["a"].registered_at_ms, 100);
+    let cmd = Cmd::RegisterNode {
+        node_id: "a".into(),
+        quic_addr: "127.0.0.1:1".into(),
+        grpc_addr: "127.0.0.1:2".into(),
+        lease_ttl_ms: 1000,
+    };
+    let (_, touched) = apply(&mut st, 250, cmd);
+    assert_eq!(st.nodes["a"].registered_at_ms, 250);
+    assert!(
+        touched.iter().any(|t| t.version.is_some()),
+        "a restart with the same addresses is an event: {touched:?}"
+    );
+    assert_eq!(crate::convert::node(&st.nodes["a"]).registered_at_ms, 250);
+}

@@ -456,7 +456,12 @@ impl Peer for PeerService {
         request: Request<ReplicateRequest>,
     ) -> Result<Response<ReplicateResponse>, Status> {
         self.alive()?;
-        let retained = self.node.replicas.apply(request.into_inner())?;
+        let req = request.into_inner();
+        let owner_since = self
+            .node
+            .registry
+            .members(|m| m.get(&req.owner_node).map_or(0, |o| o.registered_at_ms));
+        let retained = self.node.replicas.apply(req, owner_since)?;
         Ok(Response::new(ReplicateResponse { retained }))
     }
 

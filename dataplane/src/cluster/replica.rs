@@ -66,6 +66,10 @@ struct Replica {
     session_id: String,
     /// The node that sent it last (the session's owner).
     owner: String,
+    /// The owner's registration as this node's view had it when the owner's
+    /// copy came (0: unknown); a newer one in the view means the owner
+    /// restarted and holds none of it ([`ReplicaStore::orphans`]).
+    owner_since: i64,
     zone: String,
     epoch: u64,
     acked: u64,
@@ -78,10 +82,11 @@ struct Replica {
 }
 
 impl Replica {
-    fn new(req: &ReplicateRequest, now: Instant) -> Self {
+    fn new(req: &ReplicateRequest, owner_since: i64, now: Instant) -> Self {
         Self {
             session_id: req.session_id.clone(),
             owner: req.owner_node.clone(),
+            owner_since,
             zone: req.zone.clone(),
             epoch: req.epoch,
             acked: 0,
@@ -126,8 +131,10 @@ impl ReplicaStore {
         }
     }
 
-    /// Applies an owner's copy or ack-point update. Returns the pushes held.
-    pub fn apply(&self, req: ReplicateRequest) -> Result<u64, PeerRefusal> {
+    /// Applies an owner's copy or ack-point update; `owner_since` is the
+    /// owner's registration in this node's view ([`Member::registered_at_ms`],
+    /// 0 if unknown). Returns the pushes held.
+    pub fn apply(&self, req: ReplicateRequest, owner_since: i64) -> Result<u64, PeerRefusal> {
         let mut map = self.map.lock();
         if req.release {
             if map
@@ -151,7 +158,7 @@ impl ReplicaStore {
         let now = Instant::now();
         let replica = map
             .entry(req.openid.clone())
-            .or_insert_with(|| Replica::new(&req, now));
+            .or_insert_with(|| Replica::new(&req, owner_since, now));
         if replica.session_id != req.session_id {
             if req.epoch < replica.epoch {
                 return Err(PeerRefusal::NewerReplica {
@@ -161,9 +168,12 @@ impl ReplicaStore {
                 });
             }
             // A newer session of the openid: the old copy is obsolete.
-            *replica = Replica::new(&req, now);
+            *replica = Replica::new(&req, owner_since, now);
         }
         if req.epoch >= replica.epoch && !req.owner_node.is_empty() {
+            if replica.owner != req.owner_node || owner_since != 0 {
+                replica.owner_since = owner_since;
+            }
             replica.owner = req.owner_node.clone();
         }
         replica.epoch = replica.epoch.max(req.epoch);
@@ -231,18 +241,21 @@ impl ReplicaStore {
         if state.pushes.is_empty() {
             return;
         }
-        let _ = self.apply(ReplicateRequest {
-            openid: state.openid.clone(),
-            session_id: state.session_id.clone(),
-            zone: state.zone.clone(),
-            epoch: state.epoch,
-            owner_node: new_owner.to_string(),
-            pushes: state.pushes.clone(),
-            acked_seq_id: state.acked_seq_id,
-            next_seq_id: state.next_seq_id,
-            release: false,
-            incremental: false,
-        });
+        let _ = self.apply(
+            ReplicateRequest {
+                openid: state.openid.clone(),
+                session_id: state.session_id.clone(),
+                zone: state.zone.clone(),
+                epoch: state.epoch,
+                owner_node: new_owner.to_string(),
+                pushes: state.pushes.clone(),
+                acked_seq_id: state.acked_seq_id,
+                next_seq_id: state.next_seq_id,
+                release: false,
+                incremental: false,
+            },
+            0,
+        );
     }
 
     /// What a leaving node hands over before it goes ([`Handoff`]): a copy
@@ -255,8 +268,12 @@ impl ReplicaStore {
     }
 
     /// Replicas whose owner is no longer live in the view (it crashed or
-    /// left): until its client comes back, this node holds the only copy of
-    /// what the owner acknowledged, and a second crash would lose it. Each
+    /// left) or registered again since its copy came (it restarted with the
+    /// same node id, holding none of it: simulation seed 2569 of session 10,
+    /// where the owner and then its standby restarted 3.4 s apart and the
+    /// standby had held the last copy): until its client comes back, this
+    /// node holds the only copy of what the owner acknowledged, and a second
+    /// crash would lose it. Each
     /// gets a second copy on the owner's next standby other than this node
     /// ([`Members::standby_of`]), once per heir ([`ReplicaStore::copied`]).
     /// Replicas that hold no push are not copied.
@@ -268,7 +285,14 @@ impl ReplicaStore {
         let map = self.map.lock();
         let mut out: Vec<(Member, ReplicateRequest)> = map
             .iter()
-            .filter(|(_, r)| !r.pushes.is_empty() && !members.is_live(&r.owner))
+            .filter(|(_, r)| {
+                let restarted = members.get(&r.owner).is_some_and(|m| {
+                    r.owner_since != 0
+                        && m.registered_at_ms != 0
+                        && m.registered_at_ms != r.owner_since
+                });
+                !r.pushes.is_empty() && (!members.is_live(&r.owner) || restarted)
+            })
             .filter_map(|(openid, r)| {
                 let heir = members.standby_of(&r.owner, now)?;
                 let copied = r.copied_to.as_deref() == Some(heir.node_id.as_str());
@@ -1167,6 +1191,7 @@ mod tests {
             state,
             grpc_addr: format!("{id}:grpc"),
             quic_addr: format!("{id}:quic"),
+            registered_at_ms: 1,
         }
     }
 
@@ -1199,7 +1224,9 @@ mod tests {
             release: false,
             incremental: false,
         };
-        store.apply(copy(vec![push(4), push(5)])).expect("applied");
+        store
+            .apply(copy(vec![push(4), push(5)]), 0)
+            .expect("applied");
         let mut view = Members::new("dp-2");
         view.put(member("dp-1", NodeState::Active));
         view.put(member("dp-2", NodeState::Active));
@@ -1223,17 +1250,76 @@ mod tests {
             store.orphans(&view, Instant::now()).is_empty(),
             "copied once"
         );
-        store.apply(copy(vec![push(4), push(5)])).expect("applied");
+        store
+            .apply(copy(vec![push(4), push(5)]), 0)
+            .expect("applied");
         assert!(
             store.orphans(&view, Instant::now()).is_empty(),
             "the same pushes again"
         );
-        store.apply(copy(vec![push(6)])).expect("applied");
+        store.apply(copy(vec![push(6)]), 0).expect("applied");
         assert_eq!(
             store.orphans(&view, Instant::now()).len(),
             1,
             "a new push is copied again"
         );
+    }
+
+    /// Simulation seed 2569 of session 10: the owner restarted with its node
+    /// id (so it stayed live in the view, holding nothing of the session),
+    /// and its standby, which held the only copy, restarted 3.4 s later. A
+    /// replica whose owner registered again since its copy came gets a
+    /// second copy as a departed owner's does; a view that had not heard of
+    /// the owner's registration (0) or the same registration asks for none.
+    #[test]
+    fn a_replica_of_an_owner_that_restarted_gets_a_second_copy() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        let copy = ReplicateRequest {
+            openid: "u1".into(),
+            session_id: "s1".into(),
+            zone: "001".into(),
+            epoch: 3,
+            owner_node: "dp-1".into(),
+            pushes: vec![push(4)],
+            acked_seq_id: 3,
+            next_seq_id: 5,
+            release: false,
+            incremental: false,
+        };
+        store.apply(copy.clone(), 100).expect("applied");
+        let mut view = Members::new("dp-2");
+        let registered = |id: &str, at| Member {
+            registered_at_ms: at,
+            ..member(id, NodeState::Active)
+        };
+        view.put(registered("dp-1", 100));
+        view.put(member("dp-2", NodeState::Active));
+        view.put(member("dp-3", NodeState::Active));
+        assert!(
+            store.orphans(&view, Instant::now()).is_empty(),
+            "the owner that sent the copy"
+        );
+        view.put(registered("dp-1", 0));
+        assert!(
+            store.orphans(&view, Instant::now()).is_empty(),
+            "an unknown registration proves nothing"
+        );
+        view.put(registered("dp-1", 250));
+        let orphans = store.orphans(&view, Instant::now());
+        assert_eq!(orphans.len(), 1, "the owner restarted");
+        assert_eq!(orphans[0].0.node_id, "dp-3");
+        // The restarted owner's own copy of a later session is its again.
+        store
+            .apply(
+                ReplicateRequest {
+                    session_id: "s2".into(),
+                    epoch: 4,
+                    ..copy
+                },
+                250,
+            )
+            .expect("applied");
+        assert!(store.orphans(&view, Instant::now()).is_empty());
     }
 
     /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
@@ -1258,20 +1344,20 @@ mod tests {
             incremental,
         };
         let refused = standby
-            .apply(update(true, vec![push(6)], "s1"))
+            .apply(update(true, vec![push(6)], "s1"), 0)
             .expect_err("no copy to add to");
         assert_eq!(refused.code(), tonic::Code::NotFound);
         assert!(!standby.fetch("u1", "s1").found, "nothing kept of it");
         // The whole queue is taken; then single pushes and ack points are.
         standby
-            .apply(update(false, vec![push(4), push(5), push(6)], "s1"))
+            .apply(update(false, vec![push(4), push(5), push(6)], "s1"), 0)
             .expect("a whole copy");
         standby
-            .apply(update(true, Vec::new(), "s1"))
+            .apply(update(true, Vec::new(), "s1"), 0)
             .expect("an ack point");
         // A copy of another session of the openid is not the one updated.
         let other = standby
-            .apply(update(true, vec![push(7)], "s2"))
+            .apply(update(true, vec![push(7)], "s2"), 0)
             .expect_err("s2 has no copy here");
         assert_eq!(other.code(), tonic::Code::NotFound);
         assert_eq!(standby.fetch("u1", "s1").pushes.len(), 3);
@@ -1286,18 +1372,21 @@ mod tests {
     fn a_leaving_standby_hands_its_replicas_to_the_owners_next_standby() {
         let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
         leaving
-            .apply(ReplicateRequest {
-                openid: "u1".into(),
-                session_id: "s1".into(),
-                zone: "001".into(),
-                epoch: 3,
-                owner_node: "dp-1".into(),
-                pushes: vec![push(4), push(5)],
-                acked_seq_id: 3,
-                next_seq_id: 6,
-                release: false,
-                incremental: false,
-            })
+            .apply(
+                ReplicateRequest {
+                    openid: "u1".into(),
+                    session_id: "s1".into(),
+                    zone: "001".into(),
+                    epoch: 3,
+                    owner_node: "dp-1".into(),
+                    pushes: vec![push(4), push(5)],
+                    acked_seq_id: 3,
+                    next_seq_id: 6,
+                    release: false,
+                    incremental: false,
+                },
+                0,
+            )
             .expect("applied");
         // The leaving node dp-2 (draining) sees the owner dp-1, a departed
         // dp-0 and the new node dp-4; dp-3 is dead.
@@ -1315,7 +1404,7 @@ mod tests {
             "the owner's next active node, not the one leaving"
         );
         let next = ReplicaStore::new(Duration::from_secs(60), 100);
-        next.apply(req).expect("applied");
+        next.apply(req, 0).expect("applied");
         let got = next.fetch("u1", "s1");
         assert!(got.found);
         assert_eq!(got.epoch, 3);
@@ -1354,18 +1443,21 @@ mod tests {
         let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
         for openid in ["u1", "u2"] {
             leaving
-                .apply(ReplicateRequest {
-                    openid: openid.into(),
-                    session_id: format!("s-{openid}"),
-                    zone: "001".into(),
-                    epoch: 3,
-                    owner_node: "dp-1".into(),
-                    pushes: vec![push(4)],
-                    acked_seq_id: 3,
-                    next_seq_id: 5,
-                    release: false,
-                    incremental: false,
-                })
+                .apply(
+                    ReplicateRequest {
+                        openid: openid.into(),
+                        session_id: format!("s-{openid}"),
+                        zone: "001".into(),
+                        epoch: 3,
+                        owner_node: "dp-1".into(),
+                        pushes: vec![push(4)],
+                        acked_seq_id: 3,
+                        next_seq_id: 5,
+                        release: false,
+                        incremental: false,
+                    },
+                    0,
+                )
                 .expect("applied");
         }
         let mut view = Members::new("dp-2");
@@ -1440,18 +1532,21 @@ mod tests {
     fn a_copy_whose_heirs_all_failed_waits_for_a_view_that_names_a_new_one() {
         let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
         leaving
-            .apply(ReplicateRequest {
-                openid: "u1".into(),
-                session_id: "s1".into(),
-                zone: "001".into(),
-                epoch: 3,
-                owner_node: "dp-1".into(),
-                pushes: vec![push(4)],
-                acked_seq_id: 3,
-                next_seq_id: 5,
-                release: false,
-                incremental: false,
-            })
+            .apply(
+                ReplicateRequest {
+                    openid: "u1".into(),
+                    session_id: "s1".into(),
+                    zone: "001".into(),
+                    epoch: 3,
+                    owner_node: "dp-1".into(),
+                    pushes: vec![push(4)],
+                    acked_seq_id: 3,
+                    next_seq_id: 5,
+                    release: false,
+                    incremental: false,
+                },
+                0,
+            )
             .expect("applied");
         let mut view = Members::new("dp-2");
         for id in ["dp-1", "dp-3", "dp-4"] {

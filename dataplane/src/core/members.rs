@@ -53,6 +53,10 @@ pub struct Member {
     pub state: NodeState,
     pub grpc_addr: String,
     pub quic_addr: String,
+    /// When the control plane applied its last registration (0: unknown). A
+    /// new value is a new process with the same node id
+    /// ([`DataPlaneNode::registered_at_ms`]).
+    pub registered_at_ms: i64,
 }
 
 impl Member {
@@ -70,6 +74,7 @@ impl From<&DataPlaneNode> for Member {
             state: NodeState::try_from(n.state).unwrap_or(NodeState::Dead),
             grpc_addr: n.grpc_addr.clone(),
             quic_addr: n.quic_addr.clone(),
+            registered_at_ms: n.registered_at_ms,
         }
     }
 }

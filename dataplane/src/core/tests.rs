@@ -48,6 +48,7 @@ fn table_of(me: &str, nodes: &[(&str, NodeState)]) -> Table<PlainCell> {
             state,
             grpc_addr: format!("{id}:1"),
             quic_addr: format!("{id}:2"),
+            registered_at_ms: 0,
         });
     }
     t

@@ -252,7 +252,13 @@ impl World {
                 );
                 self.trace(line);
                 let (openid, session_id) = (req.openid.clone(), req.session_id.clone());
-                let applied = self.node(name).replicas.apply(*req);
+                let node = self.node(name);
+                let owner_since = node
+                    .table
+                    .members()
+                    .get(&req.owner_node)
+                    .map_or(0, |o| o.registered_at_ms);
+                let applied = node.replicas.apply(*req, owner_since);
                 let missing = applied
                     .as_ref()
                     .is_err_and(|e| e.code() == tonic::Code::NotFound);

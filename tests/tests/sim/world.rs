@@ -6,9 +6,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use gatesvr_controlplane::state::{Cmd, CmdResult, Key, NodeStatus, State, Touched};
+use gatesvr_controlplane::state::{Cmd, CmdResult, Key, State, Touched};
 use gatesvr_proto::client::{ErrorCode, ResumeStatus, ServerPush};
-use gatesvr_proto::control::{DataPlaneNode, NodeState};
+use gatesvr_proto::control::DataPlaneNode;
 use gatesvr_proto::peer::{FetchReplicaResponse, ReplicateRequest};
 use gatesvr_proto::session::SessionState;
 use rand::rngs::StdRng;
@@ -1416,19 +1416,7 @@ impl World {
 
 /// The control plane's node record as the watch carries it.
 pub fn proto_node(n: &gatesvr_controlplane::state::NodeRec) -> DataPlaneNode {
-    let state = match n.status {
-        NodeStatus::Active => NodeState::Active,
-        NodeStatus::Draining => NodeState::Draining,
-        NodeStatus::Dead => NodeState::Dead,
-        NodeStatus::Left => NodeState::Left,
-    };
-    DataPlaneNode {
-        node_id: n.node_id.clone(),
-        quic_addr: n.quic_addr.clone(),
-        grpc_addr: n.grpc_addr.clone(),
-        state: state as i32,
-        lease_expires_at_ms: n.lease_expires_at_ms,
-    }
+    gatesvr_controlplane::convert::node(n)
 }
 
 /// A message in one line for the trace (payloads left out: a state or a

@@ -173,6 +173,7 @@ async fn one_refusal_answers_every_call_waiting_on_the_node() {
                 state: gatesvr_proto::control::NodeState::Active,
                 grpc_addr: format!("{id}:1"),
                 quic_addr: format!("{id}:2"),
+                registered_at_ms: 0,
             });
         }
     });
