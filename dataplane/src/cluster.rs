@@ -179,6 +179,11 @@ pub struct View {
     /// The last snapshot was scoped: a session missing from `owners` is not
     /// this node's (look it up), rather than unknown.
     pub scoped: bool,
+    /// The highest owner epoch the watch delivered (a claim's own answer
+    /// does not count). Epochs are assigned in commit order, so a view that
+    /// saw epoch `e` holds every node change committed before the claim that
+    /// made `e` ([`Cluster::view_reached`]).
+    pub owner_epoch_seen: u64,
 }
 
 impl View {
@@ -202,6 +207,8 @@ impl View {
                     .map(|o| (o.openid.clone(), o))
                     .collect();
                 self.scoped = s.scoped;
+                let newest = self.owners.values().map(|o| o.epoch).max();
+                self.owner_epoch_seen = self.owner_epoch_seen.max(newest.unwrap_or(0));
             }
             Some(WatchBody::UpstreamPut(u)) => {
                 self.upstreams.insert(u.instance_id.clone(), u);
@@ -216,6 +223,7 @@ impl View {
                 self.nodes.remove(&id);
             }
             Some(WatchBody::OwnerPut(o)) => {
+                self.owner_epoch_seen = self.owner_epoch_seen.max(o.epoch);
                 self.owners.insert(o.openid.clone(), o);
             }
             Some(WatchBody::OwnerRemoved(openid)) => {
@@ -602,6 +610,16 @@ impl Cluster {
         if let Some(f) = self.on_lookup.lock().as_ref() {
             f(result);
         }
+    }
+
+    /// Whether the watched view has caught up with the claim that made
+    /// `epoch`: it saw an owner record at `epoch` or later, so every node
+    /// that joined before the claim is in it. A crash recovery asks the
+    /// nodes of such a view (simulation seed 3340 of session 10: a claimant
+    /// whose watch lagged by a second asked the nodes it knew, missed the
+    /// new node holding the only copy, and answered RECOVERED).
+    pub fn view_reached(&self, epoch: u64) -> bool {
+        self.view.read().owner_epoch_seen >= epoch
     }
 
     /// The owner known here for `openid` without asking: the view (this
@@ -1544,5 +1562,42 @@ mod tests {
         let mut restored = View::default();
         restored.apply(saved);
         assert!(restored.scoped && restored.owners.contains_key("mine"));
+    }
+
+    /// Simulation seed 3340 of session 10: a claimant whose watch lagged
+    /// recovered from the nodes its view knew and missed a new node holding
+    /// the only copy. A recovery waits until the watch delivered an owner
+    /// record at the claim's epoch or later; the claim's own answer, written
+    /// into the view at once for routing, does not count.
+    #[test]
+    fn the_view_has_reached_a_claim_only_once_the_watch_delivered_its_epoch() {
+        let mut view = View::default();
+        view.apply(WatchEvent {
+            version: 3,
+            event: Some(WatchBody::Snapshot(control::Snapshot {
+                owners: vec![rec("a", "dp-1", 5)],
+                scoped: true,
+                ..Default::default()
+            })),
+        });
+        assert_eq!(view.owner_epoch_seen, 5);
+        // A claim at epoch 9 answered: recorded for routing, not seen.
+        view.owners.insert("b".into(), rec("b", "dp-1", 9));
+        assert_eq!(view.owner_epoch_seen, 5);
+        // The nodes committed before the claim come first on the watch.
+        view.apply(WatchEvent {
+            version: 4,
+            event: Some(WatchBody::NodePut(DataPlaneNode {
+                node_id: "dp-8".into(),
+                ..Default::default()
+            })),
+        });
+        assert!(view.owner_epoch_seen < 9);
+        view.apply(WatchEvent {
+            version: 5,
+            event: Some(WatchBody::OwnerPut(rec("b", "dp-1", 9))),
+        });
+        assert!(view.owner_epoch_seen >= 9, "the claim's own record came");
+        assert!(view.nodes.contains_key("dp-8"));
     }
 }

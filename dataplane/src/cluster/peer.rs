@@ -554,7 +554,7 @@ pub async fn take_over(
         && !session_id.is_empty()
         && epoch != 0
     {
-        let recovered = recover(node, gone, openid, session_id).await;
+        let recovered = recover(node, gone, openid, session_id, epoch).await;
         tracing::debug!(
             openid,
             previous_owner,
@@ -582,12 +582,18 @@ pub const RECOVERY_PATIENCE: Duration = Duration::from_secs(10);
 /// Gathers the replicas of a crashed owner's session, asking again (with
 /// backoff) the live nodes that have not answered. What a node answered is
 /// kept across rounds: it may crash before the next one (as the
-/// simulation's `recover` always did).
+/// simulation's `recover` always did). It ends only once the view has
+/// caught up with the claim at `epoch` ([`Cluster::view_reached`]), asking
+/// the nodes a later view adds; a view that never does makes the recovery
+/// incomplete.
+///
+/// [`Cluster::view_reached`]: crate::cluster::Cluster::view_reached
 async fn recover(
     node: &Node,
     gone: &str,
     openid: &str,
     session_id: &str,
+    epoch: u64,
 ) -> Option<crate::replica::Recovery> {
     let give_up = tokio::time::Instant::now() + RECOVERY_PATIENCE;
     let mut pause = Duration::from_millis(100);
@@ -611,12 +617,15 @@ async fn recover(
         if departed {
             answered.clear();
         }
+        // Read before the round: every node of a view that has caught up is
+        // asked in it.
+        let caught_up = node.cluster.as_ref().is_none_or(|c| c.view_reached(epoch));
         let round = crate::replica::fetch_recovery(node, gone, openid, session_id, &answered).await;
         for (id, answer) in round.answers {
             answered.insert(id);
             found.push(answer);
         }
-        if round.unanswered.is_empty() {
+        if round.unanswered.is_empty() && caught_up {
             break;
         }
         waiting = round.unanswered.clone();
@@ -629,7 +638,8 @@ async fn recover(
                 openid,
                 session_id,
                 unanswered = ?round.unanswered,
-                "nodes did not answer for their replicas in time; recovering from the copies found"
+                caught_up,
+                "nodes did not answer for their replicas in time, or the view did not catch up with the claim; recovering from the copies found"
             );
             incomplete = true;
             break;

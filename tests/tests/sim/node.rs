@@ -51,6 +51,10 @@ struct PendingStart {
     /// are waited for (`Members::recovery_maybe`, `replica::DEAD_NODE_ASK`).
     maybe: HashSet<String>,
     maybe_until: Ms,
+    /// The owner the recovery leaves out (`""`: none), and every node it
+    /// asked: a view that catches up later adds nodes to ask.
+    gone: String,
+    asked: HashSet<String>,
 }
 
 pub struct SimNode {
@@ -62,6 +66,8 @@ pub struct SimNode {
     pub watch_tail: Ms,
     pub table: Table<PlainCell>,
     view_owners: HashMap<String, (String, u64)>,
+    /// The highest owner epoch the watch delivered (`View::owner_epoch_seen`).
+    owner_epoch_seen: u64,
     view_nodes: BTreeMap<String, DataPlaneNode>,
     /// openid -> (client, connection, session handle).
     pub attached: HashMap<String, (usize, u64, PlainCell)>,
@@ -131,6 +137,7 @@ impl SimNode {
             watch_tail: 0,
             table: Table::new(name, cfg),
             view_owners: HashMap::new(),
+            owner_epoch_seen: 0,
             view_nodes: BTreeMap::new(),
             attached: HashMap::new(),
             replicas: ReplicaStore::new(Duration::from_secs(3600), 1024),
@@ -563,6 +570,8 @@ impl World {
             owner_empty: false,
             maybe: HashSet::new(),
             maybe_until: 0,
+            gone: String::new(),
+            asked: HashSet::new(),
         };
         match previous_owner {
             Some(previous) if previous == name => {
@@ -835,12 +844,15 @@ impl World {
                 p.waiting = sources.iter().cloned().collect();
                 p.maybe = maybe.iter().cloned().collect();
                 p.maybe_until = self.now + DEAD_NODE_ASK_MS;
+                p.gone = gone.to_string();
+                p.asked = p.waiting.union(&p.maybe).cloned().collect();
                 p.req = self.id();
                 let (req, sid) = (p.req, p.session_id.clone());
                 let done = p.waiting.is_empty() && p.maybe.is_empty();
                 self.node(name).starts.insert(openid.into(), p);
                 if done {
-                    self.finish_recovery(name, openid);
+                    let now = self.now;
+                    self.recover_check(name, req, now);
                     return;
                 }
                 self.ask_for_replicas(name, openid, &sid, req, sources.into_iter().chain(maybe));
@@ -973,8 +985,11 @@ impl World {
         self.ask_for_replicas(name, &openid, &sid, req, again);
     }
 
-    /// As `replica::fetch_recovery`: done once every live node answered and
-    /// the nodes declared dead answered or their short wait ended.
+    /// As `replica::fetch_recovery` and `peer::recover`: done once every
+    /// live node answered, the nodes declared dead answered or their short
+    /// wait ended, and the view caught up with the claim
+    /// (`Cluster::view_reached`), asking the nodes a later view adds; or
+    /// when the patience ends.
     fn recover_check(&mut self, name: &str, req: u64, now: Ms) {
         let node = self.node(name);
         let Some(openid) = openid_of(&node.starts, req) else {
@@ -983,12 +998,40 @@ impl World {
         let Some(p) = node.starts.get(&openid) else {
             return;
         };
-        if p.phase == Phase::Recover
-            && p.waiting.is_empty()
-            && (p.maybe.is_empty() || now >= p.maybe_until)
-        {
-            self.finish_recovery(name, &openid);
+        if p.phase != Phase::Recover {
+            return;
         }
+        if now >= p.give_up {
+            self.finish_recovery(name, &openid);
+            return;
+        }
+        let answered = p.waiting.is_empty() && (p.maybe.is_empty() || now >= p.maybe_until);
+        if !answered {
+            return;
+        }
+        let added: Vec<String> = node
+            .table
+            .members()
+            .recovery_sources(&p.gone)
+            .into_iter()
+            .map(|m| m.node_id.clone())
+            .filter(|n| !p.asked.contains(n))
+            .collect();
+        if added.is_empty() && node.owner_epoch_seen >= p.epoch {
+            self.finish_recovery(name, &openid);
+            return;
+        }
+        let sid = p.session_id.clone();
+        if let Some(p) = self.node(name).starts.get_mut(&openid) {
+            p.waiting.extend(added.iter().cloned());
+            p.asked.extend(added.iter().cloned());
+        }
+        if !added.is_empty() {
+            let line = format!("{name} asks nodes its view added since the claim: {added:?}");
+            self.trace(line);
+        }
+        self.ask_for_replicas(name, &openid, &sid, req, added);
+        self.timer(name, 100, Timer::RecoverCheck { req });
     }
 
     /// Merges the replicas gathered (as `replica::merge` does) and rebuilds
@@ -1014,9 +1057,10 @@ impl World {
         );
         self.trace(line);
         let mut rebuilt = None;
-        // Patience ran out with a live node silent: its copy is missing, and
-        // the client is told so (as `peer::recover`).
-        let incomplete = !p.waiting.is_empty();
+        // Patience ran out with a live node silent, or before the view
+        // caught up with the claim: a copy may be missing, and the client is
+        // told so (as `peer::recover`).
+        let incomplete = !p.waiting.is_empty() || self.node(name).owner_epoch_seen < p.epoch;
         if let Some(mut recovery) = Recovery::merge(&p.session_id, p.gathered.iter().cloned()) {
             recovery.incomplete = incomplete;
             let (state, _lost) = recovery.rebuild(openid, p.new_id.clone(), p.last_acked);
@@ -1584,6 +1628,7 @@ impl World {
                 epoch,
             } => {
                 let node = self.node(name);
+                node.owner_epoch_seen = node.owner_epoch_seen.max(epoch);
                 if node
                     .view_owners
                     .get(&openid)
@@ -1622,6 +1667,8 @@ impl World {
                     .map(|(k, n)| (k.clone(), super::world::proto_node(n)))
                     .collect();
                 let node = self.node(name);
+                let newest = owners.values().map(|(_, e)| *e).max().unwrap_or(0);
+                node.owner_epoch_seen = node.owner_epoch_seen.max(newest);
                 node.view_owners = owners;
                 node.view_nodes = nodes;
                 let list: Vec<DataPlaneNode> = node.view_nodes.values().cloned().collect();
@@ -1694,7 +1741,7 @@ impl World {
                         self.ask_for_replicas(name, &openid, &sid, req, waiting);
                         self.timer(name, PEER_TIMEOUT_MS, Timer::StartDeadline { openid, req });
                     }
-                    Phase::Recover => self.finish_recovery(name, &openid),
+                    Phase::Recover => self.recover_check(name, req, now_ms),
                 }
             }
             Timer::ReplicateDeadline { wait } => {
