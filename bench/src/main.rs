@@ -18,6 +18,12 @@ mod target;
 mod util;
 mod wt;
 
+/// The same allocator as the `gatesvr` binary: `gate-bench serve dataplane` is the data plane
+/// under test, and the bare baseline, the upstreams and the load generator use it too, so every
+/// side of a ratio runs on the same allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -180,8 +180,19 @@ async fn parent_gone() {
 /// to `GATE_BENCH_LOG_DIR` (default the system temp dir), one file per process named after
 /// its mode and pid, without colours. Off by default: the scenarios measure the servers, and
 /// logging costs CPU. Used to see where a failover's reconnect time goes (docs/benchmarks.md).
+///
+/// Without it, a subscriber that writes nowhere at the product's default level (`info`), as
+/// `gatesvr` always has one: with no subscriber at all, `tracing`'s `log` feature (on through
+/// quinn) sends every disabled span of quinn and h2 through `Span::log`, which costs the data
+/// plane ~8% of its instructions per request at 1 in flight and that `gatesvr` never pays
+/// (callgrind, docs/benchmarks.md "Session 10").
 fn init_logs(mode: &Serve) {
     let Ok(filter) = std::env::var("GATE_BENCH_LOG") else {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_ansi(false)
+            .with_writer(std::io::sink)
+            .try_init();
         return;
     };
     let name = match mode {

@@ -11,6 +11,13 @@
 
 mod dev;
 
+/// mimalloc instead of glibc's malloc: a push or a request allocates a few times on its way
+/// through the data plane (decoded strings, the encoded frame, results), and glibc's malloc +
+/// free were ~26% of the data plane's instructions per batched push (callgrind, docs/benchmarks.md
+/// "Session 10").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -205,6 +205,9 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
     let payload = o.payload();
     let payload_b = Bytes::from(payload.clone());
     let mut nats_errors = 0u64;
+    // Under `GATE_BENCH_WRAP=valgrind --tool=callgrind`: one profile per GateSvr window
+    // (`k1`, `k64`, `sat`), so instructions per request can be read per load level.
+    crate::util::callgrind_mark(&dp, "setup");
     for r in 0..o.rounds {
         let mut round = Round::new();
         // Alternate which side goes first, so neither always runs on a warmer machine.
@@ -221,6 +224,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
                         closed_loop(&mut sess, k, &payload, o.warmup, o.window, Reply::Response)
                             .await?;
                     anyhow::ensure!(d.errors == 0, "{} GateSvr requests failed", d.errors);
+                    crate::util::callgrind_mark(&dp, &format!("k{k}"));
                     record(
                         &mut round,
                         &format!("gs_k{k}"),
@@ -247,6 +251,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
                 let (back, l, n, all) =
                     gs_saturated(std::mem::take(&mut sat_sessions), &payload, o).await?;
                 cpu.record(&mut round, "gs_sat", all)?;
+                crate::util::callgrind_mark(&dp, "sat");
                 sat_sessions = back;
                 record(&mut round, "gs_sat", l, n, o.window);
             } else {

@@ -1487,18 +1487,7 @@ mod tests {
     #[test]
     fn a_replica_of_an_owner_that_restarted_gets_a_second_copy() {
         let store = ReplicaStore::new(Duration::from_secs(60), 100);
-        let copy = ReplicateRequest {
-            openid: "u1".into(),
-            session_id: "s1".into(),
-            zone: "001".into(),
-            epoch: 3,
-            owner_node: "dp-1".into(),
-            pushes: vec![push(4)],
-            acked_seq_id: 3,
-            next_seq_id: 5,
-            release: false,
-            incremental: false,
-        };
+        let copy = copy_of("u1", "s1", vec![push(4)]);
         store.apply(copy.clone(), 100).expect("applied");
         let mut view = Members::new("dp-2");
         let registered = |id: &str, at| Member {
@@ -1656,21 +1645,7 @@ mod tests {
         let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
         for openid in ["u1", "u2"] {
             leaving
-                .apply(
-                    ReplicateRequest {
-                        openid: openid.into(),
-                        session_id: format!("s-{openid}"),
-                        zone: "001".into(),
-                        epoch: 3,
-                        owner_node: "dp-1".into(),
-                        pushes: vec![push(4)],
-                        acked_seq_id: 3,
-                        next_seq_id: 5,
-                        release: false,
-                        incremental: false,
-                    },
-                    0,
-                )
+                .apply(copy_of(openid, &format!("s-{openid}"), vec![push(4)]), 0)
                 .expect("applied");
         }
         let mut view = Members::new("dp-2");
@@ -1745,21 +1720,7 @@ mod tests {
     fn a_copy_whose_heirs_all_failed_waits_for_a_view_that_names_a_new_one() {
         let leaving = ReplicaStore::new(Duration::from_secs(60), 100);
         leaving
-            .apply(
-                ReplicateRequest {
-                    openid: "u1".into(),
-                    session_id: "s1".into(),
-                    zone: "001".into(),
-                    epoch: 3,
-                    owner_node: "dp-1".into(),
-                    pushes: vec![push(4)],
-                    acked_seq_id: 3,
-                    next_seq_id: 5,
-                    release: false,
-                    incremental: false,
-                },
-                0,
-            )
+            .apply(copy_of("u1", "s1", vec![push(4)]), 0)
             .expect("applied");
         let mut view = Members::new("dp-2");
         for id in ["dp-1", "dp-3", "dp-4"] {
@@ -1783,6 +1744,23 @@ mod tests {
         plan.answered("u1", &round[0].0, true);
         assert!(matches!(plan.next_step(&view, until), HandoffStep::Done));
         assert_eq!(plan.unplaced(), 0);
+    }
+
+    /// A whole copy from owner dp-1 at epoch 3, acked up to 3.
+    fn copy_of(openid: &str, session_id: &str, pushes: Vec<ServerPush>) -> ReplicateRequest {
+        let next_seq_id = pushes.iter().map(|p| p.seq_id + 1).max().unwrap_or(4);
+        ReplicateRequest {
+            openid: openid.into(),
+            session_id: session_id.into(),
+            zone: "001".into(),
+            epoch: 3,
+            owner_node: "dp-1".into(),
+            pushes,
+            acked_seq_id: 3,
+            next_seq_id,
+            release: false,
+            incremental: false,
+        }
     }
 
     fn sent(step: HandoffStep) -> Vec<(Member, ReplicateRequest)> {
