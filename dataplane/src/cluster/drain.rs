@@ -122,7 +122,8 @@ pub async fn drain(node: Arc<Node>) -> DrainReport {
         // do the copies fenced here that their new owner never fetched.
         node.registry.with_table(|t| {
             for (state, owner) in t.fenced_states() {
-                node.replicas.keep_handed_over(state, owner);
+                let since = t.members().registered_at(owner);
+                node.replicas.keep_handed_over(state, owner, since);
             }
         });
         crate::replica::hand_over_replicas(&node).await;
@@ -191,7 +192,8 @@ async fn move_to(
     // Its pushes stay here as a replica until this node leaves (then they
     // go to the successor's standby): the successor may be this node's
     // standby too, holding the only other copy (simulation seed 69).
-    node.replicas.keep_handed_over(&state, &successor.node_id);
+    node.replicas
+        .keep_handed_over(&state, &successor.node_id, successor.registered_at_ms);
     if !stage(node, &successor.grpc_addr, state, epoch).await {
         // Keep serving it here; the client still gets a GoAway (no target).
         tracing::warn!(openid = %openid, successor = %successor.node_id, "staging failed; keeping the session");

@@ -424,7 +424,13 @@ impl Peer for PeerService {
             Ok(Some(state)) => {
                 tracing::debug!(openid = %req.openid, to = %req.new_owner, epoch = req.epoch, "handed over session");
                 // Held here too until the new owner's standby has it.
-                self.node.replicas.keep_handed_over(&state, &req.new_owner);
+                let since = self
+                    .node
+                    .registry
+                    .members(|m| m.registered_at(&req.new_owner));
+                self.node
+                    .replicas
+                    .keep_handed_over(&state, &req.new_owner, since);
                 Ok(Response::new(HandoverResponse {
                     found: true,
                     state: Some(state),

@@ -177,7 +177,10 @@ impl ReplicaStore {
             *replica = Replica::new(&req, owner_since, now);
         }
         if req.epoch >= replica.epoch && !req.owner_node.is_empty() {
-            if replica.owner != req.owner_node || owner_since != 0 {
+            // The registration the copy was first taken under: a later
+            // one in the view is a restart (a copy of this session from a
+            // restarted owner only costs a second copy).
+            if replica.owner != req.owner_node || replica.owner_since == 0 {
                 replica.owner_since = owner_since;
             }
             replica.owner = req.owner_node.clone();
@@ -243,7 +246,11 @@ impl ReplicaStore {
     /// session's durable pushes (simulation seeds 118 and 69). Nothing is
     /// kept for a state without unacknowledged pushes; the copy expires with
     /// the session timeout.
-    pub fn keep_handed_over(&self, state: &SessionState, new_owner: &str) {
+    /// `owner_since`: the new owner's registration in this node's view
+    /// ([`crate::core::Members::registered_at`]; simulation seed 5078 of
+    /// session 10: the new owner restarted, and the old one, holding the
+    /// last copy, restarted later).
+    pub fn keep_handed_over(&self, state: &SessionState, new_owner: &str, owner_since: i64) {
         if state.pushes.is_empty() {
             return;
         }
@@ -260,7 +267,7 @@ impl ReplicaStore {
                 release: false,
                 incremental: false,
             },
-            0,
+            owner_since,
         );
     }
 
@@ -852,9 +859,17 @@ pub async fn hand_over_replicas(node: &Node) {
 /// ([`ReplicaStore::orphans`]), a few calls at a time.
 async fn copy_orphans(node: &Node) {
     use futures::StreamExt;
-    let fenced = node.registry.with_table(|t| t.fenced_with_pushes());
-    for (state, owner) in &fenced {
-        node.replicas.keep_handed_over(state, owner);
+    let fenced = node.registry.with_table(|t| {
+        t.fenced_with_pushes()
+            .into_iter()
+            .map(|(state, owner)| {
+                let since = t.members().registered_at(&owner);
+                (state, owner, since)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (state, owner, since) in &fenced {
+        node.replicas.keep_handed_over(state, owner, *since);
     }
     let orphans = node
         .registry
@@ -1522,6 +1537,31 @@ mod tests {
             )
             .expect("applied");
         assert!(store.orphans(&view, Instant::now()).is_empty());
+
+        // Seed 5078: the node that handed a session over keeps its copy
+        // under the new owner's registration; the new owner's restart makes
+        // it an orphan too.
+        let old_owner = ReplicaStore::new(Duration::from_secs(60), 100);
+        let state = SessionState {
+            session_id: "s9".into(),
+            openid: "u9".into(),
+            zone: "001".into(),
+            epoch: 7,
+            next_seq_id: 6,
+            acked_seq_id: 4,
+            pushes: vec![push(5)],
+            ..Default::default()
+        };
+        old_owner.keep_handed_over(&state, "dp-3", 100);
+        view.put(registered("dp-3", 100));
+        assert!(old_owner.orphans(&view, Instant::now()).is_empty());
+        old_owner.keep_handed_over(&state, "dp-3", 300);
+        view.put(registered("dp-3", 300));
+        assert_eq!(
+            old_owner.orphans(&view, Instant::now()).len(),
+            1,
+            "kept again after the restart, still under the first registration"
+        );
     }
 
     /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
@@ -1784,7 +1824,7 @@ mod tests {
             pushes: vec![push(2), push(3)],
             ..Default::default()
         };
-        old_owner.keep_handed_over(&state, "dp-8");
+        old_owner.keep_handed_over(&state, "dp-8", 0);
         let got = old_owner.fetch("u1", "s1");
         assert!(got.found, "the state handed over is held as a replica");
         assert_eq!(
@@ -1811,6 +1851,7 @@ mod tests {
                 ..state
             },
             "dp-8",
+            0,
         );
         assert!(!empty.fetch("u1", "s1").found);
     }

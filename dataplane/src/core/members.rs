@@ -204,6 +204,12 @@ impl Members {
         self.nodes.get(node_id).is_some_and(Member::live)
     }
 
+    /// `node_id`'s registration as this view has it (0: unknown), see
+    /// [`Member::registered_at_ms`].
+    pub fn registered_at(&self, node_id: &str) -> i64 {
+        self.nodes.get(node_id).map_or(0, |m| m.registered_at_ms)
+    }
+
     /// A live node's record (for its addresses).
     pub fn live(&self, node_id: &str) -> Option<&Member> {
         self.nodes.get(node_id).filter(|m| m.live())

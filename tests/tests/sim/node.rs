@@ -633,7 +633,9 @@ impl World {
                 }
                 // As peer.rs: held here too until the new owner's standby
                 // has it.
-                self.node(name).replicas.keep_handed_over(&state, asker);
+                let node = self.node(name);
+                let since = node.table.members().registered_at(asker);
+                node.replicas.keep_handed_over(&state, asker, since);
                 Some(Box::new(state))
             }
             _ => None,
@@ -1403,7 +1405,8 @@ impl World {
                     // again, for a few rounds.
                     if node.handoff.is_none() {
                         for (state, owner) in node.table.fenced_states() {
-                            node.replicas.keep_handed_over(state, owner);
+                            let since = node.table.members().registered_at(owner);
+                            node.replicas.keep_handed_over(state, owner, since);
                         }
                         node.handoff = Some(Handing {
                             plan: Handoff::new(node.replicas.copies()),
@@ -1484,9 +1487,9 @@ impl World {
         };
         // As drain.rs: its pushes stay here as a replica until this node
         // leaves (then they go to the successor's standby).
-        self.node(name)
-            .replicas
-            .keep_handed_over(&state, &successor);
+        let node = self.node(name);
+        let since = node.table.members().registered_at(&successor);
+        node.replicas.keep_handed_over(&state, &successor, since);
         let line = format!(
             "{name} stages \"{openid}\" on {successor} at epoch {epoch}: pushes {:?}",
             state.pushes.iter().map(|p| p.seq_id).collect::<Vec<_>>()
@@ -1825,7 +1828,8 @@ impl World {
         let now = self.instant();
         let node = self.node(name);
         for (state, owner) in node.table.fenced_with_pushes() {
-            node.replicas.keep_handed_over(&state, &owner);
+            let since = node.table.members().registered_at(&owner);
+            node.replicas.keep_handed_over(&state, &owner, since);
         }
         let orphans = node.replicas.orphans(node.table.members(), now);
         for (heir, req) in orphans {
