@@ -39,6 +39,22 @@ fn table() -> Table<PlainCell> {
     )
 }
 
+/// A copy of "u" (session "s", cell epoch `cell_epoch`) staged here by dp-2
+/// at `epoch`, as a drain's Stage installs it.
+fn staged_copy(t: &mut Table<PlainCell>, now: Instant, cell_epoch: u64, epoch: u64) -> PlainCell {
+    let c = cell("u", "s", now, cell_epoch);
+    t.install(
+        c.clone(),
+        epoch,
+        Holding::Staged {
+            from: "dp-2".into(),
+        },
+        None,
+    )
+    .unwrap();
+    c
+}
+
 /// The table of node `me` with these members.
 fn table_of(me: &str, nodes: &[(&str, NodeState)]) -> Table<PlainCell> {
     let mut t = Table::new(me, TableConfig::default());
@@ -817,16 +833,7 @@ fn a_claim_during_a_drains_staging_gets_the_session() {
 fn a_staged_copy_takes_no_push_until_the_view_names_its_node() {
     let now = Instant::now();
     let mut t = table();
-    let c = cell("u", "s", now, 5);
-    t.install(
-        c.clone(),
-        5,
-        Holding::Staged {
-            from: "dp-2".into(),
-        },
-        None,
-    )
-    .unwrap();
+    staged_copy(&mut t, now, 5, 5);
     // Forwarded (no view passed): waits.
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
     assert!(matches!(o, PushOutcome::Wait), "{o:?}");
@@ -855,16 +862,7 @@ fn a_staged_copy_takes_no_push_until_the_view_names_its_node() {
 fn a_staged_copy_newer_than_the_views_record_of_this_node_takes_no_push() {
     let now = Instant::now();
     let mut t = table();
-    let c = cell("u", "s", now, 0);
-    t.install(
-        c.clone(),
-        7,
-        Holding::Staged {
-            from: "dp-2".into(),
-        },
-        None,
-    )
-    .unwrap();
+    let c = staged_copy(&mut t, now, 0, 7);
     for named_at in [5, 7] {
         let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", named_at)));
         assert!(matches!(o, PushOutcome::Wait), "{o:?}");
@@ -885,16 +883,7 @@ fn a_staged_copy_newer_than_the_views_record_of_this_node_takes_no_push() {
 fn a_drain_does_not_stage_a_session_a_start_is_claiming_here() {
     let now = Instant::now();
     let mut t = table();
-    let c = cell("u", "s", now, 5);
-    t.install(
-        c.clone(),
-        5,
-        Holding::Staged {
-            from: "dp-2".into(),
-        },
-        None,
-    )
-    .unwrap();
+    let c = staged_copy(&mut t, now, 5, 5);
     t.claim_begins("u");
     let drain = HandoverAsk::Drain {
         successor: "dp-2".into(),
@@ -912,16 +901,7 @@ fn a_drain_does_not_stage_a_session_a_start_is_claiming_here() {
 fn a_claim_on_the_staged_node_owns_the_staged_copy() {
     let now = Instant::now();
     let mut t = table();
-    let c = cell("u", "s", now, 5);
-    t.install(
-        c.clone(),
-        5,
-        Holding::Staged {
-            from: "dp-2".into(),
-        },
-        None,
-    )
-    .unwrap();
+    let c = staged_copy(&mut t, now, 5, 5);
     t.claimed(now, &c, 7, Some(("dp-1", 7)));
     assert_eq!(t.holding("u"), Some(&Holding::Owned));
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), None);
@@ -935,16 +915,7 @@ fn a_claim_on_the_staged_node_owns_the_staged_copy() {
 fn a_failed_restaging_takes_a_staged_copy_back_as_staged() {
     let now = Instant::now();
     let mut t = table();
-    let c = cell("u", "s", now, 5);
-    t.install(
-        c.clone(),
-        5,
-        Holding::Staged {
-            from: "dp-2".into(),
-        },
-        None,
-    )
-    .unwrap();
+    let c = staged_copy(&mut t, now, 5, 5);
     t.hand_over(
         now,
         "u",
@@ -1034,16 +1005,7 @@ fn a_staged_copy_is_part_of_a_recovery_and_then_fenced() {
 fn a_staged_copy_being_claimed_waits_for_the_handover() {
     let now = Instant::now();
     let mut t = table();
-    let c = cell("u", "s", now, 5);
-    t.install(
-        c.clone(),
-        5,
-        Holding::Staged {
-            from: "dp-2".into(),
-        },
-        None,
-    )
-    .unwrap();
+    staged_copy(&mut t, now, 5, 5);
     t.begin_incoming(now, "u");
     t.owner_changed(now, "u", "dp-1", 9);
     let (o, _) = t.push(now, Target::Openid("u"), msg(1), Some(("dp-1", 9)));
