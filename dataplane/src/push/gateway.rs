@@ -446,9 +446,15 @@ impl Gateway {
         // this copy goes to the next nodes on the ring instead (a recovery asks every live
         // node; a standby new to the session gets its whole queue). The push is queued once
         // whatever happens here.
+        // UNKNOWN is tonic's "transport error": the connection broke in the middle of the
+        // call, as when the standby exits (the rolling test saw it); a standby's own refusals
+        // carry other codes.
         let gone = |r: &Result<(), Status>| {
             r.as_ref().is_err_and(|s| {
-                matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+                matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                )
             })
         };
         if let Err(status) = &result
