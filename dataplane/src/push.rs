@@ -3,6 +3,7 @@
 //!
 //! - [`gateway`]: `GatewayService` (push, broadcast, forwarding to the owner).
 //! - [`grpc_auth`]: the authorization of the node's gRPC port.
+//! - [`gateway::wire`]: pushes as received, their text not copied out of the frame.
 
 pub(crate) mod gateway;
 pub(crate) mod grpc_auth;

@@ -34,6 +34,10 @@ use crate::node::Node;
 use crate::registry::PushFailure;
 use crate::session::{PushBody, PushError, PushMessage};
 
+pub(crate) mod wire;
+
+use wire::InPush;
+
 pub struct Gateway {
     pub node: Arc<Node>,
 }
@@ -266,46 +270,47 @@ impl Gateway {
     /// push that is not such a push, the rest go one at a time through
     /// `push_one` (forwarding, durability, waits): order per session is the
     /// order given, because a push never overtakes an earlier one.
-    pub(crate) async fn push_many(
-        &self,
-        hops: u8,
-        pushes: Vec<PushToClientRequest>,
-    ) -> Vec<PushResult> {
+    pub(crate) async fn push_many(&self, hops: u8, mut pushes: Vec<InPush>) -> Vec<PushResult> {
         /// Pushes queued per table lock: bounds how long one batch holds it.
         const CHUNK: usize = 64;
         let node = &self.node;
+        let plain = |p: &InPush| {
+            !p.durable && !p.target_id.is_empty() && p.target_type == TargetType::Openid as i32
+        };
         let mut results = Vec::with_capacity(pushes.len());
-        let mut pushes = pushes.into_iter().peekable();
-        while !node.crashed() {
-            let chunk: Vec<PushToClientRequest> = std::iter::from_fn(|| {
-                pushes.next_if(|p| {
-                    !p.durable
-                        && !p.target_id.is_empty()
-                        && p.target_type == TargetType::Openid as i32
-                })
-            })
-            .take(CHUNK)
-            .collect();
-            if chunk.is_empty() {
+        // `pushes[..at]` have their results. Chunks are read in place (not
+        // moved out of `pushes`).
+        let mut at = 0;
+        while !node.crashed() && at < pushes.len() {
+            let end = at + pushes[at..].iter().take(CHUNK).take_while(|p| plain(p)).count();
+            if end == at {
                 break;
             }
+            let chunk = &pushes[at..end];
             let created_at_ms = unix_ms();
-            let owners: Vec<Option<(String, u64)>> = chunk
+            // `as_str` checks UTF-8 of a received field again: once per push.
+            let openids: Vec<&str> = chunk.iter().map(|p| p.target_id.as_str()).collect();
+            let owners: Vec<Option<(String, u64)>> = openids
                 .iter()
-                .map(|p| self.view_owner(&p.target_id).filter(|_| hops == 0))
+                .map(|openid| self.view_owner(openid).filter(|_| hops == 0))
                 .collect();
             let mut run = Vec::with_capacity(chunk.len());
             // A push too large for the client is refused alone; the run stops
             // before it so results stay in order.
             let mut too_large = None;
-            for (p, owner) in chunk.iter().zip(&owners) {
-                let body = PushBody::encode_fields(&p.msg_type, &p.content, &p.data, created_at_ms);
+            for ((p, &openid), owner) in chunk.iter().zip(&openids).zip(&owners) {
+                let body = PushBody::encode_fields(
+                    p.msg_type.as_bytes(),
+                    p.content.as_bytes(),
+                    &p.data,
+                    created_at_ms,
+                );
                 if let Err(status) = check_size(node, &body) {
                     too_large = Some(status);
                     break;
                 }
                 run.push(crate::registry::RunPush {
-                    openid: &p.target_id,
+                    openid,
                     body,
                     view_owner: owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
                 });
@@ -314,8 +319,7 @@ impl Gateway {
             let done = outcomes.len();
             let stopped = done < run.len();
             drop(run);
-            let mut chunk = chunk.into_iter();
-            for (outcome, p) in outcomes.into_iter().zip(chunk.by_ref()) {
+            for (outcome, p) in outcomes.into_iter().zip(chunk) {
                 results.push(match outcome {
                     Ok(receipt) => PushResult {
                         seq_id: receipt.seq_id,
@@ -334,27 +338,26 @@ impl Gateway {
                         node.metrics.pushes.with_label_values(&["no_session"]).inc();
                         refused(
                             GatewayRefusal::NoSession {
-                                target: p.target_id.clone(),
+                                target: p.target_id.to_string(),
                             }
                             .into(),
                         )
                     }
                 });
             }
+            at += done;
             if let (false, Some(status)) = (stopped, too_large) {
-                chunk.next();
+                at += 1;
                 results.push(refused(status));
             }
-            let rest: Vec<PushToClientRequest> = chunk.collect();
-            if !rest.is_empty() {
-                // The first of these needs the full path: it and everything
-                // after it take it.
-                let rest = rest.into_iter().chain(pushes).collect();
-                results.extend(self.push_each(hops, rest).await);
-                return results;
+            if at < end {
+                // The first of the chunk's rest needs the full path: it and
+                // everything after it take it.
+                break;
             }
         }
-        results.extend(self.push_each(hops, pushes.collect()).await);
+        let rest = pushes.split_off(at);
+        results.extend(self.push_each(hops, rest).await);
         results
     }
 
@@ -363,7 +366,7 @@ impl Gateway {
     /// after another in the order given, different openids concurrently. A
     /// run with any push by session id goes one push at a time (a session id
     /// and an openid may name the same session).
-    async fn push_each(&self, hops: u8, pushes: Vec<PushToClientRequest>) -> Vec<PushResult> {
+    async fn push_each(&self, hops: u8, pushes: Vec<InPush>) -> Vec<PushResult> {
         if pushes.len() <= 1
             || pushes
                 .iter()
@@ -371,12 +374,12 @@ impl Gateway {
         {
             let mut results = Vec::with_capacity(pushes.len());
             for push in pushes {
-                results.push(push_result(self.push_one(hops, push).await));
+                results.push(push_result(self.push_one(hops, push.into()).await));
             }
             return results;
         }
         let n = pushes.len();
-        let mut by_target: std::collections::HashMap<String, Vec<(usize, PushToClientRequest)>> =
+        let mut by_target: std::collections::HashMap<wire::WireStr, Vec<(usize, InPush)>> =
             std::collections::HashMap::new();
         for (i, p) in pushes.into_iter().enumerate() {
             by_target
@@ -387,7 +390,7 @@ impl Gateway {
         let done = futures::future::join_all(by_target.into_values().map(|list| async move {
             let mut out = Vec::with_capacity(list.len());
             for (i, push) in list {
-                out.push((i, push_result(self.push_one(hops, push).await)));
+                out.push((i, push_result(self.push_one(hops, push.into()).await)));
             }
             out
         }))
@@ -540,8 +543,9 @@ impl GatewayService for Gateway {
             return Err(GatewayRefusal::BatchTooLarge { max: MAX_BATCH }.into());
         }
         // Per push the same outcome as PushToClient; order per session is
-        // the order in the batch.
-        let results = self.push_many(hops, batch.pushes).await;
+        // the order in the batch. (The Strings are taken over, not copied.)
+        let pushes = batch.pushes.into_iter().map(InPush::from).collect();
+        let results = self.push_many(hops, pushes).await;
         Ok(Response::new(PushBatchResponse { results }))
     }
 

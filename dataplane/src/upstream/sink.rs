@@ -8,12 +8,11 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use gatesvr_proto::upstream::gateway_service_server::GatewayService;
-use gatesvr_proto::upstream::{
-    BroadcastRequest, PushResult, PushToClientRequest, StreamBroadcastResult,
-};
+use gatesvr_proto::upstream::{BroadcastRequest, PushResult, StreamBroadcastResult};
 
 use super::stream::PushSink;
 use crate::gateway::Gateway;
+use crate::gateway::wire::InPush;
 use crate::node::Node;
 
 /// The node's gateway as a [`PushSink`].
@@ -26,17 +25,18 @@ impl std::fmt::Debug for GatewaySink {
 }
 
 impl PushSink for GatewaySink {
-    fn push(&self, push: PushToClientRequest) -> BoxFuture<'static, PushResult> {
+    fn push(&self, push: InPush) -> BoxFuture<'static, PushResult> {
         let gateway = Gateway {
             node: self.0.clone(),
         };
         async move {
-            crate::gateway::push_result(gateway.push_to_client(tonic::Request::new(push)).await)
+            let push = tonic::Request::new(push.into());
+            crate::gateway::push_result(gateway.push_to_client(push).await)
         }
         .boxed()
     }
 
-    fn push_batch(&self, pushes: Vec<PushToClientRequest>) -> BoxFuture<'static, Vec<PushResult>> {
+    fn push_batch(&self, pushes: Vec<InPush>) -> BoxFuture<'static, Vec<PushResult>> {
         let gateway = Gateway {
             node: self.0.clone(),
         };

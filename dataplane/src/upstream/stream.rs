@@ -40,16 +40,22 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use gatesvr_proto::upstream::gateway_frame::Body as Down;
 use gatesvr_proto::upstream::upstream_frame::Body as Up;
-use gatesvr_proto::upstream::upstream_stream_service_client::UpstreamStreamServiceClient;
 use gatesvr_proto::upstream::{
     BroadcastRequest, CancelRequest, GatewayFrame, GatewayHello, ProcessRequestRequest,
-    ProcessRequestResponse, PushResult, PushToClientRequest, StreamBroadcastResult,
-    StreamPushBatchResult, StreamPushResult, StreamRequest, StreamResponse, UpstreamFrame,
+    ProcessRequestResponse, PushResult, StreamBroadcastResult, StreamPushBatchResult,
+    StreamPushResult, StreamRequest, StreamResponse,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+
+use crate::gateway::wire::InPush;
+use inbound::{InBody, InFrame};
+use outbound::OutFrame;
+
+mod inbound;
+mod outbound;
 
 /// Contract version this node speaks.
 pub const STREAM_VERSION: u32 = 1;
@@ -70,9 +76,9 @@ const PUSH_GROUP: usize = 64;
 /// `GatewayService` (set once the node exists).
 pub trait PushSink: std::fmt::Debug + Send + Sync + 'static {
     /// Queues one push, as `PushToClient`; the result as `PushBatch` reports it.
-    fn push(&self, push: PushToClientRequest) -> BoxFuture<'static, PushResult>;
+    fn push(&self, push: InPush) -> BoxFuture<'static, PushResult>;
     /// Queues pushes in order, as `PushBatch`: one result per push, in order.
-    fn push_batch(&self, pushes: Vec<PushToClientRequest>) -> BoxFuture<'static, Vec<PushResult>>;
+    fn push_batch(&self, pushes: Vec<InPush>) -> BoxFuture<'static, Vec<PushResult>>;
     /// Queues one broadcast, as `BroadcastToClients`.
     fn broadcast(&self, broadcast: BroadcastRequest) -> BoxFuture<'static, StreamBroadcastResult>;
 }
@@ -295,15 +301,13 @@ impl StreamLink {
         };
         // Room for it: the queue is new.
         let _ = tx.try_send(hello);
-        let mut client = UpstreamStreamServiceClient::new(self.channel.clone());
-        let mut inbound = client
-            .open(ReceiverStream::new(rx))
+        let mut inbound = open(self.channel.clone(), ReceiverStream::new(rx))
             .await
             .map_err(|s| CallError::NotSent(format!("connect: {}", s.code())))?
             .into_inner();
         let hello = match inbound.message().await {
-            Ok(Some(UpstreamFrame {
-                body: Some(Up::Hello(hello)),
+            Ok(Some(InFrame {
+                body: Some(InBody::Other(Up::Hello(hello))),
             })) => hello,
             Ok(_) => return Err(CallError::NotSent("no hello from the upstream".into())),
             Err(s) => return Err(CallError::NotSent(format!("hello: {}", s.code()))),
@@ -339,7 +343,7 @@ impl StreamLink {
 /// would be, each still answered by its own `push_result`.
 async fn read(
     live: Arc<Live>,
-    mut inbound: tonic::Streaming<UpstreamFrame>,
+    mut inbound: tonic::Streaming<InFrame>,
     sink: Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
     max_pushes: u32,
     gone: tokio_util::sync::CancellationToken,
@@ -386,7 +390,7 @@ async fn read(
 #[derive(Default)]
 struct PushGroup {
     ids: Vec<u64>,
-    pushes: Vec<PushToClientRequest>,
+    pushes: Vec<InPush>,
     permits: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// Pushes of the group with no body: refused, not queued.
     empty: Vec<u64>,
@@ -438,18 +442,18 @@ fn handle(
     live: &Arc<Live>,
     sink: &Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
     pushes: &Arc<Semaphore>,
-    frame: UpstreamFrame,
+    frame: InFrame,
     group: &mut PushGroup,
 ) -> bool {
     match frame.body {
-        Some(Up::Response(answer)) => {
+        Some(InBody::Other(Up::Response(answer))) => {
             let waiter = live.pending.lock().waiting.remove(&answer.id);
             // None: cancelled or timed out meanwhile; the answer is dropped.
             if let Some(waiter) = waiter {
                 let _ = waiter.send(answer);
             }
         }
-        Some(Up::Push(push)) => {
+        Some(InBody::Push(push)) => {
             let Ok(permit) = pushes.clone().try_acquire_owned() else {
                 tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
                 return false;
@@ -463,7 +467,7 @@ fn handle(
                 None => group.empty.push(push.id),
             }
         }
-        Some(Up::PushBatch(batch)) => {
+        Some(InBody::PushBatch(batch)) => {
             let Ok(permit) = pushes.clone().try_acquire_owned() else {
                 tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
                 return false;
@@ -491,7 +495,7 @@ fn handle(
                 drop(permit);
             });
         }
-        Some(Up::Broadcast(b)) => {
+        Some(InBody::Other(Up::Broadcast(b))) => {
             let Ok(permit) = pushes.clone().try_acquire_owned() else {
                 tracing::warn!("upstream exceeded max_pushes_in_flight; ending its stream");
                 return false;
@@ -515,12 +519,37 @@ fn handle(
                 drop(permit);
             });
         }
-        Some(Up::Health(h)) => live.serving.store(h.serving, Ordering::SeqCst),
-        Some(Up::Drain(_)) => live.draining.store(true, Ordering::SeqCst),
+        Some(InBody::Other(Up::Health(h))) => live.serving.store(h.serving, Ordering::SeqCst),
+        Some(InBody::Other(Up::Drain(_))) => live.draining.store(true, Ordering::SeqCst),
         // A second hello or an empty frame: ignored (fields are added compatibly).
-        Some(Up::Hello(_)) | None => {}
+        // (Pushes never decode as `Other`: `inbound` decodes them itself.)
+        Some(InBody::Other(Up::Hello(_) | Up::Push(_) | Up::PushBatch(_))) | None => {}
     }
     true
+}
+
+/// Opens `UpstreamStreamService/Open` as the generated client does, with the
+/// node's own encoding and decoding ([`OutFrame`]: push results written with
+/// fewer calls; [`InFrame`]: pushes not copied out of the received buffers).
+async fn open(
+    channel: Channel,
+    frames: ReceiverStream<GatewayFrame>,
+) -> Result<tonic::Response<tonic::Streaming<InFrame>>, tonic::Status> {
+    const SERVICE: &str = "gatesvr.upstream.v1.UpstreamStreamService";
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
+    let codec = tonic_prost::ProstCodec::<OutFrame, InFrame>::default();
+    let path = ::http::uri::PathAndQuery::from_static(
+        "/gatesvr.upstream.v1.UpstreamStreamService/Open",
+    );
+    let frames = tokio_stream::StreamExt::map(frames, OutFrame);
+    let mut request = tonic::Request::new(frames);
+    request
+        .extensions_mut()
+        .insert(tonic::GrpcMethod::new(SERVICE, "Open"));
+    grpc.streaming(request, path, codec).await
 }
 
 fn refused(code: tonic::Code, message: &str) -> PushResult {
