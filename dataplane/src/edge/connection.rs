@@ -658,23 +658,33 @@ fn transmit(node: &Node, entry: &Arc<SessionEntry>, out: &mut BytesMut) {
 
 /// Stores an executed request's answer in the session and sends it to the
 /// connection attached now: this one (into `out`), or a newer one.
+///
+/// The answer is encoded first and then moved into the session (no copy of
+/// it). It is stored before the attached connection is read, as always: a
+/// client that reconnects meanwhile either finds it stored (its retry gets
+/// it from the session) or is the connection it is sent to here.
 fn complete(entry: &Arc<SessionEntry>, conn_id: u64, response: ClientResponse, out: &mut BytesMut) {
-    entry
-        .state
-        .lock()
-        .complete_request(response.seq_id, response.clone());
-    let here = entry
-        .attached
-        .lock()
-        .as_ref()
-        .is_some_and(|a| a.conn_id == conn_id);
-    if here {
-        frame::encode(&env(Body::Response(response)), out);
-    } else {
+    let before = out.len();
+    let envelope = env(Body::Response(response));
+    frame::encode(&envelope, out);
+    if let Some(Body::Response(response)) = envelope.body {
+        entry
+            .state
+            .lock()
+            .complete_request(response.seq_id, response);
+    }
+    let elsewhere = match entry.attached.lock().as_ref() {
+        Some(a) if a.conn_id == conn_id => None,
+        Some(a) => Some(a.control.clone()),
+        None => return out.truncate(before),
+    };
+    if let Some(control) = elsewhere {
         // The client reconnected meanwhile; that connection's task writes it.
-        let entry = entry.clone();
+        let frame = out.split_off(before).freeze();
         tokio::spawn(async move {
-            entry.send_control(env(Body::Response(response))).await;
+            // A closed channel means that connection just ended too; the
+            // session keeps the answer for the retry.
+            let _ = control.send(frame).await;
         });
     }
 }
