@@ -23,6 +23,15 @@ const SEQ_KEY: u8 = 0x08;
 /// `ServerPush.redelivery` is field 6, varint: key `6 << 3 | 0`.
 const REDELIVERY_KEY: u8 = 0x30;
 
+/// Appends `v` as a protobuf varint.
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
 /// Writes `v` as a protobuf varint into `buf` from `at`; returns the end.
 /// `buf` has room: a varint is at most 10 bytes, and callers size for it.
 fn put_varint(buf: &mut [u8], mut at: usize, mut v: u64) -> usize {
@@ -75,25 +84,22 @@ impl PushBody {
         if created_at_ms != 0 {
             len += int64::encoded_len(5, &created_at_ms);
         }
-        // Keys and lengths written as bytes here, each field's header built on
-        // the stack and copied once: prost's `encode_key` and `encode_varint`
-        // are calls through `BufMut`, per byte, and were most of this
-        // function's instructions (callgrind, docs/benchmarks.md session 11).
+        // Keys and lengths written as bytes here: prost's `encode_key` and
+        // `encode_varint` are calls through `BufMut`, per byte, and were most
+        // of this function's instructions (callgrind, docs/benchmarks.md
+        // session 11).
         let mut out = Vec::with_capacity(len);
-        let mut head = [0u8; 11];
         for (key, field) in [(0x12, msg_type), (0x1a, content), (0x22, data)] {
             if !field.is_empty() {
-                head[0] = key;
-                let end = put_varint(&mut head, 1, field.len() as u64);
-                out.extend_from_slice(&head[..end]);
+                out.push(key);
+                push_varint(&mut out, field.len() as u64);
                 out.extend_from_slice(field);
             }
         }
         if created_at_ms != 0 {
             // int64: the two's complement as a varint (10 bytes if negative).
-            head[0] = 0x28;
-            let end = put_varint(&mut head, 1, created_at_ms as u64);
-            out.extend_from_slice(&head[..end]);
+            out.push(0x28);
+            push_varint(&mut out, created_at_ms as u64);
         }
         Self(Bytes::from(out))
     }

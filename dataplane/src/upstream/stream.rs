@@ -52,10 +52,8 @@ use tonic::transport::Channel;
 
 use crate::gateway::wire::InPush;
 use inbound::{InBody, InFrame};
-use outbound::OutFrame;
 
 mod inbound;
-mod outbound;
 
 /// Contract version this node speaks.
 pub const STREAM_VERSION: u32 = 1;
@@ -529,8 +527,8 @@ fn handle(
 }
 
 /// Opens `UpstreamStreamService/Open` as the generated client does, with the
-/// node's own encoding and decoding ([`OutFrame`]: push results written with
-/// fewer calls; [`InFrame`]: pushes not copied out of the received buffers).
+/// node's own decoding of what comes back ([`InFrame`]: pushes not copied
+/// out of the received buffers).
 async fn open(
     channel: Channel,
     frames: ReceiverStream<GatewayFrame>,
@@ -540,11 +538,10 @@ async fn open(
     grpc.ready()
         .await
         .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
-    let codec = tonic_prost::ProstCodec::<OutFrame, InFrame>::default();
+    let codec = tonic_prost::ProstCodec::<GatewayFrame, InFrame>::default();
     let path = ::http::uri::PathAndQuery::from_static(
         "/gatesvr.upstream.v1.UpstreamStreamService/Open",
     );
-    let frames = tokio_stream::StreamExt::map(frames, OutFrame);
     let mut request = tonic::Request::new(frames);
     request
         .extensions_mut()
