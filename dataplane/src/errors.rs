@@ -306,6 +306,16 @@ pub enum GatewayRefusal {
         why: String,
         seq: u64,
     },
+    /// UNAVAILABLE: the session's owner did not receive the forwarded push
+    /// (it refused the connection, or is stopping and did not process it).
+    #[error("the push could not be forwarded to the session's owner; not queued, retry")]
+    NotForwarded,
+    /// UNKNOWN: forwarded, but the owner's answer never came back (the
+    /// connection broke or timed out mid-call).
+    #[error(
+        "the push was forwarded to the session's owner, which did not answer; it may have been queued"
+    )]
+    ForwardUnanswered,
     /// UNAVAILABLE: a broadcast reached some nodes only (never hidden).
     #[error("broadcast queued on {queued} sessions but {unreachable} node(s) were unreachable")]
     BroadcastPartial { queued: u32, unreachable: usize },
@@ -318,16 +328,17 @@ impl GatewayRefusal {
             G::Stopped | G::InTransit | G::NoLease { .. } | G::NoLeaseQueued { .. } => {
                 tonic::Code::Unavailable
             }
-            G::BroadcastPartial { .. } => tonic::Code::Unavailable,
+            G::BroadcastPartial { .. } | G::NotForwarded => tonic::Code::Unavailable,
             G::NoTarget | G::UnknownTargetType | G::TooLarge { .. } | G::BatchTooLarge { .. } => {
                 tonic::Code::InvalidArgument
             }
             G::NoSession { .. } => tonic::Code::NotFound,
             G::NoStandby => tonic::Code::FailedPrecondition,
             G::QueueFull { .. } => tonic::Code::ResourceExhausted,
-            G::MovedWhileQueued { .. } | G::LeaseLapsedAfterCopy { .. } | G::NotCopied { .. } => {
-                tonic::Code::Unknown
-            }
+            G::MovedWhileQueued { .. }
+            | G::LeaseLapsedAfterCopy { .. }
+            | G::NotCopied { .. }
+            | G::ForwardUnanswered => tonic::Code::Unknown,
         }
     }
 }

@@ -60,6 +60,17 @@ pub const ACK_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// ([`crate::core::Members::recovery_maybe`]); a crashed process refuses at once.
 pub const DEAD_NODE_ASK: Duration = Duration::from_millis(500);
 
+/// A standby that has not heard from the owner of a replica it holds (pushes
+/// included) for this long probes it (`grpc.health.v1` on the owner's gRPC
+/// address); an owner the probe finds unreachable gets its replicas copied to
+/// its next heir ([`ReplicaStore::orphans`]) without waiting for the control
+/// plane to declare it dead (simulation seed 5262 of session 10: the owner was
+/// killed during a control-plane outage, which delayed its death in the view,
+/// and its standby, with the only copy, was killed 4.8 s later). Owners probe
+/// each standby once per [`ACK_SYNC_INTERVAL`], so a live owner is heard
+/// well within it.
+pub const OWNER_SILENCE: Duration = Duration::from_secs(2);
+
 /// How long a standby that a call found unreachable is passed over
 /// ([`crate::core::Members::mark_unreachable`]); then it is tried again.
 pub const UNREACHABLE_HOLD: Duration = Duration::from_secs(10);
@@ -113,13 +124,24 @@ impl Replica {
             next_seq_id: self.next_seq,
             release: false,
             incremental: false,
+            relayed: true,
         }
     }
+}
+
+/// When a standby last heard from an owner, and last probed it.
+#[derive(Debug, Clone, Copy)]
+struct Contact {
+    heard: Instant,
+    probed: Option<Instant>,
 }
 
 /// Copies of other nodes' durable pushes held by this node (as a standby).
 pub struct ReplicaStore {
     map: Mutex<HashMap<String, Replica>>,
+    /// Owners by node id: when a `Replicate` they sent themselves last came
+    /// (any session, a probe included; never a relayed copy).
+    contacts: Mutex<HashMap<String, Contact>>,
     ttl: Duration,
     max_pushes: usize,
     /// This node's fetches of other nodes' copies (a recovery), batched per node.
@@ -131,6 +153,7 @@ impl ReplicaStore {
     pub fn new(ttl: Duration, max_pushes: usize) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
+            contacts: Mutex::new(HashMap::new()),
             ttl,
             max_pushes,
             fetches: FetchBatcher::default(),
@@ -220,6 +243,50 @@ impl ReplicaStore {
         Ok(replica.pushes.len() as u64)
     }
 
+    /// `owner` sent this node a `Replicate` itself (not relayed) at `now`,
+    /// or answered its probe: it is alive.
+    pub fn heard_from(&self, owner: &str, now: Instant) {
+        if owner.is_empty() {
+            return;
+        }
+        self.contacts.lock().insert(
+            owner.to_string(),
+            Contact {
+                heard: now,
+                probed: None,
+            },
+        );
+    }
+
+    /// Owners of replicas holding pushes that this node heard from once but
+    /// not for [`OWNER_SILENCE`], and did not probe within it: the shell
+    /// probes each, and marks the ones that do not answer unreachable
+    /// ([`crate::core::Members::mark_unreachable`]), which makes their
+    /// replicas orphans. Owners no replica names any more are forgotten.
+    pub fn owners_to_probe(&self, now: Instant) -> Vec<String> {
+        let map = self.map.lock();
+        let holding: HashSet<&str> = map
+            .values()
+            .filter(|r| !r.pushes.is_empty())
+            .map(|r| r.owner.as_str())
+            .collect();
+        let mut contacts = self.contacts.lock();
+        contacts.retain(|owner, _| map.values().any(|r| r.owner == *owner));
+        let mut due: Vec<String> = contacts
+            .iter_mut()
+            .filter(|(owner, _)| holding.contains(owner.as_str()))
+            .filter_map(|(owner, c)| {
+                let last = c.probed.unwrap_or(c.heard).max(c.heard);
+                (now.saturating_duration_since(last) >= OWNER_SILENCE).then(|| {
+                    c.probed = Some(now);
+                    owner.clone()
+                })
+            })
+            .collect();
+        due.sort();
+        due
+    }
+
     /// This node's copy of `openid`'s session `session_id`, if any.
     pub fn fetch(&self, openid: &str, session_id: &str) -> FetchReplicaResponse {
         let map = self.map.lock();
@@ -266,6 +333,7 @@ impl ReplicaStore {
                 next_seq_id: state.next_seq_id,
                 release: false,
                 incremental: false,
+                relayed: true,
             },
             owner_since,
         );
@@ -286,7 +354,9 @@ impl ReplicaStore {
     /// where the owner and then its standby restarted 3.4 s apart and the
     /// standby had held the last copy): until its client comes back, this
     /// node holds the only copy of what the owner acknowledged, and a second
-    /// crash would lose it. Each
+    /// crash would lose it. The same holds for an owner still live in the
+    /// view that a call found unreachable at `now` (its standby's probe,
+    /// [`ReplicaStore::owners_to_probe`]). Each
     /// gets a second copy on the owner's next standby other than this node
     /// ([`Members::standby_of`]), once per heir ([`ReplicaStore::copied`]).
     /// Replicas that hold no push are not copied.
@@ -304,7 +374,9 @@ impl ReplicaStore {
                         && m.registered_at_ms != 0
                         && m.registered_at_ms != r.owner_since
                 });
-                !r.pushes.is_empty() && (!members.is_live(&r.owner) || restarted)
+                // A probe (or another call) found the owner unreachable.
+                let unreachable = members.is_unreachable(&r.owner, now);
+                !r.pushes.is_empty() && (!members.is_live(&r.owner) || restarted || unreachable)
             })
             .filter_map(|(openid, r)| {
                 let heir = members.standby_of(&r.owner, now)?;
@@ -459,6 +531,7 @@ pub async fn replicate(
             next_seq_id: stats.next_seq_id,
             release: false,
             incremental: !whole,
+            relayed: false,
         };
         (req, stats)
     };
@@ -898,6 +971,70 @@ async fn copy_orphans(node: &Node) {
     );
 }
 
+/// Probes, off this task, the owners this node holds replicas for and has
+/// not heard from ([`ReplicaStore::owners_to_probe`]): one that does not
+/// answer is marked unreachable, and its replicas are copied to its next heir
+/// at once (the control plane may take long to declare it dead, or be down).
+fn probe_silent_owners(node: &Arc<Node>) {
+    let due = node.replicas.owners_to_probe(Instant::now());
+    for owner in due {
+        let Some(addr) = node
+            .registry
+            .members(|m| m.live(&owner).map(|n| n.grpc_addr.clone()))
+        else {
+            continue; // Gone from the view: its replicas are orphans already.
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let reach = probe(&node, &addr).await;
+            let now = Instant::now();
+            if reach == crate::core::Reach::Answered {
+                node.metrics
+                    .replica_owner_probes
+                    .with_label_values(&["answered"])
+                    .inc();
+                node.replicas.heard_from(&owner, now);
+                node.registry.peer_answered(&owner);
+                return;
+            }
+            tracing::warn!(
+                owner,
+                ?reach,
+                "silent owner unreachable; its replicas get a second copy"
+            );
+            node.metrics
+                .replica_owner_probes
+                .with_label_values(&["unreachable"])
+                .inc();
+            node.registry
+                .mark_unreachable(&owner, reach, now + UNREACHABLE_HOLD);
+            node.replicator.moved_on.notify_one();
+        });
+    }
+}
+
+/// One `grpc.health.v1.Health/Check` of a peer: any answer the peer gave
+/// (serving or not) shows it alive.
+async fn probe(node: &Node, addr: &str) -> crate::core::Reach {
+    use crate::peer::Delivery;
+    let Ok(channel) = node.peers.channel(addr) else {
+        return crate::core::Reach::NoAnswer;
+    };
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut request = Request::new(tonic_health::pb::HealthCheckRequest::default());
+    request.set_timeout(PEER_TIMEOUT);
+    let status = match tokio::time::timeout(PEER_TIMEOUT, client.check(request)).await {
+        Ok(Ok(_)) => return crate::core::Reach::Answered,
+        Ok(Err(status)) => status,
+        Err(_) => return crate::core::Reach::NoAnswer,
+    };
+    match crate::peer::delivery(&status) {
+        Delivery::Answered => crate::core::Reach::Answered,
+        Delivery::Unsent if crate::peer::refused(&status) => crate::core::Reach::Down,
+        Delivery::Unsent | Delivery::Unknown => crate::core::Reach::NoAnswer,
+    }
+}
+
 /// Timer task: ack-point sync and replica expiry.
 pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(ACK_SYNC_INTERVAL);
@@ -911,6 +1048,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
             }
             () = node.replicator.moved_on.notified() => {
                 sync_ack_points(&node).await;
+                copy_orphans(&node).await;
                 continue;
             }
             () = stop.cancelled() => return,
@@ -918,6 +1056,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
         replicate_recovered(&node).await;
         sync_ack_points(&node).await;
         copy_orphans(&node).await;
+        probe_silent_owners(&node);
         let (sessions, pushes) = node.replicas.sweep();
         node.metrics.replica_sessions.set(sessions as i64);
         node.metrics.replica_pushes.set(pushes as i64);
@@ -1365,7 +1504,7 @@ mod tests {
     use gatesvr_proto::control::NodeState;
 
     use super::*;
-    use crate::core::Members;
+    use crate::core::{Members, Reach};
 
     fn member(id: &str, state: NodeState) -> Member {
         Member {
@@ -1451,6 +1590,7 @@ mod tests {
             next_seq_id: 6,
             release: false,
             incremental: false,
+            relayed: false,
         };
         store
             .apply(copy(vec![push(4), push(5)]), 0)
@@ -1564,6 +1704,68 @@ mod tests {
         );
     }
 
+    /// Simulation seed 5262 of session 10: the owner was killed during a
+    /// control-plane outage (so the view kept it live), and its standby,
+    /// holding the only copy, was killed 4.8 s later. A standby that stops
+    /// hearing from an owner probes it after [`OWNER_SILENCE`] (once per
+    /// silence), and an owner the probe found unreachable makes its replicas
+    /// orphans while the view still names it live.
+    #[test]
+    fn a_standby_probes_a_silent_owner_and_copies_its_replicas_if_unreachable() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        let t0 = Instant::now();
+        store
+            .apply(copy_of("u1", "s1", vec![push(4)]), 0)
+            .expect("applied");
+        // An owner never heard from (only relayed copies came) is not probed.
+        assert!(store.owners_to_probe(t0 + OWNER_SILENCE * 5).is_empty());
+        store.heard_from("dp-1", t0);
+        assert!(store.owners_to_probe(t0 + OWNER_SILENCE / 2).is_empty());
+        assert_eq!(store.owners_to_probe(t0 + OWNER_SILENCE), vec!["dp-1"]);
+        assert!(
+            store
+                .owners_to_probe(t0 + OWNER_SILENCE + OWNER_SILENCE / 2)
+                .is_empty(),
+            "probed once per silence"
+        );
+        assert_eq!(store.owners_to_probe(t0 + OWNER_SILENCE * 2), vec!["dp-1"]);
+        store.heard_from("dp-1", t0 + OWNER_SILENCE * 3);
+        assert!(
+            store
+                .owners_to_probe(t0 + OWNER_SILENCE * 3 + OWNER_SILENCE / 2)
+                .is_empty(),
+            "heard again"
+        );
+
+        let mut view = Members::new("dp-2");
+        for id in ["dp-1", "dp-2", "dp-3"] {
+            view.put(member(id, NodeState::Active));
+        }
+        assert!(
+            store.orphans(&view, t0).is_empty(),
+            "a live owner's replica"
+        );
+        view.mark_unreachable("dp-1", Reach::Down, t0 + UNREACHABLE_HOLD);
+        let orphans = store.orphans(&view, t0);
+        assert_eq!(orphans.len(), 1, "the probe found the owner unreachable");
+        assert_eq!(orphans[0].0.node_id, "dp-3");
+        assert!(orphans[0].1.relayed, "a second copy is not the owner's");
+        assert!(
+            store.orphans(&view, t0 + UNREACHABLE_HOLD).is_empty(),
+            "the mark ended: the owner is tried again"
+        );
+
+        // A replica without pushes needs no probe; a forgotten owner is dropped.
+        let empty = ReplicaStore::new(Duration::from_secs(60), 100);
+        empty
+            .apply(copy_of("u2", "s2", vec![]), 0)
+            .expect("applied");
+        empty.heard_from("dp-1", t0);
+        empty.heard_from("dp-9", t0);
+        assert!(empty.owners_to_probe(t0 + OWNER_SILENCE * 2).is_empty());
+        assert_eq!(empty.contacts.lock().len(), 1, "dp-9 holds nothing here");
+    }
+
     /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
     /// same node id and came back empty; the owner went on sending it single
     /// pushes and ack points, which it took as a new copy, and a crash of the
@@ -1584,6 +1786,7 @@ mod tests {
             next_seq_id: 7,
             release: false,
             incremental,
+            relayed: false,
         };
         let refused = standby
             .apply(update(true, vec![push(6)], "s1"), 0)
@@ -1626,6 +1829,7 @@ mod tests {
                     next_seq_id: 6,
                     release: false,
                     incremental: false,
+                    relayed: false,
                 },
                 0,
             )
@@ -1800,6 +2004,7 @@ mod tests {
             next_seq_id,
             release: false,
             incremental: false,
+            relayed: false,
         }
     }
 

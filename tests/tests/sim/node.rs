@@ -93,6 +93,9 @@ pub struct SimNode {
     /// Second copies of replicas whose owner left the view, in flight:
     /// wait id -> (openid, session id, heir) (`replica::copy_orphans`).
     orphan_copies: HashMap<u64, (String, String, String)>,
+    /// Probes of silent owners in flight: req -> owner
+    /// (`replica::probe_silent_owners`).
+    probes: HashMap<u64, String>,
     /// This node's control-plane lease (renewed by the world's heartbeats):
     /// durable pushes are acknowledged only while it surely holds.
     pub lease: Lease,
@@ -154,6 +157,7 @@ impl SimNode {
             resyncs: HashMap::new(),
             synced: HashMap::new(),
             orphan_copies: HashMap::new(),
+            probes: HashMap::new(),
             lease: Lease::default(),
         }
     }
@@ -196,6 +200,23 @@ impl World {
                 }
             }
             Body::Bounce { to_node, original } => self.on_bounce(name, &to_node, *original),
+            Body::Probe { req } => {
+                if let End::Node(asker) = from {
+                    self.send(
+                        End::Node(name.into()),
+                        End::Node(asker),
+                        Body::ProbeReply { req },
+                    );
+                }
+            }
+            Body::ProbeReply { req } => {
+                let now = self.instant();
+                let node = self.node(name);
+                if let Some(owner) = node.probes.remove(&req) {
+                    node.replicas.heard_from(&owner, now);
+                    node.table.members_mut().answered(&owner);
+                }
+            }
             Body::FetchReplica {
                 openid,
                 session_id,
@@ -259,12 +280,16 @@ impl World {
                 );
                 self.trace(line);
                 let (openid, session_id) = (req.openid.clone(), req.session_id.clone());
+                let now = self.instant();
                 let node = self.node(name);
                 let owner_since = node
                     .table
                     .members()
                     .get(&req.owner_node)
                     .map_or(0, |o| o.registered_at_ms);
+                if !req.relayed {
+                    node.replicas.heard_from(&req.owner_node, now);
+                }
                 let applied = node.replicas.apply(*req, owner_since);
                 let missing = applied
                     .as_ref()
@@ -722,6 +747,7 @@ impl World {
                 }
             }
             Body::Stage { state, req, .. } => self.on_stage_ack(name, &state.openid, req, false),
+            Body::Probe { req } => self.owner_unreachable(name, req, Reach::Down),
             Body::FetchReplica { req, .. } => {
                 self.reask_after_departure(name, to_node, req);
                 self.on_fetch_reply(name, to_node, req, FetchReplicaResponse::default())
@@ -734,6 +760,43 @@ impl World {
             } => self.reply_up(id, openid, durable, false),
             _ => {}
         }
+    }
+
+    /// Probes the owners this node holds replicas for and stopped hearing
+    /// from (`replica::probe_silent_owners`).
+    fn probe_silent_owners(&mut self, name: &str) {
+        let now = self.instant();
+        let due = self.node(name).replicas.owners_to_probe(now);
+        for owner in due {
+            if self.node(name).table.members().live(&owner).is_none() {
+                continue;
+            }
+            let req = self.id();
+            self.node(name).probes.insert(req, owner.clone());
+            self.send(
+                End::Node(name.into()),
+                End::Node(owner),
+                Body::Probe { req },
+            );
+            self.timer(name, PEER_TIMEOUT_MS, Timer::ProbeDeadline { req });
+        }
+    }
+
+    /// Probe `req` found its owner unreachable: marked so (its replicas are
+    /// orphans now), and the copies go out at once (`Timer::MovedOn`).
+    fn owner_unreachable(&mut self, name: &str, req: u64, reach: Reach) {
+        let Some(owner) = self.node(name).probes.remove(&req) else {
+            return;
+        };
+        let until = self.instant() + UNREACHABLE_HOLD;
+        self.node(name)
+            .table
+            .members_mut()
+            .mark_unreachable(&owner, reach, until);
+        self.trace(format!(
+            "{name}'s probe found owner \"{owner}\" unreachable"
+        ));
+        self.timer(name, 0, Timer::MovedOn);
     }
 
     /// A call found `standby` unreachable (`replica::standby_unreachable`).
@@ -1762,7 +1825,11 @@ impl World {
                     self.reply_up(d.id, d.openid, true, false);
                 }
             }
-            Timer::MovedOn => self.ack_sync(name),
+            Timer::MovedOn => {
+                self.ack_sync(name);
+                self.copy_orphans(name);
+            }
+            Timer::ProbeDeadline { req } => self.owner_unreachable(name, req, Reach::NoAnswer),
             Timer::RecoverCheck { req } => {
                 let now = self.now;
                 self.recover_check(name, req, now);
@@ -1772,6 +1839,7 @@ impl World {
             Timer::AckSync => {
                 self.ack_sync(name);
                 self.copy_orphans(name);
+                self.probe_silent_owners(name);
                 self.timer(name, 1_000, Timer::AckSync);
             }
             Timer::Complete {
@@ -2003,6 +2071,7 @@ fn copy_of(
         next_seq_id: stats.next_seq_id,
         release: false,
         incremental,
+        relayed: false,
     }
 }
 
