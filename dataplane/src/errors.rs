@@ -218,6 +218,10 @@ pub enum PeerRefusal {
     /// RESOURCE_EXHAUSTED: the replica reached its push limit.
     #[error("replica full")]
     ReplicaFull,
+    /// UNAVAILABLE: this node is leaving and has handed what it holds on; the
+    /// owner copies to the next node of its ring.
+    #[error("this node is leaving and takes no more copies")]
+    Leaving,
     /// INVALID_ARGUMENT: a `FetchReplicas` call over the per-call limit.
     #[error("at most {max} sessions per FetchReplicas call, {asked} asked")]
     TooManyFetches { asked: usize, max: usize },
@@ -226,7 +230,7 @@ pub enum PeerRefusal {
 impl PeerRefusal {
     pub fn code(&self) -> tonic::Code {
         match self {
-            PeerRefusal::Stopped => tonic::Code::Unavailable,
+            PeerRefusal::Stopped | PeerRefusal::Leaving => tonic::Code::Unavailable,
             PeerRefusal::Handover(HandoverError::NoEpoch)
             | PeerRefusal::NoState
             | PeerRefusal::TooManyFetches { .. } => tonic::Code::InvalidArgument,

@@ -93,6 +93,10 @@ struct Replica {
     /// The node a second copy went to after the owner left the view
     /// ([`ReplicaStore::orphans`]); reset when the copy changes.
     copied_to: Option<String>,
+    /// Kept from a session fenced here whose new owner never received its
+    /// state ([`ReplicaStore::keep_fenced`]): it gets a second copy like an
+    /// orphan's, until the owner itself sends a copy.
+    fenced: bool,
 }
 
 impl Replica {
@@ -108,6 +112,7 @@ impl Replica {
             pushes: BTreeMap::new(),
             updated: now,
             copied_to: None,
+            fenced: false,
         }
     }
 
@@ -125,8 +130,16 @@ impl Replica {
             release: false,
             incremental: false,
             relayed: true,
+            owner_since: self.owner_since,
         }
     }
+}
+
+/// Every replica of `map` as a whole copy, by openid.
+fn copies_of(map: &HashMap<String, Replica>) -> Vec<ReplicateRequest> {
+    let mut out: Vec<ReplicateRequest> = map.iter().map(|(openid, r)| r.copy(openid)).collect();
+    out.sort_by(|a, b| a.openid.cmp(&b.openid));
+    out
 }
 
 /// When a standby last heard from an owner, and last probed it.
@@ -142,6 +155,9 @@ pub struct ReplicaStore {
     /// Owners by node id: when a `Replicate` they sent themselves last came
     /// (any session, a probe included; never a relayed copy).
     contacts: Mutex<HashMap<String, Contact>>,
+    /// Set (under `map`'s lock) when this node planned the handoff of what it
+    /// holds before leaving ([`ReplicaStore::seal`]): it takes no more copies.
+    sealed: std::sync::atomic::AtomicBool,
     ttl: Duration,
     max_pushes: usize,
     /// This node's fetches of other nodes' copies (a recovery), batched per node.
@@ -154,6 +170,7 @@ impl ReplicaStore {
         Self {
             map: Mutex::new(HashMap::new()),
             contacts: Mutex::new(HashMap::new()),
+            sealed: std::sync::atomic::AtomicBool::new(false),
             ttl,
             max_pushes,
             fetches: FetchBatcher::default(),
@@ -164,6 +181,15 @@ impl ReplicaStore {
     /// owner's registration in this node's view ([`Member::registered_at_ms`],
     /// 0 if unknown). Returns the pushes held.
     pub fn apply(&self, req: ReplicateRequest, owner_since: i64) -> Result<u64, PeerRefusal> {
+        // A relayed copy keeps the registration its first holder took it
+        // under (simulation seed 6579 of session 11: a copy made because the
+        // owner had restarted was taken under the restarted owner's new
+        // registration, so its holder never copied it on, and was the last).
+        let owner_since = if req.relayed && req.owner_since != 0 {
+            req.owner_since
+        } else {
+            owner_since
+        };
         let mut map = self.map.lock();
         if req.release {
             if map
@@ -173,6 +199,9 @@ impl ReplicaStore {
                 map.remove(&req.openid);
             }
             return Ok(0);
+        }
+        if self.sealed.load(Ordering::Relaxed) {
+            return Err(PeerRefusal::Leaving);
         }
         // An update to a copy this node does not hold (it restarted with the
         // same node id since the owner's last copy): taking it would leave
@@ -207,6 +236,9 @@ impl ReplicaStore {
                 replica.owner_since = owner_since;
             }
             replica.owner = req.owner_node.clone();
+        }
+        if !req.relayed {
+            replica.fenced = false;
         }
         replica.epoch = replica.epoch.max(req.epoch);
         replica.acked = replica.acked.max(req.acked_seq_id);
@@ -334,18 +366,58 @@ impl ReplicaStore {
                 release: false,
                 incremental: false,
                 relayed: true,
+                owner_since: 0,
             },
             owner_since,
         );
     }
 
+    /// A session fenced here (the view names a newer owner) that was never
+    /// handed over: kept as [`ReplicaStore::keep_handed_over`] does, and, since
+    /// its new owner may never have received it (its Handover did not get
+    /// through), it gets a second copy on the new owner's standby like an
+    /// orphan's (simulation seed 6372 of session 11: the owner's standby died,
+    /// a partition kept the claimant's Handover from it, and then the owner,
+    /// fenced and holding the only copy, was killed).
+    pub fn keep_fenced(&self, state: &SessionState, new_owner: &str, owner_since: i64) {
+        self.keep_handed_over(state, new_owner, owner_since);
+        if state.pushes.is_empty() {
+            return;
+        }
+        if let Some(r) = self
+            .map
+            .lock()
+            .get_mut(&state.openid)
+            .filter(|r| r.session_id == state.session_id && r.owner == new_owner)
+            && !r.fenced
+        {
+            r.fenced = true;
+            r.copied_to = None;
+        }
+    }
+
     /// What a leaving node hands over before it goes ([`Handoff`]): a copy
     /// of every replica it holds, by openid.
     pub fn copies(&self) -> Vec<ReplicateRequest> {
+        copies_of(&self.map.lock())
+    }
+
+    /// Whether [`ReplicaStore::seal`] ran: this node takes no more copies.
+    pub fn sealed(&self) -> bool {
+        self.sealed.load(Ordering::Relaxed)
+    }
+
+    /// [`ReplicaStore::copies`] for the handoff of a node about to leave, and
+    /// from then on no copy is taken ([`PeerRefusal::Leaving`], UNAVAILABLE:
+    /// the owner copies to the next node of its ring). A copy taken after the
+    /// plan would leave with this node (simulation seed 6576 of session 11:
+    /// an owner whose view lagged made a leaving node its standby after that
+    /// node planned its handoff; the owner restarted and the node left with
+    /// the only copy).
+    pub fn seal(&self) -> Vec<ReplicateRequest> {
         let map = self.map.lock();
-        let mut out: Vec<ReplicateRequest> = map.iter().map(|(openid, r)| r.copy(openid)).collect();
-        out.sort_by(|a, b| a.openid.cmp(&b.openid));
-        out
+        self.sealed.store(true, Ordering::Relaxed);
+        copies_of(&map)
     }
 
     /// Replicas whose owner is no longer live in the view (it crashed or
@@ -376,10 +448,23 @@ impl ReplicaStore {
                 });
                 // A probe (or another call) found the owner unreachable.
                 let unreachable = members.is_unreachable(&r.owner, now);
-                !r.pushes.is_empty() && (!members.is_live(&r.owner) || restarted || unreachable)
+                !r.pushes.is_empty()
+                    && (!members.is_live(&r.owner) || restarted || unreachable || r.fenced)
             })
             .filter_map(|(openid, r)| {
-                let heir = members.standby_of(&r.owner, now)?;
+                // With no other node to take it, an owner that restarted can
+                // hold its old session's copy like any node (simulation seed
+                // 6646 of session 11: the only other active node was cut off
+                // from this one).
+                let heir = members.standby_of(&r.owner, now).or_else(|| {
+                    members.live(&r.owner).filter(|m| {
+                        m.registered_at_ms != 0
+                            && r.owner_since != 0
+                            && m.registered_at_ms != r.owner_since
+                            && m.node_id != members.me()
+                            && !members.is_unreachable(&m.node_id, now)
+                    })
+                })?;
                 let copied = r.copied_to.as_deref() == Some(heir.node_id.as_str());
                 (!copied).then(|| (heir.clone(), r.copy(openid)))
             })
@@ -532,6 +617,7 @@ pub async fn replicate(
             release: false,
             incremental: !whole,
             relayed: false,
+            owner_since: 0,
         };
         (req, stats)
     };
@@ -883,7 +969,7 @@ impl Handoff {
 /// of what a fenced or departed owner acknowledged: simulation seed 152).
 pub async fn hand_over_replicas(node: &Node) {
     use futures::StreamExt;
-    let mut handoff = Handoff::new(node.replicas.copies());
+    let mut handoff = Handoff::new(node.replicas.seal());
     loop {
         let round = match node
             .registry
@@ -942,7 +1028,7 @@ async fn copy_orphans(node: &Node) {
             .collect::<Vec<_>>()
     });
     for (state, owner, since) in &fenced {
-        node.replicas.keep_handed_over(state, owner, *since);
+        node.replicas.keep_fenced(state, owner, *since);
     }
     let orphans = node
         .registry
@@ -954,11 +1040,19 @@ async fn copy_orphans(node: &Node) {
     let copied = futures::stream::iter(orphans)
         .map(|(heir, req)| async move {
             let (openid, session_id) = (req.openid.clone(), req.session_id.clone());
-            let ok = send(node, &heir.grpc_addr, req).await.is_ok();
-            if ok {
-                node.replicas.copied(&openid, &session_id, &heir.node_id);
+            match send(node, &heir.grpc_addr, req).await {
+                Ok(_) => {
+                    node.replicas.copied(&openid, &session_id, &heir.node_id);
+                    true
+                }
+                // Passed over until the mark ends: the next sync tries the
+                // next heir (simulation seed 6646 of session 11).
+                Err(e) if unreachable(&e) => {
+                    standby_unreachable(node, &heir.node_id, &e);
+                    false
+                }
+                Err(_) => false,
             }
-            ok
         })
         .buffer_unordered(16)
         .filter(|ok| std::future::ready(*ok))
@@ -1591,6 +1685,7 @@ mod tests {
             release: false,
             incremental: false,
             relayed: false,
+            owner_since: 0,
         };
         store
             .apply(copy(vec![push(4), push(5)]), 0)
@@ -1766,6 +1861,148 @@ mod tests {
         assert_eq!(empty.contacts.lock().len(), 1, "dp-9 holds nothing here");
     }
 
+    /// Simulation seed 6576 of session 11: an owner whose view lagged made a
+    /// leaving node its standby after that node planned its handoff, and the
+    /// node left with the only copy. Once the handoff is planned, copies are
+    /// refused (UNAVAILABLE: the owner goes to the next node); releases are
+    /// still taken.
+    #[test]
+    fn a_leaving_node_takes_no_copy_after_planning_its_handoff() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        store
+            .apply(copy_of("u1", "s1", vec![push(4)]), 0)
+            .expect("applied");
+        assert!(!store.sealed());
+        let planned = store.seal();
+        assert_eq!(planned.len(), 1);
+        assert!(store.sealed());
+        let refused = store
+            .apply(copy_of("u2", "s2", vec![push(4)]), 0)
+            .expect_err("sealed");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(store.copies().len(), 1, "nothing taken after the plan");
+        let release = ReplicateRequest {
+            release: true,
+            ..copy_of("u1", "s1", vec![])
+        };
+        store.apply(release, 0).expect("a release is taken");
+        assert!(store.copies().is_empty());
+    }
+
+    /// Simulation seed 6579 of session 11: the second copy a holder makes
+    /// because the owner restarted keeps the registration it was taken under,
+    /// so its new holder also sees the restart and copies it on if the first
+    /// holder goes (before, it took the restarted owner's new registration).
+    #[test]
+    fn a_relayed_copy_keeps_the_owners_registration_it_was_taken_under() {
+        let first = ReplicaStore::new(Duration::from_secs(60), 100);
+        first
+            .apply(copy_of("u1", "s1", vec![push(4)]), 100)
+            .expect("applied");
+        let mut view = Members::new("dp-2");
+        view.put(Member {
+            registered_at_ms: 250,
+            ..member("dp-1", NodeState::Active)
+        });
+        view.put(member("dp-2", NodeState::Active));
+        view.put(member("dp-3", NodeState::Active));
+        let orphans = first.orphans(&view, Instant::now());
+        assert_eq!(orphans.len(), 1);
+        let (_, relayed) = orphans.into_iter().next().expect("one");
+        assert_eq!(relayed.owner_since, 100);
+
+        // dp-3 takes it while its view names the restarted owner (250).
+        let second = ReplicaStore::new(Duration::from_secs(60), 100);
+        second.apply(relayed, 250).expect("applied");
+        let mut view3 = Members::new("dp-3");
+        view3.put(Member {
+            registered_at_ms: 250,
+            ..member("dp-1", NodeState::Active)
+        });
+        view3.put(member("dp-3", NodeState::Active));
+        view3.put(member("dp-4", NodeState::Active));
+        let orphans = second.orphans(&view3, Instant::now());
+        assert_eq!(orphans.len(), 1, "still the old owner's copy");
+        assert_eq!(orphans[0].0.node_id, "dp-4");
+    }
+
+    /// Simulation seed 6372 of session 11: a session fenced here whose new
+    /// owner never got its state gets a second copy on the new owner's
+    /// standby while the new owner is live, once; a copy the new owner sends
+    /// itself ends that.
+    #[test]
+    fn a_fenced_session_never_handed_over_gets_a_second_copy() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        let state = SessionState {
+            session_id: "s1".into(),
+            openid: "u1".into(),
+            zone: "001".into(),
+            epoch: 3,
+            next_seq_id: 6,
+            acked_seq_id: 4,
+            pushes: vec![push(5)],
+            ..Default::default()
+        };
+        let mut view = Members::new("dp-1");
+        for id in ["dp-1", "dp-2", "dp-3"] {
+            view.put(member(id, NodeState::Active));
+        }
+        let now = Instant::now();
+        store.keep_handed_over(&state, "dp-2", 1);
+        assert!(store.orphans(&view, now).is_empty(), "handed over: no copy");
+        store.keep_fenced(&state, "dp-2", 1);
+        let orphans = store.orphans(&view, now);
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].0.node_id, "dp-3", "the new owner's standby");
+        store.copied("u1", "s1", "dp-3");
+        store.keep_fenced(&state, "dp-2", 1);
+        assert!(store.orphans(&view, now).is_empty(), "copied once");
+        // The new owner replicates the session here itself (this node is its standby).
+        store
+            .apply(
+                ReplicateRequest {
+                    owner_node: "dp-2".into(),
+                    epoch: 4,
+                    ..copy_of("u1", "s1", vec![push(6)])
+                },
+                1,
+            )
+            .expect("applied");
+        assert!(store.orphans(&view, now).is_empty(), "the owner's own copy");
+    }
+
+    /// Simulation seed 6646 of session 11: the owner restarted, and the only
+    /// other active node was cut off from this one. The restarted owner is a
+    /// holder of last resort for its old session's copy; any other heir
+    /// comes first.
+    #[test]
+    fn a_restarted_owner_takes_its_old_copy_when_no_other_heir_can() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        store
+            .apply(copy_of("u1", "s1", vec![push(4)]), 100)
+            .expect("applied");
+        let now = Instant::now();
+        let mut view = Members::new("dp-2");
+        view.put(Member {
+            registered_at_ms: 250,
+            ..member("dp-1", NodeState::Active)
+        });
+        view.put(member("dp-2", NodeState::Active));
+        view.put(member("dp-3", NodeState::Active));
+        assert_eq!(store.orphans(&view, now)[0].0.node_id, "dp-3");
+        view.mark_unreachable("dp-3", Reach::NoAnswer, now + UNREACHABLE_HOLD);
+        let orphans = store.orphans(&view, now);
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].0.node_id, "dp-1", "the restarted owner");
+        // An owner that did not restart (only unreachable) is no heir of its own.
+        view.put(Member {
+            registered_at_ms: 100,
+            ..member("dp-1", NodeState::Active)
+        });
+        view.mark_unreachable("dp-1", Reach::Down, now + UNREACHABLE_HOLD);
+        assert!(store.orphans(&view, now).is_empty());
+    }
+
     /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
     /// same node id and came back empty; the owner went on sending it single
     /// pushes and ack points, which it took as a new copy, and a crash of the
@@ -1787,6 +2024,7 @@ mod tests {
             release: false,
             incremental,
             relayed: false,
+            owner_since: 0,
         };
         let refused = standby
             .apply(update(true, vec![push(6)], "s1"), 0)
@@ -1830,6 +2068,7 @@ mod tests {
                     release: false,
                     incremental: false,
                     relayed: false,
+                    owner_since: 0,
                 },
                 0,
             )
@@ -2005,6 +2244,7 @@ mod tests {
             release: false,
             incremental: false,
             relayed: false,
+            owner_since: 0,
         }
     }
 

@@ -290,12 +290,27 @@ impl World {
                 if !req.relayed {
                     node.replicas.heard_from(&req.owner_node, now);
                 }
+                let original = node.replicas.sealed().then(|| req.clone());
                 let applied = node.replicas.apply(*req, owner_since);
                 let missing = applied
                     .as_ref()
                     .is_err_and(|e| e.code() == tonic::Code::NotFound);
-                match (wait, from) {
-                    (wait, End::Node(owner)) if missing => self.send(
+                // As `Peer.Replicate`'s UNAVAILABLE: this node planned its
+                // handoff and takes no more copies; the sender goes on as if
+                // nothing listened here.
+                let leaving = applied
+                    .as_ref()
+                    .is_err_and(|e| e.code() == tonic::Code::Unavailable);
+                match (wait, from, original) {
+                    (_, End::Node(sender), Some(req)) if leaving => self.send(
+                        End::Node(name.into()),
+                        End::Node(sender),
+                        Body::Bounce {
+                            to_node: name.into(),
+                            original: Box::new(Body::Replicate { req, wait }),
+                        },
+                    ),
+                    (wait, End::Node(owner), _) if missing => self.send(
                         End::Node(name.into()),
                         End::Node(owner),
                         Body::ReplicateMissing {
@@ -304,7 +319,7 @@ impl World {
                             wait,
                         },
                     ),
-                    (Some(wait), End::Node(owner)) => self.send(
+                    (Some(wait), End::Node(owner), _) => self.send(
                         End::Node(name.into()),
                         End::Node(owner),
                         Body::ReplicateAck {
@@ -1472,7 +1487,7 @@ impl World {
                             node.replicas.keep_handed_over(state, owner, since);
                         }
                         node.handoff = Some(Handing {
-                            plan: Handoff::new(node.replicas.copies()),
+                            plan: Handoff::new(node.replicas.seal()),
                             pending: HashMap::new(),
                             until: now_ms,
                         });
@@ -1830,6 +1845,13 @@ impl World {
                 self.copy_orphans(name);
             }
             Timer::ProbeDeadline { req } => self.owner_unreachable(name, req, Reach::NoAnswer),
+            // As `replica::copy_orphans`: a heir that did not answer is
+            // passed over, and the next one is tried at once.
+            Timer::OrphanCopyDeadline { wait } => {
+                if let Some((_, _, heir)) = self.node(name).orphan_copies.remove(&wait) {
+                    self.standby_unreachable(name, &heir, Reach::NoAnswer);
+                }
+            }
             Timer::RecoverCheck { req } => {
                 let now = self.now;
                 self.recover_check(name, req, now);
@@ -1897,11 +1919,12 @@ impl World {
         let node = self.node(name);
         for (state, owner) in node.table.fenced_with_pushes() {
             let since = node.table.members().registered_at(&owner);
-            node.replicas.keep_handed_over(&state, &owner, since);
+            node.replicas.keep_fenced(&state, &owner, since);
         }
         let orphans = node.replicas.orphans(node.table.members(), now);
         for (heir, req) in orphans {
             let wait = self.id();
+            self.timer(name, PEER_TIMEOUT_MS, Timer::OrphanCopyDeadline { wait });
             self.node(name).orphan_copies.insert(
                 wait,
                 (
@@ -2072,6 +2095,7 @@ fn copy_of(
         release: false,
         incremental,
         relayed: false,
+        owner_since: 0,
     }
 }
 

@@ -265,6 +265,10 @@ pub enum Timer {
     ProbeDeadline {
         req: u64,
     },
+    /// A second copy of an orphan replica got no answer in time.
+    OrphanCopyDeadline {
+        wait: u64,
+    },
     /// The short wait for nodes declared dead during a recovery ended.
     RecoverCheck {
         req: u64,
