@@ -135,7 +135,9 @@ fn seeds_with_random_faults() {
 #[test]
 fn seeds_that_once_lost_a_durable_push() {
     let mut failures = Vec::new();
-    for seed in [1678, 2209, 2569, 3340, 5001, 5078, 5262] {
+    for seed in [
+        1678, 2209, 2569, 3340, 5001, 5078, 5262, 6372, 6576, 6579, 6646,
+    ] {
         if let Err(failure) = try_seed(
             seed,
             Plan::random(seed),
