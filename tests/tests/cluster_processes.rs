@@ -344,8 +344,10 @@ async fn kill_9_of_the_owner_during_a_control_plane_outage_then_of_its_standby_l
                 now = Some((i, pushes));
             }
         }
-        if now.is_some() && now == seen {
-            break now.expect("checked");
+        if let Some(settled) = now
+            && now == seen
+        {
+            break settled;
         }
         assert!(
             tokio::time::Instant::now() < give_up,
