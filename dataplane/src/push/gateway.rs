@@ -294,7 +294,12 @@ impl Gateway {
         // moved out of `pushes`).
         let mut at = 0;
         while !node.crashed() && at < pushes.len() {
-            let end = at + pushes[at..].iter().take(CHUNK).take_while(|p| plain(p)).count();
+            let end = at
+                + pushes[at..]
+                    .iter()
+                    .take(CHUNK)
+                    .take_while(|p| plain(p))
+                    .count();
             if end == at {
                 break;
             }

@@ -62,12 +62,7 @@ impl PushBody {
     /// Encodes a push's payload from borrowed fields: one copy of each, into
     /// the shared buffer (no `ServerPush` built on the way). `msg_type` and
     /// `content` are UTF-8 (`string` fields); the caller checked them.
-    pub fn encode_fields(
-        msg_type: &[u8],
-        content: &[u8],
-        data: &[u8],
-        created_at_ms: i64,
-    ) -> Self {
+    pub fn encode_fields(msg_type: &[u8], content: &[u8], data: &[u8], created_at_ms: i64) -> Self {
         use prost::encoding::int64;
         // Proto3 leaves zero-valued fields out (seq 0 and redelivery false
         // too): exactly fields 2..=5, byte for byte as prost encodes them.

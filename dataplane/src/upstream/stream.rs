@@ -539,9 +539,8 @@ async fn open(
         .await
         .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
     let codec = tonic_prost::ProstCodec::<GatewayFrame, InFrame>::default();
-    let path = ::http::uri::PathAndQuery::from_static(
-        "/gatesvr.upstream.v1.UpstreamStreamService/Open",
-    );
+    let path =
+        ::http::uri::PathAndQuery::from_static("/gatesvr.upstream.v1.UpstreamStreamService/Open");
     let mut request = tonic::Request::new(frames);
     request
         .extensions_mut()

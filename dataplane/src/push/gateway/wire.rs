@@ -111,7 +111,12 @@ impl WireStr {
 fn invalid_utf8(ctx: DecodeContext) -> DecodeError {
     // Length 1, byte 0xff: never UTF-8.
     let mut field: &[u8] = &[0x01, 0xff];
-    match prost::encoding::string::merge(WireType::LengthDelimited, &mut String::new(), &mut field, ctx) {
+    match prost::encoding::string::merge(
+        WireType::LengthDelimited,
+        &mut String::new(),
+        &mut field,
+        ctx,
+    ) {
         Err(e) => e,
         Ok(()) => unreachable!("0xff is never UTF-8"),
     }
@@ -250,8 +255,9 @@ impl Message for InPush {
     ) -> Result<(), DecodeError> {
         use prost::encoding::{bool, bytes, int32, skip_field};
         match tag {
-            tag::TARGET_TYPE => int32::merge(wire_type, &mut self.target_type, buf, ctx)
-                .map_err(at("target_type")),
+            tag::TARGET_TYPE => {
+                int32::merge(wire_type, &mut self.target_type, buf, ctx).map_err(at("target_type"))
+            }
             tag::TARGET_ID => self
                 .target_id
                 .merge(wire_type, buf, ctx)
@@ -344,7 +350,10 @@ mod tests {
         assert!(!w.is_received());
         assert_eq!(w.as_bytes().as_ptr(), at);
         assert_eq!(String::from(w).as_ptr(), at);
-        assert_eq!(WireStr::from("user-1"), WireStr::from(String::from("user-1")));
+        assert_eq!(
+            WireStr::from("user-1"),
+            WireStr::from(String::from("user-1"))
+        );
     }
 
     #[test]
@@ -372,7 +381,10 @@ mod tests {
             ours.to_string().contains("not UTF-8"),
             "{ours}: names the cause"
         );
-        assert!(ours.to_string().contains("msg_type"), "{ours}: names the field");
+        assert!(
+            ours.to_string().contains("msg_type"),
+            "{ours}: names the field"
+        );
 
         // Truncated: a length past the end.
         let cut = [0x12, 0x05, b'a'];

@@ -193,10 +193,7 @@ impl Message for InStreamPush {
         } else {
             0
         };
-        id + self
-            .push
-            .as_ref()
-            .map_or(0, |p| message::encoded_len(2, p))
+        id + self.push.as_ref().map_or(0, |p| message::encoded_len(2, p))
     }
 
     fn clear(&mut self) {
@@ -226,12 +223,10 @@ impl Message for InStreamPushBatch {
                     e
                 },
             ),
-            2 => message::merge_repeated(wire_type, &mut self.pushes, buf, ctx).map_err(
-                |mut e| {
-                    e.push("StreamPushBatch", "pushes");
-                    e
-                },
-            ),
+            2 => message::merge_repeated(wire_type, &mut self.pushes, buf, ctx).map_err(|mut e| {
+                e.push("StreamPushBatch", "pushes");
+                e
+            }),
             _ => prost::encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
