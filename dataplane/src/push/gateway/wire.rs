@@ -349,7 +349,8 @@ mod tests {
         let w = WireStr::from(s);
         assert!(!w.is_received());
         assert_eq!(w.as_bytes().as_ptr(), at);
-        assert_eq!(String::from(w).as_ptr(), at);
+        let back = String::from(w);
+        assert_eq!(back.as_ptr(), at);
         assert_eq!(
             WireStr::from("user-1"),
             WireStr::from(String::from("user-1"))
