@@ -218,6 +218,10 @@ pub enum PeerRefusal {
     /// RESOURCE_EXHAUSTED: the replica reached its push limit.
     #[error("replica full")]
     ReplicaFull,
+    /// UNAVAILABLE: this node is leaving and has handed what it holds on; the
+    /// owner copies to the next node of its ring.
+    #[error("this node is leaving and takes no more copies")]
+    Leaving,
     /// INVALID_ARGUMENT: a `FetchReplicas` call over the per-call limit.
     #[error("at most {max} sessions per FetchReplicas call, {asked} asked")]
     TooManyFetches { asked: usize, max: usize },
@@ -226,7 +230,7 @@ pub enum PeerRefusal {
 impl PeerRefusal {
     pub fn code(&self) -> tonic::Code {
         match self {
-            PeerRefusal::Stopped => tonic::Code::Unavailable,
+            PeerRefusal::Stopped | PeerRefusal::Leaving => tonic::Code::Unavailable,
             PeerRefusal::Handover(HandoverError::NoEpoch)
             | PeerRefusal::NoState
             | PeerRefusal::TooManyFetches { .. } => tonic::Code::InvalidArgument,
@@ -306,6 +310,16 @@ pub enum GatewayRefusal {
         why: String,
         seq: u64,
     },
+    /// UNAVAILABLE: the session's owner did not receive the forwarded push
+    /// (it refused the connection, or is stopping and did not process it).
+    #[error("the push could not be forwarded to the session's owner; not queued, retry")]
+    NotForwarded,
+    /// UNKNOWN: forwarded, but the owner's answer never came back (the
+    /// connection broke or timed out mid-call).
+    #[error(
+        "the push was forwarded to the session's owner, which did not answer; it may have been queued"
+    )]
+    ForwardUnanswered,
     /// UNAVAILABLE: a broadcast reached some nodes only (never hidden).
     #[error("broadcast queued on {queued} sessions but {unreachable} node(s) were unreachable")]
     BroadcastPartial { queued: u32, unreachable: usize },
@@ -318,16 +332,17 @@ impl GatewayRefusal {
             G::Stopped | G::InTransit | G::NoLease { .. } | G::NoLeaseQueued { .. } => {
                 tonic::Code::Unavailable
             }
-            G::BroadcastPartial { .. } => tonic::Code::Unavailable,
+            G::BroadcastPartial { .. } | G::NotForwarded => tonic::Code::Unavailable,
             G::NoTarget | G::UnknownTargetType | G::TooLarge { .. } | G::BatchTooLarge { .. } => {
                 tonic::Code::InvalidArgument
             }
             G::NoSession { .. } => tonic::Code::NotFound,
             G::NoStandby => tonic::Code::FailedPrecondition,
             G::QueueFull { .. } => tonic::Code::ResourceExhausted,
-            G::MovedWhileQueued { .. } | G::LeaseLapsedAfterCopy { .. } | G::NotCopied { .. } => {
-                tonic::Code::Unknown
-            }
+            G::MovedWhileQueued { .. }
+            | G::LeaseLapsedAfterCopy { .. }
+            | G::NotCopied { .. }
+            | G::ForwardUnanswered => tonic::Code::Unknown,
         }
     }
 }

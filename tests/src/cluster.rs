@@ -98,10 +98,22 @@ impl TestCluster {
         }
     }
 
+    /// Starts the control plane again on the same data directory and ports. sled's worker
+    /// threads of the stopped instance can hold the directory's lock for a moment after its
+    /// last handle is gone (a process restart has no such overlap), so a failed start is
+    /// retried for a bounded time.
     pub async fn restart_control_plane(&mut self) {
-        let cp = ControlPlane::start(self.cp_config.clone())
-            .await
-            .expect("control plane restarts");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let cp = loop {
+            match ControlPlane::start(self.cp_config.clone()).await {
+                Ok(cp) => break cp,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("control plane restart: {e:#}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("control plane restarts: {e:#}"),
+            }
+        };
         self.cp = Some(cp);
     }
 }

@@ -343,6 +343,24 @@ impl ProcessCluster {
         }
     }
 
+    /// Starts control-plane node `id` again after [`ProcessCluster::kill_cp`], on its
+    /// data directory, config and ports (its new log: `cp-<id>.restarted.log`).
+    pub fn restart_cp(&mut self, id: u64) {
+        let root = self.dir.dir.path().to_path_buf();
+        let cp = self
+            .cps
+            .iter_mut()
+            .find(|c| c.id == id)
+            .expect("a control-plane node of the cluster");
+        assert!(cp.proc.is_none(), "control-plane node {id} is running");
+        cp.proc = Some(spawn_controlplane(
+            &self.gatesvr,
+            &root.join(format!("cp-{id}.yaml")),
+            &root.join(format!("cp-{id}.restarted.log")),
+            ADMIN_TOKEN,
+        ));
+    }
+
     /// The control-plane leader, as the first live node reports it.
     pub async fn leader(&self) -> Option<u64> {
         for cp in self.cps.iter().filter(|c| c.proc.is_some()) {

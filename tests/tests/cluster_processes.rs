@@ -11,7 +11,8 @@
 //! during the outage; drain of a node under load by SIGTERM (a rolling
 //! upgrade step); kill -9 of a session's owner, the client coming back on
 //! another node or on the owner restarted with its node id (no unacked durable
-//! push lost); kill -9 of a session's standby, then of its owner.
+//! push lost); kill -9 of a session's standby, then of its owner; kill -9 of
+//! the owner during a full control-plane outage, then of its standby.
 //! No assertion is about time: conditions are polled with a bound.
 
 use std::time::Duration;
@@ -312,6 +313,84 @@ async fn kill_9_of_the_standby_then_of_the_owner_loses_no_durable_push() {
     assert_eq!(
         recovered,
         (11..=25).collect::<Vec<_>>(),
+        "every unacked durable push survived both crashes, in order"
+    );
+}
+
+/// Simulation seed 5262 of session 10, as processes: the owner is killed
+/// during a full control-plane outage, so nothing declares it dead. Its
+/// standby, holding the only copy, stops hearing from it, probes it, finds
+/// nothing listening and copies the session to the third node
+/// (`replica::probe_silent_owners`); then the standby is killed too and the
+/// control plane comes back. The client, back on the third node, is told
+/// RECOVERED with every unacked durable push. Before the probe, the standby
+/// waited for the control plane to declare the owner dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_owner_during_a_control_plane_outage_then_of_its_standby_loses_no_durable_push()
+ {
+    let mut cluster = three_by_three().await;
+    let mut gw = cluster.gateway(0).await;
+    let client = acked_then_unacked(&cluster, &mut gw, "gina", 10, 10).await;
+    // The standby holds the 10 unacked pushes, and those of the first 10 whose
+    // acks had not reached the owner: read twice, an ack sync (once a second)
+    // apart, until the count is settled.
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    let mut seen = None;
+    let (standby, pushes) = loop {
+        let mut now = None;
+        for i in [1, 2] {
+            let (sessions, pushes) = replicas_held(&cluster, i).await;
+            if sessions == 1 && pushes >= 10 {
+                now = Some((i, pushes));
+            }
+        }
+        if let Some(settled) = now
+            && now == seen
+        {
+            break settled;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "no node holds a settled replica of gina's pushes ({now:?})"
+        );
+        seen = now;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    };
+    let heir = 3 - standby;
+    assert_eq!(replicas_held(&cluster, heir).await, (0, 0), "one copy only");
+
+    for id in 1..=3 {
+        cluster.kill_cp(id);
+    }
+    cluster.kill(0);
+    wait_for(|| async { (replicas_held(&cluster, heir).await == (1, pushes)).then_some(()) })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the standby never copied the dead owner's session to {heir}\nDP{standby} {}",
+                cluster.log_tail(standby)
+            )
+        });
+    cluster.kill(standby);
+    for id in 1..=3 {
+        cluster.restart_cp(id);
+    }
+    client.reconnect_to(cluster.quic(heir));
+    let (status, mut recovered) = after_resume_failed(&client, 10, || cluster.log_tail(heir)).await;
+    assert_eq!(status, ResumeStatus::Recovered);
+    // Pushes whose ack had not reached the owner come again too.
+    while recovered.last() != Some(&20) && recovered.len() < pushes as usize {
+        match tokio::time::timeout(PATIENCE, client.next_event()).await {
+            Ok(Some(Event::Push(p))) => recovered.push(p.content.parse().unwrap()),
+            Ok(Some(_)) => {}
+            other => panic!("stalled after {recovered:?} ({other:?})"),
+        }
+    }
+    let first = recovered[0];
+    assert!(first <= 11, "{recovered:?}");
+    assert_eq!(
+        recovered,
+        (first..=20).collect::<Vec<_>>(),
         "every unacked durable push survived both crashes, in order"
     );
 }

@@ -502,6 +502,11 @@ impl Peer for PeerService {
             .node
             .registry
             .members(|m| m.get(&req.owner_node).map_or(0, |o| o.registered_at_ms));
+        if !req.relayed {
+            self.node
+                .replicas
+                .heard_from(&req.owner_node, std::time::Instant::now());
+        }
         let retained = self.node.replicas.apply(req, owner_since)?;
         Ok(Response::new(ReplicateResponse { retained }))
     }
@@ -800,6 +805,55 @@ pub(crate) fn refused(status: &Status) -> bool {
     format!("{status:?}").contains("ConnectionRefused")
 }
 
+/// What a failed call to a peer says about whether the peer received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// The peer answered with this status itself.
+    Answered,
+    /// The call never reached the peer's handler: the connection was refused
+    /// or could not be made, or HTTP/2 told us the stream was not processed
+    /// (REFUSED_STREAM, or a graceful GOAWAY the stream came after, RFC 9113
+    /// §6.8). Safe to send again.
+    Unsent,
+    /// The call may have run: the connection broke or no answer came in time.
+    Unknown,
+}
+
+/// Whether the peer got the call that failed with `status`. A status the peer
+/// sent carries no source; the transport's own failures do.
+pub(crate) fn delivery(status: &Status) -> Delivery {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    if source.is_none() {
+        return match status.code() {
+            // The server's deadline (ours, sent as grpc-timeout) ran out mid-call.
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => Delivery::Unknown,
+            _ => Delivery::Answered,
+        };
+    }
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return Delivery::Unsent;
+        }
+        if let Some(err) = e.downcast_ref::<h2::Error>() {
+            let not_processed = err.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (err.is_go_away()
+                    && err.is_remote()
+                    && err.reason() == Some(h2::Reason::NO_ERROR));
+            return if not_processed {
+                Delivery::Unsent
+            } else {
+                Delivery::Unknown
+            };
+        }
+        source = e.source();
+    }
+    if refused(status) {
+        Delivery::Unsent
+    } else {
+        Delivery::Unknown
+    }
+}
+
 /// One `Peer.Handover` call: whether the owner answered, and what came of it.
 async fn ask_handover(
     node: &Node,
@@ -939,5 +993,59 @@ mod tests {
         assert!(!super::refused(&with_source(
             std::io::ErrorKind::ConnectionReset
         )));
+    }
+
+    /// A push through a real tonic client to `addr`, as `Gateway::forward` sends it.
+    async fn push_to(addr: std::net::SocketAddr) -> Status {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let mut client = GatewayServiceClient::new(channel);
+        let mut request = Request::new(gatesvr_proto::upstream::PushToClientRequest::default());
+        request.set_timeout(Duration::from_secs(5));
+        client.push_to_client(request).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_call_tells_whether_the_peer_can_have_run_it() {
+        // Nothing listens: never sent.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        assert_eq!(delivery(&push_to(addr).await), Delivery::Unsent);
+
+        // The peer's HTTP/2 stack refuses the stream (RFC 9113: not processed): never run.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            if let Some(Ok((_, mut respond))) = conn.accept().await {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+            while conn.accept().await.is_some() {}
+        });
+        assert_eq!(delivery(&push_to(addr).await), Delivery::Unsent);
+
+        // The peer read the call, then its connection broke: it may have run.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            let _request = conn.accept().await;
+            // Dropped with the stream open and unanswered.
+        });
+        assert_eq!(delivery(&push_to(addr).await), Delivery::Unknown);
+
+        // A status the peer answered itself (no transport source).
+        assert_eq!(
+            delivery(&Status::not_found("no session for u")),
+            Delivery::Answered
+        );
+        assert_eq!(
+            delivery(&Status::deadline_exceeded("Timeout expired")),
+            Delivery::Unknown
+        );
     }
 }

@@ -60,6 +60,17 @@ pub const ACK_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// ([`crate::core::Members::recovery_maybe`]); a crashed process refuses at once.
 pub const DEAD_NODE_ASK: Duration = Duration::from_millis(500);
 
+/// A standby that has not heard from the owner of a replica it holds (pushes
+/// included) for this long probes it (`grpc.health.v1` on the owner's gRPC
+/// address); an owner the probe finds unreachable gets its replicas copied to
+/// its next heir ([`ReplicaStore::orphans`]) without waiting for the control
+/// plane to declare it dead (simulation seed 5262 of session 10: the owner was
+/// killed during a control-plane outage, which delayed its death in the view,
+/// and its standby, with the only copy, was killed 4.8 s later). Owners probe
+/// each standby once per [`ACK_SYNC_INTERVAL`], so a live owner is heard
+/// well within it.
+pub const OWNER_SILENCE: Duration = Duration::from_secs(2);
+
 /// How long a standby that a call found unreachable is passed over
 /// ([`crate::core::Members::mark_unreachable`]); then it is tried again.
 pub const UNREACHABLE_HOLD: Duration = Duration::from_secs(10);
@@ -82,6 +93,10 @@ struct Replica {
     /// The node a second copy went to after the owner left the view
     /// ([`ReplicaStore::orphans`]); reset when the copy changes.
     copied_to: Option<String>,
+    /// Kept from a session fenced here whose new owner never received its
+    /// state ([`ReplicaStore::keep_fenced`]): it gets a second copy like an
+    /// orphan's, until the owner itself sends a copy.
+    fenced: bool,
 }
 
 impl Replica {
@@ -97,6 +112,7 @@ impl Replica {
             pushes: BTreeMap::new(),
             updated: now,
             copied_to: None,
+            fenced: false,
         }
     }
 
@@ -113,13 +129,35 @@ impl Replica {
             next_seq_id: self.next_seq,
             release: false,
             incremental: false,
+            relayed: true,
+            owner_since: self.owner_since,
         }
     }
+}
+
+/// Every replica of `map` as a whole copy, by openid.
+fn copies_of(map: &HashMap<String, Replica>) -> Vec<ReplicateRequest> {
+    let mut out: Vec<ReplicateRequest> = map.iter().map(|(openid, r)| r.copy(openid)).collect();
+    out.sort_by(|a, b| a.openid.cmp(&b.openid));
+    out
+}
+
+/// When a standby last heard from an owner, and last probed it.
+#[derive(Debug, Clone, Copy)]
+struct Contact {
+    heard: Instant,
+    probed: Option<Instant>,
 }
 
 /// Copies of other nodes' durable pushes held by this node (as a standby).
 pub struct ReplicaStore {
     map: Mutex<HashMap<String, Replica>>,
+    /// Owners by node id: when a `Replicate` they sent themselves last came
+    /// (any session, a probe included; never a relayed copy).
+    contacts: Mutex<HashMap<String, Contact>>,
+    /// Set (under `map`'s lock) when this node planned the handoff of what it
+    /// holds before leaving ([`ReplicaStore::seal`]): it takes no more copies.
+    sealed: std::sync::atomic::AtomicBool,
     ttl: Duration,
     max_pushes: usize,
     /// This node's fetches of other nodes' copies (a recovery), batched per node.
@@ -131,6 +169,8 @@ impl ReplicaStore {
     pub fn new(ttl: Duration, max_pushes: usize) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
+            contacts: Mutex::new(HashMap::new()),
+            sealed: std::sync::atomic::AtomicBool::new(false),
             ttl,
             max_pushes,
             fetches: FetchBatcher::default(),
@@ -141,6 +181,15 @@ impl ReplicaStore {
     /// owner's registration in this node's view ([`Member::registered_at_ms`],
     /// 0 if unknown). Returns the pushes held.
     pub fn apply(&self, req: ReplicateRequest, owner_since: i64) -> Result<u64, PeerRefusal> {
+        // A relayed copy keeps the registration its first holder took it
+        // under (simulation seed 6579 of session 11: a copy made because the
+        // owner had restarted was taken under the restarted owner's new
+        // registration, so its holder never copied it on, and was the last).
+        let owner_since = if req.relayed && req.owner_since != 0 {
+            req.owner_since
+        } else {
+            owner_since
+        };
         let mut map = self.map.lock();
         if req.release {
             if map
@@ -150,6 +199,9 @@ impl ReplicaStore {
                 map.remove(&req.openid);
             }
             return Ok(0);
+        }
+        if self.sealed.load(Ordering::Relaxed) {
+            return Err(PeerRefusal::Leaving);
         }
         // An update to a copy this node does not hold (it restarted with the
         // same node id since the owner's last copy): taking it would leave
@@ -185,6 +237,9 @@ impl ReplicaStore {
             }
             replica.owner = req.owner_node.clone();
         }
+        if !req.relayed {
+            replica.fenced = false;
+        }
         replica.epoch = replica.epoch.max(req.epoch);
         replica.acked = replica.acked.max(req.acked_seq_id);
         replica.next_seq = replica.next_seq.max(req.next_seq_id);
@@ -218,6 +273,50 @@ impl ReplicaStore {
             return Err(PeerRefusal::ReplicaFull);
         }
         Ok(replica.pushes.len() as u64)
+    }
+
+    /// `owner` sent this node a `Replicate` itself (not relayed) at `now`,
+    /// or answered its probe: it is alive.
+    pub fn heard_from(&self, owner: &str, now: Instant) {
+        if owner.is_empty() {
+            return;
+        }
+        self.contacts.lock().insert(
+            owner.to_string(),
+            Contact {
+                heard: now,
+                probed: None,
+            },
+        );
+    }
+
+    /// Owners of replicas holding pushes that this node heard from once but
+    /// not for [`OWNER_SILENCE`], and did not probe within it: the shell
+    /// probes each, and marks the ones that do not answer unreachable
+    /// ([`crate::core::Members::mark_unreachable`]), which makes their
+    /// replicas orphans. Owners no replica names any more are forgotten.
+    pub fn owners_to_probe(&self, now: Instant) -> Vec<String> {
+        let map = self.map.lock();
+        let holding: HashSet<&str> = map
+            .values()
+            .filter(|r| !r.pushes.is_empty())
+            .map(|r| r.owner.as_str())
+            .collect();
+        let mut contacts = self.contacts.lock();
+        contacts.retain(|owner, _| map.values().any(|r| r.owner == *owner));
+        let mut due: Vec<String> = contacts
+            .iter_mut()
+            .filter(|(owner, _)| holding.contains(owner.as_str()))
+            .filter_map(|(owner, c)| {
+                let last = c.probed.unwrap_or(c.heard).max(c.heard);
+                (now.saturating_duration_since(last) >= OWNER_SILENCE).then(|| {
+                    c.probed = Some(now);
+                    owner.clone()
+                })
+            })
+            .collect();
+        due.sort();
+        due
     }
 
     /// This node's copy of `openid`'s session `session_id`, if any.
@@ -266,18 +365,59 @@ impl ReplicaStore {
                 next_seq_id: state.next_seq_id,
                 release: false,
                 incremental: false,
+                relayed: true,
+                owner_since: 0,
             },
             owner_since,
         );
     }
 
+    /// A session fenced here (the view names a newer owner) that was never
+    /// handed over: kept as [`ReplicaStore::keep_handed_over`] does, and, since
+    /// its new owner may never have received it (its Handover did not get
+    /// through), it gets a second copy on the new owner's standby like an
+    /// orphan's (simulation seed 6372 of session 11: the owner's standby died,
+    /// a partition kept the claimant's Handover from it, and then the owner,
+    /// fenced and holding the only copy, was killed).
+    pub fn keep_fenced(&self, state: &SessionState, new_owner: &str, owner_since: i64) {
+        self.keep_handed_over(state, new_owner, owner_since);
+        if state.pushes.is_empty() {
+            return;
+        }
+        if let Some(r) = self
+            .map
+            .lock()
+            .get_mut(&state.openid)
+            .filter(|r| r.session_id == state.session_id && r.owner == new_owner)
+            && !r.fenced
+        {
+            r.fenced = true;
+            r.copied_to = None;
+        }
+    }
+
     /// What a leaving node hands over before it goes ([`Handoff`]): a copy
     /// of every replica it holds, by openid.
     pub fn copies(&self) -> Vec<ReplicateRequest> {
+        copies_of(&self.map.lock())
+    }
+
+    /// Whether [`ReplicaStore::seal`] ran: this node takes no more copies.
+    pub fn sealed(&self) -> bool {
+        self.sealed.load(Ordering::Relaxed)
+    }
+
+    /// [`ReplicaStore::copies`] for the handoff of a node about to leave, and
+    /// from then on no copy is taken ([`PeerRefusal::Leaving`], UNAVAILABLE:
+    /// the owner copies to the next node of its ring). A copy taken after the
+    /// plan would leave with this node (simulation seed 6576 of session 11:
+    /// an owner whose view lagged made a leaving node its standby after that
+    /// node planned its handoff; the owner restarted and the node left with
+    /// the only copy).
+    pub fn seal(&self) -> Vec<ReplicateRequest> {
         let map = self.map.lock();
-        let mut out: Vec<ReplicateRequest> = map.iter().map(|(openid, r)| r.copy(openid)).collect();
-        out.sort_by(|a, b| a.openid.cmp(&b.openid));
-        out
+        self.sealed.store(true, Ordering::Relaxed);
+        copies_of(&map)
     }
 
     /// Replicas whose owner is no longer live in the view (it crashed or
@@ -286,7 +426,9 @@ impl ReplicaStore {
     /// where the owner and then its standby restarted 3.4 s apart and the
     /// standby had held the last copy): until its client comes back, this
     /// node holds the only copy of what the owner acknowledged, and a second
-    /// crash would lose it. Each
+    /// crash would lose it. The same holds for an owner still live in the
+    /// view that a call found unreachable at `now` (its standby's probe,
+    /// [`ReplicaStore::owners_to_probe`]). Each
     /// gets a second copy on the owner's next standby other than this node
     /// ([`Members::standby_of`]), once per heir ([`ReplicaStore::copied`]).
     /// Replicas that hold no push are not copied.
@@ -304,10 +446,25 @@ impl ReplicaStore {
                         && m.registered_at_ms != 0
                         && m.registered_at_ms != r.owner_since
                 });
-                !r.pushes.is_empty() && (!members.is_live(&r.owner) || restarted)
+                // A probe (or another call) found the owner unreachable.
+                let unreachable = members.is_unreachable(&r.owner, now);
+                !r.pushes.is_empty()
+                    && (!members.is_live(&r.owner) || restarted || unreachable || r.fenced)
             })
             .filter_map(|(openid, r)| {
-                let heir = members.standby_of(&r.owner, now)?;
+                // With no other node to take it, an owner that restarted can
+                // hold its old session's copy like any node (simulation seed
+                // 6646 of session 11: the only other active node was cut off
+                // from this one).
+                let heir = members.standby_of(&r.owner, now).or_else(|| {
+                    members.live(&r.owner).filter(|m| {
+                        m.registered_at_ms != 0
+                            && r.owner_since != 0
+                            && m.registered_at_ms != r.owner_since
+                            && m.node_id != members.me()
+                            && !members.is_unreachable(&m.node_id, now)
+                    })
+                })?;
                 let copied = r.copied_to.as_deref() == Some(heir.node_id.as_str());
                 (!copied).then(|| (heir.clone(), r.copy(openid)))
             })
@@ -459,6 +616,8 @@ pub async fn replicate(
             next_seq_id: stats.next_seq_id,
             release: false,
             incremental: !whole,
+            relayed: false,
+            owner_since: 0,
         };
         (req, stats)
     };
@@ -810,7 +969,7 @@ impl Handoff {
 /// of what a fenced or departed owner acknowledged: simulation seed 152).
 pub async fn hand_over_replicas(node: &Node) {
     use futures::StreamExt;
-    let mut handoff = Handoff::new(node.replicas.copies());
+    let mut handoff = Handoff::new(node.replicas.seal());
     loop {
         let round = match node
             .registry
@@ -869,7 +1028,7 @@ async fn copy_orphans(node: &Node) {
             .collect::<Vec<_>>()
     });
     for (state, owner, since) in &fenced {
-        node.replicas.keep_handed_over(state, owner, *since);
+        node.replicas.keep_fenced(state, owner, *since);
     }
     let orphans = node
         .registry
@@ -881,11 +1040,19 @@ async fn copy_orphans(node: &Node) {
     let copied = futures::stream::iter(orphans)
         .map(|(heir, req)| async move {
             let (openid, session_id) = (req.openid.clone(), req.session_id.clone());
-            let ok = send(node, &heir.grpc_addr, req).await.is_ok();
-            if ok {
-                node.replicas.copied(&openid, &session_id, &heir.node_id);
+            match send(node, &heir.grpc_addr, req).await {
+                Ok(_) => {
+                    node.replicas.copied(&openid, &session_id, &heir.node_id);
+                    true
+                }
+                // Passed over until the mark ends: the next sync tries the
+                // next heir (simulation seed 6646 of session 11).
+                Err(e) if unreachable(&e) => {
+                    standby_unreachable(node, &heir.node_id, &e);
+                    false
+                }
+                Err(_) => false,
             }
-            ok
         })
         .buffer_unordered(16)
         .filter(|ok| std::future::ready(*ok))
@@ -896,6 +1063,70 @@ async fn copy_orphans(node: &Node) {
         copied,
         "replicas of owners gone from the view copied to a second node"
     );
+}
+
+/// Probes, off this task, the owners this node holds replicas for and has
+/// not heard from ([`ReplicaStore::owners_to_probe`]): one that does not
+/// answer is marked unreachable, and its replicas are copied to its next heir
+/// at once (the control plane may take long to declare it dead, or be down).
+fn probe_silent_owners(node: &Arc<Node>) {
+    let due = node.replicas.owners_to_probe(Instant::now());
+    for owner in due {
+        let Some(addr) = node
+            .registry
+            .members(|m| m.live(&owner).map(|n| n.grpc_addr.clone()))
+        else {
+            continue; // Gone from the view: its replicas are orphans already.
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let reach = probe(&node, &addr).await;
+            let now = Instant::now();
+            if reach == crate::core::Reach::Answered {
+                node.metrics
+                    .replica_owner_probes
+                    .with_label_values(&["answered"])
+                    .inc();
+                node.replicas.heard_from(&owner, now);
+                node.registry.peer_answered(&owner);
+                return;
+            }
+            tracing::warn!(
+                owner,
+                ?reach,
+                "silent owner unreachable; its replicas get a second copy"
+            );
+            node.metrics
+                .replica_owner_probes
+                .with_label_values(&["unreachable"])
+                .inc();
+            node.registry
+                .mark_unreachable(&owner, reach, now + UNREACHABLE_HOLD);
+            node.replicator.moved_on.notify_one();
+        });
+    }
+}
+
+/// One `grpc.health.v1.Health/Check` of a peer: any answer the peer gave
+/// (serving or not) shows it alive.
+async fn probe(node: &Node, addr: &str) -> crate::core::Reach {
+    use crate::peer::Delivery;
+    let Ok(channel) = node.peers.channel(addr) else {
+        return crate::core::Reach::NoAnswer;
+    };
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut request = Request::new(tonic_health::pb::HealthCheckRequest::default());
+    request.set_timeout(PEER_TIMEOUT);
+    let status = match tokio::time::timeout(PEER_TIMEOUT, client.check(request)).await {
+        Ok(Ok(_)) => return crate::core::Reach::Answered,
+        Ok(Err(status)) => status,
+        Err(_) => return crate::core::Reach::NoAnswer,
+    };
+    match crate::peer::delivery(&status) {
+        Delivery::Answered => crate::core::Reach::Answered,
+        Delivery::Unsent if crate::peer::refused(&status) => crate::core::Reach::Down,
+        Delivery::Unsent | Delivery::Unknown => crate::core::Reach::NoAnswer,
+    }
 }
 
 /// Timer task: ack-point sync and replica expiry.
@@ -911,6 +1142,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
             }
             () = node.replicator.moved_on.notified() => {
                 sync_ack_points(&node).await;
+                copy_orphans(&node).await;
                 continue;
             }
             () = stop.cancelled() => return,
@@ -918,6 +1150,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
         replicate_recovered(&node).await;
         sync_ack_points(&node).await;
         copy_orphans(&node).await;
+        probe_silent_owners(&node);
         let (sessions, pushes) = node.replicas.sweep();
         node.metrics.replica_sessions.set(sessions as i64);
         node.metrics.replica_pushes.set(pushes as i64);
@@ -1365,7 +1598,7 @@ mod tests {
     use gatesvr_proto::control::NodeState;
 
     use super::*;
-    use crate::core::Members;
+    use crate::core::{Members, Reach};
 
     fn member(id: &str, state: NodeState) -> Member {
         Member {
@@ -1451,6 +1684,8 @@ mod tests {
             next_seq_id: 6,
             release: false,
             incremental: false,
+            relayed: false,
+            owner_since: 0,
         };
         store
             .apply(copy(vec![push(4), push(5)]), 0)
@@ -1564,6 +1799,210 @@ mod tests {
         );
     }
 
+    /// Simulation seed 5262 of session 10: the owner was killed during a
+    /// control-plane outage (so the view kept it live), and its standby,
+    /// holding the only copy, was killed 4.8 s later. A standby that stops
+    /// hearing from an owner probes it after [`OWNER_SILENCE`] (once per
+    /// silence), and an owner the probe found unreachable makes its replicas
+    /// orphans while the view still names it live.
+    #[test]
+    fn a_standby_probes_a_silent_owner_and_copies_its_replicas_if_unreachable() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        let t0 = Instant::now();
+        store
+            .apply(copy_of("u1", "s1", vec![push(4)]), 0)
+            .expect("applied");
+        // An owner never heard from (only relayed copies came) is not probed.
+        assert!(store.owners_to_probe(t0 + OWNER_SILENCE * 5).is_empty());
+        store.heard_from("dp-1", t0);
+        assert!(store.owners_to_probe(t0 + OWNER_SILENCE / 2).is_empty());
+        assert_eq!(store.owners_to_probe(t0 + OWNER_SILENCE), vec!["dp-1"]);
+        assert!(
+            store
+                .owners_to_probe(t0 + OWNER_SILENCE + OWNER_SILENCE / 2)
+                .is_empty(),
+            "probed once per silence"
+        );
+        assert_eq!(store.owners_to_probe(t0 + OWNER_SILENCE * 2), vec!["dp-1"]);
+        store.heard_from("dp-1", t0 + OWNER_SILENCE * 3);
+        assert!(
+            store
+                .owners_to_probe(t0 + OWNER_SILENCE * 3 + OWNER_SILENCE / 2)
+                .is_empty(),
+            "heard again"
+        );
+
+        let mut view = Members::new("dp-2");
+        for id in ["dp-1", "dp-2", "dp-3"] {
+            view.put(member(id, NodeState::Active));
+        }
+        assert!(
+            store.orphans(&view, t0).is_empty(),
+            "a live owner's replica"
+        );
+        view.mark_unreachable("dp-1", Reach::Down, t0 + UNREACHABLE_HOLD);
+        let orphans = store.orphans(&view, t0);
+        assert_eq!(orphans.len(), 1, "the probe found the owner unreachable");
+        assert_eq!(orphans[0].0.node_id, "dp-3");
+        assert!(orphans[0].1.relayed, "a second copy is not the owner's");
+        assert!(
+            store.orphans(&view, t0 + UNREACHABLE_HOLD).is_empty(),
+            "the mark ended: the owner is tried again"
+        );
+
+        // A replica without pushes needs no probe; a forgotten owner is dropped.
+        let empty = ReplicaStore::new(Duration::from_secs(60), 100);
+        empty
+            .apply(copy_of("u2", "s2", vec![]), 0)
+            .expect("applied");
+        empty.heard_from("dp-1", t0);
+        empty.heard_from("dp-9", t0);
+        assert!(empty.owners_to_probe(t0 + OWNER_SILENCE * 2).is_empty());
+        assert_eq!(empty.contacts.lock().len(), 1, "dp-9 holds nothing here");
+    }
+
+    /// Simulation seed 6576 of session 11: an owner whose view lagged made a
+    /// leaving node its standby after that node planned its handoff, and the
+    /// node left with the only copy. Once the handoff is planned, copies are
+    /// refused (UNAVAILABLE: the owner goes to the next node); releases are
+    /// still taken.
+    #[test]
+    fn a_leaving_node_takes_no_copy_after_planning_its_handoff() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        store
+            .apply(copy_of("u1", "s1", vec![push(4)]), 0)
+            .expect("applied");
+        assert!(!store.sealed());
+        let planned = store.seal();
+        assert_eq!(planned.len(), 1);
+        assert!(store.sealed());
+        let refused = store
+            .apply(copy_of("u2", "s2", vec![push(4)]), 0)
+            .expect_err("sealed");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(store.copies().len(), 1, "nothing taken after the plan");
+        let release = ReplicateRequest {
+            release: true,
+            ..copy_of("u1", "s1", vec![])
+        };
+        store.apply(release, 0).expect("a release is taken");
+        assert!(store.copies().is_empty());
+    }
+
+    /// Simulation seed 6579 of session 11: the second copy a holder makes
+    /// because the owner restarted keeps the registration it was taken under,
+    /// so its new holder also sees the restart and copies it on if the first
+    /// holder goes (before, it took the restarted owner's new registration).
+    #[test]
+    fn a_relayed_copy_keeps_the_owners_registration_it_was_taken_under() {
+        let first = ReplicaStore::new(Duration::from_secs(60), 100);
+        first
+            .apply(copy_of("u1", "s1", vec![push(4)]), 100)
+            .expect("applied");
+        let mut view = Members::new("dp-2");
+        view.put(Member {
+            registered_at_ms: 250,
+            ..member("dp-1", NodeState::Active)
+        });
+        view.put(member("dp-2", NodeState::Active));
+        view.put(member("dp-3", NodeState::Active));
+        let orphans = first.orphans(&view, Instant::now());
+        assert_eq!(orphans.len(), 1);
+        let (_, relayed) = orphans.into_iter().next().expect("one");
+        assert_eq!(relayed.owner_since, 100);
+
+        // dp-3 takes it while its view names the restarted owner (250).
+        let second = ReplicaStore::new(Duration::from_secs(60), 100);
+        second.apply(relayed, 250).expect("applied");
+        let mut view3 = Members::new("dp-3");
+        view3.put(Member {
+            registered_at_ms: 250,
+            ..member("dp-1", NodeState::Active)
+        });
+        view3.put(member("dp-3", NodeState::Active));
+        view3.put(member("dp-4", NodeState::Active));
+        let orphans = second.orphans(&view3, Instant::now());
+        assert_eq!(orphans.len(), 1, "still the old owner's copy");
+        assert_eq!(orphans[0].0.node_id, "dp-4");
+    }
+
+    /// Simulation seed 6372 of session 11: a session fenced here whose new
+    /// owner never got its state gets a second copy on the new owner's
+    /// standby while the new owner is live, once; a copy the new owner sends
+    /// itself ends that.
+    #[test]
+    fn a_fenced_session_never_handed_over_gets_a_second_copy() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        let state = SessionState {
+            session_id: "s1".into(),
+            openid: "u1".into(),
+            zone: "001".into(),
+            epoch: 3,
+            next_seq_id: 6,
+            acked_seq_id: 4,
+            pushes: vec![push(5)],
+            ..Default::default()
+        };
+        let mut view = Members::new("dp-1");
+        for id in ["dp-1", "dp-2", "dp-3"] {
+            view.put(member(id, NodeState::Active));
+        }
+        let now = Instant::now();
+        store.keep_handed_over(&state, "dp-2", 1);
+        assert!(store.orphans(&view, now).is_empty(), "handed over: no copy");
+        store.keep_fenced(&state, "dp-2", 1);
+        let orphans = store.orphans(&view, now);
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].0.node_id, "dp-3", "the new owner's standby");
+        store.copied("u1", "s1", "dp-3");
+        store.keep_fenced(&state, "dp-2", 1);
+        assert!(store.orphans(&view, now).is_empty(), "copied once");
+        // The new owner replicates the session here itself (this node is its standby).
+        store
+            .apply(
+                ReplicateRequest {
+                    owner_node: "dp-2".into(),
+                    epoch: 4,
+                    ..copy_of("u1", "s1", vec![push(6)])
+                },
+                1,
+            )
+            .expect("applied");
+        assert!(store.orphans(&view, now).is_empty(), "the owner's own copy");
+    }
+
+    /// Simulation seed 6646 of session 11: the owner restarted, and the only
+    /// other active node was cut off from this one. The restarted owner is a
+    /// holder of last resort for its old session's copy; any other heir
+    /// comes first.
+    #[test]
+    fn a_restarted_owner_takes_its_old_copy_when_no_other_heir_can() {
+        let store = ReplicaStore::new(Duration::from_secs(60), 100);
+        store
+            .apply(copy_of("u1", "s1", vec![push(4)]), 100)
+            .expect("applied");
+        let now = Instant::now();
+        let mut view = Members::new("dp-2");
+        view.put(Member {
+            registered_at_ms: 250,
+            ..member("dp-1", NodeState::Active)
+        });
+        view.put(member("dp-2", NodeState::Active));
+        view.put(member("dp-3", NodeState::Active));
+        assert_eq!(store.orphans(&view, now)[0].0.node_id, "dp-3");
+        view.mark_unreachable("dp-3", Reach::NoAnswer, now + UNREACHABLE_HOLD);
+        let orphans = store.orphans(&view, now);
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].0.node_id, "dp-1", "the restarted owner");
+        // An owner that did not restart (only unreachable) is no heir of its own.
+        view.put(Member {
+            registered_at_ms: 100,
+            ..member("dp-1", NodeState::Active)
+        });
+        view.mark_unreachable("dp-1", Reach::Down, now + UNREACHABLE_HOLD);
+        assert!(store.orphans(&view, now).is_empty());
+    }
+
     /// Simulation seeds 94 and 190 (Restart): the standby restarted with the
     /// same node id and came back empty; the owner went on sending it single
     /// pushes and ack points, which it took as a new copy, and a crash of the
@@ -1584,6 +2023,8 @@ mod tests {
             next_seq_id: 7,
             release: false,
             incremental,
+            relayed: false,
+            owner_since: 0,
         };
         let refused = standby
             .apply(update(true, vec![push(6)], "s1"), 0)
@@ -1626,6 +2067,8 @@ mod tests {
                     next_seq_id: 6,
                     release: false,
                     incremental: false,
+                    relayed: false,
+                    owner_since: 0,
                 },
                 0,
             )
@@ -1800,6 +2243,8 @@ mod tests {
             next_seq_id,
             release: false,
             incremental: false,
+            relayed: false,
+            owner_since: 0,
         }
     }
 

@@ -81,6 +81,9 @@ pub struct Metrics {
     pub sessions_recovered: IntCounterVec,
     /// Sessions of other nodes this node holds a replica of (as a standby).
     pub replica_sessions: IntGauge,
+    /// Probes of owners this node holds replicas for and stopped hearing
+    /// from, by outcome: answered, unreachable.
+    pub replica_owner_probes: IntCounterVec,
     /// Durable pushes held in those replicas.
     pub replica_pushes: IntGauge,
     /// TLS handshakes by kind: `full` (the node signed a CertificateVerify)
@@ -303,6 +306,12 @@ impl Metrics {
                 "Sessions whose owner was gone, by outcome (recovered, no_replica; retried: a live node had not answered yet, asked again; view_waited: every node had answered, the view had not caught up with the claim; incomplete: gave up waiting after 10 s)",
                 &["outcome"],
             ),
+            replica_owner_probes: counter(
+                &registry,
+                "gatesvr_replica_owner_probes_total",
+                "Probes of silent owners whose replicas this node holds, by outcome (unreachable: the replicas were copied to the owner's next heir)",
+                &["outcome"],
+            ),
             replica_sessions: gauge(
                 &registry,
                 "gatesvr_replica_sessions",
@@ -360,6 +369,12 @@ impl Metrics {
         }
         for outcome in ["rejected_too_large", "rejected_queue_full"] {
             self.pushes.with_label_values(&[outcome]);
+        }
+        for outcome in ["answered", "unreachable"] {
+            self.replica_owner_probes.with_label_values(&[outcome]);
+        }
+        for outcome in ["unsent", "unanswered"] {
+            self.pushes_forwarded.with_label_values(&[outcome]);
         }
         for kind in ["full", "resumed"] {
             self.tls_handshakes.with_label_values(&[kind]);

@@ -97,10 +97,22 @@ impl Gateway {
                     .inc();
                 Ok(r)
             }
+            // The owner's own refusal goes back as it is; a transport failure is
+            // told apart by whether the owner can have queued the push.
             Err(status) => {
+                let (outcome, status) = match crate::peer::delivery(&status) {
+                    crate::peer::Delivery::Answered => ("failed", status),
+                    crate::peer::Delivery::Unsent => {
+                        ("unsent", GatewayRefusal::NotForwarded.into())
+                    }
+                    crate::peer::Delivery::Unknown => {
+                        tracing::warn!(owner = to, error = %status, "forwarded push unanswered");
+                        ("unanswered", GatewayRefusal::ForwardUnanswered.into())
+                    }
+                };
                 node.metrics
                     .pushes_forwarded
-                    .with_label_values(&["failed"])
+                    .with_label_values(&[outcome])
                     .inc();
                 Err(status)
             }

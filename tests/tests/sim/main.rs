@@ -128,14 +128,16 @@ fn seeds_with_random_faults() {
     assert!(totals.durable_ok > 0 && totals.delivered > 0 && totals.executed > 0);
 }
 
-/// The seeds whose soak failures session 10 fixed (architecture §6.8), run
+/// The seeds whose soak failures sessions 10 and 11 fixed (architecture §6.8), run
 /// in CI beside the two random ones. A later code change draws other faults
 /// for them, so they guard the fault mixes that found those classes, not
 /// the exact interleavings.
 #[test]
 fn seeds_that_once_lost_a_durable_push() {
     let mut failures = Vec::new();
-    for seed in [1678, 2209, 2569, 3340, 5001, 5078] {
+    for seed in [
+        1678, 2209, 2569, 3340, 5001, 5078, 5262, 6372, 6576, 6579, 6646,
+    ] {
         if let Err(failure) = try_seed(
             seed,
             Plan::random(seed),

@@ -93,6 +93,9 @@ pub struct SimNode {
     /// Second copies of replicas whose owner left the view, in flight:
     /// wait id -> (openid, session id, heir) (`replica::copy_orphans`).
     orphan_copies: HashMap<u64, (String, String, String)>,
+    /// Probes of silent owners in flight: req -> owner
+    /// (`replica::probe_silent_owners`).
+    probes: HashMap<u64, String>,
     /// This node's control-plane lease (renewed by the world's heartbeats):
     /// durable pushes are acknowledged only while it surely holds.
     pub lease: Lease,
@@ -154,6 +157,7 @@ impl SimNode {
             resyncs: HashMap::new(),
             synced: HashMap::new(),
             orphan_copies: HashMap::new(),
+            probes: HashMap::new(),
             lease: Lease::default(),
         }
     }
@@ -196,6 +200,23 @@ impl World {
                 }
             }
             Body::Bounce { to_node, original } => self.on_bounce(name, &to_node, *original),
+            Body::Probe { req } => {
+                if let End::Node(asker) = from {
+                    self.send(
+                        End::Node(name.into()),
+                        End::Node(asker),
+                        Body::ProbeReply { req },
+                    );
+                }
+            }
+            Body::ProbeReply { req } => {
+                let now = self.instant();
+                let node = self.node(name);
+                if let Some(owner) = node.probes.remove(&req) {
+                    node.replicas.heard_from(&owner, now);
+                    node.table.members_mut().answered(&owner);
+                }
+            }
             Body::FetchReplica {
                 openid,
                 session_id,
@@ -259,18 +280,37 @@ impl World {
                 );
                 self.trace(line);
                 let (openid, session_id) = (req.openid.clone(), req.session_id.clone());
+                let now = self.instant();
                 let node = self.node(name);
                 let owner_since = node
                     .table
                     .members()
                     .get(&req.owner_node)
                     .map_or(0, |o| o.registered_at_ms);
+                if !req.relayed {
+                    node.replicas.heard_from(&req.owner_node, now);
+                }
+                let original = node.replicas.sealed().then(|| req.clone());
                 let applied = node.replicas.apply(*req, owner_since);
                 let missing = applied
                     .as_ref()
                     .is_err_and(|e| e.code() == tonic::Code::NotFound);
-                match (wait, from) {
-                    (wait, End::Node(owner)) if missing => self.send(
+                // As `Peer.Replicate`'s UNAVAILABLE: this node planned its
+                // handoff and takes no more copies; the sender goes on as if
+                // nothing listened here.
+                let leaving = applied
+                    .as_ref()
+                    .is_err_and(|e| e.code() == tonic::Code::Unavailable);
+                match (wait, from, original) {
+                    (_, End::Node(sender), Some(req)) if leaving => self.send(
+                        End::Node(name.into()),
+                        End::Node(sender),
+                        Body::Bounce {
+                            to_node: name.into(),
+                            original: Box::new(Body::Replicate { req, wait }),
+                        },
+                    ),
+                    (wait, End::Node(owner), _) if missing => self.send(
                         End::Node(name.into()),
                         End::Node(owner),
                         Body::ReplicateMissing {
@@ -279,7 +319,7 @@ impl World {
                             wait,
                         },
                     ),
-                    (Some(wait), End::Node(owner)) => self.send(
+                    (Some(wait), End::Node(owner), _) => self.send(
                         End::Node(name.into()),
                         End::Node(owner),
                         Body::ReplicateAck {
@@ -722,6 +762,7 @@ impl World {
                 }
             }
             Body::Stage { state, req, .. } => self.on_stage_ack(name, &state.openid, req, false),
+            Body::Probe { req } => self.owner_unreachable(name, req, Reach::Down),
             Body::FetchReplica { req, .. } => {
                 self.reask_after_departure(name, to_node, req);
                 self.on_fetch_reply(name, to_node, req, FetchReplicaResponse::default())
@@ -734,6 +775,43 @@ impl World {
             } => self.reply_up(id, openid, durable, false),
             _ => {}
         }
+    }
+
+    /// Probes the owners this node holds replicas for and stopped hearing
+    /// from (`replica::probe_silent_owners`).
+    fn probe_silent_owners(&mut self, name: &str) {
+        let now = self.instant();
+        let due = self.node(name).replicas.owners_to_probe(now);
+        for owner in due {
+            if self.node(name).table.members().live(&owner).is_none() {
+                continue;
+            }
+            let req = self.id();
+            self.node(name).probes.insert(req, owner.clone());
+            self.send(
+                End::Node(name.into()),
+                End::Node(owner),
+                Body::Probe { req },
+            );
+            self.timer(name, PEER_TIMEOUT_MS, Timer::ProbeDeadline { req });
+        }
+    }
+
+    /// Probe `req` found its owner unreachable: marked so (its replicas are
+    /// orphans now), and the copies go out at once (`Timer::MovedOn`).
+    fn owner_unreachable(&mut self, name: &str, req: u64, reach: Reach) {
+        let Some(owner) = self.node(name).probes.remove(&req) else {
+            return;
+        };
+        let until = self.instant() + UNREACHABLE_HOLD;
+        self.node(name)
+            .table
+            .members_mut()
+            .mark_unreachable(&owner, reach, until);
+        self.trace(format!(
+            "{name}'s probe found owner \"{owner}\" unreachable"
+        ));
+        self.timer(name, 0, Timer::MovedOn);
     }
 
     /// A call found `standby` unreachable (`replica::standby_unreachable`).
@@ -1409,7 +1487,7 @@ impl World {
                             node.replicas.keep_handed_over(state, owner, since);
                         }
                         node.handoff = Some(Handing {
-                            plan: Handoff::new(node.replicas.copies()),
+                            plan: Handoff::new(node.replicas.seal()),
                             pending: HashMap::new(),
                             until: now_ms,
                         });
@@ -1762,7 +1840,18 @@ impl World {
                     self.reply_up(d.id, d.openid, true, false);
                 }
             }
-            Timer::MovedOn => self.ack_sync(name),
+            Timer::MovedOn => {
+                self.ack_sync(name);
+                self.copy_orphans(name);
+            }
+            Timer::ProbeDeadline { req } => self.owner_unreachable(name, req, Reach::NoAnswer),
+            // As `replica::copy_orphans`: a heir that did not answer is
+            // passed over, and the next one is tried at once.
+            Timer::OrphanCopyDeadline { wait } => {
+                if let Some((_, _, heir)) = self.node(name).orphan_copies.remove(&wait) {
+                    self.standby_unreachable(name, &heir, Reach::NoAnswer);
+                }
+            }
             Timer::RecoverCheck { req } => {
                 let now = self.now;
                 self.recover_check(name, req, now);
@@ -1772,6 +1861,7 @@ impl World {
             Timer::AckSync => {
                 self.ack_sync(name);
                 self.copy_orphans(name);
+                self.probe_silent_owners(name);
                 self.timer(name, 1_000, Timer::AckSync);
             }
             Timer::Complete {
@@ -1829,11 +1919,12 @@ impl World {
         let node = self.node(name);
         for (state, owner) in node.table.fenced_with_pushes() {
             let since = node.table.members().registered_at(&owner);
-            node.replicas.keep_handed_over(&state, &owner, since);
+            node.replicas.keep_fenced(&state, &owner, since);
         }
         let orphans = node.replicas.orphans(node.table.members(), now);
         for (heir, req) in orphans {
             let wait = self.id();
+            self.timer(name, PEER_TIMEOUT_MS, Timer::OrphanCopyDeadline { wait });
             self.node(name).orphan_copies.insert(
                 wait,
                 (
@@ -2003,6 +2094,8 @@ fn copy_of(
         next_seq_id: stats.next_seq_id,
         release: false,
         incremental,
+        relayed: false,
+        owner_since: 0,
     }
 }
 

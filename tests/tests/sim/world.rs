@@ -212,6 +212,14 @@ pub enum Body {
         req: u64,
         resp: Box<FetchReplicaResponse>,
     },
+    /// A standby's probe of an owner it stopped hearing from
+    /// (`replica::probe_silent_owners`, a `grpc.health.v1` check there).
+    Probe {
+        req: u64,
+    },
+    ProbeReply {
+        req: u64,
+    },
     /// Nothing listens at the destination (its process is gone).
     Bounce {
         to_node: String,
@@ -253,6 +261,14 @@ pub enum Timer {
     AckSync,
     /// A standby was found unreachable: the ack sync runs now.
     MovedOn,
+    /// A probe of a silent owner got no answer in time.
+    ProbeDeadline {
+        req: u64,
+    },
+    /// A second copy of an orphan replica got no answer in time.
+    OrphanCopyDeadline {
+        wait: u64,
+    },
     /// The short wait for nodes declared dead during a recovery ended.
     RecoverCheck {
         req: u64,
