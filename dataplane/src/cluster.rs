@@ -1611,7 +1611,11 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "epoch 5 is not the claim's 9");
         // The claim's own answer, written into the view for routing, does not count.
-        cluster.view.write().owners.insert("b".into(), rec("b", "dp-1", 9));
+        cluster
+            .view
+            .write()
+            .owners
+            .insert("b".into(), rec("b", "dp-1", 9));
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         cluster.apply(owner_put(2, "b", 9));

@@ -866,12 +866,23 @@ pub async fn run(o: &Opts) -> Result<Report> {
         if let (Some(sum), Some(n)) = (sum, n) {
             f(&mut rep, &format!("dp_start_{phase}_after_kill"), n);
             if n > 0.0 {
-                f(&mut rep, &format!("dp_start_{phase}_mean_ms"), sum * 1e3 / n);
+                f(
+                    &mut rep,
+                    &format!("dp_start_{phase}_mean_ms"),
+                    sum * 1e3 / n,
+                );
             }
         }
     }
-    for outcome in ["recovered", "no_replica", "retried", "view_waited", "incomplete"] {
-        if let Some(v) = evidence::grown(&takeover_b, &takeover_c, &format!("recovered_{outcome}")) {
+    for outcome in [
+        "recovered",
+        "no_replica",
+        "retried",
+        "view_waited",
+        "incomplete",
+    ] {
+        if let Some(v) = evidence::grown(&takeover_b, &takeover_c, &format!("recovered_{outcome}"))
+        {
             f(&mut rep, &format!("dp_recovery_{outcome}_after_kill"), v);
         }
     }

@@ -706,7 +706,10 @@ mod tests {
             "the control: a node taking 1472-byte datagrams is probed"
         );
         let path = to_small.stats().path;
-        assert_eq!(path.sent_plpmtud_probes, 0, "no probe toward a 1200-byte node");
+        assert_eq!(
+            path.sent_plpmtud_probes, 0,
+            "no probe toward a 1200-byte node"
+        );
         assert_eq!(path.current_mtu, 1200);
         for e in [small, large] {
             e.close(0u8.into(), b"");

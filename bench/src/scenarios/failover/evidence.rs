@@ -154,8 +154,7 @@ fn parse_takeover_counts(text: &str) -> HashMap<String, f64> {
             rest.strip_suffix("\"}").map(|o| format!("recovered_{o}"))
         } else if let Some(rest) = series.strip_prefix("gatesvr_start_phase_seconds_sum{phase=\"") {
             rest.strip_suffix("\"}").map(|p| format!("{p}_sum"))
-        } else if let Some(rest) =
-            series.strip_prefix("gatesvr_start_phase_seconds_count{phase=\"")
+        } else if let Some(rest) = series.strip_prefix("gatesvr_start_phase_seconds_count{phase=\"")
         {
             rest.strip_suffix("\"}").map(|p| format!("{p}_count"))
         } else {
