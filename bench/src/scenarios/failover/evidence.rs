@@ -395,3 +395,32 @@ impl Lag {
         self.task.await.unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takeover_counts_are_read_from_the_prometheus_text_and_their_growth_summed() {
+        let before = parse_takeover_counts(
+            "gatesvr_sessions_recovered_total{outcome=\"retried\"} 2\n\
+             gatesvr_start_phase_seconds_sum{phase=\"claim\"} 0.5\n\
+             gatesvr_start_phase_seconds_count{phase=\"claim\"} 10\n\
+             gatesvr_start_phase_seconds_bucket{phase=\"claim\",le=\"0.1\"} 9\n",
+        );
+        assert_eq!(before.get("recovered_retried"), Some(&2.0));
+        assert_eq!(before.get("claim_sum"), Some(&0.5));
+        assert_eq!(before.get("claim_count"), Some(&10.0));
+        assert_eq!(before.len(), 3, "buckets are not read: {before:?}");
+        let after = parse_takeover_counts(
+            "gatesvr_sessions_recovered_total{outcome=\"retried\"} 5\n\
+             gatesvr_start_phase_seconds_sum{phase=\"claim\"} 2.5\n\
+             gatesvr_start_phase_seconds_count{phase=\"claim\"} 30\n",
+        );
+        // Two data planes: one answered both times, one (an older build) exports nothing.
+        let (a, b) = (vec![before, HashMap::new()], vec![after, HashMap::new()]);
+        assert_eq!(grown(&a, &b, "recovered_retried"), Some(3.0));
+        assert_eq!(grown(&a, &b, "claim_count"), Some(20.0));
+        assert_eq!(grown(&a, &b, "view_wait_count"), None);
+    }
+}
