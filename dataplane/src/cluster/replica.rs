@@ -297,13 +297,16 @@ impl ReplicaStore {
     /// replicas orphans. Owners no replica names any more are forgotten.
     pub fn owners_to_probe(&self, now: Instant) -> Vec<String> {
         let map = self.map.lock();
-        let holding: HashSet<&str> = map
-            .values()
-            .filter(|r| !r.pushes.is_empty())
-            .map(|r| r.owner.as_str())
-            .collect();
+        let mut named: HashSet<&str> = HashSet::new();
+        let mut holding: HashSet<&str> = HashSet::new();
+        for r in map.values() {
+            named.insert(r.owner.as_str());
+            if !r.pushes.is_empty() {
+                holding.insert(r.owner.as_str());
+            }
+        }
         let mut contacts = self.contacts.lock();
-        contacts.retain(|owner, _| map.values().any(|r| r.owner == *owner));
+        contacts.retain(|owner, _| named.contains(owner.as_str()));
         let mut due: Vec<String> = contacts
             .iter_mut()
             .filter(|(owner, _)| holding.contains(owner.as_str()))
