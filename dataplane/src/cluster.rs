@@ -436,6 +436,10 @@ pub struct Cluster {
     /// Woken on every lease renewal and view change (a durable push waiting
     /// for the renewal in flight, `lease_wait`).
     lease_changed: Notify,
+    /// Woken when the watch delivered owner records (a newer epoch maybe):
+    /// recoveries waiting for the view to reach their claim
+    /// ([`Cluster::view_reaches`]).
+    view_advanced: Notify,
 }
 
 /// One Start's claim, waiting to be sent.
@@ -522,6 +526,7 @@ impl Cluster {
             claims_sent: AtomicU64::new(0),
             lease: Mutex::new(crate::core::Lease::default()),
             lease_changed: Notify::new(),
+            view_advanced: Notify::new(),
         };
         cluster.load_state_file();
         Ok(cluster)
@@ -633,6 +638,24 @@ impl Cluster {
     /// new node holding the only copy, and answered RECOVERED).
     pub fn view_reached(&self, epoch: u64) -> bool {
         self.view.read().owner_epoch_seen >= epoch
+    }
+
+    /// Waits until the view has reached `epoch` ([`Cluster::view_reached`]),
+    /// but not past `until`: whether it did. Woken by the watch, not polled,
+    /// so a recovery ends as soon as the claim's own record arrives.
+    pub async fn view_reaches(&self, epoch: u64, until: tokio::time::Instant) -> bool {
+        loop {
+            let advanced = self.view_advanced.notified();
+            tokio::pin!(advanced);
+            // Registered before the check: a delivery in between still wakes.
+            advanced.as_mut().enable();
+            if self.view_reached(epoch) {
+                return true;
+            }
+            if tokio::time::timeout_at(until, advanced).await.is_err() {
+                return self.view_reached(epoch);
+            }
+        }
     }
 
     /// The owner known here for `openid` without asking: the view (this
@@ -1320,6 +1343,7 @@ impl Cluster {
             Some(WatchBody::Snapshot(_) | WatchBody::NodePut(_) | WatchBody::NodeRemoved(_))
         );
         let snapshot = matches!(event.event, Some(WatchBody::Snapshot(_)));
+        let owners_seen = snapshot || moved.is_some();
         {
             let mut view = self.view.write();
             if event.version <= view.version && !matches!(event.event, Some(WatchBody::Snapshot(_)))
@@ -1339,6 +1363,9 @@ impl Cluster {
         }
         if snapshot {
             self.complete.store(true, Ordering::Release);
+        }
+        if owners_seen {
+            self.view_advanced.notify_waiters();
         }
         if whole {
             // A node was declared dead and registered again: its lease counts
@@ -1546,6 +1573,68 @@ mod tests {
             epoch,
             fresh_session_id: String::new(),
         }
+    }
+
+    fn unconnected_cluster() -> Arc<Cluster> {
+        let cfg = ControlPlaneClientConfig {
+            endpoints: vec!["127.0.0.1:9".into()],
+            insecure: true,
+            ..Default::default()
+        };
+        let cluster = Cluster::new(cfg, "dp-1".into(), "q".into(), "g".into(), None);
+        Arc::new(cluster.expect("a plaintext config with one endpoint is valid"))
+    }
+
+    fn owner_put(version: u64, openid: &str, epoch: u64) -> WatchEvent {
+        WatchEvent {
+            version,
+            event: Some(WatchBody::OwnerPut(rec(openid, "dp-1", epoch))),
+        }
+    }
+
+    /// Session 11: a crash recovery whose nodes had all answered slept 100 ms
+    /// and looked again while the watch lagged its claim; every Start of a
+    /// reconnect burst paid it. The wait is now woken by the watch delivery
+    /// that reaches the claim's epoch, well before its deadline (the clock is
+    /// paused: it moves only when every task waits on a timer).
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_the_view_ends_when_the_watch_delivers_the_claims_epoch() {
+        let cluster = unconnected_cluster();
+        let until = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let waiter = tokio::spawn({
+            let cluster = cluster.clone();
+            async move { cluster.view_reaches(9, until).await }
+        });
+        tokio::task::yield_now().await;
+        // An older epoch wakes the wait without ending it.
+        cluster.apply(owner_put(1, "a", 5));
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "epoch 5 is not the claim's 9");
+        // The claim's own answer, written into the view for routing, does not count.
+        cluster
+            .view
+            .write()
+            .owners
+            .insert("b".into(), rec("b", "dp-1", 9));
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        cluster.apply(owner_put(2, "b", 9));
+        assert!(waiter.await.expect("the waiter ran"), "the view reached 9");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "woken by the delivery, not by its deadline"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_view_that_never_reaches_the_claim_gives_up_at_its_deadline() {
+        let cluster = unconnected_cluster();
+        cluster.apply(owner_put(1, "a", 5));
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        assert!(!cluster.view_reaches(9, until).await);
+        assert!(tokio::time::Instant::now() >= until);
+        // Already reached: answered at once.
+        assert!(cluster.view_reaches(5, until).await);
     }
 
     #[test]

@@ -15,6 +15,13 @@ use serde::Deserialize;
 use crate::session::{QueuePolicy, SessionConfig};
 
 /// Environment names kept from the Go gateway, mapped to our keys.
+/// QUIC's smallest allowed `max_udp_payload_size` (RFC 9000 §18.2), the
+/// default of `server.max_udp_payload_size`.
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
+
+/// QUIC's largest `max_udp_payload_size`.
+pub const MAX_UDP_PAYLOAD: u16 = 65_527;
+
 pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("GATESVR_QUIC_ADDR", "server.quic_addr"),
     ("GATESVR_HTTP_ADDR", "server.http_addr"),
@@ -118,6 +125,16 @@ pub struct ServerConfig {
     /// QUIC keep-alive sent by the server, below every idle timeout. Default 10s.
     #[serde(with = "humantime_serde")]
     pub keep_alive_interval: Duration,
+    /// Largest UDP payload clients may send to this node, in bytes (QUIC's
+    /// `max_udp_payload_size` transport parameter), 1200..=65527. Default
+    /// 1200, QUIC's minimum: a client then sends no MTU probes. Each probe
+    /// is a datagram of up to ~1.45 KB of PADDING, which quinn 0.11 parses
+    /// one byte at a time; the ~4 probes of every new connection were 15% of
+    /// a survivor's CPU in a reconnect burst (docs/benchmarks.md, "Session
+    /// 11"). What it costs: a client's frames over ~1.1 KB take more
+    /// datagrams toward the node (requests, acks); what the node sends is
+    /// not capped (its own MTU discovery is unchanged).
+    pub max_udp_payload_size: u16,
     /// Longest one write to a client may wait (error frames, answers,
     /// pushes, on every transport). A client that stops reading (no receive
     /// credit, a full TCP window) loses its connection after this, before or
@@ -203,6 +220,7 @@ impl Default for ServerConfig {
             start_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             keep_alive_interval: Duration::from_secs(10),
+            max_udp_payload_size: MIN_UDP_PAYLOAD,
             write_timeout: Duration::from_secs(10),
             max_frame_size: gatesvr_proto::frame::DEFAULT_MAX_FRAME_SIZE,
             max_queue: session.max_queue,
@@ -506,6 +524,12 @@ impl Validate for DataPlaneConfig {
             return Err(ConfigError::key(
                 "server.heartbeat_timeout",
                 "must be longer than server.heartbeat_interval",
+            ));
+        }
+        if !(MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD).contains(&s.max_udp_payload_size) {
+            return Err(ConfigError::key(
+                "server.max_udp_payload_size",
+                "must be between 1200 and 65527 bytes (QUIC's bounds)",
             ));
         }
         if s.keep_alive_interval >= s.idle_timeout {

@@ -574,6 +574,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let tickets_b = cfg.quic.tickets_offered.load(Ordering::Relaxed);
     let full_b = cfg.quic.full_handshakes.load(Ordering::Relaxed);
     let tls_b = evidence::tls_counts(&c.dp_metrics).await;
+    let takeover_b = evidence::takeover_counts(&c.dp_metrics).await;
     let cp_admins: Vec<SocketAddr> = c.cps.iter().map(|cp| cp.1).collect();
     let claims_b = evidence::cp_claims(&cp_admins).await;
     let (times_b, snaps_b) = (evidence::times(&procs), evidence::snaps(&recs));
@@ -616,6 +617,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let full_c = cfg.quic.full_handshakes.load(Ordering::Relaxed);
     let times_c = evidence::times(&procs);
     let tls_c = evidence::tls_counts(&c.dp_metrics).await;
+    let takeover_c = evidence::takeover_counts(&c.dp_metrics).await;
     let claims_c = evidence::cp_claims(&cp_admins).await;
     let (rcvbuf_c, drops_c) = (evidence::udp_rcvbuf_errors(), evidence::udp_drops());
     let tracks = sampler.finish().await;
@@ -845,6 +847,43 @@ pub async fn run(o: &Opts) -> Result<Report> {
                 "cp_claims_per_reconnect",
                 claims as f64 / back as f64,
             );
+        }
+    }
+    // Where the survivors' Starts spent their time (`gatesvr_start_phase_seconds`, mean per
+    // Start that went through the phase) and how often a recovery waited (absent from builds
+    // older than session 11).
+    for phase in [
+        "handshake",
+        "start_frame",
+        "answered",
+        "claim",
+        "handover",
+        "recovery",
+        "view_wait",
+    ] {
+        let sum = evidence::grown(&takeover_b, &takeover_c, &format!("{phase}_sum"));
+        let n = evidence::grown(&takeover_b, &takeover_c, &format!("{phase}_count"));
+        if let (Some(sum), Some(n)) = (sum, n) {
+            f(&mut rep, &format!("dp_start_{phase}_after_kill"), n);
+            if n > 0.0 {
+                f(
+                    &mut rep,
+                    &format!("dp_start_{phase}_mean_ms"),
+                    sum * 1e3 / n,
+                );
+            }
+        }
+    }
+    for outcome in [
+        "recovered",
+        "no_replica",
+        "retried",
+        "view_waited",
+        "incomplete",
+    ] {
+        if let Some(v) = evidence::grown(&takeover_b, &takeover_c, &format!("recovered_{outcome}"))
+        {
+            f(&mut rep, &format!("dp_recovery_{outcome}_after_kill"), v);
         }
     }
     for (key, label) in [

@@ -574,6 +574,10 @@ pub async fn take_over(
         hand_over_from(node, previous_owner, openid, session_id, epoch).await
     };
     let handover_ms = started.elapsed().as_millis() as u64;
+    node.metrics
+        .start_phase
+        .with_label_values(&["handover"])
+        .observe(started.elapsed().as_secs_f64());
     if outcome == TakeOver::OwnerSilent {
         // A staged copy here may be stale (a late Stage of a staging its
         // drainer took back and served since): the Start does not resume
@@ -599,7 +603,12 @@ pub async fn take_over(
         && !session_id.is_empty()
         && epoch != 0
     {
+        let recovery_started = tokio::time::Instant::now();
         let recovered = recover(node, gone, openid, session_id, epoch).await;
+        node.metrics
+            .start_phase
+            .with_label_values(&["recovery"])
+            .observe(recovery_started.elapsed().as_secs_f64());
         tracing::debug!(
             openid,
             previous_owner,
@@ -627,12 +636,16 @@ pub const RECOVERY_PATIENCE: Duration = Duration::from_secs(10);
 /// Gathers the replicas of a crashed owner's session, asking again (with
 /// backoff) the live nodes that have not answered. What a node answered is
 /// kept across rounds: it may crash before the next one (as the
-/// simulation's `recover` always did). It ends only once the view has
-/// caught up with the claim at `epoch` ([`Cluster::view_reached`]), asking
-/// the nodes a later view adds; a view that never does makes the recovery
-/// incomplete.
+/// simulation's `recover` always did). It ends only after a round that began
+/// with the view caught up with the claim at `epoch`
+/// ([`Cluster::view_reached`]) and left no live node unanswered. When every
+/// node answered but the view had not caught up, it waits for the watch
+/// (woken by it, [`Cluster::view_reaches`]: not a sleep, which cost every
+/// Start of a reconnect burst 100 ms), then asks the nodes that view added;
+/// a view that never catches up makes the recovery incomplete.
 ///
 /// [`Cluster::view_reached`]: crate::cluster::Cluster::view_reached
+/// [`Cluster::view_reaches`]: crate::cluster::Cluster::view_reaches
 async fn recover(
     node: &Node,
     gone: &str,
@@ -674,28 +687,47 @@ async fn recover(
             break;
         }
         waiting = round.unanswered.clone();
-        if tokio::time::Instant::now() + pause > give_up {
+        if round.unanswered.is_empty()
+            && let Some(cluster) = &node.cluster
+        {
+            // Every node this view knows answered: what is missing is the
+            // view itself. The next round asks the nodes it adds meanwhile.
+            let wait_started = tokio::time::Instant::now();
+            let reached = cluster.view_reaches(epoch, give_up).await;
+            node.metrics
+                .start_phase
+                .with_label_values(&["view_wait"])
+                .observe(wait_started.elapsed().as_secs_f64());
             node.metrics
                 .sessions_recovered
-                .with_label_values(&["incomplete"])
+                .with_label_values(&["view_waited"])
                 .inc();
-            tracing::warn!(
-                openid,
-                session_id,
-                unanswered = ?round.unanswered,
-                caught_up,
-                "nodes did not answer for their replicas in time, or the view did not catch up with the claim; recovering from the copies found"
-            );
-            incomplete = true;
-            break;
+            if reached {
+                continue;
+            }
+        } else if tokio::time::Instant::now() + pause <= give_up {
+            node.metrics
+                .sessions_recovered
+                .with_label_values(&["retried"])
+                .inc();
+            tracing::debug!(openid, unanswered = ?round.unanswered, "replica fetch unanswered; asking again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            continue;
         }
         node.metrics
             .sessions_recovered
-            .with_label_values(&["retried"])
+            .with_label_values(&["incomplete"])
             .inc();
-        tracing::debug!(openid, unanswered = ?round.unanswered, "replica fetch unanswered; asking again");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
+        tracing::warn!(
+            openid,
+            session_id,
+            unanswered = ?round.unanswered,
+            caught_up = node.cluster.as_ref().is_none_or(|c| c.view_reached(epoch)),
+            "nodes did not answer for their replicas in time, or the view did not catch up with the claim; recovering from the copies found"
+        );
+        incomplete = true;
+        break;
     }
     let mut recovery = crate::replica::merge(node, openid, session_id, found)?;
     recovery.incomplete = incomplete;

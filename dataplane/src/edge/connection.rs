@@ -184,7 +184,14 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
     let transport = link.transport;
 
     // --- Start ---
-    let start = match tokio::time::timeout(start_timeout, link.source.next()).await {
+    let opened = tokio::time::Instant::now();
+    let first = tokio::time::timeout(start_timeout, link.source.next()).await;
+    let read = tokio::time::Instant::now();
+    node.metrics
+        .start_phase
+        .with_label_values(&["start_frame"])
+        .observe((read - opened).as_secs_f64());
+    let start = match first {
         Err(_) => Err(Fatal::new(
             ErrorCode::StartTimeout,
             "no Start frame in time",
@@ -300,6 +307,10 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
         }
         return;
     }
+    node.metrics
+        .start_phase
+        .with_label_values(&["answered"])
+        .observe(read.elapsed().as_secs_f64());
     node.metrics.active_connections.inc();
     let by_transport = node
         .metrics
@@ -420,6 +431,10 @@ async fn claim_ownership(
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         result = cluster.claim(openid, claim_id, fresh).await;
     }
+    node.metrics
+        .start_phase
+        .with_label_values(&["claim"])
+        .observe(claim_started.elapsed().as_secs_f64());
     match result {
         Ok(claimed) => {
             // The control plane names no other node, but this node knows

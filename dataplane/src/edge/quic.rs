@@ -190,7 +190,8 @@ fn enlarge_recv_buffer(socket: &std::net::UdpSocket) {
 /// With shared keys, the stateless-reset key and the connection-ID generator
 /// come from them (PITFALLS §1: a node must recognise another node's CIDs to
 /// reset them), and resets are rate-limited less, because after a node dies
-/// every one of its clients deserves a prompt reset.
+/// every one of its clients deserves a prompt reset. Clients are told the
+/// largest datagram the node takes (`server.max_udp_payload_size`).
 pub fn bind(server: &ServerConfig) -> Result<quinn::Endpoint, String> {
     bind_with(server, false)
 }
@@ -219,15 +220,21 @@ pub(crate) fn bind_counted(
         std::net::UdpSocket::bind(addr).map_err(|e| format!("cannot bind QUIC on {addr}: {e}"))?;
     enlarge_recv_buffer(&socket);
     let runtime = quinn::default_runtime().ok_or("no async runtime for QUIC")?;
-    let Some(keys) = keys else {
-        return quinn::Endpoint::new(Default::default(), Some(config), socket, runtime)
-            .map_err(|e| format!("cannot bind QUIC on {addr}: {e}"));
+    let mut endpoint = match &keys {
+        Some(keys) => {
+            let mut endpoint = quinn::EndpointConfig::new(keys.reset_key());
+            let cid_key = keys.cid_key();
+            endpoint
+                .cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)))
+                .min_reset_interval(SHARED_KEY_RESET_INTERVAL);
+            endpoint
+        }
+        None => quinn::EndpointConfig::default(),
     };
-    let mut endpoint = quinn::EndpointConfig::new(keys.reset_key());
-    let cid_key = keys.cid_key();
+    // Clients send no MTU probes at the default (`server.max_udp_payload_size`).
     endpoint
-        .cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)))
-        .min_reset_interval(SHARED_KEY_RESET_INTERVAL);
+        .max_udp_payload_size(server.max_udp_payload_size)
+        .map_err(|_| "server.max_udp_payload_size: must be between 1200 and 65527 bytes")?;
     quinn::Endpoint::new(endpoint, Some(config), socket, runtime)
         .map_err(|e| format!("cannot bind QUIC on {addr}: {e}"))
 }
@@ -266,6 +273,7 @@ pub async fn accept_loop(
         let node = node.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let accepted = tokio::time::Instant::now();
             let connecting = match incoming.accept() {
                 Ok(c) => c,
                 Err(e) => {
@@ -273,7 +281,12 @@ pub async fn accept_loop(
                     return;
                 }
             };
-            match connecting.await {
+            let connected = connecting.await;
+            node.metrics
+                .start_phase
+                .with_label_values(&["handshake"])
+                .observe(accepted.elapsed().as_secs_f64());
+            match connected {
                 Ok(conn) if crate::webtransport::is_h3(&conn) => {
                     crate::webtransport::serve(node, conn).await;
                 }
@@ -528,12 +541,22 @@ mod tests {
         certs: &gatesvr_common::certs::DevCerts,
         keys: &Path,
     ) -> (quinn::Endpoint, Metrics, tokio::task::JoinHandle<()>) {
+        node_taking(certs, keys, ServerConfig::default().max_udp_payload_size)
+    }
+
+    /// [`node`], taking datagrams of up to `max_udp_payload_size` bytes.
+    fn node_taking(
+        certs: &gatesvr_common::certs::DevCerts,
+        keys: &Path,
+        max_udp_payload_size: u16,
+    ) -> (quinn::Endpoint, Metrics, tokio::task::JoinHandle<()>) {
         let files = certs.server();
         let server = ServerConfig {
             quic_addr: "127.0.0.1:0".into(),
             cert_file: files.cert_file,
             key_file: files.key_file,
             shared_keys_dir: Some(keys.to_path_buf()),
+            max_udp_payload_size,
             ..ServerConfig::default()
         };
         let metrics = Metrics::new();
@@ -637,6 +660,58 @@ mod tests {
         assert_eq!(count(&c_metrics, "handshakes", "full"), 1);
         assert_eq!(count(&c_metrics, "handshakes", "resumed"), 0);
         for e in [a, b, c] {
+            e.close(0u8.into(), b"");
+        }
+    }
+
+    /// Session 11: each new connection's client probed the path MTU with
+    /// about four datagrams of up to ~1.45 KB of PADDING, which quinn 0.11
+    /// parses one byte at a time: 15% of a survivor's CPU in a reconnect
+    /// burst. At the default `server.max_udp_payload_size` (1200) a client
+    /// has nothing to probe; a node that takes larger datagrams is probed
+    /// by the same client (the control: probes are seen when they are sent).
+    #[tokio::test]
+    async fn clients_send_no_mtu_probes_to_a_node_that_takes_only_1200_byte_datagrams() {
+        gatesvr_common::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = gatesvr_common::certs::generate(&dir.path().join("certs"), &[]).unwrap();
+        let keys = dir.path().join("keys");
+        write_keys(&keys, 3);
+        let (small, _, _small) = node(&certs, &keys);
+        let (large, _, _large) = node_taking(&certs, &keys, 1472);
+
+        // quinn's client defaults: MTU discovery on, as in the SDK.
+        let mut tls = gatesvr_common::tls::client_config(&certs.ca_cert()).unwrap();
+        tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
+        let client_config = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(tls).expect("TLS 1.3 client config"),
+        ));
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connect = |to: &quinn::Endpoint| {
+            client
+                .connect_with(client_config.clone(), to.local_addr().unwrap(), "localhost")
+                .unwrap()
+        };
+        let (to_small, to_large) = tokio::join!(connect(&small), connect(&large));
+        let (to_small, to_large) = (to_small.expect("handshake"), to_large.expect("handshake"));
+        // Bounded poll: the client probes the node that takes 1472 bytes.
+        for _ in 0..500 {
+            if to_large.stats().path.sent_plpmtud_probes > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            to_large.stats().path.sent_plpmtud_probes > 0,
+            "the control: a node taking 1472-byte datagrams is probed"
+        );
+        let path = to_small.stats().path;
+        assert_eq!(
+            path.sent_plpmtud_probes, 0,
+            "no probe toward a 1200-byte node"
+        );
+        assert_eq!(path.current_mtu, 1200);
+        for e in [small, large] {
             e.close(0u8.into(), b"");
         }
     }

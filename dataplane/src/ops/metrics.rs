@@ -95,6 +95,17 @@ pub struct Metrics {
     /// by clients but `refused` (not readable here: other ticket keys, too
     /// old, damaged; a full handshake follows).
     pub tls_tickets: IntCounterVec,
+    /// Where a Start's time goes on the node, by phase: `handshake` (QUIC
+    /// and TLS, from the accepted Initial until the connection is up),
+    /// `start_frame` (from a stream until its Start frame is read),
+    /// `answered` (from that frame until the StartResponse is written), and
+    /// within `answered`: `claim` (the
+    /// `ClaimSessions` answer, batched with the burst's other claims),
+    /// `handover` (asking the previous owner), `recovery` (a gone owner's
+    /// replicas, gathered from the live nodes), `view_wait` (part of
+    /// `recovery`: every node had answered, the watch had not yet delivered
+    /// the claim's epoch). The failover benchmark reads them.
+    pub start_phase: HistogramVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -145,7 +156,20 @@ impl Metrics {
         registry
             .register(Box::new(request_duration.clone()))
             .expect("metric registered once");
+        let start_phase = HistogramVec::new(
+            HistogramOpts::new(
+                "gatesvr_start_phase_seconds",
+                "Time a Start spent on this node, by phase (handshake, start_frame, answered; within answered: claim, handover, recovery, view_wait)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(start_phase.clone()))
+            .expect("metric registered once");
         let metrics = Self {
+            start_phase,
             active_connections: gauge(
                 &registry,
                 "gatesvr_active_connections",
@@ -279,7 +303,7 @@ impl Metrics {
             sessions_recovered: counter(
                 &registry,
                 "gatesvr_sessions_recovered_total",
-                "Sessions whose owner was gone, by outcome (recovered, no_replica; retried: a live node had not answered yet, asked again; incomplete: gave up waiting after 10 s)",
+                "Sessions whose owner was gone, by outcome (recovered, no_replica; retried: a live node had not answered yet, asked again; view_waited: every node had answered, the view had not caught up with the claim; incomplete: gave up waiting after 10 s)",
                 &["outcome"],
             ),
             replica_owner_probes: counter(

@@ -123,6 +123,62 @@ fn parse_tls_counts(text: &str) -> Option<HashMap<&'static str, u64>> {
     out.contains_key("full").then_some(out)
 }
 
+/// Each data plane's takeover evidence from its `/metrics`: the series of
+/// `gatesvr_sessions_recovered_total{outcome}` and the sum and count of
+/// `gatesvr_start_phase_seconds{phase}` (keys `recovered_<outcome>`,
+/// `<phase>_sum`, `<phase>_count`). A series a build does not export is absent.
+pub async fn takeover_counts(metrics: &[Option<SocketAddr>]) -> Vec<HashMap<String, f64>> {
+    let mut out = Vec::new();
+    for addr in metrics {
+        let text = match addr {
+            Some(a) => http_get(*a, "/metrics").await,
+            None => None,
+        };
+        out.push(text.map(|t| parse_takeover_counts(&t)).unwrap_or_default());
+    }
+    out
+}
+
+fn parse_takeover_counts(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let key = if let Some(rest) =
+            series.strip_prefix("gatesvr_sessions_recovered_total{outcome=\"")
+        {
+            rest.strip_suffix("\"}").map(|o| format!("recovered_{o}"))
+        } else if let Some(rest) = series.strip_prefix("gatesvr_start_phase_seconds_sum{phase=\"") {
+            rest.strip_suffix("\"}").map(|p| format!("{p}_sum"))
+        } else if let Some(rest) = series.strip_prefix("gatesvr_start_phase_seconds_count{phase=\"")
+        {
+            rest.strip_suffix("\"}").map(|p| format!("{p}_count"))
+        } else {
+            None
+        };
+        if let Some(key) = key {
+            out.insert(key, value);
+        }
+    }
+    out
+}
+
+/// `key`'s growth between two readings, summed over the data planes that
+/// answered both; None if none did.
+pub fn grown(a: &[HashMap<String, f64>], b: &[HashMap<String, f64>], key: &str) -> Option<f64> {
+    let mut sum = None;
+    for (x, y) in a.iter().zip(b) {
+        if let Some(v) = y.get(key) {
+            *sum.get_or_insert(0.0) += v - x.get(key).copied().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
 /// A plain HTTP/1.0 GET; the body, or None (500 ms at most).
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -337,5 +393,34 @@ impl Lag {
     pub async fn finish(self) -> Vec<(u64, u64)> {
         let _ = self.stop.send(true);
         self.task.await.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takeover_counts_are_read_from_the_prometheus_text_and_their_growth_summed() {
+        let before = parse_takeover_counts(
+            "gatesvr_sessions_recovered_total{outcome=\"retried\"} 2\n\
+             gatesvr_start_phase_seconds_sum{phase=\"claim\"} 0.5\n\
+             gatesvr_start_phase_seconds_count{phase=\"claim\"} 10\n\
+             gatesvr_start_phase_seconds_bucket{phase=\"claim\",le=\"0.1\"} 9\n",
+        );
+        assert_eq!(before.get("recovered_retried"), Some(&2.0));
+        assert_eq!(before.get("claim_sum"), Some(&0.5));
+        assert_eq!(before.get("claim_count"), Some(&10.0));
+        assert_eq!(before.len(), 3, "buckets are not read: {before:?}");
+        let after = parse_takeover_counts(
+            "gatesvr_sessions_recovered_total{outcome=\"retried\"} 5\n\
+             gatesvr_start_phase_seconds_sum{phase=\"claim\"} 2.5\n\
+             gatesvr_start_phase_seconds_count{phase=\"claim\"} 30\n",
+        );
+        // Two data planes: one answered both times, one (an older build) exports nothing.
+        let (a, b) = (vec![before, HashMap::new()], vec![after, HashMap::new()]);
+        assert_eq!(grown(&a, &b, "recovered_retried"), Some(3.0));
+        assert_eq!(grown(&a, &b, "claim_count"), Some(20.0));
+        assert_eq!(grown(&a, &b, "view_wait_count"), None);
     }
 }
