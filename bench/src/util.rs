@@ -336,12 +336,29 @@ pub fn token(openid: &str) -> String {
     }
 }
 
-/// A port free on 127.0.0.1 right now (for processes that must know each other's addresses
-/// before they start, like raft members).
+/// A port free on 127.0.0.1 right now, for TCP and UDP (for processes that must know each
+/// other's addresses before they start, like raft members).
+///
+/// Drawn at random below the kernel's ephemeral range (32768 and up on Linux), as the tests'
+/// `free_port` does (in 10000..20000, apart from the tests' range): a port `bind(0)` handed out
+/// is free again until the server binds it, and any outgoing connection may take it as its
+/// source port meanwhile (CI: "binding admin_addr ...: Address already in use").
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(10_000..20_000);
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port in 10000..20000 on 127.0.0.1 after 1000 tries",
+    )
+    .into())
 }
 
 /// Progress on stderr (never on stdout, which may carry JSON).
