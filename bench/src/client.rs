@@ -196,10 +196,22 @@ fn client_endpoint() -> Result<quinn::Endpoint> {
     )?)
 }
 
+/// A connection and, when it has a connected socket of its own, what the node's host refuses.
+pub struct Link {
+    pub conn: quinn::Connection,
+    pub refusals: Option<Arc<gatesvr_sdk::socket::Refusals>>,
+    /// The connection's own endpoint, kept as long as the connection.
+    _endpoint: Option<quinn::Endpoint>,
+}
+
 /// A few client UDP sockets shared by many connections (one socket per connection would run
-/// into file-descriptor limits at 50k sessions).
+/// into file-descriptor limits at 50k sessions), or, with [`Net::connected`], a socket of its
+/// own per connection, connected to the node, as the client SDK has (it hears a crashed node's
+/// host refuse its datagrams, `gatesvr_sdk::socket`).
 pub struct Net {
     endpoints: Vec<quinn::Endpoint>,
+    /// One connected socket per connection instead of `endpoints`.
+    connected: bool,
     next: AtomicUsize,
     pub config: quinn::ClientConfig,
     /// Name checked on the server certificate (`localhost` for the run's own dev certificates).
@@ -220,6 +232,51 @@ impl Net {
             next: AtomicUsize::new(0),
             config,
             server_name: "localhost".into(),
+            connected: false,
+        })
+    }
+
+    /// Each connection on a UDP socket of its own, connected to its node, as the client SDK
+    /// connects (`--client-sockets connected`). `local_ports` is then empty.
+    pub fn connected(ca: &Path) -> Result<Self> {
+        Ok(Self {
+            endpoints: Vec::new(),
+            next: AtomicUsize::new(0),
+            config: client_config(ca, None)?,
+            server_name: "localhost".into(),
+            connected: true,
+        })
+    }
+
+    /// A connection to `addr` with `config`, on a shared socket or on its own connected one.
+    pub async fn link(&self, addr: SocketAddr, config: &quinn::ClientConfig) -> Result<Link> {
+        if !self.connected {
+            return Ok(Link {
+                conn: self.connect_with(addr, config).await?,
+                refusals: None,
+                _endpoint: None,
+            });
+        }
+        let (endpoint, refusals) = gatesvr_sdk::socket::connected_endpoint(addr)?;
+        let connecting = endpoint.connect_with(config.clone(), addr, &self.server_name)?;
+        // An Initial refused by the node's host: nobody listens there.
+        let refused = async {
+            loop {
+                let changed = refusals.changed();
+                if refusals.suspected() {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        let conn = tokio::select! {
+            c = connecting => c?,
+            () = refused => bail!("refused: the node's host has no process on {addr}"),
+        };
+        Ok(Link {
+            conn,
+            refusals: Some(refusals),
+            _endpoint: Some(endpoint),
         })
     }
 

@@ -77,6 +77,12 @@ struct Cli {
     /// unnoticed (keep-alives every third of it).
     #[arg(long, global = true, default_value = "1s", value_parser = humantime_dur)]
     detect: Duration,
+    /// Clients' UDP sockets in `failover`: `connected` (one per connection, connected to its
+    /// node, as the client SDK has: a crashed process's port refusals end the connection
+    /// before the idle timeout) or `shared` (a few unconnected sockets: only the idle timeout
+    /// notices a crash).
+    #[arg(long, global = true, default_value = "connected", value_parser = ["connected", "shared"])]
+    client_sockets: String,
     #[command(flatten)]
     target: target::TargetArgs,
     #[command(subcommand)]
@@ -177,6 +183,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         fanout: cli.fanout,
         push_batch: cli.push_batch.clamp(1, 1024),
         detect: cli.detect.max(Duration::from_millis(30)),
+        connected_sockets: cli.client_sockets == "connected",
         target,
     };
     if o.tiny {

@@ -368,7 +368,7 @@ async fn drive(
             ) => r.map_err(|_| anyhow::anyhow!("connect timed out")).and_then(|r| r),
             _ = stop.changed() => break,
         };
-        let (conn, send, recv, decoder, ok, rx_bytes, connected_ns) = match opened {
+        let (link, send, recv, decoder, ok, rx_bytes, connected_ns) = match opened {
             Ok(c) => c,
             Err(e) => {
                 {
@@ -420,7 +420,7 @@ async fn drive(
             }
             r.session_id = ok.session_id.clone();
             r.node_id = ok.node_id.clone();
-            r.conn = Some(conn.clone());
+            r.conn = Some(link.conn.clone());
             r.starts.push(Started {
                 t_ns: now_ns(),
                 status,
@@ -433,7 +433,7 @@ async fn drive(
         }
         let heartbeat = Duration::from_millis(u64::from(ok.heartbeat_interval_ms.max(100)));
         let ended = serve(
-            &conn,
+            &link,
             send,
             recv,
             decoder,
@@ -447,7 +447,7 @@ async fn drive(
         .await;
         match ended {
             Ended::Stopped => {
-                conn.close(0u32.into(), b"bench done");
+                link.conn.close(0u32.into(), b"bench done");
                 break;
             }
             Ended::Lost => {
@@ -456,7 +456,7 @@ async fn drive(
             }
             Ended::GoAway(delay, target) => {
                 rec.lock().goaways += 1;
-                conn.close(0u32.into(), b"goaway");
+                link.conn.close(0u32.into(), b"goaway");
                 preferred = target;
                 failed.push(addr);
                 tokio::select! {
@@ -474,7 +474,7 @@ async fn drive(
 /// The connection, its stream and decoder, the StartResponse, the UDP bytes received until it
 /// (a resumed TLS handshake carries no certificate chain), and when the handshake was done (ns).
 type Opened = (
-    quinn::Connection,
+    crate::client::Link,
     quinn::SendStream,
     quinn::RecvStream,
     FrameDecoder,
@@ -492,7 +492,8 @@ async fn open(
     last_acked: u64,
     last_request: u64,
 ) -> Result<Opened> {
-    let conn = cfg.net.connect_with(addr, quic).await?;
+    let link = cfg.net.link(addr, quic).await?;
+    let conn = link.conn.clone();
     let connected_ns = now_ns();
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut buf = BytesMut::new();
@@ -515,7 +516,7 @@ async fn open(
             match f.body {
                 Some(Body::StartOk(ok)) => {
                     let rx = conn.stats().udp_rx.bytes;
-                    return Ok((conn, send, recv, decoder, ok, rx, connected_ns));
+                    return Ok((link, send, recv, decoder, ok, rx, connected_ns));
                 }
                 other => bail!("expected StartResponse, got {other:?}"),
             }
@@ -529,7 +530,7 @@ async fn open(
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    conn: &quinn::Connection,
+    link: &crate::client::Link,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
@@ -540,6 +541,7 @@ async fn serve(
     req_rx: &mut mpsc::UnboundedReceiver<(u32, Vec<u8>, Answer)>,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
+    let conn = &link.conn;
     let mut buf = BytesMut::new();
     // Everything pending goes (again) on this connection, in seq order.
     for (seq, p) in pending.iter_mut() {
@@ -636,7 +638,24 @@ async fn serve(
             ),
             _ = stop.changed() => return Ended::Stopped,
             _ = conn.closed() => return Ended::Lost,
+            // As the SDK: a refusal is answered with a probe; a second one before any
+            // datagram came back means the node's process is gone.
+            () = refused(link) => {
+                if link.refusals.as_ref().is_some_and(|r| r.gone()) {
+                    conn.close(0u32.into(), b"node unreachable");
+                    return Ended::Lost;
+                }
+                encode(Body::Heartbeat(HeartbeatRequest { client_timestamp: 0 }), &mut buf);
+            }
         }
+    }
+}
+
+/// Resolves on the next refusal of the link's connected socket (never on a shared one).
+async fn refused(link: &crate::client::Link) {
+    match &link.refusals {
+        Some(r) => r.changed().await,
+        None => std::future::pending().await,
     }
 }
 

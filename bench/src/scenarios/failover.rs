@@ -506,6 +506,14 @@ pub async fn run(o: &Opts) -> Result<Report> {
     rep.param("durable_pushes_per_s", rate);
     rep.param("client_idle_timeout_ms", o.detect.as_millis() as u64);
     rep.param(
+        "client_sockets",
+        if o.connected_sockets {
+            "connected (one per connection, as the SDK's: a dead port's refusals are heard)"
+        } else {
+            "shared (8 unconnected sockets: only the idle timeout notices a crash)"
+        },
+    );
+    rep.param(
         "raft_timings",
         "defaults: heartbeat 250ms, election 1.5s..3s",
     );
@@ -517,9 +525,14 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let dir = o.rundir()?;
     progress("failover: starting 3 control-plane nodes, 3 data planes, upstreams");
     let mut c = start_cluster(o, &dir.path()).await?;
-    // Net's sockets ask for the data plane's 8 MiB receive buffer: the load
-    // generator must not drop its own datagrams in the reconnect burst.
-    let net = Arc::new(Net::new(&dir.ca(), 8)?);
+    // Shared sockets ask for the data plane's 8 MiB receive buffer: the load
+    // generator must not drop its own datagrams in the reconnect burst. Connected
+    // ones (the default) carry one connection each, as the SDK's.
+    let net = Arc::new(if o.connected_sockets {
+        Net::connected(&dir.ca())?
+    } else {
+        Net::new(&dir.ca(), 8)?
+    });
     let cfg = Arc::new(SessionConfig {
         net: net.clone(),
         quic: quic_config(&dir.ca(), o.detect)?,
@@ -1008,7 +1021,10 @@ pub async fn run(o: &Opts) -> Result<Report> {
             dropped(&[a.port()]),
         );
     }
-    f(&mut rep, "udp_drops_clients", dropped(&net.local_ports()));
+    if !o.connected_sockets {
+        // Connected sockets come and go with their connections: not counted.
+        f(&mut rep, "udp_drops_clients", dropped(&net.local_ports()));
+    }
     f(&mut rep, "resume_p50_ms", pct_ms(&resume, 50.0));
     f(&mut rep, "resume_p99_ms", pct_ms(&resume, 99.0));
     f(&mut rep, "resume_max_ms", pct_ms(&resume, 100.0));
@@ -1182,7 +1198,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "",
     ));
     rep.notes.push(format!(
-        "resume = from the kill -9 until the session's Start is answered by another node; it includes detection by the client (QUIC idle timeout {} ms, keep-alive every {} ms: detect_*), then reconnect + claim + replica fetch (reconnect_*)",
+        "resume = from the kill -9 until the session's Start is answered by another node; it includes detection by the client (on a connected socket, two datagrams refused by the dead node's host with none answered, else the QUIC idle timeout {} ms; keep-alive every {} ms: detect_*), then reconnect + claim + replica fetch (reconnect_*)",
         o.detect.as_millis(),
         (o.detect / 3).as_millis()
     ));

@@ -41,6 +41,8 @@ pub struct Opts {
     pub push_batch: usize,
     /// Clients' QUIC idle timeout (`failover`, `load`).
     pub detect: Duration,
+    /// `--client-sockets connected`: failover's clients on connected sockets of their own.
+    pub connected_sockets: bool,
     /// Run against a given deployment instead of processes started here.
     pub target: Option<std::sync::Arc<crate::target::Target>>,
 }
