@@ -135,6 +135,8 @@ pub struct Record {
     pub starts: Vec<Started>,
     /// When each connection was found lost (idle timeout, reset, stream end), ns.
     pub losses: Vec<u64>,
+    /// Why each connection in `losses` was found lost (the same order).
+    pub loss_reasons: Vec<String>,
     pub failed_attempts: u64,
     /// Why Start attempts failed (the error's text, first line) and when (ns).
     pub failures: Vec<(u64, String)>,
@@ -286,7 +288,8 @@ impl Session {
 }
 
 enum Ended {
-    Lost,
+    /// The connection ended without a GoAway or a stop: why.
+    Lost(String),
     GoAway(Duration, Option<SocketAddr>),
     Stopped,
 }
@@ -450,8 +453,11 @@ async fn drive(
                 link.conn.close(0u32.into(), b"bench done");
                 break;
             }
-            Ended::Lost => {
-                rec.lock().losses.push(now_ns());
+            Ended::Lost(why) => {
+                let mut r = rec.lock();
+                r.losses.push(now_ns());
+                r.loss_reasons.push(why);
+                drop(r);
                 failed.push(addr);
             }
             Ended::GoAway(delay, target) => {
@@ -569,7 +575,7 @@ async fn serve(
                 let f = match decoder.next_frame() {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
-                    Err(_) => return Ended::Lost,
+                    Err(e) => return Ended::Lost(format!("bad frame: {e}")),
                 };
                 match f.body {
                     Some(Body::Push(p)) => {
@@ -602,8 +608,8 @@ async fn serve(
             }
         }
         if !buf.is_empty() {
-            if send.write_all(&buf).await.is_err() {
-                return Ended::Lost;
+            if let Err(e) = send.write_all(&buf).await {
+                return Ended::Lost(format!("write: {e}"));
             }
             buf.clear();
         }
@@ -613,7 +619,8 @@ async fn serve(
                     decoder.extend(&c.bytes);
                     readable = true;
                 }
-                Ok(None) | Err(_) => return Ended::Lost,
+                Ok(None) => return Ended::Lost("stream finished".into()),
+                Err(e) => return Ended::Lost(format!("read: {e}")),
             },
             req = req_rx.recv() => match req {
                 Some((msg_id, payload, tx)) => {
@@ -637,13 +644,13 @@ async fn serve(
                 &mut buf,
             ),
             _ = stop.changed() => return Ended::Stopped,
-            _ = conn.closed() => return Ended::Lost,
+            e = conn.closed() => return Ended::Lost(format!("closed: {e}")),
             // As the SDK: a refusal is answered with a probe; a second one before any
             // datagram came back means the node's process is gone.
             () = refused(link) => {
                 if link.refusals.as_ref().is_some_and(|r| r.gone()) {
                     conn.close(0u32.into(), b"node unreachable");
-                    return Ended::Lost;
+                    return Ended::Lost("refused twice, nothing received".into());
                 }
                 encode(Body::Heartbeat(HeartbeatRequest { client_timestamp: 0 }), &mut buf);
             }

@@ -41,8 +41,8 @@ pub struct Opts {
     pub push_batch: usize,
     /// Clients' QUIC idle timeout (`failover`, `load`).
     pub detect: Duration,
-    /// `--client-sockets connected`: failover's clients on connected sockets of their own.
-    pub connected_sockets: bool,
+    /// `--client-sockets`: how failover's clients get their UDP sockets.
+    pub client_sockets: crate::client::Sockets,
     /// Run against a given deployment instead of processes started here.
     pub target: Option<std::sync::Arc<crate::target::Target>>,
 }
