@@ -275,15 +275,29 @@ impl AsyncUdpSocket for RefusingSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let sent = self.io.try_io(Interest::WRITABLE, || {
-            self.state.try_send((&self.io).into(), transmit)
-        });
+        let send = || {
+            self.io.try_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.io).into(), transmit)
+            })
+        };
+        let sent = match send() {
+            // The report of an earlier datagram's ICMP (unless the watcher read it first),
+            // which the kernel gave this send instead of sending it: send it again (the report
+            // is consumed). On a shared socket the datagram is often another peer's, and the
+            // error queue says whose the refusal was.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                if let Heard::One(refusals) = &self.heard {
+                    refusals.refused();
+                }
+                send()
+            }
+            sent => sent,
+        };
         match sent {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
-            // The report of an earlier datagram's ICMP (unless the watcher read it first);
-            // this one was not sent. QUIC's loss recovery sends its frames again, as after
-            // any lost datagram. On a shared socket the error queue says whose it was.
+            // Another refusal arrived meanwhile: QUIC's loss recovery sends these frames
+            // again, as after any lost datagram.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 if let Heard::One(refusals) = &self.heard {
                     refusals.refused();

@@ -1278,10 +1278,12 @@ fn write_trace(
             (
                 st.t_ns,
                 format!(
-                    "start@{:.0}:{}:{:?}",
+                    "start@{:.0}:{}:{:?}:attempt@{:.0}:handshake={:.0}",
                     rel(st.t_ns),
                     name(&st.addr),
-                    st.status
+                    st.status,
+                    rel(st.attempt_ns),
+                    (st.connected_ns as f64 - st.attempt_ns as f64) / 1e6
                 ),
             )
         }));
