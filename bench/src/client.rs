@@ -17,6 +17,8 @@ use gatesvr_proto::frame::{self, FrameDecoder};
 use parking_lot::Mutex;
 use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption};
 
+use gatesvr_sdk::socket::{PeerRefusals, Refusals};
+
 use crate::util::{Lat, now_ns, token};
 
 /// Counts TLS 1.3 tickets the client offered (resumption attempts).
@@ -175,31 +177,61 @@ pub fn client_config(ca: &Path, store: Option<Arc<CountingStore>>) -> Result<qui
     quic.transport_config(Arc::new(transport));
     Ok(quic)
 }
-
 /// A client endpoint on its own UDP socket with the data plane's receive buffer
 /// (`edge::quic::UDP_RECV_BUFFER`, capped by `net.core.rmem_max`): at the kernel's default
 /// (208 KiB) a socket shared by hundreds of connections drops bursts of pushes, and QUIC's loss
-/// recovery then paces the sender, so the load generator would measure its own socket.
-fn client_endpoint() -> Result<quinn::Endpoint> {
+/// recovery then paces the sender, so the load generator would measure its own socket. The
+/// socket hears which node addresses refuse its datagrams (`gatesvr_sdk::socket`).
+fn client_endpoint() -> Result<(quinn::Endpoint, Arc<PeerRefusals>)> {
     let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
     state.set_recv_buffer_size(
         (&socket).into(),
         gatesvr_dataplane::edge::quic::UDP_RECV_BUFFER,
     )?;
-    let runtime = quinn::default_runtime().context("no async runtime")?;
-    Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        runtime,
-    )?)
+    Ok(gatesvr_sdk::socket::shared_endpoint(socket)?)
 }
 
-/// A few client UDP sockets shared by many connections (one socket per connection would run
-/// into file-descriptor limits at 50k sessions).
+/// A connection and what its node's host refuses (`None`: not heard, `--client-sockets deaf`).
+pub struct Link {
+    pub conn: quinn::Connection,
+    pub refusals: Option<Arc<Refusals>>,
+    /// The connection's own endpoint (connected sockets), kept as long as the connection.
+    _endpoint: Option<quinn::Endpoint>,
+}
+
+/// How a [`Net`]'s connections get their UDP sockets (`--client-sockets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sockets {
+    /// A few sockets shared by many connections (one socket per connection would run into
+    /// file-descriptor limits at 50k sessions), each hearing which node addresses refuse its
+    /// datagrams (`IP_RECVERR`): a crashed node is noticed as the SDK notices it.
+    Shared,
+    /// One socket per connection, connected to its node, as the client SDK has. Costs the load
+    /// generator about twice the CPU per datagram (a quinn endpoint per connection).
+    Connected,
+    /// Shared sockets that ignore refusals: only the idle timeout notices a crash (clients
+    /// before session 12, and other QUIC clients on unconnected sockets).
+    Deaf,
+}
+
+impl std::str::FromStr for Sockets {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "shared" => Ok(Sockets::Shared),
+            "connected" => Ok(Sockets::Connected),
+            "deaf" => Ok(Sockets::Deaf),
+            _ => Err(format!("{s}: expected shared, connected or deaf")),
+        }
+    }
+}
+
+/// The client side of a scenario: its sockets and TLS configuration.
 pub struct Net {
-    endpoints: Vec<quinn::Endpoint>,
+    /// Shared sockets, with what each hears of each node address (empty when `Connected`).
+    endpoints: Vec<(quinn::Endpoint, Arc<PeerRefusals>)>,
+    sockets: Sockets,
     next: AtomicUsize,
     pub config: quinn::ClientConfig,
     /// Name checked on the server certificate (`localhost` for the run's own dev certificates).
@@ -207,19 +239,65 @@ pub struct Net {
 }
 
 impl Net {
+    /// `sockets` shared sockets that hear refusals.
     pub fn new(ca: &Path, sockets: usize) -> Result<Self> {
+        Self::with(ca, Sockets::Shared, sockets)
+    }
+
+    /// Sockets as `mode` says (`sockets` shared ones unless `Connected`).
+    pub fn with(ca: &Path, mode: Sockets, sockets: usize) -> Result<Self> {
         let config = client_config(ca, None)?;
         let mut endpoints = Vec::new();
-        for _ in 0..sockets.max(1) {
-            let mut ep = client_endpoint()?;
-            ep.set_default_client_config(config.clone());
-            endpoints.push(ep);
+        if mode != Sockets::Connected {
+            for _ in 0..sockets.max(1) {
+                let (mut ep, peers) = client_endpoint()?;
+                ep.set_default_client_config(config.clone());
+                endpoints.push((ep, peers));
+            }
         }
         Ok(Self {
             endpoints,
+            sockets: mode,
             next: AtomicUsize::new(0),
             config,
             server_name: "localhost".into(),
+        })
+    }
+
+    /// A connection to `addr` with `config`, and what `addr`'s host refuses (unless deaf). An
+    /// Initial refused fails the attempt at once: nobody listens there.
+    pub async fn link(&self, addr: SocketAddr, config: &quinn::ClientConfig) -> Result<Link> {
+        let (connecting, refusals, endpoint) = if self.sockets == Sockets::Connected {
+            let (endpoint, refusals) = gatesvr_sdk::socket::connected_endpoint(addr)?;
+            let connecting = endpoint.connect_with(config.clone(), addr, &self.server_name)?;
+            (connecting, Some(refusals), Some(endpoint))
+        } else {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+            let (endpoint, peers) = &self.endpoints[i];
+            let connecting = endpoint.connect_with(config.clone(), addr, &self.server_name)?;
+            let refusals = (self.sockets == Sockets::Shared).then(|| peers.of(addr));
+            (connecting, refusals, None)
+        };
+        let refused = async {
+            let Some(refusals) = &refusals else {
+                return std::future::pending().await;
+            };
+            loop {
+                let changed = refusals.changed();
+                if refusals.suspected() {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        let conn = tokio::select! {
+            c = connecting => c?,
+            () = refused => bail!("refused: the node's host has no process on {addr}"),
+        };
+        Ok(Link {
+            conn,
+            refusals,
+            _endpoint: endpoint,
         })
     }
 
@@ -227,7 +305,7 @@ impl Net {
     pub fn local_ports(&self) -> Vec<u16> {
         self.endpoints
             .iter()
-            .filter_map(|e| e.local_addr().ok())
+            .filter_map(|(e, _)| e.local_addr().ok())
             .map(|a| a.port())
             .collect()
     }
@@ -243,6 +321,7 @@ impl Net {
     ) -> Result<quinn::Connection> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
         Ok(self.endpoints[i]
+            .0
             .connect_with(config.clone(), addr, &self.server_name)?
             .await?)
     }

@@ -77,6 +77,13 @@ struct Cli {
     /// unnoticed (keep-alives every third of it).
     #[arg(long, global = true, default_value = "1s", value_parser = humantime_dur)]
     detect: Duration,
+    /// Clients' UDP sockets in `failover`: `shared` (a few sockets that hear which node
+    /// addresses refuse their datagrams, so a crashed node is noticed as the SDK notices it),
+    /// `connected` (one per connection, connected to its node, as the SDK's: about twice the
+    /// load generator's CPU per datagram) or `deaf` (shared sockets that ignore refusals: only
+    /// the idle timeout notices a crash, as before session 12).
+    #[arg(long, global = true, default_value = "shared")]
+    client_sockets: client::Sockets,
     #[command(flatten)]
     target: target::TargetArgs,
     #[command(subcommand)]
@@ -177,6 +184,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         fanout: cli.fanout,
         push_batch: cli.push_batch.clamp(1, 1024),
         detect: cli.detect.max(Duration::from_millis(30)),
+        client_sockets: cli.client_sockets,
         target,
     };
     if o.tiny {

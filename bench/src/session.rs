@@ -135,6 +135,8 @@ pub struct Record {
     pub starts: Vec<Started>,
     /// When each connection was found lost (idle timeout, reset, stream end), ns.
     pub losses: Vec<u64>,
+    /// Why each connection in `losses` was found lost (the same order).
+    pub loss_reasons: Vec<String>,
     pub failed_attempts: u64,
     /// Why Start attempts failed (the error's text, first line) and when (ns).
     pub failures: Vec<(u64, String)>,
@@ -286,7 +288,8 @@ impl Session {
 }
 
 enum Ended {
-    Lost,
+    /// The connection ended without a GoAway or a stop: why.
+    Lost(String),
     GoAway(Duration, Option<SocketAddr>),
     Stopped,
 }
@@ -368,7 +371,7 @@ async fn drive(
             ) => r.map_err(|_| anyhow::anyhow!("connect timed out")).and_then(|r| r),
             _ = stop.changed() => break,
         };
-        let (conn, send, recv, decoder, ok, rx_bytes, connected_ns) = match opened {
+        let (link, send, recv, decoder, ok, rx_bytes, connected_ns) = match opened {
             Ok(c) => c,
             Err(e) => {
                 {
@@ -420,7 +423,7 @@ async fn drive(
             }
             r.session_id = ok.session_id.clone();
             r.node_id = ok.node_id.clone();
-            r.conn = Some(conn.clone());
+            r.conn = Some(link.conn.clone());
             r.starts.push(Started {
                 t_ns: now_ns(),
                 status,
@@ -433,7 +436,7 @@ async fn drive(
         }
         let heartbeat = Duration::from_millis(u64::from(ok.heartbeat_interval_ms.max(100)));
         let ended = serve(
-            &conn,
+            &link,
             send,
             recv,
             decoder,
@@ -447,16 +450,19 @@ async fn drive(
         .await;
         match ended {
             Ended::Stopped => {
-                conn.close(0u32.into(), b"bench done");
+                link.conn.close(0u32.into(), b"bench done");
                 break;
             }
-            Ended::Lost => {
-                rec.lock().losses.push(now_ns());
+            Ended::Lost(why) => {
+                let mut r = rec.lock();
+                r.losses.push(now_ns());
+                r.loss_reasons.push(why);
+                drop(r);
                 failed.push(addr);
             }
             Ended::GoAway(delay, target) => {
                 rec.lock().goaways += 1;
-                conn.close(0u32.into(), b"goaway");
+                link.conn.close(0u32.into(), b"goaway");
                 preferred = target;
                 failed.push(addr);
                 tokio::select! {
@@ -474,7 +480,7 @@ async fn drive(
 /// The connection, its stream and decoder, the StartResponse, the UDP bytes received until it
 /// (a resumed TLS handshake carries no certificate chain), and when the handshake was done (ns).
 type Opened = (
-    quinn::Connection,
+    crate::client::Link,
     quinn::SendStream,
     quinn::RecvStream,
     FrameDecoder,
@@ -492,7 +498,8 @@ async fn open(
     last_acked: u64,
     last_request: u64,
 ) -> Result<Opened> {
-    let conn = cfg.net.connect_with(addr, quic).await?;
+    let link = cfg.net.link(addr, quic).await?;
+    let conn = link.conn.clone();
     let connected_ns = now_ns();
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut buf = BytesMut::new();
@@ -515,7 +522,7 @@ async fn open(
             match f.body {
                 Some(Body::StartOk(ok)) => {
                     let rx = conn.stats().udp_rx.bytes;
-                    return Ok((conn, send, recv, decoder, ok, rx, connected_ns));
+                    return Ok((link, send, recv, decoder, ok, rx, connected_ns));
                 }
                 other => bail!("expected StartResponse, got {other:?}"),
             }
@@ -529,7 +536,7 @@ async fn open(
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    conn: &quinn::Connection,
+    link: &crate::client::Link,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
@@ -540,6 +547,7 @@ async fn serve(
     req_rx: &mut mpsc::UnboundedReceiver<(u32, Vec<u8>, Answer)>,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
+    let conn = &link.conn;
     let mut buf = BytesMut::new();
     // Everything pending goes (again) on this connection, in seq order.
     for (seq, p) in pending.iter_mut() {
@@ -567,7 +575,7 @@ async fn serve(
                 let f = match decoder.next_frame() {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
-                    Err(_) => return Ended::Lost,
+                    Err(e) => return Ended::Lost(format!("bad frame: {e}")),
                 };
                 match f.body {
                     Some(Body::Push(p)) => {
@@ -600,8 +608,8 @@ async fn serve(
             }
         }
         if !buf.is_empty() {
-            if send.write_all(&buf).await.is_err() {
-                return Ended::Lost;
+            if let Err(e) = send.write_all(&buf).await {
+                return Ended::Lost(format!("write: {e}"));
             }
             buf.clear();
         }
@@ -611,7 +619,8 @@ async fn serve(
                     decoder.extend(&c.bytes);
                     readable = true;
                 }
-                Ok(None) | Err(_) => return Ended::Lost,
+                Ok(None) => return Ended::Lost("stream finished".into()),
+                Err(e) => return Ended::Lost(format!("read: {e}")),
             },
             req = req_rx.recv() => match req {
                 Some((msg_id, payload, tx)) => {
@@ -635,8 +644,25 @@ async fn serve(
                 &mut buf,
             ),
             _ = stop.changed() => return Ended::Stopped,
-            _ = conn.closed() => return Ended::Lost,
+            e = conn.closed() => return Ended::Lost(format!("closed: {e}")),
+            // As the SDK: a refusal is answered with a probe; a second one before any
+            // datagram came back means the node's process is gone.
+            () = refused(link) => {
+                if link.refusals.as_ref().is_some_and(|r| r.gone()) {
+                    conn.close(0u32.into(), b"node unreachable");
+                    return Ended::Lost("refused twice, nothing received".into());
+                }
+                encode(Body::Heartbeat(HeartbeatRequest { client_timestamp: 0 }), &mut buf);
+            }
         }
+    }
+}
+
+/// Resolves on the next refusal of the link's connected socket (never on a shared one).
+async fn refused(link: &crate::client::Link) {
+    match &link.refusals {
+        Some(r) => r.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -334,8 +334,14 @@ struct Connection {
     heartbeat: Duration,
     /// Keeps the UDP socket alive; each connection gets its own socket so a
     /// load balancer routes the reconnect afresh.
+    /// What the kernel reports of the gateway's port (ICMP port unreachable).
+    refusals: Arc<crate::socket::Refusals>,
     _endpoint: quinn::Endpoint,
 }
+
+/// Why a connection is given up when the gateway's host refuses its datagrams.
+const UNREACHABLE: &str =
+    "gateway unreachable: its host refused the datagrams (no process on the port)";
 
 /// Why a connection ended, as seen by the driver.
 enum Ended {
@@ -366,12 +372,7 @@ impl Connection {
             addr: addr.to_string(),
             reason,
         };
-        let bind: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0".parse().expect("literal address")
-        } else {
-            "[::]:0".parse().expect("literal address")
-        };
-        let mut endpoint = quinn::Endpoint::client(bind)
+        let (mut endpoint, refusals) = crate::socket::connected_endpoint(addr)
             .map_err(|e| ClientError::Setup(format!("UDP socket: {e}")))?;
         endpoint.set_default_client_config(quic.clone());
         let attempt = async {
@@ -454,10 +455,23 @@ impl Connection {
             // in the bytes it buffered.
             Ok((conn, send, recv, decoder, start_ok, session_id, last_acked))
         };
-        let (conn, send, recv, decoder, ok, old_session, last_acked) =
-            tokio::time::timeout(cfg.connect_timeout, attempt)
-                .await
-                .map_err(|_| connect_err("timed out".into()))??;
+        // An Initial refused by the address's host: nobody listens there (a spoofed ICMP
+        // costs one attempt, which the reconnect loop repeats).
+        let refused = async {
+            loop {
+                let changed = refusals.changed();
+                if refusals.suspected() {
+                    return connect_err(UNREACHABLE.into());
+                }
+                changed.await;
+            }
+        };
+        let (conn, send, recv, decoder, ok, old_session, last_acked) = tokio::select! {
+            r = tokio::time::timeout(cfg.connect_timeout, attempt) => {
+                r.map_err(|_| connect_err("timed out".into()))??
+            }
+            e = refused => return Err(e),
+        };
         apply_start(shared, &ok, &old_session, last_acked, events);
         Ok(Connection {
             conn,
@@ -465,6 +479,7 @@ impl Connection {
             recv,
             decoder,
             heartbeat: Duration::from_millis(u64::from(ok.heartbeat_interval_ms.max(100))),
+            refusals,
             _endpoint: endpoint,
         })
     }
@@ -676,6 +691,16 @@ async fn serve(
                     }
                 }
                 _ = heartbeat.tick() => {
+                    frame::encode(&env(Body::Heartbeat(HeartbeatRequest { client_timestamp: unix_ms() })), &mut buf);
+                    false
+                }
+                () = c.refusals.changed() => {
+                    if c.refusals.gone() {
+                        c.conn.close(quinn::VarInt::from_u32(0), b"gateway unreachable");
+                        return Ended::Reconnect { code: None, reason: UNREACHABLE.into(), delay: None, target: None, rotate: true };
+                    }
+                    // One refusal: probe with something the gateway answers at once if it
+                    // is there. A second refusal before any answer ends the connection.
                     frame::encode(&env(Body::Heartbeat(HeartbeatRequest { client_timestamp: unix_ms() })), &mut buf);
                     false
                 }

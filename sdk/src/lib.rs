@@ -25,6 +25,9 @@
 //!   are dropped, and a push is acked (cumulatively) once [`Client::next_event`]
 //!   has handed it to you;
 //! - heartbeats at the interval the server asks for;
+//! - a crashed gateway process noticed within a round trip or two of the next
+//!   keep-alive (its host refuses the datagrams: [`socket`]), not after the
+//!   liveness timeout;
 //! - automatic reconnect from a new UDP socket with exponential backoff and
 //!   jitter, honouring a server's GoAway delay and target, resuming from the
 //!   last acked push. A resume the server could not honour is reported as
@@ -34,10 +37,12 @@
 //! - [`config`]: [`ClientConfig`], [`Backoff`].
 //! - [`client`]: [`Client`] and the connection driver.
 //! - [`error`]: [`ClientError`], [`RequestError`].
+//! - [`socket`]: the connected UDP socket that hears a crashed gateway's port refuse.
 
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod socket;
 
 pub use client::{Client, Event, Push, Response};
 pub use config::{Backoff, ClientConfig};

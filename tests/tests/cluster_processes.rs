@@ -12,7 +12,8 @@
 //! upgrade step); kill -9 of a session's owner, the client coming back on
 //! another node or on the owner restarted with its node id (no unacked durable
 //! push lost); kill -9 of a session's standby, then of its owner; kill -9 of
-//! the owner during a full control-plane outage, then of its standby.
+//! the owner during a full control-plane outage, then of its standby; kill -9
+//! of a client's node noticed by the refused datagrams (no idle timeout).
 //! No assertion is about time: conditions are polled with a bound.
 
 use std::time::Duration;
@@ -255,6 +256,47 @@ async fn kill_9_of_the_owner_loses_no_durable_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_with_the_same_node_id_loses_no_durable_push() {
     kill_9_with_unacked_durable_pushes(Comeback::SameNodeRestarted).await;
+}
+
+/// kill -9 of the node a client is connected to. The node's host refuses the
+/// client's next datagrams (ICMP port unreachable, reported on the SDK's
+/// connected socket), so the SDK moves on to its fallback address without
+/// waiting for its liveness timeout, set here far beyond the test's patience.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_clients_node_is_noticed_by_its_refused_datagrams() {
+    let mut cluster = three_by_three().await;
+    let config = cluster
+        .client_config(0, "erin")
+        .with_fallback_addrs([cluster.quic(1)])
+        .with_liveness_timeout(Duration::from_secs(600));
+    let client = Client::connect(config).await.unwrap();
+    assert!(matches!(
+        client.next_event().await,
+        Some(Event::Connected { .. })
+    ));
+    assert!(client.request(1, "before").await.is_ok());
+    cluster.kill(0);
+    let mut reason = None;
+    loop {
+        match tokio::time::timeout(PATIENCE, client.next_event()).await {
+            Ok(Some(Event::Disconnected { reason: r, .. })) => reason = Some(r),
+            Ok(Some(Event::Connected { node_id, .. })) => {
+                assert_eq!(node_id, "dp-2", "the fallback address");
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!(
+                "no reconnect within {PATIENCE:?} of the kill (liveness timeout 600 s): \
+                 {other:?}, disconnected: {reason:?}"
+            ),
+        }
+    }
+    let reason = reason.expect("a Disconnected event before the reconnect");
+    assert!(
+        reason.contains("unreachable"),
+        "noticed by the refusals, not the idle timeout: {reason}"
+    );
+    assert!(client.request(2, "after").await.is_ok());
 }
 
 /// The standby of a session is killed, then, once the owner has copied the

@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Opts;
-use crate::client::Net;
+use crate::client::{Net, Sockets};
 use crate::report::{Check, Cmp, Report};
 use crate::session::{Endpoints, Session, SessionConfig, quic_config};
 use crate::util::{Lat, ServerProc, free_port, now_ns, progress};
@@ -506,6 +506,14 @@ pub async fn run(o: &Opts) -> Result<Report> {
     rep.param("durable_pushes_per_s", rate);
     rep.param("client_idle_timeout_ms", o.detect.as_millis() as u64);
     rep.param(
+        "client_sockets",
+        match o.client_sockets {
+            Sockets::Shared => "shared (8 sockets hearing refusals by node address)",
+            Sockets::Connected => "connected (one per connection, as the SDK's)",
+            Sockets::Deaf => "deaf (8 shared sockets; only the idle timeout notices a crash)",
+        },
+    );
+    rep.param(
         "raft_timings",
         "defaults: heartbeat 250ms, election 1.5s..3s",
     );
@@ -517,9 +525,9 @@ pub async fn run(o: &Opts) -> Result<Report> {
     let dir = o.rundir()?;
     progress("failover: starting 3 control-plane nodes, 3 data planes, upstreams");
     let mut c = start_cluster(o, &dir.path()).await?;
-    // Net's sockets ask for the data plane's 8 MiB receive buffer: the load
+    // Shared sockets ask for the data plane's 8 MiB receive buffer: the load
     // generator must not drop its own datagrams in the reconnect burst.
-    let net = Arc::new(Net::new(&dir.ca(), 8)?);
+    let net = Arc::new(Net::with(&dir.ca(), o.client_sockets, 8)?);
     let cfg = Arc::new(SessionConfig {
         net: net.clone(),
         quic: quic_config(&dir.ca(), o.detect)?,
@@ -722,6 +730,26 @@ pub async fn run(o: &Opts) -> Result<Report> {
         unflagged += r.unflagged_dups;
         trimmed += r.trimmed;
         push_lat.0.extend(r.push_lat.iter().map(|(_, l)| *l));
+    }
+    // Connections lost before the kill (none is expected), and why.
+    let mut early: std::collections::BTreeMap<String, u64> = Default::default();
+    for s in &sessions {
+        let r = s.rec.lock();
+        for (t, why) in r.losses.iter().zip(&r.loss_reasons) {
+            if *t < t_kill {
+                *early.entry(why.clone()).or_default() += 1;
+            }
+        }
+        for (t, why) in &r.failures {
+            if *t < t_kill {
+                *early
+                    .entry(format!("Start attempt failed: {why}"))
+                    .or_default() += 1;
+            }
+        }
+    }
+    for (why, n) in &early {
+        progress(format!("failover: before the kill, {n} connections: {why}"));
     }
     // Why the Start attempts after the kill failed, by node (the reconnect tail).
     let node_of = |why: &str| {
@@ -1008,7 +1036,10 @@ pub async fn run(o: &Opts) -> Result<Report> {
             dropped(&[a.port()]),
         );
     }
-    f(&mut rep, "udp_drops_clients", dropped(&net.local_ports()));
+    if o.client_sockets != Sockets::Connected {
+        // Connected sockets come and go with their connections: not counted.
+        f(&mut rep, "udp_drops_clients", dropped(&net.local_ports()));
+    }
     f(&mut rep, "resume_p50_ms", pct_ms(&resume, 50.0));
     f(&mut rep, "resume_p99_ms", pct_ms(&resume, 99.0));
     f(&mut rep, "resume_max_ms", pct_ms(&resume, 100.0));
@@ -1182,7 +1213,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "",
     ));
     rep.notes.push(format!(
-        "resume = from the kill -9 until the session's Start is answered by another node; it includes detection by the client (QUIC idle timeout {} ms, keep-alive every {} ms: detect_*), then reconnect + claim + replica fetch (reconnect_*)",
+        "resume = from the kill -9 until the session's Start is answered by another node; it includes detection by the client (two datagrams refused by the dead node's host with none answered, unless --client-sockets deaf; else the QUIC idle timeout {} ms; keep-alive every {} ms: detect_*), then reconnect + claim + replica fetch (reconnect_*)",
         o.detect.as_millis(),
         (o.detect / 3).as_millis()
     ));

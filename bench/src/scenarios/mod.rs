@@ -41,6 +41,8 @@ pub struct Opts {
     pub push_batch: usize,
     /// Clients' QUIC idle timeout (`failover`, `load`).
     pub detect: Duration,
+    /// `--client-sockets`: how failover's clients get their UDP sockets.
+    pub client_sockets: crate::client::Sockets,
     /// Run against a given deployment instead of processes started here.
     pub target: Option<std::sync::Arc<crate::target::Target>>,
 }
