@@ -93,6 +93,40 @@ pub fn runq_wait_us(pid: u32) -> f64 {
         / 1e3
 }
 
+/// Busy time of every CPU since boot, in µs, indexed by CPU number: `/proc/stat`'s `cpuN` lines,
+/// every field but idle and iowait (steal included: time the hypervisor gave to someone else).
+/// With the processes of a run pinned, a CPU's busy time minus theirs is what other work on the
+/// machine took from that CPU.
+pub fn cpu_busy_us() -> Vec<f64> {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    parse_cpu_busy(&stat, clk_tck())
+}
+
+fn parse_cpu_busy(stat: &str, tck: f64) -> Vec<f64> {
+    let mut busy = Vec::new();
+    for line in stat.lines() {
+        let mut f = line.split_whitespace();
+        let Some(n) = f
+            .next()
+            .and_then(|name| name.strip_prefix("cpu"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let v: Vec<f64> = f.filter_map(|x| x.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let total: f64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+        if busy.len() <= n {
+            busy.resize(n + 1, 0.0);
+        }
+        busy[n] = (total - idle) / tck * 1e6;
+    }
+    busy
+}
+
 /// VmRSS of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -364,4 +398,21 @@ pub fn free_port() -> Result<u16> {
 /// Progress on stderr (never on stdout, which may carry JSON).
 pub fn progress(msg: impl AsRef<str>) {
     eprintln!("[gate-bench] {}", msg.as_ref());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Busy time is every field but idle and iowait, per `cpuN` line; the aggregate `cpu`
+    /// line is not a CPU.
+    #[test]
+    fn cpu_busy_reads_each_cpu_line() {
+        let stat = "cpu  10 20 30 400 50 6 7 8 0 0\n\
+                    cpu0 1 2 3 40 5 0 1 1 0 0\n\
+                    cpu1 9 18 27 360 45 6 6 7 0 0\n\
+                    intr 12345\n";
+        let busy = parse_cpu_busy(stat, 100.0);
+        assert_eq!(busy, vec![8.0 * 1e4, 73.0 * 1e4]);
+    }
 }

@@ -214,13 +214,13 @@ impl UpstreamRouter {
     }
 
     /// The stream link to `addr`, made on first use.
-    fn stream_link(&self, addr: &Arc<str>, channel: Channel) -> Arc<stream::StreamLink> {
+    fn stream_link(&self, addr: &Arc<str>, channel: &Channel) -> Arc<stream::StreamLink> {
         self.streams
             .lock()
             .entry(addr.clone())
             .or_insert_with(|| {
                 Arc::new(stream::StreamLink::new(
-                    channel,
+                    channel.clone(),
                     stream::LinkConfig {
                         node_id: self.node_id.clone(),
                         connect_timeout: self.cfg.connect_timeout,
@@ -238,7 +238,7 @@ impl UpstreamRouter {
     async fn attempt_stream(
         &self,
         zone: &Zone,
-        picked: balancer::Pick<Channel>,
+        picked: &balancer::Pick<Channel>,
         body: ProcessRequestRequest,
         timeout: std::time::Duration,
     ) -> Result<ProcessRequestResponse, ForwardError> {
@@ -248,14 +248,14 @@ impl UpstreamRouter {
             id: picked.id,
             outcome: Outcome::Neutral,
         };
-        let link = self.stream_link(&picked.addr, picked.value);
+        let link = self.stream_link(&picked.addr, &picked.value);
         let started = tokio::time::Instant::now();
         let result = link.call(body, timeout).await;
         self.metrics
             .duration
             .with_label_values(&[zone.name.as_str()])
             .observe(started.elapsed().as_secs_f64());
-        let addr = picked.addr;
+        let addr = picked.addr.clone();
         let retry_after =
             || u32::try_from(self.cfg.overload_retry_after.as_millis()).unwrap_or(u32::MAX);
         let (result, outcome) = match result {
@@ -394,13 +394,89 @@ impl UpstreamRouter {
         &self,
         req: ForwardRequest,
     ) -> Result<ProcessRequestResponse, ForwardError> {
-        let zone = req.zone.clone();
-        let result = self.forward_inner(req).await;
+        let zone_name = req.zone.clone();
+        // One future, not one per step: every request's future is moved by
+        // value into its box and into each caller's state, so its size is
+        // paid per request (docs/benchmarks.md "Session 12").
+        let result = 'forward: {
+            let Some(zone) = self.zones.read().get(&req.zone).cloned() else {
+                break 'forward Err(ForwardError::UnknownZone { zone: req.zone });
+            };
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                let retry_after_ms =
+                    u32::try_from(self.cfg.overload_retry_after.as_millis()).unwrap_or(u32::MAX);
+                break 'forward Err(ForwardError::Overloaded { retry_after_ms });
+            };
+            let _admitted = Admitted::new(permit, &self.metrics);
+
+            let deadline = tokio::time::Instant::now() + self.cfg.upstream_timeout;
+            let mut body = ProcessRequestRequest {
+                openid: req.openid,
+                session_id: req.session_id,
+                zone: req.zone,
+                node_id: req.node_id,
+                msg_id: req.msg_id,
+                seq_id: req.seq_id,
+                payload: req.payload,
+                trace_id: req.trace_id,
+            };
+            let mut tried: Vec<EndpointId> = Vec::new();
+            loop {
+                let (picked, others) = {
+                    let mut state = zone.state.lock();
+                    let ZoneState { balancer, rng } = &mut *state;
+                    let picked = balancer.pick_excluding(now(), rng, &tried);
+                    (picked, balancer.len().saturating_sub(tried.len() + 1))
+                };
+                let Some(picked) = picked else {
+                    break 'forward Err(ForwardError::NoInstances { zone: body.zone });
+                };
+                if picked.panic {
+                    self.metrics
+                        .panic_routed
+                        .with_label_values(&[&body.zone])
+                        .inc();
+                }
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                // Keep the body for another instance only when there is one (the
+                // payload is shared, the few strings are copied).
+                let spare = (others > 0 && tried.len() < MAX_ATTEMPTS - 1).then(|| body.clone());
+                // The unary call is boxed: its future (tonic's client call in a
+                // timeout) is several KiB, and this one would hold it even for
+                // requests that take the stream.
+                let result = if self.cfg.protocol == UpstreamProtocol::Stream {
+                    self.attempt_stream(&zone, &picked, body, remaining).await
+                } else {
+                    let picked = balancer::Pick {
+                        id: picked.id,
+                        addr: picked.addr.clone(),
+                        value: picked.value.clone(),
+                        panic: picked.panic,
+                    };
+                    Box::pin(self.attempt_unary(&zone, picked, body, remaining)).await
+                };
+                match result {
+                    Err(err) if err.retry_elsewhere() && !remaining.is_zero() => match spare {
+                        Some(spare) => {
+                            tracing::debug!(zone = %zone.name, error = %err, "not executed; trying another instance");
+                            self.metrics
+                                .retried
+                                .with_label_values(&[zone.name.as_str()])
+                                .inc();
+                            tried.push(picked.id);
+                            body = spare;
+                        }
+                        None => break 'forward Err(err),
+                    },
+                    result => break 'forward result,
+                }
+            }
+        };
         let (zone, outcome) = match &result {
-            Ok(_) => (zone.as_str(), "ok"),
+            Ok(_) => (zone_name.as_str(), "ok"),
             // Only known zones become label values.
             Err(err @ ForwardError::UnknownZone { .. }) => (UNKNOWN_ZONE_LABEL, err.label()),
-            Err(err) => (zone.as_str(), err.label()),
+            Err(err) => (zone_name.as_str(), err.label()),
         };
         self.metrics
             .requests
@@ -409,82 +485,14 @@ impl UpstreamRouter {
         result
     }
 
-    async fn forward_inner(
-        &self,
-        req: ForwardRequest,
-    ) -> Result<ProcessRequestResponse, ForwardError> {
-        let Some(zone) = self.zones.read().get(&req.zone).cloned() else {
-            return Err(ForwardError::UnknownZone { zone: req.zone });
-        };
-        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-            let retry_after_ms =
-                u32::try_from(self.cfg.overload_retry_after.as_millis()).unwrap_or(u32::MAX);
-            return Err(ForwardError::Overloaded { retry_after_ms });
-        };
-        let _admitted = Admitted::new(permit, &self.metrics);
-
-        let deadline = tokio::time::Instant::now() + self.cfg.upstream_timeout;
-        let mut body = ProcessRequestRequest {
-            openid: req.openid,
-            session_id: req.session_id,
-            zone: req.zone,
-            node_id: req.node_id,
-            msg_id: req.msg_id,
-            seq_id: req.seq_id,
-            payload: req.payload,
-            trace_id: req.trace_id,
-        };
-        let mut tried: Vec<EndpointId> = Vec::new();
-        loop {
-            let (picked, others) = {
-                let mut state = zone.state.lock();
-                let ZoneState { balancer, rng } = &mut *state;
-                let picked = balancer.pick_excluding(now(), rng, &tried);
-                (picked, balancer.len().saturating_sub(tried.len() + 1))
-            };
-            let Some(picked) = picked else {
-                return Err(ForwardError::NoInstances { zone: body.zone });
-            };
-            if picked.panic {
-                self.metrics
-                    .panic_routed
-                    .with_label_values(&[&body.zone])
-                    .inc();
-            }
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            // Keep the body for another instance only when there is one (the
-            // payload is shared, the few strings are copied).
-            let spare = (others > 0 && tried.len() < MAX_ATTEMPTS - 1).then(|| body.clone());
-            let id = picked.id;
-            match self.attempt(&zone, picked, body, remaining).await {
-                Err(err) if err.retry_elsewhere() && !remaining.is_zero() => match spare {
-                    Some(spare) => {
-                        tracing::debug!(zone = %zone.name, error = %err, "not executed; trying another instance");
-                        self.metrics
-                            .retried
-                            .with_label_values(&[zone.name.as_str()])
-                            .inc();
-                        tried.push(id);
-                        body = spare;
-                    }
-                    None => return Err(err),
-                },
-                result => return result,
-            }
-        }
-    }
-
-    /// One call to one picked instance, within `timeout`.
-    async fn attempt(
+    /// One unary `ProcessRequest` call to one picked instance, within `timeout`.
+    async fn attempt_unary(
         &self,
         zone: &Zone,
         picked: balancer::Pick<Channel>,
         body: ProcessRequestRequest,
         timeout: std::time::Duration,
     ) -> Result<ProcessRequestResponse, ForwardError> {
-        if self.cfg.protocol == UpstreamProtocol::Stream {
-            return self.attempt_stream(zone, picked, body, timeout).await;
-        }
         // Reports the outcome to the balancer when dropped, also if this future
         // is dropped mid-call (then as Neutral).
         let mut in_flight = InFlight {

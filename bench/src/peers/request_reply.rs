@@ -247,7 +247,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
         ));
         for side in if gs_first { [0, 1] } else { [1, 0] } {
             if side == 0 {
-                let cpu = CpuPair::read(dp.pid(), up.pid())?;
+                let cpu = CpuPair::read(dp.pid(), up.pid(), o)?;
                 let (back, l, n, all) =
                     gs_saturated(std::mem::take(&mut sat_sessions), &payload, o).await?;
                 cpu.record(&mut round, "gs_sat", all)?;
@@ -255,7 +255,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
                 sat_sessions = back;
                 record(&mut round, "gs_sat", l, n, o.window);
             } else {
-                let cpu = CpuPair::read(nats.pid, responder.pid())?;
+                let cpu = CpuPair::read(nats.pid, responder.pid(), o)?;
                 let (l, n, e, all) = nats_saturated(&sat_nats, &payload_b, o).await?;
                 cpu.record(&mut round, "nats_sat", all)?;
                 nats_errors += e;
@@ -312,17 +312,24 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
     Ok(rep)
 }
 
-/// CPU time of the server and of the middle hop before a run.
+/// CPU time of the server, the middle hop and the load generator before a run, and of the
+/// machine's CPUs: what each process used, waited for, and what other work took, per request
+/// and as a share of the run's wall time.
 struct CpuPair {
     server: (u32, f64),
     hop: (u32, f64),
     client: (u32, f64),
     /// Run-queue wait (µs) of server, hop and client before the run.
     waits: [(u32, f64); 3],
+    /// Busy µs of every CPU before the run (`util::cpu_busy_us`).
+    busy: Vec<f64>,
+    started: Instant,
+    /// (server CPU, helper CPU) when pinned.
+    cpus: Option<(usize, usize)>,
 }
 
 impl CpuPair {
-    fn read(server: u32, hop: u32) -> Result<Self> {
+    fn read(server: u32, hop: u32, o: &Opts) -> Result<Self> {
         let me = std::process::id();
         let wait = |pid| (pid, crate::util::runq_wait_us(pid));
         Ok(Self {
@@ -330,25 +337,48 @@ impl CpuPair {
             hop: (hop, cpu_us(hop)?),
             client: (me, cpu_us(me)?),
             waits: [wait(server), wait(hop), wait(me)],
+            busy: crate::util::cpu_busy_us(),
+            started: Instant::now(),
+            cpus: o.server_cpu().zip(o.helper_cpu()),
         })
     }
 
-    /// Records `{prefix}_{server,hop,client}_cpu_us_per_req`.
+    /// Records `{prefix}_{server,hop,client}_cpu_us_per_req`, the run-queue waits, and the
+    /// shares of the run's wall time (`_pct`): each process's CPU and wait, and on the server's
+    /// and the helper CPU the time other work on the machine took (`_others_pct`).
     fn record(&self, round: &mut Round, prefix: &str, replies: u64) -> Result<()> {
-        let per = |(pid, before): (u32, f64)| -> Result<f64> {
-            Ok((cpu_us(pid)? - before) / replies.max(1) as f64)
-        };
-        round.insert(format!("{prefix}_server_cpu_us_per_req"), per(self.server)?);
-        round.insert(format!("{prefix}_hop_cpu_us_per_req"), per(self.hop)?);
+        let wall_us = self.started.elapsed().as_secs_f64() * 1e6;
+        let pct = |us: f64| 100.0 * us / wall_us.max(1.0);
+        let used = |(pid, before): (u32, f64)| -> Result<f64> { Ok(cpu_us(pid)? - before) };
+        let per = |us: f64| us / replies.max(1) as f64;
+        let (server, hop, client) = (used(self.server)?, used(self.hop)?, used(self.client)?);
+        round.insert(format!("{prefix}_server_cpu_us_per_req"), per(server));
+        round.insert(format!("{prefix}_hop_cpu_us_per_req"), per(hop));
         // The load generator (this process): QUIC client vs NATS client.
-        round.insert(format!("{prefix}_client_cpu_us_per_req"), per(self.client)?);
+        round.insert(format!("{prefix}_client_cpu_us_per_req"), per(client));
+        round.insert(format!("{prefix}_wall_s"), wall_us / 1e6);
+        for (who, us) in [("server", server), ("hop", hop), ("client", client)] {
+            round.insert(format!("{prefix}_{who}_cpu_pct"), pct(us));
+        }
         // Where the pipeline waited for a CPU (other work on the machine, or its own stages
         // on a shared CPU): µs per request that each process was runnable but not running.
         for ((pid, before), who) in self.waits.into_iter().zip(["server", "hop", "client"]) {
             let waited = crate::util::runq_wait_us(pid) - before;
+            round.insert(format!("{prefix}_{who}_runq_wait_us_per_req"), per(waited));
+            round.insert(format!("{prefix}_{who}_runq_wait_pct"), pct(waited));
+        }
+        // What the rest of the machine took from the two CPUs meanwhile (only the server is
+        // ours on the server CPU; the hop and the load generator on the helper CPU).
+        if let Some((s, h)) = self.cpus {
+            let busy = crate::util::cpu_busy_us();
+            let delta = |cpu: usize| {
+                busy.get(cpu).copied().unwrap_or(0.0) - self.busy.get(cpu).copied().unwrap_or(0.0)
+            };
+            let others = |cpu: usize, ours: f64| pct((delta(cpu) - ours).max(0.0));
+            round.insert(format!("{prefix}_server_cpu_others_pct"), others(s, server));
             round.insert(
-                format!("{prefix}_{who}_runq_wait_us_per_req"),
-                waited / replies.max(1) as f64,
+                format!("{prefix}_helper_cpu_others_pct"),
+                others(h, hop + client),
             );
         }
         Ok(())

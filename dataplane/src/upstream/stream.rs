@@ -119,7 +119,10 @@ pub(crate) struct StreamLink {
     channel: Channel,
     cfg: LinkConfig,
     sink: Arc<std::sync::OnceLock<Arc<dyn PushSink>>>,
-    /// The live stream; an async lock so one caller dials while others wait.
+    /// The live stream, read by every call (a plain lock held for a clone).
+    current: Mutex<Option<Arc<Live>>>,
+    /// Held while dialling, so one caller dials while others wait; also
+    /// guards the slot's replacement.
     live: tokio::sync::Mutex<Option<Arc<Live>>>,
     /// Requests outstanding on this link (for the router's gauge).
     outstanding: Arc<prometheus::IntGauge>,
@@ -180,6 +183,7 @@ impl StreamLink {
             channel,
             cfg,
             sink,
+            current: Mutex::new(None),
             live: tokio::sync::Mutex::new(None),
             outstanding,
             gone: tokio_util::sync::CancellationToken::new(),
@@ -275,7 +279,19 @@ impl StreamLink {
     }
 
     /// The live stream, dialled if there is none.
+    ///
+    /// Every request comes here: a usable stream is taken from `current`
+    /// without the async lock and without the dial's future, which is boxed
+    /// (it is several KiB, and every request's future holds this one).
     async fn live(&self) -> Result<Arc<Live>, CallError> {
+        if let Some(live) = self.current.lock().as_ref().filter(|l| l.usable()) {
+            return Ok(live.clone());
+        }
+        Box::pin(self.redial()).await
+    }
+
+    /// Dials a new stream unless another caller did meanwhile.
+    async fn redial(&self) -> Result<Arc<Live>, CallError> {
         let mut slot = self.live.lock().await;
         if let Some(live) = slot.as_ref().filter(|l| l.usable()) {
             return Ok(live.clone());
@@ -284,6 +300,7 @@ impl StreamLink {
             .await
             .map_err(|_| CallError::NotSent("stream setup timed out".into()))??;
         *slot = Some(live.clone());
+        *self.current.lock() = Some(live.clone());
         Ok(live)
     }
 

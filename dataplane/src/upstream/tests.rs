@@ -530,3 +530,35 @@ async fn replace_all_drops_missing_zones() {
     assert!(matches!(err, ForwardError::UnknownZone { .. }), "{err}");
     router.forward(request("001", "x")).await.unwrap();
 }
+
+/// Every request's future is moved by value (into the connection's box of
+/// executing requests, and into each caller's state on the way down), so its
+/// size is copied per request: 4,832 bytes before session 12, where 14% of
+/// the data plane's saturated CPU was `memcpy` (docs/benchmarks.md). The unary
+/// call and the stream's dial are boxed to keep them out of it; this fails if
+/// a large future is inlined again.
+#[tokio::test]
+async fn a_request_future_stays_small() {
+    let (r, _) = router(UpstreamConfig::default());
+    let handler = crate::upstream::handler::Handler::Upstream(r.clone());
+    let identity = crate::session::SessionIdentity::default();
+    let request = gatesvr_proto::client::ClientRequest::default();
+    let handle = handler.handle("node", &identity, &request);
+    let size = std::mem::size_of_val(&handle);
+    assert!(size <= 2560, "Handler::handle's future is {size} bytes");
+    let channel = tonic::transport::Channel::from_static("http://127.0.0.1:1").connect_lazy();
+    let link = stream::StreamLink::new(
+        channel,
+        stream::LinkConfig {
+            node_id: String::new(),
+            connect_timeout: Duration::from_secs(1),
+            max_pushes_in_flight: 1,
+            max_requests_in_flight: 1,
+        },
+        Arc::new(std::sync::OnceLock::new()),
+        Arc::new(prometheus::IntGauge::new("outstanding", "test").unwrap()),
+    );
+    let call = link.call(Default::default(), Duration::from_secs(1));
+    let size = std::mem::size_of_val(&call);
+    assert!(size <= 1024, "StreamLink::call's future is {size} bytes");
+}
