@@ -87,9 +87,9 @@ pub struct ControlPlaneClientConfig {
     pub advertise_grpc_addr: Option<String>,
     /// `ClaimSessions` calls in flight at once. Claims arriving while every
     /// call is busy wait and go together in the next one (a burst shares a
-    /// call). Default 16: the control plane's batcher merges concurrent calls
+    /// call). Default 64: the control plane's batcher merges concurrent calls
     /// into one raft entry anyway, so a claim should not wait here for a slot
-    /// (4 was measured slower in `gate-bench claims`, docs/benchmarks.md).
+    /// (4 and 16 were measured slower in `gate-bench claims`, docs/benchmarks.md).
     pub claim_calls_in_flight: usize,
 }
 
@@ -106,7 +106,7 @@ impl Default for ControlPlaneClientConfig {
             max_state_age: Duration::from_secs(24 * 3600),
             advertise_quic_addr: None,
             advertise_grpc_addr: None,
-            claim_calls_in_flight: 16,
+            claim_calls_in_flight: 64,
         }
     }
 }
