@@ -7,8 +7,12 @@
 //!
 //! - [`connected_endpoint`] (the SDK's, one per connection): a socket `connect()`ed to the
 //!   gateway, on which Linux (and the BSDs) report the ICMP message as `ECONNREFUSED`;
-//! - [`shared_endpoint`] (many connections on one socket, as a load generator has): an
-//!   unconnected socket with `IP_RECVERR`, whose error queue names the address that refused.
+//! - [`shared_endpoint`] (many connections on one socket, as a load generator has; Linux and
+//!   Android only): an unconnected socket with `IP_RECVERR`, whose error queue names the
+//!   address that refused.
+//!
+//! On Windows, which reports the ICMP message as `WSAECONNRESET` instead, nothing is counted:
+//! the idle timeout notices a crash there, as before.
 //!
 //! Both read the error as soon as the ICMP message arrives (a task waits for the socket's
 //! error event), and quinn gets them through an [`AsyncUdpSocket`](quinn::AsyncUdpSocket) that
@@ -25,10 +29,12 @@
 //! of one node lose it at once, the ones whose refusals were rate-limited fall back to the idle
 //! timeout.
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+#[cfg(any(target_os = "linux", target_os = "android"))]
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -105,12 +111,14 @@ pub fn connected_endpoint(peer: SocketAddr) -> io::Result<(quinn::Endpoint, Arc<
     Ok((endpoint, refusals))
 }
 
-/// Refusals by gateway address, for the connections of one [`shared_endpoint`].
+/// Refusals by gateway address, for the connections of one [`shared_endpoint`] (Linux).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 #[derive(Debug, Default)]
 pub struct PeerRefusals {
     peers: parking_lot::Mutex<HashMap<SocketAddr, Arc<Refusals>>>,
 }
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
 impl PeerRefusals {
     /// What the kernel reports of `peer` (shared by every connection to it on this socket).
     pub fn of(&self, peer: SocketAddr) -> Arc<Refusals> {
@@ -124,6 +132,7 @@ impl PeerRefusals {
 
 /// A client endpoint on `socket` (bound, not connected), for many connections to any
 /// addresses, with what the kernel reports of each address (`IP_RECVERR`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 pub fn shared_endpoint(
     socket: std::net::UdpSocket,
 ) -> io::Result<(quinn::Endpoint, Arc<PeerRefusals>)> {
@@ -151,6 +160,7 @@ enum Heard {
     /// A connected socket: every refusal is its peer's.
     One(Arc<Refusals>),
     /// An unconnected socket: the error queue names the peer.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     ByPeer(Arc<PeerRefusals>),
 }
 
@@ -201,6 +211,7 @@ async fn watch_errors(
                         Ok(_) => {}
                         Err(_) => return,
                     },
+                    #[cfg(any(target_os = "linux", target_os = "android"))]
                     Heard::ByPeer(peers) => {
                         while let Some(peer) = next_refusal(&socket) {
                             if let Some(refusals) = peer.and_then(|p| peers.get(&p)) {
@@ -223,6 +234,7 @@ async fn watch_errors(
 
 /// The next entry of an `IP_RECVERR` socket's error queue: `Some(Some(peer))` for a port
 /// unreachable from `peer`, `Some(None)` for any other error, `None` once the queue is empty.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 fn next_refusal(socket: &tokio::net::UdpSocket) -> Option<Option<SocketAddr>> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
     let mut data = [0u8; 64];
@@ -326,6 +338,7 @@ impl AsyncUdpSocket for RefusingSocket {
                 Ok(n) => {
                     match &self.heard {
                         Heard::One(refusals) => refusals.received(n),
+                        #[cfg(any(target_os = "linux", target_os = "android"))]
                         Heard::ByPeer(peers) => {
                             for m in &meta[..n] {
                                 if let Some(refusals) = peers.get(&m.addr) {
@@ -424,11 +437,16 @@ mod tests {
         client_config.transport_config(Arc::new(transport));
 
         let (mut client, refusals, _other) = if shared {
-            let (client, peers) =
-                shared_endpoint(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-            // Another address's refusals stay its own.
-            let other = peers.of("127.0.0.1:9".parse().unwrap());
-            (client, peers.of(addr), Some(other))
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            {
+                let (client, peers) =
+                    shared_endpoint(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+                // Another address's refusals stay its own.
+                let other = peers.of("127.0.0.1:9".parse().unwrap());
+                (client, peers.of(addr), Some(other))
+            }
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            unreachable!("shared sockets hear refusals on Linux only")
         } else {
             let (client, refusals) = connected_endpoint(addr).unwrap();
             (client, refusals, None)
@@ -475,6 +493,7 @@ mod tests {
         a_closed_port_is_reported_and_a_live_one_is_not(false).await;
     }
 
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[tokio::test]
     async fn a_shared_socket_hears_a_closed_port_by_its_address() {
         a_closed_port_is_reported_and_a_live_one_is_not(true).await;
