@@ -610,7 +610,19 @@ async fn drive(
             shared.state.lock().addr = Some(t);
         }
         let wait = delay.unwrap_or_default() + shared.config.backoff.delay(failures);
-        tokio::time::sleep(wait).await;
+        // A `reconnect_to` cuts the wait short: it names where to go now. (Attempts that fail
+        // at once, a refused Initial, grow the backoff fast.)
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                () = shared.kill.notified() => {
+                    if shared.kill_pending.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                }
+            }
+        }
         // Whatever asked for this reconnect (reconnect_to during the wait
         // included) is served by it: read the address after clearing the flag.
         shared
