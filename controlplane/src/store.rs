@@ -6,10 +6,8 @@
 //!   acknowledged to openraft: `raft-log`'s flush thread writes them and calls `fdatasync`
 //!   before it runs the callback (`LogFlushed` for appends); one device sync per flush, where
 //!   the sled log needed sled's `sync_file_range` and then an `fdatasync`;
-//! - the state machine writes each applied batch atomically (one `Batch` on one tree) without
-//!   a flush: after a crash it may be behind the committed log, and openraft re-applies the
-//!   missing entries on start (`last_applied` is stored in the same batch, so nothing is
-//!   applied twice);
+//! - the state machine is in memory: at start it is the current snapshot's, and openraft
+//!   re-applies the committed log entries after it (see [`sm`]);
 //! - snapshots are on stable storage (sled's flush, then `fdatasync` of sled's data file)
 //!   before `install_snapshot` or `build_snapshot` returns, so before the log they cover is
 //!   purged.
@@ -89,8 +87,13 @@ pub fn open(
     // Trees `log` and `meta` held the raft log before session 6: read once, to move it.
     let legacy_log = tree("log")?;
     let legacy_meta = tree("meta")?;
-    let sm = tree("sm")?;
     let snapshot = tree("snapshot")?;
+    // Tree `sm` held a write-through copy of the state machine before session 13: the
+    // snapshot and the log hold everything it did.
+    db.drop_tree("sm").map_err(|source| OpenError::Sled {
+        path: format!("{}#sm", path.display()),
+        source,
+    })?;
     // sled keeps everything in one file, `db`, which the state machine fdatasyncs after a
     // snapshot (see `StateMachineStore`). The directory is synced once so the file's own
     // entry is durable.
@@ -100,7 +103,7 @@ pub fn open(
     })?;
     let db = Arc::new(db);
     let log_store = LogStore::open(db.clone(), &dir.join("raft-log"), &legacy_log, &legacy_meta)?;
-    let sm_store = StateMachineStore::open(db, data_file, sm, snapshot, watch_ring)?;
+    let sm_store = StateMachineStore::open(db, data_file, snapshot, watch_ring)?;
     Ok((log_store, sm_store))
 }
 

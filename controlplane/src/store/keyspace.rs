@@ -6,22 +6,15 @@
 //! |------------|------------------------------|--------------------------------------|
 //! | `log`      | index, u64 big-endian        | `Entry`                              |
 //! | `meta`     | `vote` / `last_purged` / `committed` | `Vote` / `LogId` / `LogId`   |
-//! | `sm`       | `m`                          | `SmMeta` (counters, last_applied)   |
-//! | `sm`       | `u/` + instance id           | `UpstreamRec`                        |
-//! | `sm`       | `n/` + node id               | `NodeRec`                            |
-//! | `sm`       | `o/` + openid                | `OwnerRec`                           |
-//! | `sm`       | `f/` + seq, u64 big-endian   | `FailoverRec`                        |
 //! | `snapshot` | `current.meta` / `current.data` | `SnapshotMeta` (JSON) / payload bytes |
 //!
-//! Big-endian integer keys keep iteration in numeric order. The whole state machine lives in
-//! one tree so one sled `Batch` updates records and `m` atomically.
-
-use std::marker::PhantomData;
+//! Trees `log` and `meta` are read once at open, by a data directory from before session 6
+//! (the log moved to `raft-log`), then cleared. Big-endian integer keys keep iteration in
+//! numeric order. (Tree `sm`, a write-through copy of the state machine, was dropped in
+//! session 13; see `store::sm`.)
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-
-use crate::state::{FailoverRec, Key, NodeRec, OwnerRec, UpstreamRec};
 
 /// A kind of record stored under a fixed prefix of a tree.
 pub trait KeySpace {
@@ -42,39 +35,6 @@ pub trait KeySpace {
     }
 }
 
-/// Declares a string-keyed space.
-macro_rules! str_space {
-    ($name:ident, $prefix:literal, $value:ty) => {
-        #[doc = concat!("`", stringify!($value), "` records keyed by their id.")]
-        pub struct $name(PhantomData<()>);
-        impl KeySpace for $name {
-            const PREFIX: &'static [u8] = $prefix;
-            const NAME: &'static str = stringify!($name);
-            type Key = str;
-            type Value = $value;
-            fn key_suffix(key: &str) -> Vec<u8> {
-                key.as_bytes().to_vec()
-            }
-        }
-    };
-}
-
-str_space!(Upstreams, b"u/", UpstreamRec);
-str_space!(Nodes, b"n/", NodeRec);
-str_space!(Owners, b"o/", OwnerRec);
-
-/// Failover decisions keyed by sequence number.
-pub struct Failovers;
-impl KeySpace for Failovers {
-    const PREFIX: &'static [u8] = b"f/";
-    const NAME: &'static str = "Failovers";
-    type Key = u64;
-    type Value = FailoverRec;
-    fn key_suffix(key: &u64) -> Vec<u8> {
-        key.to_be_bytes().to_vec()
-    }
-}
-
 /// Log entries keyed by index (tree `log`).
 pub struct LogEntries;
 impl KeySpace for LogEntries {
@@ -92,19 +52,6 @@ pub fn log_index(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
-/// The sled key of a state-machine record.
-pub fn sm_key(key: &Key) -> Vec<u8> {
-    match key {
-        Key::Upstream(id) => Upstreams::key(id),
-        Key::Node(id) => Nodes::key(id),
-        Key::Owner(id) => Owners::key(id),
-        Key::Failover(seq) => Failovers::key(seq),
-    }
-}
-
-/// Key of the state machine's metadata record in tree `sm`.
-pub const SM_META: &[u8] = b"m";
-
 /// Keys of tree `meta`.
 pub mod meta {
     pub const VOTE: &[u8] = b"vote";
@@ -120,9 +67,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_prefixed_and_numeric_keys_sort() {
-        assert_eq!(Owners::key("alice"), b"o/alice".to_vec());
-        assert!(Failovers::key(&2) < Failovers::key(&256));
+    fn numeric_keys_sort() {
         assert!(LogEntries::key(&9) < LogEntries::key(&10));
         assert_eq!(log_index(&LogEntries::key(&42)), Some(42));
     }

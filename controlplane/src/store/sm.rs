@@ -1,7 +1,16 @@
-//! The state machine store (openraft `RaftStateMachine`): [`State`] in memory, written through
-//! to sled tree `sm`, with snapshots in tree `snapshot`.
+//! The state machine store (openraft `RaftStateMachine`): [`State`] in memory only, with
+//! snapshots in sled tree `snapshot`.
+//!
+//! Applying an entry touches memory and nothing else: the raft log is the state machine's
+//! durable record. At start the state is the current snapshot's, and openraft re-applies the
+//! committed entries after it (`StorageHelper::get_initial_state`); the log keeps every entry
+//! after the snapshot, since openraft purges only what a snapshot that is already on stable
+//! storage covers. Until session 13 every applied batch was also written through to sled
+//! tree `sm`: that cost each member sled's encoding, its I/O threads and one
+//! `sync_file_range` per sealed buffer, and it was ~30% of a loaded control plane's CPU
+//! (docs/benchmarks.md, "Session 13"). A data directory that still has tree `sm` has it
+//! dropped at open.
 
-use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -13,11 +22,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::OpenError;
-use super::keyspace::{
-    CURRENT_SNAPSHOT, Failovers, KeySpace, Nodes, Owners, SM_META, Upstreams, sm_key,
-};
+use super::keyspace::CURRENT_SNAPSHOT;
 use crate::convert;
-use crate::state::{Key, State, Touched};
+use crate::state::{State, Touched};
 use crate::types::{
     Entry, LogId, Response, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -25,16 +32,6 @@ use crate::watch::{Hub, HubMsg};
 
 /// Format version of snapshot payloads (`SnapshotPayload::format`).
 const SNAPSHOT_FORMAT: u32 = 1;
-
-/// Counters and raft bookkeeping, written in the same batch as the records they describe.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct SmMeta {
-    last_applied: Option<LogId>,
-    last_membership: StoredMembership,
-    version: u64,
-    last_epoch: u64,
-    last_failover: u64,
-}
 
 /// What a snapshot carries (JSON). Raft metadata travels in `SnapshotMeta` beside it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,7 +54,6 @@ struct Shared {
     db: Arc<sled::Db>,
     /// sled's data file, opened by us only to `fdatasync` it (see `Shared::flush`).
     data_file: Arc<std::fs::File>,
-    sm: sled::Tree,
     snapshot: sled::Tree,
     inner: RwLock<SmInner>,
 }
@@ -160,66 +156,50 @@ fn decode_err(what: &str, e: impl std::fmt::Display) -> OpenError {
     }
 }
 
-/// (key suffix, value) pairs of one key space.
-type Records<V> = Vec<(Vec<u8>, V)>;
-
-fn load_space<K: KeySpace>(tree: &sled::Tree) -> Result<Records<K::Value>, OpenError> {
-    let mut out = Vec::new();
-    for item in tree.scan_prefix(K::PREFIX) {
-        let (k, v) = item.map_err(|e| decode_err(K::NAME, e))?;
-        let value = serde_json::from_slice(&v).map_err(|e| decode_err(K::NAME, e))?;
-        out.push((k[K::PREFIX.len()..].to_vec(), value));
+fn decode_snapshot(meta: &SnapshotMeta, data: &[u8]) -> Result<State, StorageError> {
+    let payload: SnapshotPayload = serde_json::from_slice(data)
+        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+    if payload.format != SNAPSHOT_FORMAT {
+        let e = std::io::Error::other(format!(
+            "snapshot format {} is not supported (expected {SNAPSHOT_FORMAT})",
+            payload.format
+        ));
+        return Err(StorageIOError::read_snapshot(Some(meta.signature()), &e).into());
     }
-    Ok(out)
-}
-
-fn utf8(bytes: Vec<u8>) -> Result<String, OpenError> {
-    String::from_utf8(bytes).map_err(|e| decode_err("key", e))
+    Ok(payload.state)
 }
 
 impl StateMachineStore {
+    /// The state of the current snapshot (empty if none): openraft re-applies the committed
+    /// log after it.
     pub(super) fn open(
         db: Arc<sled::Db>,
         data_file: std::fs::File,
-        sm: sled::Tree,
         snapshot: sled::Tree,
         watch_ring: usize,
     ) -> Result<Self, OpenError> {
-        let meta: SmMeta = match sm.get(SM_META).map_err(|e| decode_err("sm meta", e))? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| decode_err("sm meta", e))?,
-            None => SmMeta::default(),
-        };
-        let mut state = State {
-            version: meta.version,
-            last_epoch: meta.last_epoch,
-            last_failover: meta.last_failover,
-            ..State::default()
-        };
-        for (k, v) in load_space::<Upstreams>(&sm)? {
-            state.upstreams.insert(utf8(k)?, v);
-        }
-        for (k, v) in load_space::<Nodes>(&sm)? {
-            state.nodes.insert(utf8(k)?, v);
-        }
-        for (k, v) in load_space::<Owners>(&sm)? {
-            state.owners.insert(utf8(k)?, v);
-        }
-        for (_, v) in load_space::<Failovers>(&sm)? {
-            state.failovers.insert(v.seq, v);
-        }
-        let inner = SmInner {
-            state,
-            last_applied: meta.last_applied,
-            membership: meta.last_membership,
-            hub: Hub::new(watch_ring),
-        };
-        Ok(Self(Arc::new(Shared {
+        let mut shared = Shared {
             db,
             data_file: Arc::new(data_file),
-            sm,
             snapshot,
-            inner: RwLock::new(inner),
-        })))
+            inner: RwLock::new(SmInner {
+                state: State::default(),
+                last_applied: None,
+                membership: StoredMembership::default(),
+                hub: Hub::new(watch_ring),
+            }),
+        };
+        if let Some((meta, data)) = shared
+            .load_snapshot()
+            .map_err(|e| decode_err("snapshot", e))?
+        {
+            let state = decode_snapshot(&meta, &data).map_err(|e| decode_err("snapshot", e))?;
+            let inner = shared.inner.get_mut();
+            inner.state = state;
+            inner.last_applied = meta.last_log_id;
+            inner.membership = meta.last_membership;
+        }
+        Ok(Self(Arc::new(shared)))
     }
 
     /// A read handle for the APIs.
@@ -230,37 +210,6 @@ impl StateMachineStore {
 
 fn sm_write_err(e: impl Into<openraft::AnyError>) -> StorageError {
     StorageIOError::write_state_machine(e).into()
-}
-
-fn meta_of(inner: &SmInner) -> SmMeta {
-    SmMeta {
-        last_applied: inner.last_applied,
-        last_membership: inner.membership.clone(),
-        version: inner.state.version,
-        last_epoch: inner.state.last_epoch,
-        last_failover: inner.state.last_failover,
-    }
-}
-
-/// Writes `key`'s current value (or its absence) into `batch`.
-fn stage(batch: &mut sled::Batch, st: &State, key: &Key) -> Result<(), StorageError> {
-    let value = match key {
-        Key::Upstream(id) => st.upstreams.get(id).map(serde_json::to_vec),
-        Key::Node(id) => st.nodes.get(id).map(serde_json::to_vec),
-        Key::Owner(id) => st.owners.get(id).map(serde_json::to_vec),
-        Key::Failover(seq) => st.failovers.get(seq).map(serde_json::to_vec),
-    };
-    match value {
-        Some(bytes) => batch.insert(sm_key(key), bytes.map_err(|e| sm_write_err(&e))?),
-        None => batch.remove(sm_key(key)),
-    }
-    Ok(())
-}
-
-fn stage_meta(batch: &mut sled::Batch, inner: &SmInner) -> Result<(), StorageError> {
-    let bytes = serde_json::to_vec(&meta_of(inner)).map_err(|e| sm_write_err(&e))?;
-    batch.insert(SM_META, bytes);
-    Ok(())
 }
 
 impl Shared {
@@ -386,15 +335,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             }
         }
-        let keys: BTreeSet<&Key> = touched.iter().map(|t| &t.key).collect();
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            stage(&mut batch, &inner.state, key)?;
-        }
-        stage_meta(&mut batch, inner)?;
-        // One atomic batch: records and last_applied move together. Not flushed (see module
-        // docs of `store`): a crash only loses applies that openraft re-applies at start.
-        self.0.sm.apply_batch(batch).map_err(|e| sm_write_err(&e))?;
         inner.hub.publish(events);
         crate::stages::record(|| "sm.apply".into(), t0.elapsed());
         Ok(responses)
@@ -414,38 +354,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let payload: SnapshotPayload = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        if payload.format != SNAPSHOT_FORMAT {
-            let e = std::io::Error::other(format!(
-                "snapshot format {} is not supported (expected {SNAPSHOT_FORMAT})",
-                payload.format
-            ));
-            return Err(StorageIOError::read_snapshot(Some(meta.signature()), &e).into());
-        }
+        let state = decode_snapshot(meta, &data)?;
         {
             let mut guard = self.0.inner.write();
             let inner = &mut *guard;
-            let mut batch = sled::Batch::default();
-            for key in self.0.sm.iter().keys() {
-                batch.remove(key.map_err(|e| sm_write_err(&e))?);
-            }
-            inner.state = payload.state;
+            inner.state = state;
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
-            let st = &inner.state;
-            let keys = st
-                .upstreams
-                .keys()
-                .map(|k| Key::Upstream(k.clone()))
-                .chain(st.nodes.keys().map(|k| Key::Node(k.clone())))
-                .chain(st.owners.keys().map(|k| Key::Owner(k.clone())))
-                .chain(st.failovers.keys().map(|k| Key::Failover(*k)));
-            for key in keys {
-                stage(&mut batch, st, &key)?;
-            }
-            stage_meta(&mut batch, inner)?;
-            self.0.sm.apply_batch(batch).map_err(|e| sm_write_err(&e))?;
             inner.hub.reset();
         }
         self.0.save_snapshot(meta, &data)?;

@@ -55,7 +55,8 @@ fn claim(node: &str, openid: &str) -> Cmd {
 }
 
 /// Everything acknowledged before a close is there after a reopen: vote, log, purge point,
-/// applied state (records, counters, last_applied) and the snapshot.
+/// the snapshot, and the applied state (records, counters, last_applied), which is the
+/// snapshot's plus the committed entries openraft re-applies at start.
 #[tokio::test]
 async fn reopen_keeps_vote_log_state_and_snapshot() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,10 +76,19 @@ async fn reopen_keeps_vote_log_state_and_snapshot() {
         let mut builder = sm.get_snapshot_builder().await;
         builder.build_snapshot().await.unwrap();
         sm.apply(entries[2..].to_vec()).await.unwrap();
+        log.save_committed(Some(log_id(3, 3))).await.unwrap();
+        // Synced, and the committed id with it.
         log.purge(log_id(3, 1)).await.unwrap();
         epoch_before = sm.handle().read().state.owners["carol"].epoch;
     }
     let (mut log, mut sm) = reopen(dir.path()).await;
+    // Only the snapshot's state is read; nothing else is stored for the state machine.
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(3, 2)));
+    assert_eq!(sm.handle().read().state.owners.len(), 2);
+    openraft::storage::StorageHelper::new(&mut log, &mut sm)
+        .get_initial_state()
+        .await
+        .unwrap();
     assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
     let st = log.get_log_state().await.unwrap();
     assert_eq!(st.last_purged_log_id, Some(log_id(3, 1)));
@@ -168,6 +178,40 @@ async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachineStore) {
             Err(e) => panic!("reopen: {e}"),
         }
     }
+}
+
+/// A state machine written through to sled by an earlier version (tree `sm`) is not read:
+/// the state comes from the snapshot (none here), and the tree is dropped at open.
+#[tokio::test]
+async fn a_written_through_state_machine_is_dropped_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.sled");
+    {
+        let db = sled::Config::new().path(&path).open().unwrap();
+        let sm = db.open_tree("sm").unwrap();
+        sm.insert(b"o/alice", b"{}".to_vec()).unwrap();
+        sm.insert(b"m", br#"{"last_applied":null}"#.to_vec())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let (_log, sm) = reopen(dir.path()).await;
+    assert!(sm.handle().read().state.owners.is_empty());
+    drop((_log, sm));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let db = loop {
+        match sled::Config::new().path(&path).open() {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("reopen sled: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen sled: {e}"),
+        }
+    };
+    assert!(
+        !db.tree_names().iter().any(|n| n.as_ref() == b"sm"),
+        "tree sm is still there"
+    );
 }
 
 /// A log written by an earlier version (in sled's `log` and `meta` trees) is moved to the
