@@ -907,6 +907,9 @@ impl Cluster {
                 () = self.claim_wake.notified() => {}
                 () = stop.cancelled() => return,
             }
+            // Let the tasks woken with the one that woke us (a burst of Starts, or the
+            // callers of a call just answered) queue their claims first, so they share a call.
+            tokio::task::yield_now().await;
             loop {
                 let permit = tokio::select! {
                     p = calls.clone().acquire_owned() => match p {

@@ -82,6 +82,37 @@ async fn stopped_session_releases_its_owner_record() {
     drop(other);
 }
 
+/// A burst of Starts (a reconnect storm) shares `ClaimSessions` calls: the
+/// data plane's claim loop lets the claims queued together go in one call,
+/// where it used to send a call for nearly every claim while call slots were
+/// free (2 claims per call in `gate-bench claims`, session 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_claims_shares_calls() {
+    const BURST: u64 = 200;
+    let cluster = TestCluster::start(1, |_| {}).await;
+    let dp = cluster.dps[0].node().cluster.clone().unwrap();
+    let (calls_before, claims_before) = dp.claim_counts();
+    let mut claims = tokio::task::JoinSet::new();
+    for i in 0..BURST {
+        let dp = dp.clone();
+        claims.spawn(async move {
+            let openid = format!("burst-{i}");
+            dp.claim(&openid, &format!("s-{openid}"), "").await
+        });
+    }
+    while let Some(r) = claims.join_next().await {
+        r.unwrap().expect("claimed");
+    }
+    let (calls_after, claims_after) = dp.claim_counts();
+    let (calls, sent) = (calls_after - calls_before, claims_after - claims_before);
+    eprintln!("{sent} claims in {calls} calls");
+    assert_eq!(sent, BURST);
+    assert!(
+        calls * 8 <= BURST,
+        "{BURST} claims started together took {calls} calls"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn departed_node_is_removed_after_retention() {
     let mut cluster = TestCluster::start(2, |_| {}).await;
