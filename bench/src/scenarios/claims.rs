@@ -51,6 +51,9 @@ fn config(dir: &Path, id: u64) -> ControlPlaneConfig {
     if let Some(us) = env("GATE_BENCH_CP_BATCH_LINGER_US") {
         cfg.batch.linger = Duration::from_micros(us);
     }
+    if let Some(n) = env("GATE_BENCH_CP_SNAPSHOT_EVERY") {
+        cfg.raft.snapshot_every = n;
+    }
     if let Some(n) = env("GATE_BENCH_CP_MAX_PAYLOAD_ENTRIES") {
         cfg.raft.max_payload_entries = n;
     }
