@@ -53,8 +53,6 @@ pub struct Refusals {
     refused: AtomicU64,
     /// Every `ECONNREFUSED` report (for tests and metrics).
     total: AtomicU64,
-    /// Datagrams received.
-    received: AtomicU64,
     changed: Notify,
 }
 
@@ -89,7 +87,6 @@ impl Refusals {
 
     fn received(&self, datagrams: usize) {
         if datagrams > 0 {
-            self.received.fetch_add(datagrams as u64, Ordering::AcqRel);
             self.refused.store(0, Ordering::Release);
         }
     }
