@@ -256,6 +256,7 @@ impl Shared {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let t0 = std::time::Instant::now();
         let (state, last_applied, membership) = {
             let inner = self.0.inner.read();
             (
@@ -283,8 +284,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: membership,
             snapshot_id,
         };
+        let t1 = std::time::Instant::now();
+        crate::stages::record(|| "sm.snapshot.encode".into(), t1 - t0);
         self.0.save_snapshot(&meta, &data)?;
+        let t2 = std::time::Instant::now();
+        crate::stages::record(|| "sm.snapshot.save".into(), t2 - t1);
         self.0.flush().await?;
+        crate::stages::record(|| "sm.snapshot.flush".into(), t2.elapsed());
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
