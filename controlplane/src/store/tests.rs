@@ -214,6 +214,57 @@ async fn a_written_through_state_machine_is_dropped_on_open() {
     );
 }
 
+/// A snapshot that does not decode (a damaged disk, a newer format) stops the open with an
+/// error naming it, instead of a member starting from an empty state.
+#[tokio::test]
+async fn a_snapshot_that_does_not_decode_fails_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path(), 16 << 20, 128).unwrap();
+        sm.apply(vec![entry(1, 1, vec![register("a")])])
+            .await
+            .unwrap();
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+    }
+    let path = dir.path().join("raft.sled");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::Config::new().path(&path).open() {
+            Ok(db) => {
+                let snapshot = db.open_tree("snapshot").unwrap();
+                snapshot
+                    .insert(b"current.data", b"{not json".to_vec())
+                    .unwrap();
+                db.flush().unwrap();
+                break;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("reopen sled: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen sled: {e}"),
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let err = loop {
+        match open(dir.path(), 16 << 20, 128) {
+            Err(OpenError::Sled { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => break e,
+            Ok(_) => panic!("a damaged snapshot was opened"),
+        }
+    };
+    assert!(
+        matches!(&err, OpenError::Decode { what, .. } if what == "snapshot"),
+        "{err}"
+    );
+}
+
 /// A log written by an earlier version (in sled's `log` and `meta` trees) is moved to the
 /// raft-log store on open: vote, purge point, entries and committed id survive, and sled's
 /// copy is gone.
