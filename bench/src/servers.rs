@@ -50,7 +50,7 @@ pub enum Serve {
         #[arg(long)]
         shared_keys_dir: Option<PathBuf>,
     },
-    /// One control-plane node (raft on sled, durable) on the given addresses; node 1
+    /// One control-plane node (raft log fdatasync'ed, durable) on the given addresses; node 1
     /// bootstraps the cluster with every `--member`.
     CpNode {
         #[arg(long)]
@@ -93,7 +93,7 @@ pub enum Serve {
         #[arg(long)]
         upstream: String,
     },
-    /// A control plane of `--nodes` raft nodes (sled, durable) in one process.
+    /// A control plane of `--nodes` raft nodes (durable) in one process.
     Controlplane {
         #[arg(long)]
         dir: PathBuf,

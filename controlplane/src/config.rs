@@ -42,7 +42,8 @@ pub struct ControlPlaneConfig {
     pub admin: AdminConfig,
     /// Watch deltas kept in memory for resuming watchers (default 8192).
     pub watch_history: usize,
-    /// sled page-cache bound in bytes (default 64 MiB; sled's own default is 1 GiB).
+    /// sled page-cache bound in bytes while a data directory written before session 14
+    /// (`raft.sled`) is moved at start (default 64 MiB; sled's own default is 1 GiB).
     pub sled_cache_bytes: u64,
 }
 

@@ -1,4 +1,4 @@
-//! GateSvr's control plane: a raft group (openraft 0.9 + sled) holding the registry of zones,
+//! GateSvr's control plane: a raft group (openraft 0.9, raft-log) holding the registry of zones,
 //! upstreams and data-plane nodes, session ownership with fencing epochs, and failover
 //! decisions; served over gRPC (mTLS) to data-plane nodes and upstreams and over an HTTP/JSON
 //! admin API to operators (`gatectl`).
@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //! - [`state`]: the replicated state and its pure transition function over typed [`Cmd`]s.
-//! - [`store`]: sled-backed openraft log store and state machine (+ snapshots).
+//! - [`store`]: openraft's log store (raft-log) and state machine (in memory, snapshots in a
+//!   file).
 //! - [`network`] / [`raft_service`]: the raft transport over `gatesvr.raft.v1` (tonic).
 //! - [`node`]: write path (batched, forwarded to the leader), linearizable reads, membership.
 //! - [`batcher`]: group commit of concurrent writes into one raft entry.
@@ -96,7 +97,7 @@ pub struct ControlPlane {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Released when the last store handle is dropped (see `shutdown`).
-    db: std::sync::Weak<sled::Db>,
+    lock: std::sync::Weak<store::DirLock>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -208,7 +209,7 @@ impl ControlPlane {
             store::open(&cfg.data_dir, cfg.sled_cache_bytes, cfg.watch_history)?;
         log_store.set_label(format!("n{}", cfg.node_id));
         let sm = sm_store.handle();
-        let db = log_store.db_weak();
+        let lock = log_store.lock_weak();
         let network = Network {
             self_id: cfg.node_id,
             tls: peer_tls.clone(),
@@ -365,7 +366,7 @@ impl ControlPlane {
             admin_addr,
             stop,
             tasks,
-            db,
+            lock,
         })
     }
 
@@ -400,22 +401,14 @@ impl ControlPlane {
             }
         }
         let id = self.node.id();
-        // Write sled's dirty pages now: left to the last handle's drop, they are written by
-        // sled's background threads, which hold the data directory's lock a moment longer
-        // (a reopen right after could fail with WouldBlock). The raft log is not in sled.
-        if let Some(db) = self.db.upgrade()
-            && let Err(e) = db.flush_async().await
-        {
-            tracing::warn!(error = %e, "sled flush at shutdown");
-        }
         drop(self.node);
         // Replication, snapshot and watch tasks wind down on their own once raft has stopped;
         // wait (bounded) until the last store handle is gone so the data dir can be reopened.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.db.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        while self.lock.strong_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if self.db.strong_count() > 0 {
+        if self.lock.strong_count() > 0 {
             tracing::warn!(node_id = id, "raft store still referenced after shutdown");
         }
         tracing::info!(node_id = id, "control plane stopped");

@@ -13,7 +13,7 @@
 //!                                        nX->nY.rpc.append[.err] (AppendEntries call)   │
 //!                                        follower: nY.serve.append, nY.log.*            │
 //!                                        nX.sm.apply                                    ┘
-//!  sm.snapshot.{encode,save,flush} (a snapshot build, beside the write path)
+//!  sm.snapshot.{clone,encode,save} (a snapshot build, beside the write path)
 //! ```
 
 use std::collections::BTreeMap;

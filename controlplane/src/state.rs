@@ -4,9 +4,8 @@
 //! command: no clock, no I/O, no randomness. Every replica applying the same log reaches the
 //! same state, which is what makes leases judged "from the log" and fencing epochs safe.
 //!
-//! Each change bumps [`State::version`] once and reports a [`Touched`] key; the store writes
-//! the touched keys to sled and the watch hub turns them into `WatchEvent`s carrying that
-//! version, so a watcher can resume from any version it has seen (on any replica).
+//! Each change bumps [`State::version`] once and reports a [`Touched`] key; the watch hub
+//! turns the touched keys into `WatchEvent`s carrying that version, so a watcher can resume from any version it has seen (on any replica).
 
 pub mod cmd;
 
@@ -160,7 +159,7 @@ impl Touched {
     }
 }
 
-/// The addressable records of the state (also the sled key space of the state machine).
+/// The addressable records of the state.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Key {
     Upstream(String),

@@ -1,7 +1,7 @@
 //! `gatesvr dev`: the whole system on one machine, from nothing.
 //!
-//! Starts, in this process: a single-node control plane (sled under
-//! `--data-dir`, bootstrapped on first run, mTLS with the dev certificates),
+//! Starts, in this process: a single-node control plane (raft log and snapshot
+//! under `--data-dir`, bootstrapped on first run, mTLS with the dev certificates),
 //! one demo upstream per zone registered with the control plane, and
 //! `--dataplanes` data-plane nodes. Generates dev certificates if missing and
 //! prints every endpoint and a command to try. Ctrl-C stops everything.

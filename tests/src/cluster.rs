@@ -1,5 +1,5 @@
 //! An in-process cluster over real loopback sockets: one control-plane node
-//! (raft on sled in a temp dir) and N data-plane nodes that register with it,
+//! (raft on disk in a temp dir) and N data-plane nodes that register with it,
 //! watch it and claim sessions through it.
 
 use std::sync::Arc;
@@ -98,10 +98,9 @@ impl TestCluster {
         }
     }
 
-    /// Starts the control plane again on the same data directory and ports. sled's worker
-    /// threads of the stopped instance can hold the directory's lock for a moment after its
-    /// last handle is gone (a process restart has no such overlap), so a failed start is
-    /// retried for a bounded time.
+    /// Starts the control plane again on the same data directory and ports. A winding-down
+    /// task of the stopped instance can hold the directory's lock for a moment (a process
+    /// restart has no such overlap), so a failed start is retried for a bounded time.
     pub async fn restart_control_plane(&mut self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let cp = loop {

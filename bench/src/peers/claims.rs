@@ -1,4 +1,4 @@
-//! Ownership claims: the 3-node control plane (openraft + sled, every append fdatasync'ed)
+//! Ownership claims: the 3-node control plane (openraft + raft-log, every append fdatasync'ed)
 //! against etcd with 3 members (WAL fsync on, its default), both on the server CPU, the same
 //! number of concurrent clients, both durable. GateSvr's clients are Starts on one data plane's
 //! control-plane client, which batches a burst into one call (`gs_claims_per_call`); etcd's are
@@ -279,7 +279,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         0.0,
         "",
     ));
-    rep.notes.push(format!("GateSvr: Starts through the data plane's control-plane client, which batches a burst into one ClaimSessions call ({:.1} claims per call), on the raft leader (3 nodes in one process, sled + fdatasync per raft append); etcd: one Put per call on the leader (3 members, WAL fsync per commit), with the node's lease ([etcd]) and without it ([etcd plain put]); all on the server CPU", f("gs_claims_per_call")));
+    rep.notes.push(format!("GateSvr: Starts through the data plane's control-plane client, which batches a burst into one ClaimSessions call ({:.1} claims per call), on the raft leader (3 nodes in one process, fdatasync per raft append); etcd: one Put per call on the leader (3 members, WAL fsync per commit), with the node's lease ([etcd]) and without it ([etcd plain put]); all on the server CPU", f("gs_claims_per_call")));
     drop(etcd);
     drop(cp);
     Ok(rep)

@@ -1,4 +1,4 @@
-//! claims: session-ownership claims committed by a 3-node control plane (openraft + sled, every
+//! claims: session-ownership claims committed by a 3-node control plane (openraft + raft-log, every
 //! log append flushed), from `clients` concurrent Starts on one data plane's control-plane client
 //! (`gatesvr_dataplane::cluster::Cluster::claim`, which batches a burst into one ClaimSessions
 //! call; `claims_per_call` reports how many it carried); claims/s and per-claim latency. Baselines on the same disk: a batched write + fdatasync loop (one batch per

@@ -1,5 +1,5 @@
 //! failover, with real processes (each `gate-bench serve ...`): a 3-node control plane (one
-//! process per raft node, sled, durable, production raft timings), `DP_NODES` data-plane nodes
+//! process per raft node, durable, production raft timings), `DP_NODES` data-plane nodes
 //! that are cluster members (leases, watch, claims, durable-push standbys), and the demo
 //! upstream for every zone registered with the control plane.
 //!

@@ -115,7 +115,7 @@ impl Opts {
         ServerProc::spawn("dataplane", &args, self.server_cpu())
     }
 
-    /// A 3-node control plane (sled, durable) in one process on the server CPU.
+    /// A 3-node control plane (durable) in one process on the server CPU.
     pub fn start_controlplane(&self, dir: &RunDir) -> Result<ServerProc> {
         ServerProc::spawn(
             "controlplane",

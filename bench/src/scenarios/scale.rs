@@ -1,6 +1,6 @@
 //! scale: session ownership at the scale of many sessions (issue 13, "Done means"). Real
 //! processes on disk: a 3-node control plane (one `gate-bench serve cp-node` process per raft
-//! node, sled, production raft timings, plaintext gRPC on loopback as in `failover`).
+//! node, durable, production raft timings, plaintext gRPC on loopback as in `failover`).
 //! Simulated data-plane nodes are the data plane's own control-plane client
 //! (`gatesvr_dataplane::cluster::Cluster`: registration, leases, watch, batched claims and
 //! batched releases), several in this process.

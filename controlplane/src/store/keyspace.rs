@@ -1,6 +1,7 @@
 //! Typed key spaces over sled trees, so keys are built in one place per kind of record.
 //!
-//! Layout of one node's sled database (`<data_dir>/raft.sled`):
+//! Layout of a sled database (`<data_dir>/raft.sled`) written before session 14, which
+//! `store::open` reads once to move to today's layout and then removes:
 //!
 //! | tree       | key                          | value (JSON)                         |
 //! |------------|------------------------------|--------------------------------------|
@@ -8,10 +9,10 @@
 //! | `meta`     | `vote` / `last_purged` / `committed` | `Vote` / `LogId` / `LogId`   |
 //! | `snapshot` | `current.meta` / `current.data` | `SnapshotMeta` (JSON) / payload bytes |
 //!
-//! Trees `log` and `meta` are read once at open, by a data directory from before session 6
-//! (the log moved to `raft-log`), then cleared. Big-endian integer keys keep iteration in
-//! numeric order. (Tree `sm`, a write-through copy of the state machine, was dropped in
-//! session 13; see `store::sm`.)
+//! Trees `log` and `meta` hold the log of a data directory from before session 6 (since
+//! then in `raft-log`); tree `snapshot` the snapshot until session 14 (since then a file).
+//! Big-endian integer keys keep iteration in numeric order. (Tree `sm`, a write-through copy
+//! of the state machine until session 13, is not read.)
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -59,8 +60,11 @@ pub mod meta {
     pub const COMMITTED: &[u8] = b"committed";
 }
 
-/// Key of the current snapshot in tree `snapshot`.
-pub const CURRENT_SNAPSHOT: &[u8] = b"current";
+/// Keys of the snapshot's metadata and payload in tree `snapshot`.
+pub mod snapshot {
+    pub const META: &[u8] = b"current.meta";
+    pub const DATA: &[u8] = b"current.data";
+}
 
 #[cfg(test)]
 mod tests {

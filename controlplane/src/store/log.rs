@@ -4,8 +4,8 @@
 //!
 //! Until session 6 the log lived in sled (trees `log` and `meta`): every append cost sled's
 //! buffer write, `sync_file_range` and then our `fdatasync`, and every node's appends waited
-//! behind sled's page cache work. [`LogStore::open`] moves such a log over once (see
-//! [`migrate_from_sled`]).
+//! behind sled's page cache work. `store::open` moves such a log over once (see
+//! [`LogStore::migrate_from_sled`]).
 
 use std::fmt::Debug;
 use std::io;
@@ -136,9 +136,8 @@ impl raft_log::Callback for Flushed {
 /// The log store. Cheap to clone: the clone is openraft's log reader.
 #[derive(Debug, Clone)]
 pub struct LogStore {
-    /// Held only so that "every store handle is gone" can be observed on the sled database
-    /// the state machine uses ([`LogStore::db_weak`]).
-    db: Arc<sled::Db>,
+    /// The data directory's lock, held by every store handle ([`LogStore::lock_weak`]).
+    lock: Arc<super::DirLock>,
     wal: Arc<parking_lot::Mutex<RaftLog<LogTypes>>>,
     /// How many times the log was made stable (`fdatasync` returned): checked by tests.
     syncs: Arc<AtomicU64>,
@@ -172,30 +171,20 @@ fn wal_config(dir: &Path) -> raft_log::Config {
 }
 
 impl LogStore {
-    /// Opens (creating if needed) the log under `dir`; a log still in sled's `log` and `meta`
-    /// trees (written before session 6) is moved over first.
-    pub(super) fn open(
-        db: Arc<sled::Db>,
-        dir: &Path,
-        legacy_log: &sled::Tree,
-        legacy_meta: &sled::Tree,
-    ) -> Result<Self, super::OpenError> {
+    /// Opens (creating if needed) the log under `dir`.
+    pub(super) fn open(lock: Arc<super::DirLock>, dir: &Path) -> Result<Self, super::OpenError> {
         let open_err = |e: io::Error| super::OpenError::Log {
             path: dir.display().to_string(),
             source: e,
         };
         std::fs::create_dir_all(dir).map_err(open_err)?;
         let wal = RaftLog::open(Arc::new(wal_config(dir))).map_err(open_err)?;
-        let store = Self {
-            db,
+        Ok(Self {
+            lock,
             wal: Arc::new(parking_lot::Mutex::new(wal)),
             syncs: Arc::default(),
             label: Arc::from("n?"),
-        };
-        store
-            .migrate_from_sled(legacy_log, legacy_meta)
-            .map_err(open_err)?;
-        Ok(store)
+        })
     }
 
     /// Names this node in [`crate::stages`] timings (`n<id>`).
@@ -208,11 +197,10 @@ impl LogStore {
         self.syncs.load(Ordering::Relaxed)
     }
 
-    /// A weak handle on the state machine's database: once it no longer upgrades, every
-    /// store handle is gone and sled has released the data directory's lock (the log's own
-    /// lock goes with the last log handle, which holds the database too).
-    pub fn db_weak(&self) -> std::sync::Weak<sled::Db> {
-        Arc::downgrade(&self.db)
+    /// A weak handle on the data directory's lock: once it no longer upgrades, every store
+    /// handle is gone and the directory can be opened again.
+    pub fn lock_weak(&self) -> std::sync::Weak<super::DirLock> {
+        Arc::downgrade(&self.lock)
     }
 
     fn done(&self) -> Done {
@@ -235,10 +223,14 @@ impl LogStore {
     }
 
     /// Moves a log kept in sled (before session 6) into this store, once: vote, purge point,
-    /// entries and committed id are written and synced here, then the sled trees are cleared.
-    /// A crash in between leaves both copies; the next open finds this store non-empty and
-    /// only clears sled.
-    fn migrate_from_sled(&self, log: &sled::Tree, meta: &sled::Tree) -> Result<(), io::Error> {
+    /// entries and committed id are written and synced here; the caller then removes sled's
+    /// copy. A crash in between leaves both; the next open finds this store non-empty and
+    /// copies nothing.
+    pub(super) fn migrate_from_sled(
+        &self,
+        log: &sled::Tree,
+        meta: &sled::Tree,
+    ) -> Result<(), io::Error> {
         if log.is_empty() && meta.is_empty() {
             return Ok(());
         }
@@ -290,11 +282,7 @@ impl LogStore {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.wal.lock().flush(true, Some(Flushed::Blocking(tx)))?;
         rx.recv()
-            .map_err(|_| io::Error::other("raft log flush thread stopped"))??;
-        log.clear().map_err(io::Error::other)?;
-        meta.clear().map_err(io::Error::other)?;
-        self.db.flush().map_err(io::Error::other)?;
-        Ok(())
+            .map_err(|_| io::Error::other("raft log flush thread stopped"))?
     }
 
     fn decode(bytes: &[u8]) -> Result<Entry, StorageError> {

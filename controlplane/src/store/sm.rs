@@ -1,5 +1,5 @@
 //! The state machine store (openraft `RaftStateMachine`): [`State`] in memory only, with
-//! snapshots in sled tree `snapshot`.
+//! the current snapshot in one file ([`SnapshotFile`]).
 //!
 //! Applying an entry touches memory and nothing else: the raft log is the state machine's
 //! durable record. At start the state is the current snapshot's, and openraft re-applies the
@@ -8,8 +8,12 @@
 //! storage covers. Until session 13 every applied batch was also written through to sled
 //! tree `sm`: that cost each member sled's encoding, its I/O threads and one
 //! `sync_file_range` per sealed buffer, and it was ~30% of a loaded control plane's CPU
-//! (docs/benchmarks.md, "Session 13"). A data directory that still has tree `sm` has it
-//! dropped at open.
+//! (docs/benchmarks.md, "Session 13"). A data directory that still has sled is moved
+//! to today's layout at open (`store::open`).
+//!
+//! A snapshot is built off the async runtime: the state is cloned under the read lock, then
+//! encoded and saved on a blocking thread, so a member's heartbeats and appends do not wait
+//! for the encoding of a million owners.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::OpenError;
-use super::keyspace::CURRENT_SNAPSHOT;
+use super::snapshot::SnapshotFile;
 use crate::convert;
 use crate::state::{State, Touched};
 use crate::types::{
@@ -51,10 +55,9 @@ pub struct SmInner {
 
 #[derive(Debug)]
 struct Shared {
-    db: Arc<sled::Db>,
-    /// sled's data file, opened by us only to `fdatasync` it (see `Shared::flush`).
-    data_file: Arc<std::fs::File>,
-    snapshot: sled::Tree,
+    /// The data directory's lock (see `store::DirLock`), held while this store lives.
+    _lock: Arc<super::DirLock>,
+    snapshot: SnapshotFile,
     inner: RwLock<SmInner>,
 }
 
@@ -111,12 +114,7 @@ impl SmHandle {
 
     /// Bytes of the current stored snapshot's payload (0 if none yet).
     pub fn snapshot_bytes(&self) -> u64 {
-        self.0
-            .snapshot
-            .get([CURRENT_SNAPSHOT, b".data"].concat())
-            .ok()
-            .flatten()
-            .map_or(0, |v| v.len() as u64)
+        self.0.snapshot.bytes()
     }
 }
 
@@ -156,7 +154,7 @@ fn decode_err(what: &str, e: impl std::fmt::Display) -> OpenError {
     }
 }
 
-fn decode_snapshot(meta: &SnapshotMeta, data: &[u8]) -> Result<State, StorageError> {
+pub(super) fn decode_snapshot(meta: &SnapshotMeta, data: &[u8]) -> Result<State, StorageError> {
     let payload: SnapshotPayload = serde_json::from_slice(data)
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
     if payload.format != SNAPSHOT_FORMAT {
@@ -173,14 +171,12 @@ impl StateMachineStore {
     /// The state of the current snapshot (empty if none): openraft re-applies the committed
     /// log after it.
     pub(super) fn open(
-        db: Arc<sled::Db>,
-        data_file: std::fs::File,
-        snapshot: sled::Tree,
+        lock: Arc<super::DirLock>,
+        snapshot: SnapshotFile,
         watch_ring: usize,
     ) -> Result<Self, OpenError> {
         let mut shared = Shared {
-            db,
-            data_file: Arc::new(data_file),
+            _lock: lock,
             snapshot,
             inner: RwLock::new(SmInner {
                 state: State::default(),
@@ -190,7 +186,8 @@ impl StateMachineStore {
             }),
         };
         if let Some((meta, data)) = shared
-            .load_snapshot()
+            .snapshot
+            .load()
             .map_err(|e| decode_err("snapshot", e))?
         {
             let state = decode_snapshot(&meta, &data).map_err(|e| decode_err("snapshot", e))?;
@@ -208,50 +205,17 @@ impl StateMachineStore {
     }
 }
 
-fn sm_write_err(e: impl Into<openraft::AnyError>) -> StorageError {
-    StorageIOError::write_state_machine(e).into()
+fn snapshot_write_err(meta: &SnapshotMeta, e: &std::io::Error) -> StorageError {
+    StorageIOError::write_snapshot(Some(meta.signature()), e).into()
 }
 
-impl Shared {
-    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-        let meta_bytes = serde_json::to_vec(meta)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        let mut batch = sled::Batch::default();
-        batch.insert([CURRENT_SNAPSHOT, b".meta"].concat(), meta_bytes);
-        batch.insert([CURRENT_SNAPSHOT, b".data"].concat(), data);
-        self.snapshot
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        Ok(())
-    }
-
-    fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
-        let read = |suffix: &[u8]| {
-            self.snapshot
-                .get([CURRENT_SNAPSHOT, suffix].concat())
-                .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))
-        };
-        let (Some(meta), Some(data)) = (read(b".meta")?, read(b".data")?) else {
-            return Ok(None);
-        };
-        let meta: SnapshotMeta =
-            serde_json::from_slice(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(Some((meta, data.to_vec())))
-    }
-
-    /// Puts everything sled holds on stable storage: sled's `flush_async` is only
-    /// `sync_file_range` on Linux (PITFALLS §4), so `fdatasync` of its data file follows, on
-    /// a blocking thread. Used for snapshots, which must be durable before the log they cover
-    /// is purged.
-    async fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush_async().await.map_err(|e| sm_write_err(&e))?;
-        let file = self.data_file.clone();
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(|e| sm_write_err(&e))?
-            .map_err(|e| sm_write_err(&e))?;
-        Ok(())
-    }
+/// Runs blocking snapshot work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &e))?
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -265,12 +229,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 inner.membership.clone(),
             )
         };
-        let payload = SnapshotPayload {
-            format: SNAPSHOT_FORMAT,
-            state,
-        };
-        let data =
-            serde_json::to_vec(&payload).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        crate::stages::record(|| "sm.snapshot.clone".into(), t0.elapsed());
         // Unique even for two snapshots at the same log id.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -284,13 +243,26 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: membership,
             snapshot_id,
         };
-        let t1 = std::time::Instant::now();
-        crate::stages::record(|| "sm.snapshot.encode".into(), t1 - t0);
-        self.0.save_snapshot(&meta, &data)?;
-        let t2 = std::time::Instant::now();
-        crate::stages::record(|| "sm.snapshot.save".into(), t2 - t1);
-        self.0.flush().await?;
-        crate::stages::record(|| "sm.snapshot.flush".into(), t2.elapsed());
+        let shared = self.0.clone();
+        let (meta, data) = blocking(move || {
+            let t1 = std::time::Instant::now();
+            let payload = SnapshotPayload {
+                format: SNAPSHOT_FORMAT,
+                state,
+            };
+            let data =
+                serde_json::to_vec(&payload).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            drop(payload);
+            let t2 = std::time::Instant::now();
+            crate::stages::record(|| "sm.snapshot.encode".into(), t2 - t1);
+            shared
+                .snapshot
+                .save(&meta, &data)
+                .map_err(|e| snapshot_write_err(&meta, &e))?;
+            crate::stages::record(|| "sm.snapshot.save".into(), t2.elapsed());
+            Ok((meta, data))
+        })
+        .await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -360,22 +332,37 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state = decode_snapshot(meta, &data)?;
-        {
-            let mut guard = self.0.inner.write();
-            let inner = &mut *guard;
-            inner.state = state;
-            inner.last_applied = meta.last_log_id;
-            inner.membership = meta.last_membership.clone();
-            inner.hub.reset();
-        }
-        self.0.save_snapshot(meta, &data)?;
-        self.0.flush().await?;
+        let shared = self.0.clone();
+        let stored = meta.clone();
+        // Decoded and on stable storage before it replaces the state in memory.
+        let state = blocking(move || {
+            let state = decode_snapshot(&stored, &data)?;
+            shared
+                .snapshot
+                .save(&stored, &data)
+                .map_err(|e| snapshot_write_err(&stored, &e))?;
+            Ok(state)
+        })
+        .await?;
+        let mut guard = self.0.inner.write();
+        let inner = &mut *guard;
+        inner.state = state;
+        inner.last_applied = meta.last_log_id;
+        inner.membership = meta.last_membership.clone();
+        inner.hub.reset();
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.0.load_snapshot()?.map(|(meta, data)| Snapshot {
+        let shared = self.0.clone();
+        let current = blocking(move || {
+            shared
+                .snapshot
+                .load()
+                .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+        })
+        .await?;
+        Ok(current.map(|(meta, data)| Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))

@@ -6,9 +6,9 @@ use super::*;
 use crate::state::Cmd;
 use crate::types::{Entry, LogId, Request, StorageError, TypeConfig};
 
-struct SledBuilder;
+struct FileBuilder;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for FileBuilder {
     async fn build(
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
@@ -22,7 +22,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
 /// openraft's storage conformance suite. It builds its own runtime, so a plain `#[test]`.
 #[test]
 fn openraft_storage_suite() -> Result<(), StorageError> {
-    Suite::test_all(SledBuilder)
+    Suite::test_all(FileBuilder)
 }
 
 fn log_id(term: u64, index: u64) -> LogId {
@@ -163,9 +163,8 @@ async fn appends_votes_truncates_and_purges_are_synced() {
     assert_eq!(log.syncs(), 6, "a purge is synced");
 }
 
-/// Opens the store in `dir` again. sled's background writer threads may hold its file lock for
-/// a moment after the last handle is dropped (seen under load: `WouldBlock` on `raft.sled/db`),
-/// so a reopen retries for up to 5 s.
+/// Opens the store in `dir` again. The data directory's lock goes with the last store
+/// handle; a reopen retries for up to 5 s in case a task still holds one.
 async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachineStore) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
@@ -180,87 +179,93 @@ async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachineStore) {
     }
 }
 
-/// A state machine written through to sled by an earlier version (tree `sm`) is not read:
-/// the state comes from the snapshot (none here), and the tree is dropped at open.
+/// A second open of a data directory in use fails by name (two members on one volume would
+/// otherwise write one log from two processes); it opens once the first is closed.
 #[tokio::test]
-async fn a_written_through_state_machine_is_dropped_on_open() {
+async fn a_data_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path(), 16 << 20, 128).unwrap();
+    let err = open(dir.path(), 16 << 20, 128).unwrap_err();
+    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    drop(first);
+    open(dir.path(), 16 << 20, 128).unwrap();
+}
+
+/// A state with one node and the claims of `openids`, snapshotted, as the snapshot's stored
+/// metadata and payload.
+async fn snapshot_of(openids: &[&str]) -> (crate::types::SnapshotMeta, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(dir.path(), 16 << 20, 128).unwrap();
+    let mut cmds = vec![register("a")];
+    cmds.extend(openids.iter().map(|o| claim("a", o)));
+    sm.apply(vec![entry(1, 1, cmds)]).await.unwrap();
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    (snap.meta, snap.snapshot.into_inner())
+}
+
+/// A data directory written before session 14 (`raft.sled` with its snapshot in tree
+/// `snapshot`, and tree `sm`, the write-through copy of sessions before 13) opens with the
+/// snapshot's state; the snapshot is in the file, `raft.sled` is gone, and the next open
+/// reads the file alone.
+#[tokio::test]
+async fn a_data_directory_kept_in_sled_is_moved_on_open() {
+    let (meta, data) = snapshot_of(&["alice", "bob"]).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("raft.sled");
     {
         let db = sled::Config::new().path(&path).open().unwrap();
-        let sm = db.open_tree("sm").unwrap();
-        sm.insert(b"o/alice", b"{}".to_vec()).unwrap();
-        sm.insert(b"m", br#"{"last_applied":null}"#.to_vec())
+        let snapshot = db.open_tree("snapshot").unwrap();
+        snapshot
+            .insert(keyspace::snapshot::META, serde_json::to_vec(&meta).unwrap())
             .unwrap();
+        snapshot.insert(keyspace::snapshot::DATA, data).unwrap();
+        let sm = db.open_tree("sm").unwrap();
+        sm.insert(b"o/mallory", b"{}".to_vec()).unwrap();
         db.flush().unwrap();
     }
-    let (_log, sm) = reopen(dir.path()).await;
-    assert!(sm.handle().read().state.owners.is_empty());
-    drop((_log, sm));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let db = loop {
-        match sled::Config::new().path(&path).open() {
-            Ok(db) => break db,
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("reopen sled: {e}; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("reopen sled: {e}"),
-        }
-    };
-    assert!(
-        !db.tree_names().iter().any(|n| n.as_ref() == b"sm"),
-        "tree sm is still there"
-    );
+    for _ in 0..2 {
+        let (_log, mut sm) = reopen(dir.path()).await;
+        assert!(!path.exists(), "raft.sled is still there");
+        assert_eq!(sm.applied_state().await.unwrap().0, meta.last_log_id);
+        let owners: Vec<String> = sm.handle().read().state.owners.keys().cloned().collect();
+        assert_eq!(owners, ["alice", "bob"]);
+        assert!(dir.path().join("snapshot").exists());
+    }
 }
 
 /// A snapshot that does not decode (a damaged disk, a newer format) stops the open with an
-/// error naming it, instead of a member starting from an empty state.
+/// error naming it, instead of a member starting from an empty state: a payload that is not
+/// a state, and a file whose bytes no longer match their checksum.
 #[tokio::test]
 async fn a_snapshot_that_does_not_decode_fails_the_open() {
+    let (meta, data) = snapshot_of(&["alice"]).await;
     let dir = tempfile::tempdir().unwrap();
-    {
-        let (_log, mut sm) = open(dir.path(), 16 << 20, 128).unwrap();
-        sm.apply(vec![entry(1, 1, vec![register("a")])])
-            .await
-            .unwrap();
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-    }
-    let path = dir.path().join("raft.sled");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match sled::Config::new().path(&path).open() {
-            Ok(db) => {
-                let snapshot = db.open_tree("snapshot").unwrap();
-                snapshot
-                    .insert(b"current.data", b"{not json".to_vec())
-                    .unwrap();
-                db.flush().unwrap();
-                break;
-            }
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("reopen sled: {e}; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("reopen sled: {e}"),
-        }
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let err = loop {
-        match open(dir.path(), 16 << 20, 128) {
-            Err(OpenError::Sled { .. }) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => break e,
-            Ok(_) => panic!("a damaged snapshot was opened"),
-        }
-    };
+    let file = snapshot::SnapshotFile::open(dir.path()).unwrap();
+    file.save(&meta, b"{not json").unwrap();
+    let err = open(dir.path(), 16 << 20, 128).unwrap_err();
     assert!(
         matches!(&err, OpenError::Decode { what, .. } if what == "snapshot"),
+        "{err}"
+    );
+    file.save(&meta, &data).unwrap();
+    drop(open(dir.path(), 16 << 20, 128).unwrap());
+    let path = dir.path().join("snapshot");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+    let err = open(dir.path(), 16 << 20, 128).unwrap_err();
+    assert!(
+        matches!(&err, OpenError::Decode { what, message } if what == "snapshot" && message.contains("checksum")),
         "{err}"
     );
 }
@@ -320,23 +325,10 @@ async fn a_log_kept_in_sled_is_moved_on_open() {
             vec![log_id(3, 2), log_id(4, 3)]
         );
     }
-    // sled's own copy is gone (the raw open retries like `reopen`).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let db = loop {
-        match sled::Config::new()
-            .path(dir.path().join("raft.sled"))
-            .open()
-        {
-            Ok(db) => break db,
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("sled open: {e}; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("sled open: {e}"),
-        }
-    };
-    assert!(db.open_tree("log").unwrap().is_empty());
-    assert!(db.open_tree("meta").unwrap().is_empty());
+    assert!(
+        !dir.path().join("raft.sled").exists(),
+        "sled's copy is gone"
+    );
 }
 
 /// Purged entries stay purged across a reopen; the later ones are kept.

@@ -104,8 +104,8 @@ impl Cluster {
     }
 
     async fn launch(&mut self, id: NodeId, cfg: ControlPlaneConfig) {
-        // sled releases its directory lock from its own background thread, a moment after the
-        // previous in-process instance of this node was shut down: retry that case briefly.
+        // The data directory's lock goes with the last store handle of the previous in-process
+        // instance of this node, which a winding-down task may hold a moment: retry briefly.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         let cp = loop {
             match ControlPlane::start(cfg.clone()).await {
