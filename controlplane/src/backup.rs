@@ -43,7 +43,7 @@ pub fn split(mut state: State, owners_per_entry: usize) -> Vec<State> {
     let owners = std::mem::take(&mut state.owners);
     let mut parts = vec![state];
     let per = owners_per_entry.max(1);
-    let mut current = std::collections::BTreeMap::new();
+    let mut current = crate::state::Owners::new();
     for (openid, owner) in owners {
         current.insert(openid, owner);
         if current.len() == per {

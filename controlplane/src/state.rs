@@ -168,6 +168,13 @@ pub enum Key {
     Failover(u64),
 }
 
+/// Owner records by openid. A persistent B-tree: cloning it (a snapshot's copy of the state)
+/// shares every node and costs O(1); a write after that copies only the nodes on its path
+/// that the copy still holds. A deep clone of a `BTreeMap` of ~300k owners stalled a
+/// member's runtime for 120-340 ms per snapshot (docs/benchmarks.md, "Session 14"). Same
+/// JSON as a map.
+pub type Owners = imbl::OrdMap<String, OwnerRec>;
+
 /// The whole replicated state (also the snapshot format, as JSON).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -180,7 +187,7 @@ pub struct State {
     pub last_failover: u64,
     pub upstreams: BTreeMap<String, UpstreamRec>,
     pub nodes: BTreeMap<String, NodeRec>,
-    pub owners: BTreeMap<String, OwnerRec>,
+    pub owners: Owners,
     pub failovers: BTreeMap<u64, FailoverRec>,
 }
 

@@ -77,7 +77,7 @@ pub(super) async fn list_sessions(
     for (openid, o) in inner
         .state
         .owners
-        .range::<String, _>((start, std::ops::Bound::Unbounded))
+        .range::<_, String>((start, std::ops::Bound::Unbounded))
     {
         if !openid.starts_with(prefix) {
             // Owners are sorted: past the prefix's range nothing more can match.

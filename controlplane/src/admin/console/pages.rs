@@ -414,7 +414,7 @@ pub(super) async fn sessions(
     let rows: Vec<Vec<String>> = inner
         .state
         .owners
-        .range::<str, _>((
+        .range::<_, str>((
             std::ops::Bound::Included(prefix),
             std::ops::Bound::Unbounded,
         ))
