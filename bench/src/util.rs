@@ -93,6 +93,56 @@ pub fn runq_wait_us(pid: u32) -> f64 {
         / 1e3
 }
 
+/// A process's threads: on-CPU time (µs, `/proc/PID/task/*/schedstat` field 1, nanosecond
+/// resolution, unlike `/proc/PID/stat`'s ticks) and voluntary context switches (times a thread
+/// went to sleep waiting for something: a wake-up each). Threads that ended are not counted.
+pub fn run_and_sleeps(pid: u32) -> (f64, f64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0.0, 0.0);
+    };
+    let (mut run_ns, mut sleeps) = (0.0, 0.0);
+    for t in tasks.flatten() {
+        if let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        {
+            run_ns += ns;
+        }
+        if let Some(n) = std::fs::read_to_string(t.path().join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+        {
+            sleeps += n;
+        }
+    }
+    (run_ns / 1e3, sleeps)
+}
+
+/// Machine-wide UDP datagrams received and sent (`/proc/net/snmp`, `InDatagrams`,
+/// `OutDatagrams`).
+pub fn udp_datagrams() -> (f64, f64) {
+    let Ok(text) = std::fs::read_to_string("/proc/net/snmp") else {
+        return (0.0, 0.0);
+    };
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return (0.0, 0.0);
+    };
+    let field = |want: &str| {
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == want)
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field("InDatagrams"), field("OutDatagrams"))
+}
+
 /// Busy time of every CPU since boot, in µs, indexed by CPU number: `/proc/stat`'s `cpuN` lines,
 /// every field but idle and iowait (steal included: time the hypervisor gave to someone else).
 /// With the processes of a run pinned, a CPU's busy time minus theirs is what other work on the

@@ -16,6 +16,8 @@
 //!   answered or, past the drain's deadline, failed explicitly; each ran once;
 //! - an upstream pushes through the same stream, and the client gets it;
 //! - a `push_batch` gets one result per push and is delivered in its order.
+//! - a request whose handler waits does not hold up the next one on its
+//!   stream (the library answers at once only what is done at once).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -726,4 +728,30 @@ async fn a_stopping_node_answers_or_fails_what_is_on_its_streams() {
     for (payload, n) in &executed {
         assert_eq!(*n, 1, "{payload} executed {n} times");
     }
+}
+
+/// The library polls a handler once on the stream's reader and answers at
+/// once if it is done; a handler that waits moves to a task of its own, so a
+/// request behind it on the same stream is answered while it still waits.
+#[tokio::test]
+async fn a_waiting_request_does_not_hold_up_the_next_one_on_its_stream() {
+    let app = App::new();
+    let (listener, addr) = bind().await;
+    let _instance = serve(&app, listener, 64).await;
+    let node = node(&[addr]).await;
+    let client = Arc::new(Client::connect(node.client_config("ada")).await.unwrap());
+    let held = tokio::spawn({
+        let client = client.clone();
+        async move { client.request(1, "hold:1").await }
+    });
+    gatesvr_tests::eventually("the held request runs", || {
+        app.executions().contains_key("hold:1")
+    })
+    .await;
+    let quick = client.request(1, "quick").await.expect("answered");
+    assert_eq!(&quick.payload[..], b"quick");
+    assert!(!held.is_finished(), "the held request is still waiting");
+    app.gate.add_permits(1);
+    let held = held.await.unwrap().expect("answered once released");
+    assert_eq!(&held.payload[..], b"hold:1");
 }

@@ -220,10 +220,31 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             ));
             for side in if gs_first { [0, 1] } else { [1, 0] } {
                 if side == 0 {
-                    let d =
-                        closed_loop(&mut sess, k, &payload, o.warmup, o.window, Reply::Response)
-                            .await?;
+                    let meters = Lone::read(dp.pid(), up.pid());
+                    // On a runtime worker, as `nats_loop`'s tasks and the saturated loops
+                    // run: here, on `block_on`'s thread, every reply would cross from the
+                    // worker that drives quinn to this thread and every request back, two
+                    // thread wake-ups per request that the NATS client does not pay.
+                    let (back, d) = {
+                        let (payload, warmup, window) = (payload.clone(), o.warmup, o.window);
+                        tokio::spawn(async move {
+                            let d = closed_loop(
+                                &mut sess,
+                                k,
+                                &payload,
+                                warmup,
+                                window,
+                                Reply::Response,
+                            )
+                            .await;
+                            (sess, d)
+                        })
+                        .await?
+                    };
+                    sess = back;
+                    let d = d?;
                     anyhow::ensure!(d.errors == 0, "{} GateSvr requests failed", d.errors);
+                    meters.record(&mut round, &format!("gs_k{k}"), d.all);
                     crate::util::callgrind_mark(&dp, &format!("k{k}"));
                     record(
                         &mut round,
@@ -233,8 +254,10 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
                         o.window,
                     );
                 } else {
-                    let (l, n, e, _) =
+                    let meters = Lone::read(nats.pid, responder.pid());
+                    let (l, n, e, all) =
                         nats_loop(&client, k, &payload_b, o.warmup, o.window).await?;
+                    meters.record(&mut round, &format!("nats_k{k}"), all);
                     nats_errors += e;
                     record(&mut round, &format!("nats_k{k}"), l, n, o.window);
                 }
@@ -310,6 +333,49 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
     rep.notes.push("placement: data plane and nats-server on the server CPU; upstream echo, NATS responder and load generator on the helper CPU".into());
     drop((nats, dp));
     Ok(rep)
+}
+
+/// What each process of a closed loop spent per request: on-CPU µs and voluntary sleeps (each
+/// one a wake-up on the request's path when one request is in flight), and the UDP datagrams
+/// the machine carried (GateSvr's client legs; NATS's are TCP). Over the whole loop (warm-up
+/// included), divided by every reply in it.
+struct Lone {
+    pids: [u32; 3],
+    before: [(f64, f64); 3],
+    udp: (f64, f64),
+}
+
+impl Lone {
+    fn read(server: u32, hop: u32) -> Self {
+        let pids = [server, hop, std::process::id()];
+        Self {
+            pids,
+            before: pids.map(crate::util::run_and_sleeps),
+            udp: crate::util::udp_datagrams(),
+        }
+    }
+
+    /// Records `{prefix}_{server,hop,client}_{run_us,sleeps}_per_req` and
+    /// `{prefix}_udp_{in,out}_per_req`.
+    fn record(&self, round: &mut Round, prefix: &str, replies: u64) {
+        let per = |v: f64| v / replies.max(1) as f64;
+        for ((pid, (run0, sleeps0)), who) in self
+            .pids
+            .into_iter()
+            .zip(self.before)
+            .zip(["server", "hop", "client"])
+        {
+            let (run, sleeps) = crate::util::run_and_sleeps(pid);
+            round.insert(format!("{prefix}_{who}_run_us_per_req"), per(run - run0));
+            round.insert(
+                format!("{prefix}_{who}_sleeps_per_req"),
+                per(sleeps - sleeps0),
+            );
+        }
+        let (i, o) = crate::util::udp_datagrams();
+        round.insert(format!("{prefix}_udp_in_per_req"), per(i - self.udp.0));
+        round.insert(format!("{prefix}_udp_out_per_req"), per(o - self.udp.1));
+    }
 }
 
 /// CPU time of the server, the middle hop and the load generator before a run, and of the

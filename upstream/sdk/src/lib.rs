@@ -62,6 +62,13 @@ pub enum Reply {
 pub trait Handler: Send + Sync + 'static {
     /// Runs one request. Dropped (cancelled) when the data plane gives up on
     /// it; an answer after that is discarded.
+    ///
+    /// On the streaming contract the future is first polled on the reader of
+    /// the node's stream, and moved to a task of its own only if it waits: a
+    /// handler that answers at once costs no task. Work done before the first
+    /// `.await` therefore delays the stream's next requests; a handler that
+    /// computes for long should start with `tokio::task::yield_now().await`
+    /// (or use `spawn_blocking`), so that it runs on its own task.
     fn handle(&self, request: ProcessRequestRequest) -> impl Future<Output = Reply> + Send;
 }
 

@@ -380,7 +380,7 @@ fn start<H: Handler>(inner: &Arc<Inner<H>>, stream: &Arc<Stream>, req: StreamReq
     let (inner, stream) = (inner.clone(), stream.clone());
     let id = req.id;
     let timeout = Duration::from_millis(u64::from(req.timeout_ms.max(1)));
-    tokio::spawn(async move {
+    let run = async move {
         let work = tokio::time::timeout(timeout, inner.handler.handle(request));
         let answer = tokio::select! {
             r = work => r.ok(),
@@ -411,5 +411,13 @@ fn start<H: Handler>(inner: &Arc<Inner<H>>, stream: &Arc<Stream>, req: StreamReq
         }
         stream.inflight.fetch_sub(1, Ordering::SeqCst);
         drop(executing);
-    });
+    };
+    // Polled once here, on the stream's reader: a handler that answers
+    // without waiting (an echo, a cache hit) is answered with no task spawned
+    // and no task wake-up on the request's path. One that waits goes on
+    // its own task and is polled there from where it stopped.
+    let mut run = Box::pin(run);
+    if futures::FutureExt::now_or_never(run.as_mut()).is_none() {
+        tokio::spawn(run);
+    }
 }
