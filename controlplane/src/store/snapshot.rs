@@ -4,8 +4,8 @@
 //! directory, so after a crash the file is either the old snapshot or the new one, and once
 //! [`SnapshotFile::save`] returns the new one is on stable storage (openraft purges the log it
 //! covers only after that). Until session 14 the snapshot was a value in sled: at ~300k owners
-//! sled's save and flush cost each member ~380 ms of CPU per snapshot, on the runtime
-//! (docs/benchmarks.md, "Session 14").
+//! sled's save and flush took each member ~380 ms per snapshot, on the runtime that serves
+//! raft (docs/benchmarks.md, "Session 13" and "Session 14").
 //!
 //! Layout (integers little-endian):
 //!
