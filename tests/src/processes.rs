@@ -112,12 +112,16 @@ impl ProcessCluster {
         let mut cps = Vec::new();
         for &(id, grpc, admin) in &members {
             // Short leases so that a killed node is noticed within a test's patience.
+            // `default_ttl` is also a new leader's grace before it declares anyone dead:
+            // at the shipped 10 s it raced a replica recovery's 10 s patience in the tests
+            // that restart the control plane, and a recovery that gave up first said
+            // SESSION_EXPIRED instead of RECOVERED.
             let yaml = controlplane_config(
                 id,
                 &root.join(format!("cp-{id}")),
                 &members,
                 &certs_dir,
-                "leases:\n  min_ttl: 500ms\n  check_interval: 100ms\n",
+                "leases:\n  default_ttl: 2s\n  min_ttl: 500ms\n  check_interval: 100ms\n",
             );
             let path = root.join(format!("cp-{id}.yaml"));
             std::fs::write(&path, yaml).expect("cp config");
