@@ -210,7 +210,7 @@ fn snapshot_write_err(meta: &SnapshotMeta, e: &std::io::Error) -> StorageError {
     StorageIOError::write_snapshot(Some(meta.signature()), e).into()
 }
 
-/// Niceness of a snapshot build's thread (Linux): on a busy core the runtime (heartbeats,
+/// Niceness a snapshot build's thread adds to its process's (Linux; at most 19): on a busy core the runtime (heartbeats,
 /// appends, claims) goes first and the build takes what is left. The three members of
 /// `gate-bench claims` share one core and reach their snapshot points together: at normal
 /// priority their three encoders left the runtime a quarter of it, and claims queued for up
@@ -226,11 +226,7 @@ async fn in_background<T: Send + 'static>(
         .name("cp-snapshot".into())
         .spawn(move || {
             #[cfg(target_os = "linux")]
-            if let Err(e) =
-                rustix::process::setpriority_process(Some(rustix::thread::gettid()), SNAPSHOT_NICE)
-            {
-                tracing::debug!(error = %e, "snapshot thread keeps its priority");
-            }
+            lower_priority();
             let _ = tx.send(f());
         })
         .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
@@ -238,6 +234,18 @@ async fn in_background<T: Send + 'static>(
         let e = std::io::Error::other("snapshot thread panicked");
         StorageIOError::write_snapshot(None, &e)
     })?
+}
+
+/// Lowers the calling thread's priority by [`SNAPSHOT_NICE`], relative to what it inherited: a
+/// member run at nice 5 builds its snapshots at 15, never above its own priority.
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    let me = Some(rustix::thread::gettid());
+    let lowered = rustix::process::getpriority_process(me)
+        .and_then(|nice| rustix::process::setpriority_process(me, (nice + SNAPSHOT_NICE).min(19)));
+    if let Err(e) = lowered {
+        tracing::debug!(error = %e, "snapshot thread keeps its priority");
+    }
 }
 
 /// Runs blocking snapshot work off the async runtime.
@@ -397,5 +405,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn own_nice() -> i32 {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+    }
+
+    /// A snapshot build runs on a thread [`SNAPSHOT_NICE`] below the caller's priority (as low
+    /// as 19 at most), so on a busy core the runtime goes first.
+    #[tokio::test]
+    async fn a_snapshot_build_runs_at_a_lower_priority() {
+        let caller = own_nice();
+        let builder = in_background(|| Ok(own_nice())).await.unwrap();
+        assert_eq!(builder, (caller + SNAPSHOT_NICE).min(19));
+        assert!(caller == 19 || builder > caller, "{builder} vs {caller}");
     }
 }
