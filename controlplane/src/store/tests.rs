@@ -242,6 +242,42 @@ async fn a_data_directory_kept_in_sled_is_moved_on_open() {
     }
 }
 
+/// A snapshot in `raft.sled` that does not decode stops the open with an error naming it, and
+/// the move leaves everything where it was: `raft.sled` is kept (a fixed binary or a restore
+/// from a peer can still use it) and no snapshot file is made from it. The open succeeds once
+/// the snapshot there decodes.
+#[tokio::test]
+async fn a_damaged_snapshot_in_sled_stops_the_move_and_keeps_sled() {
+    let (meta, data) = snapshot_of(&["alice"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.sled");
+    let put = |data: &[u8]| {
+        let db = sled::Config::new().path(&path).open().unwrap();
+        let snapshot = db.open_tree("snapshot").unwrap();
+        snapshot
+            .insert(keyspace::snapshot::META, serde_json::to_vec(&meta).unwrap())
+            .unwrap();
+        snapshot.insert(keyspace::snapshot::DATA, data).unwrap();
+        db.flush().unwrap();
+    };
+    put(b"{\"owners\": 17");
+    let err = open(dir.path(), 16 << 20, 128).unwrap_err();
+    assert!(
+        matches!(&err, OpenError::Decode { what, .. } if what == "snapshot"),
+        "{err}"
+    );
+    assert!(path.exists(), "raft.sled was removed after a failed move");
+    assert!(
+        !dir.path().join("snapshot").exists(),
+        "a snapshot file was made"
+    );
+    put(&data);
+    let (_log, sm) = reopen(dir.path()).await;
+    assert!(!path.exists(), "raft.sled is still there");
+    let owners: Vec<String> = sm.handle().read().state.owners.keys().cloned().collect();
+    assert_eq!(owners, ["alice"]);
+}
+
 /// A snapshot that does not decode (a damaged disk, a newer format) stops the open with an
 /// error naming it, instead of a member starting from an empty state: a payload that is not
 /// a state, and a file whose bytes no longer match their checksum.
