@@ -73,8 +73,12 @@ impl Publisher {
     async fn publish(&mut self, size: usize, count: usize, seq: &mut u64) -> Result<()> {
         match self {
             Publisher::GateSvr(client) => {
-                // Up to 8 broadcasts in flight (the call returns once queued to every session).
-                let results = crate::client::bounded((0..count).collect(), 8, |_| {
+                // Every broadcast of the burst in flight at once, as NATS's publisher sends the
+                // whole burst before its one flush (each call returns once its message is queued
+                // to every session). Until session 15 at most 8 were: a connection's task then
+                // found ~8 pushes per wake-up and sent a datagram each time, ~2x the datagrams
+                // per delivery of a full burst (docs/benchmarks.md, "Session 15").
+                let results = crate::client::bounded((0..count).collect(), count, |_| {
                     let mut c = client.clone();
                     async move {
                         c.broadcast_to_clients(BroadcastRequest {
@@ -482,7 +486,7 @@ pub async fn run(o: &Opts, args: &PeersArgs) -> Result<Report> {
             "",
         ));
     }
-    rep.notes.push("GateSvr: BroadcastToClients (up to 8 calls in flight), every session acks (ClientAck, cumulative, once per chunk read); Mosquitto: QoS 1 both ways (PUBACK from the broker to the publisher and from every subscriber), max_inflight_messages 1024 per subscriber (GateSvr's push window: session.max_queue, 1024 unacked); NATS core: no acknowledgements at all".into());
+    rep.notes.push("GateSvr: BroadcastToClients (the whole burst in flight, as NATS publishes it before one flush; 8 calls until session 15), every session acks (ClientAck, cumulative, once per chunk read); Mosquitto: QoS 1 both ways (PUBACK from the broker to the publisher and from every subscriber), max_inflight_messages 1024 per subscriber (GateSvr's push window: session.max_queue, 1024 unacked); NATS core: no acknowledgements at all".into());
     rep.notes.push("server CPU us per delivery: utime+stime of the server process over a burst / deliveries; *_client_cpu_us_per_delivery (fields): the same for the load generator holding every subscriber".into());
     rep.notes.push("deliveries/s = messages x subscribers / (last delivery - first publish); every subscriber is its own TLS connection from the load generator (helper CPU)".into());
     drop((dp, nats, mosq));
