@@ -212,6 +212,23 @@ async fn snapshot_of(openids: &[&str]) -> (crate::types::SnapshotMeta, Vec<u8>) 
     (snap.meta, snap.snapshot.into_inner())
 }
 
+/// A `raft.sled` as versions before session 14 wrote it, with `meta` and `data` as the
+/// snapshot in tree `snapshot` (flushed).
+fn sled_with_snapshot(
+    path: &std::path::Path,
+    meta: &crate::types::SnapshotMeta,
+    data: &[u8],
+) -> sled::Db {
+    let db = sled::Config::new().path(path).open().unwrap();
+    let snapshot = db.open_tree("snapshot").unwrap();
+    snapshot
+        .insert(keyspace::snapshot::META, serde_json::to_vec(meta).unwrap())
+        .unwrap();
+    snapshot.insert(keyspace::snapshot::DATA, data).unwrap();
+    db.flush().unwrap();
+    db
+}
+
 /// A data directory written before session 14 (`raft.sled` with its snapshot in tree
 /// `snapshot`, and tree `sm`, the write-through copy of sessions before 13) opens with the
 /// snapshot's state; the snapshot is in the file, `raft.sled` is gone, and the next open
@@ -222,12 +239,7 @@ async fn a_data_directory_kept_in_sled_is_moved_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("raft.sled");
     {
-        let db = sled::Config::new().path(&path).open().unwrap();
-        let snapshot = db.open_tree("snapshot").unwrap();
-        snapshot
-            .insert(keyspace::snapshot::META, serde_json::to_vec(&meta).unwrap())
-            .unwrap();
-        snapshot.insert(keyspace::snapshot::DATA, data).unwrap();
+        let db = sled_with_snapshot(&path, &meta, &data);
         let sm = db.open_tree("sm").unwrap();
         sm.insert(b"o/mallory", b"{}".to_vec()).unwrap();
         db.flush().unwrap();
@@ -251,16 +263,7 @@ async fn a_damaged_snapshot_in_sled_stops_the_move_and_keeps_sled() {
     let (meta, data) = snapshot_of(&["alice"]).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("raft.sled");
-    let put = |data: &[u8]| {
-        let db = sled::Config::new().path(&path).open().unwrap();
-        let snapshot = db.open_tree("snapshot").unwrap();
-        snapshot
-            .insert(keyspace::snapshot::META, serde_json::to_vec(&meta).unwrap())
-            .unwrap();
-        snapshot.insert(keyspace::snapshot::DATA, data).unwrap();
-        db.flush().unwrap();
-    };
-    put(b"{\"owners\": 17");
+    drop(sled_with_snapshot(&path, &meta, b"{\"owners\": 17"));
     let err = open(dir.path(), 16 << 20, 128).unwrap_err();
     assert!(
         matches!(&err, OpenError::Decode { what, .. } if what == "snapshot"),
@@ -271,7 +274,7 @@ async fn a_damaged_snapshot_in_sled_stops_the_move_and_keeps_sled() {
         !dir.path().join("snapshot").exists(),
         "a snapshot file was made"
     );
-    put(&data);
+    drop(sled_with_snapshot(&path, &meta, &data));
     let (_log, sm) = reopen(dir.path()).await;
     assert!(!path.exists(), "raft.sled is still there");
     let owners: Vec<String> = sm.handle().read().state.owners.keys().cloned().collect();
