@@ -651,18 +651,18 @@ async fn a_start_during_a_control_plane_election_is_claimed_by_the_new_leader() 
         .expect("the Start succeeds (not refused with DRAINING)");
     client.request(1, "hello").await.expect("a request");
 
-    let seen = cp.0.lock();
-    assert!(
-        seen.refused_for_lease >= 1 && seen.renewed,
-        "refused for the lapsed lease, then renewed: {seen:?}"
-    );
-    let epoch = seen
-        .committed
-        .iter()
-        .find(|(openid, _)| openid == "erin")
-        .map(|(_, epoch)| *epoch)
-        .expect("the new leader committed the Start's claim");
-    drop(seen);
+    let epoch = {
+        let seen = cp.0.lock();
+        assert!(
+            seen.refused_for_lease >= 1 && seen.renewed,
+            "refused for the lapsed lease, then renewed: {seen:?}"
+        );
+        seen.committed
+            .iter()
+            .find(|(openid, _)| openid == "erin")
+            .map(|(_, epoch)| *epoch)
+            .expect("the new leader committed the Start's claim")
+    };
     assert!(
         !dp.node().provisional.lock().contains("erin"),
         "served provisionally"
