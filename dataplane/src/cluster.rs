@@ -75,6 +75,14 @@ pub struct ControlPlaneClientConfig {
     /// Deadline of one control-plane call. Default 2s.
     #[serde(with = "humantime_serde")]
     pub rpc_timeout: Duration,
+    /// How long a Start waits for its claim while the control plane cannot
+    /// answer it (a leader election; this node's lease lapsed meanwhile),
+    /// trying again with back-off (`core::claim`); then the session runs
+    /// provisionally. Default 7s: longer than an election with the shipped
+    /// raft timings (~5 s measured), shorter than a client's connect timeout
+    /// (the SDK's 10 s covers the handshake and the Start).
+    #[serde(with = "humantime_serde")]
+    pub claim_patience: Duration,
     /// Where the last view learned from the control plane is kept, so a node
     /// restarted during an outage still routes. Default none.
     pub state_file: Option<PathBuf>,
@@ -102,6 +110,7 @@ impl Default for ControlPlaneClientConfig {
             server_name: "localhost".into(),
             lease_ttl: Duration::from_secs(3),
             rpc_timeout: Duration::from_secs(2),
+            claim_patience: Duration::from_secs(7),
             state_file: None,
             max_state_age: Duration::from_secs(24 * 3600),
             advertise_quic_addr: None,
@@ -159,6 +168,12 @@ impl ControlPlaneClientConfig {
         if self.rpc_timeout.is_zero() {
             return Err(ConfigError::key(
                 "control_plane.rpc_timeout",
+                "must be positive",
+            ));
+        }
+        if self.claim_patience.is_zero() {
+            return Err(ConfigError::key(
+                "control_plane.claim_patience",
                 "must be positive",
             ));
         }
@@ -366,12 +381,64 @@ pub struct Claimed {
 /// Why a claim did not happen.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClaimError {
-    /// The control plane could not be reached in time: serve provisionally.
+    /// No answer to the claim: no member reached, no leader (an election),
+    /// the leader gone, a member shutting down, a call broken or timed out.
+    /// Retrying can help (the next leader commits it); in the end the
+    /// session runs provisionally.
     #[error("control plane unreachable: {0}")]
     Unreachable(String),
-    /// The control plane refused the claim (e.g. this node is not active).
+    /// The control plane counts this node as not active (FAILED_PRECONDITION:
+    /// its lease expired, declared dead, cordoned, left). After a leader
+    /// election longer than the lease, every claim gets this until the
+    /// node's next heartbeat commits: retrying after a renewal helps then
+    /// ([`ClaimError::failure`]); otherwise it is a refusal.
+    #[error("claim refused: {0}")]
+    NotActive(String),
+    /// The control plane refused the claim; retrying gets the same answer.
     #[error("claim refused: {0}")]
     Refused(String),
+}
+
+impl ClaimError {
+    /// The error of a failed `ClaimSessions` call (the one place a status
+    /// becomes a `ClaimError`). UNKNOWN is a call broken mid-way (the member
+    /// died: tonic's h2 errors) and INTERNAL a member whose raft stopped
+    /// (shutting down): another member may answer.
+    pub fn of_status(status: &tonic::Status) -> Self {
+        let message = status.message().to_string();
+        match status.code() {
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::Internal => ClaimError::Unreachable(message),
+            tonic::Code::FailedPrecondition => ClaimError::NotActive(message),
+            _ => ClaimError::Refused(message),
+        }
+    }
+
+    /// Whether trying again can help (`core::claim`). `lease_holds`:
+    /// this node's own lease surely holds now ([`Cluster::lease_check`]).
+    /// A "not active" answer while it does not is this node's lapsed lease
+    /// (no leader renewed it): a renewal cures it. While it holds, the
+    /// control plane means it (cordoned, left): a refusal.
+    pub fn failure(&self, lease_holds: bool) -> crate::core::ClaimFailure {
+        use crate::core::ClaimFailure;
+        match self {
+            ClaimError::Unreachable(_) => ClaimFailure::Unavailable,
+            ClaimError::NotActive(_) if !lease_holds => ClaimFailure::LeaseLapsed,
+            ClaimError::NotActive(_) | ClaimError::Refused(_) => ClaimFailure::Refused,
+        }
+    }
+}
+
+/// A Start's claim after [`Cluster::claim_patiently`]: the last answer, how
+/// it counts for retrying (an error's), and how many times it was tried again.
+#[derive(Debug)]
+pub struct PatientClaim {
+    pub result: Result<Claimed, ClaimError>,
+    pub failure: Option<crate::core::ClaimFailure>,
+    pub retries: u32,
 }
 
 /// Callback for one owner record that changed (a watch delta or a claim).
@@ -440,6 +507,13 @@ pub struct Cluster {
     /// recoveries waiting for the view to reach their claim
     /// ([`Cluster::view_reaches`]).
     view_advanced: Notify,
+    /// Renewals of this node's lease answered so far (heartbeats and
+    /// registrations): a claim refused for a lapsed lease waits for the next.
+    renewals: AtomicU64,
+    /// Wakes the membership loop for a heartbeat now, out of its back-off: a
+    /// claim was refused because this node's lease lapsed (a leader election
+    /// longer than the lease), and every Start waits for that renewal.
+    renew_wake: Notify,
 }
 
 /// One Start's claim, waiting to be sent.
@@ -527,6 +601,8 @@ impl Cluster {
             lease: Mutex::new(crate::core::Lease::default()),
             lease_changed: Notify::new(),
             view_advanced: Notify::new(),
+            renewals: AtomicU64::new(0),
+            renew_wake: Notify::new(),
         };
         cluster.load_state_file();
         Ok(cluster)
@@ -894,6 +970,79 @@ impl Cluster {
         })
     }
 
+    /// Claims as [`Cluster::claim`] does, and rides out a control-plane
+    /// leader change (`core::claim`, [`ClaimRetry`](crate::core::ClaimRetry)):
+    /// while no member answers the claim (an election) it is tried again with
+    /// back-off; when the control plane refuses it because this node's lease
+    /// lapsed meanwhile, a heartbeat goes out at once and the claim follows
+    /// its renewal. A refusal is final. No attempt outlasts
+    /// `control_plane.claim_patience`.
+    pub async fn claim_patiently(
+        &self,
+        openid: &str,
+        session_id: &str,
+        fresh_session_id: &str,
+    ) -> PatientClaim {
+        use crate::core::{ClaimNext, ClaimRetry};
+        let mut retry = ClaimRetry::new(
+            tokio::time::Instant::now().into_std(),
+            self.cfg.claim_patience,
+        );
+        let deadline = tokio::time::Instant::from_std(retry.deadline());
+        loop {
+            let renewals = self.renewals.load(Ordering::SeqCst);
+            let attempt = self.claim(openid, session_id, fresh_session_id);
+            let result = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(ClaimError::Unreachable(
+                    "no answer within control_plane.claim_patience".into(),
+                )),
+            };
+            let failure = match &result {
+                Ok(_) => None,
+                Err(e) => Some(e.failure(self.lease_check(Instant::now()).is_ok())),
+            };
+            let Some(f) = failure else {
+                return PatientClaim {
+                    result,
+                    failure,
+                    retries: retry.retries(),
+                };
+            };
+            let give_up = |retries| PatientClaim {
+                result: result.clone(),
+                failure,
+                retries,
+            };
+            match retry.failed(tokio::time::Instant::now().into_std(), f) {
+                ClaimNext::GiveUp => return give_up(retry.retries()),
+                ClaimNext::RetryAt(at) => {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                }
+                ClaimNext::AfterRenewal => {
+                    self.renew_wake.notify_one();
+                    if !self.renewed_since(renewals, deadline).await {
+                        return give_up(retry.retries());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until a renewal of this node's lease newer than the `seen`-th
+    /// was answered, or `until`; whether one was.
+    async fn renewed_since(&self, seen: u64, until: tokio::time::Instant) -> bool {
+        loop {
+            let changed = self.lease_changed.notified();
+            if self.renewals.load(Ordering::SeqCst) > seen {
+                return true;
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return self.renewals.load(Ordering::SeqCst) > seen;
+            }
+        }
+    }
+
     /// Sends waiting claims, up to [`MAX_CLAIMS_PER_CALL`] per call and
     /// `claim_calls_in_flight` calls at once: claims arriving while all are
     /// busy wait and go together in the next call, so under load one call
@@ -951,15 +1100,13 @@ impl Cluster {
                     self.rotate();
                     Err(ClaimError::Unreachable("timed out".into()))
                 }
-                Ok(Err(status)) => Err(match status.code() {
-                    tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Cancelled => {
+                Ok(Err(status)) => {
+                    let e = ClaimError::of_status(&status);
+                    if matches!(e, ClaimError::Unreachable(_)) {
                         self.rotate();
-                        ClaimError::Unreachable(status.message().to_string())
                     }
-                    _ => ClaimError::Refused(status.message().to_string()),
-                }),
+                    Err(e)
+                }
                 Ok(Ok(r)) => Ok(r.into_inner().results),
             };
         match outcome {
@@ -1196,6 +1343,7 @@ impl Cluster {
                             self.drain_requested.notify_one();
                         }
                         self.lease.lock().renewed(sent, lease_ttl);
+                        self.renewals.fetch_add(1, Ordering::SeqCst);
                         self.lease_changed.notify_waiters();
                         true
                     }
@@ -1244,6 +1392,7 @@ impl Cluster {
                             lease_ttl = Duration::from_millis(u64::from(r.lease_ttl_ms));
                         }
                         self.lease.lock().renewed(sent, lease_ttl);
+                        self.renewals.fetch_add(1, Ordering::SeqCst);
                         self.lease_changed.notify_waiters();
                         tracing::info!(node = %self.node_id, lease_ms = r.lease_ttl_ms, "registered with the control plane");
                         true
@@ -1265,6 +1414,9 @@ impl Cluster {
             };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
+                // A claim needs the renewal now (its lease lapsed during an
+                // election): out of the back-off, which reaches 2 s.
+                () = self.renew_wake.notified() => {}
                 () = stop.cancelled() => return,
             }
         }

@@ -27,6 +27,9 @@
 //! - [`members`]: node liveness, decided once (standby, successors, fan-out,
 //!   recovery sources, handover reachability);
 //! - [`table`]: [`Table`], the events and the commands;
+//! - [`claim`]: how a Start's claim rides out a control-plane leader change
+//!   (tried again while unavailable, after a renewal when this node's lease
+//!   lapsed meanwhile, never after a refusal; bounded by the patience);
 //! - [`lease`]: whether this node's control-plane lease surely still
 //!   holds, the condition for acknowledging a durable push (fencing a node
 //!   cut off from the control plane);
@@ -37,6 +40,7 @@
 //! - `tests`: one test per rule, no network.
 
 pub mod cell;
+pub mod claim;
 pub mod lease;
 pub mod members;
 pub mod recovery;
@@ -46,6 +50,7 @@ pub mod table;
 mod tests;
 
 pub use cell::PlainCell;
+pub use claim::{ClaimFailure, ClaimNext, ClaimRetry};
 pub use lease::{Lease, LeaseError};
 pub use members::{AfterHandover, Member, Members, Reach};
 pub use slot::{Holding, Slot};

@@ -409,6 +409,9 @@ mod tests {
         // What the control plane answers a refused claim (its own text, a
         // node name, or a Debug dump of an unexpected result).
         let refused_claims = [
+            ClaimError::NotActive(
+                "failed precondition: node dp-7 is not active (cordoned: it keeps its sessions but takes no new ones)".into(),
+            ),
             ClaimError::Refused("node dp-7 is not active (state Left)".into()),
             ClaimError::Refused("unexpected Unexpected { at: \"10.9.8.7:50051\" }".into()),
         ];

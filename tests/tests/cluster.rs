@@ -393,3 +393,300 @@ async fn internal_grpc_runs_over_mtls_with_a_token_option_for_upstreams() {
         );
     }
 }
+
+/// A control plane whose answers the test scripts, as a data plane sees them
+/// through a leader crash (`gate-bench failover` part (b), docs/benchmarks.md
+/// "Session 15"): what each call answers in each phase is what the real
+/// members answered in that run (the data planes' logs).
+mod election {
+    use std::pin::Pin;
+    use std::sync::Arc;
+
+    use gatesvr_proto::control as pb;
+    use gatesvr_proto::control::control_plane_server::{ControlPlane, ControlPlaneServer};
+    use parking_lot::Mutex;
+    use tonic::{Request, Response, Status};
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Phase {
+        /// A leader: every call is answered.
+        Leading,
+        /// The leader crashed, no new one yet: nothing commits. Followers
+        /// answer UNAVAILABLE ("leader 1 ... did not answer").
+        Election,
+        /// A new leader, after an election longer than the node's lease:
+        /// its state machine finds the lease expired and refuses every claim
+        /// ("node ... is not active (lease expired)") until a heartbeat
+        /// renews it. The node's heartbeat loop is still in its back-off
+        /// (up to 2 s) when the first Start arrives: heartbeats get no answer
+        /// until a claim has been refused.
+        NewLeader,
+    }
+
+    #[derive(Debug)]
+    pub struct Seen {
+        pub phase: Phase,
+        pub claims_in_election: u32,
+        pub refused_for_lease: u32,
+        /// A heartbeat renewed the lease in `NewLeader`.
+        pub renewed: bool,
+        /// Claims committed: (openid, epoch).
+        pub committed: Vec<(String, u64)>,
+        epoch: u64,
+    }
+
+    #[derive(Clone)]
+    pub struct FakeControlPlane(pub Arc<Mutex<Seen>>);
+
+    impl FakeControlPlane {
+        pub fn new() -> Self {
+            Self(Arc::new(Mutex::new(Seen {
+                phase: Phase::Leading,
+                claims_in_election: 0,
+                refused_for_lease: 0,
+                renewed: false,
+                committed: Vec::new(),
+                epoch: 0,
+            })))
+        }
+
+        /// Serves on 127.0.0.1:0 (plaintext) until the process ends.
+        pub async fn serve(&self) -> std::net::SocketAddr {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let svc = ControlPlaneServer::new(self.clone());
+            tokio::spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                    .await;
+            });
+            addr
+        }
+    }
+
+    fn no_leader() -> Status {
+        Status::unavailable(
+            "unavailable: leader 1 at 127.0.0.1:1 did not answer: tcp connect error",
+        )
+    }
+
+    type WatchStream =
+        Pin<Box<dyn futures::Stream<Item = Result<pb::WatchEvent, Status>> + Send + 'static>>;
+
+    #[tonic::async_trait]
+    impl ControlPlane for FakeControlPlane {
+        type WatchStream = WatchStream;
+
+        async fn register_upstream(
+            &self,
+            _: Request<pb::RegisterUpstreamRequest>,
+        ) -> Result<Response<pb::RegisterUpstreamResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn heartbeat_upstream(
+            &self,
+            _: Request<pb::HeartbeatUpstreamRequest>,
+        ) -> Result<Response<pb::HeartbeatUpstreamResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn deregister_upstream(
+            &self,
+            _: Request<pb::DeregisterUpstreamRequest>,
+        ) -> Result<Response<pb::DeregisterUpstreamResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn register_node(
+            &self,
+            _: Request<pb::RegisterNodeRequest>,
+        ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+            match self.0.lock().phase {
+                Phase::Leading => Ok(Response::new(pb::RegisterNodeResponse {
+                    lease_ttl_ms: 1000,
+                    heartbeat_interval_ms: 333,
+                })),
+                _ => Err(no_leader()),
+            }
+        }
+        async fn heartbeat_node(
+            &self,
+            _: Request<pb::HeartbeatNodeRequest>,
+        ) -> Result<Response<pb::HeartbeatNodeResponse>, Status> {
+            let mut s = self.0.lock();
+            let renews = match s.phase {
+                Phase::Leading => true,
+                Phase::Election => false,
+                Phase::NewLeader => s.refused_for_lease > 0,
+            };
+            if !renews {
+                return Err(no_leader());
+            }
+            if s.phase == Phase::NewLeader {
+                s.renewed = true;
+            }
+            Ok(Response::new(pb::HeartbeatNodeResponse {
+                lease_expires_at_ms: 0,
+                drain_requested: false,
+            }))
+        }
+        async fn leave_node(
+            &self,
+            _: Request<pb::LeaveNodeRequest>,
+        ) -> Result<Response<pb::LeaveNodeResponse>, Status> {
+            Ok(Response::new(pb::LeaveNodeResponse::default()))
+        }
+        async fn watch(
+            &self,
+            _: Request<pb::WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            Ok(Response::new(Box::pin(futures::stream::pending())))
+        }
+        async fn claim_sessions(
+            &self,
+            request: Request<pb::ClaimSessionsRequest>,
+        ) -> Result<Response<pb::ClaimSessionsResponse>, Status> {
+            let req = request.into_inner();
+            let mut s = self.0.lock();
+            match s.phase {
+                Phase::Election => {
+                    s.claims_in_election += 1;
+                    return Err(no_leader());
+                }
+                Phase::NewLeader if !s.renewed => {
+                    s.refused_for_lease += 1;
+                    return Err(Status::failed_precondition(format!(
+                        "failed precondition: node {} is not active (lease expired); register again",
+                        req.node_id
+                    )));
+                }
+                _ => {}
+            }
+            let mut results = Vec::new();
+            for c in req.claims {
+                s.epoch += 1;
+                let epoch = s.epoch;
+                s.committed.push((c.openid.clone(), epoch));
+                results.push(pb::ClaimResult {
+                    openid: c.openid.clone(),
+                    owner: Some(pb::SessionOwner {
+                        openid: c.openid,
+                        session_id: c.session_id,
+                        owner_node: req.node_id.clone(),
+                        epoch,
+                        fresh_session_id: c.fresh_session_id,
+                    }),
+                    previous_owner: String::new(),
+                    previous_epoch: 0,
+                    error: String::new(),
+                });
+            }
+            Ok(Response::new(pb::ClaimSessionsResponse { results }))
+        }
+        async fn release_sessions(
+            &self,
+            _: Request<pb::ReleaseSessionsRequest>,
+        ) -> Result<Response<pb::ReleaseSessionsResponse>, Status> {
+            Ok(Response::new(pb::ReleaseSessionsResponse::default()))
+        }
+        async fn transfer_session(
+            &self,
+            _: Request<pb::TransferSessionRequest>,
+        ) -> Result<Response<pb::TransferSessionResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn lookup_owners(
+            &self,
+            _: Request<pb::LookupOwnersRequest>,
+        ) -> Result<Response<pb::LookupOwnersResponse>, Status> {
+            Ok(Response::new(pb::LookupOwnersResponse::default()))
+        }
+    }
+}
+
+/// Invariant: a new session's Start that arrives while the control plane
+/// elects a new leader is held until the new leader commits its claim, and
+/// is then answered as a claimed session: never refused, never served
+/// provisionally, even when the election outlasted the node's lease (the new
+/// leader refuses claims until the node's heartbeat renews it). Before
+/// session 15 this Start was refused with DRAINING (the claim's "not active
+/// (lease expired)" taken for a refusal): `gate-bench failover` part (b)'s
+/// failed new sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_during_a_control_plane_election_is_claimed_by_the_new_leader() {
+    use election::{FakeControlPlane, Phase};
+    let cp = FakeControlPlane::new();
+    let cp_addr = cp.serve().await;
+    let dir = gatesvr_tests::TestDir::new();
+    let mut cfg = dir.dataplane_config("dp-1");
+    cfg.control_plane.endpoints = vec![cp_addr.to_string()];
+    cfg.control_plane.insecure = true;
+    cfg.control_plane.lease_ttl = Duration::from_secs(1);
+    let dp = gatesvr_dataplane::DataPlane::start(cfg, gatesvr_dataplane::Routing::Echo)
+        .await
+        .expect("data plane starts");
+    let cluster = dp.node().cluster.clone().expect("a cluster member");
+    eventually("the node registered", || cluster.is_connected()).await;
+
+    // The leader crashes; nothing commits, and the node's lease lapses.
+    cp.0.lock().phase = Phase::Election;
+    eventually("the node's lease lapsed", || {
+        cluster.lease_check(std::time::Instant::now()).is_err()
+    })
+    .await;
+    let config = gatesvr_sdk::ClientConfig::new(dp.quic_addr(), "erin", dir.token("erin"))
+        .with_ca_file(dir.ca());
+    let start = tokio::spawn(Client::connect(config));
+    // The Start's claim is tried again through the election (not given up
+    // after a few attempts for a provisional session).
+    eventually("the claim is tried again through the election", || {
+        cp.0.lock().claims_in_election >= 6
+    })
+    .await;
+    // A new leader, which finds the node's lease expired.
+    cp.0.lock().phase = Phase::NewLeader;
+    let client = tokio::time::timeout(PATIENCE, start)
+        .await
+        .expect("the Start is answered")
+        .expect("the connect task")
+        .expect("the Start succeeds (not refused with DRAINING)");
+    client.request(1, "hello").await.expect("a request");
+
+    let epoch = {
+        let seen = cp.0.lock();
+        assert!(
+            seen.refused_for_lease >= 1 && seen.renewed,
+            "refused for the lapsed lease, then renewed: {seen:?}"
+        );
+        seen.committed
+            .iter()
+            .find(|(openid, _)| openid == "erin")
+            .map(|(_, epoch)| *epoch)
+            .expect("the new leader committed the Start's claim")
+    };
+    assert!(
+        !dp.node().provisional.lock().contains("erin"),
+        "served provisionally"
+    );
+    let entry = dp.node().registry.get("erin").expect("the session");
+    assert_eq!(entry.state.lock().epoch(), epoch, "claimed at that epoch");
+    let m = gatesvr_tests::Metrics::parse(
+        &gatesvr_tests::http_get(dp.metrics_addr(), "/metrics")
+            .await
+            .1,
+    );
+    assert_eq!(
+        m.get(
+            "gatesvr_provisional_sessions_total",
+            &[("outcome", "started")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m.get(
+            "gatesvr_connections_rejected_total",
+            &[("reason", "claim_refused")]
+        ),
+        0.0
+    );
+    assert!(m.get("gatesvr_start_claim_retries_total", &[]) >= 6.0);
+}

@@ -13,7 +13,8 @@
 //! another node or on the owner restarted with its node id (no unacked durable
 //! push lost); kill -9 of a session's standby, then of its owner; kill -9 of
 //! the owner during a full control-plane outage, then of its standby; kill -9
-//! of a client's node noticed by the refused datagrams (no idle timeout).
+//! of a client's node noticed by the refused datagrams (no idle timeout); new
+//! sessions started while the control-plane leader dies.
 //! No assertion is about time: conditions are polled with a bound.
 
 use std::time::Duration;
@@ -146,6 +147,61 @@ async fn takeover_while_the_control_plane_leader_dies() {
     assert!(statuses.contains(&ResumeStatus::Resumed), "{statuses:?}");
     assert_eq!(client.node_id(), "dp-2");
     assert!(client.request(1, "echo after").await.is_ok());
+}
+
+/// Invariant: no new session fails across a kill -9 of the control-plane
+/// leader. A new session starts every 100 ms on one of the three data planes
+/// from the kill until a new leader is known and a second after; each must
+/// start on its first attempt (`Client::connect` makes one) and answer a
+/// request. The data planes hold each Start's claim through the election
+/// (`core::claim`), including the new leader's refusals while their leases,
+/// not renewed during the election, are expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_started_while_the_control_plane_leader_dies_all_start() {
+    let mut cluster = three_by_three().await;
+    let leader = cluster.leader().await.expect("a leader");
+    cluster.kill_cp(leader);
+    let mut starts = Vec::new();
+    let mut leader_known_at: Option<tokio::time::Instant> = None;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut i = 0usize;
+    while leader_known_at.is_none_or(|t| t.elapsed() < Duration::from_secs(1)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new control-plane leader"
+        );
+        let config = cluster.client_config(i % 3, &format!("newcomer-{i}"));
+        starts.push(tokio::spawn(async move {
+            let client = Client::connect(config)
+                .await
+                .map_err(|e| format!("start: {e}"))?;
+            client
+                .request(1, "echo first")
+                .await
+                .map_err(|e| format!("first request: {e}"))?;
+            Ok::<_, String>(())
+        }));
+        i += 1;
+        if leader_known_at.is_none()
+            && let Some(new) = cluster.leader().await
+            && new != leader
+        {
+            leader_known_at = Some(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut failed = Vec::new();
+    for (i, start) in starts.into_iter().enumerate() {
+        if let Err(e) = start.await.expect("the session task") {
+            failed.push(format!("newcomer-{i}: {e}"));
+        }
+    }
+    assert!(i >= 5, "sessions started during the election: {i}");
+    assert!(
+        failed.is_empty(),
+        "{} of {i} new sessions failed: {failed:?}",
+        failed.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1203,6 +1203,16 @@ pub async fn run(o: &Opts) -> Result<Report> {
         g("cp_new_session_failed_attempts"),
         "",
     );
+    report_only(
+        "new sessions the data planes served provisionally (no claim) across the leader kill",
+        g("cp_dp_provisional_sessions"),
+        "",
+    );
+    report_only(
+        "Starts the data planes refused (claim refused: DRAINING) across the leader kill",
+        g("cp_dp_claims_refused"),
+        "",
+    );
     // A new session that needed a retry, or never started, fails this figure: the client
     // retrying by itself must not hide it.
     rep.checks.push(Check::absolute(
@@ -1230,7 +1240,10 @@ pub async fn run(o: &Opts) -> Result<Report> {
 
 /// `GATE_BENCH_FAILOVER_TRACE=<file>`: one line per session of part (a), times in ms from
 /// the kill: when its connection was found lost, each failed Start attempt (node, reason) and
-/// each Start answered (node, status). Shows where a slow reconnect spent its time.
+/// each Start answered (node, status). Shows where a slow reconnect spent its time. Part (b)
+/// writes `<file>` with the extension `b`: when the new leader was known and, per new
+/// session, when it was spawned, each failed Start attempt (node, reason) and when it started
+/// (ms from the control-plane leader kill).
 fn write_trace(
     path: &Path,
     sessions: &[Session],
@@ -1331,16 +1344,22 @@ async fn leader_kill(
         .collect();
     // New sessions: (spawn ns, start latency ns or none, request ok)
     let churn: Arc<Mutex<Vec<NewSession>>> = Arc::default();
+    // Why new sessions' Start attempts failed: (spawn ns, failure ns, reason).
+    let churn_why: Arc<Mutex<Vec<(u64, u64, String)>>> = Arc::default();
+    let dp_before = evidence::takeover_counts(&c.dp_metrics).await;
     let churn_task = {
         let churn = churn.clone();
+        let churn_why = churn_why.clone();
         let stop = stop_rx.clone();
         let cfg = Arc::new(SessionConfig {
             net: cfg.net.clone(),
             quic: cfg.quic.clone(),
             endpoints: Endpoints::Fixed(Arc::new(survivors.clone())),
-            // Unchanged since session 4 (a new session that needed a retry counts as failed):
-            // keeps this part's figures comparable with earlier runs.
-            connect_timeout: (o.detect * 2).max(Duration::from_secs(5)),
+            // The SDK's connect timeout, as part (a)'s clients (since session 15; sessions 4
+            // to 14 gave up after max(2 x --detect, 5 s), less than a control-plane election
+            // with the shipped timings, ~5 s: a Start the data plane held through the
+            // election until the new leader committed its claim counted as failed).
+            connect_timeout: CONNECT_TIMEOUT,
         });
         tokio::spawn(async move {
             let mut j = 0usize;
@@ -1348,6 +1367,7 @@ async fn leader_kill(
             while !*stop.borrow() {
                 let cfg = cfg.clone();
                 let churn = churn.clone();
+                let churn_why = churn_why.clone();
                 tasks.push(tokio::spawn(async move {
                     let t0 = now_ns();
                     let s = Session::spawn(cfg, format!("churn-{j}"), j, j);
@@ -1357,6 +1377,9 @@ async fn leader_kill(
                     }
                     let (started, failed_attempts) = {
                         let r = s.rec.lock();
+                        churn_why
+                            .lock()
+                            .extend(r.failures.iter().map(|(t, why)| (t0, *t, why.clone())));
                         (r.starts.first().map(|st| st.t_ns - t0), r.failed_attempts)
                     };
                     let ok = started.is_some()
@@ -1443,6 +1466,7 @@ async fn leader_kill(
         }
     };
     let _ = churn_task.await;
+    let dp_after = evidence::takeover_counts(&c.dp_metrics).await;
     // during: from the kill until a new leader is known; after: from then on.
     let during_end = t_new;
     let samples = samples.lock().clone();
@@ -1473,7 +1497,48 @@ async fn leader_kill(
     for f in failures.lock().iter().take(5) {
         progress(format!("failover (b): failed request: {f}"));
     }
+    // Why new sessions' Start attempts failed, by reason (the node's address left out), and
+    // when, in ms from the kill (the new session's spawn, then the failure).
+    let why = churn_why.lock().clone();
+    let mut by_reason: std::collections::BTreeMap<String, usize> = Default::default();
+    for (_, _, w) in &why {
+        let reason = w.split_once(": ").map_or(w.as_str(), |(_, r)| r);
+        *by_reason.entry(reason.to_string()).or_default() += 1;
+    }
+    for (reason, n) in &by_reason {
+        progress(format!("failover (b): {n} failed Start attempts: {reason}"));
+    }
+    if let Some(path) = std::env::var_os("GATE_BENCH_FAILOVER_TRACE") {
+        use std::fmt::Write as _;
+        let rel = |t: u64| (t as f64 - t_kill as f64) / 1e6;
+        let mut out = format!("new leader@{:.0}\n", rel(t_new));
+        for (t0, started, ok, _) in &churn {
+            let _ = write!(out, "churn spawned@{:.0}", rel(*t0));
+            for (_, t, w) in why.iter().filter(|(s, _, _)| s == t0) {
+                let _ = write!(out, " fail@{:.0}:{w}", rel(*t));
+            }
+            match started {
+                Some(d) => {
+                    let _ = write!(out, " start@{:.0}", rel(t0 + d));
+                }
+                None => out.push_str(" never-started"),
+            }
+            let _ = writeln!(out, " request_ok={ok}");
+        }
+        let mut p = std::path::PathBuf::from(path);
+        p.set_extension("b");
+        std::fs::write(&p, out).with_context(|| format!("writing {}", p.display()))?;
+    }
+    // What the data planes did with Starts across the leader kill: provisional sessions (no
+    // claim), refused claims (DRAINING), claims retried (absent from builds before session 15).
+    let dp = |key: &str| evidence::grown(&dp_before, &dp_after, key).unwrap_or(0.0);
     Ok(vec![
+        (
+            "cp_dp_provisional_sessions".into(),
+            dp("provisional_started"),
+        ),
+        ("cp_dp_claims_refused".into(), dp("rejected_claim_refused")),
+        ("cp_dp_claim_retries".into(), dp("claim_retries")),
         ("cp_new_leader_ms".into(), ms(t_new - t_kill)),
         ("cp_requests".into(), (nb + nd + na) as f64),
         ("cp_failed_requests".into(), (fb + fd + fa) as f64),

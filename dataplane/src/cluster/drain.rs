@@ -273,7 +273,10 @@ async fn commit_transfers(
             match cluster.transfer(&t.openid, t.epoch, &t.to).await {
                 Ok(_) => {}
                 // Fenced: claimed since by whoever its client reached; done.
-                Err(crate::cluster::ClaimError::Refused(_)) => {}
+                Err(
+                    crate::cluster::ClaimError::Refused(_)
+                    | crate::cluster::ClaimError::NotActive(_),
+                ) => {}
                 Err(crate::cluster::ClaimError::Unreachable(_)) => still.push(t),
             }
         }

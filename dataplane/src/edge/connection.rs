@@ -414,28 +414,29 @@ async fn claim_ownership(
     // Settled on every way out of here, a cancelled Start too.
     node.registry.claim_begins(openid);
     let _settle = SettleOnDrop { node, openid };
-    // A leader election takes a moment: retry an unreachable control plane
-    // briefly before falling back to a provisional session.
+    // A leader election takes seconds: the claim is held through it (tried
+    // again while unavailable, after a renewal if this node's lease lapsed
+    // meanwhile; `core::claim`) before falling back to a provisional session.
     let claim_started = tokio::time::Instant::now();
-    let give_up = claim_started + cluster.rpc_timeout() * 2;
     let claim_id = claimed_id(start, new_id);
     let fresh = if start.session_id.is_empty() {
         ""
     } else {
         new_id
     };
-    let mut result = cluster.claim(openid, claim_id, fresh).await;
-    while matches!(result, Err(crate::cluster::ClaimError::Unreachable(_)))
-        && tokio::time::Instant::now() < give_up
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        result = cluster.claim(openid, claim_id, fresh).await;
-    }
+    let patient = cluster.claim_patiently(openid, claim_id, fresh).await;
     node.metrics
         .start_phase
         .with_label_values(&["claim"])
         .observe(claim_started.elapsed().as_secs_f64());
-    match result {
+    node.metrics
+        .start_claim_retries
+        .inc_by(u64::from(patient.retries));
+    if patient.retries > 0 {
+        tracing::debug!(openid = %openid, retries = patient.retries, claim_ms = claim_started.elapsed().as_millis() as u64, ok = patient.result.is_ok(), "claim tried again through a control-plane leader change");
+    }
+    let refused = patient.failure == Some(crate::core::ClaimFailure::Refused);
+    match patient.result {
         Ok(claimed) => {
             // The control plane names no other node, but this node knows
             // nothing of the session it resumes: an earlier life of this node
@@ -463,9 +464,10 @@ async fn claim_ownership(
                 fresh: claimed.fresh_session_id,
             }))
         }
-        Err(crate::cluster::ClaimError::Unreachable(why)) => {
-            // Static stability: serve now, claim when the control plane is back.
-            tracing::debug!(openid = %openid, reason = %why, "control plane unreachable: provisional session");
+        Err(e) if !refused => {
+            // Static stability: serve now, claim when the control plane is
+            // back (unreachable, or this node's lease not renewed in time).
+            tracing::debug!(openid = %openid, reason = %e, "control plane unreachable: provisional session");
             node.metrics
                 .provisional_sessions
                 .with_label_values(&["started"])
@@ -477,7 +479,7 @@ async fn claim_ownership(
             // (SESSION_EXPIRED); the owner keeps its copy until a claim.
             Ok(None)
         }
-        Err(e @ crate::cluster::ClaimError::Refused(_)) => {
+        Err(e) => {
             tracing::info!(openid = %openid, error = %e, "claim refused: Start refused with DRAINING");
             node.metrics
                 .connections_rejected

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub pushes_forwarded: IntCounterVec,
     /// Sessions started without a control-plane claim (control plane unreachable).
     pub provisional_sessions: IntCounterVec,
+    /// Start claims tried again because the control plane could not answer
+    /// them (a leader election, this node's lease lapsed meanwhile).
+    pub start_claim_retries: IntCounter,
     /// Owner lookups at the control plane (a foreign session's owner) by
     /// result: found, absent, failed; and cached records evicted (a forward
     /// found the session gone).
@@ -272,6 +275,11 @@ impl Metrics {
                 "gatesvr_provisional_sessions_total",
                 "Session starts without a control-plane claim, by what followed",
                 &["outcome"],
+            ),
+            start_claim_retries: int_counter(
+                &registry,
+                "gatesvr_start_claim_retries_total",
+                "Start claims tried again because the control plane could not answer them (a leader election; this node's lease lapsed meanwhile)",
             ),
             owner_lookups: counter(
                 &registry,

@@ -126,7 +126,12 @@ fn parse_tls_counts(text: &str) -> Option<HashMap<&'static str, u64>> {
 /// Each data plane's takeover evidence from its `/metrics`: the series of
 /// `gatesvr_sessions_recovered_total{outcome}` and the sum and count of
 /// `gatesvr_start_phase_seconds{phase}` (keys `recovered_<outcome>`,
-/// `<phase>_sum`, `<phase>_count`). A series a build does not export is absent.
+/// `<phase>_sum`, `<phase>_count`), and of what became of Starts during a
+/// control-plane election: `gatesvr_provisional_sessions_total{outcome}`,
+/// `gatesvr_connections_rejected_total{reason}` and
+/// `gatesvr_start_claim_retries_total` (keys `provisional_<outcome>`,
+/// `rejected_<reason>`, `claim_retries`). A series a build does not export is
+/// absent.
 pub async fn takeover_counts(metrics: &[Option<SocketAddr>]) -> Vec<HashMap<String, f64>> {
     let mut out = Vec::new();
     for addr in metrics {
@@ -157,6 +162,16 @@ fn parse_takeover_counts(text: &str) -> HashMap<String, f64> {
         } else if let Some(rest) = series.strip_prefix("gatesvr_start_phase_seconds_count{phase=\"")
         {
             rest.strip_suffix("\"}").map(|p| format!("{p}_count"))
+        } else if let Some(rest) =
+            series.strip_prefix("gatesvr_provisional_sessions_total{outcome=\"")
+        {
+            rest.strip_suffix("\"}").map(|o| format!("provisional_{o}"))
+        } else if let Some(rest) =
+            series.strip_prefix("gatesvr_connections_rejected_total{reason=\"")
+        {
+            rest.strip_suffix("\"}").map(|r| format!("rejected_{r}"))
+        } else if series == "gatesvr_start_claim_retries_total" {
+            Some("claim_retries".to_string())
         } else {
             None
         };
