@@ -270,36 +270,48 @@ pub async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        let node = node.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let accepted = tokio::time::Instant::now();
-            let connecting = match incoming.accept() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "incoming connection failed");
-                    return;
-                }
-            };
-            let connected = connecting.await;
+        tokio::spawn(serve_incoming(node.clone(), incoming, permit));
+    }
+}
+
+/// One accepted connection, from its handshake until it ends (a task each).
+/// Its future lives as long as the connection, and a future is as large as
+/// its largest state, so rare large states are boxed: the test
+/// `an_idle_connection_s_task_stays_small` holds the size.
+async fn serve_incoming(
+    node: Arc<Node>,
+    incoming: quinn::Incoming,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let accepted = tokio::time::Instant::now();
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "incoming connection failed");
+            return;
+        }
+    };
+    let connected = connecting.await;
+    node.metrics
+        .start_phase
+        .with_label_values(&["handshake"])
+        .observe(accepted.elapsed().as_secs_f64());
+    match connected {
+        // Boxed: a task's future is as large as its largest state, and every
+        // native connection would carry HTTP/3's inline (docs/benchmarks.md,
+        // "Idle-session memory", session 16).
+        Ok(conn) if crate::webtransport::is_h3(&conn) => {
+            Box::pin(crate::webtransport::serve(node, conn)).await;
+        }
+        Ok(conn) => crate::connection::serve_quic(node, conn).await,
+        Err(e) => {
             node.metrics
-                .start_phase
-                .with_label_values(&["handshake"])
-                .observe(accepted.elapsed().as_secs_f64());
-            match connected {
-                Ok(conn) if crate::webtransport::is_h3(&conn) => {
-                    crate::webtransport::serve(node, conn).await;
-                }
-                Ok(conn) => crate::connection::serve_quic(node, conn).await,
-                Err(e) => {
-                    node.metrics
-                        .connections_rejected
-                        .with_label_values(&["handshake_failed"])
-                        .inc();
-                    tracing::debug!(error = %e, "handshake failed");
-                }
-            }
-        });
+                .connections_rejected
+                .with_label_values(&["handshake_failed"])
+                .inc();
+            tracing::debug!(error = %e, "handshake failed");
+        }
     }
 }
 
@@ -485,6 +497,31 @@ mod tests {
 
     use super::*;
     use crate::quic_keys::{RESET_KEY_FILE, TICKET_KEYS_FILE, TOKEN_KEY_FILE};
+
+    /// The size of the future `make` returns, read from its type (`make` is never called).
+    fn future_size<F: std::future::Future>(_make: impl FnOnce() -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every connection holds its task's future for its whole life, idle or not, and a
+    /// future is as large as its largest state. Inlining HTTP/3's session (WebTransport) made
+    /// every native connection's task 10.6 KB, a fifth of an idle session's memory
+    /// (docs/benchmarks.md, "Idle-session memory", session 16).
+    #[test]
+    #[allow(unreachable_code)]
+    fn an_idle_connection_s_task_stays_small() {
+        let task = future_size(|| serve_incoming(unreachable!(), unreachable!(), unreachable!()));
+        let session = future_size(|| crate::connection::serve_quic(unreachable!(), unreachable!()));
+        println!("connection task {task} B, of which serve_quic {session} B");
+        assert!(
+            task <= TASK_FUTURE_BUDGET,
+            "a connection's task future is {task} B (serve_quic {session} B), over the \
+             budget of {TASK_FUTURE_BUDGET} B: box the large state that is rare"
+        );
+    }
+
+    /// Bytes a connection's task future may take (measured 2026-12-06: see the test's output).
+    const TASK_FUTURE_BUDGET: usize = 4096;
 
     /// The client's own view: rustls verifies the server's certificate on
     /// a full handshake only (a resumed one carries none).
