@@ -37,7 +37,6 @@ use gatesvr_proto::client::{
     StartResponse, envelope::Body,
 };
 use gatesvr_proto::frame;
-use tokio::sync::mpsc;
 
 use crate::core::RequestOutcome;
 use crate::errors::ClientError;
@@ -252,7 +251,7 @@ pub(crate) async fn serve(node: Arc<Node>, mut link: Link) {
     };
 
     let conn_id = node.registry.next_conn_id();
-    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (control_tx, control_rx) = futures::channel::mpsc::channel(CONTROL_QUEUE);
     let started = node.registry.start(
         &start.openid,
         &start.session_id,
@@ -562,7 +561,7 @@ async fn run(
     entry: &Arc<SessionEntry>,
     conn_id: u64,
     link: &mut Link,
-    mut control: mpsc::Receiver<bytes::Bytes>,
+    mut control: futures::channel::mpsc::Receiver<bytes::Bytes>,
 ) -> Ending {
     let silence = node.config.server.heartbeat_timeout;
     let idle = tokio::time::sleep(silence);
@@ -584,7 +583,7 @@ async fn run(
             Some(response) = executing.next(), if !executing.is_empty() => {
                 complete(entry, conn_id, response, &mut out);
             }
-            frame = control.recv() => match frame {
+            frame = control.next() => match frame {
                 Some(frame) => out.extend_from_slice(&frame),
                 // The registry let go of this connection (replaced).
                 None => break Ending::Done,
@@ -695,13 +694,13 @@ fn complete(entry: &Arc<SessionEntry>, conn_id: u64, response: ClientResponse, o
         Some(a) => Some(a.control.clone()),
         None => return out.truncate(before),
     };
-    if let Some(control) = elsewhere {
+    if let Some(mut control) = elsewhere {
         // The client reconnected meanwhile; that connection's task writes it.
         let frame = out.split_off(before).freeze();
         tokio::spawn(async move {
             // A closed channel means that connection just ended too; the
             // session keeps the answer for the retry.
-            let _ = control.send(frame).await;
+            let _ = futures::SinkExt::send(&mut control, frame).await;
         });
     }
 }
