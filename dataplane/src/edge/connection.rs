@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
+use futures::SinkExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use gatesvr_proto::client::{
     ClientRequest, ClientResponse, Envelope, ErrorCode, HeartbeatResponse, StartRequest,
@@ -700,7 +701,7 @@ fn complete(entry: &Arc<SessionEntry>, conn_id: u64, response: ClientResponse, o
         tokio::spawn(async move {
             // A closed channel means that connection just ended too; the
             // session keeps the answer for the retry.
-            let _ = futures::SinkExt::send(&mut control, frame).await;
+            let _ = control.send(frame).await;
         });
     }
 }

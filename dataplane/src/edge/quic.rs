@@ -298,9 +298,7 @@ async fn serve_incoming(
         .with_label_values(&["handshake"])
         .observe(accepted.elapsed().as_secs_f64());
     match connected {
-        // Boxed: a task's future is as large as its largest state, and every
-        // native connection would carry HTTP/3's inline (docs/benchmarks.md,
-        // "Idle-session memory", session 16).
+        // Boxed, or every native connection would carry HTTP/3's state.
         Ok(conn) if crate::webtransport::is_h3(&conn) => {
             Box::pin(crate::webtransport::serve(node, conn)).await;
         }
