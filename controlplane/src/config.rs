@@ -237,16 +237,16 @@ impl Default for LeaseConfig {
 /// Write batching (group commit): concurrent writes (claim storms) share one raft entry, and
 /// so one fdatasync on each member.
 ///
-/// The defaults commit one entry at a time, with no timer: whatever queued while an entry was
-/// being committed goes into the next one, so entries grow with the load and an idle write goes
-/// at once (`gate-bench claims`, session 7 in docs/benchmarks.md: on a 2-core machine this beat
-/// 4 entries in flight with a 1 ms linger on throughput and on latency at half the peak rate).
+/// The defaults commit one entry at a time: whatever queued while an entry was being committed
+/// goes into the next one, so entries grow with the load and an idle write goes at once; under
+/// load an entry waits up to `linger` for the writers the last one answered (see
+/// `batcher.rs`; `gate-bench claims`, sessions 7 and 17 in docs/benchmarks.md).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    /// How long a batch waits for more writes once a commit slot is free (default 0: writes that
-    /// arrive while every slot is busy queue into the next batch anyway). tokio's timer ticks
-    /// once a millisecond, so anything above 0 waits 1-2 ms.
+    /// Once a commit slot is free, how long the next entry may wait for as many commands as the
+    /// last entry carried (their writers come back under load) when that was more than one
+    /// (default 1 ms; 0 never waits). It stops waiting as soon as they are in.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Most commands in one entry (default 1024).
@@ -261,7 +261,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            linger: Duration::ZERO,
+            linger: Duration::from_millis(1),
             max_cmds: 1024,
             in_flight: 1,
         }

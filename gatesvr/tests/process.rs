@@ -4,13 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use gatesvr_tests::procs::free_port;
 
 #[test]
 fn drain_command_stops_a_running_node() {

@@ -33,24 +33,52 @@ pub fn binary(package: &str, name: &str) -> PathBuf {
 }
 
 /// A port free on 127.0.0.1 right now, for both TCP and UDP (a data plane's QUIC port is
-/// UDP, its other ports TCP).
+/// UDP, its other ports TCP), and never handed out before by this test process.
 ///
-/// Drawn at random below the kernel's ephemeral range (32768 and up on Linux): a port the
-/// kernel handed out with `bind(0)` is released before the child process binds it, and in
-/// that window any outgoing connection of the parallel tests may take it as its own source
-/// port (seen in CI: "cannot bind HTTP ... Address already in use").
+/// The port is released before the child process binds it, so three things could take it in
+/// that window, and each is ruled out:
+/// - an outgoing connection's source port: ports are drawn below the kernel's ephemeral
+///   range (32768 and up on Linux), never with `bind(0)` (seen in CI: "cannot bind HTTP ...
+///   Address already in use");
+/// - another port of the same test (a cluster asks for a dozen before any process starts):
+///   the process remembers what it handed out;
+/// - a test running beside this one (seen in CI: "cannot bind gRPC ... Address already in
+///   use"): under nextest each concurrently running test has its own slot number
+///   (`NEXTEST_TEST_GLOBAL_SLOT`), and each slot draws from its own block of ports.
 pub fn free_port() -> u16 {
     use rand::Rng;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    const LOW: u16 = 20_000;
+    const BLOCK: u16 = 1_000;
+    const BLOCKS: u16 = 12; // 20000..32000
+    static ISSUED: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+    let block = std::env::var("NEXTEST_TEST_GLOBAL_SLOT")
+        .ok()
+        .and_then(|slot| slot.parse::<u64>().ok())
+        .map(|slot| (slot % u64::from(BLOCKS)) as u16);
+    let (low, high) = match block {
+        Some(b) => (LOW + b * BLOCK, LOW + (b + 1) * BLOCK),
+        None => (LOW, LOW + BLOCKS * BLOCK),
+    };
+    let mut issued = ISSUED.lock().unwrap_or_else(|e| e.into_inner());
+    let issued = issued.get_or_insert_with(HashSet::new);
     let mut rng = rand::rng();
     for _ in 0..1000 {
-        let port = rng.random_range(20_000..32_000);
+        let port = rng.random_range(low..high);
+        if issued.contains(&port) {
+            continue;
+        }
         let tcp = TcpListener::bind(("127.0.0.1", port));
         let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
         if tcp.is_ok() && udp.is_ok() {
+            issued.insert(port);
             return port;
         }
     }
-    panic!("no free port in 20000..32000 on 127.0.0.1 after 1000 tries")
+    panic!("no free port in {low}..{high} on 127.0.0.1 after 1000 tries")
 }
 
 /// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing running.

@@ -30,6 +30,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::report::{Check, Cmp, Report};
 use crate::scenarios::Opts;
+use crate::util::free_port;
 
 /// `gate-bench peers [which]`.
 #[derive(Debug, clap::Args)]
@@ -198,13 +199,6 @@ pub fn version(bin: &Path, args: &[&str]) -> String {
             text.lines().next().unwrap_or("").trim().to_string()
         })
         .unwrap_or_else(|| "unknown".into())
-}
-
-/// A free loopback TCP port (bound and released: a tiny race, acceptable on a bench box).
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Fills a config template from `bench/peers/` (`@KEY@` placeholders) and writes it to `out`.

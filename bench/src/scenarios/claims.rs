@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Opts;
 use crate::report::{Check, Cmp, Report, Round};
-use crate::util::{Lat, progress};
+use crate::util::{Lat, free_port, progress};
 
 pub const DP_NODE: &str = "dp-bench";
 
@@ -344,12 +344,6 @@ impl Drop for ServerProcLike {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn find_etcd() -> Option<PathBuf> {
     ["/usr/bin/etcd", "/usr/local/bin/etcd"]
         .iter()
@@ -530,7 +524,13 @@ async fn stages_note(rep: &mut Report, phase: &str) {
 
 pub async fn run(o: &Opts) -> Result<Report> {
     let mut rep = Report::new("claims");
-    let clients = if o.tiny { 4 } else { 64 };
+    // `GATE_BENCH_CLAIM_CLIENTS`: a sweep of the closed loop's size (the fsync loop's batch
+    // follows it, so the ratio stays fair).
+    let clients = match std::env::var("GATE_BENCH_CLAIM_CLIENTS") {
+        Ok(v) => v.parse().context("GATE_BENCH_CLAIM_CLIENTS")?,
+        Err(_) if o.tiny => 4,
+        Err(_) => 64,
+    };
     rep.param("clients", clients);
     rep.param("control_plane_nodes", 3);
     rep.param("rounds", o.rounds);
