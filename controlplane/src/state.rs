@@ -807,6 +807,27 @@ impl Cx<'_> {
         }
     }
 
+    /// A claim's node, checked as [`Self::check_owner_node`] does, except for a lease that ran
+    /// out while the node was never declared dead: the claim renews it, as the node's heartbeat
+    /// would. That is a leader election longer than the lease: no leader could renew it, the
+    /// new leader's lease keeper waits a whole lease before declaring anyone dead, and the
+    /// node's heartbeat may still be in its back-off when its clients' Starts arrive. A claim
+    /// the leader commits shows the node alive as surely as a heartbeat; refusing it sent those
+    /// clients away with DRAINING (`gate-bench failover` part (b)). The node's own lease view,
+    /// which gates its durable pushes, still waits for its next heartbeat: it only ever ends
+    /// before this one.
+    fn renew_claimant(&mut self, node_id: &str) -> Result<(), CmdError> {
+        let now = self.now_ms;
+        match self.st.nodes.get_mut(node_id) {
+            Some(n) if n.status.is_live() && n.lease_expires_at_ms < now => {
+                n.lease_expires_at_ms = lease_end(now, n.lease_ttl_ms);
+                self.touch(Key::Node(node_id.to_string()), false);
+                Ok(())
+            }
+            _ => self.check_owner_node(node_id),
+        }
+    }
+
     fn set_owner(
         &mut self,
         openid: &str,
@@ -864,7 +885,7 @@ impl Cx<'_> {
                 message: "empty openid".into(),
             });
         }
-        if let Err(e) = self.check_owner_node(node_id) {
+        if let Err(e) = self.renew_claimant(node_id) {
             return CmdResult::Err(e);
         }
         let previous = self.st.owners.get(openid).cloned();

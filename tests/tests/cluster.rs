@@ -414,10 +414,11 @@ mod election {
         /// The leader crashed, no new one yet: nothing commits. Followers
         /// answer UNAVAILABLE ("leader 1 ... did not answer").
         Election,
-        /// A new leader, after an election longer than the node's lease:
-        /// its state machine finds the lease expired and refuses every claim
-        /// ("node ... is not active (lease expired)") until a heartbeat
-        /// renews it. The node's heartbeat loop is still in its back-off
+        /// A new leader, after an election longer than the node's lease,
+        /// that refuses every claim ("node ... is not active (lease
+        /// expired)") until a heartbeat renews it, as control planes before
+        /// session 17 did (a member of one may lead during a rolling
+        /// upgrade; ours renew the lease on the claim instead). The node's heartbeat loop is still in its back-off
         /// (up to 2 s) when the first Start arrives: heartbeats get no answer
         /// until a claim has been refused.
         NewLeader,

@@ -172,9 +172,64 @@ fn claims_need_a_live_node() {
     let (r, _) = apply(&mut st, 0, claim("ghost", "alice", "s"));
     assert!(matches!(r, CmdResult::Err(CmdError::NodeNotActive { .. })));
     register(&mut st, 0, "a");
-    // Lease (1000 ms) has lapsed by t=1001 even before the expiry task runs.
-    let (r, _) = apply(&mut st, 1001, claim("a", "alice", "s"));
-    assert!(matches!(r, CmdResult::Err(CmdError::NodeNotActive { .. })));
+    register(&mut st, 0, "b");
+    // Declared dead: claims are refused until it registers again.
+    apply(
+        &mut st,
+        500,
+        Cmd::HeartbeatNode {
+            node_id: "a".into(),
+            draining: false,
+            sessions: 0,
+        },
+    );
+    let (r, _) = apply(&mut st, 1001, Cmd::ExpireLeases);
+    assert!(matches!(r, CmdResult::Expired { ref nodes, .. } if nodes == &["b".to_string()]));
+    let (r, _) = apply(&mut st, 1002, claim("b", "bob", "s"));
+    assert!(
+        matches!(r, CmdResult::Err(CmdError::NodeNotActive { .. })),
+        "{r:?}"
+    );
+}
+
+/// A lease that ran out without the node being declared dead (no leader could renew it
+/// during an election) is renewed by the node's claim, as by a heartbeat: the claim is
+/// committed, and the lease keeper's next `ExpireLeases` does not declare it dead. A node
+/// declared dead is still refused (`claims_need_a_live_node`), as a transfer to it.
+#[test]
+fn a_claim_renews_a_lease_that_ran_out_during_an_election() {
+    let mut st = State::default();
+    register(&mut st, 0, "a");
+    register(&mut st, 0, "b");
+    let e = owned_epoch(&apply(&mut st, 10, claim("b", "bob", "s")).0);
+    // Lease (1000 ms) has lapsed by t=2500; nobody declared it dead.
+    let (r, touched) = apply(&mut st, 2500, claim("a", "alice", "s"));
+    owned_epoch(&r);
+    assert_eq!(st.nodes["a"].lease_expires_at_ms, 2500 + 1000);
+    assert!(touched.iter().any(|t| t.key == Key::Node("a".into())));
+    let (r, _) = apply(&mut st, 2501, Cmd::ExpireLeases);
+    assert_eq!(
+        r,
+        CmdResult::Expired {
+            nodes: vec!["b".into()],
+            upstreams: vec![]
+        }
+    );
+    assert_eq!(st.nodes["a"].status, NodeStatus::Active);
+    // b is dead now; a transfer to it is refused.
+    let (r, _) = apply(
+        &mut st,
+        2502,
+        Cmd::Transfer {
+            openid: "alice".into(),
+            expected_epoch: e + 1,
+            to_node: "b".into(),
+        },
+    );
+    assert!(
+        matches!(r, CmdResult::Err(CmdError::NodeNotActive { .. })),
+        "{r:?}"
+    );
 }
 
 #[test]

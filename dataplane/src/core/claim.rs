@@ -14,16 +14,18 @@
 //! provisional session (static stability).
 //!
 //! An election longer than this node's lease (3 s by default) leaves one more
-//! failure behind it: the new leader's state machine finds the node's lease
-//! expired (no leader renewed it) and answers every claim FAILED_PRECONDITION
-//! "node is not active (lease expired)" until the node's next heartbeat
-//! commits, and that heartbeat may still be in its back-off (up to 2 s). Such
-//! an answer, while this node's own lease view agrees that its lease lapsed,
-//! is [`ClaimFailure::LeaseLapsed`]: the shell sends a heartbeat at once and
-//! claims again after its renewal ([`ClaimNext::AfterRenewal`]). Until session
-//! 15 the Start was refused with DRAINING there, and the client's retry on
-//! another node met the same answer (`gate-bench failover` part (b): every
-//! failed Start attempt across the leader kill).
+//! failure behind it: the node's lease expired (no leader renewed it). Since
+//! session 17 the new leader's claim renews such a lease, but a control plane
+//! may still answer FAILED_PRECONDITION "node is not active" (the node was
+//! declared dead meanwhile; a member older than session 17 during a rolling
+//! upgrade, which refused every claim until the node's next heartbeat, still
+//! in its back-off of up to 2 s). Such an answer, while this node's own lease
+//! view agrees that its lease lapsed, is [`ClaimFailure::LeaseLapsed`]: the
+//! shell sends a heartbeat at once and claims again after its renewal
+//! ([`ClaimNext::AfterRenewal`]). Until session 15 the Start was refused with
+//! DRAINING there, and the client's retry on another node met the same answer
+//! (`gate-bench failover` part (b): every failed Start attempt across the
+//! leader kill).
 //!
 //! A refusal ([`ClaimFailure::Refused`]: "not active" while this node's lease
 //! holds, i.e. cordoned or left; a malformed claim) is the control plane's
