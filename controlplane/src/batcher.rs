@@ -249,7 +249,7 @@ mod tests {
         const ROUNDS: usize = 10;
         let dir = tempfile::tempdir().expect("temp dir");
         // Generous, so a slow machine still merges; the wait ends when the writers are in.
-        let (cp, node) = leader(dir.path(), Duration::from_millis(500)).await;
+        let (cp, node) = leader(dir.path(), BatchConfig::MAX_LINGER).await;
         let before = last_log_index(&node);
         let writers = (0..WRITERS).map(|w| {
             let node = node.clone();

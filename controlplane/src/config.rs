@@ -258,6 +258,11 @@ pub struct BatchConfig {
     pub in_flight: usize,
 }
 
+impl BatchConfig {
+    /// The longest `linger` accepted.
+    pub const MAX_LINGER: Duration = Duration::from_millis(100);
+}
+
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
@@ -459,6 +464,12 @@ impl Validate for ControlPlaneConfig {
         if self.batch.in_flight == 0 {
             return Err(ConfigError::key("batch.in_flight", "must be positive"));
         }
+        if self.batch.linger > BatchConfig::MAX_LINGER {
+            return Err(ConfigError::key(
+                "batch.linger",
+                "at most 100ms: under load every write may wait this long before its commit",
+            ));
+        }
         if self.cluster.bootstrap
             && !self.cluster.members.is_empty()
             && !self.cluster.members.iter().any(|m| m.id == self.node_id)
@@ -623,6 +634,13 @@ mod tests {
             Some("admin.auth")
         );
         cfg.dev_mode = true;
+        cfg.validate().unwrap();
+        cfg.batch.linger = Duration::from_secs(1);
+        assert_eq!(
+            cfg.validate().unwrap_err().key.as_deref(),
+            Some("batch.linger")
+        );
+        cfg.batch.linger = BatchConfig::MAX_LINGER;
         cfg.validate().unwrap();
     }
 

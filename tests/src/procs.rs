@@ -47,13 +47,13 @@ pub fn binary(package: &str, name: &str) -> PathBuf {
 ///   (`NEXTEST_TEST_GLOBAL_SLOT`), and each slot draws from its own block of ports.
 pub fn free_port() -> u16 {
     use rand::Rng;
-    use std::collections::HashSet;
+    use std::collections::BTreeSet;
     use std::sync::Mutex;
 
     const LOW: u16 = 20_000;
     const BLOCK: u16 = 1_000;
     const BLOCKS: u16 = 12; // 20000..32000
-    static ISSUED: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    static ISSUED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
     let block = std::env::var("NEXTEST_TEST_GLOBAL_SLOT")
         .ok()
@@ -64,7 +64,6 @@ pub fn free_port() -> u16 {
         None => (LOW, LOW + BLOCKS * BLOCK),
     };
     let mut issued = ISSUED.lock().unwrap_or_else(|e| e.into_inner());
-    let issued = issued.get_or_insert_with(HashSet::new);
     let mut rng = rand::rng();
     for _ in 0..1000 {
         let port = rng.random_range(low..high);
@@ -203,5 +202,28 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
             "timed out waiting for {what}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A process never gets one port twice, and under nextest every port comes from its
+    /// slot's block (so tests running side by side cannot draw the same one).
+    #[test]
+    fn free_ports_are_never_handed_out_twice_and_stay_in_the_slot_s_block() {
+        let ports: Vec<u16> = (0..300).map(|_| super::free_port()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice");
+        if let Some(slot) = std::env::var("NEXTEST_TEST_GLOBAL_SLOT")
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+        {
+            let low = 20_000 + (slot % 12) * 1_000;
+            assert!(
+                ports.iter().all(|p| (low..low + 1_000).contains(p)),
+                "slot {slot}: ports outside {low}..{}",
+                low + 1_000
+            );
+        }
     }
 }

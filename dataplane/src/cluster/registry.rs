@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::SinkExt;
 use gatesvr_proto::client::{ClientResponse, Envelope, ErrorCode, ResumeStatus};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -83,7 +84,7 @@ impl SessionEntry {
             gatesvr_proto::frame::encode(&frame, &mut buf);
             // A closed channel means the connection just ended; the session
             // keeps the answer for the retry.
-            let _ = futures::SinkExt::send(&mut tx, buf.freeze()).await;
+            let _ = tx.send(buf.freeze()).await;
         }
     }
 
