@@ -100,17 +100,18 @@ pub struct Meter {
     server_pid: u32,
     server: (f64, f64),
     me: (f64, f64),
-    quic: [u64; 4],
+    quic: [u64; 5],
 }
 
-fn quic_counts(conns: &[quinn::Connection]) -> [u64; 4] {
-    let mut c = [0u64; 4];
+fn quic_counts(conns: &[quinn::Connection]) -> [u64; 5] {
+    let mut c = [0u64; 5];
     for conn in conns {
         let s = conn.stats();
         c[0] += s.udp_rx.datagrams;
         c[1] += s.udp_tx.datagrams;
         c[2] += s.frame_tx.acks;
         c[3] += s.frame_tx.stream;
+        c[4] += s.frame_rx.stream;
     }
     c
 }
@@ -130,7 +131,9 @@ impl Meter {
     /// full core), `server_cpu_us_per_delivery`, `client_cpu_us_per_delivery`,
     /// `server_runq_us_per_delivery`, `client_runq_us_per_delivery`, `pkts_in_per_delivery`
     /// (datagrams the clients received), `pkts_out_per_delivery` (datagrams they sent),
-    /// `client_stream_frames_per_delivery` (the clients' app-level acks, as STREAM frames).
+    /// `client_stream_frames_per_delivery` (the clients' app-level acks, as STREAM frames),
+    /// `server_stream_frames_per_delivery` (STREAM frames the clients received: the datagrams
+    /// received without one carried only ACKs and other control frames).
     pub fn finish(
         &self,
         prefix: &str,
@@ -165,6 +168,10 @@ impl Meter {
             "client_stream_frames_per_delivery",
             (quic[3] - self.quic[3]) as f64 / d,
         );
+        put(
+            "server_stream_frames_per_delivery",
+            (quic[4] - self.quic[4]) as f64 / d,
+        );
     }
 }
 
@@ -193,7 +200,11 @@ pub async fn run(o: &Opts) -> Result<Report> {
     }
     let mut rep = Report::new("push");
     let n = o.fanout;
-    let callers = if o.tiny { 4 } else { 64 };
+    // `GATE_BENCH_PUSH_CALLERS`: concurrent push calls (the offered load's depth).
+    let callers = std::env::var("GATE_BENCH_PUSH_CALLERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if o.tiny { 4 } else { 64 });
     rep.param("sessions", n);
     rep.param("concurrent_push_rpcs", callers);
     rep.param("payload_bytes", o.payload);
@@ -572,10 +583,14 @@ pub async fn push_window_via(
     round: &mut Round,
 ) -> Result<()> {
     let _ = stats.reset();
+    // scripts/profile-push starts its profile on this line.
+    progress(format!("push: {prefix} window"));
     let start = Instant::now();
     let end = start + window;
     let start_ns = now_ns();
     let mut tasks = Vec::new();
+    // How long each `push_batch` waited for its results (queued, not delivered), µs.
+    let result_lat = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     for t in 0..callers {
         let openids = openids.clone();
         let size = payload;
@@ -609,8 +624,10 @@ pub async fn push_window_via(
             }
             Via::StreamBatch(pusher, batch) => {
                 let (pusher, batch) = (pusher.clone(), *batch);
+                let result_lat = result_lat.clone();
                 tasks.push(tokio::spawn(async move {
                     let (mut ok, mut refused) = (0u64, 0u64);
+                    let mut lats = Vec::new();
                     let mut i = t;
                     while Instant::now() < end {
                         let mut pushes = Vec::with_capacity(batch);
@@ -624,7 +641,10 @@ pub async fn push_window_via(
                             });
                             i += callers;
                         }
-                        match pusher.push_batch(pushes).await {
+                        let called = Instant::now();
+                        let answered = pusher.push_batch(pushes).await;
+                        lats.push(called.elapsed().as_micros() as u64);
+                        match answered {
                             Ok(results) => {
                                 for r in results {
                                     if r.code == 0 {
@@ -637,6 +657,7 @@ pub async fn push_window_via(
                             Err(_) => refused += batch as u64,
                         }
                     }
+                    result_lat.lock().expect("not poisoned").extend(lats);
                     (ok, refused)
                 }));
                 continue;
@@ -702,6 +723,13 @@ pub async fn push_window_via(
     let last = stats.last_delivery_ns.load(Ordering::Relaxed);
     let (delivered, mut lat) = stats.reset();
     let secs = (last.saturating_sub(start_ns)) as f64 / 1e9;
+    let mut waited = std::mem::take(&mut *result_lat.lock().expect("not poisoned"));
+    if !waited.is_empty() {
+        waited.sort_unstable();
+        let at = |q: f64| waited[((waited.len() - 1) as f64 * q) as usize] as f64;
+        round.insert(format!("{prefix}_result_p50_us"), at(0.5));
+        round.insert(format!("{prefix}_result_p99_us"), at(0.99));
+    }
     round.insert(format!("{prefix}_pushes_accepted"), ok as f64);
     round.insert(format!("{prefix}_pushes_refused"), refused as f64);
     round.insert(format!("{prefix}_deliveries"), delivered as f64);
