@@ -22,6 +22,9 @@ const ENVELOPE_PUSH_KEY: u8 = 0x3a;
 const SEQ_KEY: u8 = 0x08;
 /// `ServerPush.redelivery` is field 6, varint: key `6 << 3 | 0`.
 const REDELIVERY_KEY: u8 = 0x30;
+/// Least a write buffer grows by when a frame does not fit (bytes): about
+/// one QUIC datagram.
+const MIN_GROWTH: usize = 1200;
 
 /// Appends `v` as a protobuf varint.
 fn push_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -153,7 +156,13 @@ impl PushBody {
             stack[at] = SEQ_KEY;
             at = put_varint(&mut stack, at + 1, seq_id);
         }
-        out.reserve(at + self.0.len() + 2);
+        let need = at + self.0.len() + 2;
+        if out.capacity() - out.len() < need {
+            // Grown by at least a datagram's worth: a write gathers several
+            // pushes, and growing one push at a time reallocated (and
+            // copied) the buffer ~4 times per write.
+            out.reserve(need.max(MIN_GROWTH));
+        }
         out.put_slice(&stack[..at]);
         out.put_slice(&self.0);
         if redelivery {
@@ -264,6 +273,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A write buffer grows by a datagram's worth at least: a dozen small
+    /// pushes go into it with one allocation, not one per doubling.
+    #[test]
+    fn a_write_of_small_pushes_allocates_once() {
+        let body = PushBody::encode(&msg("hi", &[1u8; 64]));
+        let mut out = BytesMut::new();
+        body.encode_frame(1, false, &mut out);
+        let room = out.capacity();
+        assert!(room >= MIN_GROWTH, "grew to {room} bytes for one frame");
+        for seq in 2..=12 {
+            body.encode_frame(seq, false, &mut out);
+        }
+        assert!(out.len() <= room, "{} bytes", out.len());
+        assert_eq!(out.capacity(), room, "the buffer grew again");
     }
 
     /// The hand-written encoder is prost's encoding of fields 2..=5.
