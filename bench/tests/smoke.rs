@@ -113,7 +113,17 @@ fn push_has_no_gaps_or_duplicates() {
             field(&r, &format!("{k}_server_cpu_us_per_delivery")) > 0.0,
             "{k}"
         );
+        // Every delivery came in a STREAM frame, and one stream puts at most one in a datagram.
+        let frames = field(&r, &format!("{k}_server_stream_frames_per_delivery"));
+        assert!(frames > 0.0, "{k}");
+        assert!(
+            frames <= field(&r, &format!("{k}_pkts_in_per_delivery")) + 1e-9,
+            "{k}"
+        );
     }
+    // How long a push_batch waited for its results.
+    let p50 = field(&r, "streambatch_result_p50_us");
+    assert!(p50 > 0.0 && p50 <= field(&r, "streambatch_result_p99_us"));
 }
 
 #[test]

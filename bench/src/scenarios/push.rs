@@ -589,8 +589,8 @@ pub async fn push_window_via(
     let end = start + window;
     let start_ns = now_ns();
     let mut tasks = Vec::new();
-    // How long each `push_batch` waited for its results (queued, not delivered), µs.
-    let result_lat = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    // How long each `push_batch` waited for its results (queued, not delivered).
+    let result_lat = Arc::new(std::sync::Mutex::new(crate::util::Lat::default()));
     for t in 0..callers {
         let openids = openids.clone();
         let size = payload;
@@ -643,7 +643,7 @@ pub async fn push_window_via(
                         }
                         let called = Instant::now();
                         let answered = pusher.push_batch(pushes).await;
-                        lats.push(called.elapsed().as_micros() as u64);
+                        lats.push(called.elapsed().as_nanos() as u64);
                         match answered {
                             Ok(results) => {
                                 for r in results {
@@ -657,7 +657,7 @@ pub async fn push_window_via(
                             Err(_) => refused += batch as u64,
                         }
                     }
-                    result_lat.lock().expect("not poisoned").extend(lats);
+                    result_lat.lock().expect("not poisoned").0.extend(lats);
                     (ok, refused)
                 }));
                 continue;
@@ -724,11 +724,9 @@ pub async fn push_window_via(
     let (delivered, mut lat) = stats.reset();
     let secs = (last.saturating_sub(start_ns)) as f64 / 1e9;
     let mut waited = std::mem::take(&mut *result_lat.lock().expect("not poisoned"));
-    if !waited.is_empty() {
-        waited.sort_unstable();
-        let at = |q: f64| waited[((waited.len() - 1) as f64 * q) as usize] as f64;
-        round.insert(format!("{prefix}_result_p50_us"), at(0.5));
-        round.insert(format!("{prefix}_result_p99_us"), at(0.99));
+    if !waited.0.is_empty() {
+        round.insert(format!("{prefix}_result_p50_us"), waited.pct_us(50.0));
+        round.insert(format!("{prefix}_result_p99_us"), waited.pct_us(99.0));
     }
     round.insert(format!("{prefix}_pushes_accepted"), ok as f64);
     round.insert(format!("{prefix}_pushes_refused"), refused as f64);
