@@ -95,19 +95,21 @@ fn push_has_no_gaps_or_duplicates() {
             "stream_push_p99_us",
         ],
     );
-    // Gaps and duplicates are counted over every window (unary, batch, stream).
+    // Gaps and duplicates are counted over every window (unary, batch, stream, onetarget).
     assert_eq!(field(&r, "dp_gaps_total"), 0.0);
     assert_eq!(field(&r, "dp_dups_total"), 0.0);
     assert_eq!(field(&r, "dp_undelivered"), 0.0);
     assert_eq!(field(&r, "batch_undelivered"), 0.0);
     assert_eq!(field(&r, "stream_undelivered"), 0.0);
     assert!(field(&r, "stream_deliveries") > 0.0);
+    assert_eq!(field(&r, "onetarget_undelivered"), 0.0);
+    assert!(field(&r, "onetarget_deliveries") > 0.0);
     assert_eq!(field(&r, "stream_pushes_refused"), 0.0);
     assert_eq!(field(&r, "bare_gaps"), 0.0);
     assert_eq!(field(&r, "bare_dups"), 0.0);
     assert!(field(&r, "dp_deliveries") > 0.0);
     // The meters read the server's and this process's CPU and the clients' packets.
-    for k in ["bare", "dp", "stream", "streambatch"] {
+    for k in ["bare", "dp", "stream", "streambatch", "onetarget"] {
         assert!(field(&r, &format!("{k}_pkts_in_per_delivery")) > 0.0, "{k}");
         assert!(
             field(&r, &format!("{k}_server_cpu_us_per_delivery")) > 0.0,

@@ -3,8 +3,9 @@
 //! in the same run: `dp_*` GatewayService.PushToClient (PushBatch with `--push-batch` above 1),
 //! `batch_*` PushBatch of 64 (when `dp_*` is unary), and `stream_*` pushes carried on the
 //! upstream's long-lived stream (streaming contract, `gatesvr-upstream-sdk`'s `Pusher`, which
-//! waits for each push's result as the SDK does), and `streambatch_*`: `push_batch` frames of 64
-//! on that stream (`Pusher::push_batch`). Baseline: a bare quinn server writing the same
+//! waits for each push's result as the SDK does), `streambatch_*`: `push_batch` frames of 64
+//! on that stream (`Pusher::push_batch`), each push to the next session, and `onetarget_*`: the
+//! same frames with all 64 pushes of a batch to one session, the baseline's shape. Baseline: a bare quinn server writing the same
 //! frames one-way on N connections to the same client, which acks them per chunk read as the
 //! sessions do. Every window is metered ([`Meter`]): CPU, run-queue wait and packets per delivery.
 
@@ -349,27 +350,28 @@ pub async fn run(o: &Opts) -> Result<Report> {
         );
         crate::util::callgrind_mark(&dp, "stream");
 
-        // E: push_batch frames of 64 on the upstream's stream.
-        let via = Via::StreamBatch(pusher.clone(), BATCH);
-        let meter = Meter::start(dp.pid(), &quic);
-        push_window_via(
-            "streambatch",
-            &via,
-            &openids,
-            callers,
-            o.payload,
-            o.window,
-            &stats,
-            &mut round,
-        )
-        .await?;
-        meter.finish(
-            "streambatch",
-            &quic,
-            round["streambatch_deliveries"] as u64,
-            &mut round,
-        );
-        crate::util::callgrind_mark(&dp, "streambatch");
+        // E: push_batch frames of 64 on the upstream's stream, each push to another session;
+        // F: the same, each batch to one session (the bare baseline's shape: 64 frames per
+        // write on one connection).
+        for (prefix, per_target) in [("streambatch", 1), ("onetarget", BATCH)] {
+            let via = Via::StreamBatch {
+                pusher: pusher.clone(),
+                batch: BATCH,
+                per_target,
+            };
+            let meter = Meter::start(dp.pid(), &quic);
+            push_window_via(
+                prefix, &via, &openids, callers, o.payload, o.window, &stats, &mut round,
+            )
+            .await?;
+            meter.finish(
+                prefix,
+                &quic,
+                round[&format!("{prefix}_deliveries")] as u64,
+                &mut round,
+            );
+            crate::util::callgrind_mark(&dp, prefix);
+        }
         rep.rounds.push(round);
     }
     let _ = stop_tx.send(true);
@@ -409,6 +411,13 @@ pub async fn run(o: &Opts) -> Result<Report> {
         Cmp::AtLeast,
         0.5,
     ));
+    rep.checks.push(Check::ratio(
+        "stream push_batch 64 to one session deliveries/s vs bare quinn one-way (same shape)",
+        f("onetarget_deliveries_per_s"),
+        f("bare_msgs_per_s"),
+        Cmp::AtLeast,
+        0.5,
+    ));
     let gaps = stats.gaps.load(Ordering::Relaxed) as f64;
     let dups = stats.dups.load(Ordering::Relaxed) as f64;
     rep.field("dp_gaps_total", gaps);
@@ -431,7 +440,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         0.0,
         "",
     ));
-    for k in ["dp", "batch", "stream", "streambatch"] {
+    for k in ["dp", "batch", "stream", "streambatch", "onetarget"] {
         if let Some(u) = rep.fields.get(&format!("{k}_undelivered")).copied() {
             rep.checks.push(Check::absolute(
                 &format!("{k}: undelivered (median round)"),
@@ -450,7 +459,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "us",
     ));
     rep.notes.push("push latency: from just before the PushToClient call to the client reading the frame; deliveries/s over [first call, last delivery]".into());
-    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); streambatch: push_batch frames of {BATCH} on that stream (Pusher::push_batch); {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
+    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); streambatch: push_batch frames of {BATCH} on that stream (Pusher::push_batch), each push to the next session; onetarget: the same, all {BATCH} pushes of a batch to one session, as the bare server writes {BATCH} frames per write on one connection; {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
     Ok(rep)
 }
 
@@ -523,8 +532,13 @@ pub enum Via {
     },
     /// On the upstream's stream (streaming contract), through the SDK.
     Stream(Pusher),
-    /// On the upstream's stream, `push_batch` frames of this many pushes (`Pusher::push_batch`).
-    StreamBatch(Pusher, usize),
+    /// On the upstream's stream, `push_batch` frames of `batch` pushes (`Pusher::push_batch`),
+    /// `per_target` pushes in a row to each session (1: every push of a batch to another one).
+    StreamBatch {
+        pusher: Pusher,
+        batch: usize,
+        per_target: usize,
+    },
 }
 
 /// Serves an SDK upstream (echo handler, streaming contract and health) on a
@@ -622,8 +636,12 @@ pub async fn push_window_via(
                 }));
                 continue;
             }
-            Via::StreamBatch(pusher, batch) => {
-                let (pusher, batch) = (pusher.clone(), *batch);
+            Via::StreamBatch {
+                pusher,
+                batch,
+                per_target,
+            } => {
+                let (pusher, batch, per_target) = (pusher.clone(), *batch, *per_target);
                 let result_lat = result_lat.clone();
                 tasks.push(tokio::spawn(async move {
                     let (mut ok, mut refused) = (0u64, 0u64);
@@ -631,7 +649,7 @@ pub async fn push_window_via(
                     let mut i = t;
                     while Instant::now() < end {
                         let mut pushes = Vec::with_capacity(batch);
-                        for _ in 0..batch {
+                        for k in 1..=batch {
                             pushes.push(PushToClientRequest {
                                 target_type: TargetType::Openid as i32,
                                 target_id: openids[i % openids.len()].clone(),
@@ -639,7 +657,9 @@ pub async fn push_window_via(
                                 data: push_data(size),
                                 ..Default::default()
                             });
-                            i += callers;
+                            if k % per_target == 0 || k == batch {
+                                i += callers;
+                            }
                         }
                         let called = Instant::now();
                         let answered = pusher.push_batch(pushes).await;
