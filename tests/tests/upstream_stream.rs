@@ -361,6 +361,59 @@ async fn a_push_batch_on_the_stream_is_queued_in_order_with_a_result_each() {
     assert_eq!(got, want, "delivered in the batch's order");
 }
 
+#[tokio::test]
+async fn a_push_batch_asking_for_codes_gets_a_code_each_and_the_refusals_in_full() {
+    let app = App::new();
+    let (listener, addr) = bind().await;
+    let instance = serve(&app, listener, 64).await;
+    let node = node(&[addr]).await;
+    let client = Client::connect(node.client_config("ines")).await.unwrap();
+    let answer = client.request(1, "hello").await.unwrap();
+    assert_eq!(answer.app_code, 0, "{}", answer.message);
+    // Every 5th push to a session that does not exist.
+    let pushes: Vec<PushToClientRequest> = (0..100)
+        .map(|i| PushToClientRequest {
+            target_type: TargetType::Openid as i32,
+            target_id: if i % 5 == 2 { "ghost" } else { "ines" }.into(),
+            msg_type: "codes".into(),
+            content: i.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    let results = instance
+        .upstream
+        .pusher()
+        .push_batch_codes(pushes)
+        .await
+        .expect("a stream is open");
+    assert_eq!(results.len(), 100, "one result per push");
+    let mut want = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        if i % 5 == 2 {
+            assert_eq!(r.code, tonic::Code::NotFound as i32, "push {i}");
+            assert!(
+                r.message.contains("ghost"),
+                "push {i}: a refusal comes in full: {:?}",
+                r.message
+            );
+        } else {
+            // The node sent the code alone: no seq, session or node id.
+            assert_eq!(
+                (r.code, r.seq_id, r.session_id.as_str(), r.node_id.as_str()),
+                (0, 0, "", ""),
+                "push {i}"
+            );
+            want.push(i.to_string());
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let push = next_push(&client).await.expect("every queued push arrives");
+        got.push(push.content);
+    }
+    assert_eq!(got, want, "delivered in the batch's order");
+}
+
 /// A TCP relay to `target` that can be cut: every connection through it is
 /// dropped at once and new ones are refused, as when the host of an
 /// instance dies.

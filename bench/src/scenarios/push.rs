@@ -4,7 +4,7 @@
 //! `batch_*` PushBatch of 64 (when `dp_*` is unary), and `stream_*` pushes carried on the
 //! upstream's long-lived stream (streaming contract, `gatesvr-upstream-sdk`'s `Pusher`, which
 //! waits for each push's result as the SDK does), `streambatch_*`: `push_batch` frames of 64
-//! on that stream (`Pusher::push_batch`), each push to the next session, and `onetarget_*`: the
+//! on that stream asking for codes only (`Pusher::push_batch_codes`), each push to the next session, and `onetarget_*`: the
 //! same frames with all 64 pushes of a batch to one session, the baseline's shape. Baseline: a bare quinn server writing the same
 //! frames one-way on N connections to the same client, which acks them per chunk read as the
 //! sessions do. Every window is metered ([`Meter`]): CPU, run-queue wait and packets per delivery.
@@ -459,7 +459,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "us",
     ));
     rep.notes.push("push latency: from just before the PushToClient call to the client reading the frame; deliveries/s over [first call, last delivery]".into());
-    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); streambatch: push_batch frames of {BATCH} on that stream (Pusher::push_batch), each push to the next session; onetarget: the same, all {BATCH} pushes of a batch to one session, as the bare server writes {BATCH} frames per write on one connection; {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
+    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); streambatch: push_batch frames of {BATCH} on that stream, codes only (Pusher::push_batch_codes), each push to the next session; onetarget: the same, all {BATCH} pushes of a batch to one session, as the bare server writes {BATCH} frames per write on one connection; {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
     Ok(rep)
 }
 
@@ -532,7 +532,8 @@ pub enum Via {
     },
     /// On the upstream's stream (streaming contract), through the SDK.
     Stream(Pusher),
-    /// On the upstream's stream, `push_batch` frames of `batch` pushes (`Pusher::push_batch`),
+    /// On the upstream's stream, `push_batch` frames of `batch` pushes asking for codes only
+    /// (`Pusher::push_batch_codes`),
     /// `per_target` pushes in a row to each session (1: every push of a batch to another one).
     StreamBatch {
         pusher: Pusher,
@@ -662,7 +663,8 @@ pub async fn push_window_via(
                             }
                         }
                         let called = Instant::now();
-                        let answered = pusher.push_batch(pushes).await;
+                        // Codes only: a caller that counts refusals needs no seq or ids.
+                        let answered = pusher.push_batch_codes(pushes).await;
                         lats.push(called.elapsed().as_nanos() as u64);
                         match answered {
                             Ok(results) => {

@@ -130,8 +130,7 @@ pub struct RunPush<'a> {
 #[derive(Clone)]
 pub struct PushReceipt {
     pub seq_id: u64,
-    pub session_id: String,
-    /// The session it was queued on (for replication).
+    /// The session it was queued on (its id: `entry.identity.session_id`).
     pub entry: Arc<SessionEntry>,
 }
 
@@ -817,16 +816,11 @@ impl Registry {
             Target::Openid(o) | Target::Session(o) => o,
         };
         match outcome {
-            PushOutcome::Queued {
-                seq_id,
-                session_id,
-                handle,
-            } => {
+            PushOutcome::Queued { seq_id, handle } => {
                 self.metrics.pushes.with_label_values(&["queued"]).inc();
                 handle.wake.notify_one();
                 Ok(PushReceipt {
                     seq_id,
-                    session_id,
                     entry: handle,
                 })
             }
@@ -914,23 +908,21 @@ impl Registry {
     /// session moved, is in transit, or is not here): the outcomes returned
     /// are those before it, and the caller takes the rest through
     /// [`Registry::push_settled`] (forwarding, waiting), in order.
-    pub fn push_run(&self, pushes: &[RunPush<'_>]) -> Vec<Result<PushReceipt, PushError>> {
+    ///
+    /// The bodies are moved into the queues, not cloned: a body queued once
+    /// keeps its single owner (no shared header allocated for it, no reference
+    /// count to move).
+    pub fn push_run(&self, pushes: Vec<RunPush<'_>>) -> Vec<Result<PushReceipt, PushError>> {
         let now = Instant::now();
         let mut results = Vec::with_capacity(pushes.len());
         let mut commands = Vec::new();
         self.with_table(|t| {
             for p in pushes {
-                let (outcome, mut c) =
-                    t.push(now, Target::Openid(p.openid), p.body.clone(), p.view_owner);
+                let (outcome, mut c) = t.push(now, Target::Openid(p.openid), p.body, p.view_owner);
                 commands.append(&mut c);
                 match outcome {
-                    PushOutcome::Queued {
+                    PushOutcome::Queued { seq_id, handle } => results.push(Ok(PushReceipt {
                         seq_id,
-                        session_id,
-                        handle,
-                    } => results.push(Ok(PushReceipt {
-                        seq_id,
-                        session_id,
                         entry: handle,
                     })),
                     PushOutcome::Refused { error, handle } => {

@@ -123,12 +123,9 @@ pub enum InstallError {
 /// Where a push went.
 #[derive(Debug)]
 pub enum PushOutcome<H> {
-    /// Queued on the local session as `seq_id` (the session is woken).
-    Queued {
-        seq_id: u64,
-        session_id: String,
-        handle: H,
-    },
+    /// Queued on the local session as `seq_id` (the session is woken). The
+    /// session's id is `handle.identity().session_id`.
+    Queued { seq_id: u64, handle: H },
     /// The local session refused it (queue full: the shell disconnects the
     /// client as a slow consumer; expired).
     Refused { error: PushError, handle: H },
@@ -1140,11 +1137,7 @@ impl<H: SessionCell> Table<H> {
                         if let Some(at) = moved {
                             self.arm_at(openid, at);
                         }
-                        PushOutcome::Queued {
-                            seq_id,
-                            session_id: handle.identity().session_id.clone(),
-                            handle,
-                        }
+                        PushOutcome::Queued { seq_id, handle }
                     }
                     Err(error) => PushOutcome::Refused { error, handle },
                 }

@@ -209,7 +209,7 @@ impl Gateway {
             Ok(receipt) => {
                 let response = Response::new(PushToClientResponse {
                     seq_id: receipt.seq_id,
-                    session_id: receipt.session_id.clone(),
+                    session_id: receipt.entry.identity.session_id.clone(),
                     node_id: node.config.node_id.clone(),
                 });
                 match (req.durable, standby) {
@@ -282,7 +282,16 @@ impl Gateway {
     /// push that is not such a push, the rest go one at a time through
     /// `push_one` (forwarding, durability, waits): order per session is the
     /// order given, because a push never overtakes an earlier one.
-    pub(crate) async fn push_many(&self, hops: u8, mut pushes: Vec<InPush>) -> Vec<PushResult> {
+    ///
+    /// With `codes_only` (a `push_batch` that asked for codes), a push queued
+    /// here gets a result with code 0 and nothing else: no session id or node
+    /// id is copied for it.
+    pub(crate) async fn push_many(
+        &self,
+        hops: u8,
+        mut pushes: Vec<InPush>,
+        codes_only: bool,
+    ) -> Vec<PushResult> {
         /// Pushes queued per table lock: bounds how long one batch holds it.
         const CHUNK: usize = 64;
         let node = &self.node;
@@ -332,15 +341,16 @@ impl Gateway {
                     view_owner: owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
                 });
             }
-            let outcomes = node.registry.push_run(&run);
+            let queued = run.len();
+            let outcomes = node.registry.push_run(run);
             let done = outcomes.len();
-            let stopped = done < run.len();
-            drop(run);
+            let stopped = done < queued;
             for (outcome, p) in outcomes.into_iter().zip(chunk) {
                 results.push(match outcome {
+                    Ok(_) if codes_only => PushResult::default(),
                     Ok(receipt) => PushResult {
                         seq_id: receipt.seq_id,
-                        session_id: receipt.session_id,
+                        session_id: receipt.entry.identity.session_id.clone(),
                         node_id: node.config.node_id.clone(),
                         code: 0,
                         message: String::new(),
@@ -562,7 +572,7 @@ impl GatewayService for Gateway {
         // Per push the same outcome as PushToClient; order per session is
         // the order in the batch. (The Strings are taken over, not copied.)
         let pushes = batch.pushes.into_iter().map(InPush::from).collect();
-        let results = self.push_many(hops, pushes).await;
+        let results = self.push_many(hops, pushes, false).await;
         Ok(Response::new(PushBatchResponse { results }))
     }
 

@@ -36,11 +36,15 @@ impl PushSink for GatewaySink {
         .boxed()
     }
 
-    fn push_batch(&self, pushes: Vec<InPush>) -> BoxFuture<'static, Vec<PushResult>> {
+    fn push_batch(
+        &self,
+        pushes: Vec<InPush>,
+        codes_only: bool,
+    ) -> BoxFuture<'static, Vec<PushResult>> {
         let gateway = Gateway {
             node: self.0.clone(),
         };
-        async move { gateway.push_many(0, pushes).await }.boxed()
+        async move { gateway.push_many(0, pushes, codes_only).await }.boxed()
     }
 
     fn broadcast(&self, broadcast: BroadcastRequest) -> BoxFuture<'static, StreamBroadcastResult> {

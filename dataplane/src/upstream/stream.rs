@@ -76,7 +76,12 @@ pub trait PushSink: std::fmt::Debug + Send + Sync + 'static {
     /// Queues one push, as `PushToClient`; the result as `PushBatch` reports it.
     fn push(&self, push: InPush) -> BoxFuture<'static, PushResult>;
     /// Queues pushes in order, as `PushBatch`: one result per push, in order.
-    fn push_batch(&self, pushes: Vec<InPush>) -> BoxFuture<'static, Vec<PushResult>>;
+    /// With `codes_only`, a queued push's result may carry its code alone.
+    fn push_batch(
+        &self,
+        pushes: Vec<InPush>,
+        codes_only: bool,
+    ) -> BoxFuture<'static, Vec<PushResult>>;
     /// Queues one broadcast, as `BroadcastToClients`.
     fn broadcast(&self, broadcast: BroadcastRequest) -> BoxFuture<'static, StreamBroadcastResult>;
 }
@@ -420,7 +425,7 @@ impl PushGroup {
         let (tx, sink) = (live.tx.clone(), sink.get().cloned());
         tokio::spawn(async move {
             let results = match sink {
-                Some(sink) if !self.pushes.is_empty() => sink.push_batch(self.pushes).await,
+                Some(sink) if !self.pushes.is_empty() => sink.push_batch(self.pushes, false).await,
                 Some(_) => Vec::new(),
                 None => (0..self.ids.len())
                     .map(|_| refused(tonic::Code::Unavailable, "node not ready"))
@@ -497,14 +502,15 @@ fn handle(
                         let why = format!("at most {MAX_PUSH_BATCH} pushes per push_batch");
                         vec![refused(tonic::Code::InvalidArgument, &why); n]
                     }
-                    Some(sink) => sink.push_batch(batch.pushes).await,
+                    Some(sink) => sink.push_batch(batch.pushes, batch.codes_only).await,
                     None => vec![refused(tonic::Code::Unavailable, "node not ready"); n],
                 };
                 let frame = GatewayFrame {
-                    body: Some(Down::PushBatchResult(StreamPushBatchResult {
-                        id: batch.id,
+                    body: Some(Down::PushBatchResult(batch_result(
+                        batch.id,
                         results,
-                    })),
+                        batch.codes_only,
+                    ))),
                 };
                 let _ = tx.send(frame).await;
                 drop(permit);
@@ -563,6 +569,25 @@ async fn open(
         .extensions_mut()
         .insert(tonic::GrpcMethod::new(SERVICE, "Open"));
     grpc.streaming(request, path, codec).await
+}
+
+/// A `push_batch_result`: every push's result, or with `codes_only` every
+/// push's code and only the refused pushes' results (docs/protocol.md §14.2).
+fn batch_result(id: u64, results: Vec<PushResult>, codes_only: bool) -> StreamPushBatchResult {
+    if !codes_only {
+        return StreamPushBatchResult {
+            id,
+            results,
+            codes: Vec::new(),
+        };
+    }
+    let codes = results.iter().map(|r| r.code).collect();
+    let refused = results.into_iter().filter(|r| r.code != 0).collect();
+    StreamPushBatchResult {
+        id,
+        results: refused,
+        codes,
+    }
 }
 
 fn refused(code: tonic::Code, message: &str) -> PushResult {

@@ -184,7 +184,20 @@ impl Pusher {
         pushes: Vec<PushToClientRequest>,
     ) -> Result<Vec<PushResult>, PushError> {
         let stream = self.pick().ok_or(PushError::NoStream)?;
-        Ok(stream.push_batch(pushes).await)
+        Ok(stream.push_batch(pushes, false).await)
+    }
+
+    /// As [`push_batch`](Self::push_batch), asking the node for codes only
+    /// (`StreamPushBatch.codes_only`): a queued push's result is its code 0
+    /// alone (no `seq_id`, `session_id` or `node_id`); a refused push's is
+    /// full. Less to encode on the node and to decode here, for callers that
+    /// only need to know which pushes were refused.
+    pub async fn push_batch_codes(
+        &self,
+        pushes: Vec<PushToClientRequest>,
+    ) -> Result<Vec<PushResult>, PushError> {
+        let stream = self.pick().ok_or(PushError::NoStream)?;
+        Ok(stream.push_batch(pushes, true).await)
     }
 
     /// A live stream, round robin.

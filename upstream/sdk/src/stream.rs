@@ -13,7 +13,7 @@ use gatesvr_proto::upstream::upstream_stream_service_server::UpstreamStreamServi
 use gatesvr_proto::upstream::{
     BroadcastRequest, BroadcastResponse, Drain, GatewayFrame, PushResult, PushToClientRequest,
     StreamBroadcast, StreamBroadcastResult, StreamHealth, StreamPush, StreamPushBatch,
-    StreamRequest, StreamResponse, UpstreamFrame, UpstreamHello,
+    StreamPushBatchResult, StreamRequest, StreamResponse, UpstreamFrame, UpstreamHello,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -103,7 +103,13 @@ impl Stream {
     /// that does not take batches. One result per push, in order: a frame
     /// whose stream ended before its result gives its pushes code UNKNOWN
     /// (they may have been queued), the frames after it UNAVAILABLE (not sent).
-    pub(crate) async fn push_batch(&self, pushes: Vec<PushToClientRequest>) -> Vec<PushResult> {
+    /// With `codes_only`, the frames ask for codes (a queued push's result is
+    /// its code 0 alone).
+    pub(crate) async fn push_batch(
+        &self,
+        pushes: Vec<PushToClientRequest>,
+        codes_only: bool,
+    ) -> Vec<PushResult> {
         let max = self.max_push_batch.load(Ordering::SeqCst) as usize;
         let mut results = Vec::with_capacity(pushes.len());
         let mut failed: Option<PushResult> = None;
@@ -142,7 +148,11 @@ impl Stream {
             }
             let n = chunk.len();
             let id = self.next_push.fetch_add(1, Ordering::Relaxed);
-            let body = Up::PushBatch(StreamPushBatch { id, pushes: chunk });
+            let body = Up::PushBatch(StreamPushBatch {
+                id,
+                pushes: chunk,
+                codes_only,
+            });
             match self.request(id, body).await {
                 Ok(Outcome::Batch(r)) if r.len() == n => results.extend(r),
                 Ok(_) => {
@@ -205,6 +215,28 @@ impl Stream {
             let _ = waiter.send(outcome);
         }
     }
+}
+
+/// One result per push of a `push_batch_result`: its `results` as they are,
+/// or, when the node sent `codes` (the frame asked for codes only), a result
+/// per code, the refused pushes' taken from `results` in order (a queued
+/// push's is its code 0 alone). A refused code with no result left keeps its
+/// code and no message.
+fn batch_results(r: StreamPushBatchResult) -> Vec<PushResult> {
+    if r.codes.is_empty() {
+        return r.results;
+    }
+    let mut refused = r.results.into_iter();
+    r.codes
+        .into_iter()
+        .map(|code| match code {
+            0 => PushResult::default(),
+            code => refused.next().unwrap_or(PushResult {
+                code,
+                ..Default::default()
+            }),
+        })
+        .collect()
 }
 
 /// The result of a push whose frame got no result: NO_STREAM was not sent
@@ -340,7 +372,9 @@ async fn read<H: Handler>(
                 stream.resolve(r.id, Outcome::Push(r.result.unwrap_or_default()));
             }
             Some(Down::BroadcastResult(r)) => stream.resolve(r.id, Outcome::Broadcast(r)),
-            Some(Down::PushBatchResult(r)) => stream.resolve(r.id, Outcome::Batch(r.results)),
+            Some(Down::PushBatchResult(r)) => {
+                stream.resolve(r.id, Outcome::Batch(batch_results(r)))
+            }
             // The node sends nothing new and closes once its requests are answered.
             Some(Down::Drain(_)) | None => {}
         }
@@ -419,5 +453,66 @@ fn start<H: Handler>(inner: &Arc<Inner<H>>, stream: &Arc<Stream>, req: StreamReq
     let mut run = Box::pin(run);
     if futures::FutureExt::now_or_never(run.as_mut()).is_none() {
         tokio::spawn(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: tonic::Code, message: &str) -> PushResult {
+        PushResult {
+            code: code as i32,
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn full_results_are_taken_as_they_are() {
+        let full = vec![
+            PushResult {
+                seq_id: 7,
+                session_id: "s".into(),
+                node_id: "n".into(),
+                ..Default::default()
+            },
+            refused(tonic::Code::NotFound, "no session"),
+        ];
+        let r = StreamPushBatchResult {
+            id: 1,
+            results: full.clone(),
+            codes: Vec::new(),
+        };
+        assert_eq!(batch_results(r), full);
+    }
+
+    #[test]
+    fn codes_take_the_refused_results_in_order() {
+        let not_found = refused(tonic::Code::NotFound, "no session");
+        let full = refused(tonic::Code::ResourceExhausted, "queue full");
+        let r = StreamPushBatchResult {
+            id: 1,
+            results: vec![not_found.clone(), full.clone()],
+            codes: vec![0, 5, 0, 8, 0],
+        };
+        let ok = PushResult::default();
+        assert_eq!(
+            batch_results(r),
+            vec![ok.clone(), not_found, ok.clone(), full, ok]
+        );
+    }
+
+    #[test]
+    fn a_refused_code_without_its_result_keeps_its_code() {
+        let r = StreamPushBatchResult {
+            id: 1,
+            results: Vec::new(),
+            codes: vec![0, 14],
+        };
+        assert_eq!(
+            batch_results(r),
+            vec![PushResult::default(), refused(tonic::Code::Unavailable, "")]
+        );
     }
 }

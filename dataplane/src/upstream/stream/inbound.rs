@@ -49,6 +49,7 @@ pub(crate) struct InStreamPush {
 pub(crate) struct InStreamPushBatch {
     pub id: u64,
     pub pushes: Vec<InPush>,
+    pub codes_only: bool,
 }
 
 impl Message for InFrame {
@@ -207,6 +208,9 @@ impl Message for InStreamPushBatch {
             prost::encoding::uint64::encode(1, &self.id, buf);
         }
         message::encode_repeated(2, &self.pushes, buf);
+        if self.codes_only {
+            prost::encoding::bool::encode(3, &self.codes_only, buf);
+        }
     }
 
     fn merge_field(
@@ -227,6 +231,12 @@ impl Message for InStreamPushBatch {
                 e.push("StreamPushBatch", "pushes");
                 e
             }),
+            3 => prost::encoding::bool::merge(wire_type, &mut self.codes_only, buf, ctx).map_err(
+                |mut e| {
+                    e.push("StreamPushBatch", "codes_only");
+                    e
+                },
+            ),
             _ => prost::encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -237,7 +247,12 @@ impl Message for InStreamPushBatch {
         } else {
             0
         };
-        id + message::encoded_len_repeated(2, &self.pushes)
+        let codes_only = if self.codes_only {
+            prost::encoding::bool::encoded_len(3, &self.codes_only)
+        } else {
+            0
+        };
+        id + message::encoded_len_repeated(2, &self.pushes) + codes_only
     }
 
     fn clear(&mut self) {
@@ -286,6 +301,12 @@ mod tests {
             Up::PushBatch(StreamPushBatch {
                 id: 11,
                 pushes: (0..5).map(push).collect(),
+                codes_only: false,
+            }),
+            Up::PushBatch(StreamPushBatch {
+                id: 12,
+                pushes: (0..3).map(push).collect(),
+                codes_only: true,
             }),
             Up::Health(StreamHealth { serving: false }),
             Up::Drain(Drain {
@@ -309,6 +330,7 @@ mod tests {
             InBody::PushBatch(b) => Up::PushBatch(StreamPushBatch {
                 id: b.id,
                 pushes: b.pushes.into_iter().map(Into::into).collect(),
+                codes_only: b.codes_only,
             }),
             InBody::Other(up) => up,
         });
@@ -344,6 +366,7 @@ mod tests {
             body: Some(Up::PushBatch(StreamPushBatch {
                 id: 1,
                 pushes: vec![push(2)],
+                codes_only: false,
             })),
         };
         let mut wire = Vec::new();
@@ -363,6 +386,7 @@ mod tests {
             body: Some(Up::PushBatch(StreamPushBatch {
                 id: 3,
                 pushes: vec![push(1), push(2)],
+                codes_only: false,
             })),
         }
         .encode_to_vec();
