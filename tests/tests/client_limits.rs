@@ -284,7 +284,10 @@ async fn clients_that_stop_reading_lose_their_slots_and_others_are_served() {
             .map(|i| push(&format!("slow-{i}"), "x".repeat(16 * 1024)))
             .collect();
         let results = gateway
-            .push_batch(PushBatchRequest { pushes })
+            .push_batch(PushBatchRequest {
+                pushes,
+                codes_only: false,
+            })
             .await
             .expect("push batch")
             .into_inner()

@@ -403,6 +403,7 @@ async fn push_batch_queues_each_push_on_its_own() {
                 push_to("nobody", 2),
                 push_to("batcher", 3),
             ],
+            codes_only: false,
         })
         .await
         .unwrap()
@@ -421,8 +422,28 @@ async fn push_batch_queues_each_push_on_its_own() {
     );
     assert_eq!(next_push(&client).await.content, "message 1");
     assert_eq!(next_push(&client).await.content, "message 3");
+    // Codes only: a code per push, and only the refusal in full.
+    let answer = gw
+        .push_batch(gatesvr_proto::upstream::PushBatchRequest {
+            pushes: vec![
+                push_to("nobody", 4),
+                push_to("batcher", 5),
+                push_to("batcher", 6),
+            ],
+            codes_only: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.codes, vec![tonic::Code::NotFound as i32, 0, 0]);
+    assert_eq!(answer.results.len(), 1, "{:?}", answer.results);
+    assert_eq!(answer.results[0].code, tonic::Code::NotFound as i32);
+    assert!(answer.results[0].message.contains("nobody"));
+    assert_eq!(next_push(&client).await.content, "message 5");
+    assert_eq!(next_push(&client).await.content, "message 6");
     let too_many = gatesvr_proto::upstream::PushBatchRequest {
         pushes: vec![push_to("batcher", 9); 1025],
+        codes_only: false,
     };
     assert_eq!(
         gw.push_batch(too_many).await.unwrap_err().code(),

@@ -704,6 +704,7 @@ async fn no_internal_call_is_accepted_from_the_wrong_identity() {
             let r = g
                 .push_batch(up::PushBatchRequest {
                     pushes: vec![push("evil")],
+                    codes_only: false,
                 })
                 .await;
             note("GatewayService.PushBatch", got_through(&r));

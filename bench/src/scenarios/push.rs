@@ -1,13 +1,18 @@
 //! push: an upstream (this process) pushes to N sessions that ack cumulatively; deliveries/s,
-//! push latency (call start to arrival at the client), gaps and duplicates (must be 0). Three ways
-//! in the same run: `dp_*` GatewayService.PushToClient (PushBatch with `--push-batch` above 1),
-//! `batch_*` PushBatch of 64 (when `dp_*` is unary), and `stream_*` pushes carried on the
-//! upstream's long-lived stream (streaming contract, `gatesvr-upstream-sdk`'s `Pusher`, which
-//! waits for each push's result as the SDK does), `streambatch_*`: `push_batch` frames of 64
-//! on that stream asking for codes only (`Pusher::push_batch_codes`), each push to the next session, and `onetarget_*`: the
-//! same frames with all 64 pushes of a batch to one session, the baseline's shape. Baseline: a bare quinn server writing the same
-//! frames one-way on N connections to the same client, which acks them per chunk read as the
-//! sessions do. Every window is metered ([`Meter`]): CPU, run-queue wait and packets per delivery.
+//! push latency (call start to arrival at the client), gaps and duplicates (must be 0). Five
+//! windows in the same run:
+//! - `dp_*`: GatewayService.PushToClient (PushBatch with `--push-batch` above 1);
+//! - `batch_*`: PushBatch of 64, codes only (when `dp_*` is unary);
+//! - `stream_*`: pushes carried on the upstream's long-lived stream (streaming contract,
+//!   `gatesvr-upstream-sdk`'s `Pusher`, which waits for each push's result as the SDK does);
+//! - `streambatch_*`: `push_batch` frames of 64 on that stream asking for codes only
+//!   (`Pusher::push_batch_codes`), each push to the next session;
+//! - `onetarget_*`: the same frames with all 64 pushes of a batch to one session, the
+//!   baseline's shape.
+//!
+//! Baseline: a bare quinn server writing the same frames one-way on N connections to the same
+//! client, 64 per write, which acks them per chunk read as the sessions do. Every window is
+//! metered ([`Meter`]): CPU, run-queue wait and packets per delivery.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -459,7 +464,7 @@ pub async fn run(o: &Opts) -> Result<Report> {
         "us",
     ));
     rep.notes.push("push latency: from just before the PushToClient call to the client reading the frame; deliveries/s over [first call, last delivery]".into());
-    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); streambatch: push_batch frames of {BATCH} on that stream, codes only (Pusher::push_batch_codes), each push to the next session; onetarget: the same, all {BATCH} pushes of a batch to one session, as the bare server writes {BATCH} frames per write on one connection; {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}", o.push_batch) } else { "PushToClient".into() }));
+    rep.notes.push(format!("dp: {}; batch: PushBatch of {BATCH}, codes only; stream: pushes on the upstream's stream (gatesvr-upstream-sdk Pusher::push, each caller waits for its push's result); streambatch: push_batch frames of {BATCH} on that stream, codes only (Pusher::push_batch_codes), each push to the next session; onetarget: the same, all {BATCH} pushes of a batch to one session, as the bare server writes {BATCH} frames per write on one connection; {callers} concurrent callers each", if o.push_batch > 1 { format!("PushBatch of {}, codes only", o.push_batch) } else { "PushToClient".into() }));
     Ok(rep)
 }
 
@@ -702,7 +707,11 @@ pub async fn push_window_via(
                         });
                         i += callers;
                     }
-                    match client.push_batch(PushBatchRequest { pushes }).await {
+                    let request = PushBatchRequest {
+                        pushes,
+                        codes_only: true,
+                    };
+                    match client.push_batch(request).await {
                         Ok(r) => {
                             for result in r.into_inner().results {
                                 if result.code == 0 {

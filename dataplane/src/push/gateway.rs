@@ -572,8 +572,14 @@ impl GatewayService for Gateway {
         // Per push the same outcome as PushToClient; order per session is
         // the order in the batch. (The Strings are taken over, not copied.)
         let pushes = batch.pushes.into_iter().map(InPush::from).collect();
-        let results = self.push_many(hops, pushes, false).await;
-        Ok(Response::new(PushBatchResponse { results }))
+        let results = self.push_many(hops, pushes, batch.codes_only).await;
+        let (results, codes) = if batch.codes_only {
+            let (codes, refused) = split_codes(results);
+            (refused, codes)
+        } else {
+            (results, Vec::new())
+        };
+        Ok(Response::new(PushBatchResponse { results, codes }))
     }
 
     async fn broadcast_to_clients(
@@ -686,6 +692,15 @@ fn forwarded_hops(metadata: &tonic::metadata::MetadataMap) -> u8 {
 /// A refusal as one item of a batch result.
 fn refused(status: Status) -> PushResult {
     push_result(Err(status))
+}
+
+/// A batch's results as a codes-only answer carries them: one code per push,
+/// in order, and the full results of the refused pushes only (code != 0),
+/// in order (docs/protocol.md §13.3 and §14.2).
+pub(crate) fn split_codes(results: Vec<PushResult>) -> (Vec<i32>, Vec<PushResult>) {
+    let codes = results.iter().map(|r| r.code).collect();
+    let refused = results.into_iter().filter(|r| r.code != 0).collect();
+    (codes, refused)
 }
 
 /// A `PushToClient` outcome as one item of a batch (or stream) result.

@@ -581,8 +581,7 @@ fn batch_result(id: u64, results: Vec<PushResult>, codes_only: bool) -> StreamPu
             codes: Vec::new(),
         };
     }
-    let codes = results.iter().map(|r| r.code).collect();
-    let refused = results.into_iter().filter(|r| r.code != 0).collect();
+    let (codes, refused) = crate::gateway::split_codes(results);
     StreamPushBatchResult {
         id,
         results: refused,
