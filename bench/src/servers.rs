@@ -121,6 +121,14 @@ pub fn dataplane_config(dir: &Path, upstream: Option<&str>) -> DataPlaneConfig {
     s.cert_file = dir.join("certs").join("server.crt");
     s.key_file = dir.join("certs").join("server.key");
     s.heartbeat_timeout = Duration::from_secs(3600);
+    // `GATE_BENCH_PUSH_COALESCE` (e.g. `10ms`): the data plane's `server.push_coalesce`
+    // (default: the product's, off).
+    if let Some(d) = std::env::var("GATE_BENCH_PUSH_COALESCE")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+    {
+        s.push_coalesce = d;
+    }
     // Profiling lives on the token-protected ops listener (`gate-bench peers --profile`).
     let ops_port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -19,6 +19,9 @@ use crate::session::{QueuePolicy, SessionConfig};
 /// default of `server.max_udp_payload_size`.
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
 
+/// The longest `server.push_coalesce`.
+pub const MAX_PUSH_COALESCE: Duration = Duration::from_secs(1);
+
 /// QUIC's largest `max_udp_payload_size`.
 pub const MAX_UDP_PAYLOAD: u16 = 65_527;
 
@@ -143,6 +146,14 @@ pub struct ServerConfig {
     /// Default 10s.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// How long a session's pushes may wait to share a write while earlier
+    /// pushes are unacked and less than a datagram's worth is waiting (as
+    /// Nagle's algorithm, bounded). A push to a session with nothing in
+    /// flight is never held. Fewer, fuller datagrams under steady push
+    /// streams, for up to this much latency on those pushes. At most 1s.
+    /// Default 0s (off).
+    #[serde(with = "humantime_serde")]
+    pub push_coalesce: Duration,
     /// Largest frame accepted or sent, in bytes (the `max_frame_size` a
     /// StartResponse announces). A push or an upstream answer that would not
     /// fit is refused with an error, never sent. Default 1 MiB.
@@ -222,6 +233,7 @@ impl Default for ServerConfig {
             keep_alive_interval: Duration::from_secs(10),
             max_udp_payload_size: MIN_UDP_PAYLOAD,
             write_timeout: Duration::from_secs(10),
+            push_coalesce: Duration::ZERO,
             max_frame_size: gatesvr_proto::frame::DEFAULT_MAX_FRAME_SIZE,
             max_queue: session.max_queue,
             max_queue_bytes: session.max_queue_bytes,
@@ -463,6 +475,12 @@ impl Validate for DataPlaneConfig {
             if d.is_zero() {
                 return Err(ConfigError::key(key, "must be greater than zero"));
             }
+        }
+        if s.push_coalesce > MAX_PUSH_COALESCE {
+            return Err(ConfigError::key(
+                "server.push_coalesce",
+                "must be at most 1s (it is latency added to pushes)",
+            ));
         }
         if let Some(tls) = &s.grpc_tls {
             tls.validate("server.grpc_tls")?;
@@ -721,6 +739,7 @@ mod tests {
                 "server.max_queue_bytes",
             ),
             ("server:\n  write_timeout: 0s\n", "server.write_timeout"),
+            ("server:\n  push_coalesce: 2s\n", "server.push_coalesce"),
             (
                 "overload_protection:\n  start_burst_per_openid: 0\n",
                 "overload_protection.start_burst_per_openid",

@@ -470,6 +470,19 @@ impl Session {
         sent
     }
 
+    /// Whether the pushes ready to write may wait for more to share their
+    /// write (`server.push_coalesce`): some are unsent, earlier ones are in
+    /// flight (written, unacked), and the unsent ones' frames would not fill
+    /// `datagram` bytes. With nothing in flight a push is written at once.
+    pub fn may_hold_pushes(&self, datagram: usize) -> bool {
+        self.link == Link::Attached
+            && self.queue.in_flight() > 0
+            && self
+                .queue
+                .unsent_bytes_below(datagram)
+                .is_some_and(|b| b > 0)
+    }
+
     /// Payload bytes of the pushes retained until acked.
     pub fn queued_bytes(&self) -> usize {
         self.queue.bytes()

@@ -353,6 +353,55 @@ async fn unacked_pushes_are_retransmitted_then_the_connection_closes() {
     assert_eq!(raw.closed_with().await, Some(ErrorCode::AckTimeout));
 }
 
+/// `server.push_coalesce` (its longest, 1 s: the checks below end a hold
+/// sooner, by the ack or a full datagram): a push to a session with nothing in
+/// flight is written at once; one behind an unacked push waits for the ack; a
+/// datagram's worth goes without it.
+#[tokio::test]
+async fn coalesced_pushes_wait_for_the_ack_or_a_full_datagram() {
+    let node = TestNode::start(|c| c.server.push_coalesce = Duration::from_secs(1)).await;
+    let mut raw = node.raw().await;
+    raw.start("lena", &node.dir.token("lena"), "", 0).await;
+    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut gw = gateway(&node).await;
+    fn seq(body: Option<Body>) -> u64 {
+        match body {
+            Some(Body::Push(p)) => p.seq_id,
+            other => panic!("expected a push, got {other:?}"),
+        }
+    }
+    gw.push_to_client(push_to("lena", 1)).await.unwrap();
+    assert_eq!(seq(raw.recv().await), 1, "nothing in flight: at once");
+    gw.push_to_client(push_to("lena", 2)).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), raw.recv())
+            .await
+            .is_err(),
+        "push 2 waits while push 1 is unacked"
+    );
+    raw.send(Body::Ack(ClientAck { acked_seq_id: 1 })).await;
+    assert_eq!(seq(raw.recv().await), 2, "the ack ends the hold");
+    // Push 2 is unacked; 20 pushes of 100 bytes (more than a datagram)
+    // queued together are written without waiting for its ack.
+    let pushes = (3..=22)
+        .map(|n| PushToClientRequest {
+            data: vec![n as u8; 100].into(),
+            ..push_to("lena", n)
+        })
+        .collect();
+    gw.push_batch(gatesvr_proto::upstream::PushBatchRequest {
+        pushes,
+        codes_only: true,
+    })
+    .await
+    .unwrap();
+    let mut seqs = Vec::with_capacity(20);
+    for _ in 3..=22 {
+        seqs.push(seq(raw.recv().await));
+    }
+    assert_eq!(seqs, (3..=22).collect::<Vec<u64>>());
+}
+
 #[tokio::test]
 async fn expired_session_is_reported_on_resume() {
     let node = TestNode::start(|c| c.server.session_timeout = Duration::from_millis(200)).await;

@@ -535,6 +535,11 @@ type Executing = futures::future::BoxFuture<'static, ClientResponse>;
 /// Most bytes of pushes gathered into one stream write.
 const WRITE_BATCH: usize = 64 * 1024;
 
+/// A QUIC packet's bytes around its STREAM data, about (header, frame
+/// header, AEAD tag, an ACK frame riding along): what `server.push_coalesce`
+/// subtracts from the UDP payload to call a datagram full.
+const QUIC_OVERHEAD: usize = 100;
+
 /// What a frame asks of the connection's loop.
 enum Flow {
     Continue,
@@ -567,6 +572,13 @@ async fn run(
     let silence = node.config.server.heartbeat_timeout;
     let idle = tokio::time::sleep(silence);
     tokio::pin!(idle);
+    // `server.push_coalesce`: pushes may wait (at most this long) to fill a
+    // datagram while earlier ones are unacked. `hold` runs while they wait.
+    let coalesce = node.config.server.push_coalesce;
+    let datagram = usize::from(node.config.server.max_udp_payload_size) - QUIC_OVERHEAD;
+    let hold = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(hold);
+    let (mut holding, mut held_enough) = (false, false);
     let mut executing: FuturesUnordered<Executing> = FuturesUnordered::new();
     let mut out = BytesMut::new();
     let Link {
@@ -617,7 +629,22 @@ async fn run(
                     "no frame within heartbeat_timeout",
                 ));
             }
+            () = &mut hold, if holding => held_enough = true,
         }
+        // Anything else to write (answers, control frames) takes the pushes
+        // along; so does the end of the hold.
+        if !coalesce.is_zero()
+            && !held_enough
+            && out.is_empty()
+            && entry.state.lock().may_hold_pushes(datagram)
+        {
+            if !holding {
+                holding = true;
+                hold.as_mut().reset(tokio::time::Instant::now() + coalesce);
+            }
+            continue;
+        }
+        (holding, held_enough) = (false, false);
         transmit(node, entry, &mut out);
         if !out.is_empty() {
             // A close asked meanwhile wins over a write the client does not read.

@@ -150,6 +150,21 @@ impl PushQueue {
         (self.send_next - self.front()) as usize
     }
 
+    /// About the encoded size of the unsent pushes' frames, if it is below
+    /// `limit` (`None` at or above it): a walk of at most the pushes that fit.
+    pub(super) fn unsent_bytes_below(&self, limit: usize) -> Option<usize> {
+        let first = (self.send_next - self.front()) as usize;
+        let mut total = 0;
+        for entry in self.entries.range(first.min(self.entries.len())..) {
+            // The envelope and its length prefix (at most 3 bytes here).
+            total += entry.body.envelope_len(entry.seq_id, false) + 3;
+            if total >= limit {
+                return None;
+            }
+        }
+        Some(total)
+    }
+
     /// Accepts a push under `bounds`; returns its seq and how many older
     /// pushes were dropped to make room.
     pub(super) fn push(&mut self, body: PushBody, bounds: Bounds) -> Result<(u64, u64), Full> {

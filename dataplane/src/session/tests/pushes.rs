@@ -192,3 +192,37 @@ fn a_shared_body_queues_on_many_sessions_without_copies() {
         assert_eq!(out.to_push().content.len(), 4096);
     }
 }
+
+/// `server.push_coalesce`: pushes may wait to share a write only behind
+/// earlier pushes in flight, and only while they would not fill a datagram.
+#[test]
+fn pushes_may_wait_only_behind_pushes_in_flight_and_below_a_datagram() {
+    // Each push of `msg` is a frame of ~25 bytes: 100 bytes is 4 of them.
+    let datagram = 100;
+    let (mut s, t0) = attached(cfg(), 1);
+    assert!(
+        !s.may_hold_pushes(datagram),
+        "nothing in flight: written at once"
+    );
+    assert_eq!(drain(&mut s, t0), fresh(1..=1));
+    assert!(!s.may_hold_pushes(datagram), "in flight, nothing unsent");
+    assert_eq!(s.push(t0, msg(2)), Ok(2));
+    assert!(s.may_hold_pushes(datagram), "1 in flight, 2 waits");
+    for n in 3..=5 {
+        assert_eq!(s.push(t0, msg(n)), Ok(n));
+    }
+    assert!(
+        !s.may_hold_pushes(datagram),
+        "a datagram's worth unsent: written"
+    );
+    assert_eq!(drain(&mut s, t0), fresh(2..=5));
+    assert_eq!(s.push(t0, msg(6)), Ok(6));
+    assert!(s.may_hold_pushes(datagram));
+    assert!(s.on_ack(t0, 5).is_ok());
+    assert!(!s.may_hold_pushes(datagram), "all acked: written at once");
+    s.detach(t0);
+    assert!(
+        !s.may_hold_pushes(datagram),
+        "no connection: nothing to hold"
+    );
+}
