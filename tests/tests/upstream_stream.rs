@@ -301,31 +301,49 @@ async fn an_upstream_pushes_through_its_stream() {
     );
 }
 
-#[tokio::test]
-async fn a_push_batch_on_the_stream_is_queued_in_order_with_a_result_each() {
+/// One node with one stream upstream, `openid`'s client on it (its first
+/// request made the node dial the stream), and `n` pushes of content `0..n`,
+/// those at `ghost(i)` to a session that does not exist.
+async fn batch_setup(
+    openid: &str,
+    n: usize,
+    ghost: impl Fn(usize) -> bool,
+) -> (Instance, TestNode, Client, Vec<PushToClientRequest>) {
     let app = App::new();
     let (listener, addr) = bind().await;
     let instance = serve(&app, listener, 64).await;
     let node = node(&[addr]).await;
-    let client = Client::connect(node.client_config("noa")).await.unwrap();
-    // The node dials the stream on its first request (its hello comes first).
+    let client = Client::connect(node.client_config(openid)).await.unwrap();
     let answer = client.request(1, "hello").await.unwrap();
     assert_eq!(answer.app_code, 0, "{}", answer.message);
-    // 200 pushes (more than one run of the node's fast path): every 7th to a
-    // session that does not exist, which takes the rest off the fast path.
-    let pushes: Vec<PushToClientRequest> = (0..200)
+    let pushes = (0..n)
         .map(|i| PushToClientRequest {
             target_type: TargetType::Openid as i32,
-            target_id: if i % 7 == 3 {
-                "ghost".into()
-            } else {
-                "noa".into()
-            },
+            target_id: if ghost(i) { "ghost" } else { openid }.into(),
             msg_type: "batch".into(),
             content: i.to_string(),
             ..Default::default()
         })
         .collect();
+    (instance, node, client, pushes)
+}
+
+/// Reads pushes until as many as `want` arrived: they must be `want`, in order.
+async fn assert_delivered_in_order(client: &Client, want: Vec<String>) {
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let push = next_push(client).await.expect("every queued push arrives");
+        got.push(push.content);
+    }
+    assert_eq!(got, want, "delivered in the batch's order");
+}
+
+#[tokio::test]
+async fn a_push_batch_on_the_stream_is_queued_in_order_with_a_result_each() {
+    // 200 pushes (more than one run of the node's fast path): every 7th to a
+    // session that does not exist, which takes the rest off the fast path.
+    let ghost = |i| i % 7 == 3;
+    let (instance, _node, client, pushes) = batch_setup("noa", 200, ghost).await;
     let results = instance
         .upstream
         .pusher()
@@ -336,7 +354,7 @@ async fn a_push_batch_on_the_stream_is_queued_in_order_with_a_result_each() {
     let mut last_seq = 0;
     let mut want = Vec::new();
     for (i, r) in results.iter().enumerate() {
-        if i % 7 == 3 {
+        if ghost(i) {
             assert_eq!(
                 r.code,
                 tonic::Code::NotFound as i32,
@@ -353,33 +371,13 @@ async fn a_push_batch_on_the_stream_is_queued_in_order_with_a_result_each() {
             want.push(i.to_string());
         }
     }
-    let mut got = Vec::new();
-    while got.len() < want.len() {
-        let push = next_push(&client).await.expect("every queued push arrives");
-        got.push(push.content);
-    }
-    assert_eq!(got, want, "delivered in the batch's order");
+    assert_delivered_in_order(&client, want).await;
 }
 
 #[tokio::test]
 async fn a_push_batch_asking_for_codes_gets_a_code_each_and_the_refusals_in_full() {
-    let app = App::new();
-    let (listener, addr) = bind().await;
-    let instance = serve(&app, listener, 64).await;
-    let node = node(&[addr]).await;
-    let client = Client::connect(node.client_config("ines")).await.unwrap();
-    let answer = client.request(1, "hello").await.unwrap();
-    assert_eq!(answer.app_code, 0, "{}", answer.message);
-    // Every 5th push to a session that does not exist.
-    let pushes: Vec<PushToClientRequest> = (0..100)
-        .map(|i| PushToClientRequest {
-            target_type: TargetType::Openid as i32,
-            target_id: if i % 5 == 2 { "ghost" } else { "ines" }.into(),
-            msg_type: "codes".into(),
-            content: i.to_string(),
-            ..Default::default()
-        })
-        .collect();
+    let ghost = |i| i % 5 == 2;
+    let (instance, _node, client, pushes) = batch_setup("ines", 100, ghost).await;
     let results = instance
         .upstream
         .pusher()
@@ -389,7 +387,7 @@ async fn a_push_batch_asking_for_codes_gets_a_code_each_and_the_refusals_in_full
     assert_eq!(results.len(), 100, "one result per push");
     let mut want = Vec::new();
     for (i, r) in results.iter().enumerate() {
-        if i % 5 == 2 {
+        if ghost(i) {
             assert_eq!(r.code, tonic::Code::NotFound as i32, "push {i}");
             assert!(
                 r.message.contains("ghost"),
@@ -406,12 +404,7 @@ async fn a_push_batch_asking_for_codes_gets_a_code_each_and_the_refusals_in_full
             want.push(i.to_string());
         }
     }
-    let mut got = Vec::new();
-    while got.len() < want.len() {
-        let push = next_push(&client).await.expect("every queued push arrives");
-        got.push(push.content);
-    }
-    assert_eq!(got, want, "delivered in the batch's order");
+    assert_delivered_in_order(&client, want).await;
 }
 
 /// A TCP relay to `target` that can be cut: every connection through it is

@@ -183,8 +183,7 @@ impl Pusher {
         &self,
         pushes: Vec<PushToClientRequest>,
     ) -> Result<Vec<PushResult>, PushError> {
-        let stream = self.pick().ok_or(PushError::NoStream)?;
-        Ok(stream.push_batch(pushes, false).await)
+        self.batch(pushes, false).await
     }
 
     /// As [`push_batch`](Self::push_batch), asking the node for codes only
@@ -196,8 +195,16 @@ impl Pusher {
         &self,
         pushes: Vec<PushToClientRequest>,
     ) -> Result<Vec<PushResult>, PushError> {
+        self.batch(pushes, true).await
+    }
+
+    async fn batch(
+        &self,
+        pushes: Vec<PushToClientRequest>,
+        codes_only: bool,
+    ) -> Result<Vec<PushResult>, PushError> {
         let stream = self.pick().ok_or(PushError::NoStream)?;
-        Ok(stream.push_batch(pushes, true).await)
+        Ok(stream.push_batch(pushes, codes_only).await)
     }
 
     /// A live stream, round robin.
