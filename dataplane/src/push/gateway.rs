@@ -573,12 +573,7 @@ impl GatewayService for Gateway {
         // the order in the batch. (The Strings are taken over, not copied.)
         let pushes = batch.pushes.into_iter().map(InPush::from).collect();
         let results = self.push_many(hops, pushes, batch.codes_only).await;
-        let (results, codes) = if batch.codes_only {
-            let (codes, refused) = split_codes(results);
-            (refused, codes)
-        } else {
-            (results, Vec::new())
-        };
+        let (results, codes) = batch_answer(results, batch.codes_only);
         Ok(Response::new(PushBatchResponse { results, codes }))
     }
 
@@ -694,13 +689,19 @@ fn refused(status: Status) -> PushResult {
     push_result(Err(status))
 }
 
-/// A batch's results as a codes-only answer carries them: one code per push,
-/// in order, and the full results of the refused pushes only (code != 0),
-/// in order (docs/protocol.md §13.3 and §14.2).
-pub(crate) fn split_codes(results: Vec<PushResult>) -> (Vec<i32>, Vec<PushResult>) {
+/// A batch's answer, as (`results`, `codes`): every push's result and no
+/// codes, or with `codes_only` the refused pushes' results (code != 0) and
+/// every push's code, both in order (docs/protocol.md §13.3 and §14.2).
+pub(crate) fn batch_answer(
+    results: Vec<PushResult>,
+    codes_only: bool,
+) -> (Vec<PushResult>, Vec<i32>) {
+    if !codes_only {
+        return (results, Vec::new());
+    }
     let codes = results.iter().map(|r| r.code).collect();
     let refused = results.into_iter().filter(|r| r.code != 0).collect();
-    (codes, refused)
+    (refused, codes)
 }
 
 /// A `PushToClient` outcome as one item of a batch (or stream) result.

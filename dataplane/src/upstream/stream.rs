@@ -505,12 +505,13 @@ fn handle(
                     Some(sink) => sink.push_batch(batch.pushes, batch.codes_only).await,
                     None => vec![refused(tonic::Code::Unavailable, "node not ready"); n],
                 };
+                let (results, codes) = crate::gateway::batch_answer(results, batch.codes_only);
                 let frame = GatewayFrame {
-                    body: Some(Down::PushBatchResult(batch_result(
-                        batch.id,
+                    body: Some(Down::PushBatchResult(StreamPushBatchResult {
+                        id: batch.id,
                         results,
-                        batch.codes_only,
-                    ))),
+                        codes,
+                    })),
                 };
                 let _ = tx.send(frame).await;
                 drop(permit);
@@ -569,24 +570,6 @@ async fn open(
         .extensions_mut()
         .insert(tonic::GrpcMethod::new(SERVICE, "Open"));
     grpc.streaming(request, path, codec).await
-}
-
-/// A `push_batch_result`: every push's result, or with `codes_only` every
-/// push's code and only the refused pushes' results (docs/protocol.md §14.2).
-fn batch_result(id: u64, results: Vec<PushResult>, codes_only: bool) -> StreamPushBatchResult {
-    if !codes_only {
-        return StreamPushBatchResult {
-            id,
-            results,
-            codes: Vec::new(),
-        };
-    }
-    let (codes, refused) = crate::gateway::split_codes(results);
-    StreamPushBatchResult {
-        id,
-        results: refused,
-        codes,
-    }
 }
 
 fn refused(code: tonic::Code, message: &str) -> PushResult {
