@@ -121,13 +121,20 @@ pub fn dataplane_config(dir: &Path, upstream: Option<&str>) -> DataPlaneConfig {
     s.cert_file = dir.join("certs").join("server.crt");
     s.key_file = dir.join("certs").join("server.key");
     s.heartbeat_timeout = Duration::from_secs(3600);
-    // `GATE_BENCH_PUSH_COALESCE` (e.g. `10ms`): the data plane's `server.push_coalesce`
-    // (default: the product's, off).
+    // `GATE_BENCH_PUSH_COALESCE` (e.g. `0s`): the data plane's `server.push_coalesce`
+    // (default: the product's).
     if let Some(d) = std::env::var("GATE_BENCH_PUSH_COALESCE")
         .ok()
         .and_then(|v| humantime::parse_duration(&v).ok())
     {
         s.push_coalesce = d;
+    }
+    // `GATE_BENCH_PUSH_COALESCE_BUSY` (e.g. `0`): `server.push_coalesce_busy`.
+    if let Some(b) = std::env::var("GATE_BENCH_PUSH_COALESCE_BUSY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        s.push_coalesce_busy = b;
     }
     // Profiling lives on the token-protected ops listener (`gate-bench peers --profile`).
     let ops_port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -148,12 +148,19 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// How long a session's pushes may wait to share a write while earlier
     /// pushes are unacked and less than a datagram's worth is waiting (as
-    /// Nagle's algorithm, bounded). A push to a session with nothing in
-    /// flight is never held. Fewer, fuller datagrams under steady push
-    /// streams, for up to this much latency on those pushes. At most 1s.
-    /// Default 0s (off).
+    /// Nagle's algorithm, bounded), and only while the node is CPU-bound
+    /// (`push_coalesce_busy`). A push to a session with nothing in flight is
+    /// never held. Fewer, fuller datagrams under steady push streams, for up
+    /// to this much latency on those pushes. At most 1s; 0s is off.
+    /// Default 10ms.
     #[serde(with = "humantime_serde")]
     pub push_coalesce: Duration,
+    /// How busy the node's runtime must be (share of its workers' time spent
+    /// running tasks, over 100 ms) before `push_coalesce` holds any push; it
+    /// stops again 0.2 below. A CPU-bound node saves per-datagram work by
+    /// holding; an idle one would only add latency. 0 holds whenever
+    /// `push_coalesce` is set. Default 0.9.
+    pub push_coalesce_busy: f64,
     /// Largest frame accepted or sent, in bytes (the `max_frame_size` a
     /// StartResponse announces). A push or an upstream answer that would not
     /// fit is refused with an error, never sent. Default 1 MiB.
@@ -233,7 +240,8 @@ impl Default for ServerConfig {
             keep_alive_interval: Duration::from_secs(10),
             max_udp_payload_size: MIN_UDP_PAYLOAD,
             write_timeout: Duration::from_secs(10),
-            push_coalesce: Duration::ZERO,
+            push_coalesce: Duration::from_millis(10),
+            push_coalesce_busy: 0.9,
             max_frame_size: gatesvr_proto::frame::DEFAULT_MAX_FRAME_SIZE,
             max_queue: session.max_queue,
             max_queue_bytes: session.max_queue_bytes,
@@ -480,6 +488,12 @@ impl Validate for DataPlaneConfig {
             return Err(ConfigError::key(
                 "server.push_coalesce",
                 "must be at most 1s (it is latency added to pushes)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&s.push_coalesce_busy) {
+            return Err(ConfigError::key(
+                "server.push_coalesce_busy",
+                "must be between 0 and 1 (a share of the runtime's time)",
             ));
         }
         if let Some(tls) = &s.grpc_tls {
@@ -740,6 +754,10 @@ mod tests {
             ),
             ("server:\n  write_timeout: 0s\n", "server.write_timeout"),
             ("server:\n  push_coalesce: 2s\n", "server.push_coalesce"),
+            (
+                "server:\n  push_coalesce_busy: 1.5\n",
+                "server.push_coalesce_busy",
+            ),
             (
                 "overload_protection:\n  start_burst_per_openid: 0\n",
                 "overload_protection.start_burst_per_openid",

@@ -55,7 +55,7 @@ pub mod upstream;
 // ...), so that a file that moved kept its `use` lines.
 use cluster::{drain, node, peer, registry};
 use edge::{auth, connection, quic, quic_keys, start_limit, transport, websocket, webtransport};
-use ops::{http, metrics, perf};
+use ops::{http, load, metrics, perf};
 use push::{gateway, grpc_auth};
 use upstream::handler;
 // The simulation (tests/tests/sim) still names the replica store by its old path.
@@ -423,6 +423,15 @@ impl DataPlane {
                     () = stop.cancelled() => return,
                 }
             }
+        }));
+
+        let sampler = node.clone();
+        let stop = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = &sampler.config.server;
+            let (coalesce, busy) = (s.push_coalesce, s.push_coalesce_busy);
+            let gauge = &sampler.metrics.runtime_busy;
+            load::run(&sampler.load, gauge, coalesce, busy, stop).await;
         }));
 
         let drain_signal = Arc::new(tokio::sync::Notify::new());

@@ -5,7 +5,9 @@
 //!   and on the operations port `POST /drain` and the CPU profile.
 //! - [`metrics`]: the node's Prometheus registry and its metrics.
 //! - [`perf`]: request and push rates and latency over recent windows.
+//! - [`load`]: how busy the runtime is, and whether pushes share writes.
 
 pub(crate) mod http;
+pub(crate) mod load;
 pub(crate) mod metrics;
 pub(crate) mod perf;

@@ -354,12 +354,17 @@ async fn unacked_pushes_are_retransmitted_then_the_connection_closes() {
 }
 
 /// `server.push_coalesce` (its longest, 1 s: the checks below end a hold
-/// sooner, by the ack or a full datagram): a push to a session with nothing in
-/// flight is written at once; one behind an unacked push waits for the ack; a
+/// sooner, by the ack or a full datagram), holding whatever the node's load
+/// (`push_coalesce_busy` 0): a push to a session with nothing in flight is
+/// written at once; one behind an unacked push waits for the ack; a
 /// datagram's worth goes without it.
 #[tokio::test]
 async fn coalesced_pushes_wait_for_the_ack_or_a_full_datagram() {
-    let node = TestNode::start(|c| c.server.push_coalesce = Duration::from_secs(1)).await;
+    let node = TestNode::start(|c| {
+        c.server.push_coalesce = Duration::from_secs(1);
+        c.server.push_coalesce_busy = 0.0;
+    })
+    .await;
     let mut raw = node.raw().await;
     raw.start("lena", &node.dir.token("lena"), "", 0).await;
     assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
@@ -400,6 +405,42 @@ async fn coalesced_pushes_wait_for_the_ack_or_a_full_datagram() {
         seqs.push(seq(raw.recv().await));
     }
     assert_eq!(seqs, (3..=22).collect::<Vec<u64>>());
+    let holds = node.metrics().await.get("gatesvr_push_holds_total", &[]);
+    assert!(holds >= 1.0, "the hold of push 2 is counted: {holds}");
+}
+
+/// At the default `push_coalesce_busy` (0.9) an idle node holds nothing: a
+/// push behind an unacked one is written at once, and no hold is counted.
+#[tokio::test]
+async fn an_idle_node_does_not_hold_pushes() {
+    let node = TestNode::start(|c| c.server.push_coalesce = Duration::from_secs(1)).await;
+    let mut raw = node.raw().await;
+    raw.start("mia", &node.dir.token("mia"), "", 0).await;
+    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut gw = gateway(&node).await;
+    // Start-up and the handshakes (a debug build's TLS) keep this runtime
+    // busy for a while: wait for a sample that reads it idle.
+    let deadline = tokio::time::Instant::now() + gatesvr_tests::PATIENCE;
+    while node.metrics().await.get("gatesvr_runtime_busy_ratio", &[]) >= 0.5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never idles"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in 1..=3 {
+        gw.push_to_client(push_to("mia", n)).await.unwrap();
+        match raw.recv().await {
+            Some(Body::Push(p)) => assert_eq!(p.seq_id, n),
+            other => panic!("expected push {n}, got {other:?}"),
+        }
+    }
+    let m = node.metrics().await;
+    assert_eq!(
+        m.get("gatesvr_push_holds_total", &[]),
+        0.0,
+        "pushes 2 and 3 followed unacked ones and were not held"
+    );
 }
 
 #[tokio::test]

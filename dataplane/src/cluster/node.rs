@@ -20,6 +20,8 @@ pub struct Node {
     pub handler: Handler,
     /// Counter snapshots behind `/performance`.
     pub sampler: crate::perf::Sampler,
+    /// How busy the runtime is; whether pushes share writes now.
+    pub load: crate::load::Load,
     /// Membership, view and claims; None for a standalone node.
     pub cluster: Option<std::sync::Arc<crate::cluster::Cluster>>,
     /// Channels to other data-plane nodes.
@@ -89,6 +91,10 @@ impl Node {
             config.server.session_timeout,
             config.server.max_queue,
         );
+        let load = crate::load::Load::new(
+            config.server.push_coalesce,
+            config.server.push_coalesce_busy,
+        );
         Self {
             start_limit: crate::start_limit::StartLimiter::new(&config.overload_protection),
             replicas,
@@ -101,6 +107,7 @@ impl Node {
             verifier,
             handler,
             sampler: crate::perf::Sampler::default(),
+            load,
             cluster,
             peers,
             draining: Default::default(),

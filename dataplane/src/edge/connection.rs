@@ -572,8 +572,9 @@ async fn run(
     let silence = node.config.server.heartbeat_timeout;
     let idle = tokio::time::sleep(silence);
     tokio::pin!(idle);
-    // `server.push_coalesce`: pushes may wait (at most this long) to fill a
-    // datagram while earlier ones are unacked. `hold` runs while they wait.
+    // `server.push_coalesce`: while the node is busy, pushes may wait (at
+    // most this long) to fill a datagram while earlier ones are unacked.
+    // `hold` runs while they wait.
     let coalesce = node.config.server.push_coalesce;
     let datagram = usize::from(node.config.server.max_udp_payload_size) - QUIC_OVERHEAD;
     let hold = tokio::time::sleep(Duration::ZERO);
@@ -636,10 +637,12 @@ async fn run(
         if !coalesce.is_zero()
             && !held_enough
             && out.is_empty()
+            && node.load.coalescing()
             && entry.state.lock().may_hold_pushes(datagram)
         {
             if !holding {
                 holding = true;
+                node.metrics.push_holds.inc();
                 hold.as_mut().reset(tokio::time::Instant::now() + coalesce);
             }
             continue;

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use gatesvr_proto::client::ErrorCode;
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Request latency buckets, seconds: 0.5 ms .. 10 s.
@@ -31,6 +32,12 @@ pub struct Metrics {
     pub sessions: IntGauge,
     /// Pushes queued on this node's sessions and not yet acked.
     pub message_queue_size: IntGauge,
+    /// Share of the runtime workers' time spent running tasks, last 100 ms
+    /// (`server.push_coalesce_busy` reads it).
+    pub runtime_busy: Gauge,
+    /// Times a connection held its session's pushes to share a write
+    /// (`server.push_coalesce`).
+    pub push_holds: IntCounter,
     /// Client requests by zone and outcome (`ok` or an error code name).
     pub requests: IntCounterVec,
     /// End-to-end request latency seen by the gateway, by zone.
@@ -111,28 +118,38 @@ pub struct Metrics {
     pub start_phase: HistogramVec,
 }
 
+/// Registers `metric` (names are static: a failure is a programming error).
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
+    register(registry, c)
 }
 
 fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric definition");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
+    register(
+        registry,
+        IntCounter::new(name, help).expect("valid metric definition"),
+    )
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric definition");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
+    register(
+        registry,
+        IntGauge::new(name, help).expect("valid metric definition"),
+    )
+}
+
+fn float_gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    register(
+        registry,
+        Gauge::new(name, help).expect("valid metric definition"),
+    )
 }
 
 impl Metrics {
@@ -200,6 +217,16 @@ impl Metrics {
                 &registry,
                 "gatesvr_message_queue_size",
                 "Pushes queued and not yet acknowledged",
+            ),
+            push_holds: int_counter(
+                &registry,
+                "gatesvr_push_holds_total",
+                "Times a connection held pushes to share a write (server.push_coalesce)",
+            ),
+            runtime_busy: float_gauge(
+                &registry,
+                "gatesvr_runtime_busy_ratio",
+                "Share of the runtime workers' time spent running tasks, last 100 ms",
             ),
             requests: counter(
                 &registry,
