@@ -407,6 +407,14 @@ async fn coalesced_pushes_wait_for_the_ack_or_a_full_datagram() {
     assert_eq!(seqs, (3..=22).collect::<Vec<u64>>());
     let holds = node.metrics().await.get("gatesvr_push_holds_total", &[]);
     assert!(holds >= 1.0, "the hold of push 2 is counted: {holds}");
+    assert_eq!(coalescing(&node).await, Some(true), "/stats says so");
+}
+
+/// `/stats` `runtime.push_coalescing`.
+async fn coalescing(node: &TestNode) -> Option<bool> {
+    let (_, body) = gatesvr_tests::http_get(node.dp.http_addr(), "/stats").await;
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("/stats is JSON");
+    stats["runtime"]["push_coalescing"].as_bool()
 }
 
 /// At the default `push_coalesce_busy` (0.9) an idle node holds nothing: a
@@ -441,6 +449,7 @@ async fn an_idle_node_does_not_hold_pushes() {
         0.0,
         "pushes 2 and 3 followed unacked ones and were not held"
     );
+    assert_eq!(coalescing(&node).await, Some(false), "/stats says so");
 }
 
 #[tokio::test]

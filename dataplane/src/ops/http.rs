@@ -185,6 +185,12 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
             "sessions": m.replica_sessions.get(),
             "pushes": m.replica_pushes.get(),
         },
+        // The runtime's busy share (last 100 ms) and whether pushes share
+        // writes because of it (`server.push_coalesce_busy`).
+        "runtime": {
+            "busy_ratio": state.node.load.busy(),
+            "push_coalescing": state.node.load.coalescing(),
+        },
         "upstreams": upstream_health(&state.node),
         "requests_by_outcome": crate::metrics::sum_by(&m.requests, "outcome"),
         "pushes_by_outcome": crate::metrics::sum_by(&m.pushes, "outcome"),
