@@ -136,13 +136,11 @@ pub fn dataplane_config(dir: &Path, upstream: Option<&str>) -> DataPlaneConfig {
     {
         s.push_coalesce_busy = b;
     }
-    // Profiling lives on the token-protected ops listener (`gate-bench peers --profile`).
-    let ops_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_or(0, |a| a.port());
+    // Profiling lives on the token-protected ops listener (`gate-bench peers --profile`),
+    // on a port the data plane picks (announced as `ops`).
     let token_file = dir.join("ops-token");
     if std::fs::write(&token_file, OPS_TOKEN).is_ok() {
-        s.ops_addr = Some(format!("127.0.0.1:{ops_port}"));
+        s.ops_addr = Some("127.0.0.1:0".into());
         s.ops_token_file = Some(token_file);
     }
     cfg.auth.secret_file = Some(dir.join("secret"));
@@ -273,12 +271,11 @@ pub async fn run(mode: Serve) -> Result<()> {
                 cfg.transports.webtransport = true;
                 cfg.transports.websocket_addr = Some("127.0.0.1:0".into());
             }
-            let ops = cfg.server.ops_addr.clone();
             let dp = DataPlane::start(cfg, routing)
                 .await
                 .map_err(|e| anyhow::anyhow!("data plane: {e}"))?;
             announce(serde_json::json!({
-                "ops": ops,
+                "ops": dp.ops_addr().map(|a| a.to_string()),
                 "quic": dp.quic_addr().to_string(),
                 "grpc": dp.grpc_addr().to_string(),
                 "http": dp.http_addr().to_string(),

@@ -103,6 +103,7 @@ pub struct DataPlane {
     http_addr: SocketAddr,
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    ops_addr: Option<SocketAddr>,
     websocket_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -315,6 +316,7 @@ impl DataPlane {
             Some(addr) => Some(bind_tcp("ops", addr).await?),
             None => None,
         };
+        let ops_addr = ops.as_ref().map(|l| local(l, "ops")).transpose()?;
         let node = Arc::new(Node::new(
             config,
             verifier,
@@ -546,6 +548,7 @@ impl DataPlane {
             http_addr,
             grpc_addr,
             metrics_addr,
+            ops_addr,
             websocket_addr,
             cancel,
             tasks,
@@ -567,6 +570,10 @@ impl DataPlane {
     }
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+    /// The operations listener (`server.ops_addr`), if configured.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_addr
     }
     /// The WebSocket listener (`transports.websocket_addr`), if enabled.
     pub fn websocket_addr(&self) -> Option<SocketAddr> {
