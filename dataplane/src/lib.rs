@@ -266,16 +266,6 @@ impl DataPlane {
             Some(addr) => Some(bind_tcp("WebSocket", addr).await?),
             None => None,
         };
-        let websocket_addr = websocket
-            .as_ref()
-            .map(|l| {
-                l.local_addr().map_err(|source| StartError::Bind {
-                    what: "WebSocket",
-                    addr: String::new(),
-                    source,
-                })
-            })
-            .transpose()?;
         let local = |l: &TcpListener, what| {
             l.local_addr().map_err(|source| StartError::Bind {
                 what,
@@ -283,6 +273,10 @@ impl DataPlane {
                 source,
             })
         };
+        let websocket_addr = websocket
+            .as_ref()
+            .map(|l| local(l, "WebSocket"))
+            .transpose()?;
         let (http_addr, grpc_addr, metrics_addr) = (
             local(&http, "HTTP")?,
             local(&grpc, "gRPC")?,

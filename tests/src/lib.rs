@@ -136,6 +136,17 @@ impl TestNode {
         RawConn::connect(self.dp.quic_addr(), &self.dir.ca()).await
     }
 
+    /// A raw client whose new session for `openid` has started (its
+    /// StartResponse read).
+    pub async fn started_raw(&self, openid: &str) -> RawConn {
+        let mut raw = self.raw().await;
+        raw.start(openid, &self.dir.token(openid), "", 0).await;
+        match raw.recv().await {
+            Some(Body::StartOk(_)) => raw,
+            other => panic!("expected StartResponse, got {other:?}"),
+        }
+    }
+
     /// Parsed /metrics.
     pub async fn metrics(&self) -> Metrics {
         Metrics::parse(&http_get(self.dp.metrics_addr(), "/metrics").await.1)

@@ -131,9 +131,7 @@ async fn connection_loss_resumes_every_push_exactly_once_in_order() {
 #[tokio::test]
 async fn duplicate_request_seq_is_executed_once() {
     let node = TestNode::start(|_| {}).await;
-    let mut raw = node.raw().await;
-    raw.start("dave", &node.dir.token("dave"), "", 0).await;
-    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut raw = node.started_raw("dave").await;
     let req = ClientRequest {
         msg_id: 3,
         seq_id: 1,
@@ -184,9 +182,7 @@ async fn duplicate_request_seq_is_executed_once() {
 #[tokio::test]
 async fn heartbeat_is_answered_with_both_timestamps() {
     let node = TestNode::start(|_| {}).await;
-    let mut raw = node.raw().await;
-    raw.start("erin", &node.dir.token("erin"), "", 0).await;
-    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut raw = node.started_raw("erin").await;
     raw.send(Body::Heartbeat(HeartbeatRequest {
         client_timestamp: 42,
     }))
@@ -206,10 +202,7 @@ async fn bad_frames_close_only_their_connection() {
     let bystander = Client::connect(node.client_config("frank")).await.unwrap();
 
     // Garbage after Start: BAD_FRAME.
-    let mut raw = node.raw().await;
-    raw.start("mallory", &node.dir.token("mallory"), "", 0)
-        .await;
-    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut raw = node.started_raw("mallory").await;
     raw.send_bytes(&[0x03, 0xff, 0xff, 0xff]).await;
     assert_eq!(raw.closed_with().await, Some(ErrorCode::BadFrame));
 
@@ -224,10 +217,7 @@ async fn bad_frames_close_only_their_connection() {
     assert_eq!(raw.closed_with().await, Some(ErrorCode::ProtocolViolation));
 
     // An ack beyond anything sent: PROTOCOL_VIOLATION.
-    let mut raw = node.raw().await;
-    raw.start("mallory2", &node.dir.token("mallory2"), "", 0)
-        .await;
-    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut raw = node.started_raw("mallory2").await;
     raw.send(Body::Ack(ClientAck { acked_seq_id: 99 })).await;
     assert_eq!(raw.closed_with().await, Some(ErrorCode::ProtocolViolation));
 
@@ -287,9 +277,7 @@ async fn bad_and_expired_tokens_are_refused_with_codes() {
 #[tokio::test]
 async fn slow_consumer_at_the_queue_bound() {
     let node = TestNode::start(|c| c.server.max_queue = 8).await;
-    let mut raw = node.raw().await;
-    raw.start("ivan", &node.dir.token("ivan"), "", 0).await;
-    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let raw = node.started_raw("ivan").await;
     let mut gw = gateway(&node).await;
     for n in 1..=8 {
         gw.push_to_client(push_to("ivan", n)).await.unwrap();
@@ -331,9 +319,7 @@ async fn unacked_pushes_are_retransmitted_then_the_connection_closes() {
         c.server.max_retries = 2;
     })
     .await;
-    let mut raw = node.raw().await;
-    raw.start("judy", &node.dir.token("judy"), "", 0).await;
-    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut raw = node.started_raw("judy").await;
     gateway(&node)
         .await
         .push_to_client(push_to("judy", 1))
@@ -365,9 +351,7 @@ async fn coalesced_pushes_wait_for_the_ack_or_a_full_datagram() {
         c.server.push_coalesce_busy = 0.0;
     })
     .await;
-    let mut raw = node.raw().await;
-    raw.start("lena", &node.dir.token("lena"), "", 0).await;
-    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut raw = node.started_raw("lena").await;
     let mut gw = gateway(&node).await;
     fn seq(body: Option<Body>) -> u64 {
         match body {
@@ -422,9 +406,7 @@ async fn coalescing(node: &TestNode) -> Option<bool> {
 #[tokio::test]
 async fn an_idle_node_does_not_hold_pushes() {
     let node = TestNode::start(|c| c.server.push_coalesce = Duration::from_secs(1)).await;
-    let mut raw = node.raw().await;
-    raw.start("mia", &node.dir.token("mia"), "", 0).await;
-    assert!(matches!(raw.recv().await, Some(Body::StartOk(_))));
+    let mut raw = node.started_raw("mia").await;
     let mut gw = gateway(&node).await;
     // Start-up and the handshakes (a debug build's TLS) keep this runtime
     // busy for a while: wait for a sample that reads it idle.

@@ -27,15 +27,6 @@ fn zones(addrs: &[std::net::SocketAddr]) -> Vec<StaticZone> {
         .collect()
 }
 
-async fn started(node: &TestNode, openid: &str) -> RawConn {
-    let mut raw = node.raw().await;
-    raw.start(openid, &node.dir.token(openid), "", 0).await;
-    match raw.recv().await {
-        Some(Body::StartOk(_)) => raw,
-        other => panic!("expected StartResponse, got {other:?}"),
-    }
-}
-
 async fn request(raw: &mut RawConn, seq_id: u64, payload: &str) -> ClientResponse {
     raw.send(Body::Request(ClientRequest {
         msg_id: 7,
@@ -65,7 +56,7 @@ async fn a_request_refused_as_overloaded_runs_when_retried_with_its_seq() {
         c.overload_protection.qps_window_seconds = 1;
     })
     .await;
-    let mut raw = started(&node, "ivy").await;
+    let mut raw = node.started_raw("ivy").await;
 
     // Find a seq the node refuses (the rate limit admits one per second).
     let mut refused = None;
@@ -153,7 +144,7 @@ async fn a_client_never_sees_an_instance_address() {
         c.zones.upstreams = zones(&[dead]);
     })
     .await;
-    let mut raw = started(&node, "kim").await;
+    let mut raw = node.started_raw("kim").await;
     let r = request(&mut raw, 1, "x").await;
     assert_eq!(r.code, ErrorCode::UpstreamUnavailable as i32, "{r:?}");
     // No address, IP or port, and no transport's or library's error text.
