@@ -5,7 +5,6 @@
 //! - a 1-second profile of an idle node is a non-empty SVG (a flamegraph, or one saying that
 //!   no sample was taken), never an empty body.
 
-use gatesvr_tests::procs::free_port;
 use gatesvr_tests::{TestNode, http_get_with_token};
 
 const TOKEN: &str = "ops-secret";
@@ -16,12 +15,13 @@ async fn profile_seconds_are_checked_and_short_profiles_are_not_empty() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("ops-token");
     std::fs::write(&token_file, TOKEN).unwrap();
-    let ops: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _node = TestNode::start(|cfg| {
-        cfg.server.ops_addr = Some(ops.to_string());
+    let node = TestNode::start(|cfg| {
+        cfg.server.ops_addr = Some("127.0.0.1:0".into());
         cfg.server.ops_token_file = Some(token_file.clone());
     })
     .await;
+    // The port the node bound (what gate-bench announces).
+    let ops = node.dp.ops_addr().expect("ops listener configured");
     let http_get =
         |addr, path: String| async move { http_get_with_token(addr, &path, TOKEN).await };
     for bad in ["0", "61", "-1", "x"] {
