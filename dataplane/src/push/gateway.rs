@@ -295,9 +295,8 @@ impl Gateway {
         /// Pushes queued per table lock: bounds how long one batch holds it.
         const CHUNK: usize = 64;
         let node = &self.node;
-        let plain = |p: &InPush| {
-            !p.durable && !p.target_id.is_empty() && p.target_type == TargetType::Openid as i32
-        };
+        let plain =
+            |p: &InPush| !p.durable && p.has_target() && p.target_type == TargetType::Openid as i32;
         let mut results = Vec::with_capacity(pushes.len());
         // `pushes[..at]` have their results. Chunks are read in place (not
         // moved out of `pushes`).
@@ -315,7 +314,7 @@ impl Gateway {
             let chunk = &pushes[at..end];
             let created_at_ms = unix_ms();
             // `as_str` checks UTF-8 of a received field again: once per push.
-            let openids: Vec<&str> = chunk.iter().map(|p| p.target_id.as_str()).collect();
+            let openids: Vec<&str> = chunk.iter().map(|p| p.target_id()).collect();
             let owners: Vec<Option<(String, u64)>> = openids
                 .iter()
                 .map(|openid| self.view_owner(openid).filter(|_| hops == 0))
@@ -325,12 +324,8 @@ impl Gateway {
             // before it so results stay in order.
             let mut too_large = None;
             for ((p, &openid), owner) in chunk.iter().zip(&openids).zip(&owners) {
-                let body = PushBody::encode_fields(
-                    p.msg_type.as_bytes(),
-                    p.content.as_bytes(),
-                    &p.data,
-                    created_at_ms,
-                );
+                let body =
+                    PushBody::encode_fields(p.msg_type(), p.content(), p.data(), created_at_ms);
                 if let Err(status) = check_size(node, &body) {
                     too_large = Some(status);
                     break;
@@ -365,7 +360,7 @@ impl Gateway {
                         node.metrics.pushes.with_label_values(&["no_session"]).inc();
                         refused(
                             GatewayRefusal::NoSession {
-                                target: p.target_id.to_string(),
+                                target: p.target_id().to_owned(),
                             }
                             .into(),
                         )
@@ -406,11 +401,11 @@ impl Gateway {
             return results;
         }
         let n = pushes.len();
-        let mut by_target: std::collections::HashMap<wire::WireStr, Vec<(usize, InPush)>> =
+        let mut by_target: std::collections::HashMap<String, Vec<(usize, InPush)>> =
             std::collections::HashMap::new();
         for (i, p) in pushes.into_iter().enumerate() {
             by_target
-                .entry(p.target_id.clone())
+                .entry(p.target_id().to_owned())
                 .or_default()
                 .push((i, p));
         }

@@ -3,209 +3,282 @@
 //! prost decodes every protobuf `string` into a `String` of its own: for a
 //! push that is one allocation and one copy for each of `target_id`,
 //! `msg_type` and `content`, made only to be read once while the push is
-//! queued. [`InPush`] holds the same fields as [`PushToClientRequest`], with
-//! the text as [`WireStr`]: slices of the buffer the frame was received in
-//! (reference-counted, no copy), checked as UTF-8 when decoded, so malformed
-//! input is refused as prost refuses it (a `DecodeError`, "invalid string
-//! value: data is not UTF-8 encoded").
+//! queued. An [`InPush`] decoded from an upstream's stream
+//! ([`InPush::merge_received`]) holds instead one slice of the received
+//! buffer (one reference count, no copy) and where each field lies in it,
+//! checked as UTF-8 when decoded. Input the fast decoder does not accept is
+//! decoded again by prost, so a malformed push is refused with prost's own
+//! error ("invalid string value: data is not UTF-8 encoded", with the field's
+//! name) and anything prost accepts is accepted.
 //!
 //! The wire format is `PushToClientRequest`'s, field for field; unknown
-//! fields are skipped, as prost skips them. `upstream::stream` decodes the
-//! pushes of an upstream's stream straight into these; `PushBatch` calls
-//! convert their `String`s without copying ([`From<PushToClientRequest>`]).
+//! fields are skipped, as prost skips them. `PushBatch` calls convert their
+//! decoded `String`s without copying ([`From<PushToClientRequest>`]).
 
 use bytes::{Buf, BufMut, Bytes};
 use gatesvr_proto::upstream::PushToClientRequest;
 use prost::encoding::{DecodeContext, WireType};
 use prost::{DecodeError, Message};
 
-/// A protobuf `string` field: a slice of a received buffer, checked as UTF-8
-/// when it was decoded, or a `String` taken over as it is (a `PushBatch`
-/// call's fields, decoded by prost).
-#[derive(Clone)]
-pub struct WireStr(Repr);
-
-#[derive(Clone)]
-enum Repr {
-    Received(Bytes),
-    Owned(String),
-}
-
-impl Default for WireStr {
-    fn default() -> Self {
-        Self(Repr::Received(Bytes::new()))
-    }
-}
-
-impl WireStr {
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        match &self.0 {
-            Repr::Owned(s) => s,
-            // Checked as UTF-8 when decoded (`merge`) or built
-            // (`From<&'static str>`): this never falls back.
-            Repr::Received(b) => std::str::from_utf8(b).unwrap_or_default(),
-        }
-    }
-
-    /// The UTF-8 bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        match &self.0 {
-            Repr::Owned(s) => s.as_bytes(),
-            Repr::Received(b) => b,
-        }
-    }
-
-    /// True for the empty string.
-    pub fn is_empty(&self) -> bool {
-        self.as_bytes().is_empty()
-    }
-
-    /// True if the text is a slice of a received buffer (not copied).
-    pub fn is_received(&self) -> bool {
-        matches!(self.0, Repr::Received(_))
-    }
-
-    /// Decodes a length-delimited `string` field, sliced out of `buf`
-    /// (`Buf::copy_to_bytes`: no copy when `buf` is tonic's receive buffer).
-    fn merge(
-        &mut self,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        let mut bytes = Bytes::new();
-        prost::encoding::bytes::merge(wire_type, &mut bytes, buf, ctx.clone())?;
-        // ASCII (every id and type in practice) is checked in a few
-        // instructions; anything else by the full UTF-8 check.
-        if !bytes.is_ascii() && std::str::from_utf8(&bytes).is_err() {
-            return Err(invalid_utf8(ctx));
-        }
-        self.0 = Repr::Received(bytes);
-        Ok(())
-    }
-
-    fn encode(&self, tag: u32, buf: &mut impl BufMut) {
-        let bytes = self.as_bytes();
-        if !bytes.is_empty() {
-            prost::encoding::encode_key(tag, WireType::LengthDelimited, buf);
-            prost::encoding::encode_varint(bytes.len() as u64, buf);
-            buf.put_slice(bytes);
-        }
-    }
-
-    fn encoded_len(&self, tag: u32) -> usize {
-        let len = self.as_bytes().len();
-        if len == 0 {
-            0
-        } else {
-            prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
-        }
-    }
-}
-
-/// prost's own error for a `string` field that is not UTF-8 (its decoder
-/// run on such a field), so this decode refuses what prost refuses, in the
-/// same words.
-#[cold]
-fn invalid_utf8(ctx: DecodeContext) -> DecodeError {
-    // Length 1, byte 0xff: never UTF-8.
-    let mut field: &[u8] = &[0x01, 0xff];
-    match prost::encoding::string::merge(
-        WireType::LengthDelimited,
-        &mut String::new(),
-        &mut field,
-        ctx,
-    ) {
-        Err(e) => e,
-        Ok(()) => unreachable!("0xff is never UTF-8"),
-    }
-}
-
-impl From<String> for WireStr {
-    fn from(s: String) -> Self {
-        // Kept as it is: no copy, no allocation.
-        Self(Repr::Owned(s))
-    }
-}
-
-impl From<&'static str> for WireStr {
-    fn from(s: &'static str) -> Self {
-        Self(Repr::Received(Bytes::from_static(s.as_bytes())))
-    }
-}
-
-impl From<WireStr> for String {
-    fn from(s: WireStr) -> Self {
-        match s.0 {
-            Repr::Owned(s) => s,
-            Repr::Received(_) => s.as_str().to_owned(),
-        }
-    }
-}
-
-impl PartialEq for WireStr {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for WireStr {}
-
-impl std::hash::Hash for WireStr {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
-    }
-}
-
-impl std::fmt::Debug for WireStr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl std::fmt::Display for WireStr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A `PushToClientRequest` as received: same fields, same wire format, the
-/// text not copied out of the frame.
-#[derive(Clone, Default, PartialEq, Eq, Debug)]
+/// A `PushToClientRequest` as received: same fields, same wire format.
+#[derive(Clone, Default)]
 pub struct InPush {
     /// `TargetType`: openid (0) or session id (1).
     pub target_type: i32,
-    /// The openid or session id.
-    pub target_id: WireStr,
-    pub msg_type: WireStr,
-    pub content: WireStr,
-    pub data: Bytes,
     /// Replicate before answering OK.
     pub durable: bool,
+    text: Text,
+}
+
+/// Where `InPush`'s text and data are.
+#[derive(Clone)]
+enum Text {
+    /// In a received push's encoding (`raw`), at these ranges; the three
+    /// strings checked as UTF-8.
+    Received { raw: Bytes, spans: [Span; 4] },
+    /// Taken over from a decoded `PushToClientRequest`.
+    Owned {
+        target_id: String,
+        msg_type: String,
+        content: String,
+        data: Bytes,
+    },
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Text::Received {
+            raw: Bytes::new(),
+            spans: [Span::default(); 4],
+        }
+    }
+}
+
+/// A byte range of `Text::Received::raw`.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+/// Indices into `Text::Received::spans`.
+const TARGET_ID: usize = 0;
+const MSG_TYPE: usize = 1;
+const CONTENT: usize = 2;
+const DATA: usize = 3;
+
+impl InPush {
+    /// Decodes a length-delimited push (a field of `buf`): one slice of
+    /// `buf` (no copy when `buf` is a received `Bytes`), its fields located
+    /// in place.
+    pub fn merge_received(
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<Self, DecodeError> {
+        let mut raw = Bytes::new();
+        prost::encoding::bytes::merge(wire_type, &mut raw, buf, ctx.clone())?;
+        Self::received(raw, ctx)
+    }
+
+    /// Decodes an encoded `PushToClientRequest` held in `raw`.
+    pub fn received(raw: Bytes, ctx: DecodeContext) -> Result<Self, DecodeError> {
+        match locate(&raw, ctx.clone()) {
+            Some((target_type, durable, spans)) => Ok(Self {
+                target_type,
+                durable,
+                text: Text::Received { raw, spans },
+            }),
+            // Malformed, or a form this decoder leaves to prost: prost's
+            // answer, its error included.
+            None => PushToClientRequest::decode(raw).map(Self::from),
+        }
+    }
+
+    /// The openid or session id (checked as UTF-8 again on each call: a
+    /// few instructions for ASCII).
+    pub fn target_id(&self) -> &str {
+        self.text(TARGET_ID)
+    }
+
+    /// True if the push names its target.
+    pub fn has_target(&self) -> bool {
+        !self.bytes(TARGET_ID).is_empty()
+    }
+
+    /// `msg_type`'s UTF-8 bytes.
+    pub fn msg_type(&self) -> &[u8] {
+        self.bytes(MSG_TYPE)
+    }
+
+    /// `content`'s UTF-8 bytes.
+    pub fn content(&self) -> &[u8] {
+        self.bytes(CONTENT)
+    }
+
+    /// The payload.
+    pub fn data(&self) -> &[u8] {
+        self.bytes(DATA)
+    }
+
+    /// Field `i`'s bytes (UTF-8 for the text fields).
+    fn bytes(&self, i: usize) -> &[u8] {
+        match &self.text {
+            Text::Received { raw, spans } => {
+                let Span { start, end } = spans[i];
+                &raw[start as usize..end as usize]
+            }
+            Text::Owned {
+                target_id,
+                msg_type,
+                content,
+                data,
+            } => match i {
+                TARGET_ID => target_id.as_bytes(),
+                MSG_TYPE => msg_type.as_bytes(),
+                CONTENT => content.as_bytes(),
+                _ => data,
+            },
+        }
+    }
+
+    fn text(&self, i: usize) -> &str {
+        match &self.text {
+            Text::Owned {
+                target_id,
+                msg_type,
+                content,
+                ..
+            } => match i {
+                TARGET_ID => target_id,
+                MSG_TYPE => msg_type,
+                _ => content,
+            },
+            // Checked as UTF-8 when decoded (`locate`): this never falls
+            // back. ASCII (every id and type in practice) is checked again
+            // in a few instructions.
+            Text::Received { .. } => std::str::from_utf8(self.bytes(i)).unwrap_or_default(),
+        }
+    }
+}
+
+/// The fields of an encoded `PushToClientRequest`: (target_type, durable,
+/// spans), or None for anything but a well-formed push whose every field
+/// has its own wire type (prost then decides).
+fn locate(raw: &[u8], ctx: DecodeContext) -> Option<(i32, bool, [Span; 4])> {
+    let mut buf = raw;
+    let mut target_type = 0;
+    let mut durable = false;
+    let mut spans = [Span::default(); 4];
+    while buf.has_remaining() {
+        let (tag, wire_type) = prost::encoding::decode_key(&mut buf).ok()?;
+        let slot = match tag {
+            tag::TARGET_TYPE | tag::DURABLE => {
+                if wire_type != WireType::Varint {
+                    return None;
+                }
+                let v = prost::encoding::decode_varint(&mut buf).ok()?;
+                if tag == tag::DURABLE {
+                    durable = v != 0;
+                } else {
+                    target_type = v as i32;
+                }
+                continue;
+            }
+            tag::TARGET_ID => TARGET_ID,
+            tag::MSG_TYPE => MSG_TYPE,
+            tag::CONTENT => CONTENT,
+            tag::DATA => DATA,
+            _ => {
+                prost::encoding::skip_field(wire_type, tag, &mut buf, ctx.clone()).ok()?;
+                continue;
+            }
+        };
+        if wire_type != WireType::LengthDelimited {
+            return None;
+        }
+        let len = usize::try_from(prost::encoding::decode_varint(&mut buf).ok()?).ok()?;
+        if len > buf.len() {
+            return None;
+        }
+        let (field, rest) = buf.split_at(len);
+        if slot != DATA && !field.is_ascii() && std::str::from_utf8(field).is_err() {
+            return None;
+        }
+        let start = raw.len() - buf.len();
+        // A push is at most a gRPC message (far below 4 GiB).
+        spans[slot] = Span {
+            start: u32::try_from(start).ok()?,
+            end: u32::try_from(start + len).ok()?,
+        };
+        buf = rest;
+    }
+    Some((target_type, durable, spans))
+}
+
+impl PartialEq for InPush {
+    fn eq(&self, other: &Self) -> bool {
+        self.target_type == other.target_type
+            && self.durable == other.durable
+            && (0..4).all(|i| self.bytes(i) == other.bytes(i))
+    }
+}
+
+impl Eq for InPush {}
+
+impl std::fmt::Debug for InPush {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InPush")
+            .field("target_type", &self.target_type)
+            .field("target_id", &self.target_id())
+            .field("msg_type", &self.text(MSG_TYPE))
+            .field("content", &self.text(CONTENT))
+            .field("data", &self.data().len())
+            .field("durable", &self.durable)
+            .finish()
+    }
 }
 
 impl From<PushToClientRequest> for InPush {
     fn from(p: PushToClientRequest) -> Self {
         Self {
             target_type: p.target_type,
-            target_id: p.target_id.into(),
-            msg_type: p.msg_type.into(),
-            content: p.content.into(),
-            data: p.data,
             durable: p.durable,
+            text: Text::Owned {
+                target_id: p.target_id,
+                msg_type: p.msg_type,
+                content: p.content,
+                data: p.data,
+            },
         }
     }
 }
 
 impl From<InPush> for PushToClientRequest {
     fn from(p: InPush) -> Self {
+        let (target_id, msg_type, content, data) = match p.text {
+            Text::Owned {
+                target_id,
+                msg_type,
+                content,
+                data,
+            } => (target_id, msg_type, content, data),
+            Text::Received { ref raw, spans } => {
+                let Span { start, end } = spans[DATA];
+                (
+                    p.text(TARGET_ID).to_owned(),
+                    p.text(MSG_TYPE).to_owned(),
+                    p.text(CONTENT).to_owned(),
+                    raw.slice(start as usize..end as usize),
+                )
+            }
+        };
         Self {
             target_type: p.target_type,
-            target_id: p.target_id.into(),
-            msg_type: p.msg_type.into(),
-            content: p.content.into(),
-            data: p.data,
+            target_id,
+            msg_type,
+            content,
+            data,
             durable: p.durable,
         }
     }
@@ -221,25 +294,26 @@ mod tag {
     pub const DURABLE: u32 = 7;
 }
 
-/// Names the field in a decode error, as prost's generated code does.
-fn at(field: &'static str) -> impl FnOnce(DecodeError) -> DecodeError {
-    move |mut e| {
-        e.push("PushToClientRequest", field);
-        e
-    }
-}
-
+/// Encodes as `PushToClientRequest`. Decoding field by field (prost's
+/// generic path, not the upstream stream's) goes through that type.
 impl Message for InPush {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        use prost::encoding::{bool, bytes, int32};
+        use prost::encoding::{bool, int32};
         if self.target_type != 0 {
             int32::encode(tag::TARGET_TYPE, &self.target_type, buf);
         }
-        self.target_id.encode(tag::TARGET_ID, buf);
-        self.msg_type.encode(tag::MSG_TYPE, buf);
-        self.content.encode(tag::CONTENT, buf);
-        if !self.data.is_empty() {
-            bytes::encode(tag::DATA, &self.data, buf);
+        for (i, tag) in [
+            (TARGET_ID, tag::TARGET_ID),
+            (MSG_TYPE, tag::MSG_TYPE),
+            (CONTENT, tag::CONTENT),
+            (DATA, tag::DATA),
+        ] {
+            let bytes = self.bytes(i);
+            if !bytes.is_empty() {
+                prost::encoding::encode_key(tag, WireType::LengthDelimited, buf);
+                prost::encoding::encode_varint(bytes.len() as u64, buf);
+                buf.put_slice(bytes);
+            }
         }
         if self.durable {
             bool::encode(tag::DURABLE, &self.durable, buf);
@@ -253,42 +327,30 @@ impl Message for InPush {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
-        use prost::encoding::{bool, bytes, int32, skip_field};
-        match tag {
-            tag::TARGET_TYPE => {
-                int32::merge(wire_type, &mut self.target_type, buf, ctx).map_err(at("target_type"))
-            }
-            tag::TARGET_ID => self
-                .target_id
-                .merge(wire_type, buf, ctx)
-                .map_err(at("target_id")),
-            tag::MSG_TYPE => self
-                .msg_type
-                .merge(wire_type, buf, ctx)
-                .map_err(at("msg_type")),
-            tag::CONTENT => self
-                .content
-                .merge(wire_type, buf, ctx)
-                .map_err(at("content")),
-            tag::DATA => bytes::merge(wire_type, &mut self.data, buf, ctx).map_err(at("data")),
-            tag::DURABLE => {
-                bool::merge(wire_type, &mut self.durable, buf, ctx).map_err(at("durable"))
-            }
-            _ => skip_field(wire_type, tag, buf, ctx),
-        }
+        let mut p = PushToClientRequest::from(std::mem::take(self));
+        let merged = p.merge_field(tag, wire_type, buf, ctx);
+        *self = p.into();
+        merged
     }
 
     fn encoded_len(&self) -> usize {
-        use prost::encoding::{bool, bytes, int32};
+        use prost::encoding::{bool, int32};
         let mut len = 0;
         if self.target_type != 0 {
             len += int32::encoded_len(tag::TARGET_TYPE, &self.target_type);
         }
-        len += self.target_id.encoded_len(tag::TARGET_ID);
-        len += self.msg_type.encoded_len(tag::MSG_TYPE);
-        len += self.content.encoded_len(tag::CONTENT);
-        if !self.data.is_empty() {
-            len += bytes::encoded_len(tag::DATA, &self.data);
+        for (i, tag) in [
+            (TARGET_ID, tag::TARGET_ID),
+            (MSG_TYPE, tag::MSG_TYPE),
+            (CONTENT, tag::CONTENT),
+            (DATA, tag::DATA),
+        ] {
+            let n = self.bytes(i).len();
+            if n > 0 {
+                len += prost::encoding::key_len(tag)
+                    + prost::encoding::encoded_len_varint(n as u64)
+                    + n;
+            }
         }
         if self.durable {
             len += bool::encoded_len(tag::DURABLE, &self.durable);
@@ -305,6 +367,7 @@ impl Message for InPush {
 mod tests {
     use super::*;
     use gatesvr_proto::upstream::TargetType;
+    use proptest::prelude::*;
 
     fn sample() -> PushToClientRequest {
         PushToClientRequest {
@@ -317,44 +380,66 @@ mod tests {
         }
     }
 
+    fn received(wire: &[u8]) -> Result<InPush, DecodeError> {
+        InPush::received(Bytes::copy_from_slice(wire), DecodeContext::default())
+    }
+
     #[test]
     fn decodes_and_encodes_as_prost_does() {
         let wire = sample().encode_to_vec();
-        let push = InPush::decode(Bytes::from(wire.clone())).unwrap();
-        assert_eq!(push.target_id.as_str(), "s-1");
-        assert_eq!(push.content.as_str(), "héllo");
+        let push = received(&wire).unwrap();
+        assert_eq!(push.target_id(), "s-1");
+        assert_eq!(push.content(), "héllo".as_bytes());
+        assert_eq!(push.data(), b"\x00\x01\x02");
+        assert!(push.durable);
+        assert_eq!(push.encoded_len(), wire.len());
         assert_eq!(push.encode_to_vec(), wire);
         assert_eq!(PushToClientRequest::from(push), sample());
         // Defaults (all fields absent) both ways.
         let empty = PushToClientRequest::default().encode_to_vec();
-        assert_eq!(InPush::decode(&empty[..]).unwrap(), InPush::default());
+        assert_eq!(received(&empty).unwrap(), InPush::default());
         assert_eq!(InPush::default().encode_to_vec(), empty);
+        // prost's generic path (field by field) decodes the same push.
+        assert_eq!(InPush::decode(&wire[..]).unwrap(), received(&wire).unwrap());
     }
 
     #[test]
-    fn text_is_sliced_from_the_received_buffer() {
-        let wire = Bytes::from(sample().encode_to_vec());
-        let push = InPush::decode(wire.clone()).unwrap();
-        let inside = wire.as_ptr_range();
-        assert!(push.target_id.is_received());
-        assert!(inside.contains(&push.target_id.as_bytes().as_ptr()));
-        assert!(inside.contains(&push.msg_type.as_bytes().as_ptr()));
-        assert!(inside.contains(&push.data.as_ptr()));
+    fn a_received_push_is_a_slice_of_the_frame() {
+        // The push as a length-delimited field of a frame, and a field after it.
+        let push = sample().encode_to_vec();
+        let mut frame = Vec::new();
+        prost::encoding::encode_varint(push.len() as u64, &mut frame);
+        frame.extend(&push);
+        frame.extend([0x18, 0x01]);
+        let frame = Bytes::from(frame);
+        let mut rest = frame.clone();
+        let push = InPush::merge_received(
+            WireType::LengthDelimited,
+            &mut rest,
+            DecodeContext::default(),
+        )
+        .unwrap();
+        assert_eq!(&rest[..], [0x18, 0x01], "reads the push's bytes, no more");
+        let inside = frame.as_ptr_range();
+        for field in [
+            push.target_id().as_ptr(),
+            push.msg_type().as_ptr(),
+            push.data().as_ptr(),
+        ] {
+            assert!(inside.contains(&field), "a field copied out of the frame");
+        }
+        assert_eq!(PushToClientRequest::from(push), sample());
     }
 
     #[test]
     fn strings_are_taken_over_not_copied() {
-        let s = String::from("user-1");
-        let at = s.as_ptr();
-        let w = WireStr::from(s);
-        assert!(!w.is_received());
-        assert_eq!(w.as_bytes().as_ptr(), at);
-        let back = String::from(w);
-        assert_eq!(back.as_ptr(), at);
-        assert_eq!(
-            WireStr::from("user-1"),
-            WireStr::from(String::from("user-1"))
-        );
+        let p = sample();
+        let (id, data) = (p.target_id.as_ptr(), p.data.as_ptr());
+        let push = InPush::from(p);
+        assert_eq!(push.target_id().as_ptr(), id);
+        let back = PushToClientRequest::from(push);
+        assert_eq!(back.target_id.as_ptr(), id);
+        assert_eq!(back.data.as_ptr(), data);
     }
 
     #[test]
@@ -362,8 +447,18 @@ mod tests {
         let mut wire = sample().encode_to_vec();
         // Field 15, varint 1 (a newer upstream's field).
         wire.extend_from_slice(&[0x78, 0x01]);
-        let push = InPush::decode(&wire[..]).unwrap();
+        let push = received(&wire).unwrap();
         assert_eq!(PushToClientRequest::from(push), sample());
+    }
+
+    /// Ours and prost's answer to `wire`: the same push or the same error.
+    fn same_as_prost(wire: &[u8]) -> Result<(), TestCaseError> {
+        match (received(wire), PushToClientRequest::decode(wire)) {
+            (Ok(ours), Ok(prosts)) => prop_assert_eq!(PushToClientRequest::from(ours), prosts),
+            (Err(ours), Err(prosts)) => prop_assert_eq!(ours.to_string(), prosts.to_string()),
+            (ours, prosts) => prop_assert!(false, "ours {:?}, prost's {:?}", ours, prosts),
+        }
+        Ok(())
     }
 
     #[test]
@@ -375,27 +470,54 @@ mod tests {
         }
         .encode_to_vec();
         bad.extend_from_slice(&[0x1a, 0x02, 0xc3, 0x28]);
-        let ours = InPush::decode(&bad[..]).unwrap_err();
-        let prosts = PushToClientRequest::decode(&bad[..]).unwrap_err();
-        assert_eq!(ours.to_string(), prosts.to_string());
-        assert!(
-            ours.to_string().contains("not UTF-8"),
-            "{ours}: names the cause"
-        );
-        assert!(
-            ours.to_string().contains("msg_type"),
-            "{ours}: names the field"
-        );
-
+        let ours = received(&bad).unwrap_err().to_string();
+        assert!(ours.contains("not UTF-8"), "{ours}: names the cause");
+        assert!(ours.contains("msg_type"), "{ours}: names the field");
+        same_as_prost(&bad).unwrap();
         // Truncated: a length past the end.
-        let cut = [0x12, 0x05, b'a'];
-        let ours = InPush::decode(&cut[..]).unwrap_err();
-        let prosts = PushToClientRequest::decode(&cut[..]).unwrap_err();
-        assert_eq!(ours.to_string(), prosts.to_string());
-
+        same_as_prost(&[0x12, 0x05, b'a']).unwrap();
         // A string field sent with the varint wire type.
-        let wrong = [0x10, 0x01];
-        assert!(InPush::decode(&wrong[..]).is_err());
-        assert!(PushToClientRequest::decode(&wrong[..]).is_err());
+        assert!(received(&[0x10, 0x01]).is_err());
+        same_as_prost(&[0x10, 0x01]).unwrap();
+        // A varint field sent length-delimited.
+        same_as_prost(&[0x08, 0x01, 0x00]).unwrap();
+    }
+
+    /// A field of a `PushToClientRequest`, well-formed or not.
+    fn field() -> impl Strategy<Value = Vec<u8>> {
+        let text = prop_oneof![
+            "[a-z0-9é-]{0,12}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..6),
+        ];
+        prop_oneof![
+            (1u32..=8, text).prop_map(|(tag, v)| {
+                let mut out = Vec::new();
+                prost::encoding::encode_key(tag, WireType::LengthDelimited, &mut out);
+                prost::encoding::encode_varint(v.len() as u64, &mut out);
+                out.extend(v);
+                out
+            }),
+            (1u32..=8, any::<u64>()).prop_map(|(tag, v)| {
+                let mut out = Vec::new();
+                prost::encoding::encode_key(tag, WireType::Varint, &mut out);
+                prost::encoding::encode_varint(v, &mut out);
+                out
+            }),
+            proptest::collection::vec(any::<u8>(), 1..4),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of fields, and any cut of it, decodes as prost
+        /// decodes it.
+        #[test]
+        fn decodes_whatever_prost_decodes_the_same_way(
+            fields in proptest::collection::vec(field(), 0..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let wire = fields.concat();
+            same_as_prost(&wire)?;
+            same_as_prost(&wire[..cut.index(wire.len() + 1)])?;
+        }
     }
 }

@@ -174,12 +174,11 @@ impl Message for InStreamPush {
                     e
                 },
             ),
-            2 => message::merge(
-                wire_type,
-                self.push.get_or_insert_with(InPush::default),
-                buf,
-                ctx,
-            )
+            // A second `push` field merges into the first, as prost does.
+            2 => match &mut self.push {
+                Some(push) => message::merge(wire_type, push, buf, ctx),
+                None => InPush::merge_received(wire_type, buf, ctx).map(|p| self.push = Some(p)),
+            }
             .map_err(|mut e| {
                 e.push("StreamPush", "push");
                 e
@@ -227,7 +226,22 @@ impl Message for InStreamPushBatch {
                     e
                 },
             ),
-            2 => message::merge_repeated(wire_type, &mut self.pushes, buf, ctx).map_err(|mut e| {
+            2 => {
+                let before = buf.remaining();
+                InPush::merge_received(wire_type, buf, ctx).map(|p| {
+                    if self.pushes.is_empty() {
+                        // Room for as many pushes as the rest of the frame
+                        // would hold at this one's size (a batch's pushes
+                        // are alike), not a doubling per few pushes.
+                        let size = (before - buf.remaining()).max(1);
+                        let more = buf.remaining() / size;
+                        self.pushes
+                            .reserve(1 + more.min(super::MAX_PUSH_BATCH as usize));
+                    }
+                    self.pushes.push(p)
+                })
+            }
+            .map_err(|mut e| {
                 e.push("StreamPushBatch", "pushes");
                 e
             }),
