@@ -432,6 +432,33 @@ mod tests {
     }
 
     #[test]
+    fn a_big_payload_is_located_not_copied() {
+        // 4 MiB of data (the gRPC message limit allows 16 MiB), and text after it.
+        let big = PushToClientRequest {
+            target_id: "user-big".into(),
+            msg_type: "blob".into(),
+            data: Bytes::from(vec![7u8; 4 << 20]),
+            durable: true,
+            ..Default::default()
+        };
+        let mut wire = big.encode_to_vec();
+        wire.extend(
+            PushToClientRequest {
+                content: "after".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let wire = Bytes::from(wire);
+        let push = InPush::received(wire.clone(), DecodeContext::default()).unwrap();
+        assert_eq!(push.data().len(), 4 << 20);
+        assert!(wire.as_ptr_range().contains(&push.data().as_ptr()));
+        assert_eq!(push.content(), b"after");
+        assert_eq!(push.target_id(), "user-big");
+        assert!(push.durable);
+    }
+
+    #[test]
     fn strings_are_taken_over_not_copied() {
         let p = sample();
         let (id, data) = (p.target_id.as_ptr(), p.data.as_ptr());
