@@ -70,8 +70,9 @@ pub enum Serve {
     },
     /// The demo upstream (gate-upstream) for every zone, registered with a control plane.
     Upstreams {
-        #[arg(long)]
-        control_plane: String,
+        /// The control plane's members' gRPC addresses (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        control_plane: Vec<String>,
         /// A data plane's GatewayService (used by the demo's chat pushes).
         #[arg(long)]
         gateway: String,
@@ -364,7 +365,7 @@ pub async fn run(mode: Serve) -> Result<()> {
             for z in 0..zones {
                 let zone = gatesvr_proto::zone::zone_id(z);
                 let mut cfg = gate_upstream::Config::new(zone.clone(), gateway.clone());
-                cfg.control_plane = Some(control_plane.clone());
+                cfg.control_plane = control_plane.clone();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 cfg.addr = listener.local_addr()?;
                 addrs.push(cfg.addr.to_string());

@@ -161,7 +161,7 @@ pub async fn run(
         let zone = gatesvr_proto::zone::zone_id(z);
         let mut cfg = gate_upstream::Config::new(zone.clone(), gateway.clone());
         cfg.addr = upstream_addr(host, z);
-        cfg.control_plane = Some(cp.grpc_addr().to_string());
+        cfg.control_plane = vec![cp.grpc_addr().to_string()];
         let listener = tokio::net::TcpListener::bind(cfg.addr)
             .await
             .with_context(|| format!("binding demo upstream for zone {zone} on {}", cfg.addr))?;

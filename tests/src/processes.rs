@@ -159,8 +159,13 @@ impl ProcessCluster {
                 format!("127.0.0.1:{port}"),
                 "--gateway".into(),
                 format!("127.0.0.1:{}", cluster.dps[0].grpc),
+                // Every member, each upstream starting at a different one: a dead member
+                // (the leader-kill tests) must not cut an upstream's lease renewals.
                 "--control-plane".into(),
-                format!("127.0.0.1:{}", cluster.cps[(z as usize) % 3].grpc),
+                (0..3)
+                    .map(|i| format!("127.0.0.1:{}", cluster.cps[(z as usize + i) % 3].grpc))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 "--lease-ttl".into(),
                 "2s".into(),
                 // Serves mTLS to the data planes and uses the same identity towards the

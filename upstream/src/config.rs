@@ -27,11 +27,13 @@ pub struct Config {
     #[arg(long, env = "GATE_UPSTREAM_GATEWAY", default_value = "127.0.0.1:8092")]
     pub gateway: String,
 
-    /// The control plane's gRPC address (`host:port`). When set, the instance
-    /// registers itself and keeps its lease alive; when not, the gateway must
-    /// list it in its static `zones.upstreams`.
-    #[arg(long, env = "GATE_UPSTREAM_CONTROL_PLANE")]
-    pub control_plane: Option<String>,
+    /// The control plane's gRPC addresses (`host:port`, comma-separated, or
+    /// the flag repeated): every member, or one Service address that reaches
+    /// them. When set, the instance registers itself and keeps its lease
+    /// alive, moving to the next address when a call fails; when not, the
+    /// gateway must list it in its static `zones.upstreams`.
+    #[arg(long, env = "GATE_UPSTREAM_CONTROL_PLANE", value_delimiter = ',')]
+    pub control_plane: Vec<String>,
 
     /// Service name reported to the control plane and in GetStatus.
     #[arg(long, env = "GATE_UPSTREAM_SERVICE_NAME", default_value = "demo")]
@@ -98,7 +100,7 @@ impl Config {
             addr: SocketAddr::from(([127, 0, 0, 1], 9001)),
             advertise_addr: None,
             gateway: gateway.into(),
-            control_plane: None,
+            control_plane: Vec::new(),
             service_name: "demo".into(),
             lease_ttl: Duration::from_secs(15),
             push_timeout: Duration::from_secs(5),

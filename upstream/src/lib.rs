@@ -160,8 +160,9 @@ pub async fn run(
     tracing::info!(zone = %cfg.zone, addr = %local_addr, gateway = %cfg.gateway, "gate-upstream serving");
 
     let registration_stop = CancellationToken::new();
-    let registration = match &cfg.control_plane {
-        Some(addr) => {
+    let registration = match cfg.control_plane.as_slice() {
+        [] => None,
+        addrs => {
             let registration = registration::Registration {
                 zone: cfg.zone.clone(),
                 address: cfg
@@ -171,14 +172,16 @@ pub async fn run(
                 service_name: cfg.service_name.clone(),
                 lease_ttl: cfg.lease_ttl,
             };
-            let channel = channel(&cfg, "--control-plane", addr)?;
+            let channels = addrs
+                .iter()
+                .map(|addr| channel(&cfg, "--control-plane", addr))
+                .collect::<Result<_, _>>()?;
             Some(tokio::spawn(registration::run(
-                channel,
+                channels,
                 registration,
                 registration_stop.clone(),
             )))
         }
-        None => None,
     };
 
     // Serve until asked to stop, or until the server fails on its own.

@@ -1,7 +1,13 @@
 //! Keeping this instance in the control plane's registry: register with a
 //! lease, heartbeat it, re-register if the lease was lost, deregister on
 //! shutdown. Serving never waits for any of it: an unreachable control plane
-//! only means retries with backoff.
+//! only means retries.
+//!
+//! A failed call moves to the next control-plane address, so one dead member
+//! does not cut the lease. Registering retries with exponential backoff; a
+//! registered instance retries its heartbeat at least once per heartbeat
+//! interval, since waiting longer than that during an election would let the
+//! lease expire on the new leader once its grace (`leases.default_ttl`) ends.
 //!
 //! ```text
 //!   ┌──────────┐ ok  ┌────────────┐ NOT_FOUND (lease lost)
@@ -42,11 +48,10 @@ pub struct Registration {
     pub lease_ttl: Duration,
 }
 
-/// Registers and heartbeats until `cancel` fires, then deregisters.
-pub async fn run(channel: Channel, registration: Registration, cancel: CancellationToken) {
-    let mut client = ControlPlaneClient::new(channel)
-        .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES);
+/// Registers and heartbeats through `channels` (one per control-plane
+/// address, at least one) until `cancel` fires, then deregisters.
+pub async fn run(channels: Vec<Channel>, registration: Registration, cancel: CancellationToken) {
+    let mut endpoints = Endpoints::new(channels);
     let mut backoff = Backoff::default();
     // The instance id and heartbeat interval, once registered.
     let mut registered: Option<(String, Duration)> = None;
@@ -57,7 +62,7 @@ pub async fn run(channel: Channel, registration: Registration, cancel: Cancellat
                 // granted to an abandoned attempt simply expires.
                 let attempt = tokio::select! {
                     _ = cancel.cancelled() => break,
-                    attempt = register(&mut client, &registration) => attempt,
+                    attempt = register(endpoints.client(), &registration) => attempt,
                 };
                 match attempt {
                     Ok((id, interval)) => {
@@ -68,13 +73,14 @@ pub async fn run(channel: Channel, registration: Registration, cancel: Cancellat
                         interval
                     }
                     Err(status) => {
+                        endpoints.rotate();
                         let wait = backoff.next();
                         tracing::warn!(%status, retry_in = ?wait, "control plane registration failed");
                         wait
                     }
                 }
             }
-            Some((id, interval)) => match heartbeat(&mut client, id).await {
+            Some((id, interval)) => match heartbeat(endpoints.client(), id).await {
                 Ok(()) => {
                     backoff.reset();
                     *interval
@@ -87,7 +93,8 @@ pub async fn run(channel: Channel, registration: Registration, cancel: Cancellat
                 Err(status) => {
                     // Keep the id: the lease may still be alive, and the next
                     // heartbeat says whether it is.
-                    let wait = backoff.next();
+                    endpoints.rotate();
+                    let wait = backoff.next_heartbeat(*interval);
                     tracing::warn!(%status, retry_in = ?wait, "heartbeat failed");
                     wait
                 }
@@ -102,7 +109,13 @@ pub async fn run(channel: Channel, registration: Registration, cancel: Cancellat
         let request = DeregisterUpstreamRequest {
             instance_id: id.clone(),
         };
-        match bounded(client.deregister_upstream(with_timeout(request))).await {
+        match bounded(
+            endpoints
+                .client()
+                .deregister_upstream(with_timeout(request)),
+        )
+        .await
+        {
             Ok(_) => tracing::info!(instance_id = %id, "deregistered from the control plane"),
             // The lease expires on its own.
             Err(status) => tracing::warn!(instance_id = %id, %status, "deregistration failed"),
@@ -112,7 +125,7 @@ pub async fn run(channel: Channel, registration: Registration, cancel: Cancellat
 
 /// Registers; returns the instance id and how often to heartbeat.
 async fn register(
-    client: &mut ControlPlaneClient<Channel>,
+    mut client: ControlPlaneClient<Channel>,
     registration: &Registration,
 ) -> Result<(String, Duration), tonic::Status> {
     let request = RegisterUpstreamRequest {
@@ -136,16 +149,41 @@ async fn register(
     ))
 }
 
-async fn heartbeat(
-    client: &mut ControlPlaneClient<Channel>,
-    id: &str,
-) -> Result<(), tonic::Status> {
+async fn heartbeat(mut client: ControlPlaneClient<Channel>, id: &str) -> Result<(), tonic::Status> {
     let request = HeartbeatUpstreamRequest {
         instance_id: id.to_owned(),
     };
     bounded(client.heartbeat_upstream(with_timeout(request)))
         .await
         .map(|_| ())
+}
+
+/// The control plane's addresses, one in use at a time.
+struct Endpoints {
+    channels: Vec<Channel>,
+    current: usize,
+}
+
+impl Endpoints {
+    fn new(channels: Vec<Channel>) -> Self {
+        assert!(!channels.is_empty(), "at least one control-plane address");
+        Self {
+            channels,
+            current: 0,
+        }
+    }
+
+    /// A client of the address in use (cloning a channel shares its connection).
+    fn client(&self) -> ControlPlaneClient<Channel> {
+        ControlPlaneClient::new(self.channels[self.current].clone())
+            .max_decoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(gatesvr_proto::limits::MAX_MESSAGE_BYTES)
+    }
+
+    /// Moves to the next address after a failed call.
+    fn rotate(&mut self) {
+        self.current = (self.current + 1) % self.channels.len();
+    }
 }
 
 /// The server's interval if it gave one, else a third of the requested lease
@@ -193,7 +231,33 @@ impl Backoff {
         base.mul_f64(rand::rng().random_range(0.8..1.2))
     }
 
+    /// The wait after a failed heartbeat: the backoff, but never longer than
+    /// the heartbeat interval, so the lease is retried before it can lapse.
+    fn next_heartbeat(&mut self, interval: Duration) -> Duration {
+        self.next().min(interval)
+    }
+
     fn reset(&mut self) {
         self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_heartbeat_is_retried_within_its_interval() {
+        let interval = Duration::from_millis(700);
+        let mut backoff = Backoff::default();
+        let waits: Vec<Duration> = (0..12).map(|_| backoff.next_heartbeat(interval)).collect();
+        // Backs off from ~200 ms, then holds at the interval.
+        assert!(waits[0] < interval, "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= interval), "{waits:?}");
+        assert_eq!(waits[11], interval);
+        // Registration keeps the full backoff.
+        let mut backoff = Backoff::default();
+        let last = (0..12).map(|_| backoff.next()).last().unwrap();
+        assert!(last > interval * 10, "{last:?}");
     }
 }

@@ -290,11 +290,27 @@ async fn shutdown_reports_not_serving_before_it_stops() {
     upstream.stop().await;
 }
 
-/// Records registrations; the first `fail_first` RegisterUpstream calls fail.
+/// Records registrations; the first `fail_first` RegisterUpstream calls fail,
+/// and every call fails while `down` is set (a member cut off from its leader).
 #[derive(Clone, Default)]
 struct FakeControlPlane {
     log: Arc<Mutex<Vec<String>>>,
     fail_first: Arc<Mutex<u32>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeControlPlane {
+    fn check_up(&self) -> Result<(), Status> {
+        if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Status::unavailable("no leader"));
+        }
+        Ok(())
+    }
+
+    fn heartbeats(&self) -> usize {
+        let log = self.log.lock();
+        log.iter().filter(|l| l.starts_with("heartbeat ")).count()
+    }
 }
 
 type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<WatchEvent, Status>> + Send>>;
@@ -305,6 +321,7 @@ impl ControlPlane for FakeControlPlane {
         &self,
         request: Request<RegisterUpstreamRequest>,
     ) -> Result<Response<RegisterUpstreamResponse>, Status> {
+        self.check_up()?;
         {
             let mut fail = self.fail_first.lock();
             if *fail > 0 {
@@ -328,6 +345,7 @@ impl ControlPlane for FakeControlPlane {
         &self,
         request: Request<HeartbeatUpstreamRequest>,
     ) -> Result<Response<HeartbeatUpstreamResponse>, Status> {
+        self.check_up()?;
         self.log
             .lock()
             .push(format!("heartbeat {}", request.into_inner().instance_id));
@@ -409,7 +427,7 @@ async fn registers_retries_heartbeats_and_deregisters() {
     let (control_addr, _control_task) =
         serve(Server::builder().add_service(ControlPlaneServer::new(control.clone()))).await;
     let mut cfg = Config::new("002", "127.0.0.1:1");
-    cfg.control_plane = Some(control_addr.to_string());
+    cfg.control_plane = vec![control_addr.to_string()];
     cfg.advertise_addr = Some("10.0.0.7:9001".into());
     let upstream = Running::start(cfg).await;
 
@@ -437,13 +455,54 @@ async fn registers_retries_heartbeats_and_deregisters() {
     );
 }
 
+/// With every control-plane member given, a dead one and one that cannot
+/// commit are passed over: the instance registers through the first live
+/// member and keeps its lease through the next when that one fails.
+#[tokio::test]
+async fn a_failing_control_plane_member_is_passed_over() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = listener.local_addr().unwrap();
+    drop(listener);
+    let (a, b) = (FakeControlPlane::default(), FakeControlPlane::default());
+    let (a_addr, _a_task) =
+        serve(Server::builder().add_service(ControlPlaneServer::new(a.clone()))).await;
+    let (b_addr, _b_task) =
+        serve(Server::builder().add_service(ControlPlaneServer::new(b.clone()))).await;
+    let mut cfg = Config::new("002", "127.0.0.1:1");
+    cfg.control_plane = vec![dead.to_string(), a_addr.to_string(), b_addr.to_string()];
+    let upstream = Running::start(cfg).await;
+
+    eventually("registered through the first live member", async || {
+        a.heartbeats() >= 2
+    })
+    .await;
+    assert!(a.log.lock()[0].starts_with("register 002 "));
+    assert!(b.log.lock().is_empty(), "{:?}", b.log.lock());
+
+    a.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    eventually("heartbeats move to the next member", async || {
+        b.heartbeats() >= 2
+    })
+    .await;
+    assert!(
+        !b.log.lock().iter().any(|l| l.starts_with("register")),
+        "the lease was kept, not registered again: {:?}",
+        b.log.lock()
+    );
+    upstream.stop().await;
+    assert_eq!(
+        b.log.lock().last().map(String::as_str),
+        Some("deregister up-1")
+    );
+}
+
 #[tokio::test]
 async fn serves_while_the_control_plane_is_unreachable() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = listener.local_addr().unwrap();
     drop(listener);
     let mut cfg = Config::new("002", "127.0.0.1:1");
-    cfg.control_plane = Some(dead.to_string());
+    cfg.control_plane = vec![dead.to_string()];
     let upstream = Running::start(cfg).await;
     assert_eq!(
         upstream.call("alice", 1, "echo ok").await.app_code,
