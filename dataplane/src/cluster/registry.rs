@@ -917,25 +917,46 @@ impl Registry {
         let mut results = Vec::with_capacity(pushes.len());
         let mut commands = Vec::new();
         self.with_table(|t| {
-            for p in pushes {
-                let (outcome, mut c) = t.push(now, Target::Openid(p.openid), p.body, p.view_owner);
+            let mut outcomes = Vec::with_capacity(pushes.len());
+            let mut pushes = pushes.into_iter().peekable();
+            // Consecutive pushes to one session (a batch to one user) share
+            // its lookup and lock (`Table::push_many`).
+            'run: while let Some(first) = pushes.next() {
+                let (openid, view_owner) = (first.openid, first.view_owner);
+                let same = std::iter::from_fn(|| {
+                    pushes
+                        .next_if(|p| p.openid == openid && p.view_owner == view_owner)
+                        .map(|p| p.body)
+                });
+                let bodies = std::iter::once(first.body).chain(same);
+                let mut c = t.push_many(
+                    now,
+                    Target::Openid(openid),
+                    bodies,
+                    view_owner,
+                    &mut outcomes,
+                );
                 commands.append(&mut c);
-                match outcome {
-                    PushOutcome::Queued { seq_id, handle } => results.push(Ok(PushReceipt {
-                        seq_id,
-                        entry: handle,
-                    })),
-                    PushOutcome::Refused { error, handle } => {
-                        if matches!(error, PushError::QueueFull { .. }) {
-                            commands.push(Command::Close {
-                                handle,
-                                code: ErrorCode::SlowConsumer,
-                                reason: "push queue full: reconnect and resume",
-                            });
+                for outcome in outcomes.drain(..) {
+                    match outcome {
+                        PushOutcome::Queued { seq_id, handle } => results.push(Ok(PushReceipt {
+                            seq_id,
+                            entry: handle,
+                        })),
+                        PushOutcome::Refused { error, handle } => {
+                            if matches!(error, PushError::QueueFull { .. }) {
+                                commands.push(Command::Close {
+                                    handle,
+                                    code: ErrorCode::SlowConsumer,
+                                    reason: "push queue full: reconnect and resume",
+                                });
+                            }
+                            results.push(Err(error));
                         }
-                        results.push(Err(error));
+                        PushOutcome::Forward { .. } | PushOutcome::Wait | PushOutcome::Absent => {
+                            break 'run;
+                        }
                     }
-                    PushOutcome::Forward { .. } | PushOutcome::Wait | PushOutcome::Absent => break,
                 }
             }
         });

@@ -1156,6 +1156,58 @@ impl<H: SessionCell> Table<H> {
         (outcome, out)
     }
 
+    /// [`push`](Self::push) of consecutive pushes to one target with one
+    /// view: the first takes the full path; when it reached a local session
+    /// (queued or refused), the others go to that session under one lock,
+    /// with nothing between them that could change the slot. One outcome per
+    /// push in `outcomes`; a first push with another outcome is the only one.
+    pub fn push_many(
+        &mut self,
+        now: Instant,
+        target: Target<'_>,
+        msgs: impl IntoIterator<Item = crate::session::PushBody>,
+        view_owner: Option<(&str, u64)>,
+        outcomes: &mut Vec<PushOutcome<H>>,
+    ) -> Vec<Command<H>> {
+        let mut msgs = msgs.into_iter();
+        let Some(first) = msgs.next() else {
+            return Vec::new();
+        };
+        let (outcome, commands) = self.push(now, target, first, view_owner);
+        let handle = match &outcome {
+            PushOutcome::Queued { handle, .. } | PushOutcome::Refused { handle, .. } => {
+                handle.clone()
+            }
+            PushOutcome::Forward { .. } | PushOutcome::Wait | PushOutcome::Absent => {
+                outcomes.push(outcome);
+                return commands;
+            }
+        };
+        outcomes.push(outcome);
+        let moved = handle.with(|s| {
+            let before = s.poll_timeout();
+            for msg in msgs {
+                outcomes.push(match s.push(now, msg) {
+                    Ok(seq_id) => PushOutcome::Queued {
+                        seq_id,
+                        handle: handle.clone(),
+                    },
+                    Err(error) => PushOutcome::Refused {
+                        error,
+                        handle: handle.clone(),
+                    },
+                });
+            }
+            let after = s.poll_timeout();
+            (after != before).then_some(after)
+        });
+        if let Some(at) = moved {
+            let openid = handle.identity().openid.clone();
+            self.arm_at(&openid, at);
+        }
+        commands
+    }
+
     /// A client request arrived on the connection of session `handle`.
     pub fn begin_request(&mut self, handle: &H, seq_id: u64) -> RequestOutcome {
         if !self.is_current(handle) {

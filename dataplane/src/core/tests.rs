@@ -1442,3 +1442,98 @@ fn fenced_copies_with_pushes_are_listed_to_be_kept_as_replicas() {
         ]
     );
 }
+
+/// `push_many` is `push` once per message: the same outcomes (queued seqs,
+/// then the refusals of a full queue), the same session state and the same
+/// timer; a target that is not local takes one outcome for the run.
+#[test]
+fn push_many_is_one_push_after_another() {
+    let now = Instant::now();
+    let config = SessionConfig {
+        max_queue: 5,
+        ..SessionConfig::default()
+    };
+    let local = |t: &mut Table<PlainCell>| {
+        let id = SessionIdentity {
+            session_id: "s".into(),
+            openid: "u".into(),
+            zone: "001".into(),
+        };
+        let c = PlainCell::new(Session::new(id, config.clone(), now));
+        t.start(c.clone(), Holding::Owned, "replaced");
+        c
+    };
+    let (mut one, mut many) = (table(), table());
+    let (c1, c2) = (local(&mut one), local(&mut many));
+    // One already queued, so the run starts behind an unsent push.
+    one.push(now, Target::Openid("u"), msg(0), None);
+    many.push(now, Target::Openid("u"), msg(0), None);
+    let later = now + Duration::from_millis(5);
+    let singles: Vec<_> = (1..=7)
+        .map(|n| one.push(later, Target::Openid("u"), msg(n), None).0)
+        .collect();
+    let mut outcomes = Vec::new();
+    let bodies = (1..=7).map(|n| crate::session::PushBody::from(msg(n)));
+    many.push_many(later, Target::Openid("u"), bodies, None, &mut outcomes);
+    let summary = |o: &PushOutcome<PlainCell>| match o {
+        PushOutcome::Queued { seq_id, .. } => format!("queued {seq_id}"),
+        PushOutcome::Refused { error, .. } => format!("refused {error}"),
+        other => format!("{other:?}"),
+    };
+    let want: Vec<_> = singles.iter().map(summary).collect();
+    let got: Vec<_> = outcomes.iter().map(summary).collect();
+    assert_eq!(got, want);
+    assert!(
+        want[0].starts_with("queued") && want[6].starts_with("refused"),
+        "{want:?}"
+    );
+    assert_eq!(c1.with(|s| s.stats()), c2.with(|s| s.stats()));
+    assert_eq!(one.poll_timeout(), many.poll_timeout());
+
+    // A full queue that drops its oldest: each push trims a sent one, and
+    // the retransmit deadline moves with every trim of the run.
+    let config = SessionConfig {
+        max_queue: 5,
+        queue_policy: crate::session::QueuePolicy::DropOldest,
+        ..SessionConfig::default()
+    };
+    let (mut one, mut many) = (table(), table());
+    let mut cells = Vec::new();
+    for t in [&mut one, &mut many] {
+        let id = SessionIdentity {
+            session_id: "s".into(),
+            openid: "u".into(),
+            zone: "001".into(),
+        };
+        let c = PlainCell::new(Session::new(id, config.clone(), now));
+        t.start(c.clone(), Holding::Owned, "replaced");
+        c.with(|s| s.attach(now, 0));
+        for n in 0..5 {
+            t.push(now, Target::Openid("u"), msg(n), None);
+            let sent_at = now + Duration::from_millis(n);
+            assert!(c.with(|s| s.poll_transmit(sent_at)).is_some());
+        }
+        cells.push(c);
+    }
+    let before = many.poll_timeout();
+    for n in 5..8 {
+        one.push(later, Target::Openid("u"), msg(n), None);
+    }
+    let mut outcomes = Vec::new();
+    let bodies = (5..8).map(|n| crate::session::PushBody::from(msg(n)));
+    many.push_many(later, Target::Openid("u"), bodies, None, &mut outcomes);
+    assert_eq!(
+        outcomes.iter().filter_map(queued).collect::<Vec<_>>(),
+        [6, 7, 8]
+    );
+    assert_eq!(cells[0].with(|s| s.stats()), cells[1].with(|s| s.stats()));
+    assert_ne!(many.poll_timeout(), before, "the trims moved the deadline");
+    assert_eq!(one.poll_timeout(), many.poll_timeout());
+
+    // Not local: one outcome for the whole run.
+    let mut outcomes = Vec::new();
+    let bodies = (1..=3).map(|n| crate::session::PushBody::from(msg(n)));
+    many.push_many(now, Target::Openid("nobody"), bodies, None, &mut outcomes);
+    assert_eq!(outcomes.len(), 1);
+    assert!(matches!(outcomes[0], PushOutcome::Absent));
+}
