@@ -744,13 +744,39 @@ pub async fn push_window_via(
             (ok, refused)
         }));
     }
-    let (mut ok, mut refused) = (0u64, 0u64);
-    for t in tasks {
-        let (a, b) = t.await?;
-        ok += a;
-        refused += b;
-    }
-    let complete = await_deliveries(stats, ok, Duration::from_secs(30)).await;
+    let work = async {
+        let (mut ok, mut refused) = (0u64, 0u64);
+        for t in tasks {
+            let (a, b) = t.await?;
+            ok += a;
+            refused += b;
+        }
+        let complete = await_deliveries(stats, ok, Duration::from_secs(30)).await;
+        Ok::<_, anyhow::Error>((ok, refused, complete))
+    };
+    // `GATE_BENCH_TRACE`: the window's deliveries/s and this process's CPU every 250 ms.
+    let trace = async {
+        if std::env::var_os("GATE_BENCH_TRACE").is_none() {
+            return std::future::pending().await;
+        }
+        let me = std::process::id();
+        let (mut last_d, mut last_cpu) = (0u64, sched_us(me).0);
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let d = stats.delivered.load(Ordering::Relaxed);
+            let cpu = sched_us(me).0;
+            eprintln!(
+                "[gate-bench] trace {prefix}: {} deliveries/s, load generator cpu {:.2}",
+                d.saturating_sub(last_d) * 4,
+                (cpu - last_cpu) / 250_000.0
+            );
+            (last_d, last_cpu) = (d, cpu);
+        }
+    };
+    let (ok, refused, complete) = tokio::select! {
+        r = work => r?,
+        () = trace => unreachable!("the trace never ends"),
+    };
     let last = stats.last_delivery_ns.load(Ordering::Relaxed);
     let (delivered, mut lat) = stats.reset();
     let secs = (last.saturating_sub(start_ns)) as f64 / 1e9;

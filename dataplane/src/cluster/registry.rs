@@ -126,6 +126,33 @@ pub struct RunPush<'a> {
     pub view_owner: Option<(&'a str, u64)>,
 }
 
+/// A push's result from its table outcome; None where the run stops
+/// (forward, wait, absent). A push refused for a full queue closes the
+/// session as a slow consumer.
+#[inline]
+fn receipt(
+    outcome: PushOutcome<Arc<SessionEntry>>,
+    commands: &mut Vec<Command<Arc<SessionEntry>>>,
+) -> Option<Result<PushReceipt, PushError>> {
+    match outcome {
+        PushOutcome::Queued { seq_id, handle } => Some(Ok(PushReceipt {
+            seq_id,
+            entry: handle,
+        })),
+        PushOutcome::Refused { error, handle } => {
+            if matches!(error, PushError::QueueFull { .. }) {
+                commands.push(Command::Close {
+                    handle,
+                    code: ErrorCode::SlowConsumer,
+                    reason: "push queue full: reconnect and resume",
+                });
+            }
+            Some(Err(error))
+        }
+        PushOutcome::Forward { .. } | PushOutcome::Wait | PushOutcome::Absent => None,
+    }
+}
+
 /// Where a push landed.
 #[derive(Clone)]
 pub struct PushReceipt {
@@ -917,17 +944,30 @@ impl Registry {
         let mut results = Vec::with_capacity(pushes.len());
         let mut commands = Vec::new();
         self.with_table(|t| {
-            let mut outcomes = Vec::with_capacity(pushes.len());
-            let mut pushes = pushes.into_iter().peekable();
-            // Consecutive pushes to one session (a batch to one user) share
-            // its lookup and lock (`Table::push_many`).
+            let mut outcomes = Vec::new();
+            let mut pushes = pushes.into_iter();
             'run: while let Some(first) = pushes.next() {
                 let (openid, view_owner) = (first.openid, first.view_owner);
-                let same = std::iter::from_fn(|| {
-                    pushes
-                        .next_if(|p| p.openid == openid && p.view_owner == view_owner)
-                        .map(|p| p.body)
-                });
+                // Read in place: moving each push through a `Peekable` cost
+                // spread pushes ~90 instructions each (callgrind).
+                let same = pushes
+                    .as_slice()
+                    .iter()
+                    .take_while(|p| p.openid == openid && p.view_owner == view_owner)
+                    .count();
+                if same == 0 {
+                    let (outcome, mut c) =
+                        t.push(now, Target::Openid(openid), first.body, view_owner);
+                    commands.append(&mut c);
+                    match receipt(outcome, &mut commands) {
+                        Some(r) => results.push(r),
+                        None => break,
+                    }
+                    continue;
+                }
+                // Consecutive pushes to one session (a batch to one user)
+                // share its lookup and lock.
+                let same = pushes.by_ref().take(same).map(|p| p.body);
                 let bodies = std::iter::once(first.body).chain(same);
                 let mut c = t.push_many(
                     now,
@@ -938,24 +978,9 @@ impl Registry {
                 );
                 commands.append(&mut c);
                 for outcome in outcomes.drain(..) {
-                    match outcome {
-                        PushOutcome::Queued { seq_id, handle } => results.push(Ok(PushReceipt {
-                            seq_id,
-                            entry: handle,
-                        })),
-                        PushOutcome::Refused { error, handle } => {
-                            if matches!(error, PushError::QueueFull { .. }) {
-                                commands.push(Command::Close {
-                                    handle,
-                                    code: ErrorCode::SlowConsumer,
-                                    reason: "push queue full: reconnect and resume",
-                                });
-                            }
-                            results.push(Err(error));
-                        }
-                        PushOutcome::Forward { .. } | PushOutcome::Wait | PushOutcome::Absent => {
-                            break 'run;
-                        }
+                    match receipt(outcome, &mut commands) {
+                        Some(r) => results.push(r),
+                        None => break 'run,
                     }
                 }
             }

@@ -1169,11 +1169,15 @@ impl<H: SessionCell> Table<H> {
         view_owner: Option<(&str, u64)>,
         outcomes: &mut Vec<PushOutcome<H>>,
     ) -> Vec<Command<H>> {
-        let mut msgs = msgs.into_iter();
+        let mut msgs = msgs.into_iter().peekable();
         let Some(first) = msgs.next() else {
             return Vec::new();
         };
         let (outcome, commands) = self.push(now, target, first, view_owner);
+        if msgs.peek().is_none() {
+            outcomes.push(outcome);
+            return commands;
+        }
         let handle = match &outcome {
             PushOutcome::Queued { handle, .. } | PushOutcome::Refused { handle, .. } => {
                 handle.clone()

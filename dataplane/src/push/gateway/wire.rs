@@ -165,88 +165,55 @@ impl InPush {
 /// The fields of an encoded `PushToClientRequest`: (target_type, durable,
 /// spans), or None for anything but a well-formed push whose every field
 /// has its own wire type (prost then decides).
-///
-/// Reads the slice by index, one byte per key and length where they fit in
-/// one (every field of a push up to 127 bytes): prost's `decode_key` and
-/// `decode_varint` go through `Buf` and were ~300 instructions per push
-/// (callgrind, docs/benchmarks.md session 22).
 fn locate(raw: &[u8], ctx: DecodeContext) -> Option<(i32, bool, [Span; 4])> {
+    let mut buf = raw;
     let mut target_type = 0;
     let mut durable = false;
     let mut spans = [Span::default(); 4];
-    let mut at = 0;
-    while at < raw.len() {
-        let key_at = at;
-        let (key, n) = varint(&raw[at..])?;
-        at += n;
-        // A key is `field << 3 | wire type`.
-        let slot = match key {
-            key::TARGET_TYPE | key::DURABLE => {
-                let (v, n) = varint(&raw[at..])?;
-                at += n;
-                if key == key::DURABLE {
+    while buf.has_remaining() {
+        let (tag, wire_type) = prost::encoding::decode_key(&mut buf).ok()?;
+        let slot = match tag {
+            tag::TARGET_TYPE | tag::DURABLE => {
+                if wire_type != WireType::Varint {
+                    return None;
+                }
+                let v = prost::encoding::decode_varint(&mut buf).ok()?;
+                if tag == tag::DURABLE {
                     durable = v != 0;
                 } else {
                     target_type = v as i32;
                 }
                 continue;
             }
-            key::TARGET_ID => TARGET_ID,
-            key::MSG_TYPE => MSG_TYPE,
-            key::CONTENT => CONTENT,
-            key::DATA => DATA,
+            tag::TARGET_ID => TARGET_ID,
+            tag::MSG_TYPE => MSG_TYPE,
+            tag::CONTENT => CONTENT,
+            tag::DATA => DATA,
             _ => {
-                // A field of ours with another wire type is prost's to judge;
-                // an unknown field is skipped as prost skips it.
-                let mut buf = &raw[key_at..];
-                let (tag, wire_type) = prost::encoding::decode_key(&mut buf).ok()?;
-                if matches!(
-                    tag,
-                    tag::TARGET_TYPE
-                        | tag::TARGET_ID
-                        | tag::MSG_TYPE
-                        | tag::CONTENT
-                        | tag::DATA
-                        | tag::DURABLE
-                ) {
-                    return None;
-                }
                 prost::encoding::skip_field(wire_type, tag, &mut buf, ctx.clone()).ok()?;
-                at = raw.len() - buf.len();
                 continue;
             }
         };
-        let (len, n) = varint(&raw[at..])?;
-        at += n;
-        let len = usize::try_from(len).ok()?;
-        if len > raw.len() - at {
+        if wire_type != WireType::LengthDelimited {
             return None;
         }
-        let field = &raw[at..at + len];
+        let len = usize::try_from(prost::encoding::decode_varint(&mut buf).ok()?).ok()?;
+        if len > buf.len() {
+            return None;
+        }
+        let (field, rest) = buf.split_at(len);
         if slot != DATA && !field.is_ascii() && std::str::from_utf8(field).is_err() {
             return None;
         }
+        let start = raw.len() - buf.len();
         // A push is at most a gRPC message (far below 4 GiB).
         spans[slot] = Span {
-            start: u32::try_from(at).ok()?,
-            end: u32::try_from(at + len).ok()?,
+            start: u32::try_from(start).ok()?,
+            end: u32::try_from(start + len).ok()?,
         };
-        at += len;
+        buf = rest;
     }
     Some((target_type, durable, spans))
-}
-
-/// The varint that `buf` starts with, and its length in bytes; None where
-/// prost's `decode_varint` fails (truncated, or longer than 10 bytes).
-fn varint(buf: &[u8]) -> Option<(u64, usize)> {
-    match buf.first() {
-        Some(&byte) if byte < 0x80 => Some((u64::from(byte), 1)),
-        _ => {
-            let mut rest = buf;
-            let v = prost::encoding::decode_varint(&mut rest).ok()?;
-            Some((v, buf.len() - rest.len()))
-        }
-    }
 }
 
 impl PartialEq for InPush {
@@ -325,21 +292,6 @@ mod tag {
     pub const CONTENT: u32 = 5;
     pub const DATA: u32 = 6;
     pub const DURABLE: u32 = 7;
-}
-
-/// `PushToClientRequest`'s keys (`field << 3 | wire type`) as `locate` reads
-/// them: varint (0) or length-delimited (2).
-mod key {
-    use super::tag;
-    const fn key(tag: u32, wire_type: u32) -> u64 {
-        ((tag << 3) | wire_type) as u64
-    }
-    pub const TARGET_TYPE: u64 = key(tag::TARGET_TYPE, 0);
-    pub const TARGET_ID: u64 = key(tag::TARGET_ID, 2);
-    pub const MSG_TYPE: u64 = key(tag::MSG_TYPE, 2);
-    pub const CONTENT: u64 = key(tag::CONTENT, 2);
-    pub const DATA: u64 = key(tag::DATA, 2);
-    pub const DURABLE: u64 = key(tag::DURABLE, 0);
 }
 
 /// Encodes as `PushToClientRequest`. Decoding field by field (prost's
