@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// Deadline of one control-plane call.
+/// Deadline of one control-plane call (a heartbeat's: [`heartbeat_deadline`]).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -80,7 +80,7 @@ pub async fn run(channels: Vec<Channel>, registration: Registration, cancel: Can
                     }
                 }
             }
-            Some((id, interval)) => match heartbeat(endpoints.client(), id).await {
+            Some((id, interval)) => match heartbeat(endpoints.client(), id, *interval).await {
                 Ok(()) => {
                     backoff.reset();
                     *interval
@@ -112,7 +112,8 @@ pub async fn run(channels: Vec<Channel>, registration: Registration, cancel: Can
         match bounded(
             endpoints
                 .client()
-                .deregister_upstream(with_timeout(request)),
+                .deregister_upstream(with_timeout(request, CALL_TIMEOUT)),
+            CALL_TIMEOUT,
         )
         .await
         {
@@ -134,9 +135,12 @@ async fn register(
         service_name: registration.service_name.clone(),
         lease_ttl_ms: u32::try_from(registration.lease_ttl.as_millis()).unwrap_or(u32::MAX),
     };
-    let response = bounded(client.register_upstream(with_timeout(request)))
-        .await?
-        .into_inner();
+    let response = bounded(
+        client.register_upstream(with_timeout(request, CALL_TIMEOUT)),
+        CALL_TIMEOUT,
+    )
+    .await?
+    .into_inner();
     let granted = (response.heartbeat_interval_ms > 0)
         .then(|| Duration::from_millis(response.heartbeat_interval_ms.into()))
         .or_else(|| {
@@ -149,13 +153,30 @@ async fn register(
     ))
 }
 
-async fn heartbeat(mut client: ControlPlaneClient<Channel>, id: &str) -> Result<(), tonic::Status> {
+/// One heartbeat, given at most [`heartbeat_deadline`]: a member that does not
+/// answer (partitioned, no leader) is left for the next before the lease can
+/// lapse.
+async fn heartbeat(
+    mut client: ControlPlaneClient<Channel>,
+    id: &str,
+    interval: Duration,
+) -> Result<(), tonic::Status> {
     let request = HeartbeatUpstreamRequest {
         instance_id: id.to_owned(),
     };
-    bounded(client.heartbeat_upstream(with_timeout(request)))
-        .await
-        .map(|_| ())
+    let deadline = heartbeat_deadline(interval);
+    bounded(
+        client.heartbeat_upstream(with_timeout(request, deadline)),
+        deadline,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// A heartbeat's deadline: its interval, at least 1 s (a commit on a loaded
+/// control plane) and at most [`CALL_TIMEOUT`].
+fn heartbeat_deadline(interval: Duration) -> Duration {
+    interval.clamp(Duration::from_secs(1), CALL_TIMEOUT)
 }
 
 /// The control plane's addresses, one in use at a time.
@@ -194,12 +215,13 @@ fn heartbeat_interval(registration: &Registration, granted: Option<Duration>) ->
         .max(Duration::from_millis(100))
 }
 
-/// Enforces [`CALL_TIMEOUT`] locally: `grpc-timeout` only informs the server,
-/// and a connect to an unreachable address can take longer.
+/// Enforces `deadline` locally: `grpc-timeout` only informs the server, and a
+/// connect to an unreachable address can take longer.
 async fn bounded<T>(
     call: impl Future<Output = Result<T, tonic::Status>>,
+    deadline: Duration,
 ) -> Result<T, tonic::Status> {
-    tokio::time::timeout(CALL_TIMEOUT, call)
+    tokio::time::timeout(deadline, call)
         .await
         .unwrap_or_else(|_| {
             Err(tonic::Status::deadline_exceeded(
@@ -208,10 +230,10 @@ async fn bounded<T>(
         })
 }
 
-/// A request carrying [`CALL_TIMEOUT`] as its deadline.
-fn with_timeout<T>(message: T) -> tonic::Request<T> {
+/// A request carrying `deadline`.
+fn with_timeout<T>(message: T, deadline: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.set_timeout(CALL_TIMEOUT);
+    request.set_timeout(deadline);
     request
 }
 
@@ -255,6 +277,13 @@ mod tests {
         assert!(waits[0] < interval, "{waits:?}");
         assert!(waits.iter().all(|w| *w <= interval), "{waits:?}");
         assert_eq!(waits[11], interval);
+        // A heartbeat gives up within its interval (bounded both ways).
+        assert_eq!(heartbeat_deadline(interval), Duration::from_secs(1));
+        assert_eq!(
+            heartbeat_deadline(Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(heartbeat_deadline(Duration::from_secs(60)), CALL_TIMEOUT);
         // Registration keeps the full backoff.
         let mut backoff = Backoff::default();
         let last = (0..12).map(|_| backoff.next()).last().unwrap();

@@ -1449,22 +1449,25 @@ fn fenced_copies_with_pushes_are_listed_to_be_kept_as_replicas() {
 #[test]
 fn push_many_is_one_push_after_another() {
     let now = Instant::now();
-    let config = SessionConfig {
-        max_queue: 5,
-        ..SessionConfig::default()
-    };
-    let local = |t: &mut Table<PlainCell>| {
+    // Session "s" of "u" with a queue of 5, started on `t`.
+    let local = |t: &mut Table<PlainCell>, queue_policy| {
+        let config = SessionConfig {
+            max_queue: 5,
+            queue_policy,
+            ..SessionConfig::default()
+        };
         let id = SessionIdentity {
             session_id: "s".into(),
             openid: "u".into(),
             zone: "001".into(),
         };
-        let c = PlainCell::new(Session::new(id, config.clone(), now));
+        let c = PlainCell::new(Session::new(id, config, now));
         t.start(c.clone(), Holding::Owned, "replaced");
         c
     };
     let (mut one, mut many) = (table(), table());
-    let (c1, c2) = (local(&mut one), local(&mut many));
+    let reject = crate::session::QueuePolicy::Reject;
+    let (c1, c2) = (local(&mut one, reject), local(&mut many, reject));
     // One already queued, so the run starts behind an unsent push.
     one.push(now, Target::Openid("u"), msg(0), None);
     many.push(now, Target::Openid("u"), msg(0), None);
@@ -1492,21 +1495,10 @@ fn push_many_is_one_push_after_another() {
 
     // A full queue that drops its oldest: each push trims a sent one, and
     // the retransmit deadline moves with every trim of the run.
-    let config = SessionConfig {
-        max_queue: 5,
-        queue_policy: crate::session::QueuePolicy::DropOldest,
-        ..SessionConfig::default()
-    };
     let (mut one, mut many) = (table(), table());
     let mut cells = Vec::new();
     for t in [&mut one, &mut many] {
-        let id = SessionIdentity {
-            session_id: "s".into(),
-            openid: "u".into(),
-            zone: "001".into(),
-        };
-        let c = PlainCell::new(Session::new(id, config.clone(), now));
-        t.start(c.clone(), Holding::Owned, "replaced");
+        let c = local(t, crate::session::QueuePolicy::DropOldest);
         c.with(|s| s.attach(now, 0));
         for n in 0..5 {
             t.push(now, Target::Openid("u"), msg(n), None);
