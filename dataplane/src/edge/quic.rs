@@ -51,6 +51,7 @@ fn transport_config_for(server: &ServerConfig, webtransport: bool) -> quinn::Tra
         .receive_window(quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX))
         .send_window(SEND_WINDOW)
         .datagram_receive_buffer_size(datagrams)
+        .ack_frequency_config(Some(ack_frequency()))
         .keep_alive_interval(Some(server.keep_alive_interval))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(server.idle_timeout)
@@ -58,6 +59,18 @@ fn transport_config_for(server: &ServerConfig, webtransport: bool) -> quinn::Tra
         ));
     t
 }
+
+/// What the node asks of its clients' ACKs (the QUIC ACK frequency
+/// extension, draft-ietf-quic-ack-frequency; quinn clients support it, and a
+/// peer that does not is never asked).
+fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut a = quinn::AckFrequencyConfig::default();
+    a.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    a
+}
+
+/// Ack-eliciting packets a client may receive before it must ACK.
+pub const ACK_ELICITING_THRESHOLD: u32 = 9;
 
 /// Most bytes a connection holds written but unacknowledged (quinn
 /// `send_window`; its default is 10 MB, and ours was twice the stream window,
