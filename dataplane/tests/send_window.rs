@@ -1,6 +1,7 @@
-//! The client edge's send window (`edge::quic::SEND_WINDOW`): a connection
-//! takes at most that many bytes ahead of the client's acks, however much
-//! flow-control credit the client grants.
+//! The client edge's transport: the send window (`edge::quic::SEND_WINDOW`),
+//! which keeps a connection at most that many bytes ahead of the client's
+//! acks however much flow-control credit the client grants, and the ACK
+//! frequency the node asks of its clients.
 
 use std::sync::Arc;
 
