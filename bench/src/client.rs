@@ -523,8 +523,9 @@ impl PushStats {
 }
 
 /// Reads pushes on a session (or a bare 'P' stream), checks seq order, records latency from the
-/// timestamp in the first 8 bytes of `data`, and, with `ack`, acks cumulatively once per chunk
-/// read (as the SDK acks once per read; docs/protocol.md §6 allows batching). The bare baseline
+/// timestamp in the first 8 bytes of `data`, and, with `ack`, acks cumulatively once per read of
+/// every segment the stream holds (as the SDK acks once per read; docs/protocol.md §6 allows
+/// batching). The bare baseline
 /// reads with `ack` too: the same Ack frames go to the bare server's QUIC stack (which does not
 /// parse them), so both sides of a comparison carry the same client traffic.
 pub async fn push_reader(
@@ -536,15 +537,19 @@ pub async fn push_reader(
     let mut last = 0u64;
     let mut stop = stop;
     let mut buf = BytesMut::new();
+    let mut chunks: [bytes::Bytes; 32] = Default::default();
     loop {
-        let chunk = tokio::select! {
-            chunk = c.recv.read_chunk(256 * 1024, true) => chunk,
+        let read = tokio::select! {
+            read = c.recv.read_chunks(&mut chunks) => read,
             _ = stop.changed() => return Ok(c),
         };
-        let Some(chunk) = chunk? else {
+        let Some(n) = read? else {
             return Ok(c);
         };
-        c.decoder.extend(&chunk.bytes);
+        for chunk in &mut chunks[..n] {
+            c.decoder.extend(chunk);
+            *chunk = bytes::Bytes::new();
+        }
         let t = now_ns();
         let mut lats = Vec::new();
         let mut delivered = 0;

@@ -677,6 +677,9 @@ fn finish(shared: &Shared, err: ClientError) {
 }
 
 /// Serves one connection until it ends.
+/// Stream segments read per wake-up, at most.
+const READ_CHUNKS: usize = 32;
+
 async fn serve(
     shared: &Arc<Shared>,
     c: &mut Connection,
@@ -685,6 +688,10 @@ async fn serve(
     let mut heartbeat = tokio::time::interval(c.heartbeat);
     heartbeat.tick().await;
     let mut buf = BytesMut::new();
+    // Every segment the stream holds is read at once (one per QUIC packet):
+    // a burst of pushes is handled, and acked, once per wake-up, not once
+    // per packet.
+    let mut chunks: [Bytes; READ_CHUNKS] = Default::default();
     // Frames that arrived together with the StartResponse come first.
     let mut pending_bytes = true;
     loop {
@@ -693,10 +700,13 @@ async fn serve(
             true
         } else {
             tokio::select! {
-                chunk = c.recv.read_chunk(64 * 1024, true) => {
-                    match chunk {
-                        Ok(Some(chunk)) => {
-                            c.decoder.extend(&chunk.bytes);
+                read = c.recv.read_chunks(&mut chunks) => {
+                    match read {
+                        Ok(Some(n)) => {
+                            for chunk in &mut chunks[..n] {
+                                c.decoder.extend(chunk);
+                                *chunk = Bytes::new();
+                            }
                             true
                         }
                         Ok(None) | Err(_) => return connection_ended(c, None),
