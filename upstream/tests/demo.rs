@@ -292,11 +292,24 @@ async fn shutdown_reports_not_serving_before_it_stops() {
 
 /// Records registrations; the first `fail_first` RegisterUpstream calls fail,
 /// and every call fails while `down` is set (a member cut off from its leader).
+/// While `hang` is set, heartbeats are never answered (a member behind a
+/// partition that drops packets). With `lease` set, the lease it grants lapses
+/// `lease.ttl` after its last renewal, and a heartbeat after that is refused
+/// NOT_FOUND, as the control plane refuses it; members that clone one `lease`
+/// share it, as the members of one raft group do.
 #[derive(Clone, Default)]
 struct FakeControlPlane {
     log: Arc<Mutex<Vec<String>>>,
     fail_first: Arc<Mutex<u32>>,
     down: Arc<std::sync::atomic::AtomicBool>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
+    lease: Option<Arc<Lease>>,
+}
+
+/// A lease the fake members enforce: its time to live and its last renewal.
+struct Lease {
+    ttl: Duration,
+    renewed: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl FakeControlPlane {
@@ -304,6 +317,22 @@ impl FakeControlPlane {
         if self.down.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Status::unavailable("no leader"));
         }
+        Ok(())
+    }
+
+    /// Renews the lease, or refuses a renewal that comes after it lapsed.
+    fn renew(&self) -> Result<(), Status> {
+        let Some(lease) = &self.lease else {
+            return Ok(());
+        };
+        let mut renewed = lease.renewed.lock();
+        let now = tokio::time::Instant::now();
+        if renewed.is_some_and(|at| now - at > lease.ttl) {
+            *renewed = None;
+            self.log.lock().push("expired".into());
+            return Err(Status::not_found("unknown instance"));
+        }
+        *renewed = Some(now);
         Ok(())
     }
 
@@ -334,9 +363,16 @@ impl ControlPlane for FakeControlPlane {
             "register {} {} {}",
             r.zone, r.address, r.service_name
         ));
+        let lease_ttl_ms = match &self.lease {
+            Some(lease) => {
+                *lease.renewed.lock() = Some(tokio::time::Instant::now());
+                lease.ttl.as_millis() as u32
+            }
+            None => r.lease_ttl_ms,
+        };
         Ok(Response::new(RegisterUpstreamResponse {
             instance_id: "up-1".into(),
-            lease_ttl_ms: r.lease_ttl_ms,
+            lease_ttl_ms,
             heartbeat_interval_ms: 50,
         }))
     }
@@ -346,6 +382,10 @@ impl ControlPlane for FakeControlPlane {
         request: Request<HeartbeatUpstreamRequest>,
     ) -> Result<Response<HeartbeatUpstreamResponse>, Status> {
         self.check_up()?;
+        if self.hang.load(std::sync::atomic::Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+        self.renew()?;
         self.log
             .lock()
             .push(format!("heartbeat {}", request.into_inner().instance_id));
@@ -494,6 +534,51 @@ async fn a_failing_control_plane_member_is_passed_over() {
         b.log.lock().last().map(String::as_str),
         Some("deregister up-1")
     );
+}
+
+/// A member that stops answering (no refusal, no reset: its packets are
+/// dropped) is given up within the heartbeat's deadline, 1 s at this
+/// 50 ms interval, and the next member renews the lease before its 2.5 s
+/// run out. Waiting the 5 s of any other call there would lose the lease:
+/// the instance would be dropped from its zone and registered again.
+#[tokio::test]
+async fn a_member_that_stops_answering_is_left_before_the_lease_lapses() {
+    let lease = Arc::new(Lease {
+        ttl: Duration::from_millis(2500),
+        renewed: Mutex::new(None),
+    });
+    let a = FakeControlPlane {
+        lease: Some(lease.clone()),
+        ..FakeControlPlane::default()
+    };
+    let b = FakeControlPlane {
+        lease: Some(lease),
+        ..FakeControlPlane::default()
+    };
+    let (a_addr, _a_task) =
+        serve(Server::builder().add_service(ControlPlaneServer::new(a.clone()))).await;
+    let (b_addr, _b_task) =
+        serve(Server::builder().add_service(ControlPlaneServer::new(b.clone()))).await;
+    let mut cfg = Config::new("002", "127.0.0.1:1");
+    cfg.control_plane = vec![a_addr.to_string(), b_addr.to_string()];
+    let upstream = Running::start(cfg).await;
+
+    eventually("registered through the first member", async || {
+        a.heartbeats() >= 2
+    })
+    .await;
+    a.hang.store(true, std::sync::atomic::Ordering::Relaxed);
+    eventually("heartbeats move to the next member", async || {
+        b.heartbeats() >= 2
+    })
+    .await;
+    let log = b.log.lock().clone();
+    assert!(
+        !log.iter()
+            .any(|l| l == "expired" || l.starts_with("register")),
+        "the lease lapsed while a heartbeat waited on the silent member: {log:?}"
+    );
+    upstream.stop().await;
 }
 
 #[tokio::test]
