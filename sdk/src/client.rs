@@ -676,10 +676,10 @@ fn finish(shared: &Shared, err: ClientError) {
     }
 }
 
-/// Serves one connection until it ends.
 /// Stream segments read per wake-up, at most.
 const READ_CHUNKS: usize = 32;
 
+/// Serves one connection until it ends.
 async fn serve(
     shared: &Arc<Shared>,
     c: &mut Connection,
