@@ -109,14 +109,8 @@ pub async fn run(channels: Vec<Channel>, registration: Registration, cancel: Can
         let request = DeregisterUpstreamRequest {
             instance_id: id.clone(),
         };
-        match bounded(
-            endpoints
-                .client()
-                .deregister_upstream(with_timeout(request, CALL_TIMEOUT)),
-            CALL_TIMEOUT,
-        )
-        .await
-        {
+        let mut client = endpoints.client();
+        match bounded(request, CALL_TIMEOUT, |r| client.deregister_upstream(r)).await {
             Ok(_) => tracing::info!(instance_id = %id, "deregistered from the control plane"),
             // The lease expires on its own.
             Err(status) => tracing::warn!(instance_id = %id, %status, "deregistration failed"),
@@ -135,12 +129,9 @@ async fn register(
         service_name: registration.service_name.clone(),
         lease_ttl_ms: u32::try_from(registration.lease_ttl.as_millis()).unwrap_or(u32::MAX),
     };
-    let response = bounded(
-        client.register_upstream(with_timeout(request, CALL_TIMEOUT)),
-        CALL_TIMEOUT,
-    )
-    .await?
-    .into_inner();
+    let response = bounded(request, CALL_TIMEOUT, |r| client.register_upstream(r))
+        .await?
+        .into_inner();
     let granted = (response.heartbeat_interval_ms > 0)
         .then(|| Duration::from_millis(response.heartbeat_interval_ms.into()))
         .or_else(|| {
@@ -164,11 +155,9 @@ async fn heartbeat(
     let request = HeartbeatUpstreamRequest {
         instance_id: id.to_owned(),
     };
-    let deadline = heartbeat_deadline(interval);
-    bounded(
-        client.heartbeat_upstream(with_timeout(request, deadline)),
-        deadline,
-    )
+    bounded(request, heartbeat_deadline(interval), |r| {
+        client.heartbeat_upstream(r)
+    })
     .await
     .map(|_| ())
 }
@@ -215,26 +204,27 @@ fn heartbeat_interval(registration: &Registration, granted: Option<Duration>) ->
         .max(Duration::from_millis(100))
 }
 
-/// Enforces `deadline` locally: `grpc-timeout` only informs the server, and a
-/// connect to an unreachable address can take longer.
-async fn bounded<T>(
-    call: impl Future<Output = Result<T, tonic::Status>>,
+/// Makes `call` with `message`, its request carrying `deadline`
+/// (`grpc-timeout`), and enforces the deadline here too: the header only
+/// informs the server, and a connect to an unreachable address can take
+/// longer.
+async fn bounded<M, T, F>(
+    message: M,
     deadline: Duration,
-) -> Result<T, tonic::Status> {
-    tokio::time::timeout(deadline, call)
+    call: impl FnOnce(tonic::Request<M>) -> F,
+) -> Result<T, tonic::Status>
+where
+    F: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    tokio::time::timeout(deadline, call(request))
         .await
         .unwrap_or_else(|_| {
             Err(tonic::Status::deadline_exceeded(
                 "control plane call timed out",
             ))
         })
-}
-
-/// A request carrying `deadline`.
-fn with_timeout<T>(message: T, deadline: Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(deadline);
-    request
 }
 
 /// Exponential backoff with ±20% jitter, so a fleet of upstreams restarted
