@@ -538,6 +538,8 @@ pub async fn push_reader(
     let mut stop = stop;
     let mut buf = BytesMut::new();
     let mut chunks: [bytes::Bytes; 32] = Default::default();
+    // One read's latencies, kept across reads (not reallocated per read).
+    let mut lats = Vec::new();
     loop {
         let read = tokio::select! {
             read = c.recv.read_chunks(&mut chunks) => read,
@@ -551,7 +553,6 @@ pub async fn push_reader(
             *chunk = bytes::Bytes::new();
         }
         let t = now_ns();
-        let mut lats = Vec::new();
         let mut delivered = 0;
         while let Some(f) = c.decoder.next_frame()? {
             let Some(Body::Push(p)) = f.body else {
@@ -577,7 +578,7 @@ pub async fn push_reader(
         if delivered > 0 {
             stats.delivered.fetch_add(delivered, Ordering::Relaxed);
             stats.last_delivery_ns.fetch_max(t, Ordering::Relaxed);
-            stats.lat.lock().0.extend(lats);
+            stats.lat.lock().0.extend(lats.drain(..));
             if ack {
                 buf.clear();
                 frame::encode(

@@ -136,7 +136,9 @@ impl Stream {
                 }
                 continue;
             }
-            let mut chunk = Vec::new();
+            // Sized up front: grown push by push, it was reallocated (and
+            // its pushes moved) five times on the way to a frame of 64.
+            let mut chunk = Vec::with_capacity(max.min(pushes.len()));
             let mut bytes = 0;
             while let Some(p) = pushes.peek() {
                 let len = prost::Message::encoded_len(p);
