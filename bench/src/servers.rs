@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use gatesvr_dataplane::{DataPlane, DataPlaneConfig, Routing};
 use gatesvr_proto::client::{ClientResponse, Envelope, ErrorCode, ServerPush, envelope::Body};
 use gatesvr_proto::frame::{self, FrameDecoder};
@@ -505,19 +505,18 @@ async fn bare_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
             while seq <= count {
                 buf.clear();
                 // Batches of up to 64 frames per write, as the data plane's writer drains its
-                // queue into one write.
+                // queue into one write. A write's frames share one payload stamped once, as
+                // the pushes of one of gate-bench's batches do (`push::push_data`).
+                let data = crate::scenarios::push::push_data(size);
                 for _ in 0..64 {
                     if seq > count {
                         break;
                     }
-                    let mut data = Vec::with_capacity(size.max(8));
-                    data.put_u64_le(crate::util::now_ns());
-                    data.resize(size.max(8), 0);
                     let push = Envelope {
                         body: Some(Body::Push(ServerPush {
                             seq_id: seq,
                             msg_type: "bench".into(),
-                            data: data.into(),
+                            data: data.clone(),
                             ..Default::default()
                         })),
                     };
