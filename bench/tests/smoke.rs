@@ -123,6 +123,11 @@ fn push_has_no_gaps_or_duplicates() {
             "{k}"
         );
     }
+    // Each window counted the pushes it queued: its undelivered check compares against that
+    // (the `batch` window once counted 0 of its codes-only batches, and its check could not fail).
+    for k in ["dp", "batch", "stream", "streambatch", "onetarget"] {
+        assert!(field(&r, &format!("{k}_pushes_accepted")) > 0.0, "{k}");
+    }
     // How long a push_batch waited for its results.
     let p50 = field(&r, "streambatch_result_p50_us");
     assert!(p50 > 0.0 && p50 <= field(&r, "streambatch_result_p99_us"));

@@ -718,10 +718,15 @@ pub async fn push_window_via(
                         codes_only: true,
                     };
                     match client.push_batch(request).await {
-                        // Codes only: one code per push (`results` holds only the refused
-                        // pushes').
                         Ok(r) => {
-                            let queued = r.get_ref().codes.iter().filter(|&&c| c == 0).count();
+                            // Codes only: one code per push, and `results` holds only the
+                            // refused pushes' (all of them from a node that predates `codes`).
+                            let r = r.into_inner();
+                            let queued = if r.codes.is_empty() {
+                                r.results.iter().filter(|x| x.code == 0).count()
+                            } else {
+                                r.codes.iter().filter(|&&c| c == 0).count()
+                            };
                             ok += queued as u64;
                             refused += (batch - queued) as u64;
                         }
