@@ -578,7 +578,7 @@ pub async fn push_reader(
         if delivered > 0 {
             stats.delivered.fetch_add(delivered, Ordering::Relaxed);
             stats.last_delivery_ns.fetch_max(t, Ordering::Relaxed);
-            stats.lat.lock().0.extend(lats.drain(..));
+            stats.lat.lock().0.append(&mut lats);
             if ack {
                 buf.clear();
                 frame::encode(
