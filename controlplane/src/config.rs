@@ -175,6 +175,10 @@ pub struct RaftConfig {
     /// A linearizable read that cannot confirm leadership in this long fails (default 3s).
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Most learners at once (default 1, as etcd's `--max-learners`). The leader replicates
+    /// to every learner, reachable or not: adding a node is add-learner then promote, one at a
+    /// time, and a learner that never comes up must be removed before the next is added.
+    pub max_learners: u32,
 }
 
 impl Default for RaftConfig {
@@ -189,6 +193,7 @@ impl Default for RaftConfig {
             max_payload_entries: 8,
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(3),
+            max_learners: 1,
         }
     }
 }
@@ -433,6 +438,12 @@ impl Validate for ControlPlaneConfig {
         }
         positive("raft.write_timeout", r.write_timeout)?;
         positive("raft.read_timeout", r.read_timeout)?;
+        if r.max_learners == 0 {
+            return Err(ConfigError::key(
+                "raft.max_learners",
+                "must be at least 1 (a node joins as a learner)",
+            ));
+        }
         positive("raft.install_snapshot_timeout", r.install_snapshot_timeout)?;
         if r.snapshot_every == 0 {
             return Err(ConfigError::key("raft.snapshot_every", "must be positive"));

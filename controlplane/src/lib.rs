@@ -229,6 +229,7 @@ impl ControlPlane {
                 write_timeout: cfg.raft.write_timeout,
                 read_timeout: cfg.raft.read_timeout,
                 zone_count: cfg.zone_count,
+                max_learners: cfg.raft.max_learners,
             },
             raft.clone(),
             sm,

@@ -106,6 +106,8 @@ pub struct NodeSettings {
     pub write_timeout: Duration,
     pub read_timeout: Duration,
     pub zone_count: u32,
+    /// `raft.max_learners`.
+    pub max_learners: u32,
 }
 
 /// Shared handle to this node's raft, state and write path. Cheap to clone.
@@ -458,9 +460,20 @@ impl Node {
         if voters.contains(&id) {
             return Err(Error::Conflict(format!("node {id} is already a voter")));
         }
+        let members = self.members();
+        // The leader replicates to every learner, reachable or not, with a timeout and a log
+        // line per failed call: their number is bounded (`raft.max_learners`). A learner given
+        // again (a new address) is not one more.
+        let learners = members.keys().filter(|m| !voters.contains(m)).count();
+        let max = self.0.settings.max_learners as usize;
+        if !members.contains_key(&id) && learners >= max {
+            return Err(Error::FailedPrecondition(format!(
+                "the cluster has {learners} learner(s), the most raft.max_learners ({max}) allows: promote or remove one first"
+            )));
+        }
         // Two members at one address would make the leader replicate to the same process
         // twice (under two ids): refuse, whatever the id.
-        if let Some((other, _)) = self.members().into_iter().find(|(other, m)| {
+        if let Some((other, _)) = members.into_iter().find(|(other, m)| {
             *other != id && (m.grpc_addr == member.grpc_addr || m.admin_addr == member.admin_addr)
         }) {
             return Err(Error::Conflict(format!(

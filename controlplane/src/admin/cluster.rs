@@ -67,7 +67,8 @@ pub(super) async fn membership_reply(
 
 #[utoipa::path(post, path = "/v1/cluster/learners", request_body = AddLearner,
     responses((status = 200, body = MembershipReply), (status = 409, body = ApiError)), security(("bearer" = [])))]
-/// Adds a node as a learner; it catches up from the log or a snapshot.
+/// Adds a node as a learner; it catches up from the log or a snapshot. At most
+/// `raft.max_learners` (default 1) at once: one more is refused (409).
 pub(super) async fn add_learner(
     State(s): State<AdminState>,
     ApiJson(req): ApiJson<AddLearner>,

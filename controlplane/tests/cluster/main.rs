@@ -504,6 +504,39 @@ async fn admin_api_auth_forwarding_and_membership() {
     c.shutdown().await;
 }
 
+/// Invariant: the leader replicates to at most `raft.max_learners` learners (default 1, as etcd's
+/// `--max-learners`): one more is refused, a learner given again is not one more, and removing
+/// one makes room. An admin API fuzzer once added 35 unreachable learners to a lone node, whose
+/// writes then missed their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learners_are_bounded() {
+    use gatesvr_controlplane::{ControlPlane, Member};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = harness::config(dir.path(), 1);
+    cfg.cluster.bootstrap = true;
+    let n1 = ControlPlane::start(cfg).await.unwrap();
+    wait_until("node 1 leads", || n1.node().is_leader()).await;
+    // Nothing listens on these: the learners never answer.
+    let member = |port: u16| Member {
+        grpc_addr: format!("127.0.0.1:{port}"),
+        admin_addr: format!("127.0.0.1:{}", port + 1),
+    };
+    let node = n1.node();
+    node.add_learner(2, member(9)).await.unwrap();
+    let refused = node.add_learner(3, member(19)).await.unwrap_err();
+    assert!(
+        matches!(&refused, Error::FailedPrecondition(m) if m.contains("raft.max_learners")),
+        "{refused:?}"
+    );
+    assert_eq!(node.members().len(), 2);
+    // Learner 2 given again: not one more.
+    node.add_learner(2, member(9)).await.unwrap();
+    node.remove(2).await.unwrap();
+    node.add_learner(3, member(19)).await.unwrap();
+    assert_eq!(node.members().keys().copied().collect::<Vec<_>>(), [1, 3]);
+    n1.shutdown().await;
+}
+
 /// Invariant: raft and the data-plane API run over mTLS; a client without a certificate signed
 /// by the cluster CA is refused, one with it is served, and two nodes replicate over mTLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
