@@ -665,4 +665,12 @@ mod tests {
         let err = gatesvr_common::config::load_str::<ControlPlaneConfig>(bad, &[]).unwrap_err();
         assert!(err.to_string().contains("node_idd"), "{err}");
     }
+
+    #[test]
+    fn no_learner_at_all_is_refused_by_name() {
+        let yaml = "tls: {insecure: true}\nadmin: {admin_token: s3cret, insecure_plaintext_http: true}\nraft: {max_learners: 0}\n";
+        let err = gatesvr_common::config::load_str::<ControlPlaneConfig>(yaml, &[]).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("raft.max_learners"), "{err}");
+        assert_eq!(ControlPlaneConfig::default().raft.max_learners, 1);
+    }
 }
