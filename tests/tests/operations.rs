@@ -379,6 +379,41 @@ async fn gatectl_day_two() {
     assert!(l.stderr.contains("already uses"), "{}", l.stderr);
     assert!(!l.stderr.contains("conflict: conflict:"), "{}", l.stderr);
 
+    // One learner at a time (`raft.max_learners`, default 1): a second is refused with a
+    // message naming the key, and removing the first makes room. Nothing listens at these
+    // addresses; a single voter commits without its learners.
+    let add = |id: &str| {
+        let (grpc, admin) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        s.gatectl(&[
+            "cluster",
+            "add-learner",
+            "--id",
+            id,
+            "--grpc-addr",
+            &grpc,
+            "--admin-addr",
+            &admin,
+        ])
+    };
+    let first = add("8");
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let second = add("9");
+    assert_eq!(second.code, 4, "{}", second.stderr);
+    assert!(
+        second.stderr.contains("raft.max_learners"),
+        "{}",
+        second.stderr
+    );
+    let removed = s.gatectl(&["cluster", "remove", "8"]);
+    assert_eq!(removed.code, 0, "{}", removed.stderr);
+    let again = add("9");
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    let removed = s.gatectl(&["cluster", "remove", "9"]);
+    assert_eq!(removed.code, 0, "{}", removed.stderr);
+
     // Shell completion.
     let comp = s.gatectl_raw(&["completion", "bash"]);
     assert_eq!(comp.code, 0);
