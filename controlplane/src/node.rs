@@ -462,8 +462,8 @@ impl Node {
         }
         let members = self.members();
         // The leader replicates to every learner, reachable or not, with a timeout and a log
-        // line per failed call: their number is bounded (`raft.max_learners`). A learner given
-        // again (a new address) is not one more.
+        // line per failed call: their number is bounded (`raft.max_learners`). Adding a learner
+        // that is already one is not one more (openraft keeps it as it is).
         let learners = members.keys().filter(|m| !voters.contains(m)).count();
         let max = self.0.settings.max_learners as usize;
         if !members.contains_key(&id) && learners >= max {

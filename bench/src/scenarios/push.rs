@@ -719,14 +719,9 @@ pub async fn push_window_via(
                     };
                     match client.push_batch(request).await {
                         Ok(r) => {
-                            // Codes only: one code per push, and `results` holds only the
-                            // refused pushes' (all of them from a node that predates `codes`).
-                            let r = r.into_inner();
-                            let queued = if r.codes.is_empty() {
-                                r.results.iter().filter(|x| x.code == 0).count()
-                            } else {
-                                r.codes.iter().filter(|&&c| c == 0).count()
-                            };
+                            // Codes only: one code per push (`results` holds only the refused
+                            // pushes').
+                            let queued = r.get_ref().codes.iter().filter(|&&c| c == 0).count();
                             ok += queued as u64;
                             refused += (batch - queued) as u64;
                         }
