@@ -454,6 +454,9 @@ impl Session {
         if self.link != Link::Attached {
             return 0;
         }
+        // Room for every frame up to `limit` at once: `out` grown frame by
+        // frame was reallocated (and copied) several times per write.
+        out.reserve(self.queue.unsent_bytes_below(limit).unwrap_or(limit));
         let mut sent = 0;
         while out.len() < limit {
             let Some(again) = self.queue.poll_with(now, |seq_id, redelivery, body| {

@@ -944,7 +944,9 @@ impl Registry {
         let mut results = Vec::with_capacity(pushes.len());
         let mut commands = Vec::new();
         self.with_table(|t| {
-            let mut outcomes = Vec::new();
+            // Sized for the longest run: grown push by push it was
+            // reallocated four times on the way to a run of 64.
+            let mut outcomes = Vec::with_capacity(pushes.len());
             let mut pushes = pushes.into_iter();
             'run: while let Some(first) = pushes.next() {
                 let (openid, view_owner) = (first.openid, first.view_owner);

@@ -323,13 +323,29 @@ impl Gateway {
             // A push too large for the client is refused alone; the run stops
             // before it so results stay in order.
             let mut too_large = None;
+            // The previous push and its body: a push carrying the same message
+            // (a group's message to each member, one message to one user many
+            // times) shares that body instead of encoding its own.
+            let mut last: Option<(Contents<'_>, PushBody)> = None;
             for ((p, &openid), owner) in chunk.iter().zip(&openids).zip(&owners) {
-                let body =
-                    PushBody::encode_fields(p.msg_type(), p.content(), p.data(), created_at_ms);
-                if let Err(status) = check_size(node, &body) {
-                    too_large = Some(status);
-                    break;
-                }
+                let contents = Contents::of(p);
+                let body = match &last {
+                    Some((c, body)) if *c == contents => body.clone(),
+                    _ => {
+                        let body = PushBody::encode_fields(
+                            contents.msg_type,
+                            contents.content,
+                            contents.data,
+                            created_at_ms,
+                        );
+                        if let Err(status) = check_size(node, &body) {
+                            too_large = Some(status);
+                            break;
+                        }
+                        last = Some((contents, body.clone()));
+                        body
+                    }
+                };
                 run.push(crate::registry::RunPush {
                     openid,
                     body,
@@ -668,6 +684,26 @@ impl GatewayService for Gateway {
                 .load(std::sync::atomic::Ordering::Relaxed),
             sessions_per_zone: registry.per_zone().into_iter().collect(),
         }))
+    }
+}
+
+/// What a push delivers (its body's fields, borrowed): two pushes with equal
+/// ones share one encoded body. The payload is compared first, where pushes
+/// that differ usually differ (a length mismatch is one comparison).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Contents<'a> {
+    data: &'a [u8],
+    msg_type: &'a [u8],
+    content: &'a [u8],
+}
+
+impl<'a> Contents<'a> {
+    fn of(push: &'a InPush) -> Self {
+        Self {
+            data: push.data(),
+            msg_type: push.msg_type(),
+            content: push.content(),
+        }
     }
 }
 
