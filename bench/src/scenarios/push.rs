@@ -192,6 +192,21 @@ pub fn push_data(size: usize) -> bytes::Bytes {
     data.into()
 }
 
+/// `GATE_BENCH_PUSH_DISTINCT=1`: each push of a `push_batch` carries its own payload (the
+/// batch's stamp, then the push's index), as a batch of different messages would; by default
+/// they share one, as one message to many users (or many times to one) does.
+fn distinct_payloads() -> bool {
+    std::env::var("GATE_BENCH_PUSH_DISTINCT").is_ok_and(|v| v == "1")
+}
+
+/// `data` with bytes 8..12 set to `k`: a payload of its own (at least 12 bytes).
+fn distinct(data: &bytes::Bytes, k: usize) -> bytes::Bytes {
+    let mut own = data.to_vec();
+    own.resize(own.len().max(12), 0);
+    own[8..12].copy_from_slice(&(k as u32).to_le_bytes());
+    own.into()
+}
+
 /// Waits until `stats.delivered` reaches `target` or `patience` passes.
 pub async fn await_deliveries(stats: &PushStats, target: u64, patience: Duration) -> bool {
     let deadline = Instant::now() + patience;
@@ -652,6 +667,7 @@ pub async fn push_window_via(
                 per_target,
             } => {
                 let (pusher, batch, per_target) = (pusher.clone(), *batch, *per_target);
+                let own_payloads = distinct_payloads();
                 let result_lat = result_lat.clone();
                 tasks.push(tokio::spawn(async move {
                     let (mut ok, mut refused) = (0u64, 0u64);
@@ -665,7 +681,11 @@ pub async fn push_window_via(
                                 target_type: TargetType::Openid as i32,
                                 target_id: openids[i % openids.len()].clone(),
                                 msg_type: "bench".into(),
-                                data: data.clone(),
+                                data: if own_payloads {
+                                    distinct(&data, k)
+                                } else {
+                                    data.clone()
+                                },
                                 ..Default::default()
                             });
                             if k % per_target == 0 || k == batch {

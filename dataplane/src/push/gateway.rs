@@ -319,18 +319,20 @@ impl Gateway {
                 .iter()
                 .map(|openid| self.view_owner(openid).filter(|_| hops == 0))
                 .collect();
-            let mut run = Vec::with_capacity(chunk.len());
+            let mut run: Vec<crate::registry::RunPush<'_>> = Vec::with_capacity(chunk.len());
             // A push too large for the client is refused alone; the run stops
             // before it so results stay in order.
             let mut too_large = None;
-            // The previous push and its body: a push carrying the same message
-            // (a group's message to each member, one message to one user many
-            // times) shares that body instead of encoding its own.
-            let mut last: Option<(Contents<'_>, PushBody)> = None;
+            // The previous push's message and where its body is in `run`: a
+            // push carrying the same message (a group's message to each
+            // member, one message to one user many times) shares that body
+            // instead of encoding its own. (Only a shared body is cloned: the
+            // first clone of a fresh one allocates its reference count.)
+            let mut last: Option<(Contents<'_>, usize)> = None;
             for ((p, &openid), owner) in chunk.iter().zip(&openids).zip(&owners) {
                 let contents = Contents::of(p);
-                let body = match &last {
-                    Some((c, body)) if *c == contents => body.clone(),
+                let body = match last {
+                    Some((c, i)) if c == contents => run[i].body.clone(),
                     _ => {
                         let body = PushBody::encode_fields(
                             contents.msg_type,
@@ -342,7 +344,7 @@ impl Gateway {
                             too_large = Some(status);
                             break;
                         }
-                        last = Some((contents, body.clone()));
+                        last = Some((contents, run.len()));
                         body
                     }
                 };
@@ -698,6 +700,7 @@ struct Contents<'a> {
 }
 
 impl<'a> Contents<'a> {
+    #[inline]
     fn of(push: &'a InPush) -> Self {
         Self {
             data: push.data(),
