@@ -427,6 +427,23 @@ impl Session {
         }
     }
 
+    /// [`push`](Self::push), with the session's new deadline if the push
+    /// moved it ([`poll_timeout`](Self::poll_timeout)). Only a trim can: a
+    /// push adds an unsent push behind the others, and dropping the oldest
+    /// (sent) ones may move the retransmit deadline later. The deadline is
+    /// read only then: reading it touches the oldest push, a cache line the
+    /// push itself does not (a fifth of a push's cost with many sessions).
+    pub fn push_moving(
+        &mut self,
+        now: Instant,
+        msg: impl Into<PushBody>,
+    ) -> (Result<u64, PushError>, Option<Option<Instant>>) {
+        let trimmed = self.counters.trimmed_total;
+        let result = self.push(now, msg);
+        let moved = (self.counters.trimmed_total != trimmed).then(|| self.poll_timeout());
+        (result, moved)
+    }
+
     /// The next push to write on the attached connection, if any.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<ServerPush> {
         self.poll_transmit_encoded(now).map(|p| p.to_push())
@@ -471,6 +488,14 @@ impl Session {
             }
         }
         sent
+    }
+
+    /// Whether pushes are written on the attached connection and unacked:
+    /// the retransmit deadline runs. A [`transmit_into`](Self::transmit_into)
+    /// that writes pushes moves the deadline only when none were (it starts
+    /// it); answered without reading the oldest push.
+    pub fn has_in_flight(&self) -> bool {
+        self.queue.in_flight() > 0
     }
 
     /// Whether the pushes ready to write may wait for more to share their

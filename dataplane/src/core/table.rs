@@ -1129,14 +1129,10 @@ impl<H: SessionCell> Table<H> {
                 // an unsent push behind the others; a trim drops the oldest
                 // ones), and a timer that fires early only re-arms (`tick`):
                 // the timer is touched only if the deadline moved, which
-                // saves the `armed` lookup on nearly every push. Read under
-                // the same lock as the push.
-                let (result, moved) = handle.with(|s| {
-                    let before = s.poll_timeout();
-                    let result = s.push(now, msg);
-                    let after = s.poll_timeout();
-                    (result, (after != before).then_some(after))
-                });
+                // saves the `armed` lookup on nearly every push. Only a trim
+                // can move it, and only then is it read (`push_moving`),
+                // under the same lock as the push.
+                let (result, moved) = handle.with(|s| s.push_moving(now, msg));
                 match result {
                     Ok(seq_id) => {
                         if let Some(at) = moved {
@@ -1189,9 +1185,11 @@ impl<H: SessionCell> Table<H> {
         };
         outcomes.push(outcome);
         let moved = handle.with(|s| {
-            let before = s.poll_timeout();
+            let mut moved = None;
             for msg in msgs {
-                outcomes.push(match s.push(now, msg) {
+                let (result, m) = s.push_moving(now, msg);
+                moved = m.or(moved);
+                outcomes.push(match result {
                     Ok(seq_id) => PushOutcome::Queued {
                         seq_id,
                         handle: handle.clone(),
@@ -1202,8 +1200,7 @@ impl<H: SessionCell> Table<H> {
                     },
                 });
             }
-            let after = s.poll_timeout();
-            (after != before).then_some(after)
+            moved
         });
         if let Some(at) = moved {
             let openid = handle.identity().openid.clone();

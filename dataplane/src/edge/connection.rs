@@ -678,10 +678,13 @@ async fn run(
 fn transmit(node: &Node, entry: &Arc<SessionEntry>, out: &mut BytesMut) {
     let (pushes, moved) = {
         let mut state = entry.state.lock();
-        let before = state.poll_timeout();
+        // Writing pushes starts the retransmit deadline if none was in
+        // flight, and leaves it alone otherwise (it is the oldest unacked
+        // push's).
+        let idle = !state.has_in_flight();
         // The payload was encoded once, when queued (session/body.rs).
         let pushes = state.transmit_into(Instant::now(), out, WRITE_BATCH);
-        (pushes, state.poll_timeout() != before)
+        (pushes, idle && pushes > 0)
     };
     let more = out.len() >= WRITE_BATCH;
     if pushes == 0 {
