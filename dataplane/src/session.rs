@@ -432,7 +432,8 @@ impl Session {
     /// push adds an unsent push behind the others, and dropping the oldest
     /// (sent) ones may move the retransmit deadline later. The deadline is
     /// read only then: reading it touches the oldest push, a cache line the
-    /// push itself does not (a fifth of a push's cost with many sessions).
+    /// push itself does not (with many sessions that one load was about a
+    /// fifth of a push's time under the session's lock).
     pub fn push_moving(
         &mut self,
         now: Instant,
