@@ -23,6 +23,15 @@ fn root() -> PathBuf {
 
 /// Makes sure the Python modules are importable, installing them if not.
 fn ensure_grpcio() {
+    // The tests of this file run as parallel processes: one checks and
+    // installs at a time. Two pip installs at once on a fresh machine raced,
+    // and one test failed (session 27). Released when `_lock` drops.
+    let _lock = {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("grpcio-install.lock");
+        let file = std::fs::File::create(path).expect("create the install lock file");
+        file.lock().expect("take the install lock");
+        file
+    };
     let importable = || {
         Command::new("python3")
             .args(["-c", "import grpc, grpc_tools"])
