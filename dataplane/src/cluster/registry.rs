@@ -940,6 +940,9 @@ impl Registry {
     /// keeps its single owner (no shared header allocated for it, no reference
     /// count to move).
     pub fn push_run(&self, pushes: Vec<RunPush<'_>>) -> Vec<Result<PushReceipt, PushError>> {
+        // The pushes of a run to one openid usually share its `&str` (the
+        // gateway reads it once per run): equal without a `memcmp` call.
+        let same_str = |a: &str, b: &str| std::ptr::eq(a, b) || a == b;
         let now = Instant::now();
         let mut results = Vec::with_capacity(pushes.len());
         let mut commands = Vec::new();
@@ -957,7 +960,7 @@ impl Registry {
                 let same = pushes
                     .as_slice()
                     .iter()
-                    .take_while(|p| p.openid == openid && p.view_owner == view_owner)
+                    .take_while(|p| same_str(p.openid, openid) && p.view_owner == view_owner)
                     .count();
                 if same == 0 {
                     let (outcome, mut c) =

@@ -284,20 +284,20 @@ impl Gateway {
     /// order given, because a push never overtakes an earlier one.
     ///
     /// With `codes_only` (a `push_batch` that asked for codes), a push queued
-    /// here gets a result with code 0 and nothing else: no session id or node
-    /// id is copied for it.
+    /// here adds its code 0 alone to the answer: no result is made for it,
+    /// no session id or node id copied.
     pub(crate) async fn push_many(
         &self,
         hops: u8,
         mut pushes: Vec<InPush>,
         codes_only: bool,
-    ) -> Vec<PushResult> {
+    ) -> BatchAnswer {
         /// Pushes queued per table lock: bounds how long one batch holds it.
         const CHUNK: usize = 64;
         let node = &self.node;
         let plain =
             |p: &InPush| !p.durable && p.has_target() && p.target_type == TargetType::Openid as i32;
-        let mut results = Vec::with_capacity(pushes.len());
+        let mut results = BatchAnswer::new(codes_only, pushes.len());
         // `pushes[..at]` have their results. Chunks are read in place (not
         // moved out of `pushes`).
         let mut at = 0;
@@ -313,12 +313,24 @@ impl Gateway {
             }
             let chunk = &pushes[at..end];
             let created_at_ms = unix_ms();
-            // `as_str` checks UTF-8 of a received field again: once per push.
-            let openids: Vec<&str> = chunk.iter().map(|p| p.target_id()).collect();
-            let owners: Vec<Option<(String, u64)>> = openids
-                .iter()
-                .map(|openid| self.view_owner(openid).filter(|_| hops == 0))
-                .collect();
+            // Each push's openid and the view's owner of it, read once per
+            // run of pushes to one openid (a batch to one user reads them
+            // once): `target_id` checks a received field's UTF-8 again, and
+            // the owner is a lookup (and a copy of a node id) in a cluster.
+            // `targets[i]`: push i's openid and its owner's index in `owners`.
+            let mut targets: Vec<(&str, usize)> = Vec::with_capacity(chunk.len());
+            let mut owners: Vec<Option<(String, u64)>> = Vec::new();
+            for p in chunk {
+                let same = targets
+                    .last()
+                    .filter(|(openid, _)| openid.as_bytes() == p.target_bytes())
+                    .copied();
+                targets.push(same.unwrap_or_else(|| {
+                    let openid = p.target_id();
+                    owners.push(self.view_owner(openid).filter(|_| hops == 0));
+                    (openid, owners.len() - 1)
+                }));
+            }
             let mut run: Vec<crate::registry::RunPush<'_>> = Vec::with_capacity(chunk.len());
             // A push too large for the client is refused alone; the run stops
             // before it so results stay in order.
@@ -329,7 +341,7 @@ impl Gateway {
             // instead of encoding its own. (Only a shared body is cloned: the
             // first clone of a fresh one allocates its reference count.)
             let mut last: Option<(Contents<'_>, usize)> = None;
-            for ((p, &openid), owner) in chunk.iter().zip(&openids).zip(&owners) {
+            for (p, &(openid, owner)) in chunk.iter().zip(&targets) {
                 let contents = Contents::of(p);
                 let body = match last {
                     Some((c, i)) if c == contents => run[i].body.clone(),
@@ -351,7 +363,7 @@ impl Gateway {
                 run.push(crate::registry::RunPush {
                     openid,
                     body,
-                    view_owner: owner.as_ref().map(|(n, e)| (n.as_str(), *e)),
+                    view_owner: owners[owner].as_ref().map(|(n, e)| (n.as_str(), *e)),
                 });
             }
             let queued = run.len();
@@ -359,15 +371,17 @@ impl Gateway {
             let done = outcomes.len();
             let stopped = done < queued;
             for (outcome, p) in outcomes.into_iter().zip(chunk) {
-                results.push(match outcome {
-                    Ok(_) if codes_only => PushResult::default(),
-                    Ok(receipt) => PushResult {
-                        seq_id: receipt.seq_id,
-                        session_id: receipt.entry.identity.session_id.clone(),
-                        node_id: node.config.node_id.clone(),
-                        code: 0,
-                        message: String::new(),
-                    },
+                let refusal = match outcome {
+                    Ok(receipt) => {
+                        results.queued(|| PushResult {
+                            seq_id: receipt.seq_id,
+                            session_id: receipt.entry.identity.session_id.clone(),
+                            node_id: node.config.node_id.clone(),
+                            code: 0,
+                            message: String::new(),
+                        });
+                        continue;
+                    }
                     Err(full @ PushError::QueueFull { .. }) => refused(
                         GatewayRefusal::QueueFull {
                             full: full.to_string(),
@@ -383,7 +397,8 @@ impl Gateway {
                             .into(),
                         )
                     }
-                });
+                };
+                results.push(refusal);
             }
             at += done;
             if let (false, Some(status)) = (stopped, too_large) {
@@ -585,9 +600,11 @@ impl GatewayService for Gateway {
         // Per push the same outcome as PushToClient; order per session is
         // the order in the batch. (The Strings are taken over, not copied.)
         let pushes = batch.pushes.into_iter().map(InPush::from).collect();
-        let results = self.push_many(hops, pushes, batch.codes_only).await;
-        let (results, codes) = batch_answer(results, batch.codes_only);
-        Ok(Response::new(PushBatchResponse { results, codes }))
+        let answer = self.push_many(hops, pushes, batch.codes_only).await;
+        Ok(Response::new(PushBatchResponse {
+            results: answer.results,
+            codes: answer.codes,
+        }))
     }
 
     async fn broadcast_to_clients(
@@ -723,19 +740,62 @@ fn refused(status: Status) -> PushResult {
     push_result(Err(status))
 }
 
-/// A batch's answer, as (`results`, `codes`): every push's result and no
-/// codes, or with `codes_only` the refused pushes' results (code != 0) and
-/// every push's code, both in order (docs/protocol.md §13.3 and §14.2).
-pub(crate) fn batch_answer(
-    results: Vec<PushResult>,
+/// A batch's answer as it goes on the wire (docs/protocol.md §13.3 and
+/// §14.2): every push's result, or with `codes_only` every push's code and
+/// the refused pushes' results (code != 0), both in order. Built push by
+/// push: with `codes_only` a queued push adds its code and nothing else.
+#[derive(Debug, Default)]
+pub struct BatchAnswer {
     codes_only: bool,
-) -> (Vec<PushResult>, Vec<i32>) {
-    if !codes_only {
-        return (results, Vec::new());
+    pub results: Vec<PushResult>,
+    pub codes: Vec<i32>,
+}
+
+impl BatchAnswer {
+    /// An empty answer with room for `n` pushes.
+    pub(crate) fn new(codes_only: bool, n: usize) -> Self {
+        let (results, codes) = if codes_only { (0, n) } else { (n, 0) };
+        Self {
+            codes_only,
+            results: Vec::with_capacity(results),
+            codes: Vec::with_capacity(codes),
+        }
     }
-    let codes = results.iter().map(|r| r.code).collect();
-    let refused = results.into_iter().filter(|r| r.code != 0).collect();
-    (refused, codes)
+
+    /// Every push of a batch of `n` answered with `result`.
+    pub(crate) fn all(codes_only: bool, n: usize, result: PushResult) -> Self {
+        let mut answer = Self::new(codes_only, n);
+        answer.extend(std::iter::repeat_n(result, n));
+        answer
+    }
+
+    /// The next push's result.
+    pub(crate) fn push(&mut self, result: PushResult) {
+        if !self.codes_only {
+            self.results.push(result);
+            return;
+        }
+        self.codes.push(result.code);
+        if result.code != 0 {
+            self.results.push(result);
+        }
+    }
+
+    /// The next push was queued; `result` is made only if the answer has
+    /// room for it (not with `codes_only`).
+    fn queued(&mut self, result: impl FnOnce() -> PushResult) {
+        if self.codes_only {
+            self.codes.push(0);
+        } else {
+            self.results.push(result());
+        }
+    }
+
+    pub(crate) fn extend(&mut self, results: impl IntoIterator<Item = PushResult>) {
+        for result in results {
+            self.push(result);
+        }
+    }
 }
 
 /// A `PushToClient` outcome as one item of a batch (or stream) result.

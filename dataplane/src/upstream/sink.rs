@@ -40,7 +40,7 @@ impl PushSink for GatewaySink {
         &self,
         pushes: Vec<InPush>,
         codes_only: bool,
-    ) -> BoxFuture<'static, Vec<PushResult>> {
+    ) -> BoxFuture<'static, crate::gateway::BatchAnswer> {
         let gateway = Gateway {
             node: self.0.clone(),
         };

@@ -75,13 +75,14 @@ const PUSH_GROUP: usize = 64;
 pub trait PushSink: std::fmt::Debug + Send + Sync + 'static {
     /// Queues one push, as `PushToClient`; the result as `PushBatch` reports it.
     fn push(&self, push: InPush) -> BoxFuture<'static, PushResult>;
-    /// Queues pushes in order, as `PushBatch`: one result per push, in order.
-    /// With `codes_only`, a queued push's result may carry its code alone.
+    /// Queues pushes in order, as `PushBatch`: the batch's answer (one
+    /// result per push, in order; with `codes_only`, one code per push and
+    /// the refused pushes' results).
     fn push_batch(
         &self,
         pushes: Vec<InPush>,
         codes_only: bool,
-    ) -> BoxFuture<'static, Vec<PushResult>>;
+    ) -> BoxFuture<'static, crate::gateway::BatchAnswer>;
     /// Queues one broadcast, as `BroadcastToClients`.
     fn broadcast(&self, broadcast: BroadcastRequest) -> BoxFuture<'static, StreamBroadcastResult>;
 }
@@ -425,7 +426,9 @@ impl PushGroup {
         let (tx, sink) = (live.tx.clone(), sink.get().cloned());
         tokio::spawn(async move {
             let results = match sink {
-                Some(sink) if !self.pushes.is_empty() => sink.push_batch(self.pushes, false).await,
+                Some(sink) if !self.pushes.is_empty() => {
+                    sink.push_batch(self.pushes, false).await.results
+                }
                 Some(_) => Vec::new(),
                 None => (0..self.ids.len())
                     .map(|_| refused(tonic::Code::Unavailable, "node not ready"))
@@ -497,20 +500,20 @@ fn handle(
             let (tx, sink) = (live.tx.clone(), sink.get().cloned());
             tokio::spawn(async move {
                 let n = batch.pushes.len();
-                let results = match sink {
+                let all = |result| crate::gateway::BatchAnswer::all(batch.codes_only, n, result);
+                let answer = match sink {
                     _ if n > MAX_PUSH_BATCH as usize => {
                         let why = format!("at most {MAX_PUSH_BATCH} pushes per push_batch");
-                        vec![refused(tonic::Code::InvalidArgument, &why); n]
+                        all(refused(tonic::Code::InvalidArgument, &why))
                     }
                     Some(sink) => sink.push_batch(batch.pushes, batch.codes_only).await,
-                    None => vec![refused(tonic::Code::Unavailable, "node not ready"); n],
+                    None => all(refused(tonic::Code::Unavailable, "node not ready")),
                 };
-                let (results, codes) = crate::gateway::batch_answer(results, batch.codes_only);
                 let frame = GatewayFrame {
                     body: Some(Down::PushBatchResult(StreamPushBatchResult {
                         id: batch.id,
-                        results,
-                        codes,
+                        results: answer.results,
+                        codes: answer.codes,
                     })),
                 };
                 let _ = tx.send(frame).await;

@@ -111,6 +111,24 @@ impl Stream {
         codes_only: bool,
     ) -> Vec<PushResult> {
         let max = self.max_push_batch.load(Ordering::SeqCst) as usize;
+        // A batch that fits one frame (the usual case) goes as given, and
+        // its results come back as they arrived: neither is moved into
+        // another `Vec`, push by push.
+        let one_frame = || {
+            pushes.len() == 1
+                || pushes
+                    .iter()
+                    .map(prost::Message::encoded_len)
+                    .sum::<usize>()
+                    <= MAX_BATCH_BYTES
+        };
+        if max != 0 && !pushes.is_empty() && pushes.len() <= max && one_frame() {
+            let n = pushes.len();
+            return self
+                .send_batch(pushes, codes_only)
+                .await
+                .unwrap_or_else(|lost| vec![lost; n]);
+        }
         let mut results = Vec::with_capacity(pushes.len());
         let mut failed: Option<PushResult> = None;
         let mut pushes = pushes.into_iter().peekable();
@@ -149,27 +167,36 @@ impl Stream {
                 chunk.extend(pushes.next());
             }
             let n = chunk.len();
-            let id = self.next_push.fetch_add(1, Ordering::Relaxed);
-            let body = Up::PushBatch(StreamPushBatch {
-                id,
-                pushes: chunk,
-                codes_only,
-            });
-            match self.request(id, body).await {
-                Ok(Outcome::Batch(r)) if r.len() == n => results.extend(r),
-                Ok(_) => {
-                    let r = lost(&PushError::Lost);
-                    results.extend((0..n).map(|_| r.clone()));
-                    failed = Some(r);
-                }
-                Err(e) => {
-                    let r = lost(&e);
+            match self.send_batch(chunk, codes_only).await {
+                Ok(r) => results.extend(r),
+                Err(r) => {
                     results.extend((0..n).map(|_| r.clone()));
                     failed = Some(r);
                 }
             }
         }
         results
+    }
+
+    /// One `push_batch` frame and its results, one per push; else the
+    /// result each of its pushes gets (lost or not sent).
+    async fn send_batch(
+        &self,
+        pushes: Vec<PushToClientRequest>,
+        codes_only: bool,
+    ) -> Result<Vec<PushResult>, PushResult> {
+        let n = pushes.len();
+        let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+        let body = Up::PushBatch(StreamPushBatch {
+            id,
+            pushes,
+            codes_only,
+        });
+        match self.request(id, body).await {
+            Ok(Outcome::Batch(r)) if r.len() == n => Ok(r),
+            Ok(_) => Err(lost(&PushError::Lost)),
+            Err(e) => Err(lost(&e)),
+        }
     }
 
     pub(crate) async fn broadcast(
