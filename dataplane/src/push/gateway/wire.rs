@@ -203,6 +203,48 @@ fn locate(raw: &[u8], ctx: DecodeContext) -> Option<(i32, bool, [Span; 4])> {
     let mut durable = false;
     let mut spans = [Span::default(); 4];
     while buf.has_remaining() {
+        // The usual field first: a one-byte key (every tag here is below 16)
+        // and a one-byte length or value (a short id, type or payload). Read
+        // in place, it cost ~40% fewer instructions per push (callgrind,
+        // session 27) than prost's general reads, which take every other
+        // field below.
+        if let [key, n, rest @ ..] = buf
+            && (key | n) < 0x80
+        {
+            let (key, n) = (*key, usize::from(*n));
+            let slot = match (u32::from(key >> 3), key & 7) {
+                (tag::TARGET_TYPE, 0) => {
+                    target_type = n as i32;
+                    buf = rest;
+                    continue;
+                }
+                (tag::DURABLE, 0) => {
+                    durable = n != 0;
+                    buf = rest;
+                    continue;
+                }
+                (tag::TARGET_ID, 2) => Some(TARGET_ID),
+                (tag::MSG_TYPE, 2) => Some(MSG_TYPE),
+                (tag::CONTENT, 2) => Some(CONTENT),
+                (tag::DATA, 2) => Some(DATA),
+                _ => None,
+            };
+            if let Some(slot) = slot
+                && n <= rest.len()
+            {
+                let field = &rest[..n];
+                if slot != DATA && !field.is_ascii() && std::str::from_utf8(field).is_err() {
+                    return None;
+                }
+                let start = raw.len() - rest.len();
+                spans[slot] = Span {
+                    start: u32::try_from(start).ok()?,
+                    end: u32::try_from(start + n).ok()?,
+                };
+                buf = &rest[n..];
+                continue;
+            }
+        }
         let (tag, wire_type) = prost::encoding::decode_key(&mut buf).ok()?;
         let slot = match tag {
             tag::TARGET_TYPE | tag::DURABLE => {
