@@ -229,19 +229,8 @@ fn locate(raw: &[u8], ctx: DecodeContext) -> Option<(i32, bool, [Span; 4])> {
                 (tag::DATA, 2) => Some(DATA),
                 _ => None,
             };
-            if let Some(slot) = slot
-                && n <= rest.len()
-            {
-                let field = &rest[..n];
-                if slot != DATA && !field.is_ascii() && std::str::from_utf8(field).is_err() {
-                    return None;
-                }
-                let start = raw.len() - rest.len();
-                spans[slot] = Span {
-                    start: u32::try_from(start).ok()?,
-                    end: u32::try_from(start + n).ok()?,
-                };
-                buf = &rest[n..];
+            if let Some(slot) = slot {
+                (spans[slot], buf) = field_span(raw, rest, n, slot)?;
                 continue;
             }
         }
@@ -272,22 +261,30 @@ fn locate(raw: &[u8], ctx: DecodeContext) -> Option<(i32, bool, [Span; 4])> {
             return None;
         }
         let len = usize::try_from(prost::encoding::decode_varint(&mut buf).ok()?).ok()?;
-        if len > buf.len() {
-            return None;
-        }
-        let (field, rest) = buf.split_at(len);
-        if slot != DATA && !field.is_ascii() && std::str::from_utf8(field).is_err() {
-            return None;
-        }
-        let start = raw.len() - buf.len();
-        // A push is at most a gRPC message (far below 4 GiB).
-        spans[slot] = Span {
-            start: u32::try_from(start).ok()?,
-            end: u32::try_from(start + len).ok()?,
-        };
-        buf = rest;
+        (spans[slot], buf) = field_span(raw, buf, len, slot)?;
     }
     Some((target_type, durable, spans))
+}
+
+/// Field `slot` of the push in `raw`: the first `len` bytes of `at`, a tail
+/// of `raw`. Its span, and the rest of `at` after it; None if it runs past
+/// the end, or if it is text and not UTF-8.
+#[inline]
+fn field_span<'a>(raw: &[u8], at: &'a [u8], len: usize, slot: usize) -> Option<(Span, &'a [u8])> {
+    if len > at.len() {
+        return None;
+    }
+    let (field, rest) = at.split_at(len);
+    if slot != DATA && !field.is_ascii() && std::str::from_utf8(field).is_err() {
+        return None;
+    }
+    let start = raw.len() - at.len();
+    // A push is at most a gRPC message (far below 4 GiB).
+    let span = Span {
+        start: u32::try_from(start).ok()?,
+        end: u32::try_from(start + len).ok()?,
+    };
+    Some((span, rest))
 }
 
 impl PartialEq for InPush {
