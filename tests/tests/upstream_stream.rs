@@ -407,6 +407,62 @@ async fn a_push_batch_asking_for_codes_gets_a_code_each_and_the_refusals_in_full
     assert_delivered_in_order(&client, want).await;
 }
 
+#[tokio::test]
+async fn a_push_batch_longer_than_one_frame_is_sent_in_frames_in_order() {
+    // 1,100 pushes: more than a `push_batch` frame takes (the node's
+    // MAX_PUSH_BATCH, 1,024), so the library sends two frames. Every other
+    // one goes to a session that does not exist (the session's queue holds
+    // 1,024).
+    let ghost = |i| i % 2 == 1;
+    let (instance, _node, client, pushes) = batch_setup("omar", 1_100, ghost).await;
+    let results = instance
+        .upstream
+        .pusher()
+        .push_batch(pushes)
+        .await
+        .expect("a stream is open");
+    assert_eq!(results.len(), 1_100, "one result per push");
+    let mut last_seq = 0;
+    let mut want = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        if ghost(i) {
+            assert_eq!(r.code, tonic::Code::NotFound as i32, "push {i}");
+        } else {
+            assert_eq!(r.code, 0, "push {i}: {}", r.message);
+            assert!(r.seq_id > last_seq, "push {i}: seqs follow the order");
+            last_seq = r.seq_id;
+            want.push(i.to_string());
+        }
+    }
+    assert_delivered_in_order(&client, want).await;
+}
+
+#[tokio::test]
+async fn a_push_batch_of_big_pushes_arrives_whole_and_in_order() {
+    // Three pushes of 400 KiB, more bytes than the library puts in one
+    // `push_batch` frame (1 MiB): it splits the batch by size. (The node
+    // would take the batch whole too, so this checks the pushes, not the
+    // split.)
+    let (instance, _node, client, mut pushes) = batch_setup("pia", 3, |_| false).await;
+    for (i, p) in pushes.iter_mut().enumerate() {
+        p.data = vec![i as u8; 400 << 10].into();
+    }
+    let results = instance
+        .upstream
+        .pusher()
+        .push_batch(pushes)
+        .await
+        .expect("a stream is open");
+    let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [0, 0, 0], "{results:?}");
+    for i in 0..3u8 {
+        let push = next_push(&client).await.expect("every queued push arrives");
+        assert_eq!(push.content, i.to_string(), "in the batch's order");
+        assert_eq!(push.data.len(), 400 << 10);
+        assert!(push.data.iter().all(|&b| b == i), "push {i} arrives whole");
+    }
+}
+
 /// A TCP relay to `target` that can be cut: every connection through it is
 /// dropped at once and new ones are refused, as when the host of an
 /// instance dies.
