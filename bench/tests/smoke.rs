@@ -107,9 +107,25 @@ fn push_has_no_gaps_or_duplicates() {
     assert_eq!(field(&r, "stream_pushes_refused"), 0.0);
     assert_eq!(field(&r, "bare_gaps"), 0.0);
     assert_eq!(field(&r, "bare_dups"), 0.0);
+    assert_eq!(field(&r, "bare_last_gaps"), 0.0);
+    assert_eq!(field(&r, "bare_last_dups"), 0.0);
+    // The baseline ran first and last in the round; the ratios use the mean of the two.
+    let (first, last) = (
+        field(&r, "bare_first_msgs_per_s"),
+        field(&r, "bare_last_msgs_per_s"),
+    );
+    assert!(first > 0.0 && last > 0.0);
+    assert!((field(&r, "bare_msgs_per_s") - (first + last) / 2.0).abs() <= 1e-6 * (first + last));
     assert!(field(&r, "dp_deliveries") > 0.0);
     // The meters read the server's and this process's CPU and the clients' packets.
-    for k in ["bare", "dp", "stream", "streambatch", "onetarget"] {
+    for k in [
+        "bare",
+        "bare_last",
+        "dp",
+        "stream",
+        "streambatch",
+        "onetarget",
+    ] {
         assert!(field(&r, &format!("{k}_pkts_in_per_delivery")) > 0.0, "{k}");
         assert!(
             field(&r, &format!("{k}_server_cpu_us_per_delivery")) > 0.0,

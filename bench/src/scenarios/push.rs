@@ -11,8 +11,10 @@
 //!   baseline's shape.
 //!
 //! Baseline: a bare quinn server writing the same frames one-way on N connections to the same
-//! client, 64 per write, which acks them per chunk read as the sessions do. Every window is
-//! metered ([`Meter`]): CPU, run-queue wait and packets per delivery.
+//! client, 64 per write, which acks them per chunk read as the sessions do. It runs first and
+//! last in each round (`bare_*`, `bare_last_*`); `bare_msgs_per_s`, every ratio's baseline, is
+//! the mean of the two, `bare_first_msgs_per_s` the first. Every window is metered
+//! ([`Meter`]): CPU, run-queue wait and packets per delivery.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -265,66 +267,8 @@ pub async fn run(o: &Opts) -> Result<Report> {
         progress(format!("push round {}/{}", r + 1, o.rounds));
         let mut round = Round::new();
 
-        // A: bare quinn one-way streams on n connections.
-        let bstats = Arc::new(PushStats::default());
-        let (bstop_tx, bstop_rx) = tokio::sync::watch::channel(false);
-        let mut bconns = Vec::new();
-        let bare_addr = bare.addr("quic")?;
-        let opened = crate::client::bounded((0..n).collect(), 64, |_| {
-            let net = net.clone();
-            async move { net.connect(bare_addr).await }
-        })
-        .await;
-        for c in opened {
-            bconns.push(c?);
-        }
-        let mut breaders = Vec::new();
-        let meter = Meter::start(bare.pid(), &bconns);
-        let t0 = Instant::now();
-        for conn in &bconns {
-            let mut cmd = vec![b'P'];
-            cmd.extend_from_slice(&u64::MAX.to_le_bytes());
-            cmd.extend_from_slice(&(o.payload as u32).to_le_bytes());
-            let c = Conn::open(conn.clone(), &cmd).await?;
-            // Acked as the sessions are (client::ACK_EVERY / ACK_DELAY): the same client work.
-            breaders.push(tokio::spawn(push_reader(
-                c,
-                bstats.clone(),
-                true,
-                bstop_rx.clone(),
-            )));
-        }
-        tokio::time::sleep(o.window).await;
-        let _ = bstop_tx.send(true);
-        let elapsed = t0.elapsed();
-        for b in breaders {
-            let _ = b.await;
-        }
-        for c in &bconns {
-            c.close(0u32.into(), b"done");
-        }
-        let (bdel, _) = bstats.reset();
-        meter.finish("bare", &bconns, bdel, &mut round);
-        bare_server_stats(
-            &dir.path().join("bare-stats.json"),
-            &mut bare_before,
-            n,
-            bdel,
-            &mut round,
-        )
-        .await;
-        round.insert(
-            "bare_msgs_per_s".into(),
-            bdel as f64 / elapsed.as_secs_f64(),
-        );
-        round.insert(
-            "bare_gaps".into(),
-            bstats.gaps.load(Ordering::Relaxed) as f64,
-        );
-        round.insert(
-            "bare_dups".into(),
-            bstats.dups.load(Ordering::Relaxed) as f64,
-        );
+        // A: bare quinn one-way streams on n connections; again as the round's last window (G).
+        let first = bare_window(&net, &bare, &dir, o, &mut bare_before, "bare", &mut round).await?;
 
         // B: pushes through the data plane.
         let meter = Meter::start(dp.pid(), &quic);
@@ -396,6 +340,22 @@ pub async fn run(o: &Opts) -> Result<Report> {
             );
             crate::util::callgrind_mark(&dp, prefix);
         }
+
+        // G: bare again. The baseline of every window is the mean of A and G: the VM's speed
+        // drifts by more than the gaps measured here within a round (A and G of one round
+        // differed by up to 24% in session 28), and the mean cancels a drift linear in time.
+        let last = bare_window(
+            &net,
+            &bare,
+            &dir,
+            o,
+            &mut bare_before,
+            "bare_last",
+            &mut round,
+        )
+        .await?;
+        round.insert("bare_first_msgs_per_s".into(), first);
+        round.insert("bare_msgs_per_s".into(), (first + last) / 2.0);
         rep.rounds.push(round);
     }
     let _ = stop_tx.send(true);
@@ -487,6 +447,79 @@ pub async fn run(o: &Opts) -> Result<Report> {
     Ok(rep)
 }
 
+/// One window of bare quinn one-way streams on `o.fanout` connections: the baseline. Metered
+/// as `{prefix}_*`, with `{prefix}_msgs_per_s`, `_gaps` and `_dups`; returns the msgs/s.
+async fn bare_window(
+    net: &Arc<Net>,
+    bare: &crate::util::ServerProc,
+    dir: &crate::util::RunDir,
+    o: &Opts,
+    bare_before: &mut [f64; 8],
+    prefix: &str,
+    round: &mut Round,
+) -> Result<f64> {
+    let n = o.fanout;
+    let bstats = Arc::new(PushStats::default());
+    let (bstop_tx, bstop_rx) = tokio::sync::watch::channel(false);
+    let mut bconns = Vec::new();
+    let bare_addr = bare.addr("quic")?;
+    let opened = crate::client::bounded((0..n).collect(), 64, |_| {
+        let net = net.clone();
+        async move { net.connect(bare_addr).await }
+    })
+    .await;
+    for c in opened {
+        bconns.push(c?);
+    }
+    let mut breaders = Vec::new();
+    let meter = Meter::start(bare.pid(), &bconns);
+    let t0 = Instant::now();
+    for conn in &bconns {
+        let mut cmd = vec![b'P'];
+        cmd.extend_from_slice(&u64::MAX.to_le_bytes());
+        cmd.extend_from_slice(&(o.payload as u32).to_le_bytes());
+        let c = Conn::open(conn.clone(), &cmd).await?;
+        // Acked as the sessions are (once per read): the same client work.
+        breaders.push(tokio::spawn(push_reader(
+            c,
+            bstats.clone(),
+            true,
+            bstop_rx.clone(),
+        )));
+    }
+    tokio::time::sleep(o.window).await;
+    let _ = bstop_tx.send(true);
+    let elapsed = t0.elapsed();
+    for b in breaders {
+        let _ = b.await;
+    }
+    for c in &bconns {
+        c.close(0u32.into(), b"done");
+    }
+    let (bdel, _) = bstats.reset();
+    meter.finish(prefix, &bconns, bdel, round);
+    bare_server_stats(
+        &dir.path().join("bare-stats.json"),
+        bare_before,
+        n,
+        bdel,
+        prefix,
+        round,
+    )
+    .await;
+    let rate = bdel as f64 / elapsed.as_secs_f64();
+    round.insert(format!("{prefix}_msgs_per_s"), rate);
+    round.insert(
+        format!("{prefix}_gaps"),
+        bstats.gaps.load(Ordering::Relaxed) as f64,
+    );
+    round.insert(
+        format!("{prefix}_dups"),
+        bstats.dups.load(Ordering::Relaxed) as f64,
+    );
+    Ok(rate)
+}
+
 /// The bare server's per-connection QUIC stats of the window's `n` connections (summed by the
 /// server as each closes): `bare_server_*` per delivery, and mean cwnd / RTT at close.
 async fn bare_server_stats(
@@ -494,6 +527,7 @@ async fn bare_server_stats(
     before: &mut [f64; 8],
     n: usize,
     deliveries: u64,
+    prefix: &str,
     round: &mut Round,
 ) {
     let keys = [
@@ -525,20 +559,23 @@ async fn bare_server_stats(
     let d = deliveries.max(1) as f64;
     let closed = (now[0] - before[0]).max(1.0);
     round.insert(
-        "bare_server_pkts_out_per_delivery".into(),
+        format!("{prefix}_server_pkts_out_per_delivery"),
         (now[1] - before[1]) / d,
     );
     round.insert(
-        "bare_server_lost_pkts_per_delivery".into(),
+        format!("{prefix}_server_lost_pkts_per_delivery"),
         (now[2] - before[2]) / d,
     );
-    round.insert("bare_server_congestion_events".into(), now[4] - before[4]);
     round.insert(
-        "bare_server_cwnd_mean".into(),
+        format!("{prefix}_server_congestion_events"),
+        now[4] - before[4],
+    );
+    round.insert(
+        format!("{prefix}_server_cwnd_mean"),
         (now[6] - before[6]) / closed,
     );
     round.insert(
-        "bare_server_rtt_us_mean".into(),
+        format!("{prefix}_server_rtt_us_mean"),
         (now[7] - before[7]) / closed,
     );
     *before = now;
